@@ -1,0 +1,116 @@
+//! Topic configuration and its validation.
+
+use serde::{Deserialize, Serialize};
+
+use crate::{EventClass, ProtoError, SubjectFilter};
+
+/// How long a topic keeps events. `None` means unbounded on that axis.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Retention {
+    /// Drop batches older than this many milliseconds.
+    pub max_age_ms: Option<u64>,
+    /// Drop the oldest batches while a partition holds more than this many bytes.
+    pub max_bytes: Option<u64>,
+}
+
+/// Which regions receive a topic's events.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum RegionPolicy {
+    /// Only the region that owns it.
+    #[default]
+    Local,
+    /// Every region with a subscriber whose filter matches.
+    ByInterest,
+    /// These regions.
+    Listed(Vec<String>),
+}
+
+/// A named log of N partitions.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TopicConfig {
+    /// Topic name: 1–128 of `[A-Za-z0-9_-]` and `.`.
+    pub name: String,
+    /// Number of partitions (1–4096).
+    pub partitions: u32,
+    /// Replicas per partition (1–7, odd recommended).
+    pub replication: u32,
+    /// Subjects this topic accepts.
+    pub subjects: SubjectFilter,
+    /// The class of its events.
+    pub class: EventClass,
+    /// Retention.
+    pub retention: Retention,
+    /// Region policy.
+    pub regions: RegionPolicy,
+}
+
+impl TopicConfig {
+    /// Most partitions one topic may have.
+    pub const MAX_PARTITIONS: u32 = 4096;
+
+    /// A topic with defaults: replication 3, all subjects, domain class, no retention bound.
+    pub fn new(name: impl Into<String>, partitions: u32) -> Self {
+        Self {
+            name: name.into(),
+            partitions,
+            replication: 3,
+            subjects: SubjectFilter::all(),
+            class: EventClass::Domain,
+            retention: Retention::default(),
+            regions: RegionPolicy::Local,
+        }
+    }
+
+    /// Checks every field; the error names the field.
+    pub fn validate(&self) -> Result<(), ProtoError> {
+        validate_topic_name(&self.name)?;
+        if self.partitions == 0 || self.partitions > Self::MAX_PARTITIONS {
+            return Err(ProtoError::InvalidTopic {
+                field: "partitions",
+                reason: format!("{} is not within 1..={}", self.partitions, Self::MAX_PARTITIONS),
+            });
+        }
+        if self.replication == 0 || self.replication > 7 {
+            return Err(ProtoError::InvalidTopic {
+                field: "replication",
+                reason: format!("{} is not within 1..=7", self.replication),
+            });
+        }
+        if self.retention.max_age_ms == Some(0) || self.retention.max_bytes == Some(0) {
+            return Err(ProtoError::InvalidTopic {
+                field: "retention",
+                reason: "a bound of zero would drop every event".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Checks a topic name.
+pub(crate) fn validate_topic_name(name: &str) -> Result<(), ProtoError> {
+    let ok_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.');
+    if name.is_empty() || name.len() > 128 || !name.chars().all(ok_char) {
+        return Err(ProtoError::InvalidTopic {
+            field: "name",
+            reason: format!("{name:?} must be 1-128 characters of [A-Za-z0-9_.-]"),
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn validation_names_the_field() {
+        assert!(TopicConfig::new("orders", 8).validate().is_ok());
+        let err = TopicConfig::new("bad name", 8).validate().unwrap_err();
+        assert!(err.to_string().contains("name"));
+        let err = TopicConfig::new("orders", 0).validate().unwrap_err();
+        assert!(err.to_string().contains("partitions"));
+        let mut t = TopicConfig::new("orders", 1);
+        t.replication = 0;
+        assert!(t.validate().unwrap_err().to_string().contains("replication"));
+    }
+}

@@ -1,0 +1,228 @@
+//! Client ↔ node messages (ALPN `ferry-client/1`). Each request opens a QUIC stream and
+//! carries one [`ClientRequest`] frame; the node answers with one [`ClientResponse`] frame,
+//! or, for [`ClientRequest::Subscribe`], a stream of them until either side closes.
+
+use serde::{Deserialize, Serialize};
+
+use crate::{EventBatch, NodeId, StoredBatch, TopicConfig};
+
+/// Where a subscription starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StartFrom {
+    /// The oldest retained event.
+    Earliest,
+    /// Only events appended after the subscription starts.
+    Latest,
+    /// This offset (clamped up to the oldest retained one).
+    Offset(u64),
+}
+
+/// A request from a client to any node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ClientRequest {
+    /// Create a topic (through the metadata group).
+    CreateTopic(TopicConfig),
+    /// List every topic.
+    ListTopics,
+    /// A topic's configuration, partition leaders, replicas and offsets.
+    DescribeTopic {
+        /// Topic name.
+        topic: String,
+    },
+    /// Append a batch to a partition; must reach the partition's leader.
+    Publish {
+        /// Topic name.
+        topic: String,
+        /// Partition index.
+        partition: u32,
+        /// The events.
+        batch: EventBatch,
+    },
+    /// Read committed batches from an offset.
+    Fetch {
+        /// Topic name.
+        topic: String,
+        /// Partition index.
+        partition: u32,
+        /// First offset wanted.
+        offset: u64,
+        /// Stop after about this many bytes (at least one batch is returned).
+        max_bytes: u32,
+    },
+    /// Stream committed batches as they are appended.
+    Subscribe {
+        /// Topic name.
+        topic: String,
+        /// Partition index.
+        partition: u32,
+        /// Where to start.
+        from: StartFrom,
+    },
+    /// Join (or heartbeat in) a consumer group; answers the member's partitions.
+    JoinGroup {
+        /// Group name.
+        group: String,
+        /// Topic consumed.
+        topic: String,
+        /// This member's id (unique per process).
+        member: String,
+    },
+    /// Leave a consumer group.
+    LeaveGroup {
+        /// Group name.
+        group: String,
+        /// Topic consumed.
+        topic: String,
+        /// This member's id.
+        member: String,
+    },
+    /// Commit a group's cursor for a partition (through the partition's Raft group).
+    CommitOffset {
+        /// Group name.
+        group: String,
+        /// Topic name.
+        topic: String,
+        /// Partition index.
+        partition: u32,
+        /// Next offset to consume.
+        offset: u64,
+    },
+    /// A group's committed cursor for a partition.
+    CommittedOffset {
+        /// Group name.
+        group: String,
+        /// Topic name.
+        topic: String,
+        /// Partition index.
+        partition: u32,
+    },
+}
+
+/// One partition as seen by a node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartitionInfo {
+    /// Partition index.
+    pub partition: u32,
+    /// Current leader, if known.
+    pub leader: Option<NodeId>,
+    /// Replica nodes.
+    pub replicas: Vec<NodeId>,
+    /// Oldest retained offset.
+    pub low_watermark: u64,
+    /// Offset the next event will get (committed and applied on the answering node).
+    pub high_watermark: u64,
+}
+
+/// A node's client address.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeAddress {
+    /// Node id.
+    pub id: NodeId,
+    /// `host:port` for clients.
+    pub client_addr: String,
+}
+
+/// A topic with its partitions.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TopicDescription {
+    /// The configuration.
+    pub config: TopicConfig,
+    /// Partitions in index order.
+    pub partitions: Vec<PartitionInfo>,
+    /// Every node of the region, so clients can reach leaders.
+    pub nodes: Vec<NodeAddress>,
+}
+
+/// Error codes a client can act on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ErrorCode {
+    /// This node does not lead the partition; see `leader_hint`.
+    NotLeader,
+    /// No such topic.
+    UnknownTopic,
+    /// No such partition in the topic.
+    UnknownPartition,
+    /// A topic with this name exists with another configuration.
+    TopicExists,
+    /// The request itself is invalid (bad subject, topic config, event, frame).
+    InvalidRequest,
+    /// An event exceeds the size limit.
+    EventTooLarge,
+    /// A producer sequence skipped ahead; resend from the first unacknowledged batch.
+    OutOfOrderSequence,
+    /// The group is rebalancing or the member is not in it; join again.
+    RebalanceInProgress,
+    /// The partition or region cannot serve now (no quorum, shutting down); retry.
+    Unavailable,
+    /// A bug or storage failure on the node.
+    Internal,
+}
+
+/// A typed error for the client: what went wrong and, for `NotLeader`, who leads.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{code:?}: {message}")]
+pub struct ApiError {
+    /// What kind of error.
+    pub code: ErrorCode,
+    /// Human-readable detail naming what was wrong.
+    pub message: String,
+    /// The leader, when known and `code` is `NotLeader`.
+    pub leader_hint: Option<NodeId>,
+}
+
+impl ApiError {
+    /// An error without leader hint.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+            leader_hint: None,
+        }
+    }
+
+    /// Whether retrying the same request (possibly elsewhere) may succeed.
+    pub fn is_retriable(&self) -> bool {
+        matches!(
+            self.code,
+            ErrorCode::NotLeader | ErrorCode::Unavailable | ErrorCode::RebalanceInProgress
+        )
+    }
+}
+
+/// A node's answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ClientResponse {
+    /// Done, nothing to return.
+    Ok,
+    /// Topic list.
+    Topics(Vec<TopicConfig>),
+    /// Topic description.
+    Topic(TopicDescription),
+    /// The batch is durable on a majority: its offsets.
+    Published {
+        /// Offset of the batch's first event.
+        base_offset: u64,
+        /// Number of events.
+        count: u32,
+        /// The batch had been appended before (a producer retry); offsets are the original ones.
+        duplicate: bool,
+    },
+    /// Batches from a fetch or a subscription.
+    Batches {
+        /// Batches in offset order (the first may start before the requested offset).
+        batches: Vec<StoredBatch>,
+        /// Offset the next event will get.
+        high_watermark: u64,
+    },
+    /// A group assignment.
+    Assignment {
+        /// Group generation; changes on every rebalance.
+        generation: u64,
+        /// Partitions of this member.
+        partitions: Vec<u32>,
+    },
+    /// A committed offset (None if the group never committed).
+    Committed(Option<u64>),
+    /// The request failed.
+    Error(ApiError),
+}
