@@ -30,12 +30,11 @@ pub fn encode<T: Serialize>(what: &'static str, value: &T) -> Result<Vec<u8>, Pr
 
 /// Decodes a value encoded by [`encode`]; the whole slice must be consumed.
 pub fn decode<T: DeserializeOwned>(what: &'static str, bytes: &[u8]) -> Result<T, ProtoError> {
-    let (value, used) = bincode::serde::decode_from_slice(bytes, config()).map_err(|e| {
-        ProtoError::Malformed {
+    let (value, used) =
+        bincode::serde::decode_from_slice(bytes, config()).map_err(|e| ProtoError::Malformed {
             what,
             reason: e.to_string(),
-        }
-    })?;
+        })?;
     if used != bytes.len() {
         return Err(ProtoError::Malformed {
             what,

@@ -282,11 +282,17 @@ mod tests {
 
     #[test]
     fn partitioning_is_stable_and_in_range() {
-        assert_eq!(partition_for_key(b"customer-1", 8), partition_for_key(b"customer-1", 8));
+        assert_eq!(
+            partition_for_key(b"customer-1", 8),
+            partition_for_key(b"customer-1", 8)
+        );
         for i in 0..1000u32 {
             assert!(partition_for_key(&i.to_be_bytes(), 8) < 8);
         }
         // FNV-1a 64 of "a" is 0xaf63dc4c8601ec8c.
-        assert_eq!(partition_for_key(b"a", 1 << 31), (0xaf63dc4c8601ec8c_u64 % (1 << 31)) as u32);
+        assert_eq!(
+            partition_for_key(b"a", 1 << 31),
+            (0xaf63dc4c8601ec8c_u64 % (1 << 31)) as u32
+        );
     }
 }

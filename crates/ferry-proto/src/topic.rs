@@ -67,7 +67,11 @@ impl TopicConfig {
         if self.partitions == 0 || self.partitions > Self::MAX_PARTITIONS {
             return Err(ProtoError::InvalidTopic {
                 field: "partitions",
-                reason: format!("{} is not within 1..={}", self.partitions, Self::MAX_PARTITIONS),
+                reason: format!(
+                    "{} is not within 1..={}",
+                    self.partitions,
+                    Self::MAX_PARTITIONS
+                ),
             });
         }
         if self.replication == 0 || self.replication > 7 {
@@ -111,6 +115,10 @@ mod tests {
         assert!(err.to_string().contains("partitions"));
         let mut t = TopicConfig::new("orders", 1);
         t.replication = 0;
-        assert!(t.validate().unwrap_err().to_string().contains("replication"));
+        assert!(t
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("replication"));
     }
 }

@@ -1,0 +1,50 @@
+//! The error type of this crate.
+
+use std::path::PathBuf;
+
+/// Why storage failed. Errors about the data folder name the path.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// sled could not open the folder (corrupt, or not a sled database).
+    #[error("cannot open data folder {path}: {reason}")]
+    Open {
+        /// The folder.
+        path: PathBuf,
+        /// sled's message.
+        reason: String,
+    },
+    /// The folder belongs to another node or another program.
+    #[error("data folder {path} is not this node's: {reason}")]
+    Foreign {
+        /// The folder.
+        path: PathBuf,
+        /// What did not match.
+        reason: String,
+    },
+    /// A read or write failed.
+    #[error("storage I/O on {what}: {reason}")]
+    Io {
+        /// What was being read or written.
+        what: String,
+        /// The underlying message.
+        reason: String,
+    },
+    /// Stored bytes did not decode.
+    #[error(transparent)]
+    Decode(#[from] ferry_proto::ProtoError),
+}
+
+impl StoreError {
+    pub(crate) fn io(what: impl Into<String>, e: impl std::fmt::Display) -> Self {
+        Self::Io {
+            what: what.into(),
+            reason: e.to_string(),
+        }
+    }
+}
+
+impl From<StoreError> for std::io::Error {
+    fn from(e: StoreError) -> Self {
+        std::io::Error::other(e.to_string())
+    }
+}

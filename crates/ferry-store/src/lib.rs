@@ -1,0 +1,58 @@
+//! Durable storage for a node's Raft groups, on one sled database per node.
+//!
+//! What is here: [`NodeStore`] opens (or refuses) a node's data folder; [`SledLogStore`] is
+//! openraft's log storage for one group; [`SledStateMachine`] is openraft's state machine for
+//! one group, delegating the meaning of commands to an [`Application`] (the partition and
+//! metadata logic live in ferry-region). Appends report completion only after an fsync, and
+//! the fsyncs requested by all groups of the node meanwhile are shared ([`GroupCommit`]).
+//! Snapshots carry the state machine's whole tree.
+//!
+//! What is not here: what commands mean, networking, Raft itself.
+#![warn(missing_docs, unreachable_pub)]
+
+mod error;
+mod group_commit;
+mod log_store;
+mod node_store;
+mod state_machine;
+
+use std::fmt;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+pub use error::StoreError;
+pub use group_commit::{FlushStats, GroupCommit};
+pub use log_store::SledLogStore;
+pub use node_store::{NodeStore, StoreOptions};
+pub use state_machine::{Application, SledStateMachine, SnapshotBuilder};
+
+/// Names a Raft group on a node: `meta` for the metadata group, `<topic>/<partition>` for
+/// partitions.
+pub type GroupId = String;
+
+/// An application command as replicated by Raft: bytes the [`Application`] decodes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Command(pub Bytes);
+
+impl fmt::Display for Command {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "command({} bytes)", self.0.len())
+    }
+}
+
+/// What applying a command answers its proposer: bytes the [`Application`] encoded.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Reply(pub Bytes);
+
+openraft::declare_raft_types!(
+    /// Ferry's Raft types: node ids are u64, nodes carry their peer address.
+    pub TypeConfig:
+        D = Command,
+        R = Reply,
+        NodeId = u64,
+        Node = openraft::BasicNode,
+);
+
+/// Snapshot bytes: the encoded state machine tree.
+pub type SnapshotData = Bytes;

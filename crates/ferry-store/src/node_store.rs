@@ -1,0 +1,196 @@
+//! Opening a node's data folder: one sled database holding every group's log and state.
+
+use std::path::{Path, PathBuf};
+
+use crate::{Application, GroupCommit, GroupId, SledLogStore, SledStateMachine, StoreError};
+
+const FORMAT: &[u8] = b"ferry-store/1";
+const MARKER_TREE: &[u8] = b"ferry";
+
+/// Storage tuning.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoreOptions {
+    /// sled's page cache, in bytes.
+    pub cache_bytes: u64,
+}
+
+impl Default for StoreOptions {
+    /// A small cache (64 MiB): the OS page cache does most of the work.
+    fn default() -> Self {
+        Self {
+            cache_bytes: 64 * 1024 * 1024,
+        }
+    }
+}
+
+/// A node's open data folder.
+#[derive(Clone)]
+pub struct NodeStore {
+    db: sled::Db,
+    path: PathBuf,
+    flusher: GroupCommit,
+}
+
+impl NodeStore {
+    /// Opens `path` for node `node_id`, creating it on first start. Refuses a folder that
+    /// holds something else, a corrupt database, or another node's data, naming the path.
+    pub fn open(path: &Path, node_id: u64, options: StoreOptions) -> Result<Self, StoreError> {
+        let foreign = |reason: String| StoreError::Foreign {
+            path: path.to_path_buf(),
+            reason,
+        };
+        if path.exists() {
+            if !path.is_dir() {
+                return Err(foreign("it is not a directory".into()));
+            }
+            let non_empty = std::fs::read_dir(path)
+                .map_err(|e| StoreError::Open {
+                    path: path.to_path_buf(),
+                    reason: e.to_string(),
+                })?
+                .next()
+                .is_some();
+            if non_empty && !path.join("db").exists() {
+                return Err(foreign(
+                    "it is not empty and holds no ferry database".into(),
+                ));
+            }
+        }
+        let had_db = std::fs::metadata(path.join("db")).is_ok_and(|m| m.len() > 0);
+        let db = sled::Config::new()
+            .path(path)
+            .cache_capacity(options.cache_bytes)
+            .open()
+            .map_err(|e| StoreError::Open {
+                path: path.to_path_buf(),
+                reason: e.to_string(),
+            })?;
+        let marker = db
+            .open_tree(MARKER_TREE)
+            .map_err(|e| StoreError::io("marker", e))?;
+        let id_bytes = node_id.to_be_bytes();
+        match marker
+            .get("format")
+            .map_err(|e| StoreError::io("marker", e))?
+        {
+            Some(format) if format.as_ref() == FORMAT => {
+                let stored = marker
+                    .get("node_id")
+                    .map_err(|e| StoreError::io("marker", e))?;
+                if stored.as_deref() != Some(&id_bytes[..]) {
+                    let stored = stored
+                        .and_then(|b| <[u8; 8]>::try_from(b.as_ref()).ok())
+                        .map(u64::from_be_bytes);
+                    return Err(foreign(format!(
+                        "it belongs to node {stored:?}, not node {node_id}"
+                    )));
+                }
+            }
+            Some(other) => {
+                return Err(foreign(format!(
+                    "unknown format {:?}",
+                    String::from_utf8_lossy(&other)
+                )))
+            }
+            None => {
+                if had_db || db.tree_names().len() > 2 {
+                    return Err(foreign(
+                        "its database is corrupt or not ferry's (no ferry marker); \
+                         move it away to start this node empty"
+                            .into(),
+                    ));
+                }
+                marker
+                    .insert("node_id", &id_bytes)
+                    .map_err(|e| StoreError::io("marker", e))?;
+                marker
+                    .insert("format", FORMAT)
+                    .map_err(|e| StoreError::io("marker", e))?;
+                db.flush().map_err(|e| StoreError::io("marker", e))?;
+            }
+        }
+        let flusher = GroupCommit::start(db.clone());
+        Ok(Self {
+            db,
+            path: path.to_path_buf(),
+            flusher,
+        })
+    }
+
+    /// The folder.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The shared flusher.
+    pub fn flusher(&self) -> &GroupCommit {
+        &self.flusher
+    }
+
+    /// The log storage of `group`.
+    pub fn log_store(&self, group: &GroupId) -> Result<SledLogStore, StoreError> {
+        SledLogStore::open(&self.db, group, self.flusher.clone())
+    }
+
+    /// The state machine of `group`, driving `app`.
+    pub fn state_machine<A: Application>(
+        &self,
+        group: &GroupId,
+        app: A,
+    ) -> Result<SledStateMachine<A>, StoreError> {
+        SledStateMachine::open(&self.db, group, app, self.flusher.clone())
+    }
+
+    /// Names of groups that have a log on this node (`meta`, `<topic>/<partition>`).
+    pub fn groups(&self) -> Vec<GroupId> {
+        self.db
+            .tree_names()
+            .into_iter()
+            .filter_map(|name| {
+                name.strip_prefix(b"log:")
+                    .map(|g| String::from_utf8_lossy(g).into_owned())
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refuses_foreign_and_other_nodes_folders() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("n1");
+        drop(NodeStore::open(&path, 1, StoreOptions::default()).unwrap());
+        // Reopening as the same node works; as another node it is refused, naming the path.
+        drop(NodeStore::open(&path, 1, StoreOptions::default()).unwrap());
+        let err = NodeStore::open(&path, 2, StoreOptions::default())
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("n1") && err.contains("node 2"), "{err}");
+
+        let other = dir.path().join("other");
+        std::fs::create_dir_all(&other).unwrap();
+        std::fs::write(other.join("notes.txt"), "hello").unwrap();
+        let err = NodeStore::open(&other, 1, StoreOptions::default())
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("other") && err.contains("no ferry database"),
+            "{err}"
+        );
+
+        let corrupt = dir.path().join("corrupt");
+        std::fs::create_dir_all(&corrupt).unwrap();
+        std::fs::write(corrupt.join("db"), vec![0xAB; 4096]).unwrap();
+        std::fs::write(corrupt.join("conf"), "garbage").unwrap();
+        let err = NodeStore::open(&corrupt, 1, StoreOptions::default())
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("corrupt"), "{err}");
+    }
+}

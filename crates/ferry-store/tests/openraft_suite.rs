@@ -1,0 +1,87 @@
+//! openraft's own storage test suite, run on the sled store.
+
+use bytes::Bytes;
+use ferry_store::{
+    Application, NodeStore, SledLogStore, SledStateMachine, StoreError, StoreOptions, TypeConfig,
+};
+use openraft::testing::log::{StoreBuilder, Suite};
+use openraft::StorageError;
+
+/// A key-value application: a command `key=value` sets the key and answers the old value.
+struct KvApp;
+
+impl Application for KvApp {
+    fn load(&mut self, _tree: &sled::Tree) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    fn apply(
+        &mut self,
+        _index: u64,
+        command: &[u8],
+        tree: &sled::Tree,
+        batch: &mut sled::Batch,
+    ) -> Bytes {
+        let text = String::from_utf8_lossy(command);
+        let (key, value) = text.split_once('=').unwrap_or((&text, ""));
+        let old = tree
+            .get(key)
+            .ok()
+            .flatten()
+            .map(|v| Bytes::copy_from_slice(&v))
+            .unwrap_or_default();
+        batch.insert(key.as_bytes(), value.as_bytes());
+        old
+    }
+}
+
+struct SledBuilder;
+
+impl StoreBuilder<TypeConfig, SledLogStore, SledStateMachine<KvApp>, tempfile::TempDir>
+    for SledBuilder
+{
+    async fn build(
+        &self,
+    ) -> Result<(tempfile::TempDir, SledLogStore, SledStateMachine<KvApp>), StorageError<TypeConfig>>
+    {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = NodeStore::open(
+            &dir.path().join("node"),
+            1,
+            StoreOptions {
+                cache_bytes: 4 << 20,
+            },
+        )
+        .expect("open store");
+        let group = "suite".to_string();
+        let log = store.log_store(&group).expect("log store");
+        let sm = store.state_machine(&group, KvApp).expect("state machine");
+        Ok((dir, log, sm))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openraft_storage_suite_passes_on_sled() {
+    Suite::test_all(SledBuilder)
+        .await
+        .expect("openraft storage suite");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flushes_are_shared_between_concurrent_writers() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = NodeStore::open(&dir.path().join("n"), 1, StoreOptions::default()).unwrap();
+    let mut tasks = Vec::new();
+    for _ in 0..64 {
+        let flusher = store.flusher().clone();
+        tasks.push(tokio::spawn(async move { flusher.flush().await }));
+    }
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    let stats = store.flusher().stats();
+    let flushes = stats.flushes.load(std::sync::atomic::Ordering::Relaxed);
+    let waiters = stats.waiters.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(waiters, 64, "every waiter was completed by a flush");
+    assert!(flushes >= 1 && flushes <= 64);
+}
