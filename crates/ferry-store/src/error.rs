@@ -35,7 +35,8 @@ pub enum StoreError {
 }
 
 impl StoreError {
-    pub(crate) fn io(what: impl Into<String>, e: impl std::fmt::Display) -> Self {
+    /// An I/O error on `what`.
+    pub fn io(what: impl Into<String>, e: impl std::fmt::Display) -> Self {
         Self::Io {
             what: what.into(),
             reason: e.to_string(),

@@ -141,6 +141,13 @@ impl NodeStore {
         SledStateMachine::open(&self.db, group, app, self.flusher.clone())
     }
 
+    /// The tree a group's state machine writes (`sm:<group>`), for the application to read.
+    pub fn state_tree(&self, group: &GroupId) -> Result<sled::Tree, StoreError> {
+        self.db
+            .open_tree(format!("sm:{group}"))
+            .map_err(|e| StoreError::io(format!("state machine of {group}"), e))
+    }
+
     /// Names of groups that have a log on this node (`meta`, `<topic>/<partition>`).
     pub fn groups(&self) -> Vec<GroupId> {
         self.db

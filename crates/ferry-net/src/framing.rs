@@ -1,0 +1,83 @@
+//! Length-prefixed frames on QUIC streams: a `u32` big-endian payload length
+//! followed by the payload.
+
+use bytes::Bytes;
+use quinn::{ReadError, ReadExactError, RecvStream, SendStream, WriteError};
+
+use crate::NetError;
+
+/// Writes one frame: `u32` big-endian length prefix + payload.
+pub async fn write_frame(send: &mut SendStream, payload: &[u8]) -> Result<(), NetError> {
+    write_frame_parts(send, &[payload]).await
+}
+
+/// Writes one frame whose payload is the concatenation of `parts`.
+pub(crate) async fn write_frame_parts(
+    send: &mut SendStream,
+    parts: &[&[u8]],
+) -> Result<(), NetError> {
+    let len: usize = parts.iter().map(|p| p.len()).sum();
+    let len32 = u32::try_from(len).map_err(|_| NetError::FrameTooLarge {
+        len,
+        max: u32::MAX as usize,
+    })?;
+    send.write_all(&len32.to_be_bytes())
+        .await
+        .map_err(|e| write_err("header", e))?;
+    for part in parts {
+        send.write_all(part)
+            .await
+            .map_err(|e| write_err("payload", e))?;
+    }
+    Ok(())
+}
+
+/// Reads one frame. Returns `Ok(None)` on a clean end of stream before a
+/// header, [`NetError::FrameTooLarge`] if the declared length exceeds `max`
+/// (checked before allocating), and [`NetError::Protocol`] if the stream ends
+/// inside a frame.
+pub async fn read_frame(recv: &mut RecvStream, max: usize) -> Result<Option<Bytes>, NetError> {
+    let mut header = [0u8; 4];
+    match recv.read_exact(&mut header).await {
+        Ok(()) => {}
+        Err(ReadExactError::FinishedEarly(0)) => return Ok(None),
+        Err(ReadExactError::FinishedEarly(n)) => {
+            return Err(NetError::Protocol(format!(
+                "stream ended after {n} of 4 frame header bytes"
+            )))
+        }
+        Err(ReadExactError::ReadError(e)) => return Err(read_err("header", e)),
+    }
+    let len = u32::from_be_bytes(header) as usize;
+    if len > max {
+        return Err(NetError::FrameTooLarge { len, max });
+    }
+    let mut buf = vec![0u8; len];
+    match recv.read_exact(&mut buf).await {
+        Ok(()) => Ok(Some(Bytes::from(buf))),
+        Err(ReadExactError::FinishedEarly(n)) => Err(NetError::Protocol(format!(
+            "stream ended after {n} of {len} frame payload bytes"
+        ))),
+        Err(ReadExactError::ReadError(e)) => Err(read_err("payload", e)),
+    }
+}
+
+/// Maps a stream write error, keeping the connection's close reason.
+fn write_err(part: &str, e: WriteError) -> NetError {
+    match e {
+        WriteError::ConnectionLost(c) => {
+            NetError::Closed(format!("writing frame {part}: connection lost: {c}"))
+        }
+        other => NetError::Closed(format!("writing frame {part}: {other}")),
+    }
+}
+
+/// Maps a stream read error, keeping the connection's close reason.
+fn read_err(part: &str, e: ReadError) -> NetError {
+    match e {
+        ReadError::ConnectionLost(c) => {
+            NetError::Closed(format!("reading frame {part}: connection lost: {c}"))
+        }
+        other => NetError::Closed(format!("reading frame {part}: {other}")),
+    }
+}

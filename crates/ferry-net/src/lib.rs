@@ -1,0 +1,69 @@
+//! # ferry-net — authenticated QUIC transport for Ferry
+//!
+//! This crate moves opaque bytes between Ferry nodes (and hands client
+//! connections to the node). It provides:
+//!
+//! * [`tls`] — the cluster PKI: a dev CA generator ([`tls::generate_dev_certs`],
+//!   [`tls::dev_ca`]), PEM loading ([`tls::TlsIdentity`]) and mutual-TLS
+//!   `quinn` configurations ([`tls::server_config`], [`tls::client_config`]).
+//!   Every connection is mTLS: servers require a client certificate chaining to
+//!   the cluster CA, clients verify the server as [`NODE_SERVER_NAME`].
+//! * [`framing`] — `u32` big-endian length-prefixed frames on QUIC streams.
+//! * Peer RPC — the [`Transport`] trait (one request, one reply) implemented
+//!   over QUIC by [`QuicTransport`] (one lazily dialed, shared connection per
+//!   peer, one bidirectional stream per request, reconnect with exponential
+//!   backoff) and in memory by [`MemTransport`] / [`MemNetwork`] (for tests,
+//!   with link cutting). The answering side implements [`RpcHandler`] and runs
+//!   [`serve`], which dispatches each accepted connection by ALPN:
+//!   [`ALPN_PEER`] connections are served as peer RPC, [`ALPN_CLIENT`]
+//!   connections are handed to a callback.
+//!
+//! ## Peer wire protocol
+//!
+//! For each request the dialing node opens a bidirectional stream and writes
+//! one frame `caller NodeId (u64 BE) ‖ request`, then finishes its send side.
+//! The server answers with one frame `status (u8) ‖ body` — status `0` means
+//! `body` is the handler's response, `1` means `body` is a UTF-8 error message
+//! (surfaced as [`NetError::Remote`]) — and finishes the stream.
+//!
+//! ## What this crate does not do
+//!
+//! * It does not interpret payloads: encoding requests/responses (Raft
+//!   messages, client protocol) is the caller's job.
+//! * It does not retry requests: a failed or timed-out [`Transport::call`] is
+//!   reported once; retry policy belongs to the caller (e.g. Raft).
+//! * It does not bind a peer's claimed `NodeId` to its certificate: any
+//!   holder of a certificate signed by the cluster CA is trusted.
+//! * It does not manage production PKI (rotation, revocation); the generated
+//!   dev certificates are for development and tests.
+//! * It does not speak the client protocol; client connections are only
+//!   accepted and passed on.
+#![warn(missing_docs, unreachable_pub)]
+
+mod error;
+pub mod framing;
+mod mem;
+mod quic;
+mod rpc;
+pub mod tls;
+
+pub use error::NetError;
+pub use mem::{MemNetwork, MemTransport};
+pub use quic::{bind_endpoint, serve, QuicTransport};
+pub use rpc::{RpcHandler, Transport, TransportOptions};
+
+/// Identifier of a node in the cluster.
+pub type NodeId = u64;
+
+/// ALPN protocol id for node-to-node (peer RPC) connections.
+pub const ALPN_PEER: &[u8] = b"ferry-peer/1";
+
+/// ALPN protocol id for client-to-node connections.
+pub const ALPN_CLIENT: &[u8] = b"ferry-client/1";
+
+/// DNS name every node certificate carries and every client verifies
+/// (addresses vary; the cluster name does not).
+pub const NODE_SERVER_NAME: &str = "ferry-node";
+
+/// Default maximum frame payload size (4 MiB).
+pub const DEFAULT_MAX_FRAME: usize = 4 * 1024 * 1024;

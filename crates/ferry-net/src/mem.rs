@@ -1,0 +1,129 @@
+//! In-memory peer network for tests: same [`Transport`] trait as QUIC, with
+//! nodes that can be killed and links that can be cut and healed.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use bytes::Bytes;
+
+use crate::{NetError, NodeId, RpcHandler, Transport};
+
+/// A simulated network of nodes identified by [`NodeId`]. Cheap to clone;
+/// clones share state.
+#[derive(Clone, Default)]
+pub struct MemNetwork {
+    state: Arc<Mutex<MemState>>,
+}
+
+#[derive(Default)]
+struct MemState {
+    handlers: HashMap<NodeId, Arc<dyn RpcHandler>>,
+    /// Cut links, stored as (min, max).
+    cuts: HashSet<(NodeId, NodeId)>,
+    isolated: HashSet<NodeId>,
+}
+
+impl MemState {
+    fn linked(&self, a: NodeId, b: NodeId) -> bool {
+        !self.cuts.contains(&pair(a, b))
+            && !self.isolated.contains(&a)
+            && !self.isolated.contains(&b)
+    }
+}
+
+fn pair(a: NodeId, b: NodeId) -> (NodeId, NodeId) {
+    (a.min(b), a.max(b))
+}
+
+impl MemNetwork {
+    /// Creates an empty network.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, MemState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Registers (or replaces) the handler answering calls to node `id`.
+    pub fn register(&self, id: NodeId, handler: Arc<dyn RpcHandler>) {
+        self.lock().handlers.insert(id, handler);
+    }
+
+    /// Removes node `id` ("killed"): calls to it fail with [`NetError::Connect`].
+    pub fn unregister(&self, id: NodeId) {
+        self.lock().handlers.remove(&id);
+    }
+
+    /// A transport sending calls as node `from`.
+    pub fn transport(&self, from: NodeId) -> MemTransport {
+        MemTransport {
+            net: self.clone(),
+            from,
+        }
+    }
+
+    /// Cuts the link between `a` and `b` in both directions.
+    pub fn cut(&self, a: NodeId, b: NodeId) {
+        self.lock().cuts.insert(pair(a, b));
+    }
+
+    /// Restores a link cut with [`MemNetwork::cut`] (does not end isolation).
+    pub fn heal(&self, a: NodeId, b: NodeId) {
+        self.lock().cuts.remove(&pair(a, b));
+    }
+
+    /// Cuts every link of `a`, including to nodes registered later.
+    pub fn isolate(&self, a: NodeId) {
+        self.lock().isolated.insert(a);
+    }
+
+    /// Restores all cut links and ends all isolation.
+    pub fn heal_all(&self) {
+        let mut s = self.lock();
+        s.cuts.clear();
+        s.isolated.clear();
+    }
+
+    /// Whether calls between `a` and `b` currently pass.
+    pub fn is_linked(&self, a: NodeId, b: NodeId) -> bool {
+        self.lock().linked(a, b)
+    }
+}
+
+/// Sends calls over a [`MemNetwork`] as one node. Calls to a cut or
+/// isolated peer fail promptly with [`NetError::LinkCut`]; calls to an
+/// unregistered peer with [`NetError::Connect`]. A link cut while a call is
+/// in flight loses the reply (the call fails with `LinkCut`).
+#[derive(Clone)]
+pub struct MemTransport {
+    net: MemNetwork,
+    from: NodeId,
+}
+
+impl Transport for MemTransport {
+    async fn call(&self, to: NodeId, request: Bytes) -> Result<Bytes, NetError> {
+        let from = self.from;
+        let handler = {
+            let s = self.net.lock();
+            if !s.linked(from, to) {
+                return Err(NetError::LinkCut { from, to });
+            }
+            match s.handlers.get(&to) {
+                Some(h) => h.clone(),
+                None => {
+                    return Err(NetError::Connect {
+                        peer: to,
+                        addr: "mem".into(),
+                        reason: "node is not registered (down)".into(),
+                    })
+                }
+            }
+        };
+        let reply = handler.handle(from, request).await;
+        if !self.net.is_linked(from, to) {
+            return Err(NetError::LinkCut { from, to });
+        }
+        Ok(reply)
+    }
+}

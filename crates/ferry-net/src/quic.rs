@@ -1,0 +1,291 @@
+//! Peer RPC over QUIC: the dialing side ([`QuicTransport`]) and the accept
+//! loop ([`serve`]) that dispatches connections by ALPN.
+
+mod server;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::time::{timeout, Instant};
+
+pub use server::{bind_endpoint, serve};
+
+use crate::framing::{read_frame, write_frame_parts};
+use crate::{NetError, NodeId, Transport, TransportOptions, NODE_SERVER_NAME};
+
+/// Response status byte: the body is the handler's reply.
+pub(crate) const STATUS_OK: u8 = 0;
+/// Response status byte: the body is a UTF-8 error message.
+pub(crate) const STATUS_ERR: u8 = 1;
+/// Bytes of the request header (caller's `NodeId`, u64 BE).
+pub(crate) const REQUEST_HEADER: usize = 8;
+
+/// One QUIC connection per peer (lazily dialed, shared by all callers and
+/// all Raft groups; redialed with exponential backoff after failure: while in
+/// backoff, calls fail fast with [`NetError::Connect`] rather than
+/// hammering). Each call uses its own bidirectional stream.
+#[derive(Clone)]
+pub struct QuicTransport {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    self_id: NodeId,
+    endpoint: quinn::Endpoint,
+    client_cfg: quinn::ClientConfig,
+    opts: TransportOptions,
+    peers: Mutex<HashMap<NodeId, Arc<PeerSlot>>>,
+}
+
+/// Connection state for one peer address.
+struct PeerSlot {
+    addr: SocketAddr,
+    conn: Mutex<Option<quinn::Connection>>,
+    dial: tokio::sync::Mutex<DialState>,
+}
+
+struct DialState {
+    backoff: Duration,
+    retry_at: Option<Instant>,
+    last_error: String,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A poisoned lock only means another caller panicked; the data is plain.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl PeerSlot {
+    fn new(addr: SocketAddr, opts: &TransportOptions) -> Self {
+        Self {
+            addr,
+            conn: Mutex::new(None),
+            dial: tokio::sync::Mutex::new(DialState {
+                backoff: opts.backoff_initial,
+                retry_at: None,
+                last_error: String::new(),
+            }),
+        }
+    }
+
+    /// The cached connection if it is still open.
+    fn live(&self) -> Option<quinn::Connection> {
+        let mut guard = lock(&self.conn);
+        match guard.as_ref() {
+            Some(c) if c.close_reason().is_none() => Some(c.clone()),
+            Some(_) => {
+                *guard = None;
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// Drops the cached connection if it is `conn`.
+    fn forget(&self, conn: &quinn::Connection) {
+        let mut guard = lock(&self.conn);
+        if guard.as_ref().map(|c| c.stable_id()) == Some(conn.stable_id()) {
+            *guard = None;
+        }
+    }
+}
+
+impl QuicTransport {
+    /// Creates a transport for node `self_id` dialing from `endpoint` with
+    /// `client_cfg` (built with [`crate::ALPN_PEER`]). Nothing is dialed
+    /// until the first call to a peer.
+    pub fn new(
+        self_id: NodeId,
+        endpoint: quinn::Endpoint,
+        client_cfg: quinn::ClientConfig,
+        peers: HashMap<NodeId, SocketAddr>,
+        opts: TransportOptions,
+    ) -> Self {
+        let peers = peers
+            .into_iter()
+            .map(|(id, addr)| (id, Arc::new(PeerSlot::new(addr, &opts))))
+            .collect();
+        Self {
+            inner: Arc::new(Inner {
+                self_id,
+                endpoint,
+                client_cfg,
+                opts,
+                peers: Mutex::new(peers),
+            }),
+        }
+    }
+
+    /// Adds or updates a peer's address. A changed address drops the cached
+    /// connection and backoff state for that peer.
+    pub fn set_peer(&self, id: NodeId, addr: SocketAddr) {
+        let mut peers = lock(&self.inner.peers);
+        if peers.get(&id).is_some_and(|s| s.addr == addr) {
+            return;
+        }
+        tracing::debug!(peer = id, %addr, "peer address set");
+        peers.insert(id, Arc::new(PeerSlot::new(addr, &self.inner.opts)));
+    }
+
+    fn slot(&self, to: NodeId) -> Result<Arc<PeerSlot>, NetError> {
+        lock(&self.inner.peers)
+            .get(&to)
+            .cloned()
+            .ok_or(NetError::UnknownPeer(to))
+    }
+
+    /// Returns an open connection to `to`, dialing if needed. The flag tells
+    /// whether it was freshly dialed.
+    async fn connection(
+        &self,
+        to: NodeId,
+        slot: &PeerSlot,
+    ) -> Result<(quinn::Connection, bool), NetError> {
+        if let Some(c) = slot.live() {
+            return Ok((c, false));
+        }
+        let mut dial = slot.dial.lock().await;
+        if let Some(c) = slot.live() {
+            return Ok((c, false)); // another caller dialed while we waited
+        }
+        let connect_err = |reason: String| NetError::Connect {
+            peer: to,
+            addr: slot.addr.to_string(),
+            reason,
+        };
+        let now = Instant::now();
+        if let Some(at) = dial.retry_at.filter(|at| now < *at) {
+            return Err(connect_err(format!(
+                "in reconnect backoff for another {:?} after: {}",
+                at - now,
+                dial.last_error
+            )));
+        }
+        let opts = &self.inner.opts;
+        let attempt = async {
+            let connecting = self
+                .inner
+                .endpoint
+                .connect_with(self.inner.client_cfg.clone(), slot.addr, NODE_SERVER_NAME)
+                .map_err(|e| e.to_string())?;
+            connecting.await.map_err(|e| e.to_string())
+        };
+        let result = match timeout(opts.connect_timeout, attempt).await {
+            Ok(r) => r,
+            Err(_) => Err(format!(
+                "handshake timed out after {:?}",
+                opts.connect_timeout
+            )),
+        };
+        match result {
+            Ok(conn) => {
+                tracing::debug!(peer = to, addr = %slot.addr, "connected to peer");
+                dial.backoff = opts.backoff_initial;
+                dial.retry_at = None;
+                *lock(&slot.conn) = Some(conn.clone());
+                Ok((conn, true))
+            }
+            Err(reason) => {
+                tracing::debug!(peer = to, addr = %slot.addr, %reason, backoff = ?dial.backoff, "dial failed");
+                dial.retry_at = Some(Instant::now() + dial.backoff);
+                dial.backoff = (dial.backoff * 2).min(opts.backoff_max);
+                dial.last_error = reason.clone();
+                Err(connect_err(reason))
+            }
+        }
+    }
+
+    async fn call_inner(&self, to: NodeId, request: Bytes) -> Result<Bytes, NetError> {
+        let slot = self.slot(to)?;
+        // Retry once if a cached connection turns out to be dead before the
+        // request was sent (opening the stream failed): nothing was delivered.
+        for attempt in 0..2 {
+            let (conn, fresh) = self.connection(to, &slot).await?;
+            match conn.open_bi().await {
+                Ok((send, recv)) => {
+                    let result = self.exchange(send, recv, &request).await;
+                    if conn.close_reason().is_some() {
+                        slot.forget(&conn);
+                    }
+                    return result;
+                }
+                Err(e) => {
+                    slot.forget(&conn);
+                    if fresh || attempt == 1 {
+                        return Err(NetError::Closed(format!(
+                            "opening stream to node {to}: {e}"
+                        )));
+                    }
+                    tracing::debug!(peer = to, error = %e, "cached connection dead, redialing");
+                }
+            }
+        }
+        Err(NetError::Closed(format!(
+            "no usable connection to node {to}"
+        )))
+    }
+
+    async fn exchange(
+        &self,
+        mut send: quinn::SendStream,
+        mut recv: quinn::RecvStream,
+        request: &[u8],
+    ) -> Result<Bytes, NetError> {
+        let from = self.inner.self_id.to_be_bytes();
+        let max = self.inner.opts.max_frame + 1;
+        let written = match write_frame_parts(&mut send, &[&from, request]).await {
+            Ok(()) => send
+                .finish()
+                .map_err(|e| NetError::Closed(format!("finishing request stream: {e}"))),
+            Err(e) => Err(e),
+        };
+        if let Err(write_err) = written {
+            // The server may have rejected the request (e.g. too large) and
+            // stopped our stream after replying; prefer its explanation.
+            return match read_frame(&mut recv, max).await {
+                Ok(Some(frame)) => parse_reply(frame),
+                _ => Err(write_err),
+            };
+        }
+        let frame = read_frame(&mut recv, max)
+            .await?
+            .ok_or_else(|| NetError::Protocol("peer closed the stream without a reply".into()))?;
+        parse_reply(frame)
+    }
+}
+
+fn parse_reply(frame: Bytes) -> Result<Bytes, NetError> {
+    match frame.first() {
+        Some(&STATUS_OK) => Ok(frame.slice(1..)),
+        Some(&STATUS_ERR) => Err(NetError::Remote(
+            String::from_utf8_lossy(&frame[1..]).into_owned(),
+        )),
+        Some(other) => Err(NetError::Protocol(format!(
+            "unknown reply status byte {other}"
+        ))),
+        None => Err(NetError::Protocol("empty reply frame".into())),
+    }
+}
+
+impl Transport for QuicTransport {
+    async fn call(&self, to: NodeId, request: Bytes) -> Result<Bytes, NetError> {
+        let max = self.inner.opts.max_frame;
+        if request.len() > max {
+            return Err(NetError::FrameTooLarge {
+                len: request.len(),
+                max,
+            });
+        }
+        let after = self.inner.opts.request_timeout;
+        match timeout(after, self.call_inner(to, request)).await {
+            Ok(r) => r,
+            Err(_) => Err(NetError::Timeout {
+                what: format!("calling node {to}"),
+                after,
+            }),
+        }
+    }
+}

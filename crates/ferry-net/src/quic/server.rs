@@ -1,0 +1,123 @@
+//! Server side: endpoint binding, the accept loop and peer-stream handling.
+
+use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+
+use futures::FutureExt;
+
+use super::{REQUEST_HEADER, STATUS_ERR, STATUS_OK};
+use crate::framing::{read_frame, write_frame_parts};
+use crate::{NetError, RpcHandler, ALPN_CLIENT, ALPN_PEER};
+
+/// Binds a QUIC endpoint on `addr` that accepts with `server` and can also
+/// dial (pass a client config explicitly, as [`crate::QuicTransport`] does).
+/// Must be called inside a tokio runtime.
+pub fn bind_endpoint(
+    addr: SocketAddr,
+    server: quinn::ServerConfig,
+) -> Result<quinn::Endpoint, NetError> {
+    quinn::Endpoint::server(server, addr).map_err(|source| NetError::Bind { addr, source })
+}
+
+/// Accept loop: for each incoming connection, after the handshake, dispatch
+/// on the negotiated ALPN: [`ALPN_PEER`] → serve peer RPC streams with
+/// `handler`; [`ALPN_CLIENT`] → call `on_client(conn)` (in a spawned task).
+/// Runs until the endpoint is closed. Handshake failures are logged and do
+/// not stop the loop. `max_frame` bounds request payloads.
+pub async fn serve(
+    endpoint: quinn::Endpoint,
+    handler: Arc<dyn RpcHandler>,
+    on_client: Arc<dyn Fn(quinn::Connection) + Send + Sync>,
+    max_frame: usize,
+) {
+    while let Some(incoming) = endpoint.accept().await {
+        let handler = handler.clone();
+        let on_client = on_client.clone();
+        tokio::spawn(async move {
+            let remote = incoming.remote_address();
+            let conn = match incoming.await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(%remote, error = %e, "incoming handshake failed");
+                    return;
+                }
+            };
+            let alpn = conn
+                .handshake_data()
+                .and_then(|h| h.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+                .and_then(|h| h.protocol);
+            match alpn.as_deref() {
+                Some(p) if p == ALPN_PEER => serve_peer(conn, handler, max_frame).await,
+                Some(p) if p == ALPN_CLIENT => on_client(conn),
+                other => {
+                    tracing::warn!(%remote, alpn = ?other.map(String::from_utf8_lossy), "unsupported ALPN, closing");
+                    conn.close(quinn::VarInt::from_u32(1), b"unsupported ALPN");
+                }
+            }
+        });
+    }
+    tracing::debug!("endpoint closed, accept loop finished");
+}
+
+async fn serve_peer(conn: quinn::Connection, handler: Arc<dyn RpcHandler>, max_frame: usize) {
+    let remote = conn.remote_address();
+    tracing::debug!(%remote, "peer connection accepted");
+    loop {
+        match conn.accept_bi().await {
+            Ok((send, recv)) => {
+                tokio::spawn(serve_request(send, recv, handler.clone(), max_frame));
+            }
+            Err(e) => {
+                tracing::debug!(%remote, reason = %e, "peer connection ended");
+                return;
+            }
+        }
+    }
+}
+
+async fn serve_request(
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    handler: Arc<dyn RpcHandler>,
+    max_frame: usize,
+) {
+    let reply = match read_frame(&mut recv, max_frame + REQUEST_HEADER).await {
+        Ok(None) => return,
+        Ok(Some(frame)) if frame.len() < REQUEST_HEADER => Err(format!(
+            "request frame of {} bytes lacks the node id header",
+            frame.len()
+        )),
+        Ok(Some(frame)) => {
+            let mut id = [0u8; REQUEST_HEADER];
+            id.copy_from_slice(&frame[..REQUEST_HEADER]);
+            let from = u64::from_be_bytes(id);
+            let request = frame.slice(REQUEST_HEADER..);
+            AssertUnwindSafe(handler.handle(from, request))
+                .catch_unwind()
+                .await
+                .map_err(|_| {
+                    tracing::error!(from, "rpc handler panicked");
+                    "handler panicked".to_string()
+                })
+        }
+        Err(e @ (NetError::FrameTooLarge { .. } | NetError::Protocol(_))) => {
+            tracing::warn!(error = %e, "bad peer request");
+            Err(e.to_string())
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, "reading peer request failed");
+            return;
+        }
+    };
+    let result = match &reply {
+        Ok(body) => write_frame_parts(&mut send, &[&[STATUS_OK], body]).await,
+        Err(msg) => write_frame_parts(&mut send, &[&[STATUS_ERR], msg.as_bytes()]).await,
+    };
+    if let Err(e) = result.and_then(|()| {
+        send.finish()
+            .map_err(|e| NetError::Closed(format!("finishing reply stream: {e}")))
+    }) {
+        tracing::debug!(error = %e, "writing peer reply failed");
+    }
+}

@@ -1,0 +1,53 @@
+//! Peer RPC traits and options shared by the QUIC and in-memory transports.
+
+use std::future::Future;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::future::BoxFuture;
+
+use crate::{NetError, NodeId, DEFAULT_MAX_FRAME};
+
+/// Answers peer requests. Implemented by the node.
+pub trait RpcHandler: Send + Sync + 'static {
+    /// Handles one request from node `from` and produces the reply bytes.
+    fn handle(&self, from: NodeId, request: Bytes) -> BoxFuture<'static, Bytes>;
+}
+
+/// Sends one request to a peer and waits for its reply. Two implementations:
+/// QUIC ([`crate::QuicTransport`]) and in-memory ([`crate::MemTransport`]).
+pub trait Transport: Clone + Send + Sync + 'static {
+    /// Sends `request` to node `to` and returns its reply. Never retries.
+    fn call(
+        &self,
+        to: NodeId,
+        request: Bytes,
+    ) -> impl Future<Output = Result<Bytes, NetError>> + Send;
+}
+
+/// Tuning for [`crate::QuicTransport`].
+#[derive(Clone, Debug)]
+pub struct TransportOptions {
+    /// Deadline for establishing a connection (handshake included).
+    pub connect_timeout: Duration,
+    /// Deadline for one whole call (connect if needed, send, receive reply).
+    pub request_timeout: Duration,
+    /// Maximum request / response payload size.
+    pub max_frame: usize,
+    /// First reconnect backoff after a failed dial.
+    pub backoff_initial: Duration,
+    /// Upper bound for the (doubling) reconnect backoff.
+    pub backoff_max: Duration,
+}
+
+impl Default for TransportOptions {
+    fn default() -> Self {
+        Self {
+            connect_timeout: Duration::from_secs(3),
+            request_timeout: Duration::from_secs(5),
+            max_frame: DEFAULT_MAX_FRAME,
+            backoff_initial: Duration::from_millis(50),
+            backoff_max: Duration::from_secs(2),
+        }
+    }
+}

@@ -1,0 +1,509 @@
+//! The client API (ALPN `ferry-client/1`): each QUIC stream carries one request and its
+//! answer, except two long-lived kinds. A stream that starts with `Publish` is a produce
+//! stream: further `Publish` frames follow, each is submitted to Raft in arrival order and
+//! answered in that order, so a producer can pipeline without reordering. A stream that
+//! starts with `Subscribe` receives `Batches` frames as events are committed, until either
+//! side closes it; QUIC flow control makes a slow subscriber wait without stalling others.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Instant;
+
+use ferry_net::framing::{read_frame, write_frame};
+use ferry_net::Transport;
+use ferry_proto::codec::{decode_frame, encode_frame};
+use ferry_proto::wire::{
+    ApiError, ClientRequest, ClientResponse, ErrorCode, NodeAddress, PartitionInfo, StartFrom, TopicDescription,
+};
+use ferry_proto::{EventBatch, NodeId, TopicConfig};
+use ferry_store::{Command, TypeConfig};
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::async_runtime::WatchReceiver;
+use openraft::impls::ProgressResponder;
+use openraft::raft::ClientWriteResponse;
+
+use crate::command::{decode, encode, MetaCommand, MetaReply, PartitionCommand, PartitionReply};
+use crate::metadata::place_replicas;
+use crate::node::{now_ms, Node, PartitionGroup};
+
+type Pending = Pin<Box<dyn Future<Output = ClientResponse> + Send>>;
+type WriteResult = Result<ClientWriteResponse<TypeConfig>, ClientWriteError<TypeConfig>>;
+
+fn error(code: ErrorCode, message: impl Into<String>) -> ClientResponse {
+    ClientResponse::Error(ApiError::new(code, message))
+}
+
+fn not_leader(leader: Option<NodeId>, what: &str) -> ClientResponse {
+    ClientResponse::Error(ApiError {
+        code: ErrorCode::NotLeader,
+        message: format!("this node does not lead {what}"),
+        leader_hint: leader,
+    })
+}
+
+/// Maps a Raft write failure to what the client should do.
+fn write_failure(e: &ClientWriteError<TypeConfig>, what: &str) -> ClientResponse {
+    match e {
+        ClientWriteError::ForwardToLeader(f) => not_leader(f.leader_id, what),
+        ClientWriteError::LogEntryDiscarded(f) => ClientResponse::Error(ApiError {
+            code: ErrorCode::NotLeader,
+            message: format!("{what}: leader changed before the write committed; retry (duplicates are removed)"),
+            leader_hint: f.leader_id,
+        }),
+        other => error(ErrorCode::Unavailable, format!("{what}: {other}")),
+    }
+}
+
+fn partition_reply(result: WriteResult, what: &str) -> ClientResponse {
+    match result {
+        Ok(response) => match decode::<PartitionReply>("partition reply", &response.data.0) {
+            Ok(PartitionReply::Appended {
+                base_offset,
+                count,
+                duplicate,
+            }) => ClientResponse::Published {
+                base_offset,
+                count,
+                duplicate,
+            },
+            Ok(PartitionReply::Done) => ClientResponse::Ok,
+            Ok(PartitionReply::Error(e)) => ClientResponse::Error(e),
+            Err(e) => error(ErrorCode::Internal, e.to_string()),
+        },
+        Err(e) => write_failure(&e, what),
+    }
+}
+
+impl<T: Transport> Node<T> {
+    fn lookup(&self, topic: &str, partition: u32) -> Result<PartitionGroup, ClientResponse> {
+        let Some(state) = self.inner.meta_view.topic(topic) else {
+            return Err(error(ErrorCode::UnknownTopic, format!("no topic named {topic:?}")));
+        };
+        if partition >= state.config.partitions {
+            return Err(error(
+                ErrorCode::UnknownPartition,
+                format!("topic {topic:?} has {} partitions; {partition} is out of range", state.config.partitions),
+            ));
+        }
+        self.partition(topic, partition).ok_or_else(|| {
+            not_leader(
+                state.replicas[partition as usize].first().copied(),
+                &format!("{topic}/{partition} (not a replica here)"),
+            )
+        })
+    }
+
+    /// Validates a publish and submits it to the partition's Raft in call order; the returned
+    /// future resolves when a majority has it on disk (or it failed).
+    pub(crate) async fn submit_publish(&self, topic: String, partition: u32, batch: EventBatch) -> Pending {
+        let group = match self.lookup(&topic, partition) {
+            Ok(g) => g,
+            Err(response) => return Box::pin(async move { response }),
+        };
+        if let Err(e) = batch.decode_events(&self.inner.config.limits) {
+            let code = match e {
+                ferry_proto::ProtoError::EventTooLarge { .. } => ErrorCode::EventTooLarge,
+                _ => ErrorCode::InvalidRequest,
+            };
+            return Box::pin(async move { error(code, e.to_string()) });
+        }
+        let metrics = group.raft.metrics();
+        let leader = metrics.borrow_watched().current_leader;
+        if leader != Some(self.inner.id) {
+            let what = format!("{topic}/{partition}");
+            return Box::pin(async move { not_leader(leader, &what) });
+        }
+        let command = PartitionCommand::Append {
+            batch,
+            appended_at_ms: now_ms(),
+        };
+        let command = match encode("partition command", &command) {
+            Ok(c) => c,
+            Err(e) => return Box::pin(async move { error(ErrorCode::Internal, e.to_string()) }),
+        };
+        let (responder, rx) = ProgressResponder::complete_only();
+        let what = format!("{topic}/{partition}");
+        if let Err(e) = group.raft.client_write_ff(Command(command), Some(responder)).await {
+            return Box::pin(async move { error(ErrorCode::Unavailable, format!("{what}: {e}")) });
+        }
+        Box::pin(async move {
+            match rx.await {
+                Ok(result) => partition_reply(result, &what),
+                Err(_) => error(ErrorCode::Unavailable, format!("{what}: the partition group stopped")),
+            }
+        })
+    }
+
+    /// Answers one request. `forwarded` requests came from a peer and are never forwarded again.
+    pub async fn handle_request(&self, request: ClientRequest, forwarded: bool) -> ClientResponse {
+        match request {
+            ClientRequest::CreateTopic(config) => self.create_topic(config, forwarded).await,
+            ClientRequest::ListTopics => {
+                ClientResponse::Topics(self.inner.meta_view.topics().into_iter().map(|t| t.config).collect())
+            }
+            ClientRequest::DescribeTopic { topic } => self.describe(&topic),
+            ClientRequest::Publish { topic, partition, batch } => self.submit_publish(topic, partition, batch).await.await,
+            ClientRequest::Fetch {
+                topic,
+                partition,
+                offset,
+                max_bytes,
+            } => {
+                let group = match self.lookup(&topic, partition) {
+                    Ok(g) => g,
+                    Err(r) => return r,
+                };
+                let max = (max_bytes as usize).min(self.inner.config.limits.max_frame / 2);
+                match group.view.read(offset, max) {
+                    Ok(batches) => ClientResponse::Batches {
+                        batches,
+                        high_watermark: group.view.watermarks().high,
+                    },
+                    Err(e) => error(ErrorCode::Internal, e.to_string()),
+                }
+            }
+            ClientRequest::Subscribe { .. } => error(ErrorCode::InvalidRequest, "subscribe needs its own stream"),
+            ClientRequest::JoinGroup { group, topic, member } => {
+                let request = ClientRequest::JoinGroup {
+                    group: group.clone(),
+                    topic: topic.clone(),
+                    member: member.clone(),
+                };
+                self.on_meta_leader(request, forwarded, |node| {
+                    let Some(state) = node.inner.meta_view.topic(&topic) else {
+                        return error(ErrorCode::UnknownTopic, format!("no topic named {topic:?}"));
+                    };
+                    let Ok(mut c) = node.inner.coordinator.lock() else {
+                        return error(ErrorCode::Internal, "group coordinator poisoned");
+                    };
+                    let (generation, partitions) =
+                        c.join(Instant::now(), &group, &topic, &member, state.config.partitions);
+                    ClientResponse::Assignment { generation, partitions }
+                })
+                .await
+            }
+            ClientRequest::LeaveGroup { group, topic, member } => {
+                let request = ClientRequest::LeaveGroup {
+                    group: group.clone(),
+                    topic: topic.clone(),
+                    member: member.clone(),
+                };
+                self.on_meta_leader(request, forwarded, |node| {
+                    if let Ok(mut c) = node.inner.coordinator.lock() {
+                        c.leave(&group, &topic, &member);
+                    }
+                    ClientResponse::Ok
+                })
+                .await
+            }
+            ClientRequest::CommitOffset {
+                group,
+                topic,
+                partition,
+                offset,
+            } => {
+                let request = ClientRequest::CommitOffset {
+                    group: group.clone(),
+                    topic: topic.clone(),
+                    partition,
+                    offset,
+                };
+                let g = match self.lookup(&topic, partition) {
+                    Ok(g) => g,
+                    Err(r) => return r,
+                };
+                let Ok(command) = encode("partition command", &PartitionCommand::Commit { group, offset }) else {
+                    return error(ErrorCode::Internal, "encoding a commit");
+                };
+                let what = format!("{topic}/{partition}");
+                let response = partition_reply(
+                    g.raft.client_write(Command(command)).await.map_err(|e| match e {
+                        RaftError::APIError(e) => e,
+                        RaftError::Fatal(f) => ClientWriteError::ForwardToLeader(openraft::error::ForwardToLeader::empty()).tap_log(&f),
+                    }),
+                    &what,
+                );
+                self.forward_if_not_leader(response, request, forwarded).await
+            }
+            ClientRequest::CommittedOffset { group, topic, partition } => {
+                let g = match self.lookup(&topic, partition) {
+                    Ok(g) => g,
+                    Err(r) => return r,
+                };
+                let leader = g.raft.metrics().borrow_watched().current_leader;
+                if leader != Some(self.inner.id) {
+                    let request = ClientRequest::CommittedOffset { group, topic, partition };
+                    return self
+                        .forward_if_not_leader(not_leader(leader, "the partition"), request, forwarded)
+                        .await;
+                }
+                match g.view.committed(&group) {
+                    Ok(offset) => ClientResponse::Committed(offset),
+                    Err(e) => error(ErrorCode::Internal, e.to_string()),
+                }
+            }
+        }
+    }
+
+    async fn forward_if_not_leader(&self, response: ClientResponse, request: ClientRequest, forwarded: bool) -> ClientResponse {
+        match response {
+            ClientResponse::Error(ApiError {
+                code: ErrorCode::NotLeader,
+                leader_hint: Some(leader),
+                ..
+            }) if !forwarded && leader != self.inner.id => match self.inner.router.forward(leader, request).await {
+                Ok(r) => r,
+                Err(e) => error(ErrorCode::Unavailable, format!("forwarding to leader {leader}: {e}")),
+            },
+            other => other,
+        }
+    }
+
+    async fn on_meta_leader(
+        &self,
+        request: ClientRequest,
+        forwarded: bool,
+        local: impl FnOnce(&Self) -> ClientResponse,
+    ) -> ClientResponse {
+        let leader = self.inner.meta.metrics().borrow_watched().current_leader;
+        if leader == Some(self.inner.id) {
+            return local(self);
+        }
+        self.forward_if_not_leader(not_leader(leader, "the metadata group"), request, forwarded).await
+    }
+
+    async fn create_topic(&self, config: TopicConfig, forwarded: bool) -> ClientResponse {
+        if let Err(e) = config.validate() {
+            return error(ErrorCode::InvalidRequest, e.to_string());
+        }
+        let nodes: Vec<NodeId> = self.inner.config.peers.iter().map(|p| p.id).collect();
+        if config.replication as usize > nodes.len() {
+            return error(
+                ErrorCode::InvalidRequest,
+                format!("replication {} exceeds the region's {} nodes", config.replication, nodes.len()),
+            );
+        }
+        let replicas = place_replicas(&nodes, config.partitions, config.replication);
+        let command = MetaCommand::CreateTopic {
+            config: config.clone(),
+            replicas,
+        };
+        let Ok(command) = encode("metadata command", &command) else {
+            return error(ErrorCode::Internal, "encoding a metadata command");
+        };
+        let response = match self.inner.meta.client_write(Command(command)).await {
+            Ok(r) => match decode::<MetaReply>("metadata reply", &r.data.0) {
+                Ok(MetaReply::Created) => ClientResponse::Ok,
+                Ok(MetaReply::Error(e)) => ClientResponse::Error(e),
+                Err(e) => error(ErrorCode::Internal, e.to_string()),
+            },
+            Err(RaftError::APIError(e)) => write_failure(&e, "the metadata group"),
+            Err(RaftError::Fatal(f)) => error(ErrorCode::Unavailable, f.to_string()),
+        };
+        self.forward_if_not_leader(response, ClientRequest::CreateTopic(config), forwarded).await
+    }
+
+    fn describe(&self, topic: &str) -> ClientResponse {
+        let Some(state) = self.inner.meta_view.topic(topic) else {
+            return error(ErrorCode::UnknownTopic, format!("no topic named {topic:?}"));
+        };
+        let partitions = (0..state.config.partitions)
+            .map(|p| {
+                let replicas = state.replicas[p as usize].clone();
+                match self.partition(topic, p) {
+                    Some(g) => {
+                        let marks = g.view.watermarks();
+                        PartitionInfo {
+                            partition: p,
+                            leader: g.raft.metrics().borrow_watched().current_leader,
+                            replicas,
+                            low_watermark: marks.low,
+                            high_watermark: marks.high,
+                        }
+                    }
+                    None => PartitionInfo {
+                        partition: p,
+                        leader: None,
+                        replicas,
+                        low_watermark: 0,
+                        high_watermark: 0,
+                    },
+                }
+            })
+            .collect();
+        let nodes = self
+            .inner
+            .config
+            .peers
+            .iter()
+            .map(|p| NodeAddress {
+                id: p.id,
+                client_addr: p.addr.to_string(),
+            })
+            .collect();
+        ClientResponse::Topic(TopicDescription {
+            config: state.config,
+            partitions,
+            nodes,
+        })
+    }
+
+    /// Serves one client connection until it closes.
+    pub async fn serve_client(self, connection: quinn::Connection) {
+        let Ok(_permit) = self.inner.client_connections.try_acquire() else {
+            connection.close(quinn::VarInt::from_u32(1), b"too many client connections");
+            return;
+        };
+        let mut shutdown = self.shutdown_signal();
+        loop {
+            let stream = tokio::select! {
+                s = connection.accept_bi() => s,
+                _ = shutdown.changed() => return,
+            };
+            let Ok((send, recv)) = stream else { return };
+            let node = self.clone();
+            tokio::spawn(async move {
+                if let Err(e) = node.serve_stream(send, recv).await {
+                    tracing::debug!(error = %e, "client stream ended");
+                }
+            });
+        }
+    }
+
+    async fn serve_stream(&self, mut send: quinn::SendStream, mut recv: quinn::RecvStream) -> Result<(), ferry_net::NetError> {
+        let max = self.inner.config.limits.max_frame;
+        let Some(frame) = read_frame(&mut recv, max).await? else { return Ok(()) };
+        let request = match decode_frame::<ClientRequest>("client request", &frame, max) {
+            Ok(r) => r,
+            Err(e) => {
+                let response = error(ErrorCode::InvalidRequest, e.to_string());
+                return self.respond(&mut send, &response).await;
+            }
+        };
+        match request {
+            ClientRequest::Publish { topic, partition, batch } => {
+                self.produce_stream(send, recv, topic, partition, batch).await
+            }
+            ClientRequest::Subscribe { topic, partition, from } => {
+                self.subscribe_stream(send, recv, topic, partition, from).await
+            }
+            other => {
+                let response = self.handle_request(other, false).await;
+                self.respond(&mut send, &response).await?;
+                let _ = send.finish();
+                Ok(())
+            }
+        }
+    }
+
+    async fn respond(&self, send: &mut quinn::SendStream, response: &ClientResponse) -> Result<(), ferry_net::NetError> {
+        let frame = encode_frame("client response", response, self.inner.config.limits.max_frame)
+            .or_else(|e| encode_frame("client response", &error(ErrorCode::Internal, e.to_string()), usize::MAX))
+            .map_err(|e| ferry_net::NetError::Protocol(e.to_string()))?;
+        write_frame(send, &frame).await
+    }
+
+    async fn produce_stream(
+        &self,
+        mut send: quinn::SendStream,
+        mut recv: quinn::RecvStream,
+        topic: String,
+        partition: u32,
+        batch: EventBatch,
+    ) -> Result<(), ferry_net::NetError> {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Pending>(4096);
+        let node = self.clone();
+        let writer = async move {
+            while let Some(pending) = rx.recv().await {
+                let response = pending.await;
+                node.respond(&mut send, &response).await?;
+            }
+            let _ = send.finish();
+            Ok::<_, ferry_net::NetError>(())
+        };
+        let max = self.inner.config.limits.max_frame;
+        let node = self.clone();
+        let reader = async move {
+            let mut next = Some((topic, partition, batch));
+            while let Some((topic, partition, batch)) = next.take() {
+                let pending = node.submit_publish(topic, partition, batch).await;
+                if tx.send(pending).await.is_err() {
+                    break;
+                }
+                let Some(frame) = read_frame(&mut recv, max).await? else { break };
+                match decode_frame::<ClientRequest>("client request", &frame, max) {
+                    Ok(ClientRequest::Publish { topic, partition, batch }) => next = Some((topic, partition, batch)),
+                    Ok(_) => {
+                        let _ = tx.send(Box::pin(async { error(ErrorCode::InvalidRequest, "a produce stream carries only Publish") })).await;
+                        break;
+                    }
+                    Err(e) => {
+                        let message = e.to_string();
+                        let _ = tx.send(Box::pin(async move { error(ErrorCode::InvalidRequest, message) })).await;
+                        break;
+                    }
+                }
+            }
+            Ok::<_, ferry_net::NetError>(())
+        };
+        let (r, w) = tokio::join!(reader, writer);
+        r.and(w)
+    }
+
+    async fn subscribe_stream(
+        &self,
+        mut send: quinn::SendStream,
+        _recv: quinn::RecvStream,
+        topic: String,
+        partition: u32,
+        from: StartFrom,
+    ) -> Result<(), ferry_net::NetError> {
+        let group = match self.lookup(&topic, partition) {
+            Ok(g) => g,
+            Err(response) => return self.respond(&mut send, &response).await,
+        };
+        let mut marks = group.view.subscribe();
+        let mut shutdown = self.shutdown_signal();
+        let current = *marks.borrow_and_update();
+        let mut cursor = match from {
+            StartFrom::Earliest => current.low,
+            StartFrom::Latest => current.high,
+            StartFrom::Offset(o) => o.max(current.low),
+        };
+        let max = self.inner.config.limits.max_frame / 2;
+        loop {
+            let high = marks.borrow_and_update().high;
+            if cursor < high {
+                let batches = group.view.read(cursor, max).map_err(|e| ferry_net::NetError::Protocol(e.to_string()))?;
+                if let Some(last) = batches.last() {
+                    cursor = last.end_offset();
+                    let response = ClientResponse::Batches {
+                        batches,
+                        high_watermark: high,
+                    };
+                    self.respond(&mut send, &response).await?;
+                    continue;
+                }
+                // Trimmed under us: skip to what is retained.
+                cursor = cursor.max(group.view.watermarks().low);
+                continue;
+            }
+            tokio::select! {
+                changed = marks.changed() => if changed.is_err() { return Ok(()) },
+                _ = send.stopped() => return Ok(()),
+                _ = shutdown.changed() => return Ok(()),
+            }
+        }
+    }
+}
+
+trait TapLog {
+    fn tap_log(self, e: &dyn std::fmt::Display) -> Self;
+}
+
+impl<T> TapLog for T {
+    fn tap_log(self, e: &dyn std::fmt::Display) -> Self {
+        tracing::warn!(error = %e, "raft fatal error");
+        self
+    }
+}

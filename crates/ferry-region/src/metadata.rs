@@ -1,0 +1,155 @@
+//! The metadata state machine: topics and their replica placement, one Raft group per region.
+//! Tree layout (`sm:meta`): `t`+name → [`TopicState`].
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock};
+
+use bytes::Bytes;
+use ferry_proto::wire::{ApiError, ErrorCode};
+use ferry_proto::{codec, NodeId, TopicConfig};
+use ferry_store::{Application, StoreError};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use crate::command::{decode, encode, MetaCommand, MetaReply};
+
+const TOPIC_PREFIX: u8 = b't';
+
+/// A topic as the region knows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TopicState {
+    /// Its configuration.
+    pub config: TopicConfig,
+    /// Replica nodes per partition; the first one initialises the partition's group.
+    pub replicas: Vec<Vec<NodeId>>,
+}
+
+/// Read access to the applied metadata, shared with the node.
+pub struct MetaView {
+    topics: RwLock<BTreeMap<String, TopicState>>,
+    version: watch::Sender<u64>,
+}
+
+impl MetaView {
+    /// A topic by name.
+    pub fn topic(&self, name: &str) -> Option<TopicState> {
+        self.topics.read().ok()?.get(name).cloned()
+    }
+
+    /// Every topic.
+    pub fn topics(&self) -> Vec<TopicState> {
+        self.topics.read().map(|t| t.values().cloned().collect()).unwrap_or_default()
+    }
+
+    /// Changes whenever a metadata command is applied.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.version.subscribe()
+    }
+}
+
+/// Places `partitions` partitions with `replication` replicas each over `nodes`, spreading
+/// first replicas (and so initial leaders) round-robin.
+pub fn place_replicas(nodes: &[NodeId], partitions: u32, replication: u32) -> Vec<Vec<NodeId>> {
+    let mut nodes = nodes.to_vec();
+    nodes.sort_unstable();
+    let n = nodes.len();
+    (0..partitions as usize)
+        .map(|p| (0..replication as usize).map(|r| nodes[(p + r) % n]).collect())
+        .collect()
+}
+
+/// The metadata [`Application`].
+pub struct MetaApp {
+    view: Arc<MetaView>,
+    topics: BTreeMap<String, TopicState>,
+}
+
+impl Default for MetaApp {
+    fn default() -> Self {
+        Self {
+            view: Arc::new(MetaView {
+                topics: RwLock::new(BTreeMap::new()),
+                version: watch::channel(0).0,
+            }),
+            topics: BTreeMap::new(),
+        }
+    }
+}
+
+impl MetaApp {
+    /// The shared read view.
+    pub fn view(&self) -> Arc<MetaView> {
+        self.view.clone()
+    }
+
+    fn create_topic(&mut self, config: TopicConfig, replicas: Vec<Vec<NodeId>>, writes: &mut sled::Batch) -> MetaReply {
+        if let Err(e) = config.validate() {
+            return MetaReply::Error(ApiError::new(ErrorCode::InvalidRequest, e.to_string()));
+        }
+        if replicas.len() != config.partitions as usize {
+            return MetaReply::Error(ApiError::new(ErrorCode::InvalidRequest, "replica placement does not cover every partition"));
+        }
+        if let Some(existing) = self.topics.get(&config.name) {
+            return if existing.config == config {
+                MetaReply::Created
+            } else {
+                MetaReply::Error(ApiError::new(
+                    ErrorCode::TopicExists,
+                    format!("topic {:?} exists with another configuration", config.name),
+                ))
+            };
+        }
+        let state = TopicState { config, replicas };
+        let mut key = vec![TOPIC_PREFIX];
+        key.extend_from_slice(state.config.name.as_bytes());
+        match codec::encode("topic", &state) {
+            Ok(v) => writes.insert(key, v),
+            Err(e) => return MetaReply::Error(ApiError::new(ErrorCode::Internal, e.to_string())),
+        }
+        self.topics.insert(state.config.name.clone(), state);
+        MetaReply::Created
+    }
+}
+
+impl Application for MetaApp {
+    fn load(&mut self, tree: &sled::Tree) -> Result<(), StoreError> {
+        self.topics.clear();
+        for item in tree.scan_prefix([TOPIC_PREFIX]) {
+            let (_, value) = item.map_err(|e| StoreError::io("metadata scan", e))?;
+            let state: TopicState = codec::decode("topic", &value)?;
+            self.topics.insert(state.config.name.clone(), state);
+        }
+        self.after_apply(tree);
+        Ok(())
+    }
+
+    fn apply(&mut self, _index: u64, command: &[u8], _tree: &sled::Tree, writes: &mut sled::Batch) -> Bytes {
+        let reply = match decode::<MetaCommand>("metadata command", command) {
+            Ok(MetaCommand::CreateTopic { config, replicas }) => self.create_topic(config, replicas, writes),
+            Err(e) => MetaReply::Error(ApiError::new(ErrorCode::InvalidRequest, e.to_string())),
+        };
+        encode("metadata reply", &reply).unwrap_or_default()
+    }
+
+    fn after_apply(&mut self, _tree: &sled::Tree) {
+        if let Ok(mut topics) = self.view.topics.write() {
+            if *topics != self.topics {
+                *topics = self.topics.clone();
+                self.view.version.send_modify(|v| *v += 1);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn placement_spreads_first_replicas() {
+        let placed = place_replicas(&[3, 1, 2], 4, 3);
+        assert_eq!(placed, vec![vec![1, 2, 3], vec![2, 3, 1], vec![3, 1, 2], vec![1, 2, 3]]);
+        let placed = place_replicas(&[1, 2, 3, 4], 2, 1);
+        assert_eq!(placed, vec![vec![1], vec![2]]);
+    }
+}

@@ -1,0 +1,409 @@
+//! The regional node: opens storage, runs the metadata group and one Raft group per hosted
+//! partition, answers peers, and keeps partition groups in step with the metadata.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use ferry_net::{RpcHandler, Transport};
+use ferry_proto::NodeId;
+use ferry_store::{GroupId, NodeStore, SledStateMachine, StoreOptions, TypeConfig};
+use futures::future::BoxFuture;
+use openraft::async_runtime::WatchReceiver;
+use openraft::{BasicNode, Raft, SnapshotPolicy};
+use tokio::sync::watch;
+
+use crate::command::{decode, encode, PartitionCommand};
+use crate::groups::GroupCoordinator;
+use crate::metadata::{MetaApp, MetaView};
+use crate::partition::{PartitionApp, PartitionView};
+use crate::peer::{error_response, GroupNetwork, PeerRequest, PeerResponse, Router};
+use crate::{NodeConfig, RegionError};
+
+/// The metadata group's Raft.
+pub type MetaRaft = Raft<TypeConfig, SledStateMachine<MetaApp>>;
+/// A partition group's Raft.
+pub type PartitionRaft = Raft<TypeConfig, SledStateMachine<PartitionApp>>;
+
+/// Name of the metadata group.
+pub const META_GROUP: &str = "meta";
+
+/// The group id of a partition.
+pub fn partition_group(topic: &str, partition: u32) -> GroupId {
+    format!("{topic}/{partition}")
+}
+
+/// A hosted partition.
+#[derive(Clone)]
+pub struct PartitionGroup {
+    /// Its Raft.
+    pub raft: PartitionRaft,
+    /// Its applied state.
+    pub view: Arc<PartitionView>,
+}
+
+pub(crate) struct Inner<T> {
+    pub(crate) id: NodeId,
+    pub(crate) config: NodeConfig,
+    pub(crate) store: NodeStore,
+    pub(crate) router: Router<T>,
+    raft_config: Arc<openraft::Config>,
+    pub(crate) meta: MetaRaft,
+    pub(crate) meta_view: Arc<MetaView>,
+    pub(crate) partitions: RwLock<HashMap<GroupId, PartitionGroup>>,
+    pub(crate) coordinator: Mutex<GroupCoordinator>,
+    shutdown: watch::Sender<bool>,
+    pub(crate) client_connections: tokio::sync::Semaphore,
+}
+
+/// A running regional node. Cloning shares it.
+pub struct Node<T> {
+    pub(crate) inner: Arc<Inner<T>>,
+}
+
+impl<T> Clone for Node<T> {
+    fn clone(&self) -> Self {
+        Self { inner: self.inner.clone() }
+    }
+}
+
+fn raft_err(group: &str, e: impl std::fmt::Display) -> RegionError {
+    RegionError::Raft {
+        group: group.to_string(),
+        reason: e.to_string(),
+    }
+}
+
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+impl<T: Transport> Node<T> {
+    /// Opens the data folder and starts the node's groups. The node with the lowest id in
+    /// `peers` forms the metadata group on first start; a restart recovers from disk.
+    pub async fn start(config: NodeConfig, transport: T) -> Result<Self, RegionError> {
+        config.validate()?;
+        let store = NodeStore::open(
+            &config.data_dir,
+            config.id,
+            StoreOptions {
+                cache_bytes: config.cache_bytes,
+            },
+        )?;
+        let r = config.raft;
+        let raft_config = openraft::Config {
+            cluster_name: "ferry".into(),
+            heartbeat_interval: r.heartbeat_ms,
+            election_timeout_min: r.election_min_ms,
+            election_timeout_max: r.election_max_ms,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(r.snapshot_after_entries),
+            max_in_snapshot_log_to_keep: r.keep_after_snapshot,
+            ..Default::default()
+        };
+        let raft_config = Arc::new(raft_config.validate().map_err(|e| RegionError::Config {
+            key: "raft",
+            reason: e.to_string(),
+        })?);
+        let router = Router::new(transport);
+        let meta_group = META_GROUP.to_string();
+        let app = MetaApp::default();
+        let meta_view = app.view();
+        let sm = store.state_machine(&meta_group, app)?;
+        let log = store.log_store(&meta_group)?;
+        let network = GroupNetwork {
+            router: router.clone(),
+            group: meta_group.clone(),
+        };
+        let meta = Raft::new(config.id, raft_config.clone(), network, log, sm)
+            .await
+            .map_err(|e| raft_err(META_GROUP, e))?;
+        let session = Duration::from_millis(config.group_session_timeout_ms);
+        let max_conns = config.max_client_connections;
+        let node = Self {
+            inner: Arc::new(Inner {
+                id: config.id,
+                config,
+                store,
+                router,
+                raft_config,
+                meta,
+                meta_view,
+                partitions: RwLock::new(HashMap::new()),
+                coordinator: Mutex::new(GroupCoordinator::new(session)),
+                shutdown: watch::channel(false).0,
+                client_connections: tokio::sync::Semaphore::new(max_conns),
+            }),
+        };
+        node.bootstrap_meta().await?;
+        node.reconcile().await?;
+        node.spawn_reconciler();
+        node.spawn_retention();
+        Ok(node)
+    }
+
+    fn members(ids: &[NodeId], config: &NodeConfig) -> BTreeMap<NodeId, BasicNode> {
+        ids.iter()
+            .map(|id| {
+                let addr = config.peers.iter().find(|p| p.id == *id).map(|p| p.addr.to_string()).unwrap_or_default();
+                (*id, BasicNode { addr })
+            })
+            .collect()
+    }
+
+    async fn bootstrap_meta(&self) -> Result<(), RegionError> {
+        let inner = &self.inner;
+        let lowest = inner.config.peers.iter().map(|p| p.id).min();
+        if lowest == Some(inner.id) && !inner.meta.is_initialized().await.map_err(|e| raft_err(META_GROUP, e))? {
+            let ids: Vec<_> = inner.config.peers.iter().map(|p| p.id).collect();
+            if let Err(e) = inner.meta.initialize(Self::members(&ids, &inner.config)).await {
+                tracing::info!(error = %e, "metadata group already formed");
+            } else {
+                tracing::info!(voters = ?ids, "formed the metadata group");
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts the groups of partitions this node hosts that are not running yet.
+    async fn reconcile(&self) -> Result<(), RegionError> {
+        let inner = &self.inner;
+        for topic in inner.meta_view.topics() {
+            for (partition, replicas) in topic.replicas.iter().enumerate() {
+                if !replicas.contains(&inner.id) {
+                    continue;
+                }
+                let group = partition_group(&topic.config.name, partition as u32);
+                if inner.partitions.read().map(|p| p.contains_key(&group)).unwrap_or(true) {
+                    continue;
+                }
+                let app = PartitionApp::new(inner.store.state_tree(&group)?, inner.config.limits);
+                let view = app.view();
+                let sm = inner.store.state_machine(&group, app)?;
+                let log = inner.store.log_store(&group)?;
+                let network = GroupNetwork {
+                    router: inner.router.clone(),
+                    group: group.clone(),
+                };
+                let raft = Raft::new(inner.id, inner.raft_config.clone(), network, log, sm)
+                    .await
+                    .map_err(|e| raft_err(&group, e))?;
+                if replicas.first() == Some(&inner.id) && !raft.is_initialized().await.map_err(|e| raft_err(&group, e))? {
+                    if let Err(e) = raft.initialize(Self::members(replicas, &inner.config)).await {
+                        tracing::debug!(%group, error = %e, "partition group already formed");
+                    }
+                }
+                tracing::info!(%group, ?replicas, "started partition group");
+                if let Ok(mut partitions) = inner.partitions.write() {
+                    partitions.insert(group, PartitionGroup { raft, view });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn spawn_reconciler(&self) {
+        let weak = Arc::downgrade(&self.inner);
+        let mut changes = self.inner.meta_view.subscribe();
+        let mut shutdown = self.inner.shutdown.subscribe();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    changed = changes.changed() => if changed.is_err() { return },
+                    _ = shutdown.changed() => return,
+                }
+                let Some(inner) = weak.upgrade() else { return };
+                if let Err(e) = (Node { inner }).reconcile().await {
+                    tracing::error!(error = %e, "starting partition groups failed");
+                }
+            }
+        });
+    }
+
+    fn spawn_retention(&self) {
+        let weak = Arc::downgrade(&self.inner);
+        let mut shutdown = self.inner.shutdown.subscribe();
+        let every = Duration::from_millis(self.inner.config.retention_interval_ms);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = shutdown.changed() => return,
+                }
+                let Some(inner) = weak.upgrade() else { return };
+                (Node { inner }).enforce_retention().await;
+            }
+        });
+    }
+
+    /// Proposes trims for the partitions this node leads whose retention is exceeded.
+    async fn enforce_retention(&self) {
+        let inner = &self.inner;
+        for topic in inner.meta_view.topics() {
+            let retention = topic.config.retention;
+            if retention.max_age_ms.is_none() && retention.max_bytes.is_none() {
+                continue;
+            }
+            for partition in 0..topic.config.partitions {
+                let Some(group) = self.partition(&topic.config.name, partition) else { continue };
+                if group.raft.metrics().borrow_watched().current_leader != Some(inner.id) {
+                    continue;
+                }
+                if let Some(before_offset) = group.view.retention_point(now_ms(), retention.max_age_ms, retention.max_bytes) {
+                    let Ok(command) = encode("partition command", &PartitionCommand::Trim { before_offset }) else { continue };
+                    if let Err(e) = group.raft.client_write(ferry_store::Command(command)).await {
+                        tracing::debug!(topic = %topic.config.name, partition, error = %e, "retention trim not applied");
+                    }
+                }
+            }
+        }
+    }
+
+    /// This node's id.
+    pub fn id(&self) -> NodeId {
+        self.inner.id
+    }
+
+    /// The metadata group's Raft.
+    pub fn meta_raft(&self) -> &MetaRaft {
+        &self.inner.meta
+    }
+
+    /// A hosted partition.
+    pub fn partition(&self, topic: &str, partition: u32) -> Option<PartitionGroup> {
+        self.inner.partitions.read().ok()?.get(&partition_group(topic, partition)).cloned()
+    }
+
+    /// Every hosted partition group.
+    pub fn partitions(&self) -> Vec<(GroupId, PartitionGroup)> {
+        self.inner
+            .partitions
+            .read()
+            .map(|p| p.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+            .unwrap_or_default()
+    }
+
+    /// The handler that answers this node's peers.
+    pub fn peer_handler(&self) -> Arc<dyn RpcHandler> {
+        Arc::new(PeerHandler {
+            inner: Arc::downgrade(&self.inner),
+        })
+    }
+
+    /// Storage flush counters: (fsyncs, writes that waited for one).
+    pub fn flush_stats(&self) -> (u64, u64) {
+        let s = self.inner.store.flusher().stats();
+        (
+            s.flushes.load(std::sync::atomic::Ordering::Relaxed),
+            s.waiters.load(std::sync::atomic::Ordering::Relaxed),
+        )
+    }
+
+    /// Stops every group and background task. Storage is released when the last clone of
+    /// this node (and of its views) is dropped.
+    pub async fn shutdown(&self) {
+        self.inner.shutdown.send_replace(true);
+        let groups: Vec<_> = self.inner.partitions.write().map(|mut p| p.drain().collect()).unwrap_or_default();
+        for (group, g) in groups {
+            if let Err(e) = g.raft.shutdown().await {
+                tracing::warn!(%group, error = %e, "shutdown");
+            }
+        }
+        if let Err(e) = self.inner.meta.shutdown().await {
+            tracing::warn!(error = %e, "metadata group shutdown");
+        }
+    }
+
+    pub(crate) fn is_shut_down(&self) -> bool {
+        *self.inner.shutdown.borrow()
+    }
+
+    pub(crate) fn shutdown_signal(&self) -> watch::Receiver<bool> {
+        self.inner.shutdown.subscribe()
+    }
+
+    /// Waits until the metadata group has a leader, or the deadline passes.
+    pub async fn wait_for_meta_leader(&self, deadline: Instant) -> Option<NodeId> {
+        let mut metrics = self.inner.meta.metrics();
+        loop {
+            if let Some(l) = metrics.borrow_watched().current_leader {
+                return Some(l);
+            }
+            let left = deadline.checked_duration_since(Instant::now())?;
+            if tokio::time::timeout(left, metrics.changed()).await.is_err() {
+                return None;
+            }
+        }
+    }
+}
+
+struct PeerHandler<T> {
+    inner: std::sync::Weak<Inner<T>>,
+}
+
+impl<T: Transport> RpcHandler for PeerHandler<T> {
+    fn handle(&self, _from: NodeId, request: Bytes) -> BoxFuture<'static, Bytes> {
+        let inner = self.inner.upgrade();
+        Box::pin(async move {
+            let Some(inner) = inner else {
+                return error_response("node is shutting down");
+            };
+            let node = Node { inner };
+            if node.is_shut_down() {
+                return error_response("node is shutting down");
+            }
+            let request: PeerRequest = match decode("peer request", &request) {
+                Ok(r) => r,
+                Err(e) => return error_response(e.to_string()),
+            };
+            let response = node.handle_peer(request).await;
+            encode("peer response", &response).unwrap_or_else(|e| error_response(e.to_string()))
+        })
+    }
+}
+
+macro_rules! dispatch_group {
+    ($node:expr, $group:expr, |$raft:ident| $body:expr) => {{
+        if $group == META_GROUP {
+            let $raft = &$node.inner.meta;
+            $body
+        } else {
+            let found = $node.inner.partitions.read().ok().and_then(|p| p.get(&$group).map(|g| g.raft.clone()));
+            match found {
+                Some(raft) => {
+                    let $raft = &raft;
+                    $body
+                }
+                None => PeerResponse::Error(format!("node {} does not host group {}", $node.inner.id, $group)),
+            }
+        }
+    }};
+}
+
+impl<T: Transport> Node<T> {
+    async fn handle_peer(&self, request: PeerRequest) -> PeerResponse {
+        match request {
+            PeerRequest::AppendEntries { group, rpc } => dispatch_group!(self, group, |raft| match raft.append_entries(rpc).await {
+                Ok(r) => PeerResponse::AppendEntries(r),
+                Err(e) => PeerResponse::Error(e.to_string()),
+            }),
+            PeerRequest::Vote { group, rpc } => dispatch_group!(self, group, |raft| match raft.vote(rpc).await {
+                Ok(r) => PeerResponse::Vote(r),
+                Err(e) => PeerResponse::Error(e.to_string()),
+            }),
+            PeerRequest::PreVote { group, rpc } => dispatch_group!(self, group, |raft| match raft.pre_vote(rpc).await {
+                Ok(r) => PeerResponse::Vote(r),
+                Err(e) => PeerResponse::Error(e.to_string()),
+            }),
+            PeerRequest::Snapshot { group, vote, meta, data } => dispatch_group!(self, group, |raft| {
+                let snapshot = openraft::type_config::alias::SnapshotOf::<TypeConfig, Bytes> { meta, snapshot: data };
+                match raft.install_full_snapshot(vote, snapshot).await {
+                    Ok(r) => PeerResponse::Snapshot(r),
+                    Err(e) => PeerResponse::Error(e.to_string()),
+                }
+            }),
+            PeerRequest::Client(request) => PeerResponse::Client(self.handle_request(request, true).await),
+        }
+    }
+}

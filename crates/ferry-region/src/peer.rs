@@ -1,0 +1,196 @@
+//! Node ↔ node messages and the Raft network over any [`Transport`]: every group's RPCs to a
+//! peer share that peer's one connection, each message tagged with its group id
+//! (openraft-multi's [`GroupRouter`]).
+
+use std::future::Future;
+
+use bytes::Bytes;
+use ferry_net::{NetError, Transport};
+use ferry_proto::wire::{ClientRequest, ClientResponse};
+use ferry_proto::NodeId;
+use ferry_store::{GroupId, SnapshotData, TypeConfig};
+use openraft::error::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
+use openraft::network::{RPCOption, RaftNetworkFactory};
+use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse};
+use openraft::type_config::alias::{SnapshotMetaOf, SnapshotOf, VoteOf};
+use openraft::BasicNode;
+use openraft_multi::{GroupNetworkAdapter, GroupRouter};
+use serde::{Deserialize, Serialize};
+
+use crate::command::{decode, encode};
+
+/// A request from one node to another.
+#[derive(Serialize, Deserialize)]
+pub(crate) enum PeerRequest {
+    AppendEntries {
+        group: GroupId,
+        rpc: AppendEntriesRequest<TypeConfig>,
+    },
+    Vote {
+        group: GroupId,
+        rpc: VoteRequest<TypeConfig>,
+    },
+    PreVote {
+        group: GroupId,
+        rpc: VoteRequest<TypeConfig>,
+    },
+    Snapshot {
+        group: GroupId,
+        vote: VoteOf<TypeConfig>,
+        meta: SnapshotMetaOf<TypeConfig>,
+        data: SnapshotData,
+    },
+    /// A client request forwarded to the leader that can serve it (never forwarded again).
+    Client(ClientRequest),
+}
+
+/// The answer to a [`PeerRequest`].
+#[derive(Serialize, Deserialize)]
+pub(crate) enum PeerResponse {
+    AppendEntries(AppendEntriesResponse<TypeConfig>),
+    Vote(VoteResponse<TypeConfig>),
+    Snapshot(SnapshotResponse<TypeConfig>),
+    Client(ClientResponse),
+    /// The peer could not serve the request (unknown group, shutting down, bad frame).
+    Error(String),
+}
+
+/// Sends peer requests over a transport.
+#[derive(Clone)]
+pub struct Router<T> {
+    transport: T,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct PeerFailure(String);
+
+impl<T: Transport> Router<T> {
+    /// A router over `transport`.
+    pub fn new(transport: T) -> Self {
+        Self { transport }
+    }
+
+    async fn call(&self, to: NodeId, request: &PeerRequest) -> Result<PeerResponse, NetError> {
+        let bytes = encode("peer request", request).map_err(|e| NetError::Protocol(e.to_string()))?;
+        let reply = self.transport.call(to, bytes).await?;
+        decode("peer response", &reply).map_err(|e| NetError::Protocol(e.to_string()))
+    }
+
+    /// Forwards a client request to `leader`.
+    pub(crate) async fn forward(&self, leader: NodeId, request: ClientRequest) -> Result<ClientResponse, NetError> {
+        match self.call(leader, &PeerRequest::Client(request)).await? {
+            PeerResponse::Client(response) => Ok(response),
+            PeerResponse::Error(e) => Err(NetError::Remote(e)),
+            _ => Err(NetError::Protocol("unexpected answer to a forwarded request".into())),
+        }
+    }
+
+    async fn raft_call(&self, to: NodeId, request: PeerRequest, ttl: std::time::Duration) -> Result<PeerResponse, RPCError<TypeConfig>> {
+        match tokio::time::timeout(ttl, self.call(to, &request)).await {
+            Err(_) => Err(RPCError::Unreachable(Unreachable::from_string(format!("peer {to}: no answer in {ttl:?}")))),
+            Ok(Err(e @ (NetError::Connect { .. } | NetError::LinkCut { .. } | NetError::UnknownPeer(_)))) => {
+                Err(RPCError::Unreachable(Unreachable::new(&e)))
+            }
+            Ok(Err(e)) => Err(RPCError::Network(NetworkError::new(&e))),
+            Ok(Ok(PeerResponse::Error(e))) => Err(RPCError::Network(NetworkError::new(&PeerFailure(e)))),
+            Ok(Ok(response)) => Ok(response),
+        }
+    }
+}
+
+fn unexpected() -> RPCError<TypeConfig> {
+    RPCError::Network(NetworkError::new(&PeerFailure("unexpected peer response".into())))
+}
+
+impl<T: Transport> GroupRouter<TypeConfig, GroupId> for Router<T> {
+    type SnapshotData = SnapshotData;
+
+    async fn append_entries(
+        &self,
+        target: NodeId,
+        group: GroupId,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
+        match self.raft_call(target, PeerRequest::AppendEntries { group, rpc }, option.hard_ttl()).await? {
+            PeerResponse::AppendEntries(r) => Ok(r),
+            _ => Err(unexpected()),
+        }
+    }
+
+    async fn vote(
+        &self,
+        target: NodeId,
+        group: GroupId,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        match self.raft_call(target, PeerRequest::Vote { group, rpc }, option.hard_ttl()).await? {
+            PeerResponse::Vote(r) => Ok(r),
+            _ => Err(unexpected()),
+        }
+    }
+
+    async fn pre_vote(
+        &self,
+        target: NodeId,
+        group: GroupId,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        match self.raft_call(target, PeerRequest::PreVote { group, rpc }, option.hard_ttl()).await? {
+            PeerResponse::Vote(r) => Ok(r),
+            _ => Err(unexpected()),
+        }
+    }
+
+    async fn full_snapshot(
+        &self,
+        target: NodeId,
+        group: GroupId,
+        vote: VoteOf<TypeConfig>,
+        snapshot: SnapshotOf<TypeConfig, SnapshotData>,
+        cancel: impl Future<Output = ReplicationClosed> + Send + 'static,
+        option: RPCOption,
+    ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
+        let request = PeerRequest::Snapshot {
+            group,
+            vote,
+            meta: snapshot.meta,
+            data: snapshot.snapshot,
+        };
+        // Snapshots can be large: allow several times the normal deadline.
+        let ttl = option.hard_ttl() * 10;
+        tokio::select! {
+            closed = cancel => Err(StreamingError::Closed(closed)),
+            result = self.raft_call(target, request, ttl) => match result {
+                Ok(PeerResponse::Snapshot(r)) => Ok(r),
+                Ok(_) => Err(StreamingError::Network(NetworkError::new(&PeerFailure("unexpected peer response".into())))),
+                Err(RPCError::Unreachable(u)) => Err(StreamingError::Unreachable(u)),
+                Err(RPCError::Timeout(t)) => Err(StreamingError::Timeout(t)),
+                Err(RPCError::Network(n)) => Err(StreamingError::Network(n)),
+                Err(RPCError::RemoteError(r)) => Err(StreamingError::Network(NetworkError::new(&r))),
+            }
+        }
+    }
+}
+
+/// Builds one group's Raft network: an adapter binding (target, group) to the shared router.
+#[derive(Clone)]
+pub(crate) struct GroupNetwork<T> {
+    pub(crate) router: Router<T>,
+    pub(crate) group: GroupId,
+}
+
+impl<T: Transport> RaftNetworkFactory<TypeConfig> for GroupNetwork<T> {
+    type Network = GroupNetworkAdapter<TypeConfig, GroupId, Router<T>>;
+
+    async fn new_client(&mut self, target: NodeId, _node: &BasicNode) -> Self::Network {
+        GroupNetworkAdapter::new(self.router.clone(), target, self.group.clone())
+    }
+}
+
+pub(crate) fn error_response(message: impl Into<String>) -> Bytes {
+    encode("peer response", &PeerResponse::Error(message.into())).unwrap_or_default()
+}
