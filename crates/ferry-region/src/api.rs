@@ -13,12 +13,13 @@ use ferry_net::framing::{read_frame, write_frame};
 use ferry_net::Transport;
 use ferry_proto::codec::{decode_frame, encode_frame};
 use ferry_proto::wire::{
-    ApiError, ClientRequest, ClientResponse, ErrorCode, NodeAddress, PartitionInfo, StartFrom, TopicDescription,
+    ApiError, ClientRequest, ClientResponse, ErrorCode, NodeAddress, PartitionInfo, StartFrom,
+    TopicDescription,
 };
 use ferry_proto::{EventBatch, NodeId, TopicConfig};
 use ferry_store::{Command, TypeConfig};
-use openraft::error::{ClientWriteError, RaftError};
 use openraft::async_runtime::WatchReceiver;
+use openraft::error::{ClientWriteError, RaftError};
 use openraft::impls::ProgressResponder;
 use openraft::raft::ClientWriteResponse;
 
@@ -47,7 +48,9 @@ fn write_failure(e: &ClientWriteError<TypeConfig>, what: &str) -> ClientResponse
         ClientWriteError::ForwardToLeader(f) => not_leader(f.leader_id, what),
         ClientWriteError::LogEntryDiscarded(f) => ClientResponse::Error(ApiError {
             code: ErrorCode::NotLeader,
-            message: format!("{what}: leader changed before the write committed; retry (duplicates are removed)"),
+            message: format!(
+                "{what}: leader changed before the write committed; retry (duplicates are removed)"
+            ),
             leader_hint: f.leader_id,
         }),
         other => error(ErrorCode::Unavailable, format!("{what}: {other}")),
@@ -77,12 +80,18 @@ fn partition_reply(result: WriteResult, what: &str) -> ClientResponse {
 impl<T: Transport> Node<T> {
     fn lookup(&self, topic: &str, partition: u32) -> Result<PartitionGroup, ClientResponse> {
         let Some(state) = self.inner.meta_view.topic(topic) else {
-            return Err(error(ErrorCode::UnknownTopic, format!("no topic named {topic:?}")));
+            return Err(error(
+                ErrorCode::UnknownTopic,
+                format!("no topic named {topic:?}"),
+            ));
         };
         if partition >= state.config.partitions {
             return Err(error(
                 ErrorCode::UnknownPartition,
-                format!("topic {topic:?} has {} partitions; {partition} is out of range", state.config.partitions),
+                format!(
+                    "topic {topic:?} has {} partitions; {partition} is out of range",
+                    state.config.partitions
+                ),
             ));
         }
         self.partition(topic, partition).ok_or_else(|| {
@@ -95,7 +104,12 @@ impl<T: Transport> Node<T> {
 
     /// Validates a publish and submits it to the partition's Raft in call order; the returned
     /// future resolves when a majority has it on disk (or it failed).
-    pub(crate) async fn submit_publish(&self, topic: String, partition: u32, batch: EventBatch) -> Pending {
+    pub(crate) async fn submit_publish(
+        &self,
+        topic: String,
+        partition: u32,
+        batch: EventBatch,
+    ) -> Pending {
         let group = match self.lookup(&topic, partition) {
             Ok(g) => g,
             Err(response) => return Box::pin(async move { response }),
@@ -123,13 +137,20 @@ impl<T: Transport> Node<T> {
         };
         let (responder, rx) = ProgressResponder::complete_only();
         let what = format!("{topic}/{partition}");
-        if let Err(e) = group.raft.client_write_ff(Command(command), Some(responder)).await {
+        if let Err(e) = group
+            .raft
+            .client_write_ff(Command(command), Some(responder))
+            .await
+        {
             return Box::pin(async move { error(ErrorCode::Unavailable, format!("{what}: {e}")) });
         }
         Box::pin(async move {
             match rx.await {
                 Ok(result) => partition_reply(result, &what),
-                Err(_) => error(ErrorCode::Unavailable, format!("{what}: the partition group stopped")),
+                Err(_) => error(
+                    ErrorCode::Unavailable,
+                    format!("{what}: the partition group stopped"),
+                ),
             }
         })
     }
@@ -138,11 +159,20 @@ impl<T: Transport> Node<T> {
     pub async fn handle_request(&self, request: ClientRequest, forwarded: bool) -> ClientResponse {
         match request {
             ClientRequest::CreateTopic(config) => self.create_topic(config, forwarded).await,
-            ClientRequest::ListTopics => {
-                ClientResponse::Topics(self.inner.meta_view.topics().into_iter().map(|t| t.config).collect())
-            }
+            ClientRequest::ListTopics => ClientResponse::Topics(
+                self.inner
+                    .meta_view
+                    .topics()
+                    .into_iter()
+                    .map(|t| t.config)
+                    .collect(),
+            ),
             ClientRequest::DescribeTopic { topic } => self.describe(&topic),
-            ClientRequest::Publish { topic, partition, batch } => self.submit_publish(topic, partition, batch).await.await,
+            ClientRequest::Publish {
+                topic,
+                partition,
+                batch,
+            } => self.submit_publish(topic, partition, batch).await.await,
             ClientRequest::Fetch {
                 topic,
                 partition,
@@ -153,6 +183,27 @@ impl<T: Transport> Node<T> {
                     Ok(g) => g,
                     Err(r) => return r,
                 };
+                // Fetch reads everything committed: the leader confirms its leadership and
+                // waits until its state machine has applied up to the commit point.
+                if let Err(e) = group
+                    .raft
+                    .ensure_linearizable(openraft::ReadPolicy::ReadIndex)
+                    .await
+                {
+                    let response = match e.forward_to_leader() {
+                        Some(f) => not_leader(f.leader_id, &format!("{topic}/{partition}")),
+                        None => error(ErrorCode::Unavailable, format!("{topic}/{partition}: {e}")),
+                    };
+                    let request = ClientRequest::Fetch {
+                        topic,
+                        partition,
+                        offset,
+                        max_bytes,
+                    };
+                    return self
+                        .forward_if_not_leader(response, request, forwarded)
+                        .await;
+                }
                 let max = (max_bytes as usize).min(self.inner.config.limits.max_frame / 2);
                 match group.view.read(offset, max) {
                     Ok(batches) => ClientResponse::Batches {
@@ -162,8 +213,14 @@ impl<T: Transport> Node<T> {
                     Err(e) => error(ErrorCode::Internal, e.to_string()),
                 }
             }
-            ClientRequest::Subscribe { .. } => error(ErrorCode::InvalidRequest, "subscribe needs its own stream"),
-            ClientRequest::JoinGroup { group, topic, member } => {
+            ClientRequest::Subscribe { .. } => {
+                error(ErrorCode::InvalidRequest, "subscribe needs its own stream")
+            }
+            ClientRequest::JoinGroup {
+                group,
+                topic,
+                member,
+            } => {
                 let request = ClientRequest::JoinGroup {
                     group: group.clone(),
                     topic: topic.clone(),
@@ -176,13 +233,25 @@ impl<T: Transport> Node<T> {
                     let Ok(mut c) = node.inner.coordinator.lock() else {
                         return error(ErrorCode::Internal, "group coordinator poisoned");
                     };
-                    let (generation, partitions) =
-                        c.join(Instant::now(), &group, &topic, &member, state.config.partitions);
-                    ClientResponse::Assignment { generation, partitions }
+                    let (generation, partitions) = c.join(
+                        Instant::now(),
+                        &group,
+                        &topic,
+                        &member,
+                        state.config.partitions,
+                    );
+                    ClientResponse::Assignment {
+                        generation,
+                        partitions,
+                    }
                 })
                 .await
             }
-            ClientRequest::LeaveGroup { group, topic, member } => {
+            ClientRequest::LeaveGroup {
+                group,
+                topic,
+                member,
+            } => {
                 let request = ClientRequest::LeaveGroup {
                     group: group.clone(),
                     topic: topic.clone(),
@@ -212,29 +281,51 @@ impl<T: Transport> Node<T> {
                     Ok(g) => g,
                     Err(r) => return r,
                 };
-                let Ok(command) = encode("partition command", &PartitionCommand::Commit { group, offset }) else {
+                let Ok(command) = encode(
+                    "partition command",
+                    &PartitionCommand::Commit { group, offset },
+                ) else {
                     return error(ErrorCode::Internal, "encoding a commit");
                 };
                 let what = format!("{topic}/{partition}");
                 let response = partition_reply(
-                    g.raft.client_write(Command(command)).await.map_err(|e| match e {
-                        RaftError::APIError(e) => e,
-                        RaftError::Fatal(f) => ClientWriteError::ForwardToLeader(openraft::error::ForwardToLeader::empty()).tap_log(&f),
-                    }),
+                    g.raft
+                        .client_write(Command(command))
+                        .await
+                        .map_err(|e| match e {
+                            RaftError::APIError(e) => e,
+                            RaftError::Fatal(f) => ClientWriteError::ForwardToLeader(
+                                openraft::error::ForwardToLeader::empty(),
+                            )
+                            .tap_log(&f),
+                        }),
                     &what,
                 );
-                self.forward_if_not_leader(response, request, forwarded).await
+                self.forward_if_not_leader(response, request, forwarded)
+                    .await
             }
-            ClientRequest::CommittedOffset { group, topic, partition } => {
+            ClientRequest::CommittedOffset {
+                group,
+                topic,
+                partition,
+            } => {
                 let g = match self.lookup(&topic, partition) {
                     Ok(g) => g,
                     Err(r) => return r,
                 };
                 let leader = g.raft.metrics().borrow_watched().current_leader;
                 if leader != Some(self.inner.id) {
-                    let request = ClientRequest::CommittedOffset { group, topic, partition };
+                    let request = ClientRequest::CommittedOffset {
+                        group,
+                        topic,
+                        partition,
+                    };
                     return self
-                        .forward_if_not_leader(not_leader(leader, "the partition"), request, forwarded)
+                        .forward_if_not_leader(
+                            not_leader(leader, "the partition"),
+                            request,
+                            forwarded,
+                        )
                         .await;
                 }
                 match g.view.committed(&group) {
@@ -245,16 +336,26 @@ impl<T: Transport> Node<T> {
         }
     }
 
-    async fn forward_if_not_leader(&self, response: ClientResponse, request: ClientRequest, forwarded: bool) -> ClientResponse {
+    async fn forward_if_not_leader(
+        &self,
+        response: ClientResponse,
+        request: ClientRequest,
+        forwarded: bool,
+    ) -> ClientResponse {
         match response {
             ClientResponse::Error(ApiError {
                 code: ErrorCode::NotLeader,
                 leader_hint: Some(leader),
                 ..
-            }) if !forwarded && leader != self.inner.id => match self.inner.router.forward(leader, request).await {
-                Ok(r) => r,
-                Err(e) => error(ErrorCode::Unavailable, format!("forwarding to leader {leader}: {e}")),
-            },
+            }) if !forwarded && leader != self.inner.id => {
+                match self.inner.router.forward(leader, request).await {
+                    Ok(r) => r,
+                    Err(e) => error(
+                        ErrorCode::Unavailable,
+                        format!("forwarding to leader {leader}: {e}"),
+                    ),
+                }
+            }
             other => other,
         }
     }
@@ -269,7 +370,8 @@ impl<T: Transport> Node<T> {
         if leader == Some(self.inner.id) {
             return local(self);
         }
-        self.forward_if_not_leader(not_leader(leader, "the metadata group"), request, forwarded).await
+        self.forward_if_not_leader(not_leader(leader, "the metadata group"), request, forwarded)
+            .await
     }
 
     async fn create_topic(&self, config: TopicConfig, forwarded: bool) -> ClientResponse {
@@ -280,7 +382,11 @@ impl<T: Transport> Node<T> {
         if config.replication as usize > nodes.len() {
             return error(
                 ErrorCode::InvalidRequest,
-                format!("replication {} exceeds the region's {} nodes", config.replication, nodes.len()),
+                format!(
+                    "replication {} exceeds the region's {} nodes",
+                    config.replication,
+                    nodes.len()
+                ),
             );
         }
         let replicas = place_replicas(&nodes, config.partitions, config.replication);
@@ -300,7 +406,8 @@ impl<T: Transport> Node<T> {
             Err(RaftError::APIError(e)) => write_failure(&e, "the metadata group"),
             Err(RaftError::Fatal(f)) => error(ErrorCode::Unavailable, f.to_string()),
         };
-        self.forward_if_not_leader(response, ClientRequest::CreateTopic(config), forwarded).await
+        self.forward_if_not_leader(response, ClientRequest::CreateTopic(config), forwarded)
+            .await
     }
 
     fn describe(&self, topic: &str) -> ClientResponse {
@@ -370,9 +477,15 @@ impl<T: Transport> Node<T> {
         }
     }
 
-    async fn serve_stream(&self, mut send: quinn::SendStream, mut recv: quinn::RecvStream) -> Result<(), ferry_net::NetError> {
+    async fn serve_stream(
+        &self,
+        mut send: quinn::SendStream,
+        mut recv: quinn::RecvStream,
+    ) -> Result<(), ferry_net::NetError> {
         let max = self.inner.config.limits.max_frame;
-        let Some(frame) = read_frame(&mut recv, max).await? else { return Ok(()) };
+        let Some(frame) = read_frame(&mut recv, max).await? else {
+            return Ok(());
+        };
         let request = match decode_frame::<ClientRequest>("client request", &frame, max) {
             Ok(r) => r,
             Err(e) => {
@@ -381,11 +494,21 @@ impl<T: Transport> Node<T> {
             }
         };
         match request {
-            ClientRequest::Publish { topic, partition, batch } => {
-                self.produce_stream(send, recv, topic, partition, batch).await
+            ClientRequest::Publish {
+                topic,
+                partition,
+                batch,
+            } => {
+                self.produce_stream(send, recv, topic, partition, batch)
+                    .await
             }
-            ClientRequest::Subscribe { topic, partition, from } => {
-                self.subscribe_stream(send, recv, topic, partition, from).await
+            ClientRequest::Subscribe {
+                topic,
+                partition,
+                from,
+            } => {
+                self.subscribe_stream(send, recv, topic, partition, from)
+                    .await
             }
             other => {
                 let response = self.handle_request(other, false).await;
@@ -396,10 +519,24 @@ impl<T: Transport> Node<T> {
         }
     }
 
-    async fn respond(&self, send: &mut quinn::SendStream, response: &ClientResponse) -> Result<(), ferry_net::NetError> {
-        let frame = encode_frame("client response", response, self.inner.config.limits.max_frame)
-            .or_else(|e| encode_frame("client response", &error(ErrorCode::Internal, e.to_string()), usize::MAX))
-            .map_err(|e| ferry_net::NetError::Protocol(e.to_string()))?;
+    async fn respond(
+        &self,
+        send: &mut quinn::SendStream,
+        response: &ClientResponse,
+    ) -> Result<(), ferry_net::NetError> {
+        let frame = encode_frame(
+            "client response",
+            response,
+            self.inner.config.limits.max_frame,
+        )
+        .or_else(|e| {
+            encode_frame(
+                "client response",
+                &error(ErrorCode::Internal, e.to_string()),
+                usize::MAX,
+            )
+        })
+        .map_err(|e| ferry_net::NetError::Protocol(e.to_string()))?;
         write_frame(send, &frame).await
     }
 
@@ -430,16 +567,33 @@ impl<T: Transport> Node<T> {
                 if tx.send(pending).await.is_err() {
                     break;
                 }
-                let Some(frame) = read_frame(&mut recv, max).await? else { break };
+                let Some(frame) = read_frame(&mut recv, max).await? else {
+                    break;
+                };
                 match decode_frame::<ClientRequest>("client request", &frame, max) {
-                    Ok(ClientRequest::Publish { topic, partition, batch }) => next = Some((topic, partition, batch)),
+                    Ok(ClientRequest::Publish {
+                        topic,
+                        partition,
+                        batch,
+                    }) => next = Some((topic, partition, batch)),
                     Ok(_) => {
-                        let _ = tx.send(Box::pin(async { error(ErrorCode::InvalidRequest, "a produce stream carries only Publish") })).await;
+                        let _ = tx
+                            .send(Box::pin(async {
+                                error(
+                                    ErrorCode::InvalidRequest,
+                                    "a produce stream carries only Publish",
+                                )
+                            }))
+                            .await;
                         break;
                     }
                     Err(e) => {
                         let message = e.to_string();
-                        let _ = tx.send(Box::pin(async move { error(ErrorCode::InvalidRequest, message) })).await;
+                        let _ = tx
+                            .send(Box::pin(async move {
+                                error(ErrorCode::InvalidRequest, message)
+                            }))
+                            .await;
                         break;
                     }
                 }
@@ -474,7 +628,10 @@ impl<T: Transport> Node<T> {
         loop {
             let high = marks.borrow_and_update().high;
             if cursor < high {
-                let batches = group.view.read(cursor, max).map_err(|e| ferry_net::NetError::Protocol(e.to_string()))?;
+                let batches = group
+                    .view
+                    .read(cursor, max)
+                    .map_err(|e| ferry_net::NetError::Protocol(e.to_string()))?;
                 if let Some(last) = batches.last() {
                     cursor = last.end_offset();
                     let response = ClientResponse::Batches {

@@ -49,10 +49,16 @@ pub(crate) enum MetaReply {
     Error(ApiError),
 }
 
-pub(crate) fn encode<T: Serialize>(what: &'static str, value: &T) -> Result<bytes::Bytes, ProtoError> {
+pub(crate) fn encode<T: Serialize>(
+    what: &'static str,
+    value: &T,
+) -> Result<bytes::Bytes, ProtoError> {
     codec::encode(what, value).map(bytes::Bytes::from)
 }
 
-pub(crate) fn decode<T: serde::de::DeserializeOwned>(what: &'static str, bytes: &[u8]) -> Result<T, ProtoError> {
+pub(crate) fn decode<T: serde::de::DeserializeOwned>(
+    what: &'static str,
+    bytes: &[u8],
+) -> Result<T, ProtoError> {
     codec::decode(what, bytes)
 }

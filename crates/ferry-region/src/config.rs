@@ -114,7 +114,10 @@ impl NodeConfig {
     pub fn validate(&self) -> Result<(), RegionError> {
         let bad = |key: &'static str, reason: String| Err(RegionError::Config { key, reason });
         if self.listen_addr().is_none() {
-            return bad("peers", format!("node id {} is not listed in peers", self.id));
+            return bad(
+                "peers",
+                format!("node id {} is not listed in peers", self.id),
+            );
         }
         let mut ids: Vec<_> = self.peers.iter().map(|p| p.id).collect();
         ids.sort_unstable();
@@ -122,7 +125,10 @@ impl NodeConfig {
             return bad("peers", "a node id is listed twice".into());
         }
         let r = &self.raft;
-        if r.heartbeat_ms == 0 || r.election_min_ms <= r.heartbeat_ms || r.election_max_ms <= r.election_min_ms {
+        if r.heartbeat_ms == 0
+            || r.election_min_ms <= r.heartbeat_ms
+            || r.election_max_ms <= r.election_min_ms
+        {
             return bad(
                 "raft",
                 format!(
@@ -134,7 +140,10 @@ impl NodeConfig {
         if self.limits.max_event == 0 || self.limits.max_event >= self.limits.max_frame {
             return bad(
                 "limits.max_event",
-                format!("must be above 0 and below limits.max_frame ({})", self.limits.max_frame),
+                format!(
+                    "must be above 0 and below limits.max_frame ({})",
+                    self.limits.max_frame
+                ),
             );
         }
         if self.max_client_connections == 0 {

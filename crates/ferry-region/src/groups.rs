@@ -33,15 +33,27 @@ impl GroupCoordinator {
     }
 
     /// Joins or heartbeats; answers the generation and the member's partitions.
-    pub fn join(&mut self, now: Instant, group: &str, topic: &str, member: &str, partitions: u32) -> (u64, Vec<u32>) {
+    pub fn join(
+        &mut self,
+        now: Instant,
+        group: &str,
+        topic: &str,
+        member: &str,
+        partitions: u32,
+    ) -> (u64, Vec<u32>) {
         self.expire(now);
-        let g = self.groups.entry((group.to_string(), topic.to_string())).or_default();
+        let g = self
+            .groups
+            .entry((group.to_string(), topic.to_string()))
+            .or_default();
         if g.members.insert(member.to_string(), now).is_none() {
             g.generation += 1;
         }
         let index = g.members.keys().position(|m| m == member).unwrap_or(0);
         let count = g.members.len();
-        let mine = (0..partitions).filter(|p| *p as usize % count == index).collect();
+        let mine = (0..partitions)
+            .filter(|p| *p as usize % count == index)
+            .collect();
         (g.generation, mine)
     }
 
@@ -59,7 +71,8 @@ impl GroupCoordinator {
         let timeout = self.session_timeout;
         for g in self.groups.values_mut() {
             let before = g.members.len();
-            g.members.retain(|_, seen| now.duration_since(*seen) <= timeout);
+            g.members
+                .retain(|_, seen| now.duration_since(*seen) <= timeout);
             if g.members.len() != before {
                 g.generation += 1;
             }

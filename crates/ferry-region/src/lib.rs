@@ -18,6 +18,7 @@ pub mod metadata;
 mod node;
 pub mod partition;
 pub mod peer;
+pub mod server;
 
 pub use config::{NodeConfig, PeerConfig, RaftTuning, TlsPaths};
 pub use error::RegionError;

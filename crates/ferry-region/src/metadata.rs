@@ -38,7 +38,10 @@ impl MetaView {
 
     /// Every topic.
     pub fn topics(&self) -> Vec<TopicState> {
-        self.topics.read().map(|t| t.values().cloned().collect()).unwrap_or_default()
+        self.topics
+            .read()
+            .map(|t| t.values().cloned().collect())
+            .unwrap_or_default()
     }
 
     /// Changes whenever a metadata command is applied.
@@ -54,7 +57,11 @@ pub fn place_replicas(nodes: &[NodeId], partitions: u32, replication: u32) -> Ve
     nodes.sort_unstable();
     let n = nodes.len();
     (0..partitions as usize)
-        .map(|p| (0..replication as usize).map(|r| nodes[(p + r) % n]).collect())
+        .map(|p| {
+            (0..replication as usize)
+                .map(|r| nodes[(p + r) % n])
+                .collect()
+        })
         .collect()
 }
 
@@ -82,12 +89,20 @@ impl MetaApp {
         self.view.clone()
     }
 
-    fn create_topic(&mut self, config: TopicConfig, replicas: Vec<Vec<NodeId>>, writes: &mut sled::Batch) -> MetaReply {
+    fn create_topic(
+        &mut self,
+        config: TopicConfig,
+        replicas: Vec<Vec<NodeId>>,
+        writes: &mut sled::Batch,
+    ) -> MetaReply {
         if let Err(e) = config.validate() {
             return MetaReply::Error(ApiError::new(ErrorCode::InvalidRequest, e.to_string()));
         }
         if replicas.len() != config.partitions as usize {
-            return MetaReply::Error(ApiError::new(ErrorCode::InvalidRequest, "replica placement does not cover every partition"));
+            return MetaReply::Error(ApiError::new(
+                ErrorCode::InvalidRequest,
+                "replica placement does not cover every partition",
+            ));
         }
         if let Some(existing) = self.topics.get(&config.name) {
             return if existing.config == config {
@@ -123,9 +138,17 @@ impl Application for MetaApp {
         Ok(())
     }
 
-    fn apply(&mut self, _index: u64, command: &[u8], _tree: &sled::Tree, writes: &mut sled::Batch) -> Bytes {
+    fn apply(
+        &mut self,
+        _index: u64,
+        command: &[u8],
+        _tree: &sled::Tree,
+        writes: &mut sled::Batch,
+    ) -> Bytes {
         let reply = match decode::<MetaCommand>("metadata command", command) {
-            Ok(MetaCommand::CreateTopic { config, replicas }) => self.create_topic(config, replicas, writes),
+            Ok(MetaCommand::CreateTopic { config, replicas }) => {
+                self.create_topic(config, replicas, writes)
+            }
             Err(e) => MetaReply::Error(ApiError::new(ErrorCode::InvalidRequest, e.to_string())),
         };
         encode("metadata reply", &reply).unwrap_or_default()
@@ -148,7 +171,10 @@ mod tests {
     #[test]
     fn placement_spreads_first_replicas() {
         let placed = place_replicas(&[3, 1, 2], 4, 3);
-        assert_eq!(placed, vec![vec![1, 2, 3], vec![2, 3, 1], vec![3, 1, 2], vec![1, 2, 3]]);
+        assert_eq!(
+            placed,
+            vec![vec![1, 2, 3], vec![2, 3, 1], vec![3, 1, 2], vec![1, 2, 3]]
+        );
         let placed = place_replicas(&[1, 2, 3, 4], 2, 1);
         assert_eq!(placed, vec![vec![1], vec![2]]);
     }

@@ -64,7 +64,9 @@ pub struct Node<T> {
 
 impl<T> Clone for Node<T> {
     fn clone(&self) -> Self {
-        Self { inner: self.inner.clone() }
+        Self {
+            inner: self.inner.clone(),
+        }
     }
 }
 
@@ -76,7 +78,9 @@ fn raft_err(group: &str, e: impl std::fmt::Display) -> RegionError {
 }
 
 pub(crate) fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 impl<T: Transport> Node<T> {
@@ -145,7 +149,12 @@ impl<T: Transport> Node<T> {
     fn members(ids: &[NodeId], config: &NodeConfig) -> BTreeMap<NodeId, BasicNode> {
         ids.iter()
             .map(|id| {
-                let addr = config.peers.iter().find(|p| p.id == *id).map(|p| p.addr.to_string()).unwrap_or_default();
+                let addr = config
+                    .peers
+                    .iter()
+                    .find(|p| p.id == *id)
+                    .map(|p| p.addr.to_string())
+                    .unwrap_or_default();
                 (*id, BasicNode { addr })
             })
             .collect()
@@ -154,9 +163,19 @@ impl<T: Transport> Node<T> {
     async fn bootstrap_meta(&self) -> Result<(), RegionError> {
         let inner = &self.inner;
         let lowest = inner.config.peers.iter().map(|p| p.id).min();
-        if lowest == Some(inner.id) && !inner.meta.is_initialized().await.map_err(|e| raft_err(META_GROUP, e))? {
+        if lowest == Some(inner.id)
+            && !inner
+                .meta
+                .is_initialized()
+                .await
+                .map_err(|e| raft_err(META_GROUP, e))?
+        {
             let ids: Vec<_> = inner.config.peers.iter().map(|p| p.id).collect();
-            if let Err(e) = inner.meta.initialize(Self::members(&ids, &inner.config)).await {
+            if let Err(e) = inner
+                .meta
+                .initialize(Self::members(&ids, &inner.config))
+                .await
+            {
                 tracing::info!(error = %e, "metadata group already formed");
             } else {
                 tracing::info!(voters = ?ids, "formed the metadata group");
@@ -174,7 +193,12 @@ impl<T: Transport> Node<T> {
                     continue;
                 }
                 let group = partition_group(&topic.config.name, partition as u32);
-                if inner.partitions.read().map(|p| p.contains_key(&group)).unwrap_or(true) {
+                if inner
+                    .partitions
+                    .read()
+                    .map(|p| p.contains_key(&group))
+                    .unwrap_or(true)
+                {
                     continue;
                 }
                 let app = PartitionApp::new(inner.store.state_tree(&group)?, inner.config.limits);
@@ -188,8 +212,16 @@ impl<T: Transport> Node<T> {
                 let raft = Raft::new(inner.id, inner.raft_config.clone(), network, log, sm)
                     .await
                     .map_err(|e| raft_err(&group, e))?;
-                if replicas.first() == Some(&inner.id) && !raft.is_initialized().await.map_err(|e| raft_err(&group, e))? {
-                    if let Err(e) = raft.initialize(Self::members(replicas, &inner.config)).await {
+                if replicas.first() == Some(&inner.id)
+                    && !raft
+                        .is_initialized()
+                        .await
+                        .map_err(|e| raft_err(&group, e))?
+                {
+                    if let Err(e) = raft
+                        .initialize(Self::members(replicas, &inner.config))
+                        .await
+                    {
                         tracing::debug!(%group, error = %e, "partition group already formed");
                     }
                 }
@@ -246,12 +278,23 @@ impl<T: Transport> Node<T> {
                 continue;
             }
             for partition in 0..topic.config.partitions {
-                let Some(group) = self.partition(&topic.config.name, partition) else { continue };
+                let Some(group) = self.partition(&topic.config.name, partition) else {
+                    continue;
+                };
                 if group.raft.metrics().borrow_watched().current_leader != Some(inner.id) {
                     continue;
                 }
-                if let Some(before_offset) = group.view.retention_point(now_ms(), retention.max_age_ms, retention.max_bytes) {
-                    let Ok(command) = encode("partition command", &PartitionCommand::Trim { before_offset }) else { continue };
+                if let Some(before_offset) =
+                    group
+                        .view
+                        .retention_point(now_ms(), retention.max_age_ms, retention.max_bytes)
+                {
+                    let Ok(command) = encode(
+                        "partition command",
+                        &PartitionCommand::Trim { before_offset },
+                    ) else {
+                        continue;
+                    };
                     if let Err(e) = group.raft.client_write(ferry_store::Command(command)).await {
                         tracing::debug!(topic = %topic.config.name, partition, error = %e, "retention trim not applied");
                     }
@@ -272,7 +315,12 @@ impl<T: Transport> Node<T> {
 
     /// A hosted partition.
     pub fn partition(&self, topic: &str, partition: u32) -> Option<PartitionGroup> {
-        self.inner.partitions.read().ok()?.get(&partition_group(topic, partition)).cloned()
+        self.inner
+            .partitions
+            .read()
+            .ok()?
+            .get(&partition_group(topic, partition))
+            .cloned()
     }
 
     /// Every hosted partition group.
@@ -304,7 +352,12 @@ impl<T: Transport> Node<T> {
     /// this node (and of its views) is dropped.
     pub async fn shutdown(&self) {
         self.inner.shutdown.send_replace(true);
-        let groups: Vec<_> = self.inner.partitions.write().map(|mut p| p.drain().collect()).unwrap_or_default();
+        let groups: Vec<_> = self
+            .inner
+            .partitions
+            .write()
+            .map(|mut p| p.drain().collect())
+            .unwrap_or_default();
         for (group, g) in groups {
             if let Err(e) = g.raft.shutdown().await {
                 tracing::warn!(%group, error = %e, "shutdown");
@@ -369,13 +422,21 @@ macro_rules! dispatch_group {
             let $raft = &$node.inner.meta;
             $body
         } else {
-            let found = $node.inner.partitions.read().ok().and_then(|p| p.get(&$group).map(|g| g.raft.clone()));
+            let found = $node
+                .inner
+                .partitions
+                .read()
+                .ok()
+                .and_then(|p| p.get(&$group).map(|g| g.raft.clone()));
             match found {
                 Some(raft) => {
                     let $raft = &raft;
                     $body
                 }
-                None => PeerResponse::Error(format!("node {} does not host group {}", $node.inner.id, $group)),
+                None => PeerResponse::Error(format!(
+                    "node {} does not host group {}",
+                    $node.inner.id, $group
+                )),
             }
         }
     }};
@@ -384,26 +445,42 @@ macro_rules! dispatch_group {
 impl<T: Transport> Node<T> {
     async fn handle_peer(&self, request: PeerRequest) -> PeerResponse {
         match request {
-            PeerRequest::AppendEntries { group, rpc } => dispatch_group!(self, group, |raft| match raft.append_entries(rpc).await {
-                Ok(r) => PeerResponse::AppendEntries(r),
-                Err(e) => PeerResponse::Error(e.to_string()),
-            }),
-            PeerRequest::Vote { group, rpc } => dispatch_group!(self, group, |raft| match raft.vote(rpc).await {
-                Ok(r) => PeerResponse::Vote(r),
-                Err(e) => PeerResponse::Error(e.to_string()),
-            }),
-            PeerRequest::PreVote { group, rpc } => dispatch_group!(self, group, |raft| match raft.pre_vote(rpc).await {
-                Ok(r) => PeerResponse::Vote(r),
-                Err(e) => PeerResponse::Error(e.to_string()),
-            }),
-            PeerRequest::Snapshot { group, vote, meta, data } => dispatch_group!(self, group, |raft| {
-                let snapshot = openraft::type_config::alias::SnapshotOf::<TypeConfig, Bytes> { meta, snapshot: data };
+            PeerRequest::AppendEntries { group, rpc } => {
+                dispatch_group!(self, group, |raft| match raft.append_entries(rpc).await {
+                    Ok(r) => PeerResponse::AppendEntries(r),
+                    Err(e) => PeerResponse::Error(e.to_string()),
+                })
+            }
+            PeerRequest::Vote { group, rpc } => {
+                dispatch_group!(self, group, |raft| match raft.vote(rpc).await {
+                    Ok(r) => PeerResponse::Vote(r),
+                    Err(e) => PeerResponse::Error(e.to_string()),
+                })
+            }
+            PeerRequest::PreVote { group, rpc } => {
+                dispatch_group!(self, group, |raft| match raft.pre_vote(rpc).await {
+                    Ok(r) => PeerResponse::Vote(r),
+                    Err(e) => PeerResponse::Error(e.to_string()),
+                })
+            }
+            PeerRequest::Snapshot {
+                group,
+                vote,
+                meta,
+                data,
+            } => dispatch_group!(self, group, |raft| {
+                let snapshot = openraft::type_config::alias::SnapshotOf::<TypeConfig, Bytes> {
+                    meta,
+                    snapshot: data,
+                };
                 match raft.install_full_snapshot(vote, snapshot).await {
                     Ok(r) => PeerResponse::Snapshot(r),
                     Err(e) => PeerResponse::Error(e.to_string()),
                 }
             }),
-            PeerRequest::Client(request) => PeerResponse::Client(self.handle_request(request, true).await),
+            PeerRequest::Client(request) => {
+                PeerResponse::Client(self.handle_request(request, true).await)
+            }
         }
     }
 }

@@ -99,7 +99,13 @@ impl PartitionView {
             Ok(size >= max_bytes)
         };
         let start = event_key(offset);
-        if let Some((key, value)) = self.tree.range(..=start).next_back().transpose().map_err(io)? {
+        if let Some((key, value)) = self
+            .tree
+            .range(..=start)
+            .next_back()
+            .transpose()
+            .map_err(io)?
+        {
             if key.first() == Some(&EVENT_PREFIX) {
                 let batch: StoredBatch = codec::decode("stored batch", &value)?;
                 if batch.end_offset() > offset && push(&value, &mut out)? {
@@ -108,7 +114,10 @@ impl PartitionView {
             }
         }
         let end = event_key(u64::MAX);
-        for item in self.tree.range((std::ops::Bound::Excluded(start), std::ops::Bound::Included(end))) {
+        for item in self.tree.range((
+            std::ops::Bound::Excluded(start),
+            std::ops::Bound::Included(end),
+        )) {
             let (_, value) = item.map_err(io)?;
             if push(&value, &mut out)? {
                 break;
@@ -123,18 +132,28 @@ impl PartitionView {
             .tree
             .get(cursor_key(group))
             .map_err(|e| StoreError::io("cursor read", e))?;
-        Ok(value.and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok()).map(u64::from_be_bytes))
+        Ok(value
+            .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+            .map(u64::from_be_bytes))
     }
 
     /// The first offset at or after which retention must drop data, given the policy, or None.
-    pub fn retention_point(&self, now_ms: u64, max_age_ms: Option<u64>, max_bytes: Option<u64>) -> Option<u64> {
+    pub fn retention_point(
+        &self,
+        now_ms: u64,
+        max_age_ms: Option<u64>,
+        max_bytes: Option<u64>,
+    ) -> Option<u64> {
         let mut excess = max_bytes.map(|max| self.stored_bytes().saturating_sub(max));
         let mut trim_to = None;
         let high = self.watermarks().high;
         for item in self.tree.range(event_key(0)..=event_key(u64::MAX)) {
             let Ok((_, value)) = item else { break };
-            let Ok(batch) = codec::decode::<StoredBatch>("stored batch", &value) else { break };
-            let too_old = max_age_ms.is_some_and(|age| batch.appended_at_ms.saturating_add(age) < now_ms);
+            let Ok(batch) = codec::decode::<StoredBatch>("stored batch", &value) else {
+                break;
+            };
+            let too_old =
+                max_age_ms.is_some_and(|age| batch.appended_at_ms.saturating_add(age) < now_ms);
             let too_big = excess.is_some_and(|e| e > 0);
             // Never trim the batch that ends at the high watermark: it shows where offsets are.
             if !(too_old || too_big) || batch.end_offset() >= high {
@@ -178,7 +197,13 @@ impl PartitionApp {
         self.view.clone()
     }
 
-    fn append(&mut self, batch: EventBatch, appended_at_ms: u64, tree: &sled::Tree, writes: &mut sled::Batch) -> PartitionReply {
+    fn append(
+        &mut self,
+        batch: EventBatch,
+        appended_at_ms: u64,
+        tree: &sled::Tree,
+        writes: &mut sled::Batch,
+    ) -> PartitionReply {
         if let Err(e) = batch.decode_events(&self.limits) {
             return PartitionReply::Error(ApiError::new(ErrorCode::InvalidRequest, e.to_string()));
         }
@@ -212,13 +237,29 @@ impl PartitionApp {
                 if batch.first_seq != last + 1 {
                     return PartitionReply::Error(ApiError::new(
                         ErrorCode::OutOfOrderSequence,
-                        format!("producer {producer}: expected sequence {}, got {}", last + 1, batch.first_seq),
+                        format!(
+                            "producer {producer}: expected sequence {}, got {}",
+                            last + 1,
+                            batch.first_seq
+                        ),
                     ));
                 }
+            } else if batch.first_seq != 0 {
+                // A producer's first batch on a partition starts at 0; anything else means an
+                // earlier batch is missing.
+                return PartitionReply::Error(ApiError::new(
+                    ErrorCode::OutOfOrderSequence,
+                    format!(
+                        "producer {producer}: expected sequence 0, got {}",
+                        batch.first_seq
+                    ),
+                ));
             }
             let mut state = state;
             state.last_seq = Some(last_event_seq);
-            state.recent.push_back((batch.first_seq, count, self.marks.high));
+            state
+                .recent
+                .push_back((batch.first_seq, count, self.marks.high));
             while state.recent.len() > DEDUPE_WINDOW {
                 state.recent.pop_front();
             }
@@ -237,7 +278,9 @@ impl PartitionApp {
         let size = stored.events.len() as u64;
         match codec::encode("stored batch", &stored) {
             Ok(v) => writes.insert(&event_key(base_offset), v),
-            Err(e) => return PartitionReply::Error(ApiError::new(ErrorCode::Internal, e.to_string())),
+            Err(e) => {
+                return PartitionReply::Error(ApiError::new(ErrorCode::Internal, e.to_string()))
+            }
         }
         self.marks.high += u64::from(count);
         self.view.bytes.fetch_add(size, Ordering::Relaxed);
@@ -253,7 +296,9 @@ impl PartitionApp {
         let mut freed = 0u64;
         for item in tree.range(event_key(0)..event_key(before)) {
             let Ok((key, value)) = item else { break };
-            let Ok(batch) = codec::decode::<StoredBatch>("stored batch", &value) else { break };
+            let Ok(batch) = codec::decode::<StoredBatch>("stored batch", &value) else {
+                break;
+            };
             if batch.end_offset() > before {
                 break;
             }
@@ -261,7 +306,9 @@ impl PartitionApp {
             writes.remove(key);
             self.marks.low = self.marks.low.max(batch.end_offset());
         }
-        self.view.bytes.fetch_sub(freed.min(self.view.stored_bytes()), Ordering::Relaxed);
+        self.view
+            .bytes
+            .fetch_sub(freed.min(self.view.stored_bytes()), Ordering::Relaxed);
         self.write_marks(writes);
         PartitionReply::Done
     }
@@ -275,7 +322,10 @@ impl PartitionApp {
 
 impl Application for PartitionApp {
     fn load(&mut self, tree: &sled::Tree) -> Result<(), StoreError> {
-        self.marks = match tree.get(WATERMARKS).map_err(|e| StoreError::io("watermarks", e))? {
+        self.marks = match tree
+            .get(WATERMARKS)
+            .map_err(|e| StoreError::io("watermarks", e))?
+        {
             Some(v) => codec::decode("watermarks", &v)?,
             None => Watermarks::default(),
         };
@@ -291,15 +341,26 @@ impl Application for PartitionApp {
         Ok(())
     }
 
-    fn apply(&mut self, _index: u64, command: &[u8], tree: &sled::Tree, writes: &mut sled::Batch) -> Bytes {
+    fn apply(
+        &mut self,
+        _index: u64,
+        command: &[u8],
+        tree: &sled::Tree,
+        writes: &mut sled::Batch,
+    ) -> Bytes {
         let reply = match decode::<PartitionCommand>("partition command", command) {
-            Ok(PartitionCommand::Append { batch, appended_at_ms }) => self.append(batch, appended_at_ms, tree, writes),
+            Ok(PartitionCommand::Append {
+                batch,
+                appended_at_ms,
+            }) => self.append(batch, appended_at_ms, tree, writes),
             Ok(PartitionCommand::Commit { group, offset }) => {
                 writes.insert(cursor_key(&group), &offset.to_be_bytes());
                 PartitionReply::Done
             }
             Ok(PartitionCommand::Trim { before_offset }) => self.trim(before_offset, tree, writes),
-            Err(e) => PartitionReply::Error(ApiError::new(ErrorCode::InvalidRequest, e.to_string())),
+            Err(e) => {
+                PartitionReply::Error(ApiError::new(ErrorCode::InvalidRequest, e.to_string()))
+            }
         };
         encode("partition reply", &reply).unwrap_or_default()
     }

@@ -11,7 +11,9 @@ use ferry_proto::NodeId;
 use ferry_store::{GroupId, SnapshotData, TypeConfig};
 use openraft::error::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
 use openraft::network::{RPCOption, RaftNetworkFactory};
-use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse,
+};
 use openraft::type_config::alias::{SnapshotMetaOf, SnapshotOf, VoteOf};
 use openraft::BasicNode;
 use openraft_multi::{GroupNetworkAdapter, GroupRouter};
@@ -72,35 +74,54 @@ impl<T: Transport> Router<T> {
     }
 
     async fn call(&self, to: NodeId, request: &PeerRequest) -> Result<PeerResponse, NetError> {
-        let bytes = encode("peer request", request).map_err(|e| NetError::Protocol(e.to_string()))?;
+        let bytes =
+            encode("peer request", request).map_err(|e| NetError::Protocol(e.to_string()))?;
         let reply = self.transport.call(to, bytes).await?;
         decode("peer response", &reply).map_err(|e| NetError::Protocol(e.to_string()))
     }
 
     /// Forwards a client request to `leader`.
-    pub(crate) async fn forward(&self, leader: NodeId, request: ClientRequest) -> Result<ClientResponse, NetError> {
+    pub(crate) async fn forward(
+        &self,
+        leader: NodeId,
+        request: ClientRequest,
+    ) -> Result<ClientResponse, NetError> {
         match self.call(leader, &PeerRequest::Client(request)).await? {
             PeerResponse::Client(response) => Ok(response),
             PeerResponse::Error(e) => Err(NetError::Remote(e)),
-            _ => Err(NetError::Protocol("unexpected answer to a forwarded request".into())),
+            _ => Err(NetError::Protocol(
+                "unexpected answer to a forwarded request".into(),
+            )),
         }
     }
 
-    async fn raft_call(&self, to: NodeId, request: PeerRequest, ttl: std::time::Duration) -> Result<PeerResponse, RPCError<TypeConfig>> {
+    async fn raft_call(
+        &self,
+        to: NodeId,
+        request: PeerRequest,
+        ttl: std::time::Duration,
+    ) -> Result<PeerResponse, RPCError<TypeConfig>> {
         match tokio::time::timeout(ttl, self.call(to, &request)).await {
-            Err(_) => Err(RPCError::Unreachable(Unreachable::from_string(format!("peer {to}: no answer in {ttl:?}")))),
-            Ok(Err(e @ (NetError::Connect { .. } | NetError::LinkCut { .. } | NetError::UnknownPeer(_)))) => {
-                Err(RPCError::Unreachable(Unreachable::new(&e)))
-            }
+            Err(_) => Err(RPCError::Unreachable(Unreachable::from_string(format!(
+                "peer {to}: no answer in {ttl:?}"
+            )))),
+            Ok(Err(
+                e
+                @ (NetError::Connect { .. } | NetError::LinkCut { .. } | NetError::UnknownPeer(_)),
+            )) => Err(RPCError::Unreachable(Unreachable::new(&e))),
             Ok(Err(e)) => Err(RPCError::Network(NetworkError::new(&e))),
-            Ok(Ok(PeerResponse::Error(e))) => Err(RPCError::Network(NetworkError::new(&PeerFailure(e)))),
+            Ok(Ok(PeerResponse::Error(e))) => {
+                Err(RPCError::Network(NetworkError::new(&PeerFailure(e))))
+            }
             Ok(Ok(response)) => Ok(response),
         }
     }
 }
 
 fn unexpected() -> RPCError<TypeConfig> {
-    RPCError::Network(NetworkError::new(&PeerFailure("unexpected peer response".into())))
+    RPCError::Network(NetworkError::new(&PeerFailure(
+        "unexpected peer response".into(),
+    )))
 }
 
 impl<T: Transport> GroupRouter<TypeConfig, GroupId> for Router<T> {
@@ -113,7 +134,14 @@ impl<T: Transport> GroupRouter<TypeConfig, GroupId> for Router<T> {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
-        match self.raft_call(target, PeerRequest::AppendEntries { group, rpc }, option.hard_ttl()).await? {
+        match self
+            .raft_call(
+                target,
+                PeerRequest::AppendEntries { group, rpc },
+                option.hard_ttl(),
+            )
+            .await?
+        {
             PeerResponse::AppendEntries(r) => Ok(r),
             _ => Err(unexpected()),
         }
@@ -126,7 +154,10 @@ impl<T: Transport> GroupRouter<TypeConfig, GroupId> for Router<T> {
         rpc: VoteRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
-        match self.raft_call(target, PeerRequest::Vote { group, rpc }, option.hard_ttl()).await? {
+        match self
+            .raft_call(target, PeerRequest::Vote { group, rpc }, option.hard_ttl())
+            .await?
+        {
             PeerResponse::Vote(r) => Ok(r),
             _ => Err(unexpected()),
         }
@@ -139,7 +170,14 @@ impl<T: Transport> GroupRouter<TypeConfig, GroupId> for Router<T> {
         rpc: VoteRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
-        match self.raft_call(target, PeerRequest::PreVote { group, rpc }, option.hard_ttl()).await? {
+        match self
+            .raft_call(
+                target,
+                PeerRequest::PreVote { group, rpc },
+                option.hard_ttl(),
+            )
+            .await?
+        {
             PeerResponse::Vote(r) => Ok(r),
             _ => Err(unexpected()),
         }

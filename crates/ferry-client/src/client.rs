@@ -1,0 +1,457 @@
+//! Connections, request/response calls and the admin, fetch and group APIs.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry_net::framing::{read_frame, write_frame};
+use ferry_net::tls::{client_config, TlsIdentity};
+use ferry_net::{NetError, ALPN_CLIENT, NODE_SERVER_NAME};
+use ferry_proto::codec::{decode_frame, encode_frame};
+use ferry_proto::wire::{ClientRequest, ClientResponse, StartFrom, TopicDescription};
+use ferry_proto::{Event, Limits, StoredBatch, TopicConfig};
+
+use crate::{ClientError, Producer, ProducerOptions, Subscription};
+
+/// How to reach a region.
+#[derive(Clone, Debug)]
+pub struct ClientOptions {
+    /// Any nodes of the region; the client learns the rest.
+    pub servers: Vec<SocketAddr>,
+    /// The client's certificate, signed by the cluster CA.
+    pub identity: TlsIdentity,
+    /// Size limits (must not exceed the nodes').
+    pub limits: Limits,
+    /// Deadline of one request/response call.
+    pub request_timeout: Duration,
+    /// Deadline of a QUIC handshake.
+    pub connect_timeout: Duration,
+}
+
+impl ClientOptions {
+    /// Options with default limits and a 10 s request deadline.
+    pub fn new(servers: Vec<SocketAddr>, identity: TlsIdentity) -> Self {
+        Self {
+            servers,
+            identity,
+            limits: Limits::default(),
+            request_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+pub(crate) struct Inner {
+    endpoint: quinn::Endpoint,
+    tls: quinn::ClientConfig,
+    pub(crate) options: ClientOptions,
+    connections: tokio::sync::Mutex<HashMap<SocketAddr, quinn::Connection>>,
+    down: std::sync::Mutex<HashMap<SocketAddr, tokio::time::Instant>>,
+}
+
+/// How long an unreachable server is tried last.
+const DOWN_FOR: Duration = Duration::from_secs(5);
+
+/// A connection to a region. Cloning shares it.
+#[derive(Clone)]
+pub struct Client {
+    pub(crate) inner: Arc<Inner>,
+}
+
+fn unexpected(response: ClientResponse) -> ClientError {
+    match response {
+        ClientResponse::Error(e) => ClientError::Api(e),
+        other => ClientError::Unexpected(format!("{other:?}").chars().take(200).collect()),
+    }
+}
+
+impl Client {
+    /// Prepares a client; connections are made on first use.
+    pub fn new(options: ClientOptions) -> Result<Self, ClientError> {
+        if options.servers.is_empty() {
+            return Err(ClientError::NoServer("no server address given".into()));
+        }
+        let tls = client_config(&options.identity, ALPN_CLIENT)?;
+        let bind: SocketAddr = if options.servers[0].is_ipv6() {
+            "[::]:0".parse().expect("literal")
+        } else {
+            "0.0.0.0:0".parse().expect("literal")
+        };
+        let endpoint = quinn::Endpoint::client(bind).map_err(|e| NetError::Bind {
+            addr: bind,
+            source: e,
+        })?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                endpoint,
+                tls,
+                options,
+                connections: tokio::sync::Mutex::new(HashMap::new()),
+                down: std::sync::Mutex::new(HashMap::new()),
+            }),
+        })
+    }
+
+    /// The configured servers.
+    pub fn servers(&self) -> &[SocketAddr] {
+        &self.inner.options.servers
+    }
+
+    pub(crate) fn limits(&self) -> &Limits {
+        &self.inner.options.limits
+    }
+
+    pub(crate) async fn connection(
+        &self,
+        addr: SocketAddr,
+    ) -> Result<quinn::Connection, ClientError> {
+        {
+            let mut connections = self.inner.connections.lock().await;
+            if let Some(c) = connections.get(&addr) {
+                if c.close_reason().is_none() {
+                    return Ok(c.clone());
+                }
+                connections.remove(&addr);
+            }
+        }
+        // Dial without holding the map: a dead node must not hold up calls to live ones.
+        let failed = |reason: String| NetError::Connect {
+            peer: 0,
+            addr: addr.to_string(),
+            reason,
+        };
+        let connecting = self
+            .inner
+            .endpoint
+            .connect_with(self.inner.tls.clone(), addr, NODE_SERVER_NAME)
+            .map_err(|e| failed(e.to_string()))?;
+        let timeout = self.inner.options.connect_timeout;
+        let connection = match tokio::time::timeout(timeout, connecting).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
+                self.mark_down(addr);
+                return Err(failed(e.to_string()).into());
+            }
+            Err(_) => {
+                self.mark_down(addr);
+                return Err(ClientError::Timeout(format!("connecting to {addr}")));
+            }
+        };
+        self.inner
+            .connections
+            .lock()
+            .await
+            .insert(addr, connection.clone());
+        Ok(connection)
+    }
+
+    /// Remembers that `addr` did not answer, so requests try other servers first for a while.
+    fn mark_down(&self, addr: SocketAddr) {
+        if let Ok(mut down) = self.inner.down.lock() {
+            down.insert(addr, tokio::time::Instant::now() + DOWN_FOR);
+        }
+    }
+
+    /// Servers in the order to try them: those not recently unreachable first.
+    fn servers_to_try(&self) -> Vec<SocketAddr> {
+        let now = tokio::time::Instant::now();
+        let down = self
+            .inner
+            .down
+            .lock()
+            .map(|d| d.clone())
+            .unwrap_or_default();
+        let (mut up, unreachable): (Vec<_>, Vec<_>) = self
+            .inner
+            .options
+            .servers
+            .iter()
+            .partition(|a| down.get(*a).is_none_or(|until| *until <= now));
+        up.extend(unreachable);
+        up
+    }
+
+    pub(crate) async fn forget(&self, addr: SocketAddr) {
+        self.inner.connections.lock().await.remove(&addr);
+    }
+
+    pub(crate) fn encode(&self, request: &ClientRequest) -> Result<bytes::Bytes, ClientError> {
+        Ok(encode_frame(
+            "client request",
+            request,
+            self.limits().max_frame,
+        )?)
+    }
+
+    pub(crate) fn decode(&self, frame: &[u8]) -> Result<ClientResponse, ClientError> {
+        Ok(decode_frame(
+            "client response",
+            frame,
+            self.limits().max_frame,
+        )?)
+    }
+
+    /// One request to one node.
+    pub async fn request_at(
+        &self,
+        addr: SocketAddr,
+        request: &ClientRequest,
+    ) -> Result<ClientResponse, ClientError> {
+        let frame = self.encode(request)?;
+        let call = async {
+            let connection = self.connection(addr).await?;
+            let (mut send, mut recv) = connection
+                .open_bi()
+                .await
+                .map_err(|e| NetError::Closed(e.to_string()))?;
+            write_frame(&mut send, &frame).await?;
+            let _ = send.finish();
+            match read_frame(&mut recv, self.limits().max_frame).await? {
+                Some(reply) => self.decode(&reply),
+                None => Err(ClientError::Closed(format!(
+                    "{addr} closed the stream without answering"
+                ))),
+            }
+        };
+        match tokio::time::timeout(self.inner.options.request_timeout, call).await {
+            Ok(Ok(r)) => Ok(r),
+            Ok(Err(e)) => {
+                self.forget(addr).await;
+                Err(e)
+            }
+            Err(_) => {
+                self.forget(addr).await;
+                Err(ClientError::Timeout(format!("request to {addr}")))
+            }
+        }
+    }
+
+    /// One request to the first server that answers (nodes forward what they cannot serve).
+    /// Transient refusals (no leader yet, no quorum) are retried with backoff until the
+    /// request deadline.
+    pub async fn request(&self, request: &ClientRequest) -> Result<ClientResponse, ClientError> {
+        let deadline = tokio::time::Instant::now() + self.inner.options.request_timeout;
+        let mut backoff = Duration::from_millis(20);
+        loop {
+            let mut failures = Vec::new();
+            let mut answer = None;
+            for addr in self.servers_to_try() {
+                match self.request_at(addr, request).await {
+                    Ok(r) => {
+                        answer = Some(r);
+                        break;
+                    }
+                    Err(e @ ClientError::Proto(_)) => return Err(e),
+                    Err(e) => failures.push(format!("{addr}: {e}")),
+                }
+            }
+            match answer {
+                Some(ClientResponse::Error(e))
+                    if e.is_retriable() && tokio::time::Instant::now() + backoff < deadline => {}
+                Some(r) => return Ok(r),
+                None => return Err(ClientError::NoServer(failures.join("; "))),
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_millis(500));
+        }
+    }
+
+    /// Creates a topic (idempotent for an identical configuration).
+    pub async fn create_topic(&self, config: TopicConfig) -> Result<(), ClientError> {
+        config.validate()?;
+        match self.request(&ClientRequest::CreateTopic(config)).await? {
+            ClientResponse::Ok => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Every topic.
+    pub async fn list_topics(&self) -> Result<Vec<TopicConfig>, ClientError> {
+        match self.request(&ClientRequest::ListTopics).await? {
+            ClientResponse::Topics(t) => Ok(t),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// A topic with partition leaders and offsets.
+    pub async fn describe_topic(&self, topic: &str) -> Result<TopicDescription, ClientError> {
+        let request = ClientRequest::DescribeTopic {
+            topic: topic.into(),
+        };
+        match self.request(&request).await? {
+            ClientResponse::Topic(d) => Ok(d),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// The address of a partition's leader, asking the region (and waiting out elections)
+    /// until `deadline`.
+    pub(crate) async fn leader_addr(
+        &self,
+        topic: &str,
+        partition: u32,
+        deadline: tokio::time::Instant,
+    ) -> Result<SocketAddr, ClientError> {
+        let mut backoff = Duration::from_millis(20);
+        loop {
+            let result = self.describe_topic(topic).await;
+            if let Ok(d) = &result {
+                let leader = d.partitions.get(partition as usize).and_then(|p| p.leader);
+                let addr = leader
+                    .and_then(|l| d.nodes.iter().find(|n| n.id == l))
+                    .and_then(|n| n.client_addr.parse().ok());
+                if let Some(addr) = addr {
+                    return Ok(addr);
+                }
+            }
+            if let Err(e @ ClientError::Api(_)) = result {
+                return Err(e);
+            }
+            if tokio::time::Instant::now() + backoff > deadline {
+                return Err(ClientError::Timeout(format!(
+                    "finding the leader of {topic}/{partition}"
+                )));
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_millis(500));
+        }
+    }
+
+    /// Committed events of a partition from `offset`, up to about `max_bytes`.
+    pub async fn fetch(
+        &self,
+        topic: &str,
+        partition: u32,
+        offset: u64,
+        max_bytes: u32,
+    ) -> Result<(Vec<(u64, Event)>, u64), ClientError> {
+        let request = ClientRequest::Fetch {
+            topic: topic.into(),
+            partition,
+            offset,
+            max_bytes,
+        };
+        match self.request(&request).await? {
+            ClientResponse::Batches {
+                batches,
+                high_watermark,
+            } => Ok((events_from(&batches, offset)?, high_watermark)),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Streams a partition's events as they are committed.
+    pub async fn subscribe(
+        &self,
+        topic: &str,
+        partition: u32,
+        from: StartFrom,
+    ) -> Result<Subscription, ClientError> {
+        Subscription::open(self.clone(), topic.to_string(), partition, from).await
+    }
+
+    /// A producer for `topic`.
+    pub async fn producer(
+        &self,
+        topic: &str,
+        options: ProducerOptions,
+    ) -> Result<Producer, ClientError> {
+        let description = self.describe_topic(topic).await?;
+        Ok(Producer::new(self.clone(), description, options))
+    }
+
+    /// Joins (or heartbeats in) a consumer group: (generation, partitions of this member).
+    pub async fn join_group(
+        &self,
+        group: &str,
+        topic: &str,
+        member: &str,
+    ) -> Result<(u64, Vec<u32>), ClientError> {
+        let request = ClientRequest::JoinGroup {
+            group: group.into(),
+            topic: topic.into(),
+            member: member.into(),
+        };
+        match self.request(&request).await? {
+            ClientResponse::Assignment {
+                generation,
+                partitions,
+            } => Ok((generation, partitions)),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Leaves a consumer group.
+    pub async fn leave_group(
+        &self,
+        group: &str,
+        topic: &str,
+        member: &str,
+    ) -> Result<(), ClientError> {
+        let request = ClientRequest::LeaveGroup {
+            group: group.into(),
+            topic: topic.into(),
+            member: member.into(),
+        };
+        match self.request(&request).await? {
+            ClientResponse::Ok => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Commits a group's cursor (the next offset to consume) through Raft.
+    pub async fn commit(
+        &self,
+        group: &str,
+        topic: &str,
+        partition: u32,
+        offset: u64,
+    ) -> Result<(), ClientError> {
+        let request = ClientRequest::CommitOffset {
+            group: group.into(),
+            topic: topic.into(),
+            partition,
+            offset,
+        };
+        match self.request(&request).await? {
+            ClientResponse::Ok => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// A group's committed cursor.
+    pub async fn committed(
+        &self,
+        group: &str,
+        topic: &str,
+        partition: u32,
+    ) -> Result<Option<u64>, ClientError> {
+        let request = ClientRequest::CommittedOffset {
+            group: group.into(),
+            topic: topic.into(),
+            partition,
+        };
+        match self.request(&request).await? {
+            ClientResponse::Committed(o) => Ok(o),
+            other => Err(unexpected(other)),
+        }
+    }
+}
+
+/// Events of `batches` at or after `from`.
+pub(crate) fn events_from(
+    batches: &[StoredBatch],
+    from: u64,
+) -> Result<Vec<(u64, Event)>, ClientError> {
+    let mut out = Vec::new();
+    for batch in batches {
+        out.extend(
+            batch
+                .decode()?
+                .into_iter()
+                .filter(|(offset, _)| *offset >= from),
+        );
+    }
+    Ok(out)
+}

@@ -1,0 +1,21 @@
+//! The Rust client of a Ferry region, used by the sidecar, edge, `ferry ctl` and `ferry bench`.
+//!
+//! What is here: [`Client`] connects over QUIC with mTLS to any node of a region and offers
+//! topics, fetch, subscriptions ([`Subscription`]) and consumer groups; [`Producer`] batches
+//! and pipelines publishes per partition with an idempotent producer id, bounded by an
+//! in-flight window, and retries through leader changes with the same sequences, so retries
+//! never duplicate.
+//!
+//! What is not here: HTTP, routing between regions.
+#![warn(missing_docs, unreachable_pub)]
+
+mod client;
+mod error;
+mod producer;
+mod subscription;
+
+pub use client::{Client, ClientOptions};
+pub use error::ClientError;
+pub use ferry_proto::wire::StartFrom;
+pub use producer::{AckFuture, Producer, ProducerOptions, PublishAck};
+pub use subscription::Subscription;

@@ -1,0 +1,445 @@
+//! The idempotent, pipelined producer.
+//!
+//! Each partition has a lane: a task that gathers queued events into batches, numbers them
+//! with the producer's sequence for that partition, and writes them one after another on one
+//! produce stream to the partition's leader. The node submits them to Raft in that order and
+//! answers in that order. On any failure (leader change, lost connection) the lane finds the
+//! new leader and resends every unacknowledged batch, unchanged and in order: the partition
+//! recognises batches it already has by (producer id, sequence), so nothing is duplicated and
+//! per-key order holds.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use ferry_net::framing::{read_frame, write_frame};
+use ferry_net::NetError;
+use ferry_proto::wire::{ApiError, ClientRequest, ClientResponse, ErrorCode, TopicDescription};
+use ferry_proto::{partition_for_key, Event, EventBatch, ProducerId};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+
+use crate::{Client, ClientError};
+
+/// Producer tuning.
+#[derive(Debug, Clone)]
+pub struct ProducerOptions {
+    /// Most events sent and not yet acknowledged, over all partitions.
+    pub max_in_flight: usize,
+    /// Most events in one batch.
+    pub max_batch_events: usize,
+    /// Most payload bytes in one batch (a larger single event still goes alone).
+    pub max_batch_bytes: usize,
+    /// How long a lane waits for more events before sending a batch that is not full.
+    pub linger: Duration,
+    /// How long a batch is retried through failures before its events fail.
+    pub retry_for: Duration,
+    /// How long a produce stream may stay silent while batches await acknowledgement before
+    /// it is presumed dead and the batches are resent elsewhere.
+    pub ack_timeout: Duration,
+}
+
+impl Default for ProducerOptions {
+    fn default() -> Self {
+        Self {
+            max_in_flight: 1024,
+            max_batch_events: 256,
+            max_batch_bytes: 512 * 1024,
+            linger: Duration::ZERO,
+            retry_for: Duration::from_secs(30),
+            ack_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Where an event landed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PublishAck {
+    /// Partition.
+    pub partition: u32,
+    /// Offset.
+    pub offset: u64,
+    /// The batch had been appended before (a retry); the offset is the original one.
+    pub duplicate: bool,
+}
+
+/// Resolves when an event is durable on a majority of its partition's replicas.
+pub type AckFuture = Pin<Box<dyn Future<Output = Result<PublishAck, ClientError>> + Send>>;
+
+type AckSender = oneshot::Sender<Result<PublishAck, ClientError>>;
+
+struct Item {
+    event: Event,
+    ack: AckSender,
+    permit: OwnedSemaphorePermit,
+}
+
+/// Publishes events to one topic. Dropping it lets queued events finish.
+pub struct Producer {
+    lanes: Vec<mpsc::UnboundedSender<Item>>,
+    window: Arc<Semaphore>,
+    next_lane: AtomicUsize,
+    client: Client,
+    id: ProducerId,
+}
+
+impl Producer {
+    pub(crate) fn new(
+        client: Client,
+        description: TopicDescription,
+        options: ProducerOptions,
+    ) -> Self {
+        let id: ProducerId = rand::random();
+        let partitions = description.config.partitions;
+        let lanes = (0..partitions)
+            .map(|partition| {
+                let (tx, rx) = mpsc::unbounded_channel();
+                let lane = Lane {
+                    client: client.clone(),
+                    topic: description.config.name.clone(),
+                    partition,
+                    producer: id,
+                    next_seq: 0,
+                    options: options.clone(),
+                    rx,
+                    unacked: VecDeque::new(),
+                    stream: None,
+                    failing_since: None,
+                    failures: 0,
+                };
+                tokio::spawn(lane.run());
+                tx
+            })
+            .collect();
+        Self {
+            lanes,
+            window: Arc::new(Semaphore::new(options.max_in_flight.max(1))),
+            next_lane: AtomicUsize::new(0),
+            client,
+            id,
+        }
+    }
+
+    /// This producer's id.
+    pub fn id(&self) -> ProducerId {
+        self.id
+    }
+
+    /// Queues an event once the in-flight window has room; the returned future resolves with
+    /// its acknowledgement. Events with a key go to `hash(key) mod partitions`, others
+    /// round-robin.
+    pub async fn send(&self, event: Event) -> Result<AckFuture, ClientError> {
+        event.validate(self.client.limits())?;
+        let permit = self
+            .window
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| ClientError::Closed("producer".into()))?;
+        let lane = match &event.key {
+            Some(key) => partition_for_key(key, self.lanes.len() as u32) as usize,
+            None => self.next_lane.fetch_add(1, Ordering::Relaxed) % self.lanes.len(),
+        };
+        let (ack, rx) = oneshot::channel();
+        self.lanes[lane]
+            .send(Item { event, ack, permit })
+            .map_err(|_| ClientError::Closed("producer lane".into()))?;
+        Ok(Box::pin(async move {
+            rx.await
+                .unwrap_or_else(|_| Err(ClientError::Closed("producer lane".into())))
+        }))
+    }
+
+    /// Publishes one event and waits for its acknowledgement.
+    pub async fn publish(&self, event: Event) -> Result<PublishAck, ClientError> {
+        self.send(event).await?.await
+    }
+}
+
+struct InFlight {
+    batch: EventBatch,
+    frame: Bytes,
+    acks: Vec<(AckSender, OwnedSemaphorePermit)>,
+}
+
+struct LaneStream {
+    send: quinn::SendStream,
+    responses: mpsc::UnboundedReceiver<Result<ClientResponse, ClientError>>,
+    reader: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for LaneStream {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+struct Lane {
+    client: Client,
+    topic: String,
+    partition: u32,
+    producer: ProducerId,
+    next_seq: u64,
+    options: ProducerOptions,
+    rx: mpsc::UnboundedReceiver<Item>,
+    unacked: VecDeque<InFlight>,
+    stream: Option<LaneStream>,
+    failing_since: Option<Instant>,
+    failures: u32,
+}
+
+async fn next_response(
+    stream: &mut Option<LaneStream>,
+) -> Option<Result<ClientResponse, ClientError>> {
+    match stream {
+        Some(s) => s.responses.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+fn retriable(e: &ApiError) -> bool {
+    e.is_retriable() || e.code == ErrorCode::OutOfOrderSequence
+}
+
+impl Lane {
+    async fn run(mut self) {
+        let mut closed = false;
+        loop {
+            if closed && self.unacked.is_empty() {
+                return;
+            }
+            tokio::select! {
+                item = self.rx.recv(), if !closed => match item {
+                    None => closed = true,
+                    Some(first) => {
+                        let items = self.gather(first).await;
+                        self.dispatch(items).await;
+                    }
+                },
+                response = tokio::time::timeout(self.options.ack_timeout, next_response(&mut self.stream)), if !self.unacked.is_empty() => {
+                    let response = response.unwrap_or_else(|_| Some(Err(ClientError::Timeout("acknowledgement".into()))));
+                    self.on_response(response).await;
+                }
+            }
+        }
+    }
+
+    async fn gather(&mut self, first: Item) -> Vec<Item> {
+        let mut bytes = first.event.size();
+        let mut items = vec![first];
+        let deadline = Instant::now() + self.options.linger;
+        while items.len() < self.options.max_batch_events && bytes < self.options.max_batch_bytes {
+            let next = match self.rx.try_recv() {
+                Ok(item) => Some(item),
+                Err(_) if self.options.linger.is_zero() => None,
+                Err(_) => tokio::time::timeout_at(deadline, self.rx.recv())
+                    .await
+                    .ok()
+                    .flatten(),
+            };
+            let Some(item) = next else { break };
+            bytes += item.event.size();
+            items.push(item);
+        }
+        items
+    }
+
+    fn build(&self, events: &[Event], first_seq: u64) -> Result<(EventBatch, Bytes), ClientError> {
+        let batch = EventBatch::new(events, Some(self.producer), first_seq, self.client.limits())?;
+        let frame = self.client.encode(&ClientRequest::Publish {
+            topic: self.topic.clone(),
+            partition: self.partition,
+            batch: batch.clone(),
+        })?;
+        Ok((batch, frame))
+    }
+
+    async fn dispatch(&mut self, items: Vec<Item>) {
+        let (events, acks): (Vec<Event>, Vec<_>) = items
+            .into_iter()
+            .map(|i| (i.event, (i.ack, i.permit)))
+            .unzip();
+        let (batch, frame) = match self.build(&events, self.next_seq) {
+            Ok(b) => b,
+            Err(e) => {
+                let message = e.to_string();
+                for (ack, _) in acks {
+                    let _ = ack.send(Err(ClientError::Closed(message.clone())));
+                }
+                return;
+            }
+        };
+        self.next_seq += u64::from(batch.count);
+        self.unacked.push_back(InFlight {
+            batch,
+            frame: frame.clone(),
+            acks,
+        });
+        let written = match self.stream.as_mut() {
+            Some(s) => write_frame(&mut s.send, &frame).await.is_ok(),
+            None => false,
+        };
+        if !written {
+            self.recover().await;
+        }
+    }
+
+    async fn on_response(&mut self, response: Option<Result<ClientResponse, ClientError>>) {
+        match response {
+            Some(Ok(ClientResponse::Published {
+                base_offset,
+                count,
+                duplicate,
+            })) => {
+                let Some(front) = self.unacked.pop_front() else {
+                    return;
+                };
+                if front.batch.count != count {
+                    tracing::warn!(topic = %self.topic, partition = self.partition, "acknowledgement does not match the batch; resending");
+                    self.unacked.push_front(front);
+                    self.recover().await;
+                    return;
+                }
+                self.failing_since = None;
+                self.failures = 0;
+                for (i, (ack, _permit)) in front.acks.into_iter().enumerate() {
+                    let _ = ack.send(Ok(PublishAck {
+                        partition: self.partition,
+                        offset: base_offset + i as u64,
+                        duplicate,
+                    }));
+                }
+            }
+            Some(Ok(ClientResponse::Error(e))) if !retriable(&e) => {
+                // The node refused the batch for good: fail its events, renumber the later
+                // batches (none of which can have been appended past the gap) and resend them.
+                if let Some(front) = self.unacked.pop_front() {
+                    for (ack, _) in front.acks {
+                        let _ = ack.send(Err(ClientError::Api(e.clone())));
+                    }
+                    self.next_seq = front.batch.first_seq;
+                    let rest: Vec<_> = self.unacked.drain(..).collect();
+                    for mut inflight in rest {
+                        let events = match inflight.batch.decode_events(self.client.limits()) {
+                            Ok(ev) => ev,
+                            Err(_) => continue,
+                        };
+                        if let Ok((batch, frame)) = self.build(&events, self.next_seq) {
+                            self.next_seq += u64::from(batch.count);
+                            inflight.batch = batch;
+                            inflight.frame = frame;
+                            self.unacked.push_back(inflight);
+                        }
+                    }
+                }
+                self.stream = None;
+                if !self.unacked.is_empty() {
+                    self.recover().await;
+                }
+            }
+            other => {
+                tracing::debug!(topic = %self.topic, partition = self.partition, response = ?other.map(|r| r.map(|_| ())), "produce stream failed; resending");
+                self.recover().await;
+            }
+        }
+    }
+
+    /// Finds the leader, opens a new produce stream and resends every unacknowledged batch in
+    /// order. Gives up (failing those events) after `retry_for` of consecutive failure.
+    async fn recover(&mut self) {
+        self.stream = None;
+        let since = *self.failing_since.get_or_insert_with(Instant::now);
+        let deadline = since + self.options.retry_for;
+        loop {
+            if self.failures > 0 {
+                let backoff = Duration::from_millis(20u64 << self.failures.min(5));
+                tokio::time::sleep(backoff).await;
+            }
+            self.failures += 1;
+            if Instant::now() > deadline {
+                let reason = format!(
+                    "{}/{}: no leader accepted the batch within {:?}",
+                    self.topic, self.partition, self.options.retry_for
+                );
+                for inflight in self.unacked.drain(..) {
+                    for (ack, _) in inflight.acks {
+                        let _ = ack.send(Err(ClientError::Timeout(reason.clone())));
+                    }
+                }
+                self.failing_since = None;
+                self.failures = 0;
+                return;
+            }
+            let addr = match self
+                .client
+                .leader_addr(&self.topic, self.partition, deadline)
+                .await
+            {
+                Ok(a) => a,
+                Err(ClientError::Api(e)) => {
+                    for inflight in self.unacked.drain(..) {
+                        for (ack, _) in inflight.acks {
+                            let _ = ack.send(Err(ClientError::Api(e.clone())));
+                        }
+                    }
+                    return;
+                }
+                Err(_) => continue,
+            };
+            match self.open_stream(addr).await {
+                Ok(mut stream) => {
+                    let mut ok = true;
+                    for inflight in &self.unacked {
+                        if write_frame(&mut stream.send, &inflight.frame)
+                            .await
+                            .is_err()
+                        {
+                            ok = false;
+                            break;
+                        }
+                    }
+                    if ok {
+                        self.stream = Some(stream);
+                        return;
+                    }
+                    self.client.forget(addr).await;
+                }
+                Err(_) => self.client.forget(addr).await,
+            }
+        }
+    }
+
+    async fn open_stream(&self, addr: SocketAddr) -> Result<LaneStream, ClientError> {
+        let connection = self.client.connection(addr).await?;
+        let (send, mut recv) = connection
+            .open_bi()
+            .await
+            .map_err(|e| NetError::Closed(e.to_string()))?;
+        let (tx, responses) = mpsc::unbounded_channel();
+        let client = self.client.clone();
+        let reader = tokio::spawn(async move {
+            let max = client.limits().max_frame;
+            loop {
+                let item = match read_frame(&mut recv, max).await {
+                    Ok(Some(frame)) => client.decode(&frame),
+                    Ok(None) => Err(ClientError::Closed("produce stream ended".into())),
+                    Err(e) => Err(ClientError::Net(e)),
+                };
+                let stop = item.is_err();
+                if tx.send(item).is_err() || stop {
+                    return;
+                }
+            }
+        });
+        Ok(LaneStream {
+            send,
+            responses,
+            reader,
+        })
+    }
+}

@@ -1,0 +1,137 @@
+//! A subscription to one partition: a stream of committed events in offset order. If the
+//! node serving it goes away, it resumes on another node from the next offset.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use ferry_net::framing::{read_frame, write_frame};
+use ferry_net::NetError;
+use ferry_proto::wire::{ClientRequest, ClientResponse, StartFrom};
+use ferry_proto::Event;
+
+use crate::client::events_from;
+use crate::{Client, ClientError};
+
+/// Events of one partition as they are committed.
+pub struct Subscription {
+    client: Client,
+    topic: String,
+    partition: u32,
+    /// Next offset wanted (None until the first batch when starting from latest/earliest).
+    cursor: Option<u64>,
+    from: StartFrom,
+    server: usize,
+    recv: Option<quinn::RecvStream>,
+    buffered: VecDeque<(u64, Event)>,
+}
+
+impl Subscription {
+    pub(crate) async fn open(
+        client: Client,
+        topic: String,
+        partition: u32,
+        from: StartFrom,
+    ) -> Result<Self, ClientError> {
+        let mut s = Self {
+            client,
+            topic,
+            partition,
+            cursor: match from {
+                StartFrom::Offset(o) => Some(o),
+                _ => None,
+            },
+            from,
+            server: 0,
+            recv: None,
+            buffered: VecDeque::new(),
+        };
+        s.connect().await?;
+        Ok(s)
+    }
+
+    async fn connect(&mut self) -> Result<(), ClientError> {
+        let servers = self.client.servers().to_vec();
+        let mut failures = Vec::new();
+        for i in 0..servers.len() {
+            let addr = servers[(self.server + i) % servers.len()];
+            let from = self.cursor.map_or(self.from, StartFrom::Offset);
+            let request = ClientRequest::Subscribe {
+                topic: self.topic.clone(),
+                partition: self.partition,
+                from,
+            };
+            let attempt = async {
+                let connection = self.client.connection(addr).await?;
+                let (mut send, recv) = connection
+                    .open_bi()
+                    .await
+                    .map_err(|e| NetError::Closed(e.to_string()))?;
+                write_frame(&mut send, &self.client.encode(&request)?).await?;
+                let _ = send.finish();
+                Ok::<_, ClientError>(recv)
+            };
+            match attempt.await {
+                Ok(recv) => {
+                    self.server = (self.server + i) % servers.len();
+                    self.recv = Some(recv);
+                    return Ok(());
+                }
+                Err(e) => {
+                    self.client.forget(addr).await;
+                    failures.push(format!("{addr}: {e}"));
+                }
+            }
+        }
+        Err(ClientError::NoServer(failures.join("; ")))
+    }
+
+    /// The next event, waiting for it. Errors from the node (unknown topic) end the stream;
+    /// lost connections are resumed elsewhere within `resume_for`.
+    pub async fn next(&mut self) -> Result<(u64, Event), ClientError> {
+        let resume_for = Duration::from_secs(30);
+        let mut deadline = None;
+        loop {
+            if let Some(item) = self.buffered.pop_front() {
+                return Ok(item);
+            }
+            let max = self.client.limits().max_frame;
+            let frame = match self.recv.as_mut() {
+                Some(recv) => read_frame(recv, max).await,
+                None => Err(NetError::Closed("not connected".into())),
+            };
+            match frame {
+                Ok(Some(frame)) => match self.client.decode(&frame)? {
+                    ClientResponse::Batches { batches, .. } => {
+                        let from = self.cursor.unwrap_or(0);
+                        for (offset, event) in events_from(&batches, from)? {
+                            self.cursor = Some(offset + 1);
+                            self.buffered.push_back((offset, event));
+                        }
+                        deadline = None;
+                    }
+                    ClientResponse::Error(e) => return Err(ClientError::Api(e)),
+                    other => return Err(ClientError::Unexpected(format!("{other:?}"))),
+                },
+                Ok(None) | Err(_) => {
+                    let until =
+                        *deadline.get_or_insert_with(|| tokio::time::Instant::now() + resume_for);
+                    if tokio::time::Instant::now() > until {
+                        return Err(ClientError::Timeout(format!(
+                            "resuming {}/{}",
+                            self.topic, self.partition
+                        )));
+                    }
+                    self.recv = None;
+                    self.server += 1;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    let _ = self.connect().await;
+                }
+            }
+        }
+    }
+
+    /// The next offset this subscription will deliver, once known.
+    pub fn position(&self) -> Option<u64> {
+        self.cursor
+    }
+}

@@ -1,0 +1,92 @@
+//! Running a node on QUIC: bind the endpoint (one UDP port for peers and clients, told apart
+//! by ALPN), start the [`Node`] with a QUIC transport to its peers, and serve.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use ferry_net::tls::{client_config, server_config, TlsIdentity};
+use ferry_net::{bind_endpoint, serve, QuicTransport, TransportOptions, ALPN_CLIENT, ALPN_PEER};
+
+use crate::{Node, NodeConfig, RegionError};
+
+/// A bound endpoint not yet serving; bind first to learn the address (port 0 picks one).
+pub struct BoundEndpoint {
+    endpoint: quinn::Endpoint,
+    identity: TlsIdentity,
+}
+
+impl BoundEndpoint {
+    /// Binds `addr` with the node's certificate; peers and clients must present certificates
+    /// from the same CA.
+    pub fn bind(addr: SocketAddr, identity: TlsIdentity) -> Result<Self, RegionError> {
+        let server = server_config(&identity, &[ALPN_PEER, ALPN_CLIENT])?;
+        let endpoint = bind_endpoint(addr, server)?;
+        Ok(Self { endpoint, identity })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> Result<SocketAddr, RegionError> {
+        self.endpoint
+            .local_addr()
+            .map_err(|e| RegionError::Net(ferry_net::NetError::Protocol(e.to_string())))
+    }
+
+    /// Starts the node and serves peers and clients.
+    pub async fn start(self, config: NodeConfig) -> Result<QuicNode, RegionError> {
+        let peers: HashMap<_, _> = config.peers.iter().map(|p| (p.id, p.addr)).collect();
+        let options = TransportOptions {
+            max_frame: config.limits.max_frame.max(64 * 1024 * 1024),
+            ..TransportOptions::default()
+        };
+        let transport = QuicTransport::new(
+            config.id,
+            self.endpoint.clone(),
+            client_config(&self.identity, ALPN_PEER)?,
+            peers,
+            options.clone(),
+        );
+        let node = Node::start(config, transport).await?;
+        let handler = node.peer_handler();
+        let client_node = node.clone();
+        let on_client = Arc::new(move |connection: quinn::Connection| {
+            tokio::spawn(client_node.clone().serve_client(connection));
+        });
+        let serving = tokio::spawn(serve(
+            self.endpoint.clone(),
+            handler,
+            on_client,
+            options.max_frame,
+        ));
+        Ok(QuicNode {
+            node,
+            endpoint: self.endpoint,
+            serving,
+        })
+    }
+}
+
+/// A node serving on QUIC.
+pub struct QuicNode {
+    node: Node<QuicTransport>,
+    endpoint: quinn::Endpoint,
+    serving: tokio::task::JoinHandle<()>,
+}
+
+impl QuicNode {
+    /// The node.
+    pub fn node(&self) -> &Node<QuicTransport> {
+        &self.node
+    }
+
+    /// Stops serving and stops every group; storage is released when this returns and the
+    /// last client connection task has ended.
+    pub async fn shutdown(self) {
+        self.node.shutdown().await;
+        self.endpoint
+            .close(quinn::VarInt::from_u32(0), b"node shutting down");
+        self.serving.abort();
+        let _ = self.serving.await;
+        self.endpoint.wait_idle().await;
+    }
+}
