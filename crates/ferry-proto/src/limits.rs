@@ -4,7 +4,7 @@ use serde::{Deserialize, Serialize};
 
 /// Size limits. Defaults: frame 4 MiB, event 1 MiB.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct Limits {
     /// Largest frame accepted on any connection, in bytes.
     pub max_frame: usize,

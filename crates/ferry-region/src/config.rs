@@ -11,6 +11,7 @@ use crate::RegionError;
 
 /// One member of the region.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct PeerConfig {
     /// Its node id.
     pub id: NodeId,
@@ -20,6 +21,7 @@ pub struct PeerConfig {
 
 /// Certificate paths.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct TlsPaths {
     /// The cluster CA certificate.
     pub ca: PathBuf,
@@ -31,7 +33,7 @@ pub struct TlsPaths {
 
 /// Raft timing and log compaction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct RaftTuning {
     /// Leader heartbeat, milliseconds.
     pub heartbeat_ms: u64,
@@ -59,6 +61,7 @@ impl Default for RaftTuning {
 
 /// Everything a `ferry node` needs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct NodeConfig {
     /// This node's id; must appear in `peers`.
     pub id: NodeId,

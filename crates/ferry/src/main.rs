@@ -1,1 +1,110 @@
-fn main() {}
+//! `ferry`: one binary for every role of the mesh. This session's roles: `node`, `certs`,
+//! `ctl`, `dev` and `bench`.
+
+mod bench;
+mod config;
+mod ctl;
+mod dev;
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use ferry_net::tls::{generate_dev_certs, TlsIdentity};
+use ferry_region::server::BoundEndpoint;
+
+#[derive(Parser)]
+#[command(name = "ferry", version, about = "Ferry: a multi-region replicated event mesh")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a regional node.
+    Node {
+        /// Configuration file (default: $FERRY_CONFIG).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Development certificates.
+    Certs {
+        #[command(subcommand)]
+        command: CertsCommand,
+    },
+    /// Administer a region: topics, publish, tail.
+    Ctl(ctl::CtlArgs),
+    /// Run a whole local region (three nodes on loopback) from the embedded default config.
+    Dev(dev::DevArgs),
+    /// Load generator.
+    Bench(bench::BenchArgs),
+}
+
+#[derive(Subcommand)]
+enum CertsCommand {
+    /// Create a development CA and node and client certificates signed by it.
+    Init {
+        /// Folder to write into (must not hold certificates already).
+        #[arg(long)]
+        out: PathBuf,
+        /// Node ids to issue certificates for.
+        #[arg(long, value_delimiter = ',', default_value = "1,2,3")]
+        nodes: Vec<u64>,
+        /// Client names to issue certificates for.
+        #[arg(long, value_delimiter = ',', default_value = "ctl")]
+        clients: Vec<String>,
+    },
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,ferry=info,ferry_region=info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    init_logging();
+    match Cli::parse().command {
+        Command::Node { config } => run_node(config).await,
+        Command::Certs {
+            command: CertsCommand::Init { out, nodes, clients },
+        } => {
+            let names: Vec<&str> = clients.iter().map(String::as_str).collect();
+            generate_dev_certs(&out, &nodes, &names).with_context(|| format!("writing certificates into {}", out.display()))?;
+            println!("wrote a development CA and certificates for nodes {nodes:?} and clients {clients:?} into {}", out.display());
+            Ok(())
+        }
+        Command::Ctl(args) => ctl::run(args).await,
+        Command::Dev(args) => dev::run(args).await,
+        Command::Bench(args) => bench::run(args).await,
+    }
+}
+
+async fn run_node(path: Option<PathBuf>) -> anyhow::Result<()> {
+    let config = config::load_node_config(path.as_deref())?;
+    let identity = TlsIdentity::load(&config.tls.ca, &config.tls.cert, &config.tls.key)?;
+    let listen = config.listen_addr().context("this node's address is not in peers")?;
+    let id = config.id;
+    let node = BoundEndpoint::bind(listen, identity)?.start(config).await?;
+    tracing::info!(id, %listen, "node running");
+    wait_for_shutdown_signal().await;
+    tracing::info!(id, "shutting down");
+    node.shutdown().await;
+    Ok(())
+}
+
+/// Waits for Ctrl-C or SIGTERM.
+pub(crate) async fn wait_for_shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = async {
+            match term.as_mut() {
+                Some(t) => { t.recv().await; }
+                None => std::future::pending::<()>().await,
+            }
+        } => {}
+    }
+}

@@ -1,0 +1,110 @@
+//! Loading a node's configuration: TOML from a file (or the embedded dev default), then
+//! `FERRY_<SECTION>_<KEY>` / `FERRY_<KEY>` environment overrides, then the one validation in
+//! ferry-region. Errors name the file and the key.
+
+use std::path::Path;
+
+use anyhow::{bail, Context};
+use ferry_region::NodeConfig;
+
+/// The embedded default shared by the nodes of `ferry dev`.
+pub const DEV_DEFAULT: &str = include_str!("../../../config/dev.toml");
+
+/// Tables of the node configuration; an override `FERRY_RAFT_HEARTBEAT_MS` sets
+/// `raft.heartbeat_ms`, one without a known table prefix sets a top-level key.
+const SECTIONS: &[&str] = &["limits", "raft", "tls"];
+/// Environment variables that are not config overrides.
+const NOT_OVERRIDES: &[&str] = &["FERRY_CONFIG", "FERRY_CERTS", "FERRY_SERVERS", "FERRY_LOG"];
+
+/// Applies environment overrides to a parsed TOML table.
+pub fn apply_overrides(table: &mut toml::Table, vars: impl Iterator<Item = (String, String)>) -> anyhow::Result<()> {
+    for (name, value) in vars {
+        if !name.starts_with("FERRY_") || NOT_OVERRIDES.contains(&name.as_str()) {
+            continue;
+        }
+        let key = name["FERRY_".len()..].to_ascii_lowercase();
+        let parsed: toml::Value = format!("v = {value}")
+            .parse::<toml::Table>()
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .unwrap_or_else(|| toml::Value::String(value.clone()));
+        let section = SECTIONS.iter().find(|s| key.starts_with(&format!("{s}_")));
+        match section {
+            Some(section) => {
+                let field = key[section.len() + 1..].to_string();
+                let entry = table
+                    .entry(section.to_string())
+                    .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+                let Some(t) = entry.as_table_mut() else {
+                    bail!("{name}: config key {section} is not a table");
+                };
+                t.insert(field, parsed);
+            }
+            None => {
+                table.insert(key, parsed);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Parses and validates a node configuration from TOML text plus overrides.
+pub fn parse_node_config(text: &str, origin: &str, vars: impl Iterator<Item = (String, String)>) -> anyhow::Result<NodeConfig> {
+    let table: toml::Table = text.parse().with_context(|| format!("{origin} is not valid TOML"))?;
+    node_config_from_table(table, origin, vars)
+}
+
+/// Validates a node configuration from a TOML table plus overrides.
+pub fn node_config_from_table(
+    mut table: toml::Table,
+    origin: &str,
+    vars: impl Iterator<Item = (String, String)>,
+) -> anyhow::Result<NodeConfig> {
+    apply_overrides(&mut table, vars)?;
+    let config: NodeConfig = toml::Value::Table(table)
+        .try_into()
+        .with_context(|| format!("{origin}: invalid node configuration"))?;
+    config.validate().with_context(|| format!("{origin}: invalid node configuration"))?;
+    Ok(config)
+}
+
+/// Loads `path` (or `FERRY_CONFIG`) with environment overrides.
+pub fn load_node_config(path: Option<&Path>) -> anyhow::Result<NodeConfig> {
+    let path = match path {
+        Some(p) => p.to_path_buf(),
+        None => std::env::var_os("FERRY_CONFIG")
+            .map(Into::into)
+            .context("no --config given and FERRY_CONFIG is not set")?,
+    };
+    let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read config file {}", path.display()))?;
+    parse_node_config(&text, &path.display().to_string(), std::env::vars())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NODE: &str = include_str!("../../../config/node.toml");
+
+    fn vars(list: &[(&str, &str)]) -> impl Iterator<Item = (String, String)> {
+        list.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<Vec<_>>().into_iter()
+    }
+
+    #[test]
+    fn example_config_parses_and_overrides_apply() {
+        let config = parse_node_config(NODE, "node.toml", vars(&[("FERRY_RAFT_HEARTBEAT_MS", "200"), ("FERRY_DATA_DIR", "/tmp/x")])).unwrap();
+        assert_eq!(config.raft.heartbeat_ms, 200);
+        assert_eq!(config.data_dir, Path::new("/tmp/x"));
+        assert_eq!(config.peers.len(), 3);
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let err = format!("{:#}", parse_node_config(NODE, "node.toml", vars(&[("FERRY_RAFT_HEARTBEAT_MS", "5000")])).unwrap_err());
+        assert!(err.contains("raft") && err.contains("heartbeat_ms"), "{err}");
+        let err = format!("{:#}", parse_node_config(NODE, "node.toml", vars(&[("FERRY_LIMITS_MAX_EVNT", "5")])).unwrap_err());
+        assert!(err.contains("max_evnt"), "{err}");
+        let err = format!("{:#}", parse_node_config(NODE, "node.toml", vars(&[("FERRY_ID", "9")])).unwrap_err());
+        assert!(err.contains("peers") && err.contains('9'), "{err}");
+    }
+}

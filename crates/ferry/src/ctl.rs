@@ -1,0 +1,276 @@
+//! `ferry ctl`: topics, publish and tail against a region.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Args, Subcommand};
+use ferry_client::{Client, ClientOptions, ProducerOptions, StartFrom};
+use ferry_net::tls::TlsIdentity;
+use ferry_proto::{Event, EventClass, Retention, Subject, SubjectFilter, TopicConfig};
+use tokio::io::AsyncBufReadExt;
+
+/// How to reach the region; shared by `ctl` and `bench`.
+#[derive(Args, Clone)]
+pub(crate) struct Connect {
+    /// Node addresses (any of the region's nodes).
+    #[arg(long, env = "FERRY_SERVERS", value_delimiter = ',', default_value = "127.0.0.1:7401,127.0.0.1:7402,127.0.0.1:7403")]
+    pub(crate) servers: Vec<SocketAddr>,
+    /// Folder with ca.pem and the client's certificate (what `ferry dev` prints).
+    #[arg(long, env = "FERRY_CERTS", default_value = "ferry-dev/certs")]
+    pub(crate) certs: PathBuf,
+    /// Client certificate name: loads client-NAME.pem and client-NAME.key.
+    #[arg(long, default_value = "ctl")]
+    pub(crate) client: String,
+}
+
+impl Connect {
+    pub(crate) fn client(&self) -> anyhow::Result<Client> {
+        let identity = TlsIdentity::load(
+            &self.certs.join("ca.pem"),
+            &self.certs.join(format!("client-{}.pem", self.client)),
+            &self.certs.join(format!("client-{}.key", self.client)),
+        )
+        .context("loading the client certificate (set --certs or FERRY_CERTS)")?;
+        Ok(Client::new(ClientOptions::new(self.servers.clone(), identity))?)
+    }
+}
+
+#[derive(Args)]
+pub(crate) struct CtlArgs {
+    #[command(flatten)]
+    connect: Connect,
+    #[command(subcommand)]
+    command: CtlCommand,
+}
+
+#[derive(Subcommand)]
+enum CtlCommand {
+    /// Topics.
+    Topic {
+        #[command(subcommand)]
+        command: TopicCommand,
+    },
+    /// Publish events: one per DATA argument, or one per line of standard input.
+    Publish {
+        /// Topic.
+        topic: String,
+        /// Event payloads.
+        data: Vec<String>,
+        /// Partition key (events with one key stay ordered).
+        #[arg(long)]
+        key: Option<String>,
+        /// Subject.
+        #[arg(long, default_value = "ctl.published")]
+        subject: String,
+        /// CloudEvents type.
+        #[arg(long = "type", default_value = "ferry.ctl.publish")]
+        ty: String,
+        /// CloudEvents source.
+        #[arg(long, default_value = "/ferry/ctl")]
+        source: String,
+    },
+    /// Print events as they are committed.
+    Tail {
+        /// Topic.
+        topic: String,
+        /// Only this partition (default: all).
+        #[arg(long)]
+        partition: Option<u32>,
+        /// earliest, latest, or an offset.
+        #[arg(long, default_value = "earliest")]
+        from: String,
+        /// Stop after this many events.
+        #[arg(long)]
+        count: Option<u64>,
+    },
+}
+
+#[derive(Subcommand)]
+enum TopicCommand {
+    /// Create a topic.
+    Create {
+        /// Name.
+        name: String,
+        /// Partitions.
+        #[arg(long, default_value_t = 1)]
+        partitions: u32,
+        /// Replicas per partition.
+        #[arg(long, default_value_t = 3)]
+        replication: u32,
+        /// Subject filter the topic accepts.
+        #[arg(long, default_value = ">")]
+        subjects: String,
+        /// domain, integration or notification.
+        #[arg(long, default_value = "domain")]
+        class: String,
+        /// Drop events older than this many seconds.
+        #[arg(long)]
+        retention_seconds: Option<u64>,
+        /// Keep at most this many bytes per partition.
+        #[arg(long)]
+        retention_bytes: Option<u64>,
+    },
+    /// List topics.
+    List,
+    /// Describe a topic: partitions, leaders, replicas, offsets.
+    Describe {
+        /// Name.
+        name: String,
+    },
+}
+
+fn parse_from(text: &str) -> anyhow::Result<StartFrom> {
+    Ok(match text {
+        "earliest" => StartFrom::Earliest,
+        "latest" => StartFrom::Latest,
+        n => StartFrom::Offset(n.parse().with_context(|| format!("--from {n:?}: expected earliest, latest or an offset"))?),
+    })
+}
+
+pub(crate) async fn run(args: CtlArgs) -> anyhow::Result<()> {
+    let client = args.connect.client()?;
+    match args.command {
+        CtlCommand::Topic { command } => topic(&client, command).await,
+        CtlCommand::Publish {
+            topic,
+            data,
+            key,
+            subject,
+            ty,
+            source,
+        } => {
+            let subject = Subject::new(subject)?;
+            let producer = client.producer(&topic, ProducerOptions::default()).await?;
+            let make = |i: usize, payload: String| {
+                let mut e = Event::new(format!("ctl-{}-{i}", producer.id()), source.clone(), ty.clone(), subject.clone(), payload.into_bytes());
+                e.datacontenttype = Some("text/plain".into());
+                if let Some(k) = &key {
+                    e = e.with_key(k.clone().into_bytes());
+                }
+                e
+            };
+            let mut payloads = data;
+            if payloads.is_empty() {
+                let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+                while let Some(line) = lines.next_line().await? {
+                    payloads.push(line);
+                }
+            }
+            let mut acks = Vec::new();
+            for (i, payload) in payloads.into_iter().enumerate() {
+                acks.push(producer.send(make(i, payload)).await?);
+            }
+            for ack in acks {
+                let ack = ack.await?;
+                println!("published to {topic}/{} at offset {}", ack.partition, ack.offset);
+            }
+            Ok(())
+        }
+        CtlCommand::Tail { topic, partition, from, count } => {
+            let from = parse_from(&from)?;
+            let description = client.describe_topic(&topic).await?;
+            let partitions: Vec<u32> = match partition {
+                Some(p) if p < description.config.partitions => vec![p],
+                Some(p) => bail!("topic {topic} has {} partitions; {p} is out of range", description.config.partitions),
+                None => (0..description.config.partitions).collect(),
+            };
+            let (tx, mut rx) = tokio::sync::mpsc::channel(1024);
+            for p in partitions {
+                let client = client.clone();
+                let topic = topic.clone();
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let mut sub = match client.subscribe(&topic, p, from).await {
+                        Ok(s) => s,
+                        Err(e) => {
+                            let _ = tx.send(Err(e)).await;
+                            return;
+                        }
+                    };
+                    loop {
+                        let item = sub.next().await.map(|(o, e)| (p, o, e));
+                        let stop = item.is_err();
+                        if tx.send(item).await.is_err() || stop {
+                            return;
+                        }
+                    }
+                });
+            }
+            drop(tx);
+            let mut printed = 0u64;
+            while let Some(item) = rx.recv().await {
+                let (p, offset, event) = item?;
+                let key = event.key.as_ref().map(|k| String::from_utf8_lossy(k).into_owned()).unwrap_or_default();
+                println!("{topic}/{p}@{offset} key={key} subject={} id={} {}", event.subject, event.id, String::from_utf8_lossy(&event.data));
+                printed += 1;
+                if count.is_some_and(|c| printed >= c) {
+                    break;
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn topic(client: &Client, command: TopicCommand) -> anyhow::Result<()> {
+    match command {
+        TopicCommand::Create {
+            name,
+            partitions,
+            replication,
+            subjects,
+            class,
+            retention_seconds,
+            retention_bytes,
+        } => {
+            let mut config = TopicConfig::new(name.clone(), partitions);
+            config.replication = replication;
+            config.subjects = SubjectFilter::new(subjects)?;
+            config.class = class.parse::<EventClass>()?;
+            config.retention = Retention {
+                max_age_ms: retention_seconds.map(|s| s * 1000),
+                max_bytes: retention_bytes,
+            };
+            client.create_topic(config).await?;
+            // Wait (bounded) until every partition has a leader, so the next command works.
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+            loop {
+                let d = client.describe_topic(&name).await?;
+                if d.partitions.iter().all(|p| p.leader.is_some()) {
+                    break;
+                }
+                if tokio::time::Instant::now() > deadline {
+                    println!("created topic {name}; some partitions are still electing a leader");
+                    return Ok(());
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            println!("created topic {name} with {partitions} partitions, replication {replication}");
+            Ok(())
+        }
+        TopicCommand::List => {
+            for t in client.list_topics().await? {
+                println!("{}\tpartitions={}\treplication={}\tclass={:?}\tsubjects={}", t.name, t.partitions, t.replication, t.class, t.subjects);
+            }
+            Ok(())
+        }
+        TopicCommand::Describe { name } => {
+            let d = client.describe_topic(&name).await?;
+            let c = &d.config;
+            println!(
+                "topic {}: {} partitions, replication {}, class {:?}, subjects {}, retention age {:?} ms bytes {:?}",
+                c.name, c.partitions, c.replication, c.class, c.subjects, c.retention.max_age_ms, c.retention.max_bytes
+            );
+            for p in &d.partitions {
+                let leader = p.leader.map_or("none".to_string(), |l| l.to_string());
+                println!("  partition {:>3}  leader {leader:>4}  replicas {:?}  offsets {}..{}", p.partition, p.replicas, p.low_watermark, p.high_watermark);
+            }
+            for n in &d.nodes {
+                println!("  node {} at {}", n.id, n.client_addr);
+            }
+            Ok(())
+        }
+    }
+}
