@@ -126,7 +126,6 @@ async fn three_nodes_survive_a_leader_kill_and_a_full_restart() {
     while let Some(done) = acks.next().await {
         record(done);
     }
-    drop(record);
     assert!(
         failed.is_empty(),
         "publishes failed: {:?}",

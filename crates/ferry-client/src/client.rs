@@ -10,7 +10,7 @@ use ferry_net::tls::{client_config, TlsIdentity};
 use ferry_net::{NetError, ALPN_CLIENT, NODE_SERVER_NAME};
 use ferry_proto::codec::{decode_frame, encode_frame};
 use ferry_proto::wire::{ClientRequest, ClientResponse, StartFrom, TopicDescription};
-use ferry_proto::{Event, Limits, StoredBatch, TopicConfig};
+use ferry_proto::{Event, Limits, NodeId, StoredBatch, TopicConfig};
 
 use crate::{ClientError, Producer, ProducerOptions, Subscription};
 
@@ -297,12 +297,28 @@ impl Client {
         loop {
             let result = self.describe_topic(topic).await;
             if let Ok(d) = &result {
-                let leader = d.partitions.get(partition as usize).and_then(|p| p.leader);
-                let addr = leader
-                    .and_then(|l| d.nodes.iter().find(|n| n.id == l))
-                    .and_then(|n| n.client_addr.parse().ok());
-                if let Some(addr) = addr {
+                let addr_of = |id: NodeId| {
+                    d.nodes
+                        .iter()
+                        .find(|n| n.id == id)
+                        .and_then(|n| n.client_addr.parse::<SocketAddr>().ok())
+                };
+                let info = d.partitions.get(partition as usize);
+                if let Some(addr) = info.and_then(|p| p.leader).and_then(addr_of) {
                     return Ok(addr);
+                }
+                // The answering node does not host the partition: ask its replicas.
+                for replica in info.map(|p| p.replicas.clone()).unwrap_or_default() {
+                    let Some(at) = addr_of(replica) else { continue };
+                    let request = ClientRequest::DescribeTopic {
+                        topic: topic.into(),
+                    };
+                    if let Ok(ClientResponse::Topic(d)) = self.request_at(at, &request).await {
+                        let leader = d.partitions.get(partition as usize).and_then(|p| p.leader);
+                        if let Some(addr) = leader.and_then(addr_of) {
+                            return Ok(addr);
+                        }
+                    }
                 }
             }
             if let Err(e @ ClientError::Api(_)) = result {

@@ -78,15 +78,15 @@ fn partition_reply(result: WriteResult, what: &str) -> ClientResponse {
 }
 
 impl<T: Transport> Node<T> {
-    fn lookup(&self, topic: &str, partition: u32) -> Result<PartitionGroup, ClientResponse> {
+    fn lookup(&self, topic: &str, partition: u32) -> Result<PartitionGroup, ApiError> {
         let Some(state) = self.inner.meta_view.topic(topic) else {
-            return Err(error(
+            return Err(ApiError::new(
                 ErrorCode::UnknownTopic,
                 format!("no topic named {topic:?}"),
             ));
         };
         if partition >= state.config.partitions {
-            return Err(error(
+            return Err(ApiError::new(
                 ErrorCode::UnknownPartition,
                 format!(
                     "topic {topic:?} has {} partitions; {partition} is out of range",
@@ -94,11 +94,10 @@ impl<T: Transport> Node<T> {
                 ),
             ));
         }
-        self.partition(topic, partition).ok_or_else(|| {
-            not_leader(
-                state.replicas[partition as usize].first().copied(),
-                &format!("{topic}/{partition} (not a replica here)"),
-            )
+        self.partition(topic, partition).ok_or_else(|| ApiError {
+            code: ErrorCode::NotLeader,
+            message: format!("{topic}/{partition} has no replica on this node"),
+            leader_hint: state.replicas[partition as usize].first().copied(),
         })
     }
 
@@ -112,7 +111,7 @@ impl<T: Transport> Node<T> {
     ) -> Pending {
         let group = match self.lookup(&topic, partition) {
             Ok(g) => g,
-            Err(response) => return Box::pin(async move { response }),
+            Err(e) => return Box::pin(async move { ClientResponse::Error(e) }),
         };
         if let Err(e) = batch.decode_events(&self.inner.config.limits) {
             let code = match e {
@@ -167,7 +166,16 @@ impl<T: Transport> Node<T> {
                     .map(|t| t.config)
                     .collect(),
             ),
-            ClientRequest::DescribeTopic { topic } => self.describe(&topic),
+            ClientRequest::DescribeTopic { topic } => {
+                let response = self.describe(&topic);
+                // A topic just created may not have reached this node yet: ask the leader.
+                if matches!(&response, ClientResponse::Error(e) if e.code == ErrorCode::UnknownTopic)
+                {
+                    let request = ClientRequest::DescribeTopic { topic };
+                    return self.on_meta_leader(request, forwarded, |_| response).await;
+                }
+                response
+            }
             ClientRequest::Publish {
                 topic,
                 partition,
@@ -181,7 +189,7 @@ impl<T: Transport> Node<T> {
             } => {
                 let group = match self.lookup(&topic, partition) {
                     Ok(g) => g,
-                    Err(r) => return r,
+                    Err(e) => return ClientResponse::Error(e),
                 };
                 // Fetch reads everything committed: the leader confirms its leadership and
                 // waits until its state machine has applied up to the commit point.
@@ -279,7 +287,7 @@ impl<T: Transport> Node<T> {
                 };
                 let g = match self.lookup(&topic, partition) {
                     Ok(g) => g,
-                    Err(r) => return r,
+                    Err(e) => return ClientResponse::Error(e),
                 };
                 let Ok(command) = encode(
                     "partition command",
@@ -311,7 +319,7 @@ impl<T: Transport> Node<T> {
             } => {
                 let g = match self.lookup(&topic, partition) {
                     Ok(g) => g,
-                    Err(r) => return r,
+                    Err(e) => return ClientResponse::Error(e),
                 };
                 let leader = g.raft.metrics().borrow_watched().current_leader;
                 if leader != Some(self.inner.id) {
@@ -614,7 +622,7 @@ impl<T: Transport> Node<T> {
     ) -> Result<(), ferry_net::NetError> {
         let group = match self.lookup(&topic, partition) {
             Ok(g) => g,
-            Err(response) => return self.respond(&mut send, &response).await,
+            Err(e) => return self.respond(&mut send, &ClientResponse::Error(e)).await,
         };
         let mut marks = group.view.subscribe();
         let mut shutdown = self.shutdown_signal();

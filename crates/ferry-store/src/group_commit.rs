@@ -35,6 +35,8 @@ pub struct FlushStats {
     pub flushes: AtomicU64,
     /// Writes that waited for one.
     pub waiters: AtomicU64,
+    /// Time spent in fsync, microseconds.
+    pub flush_micros: AtomicU64,
 }
 
 /// The node's shared flusher. Cloning shares it; when the last clone drops, the fsync thread
@@ -80,7 +82,11 @@ impl GroupCommit {
                 while let Ok(first) = rx.recv() {
                     let mut waiters = vec![first];
                     waiters.extend(rx.try_iter());
+                    let started = std::time::Instant::now();
                     let result = db.flush().map(|_| ()).map_err(|e| e.to_string());
+                    thread_stats
+                        .flush_micros
+                        .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
                     if let Err(e) = &result {
                         tracing::error!(error = %e, "fsync failed");
                     }

@@ -83,5 +83,5 @@ async fn flushes_are_shared_between_concurrent_writers() {
     let flushes = stats.flushes.load(std::sync::atomic::Ordering::Relaxed);
     let waiters = stats.waiters.load(std::sync::atomic::Ordering::Relaxed);
     assert_eq!(waiters, 64, "every waiter was completed by a flush");
-    assert!(flushes >= 1 && flushes <= 64);
+    assert!((1..=64).contains(&flushes));
 }

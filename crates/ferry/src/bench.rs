@@ -93,14 +93,20 @@ async fn produce(mut args: ProduceArgs) -> anyhow::Result<()> {
     let description = match client.describe_topic(&args.topic).await {
         Ok(d) => d,
         Err(_) => {
-            client.create_topic(TopicConfig::new(args.topic.clone(), args.partitions)).await?;
+            client
+                .create_topic(TopicConfig::new(args.topic.clone(), args.partitions))
+                .await?;
             let deadline = Instant::now() + Duration::from_secs(30);
             loop {
                 let d = client.describe_topic(&args.topic).await?;
                 if d.partitions.iter().all(|p| p.leader.is_some()) {
                     break d;
                 }
-                anyhow::ensure!(Instant::now() < deadline, "partitions of {} got no leader in 30 s", args.topic);
+                anyhow::ensure!(
+                    Instant::now() < deadline,
+                    "partitions of {} got no leader in 30 s",
+                    args.topic
+                );
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
@@ -116,7 +122,8 @@ async fn produce(mut args: ProduceArgs) -> anyhow::Result<()> {
 
     let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel();
     let collector = tokio::spawn(async move {
-        let mut histogram = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3).expect("histogram bounds");
+        let mut histogram =
+            Histogram::<u64>::new_with_bounds(1, 600_000_000, 3).expect("histogram bounds");
         let mut pending = FuturesUnordered::new();
         let (mut ok, mut errors) = (0u64, 0u64);
         let mut open = true;
@@ -147,7 +154,13 @@ async fn produce(mut args: ProduceArgs) -> anyhow::Result<()> {
 
     let started = Instant::now();
     for i in 0..args.count {
-        let event = Event::new(format!("bench-{i}"), "/ferry/bench", "bench.event", subject.clone(), payload.clone());
+        let event = Event::new(
+            format!("bench-{i}"),
+            "/ferry/bench",
+            "bench.event",
+            subject.clone(),
+            payload.clone(),
+        );
         let ack = producer.send(event).await?;
         let sent = Instant::now();
         done_tx
@@ -184,7 +197,8 @@ async fn produce(mut args: ProduceArgs) -> anyhow::Result<()> {
         report.ack_latency_ms.p50, report.ack_latency_ms.p99, report.ack_latency_ms.p999, errors, seconds
     );
     if let Some(out) = &args.out {
-        std::fs::write(out, serde_json::to_string_pretty(&report)?).with_context(|| format!("writing {}", out.display()))?;
+        std::fs::write(out, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("writing {}", out.display()))?;
     }
     anyhow::ensure!(errors == 0, "{errors} publishes failed");
     Ok(())

@@ -17,7 +17,10 @@ const SECTIONS: &[&str] = &["limits", "raft", "tls"];
 const NOT_OVERRIDES: &[&str] = &["FERRY_CONFIG", "FERRY_CERTS", "FERRY_SERVERS", "FERRY_LOG"];
 
 /// Applies environment overrides to a parsed TOML table.
-pub fn apply_overrides(table: &mut toml::Table, vars: impl Iterator<Item = (String, String)>) -> anyhow::Result<()> {
+pub fn apply_overrides(
+    table: &mut toml::Table,
+    vars: impl Iterator<Item = (String, String)>,
+) -> anyhow::Result<()> {
     for (name, value) in vars {
         if !name.starts_with("FERRY_") || NOT_OVERRIDES.contains(&name.as_str()) {
             continue;
@@ -49,8 +52,14 @@ pub fn apply_overrides(table: &mut toml::Table, vars: impl Iterator<Item = (Stri
 }
 
 /// Parses and validates a node configuration from TOML text plus overrides.
-pub fn parse_node_config(text: &str, origin: &str, vars: impl Iterator<Item = (String, String)>) -> anyhow::Result<NodeConfig> {
-    let table: toml::Table = text.parse().with_context(|| format!("{origin} is not valid TOML"))?;
+pub fn parse_node_config(
+    text: &str,
+    origin: &str,
+    vars: impl Iterator<Item = (String, String)>,
+) -> anyhow::Result<NodeConfig> {
+    let table: toml::Table = text
+        .parse()
+        .with_context(|| format!("{origin} is not valid TOML"))?;
     node_config_from_table(table, origin, vars)
 }
 
@@ -64,7 +73,9 @@ pub fn node_config_from_table(
     let config: NodeConfig = toml::Value::Table(table)
         .try_into()
         .with_context(|| format!("{origin}: invalid node configuration"))?;
-    config.validate().with_context(|| format!("{origin}: invalid node configuration"))?;
+    config
+        .validate()
+        .with_context(|| format!("{origin}: invalid node configuration"))?;
     Ok(config)
 }
 
@@ -76,7 +87,8 @@ pub fn load_node_config(path: Option<&Path>) -> anyhow::Result<NodeConfig> {
             .map(Into::into)
             .context("no --config given and FERRY_CONFIG is not set")?,
     };
-    let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read config file {}", path.display()))?;
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read config file {}", path.display()))?;
     parse_node_config(&text, &path.display().to_string(), std::env::vars())
 }
 
@@ -87,12 +99,23 @@ mod tests {
     const NODE: &str = include_str!("../../../config/node.toml");
 
     fn vars(list: &[(&str, &str)]) -> impl Iterator<Item = (String, String)> {
-        list.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<Vec<_>>().into_iter()
+        list.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect::<Vec<_>>()
+            .into_iter()
     }
 
     #[test]
     fn example_config_parses_and_overrides_apply() {
-        let config = parse_node_config(NODE, "node.toml", vars(&[("FERRY_RAFT_HEARTBEAT_MS", "200"), ("FERRY_DATA_DIR", "/tmp/x")])).unwrap();
+        let config = parse_node_config(
+            NODE,
+            "node.toml",
+            vars(&[
+                ("FERRY_RAFT_HEARTBEAT_MS", "200"),
+                ("FERRY_DATA_DIR", "/tmp/x"),
+            ]),
+        )
+        .unwrap();
         assert_eq!(config.raft.heartbeat_ms, 200);
         assert_eq!(config.data_dir, Path::new("/tmp/x"));
         assert_eq!(config.peers.len(), 3);
@@ -100,11 +123,29 @@ mod tests {
 
     #[test]
     fn errors_name_the_key() {
-        let err = format!("{:#}", parse_node_config(NODE, "node.toml", vars(&[("FERRY_RAFT_HEARTBEAT_MS", "5000")])).unwrap_err());
-        assert!(err.contains("raft") && err.contains("heartbeat_ms"), "{err}");
-        let err = format!("{:#}", parse_node_config(NODE, "node.toml", vars(&[("FERRY_LIMITS_MAX_EVNT", "5")])).unwrap_err());
+        let err = format!(
+            "{:#}",
+            parse_node_config(
+                NODE,
+                "node.toml",
+                vars(&[("FERRY_RAFT_HEARTBEAT_MS", "5000")])
+            )
+            .unwrap_err()
+        );
+        assert!(
+            err.contains("raft") && err.contains("heartbeat_ms"),
+            "{err}"
+        );
+        let err = format!(
+            "{:#}",
+            parse_node_config(NODE, "node.toml", vars(&[("FERRY_LIMITS_MAX_EVNT", "5")]))
+                .unwrap_err()
+        );
         assert!(err.contains("max_evnt"), "{err}");
-        let err = format!("{:#}", parse_node_config(NODE, "node.toml", vars(&[("FERRY_ID", "9")])).unwrap_err());
+        let err = format!(
+            "{:#}",
+            parse_node_config(NODE, "node.toml", vars(&[("FERRY_ID", "9")])).unwrap_err()
+        );
         assert!(err.contains("peers") && err.contains('9'), "{err}");
     }
 }

@@ -15,7 +15,12 @@ use tokio::io::AsyncBufReadExt;
 #[derive(Args, Clone)]
 pub(crate) struct Connect {
     /// Node addresses (any of the region's nodes).
-    #[arg(long, env = "FERRY_SERVERS", value_delimiter = ',', default_value = "127.0.0.1:7401,127.0.0.1:7402,127.0.0.1:7403")]
+    #[arg(
+        long,
+        env = "FERRY_SERVERS",
+        value_delimiter = ',',
+        default_value = "127.0.0.1:7401,127.0.0.1:7402,127.0.0.1:7403"
+    )]
     pub(crate) servers: Vec<SocketAddr>,
     /// Folder with ca.pem and the client's certificate (what `ferry dev` prints).
     #[arg(long, env = "FERRY_CERTS", default_value = "ferry-dev/certs")]
@@ -33,7 +38,10 @@ impl Connect {
             &self.certs.join(format!("client-{}.key", self.client)),
         )
         .context("loading the client certificate (set --certs or FERRY_CERTS)")?;
-        Ok(Client::new(ClientOptions::new(self.servers.clone(), identity))?)
+        Ok(Client::new(ClientOptions::new(
+            self.servers.clone(),
+            identity,
+        ))?)
     }
 }
 
@@ -125,7 +133,10 @@ fn parse_from(text: &str) -> anyhow::Result<StartFrom> {
     Ok(match text {
         "earliest" => StartFrom::Earliest,
         "latest" => StartFrom::Latest,
-        n => StartFrom::Offset(n.parse().with_context(|| format!("--from {n:?}: expected earliest, latest or an offset"))?),
+        n => StartFrom::Offset(
+            n.parse()
+                .with_context(|| format!("--from {n:?}: expected earliest, latest or an offset"))?,
+        ),
     })
 }
 
@@ -144,7 +155,13 @@ pub(crate) async fn run(args: CtlArgs) -> anyhow::Result<()> {
             let subject = Subject::new(subject)?;
             let producer = client.producer(&topic, ProducerOptions::default()).await?;
             let make = |i: usize, payload: String| {
-                let mut e = Event::new(format!("ctl-{}-{i}", producer.id()), source.clone(), ty.clone(), subject.clone(), payload.into_bytes());
+                let mut e = Event::new(
+                    format!("ctl-{}-{i}", producer.id()),
+                    source.clone(),
+                    ty.clone(),
+                    subject.clone(),
+                    payload.into_bytes(),
+                );
                 e.datacontenttype = Some("text/plain".into());
                 if let Some(k) = &key {
                     e = e.with_key(k.clone().into_bytes());
@@ -164,16 +181,27 @@ pub(crate) async fn run(args: CtlArgs) -> anyhow::Result<()> {
             }
             for ack in acks {
                 let ack = ack.await?;
-                println!("published to {topic}/{} at offset {}", ack.partition, ack.offset);
+                println!(
+                    "published to {topic}/{} at offset {}",
+                    ack.partition, ack.offset
+                );
             }
             Ok(())
         }
-        CtlCommand::Tail { topic, partition, from, count } => {
+        CtlCommand::Tail {
+            topic,
+            partition,
+            from,
+            count,
+        } => {
             let from = parse_from(&from)?;
             let description = client.describe_topic(&topic).await?;
             let partitions: Vec<u32> = match partition {
                 Some(p) if p < description.config.partitions => vec![p],
-                Some(p) => bail!("topic {topic} has {} partitions; {p} is out of range", description.config.partitions),
+                Some(p) => bail!(
+                    "topic {topic} has {} partitions; {p} is out of range",
+                    description.config.partitions
+                ),
                 None => (0..description.config.partitions).collect(),
             };
             let (tx, mut rx) = tokio::sync::mpsc::channel(1024);
@@ -202,8 +230,17 @@ pub(crate) async fn run(args: CtlArgs) -> anyhow::Result<()> {
             let mut printed = 0u64;
             while let Some(item) = rx.recv().await {
                 let (p, offset, event) = item?;
-                let key = event.key.as_ref().map(|k| String::from_utf8_lossy(k).into_owned()).unwrap_or_default();
-                println!("{topic}/{p}@{offset} key={key} subject={} id={} {}", event.subject, event.id, String::from_utf8_lossy(&event.data));
+                let key = event
+                    .key
+                    .as_ref()
+                    .map(|k| String::from_utf8_lossy(k).into_owned())
+                    .unwrap_or_default();
+                println!(
+                    "{topic}/{p}@{offset} key={key} subject={} id={} {}",
+                    event.subject,
+                    event.id,
+                    String::from_utf8_lossy(&event.data)
+                );
                 printed += 1;
                 if count.is_some_and(|c| printed >= c) {
                     break;
@@ -247,12 +284,17 @@ async fn topic(client: &Client, command: TopicCommand) -> anyhow::Result<()> {
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
-            println!("created topic {name} with {partitions} partitions, replication {replication}");
+            println!(
+                "created topic {name} with {partitions} partitions, replication {replication}"
+            );
             Ok(())
         }
         TopicCommand::List => {
             for t in client.list_topics().await? {
-                println!("{}\tpartitions={}\treplication={}\tclass={:?}\tsubjects={}", t.name, t.partitions, t.replication, t.class, t.subjects);
+                println!(
+                    "{}\tpartitions={}\treplication={}\tclass={:?}\tsubjects={}",
+                    t.name, t.partitions, t.replication, t.class, t.subjects
+                );
             }
             Ok(())
         }
@@ -265,7 +307,10 @@ async fn topic(client: &Client, command: TopicCommand) -> anyhow::Result<()> {
             );
             for p in &d.partitions {
                 let leader = p.leader.map_or("none".to_string(), |l| l.to_string());
-                println!("  partition {:>3}  leader {leader:>4}  replicas {:?}  offsets {}..{}", p.partition, p.replicas, p.low_watermark, p.high_watermark);
+                println!(
+                    "  partition {:>3}  leader {leader:>4}  replicas {:?}  offsets {}..{}",
+                    p.partition, p.replicas, p.low_watermark, p.high_watermark
+                );
             }
             for n in &d.nodes {
                 println!("  node {} at {}", n.id, n.client_addr);

@@ -24,12 +24,17 @@ pub(crate) struct DevArgs {
 }
 
 pub(crate) async fn run(args: DevArgs) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&args.data).with_context(|| format!("creating {}", args.data.display()))?;
-    let data = args.data.canonicalize().with_context(|| format!("resolving {}", args.data.display()))?;
+    std::fs::create_dir_all(&args.data)
+        .with_context(|| format!("creating {}", args.data.display()))?;
+    let data = args
+        .data
+        .canonicalize()
+        .with_context(|| format!("resolving {}", args.data.display()))?;
     let certs = data.join("certs");
     let ids: Vec<u64> = (1..=args.nodes).collect();
     if !certs.join("ca.pem").exists() {
-        generate_dev_certs(&certs, &ids, &["ctl", "bench"]).with_context(|| format!("writing certificates into {}", certs.display()))?;
+        generate_dev_certs(&certs, &ids, &["ctl", "bench"])
+            .with_context(|| format!("writing certificates into {}", certs.display()))?;
     }
     let template: toml::Table = DEV_DEFAULT.parse().context("the embedded dev config")?;
     let peers: Vec<toml::Value> = ids
@@ -38,7 +43,10 @@ pub(crate) async fn run(args: DevArgs) -> anyhow::Result<()> {
             let mut t = toml::Table::new();
             t.insert("id".into(), toml::Value::Integer(*id as i64));
             let port = u64::from(args.base_port) + id - 1;
-            t.insert("addr".into(), toml::Value::String(format!("127.0.0.1:{port}")));
+            t.insert(
+                "addr".into(),
+                toml::Value::String(format!("127.0.0.1:{port}")),
+            );
             toml::Value::Table(t)
         })
         .collect();
@@ -46,12 +54,24 @@ pub(crate) async fn run(args: DevArgs) -> anyhow::Result<()> {
     for id in &ids {
         let mut table = template.clone();
         table.insert("id".into(), toml::Value::Integer(*id as i64));
-        table.insert("data_dir".into(), toml::Value::String(data.join(format!("node-{id}")).display().to_string()));
+        table.insert(
+            "data_dir".into(),
+            toml::Value::String(data.join(format!("node-{id}")).display().to_string()),
+        );
         table.insert("peers".into(), toml::Value::Array(peers.clone()));
         let mut tls = toml::Table::new();
-        tls.insert("ca".into(), toml::Value::String(certs.join("ca.pem").display().to_string()));
-        tls.insert("cert".into(), toml::Value::String(certs.join(format!("node-{id}.pem")).display().to_string()));
-        tls.insert("key".into(), toml::Value::String(certs.join(format!("node-{id}.key")).display().to_string()));
+        tls.insert(
+            "ca".into(),
+            toml::Value::String(certs.join("ca.pem").display().to_string()),
+        );
+        tls.insert(
+            "cert".into(),
+            toml::Value::String(certs.join(format!("node-{id}.pem")).display().to_string()),
+        );
+        tls.insert(
+            "key".into(),
+            toml::Value::String(certs.join(format!("node-{id}.key")).display().to_string()),
+        );
         table.insert("tls".into(), toml::Value::Table(tls));
         let config = node_config_from_table(table, "embedded dev config", std::env::vars())?;
         let identity = TlsIdentity::load(&config.tls.ca, &config.tls.cert, &config.tls.key)?;
@@ -60,20 +80,58 @@ pub(crate) async fn run(args: DevArgs) -> anyhow::Result<()> {
         nodes.push((listen, node));
     }
     let servers: Vec<String> = nodes.iter().map(|(a, _)| a.to_string()).collect();
-    println!("ferry dev: a region of {} nodes on loopback (replication 3, fsync before every ack, mTLS)", ids.len());
+    println!(
+        "ferry dev: a region of {} nodes on loopback (replication 3, fsync before every ack, mTLS)",
+        ids.len()
+    );
     for (id, (addr, _)) in ids.iter().zip(&nodes) {
-        println!("  node {id}  quic://{addr}  data {}", data.join(format!("node-{id}")).display());
+        println!(
+            "  node {id}  quic://{addr}  data {}",
+            data.join(format!("node-{id}")).display()
+        );
     }
-    println!("  certificates (CA, nodes, clients ctl and bench): {}", certs.display());
+    println!(
+        "  certificates (CA, nodes, clients ctl and bench): {}",
+        certs.display()
+    );
     println!();
     println!("From another shell:");
-    println!("  export FERRY_CERTS={} FERRY_SERVERS={}", certs.display(), servers.join(","));
+    println!(
+        "  export FERRY_CERTS={} FERRY_SERVERS={}",
+        certs.display(),
+        servers.join(",")
+    );
     println!("  ferry ctl topic create orders --partitions 4");
     println!("  ferry ctl publish orders --key customer-1 'hello' 'world'");
     println!("  ferry ctl tail orders");
     println!();
-    println!("Ctrl-C stops the region; its data stays in {} for the next run.", data.display());
+    println!(
+        "Ctrl-C stops the region; its data stays in {} for the next run.",
+        data.display()
+    );
+    let stats_nodes: Vec<_> = nodes.iter().map(|(_, n)| n.node().clone()).collect();
+    let stats = tokio::spawn(async move {
+        let mut last = vec![(0, 0, 0); stats_nodes.len()];
+        loop {
+            tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+            for (i, node) in stats_nodes.iter().enumerate() {
+                let now = node.flush_stats();
+                let (f, w, us) = (now.0 - last[i].0, now.1 - last[i].1, now.2 - last[i].2);
+                if f > 0 {
+                    tracing::debug!(
+                        node = node.id(),
+                        fsyncs = f,
+                        writes = w,
+                        mean_fsync_us = us / f,
+                        "storage in the last 5 s"
+                    );
+                }
+                last[i] = now;
+            }
+        }
+    });
     crate::wait_for_shutdown_signal().await;
+    stats.abort();
     for (_, node) in nodes {
         node.shutdown().await;
     }

@@ -14,7 +14,11 @@ use ferry_net::tls::{generate_dev_certs, TlsIdentity};
 use ferry_region::server::BoundEndpoint;
 
 #[derive(Parser)]
-#[command(name = "ferry", version, about = "Ferry: a multi-region replicated event mesh")]
+#[command(
+    name = "ferry",
+    version,
+    about = "Ferry: a multi-region replicated event mesh"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -58,9 +62,13 @@ enum CertsCommand {
 }
 
 fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,ferry=info,ferry_region=info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG").unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("warn,openraft=error,ferry=info,ferry_region=info")
+    });
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
 }
 
 #[tokio::main]
@@ -69,10 +77,16 @@ async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Node { config } => run_node(config).await,
         Command::Certs {
-            command: CertsCommand::Init { out, nodes, clients },
+            command:
+                CertsCommand::Init {
+                    out,
+                    nodes,
+                    clients,
+                },
         } => {
             let names: Vec<&str> = clients.iter().map(String::as_str).collect();
-            generate_dev_certs(&out, &nodes, &names).with_context(|| format!("writing certificates into {}", out.display()))?;
+            generate_dev_certs(&out, &nodes, &names)
+                .with_context(|| format!("writing certificates into {}", out.display()))?;
             println!("wrote a development CA and certificates for nodes {nodes:?} and clients {clients:?} into {}", out.display());
             Ok(())
         }
@@ -85,7 +99,9 @@ async fn main() -> anyhow::Result<()> {
 async fn run_node(path: Option<PathBuf>) -> anyhow::Result<()> {
     let config = config::load_node_config(path.as_deref())?;
     let identity = TlsIdentity::load(&config.tls.ca, &config.tls.cert, &config.tls.key)?;
-    let listen = config.listen_addr().context("this node's address is not in peers")?;
+    let listen = config
+        .listen_addr()
+        .context("this node's address is not in peers")?;
     let id = config.id;
     let node = BoundEndpoint::bind(listen, identity)?.start(config).await?;
     tracing::info!(id, %listen, "node running");
