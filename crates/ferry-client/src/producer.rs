@@ -31,6 +31,10 @@ use crate::{Client, ClientError};
 pub struct ProducerOptions {
     /// Most events sent and not yet acknowledged, over all partitions.
     pub max_in_flight: usize,
+    /// Most batches sent and not yet acknowledged per partition. While a partition has this
+    /// many outstanding, its new events wait and form the next, larger batch; each batch is
+    /// one Raft entry, so fewer, larger batches cost the nodes less per event.
+    pub max_batches_in_flight: usize,
     /// Most events in one batch.
     pub max_batch_events: usize,
     /// Most payload bytes in one batch (a larger single event still goes alone).
@@ -48,6 +52,7 @@ impl Default for ProducerOptions {
     fn default() -> Self {
         Self {
             max_in_flight: 1024,
+            max_batches_in_flight: 2,
             max_batch_events: 256,
             max_batch_bytes: 512 * 1024,
             linger: Duration::ZERO,
@@ -214,7 +219,7 @@ impl Lane {
                 return;
             }
             tokio::select! {
-                item = self.rx.recv(), if !closed => match item {
+                item = self.rx.recv(), if !closed && self.unacked.len() < self.options.max_batches_in_flight.max(1) => match item {
                     None => closed = true,
                     Some(first) => {
                         let items = self.gather(first).await;

@@ -136,6 +136,8 @@ impl<T: Transport> Node<T> {
         };
         let (responder, rx) = ProgressResponder::complete_only();
         let what = format!("{topic}/{partition}");
+        let started = std::time::Instant::now();
+        let node = self.clone();
         if let Err(e) = group
             .raft
             .client_write_ff(Command(command), Some(responder))
@@ -144,13 +146,15 @@ impl<T: Transport> Node<T> {
             return Box::pin(async move { error(ErrorCode::Unavailable, format!("{what}: {e}")) });
         }
         Box::pin(async move {
-            match rx.await {
+            let response = match rx.await {
                 Ok(result) => partition_reply(result, &what),
                 Err(_) => error(
                     ErrorCode::Unavailable,
                     format!("{what}: the partition group stopped"),
                 ),
-            }
+            };
+            node.inner.commit_latency.record(started.elapsed());
+            response
         })
     }
 

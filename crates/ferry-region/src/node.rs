@@ -55,6 +55,23 @@ pub(crate) struct Inner<T> {
     pub(crate) coordinator: Mutex<GroupCoordinator>,
     shutdown: watch::Sender<bool>,
     pub(crate) client_connections: tokio::sync::Semaphore,
+    pub(crate) commit_latency: LatencyCounter,
+}
+
+/// Count and total of a latency, for means over an interval.
+#[derive(Default)]
+pub(crate) struct LatencyCounter {
+    count: std::sync::atomic::AtomicU64,
+    total_micros: std::sync::atomic::AtomicU64,
+}
+
+impl LatencyCounter {
+    pub(crate) fn record(&self, elapsed: Duration) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.count.fetch_add(1, Relaxed);
+        self.total_micros
+            .fetch_add(elapsed.as_micros() as u64, Relaxed);
+    }
 }
 
 /// A running regional node. Cloning shares it.
@@ -140,6 +157,7 @@ impl<T: Transport> Node<T> {
                 coordinator: Mutex::new(GroupCoordinator::new(session)),
                 shutdown: watch::channel(false).0,
                 client_connections: tokio::sync::Semaphore::new(max_conns),
+                commit_latency: LatencyCounter::default(),
             }),
         };
         node.bootstrap_meta().await?;
@@ -347,6 +365,14 @@ impl<T: Transport> Node<T> {
         let s = self.inner.store.flusher().stats();
         let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
         (load(&s.flushes), load(&s.waiters), load(&s.flush_micros))
+    }
+
+    /// Publishes led by this node: (count, total microseconds from submission to Raft until
+    /// the batch was committed and applied).
+    pub fn commit_latency(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let c = &self.inner.commit_latency;
+        (c.count.load(Relaxed), c.total_micros.load(Relaxed))
     }
 
     /// Stops every group and background task. Storage is released when the last clone of

@@ -1,9 +1,12 @@
 //! Group commit: one fsync covers every write any group made before it started.
 //!
-//! Writers insert into sled (in memory) and then wait here. A dedicated thread takes every
-//! waiter queued so far, calls `Db::flush` once, and completes them all. A waiter that arrives
-//! while a flush runs waits for the next one, because the running flush may not cover its
-//! write. No flush is ever skipped and no waiter is completed before its flush returns.
+//! Every write that must become durable is numbered after it reaches sled ([`GroupCommit::
+//! note_write`]); its waiter needs a flush that started after that number. A dedicated thread
+//! takes every waiter queued so far, reads the highest number written, calls `Db::flush` once
+//! and completes the waiters that flush covers; the others (written meanwhile) wait for the
+//! next one. A waiter whose writes are already covered by a finished flush completes at once:
+//! that is what keeps Raft heartbeats, which append nothing, from costing an fsync each. No
+//! waiter is ever completed before a flush that covers its writes has returned.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
@@ -12,16 +15,22 @@ use openraft::storage::IOFlushed;
 
 use crate::{StoreError, TypeConfig};
 
-enum Waiter {
+enum Completion {
     Raft(IOFlushed<TypeConfig>),
     Task(tokio::sync::oneshot::Sender<Result<(), String>>),
 }
 
-impl Waiter {
+struct Waiter {
+    /// The write number a covering flush must have started after.
+    needs: u64,
+    completion: Completion,
+}
+
+impl Completion {
     fn complete(self, result: &Result<(), String>) {
         match self {
-            Waiter::Raft(cb) => cb.io_completed(result.clone().map_err(std::io::Error::other)),
-            Waiter::Task(tx) => {
+            Completion::Raft(cb) => cb.io_completed(result.clone().map_err(std::io::Error::other)),
+            Completion::Task(tx) => {
                 let _ = tx.send(result.clone());
             }
         }
@@ -39,6 +48,14 @@ pub struct FlushStats {
     pub flush_micros: AtomicU64,
 }
 
+#[derive(Default)]
+struct Progress {
+    /// Number of the last write noted.
+    written: AtomicU64,
+    /// Every write up to this number is on disk.
+    flushed: AtomicU64,
+}
+
 /// The node's shared flusher. Cloning shares it; when the last clone drops, the fsync thread
 /// finishes its queue, releases the database and is joined, so the data folder can be
 /// reopened at once.
@@ -46,6 +63,7 @@ pub struct FlushStats {
 pub struct GroupCommit {
     handle: Arc<Handle>,
     stats: Arc<FlushStats>,
+    progress: Arc<Progress>,
 }
 
 struct Handle {
@@ -71,34 +89,57 @@ impl Drop for Handle {
     }
 }
 
+fn run_flusher(
+    db: sled::Db,
+    rx: mpsc::Receiver<Waiter>,
+    stats: Arc<FlushStats>,
+    progress: Arc<Progress>,
+) {
+    let mut pending: Vec<Waiter> = Vec::new();
+    loop {
+        if pending.is_empty() {
+            match rx.recv() {
+                Ok(first) => pending.push(first),
+                Err(_) => return,
+            }
+        }
+        pending.extend(rx.try_iter());
+        // Every write numbered up to `target` reached sled before this flush starts.
+        let target = progress.written.load(Ordering::SeqCst);
+        let started = std::time::Instant::now();
+        let result = db.flush().map(|_| ()).map_err(|e| e.to_string());
+        stats
+            .flush_micros
+            .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+        stats.flushes.fetch_add(1, Ordering::Relaxed);
+        match &result {
+            Ok(()) => {
+                progress.flushed.fetch_max(target, Ordering::SeqCst);
+            }
+            Err(e) => tracing::error!(error = %e, "fsync failed"),
+        }
+        let (covered, later): (Vec<_>, Vec<_>) = pending
+            .drain(..)
+            .partition(|w| w.needs <= target || result.is_err());
+        stats
+            .waiters
+            .fetch_add(covered.len() as u64, Ordering::Relaxed);
+        for waiter in covered {
+            waiter.completion.complete(&result);
+        }
+        pending = later;
+    }
+}
+
 impl GroupCommit {
     pub(crate) fn start(db: sled::Db) -> Self {
         let (tx, rx) = mpsc::channel::<Waiter>();
         let stats = Arc::new(FlushStats::default());
-        let thread_stats = stats.clone();
+        let progress = Arc::new(Progress::default());
+        let (thread_stats, thread_progress) = (stats.clone(), progress.clone());
         let thread = std::thread::Builder::new()
             .name("ferry-fsync".into())
-            .spawn(move || {
-                while let Ok(first) = rx.recv() {
-                    let mut waiters = vec![first];
-                    waiters.extend(rx.try_iter());
-                    let started = std::time::Instant::now();
-                    let result = db.flush().map(|_| ()).map_err(|e| e.to_string());
-                    thread_stats
-                        .flush_micros
-                        .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
-                    if let Err(e) = &result {
-                        tracing::error!(error = %e, "fsync failed");
-                    }
-                    thread_stats.flushes.fetch_add(1, Ordering::Relaxed);
-                    thread_stats
-                        .waiters
-                        .fetch_add(waiters.len() as u64, Ordering::Relaxed);
-                    for waiter in waiters {
-                        waiter.complete(&result);
-                    }
-                }
-            })
+            .spawn(move || run_flusher(db, rx, thread_stats, thread_progress))
             .expect("spawning the fsync thread");
         Self {
             handle: Arc::new(Handle {
@@ -106,22 +147,44 @@ impl GroupCommit {
                 thread: Some(thread),
             }),
             stats,
+            progress,
         }
     }
 
-    /// Completes `callback` after the next flush.
-    pub(crate) fn after_flush(&self, callback: IOFlushed<TypeConfig>) {
-        if let Err(waiter) = self.handle.send(Waiter::Raft(callback)) {
-            waiter.complete(&Err("fsync thread has stopped".into()));
+    /// Numbers a write that has reached sled and must become durable.
+    pub(crate) fn note_write(&self) -> u64 {
+        self.progress.written.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    /// The number of the last write noted: what an operation that wrote nothing itself must
+    /// still wait for, so it never overtakes earlier writes.
+    pub(crate) fn last_write(&self) -> u64 {
+        self.progress.written.load(Ordering::SeqCst)
+    }
+
+    fn enqueue(&self, needs: u64, completion: Completion) {
+        if self.progress.flushed.load(Ordering::SeqCst) >= needs {
+            completion.complete(&Ok(()));
+            return;
+        }
+        if let Err(waiter) = self.handle.send(Waiter { needs, completion }) {
+            waiter
+                .completion
+                .complete(&Err("fsync thread has stopped".into()));
         }
     }
 
-    /// Waits until everything written before this call is on disk.
+    /// Completes `callback` once every write numbered up to `needs` is on disk.
+    pub(crate) fn after_flush(&self, needs: u64, callback: IOFlushed<TypeConfig>) {
+        self.enqueue(needs, Completion::Raft(callback));
+    }
+
+    /// Waits until everything written to the database before this call is on disk; always
+    /// performs (or joins) an fsync started after the call.
     pub async fn flush(&self) -> Result<(), StoreError> {
+        let needs = self.note_write();
         let (tx, rx) = tokio::sync::oneshot::channel();
-        self.handle
-            .send(Waiter::Task(tx))
-            .map_err(|_| StoreError::io("fsync", "fsync thread has stopped"))?;
+        self.enqueue(needs, Completion::Task(tx));
         match rx.await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(StoreError::io("fsync", e)),
@@ -132,5 +195,41 @@ impl GroupCommit {
     /// Flush counters.
     pub fn stats(&self) -> &FlushStats {
         &self.stats
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn wait(gc: &GroupCommit, needs: u64) -> Result<(), String> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        gc.enqueue(needs, Completion::Task(tx));
+        rx.await.expect("completed")
+    }
+
+    #[tokio::test]
+    async fn nothing_new_needs_no_fsync_but_never_overtakes_a_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::Config::new().path(dir.path()).open().unwrap();
+        let gc = GroupCommit::start(db.clone());
+        let flushes = || gc.stats().flushes.load(Ordering::Relaxed);
+
+        // A write waits for a flush that covers it.
+        db.insert("a", "1").unwrap();
+        let n = gc.note_write();
+        wait(&gc, n).await.unwrap();
+        assert_eq!(flushes(), 1);
+
+        // Waiting with nothing new written completes without another fsync.
+        wait(&gc, gc.last_write()).await.unwrap();
+        assert_eq!(flushes(), 1);
+
+        // After a new write, even a waiter that wrote nothing itself waits for a flush.
+        db.insert("b", "2").unwrap();
+        gc.note_write();
+        wait(&gc, gc.last_write()).await.unwrap();
+        assert_eq!(flushes(), 2);
+        assert!(gc.progress.flushed.load(Ordering::SeqCst) >= 2);
     }
 }

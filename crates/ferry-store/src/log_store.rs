@@ -150,13 +150,21 @@ impl RaftLogStorage<TypeConfig> for SledLogStore {
         I::IntoIter: OptionalSend,
     {
         let mut batch = sled::Batch::default();
+        let mut count = 0;
         for entry in entries {
             let value = codec::encode("log entry", &entry).map_err(io_err)?;
             batch.insert(&entry.log_id.index.to_be_bytes(), value);
+            count += 1;
         }
-        self.log.apply_batch(batch).map_err(io_err)?;
+        let needs = if count == 0 {
+            // Nothing new (a heartbeat): done once earlier writes are on disk.
+            self.flusher.last_write()
+        } else {
+            self.log.apply_batch(batch).map_err(io_err)?;
+            self.flusher.note_write()
+        };
         // Completed by the shared fsync thread once this write is on disk.
-        self.flusher.after_flush(callback);
+        self.flusher.after_flush(needs, callback);
         Ok(())
     }
 

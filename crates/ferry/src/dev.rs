@@ -112,6 +112,7 @@ pub(crate) async fn run(args: DevArgs) -> anyhow::Result<()> {
     let stats_nodes: Vec<_> = nodes.iter().map(|(_, n)| n.node().clone()).collect();
     let stats = tokio::spawn(async move {
         let mut last = vec![(0, 0, 0); stats_nodes.len()];
+        let mut last_commit = vec![(0, 0); stats_nodes.len()];
         loop {
             tokio::time::sleep(std::time::Duration::from_secs(5)).await;
             for (i, node) in stats_nodes.iter().enumerate() {
@@ -127,6 +128,17 @@ pub(crate) async fn run(args: DevArgs) -> anyhow::Result<()> {
                     );
                 }
                 last[i] = now;
+                let c = node.commit_latency();
+                let (n, us) = (c.0 - last_commit[i].0, c.1 - last_commit[i].1);
+                if n > 0 {
+                    tracing::debug!(
+                        node = node.id(),
+                        batches = n,
+                        mean_commit_us = us / n,
+                        "publishes led in the last 5 s"
+                    );
+                }
+                last_commit[i] = c;
             }
         }
     });
