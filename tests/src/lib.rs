@@ -44,6 +44,11 @@ pub fn init_logging() {
 impl TestRegion {
     /// Starts `n` nodes on loopback.
     pub async fn start(n: u64) -> Self {
+        Self::start_with(n, |_| {}).await
+    }
+
+    /// Starts `n` nodes on loopback, adjusting each node's configuration first.
+    pub async fn start_with(n: u64, adjust: impl Fn(&mut NodeConfig)) -> Self {
         init_logging();
         let dir = tempfile::tempdir().expect("tempdir");
         let certs = dir.path().join("certs");
@@ -88,6 +93,10 @@ impl TestRegion {
                 retention_interval_ms: 500,
                 group_session_timeout_ms: 3_000,
                 http: None,
+            })
+            .map(|mut config| {
+                adjust(&mut config);
+                config
             })
             .collect();
         let mut nodes = Vec::new();
