@@ -24,7 +24,9 @@
 //! one frame `caller NodeId (u64 BE) ‖ request`, then finishes its send side.
 //! The server answers with one frame `status (u8) ‖ body` — status `0` means
 //! `body` is the handler's response, `1` means `body` is a UTF-8 error message
-//! (surfaced as [`NetError::Remote`]) — and finishes the stream.
+//! (surfaced as [`NetError::Remote`]) — and finishes the stream. A request is
+//! served only if the caller's certificate names the NodeId it claims
+//! ([`node_identity_name`]); a client certificate, or another node's, is refused.
 //!
 //! ## What this crate does not do
 //!
@@ -32,8 +34,6 @@
 //!   messages, client protocol) is the caller's job.
 //! * It does not retry requests: a failed or timed-out [`Transport::call`] is
 //!   reported once; retry policy belongs to the caller (e.g. Raft).
-//! * It does not bind a peer's claimed `NodeId` to its certificate: any
-//!   holder of a certificate signed by the cluster CA is trusted.
 //! * It does not manage production PKI (rotation, revocation); the generated
 //!   dev certificates are for development and tests.
 //! * It does not speak the client protocol; client connections are only
@@ -64,6 +64,12 @@ pub const ALPN_CLIENT: &[u8] = b"ferry-client/1";
 /// DNS name every node certificate carries and every client verifies
 /// (addresses vary; the cluster name does not).
 pub const NODE_SERVER_NAME: &str = "ferry-node";
+
+/// The DNS name a node certificate carries for its own id (`node-<id>.ferry-node`). A peer
+/// connection may only speak for the node id its certificate names.
+pub fn node_identity_name(id: NodeId) -> String {
+    format!("node-{id}.{NODE_SERVER_NAME}")
+}
 
 /// Default maximum frame payload size (4 MiB).
 pub const DEFAULT_MAX_FRAME: usize = 4 * 1024 * 1024;

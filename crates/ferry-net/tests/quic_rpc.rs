@@ -136,7 +136,8 @@ async fn attempt(cfg: quinn::ClientConfig, addr: std::net::SocketAddr) -> Result
         .map_err(|e| format!("handshake: {e}"))?;
     // With TLS 1.3 the client may finish before the server rejects its cert.
     let (mut s, mut r) = conn.open_bi().await.map_err(|e| e.to_string())?;
-    let mut req = 7u64.to_be_bytes().to_vec();
+    // Claims node 2, which the test certificates name.
+    let mut req = 2u64.to_be_bytes().to_vec();
     req.extend_from_slice(b"x");
     write_frame(&mut s, &req).await.map_err(|e| e.to_string())?;
     s.finish().map_err(|e| e.to_string())?;
@@ -416,4 +417,45 @@ async fn transport_reconnects_after_peer_restart() {
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
+}
+
+#[tokio::test]
+async fn a_peer_may_only_claim_the_node_id_its_certificate_names() {
+    let ca = dev_ca().unwrap();
+    let echo = Echo::new(b"n1:");
+    let n1 = start_echo_node(&ca.issue_node(1).unwrap(), echo.clone());
+    let check = |self_id: u64, identity: tls::TlsIdentity| {
+        let t = transport(
+            self_id,
+            &identity,
+            client_endpoint(),
+            &[(1, n1.addr)],
+            TransportOptions::default(),
+        );
+        async move {
+            timeout(DEADLINE, t.call(1, Bytes::from_static(b"hi")))
+                .await
+                .expect("answer in time")
+        }
+    };
+    // Node 2 speaking as node 2 is served.
+    assert!(check(2, ca.issue_node(2).unwrap()).await.is_ok());
+    // Node 2's certificate claiming to be node 3, or a client certificate claiming node 2,
+    // is refused before the handler sees anything.
+    let served = echo.count();
+    let err = check(3, ca.issue_node(2).unwrap()).await.unwrap_err();
+    assert!(
+        matches!(&err, NetError::Remote(m) if m.contains("node id 3")),
+        "{err}"
+    );
+    let err = check(2, ca.issue_client("ctl").unwrap()).await.unwrap_err();
+    assert!(
+        matches!(&err, NetError::Remote(m) if m.contains("node id 2")),
+        "{err}"
+    );
+    assert_eq!(
+        echo.count(),
+        served,
+        "refused requests never reached the handler"
+    );
 }

@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use futures::FutureExt;
@@ -60,13 +61,63 @@ pub async fn serve(
     tracing::debug!("endpoint closed, accept loop finished");
 }
 
+/// What a peer connection may claim to be: the node ids its certificate names.
+struct PeerIdentity {
+    certificate: rustls_pki_types::CertificateDer<'static>,
+    /// The last id verified against the certificate (`u64::MAX`: none yet).
+    verified: AtomicU64,
+}
+
+impl PeerIdentity {
+    fn of(conn: &quinn::Connection) -> Option<Self> {
+        let chain = conn
+            .peer_identity()?
+            .downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>()
+            .ok()?;
+        let certificate = chain.first()?.clone();
+        Some(Self {
+            certificate,
+            verified: AtomicU64::new(u64::MAX),
+        })
+    }
+
+    /// Whether the certificate names node `id` (`node-<id>.ferry-node`).
+    fn allows(&self, id: u64) -> bool {
+        if self.verified.load(Ordering::Relaxed) == id {
+            return true;
+        }
+        let Ok(cert) = webpki::EndEntityCert::try_from(&self.certificate) else {
+            return false;
+        };
+        let Ok(name) = rustls_pki_types::ServerName::try_from(crate::node_identity_name(id)) else {
+            return false;
+        };
+        let ok = cert.verify_is_valid_for_subject_name(&name).is_ok();
+        if ok {
+            self.verified.store(id, Ordering::Relaxed);
+        }
+        ok
+    }
+}
+
 async fn serve_peer(conn: quinn::Connection, handler: Arc<dyn RpcHandler>, max_frame: usize) {
     let remote = conn.remote_address();
+    let Some(identity) = PeerIdentity::of(&conn).map(Arc::new) else {
+        tracing::warn!(%remote, "peer connection without a certificate, closing");
+        conn.close(quinn::VarInt::from_u32(2), b"peer certificate required");
+        return;
+    };
     tracing::debug!(%remote, "peer connection accepted");
     loop {
         match conn.accept_bi().await {
             Ok((send, recv)) => {
-                tokio::spawn(serve_request(send, recv, handler.clone(), max_frame));
+                tokio::spawn(serve_request(
+                    send,
+                    recv,
+                    handler.clone(),
+                    identity.clone(),
+                    max_frame,
+                ));
             }
             Err(e) => {
                 tracing::debug!(%remote, reason = %e, "peer connection ended");
@@ -80,6 +131,7 @@ async fn serve_request(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
     handler: Arc<dyn RpcHandler>,
+    identity: Arc<PeerIdentity>,
     max_frame: usize,
 ) {
     let reply = match read_frame(&mut recv, max_frame + REQUEST_HEADER).await {
@@ -93,6 +145,13 @@ async fn serve_request(
             id.copy_from_slice(&frame[..REQUEST_HEADER]);
             let from = u64::from_be_bytes(id);
             let request = frame.slice(REQUEST_HEADER..);
+            if !identity.allows(from) {
+                tracing::warn!(from, "peer claims a node id its certificate does not name");
+                let msg = format!("node id {from} does not match the peer certificate");
+                let _ = write_frame_parts(&mut send, &[&[STATUS_ERR], msg.as_bytes()]).await;
+                let _ = send.finish();
+                return;
+            }
             AssertUnwindSafe(handler.handle(from, request))
                 .catch_unwind()
                 .await

@@ -87,12 +87,16 @@ impl DevCa {
         self.key.serialize_pem().into_bytes()
     }
 
-    /// Issues a node identity: SANs [`NODE_SERVER_NAME`], `localhost`,
+    /// Issues a node identity: SANs [`NODE_SERVER_NAME`], `node-<id>.ferry-node` (which
+    /// peers check against the node id it claims), `localhost`,
     /// `127.0.0.1`, `::1`; usable as server and client certificate.
     pub fn issue_node(&self, id: NodeId) -> Result<TlsIdentity, NetError> {
-        let mut params =
-            CertificateParams::new(vec![NODE_SERVER_NAME.to_string(), "localhost".to_string()])
-                .map_err(cert_err("node certificate names"))?;
+        let mut params = CertificateParams::new(vec![
+            NODE_SERVER_NAME.to_string(),
+            crate::node_identity_name(id),
+            "localhost".to_string(),
+        ])
+        .map_err(cert_err("node certificate names"))?;
         params
             .subject_alt_names
             .push(SanType::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST)));
