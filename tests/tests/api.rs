@@ -281,3 +281,60 @@ async fn consumer_groups_and_retention() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// A plain HTTP/1.1 GET over TCP: (status code, body).
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_string(&mut response))
+        .await
+        .expect("HTTP answer in time")
+        .unwrap();
+    let status = response.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    (status, body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_and_metrics_over_http() {
+    let region = TestRegion::start_with(3, |config| config.http = Some("127.0.0.1:0".parse().unwrap())).await;
+    let client = region.client();
+    create_topic(&client, TopicConfig::new("orders", 2), Duration::from_secs(30)).await;
+    region.wait_for_leaders("orders", Duration::from_secs(30)).await;
+    let producer = client.producer("orders", Default::default()).await.unwrap();
+    for i in 0..5 {
+        producer.publish(event(i, 10).with_key("k")).await.unwrap();
+    }
+    let http = region.nodes[0].as_ref().unwrap().http_addr().unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, body) = http_get(http, "/healthz").await;
+        if status == 200 {
+            assert_eq!(body.trim(), "ok");
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "healthz stayed {status}: {body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, body) = http_get(http, "/metrics").await;
+        assert_eq!(status, 200);
+        assert!(body.contains("# TYPE ferry_fsyncs_total counter"), "{body}");
+        let total: u64 = body
+            .lines()
+            .filter(|l| l.starts_with("ferry_partition_high_watermark{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum();
+        if total == 5 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "metrics never showed the 5 events: {body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (status, _) = http_get(http, "/nope").await;
+    assert_eq!(status, 404);
+}

@@ -14,6 +14,7 @@ mod command;
 mod config;
 mod error;
 pub mod groups;
+pub mod http;
 pub mod metadata;
 mod node;
 pub mod partition;

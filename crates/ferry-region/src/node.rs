@@ -399,7 +399,8 @@ impl<T: Transport> Node<T> {
         *self.inner.shutdown.borrow()
     }
 
-    pub(crate) fn shutdown_signal(&self) -> watch::Receiver<bool> {
+    /// Changes to true when the node shuts down.
+    pub fn shutdown_signal(&self) -> watch::Receiver<bool> {
         self.inner.shutdown.subscribe()
     }
 

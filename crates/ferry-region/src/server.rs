@@ -34,6 +34,11 @@ impl BoundEndpoint {
 
     /// Starts the node and serves peers and clients.
     pub async fn start(self, config: NodeConfig) -> Result<QuicNode, RegionError> {
+        // Bind everything before starting, so a bad address changes nothing.
+        let http = match config.http {
+            Some(addr) => Some(crate::http::bind_http(addr).await?),
+            None => None,
+        };
         let peers: HashMap<_, _> = config.peers.iter().map(|p| (p.id, p.addr)).collect();
         let options = TransportOptions {
             max_frame: config.limits.max_frame.max(64 * 1024 * 1024),
@@ -52,6 +57,10 @@ impl BoundEndpoint {
         let on_client = Arc::new(move |connection: quinn::Connection| {
             tokio::spawn(client_node.clone().serve_client(connection));
         });
+        let http_addr = http.as_ref().and_then(|l| l.local_addr().ok());
+        if let Some(listener) = http {
+            tokio::spawn(crate::http::serve_http(node.clone(), listener));
+        }
         let serving = tokio::spawn(serve(
             self.endpoint.clone(),
             handler,
@@ -60,6 +69,7 @@ impl BoundEndpoint {
         ));
         Ok(QuicNode {
             node,
+            http_addr,
             endpoint: self.endpoint,
             serving,
         })
@@ -69,6 +79,7 @@ impl BoundEndpoint {
 /// A node serving on QUIC.
 pub struct QuicNode {
     node: Node<QuicTransport>,
+    http_addr: Option<SocketAddr>,
     endpoint: quinn::Endpoint,
     serving: tokio::task::JoinHandle<()>,
 }
@@ -77,6 +88,11 @@ impl QuicNode {
     /// The node.
     pub fn node(&self) -> &Node<QuicTransport> {
         &self.node
+    }
+
+    /// Where `/healthz` and `/metrics` are served, if configured.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http_addr
     }
 
     /// Stops serving and stops every group; storage is released when this returns and the

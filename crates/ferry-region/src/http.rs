@@ -1,0 +1,98 @@
+//! The node's HTTP endpoint: `/healthz` and `/metrics` (Prometheus text format).
+//!
+//! `/healthz` answers 200 when the node sees a metadata leader and every partition it hosts
+//! has a leader, 503 otherwise, with the reason in the body.
+
+use std::fmt::Write;
+use std::net::SocketAddr;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use axum::Router;
+use ferry_net::Transport;
+use openraft::async_runtime::WatchReceiver;
+
+use crate::{Node, RegionError};
+
+/// Binds the HTTP endpoint; a bad address fails the node's start, naming the key.
+pub async fn bind_http(addr: SocketAddr) -> Result<tokio::net::TcpListener, RegionError> {
+    tokio::net::TcpListener::bind(addr).await.map_err(|e| RegionError::Config {
+        key: "http",
+        reason: format!("cannot listen on {addr}: {e}"),
+    })
+}
+
+/// Serves `/healthz` and `/metrics` on `listener` until the node shuts down.
+pub async fn serve_http<T: Transport>(node: Node<T>, listener: tokio::net::TcpListener) {
+    let mut shutdown = node.shutdown_signal();
+    let app = Router::new()
+        .route("/healthz", get(healthz::<T>))
+        .route("/metrics", get(metrics::<T>))
+        .with_state(node);
+    let served = axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            let _ = shutdown.changed().await;
+        })
+        .await;
+    if let Err(e) = served {
+        tracing::error!(error = %e, "HTTP endpoint failed");
+    }
+}
+
+async fn healthz<T: Transport>(State(node): State<Node<T>>) -> (StatusCode, String) {
+    if node.meta_raft().metrics().borrow_watched().current_leader.is_none() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "no metadata leader\n".into());
+    }
+    let leaderless: Vec<String> = node
+        .partitions()
+        .into_iter()
+        .filter(|(_, g)| g.raft.metrics().borrow_watched().current_leader.is_none())
+        .map(|(name, _)| name)
+        .collect();
+    if leaderless.is_empty() {
+        (StatusCode::OK, "ok\n".into())
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, format!("no leader for {}\n", leaderless.join(", ")))
+    }
+}
+
+async fn metrics<T: Transport>(State(node): State<Node<T>>) -> String {
+    let mut out = String::new();
+    let id = node.id();
+    let (fsyncs, waiters, fsync_micros) = node.flush_stats();
+    let (batches, commit_micros) = node.commit_latency();
+    let counters = [
+        ("ferry_fsyncs_total", "Shared fsyncs performed.", fsyncs as f64),
+        ("ferry_fsync_waiters_total", "Writes completed by a shared fsync.", waiters as f64),
+        ("ferry_fsync_seconds_total", "Time spent in fsync.", fsync_micros as f64 / 1e6),
+        ("ferry_publish_batches_total", "Batches this node led to commit.", batches as f64),
+        (
+            "ferry_publish_commit_seconds_total",
+            "Time from submitting a batch to Raft until it was applied.",
+            commit_micros as f64 / 1e6,
+        ),
+    ];
+    for (name, help, value) in counters {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name}{{node=\"{id}\"}} {value}");
+    }
+    let _ = writeln!(out, "# HELP ferry_partition_high_watermark Next offset of a hosted partition.");
+    let _ = writeln!(out, "# TYPE ferry_partition_high_watermark gauge");
+    let mut partitions = node.partitions();
+    partitions.sort_by(|a, b| a.0.cmp(&b.0));
+    for (name, g) in &partitions {
+        let _ = writeln!(out, "ferry_partition_high_watermark{{node=\"{id}\",partition=\"{name}\"}} {}", g.view.watermarks().high);
+    }
+    let _ = writeln!(out, "# HELP ferry_partition_low_watermark Oldest retained offset of a hosted partition.");
+    let _ = writeln!(out, "# TYPE ferry_partition_low_watermark gauge");
+    for (name, g) in &partitions {
+        let _ = writeln!(out, "ferry_partition_low_watermark{{node=\"{id}\",partition=\"{name}\"}} {}", g.view.watermarks().low);
+    }
+    let _ = writeln!(out, "# HELP ferry_partition_leader 1 if this node leads the partition.");
+    let _ = writeln!(out, "# TYPE ferry_partition_leader gauge");
+    for (name, g) in &partitions {
+        let leads = g.raft.metrics().borrow_watched().current_leader == Some(id);
+        let _ = writeln!(out, "ferry_partition_leader{{node=\"{id}\",partition=\"{name}\"}} {}", u8::from(leads));
+    }
+    out
+}
