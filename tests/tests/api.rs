@@ -289,21 +289,41 @@ async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
     let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
     stream.write_all(request.as_bytes()).await.unwrap();
     let mut response = String::new();
-    tokio::time::timeout(Duration::from_secs(10), stream.read_to_string(&mut response))
-        .await
-        .expect("HTTP answer in time")
-        .unwrap();
-    let status = response.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        stream.read_to_string(&mut response),
+    )
+    .await
+    .expect("HTTP answer in time")
+    .unwrap();
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     (status, body)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_and_metrics_over_http() {
-    let region = TestRegion::start_with(3, |config| config.http = Some("127.0.0.1:0".parse().unwrap())).await;
+    let region = TestRegion::start_with(3, |config| {
+        config.http = Some("127.0.0.1:0".parse().unwrap())
+    })
+    .await;
     let client = region.client();
-    create_topic(&client, TopicConfig::new("orders", 2), Duration::from_secs(30)).await;
-    region.wait_for_leaders("orders", Duration::from_secs(30)).await;
+    create_topic(
+        &client,
+        TopicConfig::new("orders", 2),
+        Duration::from_secs(30),
+    )
+    .await;
+    region
+        .wait_for_leaders("orders", Duration::from_secs(30))
+        .await;
     let producer = client.producer("orders", Default::default()).await.unwrap();
     for i in 0..5 {
         producer.publish(event(i, 10).with_key("k")).await.unwrap();
@@ -316,7 +336,10 @@ async fn health_and_metrics_over_http() {
             assert_eq!(body.trim(), "ok");
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "healthz stayed {status}: {body}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "healthz stayed {status}: {body}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
@@ -332,7 +355,10 @@ async fn health_and_metrics_over_http() {
         if total == 5 {
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "metrics never showed the 5 events: {body}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "metrics never showed the 5 events: {body}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let (status, _) = http_get(http, "/nope").await;

@@ -17,5 +17,5 @@ mod subscription;
 pub use client::{Client, ClientOptions};
 pub use error::ClientError;
 pub use ferry_proto::wire::StartFrom;
-pub use producer::{AckFuture, Producer, ProducerOptions, PublishAck};
+pub use producer::{AckFuture, Producer, ProducerOptions, PublishAck, MAX_BATCHES_IN_FLIGHT};
 pub use subscription::Subscription;

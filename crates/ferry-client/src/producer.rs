@@ -26,6 +26,9 @@ use tokio::time::Instant;
 
 use crate::{Client, ClientError};
 
+/// Upper bound of [`ProducerOptions::max_batches_in_flight`]: half the partition's dedupe window.
+pub const MAX_BATCHES_IN_FLIGHT: usize = 32;
+
 /// Producer tuning.
 #[derive(Debug, Clone)]
 pub struct ProducerOptions {
@@ -100,6 +103,11 @@ impl Producer {
         options: ProducerOptions,
     ) -> Self {
         let id: ProducerId = rand::random();
+        let mut options = options;
+        // Resent batches must stay within the partition's dedupe window (64 batches).
+        options.max_batches_in_flight = options
+            .max_batches_in_flight
+            .clamp(1, MAX_BATCHES_IN_FLIGHT);
         let partitions = description.config.partitions;
         let lanes = (0..partitions)
             .map(|partition| {
@@ -130,7 +138,7 @@ impl Producer {
         }
     }
 
-    /// This producer's id.
+    /// This producer's id (a partition that gave up on batches continues under a new one).
     pub fn id(&self) -> ProducerId {
         self.id
     }
@@ -219,7 +227,7 @@ impl Lane {
                 return;
             }
             tokio::select! {
-                item = self.rx.recv(), if !closed && self.unacked.len() < self.options.max_batches_in_flight.max(1) => match item {
+                item = self.rx.recv(), if !closed && self.unacked.len() < self.options.max_batches_in_flight => match item {
                     None => closed = true,
                     Some(first) => {
                         let items = self.gather(first).await;
@@ -371,13 +379,7 @@ impl Lane {
                     "{}/{}: no leader accepted the batch within {:?}",
                     self.topic, self.partition, self.options.retry_for
                 );
-                for inflight in self.unacked.drain(..) {
-                    for (ack, _) in inflight.acks {
-                        let _ = ack.send(Err(ClientError::Timeout(reason.clone())));
-                    }
-                }
-                self.failing_since = None;
-                self.failures = 0;
+                self.give_up(|| ClientError::Timeout(reason.clone()));
                 return;
             }
             let addr = match self
@@ -387,11 +389,7 @@ impl Lane {
             {
                 Ok(a) => a,
                 Err(ClientError::Api(e)) => {
-                    for inflight in self.unacked.drain(..) {
-                        for (ack, _) in inflight.acks {
-                            let _ = ack.send(Err(ClientError::Api(e.clone())));
-                        }
-                    }
+                    self.give_up(|| ClientError::Api(e.clone()));
                     return;
                 }
                 Err(_) => continue,
@@ -417,6 +415,21 @@ impl Lane {
                 Err(_) => self.client.forget(addr).await,
             }
         }
+    }
+
+    /// Fails every unacknowledged event with `error` and starts a new producer identity for
+    /// this partition: whether the failed batches were appended is unknown, so the next batch
+    /// cannot continue their sequence.
+    fn give_up(&mut self, error: impl Fn() -> ClientError) {
+        for inflight in self.unacked.drain(..) {
+            for (ack, _) in inflight.acks {
+                let _ = ack.send(Err(error()));
+            }
+        }
+        self.producer = rand::random();
+        self.next_seq = 0;
+        self.failing_since = None;
+        self.failures = 0;
     }
 
     async fn open_stream(&self, addr: SocketAddr) -> Result<LaneStream, ClientError> {

@@ -109,6 +109,20 @@ impl Subscription {
                         }
                         deadline = None;
                     }
+                    // This node cannot serve the partition (not a replica, shutting down):
+                    // resume on another one.
+                    ClientResponse::Error(e) if e.is_retriable() => {
+                        tracing::debug!(error = %e, "subscription moves to another node");
+                        self.recv = None;
+                        self.server += 1;
+                        let until = *deadline
+                            .get_or_insert_with(|| tokio::time::Instant::now() + resume_for);
+                        if tokio::time::Instant::now() > until {
+                            return Err(ClientError::Api(e));
+                        }
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        let _ = self.connect().await;
+                    }
                     ClientResponse::Error(e) => return Err(ClientError::Api(e)),
                     other => return Err(ClientError::Unexpected(format!("{other:?}"))),
                 },

@@ -17,10 +17,12 @@ use crate::{Node, RegionError};
 
 /// Binds the HTTP endpoint; a bad address fails the node's start, naming the key.
 pub async fn bind_http(addr: SocketAddr) -> Result<tokio::net::TcpListener, RegionError> {
-    tokio::net::TcpListener::bind(addr).await.map_err(|e| RegionError::Config {
-        key: "http",
-        reason: format!("cannot listen on {addr}: {e}"),
-    })
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| RegionError::Config {
+            key: "http",
+            reason: format!("cannot listen on {addr}: {e}"),
+        })
 }
 
 /// Serves `/healthz` and `/metrics` on `listener` until the node shuts down.
@@ -41,8 +43,17 @@ pub async fn serve_http<T: Transport>(node: Node<T>, listener: tokio::net::TcpLi
 }
 
 async fn healthz<T: Transport>(State(node): State<Node<T>>) -> (StatusCode, String) {
-    if node.meta_raft().metrics().borrow_watched().current_leader.is_none() {
-        return (StatusCode::SERVICE_UNAVAILABLE, "no metadata leader\n".into());
+    if node
+        .meta_raft()
+        .metrics()
+        .borrow_watched()
+        .current_leader
+        .is_none()
+    {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no metadata leader\n".into(),
+        );
     }
     let leaderless: Vec<String> = node
         .partitions()
@@ -53,7 +64,10 @@ async fn healthz<T: Transport>(State(node): State<Node<T>>) -> (StatusCode, Stri
     if leaderless.is_empty() {
         (StatusCode::OK, "ok\n".into())
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, format!("no leader for {}\n", leaderless.join(", ")))
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("no leader for {}\n", leaderless.join(", ")),
+        )
     }
 }
 
@@ -63,10 +77,26 @@ async fn metrics<T: Transport>(State(node): State<Node<T>>) -> String {
     let (fsyncs, waiters, fsync_micros) = node.flush_stats();
     let (batches, commit_micros) = node.commit_latency();
     let counters = [
-        ("ferry_fsyncs_total", "Shared fsyncs performed.", fsyncs as f64),
-        ("ferry_fsync_waiters_total", "Writes completed by a shared fsync.", waiters as f64),
-        ("ferry_fsync_seconds_total", "Time spent in fsync.", fsync_micros as f64 / 1e6),
-        ("ferry_publish_batches_total", "Batches this node led to commit.", batches as f64),
+        (
+            "ferry_fsyncs_total",
+            "Shared fsyncs performed.",
+            fsyncs as f64,
+        ),
+        (
+            "ferry_fsync_waiters_total",
+            "Writes completed by a shared fsync.",
+            waiters as f64,
+        ),
+        (
+            "ferry_fsync_seconds_total",
+            "Time spent in fsync.",
+            fsync_micros as f64 / 1e6,
+        ),
+        (
+            "ferry_publish_batches_total",
+            "Batches this node led to commit.",
+            batches as f64,
+        ),
         (
             "ferry_publish_commit_seconds_total",
             "Time from submitting a batch to Raft until it was applied.",
@@ -74,25 +104,49 @@ async fn metrics<T: Transport>(State(node): State<Node<T>>) -> String {
         ),
     ];
     for (name, help, value) in counters {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name}{{node=\"{id}\"}} {value}");
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} counter\n{name}{{node=\"{id}\"}} {value}"
+        );
     }
-    let _ = writeln!(out, "# HELP ferry_partition_high_watermark Next offset of a hosted partition.");
+    let _ = writeln!(
+        out,
+        "# HELP ferry_partition_high_watermark Next offset of a hosted partition."
+    );
     let _ = writeln!(out, "# TYPE ferry_partition_high_watermark gauge");
     let mut partitions = node.partitions();
     partitions.sort_by(|a, b| a.0.cmp(&b.0));
     for (name, g) in &partitions {
-        let _ = writeln!(out, "ferry_partition_high_watermark{{node=\"{id}\",partition=\"{name}\"}} {}", g.view.watermarks().high);
+        let _ = writeln!(
+            out,
+            "ferry_partition_high_watermark{{node=\"{id}\",partition=\"{name}\"}} {}",
+            g.view.watermarks().high
+        );
     }
-    let _ = writeln!(out, "# HELP ferry_partition_low_watermark Oldest retained offset of a hosted partition.");
+    let _ = writeln!(
+        out,
+        "# HELP ferry_partition_low_watermark Oldest retained offset of a hosted partition."
+    );
     let _ = writeln!(out, "# TYPE ferry_partition_low_watermark gauge");
     for (name, g) in &partitions {
-        let _ = writeln!(out, "ferry_partition_low_watermark{{node=\"{id}\",partition=\"{name}\"}} {}", g.view.watermarks().low);
+        let _ = writeln!(
+            out,
+            "ferry_partition_low_watermark{{node=\"{id}\",partition=\"{name}\"}} {}",
+            g.view.watermarks().low
+        );
     }
-    let _ = writeln!(out, "# HELP ferry_partition_leader 1 if this node leads the partition.");
+    let _ = writeln!(
+        out,
+        "# HELP ferry_partition_leader 1 if this node leads the partition."
+    );
     let _ = writeln!(out, "# TYPE ferry_partition_leader gauge");
     for (name, g) in &partitions {
         let leads = g.raft.metrics().borrow_watched().current_leader == Some(id);
-        let _ = writeln!(out, "ferry_partition_leader{{node=\"{id}\",partition=\"{name}\"}} {}", u8::from(leads));
+        let _ = writeln!(
+            out,
+            "ferry_partition_leader{{node=\"{id}\",partition=\"{name}\"}} {}",
+            u8::from(leads)
+        );
     }
     out
 }

@@ -246,10 +246,26 @@ impl<T: Transport> Node<T> {
                         tracing::debug!(%group, error = %e, "partition group already formed");
                     }
                 }
-                tracing::info!(%group, ?replicas, "started partition group");
-                if let Ok(mut partitions) = inner.partitions.write() {
-                    partitions.insert(group, PartitionGroup { raft, view });
+                // A shutdown that ran meanwhile has already drained the map: stop this group
+                // too, or it would keep the data folder open.
+                let stale = match inner.partitions.write() {
+                    Ok(mut partitions) if !self.is_shut_down() => {
+                        partitions.insert(
+                            group.clone(),
+                            PartitionGroup {
+                                raft: raft.clone(),
+                                view,
+                            },
+                        );
+                        false
+                    }
+                    _ => true,
+                };
+                if stale {
+                    let _ = raft.shutdown().await;
+                    return Ok(());
                 }
+                tracing::info!(%group, ?replicas, "started partition group");
             }
         }
         Ok(())
@@ -262,8 +278,9 @@ impl<T: Transport> Node<T> {
         tokio::spawn(async move {
             loop {
                 tokio::select! {
-                    changed = changes.changed() => if changed.is_err() { return },
+                    biased;
                     _ = shutdown.changed() => return,
+                    changed = changes.changed() => if changed.is_err() { return },
                 }
                 let Some(inner) = weak.upgrade() else { return };
                 if let Err(e) = (Node { inner }).reconcile().await {

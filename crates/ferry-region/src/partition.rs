@@ -86,14 +86,18 @@ impl PartitionView {
         self.bytes.load(Ordering::Relaxed)
     }
 
-    /// Batches holding offsets from `offset` on, up to about `max_bytes` (at least one batch
-    /// if any is there). The first batch may start before `offset`.
+    /// Batches holding offsets from `offset` on, at most `max_bytes` of event data (but at
+    /// least one batch if any is there). The first batch may start before `offset`.
     pub fn read(&self, offset: u64, max_bytes: usize) -> Result<Vec<StoredBatch>, StoreError> {
         let io = |e: sled::Error| StoreError::io("partition read", e);
         let mut out = Vec::new();
         let mut size = 0usize;
+        // Returns true when the next batch would not fit.
         let mut push = |value: &[u8], out: &mut Vec<StoredBatch>| -> Result<bool, StoreError> {
             let batch: StoredBatch = codec::decode("stored batch", value)?;
+            if !out.is_empty() && size + batch.events.len() > max_bytes {
+                return Ok(true);
+            }
             size += batch.events.len();
             out.push(batch);
             Ok(size >= max_bytes)
@@ -216,7 +220,15 @@ impl PartitionApp {
                     _ => ProducerState::default(),
                 },
             };
-            let last_event_seq = batch.first_seq + u64::from(count) - 1;
+            let Some(last_event_seq) = batch.first_seq.checked_add(u64::from(count) - 1) else {
+                return PartitionReply::Error(ApiError::new(
+                    ErrorCode::InvalidRequest,
+                    format!(
+                        "producer {producer}: sequence {} overflows",
+                        batch.first_seq
+                    ),
+                ));
+            };
             if let Some(last) = state.last_seq {
                 if last_event_seq <= last {
                     return match state.recent.iter().find(|(s, c, _)| *s == batch.first_seq && *c == count) {
@@ -371,5 +383,124 @@ impl Application for PartitionApp {
             *w = self.marks;
             changed
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use ferry_proto::{Event, Subject};
+
+    use super::*;
+
+    fn batch(producer: Option<u64>, first_seq: u64, count: u32) -> EventBatch {
+        let events: Vec<Event> = (0..count)
+            .map(|i| {
+                Event::new(
+                    format!("e{first_seq}-{i}"),
+                    "/t",
+                    "t",
+                    Subject::new("a").unwrap(),
+                    vec![0u8; 8],
+                )
+            })
+            .collect();
+        let mut b = EventBatch::new(&events, producer, 0, &Limits::default()).unwrap();
+        b.first_seq = first_seq;
+        b
+    }
+
+    fn append(app: &mut PartitionApp, tree: &sled::Tree, b: EventBatch) -> PartitionReply {
+        let command = encode(
+            "c",
+            &PartitionCommand::Append {
+                batch: b,
+                appended_at_ms: 1,
+            },
+        )
+        .unwrap();
+        let mut writes = sled::Batch::default();
+        let reply = app.apply(0, &command, tree, &mut writes);
+        tree.apply_batch(writes).unwrap();
+        app.after_apply(tree);
+        decode("r", &reply).unwrap()
+    }
+
+    fn appended(base_offset: u64, count: u32, duplicate: bool) -> PartitionReply {
+        PartitionReply::Appended {
+            base_offset,
+            count,
+            duplicate,
+        }
+    }
+
+    #[test]
+    fn offsets_dedupe_and_sequence_checks() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::Config::new().path(dir.path()).open().unwrap();
+        let tree = db.open_tree("p").unwrap();
+        let mut app = PartitionApp::new(tree.clone(), Limits::default());
+
+        assert_eq!(
+            append(&mut app, &tree, batch(Some(7), 0, 3)),
+            appended(0, 3, false)
+        );
+        assert_eq!(
+            append(&mut app, &tree, batch(None, 0, 2)),
+            appended(3, 2, false)
+        );
+        assert_eq!(
+            append(&mut app, &tree, batch(Some(7), 3, 2)),
+            appended(5, 2, false)
+        );
+        // A resent batch gets its original offsets and is not stored again.
+        assert_eq!(
+            append(&mut app, &tree, batch(Some(7), 0, 3)),
+            appended(0, 3, true)
+        );
+        assert_eq!(app.view().watermarks().high, 7);
+        // A gap, a partial overlap, a first batch not at 0 and an overflowing sequence are refused.
+        let refused = |r: PartitionReply, code: ErrorCode| matches!(r, PartitionReply::Error(e) if e.code == code);
+        assert!(refused(
+            append(&mut app, &tree, batch(Some(7), 9, 1)),
+            ErrorCode::OutOfOrderSequence
+        ));
+        assert!(refused(
+            append(&mut app, &tree, batch(Some(7), 4, 2)),
+            ErrorCode::OutOfOrderSequence
+        ));
+        assert!(refused(
+            append(&mut app, &tree, batch(Some(8), 5, 1)),
+            ErrorCode::OutOfOrderSequence
+        ));
+        assert!(refused(
+            append(&mut app, &tree, batch(Some(9), u64::MAX, 2)),
+            ErrorCode::InvalidRequest
+        ));
+        assert_eq!(
+            app.view().watermarks().high,
+            7,
+            "refused batches change nothing"
+        );
+
+        // Reading back from an offset inside a batch returns that batch first.
+        let read = app.view().read(1, 1 << 20).unwrap();
+        assert_eq!(
+            read.iter()
+                .map(|b| (b.base_offset, b.count))
+                .collect::<Vec<_>>(),
+            vec![(0, 3), (3, 2), (5, 2)]
+        );
+        // A restart (load from the tree) keeps offsets and dedupe state.
+        let mut reloaded = PartitionApp::new(tree.clone(), Limits::default());
+        reloaded.load(&tree).unwrap();
+        assert_eq!(reloaded.view().watermarks().high, 7);
+        assert_eq!(
+            append(&mut reloaded, &tree, batch(Some(7), 3, 2)),
+            appended(5, 2, true)
+        );
+        assert_eq!(
+            append(&mut reloaded, &tree, batch(Some(7), 5, 1)),
+            appended(7, 1, false)
+        );
     }
 }

@@ -16,6 +16,9 @@ const VOTE: &[u8] = b"vote";
 const COMMITTED: &[u8] = b"committed";
 const PURGED: &[u8] = b"purged";
 
+/// Bytes of log entries read for one replication request (peer frames allow 64 MiB).
+const REPLICATION_BUDGET: usize = 16 * 1024 * 1024;
+
 /// One group's Raft log. Cloning shares the trees.
 #[derive(Clone)]
 pub struct SledLogStore {
@@ -96,6 +99,26 @@ impl RaftLogReader<TypeConfig> for SledLogStore {
     async fn read_vote(&mut self) -> Result<Option<VoteOf<TypeConfig>>, io::Error> {
         self.read_meta(VOTE)
     }
+
+    /// Entries for one AppendEntries: stops once about [`REPLICATION_BUDGET`] bytes are read
+    /// (at least one entry), so a catching-up follower never gets a frame over the peer limit.
+    async fn limited_get_log_entries(
+        &mut self,
+        start: u64,
+        end: u64,
+    ) -> Result<Vec<EntryOf<TypeConfig>>, io::Error> {
+        let mut entries = Vec::new();
+        let mut bytes = 0usize;
+        for item in self.log.range(start.to_be_bytes()..end.to_be_bytes()) {
+            let (_, value) = item.map_err(io_err)?;
+            if !entries.is_empty() && bytes + value.len() > REPLICATION_BUDGET {
+                break;
+            }
+            bytes += value.len();
+            entries.push(codec::decode("log entry", &value).map_err(io_err)?);
+        }
+        Ok(entries)
+    }
 }
 
 impl RaftLogStorage<TypeConfig> for SledLogStore {
@@ -103,14 +126,17 @@ impl RaftLogStorage<TypeConfig> for SledLogStore {
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, io::Error> {
         let last_purged_log_id: Option<LogIdOf<TypeConfig>> = self.read_meta(PURGED)?;
-        let last_log_id = match self.log.last().map_err(io_err)? {
+        let last_entry = match self.log.last().map_err(io_err)? {
             Some((_, value)) => {
                 let entry: EntryOf<TypeConfig> =
                     codec::decode("log entry", &value).map_err(io_err)?;
                 Some(entry.log_id)
             }
-            None => last_purged_log_id,
+            None => None,
         };
+        // A crash between recording a purge point and removing the entries can leave entries
+        // below it; the purge point is then the last log id.
+        let last_log_id = last_entry.max(last_purged_log_id);
         Ok(LogState {
             last_purged_log_id,
             last_log_id,

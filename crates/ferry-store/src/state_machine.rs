@@ -18,7 +18,8 @@ use crate::{GroupCommit, GroupId, Reply, SnapshotData, StoreError, TypeConfig};
 
 /// Reserved key in the state machine tree; application keys must not start with 0xFF.
 const APPLIED: &[u8] = b"\xFFapplied";
-const SNAPSHOT: &[u8] = b"snapshot";
+const SNAPSHOT_META: &[u8] = b"snapshot-meta";
+const SNAPSHOT_DATA: &[u8] = b"snapshot-data";
 
 /// The meaning of a group's commands. Implemented by the partition and metadata logic.
 pub trait Application: Send + Sync + 'static {
@@ -118,28 +119,92 @@ pub struct SnapshotBuilder<A> {
     sm: SledStateMachine<A>,
 }
 
-type Pairs = Vec<(Vec<u8>, Vec<u8>)>;
+/// Snapshot data: `[u64 pair count]` then the tree's pairs as
+/// `[u32 key length][key][u32 value length][value]`. Self-delimiting, checked against the
+/// count (so a truncated copy is refused), and decoded without the codec's allocation limit.
+fn encode_pairs(tree: &sled::Tree) -> Result<Bytes, io::Error> {
+    let mut out = vec![0u8; 8];
+    let mut count = 0u64;
+    for item in tree.iter() {
+        let (k, v) = item.map_err(io_err)?;
+        for part in [&k[..], &v[..]] {
+            let len = u32::try_from(part.len()).map_err(io_err)?;
+            out.extend_from_slice(&len.to_be_bytes());
+            out.extend_from_slice(part);
+        }
+        count += 1;
+    }
+    out[..8].copy_from_slice(&count.to_be_bytes());
+    Ok(Bytes::from(out))
+}
+
+/// A key and its value, borrowed from snapshot data.
+type Pair<'a> = (&'a [u8], &'a [u8]);
+
+fn decode_pairs(data: &[u8]) -> Result<Vec<Pair<'_>>, io::Error> {
+    let malformed = || io::Error::other("malformed snapshot data");
+    let (count, mut rest) = data.split_first_chunk::<8>().ok_or_else(malformed)?;
+    let count = u64::from_be_bytes(*count);
+    let mut take = || -> Result<&[u8], io::Error> {
+        let (len, tail) = rest.split_first_chunk::<4>().ok_or_else(malformed)?;
+        let len = u32::from_be_bytes(*len) as usize;
+        if tail.len() < len {
+            return Err(malformed());
+        }
+        let (part, tail) = tail.split_at(len);
+        rest = tail;
+        Ok(part)
+    };
+    let mut pairs = Vec::new();
+    for _ in 0..count {
+        let key = take()?;
+        pairs.push((key, take()?));
+    }
+    if !rest.is_empty() {
+        return Err(malformed());
+    }
+    Ok(pairs)
+}
+
+impl<A> SledStateMachine<A> {
+    /// Stores `snapshot` as the current one unless a newer one is stored already (a build
+    /// that raced an install must not replace it). Call with the state machine locked.
+    fn store_snapshot(
+        &self,
+        meta: &SnapshotMetaOf<TypeConfig>,
+        data: &Bytes,
+    ) -> Result<(), io::Error> {
+        if let Some(stored) = self.meta.get(SNAPSHOT_META).map_err(io_err)? {
+            let stored: SnapshotMetaOf<TypeConfig> =
+                codec::decode("snapshot meta", &stored).map_err(io_err)?;
+            if stored.last_log_id > meta.last_log_id {
+                return Ok(());
+            }
+        }
+        let mut batch = sled::Batch::default();
+        batch.insert(
+            SNAPSHOT_META,
+            codec::encode("snapshot meta", meta).map_err(io_err)?,
+        );
+        batch.insert(SNAPSHOT_DATA, data.to_vec());
+        self.meta.apply_batch(batch).map_err(io_err)
+    }
+}
 
 impl<A: Application> RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder<A> {
     type SnapshotData = SnapshotData;
 
     async fn build_snapshot(&mut self) -> Result<SnapshotOf<TypeConfig, SnapshotData>, io::Error> {
-        // Hold the lock so no entry is applied while the tree is read.
+        // Hold the lock so no entry is applied (or snapshot installed) meanwhile.
         let inner = self.sm.inner.lock().await;
-        let mut pairs: Pairs = Vec::new();
-        for item in self.sm.tree.iter() {
-            let (k, v) = item.map_err(io_err)?;
-            pairs.push((k.to_vec(), v.to_vec()));
-        }
+        let data = encode_pairs(&self.sm.tree)?;
         let (last_log_id, last_membership) = inner.applied.clone();
-        drop(inner);
-        let data = Bytes::from(codec::encode("snapshot", &pairs).map_err(io_err)?);
         let meta = SnapshotMetaOf::<TypeConfig> {
             last_log_id,
             last_membership,
         };
-        let stored = codec::encode("snapshot", &(&meta, &data)).map_err(io_err)?;
-        self.sm.meta.insert(SNAPSHOT, stored).map_err(io_err)?;
+        self.sm.store_snapshot(&meta, &data)?;
+        drop(inner);
         self.sm.flusher.flush().await.map_err(io::Error::from)?;
         Ok(SnapshotOf::<TypeConfig, SnapshotData> {
             meta,
@@ -212,7 +277,7 @@ impl<A: Application> RaftStateMachine<TypeConfig> for SledStateMachine<A> {
         meta: &SnapshotMetaOf<TypeConfig>,
         snapshot: SnapshotData,
     ) -> Result<(), io::Error> {
-        let pairs: Pairs = codec::decode("snapshot", &snapshot).map_err(io_err)?;
+        let pairs = decode_pairs(&snapshot)?;
         let mut inner = self.inner.lock().await;
         let mut batch = sled::Batch::default();
         for item in self.tree.iter().keys() {
@@ -227,8 +292,7 @@ impl<A: Application> RaftStateMachine<TypeConfig> for SledStateMachine<A> {
             codec::encode("applied state", &applied).map_err(io_err)?,
         );
         self.tree.apply_batch(batch).map_err(io_err)?;
-        let stored = codec::encode("snapshot", &(meta, &snapshot)).map_err(io_err)?;
-        self.meta.insert(SNAPSHOT, stored).map_err(io_err)?;
+        self.store_snapshot(meta, &snapshot)?;
         self.flusher.flush().await.map_err(io::Error::from)?;
         inner.applied = applied;
         inner.app.load(&self.tree).map_err(io::Error::from)?;
@@ -239,16 +303,45 @@ impl<A: Application> RaftStateMachine<TypeConfig> for SledStateMachine<A> {
     async fn get_current_snapshot(
         &mut self,
     ) -> Result<Option<SnapshotOf<TypeConfig, SnapshotData>>, io::Error> {
-        match self.meta.get(SNAPSHOT).map_err(io_err)? {
-            Some(bytes) => {
-                let (meta, snapshot): (SnapshotMetaOf<TypeConfig>, SnapshotData) =
-                    codec::decode("snapshot", &bytes).map_err(io_err)?;
-                Ok(Some(SnapshotOf::<TypeConfig, SnapshotData> {
-                    meta,
-                    snapshot,
-                }))
-            }
-            None => Ok(None),
+        let Some(meta) = self.meta.get(SNAPSHOT_META).map_err(io_err)? else {
+            return Ok(None);
+        };
+        let meta: SnapshotMetaOf<TypeConfig> =
+            codec::decode("snapshot meta", &meta).map_err(io_err)?;
+        let data = self
+            .meta
+            .get(SNAPSHOT_DATA)
+            .map_err(io_err)?
+            .unwrap_or_default();
+        Ok(Some(SnapshotOf::<TypeConfig, SnapshotData> {
+            meta,
+            snapshot: Bytes::copy_from_slice(&data),
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snapshot_pairs_round_trip_and_refuse_truncation() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::Config::new().path(dir.path()).open().unwrap();
+        let tree = db.open_tree("t").unwrap();
+        tree.insert(b"a", vec![1u8; 3]).unwrap();
+        tree.insert(b"bb", Vec::<u8>::new()).unwrap();
+        let data = encode_pairs(&tree).unwrap();
+        let pairs = decode_pairs(&data).unwrap();
+        assert_eq!(
+            pairs,
+            vec![(&b"a"[..], &[1u8, 1, 1][..]), (&b"bb"[..], &[][..])]
+        );
+        for cut in 0..data.len() {
+            assert!(decode_pairs(&data[..cut]).is_err(), "truncated at {cut}");
         }
+        let mut longer = data.to_vec();
+        longer.push(0);
+        assert!(decode_pairs(&longer).is_err());
     }
 }

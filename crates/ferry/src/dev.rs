@@ -60,7 +60,10 @@ pub(crate) async fn run(args: DevArgs) -> anyhow::Result<()> {
         );
         table.insert("peers".into(), toml::Value::Array(peers.clone()));
         let http_port = u64::from(args.base_port) + 1000 + id - 1;
-        table.insert("http".into(), toml::Value::String(format!("127.0.0.1:{http_port}")));
+        table.insert(
+            "http".into(),
+            toml::Value::String(format!("127.0.0.1:{http_port}")),
+        );
         let mut tls = toml::Table::new();
         tls.insert(
             "ca".into(),
@@ -87,7 +90,10 @@ pub(crate) async fn run(args: DevArgs) -> anyhow::Result<()> {
         ids.len()
     );
     for (id, (addr, node)) in ids.iter().zip(&nodes) {
-        let http = node.http_addr().map(|a| format!("http://{a}/metrics")).unwrap_or_default();
+        let http = node
+            .http_addr()
+            .map(|a| format!("http://{a}/metrics"))
+            .unwrap_or_default();
         println!(
             "  node {id}  quic://{addr}  {http}  data {}",
             data.join(format!("node-{id}")).display()
