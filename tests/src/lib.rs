@@ -198,6 +198,15 @@ impl TestRegion {
         }
     }
 
+    /// Creates a topic and waits until every partition has a leader.
+    pub async fn create_topic(&self, config: ferry_proto::TopicConfig) -> Client {
+        let client = self.client();
+        let name = config.name.clone();
+        create_topic(&client, config, Duration::from_secs(30)).await;
+        self.wait_for_leaders(&name, Duration::from_secs(30)).await;
+        client
+    }
+
     /// The node leading `topic/partition` according to the region.
     pub async fn leader_of(&self, topic: &str, partition: u32) -> Option<NodeId> {
         let d = self.client().describe_topic(topic).await.ok()?;

@@ -10,7 +10,7 @@ use ferry_net::tls::dev_ca;
 use ferry_proto::codec::{decode_frame, encode_frame};
 use ferry_proto::wire::{ClientRequest, ClientResponse, ErrorCode};
 use ferry_proto::{Event, EventBatch, Limits, Retention, Subject, TopicConfig};
-use ferry_tests::{create_topic, TestRegion};
+use ferry_tests::TestRegion;
 
 fn event(i: usize, size: usize) -> Event {
     Event::new(
@@ -59,16 +59,7 @@ async fn raw_connection(certs: &std::path::Path, addr: std::net::SocketAddr) -> 
 async fn bad_input_is_refused_and_changes_nothing() {
     let region = TestRegion::start(3).await;
     let certs = region.certs();
-    let client = region.client();
-    create_topic(
-        &client,
-        TopicConfig::new("orders", 2),
-        Duration::from_secs(30),
-    )
-    .await;
-    region
-        .wait_for_leaders("orders", Duration::from_secs(30))
-        .await;
+    let client = region.create_topic(TopicConfig::new("orders", 2)).await;
     let leader = region.leader_of("orders", 0).await.unwrap();
     let leader_addr = region.configs[(leader - 1) as usize].listen_addr().unwrap();
 
@@ -201,16 +192,12 @@ async fn foreign_certificates_are_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consumer_groups_and_retention() {
     let region = TestRegion::start(3).await;
-    let client = region.client();
     let mut config = TopicConfig::new("metrics", 4);
     config.retention = Retention {
         max_age_ms: None,
         max_bytes: Some(4_000),
     };
-    create_topic(&client, config, Duration::from_secs(30)).await;
-    region
-        .wait_for_leaders("metrics", Duration::from_secs(30))
-        .await;
+    let client = region.create_topic(config).await;
 
     // Two members split four partitions; the second's leaving gives the first all of them.
     let (g1, a) = client.join_group("billing", "metrics", "a").await.unwrap();
@@ -314,16 +301,7 @@ async fn health_and_metrics_over_http() {
         config.http = Some("127.0.0.1:0".parse().unwrap())
     })
     .await;
-    let client = region.client();
-    create_topic(
-        &client,
-        TopicConfig::new("orders", 2),
-        Duration::from_secs(30),
-    )
-    .await;
-    region
-        .wait_for_leaders("orders", Duration::from_secs(30))
-        .await;
+    let client = region.create_topic(TopicConfig::new("orders", 2)).await;
     let producer = client.producer("orders", Default::default()).await.unwrap();
     for i in 0..5 {
         producer.publish(event(i, 10).with_key("k")).await.unwrap();

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use ferry_client::{Client, ProducerOptions, StartFrom};
 use ferry_proto::{Event, Subject, TopicConfig};
-use ferry_tests::{create_topic, TestRegion};
+use ferry_tests::TestRegion;
 use futures::stream::{FuturesUnordered, StreamExt};
 
 const PARTITIONS: u32 = 8;
@@ -48,15 +48,8 @@ async fn read_all(client: &Client, topic: &str) -> BTreeMap<(u32, u64), String> 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_survive_a_leader_kill_and_a_full_restart() {
     let mut region = TestRegion::start(3).await;
-    let client = region.client();
-    create_topic(
-        &client,
-        TopicConfig::new("orders", PARTITIONS),
-        Duration::from_secs(30),
-    )
-    .await;
-    region
-        .wait_for_leaders("orders", Duration::from_secs(30))
+    let client = region
+        .create_topic(TopicConfig::new("orders", PARTITIONS))
         .await;
     let victim = region
         .leader_of("orders", 0)

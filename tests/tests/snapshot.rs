@@ -6,7 +6,7 @@ use std::time::Duration;
 use ferry_client::{Client, ClientOptions, ProducerOptions, StartFrom};
 use ferry_proto::{Event, Subject, TopicConfig};
 use ferry_region::RaftTuning;
-use ferry_tests::{create_topic, identity, TestRegion};
+use ferry_tests::{identity, TestRegion};
 use openraft::async_runtime::WatchReceiver;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -19,16 +19,7 @@ async fn a_lagging_follower_catches_up_from_a_snapshot() {
         };
     })
     .await;
-    let client = region.client();
-    create_topic(
-        &client,
-        TopicConfig::new("ledger", 1),
-        Duration::from_secs(30),
-    )
-    .await;
-    region
-        .wait_for_leaders("ledger", Duration::from_secs(30))
-        .await;
+    region.create_topic(TopicConfig::new("ledger", 1)).await;
     let leader = region.leader_of("ledger", 0).await.unwrap();
     let lagging = (1..=3).find(|id| *id != leader).unwrap();
     region.stop(lagging).await;

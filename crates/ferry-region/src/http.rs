@@ -13,7 +13,9 @@ use axum::Router;
 use ferry_net::Transport;
 use openraft::async_runtime::WatchReceiver;
 
-use crate::{Node, RegionError};
+use ferry_proto::NodeId;
+
+use crate::{Node, PartitionGroup, RegionError};
 
 /// Binds the HTTP endpoint; a bad address fails the node's start, naming the key.
 pub async fn bind_http(addr: SocketAddr) -> Result<tokio::net::TcpListener, RegionError> {
@@ -71,6 +73,9 @@ async fn healthz<T: Transport>(State(node): State<Node<T>>) -> (StatusCode, Stri
     }
 }
 
+/// Reads one per-partition gauge.
+type GaugeOf = fn(&PartitionGroup, NodeId) -> u64;
+
 async fn metrics<T: Transport>(State(node): State<Node<T>>) -> String {
     let mut out = String::new();
     let id = node.id();
@@ -109,44 +114,34 @@ async fn metrics<T: Transport>(State(node): State<Node<T>>) -> String {
             "# HELP {name} {help}\n# TYPE {name} counter\n{name}{{node=\"{id}\"}} {value}"
         );
     }
-    let _ = writeln!(
-        out,
-        "# HELP ferry_partition_high_watermark Next offset of a hosted partition."
-    );
-    let _ = writeln!(out, "# TYPE ferry_partition_high_watermark gauge");
     let mut partitions = node.partitions();
     partitions.sort_by(|a, b| a.0.cmp(&b.0));
-    for (name, g) in &partitions {
-        let _ = writeln!(
-            out,
-            "ferry_partition_high_watermark{{node=\"{id}\",partition=\"{name}\"}} {}",
-            g.view.watermarks().high
-        );
-    }
-    let _ = writeln!(
-        out,
-        "# HELP ferry_partition_low_watermark Oldest retained offset of a hosted partition."
-    );
-    let _ = writeln!(out, "# TYPE ferry_partition_low_watermark gauge");
-    for (name, g) in &partitions {
-        let _ = writeln!(
-            out,
-            "ferry_partition_low_watermark{{node=\"{id}\",partition=\"{name}\"}} {}",
-            g.view.watermarks().low
-        );
-    }
-    let _ = writeln!(
-        out,
-        "# HELP ferry_partition_leader 1 if this node leads the partition."
-    );
-    let _ = writeln!(out, "# TYPE ferry_partition_leader gauge");
-    for (name, g) in &partitions {
-        let leads = g.raft.metrics().borrow_watched().current_leader == Some(id);
-        let _ = writeln!(
-            out,
-            "ferry_partition_leader{{node=\"{id}\",partition=\"{name}\"}} {}",
-            u8::from(leads)
-        );
+    let gauges: [(&str, &str, GaugeOf); 3] = [
+        (
+            "ferry_partition_high_watermark",
+            "Next offset of a hosted partition.",
+            |g, _| g.view.watermarks().high,
+        ),
+        (
+            "ferry_partition_low_watermark",
+            "Oldest retained offset of a hosted partition.",
+            |g, _| g.view.watermarks().low,
+        ),
+        (
+            "ferry_partition_leader",
+            "1 if this node leads the partition.",
+            |g, id| u64::from(g.raft.metrics().borrow_watched().current_leader == Some(id)),
+        ),
+    ];
+    for (metric, help, value) in gauges {
+        let _ = writeln!(out, "# HELP {metric} {help}\n# TYPE {metric} gauge");
+        for (name, g) in &partitions {
+            let _ = writeln!(
+                out,
+                "{metric}{{node=\"{id}\",partition=\"{name}\"}} {}",
+                value(g, id)
+            );
+        }
     }
     out
 }

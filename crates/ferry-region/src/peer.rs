@@ -118,6 +118,21 @@ impl<T: Transport> Router<T> {
     }
 }
 
+impl<T: Transport> Router<T> {
+    /// Sends a vote or pre-vote request.
+    async fn vote_call(
+        &self,
+        target: NodeId,
+        request: PeerRequest,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        match self.raft_call(target, request, option.hard_ttl()).await? {
+            PeerResponse::Vote(r) => Ok(r),
+            _ => Err(unexpected()),
+        }
+    }
+}
+
 fn unexpected() -> RPCError<TypeConfig> {
     RPCError::Network(NetworkError::new(&PeerFailure(
         "unexpected peer response".into(),
@@ -154,13 +169,8 @@ impl<T: Transport> GroupRouter<TypeConfig, GroupId> for Router<T> {
         rpc: VoteRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
-        match self
-            .raft_call(target, PeerRequest::Vote { group, rpc }, option.hard_ttl())
-            .await?
-        {
-            PeerResponse::Vote(r) => Ok(r),
-            _ => Err(unexpected()),
-        }
+        self.vote_call(target, PeerRequest::Vote { group, rpc }, option)
+            .await
     }
 
     async fn pre_vote(
@@ -170,17 +180,8 @@ impl<T: Transport> GroupRouter<TypeConfig, GroupId> for Router<T> {
         rpc: VoteRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
-        match self
-            .raft_call(
-                target,
-                PeerRequest::PreVote { group, rpc },
-                option.hard_ttl(),
-            )
-            .await?
-        {
-            PeerResponse::Vote(r) => Ok(r),
-            _ => Err(unexpected()),
-        }
+        self.vote_call(target, PeerRequest::PreVote { group, rpc }, option)
+            .await
     }
 
     async fn full_snapshot(
