@@ -68,7 +68,7 @@ async fn openraft_storage_suite_passes_on_sled() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn flushes_are_shared_between_concurrent_writers() {
+async fn concurrent_flushes_complete_without_an_fsync_each() {
     let dir = tempfile::tempdir().unwrap();
     let store = NodeStore::open(&dir.path().join("n"), 1, StoreOptions::default()).unwrap();
     let mut tasks = Vec::new();
@@ -82,6 +82,11 @@ async fn flushes_are_shared_between_concurrent_writers() {
     let stats = store.flusher().stats();
     let flushes = stats.flushes.load(std::sync::atomic::Ordering::Relaxed);
     let waiters = stats.waiters.load(std::sync::atomic::Ordering::Relaxed);
-    assert_eq!(waiters, 64, "every waiter was completed by a flush");
-    assert!((1..=64).contains(&flushes));
+    // Every call returned after a covering fsync; some were covered by an fsync another call
+    // started (completing at once or in its batch), so there are never more fsyncs than calls.
+    assert!((1..=64).contains(&flushes), "{flushes} fsyncs for 64 calls");
+    assert!(
+        waiters <= 64 && waiters >= flushes,
+        "{waiters} queued completions, {flushes} fsyncs"
+    );
 }
