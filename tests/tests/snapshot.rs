@@ -15,6 +15,8 @@ async fn a_lagging_follower_catches_up_from_a_snapshot() {
         config.raft = RaftTuning {
             snapshot_after_entries: 20,
             keep_after_snapshot: 5,
+            // Small pieces, so the snapshot travels in many messages.
+            snapshot_chunk_bytes: 1024,
             ..RaftTuning::default()
         };
     })

@@ -45,6 +45,8 @@ pub struct RaftTuning {
     pub snapshot_after_entries: u64,
     /// Entries kept in the log behind a snapshot, for slow followers.
     pub keep_after_snapshot: u64,
+    /// Bytes of snapshot data per peer message when a snapshot is sent to a follower.
+    pub snapshot_chunk_bytes: usize,
 }
 
 impl Default for RaftTuning {
@@ -55,6 +57,7 @@ impl Default for RaftTuning {
             election_max_ms: 1600,
             snapshot_after_entries: 20_000,
             keep_after_snapshot: 1_000,
+            snapshot_chunk_bytes: 8 * 1024 * 1024,
         }
     }
 }
@@ -138,6 +141,12 @@ impl NodeConfig {
                     "need 0 < heartbeat_ms ({}) < election_min_ms ({}) < election_max_ms ({})",
                     r.heartbeat_ms, r.election_min_ms, r.election_max_ms
                 ),
+            );
+        }
+        if r.snapshot_chunk_bytes == 0 || r.snapshot_chunk_bytes > 32 * 1024 * 1024 {
+            return bad(
+                "raft.snapshot_chunk_bytes",
+                format!("{} is not within 1..=33554432", r.snapshot_chunk_bytes),
             );
         }
         if self.limits.max_event == 0 || self.limits.max_event >= self.limits.max_frame {

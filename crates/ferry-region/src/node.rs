@@ -56,6 +56,8 @@ pub(crate) struct Inner<T> {
     shutdown: watch::Sender<bool>,
     pub(crate) client_connections: tokio::sync::Semaphore,
     pub(crate) commit_latency: LatencyCounter,
+    /// Snapshot pieces received so far, per group: (transfer id, data).
+    snapshot_transfers: Mutex<HashMap<GroupId, (u64, Vec<u8>)>>,
 }
 
 /// Count and total of a latency, for means over an interval.
@@ -129,7 +131,7 @@ impl<T: Transport> Node<T> {
             key: "raft",
             reason: e.to_string(),
         })?);
-        let router = Router::new(transport);
+        let router = Router::new(transport, config.raft.snapshot_chunk_bytes);
         let meta_group = META_GROUP.to_string();
         let app = MetaApp::default();
         let meta_view = app.view();
@@ -158,6 +160,7 @@ impl<T: Transport> Node<T> {
                 shutdown: watch::channel(false).0,
                 client_connections: tokio::sync::Semaphore::new(max_conns),
                 commit_latency: LatencyCounter::default(),
+                snapshot_transfers: Mutex::new(HashMap::new()),
             }),
         };
         node.bootstrap_meta().await?;
@@ -488,6 +491,47 @@ macro_rules! dispatch_group {
 }
 
 impl<T: Transport> Node<T> {
+    /// Adds a snapshot piece to the group's transfer. None: more pieces to come; Some: the
+    /// whole snapshot, or why the piece was refused (the sender starts over).
+    fn take_snapshot_chunk(
+        &self,
+        group: &GroupId,
+        transfer: u64,
+        offset: u64,
+        total: u64,
+        data: &[u8],
+    ) -> Option<Result<Bytes, String>> {
+        let Ok(mut transfers) = self.inner.snapshot_transfers.lock() else {
+            return Some(Err("snapshot transfers poisoned".into()));
+        };
+        if offset == 0 {
+            let capacity = total.min(64 * 1024 * 1024) as usize;
+            transfers.insert(group.clone(), (transfer, Vec::with_capacity(capacity)));
+        }
+        let Some((current, buffer)) = transfers.get_mut(group) else {
+            return Some(Err(format!(
+                "snapshot piece at {offset} of {group} without its start"
+            )));
+        };
+        if *current != transfer
+            || buffer.len() as u64 != offset
+            || offset + data.len() as u64 > total
+        {
+            transfers.remove(group);
+            return Some(Err(format!(
+                "snapshot piece at {offset} of {group} out of order"
+            )));
+        }
+        buffer.extend_from_slice(data);
+        if (buffer.len() as u64) < total {
+            return None;
+        }
+        tracing::info!(%group, bytes = total, last_piece_at = offset, "received a snapshot");
+        transfers
+            .remove(group)
+            .map(|(_, buffer)| Ok(Bytes::from(buffer)))
+    }
+
     async fn handle_peer(&self, request: PeerRequest) -> PeerResponse {
         match request {
             PeerRequest::AppendEntries { group, rpc } => {
@@ -508,21 +552,35 @@ impl<T: Transport> Node<T> {
                     Err(e) => PeerResponse::Error(e.to_string()),
                 })
             }
-            PeerRequest::Snapshot {
+            PeerRequest::SnapshotChunk {
                 group,
+                transfer,
+                offset,
+                total,
                 vote,
                 meta,
                 data,
-            } => dispatch_group!(self, group, |raft| {
-                let snapshot = openraft::type_config::alias::SnapshotOf::<TypeConfig, Bytes> {
-                    meta,
-                    snapshot: data,
+            } => {
+                let Some(complete) =
+                    self.take_snapshot_chunk(&group, transfer, offset, total, &data)
+                else {
+                    return PeerResponse::ChunkAccepted;
                 };
-                match raft.install_full_snapshot(vote, snapshot).await {
-                    Ok(r) => PeerResponse::Snapshot(r),
-                    Err(e) => PeerResponse::Error(e.to_string()),
-                }
-            }),
+                let complete = match complete {
+                    Ok(bytes) => bytes,
+                    Err(e) => return PeerResponse::Error(e),
+                };
+                dispatch_group!(self, group, |raft| {
+                    let snapshot = openraft::type_config::alias::SnapshotOf::<TypeConfig, Bytes> {
+                        meta,
+                        snapshot: complete,
+                    };
+                    match raft.install_full_snapshot(vote, snapshot).await {
+                        Ok(r) => PeerResponse::Snapshot(r),
+                        Err(e) => PeerResponse::Error(e.to_string()),
+                    }
+                })
+            }
             PeerRequest::Client(request) => {
                 PeerResponse::Client(self.handle_request(request, true).await)
             }

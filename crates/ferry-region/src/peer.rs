@@ -36,11 +36,18 @@ pub(crate) enum PeerRequest {
         group: GroupId,
         rpc: VoteRequest<TypeConfig>,
     },
-    Snapshot {
+    /// One piece of a snapshot, sent in order; the last one installs it.
+    SnapshotChunk {
         group: GroupId,
+        /// Identifies one transfer; a new one replaces an unfinished one.
+        transfer: u64,
+        /// Where this piece starts in the snapshot data.
+        offset: u64,
+        /// Length of the whole snapshot data.
+        total: u64,
         vote: VoteOf<TypeConfig>,
         meta: SnapshotMetaOf<TypeConfig>,
-        data: SnapshotData,
+        data: Bytes,
     },
     /// A client request forwarded to the leader that can serve it (never forwarded again).
     Client(ClientRequest),
@@ -52,6 +59,8 @@ pub(crate) enum PeerResponse {
     AppendEntries(AppendEntriesResponse<TypeConfig>),
     Vote(VoteResponse<TypeConfig>),
     Snapshot(SnapshotResponse<TypeConfig>),
+    /// A snapshot piece was stored; send the next.
+    ChunkAccepted,
     Client(ClientResponse),
     /// The peer could not serve the request (unknown group, shutting down, bad frame).
     Error(String),
@@ -61,6 +70,7 @@ pub(crate) enum PeerResponse {
 #[derive(Clone)]
 pub struct Router<T> {
     transport: T,
+    snapshot_chunk: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -68,9 +78,12 @@ pub struct Router<T> {
 struct PeerFailure(String);
 
 impl<T: Transport> Router<T> {
-    /// A router over `transport`.
-    pub fn new(transport: T) -> Self {
-        Self { transport }
+    /// A router over `transport`, sending snapshots in pieces of `snapshot_chunk` bytes.
+    pub fn new(transport: T, snapshot_chunk: usize) -> Self {
+        Self {
+            transport,
+            snapshot_chunk: snapshot_chunk.max(1),
+        }
     }
 
     async fn call(&self, to: NodeId, request: &PeerRequest) -> Result<PeerResponse, NetError> {
@@ -193,24 +206,39 @@ impl<T: Transport> GroupRouter<TypeConfig, GroupId> for Router<T> {
         cancel: impl Future<Output = ReplicationClosed> + Send + 'static,
         option: RPCOption,
     ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
-        let request = PeerRequest::Snapshot {
-            group,
-            vote,
-            meta: snapshot.meta,
-            data: snapshot.snapshot,
-        };
-        // Snapshots can be large: allow several times the normal deadline.
+        // Send the data in pieces, so a snapshot of any size fits the peer frame limit.
+        let transfer: u64 = rand::random();
+        let data = snapshot.snapshot;
+        let total = data.len() as u64;
         let ttl = option.hard_ttl() * 10;
+        let send_all = async {
+            let mut offset = 0usize;
+            loop {
+                let end = (offset + self.snapshot_chunk).min(data.len());
+                let request = PeerRequest::SnapshotChunk {
+                    group: group.clone(),
+                    transfer,
+                    offset: offset as u64,
+                    total,
+                    vote,
+                    meta: snapshot.meta.clone(),
+                    data: data.slice(offset..end),
+                };
+                match self.raft_call(target, request, ttl).await? {
+                    PeerResponse::ChunkAccepted if end < data.len() => offset = end,
+                    PeerResponse::Snapshot(r) if end == data.len() => return Ok(r),
+                    _ => return Err(unexpected()),
+                }
+            }
+        };
         tokio::select! {
             closed = cancel => Err(StreamingError::Closed(closed)),
-            result = self.raft_call(target, request, ttl) => match result {
-                Ok(PeerResponse::Snapshot(r)) => Ok(r),
-                Ok(_) => Err(StreamingError::Network(NetworkError::new(&PeerFailure("unexpected peer response".into())))),
-                Err(RPCError::Unreachable(u)) => Err(StreamingError::Unreachable(u)),
-                Err(RPCError::Timeout(t)) => Err(StreamingError::Timeout(t)),
-                Err(RPCError::Network(n)) => Err(StreamingError::Network(n)),
-                Err(RPCError::RemoteError(r)) => Err(StreamingError::Network(NetworkError::new(&r))),
-            }
+            result = send_all => result.map_err(|e| match e {
+                RPCError::Unreachable(u) => StreamingError::Unreachable(u),
+                RPCError::Timeout(t) => StreamingError::Timeout(t),
+                RPCError::Network(n) => StreamingError::Network(n),
+                RPCError::RemoteError(r) => StreamingError::Network(NetworkError::new(&r)),
+            }),
         }
     }
 }
