@@ -1,0 +1,85 @@
+//! The `ferry` binary refuses bad configuration and data with messages naming what is wrong.
+
+use std::process::Command;
+
+fn ferry(args: &[&str], envs: &[(&str, &str)]) -> (bool, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ferry"));
+    cmd.args(args).env_remove("FERRY_CONFIG");
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("run ferry");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+fn node_config(dir: &std::path::Path, data: &std::path::Path) -> std::path::PathBuf {
+    let certs = dir.join("certs");
+    let path = dir.join("node.toml");
+    let text = format!(
+        "id = 1\ndata_dir = \"{}\"\n[[peers]]\nid = 1\naddr = \"127.0.0.1:0\"\n[tls]\nca = \"{c}/ca.pem\"\ncert = \"{c}/node-1.pem\"\nkey = \"{c}/node-1.key\"\n",
+        data.display(),
+        c = certs.display()
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn certs_init_refuses_to_overwrite() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("certs");
+    let out = out.to_str().unwrap();
+    let (ok, text) = ferry(&["certs", "init", "--out", out], &[]);
+    assert!(ok, "{text}");
+    let (ok, text) = ferry(&["certs", "init", "--out", out], &[]);
+    assert!(!ok && text.contains("ca.pem"), "{text}");
+}
+
+#[test]
+fn node_refuses_bad_config_and_foreign_data_naming_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("certs");
+    assert!(
+        ferry(
+            &[
+                "certs",
+                "init",
+                "--out",
+                certs.to_str().unwrap(),
+                "--nodes",
+                "1"
+            ],
+            &[]
+        )
+        .0
+    );
+    let missing = dir.path().join("missing.toml");
+    let (ok, text) = ferry(&["node", "--config", missing.to_str().unwrap()], &[]);
+    assert!(!ok && text.contains("missing.toml"), "{text}");
+
+    let data = dir.path().join("data");
+    let config = node_config(dir.path(), &data);
+    let config = config.to_str().unwrap();
+    let (ok, text) = ferry(
+        &["node", "--config", config],
+        &[("FERRY_RAFT_HEARTBEAT_MS", "99999")],
+    );
+    assert!(!ok && text.contains("heartbeat_ms"), "{text}");
+    let (ok, text) = ferry(
+        &["node", "--config", config],
+        &[("FERRY_LIMITS_MAX_EVNT", "1")],
+    );
+    assert!(!ok && text.contains("max_evnt"), "{text}");
+
+    // A data folder holding something else is refused, naming it, and left untouched.
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::write(data.join("precious.txt"), "keep me").unwrap();
+    let (ok, text) = ferry(&["node", "--config", config], &[]);
+    assert!(!ok && text.contains(data.to_str().unwrap()), "{text}");
+    assert_eq!(std::fs::read_dir(&data).unwrap().count(), 1);
+}
