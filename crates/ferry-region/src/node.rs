@@ -225,7 +225,7 @@ impl<T: Transport> Node<T> {
                 {
                     continue;
                 }
-                let app = PartitionApp::new(inner.store.state_tree(&group)?, inner.config.limits);
+                let app = PartitionApp::new(inner.store.state_tree(&group)?);
                 let view = app.view();
                 let sm = inner.store.state_machine(&group, app)?;
                 let log = inner.store.log_store(&group)?;

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use ferry_proto::wire::{ApiError, ErrorCode};
-use ferry_proto::{codec, EventBatch, Limits, ProducerId, StoredBatch};
+use ferry_proto::{codec, EventBatch, ProducerId, StoredBatch};
 use ferry_store::{Application, StoreError};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
@@ -175,14 +175,13 @@ impl PartitionView {
 /// The partition [`Application`].
 pub struct PartitionApp {
     view: Arc<PartitionView>,
-    limits: Limits,
     marks: Watermarks,
     producers: HashMap<ProducerId, ProducerState>,
 }
 
 impl PartitionApp {
     /// A partition application over `tree` (the same tree the state machine writes).
-    pub fn new(tree: sled::Tree, limits: Limits) -> Self {
+    pub fn new(tree: sled::Tree) -> Self {
         let view = Arc::new(PartitionView {
             tree,
             watermarks: watch::channel(Watermarks::default()).0,
@@ -190,7 +189,6 @@ impl PartitionApp {
         });
         Self {
             view,
-            limits,
             marks: Watermarks::default(),
             producers: HashMap::new(),
         }
@@ -208,8 +206,10 @@ impl PartitionApp {
         tree: &sled::Tree,
         writes: &mut sled::Batch,
     ) -> PartitionReply {
-        if let Err(e) = batch.decode_events(&self.limits) {
-            return PartitionReply::Error(ApiError::new(ErrorCode::InvalidRequest, e.to_string()));
+        // The leader decoded and validated the events before proposing them
+        // (`submit_publish`); replicas store the bytes as they are.
+        if batch.count == 0 {
+            return PartitionReply::Error(ApiError::new(ErrorCode::InvalidRequest, "empty batch"));
         }
         let count = batch.count;
         if let Some(producer) = batch.producer {
@@ -388,7 +388,7 @@ impl Application for PartitionApp {
 
 #[cfg(test)]
 mod tests {
-    use ferry_proto::{Event, Subject};
+    use ferry_proto::{Event, Limits, Subject};
 
     use super::*;
 
@@ -438,7 +438,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let db = sled::Config::new().path(dir.path()).open().unwrap();
         let tree = db.open_tree("p").unwrap();
-        let mut app = PartitionApp::new(tree.clone(), Limits::default());
+        let mut app = PartitionApp::new(tree.clone());
 
         assert_eq!(
             append(&mut app, &tree, batch(Some(7), 0, 3)),
@@ -491,7 +491,7 @@ mod tests {
             vec![(0, 3), (3, 2), (5, 2)]
         );
         // A restart (load from the tree) keeps offsets and dedupe state.
-        let mut reloaded = PartitionApp::new(tree.clone(), Limits::default());
+        let mut reloaded = PartitionApp::new(tree.clone());
         reloaded.load(&tree).unwrap();
         assert_eq!(reloaded.view().watermarks().high, 7);
         assert_eq!(
