@@ -160,6 +160,8 @@ impl<T: Transport> Node<T> {
 
     /// Answers one request. `forwarded` requests came from a peer and are never forwarded again.
     pub async fn handle_request(&self, request: ClientRequest, forwarded: bool) -> ClientResponse {
+        // Kept whole for forwarding to a leader (event batches are shared bytes: cheap).
+        let original = request.clone();
         match request {
             ClientRequest::CreateTopic(config) => self.create_topic(config, forwarded).await,
             ClientRequest::ListTopics => ClientResponse::Topics(
@@ -175,8 +177,7 @@ impl<T: Transport> Node<T> {
                 // A topic just created may not have reached this node yet: ask the leader.
                 if matches!(&response, ClientResponse::Error(e) if e.code == ErrorCode::UnknownTopic)
                 {
-                    let request = ClientRequest::DescribeTopic { topic };
-                    return self.on_meta_leader(request, forwarded, |_| response).await;
+                    return self.on_meta_leader(original, forwarded, |_| response).await;
                 }
                 response
             }
@@ -206,14 +207,8 @@ impl<T: Transport> Node<T> {
                         Some(f) => not_leader(f.leader_id, &format!("{topic}/{partition}")),
                         None => error(ErrorCode::Unavailable, format!("{topic}/{partition}: {e}")),
                     };
-                    let request = ClientRequest::Fetch {
-                        topic,
-                        partition,
-                        offset,
-                        max_bytes,
-                    };
                     return self
-                        .forward_if_not_leader(response, request, forwarded)
+                        .forward_if_not_leader(response, original, forwarded)
                         .await;
                 }
                 let max = (max_bytes as usize).min(self.inner.config.limits.max_frame / 2);
@@ -233,12 +228,7 @@ impl<T: Transport> Node<T> {
                 topic,
                 member,
             } => {
-                let request = ClientRequest::JoinGroup {
-                    group: group.clone(),
-                    topic: topic.clone(),
-                    member: member.clone(),
-                };
-                self.on_meta_leader(request, forwarded, |node| {
+                self.on_meta_leader(original, forwarded, |node| {
                     let Some(state) = node.inner.meta_view.topic(&topic) else {
                         return error(ErrorCode::UnknownTopic, format!("no topic named {topic:?}"));
                     };
@@ -264,12 +254,7 @@ impl<T: Transport> Node<T> {
                 topic,
                 member,
             } => {
-                let request = ClientRequest::LeaveGroup {
-                    group: group.clone(),
-                    topic: topic.clone(),
-                    member: member.clone(),
-                };
-                self.on_meta_leader(request, forwarded, |node| {
+                self.on_meta_leader(original, forwarded, |node| {
                     if let Ok(mut c) = node.inner.coordinator.lock() {
                         c.leave(&group, &topic, &member);
                     }
@@ -283,12 +268,6 @@ impl<T: Transport> Node<T> {
                 partition,
                 offset,
             } => {
-                let request = ClientRequest::CommitOffset {
-                    group: group.clone(),
-                    topic: topic.clone(),
-                    partition,
-                    offset,
-                };
                 let g = match self.lookup(&topic, partition) {
                     Ok(g) => g,
                     Err(e) => return ClientResponse::Error(e),
@@ -300,20 +279,14 @@ impl<T: Transport> Node<T> {
                     return error(ErrorCode::Internal, "encoding a commit");
                 };
                 let what = format!("{topic}/{partition}");
-                let response = partition_reply(
-                    g.raft
-                        .client_write(Command(command))
-                        .await
-                        .map_err(|e| match e {
-                            RaftError::APIError(e) => e,
-                            RaftError::Fatal(f) => ClientWriteError::ForwardToLeader(
-                                openraft::error::ForwardToLeader::empty(),
-                            )
-                            .tap_log(&f),
-                        }),
-                    &what,
-                );
-                self.forward_if_not_leader(response, request, forwarded)
+                let response = match g.raft.client_write(Command(command)).await {
+                    Ok(r) => partition_reply(Ok(r), &what),
+                    Err(RaftError::APIError(e)) => write_failure(&e, &what),
+                    Err(RaftError::Fatal(f)) => {
+                        error(ErrorCode::Unavailable, format!("{what}: {f}"))
+                    }
+                };
+                self.forward_if_not_leader(response, original, forwarded)
                     .await
             }
             ClientRequest::CommittedOffset {
@@ -327,15 +300,10 @@ impl<T: Transport> Node<T> {
                 };
                 let leader = g.raft.metrics().borrow_watched().current_leader;
                 if leader != Some(self.inner.id) {
-                    let request = ClientRequest::CommittedOffset {
-                        group,
-                        topic,
-                        partition,
-                    };
                     return self
                         .forward_if_not_leader(
                             not_leader(leader, "the partition"),
-                            request,
+                            original,
                             forwarded,
                         )
                         .await;
@@ -663,16 +631,5 @@ impl<T: Transport> Node<T> {
                 _ = shutdown.changed() => return Ok(()),
             }
         }
-    }
-}
-
-trait TapLog {
-    fn tap_log(self, e: &dyn std::fmt::Display) -> Self;
-}
-
-impl<T> TapLog for T {
-    fn tap_log(self, e: &dyn std::fmt::Display) -> Self {
-        tracing::warn!(error = %e, "raft fatal error");
-        self
     }
 }
