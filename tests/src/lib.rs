@@ -89,6 +89,7 @@ impl TestRegion {
                     ..RaftTuning::default()
                 },
                 cache_bytes: 16 * 1024 * 1024,
+                wal_segment_bytes: 1024 * 1024,
                 max_client_connections: 100,
                 retention_interval_ms: 500,
                 group_session_timeout_ms: 3_000,

@@ -33,6 +33,7 @@ async fn start_region(net: &MemNetwork, dir: &std::path::Path) -> Vec<Node<MemTr
             limits: Limits::default(),
             raft: RaftTuning::default(),
             cache_bytes: 8 << 20,
+            wal_segment_bytes: 1 << 20,
             max_client_connections: 10,
             retention_interval_ms: 1_000,
             group_session_timeout_ms: 3_000,

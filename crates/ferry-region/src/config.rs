@@ -83,6 +83,9 @@ pub struct NodeConfig {
     /// sled page cache, bytes.
     #[serde(default = "default_cache_bytes")]
     pub cache_bytes: u64,
+    /// Size at which the write-ahead log starts a new segment file, bytes.
+    #[serde(default = "default_wal_segment_bytes")]
+    pub wal_segment_bytes: u64,
     /// Most client connections served at once.
     #[serde(default = "default_max_client_connections")]
     pub max_client_connections: usize,
@@ -98,6 +101,9 @@ pub struct NodeConfig {
 }
 
 fn default_cache_bytes() -> u64 {
+    64 * 1024 * 1024
+}
+fn default_wal_segment_bytes() -> u64 {
     64 * 1024 * 1024
 }
 fn default_max_client_connections() -> usize {
@@ -156,6 +162,12 @@ impl NodeConfig {
                     "must be above 0 and below limits.max_frame ({})",
                     self.limits.max_frame
                 ),
+            );
+        }
+        if self.wal_segment_bytes < 1024 * 1024 {
+            return bad(
+                "wal_segment_bytes",
+                format!("{} is below 1048576", self.wal_segment_bytes),
             );
         }
         if self.max_client_connections == 0 {

@@ -112,6 +112,7 @@ impl<T: Transport> Node<T> {
             config.id,
             StoreOptions {
                 cache_bytes: config.cache_bytes,
+                segment_bytes: config.wal_segment_bytes,
             },
         )?;
         let r = config.raft;

@@ -21,6 +21,14 @@ pub enum StoreError {
         /// What did not match.
         reason: String,
     },
+    /// A file of the write-ahead log is damaged before its end.
+    #[error("write-ahead log file {path} is corrupt: {reason}")]
+    Corrupt {
+        /// The segment file.
+        path: PathBuf,
+        /// What was wrong, and where.
+        reason: String,
+    },
     /// A read or write failed.
     #[error("storage I/O on {what}: {reason}")]
     Io {

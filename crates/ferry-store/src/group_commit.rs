@@ -1,9 +1,9 @@
 //! Group commit: one fsync covers every write any group made before it started.
 //!
-//! Every write that must become durable is numbered after it reaches sled ([`GroupCommit::
-//! note_write`]); its waiter needs a flush that started after that number. A dedicated thread
-//! takes every waiter queued so far, reads the highest number written, calls `Db::flush` once
-//! and completes the waiters that flush covers; the others (written meanwhile) wait for the
+//! Every write that must become durable is numbered after it reaches the write-ahead log
+//! ([`GroupCommit::note_write`]); its waiter needs a flush that started after that number. A
+//! dedicated thread takes every waiter queued so far, reads the highest number written, syncs
+//! the log once and completes the waiters that flush covers; the others (written meanwhile) wait for the
 //! next one. A waiter whose writes are already covered by a finished flush completes at once:
 //! that is what keeps Raft heartbeats, which append nothing, from costing an fsync each. No
 //! waiter is ever completed before a flush that covers its writes has returned.
@@ -89,8 +89,11 @@ impl Drop for Handle {
     }
 }
 
+/// What the fsync thread calls to make every write so far durable.
+pub(crate) type SyncFn = Box<dyn FnMut() -> std::io::Result<()> + Send>;
+
 fn run_flusher(
-    db: sled::Db,
+    mut sync: SyncFn,
     rx: mpsc::Receiver<Waiter>,
     stats: Arc<FlushStats>,
     progress: Arc<Progress>,
@@ -104,10 +107,10 @@ fn run_flusher(
             }
         }
         pending.extend(rx.try_iter());
-        // Every write numbered up to `target` reached sled before this flush starts.
+        // Every write numbered up to `target` was written before this sync starts.
         let target = progress.written.load(Ordering::SeqCst);
         let started = std::time::Instant::now();
-        let result = db.flush().map(|_| ()).map_err(|e| e.to_string());
+        let result = sync().map_err(|e| e.to_string());
         stats
             .flush_micros
             .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
@@ -132,14 +135,14 @@ fn run_flusher(
 }
 
 impl GroupCommit {
-    pub(crate) fn start(db: sled::Db) -> Self {
+    pub(crate) fn start(sync: SyncFn) -> Self {
         let (tx, rx) = mpsc::channel::<Waiter>();
         let stats = Arc::new(FlushStats::default());
         let progress = Arc::new(Progress::default());
         let (thread_stats, thread_progress) = (stats.clone(), progress.clone());
         let thread = std::thread::Builder::new()
             .name("ferry-fsync".into())
-            .spawn(move || run_flusher(db, rx, thread_stats, thread_progress))
+            .spawn(move || run_flusher(sync, rx, thread_stats, thread_progress))
             .expect("spawning the fsync thread");
         Self {
             handle: Arc::new(Handle {
@@ -151,7 +154,7 @@ impl GroupCommit {
         }
     }
 
-    /// Numbers a write that has reached sled and must become durable.
+    /// Numbers a write that has reached the log and must become durable.
     pub(crate) fn note_write(&self) -> u64 {
         self.progress.written.fetch_add(1, Ordering::SeqCst) + 1
     }
@@ -179,7 +182,7 @@ impl GroupCommit {
         self.enqueue(needs, Completion::Raft(callback));
     }
 
-    /// Waits until everything written to the database before this call is on disk; always
+    /// Waits until everything written to the log before this call is on disk; always
     /// performs (or joins) an fsync started after the call.
     pub async fn flush(&self) -> Result<(), StoreError> {
         let needs = self.note_write();
@@ -212,7 +215,10 @@ mod tests {
     async fn nothing_new_needs_no_fsync_but_never_overtakes_a_write() {
         let dir = tempfile::tempdir().unwrap();
         let db = sled::Config::new().path(dir.path()).open().unwrap();
-        let gc = GroupCommit::start(db.clone());
+        let synced = db.clone();
+        let gc = GroupCommit::start(Box::new(move || {
+            synced.flush().map(|_| ()).map_err(Into::into)
+        }));
         let flushes = || gc.stats().flushes.load(Ordering::Relaxed);
 
         // A write waits for a flush that covers it.

@@ -1,10 +1,12 @@
-//! Durable storage for a node's Raft groups, on one sled database per node.
+//! Durable storage for a node's Raft groups: one write-ahead log and one sled database per
+//! node.
 //!
-//! What is here: [`NodeStore`] opens (or refuses) a node's data folder; [`SledLogStore`] is
-//! openraft's log storage for one group; [`SledStateMachine`] is openraft's state machine for
-//! one group, delegating the meaning of commands to an [`Application`] (the partition and
-//! metadata logic live in ferry-region). Appends report completion only after an fsync, and
-//! the fsyncs requested by all groups of the node meanwhile are shared ([`GroupCommit`]).
+//! What is here: [`NodeStore`] opens (or refuses) a node's data folder; [`WalLogStore`] is
+//! openraft's log storage for one group, on the node's write-ahead log (checksummed records
+//! in segment files, replayed on start); [`SledStateMachine`] is openraft's state machine for
+//! one group in sled, delegating the meaning of commands to an [`Application`] (the partition
+//! and metadata logic live in ferry-region). Appends report completion only after an fsync,
+//! and the fsyncs requested by all groups of the node meanwhile are shared ([`GroupCommit`]).
 //! Snapshots carry the state machine's whole tree.
 //!
 //! What is not here: what commands mean, networking, Raft itself.
@@ -15,6 +17,7 @@ mod group_commit;
 mod log_store;
 mod node_store;
 mod state_machine;
+mod wal;
 
 use std::fmt;
 
@@ -23,7 +26,7 @@ use serde::{Deserialize, Serialize};
 
 pub use error::StoreError;
 pub use group_commit::{FlushStats, GroupCommit};
-pub use log_store::SledLogStore;
+pub use log_store::WalLogStore;
 pub use node_store::{NodeStore, StoreOptions};
 pub use state_machine::{Application, SledStateMachine, SnapshotBuilder};
 

@@ -1,103 +1,73 @@
-//! openraft log storage for one group: entries in tree `log:<group>` keyed by big-endian
-//! index; vote, committed id and purge point in tree `raft:<group>`.
+//! openraft log storage for one group, on the node's shared [`Wal`]: appends are records in
+//! the write-ahead log, completed by the shared fsync thread once they are on disk.
 
 use std::fmt::Debug;
 use std::io;
 use std::ops::{Bound, RangeBounds};
+use std::sync::Arc;
 
-use ferry_proto::codec;
 use openraft::storage::{IOFlushed, LogState, RaftLogStorage};
 use openraft::type_config::alias::{EntryOf, LogIdOf, VoteOf};
 use openraft::{OptionalSend, RaftLogReader};
 
-use crate::{GroupCommit, GroupId, StoreError, TypeConfig};
-
-const VOTE: &[u8] = b"vote";
-const COMMITTED: &[u8] = b"committed";
-const PURGED: &[u8] = b"purged";
+use crate::wal::{Record, Wal};
+use crate::{GroupCommit, GroupId, TypeConfig};
 
 /// Bytes of log entries read for one replication request (peer frames allow 64 MiB).
 const REPLICATION_BUDGET: usize = 16 * 1024 * 1024;
 
-/// One group's Raft log. Cloning shares the trees.
+/// One group's Raft log. Cloning shares it.
 #[derive(Clone)]
-pub struct SledLogStore {
-    log: sled::Tree,
-    meta: sled::Tree,
+pub struct WalLogStore {
+    group: GroupId,
+    wal: Arc<Wal>,
     flusher: GroupCommit,
+    /// The state machines' database: flushed before entries that could rebuild it go.
+    db: sled::Db,
 }
 
-fn io_err(e: impl std::fmt::Display) -> io::Error {
-    io::Error::other(e.to_string())
+fn range_of(range: &impl RangeBounds<u64>) -> (u64, u64) {
+    let start = match range.start_bound() {
+        Bound::Included(i) => *i,
+        Bound::Excluded(i) => i.saturating_add(1),
+        Bound::Unbounded => 0,
+    };
+    let end = match range.end_bound() {
+        Bound::Included(i) => i.saturating_add(1),
+        Bound::Excluded(i) => *i,
+        Bound::Unbounded => u64::MAX,
+    };
+    (start, end)
 }
 
-fn bound_key(bound: Bound<&u64>) -> Bound<[u8; 8]> {
-    match bound {
-        Bound::Included(i) => Bound::Included(i.to_be_bytes()),
-        Bound::Excluded(i) => Bound::Excluded(i.to_be_bytes()),
-        Bound::Unbounded => Bound::Unbounded,
-    }
-}
-
-impl SledLogStore {
-    pub(crate) fn open(
-        db: &sled::Db,
-        group: &GroupId,
-        flusher: GroupCommit,
-    ) -> Result<Self, StoreError> {
-        let open = |prefix: &str| {
-            db.open_tree(format!("{prefix}:{group}"))
-                .map_err(|e| StoreError::io(format!("{prefix} tree of {group}"), e))
-        };
-        Ok(Self {
-            log: open("log")?,
-            meta: open("raft")?,
+impl WalLogStore {
+    pub(crate) fn new(group: GroupId, wal: Arc<Wal>, flusher: GroupCommit, db: sled::Db) -> Self {
+        Self {
+            group,
+            wal,
             flusher,
-        })
-    }
-
-    fn read_meta<T: serde::de::DeserializeOwned>(&self, key: &[u8]) -> io::Result<Option<T>> {
-        match self.meta.get(key).map_err(io_err)? {
-            Some(bytes) => Ok(Some(
-                codec::decode("raft metadata", &bytes).map_err(io_err)?,
-            )),
-            None => Ok(None),
+            db,
         }
     }
 
-    fn write_meta<T: serde::Serialize>(&self, key: &[u8], value: &T) -> io::Result<()> {
-        let bytes = codec::encode("raft metadata", value).map_err(io_err)?;
-        self.meta.insert(key, bytes).map_err(io_err)?;
-        Ok(())
-    }
-
-    /// Number of entries currently held (for write-amplification accounting).
-    pub fn len(&self) -> usize {
-        self.log.len()
-    }
-
-    /// Whether the log holds no entries.
-    pub fn is_empty(&self) -> bool {
-        self.log.is_empty()
+    /// Writes `record` and waits until it is on disk.
+    async fn write_durably(&self, record: Record) -> Result<(), io::Error> {
+        self.wal.append(vec![record])?;
+        self.flusher.flush().await.map_err(io::Error::from)
     }
 }
 
-impl RaftLogReader<TypeConfig> for SledLogStore {
+impl RaftLogReader<TypeConfig> for WalLogStore {
     async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
         &mut self,
         range: RB,
     ) -> Result<Vec<EntryOf<TypeConfig>>, io::Error> {
-        let range = (bound_key(range.start_bound()), bound_key(range.end_bound()));
-        let mut entries = Vec::new();
-        for item in self.log.range::<[u8; 8], _>(range) {
-            let (_, value) = item.map_err(io_err)?;
-            entries.push(codec::decode("log entry", &value).map_err(io_err)?);
-        }
-        Ok(entries)
+        let (start, end) = range_of(&range);
+        Ok(self.wal.read(&self.group, start, end, usize::MAX)?)
     }
 
     async fn read_vote(&mut self) -> Result<Option<VoteOf<TypeConfig>>, io::Error> {
-        self.read_meta(VOTE)
+        Ok(self.wal.vote(&self.group))
     }
 
     /// Entries for one AppendEntries: stops once about [`REPLICATION_BUDGET`] bytes are read
@@ -107,39 +77,18 @@ impl RaftLogReader<TypeConfig> for SledLogStore {
         start: u64,
         end: u64,
     ) -> Result<Vec<EntryOf<TypeConfig>>, io::Error> {
-        let mut entries = Vec::new();
-        let mut bytes = 0usize;
-        for item in self.log.range(start.to_be_bytes()..end.to_be_bytes()) {
-            let (_, value) = item.map_err(io_err)?;
-            if !entries.is_empty() && bytes + value.len() > REPLICATION_BUDGET {
-                break;
-            }
-            bytes += value.len();
-            entries.push(codec::decode("log entry", &value).map_err(io_err)?);
-        }
-        Ok(entries)
+        Ok(self.wal.read(&self.group, start, end, REPLICATION_BUDGET)?)
     }
 }
 
-impl RaftLogStorage<TypeConfig> for SledLogStore {
+impl RaftLogStorage<TypeConfig> for WalLogStore {
     type LogReader = Self;
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, io::Error> {
-        let last_purged_log_id: Option<LogIdOf<TypeConfig>> = self.read_meta(PURGED)?;
-        let last_entry = match self.log.last().map_err(io_err)? {
-            Some((_, value)) => {
-                let entry: EntryOf<TypeConfig> =
-                    codec::decode("log entry", &value).map_err(io_err)?;
-                Some(entry.log_id)
-            }
-            None => None,
-        };
-        // A crash between recording a purge point and removing the entries can leave entries
-        // below it; the purge point is then the last log id.
-        let last_log_id = last_entry.max(last_purged_log_id);
+        let bounds = self.wal.bounds(&self.group);
         Ok(LogState {
-            last_purged_log_id,
-            last_log_id,
+            last_purged_log_id: bounds.purged,
+            last_log_id: bounds.last,
         })
     }
 
@@ -148,22 +97,26 @@ impl RaftLogStorage<TypeConfig> for SledLogStore {
     }
 
     async fn save_vote(&mut self, vote: &VoteOf<TypeConfig>) -> Result<(), io::Error> {
-        self.write_meta(VOTE, vote)?;
-        self.flusher.flush().await.map_err(io::Error::from)
+        self.write_durably(Record::Vote {
+            group: self.group.clone(),
+            vote: *vote,
+        })
+        .await
     }
 
     async fn save_committed(
         &mut self,
         committed: Option<LogIdOf<TypeConfig>>,
     ) -> Result<(), io::Error> {
-        // Durability is not required for the committed id; the next flush persists it.
-        self.write_meta(COMMITTED, &committed)
+        // Durability is not required for the committed id; the next fsync persists it.
+        Ok(self.wal.append(vec![Record::Committed {
+            group: self.group.clone(),
+            committed,
+        }])?)
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogIdOf<TypeConfig>>, io::Error> {
-        Ok(self
-            .read_meta::<Option<LogIdOf<TypeConfig>>>(COMMITTED)?
-            .flatten())
+        Ok(self.wal.committed(&self.group))
     }
 
     async fn append<I>(
@@ -175,18 +128,18 @@ impl RaftLogStorage<TypeConfig> for SledLogStore {
         I: IntoIterator<Item = EntryOf<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let mut batch = sled::Batch::default();
-        let mut count = 0;
-        for entry in entries {
-            let value = codec::encode("log entry", &entry).map_err(io_err)?;
-            batch.insert(&entry.log_id.index.to_be_bytes(), value);
-            count += 1;
-        }
-        let needs = if count == 0 {
+        let records: Vec<Record> = entries
+            .into_iter()
+            .map(|entry| Record::Entry {
+                group: self.group.clone(),
+                entry,
+            })
+            .collect();
+        let needs = if records.is_empty() {
             // Nothing new (a heartbeat): done once earlier writes are on disk.
             self.flusher.last_write()
         } else {
-            self.log.apply_batch(batch).map_err(io_err)?;
+            self.wal.append(records)?;
             self.flusher.note_write()
         };
         // Completed by the shared fsync thread once this write is on disk.
@@ -198,28 +151,31 @@ impl RaftLogStorage<TypeConfig> for SledLogStore {
         &mut self,
         last_log_id: Option<LogIdOf<TypeConfig>>,
     ) -> Result<(), io::Error> {
-        let from = last_log_id.map_or(0, |id| id.index + 1);
-        let mut batch = sled::Batch::default();
-        for item in self.log.range(from.to_be_bytes()..) {
-            let (key, _) = item.map_err(io_err)?;
-            batch.remove(key);
-        }
-        self.log.apply_batch(batch).map_err(io_err)?;
-        self.flusher.flush().await.map_err(io::Error::from)
+        self.write_durably(Record::TruncatedAfter {
+            group: self.group.clone(),
+            last: last_log_id,
+        })
+        .await
     }
 
     async fn purge(&mut self, log_id: LogIdOf<TypeConfig>) -> Result<(), io::Error> {
         // State machine writes up to `log_id` must be on disk before the entries that could
         // rebuild them go.
+        self.db.flush_async().await.map_err(io::Error::other)?;
+        // Segments below the one being written when the purge point reaches disk hold no
+        // metadata that a durable checkpoint does not repeat.
+        let durable_below = self.wal.active_segment();
+        self.wal.append(vec![Record::Purged {
+            group: self.group.clone(),
+            log_id,
+        }])?;
+        // Only purge points written before the fsync below count as durable.
+        let purged = self.wal.purge_points();
         self.flusher.flush().await.map_err(io::Error::from)?;
-        // Record the purge point first: a crash in between leaves extra entries, never a gap.
-        self.write_meta(PURGED, &log_id)?;
-        let mut batch = sled::Batch::default();
-        for item in self.log.range(..=log_id.index.to_be_bytes()) {
-            let (key, _) = item.map_err(io_err)?;
-            batch.remove(key);
+        let removed = self.wal.collect_garbage(durable_below, &purged)?;
+        if removed > 0 {
+            tracing::debug!(group = %self.group, removed, "removed write-ahead log segments");
         }
-        self.log.apply_batch(batch).map_err(io_err)?;
         Ok(())
     }
 }

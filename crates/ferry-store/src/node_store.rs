@@ -1,10 +1,14 @@
-//! Opening a node's data folder: one sled database holding every group's log and state.
+//! Opening a node's data folder: the write-ahead log (`wal/`) holding every group's Raft log,
+//! and one sled database holding every group's state machine.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use crate::{Application, GroupCommit, GroupId, SledLogStore, SledStateMachine, StoreError};
+use crate::wal::Wal;
+use crate::{Application, GroupCommit, GroupId, SledStateMachine, StoreError, WalLogStore};
 
-const FORMAT: &[u8] = b"ferry-store/1";
+/// Version 2 moved Raft logs out of sled into the write-ahead log.
+const FORMAT: &[u8] = b"ferry-store/2";
 const MARKER_TREE: &[u8] = b"ferry";
 
 /// Storage tuning.
@@ -12,13 +16,16 @@ const MARKER_TREE: &[u8] = b"ferry";
 pub struct StoreOptions {
     /// sled's page cache, in bytes.
     pub cache_bytes: u64,
+    /// Size at which the write-ahead log starts a new segment file.
+    pub segment_bytes: u64,
 }
 
 impl Default for StoreOptions {
-    /// A small cache (64 MiB): the OS page cache does most of the work.
+    /// A small cache (64 MiB): the OS page cache does most of the work. 64 MiB segments.
     fn default() -> Self {
         Self {
             cache_bytes: 64 * 1024 * 1024,
+            segment_bytes: 64 * 1024 * 1024,
         }
     }
 }
@@ -27,6 +34,7 @@ impl Default for StoreOptions {
 #[derive(Clone)]
 pub struct NodeStore {
     db: sled::Db,
+    wal: Arc<Wal>,
     path: PathBuf,
     flusher: GroupCommit,
 }
@@ -86,6 +94,13 @@ impl NodeStore {
                     )));
                 }
             }
+            Some(other) if other.as_ref() == b"ferry-store/1" => {
+                return Err(foreign(
+                    "it was written by an older ferry (format ferry-store/1, Raft logs in \
+                     sled) that this version cannot read; move it away to start this node empty"
+                        .into(),
+                ))
+            }
             Some(other) => {
                 return Err(foreign(format!(
                     "unknown format {:?}",
@@ -109,9 +124,12 @@ impl NodeStore {
                 db.flush().map_err(|e| StoreError::io("marker", e))?;
             }
         }
-        let flusher = GroupCommit::start(db.clone());
+        let wal = Arc::new(Wal::open(&path.join("wal"), options.segment_bytes)?);
+        let synced = wal.clone();
+        let flusher = GroupCommit::start(Box::new(move || synced.sync()));
         Ok(Self {
             db,
+            wal,
             path: path.to_path_buf(),
             flusher,
         })
@@ -128,8 +146,13 @@ impl NodeStore {
     }
 
     /// The log storage of `group`.
-    pub fn log_store(&self, group: &GroupId) -> Result<SledLogStore, StoreError> {
-        SledLogStore::open(&self.db, group, self.flusher.clone())
+    pub fn log_store(&self, group: &GroupId) -> Result<WalLogStore, StoreError> {
+        Ok(WalLogStore::new(
+            group.clone(),
+            self.wal.clone(),
+            self.flusher.clone(),
+            self.db.clone(),
+        ))
     }
 
     /// The state machine of `group`, driving `app`.
@@ -138,7 +161,7 @@ impl NodeStore {
         group: &GroupId,
         app: A,
     ) -> Result<SledStateMachine<A>, StoreError> {
-        SledStateMachine::open(&self.db, group, app, self.flusher.clone())
+        SledStateMachine::open(&self.db, group, app)
     }
 
     /// The tree a group's state machine writes (`sm:<group>`), for the application to read.
@@ -150,14 +173,7 @@ impl NodeStore {
 
     /// Names of groups that have a log on this node (`meta`, `<topic>/<partition>`).
     pub fn groups(&self) -> Vec<GroupId> {
-        self.db
-            .tree_names()
-            .into_iter()
-            .filter_map(|name| {
-                name.strip_prefix(b"log:")
-                    .map(|g| String::from_utf8_lossy(g).into_owned())
-            })
-            .collect()
+        self.wal.groups()
     }
 }
 

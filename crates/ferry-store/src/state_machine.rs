@@ -14,7 +14,7 @@ use openraft::type_config::alias::{LogIdOf, SnapshotMetaOf, SnapshotOf, StoredMe
 use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder};
 use tokio::sync::Mutex;
 
-use crate::{GroupCommit, GroupId, Reply, SnapshotData, StoreError, TypeConfig};
+use crate::{GroupId, Reply, SnapshotData, StoreError, TypeConfig};
 
 /// Reserved key in the state machine tree; application keys must not start with 0xFF.
 const APPLIED: &[u8] = b"\xFFapplied";
@@ -52,7 +52,7 @@ pub struct SledStateMachine<A> {
     tree: sled::Tree,
     meta: sled::Tree,
     inner: Arc<Mutex<Inner<A>>>,
-    flusher: GroupCommit,
+    db: sled::Db,
 }
 
 impl<A> Clone for SledStateMachine<A> {
@@ -61,7 +61,7 @@ impl<A> Clone for SledStateMachine<A> {
             tree: self.tree.clone(),
             meta: self.meta.clone(),
             inner: self.inner.clone(),
-            flusher: self.flusher.clone(),
+            db: self.db.clone(),
         }
     }
 }
@@ -81,12 +81,7 @@ fn read_applied(tree: &sled::Tree) -> Result<AppliedState, StoreError> {
 }
 
 impl<A: Application> SledStateMachine<A> {
-    pub(crate) fn open(
-        db: &sled::Db,
-        group: &GroupId,
-        mut app: A,
-        flusher: GroupCommit,
-    ) -> Result<Self, StoreError> {
+    pub(crate) fn open(db: &sled::Db, group: &GroupId, mut app: A) -> Result<Self, StoreError> {
         let tree = db
             .open_tree(format!("sm:{group}"))
             .map_err(|e| StoreError::io(format!("state machine of {group}"), e))?;
@@ -99,7 +94,7 @@ impl<A: Application> SledStateMachine<A> {
             tree,
             meta,
             inner: Arc::new(Mutex::new(Inner { app, applied })),
-            flusher,
+            db: db.clone(),
         })
     }
 
@@ -205,7 +200,7 @@ impl<A: Application> RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder<A> {
         };
         self.sm.store_snapshot(&meta, &data)?;
         drop(inner);
-        self.sm.flusher.flush().await.map_err(io::Error::from)?;
+        self.sm.db.flush_async().await.map_err(io_err)?;
         Ok(SnapshotOf::<TypeConfig, SnapshotData> {
             meta,
             snapshot: data,
@@ -293,7 +288,7 @@ impl<A: Application> RaftStateMachine<TypeConfig> for SledStateMachine<A> {
         );
         self.tree.apply_batch(batch).map_err(io_err)?;
         self.store_snapshot(meta, &snapshot)?;
-        self.flusher.flush().await.map_err(io::Error::from)?;
+        self.db.flush_async().await.map_err(io_err)?;
         inner.applied = applied;
         inner.app.load(&self.tree).map_err(io::Error::from)?;
         inner.app.after_apply(&self.tree);

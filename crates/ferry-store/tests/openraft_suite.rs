@@ -2,7 +2,7 @@
 
 use bytes::Bytes;
 use ferry_store::{
-    Application, NodeStore, SledLogStore, SledStateMachine, StoreError, StoreOptions, TypeConfig,
+    Application, NodeStore, SledStateMachine, StoreError, StoreOptions, TypeConfig, WalLogStore,
 };
 use openraft::testing::log::{StoreBuilder, Suite};
 use openraft::StorageError;
@@ -37,12 +37,12 @@ impl Application for KvApp {
 
 struct SledBuilder;
 
-impl StoreBuilder<TypeConfig, SledLogStore, SledStateMachine<KvApp>, tempfile::TempDir>
+impl StoreBuilder<TypeConfig, WalLogStore, SledStateMachine<KvApp>, tempfile::TempDir>
     for SledBuilder
 {
     async fn build(
         &self,
-    ) -> Result<(tempfile::TempDir, SledLogStore, SledStateMachine<KvApp>), StorageError<TypeConfig>>
+    ) -> Result<(tempfile::TempDir, WalLogStore, SledStateMachine<KvApp>), StorageError<TypeConfig>>
     {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = NodeStore::open(
@@ -50,6 +50,7 @@ impl StoreBuilder<TypeConfig, SledLogStore, SledStateMachine<KvApp>, tempfile::T
             1,
             StoreOptions {
                 cache_bytes: 4 << 20,
+                segment_bytes: 64 << 10,
             },
         )
         .expect("open store");

@@ -1,0 +1,719 @@
+//! The node's write-ahead log: every Raft group's entries, votes, committed ids and purge
+//! points, as checksummed records appended to one series of segment files. One fsync makes
+//! every group's appends durable ([`GroupCommit`](crate::GroupCommit) shares it), and no
+//! key-value store sits on the write path.
+//!
+//! A record is `[u32 body length][u32 CRC-32 of body][body]`, the body a codec-encoded
+//! [`Record`]. Segments are `wal/<number:020>.log`, rolled once past `segment_bytes`. Each new
+//! segment starts with a checkpoint of every group's vote, committed id and purge point, so
+//! an older segment is needed only for its entries; the oldest segments are deleted once
+//! every group has purged the entries (and truncations) they hold.
+//!
+//! On open the segments are replayed in order to rebuild the index in memory (group → index
+//! → where the entry lies). A torn record at the end of the last segment — a write that was
+//! never acknowledged, since acknowledgement waits for the fsync — is cut off; anything
+//! unreadable before that refuses to open, naming the file and offset.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use ferry_proto::codec;
+use openraft::type_config::alias::{EntryOf, LogIdOf, VoteOf};
+use serde::{Deserialize, Serialize};
+
+use crate::{GroupId, StoreError, TypeConfig};
+
+const HEADER: usize = 8;
+/// Largest record body accepted when reading (a Raft entry carries at most one frame).
+const MAX_RECORD: usize = 256 * 1024 * 1024;
+
+/// One change to one group's log.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) enum Record {
+    /// A log entry.
+    Entry {
+        group: GroupId,
+        entry: EntryOf<TypeConfig>,
+    },
+    /// The group's vote.
+    Vote {
+        group: GroupId,
+        vote: VoteOf<TypeConfig>,
+    },
+    /// The group's committed log id.
+    Committed {
+        group: GroupId,
+        committed: Option<LogIdOf<TypeConfig>>,
+    },
+    /// Entries up to this log id are gone.
+    Purged {
+        group: GroupId,
+        log_id: LogIdOf<TypeConfig>,
+    },
+    /// Entries after this log id (all if none) are gone.
+    TruncatedAfter {
+        group: GroupId,
+        last: Option<LogIdOf<TypeConfig>>,
+    },
+}
+
+impl Record {
+    fn group(&self) -> &GroupId {
+        match self {
+            Record::Entry { group, .. }
+            | Record::Vote { group, .. }
+            | Record::Committed { group, .. }
+            | Record::Purged { group, .. }
+            | Record::TruncatedAfter { group, .. } => group,
+        }
+    }
+}
+
+/// Where an entry's record lies.
+#[derive(Debug, Clone, Copy)]
+struct Location {
+    segment: u64,
+    offset: u64,
+    len: u32,
+    log_id: LogIdOf<TypeConfig>,
+}
+
+/// What the log knows of one group.
+#[derive(Debug, Default)]
+struct GroupLog {
+    entries: BTreeMap<u64, Location>,
+    vote: Option<VoteOf<TypeConfig>>,
+    committed: Option<LogIdOf<TypeConfig>>,
+    purged: Option<LogIdOf<TypeConfig>>,
+}
+
+impl GroupLog {
+    fn last_index(&self) -> Option<u64> {
+        self.entries
+            .keys()
+            .next_back()
+            .copied()
+            .max(self.purged.map(|p| p.index))
+    }
+}
+
+struct Segment {
+    file: Arc<File>,
+    path: PathBuf,
+    len: u64,
+    /// Per group, the highest index this segment's entries or truncations reach: the
+    /// segment may go once each group's purge point has passed it.
+    reaches: HashMap<GroupId, u64>,
+}
+
+struct State {
+    groups: HashMap<GroupId, GroupLog>,
+    segments: BTreeMap<u64, Segment>,
+}
+
+impl State {
+    fn active(&self) -> (u64, &Segment) {
+        let (id, seg) = self.segments.iter().next_back().expect("an active segment");
+        (*id, seg)
+    }
+
+    /// Applies `record`, found at `offset` of segment `segment` with body length `len`.
+    fn apply(&mut self, record: Record, segment: u64, offset: u64, len: u32) {
+        let group_name = record.group().clone();
+        let group = self.groups.entry(group_name.clone()).or_default();
+        let mut reach = None;
+        match record {
+            Record::Entry { entry, .. } => {
+                let index = entry.log_id.index;
+                if group.purged.is_some_and(|p| p.index >= index) {
+                    return;
+                }
+                group.entries.insert(
+                    index,
+                    Location {
+                        segment,
+                        offset,
+                        len,
+                        log_id: entry.log_id,
+                    },
+                );
+                reach = Some(index);
+            }
+            Record::Vote { vote, .. } => group.vote = Some(vote),
+            Record::Committed { committed, .. } => group.committed = committed,
+            Record::Purged { log_id, .. } => {
+                if group.purged.is_none_or(|p| p.index < log_id.index) {
+                    group.purged = Some(log_id);
+                }
+                group.entries = group.entries.split_off(&(log_id.index + 1));
+            }
+            Record::TruncatedAfter { last, .. } => {
+                reach = group.last_index();
+                let from = last.map_or(0, |id| id.index + 1);
+                group.entries.split_off(&from);
+            }
+        }
+        if let (Some(index), Some(seg)) = (reach, self.segments.get_mut(&segment)) {
+            let r = seg.reaches.entry(group_name).or_insert(index);
+            *r = (*r).max(index);
+        }
+    }
+
+    /// Whether the purge points `purged` pass everything `segment` holds.
+    fn is_dead(segment: &Segment, purged: &HashMap<GroupId, u64>) -> bool {
+        segment
+            .reaches
+            .iter()
+            .all(|(group, reach)| purged.get(group).is_some_and(|p| p >= reach))
+    }
+
+    /// The records that carry every group's metadata, written at a segment's start.
+    fn checkpoint(&self) -> Vec<Record> {
+        let mut records = Vec::new();
+        for (name, g) in &self.groups {
+            if let Some(vote) = g.vote {
+                records.push(Record::Vote {
+                    group: name.clone(),
+                    vote,
+                });
+            }
+            if g.committed.is_some() {
+                records.push(Record::Committed {
+                    group: name.clone(),
+                    committed: g.committed,
+                });
+            }
+            if let Some(log_id) = g.purged {
+                records.push(Record::Purged {
+                    group: name.clone(),
+                    log_id,
+                });
+            }
+        }
+        records
+    }
+}
+
+/// The node's write-ahead log. Shared by every group's log store.
+pub(crate) struct Wal {
+    dir: PathBuf,
+    segment_bytes: u64,
+    state: Mutex<State>,
+}
+
+/// Log state of one group, as openraft asks for it.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct GroupBounds {
+    pub(crate) purged: Option<LogIdOf<TypeConfig>>,
+    pub(crate) last: Option<LogIdOf<TypeConfig>>,
+}
+
+fn segment_path(dir: &Path, id: u64) -> PathBuf {
+    dir.join(format!("{id:020}.log"))
+}
+
+fn frame(record: &Record, out: &mut Vec<u8>) -> Result<u32, StoreError> {
+    let body = codec::encode("wal record", record)?;
+    let len = u32::try_from(body.len())
+        .ok()
+        .filter(|l| (*l as usize) <= MAX_RECORD)
+        .ok_or_else(|| StoreError::io("wal record", "record too large"))?;
+    out.extend_from_slice(&len.to_le_bytes());
+    out.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
+    out.extend_from_slice(&body);
+    Ok(len)
+}
+
+fn open_segment(path: &Path, create: bool) -> Result<File, StoreError> {
+    OpenOptions::new()
+        .read(true)
+        .append(true)
+        .create_new(create)
+        .open(path)
+        .map_err(|e| StoreError::io(format!("opening {}", path.display()), e))
+}
+
+impl Wal {
+    /// Opens (creating if missing) the log in `dir` and replays it.
+    pub(crate) fn open(dir: &Path, segment_bytes: u64) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| StoreError::io(format!("creating {}", dir.display()), e))?;
+        let mut ids = Vec::new();
+        for item in std::fs::read_dir(dir)
+            .map_err(|e| StoreError::io(format!("listing {}", dir.display()), e))?
+        {
+            let item = item.map_err(|e| StoreError::io(format!("listing {}", dir.display()), e))?;
+            let name = item.file_name();
+            let name = name.to_string_lossy();
+            if let Some(id) = name
+                .strip_suffix(".log")
+                .and_then(|n| n.parse::<u64>().ok())
+            {
+                ids.push(id);
+            }
+        }
+        ids.sort_unstable();
+        let mut state = State {
+            groups: HashMap::new(),
+            segments: BTreeMap::new(),
+        };
+        let count = ids.len();
+        for (i, id) in ids.into_iter().enumerate() {
+            let path = segment_path(dir, id);
+            let file = open_segment(&path, false)?;
+            state.segments.insert(
+                id,
+                Segment {
+                    file: Arc::new(file),
+                    path: path.clone(),
+                    len: 0,
+                    reaches: HashMap::new(),
+                },
+            );
+            replay_segment(&mut state, id, &path, i + 1 == count)?;
+        }
+        if state.segments.is_empty() {
+            let path = segment_path(dir, 1);
+            let file = open_segment(&path, true)?;
+            sync_dir(dir)?;
+            state.segments.insert(
+                1,
+                Segment {
+                    file: Arc::new(file),
+                    path,
+                    len: 0,
+                    reaches: HashMap::new(),
+                },
+            );
+        }
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            segment_bytes: segment_bytes.max(4096),
+            state: Mutex::new(state),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Appends `records` in one write (not yet durable: see [`Wal::sync`]).
+    pub(crate) fn append(&self, records: Vec<Record>) -> Result<(), StoreError> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        let mut state = self.lock();
+        let (active, seg) = state.active();
+        let mut active = active;
+        if seg.len >= self.segment_bytes {
+            active = self.roll(&mut state)?;
+        }
+        let mut buf = Vec::new();
+        let mut framed = Vec::with_capacity(records.len());
+        for record in records {
+            let start = buf.len() as u64;
+            let len = frame(&record, &mut buf)?;
+            framed.push((record, start, len));
+        }
+        let seg = state.segments.get_mut(&active).expect("active segment");
+        let base = seg.len;
+        (&*seg.file)
+            .write_all(&buf)
+            .map_err(|e| StoreError::io(format!("writing {}", seg.path.display()), e))?;
+        seg.len += buf.len() as u64;
+        for (record, start, len) in framed {
+            state.apply(record, active, base + start, len);
+        }
+        Ok(())
+    }
+
+    /// Closes the active segment (synced) and starts the next with a checkpoint.
+    fn roll(&self, state: &mut State) -> Result<u64, StoreError> {
+        let (active, seg) = state.active();
+        seg.file
+            .sync_data()
+            .map_err(|e| StoreError::io(format!("syncing {}", seg.path.display()), e))?;
+        let next = active + 1;
+        let path = segment_path(&self.dir, next);
+        let file = open_segment(&path, true)?;
+        sync_dir(&self.dir)?;
+        let mut buf = Vec::new();
+        for record in state.checkpoint() {
+            frame(&record, &mut buf)?;
+        }
+        (&file)
+            .write_all(&buf)
+            .map_err(|e| StoreError::io(format!("writing {}", path.display()), e))?;
+        state.segments.insert(
+            next,
+            Segment {
+                file: Arc::new(file),
+                path,
+                len: buf.len() as u64,
+                reaches: HashMap::new(),
+            },
+        );
+        Ok(next)
+    }
+
+    /// Makes everything appended so far durable. Earlier segments were synced when rolled.
+    pub(crate) fn sync(&self) -> io::Result<()> {
+        let file = self.lock().active().1.file.clone();
+        file.sync_data()
+    }
+
+    /// The number of the segment being written.
+    pub(crate) fn active_segment(&self) -> u64 {
+        self.lock().active().0
+    }
+
+    /// Every group's purge point (index).
+    pub(crate) fn purge_points(&self) -> HashMap<GroupId, u64> {
+        self.lock()
+            .groups
+            .iter()
+            .filter_map(|(name, g)| g.purged.map(|p| (name.clone(), p.index)))
+            .collect()
+    }
+
+    /// Deletes the oldest segments, below `below`, that the purge points `purged` make
+    /// unneeded. Call only once those purge points are durable, and with `below` a segment
+    /// that was durable by then (its checkpoint repeats the metadata of the ones deleted).
+    pub(crate) fn collect_garbage(
+        &self,
+        below: u64,
+        purged: &HashMap<GroupId, u64>,
+    ) -> Result<usize, StoreError> {
+        let mut state = self.lock();
+        let mut dead = Vec::new();
+        for (id, seg) in &state.segments {
+            if *id >= below || !State::is_dead(seg, purged) {
+                break;
+            }
+            dead.push(*id);
+        }
+        for id in &dead {
+            if let Some(seg) = state.segments.remove(id) {
+                std::fs::remove_file(&seg.path)
+                    .map_err(|e| StoreError::io(format!("removing {}", seg.path.display()), e))?;
+            }
+        }
+        Ok(dead.len())
+    }
+
+    /// The group's purge point and last log id.
+    pub(crate) fn bounds(&self, group: &str) -> GroupBounds {
+        let state = self.lock();
+        match state.groups.get(group) {
+            Some(g) => {
+                let last = g.entries.values().next_back().map(|l| l.log_id);
+                GroupBounds {
+                    purged: g.purged,
+                    last: last.max(g.purged),
+                }
+            }
+            None => GroupBounds::default(),
+        }
+    }
+
+    /// The group's vote.
+    pub(crate) fn vote(&self, group: &str) -> Option<VoteOf<TypeConfig>> {
+        self.lock().groups.get(group).and_then(|g| g.vote)
+    }
+
+    /// The group's committed log id.
+    pub(crate) fn committed(&self, group: &str) -> Option<LogIdOf<TypeConfig>> {
+        self.lock().groups.get(group).and_then(|g| g.committed)
+    }
+
+    /// Groups that have anything in the log.
+    pub(crate) fn groups(&self) -> Vec<GroupId> {
+        self.lock().groups.keys().cloned().collect()
+    }
+
+    /// Entries of `group` with index in `[start, end)`, stopping before the entry that would
+    /// take the bytes read past `budget` (but always at least one).
+    pub(crate) fn read(
+        &self,
+        group: &str,
+        start: u64,
+        end: u64,
+        budget: usize,
+    ) -> Result<Vec<EntryOf<TypeConfig>>, StoreError> {
+        let mut wanted = Vec::new();
+        {
+            let state = self.lock();
+            let Some(g) = state.groups.get(group) else {
+                return Ok(Vec::new());
+            };
+            let mut bytes = 0usize;
+            for loc in g.entries.range(start..end).map(|(_, l)| *l) {
+                if !wanted.is_empty() && bytes + loc.len as usize > budget {
+                    break;
+                }
+                bytes += loc.len as usize;
+                let seg = &state.segments[&loc.segment];
+                wanted.push((seg.file.clone(), seg.path.clone(), loc));
+            }
+        }
+        let mut entries = Vec::with_capacity(wanted.len());
+        let mut body = Vec::new();
+        for (file, path, loc) in wanted {
+            body.resize(loc.len as usize, 0);
+            file.read_exact_at(&mut body, loc.offset + HEADER as u64)
+                .map_err(|e| StoreError::io(format!("reading {}", path.display()), e))?;
+            match codec::decode::<Record>("wal record", &body)? {
+                Record::Entry { entry, .. } if entry.log_id == loc.log_id => entries.push(entry),
+                other => {
+                    return Err(StoreError::io(
+                        format!("reading {} at {}", path.display(), loc.offset),
+                        format!("expected entry {:?}, found {other:?}", loc.log_id),
+                    ))
+                }
+            }
+        }
+        Ok(entries)
+    }
+}
+
+fn sync_dir(dir: &Path) -> Result<(), StoreError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| StoreError::io(format!("syncing {}", dir.display()), e))
+}
+
+/// Replays one segment into `state`. In the last segment a torn or corrupt tail is cut off.
+fn replay_segment(state: &mut State, id: u64, path: &Path, last: bool) -> Result<(), StoreError> {
+    let io = |e: io::Error| StoreError::io(format!("reading {}", path.display()), e);
+    let mut data = Vec::new();
+    File::open(path)
+        .and_then(|mut f| f.read_to_end(&mut data))
+        .map_err(io)?;
+    let mut offset = 0usize;
+    while offset < data.len() {
+        let bad = |why: &str| format!("{why} at offset {offset}");
+        let problem = match data.get(offset..offset + HEADER) {
+            None => Some(bad("torn record header")),
+            Some(header) => {
+                let len = u32::from_le_bytes(header[..4].try_into().expect("4 bytes")) as usize;
+                let crc = u32::from_le_bytes(header[4..].try_into().expect("4 bytes"));
+                match data.get(offset + HEADER..offset + HEADER + len) {
+                    None => Some(bad("torn record")),
+                    Some(body) if len > MAX_RECORD || crc32fast::hash(body) != crc => {
+                        Some(bad("checksum mismatch"))
+                    }
+                    Some(body) => {
+                        let record: Record =
+                            codec::decode("wal record", body).map_err(|e| StoreError::Corrupt {
+                                path: path.to_path_buf(),
+                                reason: bad(&e.to_string()),
+                            })?;
+                        state.apply(record, id, offset as u64, len as u32);
+                        offset += HEADER + len;
+                        None
+                    }
+                }
+            }
+        };
+        if let Some(reason) = problem {
+            if !last {
+                return Err(StoreError::Corrupt {
+                    path: path.to_path_buf(),
+                    reason,
+                });
+            }
+            tracing::warn!(path = %path.display(), %reason, "cutting off the unacknowledged tail of the write-ahead log");
+            let file = OpenOptions::new().write(true).open(path).map_err(io)?;
+            file.set_len(offset as u64).map_err(io)?;
+            file.sync_all().map_err(io)?;
+            break;
+        }
+    }
+    if let Some(seg) = state.segments.get_mut(&id) {
+        seg.len = offset as u64;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+    use openraft::testing::log_id;
+    use openraft::{Entry, EntryPayload};
+
+    use super::*;
+    use crate::Command;
+
+    fn id(term: u64, index: u64) -> LogIdOf<TypeConfig> {
+        log_id::<TypeConfig>(term, 1, index)
+    }
+
+    fn entry(group: &str, term: u64, index: u64, size: usize) -> Record {
+        Record::Entry {
+            group: group.into(),
+            entry: Entry {
+                log_id: id(term, index),
+                payload: EntryPayload::Normal(Command(Bytes::from(vec![index as u8; size]))),
+            },
+        }
+    }
+
+    fn indexes(wal: &Wal, group: &str) -> Vec<(u64, u64)> {
+        wal.read(group, 0, u64::MAX, usize::MAX)
+            .unwrap()
+            .iter()
+            .map(|e| (e.log_id.leader_id.term, e.log_id.index))
+            .collect()
+    }
+
+    #[test]
+    fn replay_restores_entries_votes_truncations_and_purges() {
+        let dir = tempfile::tempdir().unwrap();
+        let wal = Wal::open(dir.path(), 1 << 20).unwrap();
+        wal.append((1..=5).map(|i| entry("a", 1, i, 10)).collect())
+            .unwrap();
+        wal.append(vec![
+            entry("b", 1, 1, 10),
+            Record::Vote {
+                group: "a".into(),
+                vote: VoteOf::<TypeConfig>::new(2, 3),
+            },
+            Record::TruncatedAfter {
+                group: "a".into(),
+                last: Some(id(1, 3)),
+            },
+            entry("a", 2, 4, 10),
+            Record::Purged {
+                group: "a".into(),
+                log_id: id(1, 1),
+            },
+            Record::Committed {
+                group: "a".into(),
+                committed: Some(id(1, 3)),
+            },
+        ])
+        .unwrap();
+        wal.sync().unwrap();
+        let expect = vec![(1, 2), (1, 3), (2, 4)];
+        assert_eq!(indexes(&wal, "a"), expect);
+        drop(wal);
+
+        let wal = Wal::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(indexes(&wal, "a"), expect);
+        assert_eq!(indexes(&wal, "b"), vec![(1, 1)]);
+        assert_eq!(wal.vote("a"), Some(VoteOf::<TypeConfig>::new(2, 3)));
+        assert_eq!(wal.committed("a"), Some(id(1, 3)));
+        let bounds = wal.bounds("a");
+        assert_eq!(
+            (bounds.purged, bounds.last),
+            (Some(id(1, 1)), Some(id(2, 4)))
+        );
+        // A group whose entries are all purged still reports the purge point as its last.
+        wal.append(vec![Record::Purged {
+            group: "b".into(),
+            log_id: id(1, 1),
+        }])
+        .unwrap();
+        assert_eq!(wal.bounds("b").last, Some(id(1, 1)));
+        assert!(indexes(&wal, "b").is_empty());
+    }
+
+    #[test]
+    fn a_torn_tail_is_cut_but_damage_before_the_last_segment_refuses_to_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let wal = Wal::open(dir.path(), 4096).unwrap();
+        for i in 1..=3 {
+            wal.append(vec![entry("a", 1, i, 5000)]).unwrap();
+        }
+        wal.sync().unwrap();
+        drop(wal);
+        let mut segments: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        segments.sort();
+        assert_eq!(
+            segments.len(),
+            3,
+            "one 5000-byte entry per 4096-byte segment"
+        );
+
+        // Half a record at the end of the last segment: the write was never acknowledged.
+        let last = segments.last().unwrap();
+        let full = std::fs::metadata(last).unwrap().len();
+        let mut f = OpenOptions::new().append(true).open(last).unwrap();
+        f.write_all(&[200, 0, 0, 0, 1, 2, 3, 4, 5]).unwrap();
+        drop(f);
+        let wal = Wal::open(dir.path(), 4096).unwrap();
+        assert_eq!(indexes(&wal, "a"), vec![(1, 1), (1, 2), (1, 3)]);
+        assert_eq!(std::fs::metadata(last).unwrap().len(), full);
+        // Writing goes on after the cut.
+        wal.append(vec![entry("a", 1, 4, 10)]).unwrap();
+        drop(wal);
+        assert_eq!(indexes(&Wal::open(dir.path(), 4096).unwrap(), "a").len(), 4);
+
+        // A flipped byte in an earlier segment is corruption, named with its file.
+        let first = &segments[0];
+        let mut bytes = std::fs::read(first).unwrap();
+        let at = bytes.len() - 100;
+        bytes[at] ^= 0xFF;
+        std::fs::write(first, bytes).unwrap();
+        let err = Wal::open(dir.path(), 4096).err().unwrap().to_string();
+        assert!(
+            err.contains(&first.display().to_string()) && err.contains("checksum"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn purged_segments_are_removed_and_metadata_survives_in_checkpoints() {
+        let dir = tempfile::tempdir().unwrap();
+        let wal = Wal::open(dir.path(), 4096).unwrap();
+        wal.append(vec![Record::Vote {
+            group: "a".into(),
+            vote: VoteOf::<TypeConfig>::new(1, 1),
+        }])
+        .unwrap();
+        for i in 1..=20 {
+            wal.append(vec![entry("a", 1, i, 1500), entry("b", 1, i, 100)])
+                .unwrap();
+        }
+        let count = || std::fs::read_dir(dir.path()).unwrap().count();
+        let before = count();
+        assert!(before >= 6, "{before} segments");
+
+        // Purging only one group frees nothing: the other still needs every segment.
+        wal.append(vec![Record::Purged {
+            group: "a".into(),
+            log_id: id(1, 18),
+        }])
+        .unwrap();
+        wal.sync().unwrap();
+        let below = wal.active_segment();
+        assert_eq!(wal.collect_garbage(below, &wal.purge_points()).unwrap(), 0);
+
+        // A purge point that is not yet counted as durable frees nothing either.
+        let points = wal.purge_points();
+        wal.append(vec![Record::Purged {
+            group: "b".into(),
+            log_id: id(1, 18),
+        }])
+        .unwrap();
+        assert_eq!(wal.collect_garbage(below, &points).unwrap(), 0);
+
+        wal.sync().unwrap();
+        let removed = wal.collect_garbage(below, &wal.purge_points()).unwrap();
+        assert!(removed > 0 && count() == before - removed, "{removed}");
+        drop(wal);
+
+        let wal = Wal::open(dir.path(), 4096).unwrap();
+        assert_eq!(wal.vote("a"), Some(VoteOf::<TypeConfig>::new(1, 1)));
+        assert_eq!(indexes(&wal, "a"), vec![(1, 19), (1, 20)]);
+        assert_eq!(indexes(&wal, "b"), vec![(1, 19), (1, 20)]);
+        assert_eq!(wal.bounds("a").purged, Some(id(1, 18)));
+    }
+}
