@@ -55,7 +55,7 @@ impl Default for RaftTuning {
             heartbeat_ms: 150,
             election_min_ms: 800,
             election_max_ms: 1600,
-            snapshot_after_entries: 20_000,
+            snapshot_after_entries: 4_096,
             keep_after_snapshot: 1_000,
             snapshot_chunk_bytes: 8 * 1024 * 1024,
         }

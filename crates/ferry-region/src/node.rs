@@ -17,14 +17,14 @@ use tokio::sync::watch;
 use crate::command::{decode, encode, PartitionCommand};
 use crate::groups::GroupCoordinator;
 use crate::metadata::{MetaApp, MetaView};
-use crate::partition::{PartitionApp, PartitionView};
+use crate::partition::{PartitionStateMachine, PartitionView};
 use crate::peer::{error_response, GroupNetwork, PeerRequest, PeerResponse, Router};
 use crate::{NodeConfig, RegionError};
 
 /// The metadata group's Raft.
 pub type MetaRaft = Raft<TypeConfig, SledStateMachine<MetaApp>>;
 /// A partition group's Raft.
-pub type PartitionRaft = Raft<TypeConfig, SledStateMachine<PartitionApp>>;
+pub type PartitionRaft = Raft<TypeConfig, PartitionStateMachine>;
 
 /// Name of the metadata group.
 pub const META_GROUP: &str = "meta";
@@ -226,9 +226,15 @@ impl<T: Transport> Node<T> {
                 {
                     continue;
                 }
-                let app = PartitionApp::new(inner.store.state_tree(&group)?);
-                let view = app.view();
-                let sm = inner.store.state_machine(&group, app)?;
+                let sm = PartitionStateMachine::open(
+                    &inner
+                        .store
+                        .path()
+                        .join("partitions")
+                        .join(group.replace('/', "@")),
+                    inner.config.wal_segment_bytes,
+                )?;
+                let view = sm.view();
                 let log = inner.store.log_store(&group)?;
                 let network = GroupNetwork {
                     router: inner.router.clone(),

@@ -12,6 +12,7 @@
 //! What is not here: what commands mean, networking, Raft itself.
 #![warn(missing_docs, unreachable_pub)]
 
+mod batch_files;
 mod error;
 mod group_commit;
 mod log_store;
@@ -24,6 +25,7 @@ use std::fmt;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
+pub use batch_files::{read_batch, BatchFiles, BatchInfo, BatchLocation, Extent};
 pub use error::StoreError;
 pub use group_commit::{FlushStats, GroupCommit};
 pub use log_store::WalLogStore;

@@ -1,0 +1,377 @@
+//! A partition's event data: stored batches appended to segment files of their own, outside
+//! any key-value store, read back by offset with `pread`.
+//!
+//! A record is `[u32 events length][u32 CRC-32 of events][u64 base offset][u32 count]
+//! [u64 appended at, ms][events]`. Segments are `<base offset of first batch:020>.seg`, rolled
+//! past `segment_bytes`. Writes are not synced one by one: the partition's state machine
+//! calls [`BatchFiles::sync`] before it records a checkpoint, and on open the files are cut
+//! back to the [`Extent`] that checkpoint names (the Raft log re-applies the rest). Batches
+//! dropped by retention leave the index at once; their segments are deleted by
+//! [`BatchFiles::remove_dropped`] once no checkpoint names them.
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use ferry_proto::StoredBatch;
+use serde::{Deserialize, Serialize};
+
+use crate::StoreError;
+
+const HEADER: usize = 28;
+
+/// The segments and their lengths at a checkpoint: `(first base offset, bytes)`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Extent(pub Vec<(u64, u64)>);
+
+/// Where a batch lies, and what the index needs to know of it without reading it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchInfo {
+    /// Events in the batch.
+    pub count: u32,
+    /// When the leader appended it.
+    pub appended_at_ms: u64,
+    /// Bytes of event data.
+    pub bytes: u32,
+    segment: u64,
+    position: u64,
+}
+
+struct Segment {
+    file: Arc<File>,
+    path: PathBuf,
+    len: u64,
+    synced: u64,
+}
+
+/// One partition's batch files and their index.
+pub struct BatchFiles {
+    dir: PathBuf,
+    segment_bytes: u64,
+    segments: BTreeMap<u64, Segment>,
+    index: BTreeMap<u64, BatchInfo>,
+}
+
+fn io(what: &Path) -> impl Fn(std::io::Error) -> StoreError + '_ {
+    move |e| StoreError::io(what.display().to_string(), e)
+}
+
+impl BatchFiles {
+    /// Opens the files in `dir` cut back to `extent`; segments it does not name are removed.
+    pub fn open(dir: &Path, segment_bytes: u64, extent: &Extent) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        let named: BTreeMap<u64, u64> = extent.0.iter().copied().collect();
+        for item in std::fs::read_dir(dir).map_err(io(dir))? {
+            let path = item.map_err(io(dir))?.path();
+            let first = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_suffix(".seg"))
+                .and_then(|n| n.parse::<u64>().ok());
+            if let Some(first) = first {
+                if !named.contains_key(&first) {
+                    std::fs::remove_file(&path).map_err(io(&path))?;
+                }
+            }
+        }
+        let mut files = Self {
+            dir: dir.to_path_buf(),
+            segment_bytes: segment_bytes.max(4096),
+            segments: BTreeMap::new(),
+            index: BTreeMap::new(),
+        };
+        for (first, len) in named {
+            let path = files.segment_path(first);
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&path)
+                .map_err(io(&path))?;
+            let actual = file.metadata().map_err(io(&path))?.len();
+            if actual < len {
+                return Err(StoreError::Corrupt {
+                    path,
+                    reason: format!("{actual} bytes, but the checkpoint recorded {len}"),
+                });
+            }
+            if actual > len {
+                file.set_len(len).map_err(io(&path))?;
+            }
+            files.scan(first, &file, &path, len)?;
+            files.segments.insert(
+                first,
+                Segment {
+                    file: Arc::new(file),
+                    path,
+                    len,
+                    synced: len,
+                },
+            );
+        }
+        Ok(files)
+    }
+
+    fn segment_path(&self, first: u64) -> PathBuf {
+        self.dir.join(format!("{first:020}.seg"))
+    }
+
+    /// Rebuilds the index of one segment from its record headers.
+    fn scan(&mut self, segment: u64, file: &File, path: &Path, len: u64) -> Result<(), StoreError> {
+        let mut position = 0u64;
+        let mut header = [0u8; HEADER];
+        while position < len {
+            if position + HEADER as u64 > len {
+                return Err(StoreError::Corrupt {
+                    path: path.to_path_buf(),
+                    reason: format!("torn record header at offset {position}"),
+                });
+            }
+            file.read_exact_at(&mut header, position)
+                .map_err(io(path))?;
+            let (bytes, base, count, at) = parse_header(&header);
+            if position + (HEADER + bytes as usize) as u64 > len {
+                return Err(StoreError::Corrupt {
+                    path: path.to_path_buf(),
+                    reason: format!("torn record at offset {position}"),
+                });
+            }
+            self.index.insert(
+                base,
+                BatchInfo {
+                    count,
+                    appended_at_ms: at,
+                    bytes,
+                    segment,
+                    position,
+                },
+            );
+            position += (HEADER + bytes as usize) as u64;
+        }
+        Ok(())
+    }
+
+    /// Appends `batch` (its base offset above every stored one).
+    pub fn append(&mut self, batch: &StoredBatch) -> Result<(), StoreError> {
+        let bytes = u32::try_from(batch.events.len())
+            .map_err(|_| StoreError::io("batch files", "batch too large"))?;
+        let roll = match self.segments.values().next_back() {
+            None => true,
+            Some(seg) => seg.len >= self.segment_bytes,
+        };
+        if roll {
+            let path = self.segment_path(batch.base_offset);
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&path)
+                .map_err(io(&path))?;
+            self.segments.insert(
+                batch.base_offset,
+                Segment {
+                    file: Arc::new(file),
+                    path,
+                    len: 0,
+                    synced: 0,
+                },
+            );
+        }
+        let (&first, seg) = self.segments.iter_mut().next_back().expect("a segment");
+        let mut record = Vec::with_capacity(HEADER + batch.events.len());
+        record.extend_from_slice(&bytes.to_le_bytes());
+        record.extend_from_slice(&crc32fast::hash(&batch.events).to_le_bytes());
+        record.extend_from_slice(&batch.base_offset.to_le_bytes());
+        record.extend_from_slice(&batch.count.to_le_bytes());
+        record.extend_from_slice(&batch.appended_at_ms.to_le_bytes());
+        record.extend_from_slice(&batch.events);
+        seg.file
+            .write_all_at(&record, seg.len)
+            .map_err(io(&seg.path))?;
+        self.index.insert(
+            batch.base_offset,
+            BatchInfo {
+                count: batch.count,
+                appended_at_ms: batch.appended_at_ms,
+                bytes,
+                segment: first,
+                position: seg.len,
+            },
+        );
+        seg.len += record.len() as u64;
+        Ok(())
+    }
+
+    /// The index: base offset → batch.
+    pub fn index(&self) -> &BTreeMap<u64, BatchInfo> {
+        &self.index
+    }
+
+    /// Where to read the batches from the one holding `offset` on, at most `max_bytes` of
+    /// events (at least one batch). Read them with [`read_batch`] without holding `self`.
+    pub fn locate(&self, offset: u64, max_bytes: usize) -> Vec<BatchLocation> {
+        let start = self
+            .index
+            .range(..=offset)
+            .next_back()
+            .filter(|(base, info)| *base + u64::from(info.count) > offset)
+            .map_or(offset, |(base, _)| *base);
+        let mut out = Vec::new();
+        let mut size = 0usize;
+        for (base, info) in self.index.range(start..) {
+            if !out.is_empty() && size + info.bytes as usize > max_bytes {
+                break;
+            }
+            size += info.bytes as usize;
+            let seg = &self.segments[&info.segment];
+            out.push(BatchLocation {
+                base_offset: *base,
+                info: *info,
+                file: seg.file.clone(),
+                path: seg.path.clone(),
+            });
+            if size >= max_bytes {
+                break;
+            }
+        }
+        out
+    }
+
+    /// Makes every append so far durable.
+    pub fn sync(&mut self) -> Result<(), StoreError> {
+        for seg in self.segments.values_mut() {
+            if seg.synced < seg.len {
+                seg.file.sync_data().map_err(io(&seg.path))?;
+                seg.synced = seg.len;
+            }
+        }
+        File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io(&self.dir))
+    }
+
+    /// Drops batches that end at or before `before` from the index. Returns the event bytes
+    /// dropped. Their segments stay on disk until [`BatchFiles::remove_dropped`].
+    pub fn drop_before(&mut self, before: u64) -> u64 {
+        let mut freed = 0;
+        while let Some(entry) = self.index.first_entry() {
+            if *entry.key() + u64::from(entry.get().count) > before {
+                break;
+            }
+            freed += u64::from(entry.remove().bytes);
+        }
+        freed
+    }
+
+    /// Segments that hold no indexed batch and are not the one being written.
+    fn dropped_segments(&self) -> Vec<u64> {
+        let live_from = self.index.values().next().map(|i| i.segment);
+        let active = self.segments.keys().next_back().copied();
+        self.segments
+            .keys()
+            .copied()
+            .filter(|first| Some(*first) != active && live_from.is_none_or(|l| *first < l))
+            .collect()
+    }
+
+    /// Deletes the segments that hold only dropped batches. Call after recording a
+    /// checkpoint whose [`BatchFiles::extent`] no longer names them.
+    pub fn remove_dropped(&mut self) -> Result<(), StoreError> {
+        for first in self.dropped_segments() {
+            if let Some(seg) = self.segments.remove(&first) {
+                std::fs::remove_file(&seg.path).map_err(io(&seg.path))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The segments (and lengths) a checkpoint taken now names: all but the dropped ones.
+    pub fn extent(&self) -> Extent {
+        let dropped = self.dropped_segments();
+        Extent(
+            self.segments
+                .iter()
+                .filter(|(first, _)| !dropped.contains(first))
+                .map(|(first, seg)| (*first, seg.len))
+                .collect(),
+        )
+    }
+
+    /// Reads every batch in the segments of `dir` as far as `extent` names them (what a
+    /// checkpoint holds), checking checksums.
+    pub fn read_extent(dir: &Path, extent: &Extent) -> Result<Vec<StoredBatch>, StoreError> {
+        let mut scratch = Self {
+            dir: dir.to_path_buf(),
+            segment_bytes: u64::MAX,
+            segments: BTreeMap::new(),
+            index: BTreeMap::new(),
+        };
+        for (first, len) in &extent.0 {
+            let path = scratch.segment_path(*first);
+            let file = File::open(&path).map_err(io(&path))?;
+            scratch.scan(*first, &file, &path, *len)?;
+            scratch.segments.insert(
+                *first,
+                Segment {
+                    file: Arc::new(file),
+                    path,
+                    len: *len,
+                    synced: *len,
+                },
+            );
+        }
+        scratch
+            .locate(0, usize::MAX)
+            .iter()
+            .map(read_batch)
+            .collect()
+    }
+}
+
+fn parse_header(h: &[u8; HEADER]) -> (u32, u64, u32, u64) {
+    let u32_at = |i: usize| u32::from_le_bytes(h[i..i + 4].try_into().expect("4 bytes"));
+    let u64_at = |i: usize| u64::from_le_bytes(h[i..i + 8].try_into().expect("8 bytes"));
+    (u32_at(0), u64_at(8), u32_at(16), u64_at(20))
+}
+
+/// A batch to read, detached from the [`BatchFiles`] it came from.
+#[derive(Clone)]
+pub struct BatchLocation {
+    /// The batch's first offset.
+    pub base_offset: u64,
+    /// What the index knows of it.
+    pub info: BatchInfo,
+    file: Arc<File>,
+    path: PathBuf,
+}
+
+/// Reads one located batch, checking its checksum.
+pub fn read_batch(location: &BatchLocation) -> Result<StoredBatch, StoreError> {
+    let mut record = vec![0u8; HEADER + location.info.bytes as usize];
+    location
+        .file
+        .read_exact_at(&mut record, location.info.position)
+        .map_err(io(&location.path))?;
+    let header: &[u8; HEADER] = record[..HEADER].try_into().expect("header");
+    let crc = u32::from_le_bytes(header[4..8].try_into().expect("4 bytes"));
+    let (_, base, count, at) = parse_header(header);
+    let events = Bytes::from(record).slice(HEADER..);
+    if crc32fast::hash(&events) != crc || base != location.base_offset {
+        return Err(StoreError::Corrupt {
+            path: location.path.clone(),
+            reason: format!(
+                "batch at offset {} (file position {}) fails its checksum",
+                location.base_offset, location.info.position
+            ),
+        });
+    }
+    Ok(StoredBatch {
+        base_offset: base,
+        count,
+        appended_at_ms: at,
+        events,
+    })
+}
