@@ -162,19 +162,17 @@ impl RaftLogStorage<TypeConfig> for WalLogStore {
         // State machine writes up to `log_id` must be on disk before the entries that could
         // rebuild them go.
         self.db.flush_async().await.map_err(io::Error::other)?;
-        // Segments below the one being written when the purge point reaches disk hold no
-        // metadata that a durable checkpoint does not repeat.
-        let durable_below = self.wal.active_segment();
         self.wal.append(vec![Record::Purged {
             group: self.group.clone(),
             log_id,
         }])?;
-        // Only purge points written before the fsync below count as durable.
-        let purged = self.wal.purge_points();
+        // The log's oldest segments may be freed now; they are deleted only after a sync
+        // that makes what freed them (this purge, copies forward) durable.
+        let freed = self.wal.compact()?;
         self.flusher.flush().await.map_err(io::Error::from)?;
-        let removed = self.wal.collect_garbage(durable_below, &purged)?;
-        if removed > 0 {
-            tracing::debug!(group = %self.group, removed, "removed write-ahead log segments");
+        if !freed.is_empty() {
+            self.wal.remove(&freed)?;
+            tracing::debug!(group = %self.group, removed = freed.len(), "removed write-ahead log segments");
         }
         Ok(())
     }

@@ -6,8 +6,10 @@
 //! A record is `[u32 body length][u32 CRC-32 of body][body]`, the body a codec-encoded
 //! [`Record`]. Segments are `wal/<number:020>.log`, rolled once past `segment_bytes`. Each new
 //! segment starts with a checkpoint of every group's vote, committed id and purge point, so
-//! an older segment is needed only for its entries; the oldest segments are deleted once
-//! every group has purged the entries (and truncations) they hold.
+//! an older segment is needed only for its entries. Compaction works from the oldest segment
+//! on: one whose entries have all been purged or truncated is deleted; one whose live entries
+//! are few (a quiet group's) has them copied forward to the head first. Deleting strictly
+//! oldest first means no truncation record is ever lost while the entries it removed remain.
 //!
 //! On open the segments are replayed in order to rebuild the index in memory (group → index
 //! → where the entry lies). A torn record at the end of the last segment — a write that was
@@ -91,23 +93,12 @@ struct GroupLog {
     purged: Option<LogIdOf<TypeConfig>>,
 }
 
-impl GroupLog {
-    fn last_index(&self) -> Option<u64> {
-        self.entries
-            .keys()
-            .next_back()
-            .copied()
-            .max(self.purged.map(|p| p.index))
-    }
-}
-
 struct Segment {
     file: Arc<File>,
     path: PathBuf,
     len: u64,
-    /// Per group, the highest index this segment's entries or truncations reach: the
-    /// segment may go once each group's purge point has passed it.
-    reaches: HashMap<GroupId, u64>,
+    /// Freed by compaction, waiting for a sync before it is deleted.
+    freed: bool,
 }
 
 struct State {
@@ -123,9 +114,7 @@ impl State {
 
     /// Applies `record`, found at `offset` of segment `segment` with body length `len`.
     fn apply(&mut self, record: Record, segment: u64, offset: u64, len: u32) {
-        let group_name = record.group().clone();
-        let group = self.groups.entry(group_name.clone()).or_default();
-        let mut reach = None;
+        let group = self.groups.entry(record.group().clone()).or_default();
         match record {
             Record::Entry { entry, .. } => {
                 let index = entry.log_id.index;
@@ -141,7 +130,6 @@ impl State {
                         log_id: entry.log_id,
                     },
                 );
-                reach = Some(index);
             }
             Record::Vote { vote, .. } => group.vote = Some(vote),
             Record::Committed { committed, .. } => group.committed = committed,
@@ -152,23 +140,23 @@ impl State {
                 group.entries = group.entries.split_off(&(log_id.index + 1));
             }
             Record::TruncatedAfter { last, .. } => {
-                reach = group.last_index();
                 let from = last.map_or(0, |id| id.index + 1);
                 group.entries.split_off(&from);
             }
         }
-        if let (Some(index), Some(seg)) = (reach, self.segments.get_mut(&segment)) {
-            let r = seg.reaches.entry(group_name).or_insert(index);
-            *r = (*r).max(index);
-        }
     }
 
-    /// Whether the purge points `purged` pass everything `segment` holds.
-    fn is_dead(segment: &Segment, purged: &HashMap<GroupId, u64>) -> bool {
-        segment
-            .reaches
-            .iter()
-            .all(|(group, reach)| purged.get(group).is_some_and(|p| p >= reach))
+    /// Entries still in use that lie in `segment`: (group, index, location).
+    fn live_in(&self, segment: u64) -> Vec<(GroupId, u64, Location)> {
+        let mut live = Vec::new();
+        for (name, g) in &self.groups {
+            for (index, loc) in &g.entries {
+                if loc.segment == segment {
+                    live.push((name.clone(), *index, *loc));
+                }
+            }
+        }
+        live
     }
 
     /// The records that carry every group's metadata, written at a segment's start.
@@ -271,7 +259,7 @@ impl Wal {
                     file: Arc::new(file),
                     path: path.clone(),
                     len: 0,
-                    reaches: HashMap::new(),
+                    freed: false,
                 },
             );
             replay_segment(&mut state, id, &path, i + 1 == count)?;
@@ -286,7 +274,7 @@ impl Wal {
                     file: Arc::new(file),
                     path,
                     len: 0,
-                    reaches: HashMap::new(),
+                    freed: false,
                 },
             );
         }
@@ -354,7 +342,7 @@ impl Wal {
                 file: Arc::new(file),
                 path,
                 len: buf.len() as u64,
-                reaches: HashMap::new(),
+                freed: false,
             },
         );
         Ok(next)
@@ -366,43 +354,97 @@ impl Wal {
         file.sync_data()
     }
 
-    /// The number of the segment being written.
-    pub(crate) fn active_segment(&self) -> u64 {
-        self.lock().active().0
-    }
-
-    /// Every group's purge point (index).
-    pub(crate) fn purge_points(&self) -> HashMap<GroupId, u64> {
-        self.lock()
-            .groups
-            .iter()
-            .filter_map(|(name, g)| g.purged.map(|p| (name.clone(), p.index)))
-            .collect()
-    }
-
-    /// Deletes the oldest segments, below `below`, that the purge points `purged` make
-    /// unneeded. Call only once those purge points are durable, and with `below` a segment
-    /// that was durable by then (its checkpoint repeats the metadata of the ones deleted).
-    pub(crate) fn collect_garbage(
-        &self,
-        below: u64,
-        purged: &HashMap<GroupId, u64>,
-    ) -> Result<usize, StoreError> {
+    /// Frees the oldest segments, oldest first and only below the one being written: a
+    /// segment with no live entry is freed as it is; one whose live entries take at most a
+    /// quarter of it has them copied forward to the head first. Returns the segments freed,
+    /// to delete with [`Wal::remove`] once a sync that started after this call has finished
+    /// (which makes the copies, the purges and truncations that killed the rest, and the
+    /// head's checkpoint durable).
+    pub(crate) fn compact(&self) -> Result<Vec<u64>, StoreError> {
         let mut state = self.lock();
-        let mut dead = Vec::new();
-        for (id, seg) in &state.segments {
-            if *id >= below || !State::is_dead(seg, purged) {
+        let active = state.active().0;
+        let mut freed = Vec::new();
+        let ids: Vec<u64> = state.segments.keys().copied().collect();
+        for id in ids {
+            if id >= active || state.segments[&id].freed {
+                if id >= active {
+                    break;
+                }
+                continue;
+            }
+            let live = state.live_in(id);
+            let live_bytes: u64 = live
+                .iter()
+                .map(|(_, _, l)| HEADER as u64 + u64::from(l.len))
+                .sum();
+            if live_bytes * 4 > state.segments[&id].len {
                 break;
             }
-            dead.push(*id);
+            if !live.is_empty() {
+                self.copy_forward(&mut state, id, live)?;
+            }
+            if let Some(seg) = state.segments.get_mut(&id) {
+                seg.freed = true;
+            }
+            freed.push(id);
         }
-        for id in &dead {
+        Ok(freed)
+    }
+
+    /// Re-appends the records of `live` (all in segment `from`) at the head, as they are.
+    fn copy_forward(
+        &self,
+        state: &mut State,
+        from: u64,
+        live: Vec<(GroupId, u64, Location)>,
+    ) -> Result<(), StoreError> {
+        let (file, path) = {
+            let seg = &state.segments[&from];
+            (seg.file.clone(), seg.path.clone())
+        };
+        let mut buf = Vec::new();
+        let mut moved = Vec::with_capacity(live.len());
+        for (group, index, loc) in live {
+            let start = buf.len();
+            buf.resize(start + HEADER + loc.len as usize, 0);
+            file.read_exact_at(&mut buf[start..], loc.offset)
+                .map_err(|e| StoreError::io(format!("reading {}", path.display()), e))?;
+            moved.push((group, index, start as u64, loc));
+        }
+        let (active, seg) = state.active();
+        let base = seg.len;
+        (&*seg.file)
+            .write_all(&buf)
+            .map_err(|e| StoreError::io(format!("writing {}", seg.path.display()), e))?;
+        if let Some(seg) = state.segments.get_mut(&active) {
+            seg.len += buf.len() as u64;
+        }
+        for (group, index, start, loc) in moved {
+            if let Some(entry) = state
+                .groups
+                .get_mut(&group)
+                .and_then(|g| g.entries.get_mut(&index))
+            {
+                *entry = Location {
+                    segment: active,
+                    offset: base + start,
+                    ..loc
+                };
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes segments [`Wal::compact`] freed.
+    pub(crate) fn remove(&self, freed: &[u64]) -> Result<(), StoreError> {
+        let mut state = self.lock();
+        for id in freed {
             if let Some(seg) = state.segments.remove(id) {
                 std::fs::remove_file(&seg.path)
                     .map_err(|e| StoreError::io(format!("removing {}", seg.path.display()), e))?;
             }
         }
-        Ok(dead.len())
+        Ok(())
     }
 
     /// The group's purge point and last log id.
@@ -670,50 +712,49 @@ mod tests {
     }
 
     #[test]
-    fn purged_segments_are_removed_and_metadata_survives_in_checkpoints() {
+    fn compaction_frees_purged_segments_copies_quiet_groups_forward_and_keeps_metadata() {
         let dir = tempfile::tempdir().unwrap();
         let wal = Wal::open(dir.path(), 4096).unwrap();
-        wal.append(vec![Record::Vote {
-            group: "a".into(),
-            vote: VoteOf::<TypeConfig>::new(1, 1),
-        }])
+        wal.append(vec![
+            Record::Vote {
+                group: "a".into(),
+                vote: VoteOf::<TypeConfig>::new(1, 1),
+            },
+            // A quiet group: one small entry, never purged.
+            entry("quiet", 1, 1, 10),
+        ])
         .unwrap();
         for i in 1..=20 {
-            wal.append(vec![entry("a", 1, i, 1500), entry("b", 1, i, 100)])
-                .unwrap();
+            wal.append(vec![entry("a", 1, i, 1500)]).unwrap();
         }
         let count = || std::fs::read_dir(dir.path()).unwrap().count();
         let before = count();
         assert!(before >= 6, "{before} segments");
 
-        // Purging only one group frees nothing: the other still needs every segment.
+        // Nothing purged: nothing to free (the live entries fill the segments).
+        assert!(wal.compact().unwrap().is_empty());
+
         wal.append(vec![Record::Purged {
             group: "a".into(),
             log_id: id(1, 18),
         }])
         .unwrap();
+        let freed = wal.compact().unwrap();
+        assert!(!freed.is_empty());
+        // Freed segments stay until the caller has synced; a second pass frees nothing new.
+        assert_eq!(count(), before);
+        assert!(wal.compact().unwrap().is_empty());
         wal.sync().unwrap();
-        let below = wal.active_segment();
-        assert_eq!(wal.collect_garbage(below, &wal.purge_points()).unwrap(), 0);
-
-        // A purge point that is not yet counted as durable frees nothing either.
-        let points = wal.purge_points();
-        wal.append(vec![Record::Purged {
-            group: "b".into(),
-            log_id: id(1, 18),
-        }])
-        .unwrap();
-        assert_eq!(wal.collect_garbage(below, &points).unwrap(), 0);
-
-        wal.sync().unwrap();
-        let removed = wal.collect_garbage(below, &wal.purge_points()).unwrap();
-        assert!(removed > 0 && count() == before - removed, "{removed}");
+        wal.remove(&freed).unwrap();
+        assert_eq!(count(), before - freed.len());
+        // The quiet group's entry was copied forward, so it is still readable.
+        assert_eq!(indexes(&wal, "quiet"), vec![(1, 1)]);
         drop(wal);
 
         let wal = Wal::open(dir.path(), 4096).unwrap();
         assert_eq!(wal.vote("a"), Some(VoteOf::<TypeConfig>::new(1, 1)));
         assert_eq!(indexes(&wal, "a"), vec![(1, 19), (1, 20)]);
-        assert_eq!(indexes(&wal, "b"), vec![(1, 19), (1, 20)]);
+        assert_eq!(indexes(&wal, "quiet"), vec![(1, 1)]);
         assert_eq!(wal.bounds("a").purged, Some(id(1, 18)));
     }
 }
