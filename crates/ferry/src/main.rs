@@ -95,7 +95,17 @@ async fn main() -> anyhow::Result<()> {
             println!("wrote a development CA and certificates for nodes {nodes:?} and clients {clients:?} into {}", out.display());
             Ok(())
         }
-        Command::Ctl(args) => ctl::run(args).await,
+        Command::Ctl(args) => {
+            // `ferry ctl ... | head` should end quietly when the reader goes away, like other
+            // command-line tools. Only here: ctl talks QUIC (UDP), so no socket write can
+            // raise SIGPIPE, whereas a node's HTTP endpoint must get EPIPE instead.
+            // SAFETY: called before any thread of ours writes to stdout; it only changes the
+            // disposition of one signal.
+            unsafe {
+                libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+            }
+            ctl::run(args).await
+        }
         Command::Dev(args) => dev::run(args).await,
         Command::Bench(args) => bench::run(args).await,
     }
