@@ -2,6 +2,7 @@
 //! `ctl`, `dev` and `bench`.
 
 mod bench;
+mod check;
 mod config;
 mod ctl;
 mod dev;
@@ -48,6 +49,8 @@ enum Command {
     Dev(dev::DevArgs),
     /// Load generator.
     Bench(bench::BenchArgs),
+    /// Check a chaos run's history: exit 0 on PASS, 1 on FAIL.
+    Check(check::CheckArgs),
 }
 
 #[derive(Subcommand)]
@@ -108,6 +111,12 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Dev(args) => dev::run(args).await,
         Command::Bench(args) => bench::run(args).await,
+        Command::Check(args) => {
+            if check::run(args)? == ferry_check::Verdict::Fail {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
     }
 }
 

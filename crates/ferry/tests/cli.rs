@@ -83,3 +83,48 @@ fn node_refuses_bad_config_and_foreign_data_naming_them() {
     assert!(!ok && text.contains(data.to_str().unwrap()), "{text}");
     assert_eq!(std::fs::read_dir(&data).unwrap().count(), 1);
 }
+
+#[test]
+fn check_exits_by_verdict_and_writes_the_json_report() {
+    let dir = tempfile::tempdir().unwrap();
+    let clean = dir.path().join("clean.jsonl");
+    std::fs::write(
+        &clean,
+        r#"{"type":"invoke","process":1,"f":"publish","id":"a","key":"k","topic":"t"}
+{"type":"ok","process":1,"f":"publish","id":"a","topic":"t","partition":0,"offset":0}
+{"type":"ok","process":2,"f":"read","topic":"t","partition":0,"events":[{"offset":0,"id":"a"}]}
+"#,
+    )
+    .unwrap();
+    let json = dir.path().join("report.json");
+    let (ok, out) = ferry(
+        &[
+            "check",
+            clean.to_str().unwrap(),
+            "--json",
+            json.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(ok && out.contains("verdict: PASS"), "{out}");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(report["verdict"], "Pass");
+    assert_eq!(report["counts"]["acknowledged"], 1);
+
+    // The read is gone: the acknowledged event is lost, and the exit code says so.
+    let lost = dir.path().join("lost.jsonl");
+    let text = std::fs::read_to_string(&clean).unwrap();
+    std::fs::write(&lost, text.lines().take(2).collect::<Vec<_>>().join("\n")).unwrap();
+    let (ok, out) = ferry(&["check", lost.to_str().unwrap()], &[]);
+    assert!(
+        !ok && out.contains("verdict: FAIL") && out.contains("1 acknowledged events lost"),
+        "{out}"
+    );
+
+    // A broken line is named.
+    let bad = dir.path().join("bad.jsonl");
+    std::fs::write(&bad, "{\"type\":\"ok\"}\n").unwrap();
+    let (ok, out) = ferry(&["check", bad.to_str().unwrap()], &[]);
+    assert!(!ok && out.contains("line 1"), "{out}");
+}
