@@ -31,16 +31,19 @@ pub(crate) struct Connect {
 }
 
 impl Connect {
-    pub(crate) fn client(&self) -> anyhow::Result<Client> {
-        let identity = TlsIdentity::load(
+    pub(crate) fn identity(&self) -> anyhow::Result<TlsIdentity> {
+        TlsIdentity::load(
             &self.certs.join("ca.pem"),
             &self.certs.join(format!("client-{}.pem", self.client)),
             &self.certs.join(format!("client-{}.key", self.client)),
         )
-        .context("loading the client certificate (set --certs or FERRY_CERTS)")?;
+        .context("loading the client certificate (set --certs or FERRY_CERTS)")
+    }
+
+    pub(crate) fn client(&self) -> anyhow::Result<Client> {
         Ok(Client::new(ClientOptions::new(
             self.servers.clone(),
-            identity,
+            self.identity()?,
         ))?)
     }
 }

@@ -6,6 +6,7 @@ mod check;
 mod config;
 mod ctl;
 mod dev;
+mod workload;
 
 use std::path::PathBuf;
 
@@ -49,6 +50,8 @@ enum Command {
     Dev(dev::DevArgs),
     /// Load generator.
     Bench(bench::BenchArgs),
+    /// The client side of a chaos run: publish while recording a history, then collect.
+    Workload(workload::WorkloadArgs),
     /// Check a chaos run's history: exit 0 on PASS, 1 on FAIL.
     Check(check::CheckArgs),
 }
@@ -111,6 +114,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Dev(args) => dev::run(args).await,
         Command::Bench(args) => bench::run(args).await,
+        Command::Workload(args) => workload::run(args).await,
         Command::Check(args) => {
             if check::run(args)? == ferry_check::Verdict::Fail {
                 std::process::exit(1);

@@ -1,0 +1,347 @@
+//! `ferry workload`: the client side of a chaos run. `produce` publishes keyed events from
+//! several producers and records every invoke and outcome as a history (`ferry check` reads
+//! it); `collect` appends, after the faults have healed, linearizable reads of every
+//! partition and a dump of each node's own replica. Bounded in count and in time.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Args, Subcommand};
+use ferry_check::{Func, Observed, Op, OpType};
+use ferry_client::{ClientOptions, ProducerOptions, StartFrom};
+use ferry_proto::{Event, Subject, TopicConfig};
+use futures::stream::FuturesUnordered;
+use futures::StreamExt;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use crate::ctl::Connect;
+
+#[derive(Args)]
+pub(crate) struct WorkloadArgs {
+    #[command(flatten)]
+    connect: Connect,
+    #[command(subcommand)]
+    command: WorkloadCommand,
+}
+
+#[derive(Subcommand)]
+enum WorkloadCommand {
+    /// Publish and record the history (appends to --out).
+    Produce(ProduceArgs),
+    /// Append final reads and per-node replica dumps to the history.
+    Collect(CollectArgs),
+}
+
+#[derive(Args)]
+struct ProduceArgs {
+    /// History file (JSON lines), appended to.
+    #[arg(long)]
+    out: PathBuf,
+    /// Topic (created if missing).
+    #[arg(long, default_value = "chaos")]
+    topic: String,
+    /// Partitions of the topic if it is created.
+    #[arg(long, default_value_t = 4)]
+    partitions: u32,
+    /// Concurrent producers, each with its own producer id and keys.
+    #[arg(long, default_value_t = 4)]
+    producers: u64,
+    /// Keys per producer.
+    #[arg(long, default_value_t = 8)]
+    keys: u64,
+    /// Events per producer.
+    #[arg(long, default_value_t = 2000)]
+    count: u64,
+    /// Events in flight per producer.
+    #[arg(long, default_value_t = 32)]
+    inflight: usize,
+    /// Stop publishing after this many seconds even if --count is not reached.
+    #[arg(long, default_value_t = 120)]
+    duration_secs: u64,
+    /// Publishes per second per producer (0: as fast as acknowledgements allow).
+    #[arg(long, default_value_t = 0)]
+    rate: u64,
+}
+
+#[derive(Args)]
+struct CollectArgs {
+    /// History file (JSON lines), appended to.
+    #[arg(long)]
+    out: PathBuf,
+    /// Topic.
+    #[arg(long, default_value = "chaos")]
+    topic: String,
+    /// The nodes to dump, as ID=ADDR (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    nodes: Vec<String>,
+    /// How long each phase may take, seconds.
+    #[arg(long, default_value_t = 60)]
+    timeout_secs: u64,
+}
+
+pub(crate) async fn run(args: WorkloadArgs) -> anyhow::Result<()> {
+    match args.command {
+        WorkloadCommand::Produce(p) => produce(&args.connect, p).await,
+        WorkloadCommand::Collect(c) => collect(&args.connect, c).await,
+    }
+}
+
+/// Appends operations to the history file from one writer task, in the order sent.
+struct Recorder {
+    tx: mpsc::UnboundedSender<Op>,
+    started: Instant,
+}
+
+impl Recorder {
+    fn start(
+        path: &PathBuf,
+    ) -> anyhow::Result<(Self, tokio::task::JoinHandle<anyhow::Result<()>>)> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .with_context(|| format!("opening history {}", path.display()))?;
+        let (tx, mut rx) = mpsc::unbounded_channel::<Op>();
+        let writer = tokio::task::spawn_blocking(move || {
+            let mut out = std::io::BufWriter::new(file);
+            while let Some(op) = rx.blocking_recv() {
+                serde_json::to_writer(&mut out, &op)?;
+                out.write_all(b"\n")?;
+                if rx.is_empty() {
+                    out.flush()?;
+                }
+            }
+            out.flush()?;
+            Ok(())
+        });
+        Ok((
+            Self {
+                tx,
+                started: Instant::now(),
+            },
+            writer,
+        ))
+    }
+
+    fn record(&self, mut op: Op) {
+        op.time_ms = self.started.elapsed().as_millis() as u64;
+        let _ = self.tx.send(op);
+    }
+}
+
+async fn ensure_topic(
+    client: &ferry_client::Client,
+    topic: &str,
+    partitions: u32,
+) -> anyhow::Result<u32> {
+    if client.describe_topic(topic).await.is_err() {
+        client
+            .create_topic(TopicConfig::new(topic.to_string(), partitions))
+            .await
+            .with_context(|| format!("creating topic {topic}"))?;
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let d = client.describe_topic(topic).await?;
+        if d.partitions.iter().all(|p| p.leader.is_some()) {
+            return Ok(d.config.partitions);
+        }
+        if Instant::now() > deadline {
+            bail!("partitions of {topic} got no leader in 30 s");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn produce(connect: &Connect, args: ProduceArgs) -> anyhow::Result<()> {
+    let client = connect.client()?;
+    ensure_topic(&client, &args.topic, args.partitions).await?;
+    let (recorder, writer) = Recorder::start(&args.out)?;
+    let recorder = std::sync::Arc::new(recorder);
+    let stop_at = Instant::now() + Duration::from_secs(args.duration_secs);
+    let subject = Subject::new("chaos.workload")?;
+    let mut tasks = Vec::new();
+    for process in 0..args.producers {
+        let client = client.clone();
+        let recorder = recorder.clone();
+        let subject = subject.clone();
+        let topic = args.topic.clone();
+        let (count, keys, inflight, rate) = (args.count, args.keys, args.inflight, args.rate);
+        tasks.push(tokio::spawn(async move {
+            let options = ProducerOptions {
+                max_in_flight: inflight,
+                ..ProducerOptions::default()
+            };
+            let producer = client.producer(&topic, options).await?;
+            let mut pending = FuturesUnordered::new();
+            let outcome = |id: String, result: Result<ferry_client::PublishAck, String>| {
+                let op = match result {
+                    Ok(ack) => Op {
+                        op_type: Some(OpType::Ok),
+                        partition: Some(ack.partition),
+                        offset: Some(ack.offset),
+                        ..publish_op(process, &id, &topic)
+                    },
+                    // The client gave up: whether it was written is unknown.
+                    Err(_) => Op {
+                        op_type: Some(OpType::Info),
+                        ..publish_op(process, &id, &topic)
+                    },
+                };
+                recorder.record(op);
+            };
+            let pace = (rate > 0).then(|| Duration::from_micros(1_000_000 / rate));
+            for n in 0..count {
+                if Instant::now() > stop_at {
+                    break;
+                }
+                let id = format!("p{process}-{n}");
+                let key = format!("p{process}-k{}", n % keys.max(1));
+                recorder.record(Op {
+                    op_type: Some(OpType::Invoke),
+                    key: Some(key.clone()),
+                    ..publish_op(process, &id, &topic)
+                });
+                let event = Event::new(
+                    id.clone(),
+                    "/ferry/workload",
+                    "chaos.event",
+                    subject.clone(),
+                    id.clone().into_bytes(),
+                )
+                .with_key(key);
+                match producer.send(event).await {
+                    Ok(ack) => pending.push(async move { (id, ack.await) }),
+                    Err(e) => outcome(id, Err(e.to_string())),
+                }
+                while let Some(Some((id, result))) =
+                    futures::FutureExt::now_or_never(pending.next())
+                {
+                    outcome(id, result.map_err(|e| e.to_string()));
+                }
+                if let Some(pace) = pace {
+                    tokio::time::sleep(pace).await;
+                }
+            }
+            while let Some((id, result)) = pending.next().await {
+                outcome(id, result.map_err(|e| e.to_string()));
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for task in tasks {
+        task.await.context("producer task")??;
+    }
+    drop(recorder);
+    writer.await.context("history writer")??;
+    Ok(())
+}
+
+fn publish_op(process: u64, id: &str, topic: &str) -> Op {
+    Op {
+        process,
+        f: Some(Func::Publish),
+        id: Some(id.to_string()),
+        topic: topic.to_string(),
+        ..Op::default()
+    }
+}
+
+async fn collect(connect: &Connect, args: CollectArgs) -> anyhow::Result<()> {
+    let client = connect.client()?;
+    let description = client
+        .describe_topic(&args.topic)
+        .await
+        .with_context(|| format!("describing {}", args.topic))?;
+    let (recorder, writer) = Recorder::start(&args.out)?;
+    let timeout = Duration::from_secs(args.timeout_secs);
+    // Linearizable reads of every partition, from the start to the high watermark.
+    let mut highs = BTreeMap::new();
+    for partition in 0..description.config.partitions {
+        let deadline = Instant::now() + timeout;
+        let mut offset = 0;
+        loop {
+            let (events, high) = tokio::time::timeout_at(
+                deadline,
+                client.fetch(&args.topic, partition, offset, 1 << 20),
+            )
+            .await
+            .with_context(|| format!("reading partition {partition}: timed out"))??;
+            highs.insert(partition, high);
+            if let Some((last, _)) = events.last() {
+                offset = last + 1;
+            }
+            recorder.record(Op {
+                op_type: Some(OpType::Ok),
+                f: Some(Func::Read),
+                topic: args.topic.clone(),
+                partition: Some(partition),
+                events: observed(&events),
+                ..Op::default()
+            });
+            if offset >= high || events.is_empty() {
+                break;
+            }
+        }
+    }
+    // Each node's own replica: a subscription served by that node alone, up to the high
+    // watermark read above (or what it has when the deadline passes).
+    for node in &args.nodes {
+        let (id, addr) = node
+            .split_once('=')
+            .with_context(|| format!("--nodes entry {node:?} is not ID=ADDR"))?;
+        let id: u64 = id.parse().with_context(|| format!("node id in {node:?}"))?;
+        let addr: SocketAddr = addr
+            .parse()
+            .with_context(|| format!("address in {node:?}"))?;
+        let one = ferry_client::Client::new(ClientOptions::new(vec![addr], connect.identity()?))?;
+        for partition in 0..description.config.partitions {
+            let high = highs.get(&partition).copied().unwrap_or(0);
+            let mut events = Vec::new();
+            if high > 0 {
+                let deadline = Instant::now() + timeout;
+                let mut sub = tokio::time::timeout_at(
+                    deadline,
+                    one.subscribe(&args.topic, partition, StartFrom::Earliest),
+                )
+                .await
+                .with_context(|| format!("node {id} partition {partition}: timed out"))??;
+                while sub.position().unwrap_or(0) < high {
+                    match tokio::time::timeout_at(deadline, sub.next()).await {
+                        Ok(Ok(item)) => events.push(item),
+                        Ok(Err(e)) => bail!("node {id} partition {partition}: {e}"),
+                        Err(_) => break,
+                    }
+                }
+            }
+            let committed = events.last().map_or(0, |(o, _)| o + 1);
+            recorder.record(Op {
+                op_type: Some(OpType::Dump),
+                node: Some(id),
+                topic: args.topic.clone(),
+                partition: Some(partition),
+                committed: Some(committed),
+                events: observed(&events),
+                ..Op::default()
+            });
+        }
+    }
+    drop(recorder);
+    writer.await.context("history writer")??;
+    Ok(())
+}
+
+fn observed(events: &[(u64, Event)]) -> Vec<Observed> {
+    events
+        .iter()
+        .map(|(offset, e)| Observed {
+            offset: *offset,
+            id: e.id.clone(),
+        })
+        .collect()
+}
