@@ -192,7 +192,9 @@ impl Partition {
         self.producers = state.producers.into_iter().collect();
         *self.view.cursors.write().map_err(storage_err)? = state.cursors.into_iter().collect();
         let bytes = {
-            let files = self.view.files.read().map_err(storage_err)?;
+            let mut files = self.view.files.write().map_err(storage_err)?;
+            // A checkpoint's first segment may still hold batches retention dropped.
+            files.drop_before(self.marks.low);
             files.index().values().map(|i| u64::from(i.bytes)).sum()
         };
         self.view.bytes.store(bytes, Ordering::Relaxed);
@@ -826,6 +828,11 @@ mod tests {
         drop(follower);
         let follower = PartitionStateMachine::open(&dir.path().join("b"), 4096).unwrap();
         assert_eq!(offsets(&follower, 0), offsets(&sm, 0));
+        // A restart does not bring back what retention dropped, even from a kept segment.
+        drop(sm);
+        let sm = PartitionStateMachine::open(&dir.path().join("a"), 4096).unwrap();
+        assert_eq!(offsets(&sm, 0).first(), Some(&(300, 4)));
+        assert_eq!(sm.view().stored_bytes(), follower.view().stored_bytes());
         // Malformed snapshot data is refused.
         assert!(decode_snapshot(&Bytes::from_static(&[0, 0, 0, 0, 0, 0, 0, 9, 1])).is_err());
     }

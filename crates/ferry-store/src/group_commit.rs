@@ -159,6 +159,11 @@ impl GroupCommit {
         self.progress.written.fetch_add(1, Ordering::SeqCst) + 1
     }
 
+    /// Every write numbered up to this is on disk.
+    pub(crate) fn synced(&self) -> u64 {
+        self.progress.flushed.load(Ordering::SeqCst)
+    }
+
     /// The number of the last write noted: what an operation that wrote nothing itself must
     /// still wait for, so it never overtakes earlier writes.
     pub(crate) fn last_write(&self) -> u64 {

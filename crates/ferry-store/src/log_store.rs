@@ -166,13 +166,13 @@ impl RaftLogStorage<TypeConfig> for WalLogStore {
             group: self.group.clone(),
             log_id,
         }])?;
-        // The log's oldest segments may be freed now; they are deleted only after a sync
-        // that makes what freed them (this purge, copies forward) durable.
-        let freed = self.wal.compact()?;
+        // The log's oldest segments may be freed now; they are deleted only once a sync
+        // covers what freed them (this purge, copies forward).
+        self.wal.compact(|| self.flusher.note_write())?;
         self.flusher.flush().await.map_err(io::Error::from)?;
-        if !freed.is_empty() {
-            self.wal.remove(&freed)?;
-            tracing::debug!(group = %self.group, removed = freed.len(), "removed write-ahead log segments");
+        let removed = self.wal.remove_freed(self.flusher.synced())?;
+        if removed > 0 {
+            tracing::debug!(group = %self.group, removed, "removed write-ahead log segments");
         }
         Ok(())
     }

@@ -97,13 +97,17 @@ struct Segment {
     file: Arc<File>,
     path: PathBuf,
     len: u64,
-    /// Freed by compaction, waiting for a sync before it is deleted.
-    freed: bool,
+    /// Freed by compaction at this write number (see [`Wal::compact`]); deleted once a sync
+    /// has covered it.
+    freed: Option<u64>,
 }
 
 struct State {
     groups: HashMap<GroupId, GroupLog>,
     segments: BTreeMap<u64, Segment>,
+    /// Set by a failed write or sync: the log stops (fail-stop) rather than write after
+    /// bytes of unknown state or trust a later sync.
+    failed: Option<String>,
 }
 
 impl State {
@@ -248,6 +252,7 @@ impl Wal {
         let mut state = State {
             groups: HashMap::new(),
             segments: BTreeMap::new(),
+            failed: None,
         };
         let count = ids.len();
         for (i, id) in ids.into_iter().enumerate() {
@@ -259,7 +264,7 @@ impl Wal {
                     file: Arc::new(file),
                     path: path.clone(),
                     len: 0,
-                    freed: false,
+                    freed: None,
                 },
             );
             replay_segment(&mut state, id, &path, i + 1 == count)?;
@@ -274,7 +279,7 @@ impl Wal {
                     file: Arc::new(file),
                     path,
                     len: 0,
-                    freed: false,
+                    freed: None,
                 },
             );
         }
@@ -294,12 +299,7 @@ impl Wal {
         if records.is_empty() {
             return Ok(());
         }
-        let mut state = self.lock();
-        let (active, seg) = state.active();
-        let mut active = active;
-        if seg.len >= self.segment_bytes {
-            active = self.roll(&mut state)?;
-        }
+        // Encoded before taking the lock: groups encode their payloads in parallel.
         let mut buf = Vec::new();
         let mut framed = Vec::with_capacity(records.len());
         for record in records {
@@ -307,16 +307,41 @@ impl Wal {
             let len = frame(&record, &mut buf)?;
             framed.push((record, start, len));
         }
-        let seg = state.segments.get_mut(&active).expect("active segment");
-        let base = seg.len;
-        (&*seg.file)
-            .write_all(&buf)
-            .map_err(|e| StoreError::io(format!("writing {}", seg.path.display()), e))?;
-        seg.len += buf.len() as u64;
+        let mut state = self.lock();
+        let state = &mut *state;
+        let (active, base) = self.write(state, &buf)?;
         for (record, start, len) in framed {
             state.apply(record, active, base + start, len);
         }
         Ok(())
+    }
+
+    /// Writes `buf` at the end of the active segment (rolling first if it is full). Any
+    /// failure stops the log. Returns the segment and the offset written at.
+    fn write(&self, state: &mut State, buf: &[u8]) -> Result<(u64, u64), StoreError> {
+        if let Some(reason) = &state.failed {
+            return Err(StoreError::io(
+                "write-ahead log",
+                format!("stopped after an earlier failure: {reason}"),
+            ));
+        }
+        let result = (|| -> Result<(u64, u64), StoreError> {
+            let mut active = state.active().0;
+            if state.active().1.len >= self.segment_bytes {
+                active = self.roll(state)?;
+            }
+            let seg = state.segments.get_mut(&active).expect("active segment");
+            let base = seg.len;
+            (&*seg.file)
+                .write_all(buf)
+                .map_err(|e| StoreError::io(format!("writing {}", seg.path.display()), e))?;
+            seg.len += buf.len() as u64;
+            Ok((active, base))
+        })();
+        if let Err(e) = &result {
+            state.failed = Some(e.to_string());
+        }
+        result
     }
 
     /// Closes the active segment (synced) and starts the next with a checkpoint.
@@ -342,34 +367,48 @@ impl Wal {
                 file: Arc::new(file),
                 path,
                 len: buf.len() as u64,
-                freed: false,
+                freed: None,
             },
         );
         Ok(next)
     }
 
     /// Makes everything appended so far durable. Earlier segments were synced when rolled.
+    /// A failed sync stops the log: the kernel may have dropped the dirty pages, so a later
+    /// sync's success would prove nothing.
     pub(crate) fn sync(&self) -> io::Result<()> {
-        let file = self.lock().active().1.file.clone();
-        file.sync_data()
+        let file = {
+            let state = self.lock();
+            if let Some(reason) = &state.failed {
+                return Err(io::Error::other(format!(
+                    "write-ahead log stopped after an earlier failure: {reason}"
+                )));
+            }
+            state.active().1.file.clone()
+        };
+        let result = file.sync_data();
+        if let Err(e) = &result {
+            self.lock().failed = Some(format!("fsync: {e}"));
+        }
+        result
     }
 
     /// Frees the oldest segments, oldest first and only below the one being written: a
     /// segment with no live entry is freed as it is; one whose live entries take at most a
-    /// quarter of it has them copied forward to the head first. Returns the segments freed,
-    /// to delete with [`Wal::remove`] once a sync that started after this call has finished
-    /// (which makes the copies, the purges and truncations that killed the rest, and the
-    /// head's checkpoint durable).
-    pub(crate) fn compact(&self) -> Result<Vec<u64>, StoreError> {
+    /// quarter of it has them copied forward to the head first. Each freed segment is marked
+    /// with a write number from `note_write`, taken after the copies are written; it is
+    /// deleted by [`Wal::remove_freed`] once a sync covering that number has finished (which
+    /// makes the copies, the purges and truncations that killed the rest, and the head's
+    /// checkpoint durable). Freed segments are always the oldest ones, without gaps.
+    pub(crate) fn compact(&self, mut note_write: impl FnMut() -> u64) -> Result<(), StoreError> {
         let mut state = self.lock();
         let active = state.active().0;
-        let mut freed = Vec::new();
         let ids: Vec<u64> = state.segments.keys().copied().collect();
         for id in ids {
-            if id >= active || state.segments[&id].freed {
-                if id >= active {
-                    break;
-                }
+            if id >= active {
+                break;
+            }
+            if state.segments[&id].freed.is_some() {
                 continue;
             }
             let live = state.live_in(id);
@@ -383,12 +422,12 @@ impl Wal {
             if !live.is_empty() {
                 self.copy_forward(&mut state, id, live)?;
             }
+            let number = note_write();
             if let Some(seg) = state.segments.get_mut(&id) {
-                seg.freed = true;
+                seg.freed = Some(number);
             }
-            freed.push(id);
         }
-        Ok(freed)
+        Ok(())
     }
 
     /// Re-appends the records of `live` (all in segment `from`) at the head, as they are.
@@ -411,14 +450,7 @@ impl Wal {
                 .map_err(|e| StoreError::io(format!("reading {}", path.display()), e))?;
             moved.push((group, index, start as u64, loc));
         }
-        let (active, seg) = state.active();
-        let base = seg.len;
-        (&*seg.file)
-            .write_all(&buf)
-            .map_err(|e| StoreError::io(format!("writing {}", seg.path.display()), e))?;
-        if let Some(seg) = state.segments.get_mut(&active) {
-            seg.len += buf.len() as u64;
-        }
+        let (active, base) = self.write(state, &buf)?;
         for (group, index, start, loc) in moved {
             if let Some(entry) = state
                 .groups
@@ -435,16 +467,24 @@ impl Wal {
         Ok(())
     }
 
-    /// Deletes segments [`Wal::compact`] freed.
-    pub(crate) fn remove(&self, freed: &[u64]) -> Result<(), StoreError> {
+    /// Deletes, oldest first, the freed segments whose freeing a finished sync covers
+    /// (`synced`: every write numbered up to it is durable), then syncs the directory.
+    pub(crate) fn remove_freed(&self, synced: u64) -> Result<usize, StoreError> {
         let mut state = self.lock();
-        for id in freed {
-            if let Some(seg) = state.segments.remove(id) {
-                std::fs::remove_file(&seg.path)
-                    .map_err(|e| StoreError::io(format!("removing {}", seg.path.display()), e))?;
+        let mut removed = 0;
+        while let Some((&id, seg)) = state.segments.iter().next() {
+            if seg.freed.is_none_or(|n| n > synced) {
+                break;
             }
+            let seg = state.segments.remove(&id).expect("present");
+            std::fs::remove_file(&seg.path)
+                .map_err(|e| StoreError::io(format!("removing {}", seg.path.display()), e))?;
+            removed += 1;
         }
-        Ok(())
+        if removed > 0 {
+            sync_dir(&self.dir)?;
+        }
+        Ok(removed)
     }
 
     /// The group's purge point and last log id.
@@ -544,20 +584,20 @@ fn replay_segment(state: &mut State, id: u64, path: &Path, last: bool) -> Result
                 let len = u32::from_le_bytes(header[..4].try_into().expect("4 bytes")) as usize;
                 let crc = u32::from_le_bytes(header[4..].try_into().expect("4 bytes"));
                 match data.get(offset + HEADER..offset + HEADER + len) {
+                    // No record is empty: zeros are space the file system gave a torn write.
+                    _ if len == 0 => Some(bad("empty record")),
                     None => Some(bad("torn record")),
                     Some(body) if len > MAX_RECORD || crc32fast::hash(body) != crc => {
                         Some(bad("checksum mismatch"))
                     }
-                    Some(body) => {
-                        let record: Record =
-                            codec::decode("wal record", body).map_err(|e| StoreError::Corrupt {
-                                path: path.to_path_buf(),
-                                reason: bad(&e.to_string()),
-                            })?;
-                        state.apply(record, id, offset as u64, len as u32);
-                        offset += HEADER + len;
-                        None
-                    }
+                    Some(body) => match codec::decode::<Record>("wal record", body) {
+                        Ok(record) => {
+                            state.apply(record, id, offset as u64, len as u32);
+                            offset += HEADER + len;
+                            None
+                        }
+                        Err(e) => Some(bad(&e.to_string())),
+                    },
                 }
             }
         };
@@ -693,6 +733,14 @@ mod tests {
         let wal = Wal::open(dir.path(), 4096).unwrap();
         assert_eq!(indexes(&wal, "a"), vec![(1, 1), (1, 2), (1, 3)]);
         assert_eq!(std::fs::metadata(last).unwrap().len(), full);
+        drop(wal);
+        // Zeros after the last record (a file system's view of a torn write) are cut too.
+        let mut f = OpenOptions::new().append(true).open(last).unwrap();
+        f.write_all(&[0u8; 64]).unwrap();
+        drop(f);
+        let wal = Wal::open(dir.path(), 4096).unwrap();
+        assert_eq!(indexes(&wal, "a"), vec![(1, 1), (1, 2), (1, 3)]);
+        assert_eq!(std::fs::metadata(last).unwrap().len(), full);
         // Writing goes on after the cut.
         wal.append(vec![entry("a", 1, 4, 10)]).unwrap();
         drop(wal);
@@ -731,22 +779,43 @@ mod tests {
         let before = count();
         assert!(before >= 6, "{before} segments");
 
+        // Write numbers as the fsync thread would hand them out.
+        let mut written = 0u64;
+
         // Nothing purged: nothing to free (the live entries fill the segments).
-        assert!(wal.compact().unwrap().is_empty());
+        wal.compact(|| {
+            written += 1;
+            written
+        })
+        .unwrap();
+        assert_eq!(written, 0);
 
         wal.append(vec![Record::Purged {
             group: "a".into(),
             log_id: id(1, 18),
         }])
         .unwrap();
-        let freed = wal.compact().unwrap();
-        assert!(!freed.is_empty());
-        // Freed segments stay until the caller has synced; a second pass frees nothing new.
+        wal.compact(|| {
+            written += 1;
+            written
+        })
+        .unwrap();
+        let freed = written as usize;
+        assert!(freed > 0);
+        // Nothing goes before a sync has covered the freeing; a second pass frees nothing new.
+        assert_eq!(wal.remove_freed(0).unwrap(), 0);
         assert_eq!(count(), before);
-        assert!(wal.compact().unwrap().is_empty());
+        wal.compact(|| {
+            written += 1;
+            written
+        })
+        .unwrap();
+        assert_eq!(written as usize, freed);
         wal.sync().unwrap();
-        wal.remove(&freed).unwrap();
-        assert_eq!(count(), before - freed.len());
+        // Covered up to the first freeing only: only the oldest segment goes.
+        assert_eq!(wal.remove_freed(1).unwrap(), 1);
+        assert_eq!(wal.remove_freed(written).unwrap(), freed - 1);
+        assert_eq!(count(), before - freed);
         // The quiet group's entry was copied forward, so it is still readable.
         assert_eq!(indexes(&wal, "quiet"), vec![(1, 1)]);
         drop(wal);
