@@ -22,10 +22,12 @@ use std::sync::{Arc, RwLock};
 use bytes::Bytes;
 use ferry_proto::wire::{ApiError, ErrorCode};
 use ferry_proto::{codec, EventBatch, ProducerId, StoredBatch};
-use ferry_store::{read_batch, BatchFiles, Extent, SnapshotData, StoreError, TypeConfig};
+use ferry_store::{
+    read_batch, AppliedState, BatchFiles, Extent, SnapshotData, StoreError, TypeConfig,
+};
 use futures::{Stream, TryStreamExt};
 use openraft::storage::{EntryResponder, RaftStateMachine};
-use openraft::type_config::alias::{LogIdOf, SnapshotMetaOf, SnapshotOf, StoredMembershipOf};
+use openraft::type_config::alias::{SnapshotMetaOf, SnapshotOf, StoredMembershipOf};
 use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{watch, Mutex};
@@ -351,8 +353,6 @@ impl Partition {
         });
     }
 }
-
-type AppliedState = (Option<LogIdOf<TypeConfig>>, StoredMembershipOf<TypeConfig>);
 
 struct Inner {
     partition: Partition,

@@ -30,7 +30,7 @@ pub use error::StoreError;
 pub use group_commit::{FlushStats, GroupCommit};
 pub use log_store::WalLogStore;
 pub use node_store::{NodeStore, StoreOptions};
-pub use state_machine::{Application, SledStateMachine, SnapshotBuilder};
+pub use state_machine::{Application, AppliedState, SledStateMachine, SnapshotBuilder};
 
 /// Names a Raft group on a node: `meta` for the metadata group, `<topic>/<partition>` for
 /// partitions.

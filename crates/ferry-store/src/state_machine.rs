@@ -40,7 +40,8 @@ pub trait Application: Send + Sync + 'static {
     fn after_apply(&mut self, _tree: &sled::Tree) {}
 }
 
-type AppliedState = (Option<LogIdOf<TypeConfig>>, StoredMembershipOf<TypeConfig>);
+/// What a state machine reports as applied: the last log id and the last membership.
+pub type AppliedState = (Option<LogIdOf<TypeConfig>>, StoredMembershipOf<TypeConfig>);
 
 struct Inner<A> {
     app: A,
