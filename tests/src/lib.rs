@@ -1,23 +1,29 @@
-//! Test harness: a region of N nodes in one process, each on its own QUIC endpoint on
-//! loopback with certificates from a development CA written to a temporary folder.
+//! Test harness: regions of N nodes in one process, each node on its own QUIC endpoint on
+//! loopback with certificates from one development CA written to a temporary folder
+//! ([`TestRegion`] alone, or several regions gossiping and forwarding as a [`TestMesh`]).
 #![warn(missing_docs, unreachable_pub)]
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use ferry_client::{Client, ClientOptions};
 use ferry_net::tls::{generate_dev_certs, TlsIdentity};
 use ferry_proto::NodeId;
 use ferry_region::server::{BoundEndpoint, QuicNode};
-use ferry_region::{NodeConfig, PeerConfig, RaftTuning, TlsPaths};
+use ferry_region::{MeshConfig, NodeConfig, PeerConfig, RaftTuning, TlsPaths};
 use tokio::time::Instant;
 
 /// A region under test.
 pub struct TestRegion {
-    /// Holds certificates and data folders.
-    pub dir: tempfile::TempDir,
-    /// Node configurations, by index (node id = index + 1).
+    /// Holds certificates and data folders (shared by the regions of a mesh).
+    pub dir: Arc<tempfile::TempDir>,
+    /// The region's name.
+    pub name: String,
+    /// Id of the first node; node ids are consecutive.
+    pub first_id: NodeId,
+    /// Node configurations, by index (node id = first_id + index).
     pub configs: Vec<NodeConfig>,
     /// Running nodes (None while stopped).
     pub nodes: Vec<Option<QuicNode>>,
@@ -49,66 +55,27 @@ impl TestRegion {
 
     /// Starts `n` nodes on loopback, adjusting each node's configuration first.
     pub async fn start_with(n: u64, adjust: impl Fn(&mut NodeConfig)) -> Self {
-        init_logging();
-        let dir = tempfile::tempdir().expect("tempdir");
-        let certs = dir.path().join("certs");
-        let ids: Vec<NodeId> = (1..=n).collect();
-        generate_dev_certs(&certs, &ids, &["test-client"]).expect("dev certs");
-        let mut bound = Vec::new();
-        for id in &ids {
-            let endpoint = BoundEndpoint::bind(
-                "127.0.0.1:0".parse().expect("addr"),
-                identity(&certs, &format!("node-{id}")),
-            )
-            .expect("bind");
-            bound.push(endpoint);
-        }
-        let peers: Vec<PeerConfig> = ids
+        let mut mesh = TestMesh::start_with(&[("local", n)], adjust).await;
+        mesh.regions.remove(0)
+    }
+
+    fn index(&self, id: NodeId) -> usize {
+        (id - self.first_id) as usize
+    }
+
+    /// The running node `id`.
+    pub fn node(&self, id: NodeId) -> Option<&QuicNode> {
+        self.nodes.get(self.index(id))?.as_ref()
+    }
+
+    /// Ids of the running nodes.
+    pub fn live_ids(&self) -> Vec<NodeId> {
+        self.configs
             .iter()
-            .zip(&bound)
-            .map(|(id, b)| PeerConfig {
-                id: *id,
-                addr: b.local_addr().expect("addr"),
-            })
-            .collect();
-        let configs: Vec<NodeConfig> = ids
-            .iter()
-            .map(|id| NodeConfig {
-                id: *id,
-                data_dir: dir.path().join(format!("node-{id}")),
-                peers: peers.clone(),
-                tls: TlsPaths {
-                    ca: certs.join("ca.pem"),
-                    cert: certs.join(format!("node-{id}.pem")),
-                    key: certs.join(format!("node-{id}.key")),
-                },
-                limits: Default::default(),
-                raft: RaftTuning {
-                    snapshot_after_entries: 500,
-                    keep_after_snapshot: 100,
-                    ..RaftTuning::default()
-                },
-                cache_bytes: 16 * 1024 * 1024,
-                wal_segment_bytes: 1024 * 1024,
-                max_client_connections: 100,
-                retention_interval_ms: 500,
-                group_session_timeout_ms: 3_000,
-                http: None,
-            })
-            .map(|mut config| {
-                adjust(&mut config);
-                config
-            })
-            .collect();
-        let mut nodes = Vec::new();
-        for (b, config) in bound.into_iter().zip(&configs) {
-            nodes.push(Some(b.start(config.clone()).await.expect("start node")));
-        }
-        Self {
-            dir,
-            configs,
-            nodes,
-        }
+            .zip(&self.nodes)
+            .filter(|(_, n)| n.is_some())
+            .map(|(c, _)| c.id)
+            .collect()
     }
 
     /// The certificate folder.
@@ -138,7 +105,8 @@ impl TestRegion {
 
     /// Stops node `id` (its groups, its endpoint); its data stays.
     pub async fn stop(&mut self, id: NodeId) {
-        if let Some(node) = self.nodes[(id - 1) as usize].take() {
+        let index = self.index(id);
+        if let Some(node) = self.nodes[index].take() {
             node.shutdown().await;
         }
     }
@@ -146,7 +114,8 @@ impl TestRegion {
     /// Restarts node `id` from its data folder on its old address, retrying until the
     /// previous instance has released the folder and port, up to a deadline.
     pub async fn restart(&mut self, id: NodeId) {
-        let config = self.configs[(id - 1) as usize].clone();
+        let index = self.index(id);
+        let config = self.configs[index].clone();
         let certs = self.certs();
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
@@ -159,7 +128,7 @@ impl TestRegion {
             };
             match attempt.await {
                 Ok(node) => {
-                    self.nodes[(id - 1) as usize] = Some(node);
+                    self.nodes[index] = Some(node);
                     return;
                 }
                 Err(e) if Instant::now() < deadline => {
@@ -212,6 +181,156 @@ impl TestRegion {
     pub async fn leader_of(&self, topic: &str, partition: u32) -> Option<NodeId> {
         let d = self.client().describe_topic(topic).await.ok()?;
         d.partitions.get(partition as usize)?.leader
+    }
+}
+
+/// Several regions in one process, sharing one CA, gossiping and forwarding to each other.
+pub struct TestMesh {
+    /// The regions, in the order given.
+    pub regions: Vec<TestRegion>,
+}
+
+impl TestMesh {
+    /// Starts regions of `(name, nodes)`; node ids run from 1 across regions.
+    pub async fn start(regions: &[(&str, u64)]) -> Self {
+        Self::start_with(regions, |_| {}).await
+    }
+
+    /// Starts regions, adjusting each node's configuration first.
+    pub async fn start_with(regions: &[(&str, u64)], adjust: impl Fn(&mut NodeConfig)) -> Self {
+        init_logging();
+        let dir = Arc::new(tempfile::tempdir().expect("tempdir"));
+        let certs = dir.path().join("certs");
+        let total: u64 = regions.iter().map(|(_, n)| n).sum();
+        let ids: Vec<NodeId> = (1..=total).collect();
+        generate_dev_certs(&certs, &ids, &["test-client"]).expect("dev certs");
+        let mut bound = Vec::new();
+        for id in &ids {
+            let endpoint = BoundEndpoint::bind(
+                "127.0.0.1:0".parse().expect("addr"),
+                identity(&certs, &format!("node-{id}")),
+            )
+            .expect("bind");
+            bound.push((*id, endpoint.local_addr().expect("addr"), endpoint));
+        }
+        // Per region: its peers.
+        let mut layout = Vec::new();
+        let mut next = 1;
+        for (name, n) in regions {
+            let peers: Vec<PeerConfig> = (next..next + n)
+                .map(|id| PeerConfig {
+                    id,
+                    addr: bound[(id - 1) as usize].1,
+                })
+                .collect();
+            layout.push((name.to_string(), next, peers));
+            next += n;
+        }
+        let multi_region = regions.len() > 1;
+        let mut out = Vec::new();
+        let mut bound = bound.into_iter();
+        for (name, first_id, peers) in &layout {
+            // Seeds in other regions: their first node.
+            let remote_seeds: Vec<SocketAddr> = layout
+                .iter()
+                .filter(|(other, _, _)| other != name)
+                .map(|(_, _, p)| p[0].addr)
+                .collect();
+            let configs: Vec<NodeConfig> = peers
+                .iter()
+                .map(|p| {
+                    let id = p.id;
+                    let mut config = NodeConfig {
+                        id,
+                        region: name.clone(),
+                        mesh: MeshConfig {
+                            remote_seeds: remote_seeds.clone(),
+                            gossip_interval_ms: 100,
+                            dead_after_ms: 2_000,
+                            forward_retry_ms: 200,
+                            forward_max_backoff_ms: 2_000,
+                            ..MeshConfig::default()
+                        },
+                        data_dir: dir.path().join(format!("node-{id}")),
+                        peers: peers.clone(),
+                        tls: TlsPaths {
+                            ca: certs.join("ca.pem"),
+                            cert: certs.join(format!("node-{id}.pem")),
+                            key: certs.join(format!("node-{id}.key")),
+                        },
+                        limits: Default::default(),
+                        raft: RaftTuning {
+                            snapshot_after_entries: 500,
+                            keep_after_snapshot: 100,
+                            ..RaftTuning::default()
+                        },
+                        cache_bytes: 16 * 1024 * 1024,
+                        wal_segment_bytes: 1024 * 1024,
+                        max_client_connections: 100,
+                        retention_interval_ms: 500,
+                        group_session_timeout_ms: 3_000,
+                        http: None,
+                    };
+                    if multi_region {
+                        // Several regions share two cores: give heartbeats room, so that
+                        // load does not pass for failure.
+                        config.raft.heartbeat_ms = 300;
+                        config.raft.election_min_ms = 1_500;
+                        config.raft.election_max_ms = 3_000;
+                    }
+                    adjust(&mut config);
+                    config
+                })
+                .collect();
+            let mut nodes = Vec::new();
+            for config in &configs {
+                let (_, _, endpoint) = bound.next().expect("bound endpoint");
+                nodes.push(Some(
+                    endpoint.start(config.clone()).await.expect("start node"),
+                ));
+            }
+            out.push(TestRegion {
+                dir: dir.clone(),
+                name: name.clone(),
+                first_id: *first_id,
+                configs,
+                nodes,
+            });
+        }
+        Self { regions: out }
+    }
+
+    /// A region by name.
+    pub fn region(&self, name: &str) -> &TestRegion {
+        self.regions
+            .iter()
+            .find(|r| r.name == name)
+            .expect("no such region")
+    }
+
+    /// A region by name, to stop or restart its nodes.
+    pub fn region_mut(&mut self, name: &str) -> &mut TestRegion {
+        self.regions
+            .iter_mut()
+            .find(|r| r.name == name)
+            .expect("no such region")
+    }
+
+    /// Cuts (or heals) every link between regions `a` and `b`, both directions.
+    pub fn set_link(&self, a: &str, b: &str, up: bool) {
+        let (a, b) = (self.region(a), self.region(b));
+        for (x, y) in [(a, b), (b, a)] {
+            for node in x.nodes.iter().flatten() {
+                for config in &y.configs {
+                    let addr = config.listen_addr().expect("addr");
+                    if up {
+                        node.faults().heal(addr);
+                    } else {
+                        node.faults().cut(addr);
+                    }
+                }
+            }
+        }
     }
 }
 

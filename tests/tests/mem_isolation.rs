@@ -22,6 +22,8 @@ async fn start_region(net: &MemNetwork, dir: &std::path::Path) -> Vec<Node<MemTr
     for id in 1..=3u64 {
         let config = NodeConfig {
             id,
+            region: "local".into(),
+            mesh: Default::default(),
             data_dir: dir.join(format!("node-{id}")),
             peers: peers.clone(),
             // Not read: the in-memory transport needs no certificates.

@@ -266,6 +266,46 @@ impl Client {
         }
     }
 
+    /// Registers (or replaces) a named interest of the region in `subjects`: matching events
+    /// of other regions are forwarded to it.
+    pub async fn add_interest(&self, name: &str, subjects: &str) -> Result<(), ClientError> {
+        let request = ClientRequest::AddInterest {
+            name: name.into(),
+            subjects: subjects.into(),
+        };
+        match self.request(&request).await? {
+            ClientResponse::Ok => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Removes a named interest.
+    pub async fn remove_interest(&self, name: &str) -> Result<(), ClientError> {
+        match self
+            .request(&ClientRequest::RemoveInterest { name: name.into() })
+            .await?
+        {
+            ClientResponse::Ok => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// The region's named interests: (name, subject filter).
+    pub async fn interests(&self) -> Result<Vec<(String, String)>, ClientError> {
+        match self.request(&ClientRequest::ListInterests).await? {
+            ClientResponse::Interests(i) => Ok(i),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// The mesh as the answering node sees it.
+    pub async fn regions(&self) -> Result<ferry_proto::wire::MeshReport, ClientError> {
+        match self.request(&ClientRequest::Regions).await? {
+            ClientResponse::Regions(r) => Ok(r),
+            other => Err(unexpected(other)),
+        }
+    }
+
     /// Every topic.
     pub async fn list_topics(&self) -> Result<Vec<TopicConfig>, ClientError> {
         match self.request(&ClientRequest::ListTopics).await? {

@@ -41,6 +41,16 @@ pub enum NetError {
         /// Why it failed.
         reason: String,
     },
+    /// A connection to a node known only by its address
+    /// ([`crate::Transport::call_addr`]) could not be established (or that
+    /// address is in reconnect backoff, or its link is cut).
+    #[error("cannot connect to node at {addr}: {reason}")]
+    ConnectAddr {
+        /// The address dialed.
+        addr: std::net::SocketAddr,
+        /// Why it failed.
+        reason: String,
+    },
     /// An operation did not finish in time.
     #[error("timed out after {after:?} while {what}")]
     Timeout {

@@ -13,10 +13,19 @@
 //!   over QUIC by [`QuicTransport`] (one lazily dialed, shared connection per
 //!   peer, one bidirectional stream per request, reconnect with exponential
 //!   backoff) and in memory by [`MemTransport`] / [`MemNetwork`] (for tests,
-//!   with link cutting). The answering side implements [`RpcHandler`] and runs
-//!   [`serve`], which dispatches each accepted connection by ALPN:
-//!   [`ALPN_PEER`] connections are served as peer RPC, [`ALPN_CLIENT`]
-//!   connections are handed to a callback.
+//!   with link cutting). Peers are called by id ([`Transport::call`], address
+//!   from the configured peer list) or, where only an address is known
+//!   (gossip seeds, nodes of other regions), by address
+//!   ([`Transport::call_addr`]; same authentication, same wire format). The
+//!   answering side implements [`RpcHandler`] and runs [`serve`], which
+//!   dispatches each accepted connection by ALPN: [`ALPN_PEER`] connections
+//!   are served as peer RPC, [`ALPN_CLIENT`] connections are handed to a
+//!   callback.
+//! * Fault injection — [`LinkFaults`], a shared set of cut peer addresses
+//!   (for tests and chaos runs). Given to the transport
+//!   ([`TransportOptions::faults`]) and to [`serve`], it takes the link to a
+//!   node down in both directions: calls to it fail at once and its requests
+//!   are refused, with the reason "link cut (fault injection)".
 //!
 //! ## Peer wire protocol
 //!
@@ -41,6 +50,7 @@
 #![warn(missing_docs, unreachable_pub)]
 
 mod error;
+mod faults;
 pub mod framing;
 mod mem;
 mod quic;
@@ -48,6 +58,7 @@ mod rpc;
 pub mod tls;
 
 pub use error::NetError;
+pub use faults::LinkFaults;
 pub use mem::{MemNetwork, MemTransport};
 pub use quic::{bind_endpoint, serve, QuicTransport};
 pub use rpc::{RpcHandler, Transport, TransportOptions};

@@ -2,6 +2,7 @@
 //! nodes that can be killed and links that can be cut and healed.
 
 use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
@@ -21,6 +22,8 @@ struct MemState {
     /// Cut links, stored as (min, max).
     cuts: HashSet<(NodeId, NodeId)>,
     isolated: HashSet<NodeId>,
+    /// Simulated listen addresses, for [`Transport::call_addr`].
+    addresses: HashMap<SocketAddr, NodeId>,
 }
 
 impl MemState {
@@ -53,6 +56,16 @@ impl MemNetwork {
     /// Removes node `id` ("killed"): calls to it fail with [`NetError::Connect`].
     pub fn unregister(&self, id: NodeId) {
         self.lock().handlers.remove(&id);
+    }
+
+    /// Sets (or replaces) the address node `id` listens at, so
+    /// [`Transport::call_addr`] can reach it. A node has one address and an
+    /// address names one node: `id`'s previous address, and any other node's
+    /// claim to `addr`, are forgotten.
+    pub fn set_address(&self, id: NodeId, addr: SocketAddr) {
+        let mut s = self.lock();
+        s.addresses.retain(|_, owner| *owner != id);
+        s.addresses.insert(addr, id);
     }
 
     /// A transport sending calls as node `from`.
@@ -95,6 +108,9 @@ impl MemNetwork {
 /// isolated peer fail promptly with [`NetError::LinkCut`]; calls to an
 /// unregistered peer with [`NetError::Connect`]. A link cut while a call is
 /// in flight loses the reply (the call fails with `LinkCut`).
+/// [`Transport::call_addr`] resolves the address set with
+/// [`MemNetwork::set_address`] and then behaves exactly like
+/// [`Transport::call`]; an unknown address fails with [`NetError::ConnectAddr`].
 #[derive(Clone)]
 pub struct MemTransport {
     net: MemNetwork,
@@ -125,5 +141,16 @@ impl Transport for MemTransport {
             return Err(NetError::LinkCut { from, to });
         }
         Ok(reply)
+    }
+
+    async fn call_addr(&self, addr: SocketAddr, request: Bytes) -> Result<Bytes, NetError> {
+        let to = self.net.lock().addresses.get(&addr).copied();
+        match to {
+            Some(to) => self.call(to, request).await,
+            None => Err(NetError::ConnectAddr {
+                addr,
+                reason: "no node has this address".into(),
+            }),
+        }
     }
 }

@@ -4,6 +4,7 @@
 mod server;
 
 use std::collections::HashMap;
+use std::fmt;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -13,6 +14,7 @@ use tokio::time::{timeout, Instant};
 
 pub use server::{bind_endpoint, serve};
 
+use crate::faults::LINK_CUT_REASON;
 use crate::framing::{read_frame, write_frame_parts};
 use crate::{NetError, NodeId, Transport, TransportOptions, NODE_SERVER_NAME};
 
@@ -27,6 +29,11 @@ pub(crate) const REQUEST_HEADER: usize = 8;
 /// all Raft groups; redialed with exponential backoff after failure: while in
 /// backoff, calls fail fast with [`NetError::Connect`] rather than
 /// hammering). Each call uses its own bidirectional stream.
+///
+/// Calls by address ([`Transport::call_addr`]) work the same way, with their
+/// own connection slot per address (created on first use, kept afterwards).
+/// Before every call the transport consults [`TransportOptions::faults`]: a
+/// call to a cut address fails at once without dialing.
 #[derive(Clone)]
 pub struct QuicTransport {
     inner: Arc<Inner>,
@@ -38,6 +45,39 @@ struct Inner {
     client_cfg: quinn::ClientConfig,
     opts: TransportOptions,
     peers: Mutex<HashMap<NodeId, Arc<PeerSlot>>>,
+    /// Slots for [`Transport::call_addr`], keyed by address.
+    by_addr: Mutex<HashMap<SocketAddr, Arc<PeerSlot>>>,
+}
+
+/// Who a call goes to: a configured peer, or whichever node listens at an
+/// address. Names the callee in errors and logs.
+#[derive(Clone, Copy, Debug)]
+enum Target {
+    Node(NodeId),
+    Addr(SocketAddr),
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Target::Node(id) => write!(f, "node {id}"),
+            Target::Addr(addr) => write!(f, "node at {addr}"),
+        }
+    }
+}
+
+impl Target {
+    /// The connect error for this target, dialed at `addr`.
+    fn connect_error(self, addr: SocketAddr, reason: String) -> NetError {
+        match self {
+            Target::Node(peer) => NetError::Connect {
+                peer,
+                addr: addr.to_string(),
+                reason,
+            },
+            Target::Addr(addr) => NetError::ConnectAddr { addr, reason },
+        }
+    }
 }
 
 /// Connection state for one peer address.
@@ -57,6 +97,9 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A poisoned lock only means another caller panicked; the data is plain.
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
+
+/// Application close code for connections closed because their link was cut.
+const CLOSE_LINK_CUT: u32 = 3;
 
 impl PeerSlot {
     fn new(addr: SocketAddr, opts: &TransportOptions) -> Self {
@@ -91,6 +134,17 @@ impl PeerSlot {
             *guard = None;
         }
     }
+
+    /// Closes and drops the cached connection, if any (its link was cut).
+    fn close_cut(&self) {
+        if let Some(conn) = lock(&self.conn).take() {
+            tracing::debug!(addr = %self.addr, "closing connection over a cut link");
+            conn.close(
+                quinn::VarInt::from_u32(CLOSE_LINK_CUT),
+                LINK_CUT_REASON.as_bytes(),
+            );
+        }
+    }
 }
 
 impl QuicTransport {
@@ -115,6 +169,7 @@ impl QuicTransport {
                 client_cfg,
                 opts,
                 peers: Mutex::new(peers),
+                by_addr: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -130,18 +185,45 @@ impl QuicTransport {
         peers.insert(id, Arc::new(PeerSlot::new(addr, &self.inner.opts)));
     }
 
-    fn slot(&self, to: NodeId) -> Result<Arc<PeerSlot>, NetError> {
-        lock(&self.inner.peers)
-            .get(&to)
-            .cloned()
-            .ok_or(NetError::UnknownPeer(to))
+    /// The connection slot for `target` (an address slot is created on first use).
+    fn slot(&self, target: Target) -> Result<Arc<PeerSlot>, NetError> {
+        match target {
+            Target::Node(id) => lock(&self.inner.peers)
+                .get(&id)
+                .cloned()
+                .ok_or(NetError::UnknownPeer(id)),
+            Target::Addr(addr) => Ok(lock(&self.inner.by_addr)
+                .entry(addr)
+                .or_insert_with(|| Arc::new(PeerSlot::new(addr, &self.inner.opts)))
+                .clone()),
+        }
     }
 
-    /// Returns an open connection to `to`, dialing if needed. The flag tells
-    /// whether it was freshly dialed.
+    /// Fails if the link to `slot`'s address is cut, closing every cached
+    /// connection to that address (by id or by address). Leaves the dial
+    /// backoff alone, so a healed link is dialed again right away.
+    fn check_link(&self, target: Target, slot: &PeerSlot) -> Result<(), NetError> {
+        let addr = slot.addr;
+        if !self.inner.opts.faults.is_cut(addr) {
+            return Ok(());
+        }
+        let mut cut: Vec<Arc<PeerSlot>> = lock(&self.inner.peers)
+            .values()
+            .filter(|s| s.addr == addr)
+            .cloned()
+            .collect();
+        cut.extend(lock(&self.inner.by_addr).get(&addr).cloned());
+        for s in cut {
+            s.close_cut();
+        }
+        Err(target.connect_error(addr, LINK_CUT_REASON.to_string()))
+    }
+
+    /// Returns an open connection to `target` (at `slot`), dialing if needed.
+    /// The flag tells whether it was freshly dialed.
     async fn connection(
         &self,
-        to: NodeId,
+        target: Target,
         slot: &PeerSlot,
     ) -> Result<(quinn::Connection, bool), NetError> {
         if let Some(c) = slot.live() {
@@ -151,11 +233,7 @@ impl QuicTransport {
         if let Some(c) = slot.live() {
             return Ok((c, false)); // another caller dialed while we waited
         }
-        let connect_err = |reason: String| NetError::Connect {
-            peer: to,
-            addr: slot.addr.to_string(),
-            reason,
-        };
+        let connect_err = |reason: String| target.connect_error(slot.addr, reason);
         let now = Instant::now();
         if let Some(at) = dial.retry_at.filter(|at| now < *at) {
             return Err(connect_err(format!(
@@ -182,14 +260,14 @@ impl QuicTransport {
         };
         match result {
             Ok(conn) => {
-                tracing::debug!(peer = to, addr = %slot.addr, "connected to peer");
+                tracing::debug!(peer = %target, addr = %slot.addr, "connected to peer");
                 dial.backoff = opts.backoff_initial;
                 dial.retry_at = None;
                 *lock(&slot.conn) = Some(conn.clone());
                 Ok((conn, true))
             }
             Err(reason) => {
-                tracing::debug!(peer = to, addr = %slot.addr, %reason, backoff = ?dial.backoff, "dial failed");
+                tracing::debug!(peer = %target, addr = %slot.addr, %reason, backoff = ?dial.backoff, "dial failed");
                 dial.retry_at = Some(Instant::now() + dial.backoff);
                 dial.backoff = (dial.backoff * 2).min(opts.backoff_max);
                 dial.last_error = reason.clone();
@@ -198,12 +276,39 @@ impl QuicTransport {
         }
     }
 
-    async fn call_inner(&self, to: NodeId, request: Bytes) -> Result<Bytes, NetError> {
-        let slot = self.slot(to)?;
+    /// One call to `target`: size check, link check, then connect + exchange
+    /// under the request timeout. Shared by [`Transport::call`] and
+    /// [`Transport::call_addr`].
+    async fn call_target(&self, target: Target, request: Bytes) -> Result<Bytes, NetError> {
+        let max = self.inner.opts.max_frame;
+        if request.len() > max {
+            return Err(NetError::FrameTooLarge {
+                len: request.len(),
+                max,
+            });
+        }
+        let slot = self.slot(target)?;
+        self.check_link(target, &slot)?;
+        let after = self.inner.opts.request_timeout;
+        match timeout(after, self.call_inner(target, &slot, request)).await {
+            Ok(r) => r,
+            Err(_) => Err(NetError::Timeout {
+                what: format!("calling {target}"),
+                after,
+            }),
+        }
+    }
+
+    async fn call_inner(
+        &self,
+        target: Target,
+        slot: &PeerSlot,
+        request: Bytes,
+    ) -> Result<Bytes, NetError> {
         // Retry once if a cached connection turns out to be dead before the
         // request was sent (opening the stream failed): nothing was delivered.
         for attempt in 0..2 {
-            let (conn, fresh) = self.connection(to, &slot).await?;
+            let (conn, fresh) = self.connection(target, slot).await?;
             match conn.open_bi().await {
                 Ok((send, recv)) => {
                     let result = self.exchange(send, recv, &request).await;
@@ -215,16 +320,14 @@ impl QuicTransport {
                 Err(e) => {
                     slot.forget(&conn);
                     if fresh || attempt == 1 {
-                        return Err(NetError::Closed(format!(
-                            "opening stream to node {to}: {e}"
-                        )));
+                        return Err(NetError::Closed(format!("opening stream to {target}: {e}")));
                     }
-                    tracing::debug!(peer = to, error = %e, "cached connection dead, redialing");
+                    tracing::debug!(peer = %target, error = %e, "cached connection dead, redialing");
                 }
             }
         }
         Err(NetError::Closed(format!(
-            "no usable connection to node {to}"
+            "no usable connection to {target}"
         )))
     }
 
@@ -272,20 +375,10 @@ fn parse_reply(frame: Bytes) -> Result<Bytes, NetError> {
 
 impl Transport for QuicTransport {
     async fn call(&self, to: NodeId, request: Bytes) -> Result<Bytes, NetError> {
-        let max = self.inner.opts.max_frame;
-        if request.len() > max {
-            return Err(NetError::FrameTooLarge {
-                len: request.len(),
-                max,
-            });
-        }
-        let after = self.inner.opts.request_timeout;
-        match timeout(after, self.call_inner(to, request)).await {
-            Ok(r) => r,
-            Err(_) => Err(NetError::Timeout {
-                what: format!("calling node {to}"),
-                after,
-            }),
-        }
+        self.call_target(Target::Node(to), request).await
+    }
+
+    async fn call_addr(&self, addr: SocketAddr, request: Bytes) -> Result<Bytes, NetError> {
+        self.call_target(Target::Addr(addr), request).await
     }
 }

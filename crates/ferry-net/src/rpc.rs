@@ -1,12 +1,13 @@
 //! Peer RPC traits and options shared by the QUIC and in-memory transports.
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
 
-use crate::{NetError, NodeId, DEFAULT_MAX_FRAME};
+use crate::{LinkFaults, NetError, NodeId, DEFAULT_MAX_FRAME};
 
 /// Answers peer requests. Implemented by the node.
 pub trait RpcHandler: Send + Sync + 'static {
@@ -23,9 +24,20 @@ pub trait Transport: Clone + Send + Sync + 'static {
         to: NodeId,
         request: Bytes,
     ) -> impl Future<Output = Result<Bytes, NetError>> + Send;
+
+    /// Sends `request` to whichever node listens at `addr` (its certificate
+    /// must chain to the cluster CA, as for [`Transport::call`]) and returns
+    /// its reply. Used where only an address is known (gossip seeds, nodes of
+    /// other regions). The callee still learns the caller's `NodeId`. Never
+    /// retries; connection failures are [`NetError::ConnectAddr`].
+    fn call_addr(
+        &self,
+        addr: SocketAddr,
+        request: Bytes,
+    ) -> impl Future<Output = Result<Bytes, NetError>> + Send;
 }
 
-/// Tuning for [`crate::QuicTransport`].
+/// Tuning (and fault injection) for [`crate::QuicTransport`].
 #[derive(Clone, Debug)]
 pub struct TransportOptions {
     /// Deadline for establishing a connection (handshake included).
@@ -38,6 +50,10 @@ pub struct TransportOptions {
     pub backoff_initial: Duration,
     /// Upper bound for the (doubling) reconnect backoff.
     pub backoff_max: Duration,
+    /// Cut links (fault injection): calls to a cut address fail at once. Pass
+    /// the same object to [`crate::serve`] so requests from cut peers are
+    /// refused too. Default: nothing cut.
+    pub faults: LinkFaults,
 }
 
 impl Default for TransportOptions {
@@ -48,6 +64,7 @@ impl Default for TransportOptions {
             max_frame: DEFAULT_MAX_FRAME,
             backoff_initial: Duration::from_millis(50),
             backoff_max: Duration::from_secs(2),
+            faults: LinkFaults::default(),
         }
     }
 }

@@ -459,3 +459,225 @@ async fn a_peer_may_only_claim_the_node_id_its_certificate_names() {
         "refused requests never reached the handler"
     );
 }
+
+#[tokio::test]
+async fn call_addr_reaches_whichever_node_listens_there() {
+    let ca = dev_ca().unwrap();
+    let id1 = ca.issue_node(1).unwrap();
+    let echo2 = Echo::new(b"n2:");
+    let n2 = start_echo_node(&ca.issue_node(2).unwrap(), echo2.clone());
+    let n1 = start_echo_node(&id1, Echo::new(b"n1:"));
+    // Node 1 knows no peers by id: only the address.
+    let t = transport(
+        1,
+        &id1,
+        n1.endpoint.clone(),
+        &[],
+        TransportOptions::default(),
+    );
+    let calls = (0..50u32).map(|i| {
+        let t = t.clone();
+        async move {
+            let req = Bytes::from(format!("request {i}"));
+            let reply = t.call_addr(n2.addr, req.clone()).await?;
+            assert_eq!(reply, echo_reply(1, b"n2:", &req), "reply to request {i}");
+            Ok::<_, NetError>(())
+        }
+    });
+    for r in timeout(DEADLINE, futures::future::join_all(calls))
+        .await
+        .expect("calls within deadline")
+    {
+        r.expect("call by address succeeded");
+    }
+    assert_eq!(echo2.count(), 50);
+    assert_eq!(
+        n2.endpoint.open_connections(),
+        1,
+        "calls by address share one connection"
+    );
+
+    // The frame limit applies as for `call`.
+    let opts = TransportOptions {
+        max_frame: 16,
+        ..TransportOptions::default()
+    };
+    let small = transport(1, &id1, client_endpoint(), &[], opts);
+    let err = small
+        .call_addr(n2.addr, Bytes::from(vec![0u8; 17]))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, NetError::FrameTooLarge { len: 17, max: 16 }),
+        "{err}"
+    );
+
+    // Nobody listening: a connect error naming the address (then fast backoff).
+    let dead = std::net::UdpSocket::bind(loopback0())
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let opts = TransportOptions {
+        connect_timeout: Duration::from_millis(300),
+        backoff_initial: Duration::from_secs(5),
+        ..TransportOptions::default()
+    };
+    let t = transport(1, &id1, client_endpoint(), &[], opts);
+    let err = timeout(DEADLINE, t.call_addr(dead, Bytes::from_static(b"x")))
+        .await
+        .expect("deadline")
+        .unwrap_err();
+    assert!(
+        matches!(err, NetError::ConnectAddr { addr, .. } if addr == dead),
+        "{err}"
+    );
+    assert!(
+        err.to_string().contains(&format!("node at {dead}")),
+        "{err}"
+    );
+    let err = timeout(DEADLINE, t.call_addr(dead, Bytes::from_static(b"x")))
+        .await
+        .expect("deadline")
+        .unwrap_err();
+    assert!(
+        matches!(&err, NetError::ConnectAddr { reason, .. } if reason.contains("backoff")),
+        "{err}"
+    );
+}
+
+const LINK_CUT: &str = "link cut (fault injection)";
+
+/// Awaits `call` and expects a prompt failure (well under the request timeout).
+async fn fails_fast(
+    call: impl std::future::Future<Output = Result<Bytes, NetError>>,
+    what: &str,
+) -> NetError {
+    let started = Instant::now();
+    let err = timeout(DEADLINE, call)
+        .await
+        .unwrap_or_else(|_| panic!("{what}: no answer before the deadline"))
+        .expect_err(what);
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{what}: failed only after {:?}: {err}",
+        started.elapsed()
+    );
+    err
+}
+
+async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + DEADLINE;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn cut_links_fail_fast_both_ways_and_heal() {
+    let ca = dev_ca().unwrap();
+    let ids: Vec<_> = (1..=3).map(|i| ca.issue_node(i).unwrap()).collect();
+    let echo_b = Echo::new(b"b:");
+    let a = start_echo_node(&ids[0], Echo::new(b"a:"));
+    let b = start_echo_node(&ids[1], echo_b.clone());
+    let c = start_echo_node(&ids[2], Echo::new(b"c:"));
+    let peers = [(1, a.addr), (2, b.addr), (3, c.addr)];
+    let opts = |node: &Node| TransportOptions {
+        request_timeout: Duration::from_secs(5),
+        faults: node.faults.clone(),
+        ..TransportOptions::default()
+    };
+    // Each node dials from the endpoint it serves on, as ferry-region does.
+    let ta = transport(1, &ids[0], a.endpoint.clone(), &peers, opts(&a));
+    let tb = transport(2, &ids[1], b.endpoint.clone(), &peers, opts(&b));
+    let tc = transport(3, &ids[2], c.endpoint.clone(), &peers, opts(&c));
+    let req = || Bytes::from_static(b"ping");
+    let ok = |t: &QuicTransport, to: u64| {
+        let t = t.clone();
+        async move {
+            timeout(DEADLINE, t.call(to, req()))
+                .await
+                .expect("deadline")
+                .unwrap_or_else(|e| panic!("call to node {to}: {e}"))
+        }
+    };
+
+    // Warm up: cached connections A→B (by id and by address), B→A, A↔C.
+    assert_eq!(ok(&ta, 2).await, echo_reply(1, b"b:", b"ping"));
+    timeout(DEADLINE, ta.call_addr(b.addr, req()))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(ok(&tb, 1).await, echo_reply(2, b"a:", b"ping"));
+    ok(&ta, 3).await;
+    ok(&tc, 1).await;
+
+    // B cuts A: B's calls to A fail locally; A's requests, even over A's
+    // existing connection, are refused by B's accept side.
+    b.faults.cut(a.addr);
+    let served = echo_b.count();
+    let err = fails_fast(ta.call(2, req()), "A→B with B's side cut").await;
+    assert!(
+        matches!(&err, NetError::Remote(m) if m.contains(LINK_CUT)),
+        "{err}"
+    );
+    let err = fails_fast(ta.call_addr(b.addr, req()), "A→B by address").await;
+    assert!(
+        matches!(&err, NetError::Remote(m) if m.contains(LINK_CUT)),
+        "{err}"
+    );
+    let err = fails_fast(tb.call(1, req()), "B→A").await;
+    assert!(
+        matches!(&err, NetError::Connect { peer: 1, reason, .. } if reason.contains(LINK_CUT)),
+        "{err}"
+    );
+    assert_eq!(echo_b.count(), served, "refused requests never reach B");
+
+    // A cuts B too: both directions fail locally, without dialing.
+    a.faults.cut(b.addr);
+    let err = fails_fast(ta.call(2, req()), "A→B").await;
+    assert!(
+        matches!(&err, NetError::Connect { peer: 2, reason, .. } if reason.contains(LINK_CUT)),
+        "{err}"
+    );
+    let err = fails_fast(ta.call_addr(b.addr, req()), "A→B by address").await;
+    assert!(
+        matches!(&err, NetError::ConnectAddr { addr, reason } if *addr == b.addr && reason.contains(LINK_CUT)),
+        "{err}"
+    );
+    assert!(
+        err.to_string().contains(&format!("node at {}", b.addr)),
+        "{err}"
+    );
+    let err = fails_fast(tb.call(1, req()), "B→A").await;
+    assert!(
+        matches!(&err, NetError::Connect { peer: 1, reason, .. } if reason.contains(LINK_CUT)),
+        "{err}"
+    );
+    let err = fails_fast(tb.call_addr(a.addr, req()), "B→A by address").await;
+    assert!(
+        matches!(&err, NetError::ConnectAddr { reason, .. } if reason.contains(LINK_CUT)),
+        "{err}"
+    );
+    // The cached connections between A and B were closed (B only had those).
+    wait_until("B has no open connections", || {
+        b.endpoint.open_connections() == 0
+    })
+    .await;
+    // A↔C is unaffected.
+    assert_eq!(ok(&ta, 3).await, echo_reply(1, b"c:", b"ping"));
+    assert_eq!(ok(&tc, 1).await, echo_reply(3, b"a:", b"ping"));
+    assert_eq!(echo_b.count(), served, "nothing reached B");
+
+    // Healing restores calls at once (a cut link is no failed dial: no backoff).
+    a.faults.heal(b.addr);
+    b.faults.heal_all();
+    assert_eq!(ok(&ta, 2).await, echo_reply(1, b"b:", b"ping"));
+    assert_eq!(ok(&tb, 1).await, echo_reply(2, b"a:", b"ping"));
+    let reply = timeout(DEADLINE, ta.call_addr(b.addr, req()))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(reply, echo_reply(1, b"b:", b"ping"));
+    ok(&ta, 3).await;
+}

@@ -44,6 +44,21 @@ pub fn decode<T: DeserializeOwned>(what: &'static str, bytes: &[u8]) -> Result<T
     Ok(value)
 }
 
+/// Encodes a sequence from elements already encoded one by one with [`encode`]: the result
+/// decodes as a `Vec` of them. Lets a batch be assembled from a subset of individually
+/// encoded events without decoding them.
+pub fn encode_seq_of_encoded<B: AsRef<[u8]>>(
+    what: &'static str,
+    parts: &[B],
+) -> Result<Vec<u8>, ProtoError> {
+    let mut out = encode(what, &(parts.len() as u64))?;
+    out.reserve(parts.iter().map(|p| p.as_ref().len()).sum());
+    for part in parts {
+        out.extend_from_slice(part.as_ref());
+    }
+    Ok(out)
+}
+
 /// Encodes a versioned frame, refusing one larger than `max_frame`.
 pub fn encode_frame<T: Serialize>(
     what: &'static str,
@@ -126,6 +141,20 @@ mod tests {
             decode_frame::<Vec<u8>>("test", &frame, 50),
             Err(ProtoError::FrameTooLarge { max: 50, .. })
         ));
+    }
+
+    #[test]
+    fn a_sequence_assembled_from_encoded_elements_decodes_as_a_vec() {
+        let items: Vec<(String, u32)> = (0..300).map(|i| (format!("item-{i}"), i)).collect();
+        let parts: Vec<Vec<u8>> = items.iter().map(|i| encode("item", i).unwrap()).collect();
+        let assembled = encode_seq_of_encoded("items", &parts).unwrap();
+        assert_eq!(assembled, encode("items", &items).unwrap());
+        let back: Vec<(String, u32)> = decode("items", &assembled).unwrap();
+        assert_eq!(back, items);
+        let none: Vec<Vec<u8>> = Vec::new();
+        let empty: Vec<(String, u32)> =
+            decode("items", &encode_seq_of_encoded("items", &none).unwrap()).unwrap();
+        assert!(empty.is_empty());
     }
 
     #[test]

@@ -96,6 +96,23 @@ pub enum ClientRequest {
         /// Partition index.
         partition: u32,
     },
+    /// Registers (or replaces) a named, durable interest of this region in `subjects`: events
+    /// of other regions whose subject matches are forwarded here (topics permitting).
+    AddInterest {
+        /// Who holds it (a consumer group, an edge, a sidecar's app id).
+        name: String,
+        /// A subject filter (`*` one token, `>` the rest).
+        subjects: String,
+    },
+    /// Removes a named interest (nothing happens if it does not exist).
+    RemoveInterest {
+        /// The name it was added under.
+        name: String,
+    },
+    /// This region's interests.
+    ListInterests,
+    /// The mesh as this node sees it: regions, nodes, links and forwarding.
+    Regions,
 }
 
 /// One partition as seen by a node.
@@ -223,6 +240,68 @@ pub enum ClientResponse {
     },
     /// A committed offset (None if the group never committed).
     Committed(Option<u64>),
+    /// Named interests: (name, subject filter).
+    Interests(Vec<(String, String)>),
+    /// Answer to [`ClientRequest::Regions`].
+    Regions(MeshReport),
     /// The request failed.
     Error(ApiError),
+}
+
+/// The mesh as one node sees it (gossip plus its own forwarders).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MeshReport {
+    /// The answering node's region.
+    pub region: String,
+    /// The answering node.
+    pub node: NodeId,
+    /// Live nodes, every region.
+    pub nodes: Vec<MeshNodeInfo>,
+    /// Interest per region: (region, subject filters).
+    pub interests: Vec<(String, Vec<String>)>,
+    /// Forwarding of every source partition to every destination region, as the source
+    /// leaders publish it.
+    pub forwarding: Vec<ForwardingInfo>,
+}
+
+/// One live node of the mesh.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MeshNodeInfo {
+    /// Node id.
+    pub id: NodeId,
+    /// Its region.
+    pub region: String,
+    /// Its address.
+    pub addr: String,
+    /// Its role ("node").
+    pub role: String,
+    /// Partitions it leads.
+    pub leads: u32,
+    /// Regions it reached directly lately (its links).
+    pub reach: Vec<String>,
+    /// Its load (events appended per second, lately).
+    pub load: u64,
+}
+
+/// Forwarding of one source partition to one destination region.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ForwardingInfo {
+    /// Topic.
+    pub topic: String,
+    /// Source partition.
+    pub partition: u32,
+    /// Source region.
+    pub source: String,
+    /// Destination region.
+    pub destination: String,
+    /// Source offsets not yet forwarded (or skipped).
+    pub lag_events: u64,
+    /// Age of the oldest event not yet forwarded, milliseconds.
+    pub lag_ms: u64,
+    /// Events sent to the destination so far (by this leader).
+    pub sent_events: u64,
+    /// How the last batch went: "direct" or "via REGION".
+    pub route: String,
+    /// Why the destination refused or could not be reached lately, if so.
+    pub last_error: Option<String>,
 }

@@ -16,7 +16,7 @@ use ferry_proto::wire::{
     ApiError, ClientRequest, ClientResponse, ErrorCode, NodeAddress, PartitionInfo, StartFrom,
     TopicDescription,
 };
-use ferry_proto::{EventBatch, NodeId, TopicConfig};
+use ferry_proto::{EventBatch, NodeId, SubjectFilter, TopicConfig};
 use ferry_store::{Command, TypeConfig};
 use openraft::async_runtime::WatchReceiver;
 use openraft::error::{ClientWriteError, RaftError};
@@ -69,7 +69,7 @@ fn partition_reply(result: WriteResult, what: &str) -> ClientResponse {
                 count,
                 duplicate,
             },
-            Ok(PartitionReply::Done) => ClientResponse::Ok,
+            Ok(PartitionReply::Done | PartitionReply::Forwarded(_)) => ClientResponse::Ok,
             Ok(PartitionReply::Error(e)) => ClientResponse::Error(e),
             Err(e) => error(ErrorCode::Internal, e.to_string()),
         },
@@ -78,7 +78,7 @@ fn partition_reply(result: WriteResult, what: &str) -> ClientResponse {
 }
 
 impl<T: Transport> Node<T> {
-    fn lookup(&self, topic: &str, partition: u32) -> Result<PartitionGroup, ApiError> {
+    pub(crate) fn lookup(&self, topic: &str, partition: u32) -> Result<PartitionGroup, ApiError> {
         let Some(state) = self.inner.meta_view.topic(topic) else {
             return Err(ApiError::new(
                 ErrorCode::UnknownTopic,
@@ -164,6 +164,37 @@ impl<T: Transport> Node<T> {
         let original = request.clone();
         match request {
             ClientRequest::CreateTopic(config) => self.create_topic(config, forwarded).await,
+            ClientRequest::AddInterest { name, subjects } => {
+                let subjects = match SubjectFilter::new(subjects) {
+                    Ok(s) => s,
+                    Err(e) => return error(ErrorCode::InvalidRequest, e.to_string()),
+                };
+                if name.is_empty() || name.len() > 128 {
+                    return error(
+                        ErrorCode::InvalidRequest,
+                        "interest name must be 1-128 bytes",
+                    );
+                }
+                self.meta_write(
+                    MetaCommand::SetInterest { name, subjects },
+                    original,
+                    forwarded,
+                )
+                .await
+            }
+            ClientRequest::RemoveInterest { name } => {
+                self.meta_write(MetaCommand::RemoveInterest { name }, original, forwarded)
+                    .await
+            }
+            ClientRequest::ListInterests => ClientResponse::Interests(
+                self.inner
+                    .meta_view
+                    .interests()
+                    .into_iter()
+                    .map(|(name, filter)| (name, filter.to_string()))
+                    .collect(),
+            ),
+            ClientRequest::Regions => ClientResponse::Regions(self.mesh_report().await),
             ClientRequest::ListTopics => ClientResponse::Topics(
                 self.inner
                     .meta_view
@@ -374,19 +405,30 @@ impl<T: Transport> Node<T> {
             config: config.clone(),
             replicas,
         };
+        self.meta_write(command, ClientRequest::CreateTopic(config), forwarded)
+            .await
+    }
+
+    /// Proposes a metadata command (on the metadata leader, forwarding there if need be).
+    async fn meta_write(
+        &self,
+        command: MetaCommand,
+        original: ClientRequest,
+        forwarded: bool,
+    ) -> ClientResponse {
         let Ok(command) = encode("metadata command", &command) else {
             return error(ErrorCode::Internal, "encoding a metadata command");
         };
         let response = match self.inner.meta.client_write(Command(command)).await {
             Ok(r) => match decode::<MetaReply>("metadata reply", &r.data.0) {
-                Ok(MetaReply::Created) => ClientResponse::Ok,
+                Ok(MetaReply::Created | MetaReply::Done) => ClientResponse::Ok,
                 Ok(MetaReply::Error(e)) => ClientResponse::Error(e),
                 Err(e) => error(ErrorCode::Internal, e.to_string()),
             },
             Err(RaftError::APIError(e)) => write_failure(&e, "the metadata group"),
             Err(RaftError::Fatal(f)) => error(ErrorCode::Unavailable, f.to_string()),
         };
-        self.forward_if_not_leader(response, ClientRequest::CreateTopic(config), forwarded)
+        self.forward_if_not_leader(response, original, forwarded)
             .await
     }
 

@@ -2,7 +2,7 @@
 //! ferry-proto's codec into [`ferry_store::Command`] bytes.
 
 use ferry_proto::wire::ApiError;
-use ferry_proto::{codec, EventBatch, NodeId, ProtoError, TopicConfig};
+use ferry_proto::{codec, EventBatch, NodeId, ProtoError, SubjectFilter, TopicConfig};
 use serde::{Deserialize, Serialize};
 
 /// A command of a partition group.
@@ -18,6 +18,17 @@ pub(crate) enum PartitionCommand {
     Commit { group: String, offset: u64 },
     /// Drop batches that end at or before `before_offset` (retention).
     Trim { before_offset: u64 },
+    /// Events forwarded from another region: the batch covers source offsets `[from, to)`
+    /// of `origin_region`'s partition; the state machine admits what it does not hold yet
+    /// (dedupe by origin offset) and answers with the acknowledgement.
+    Forwarded {
+        origin_region: String,
+        origin_partition: u32,
+        batch: ferry_router::Batch,
+        appended_at_ms: u64,
+    },
+    /// The forwarding cursor of this (source) partition towards `region` moved to `next`.
+    ForwardCursor { region: String, next: u64 },
 }
 
 /// What applying a partition command answers.
@@ -29,6 +40,8 @@ pub(crate) enum PartitionReply {
         duplicate: bool,
     },
     Done,
+    /// A forwarded batch was applied (or was already there); answer the source with this.
+    Forwarded(ferry_router::Ack),
     Error(ApiError),
 }
 
@@ -40,12 +53,20 @@ pub(crate) enum MetaCommand {
         config: TopicConfig,
         replicas: Vec<Vec<NodeId>>,
     },
+    /// Register (or replace) a named interest of the region in a subject filter.
+    SetInterest {
+        name: String,
+        subjects: SubjectFilter,
+    },
+    /// Remove a named interest.
+    RemoveInterest { name: String },
 }
 
 /// What applying a metadata command answers.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) enum MetaReply {
     Created,
+    Done,
     Error(ApiError),
 }
 

@@ -62,12 +62,56 @@ impl Default for RaftTuning {
     }
 }
 
+/// Gossip with the other regions and forwarding to them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MeshConfig {
+    /// Addresses of nodes in other regions to start gossip from (the region's own `peers`
+    /// are seeds too).
+    pub remote_seeds: Vec<SocketAddr>,
+    /// How often a node gossips, milliseconds.
+    pub gossip_interval_ms: u64,
+    /// A node that stops answering leaves routing within about this long, milliseconds.
+    pub dead_after_ms: u64,
+    /// Batches in flight per (partition, destination region).
+    pub forward_window: usize,
+    /// Events per forwarded batch, at most.
+    pub forward_batch_events: usize,
+    /// Bytes of events per forwarded batch, at most.
+    pub forward_batch_bytes: usize,
+    /// First resend of an unacknowledged batch, milliseconds (doubling).
+    pub forward_retry_ms: u64,
+    /// Longest wait between resends, milliseconds.
+    pub forward_max_backoff_ms: u64,
+}
+
+impl Default for MeshConfig {
+    fn default() -> Self {
+        Self {
+            remote_seeds: Vec::new(),
+            gossip_interval_ms: 200,
+            dead_after_ms: 3_000,
+            forward_window: 4,
+            forward_batch_events: 512,
+            forward_batch_bytes: 1024 * 1024,
+            forward_retry_ms: 500,
+            forward_max_backoff_ms: 10_000,
+        }
+    }
+}
+
 /// Everything a `ferry node` needs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NodeConfig {
-    /// This node's id; must appear in `peers`.
+    /// This node's id; must appear in `peers` and be unique in the whole mesh.
     pub id: NodeId,
+    /// The region this node belongs to (1-64 of `[A-Za-z0-9_-]`).
+    #[serde(default = "default_region")]
+    pub region: String,
+    /// Gossip and cross-region forwarding.
+    #[serde(default)]
+    pub mesh: MeshConfig,
     /// Where this node keeps its data.
     pub data_dir: PathBuf,
     /// Every node of the region, this one included (static seed list).
@@ -100,6 +144,9 @@ pub struct NodeConfig {
     pub http: Option<SocketAddr>,
 }
 
+fn default_region() -> String {
+    "local".into()
+}
 fn default_cache_bytes() -> u64 {
     64 * 1024 * 1024
 }
@@ -175,6 +222,45 @@ impl NodeConfig {
         }
         if self.retention_interval_ms == 0 {
             return bad("retention_interval_ms", "must be above 0".into());
+        }
+        let region_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '-');
+        if self.region.is_empty() || self.region.len() > 64 || !self.region.chars().all(region_char)
+        {
+            return bad(
+                "region",
+                format!("{:?} must be 1-64 characters of [A-Za-z0-9_-]", self.region),
+            );
+        }
+        let m = &self.mesh;
+        if m.gossip_interval_ms == 0 || m.dead_after_ms < 2 * m.gossip_interval_ms {
+            return bad(
+                "mesh.dead_after_ms",
+                format!(
+                    "{} must be at least twice mesh.gossip_interval_ms ({}, above 0)",
+                    m.dead_after_ms, m.gossip_interval_ms
+                ),
+            );
+        }
+        if m.forward_window == 0 || m.forward_batch_events == 0 {
+            return bad(
+                "mesh.forward_window",
+                "forward_window and forward_batch_events must be above 0".into(),
+            );
+        }
+        if m.forward_batch_bytes == 0 || m.forward_batch_bytes >= self.limits.max_frame {
+            return bad(
+                "mesh.forward_batch_bytes",
+                format!(
+                    "must be above 0 and below limits.max_frame ({})",
+                    self.limits.max_frame
+                ),
+            );
+        }
+        if m.forward_retry_ms == 0 || m.forward_max_backoff_ms < m.forward_retry_ms {
+            return bad(
+                "mesh.forward_retry_ms",
+                "need 0 < forward_retry_ms <= forward_max_backoff_ms".into(),
+            );
         }
         Ok(())
     }

@@ -143,5 +143,28 @@ async fn metrics<T: Transport>(State(node): State<Node<T>>) -> String {
             );
         }
     }
+    let metric = "ferry_forwarded_events_total";
+    let _ = writeln!(
+        out,
+        "# HELP {metric} Events this node sent to another region (first sends, not resends).\n# TYPE {metric} counter"
+    );
+    for ((topic, destination), count) in node.forwarded_events() {
+        let _ = writeln!(
+            out,
+            "{metric}{{node=\"{id}\",topic=\"{topic}\",destination=\"{destination}\"}} {count}"
+        );
+    }
+    let metric = "ferry_forwarding_lag_events";
+    let _ = writeln!(
+        out,
+        "# HELP {metric} Source offsets of a partition this node leads not yet forwarded to a region.\n# TYPE {metric} gauge"
+    );
+    for f in node.forwarding() {
+        let _ = writeln!(
+            out,
+            "{metric}{{node=\"{id}\",partition=\"{}/{}\",destination=\"{}\"}} {}",
+            f.topic, f.partition, f.destination, f.lag_events
+        );
+    }
     out
 }

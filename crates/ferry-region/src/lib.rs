@@ -4,9 +4,13 @@
 //! replica placement ([`Node`]); the partition state machine with offsets, idempotent
 //! producer dedupe, consumer group cursors and retention ([`partition`]); consumer group
 //! membership ([`groups`]); the Raft network over ferry-net with one connection per peer for
-//! all groups ([`peer`]); and the client API served over QUIC ([`api`]).
+//! all groups ([`peer`]); the client API served over QUIC ([`api`]); and the node's part in
+//! the mesh (`mesh`): gossip over the peer transport, forwarders for the partitions it
+//! leads, and the destination side of forwarded batches — driving ferry-router's state
+//! machines.
 //!
-//! What is not here: inter-region routing (ferry-router), the HTTP sidecar and edge.
+//! What is not here: the forwarding and gossip protocols themselves (ferry-router), the
+//! HTTP sidecar and the edge.
 #![warn(missing_docs, unreachable_pub)]
 
 pub mod api;
@@ -15,12 +19,14 @@ mod config;
 mod error;
 pub mod groups;
 pub mod http;
+mod mesh;
 pub mod metadata;
 mod node;
 pub mod partition;
 pub mod peer;
 pub mod server;
 
-pub use config::{NodeConfig, PeerConfig, RaftTuning, TlsPaths};
+pub use config::{MeshConfig, NodeConfig, PeerConfig, RaftTuning, TlsPaths};
 pub use error::RegionError;
+pub use ferry_router::NodeRecord;
 pub use node::{partition_group, MetaRaft, Node, PartitionGroup, PartitionRaft, META_GROUP};

@@ -1,12 +1,13 @@
 //! The metadata state machine: topics and their replica placement, one Raft group per region.
-//! Tree layout (`sm:meta`): `t`+name → [`TopicState`].
+//! Tree layout (`sm:meta`): `t`+name → [`TopicState`]; `i`+name → an interest's subject
+//! filter (what this region wants forwarded from other regions).
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 
 use bytes::Bytes;
 use ferry_proto::wire::{ApiError, ErrorCode};
-use ferry_proto::{codec, NodeId, TopicConfig};
+use ferry_proto::{codec, NodeId, SubjectFilter, TopicConfig};
 use ferry_store::{Application, StoreError};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
@@ -14,6 +15,7 @@ use tokio::sync::watch;
 use crate::command::{decode, encode, MetaCommand, MetaReply};
 
 const TOPIC_PREFIX: u8 = b't';
+const INTEREST_PREFIX: u8 = b'i';
 
 /// A topic as the region knows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -27,6 +29,7 @@ pub struct TopicState {
 /// Read access to the applied metadata, shared with the node.
 pub struct MetaView {
     topics: RwLock<BTreeMap<String, TopicState>>,
+    interests: RwLock<BTreeMap<String, SubjectFilter>>,
     version: watch::Sender<u64>,
 }
 
@@ -42,6 +45,11 @@ impl MetaView {
             .read()
             .map(|t| t.values().cloned().collect())
             .unwrap_or_default()
+    }
+
+    /// The region's named interests.
+    pub fn interests(&self) -> BTreeMap<String, SubjectFilter> {
+        self.interests.read().map(|i| i.clone()).unwrap_or_default()
     }
 
     /// Changes whenever a metadata command is applied.
@@ -69,6 +77,7 @@ pub fn place_replicas(nodes: &[NodeId], partitions: u32, replication: u32) -> Ve
 pub struct MetaApp {
     view: Arc<MetaView>,
     topics: BTreeMap<String, TopicState>,
+    interests: BTreeMap<String, SubjectFilter>,
 }
 
 impl Default for MetaApp {
@@ -76,9 +85,11 @@ impl Default for MetaApp {
         Self {
             view: Arc::new(MetaView {
                 topics: RwLock::new(BTreeMap::new()),
+                interests: RwLock::new(BTreeMap::new()),
                 version: watch::channel(0).0,
             }),
             topics: BTreeMap::new(),
+            interests: BTreeMap::new(),
         }
     }
 }
@@ -126,6 +137,37 @@ impl MetaApp {
     }
 }
 
+fn interest_key(name: &str) -> Vec<u8> {
+    let mut key = vec![INTEREST_PREFIX];
+    key.extend_from_slice(name.as_bytes());
+    key
+}
+
+impl MetaApp {
+    fn set_interest(
+        &mut self,
+        name: String,
+        subjects: SubjectFilter,
+        writes: &mut sled::Batch,
+    ) -> MetaReply {
+        if name.is_empty() || name.len() > 128 {
+            return MetaReply::Error(ApiError::new(
+                ErrorCode::InvalidRequest,
+                "interest name must be 1-128 bytes",
+            ));
+        }
+        writes.insert(interest_key(&name), subjects.as_str().as_bytes());
+        self.interests.insert(name, subjects);
+        MetaReply::Done
+    }
+
+    fn remove_interest(&mut self, name: String, writes: &mut sled::Batch) -> MetaReply {
+        writes.remove(interest_key(&name));
+        self.interests.remove(&name);
+        MetaReply::Done
+    }
+}
+
 impl Application for MetaApp {
     fn load(&mut self, tree: &sled::Tree) -> Result<(), StoreError> {
         self.topics.clear();
@@ -133,6 +175,18 @@ impl Application for MetaApp {
             let (_, value) = item.map_err(|e| StoreError::io("metadata scan", e))?;
             let state: TopicState = codec::decode("topic", &value)?;
             self.topics.insert(state.config.name.clone(), state);
+        }
+        self.interests.clear();
+        for item in tree.scan_prefix([INTEREST_PREFIX]) {
+            let (key, value) = item.map_err(|e| StoreError::io("metadata scan", e))?;
+            let name = String::from_utf8_lossy(&key[1..]).into_owned();
+            let filter = String::from_utf8(value.to_vec())
+                .ok()
+                .and_then(|f| SubjectFilter::new(f).ok())
+                .ok_or_else(|| {
+                    StoreError::io("metadata", format!("interest {name:?} is damaged"))
+                })?;
+            self.interests.insert(name, filter);
         }
         self.after_apply(tree);
         Ok(())
@@ -149,17 +203,31 @@ impl Application for MetaApp {
             Ok(MetaCommand::CreateTopic { config, replicas }) => {
                 self.create_topic(config, replicas, writes)
             }
+            Ok(MetaCommand::SetInterest { name, subjects }) => {
+                self.set_interest(name, subjects, writes)
+            }
+            Ok(MetaCommand::RemoveInterest { name }) => self.remove_interest(name, writes),
             Err(e) => MetaReply::Error(ApiError::new(ErrorCode::InvalidRequest, e.to_string())),
         };
         encode("metadata reply", &reply).unwrap_or_default()
     }
 
     fn after_apply(&mut self, _tree: &sled::Tree) {
+        let mut changed = false;
         if let Ok(mut topics) = self.view.topics.write() {
             if *topics != self.topics {
                 *topics = self.topics.clone();
-                self.view.version.send_modify(|v| *v += 1);
+                changed = true;
             }
+        }
+        if let Ok(mut interests) = self.view.interests.write() {
+            if *interests != self.interests {
+                *interests = self.interests.clone();
+                changed = true;
+            }
+        }
+        if changed {
+            self.view.version.send_modify(|v| *v += 1);
         }
     }
 }

@@ -58,6 +58,8 @@ pub(crate) struct Inner<T> {
     pub(crate) commit_latency: LatencyCounter,
     /// Snapshot pieces received so far, per group: (transfer id, data).
     snapshot_transfers: Mutex<HashMap<GroupId, (u64, Vec<u8>)>>,
+    /// Gossip and forwarding (set once the node has started).
+    pub(crate) mesh: std::sync::OnceLock<Arc<crate::mesh::Mesh>>,
 }
 
 /// Count and total of a latency, for means over an interval.
@@ -162,12 +164,14 @@ impl<T: Transport> Node<T> {
                 client_connections: tokio::sync::Semaphore::new(max_conns),
                 commit_latency: LatencyCounter::default(),
                 snapshot_transfers: Mutex::new(HashMap::new()),
+                mesh: std::sync::OnceLock::new(),
             }),
         };
         node.bootstrap_meta().await?;
         node.reconcile().await?;
         node.spawn_reconciler();
         node.spawn_retention();
+        node.start_mesh().await?;
         Ok(node)
     }
 
@@ -406,6 +410,7 @@ impl<T: Transport> Node<T> {
     /// this node (and of its views) is dropped.
     pub async fn shutdown(&self) {
         self.inner.shutdown.send_replace(true);
+        self.stop_mesh().await;
         let groups: Vec<_> = self
             .inner
             .partitions
@@ -591,6 +596,15 @@ impl<T: Transport> Node<T> {
             PeerRequest::Client(request) => {
                 PeerResponse::Client(self.handle_request(request, true).await)
             }
+            PeerRequest::Gossip { from, message } => match self.mesh() {
+                Some(mesh) => {
+                    mesh.inbox.deliver(from, message);
+                    PeerResponse::Done
+                }
+                None => PeerResponse::Error("gossip not started".into()),
+            },
+            PeerRequest::Forward(request) => self.handle_forward(request).await,
+            PeerRequest::ForwardingStatus => PeerResponse::ForwardingStatus(self.forwarding()),
         }
     }
 }

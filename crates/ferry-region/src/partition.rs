@@ -62,6 +62,10 @@ struct SmallState {
     marks: Watermarks,
     producers: Vec<(ProducerId, ProducerState)>,
     cursors: Vec<(String, u64)>,
+    /// Per origin (region, partition): every origin offset below this is held here.
+    received: Vec<((String, u32), u64)>,
+    /// Per destination region: the forwarding cursor of this partition.
+    forward_cursors: Vec<(String, u64)>,
 }
 
 /// What `checkpoint` holds.
@@ -78,6 +82,7 @@ struct Checkpoint {
 pub struct PartitionView {
     files: RwLock<BatchFiles>,
     cursors: RwLock<HashMap<String, u64>>,
+    forward_cursors: RwLock<HashMap<String, u64>>,
     watermarks: watch::Sender<Watermarks>,
     bytes: AtomicU64,
 }
@@ -128,6 +133,19 @@ impl PartitionView {
             .copied())
     }
 
+    /// The committed forwarding cursor towards `region`: every wanted event below it is
+    /// there.
+    pub fn forward_cursor(&self, region: &str) -> Option<u64> {
+        self.forward_cursors.read().ok()?.get(region).copied()
+    }
+
+    /// When the batch holding `offset` was appended (milliseconds since the epoch), if held.
+    pub fn appended_at(&self, offset: u64) -> Option<u64> {
+        let files = self.files.read().ok()?;
+        let (_, info) = files.index().range(..=offset).next_back()?;
+        Some(info.appended_at_ms)
+    }
+
     /// The first offset at or after which retention must drop data, given the policy, or None.
     pub fn retention_point(
         &self,
@@ -162,6 +180,7 @@ struct Partition {
     view: Arc<PartitionView>,
     marks: Watermarks,
     producers: HashMap<ProducerId, ProducerState>,
+    received: HashMap<(String, u32), u64>,
 }
 
 impl Partition {
@@ -181,10 +200,23 @@ impl Partition {
             .map(|(g, o)| (g.clone(), *o))
             .collect();
         cursors.sort_unstable();
+        let mut received: Vec<_> = self.received.iter().map(|(k, v)| (k.clone(), *v)).collect();
+        received.sort_unstable();
+        let mut forward_cursors: Vec<_> = self
+            .view
+            .forward_cursors
+            .read()
+            .map_err(storage_err)?
+            .iter()
+            .map(|(r, o)| (r.clone(), *o))
+            .collect();
+        forward_cursors.sort_unstable();
         Ok(SmallState {
             marks: self.marks,
             producers,
             cursors,
+            received,
+            forward_cursors,
         })
     }
 
@@ -192,7 +224,10 @@ impl Partition {
     fn restore(&mut self, state: SmallState) -> Result<(), StoreError> {
         self.marks = state.marks;
         self.producers = state.producers.into_iter().collect();
+        self.received = state.received.into_iter().collect();
         *self.view.cursors.write().map_err(storage_err)? = state.cursors.into_iter().collect();
+        *self.view.forward_cursors.write().map_err(storage_err)? =
+            state.forward_cursors.into_iter().collect();
         let bytes = {
             let mut files = self.view.files.write().map_err(storage_err)?;
             // A checkpoint's first segment may still hold batches retention dropped.
@@ -220,6 +255,18 @@ impl Partition {
                 PartitionReply::Done
             }
             Ok(PartitionCommand::Trim { before_offset }) => self.trim(before_offset)?,
+            Ok(PartitionCommand::Forwarded {
+                origin_region,
+                origin_partition,
+                batch,
+                appended_at_ms,
+            }) => self.forwarded(origin_region, origin_partition, &batch, appended_at_ms)?,
+            Ok(PartitionCommand::ForwardCursor { region, next }) => {
+                let mut cursors = self.view.forward_cursors.write().map_err(storage_err)?;
+                let cursor = cursors.entry(region).or_default();
+                *cursor = (*cursor).max(next);
+                PartitionReply::Done
+            }
             Err(e) => {
                 PartitionReply::Error(ApiError::new(ErrorCode::InvalidRequest, e.to_string()))
             }
@@ -323,6 +370,52 @@ impl Partition {
             count,
             duplicate: false,
         })
+    }
+
+    /// Admits a batch forwarded from another region: appends the events this partition does
+    /// not hold yet (by origin offset) and answers with the acknowledgement for the source.
+    fn forwarded(
+        &mut self,
+        origin_region: String,
+        origin_partition: u32,
+        batch: &ferry_router::Batch,
+        appended_at_ms: u64,
+    ) -> Result<PartitionReply, StoreError> {
+        let origin = (origin_region, origin_partition);
+        let receiver = ferry_router::Receiver {
+            next: self.received.get(&origin).copied().unwrap_or(0),
+        };
+        let admission = receiver.admit(batch);
+        if !admission.append.is_empty() {
+            let parts: Vec<&Bytes> = admission.append.iter().map(|(_, e)| e).collect();
+            let events = match codec::encode_seq_of_encoded("forwarded events", &parts) {
+                Ok(e) => Bytes::from(e),
+                Err(e) => {
+                    return Ok(PartitionReply::Error(ApiError::new(
+                        ErrorCode::InvalidRequest,
+                        e.to_string(),
+                    )))
+                }
+            };
+            let stored = StoredBatch {
+                base_offset: self.marks.high,
+                count: admission.append.len() as u32,
+                appended_at_ms,
+                events,
+            };
+            let size = stored.events.len() as u64;
+            self.view
+                .files
+                .write()
+                .map_err(storage_err)?
+                .append(&stored)?;
+            self.marks.high += u64::from(stored.count);
+            self.view.bytes.fetch_add(size, Ordering::Relaxed);
+        }
+        let mut next = receiver;
+        next.commit(&admission);
+        self.received.insert(origin, next.next);
+        Ok(PartitionReply::Forwarded(admission.ack))
     }
 
     fn trim(&mut self, before: u64) -> Result<PartitionReply, StoreError> {
@@ -477,6 +570,7 @@ impl PartitionStateMachine {
         let view = Arc::new(PartitionView {
             files: RwLock::new(files),
             cursors: RwLock::new(HashMap::new()),
+            forward_cursors: RwLock::new(HashMap::new()),
             watermarks: watch::channel(Watermarks::default()).0,
             bytes: AtomicU64::new(0),
         });
@@ -484,6 +578,7 @@ impl PartitionStateMachine {
             view: view.clone(),
             marks: Watermarks::default(),
             producers: HashMap::new(),
+            received: HashMap::new(),
         };
         let applied = match checkpoint {
             Some(c) => {

@@ -3,6 +3,7 @@
 //! (openraft-multi's [`GroupRouter`]).
 
 use std::future::Future;
+use std::net::SocketAddr;
 
 use bytes::Bytes;
 use ferry_net::{NetError, Transport};
@@ -51,6 +52,26 @@ pub(crate) enum PeerRequest {
     },
     /// A client request forwarded to the leader that can serve it (never forwarded again).
     Client(ClientRequest),
+    /// A gossip message from the node whose gossip address is `from`.
+    Gossip { from: SocketAddr, message: Bytes },
+    /// A batch forwarded from another region.
+    Forward(ForwardRequest),
+    /// The forwarders this node runs, for `ferry ctl regions`.
+    ForwardingStatus,
+}
+
+/// A batch of one source partition for one destination region.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct ForwardRequest {
+    pub(crate) origin_region: String,
+    pub(crate) target_region: String,
+    pub(crate) topic: String,
+    pub(crate) partition: u32,
+    pub(crate) batch: ferry_router::Batch,
+    /// How many more regions may relay it (loop prevention: one relay at most).
+    pub(crate) relays_left: u8,
+    /// Already passed to the leader inside the target region (never passed twice).
+    pub(crate) passed_in_region: bool,
 }
 
 /// The answer to a [`PeerRequest`].
@@ -62,6 +83,12 @@ pub(crate) enum PeerResponse {
     /// A snapshot piece was stored; send the next.
     ChunkAccepted,
     Client(ClientResponse),
+    /// A gossip message was taken.
+    Done,
+    /// A forwarded batch is committed in the target region (or refused after a gap).
+    Forwarded(ferry_router::Ack),
+    /// The forwarders a node runs.
+    ForwardingStatus(Vec<ferry_proto::wire::ForwardingInfo>),
     /// The peer could not serve the request (unknown group, shutting down, bad frame).
     Error(String),
 }
@@ -86,10 +113,35 @@ impl<T: Transport> Router<T> {
         }
     }
 
-    async fn call(&self, to: NodeId, request: &PeerRequest) -> Result<PeerResponse, NetError> {
+    pub(crate) async fn call(
+        &self,
+        to: NodeId,
+        request: &PeerRequest,
+    ) -> Result<PeerResponse, NetError> {
         let bytes =
             encode("peer request", request).map_err(|e| NetError::Protocol(e.to_string()))?;
         let reply = self.transport.call(to, bytes).await?;
+        decode("peer response", &reply).map_err(|e| NetError::Protocol(e.to_string()))
+    }
+
+    /// Sends a request to whichever node listens at `addr` (nodes of other regions, gossip).
+    pub(crate) async fn call_addr(
+        &self,
+        addr: SocketAddr,
+        request: &PeerRequest,
+    ) -> Result<PeerResponse, NetError> {
+        let bytes =
+            encode("peer request", request).map_err(|e| NetError::Protocol(e.to_string()))?;
+        self.call_addr_encoded(addr, bytes).await
+    }
+
+    /// Like [`Router::call_addr`] with the request already encoded.
+    pub(crate) async fn call_addr_encoded(
+        &self,
+        addr: SocketAddr,
+        request: Bytes,
+    ) -> Result<PeerResponse, NetError> {
+        let reply = self.transport.call_addr(addr, request).await?;
         decode("peer response", &reply).map_err(|e| NetError::Protocol(e.to_string()))
     }
 

@@ -6,7 +6,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use ferry_net::tls::{client_config, server_config, TlsIdentity};
-use ferry_net::{bind_endpoint, serve, QuicTransport, TransportOptions, ALPN_CLIENT, ALPN_PEER};
+use ferry_net::{
+    bind_endpoint, serve, LinkFaults, QuicTransport, TransportOptions, ALPN_CLIENT, ALPN_PEER,
+};
 
 use crate::{Node, NodeConfig, RegionError};
 
@@ -66,12 +68,14 @@ impl BoundEndpoint {
             handler,
             on_client,
             options.max_frame,
+            options.faults.clone(),
         ));
         Ok(QuicNode {
             node,
             http_addr,
             endpoint: self.endpoint,
             serving,
+            faults: options.faults,
         })
     }
 }
@@ -82,12 +86,20 @@ pub struct QuicNode {
     http_addr: Option<SocketAddr>,
     endpoint: quinn::Endpoint,
     serving: tokio::task::JoinHandle<()>,
+    faults: LinkFaults,
 }
 
 impl QuicNode {
     /// The node.
     pub fn node(&self) -> &Node<QuicTransport> {
         &self.node
+    }
+
+    /// This node's cut links (fault injection), shared by its transport and its
+    /// accept loop: cutting a peer's address takes the link to that node down in
+    /// both directions.
+    pub fn faults(&self) -> &LinkFaults {
+        &self.faults
     }
 
     /// Where `/healthz` and `/metrics` are served, if configured.

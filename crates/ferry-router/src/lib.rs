@@ -2,16 +2,23 @@
 //! region as I/O-free state machines — the source side ([`Forwarder`]: batches, resends,
 //! the cursor committed only behind acknowledgements) and the destination side
 //! ([`Receiver`]: dedupe by origin offset, refusal after a gap). Tested with virtual time
-//! against drops, duplicates, reordering and restarts.
+//! against drops, duplicates, reordering and restarts. And gossip membership ([`Gossip`]):
+//! chitchat over an abstract authenticated link ([`GossipLink`], [`GossipInbox`]), each node
+//! publishing a [`NodeRecord`] (region, address, partitions it leads, subject interest,
+//! regions it reaches, load), dead nodes leaving within a configured bound.
 //!
-//! Not here yet: gossip membership and interest (chitchat over ferry-net), the async driver,
-//! mesh paths and loop prevention (issue 3).
+//! Not here yet: the link over ferry-net's QUIC, the async driver, mesh paths and loop
+//! prevention (issue 3).
 #![warn(missing_docs, unreachable_pub)]
 
 mod forward;
+mod gossip;
 mod receive;
 
-pub use forward::{Ack, Batch, Forwarder, ForwarderConfig, SourceEvent};
+pub use forward::{Ack, Batch, Forwarder, ForwarderConfig, ForwarderStats, SourceEvent};
+pub use gossip::{
+    Gossip, GossipConfig, GossipError, GossipInbox, GossipLink, GossipStats, NodeRecord,
+};
 pub use receive::{Admission, Receiver};
 
 #[cfg(test)]

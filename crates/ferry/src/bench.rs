@@ -25,6 +25,61 @@ enum BenchCommand {
     /// Publish COUNT events of SIZE bytes with W in flight; report events/s, MiB/s and
     /// acknowledgement latency.
     Produce(ProduceArgs),
+    /// Publish COUNT events in one region (--servers) and receive them in another (--to):
+    /// forwarded events/s and publish-to-delivery latency.
+    Mesh(MeshArgs),
+}
+
+#[derive(Args)]
+struct MeshArgs {
+    #[command(flatten)]
+    connect: Connect,
+    /// Servers of the destination region (comma-separated).
+    #[arg(long, value_delimiter = ',', required = true)]
+    to: Vec<std::net::SocketAddr>,
+    /// Payload bytes per event (at least 8: the send time travels in it).
+    #[arg(long, default_value_t = 1024)]
+    size: usize,
+    /// Events to publish.
+    #[arg(long, default_value_t = 50_000)]
+    count: u64,
+    /// Events in flight at the producer.
+    #[arg(long, default_value_t = 256)]
+    inflight: usize,
+    /// Events per second to publish at (0: as fast as acknowledgements allow).
+    #[arg(long, default_value_t = 0)]
+    rate: u64,
+    /// Topic (created in both regions if missing: integration class, forwarded by interest).
+    #[arg(long, default_value = "bench-mesh")]
+    topic: String,
+    /// Partitions of a topic the bench creates.
+    #[arg(long, default_value_t = 4)]
+    partitions: u32,
+    /// Give up waiting for deliveries this long after the last publish, seconds.
+    #[arg(long, default_value_t = 60)]
+    drain_secs: u64,
+    /// Write the report as JSON here.
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+#[derive(Serialize)]
+struct MeshReport {
+    target: &'static str,
+    topic: String,
+    source_region: String,
+    destination_region: String,
+    partitions: u32,
+    size: usize,
+    count: u64,
+    inflight: usize,
+    rate: u64,
+    delivered: u64,
+    lost: u64,
+    publish_errors: u64,
+    seconds: f64,
+    forwarded_events_per_sec: f64,
+    e2e_latency_ms: Latency,
 }
 
 #[derive(Args)]
@@ -82,7 +137,222 @@ struct Latency {
 pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<()> {
     match args.command {
         BenchCommand::Produce(args) => produce(args).await,
+        BenchCommand::Mesh(args) => mesh(args).await,
     }
+}
+
+/// Creates `config` if missing and waits until every partition has a leader.
+async fn ensure_topic(
+    client: &ferry_client::Client,
+    config: &TopicConfig,
+) -> anyhow::Result<ferry_proto::wire::TopicDescription> {
+    if client.describe_topic(&config.name).await.is_err() {
+        client.create_topic(config.clone()).await?;
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let d = client.describe_topic(&config.name).await?;
+        if d.partitions.iter().all(|p| p.leader.is_some()) {
+            return Ok(d);
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "partitions of {} got no leader in 30 s",
+            config.name
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn mesh(mut args: MeshArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(args.size >= 8, "--size must be at least 8 bytes");
+    if args.connect.client == "ctl" {
+        args.connect.client = "bench".into();
+    }
+    let source = args.connect.client()?;
+    let destination = ferry_client::Client::new(ferry_client::ClientOptions::new(
+        args.to.clone(),
+        args.connect.identity()?,
+    ))?;
+    let mut config = TopicConfig::new(args.topic.clone(), args.partitions);
+    config.subjects = ferry_proto::SubjectFilter::new("bench.>")?;
+    config.class = ferry_proto::EventClass::Integration;
+    config.regions = ferry_proto::RegionPolicy::ByInterest;
+    ensure_topic(&source, &config).await?;
+    let described = ensure_topic(&destination, &config).await?;
+    let source_region = source.regions().await?.region;
+    let destination_region = destination.regions().await?.region;
+    anyhow::ensure!(
+        source_region != destination_region,
+        "--servers and --to are both in region {source_region}"
+    );
+    destination
+        .add_interest(&format!("bench-{}", args.topic), "bench.>")
+        .await?;
+    // Wait (bounded) until the source region has learned the interest.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let report = source.regions().await?;
+        let known = report
+            .interests
+            .iter()
+            .any(|(r, f)| *r == destination_region && f.iter().any(|f| f == "bench.>"));
+        if known {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "region {source_region} did not learn {destination_region}'s interest in 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Receive in the destination from its current end.
+    let base = Instant::now();
+    let run = format!("{:016x}", rand::random::<u64>());
+    let (seen_tx, mut seen_rx) = tokio::sync::mpsc::unbounded_channel::<(u64, Instant)>();
+    let mut readers = Vec::new();
+    for p in &described.partitions {
+        let mut subscription = destination
+            .subscribe(
+                &args.topic,
+                p.partition,
+                ferry_client::StartFrom::Offset(p.high_watermark),
+            )
+            .await?;
+        let seen = seen_tx.clone();
+        let run = run.clone();
+        readers.push(tokio::spawn(async move {
+            while let Ok((_, event)) = subscription.next().await {
+                if !event.id.starts_with(&run) || event.data.len() < 8 {
+                    continue;
+                }
+                let sent = u64::from_le_bytes(event.data[..8].try_into().expect("8 bytes"));
+                if seen.send((sent, Instant::now())).is_err() {
+                    return;
+                }
+            }
+        }));
+    }
+    drop(seen_tx);
+
+    let options = ProducerOptions {
+        max_in_flight: args.inflight,
+        ..ProducerOptions::default()
+    };
+    let producer = source.producer(&args.topic, options).await?;
+    let subject = Subject::new("bench.mesh")?;
+    let filler: Vec<u8> = (0..args.size).map(|i| (i % 251) as u8).collect();
+    let (acks_tx, mut acks_rx) = tokio::sync::mpsc::unbounded_channel();
+    let acks = tokio::spawn(async move {
+        let mut pending = FuturesUnordered::new();
+        let mut errors = 0u64;
+        let mut open = true;
+        loop {
+            tokio::select! {
+                item = acks_rx.recv(), if open => match item {
+                    Some(fut) => pending.push(fut),
+                    None => open = false,
+                },
+                Some(result) = pending.next(), if !pending.is_empty() => {
+                    let result: Result<_, ferry_client::ClientError> = result;
+                    if result.is_err() {
+                        errors += 1;
+                    }
+                }
+                else => break,
+            }
+            if !open && pending.is_empty() {
+                break;
+            }
+        }
+        errors
+    });
+    let started = Instant::now();
+    for i in 0..args.count {
+        if args.rate > 0 {
+            let due = started + Duration::from_secs_f64(i as f64 / args.rate as f64);
+            tokio::time::sleep_until(due.into()).await;
+        }
+        let mut payload = filler.clone();
+        let sent = base.elapsed().as_nanos() as u64;
+        payload[..8].copy_from_slice(&sent.to_le_bytes());
+        let event = Event::new(
+            format!("{run}-{i}"),
+            "/ferry/bench",
+            "bench.mesh",
+            subject.clone(),
+            payload,
+        )
+        .with_key(format!("k{}", i % 64));
+        let ack = producer.send(event).await?;
+        acks_tx
+            .send(Box::pin(ack))
+            .map_err(|_| anyhow::anyhow!("acknowledgement collector stopped"))?;
+    }
+    drop(acks_tx);
+    let publish_errors = acks.await.context("acknowledgements")?;
+
+    let mut histogram =
+        Histogram::<u64>::new_with_bounds(1, 600_000_000, 3).expect("histogram bounds");
+    let mut delivered = 0u64;
+    let mut last = started;
+    let drain = tokio::time::Instant::now() + Duration::from_secs(args.drain_secs);
+    while delivered < args.count {
+        match tokio::time::timeout_at(drain, seen_rx.recv()).await {
+            Ok(Some((sent, at))) => {
+                delivered += 1;
+                last = last.max(at);
+                let latency = (at - base).as_nanos() as u64 - sent;
+                let _ = histogram.record((latency / 1000).max(1));
+            }
+            Ok(None) | Err(_) => break,
+        }
+    }
+    for reader in readers {
+        reader.abort();
+    }
+    let seconds = (last - started).as_secs_f64().max(1e-9);
+    let ms = |q: f64| histogram.value_at_quantile(q) as f64 / 1000.0;
+    let report = MeshReport {
+        target: "ferry",
+        topic: args.topic.clone(),
+        source_region: source_region.clone(),
+        destination_region: destination_region.clone(),
+        partitions: described.config.partitions,
+        size: args.size,
+        count: args.count,
+        inflight: args.inflight,
+        rate: args.rate,
+        delivered,
+        lost: args.count - delivered,
+        publish_errors,
+        seconds,
+        forwarded_events_per_sec: delivered as f64 / seconds,
+        e2e_latency_ms: Latency {
+            p50: ms(0.50),
+            p99: ms(0.99),
+            p999: ms(0.999),
+            max: histogram.max() as f64 / 1000.0,
+        },
+    };
+    println!(
+        "ferry bench mesh: {} -> {}: {} of {} events of {} B delivered ({} in flight{}): {:.0} events/s forwarded, publish-to-delivery p50 {:.2} ms, p99 {:.2} ms, p999 {:.2} ms ({} lost, {} publish errors, {:.1} s)",
+        source_region, destination_region, delivered, args.count, args.size, args.inflight,
+        if args.rate > 0 { format!(", {} ev/s offered", args.rate) } else { String::new() },
+        report.forwarded_events_per_sec, report.e2e_latency_ms.p50, report.e2e_latency_ms.p99,
+        report.e2e_latency_ms.p999, report.lost, publish_errors, seconds
+    );
+    if let Some(out) = &args.out {
+        std::fs::write(out, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("writing {}", out.display()))?;
+    }
+    anyhow::ensure!(
+        report.lost == 0 && publish_errors == 0,
+        "{} events not delivered, {publish_errors} publishes failed",
+        report.lost
+    );
+    Ok(())
 }
 
 async fn produce(mut args: ProduceArgs) -> anyhow::Result<()> {

@@ -8,7 +8,10 @@ use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use ferry_client::{Client, ClientOptions, ProducerOptions, StartFrom};
 use ferry_net::tls::TlsIdentity;
-use ferry_proto::{Event, EventClass, Retention, Subject, SubjectFilter, TopicConfig};
+use ferry_proto::wire::MeshReport;
+use ferry_proto::{
+    Event, EventClass, RegionPolicy, Retention, Subject, SubjectFilter, TopicConfig,
+};
 use tokio::io::AsyncBufReadExt;
 
 /// How to reach the region; shared by `ctl` and `bench`.
@@ -82,6 +85,13 @@ enum CtlCommand {
         #[arg(long, default_value = "/ferry/ctl")]
         source: String,
     },
+    /// Interests of this region: what it wants forwarded from other regions.
+    Interest {
+        #[command(subcommand)]
+        command: InterestCommand,
+    },
+    /// The mesh: regions, nodes, links, interests and forwarding lag.
+    Regions,
     /// Print events as they are committed.
     Tail {
         /// Topic.
@@ -96,6 +106,24 @@ enum CtlCommand {
         #[arg(long)]
         count: Option<u64>,
     },
+}
+
+#[derive(Subcommand)]
+enum InterestCommand {
+    /// Add (or replace) a named interest in a subject filter, e.g. `orders.>`.
+    Add {
+        /// Who holds it (a consumer group, a service).
+        name: String,
+        /// Subject filter (`*` one token, `>` the rest).
+        subjects: String,
+    },
+    /// Remove a named interest.
+    Remove {
+        /// Its name.
+        name: String,
+    },
+    /// List the region's interests.
+    List,
 }
 
 #[derive(Subcommand)]
@@ -116,6 +144,10 @@ enum TopicCommand {
         /// domain, integration or notification.
         #[arg(long, default_value = "domain")]
         class: String,
+        /// Which regions receive it: `local`, `interest`, or a comma-separated list of
+        /// regions. Default: `local` for domain topics, `interest` for the others.
+        #[arg(long)]
+        regions: Option<String>,
         /// Drop events older than this many seconds.
         #[arg(long)]
         retention_seconds: Option<u64>,
@@ -147,6 +179,26 @@ pub(crate) async fn run(args: CtlArgs) -> anyhow::Result<()> {
     let client = args.connect.client()?;
     match args.command {
         CtlCommand::Topic { command } => topic(&client, command).await,
+        CtlCommand::Interest { command } => match command {
+            InterestCommand::Add { name, subjects } => {
+                SubjectFilter::new(subjects.clone())?;
+                client.add_interest(&name, &subjects).await?;
+                println!("interest {name} in {subjects} added");
+                Ok(())
+            }
+            InterestCommand::Remove { name } => {
+                client.remove_interest(&name).await?;
+                println!("interest {name} removed");
+                Ok(())
+            }
+            InterestCommand::List => {
+                for (name, subjects) in client.interests().await? {
+                    println!("{name}\t{subjects}");
+                }
+                Ok(())
+            }
+        },
+        CtlCommand::Regions => print_regions(&client.regions().await?),
         CtlCommand::Publish {
             topic,
             data,
@@ -262,6 +314,7 @@ async fn topic(client: &Client, command: TopicCommand) -> anyhow::Result<()> {
             replication,
             subjects,
             class,
+            regions,
             retention_seconds,
             retention_bytes,
         } => {
@@ -269,6 +322,17 @@ async fn topic(client: &Client, command: TopicCommand) -> anyhow::Result<()> {
             config.replication = replication;
             config.subjects = SubjectFilter::new(subjects)?;
             config.class = class.parse::<EventClass>()?;
+            config.regions = match regions.as_deref() {
+                None if config.class == EventClass::Domain => RegionPolicy::Local,
+                None | Some("interest") => RegionPolicy::ByInterest,
+                Some("local") => RegionPolicy::Local,
+                Some(list) => RegionPolicy::Listed(
+                    list.split(',')
+                        .map(|r| r.trim().to_string())
+                        .filter(|r| !r.is_empty())
+                        .collect(),
+                ),
+            };
             config.retention = Retention {
                 max_age_ms: retention_seconds.map(|s| s * 1000),
                 max_bytes: retention_bytes,
@@ -321,4 +385,48 @@ async fn topic(client: &Client, command: TopicCommand) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+fn print_regions(report: &MeshReport) -> anyhow::Result<()> {
+    println!(
+        "as seen by node {} in region {}",
+        report.node, report.region
+    );
+    let mut regions: Vec<&str> = report.nodes.iter().map(|n| n.region.as_str()).collect();
+    regions.dedup();
+    println!("regions: {}", regions.join(", "));
+    println!("nodes:");
+    for n in &report.nodes {
+        let reach = if n.reach.is_empty() {
+            "-".to_string()
+        } else {
+            n.reach.join(",")
+        };
+        println!(
+            "  {:<10} node {:<4} {:<22} {:<5} leads {:<4} load {:>7} ev/s  links to {reach}",
+            n.region, n.id, n.addr, n.role, n.leads, n.load
+        );
+    }
+    println!("interests:");
+    for (region, filters) in &report.interests {
+        println!("  {region:<10} {}", filters.join(" "));
+    }
+    println!("forwarding (source region {}):", report.region);
+    for f in &report.forwarding {
+        println!(
+            "  {}/{} -> {:<10} lag {:>7} events {:>8.3} s  sent {:>9}  route {:<10} {}",
+            f.topic,
+            f.partition,
+            f.destination,
+            f.lag_events,
+            f.lag_ms as f64 / 1000.0,
+            f.sent_events,
+            if f.route.is_empty() { "-" } else { &f.route },
+            f.last_error
+                .as_deref()
+                .map(|e| format!("error: {e}"))
+                .unwrap_or_default()
+        );
+    }
+    Ok(())
 }

@@ -1,5 +1,6 @@
-//! `ferry dev`: a region of three nodes on loopback in one process, from the embedded default
-//! configuration, with development certificates generated on first run.
+//! `ferry dev`: a mesh of regions (three of three nodes by default) on loopback in one
+//! process, from the embedded default configuration, with development certificates (one CA
+//! for the whole mesh) generated on first run. The regions gossip and forward to each other.
 
 use std::path::PathBuf;
 
@@ -15,10 +16,13 @@ pub(crate) struct DevArgs {
     /// Folder for certificates and node data (created on first run, reused after).
     #[arg(long, default_value = "ferry-dev")]
     data: PathBuf,
-    /// UDP port of node 1; node N listens on base + N - 1.
+    /// UDP port of node 1; node N listens on base + N - 1 (HTTP on base + 1000 + N - 1).
     #[arg(long, default_value_t = 7401)]
     base_port: u16,
-    /// Number of nodes.
+    /// Regions, comma-separated; node ids run from 1 across them in this order.
+    #[arg(long, default_value = "eu,us,ap", value_delimiter = ',')]
+    regions: Vec<String>,
+    /// Nodes per region.
     #[arg(long, default_value_t = 3)]
     nodes: u64,
 }
@@ -31,93 +35,149 @@ pub(crate) async fn run(args: DevArgs) -> anyhow::Result<()> {
         .canonicalize()
         .with_context(|| format!("resolving {}", args.data.display()))?;
     let certs = data.join("certs");
-    let ids: Vec<u64> = (1..=args.nodes).collect();
-    if !certs.join("ca.pem").exists() {
+    if args.regions.is_empty() || args.nodes == 0 {
+        anyhow::bail!("--regions and --nodes: need at least one region of one node");
+    }
+    let total = args.regions.len() as u64 * args.nodes;
+    let ids: Vec<u64> = (1..=total).collect();
+    let missing = ids
+        .iter()
+        .any(|id| !certs.join(format!("node-{id}.pem")).exists());
+    if !certs.join("ca.pem").exists() || missing {
         generate_dev_certs(&certs, &ids, &["ctl", "bench"])
             .with_context(|| format!("writing certificates into {}", certs.display()))?;
     }
+    let addr_of = |id: u64| format!("127.0.0.1:{}", u64::from(args.base_port) + id - 1);
     let template: toml::Table = DEV_DEFAULT.parse().context("the embedded dev config")?;
-    let peers: Vec<toml::Value> = ids
-        .iter()
-        .map(|id| {
-            let mut t = toml::Table::new();
-            t.insert("id".into(), toml::Value::Integer(*id as i64));
-            let port = u64::from(args.base_port) + id - 1;
-            t.insert(
-                "addr".into(),
-                toml::Value::String(format!("127.0.0.1:{port}")),
+    let mut regions = Vec::new();
+    for (index, region) in args.regions.iter().enumerate() {
+        let first = index as u64 * args.nodes + 1;
+        let region_ids: Vec<u64> = (first..first + args.nodes).collect();
+        let peers: Vec<toml::Value> = region_ids
+            .iter()
+            .map(|id| {
+                let mut t = toml::Table::new();
+                t.insert("id".into(), toml::Value::Integer(*id as i64));
+                t.insert("addr".into(), toml::Value::String(addr_of(*id)));
+                toml::Value::Table(t)
+            })
+            .collect();
+        // Gossip seeds in the other regions: their first node.
+        let remote_seeds: Vec<toml::Value> = (0..args.regions.len() as u64)
+            .filter(|other| *other != index as u64)
+            .map(|other| toml::Value::String(addr_of(other * args.nodes + 1)))
+            .collect();
+        let mut nodes = Vec::new();
+        for id in &region_ids {
+            let mut table = template.clone();
+            table.insert("id".into(), toml::Value::Integer(*id as i64));
+            table.insert("region".into(), toml::Value::String(region.clone()));
+            let mesh = table
+                .entry("mesh")
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            if let toml::Value::Table(mesh) = mesh {
+                mesh.insert(
+                    "remote_seeds".into(),
+                    toml::Value::Array(remote_seeds.clone()),
+                );
+            }
+            table.insert(
+                "data_dir".into(),
+                toml::Value::String(data.join(format!("node-{id}")).display().to_string()),
             );
-            toml::Value::Table(t)
-        })
-        .collect();
-    let mut nodes = Vec::new();
-    for id in &ids {
-        let mut table = template.clone();
-        table.insert("id".into(), toml::Value::Integer(*id as i64));
-        table.insert(
-            "data_dir".into(),
-            toml::Value::String(data.join(format!("node-{id}")).display().to_string()),
-        );
-        table.insert("peers".into(), toml::Value::Array(peers.clone()));
-        let http_port = u64::from(args.base_port) + 1000 + id - 1;
-        table.insert(
-            "http".into(),
-            toml::Value::String(format!("127.0.0.1:{http_port}")),
-        );
-        let mut tls = toml::Table::new();
-        tls.insert(
-            "ca".into(),
-            toml::Value::String(certs.join("ca.pem").display().to_string()),
-        );
-        tls.insert(
-            "cert".into(),
-            toml::Value::String(certs.join(format!("node-{id}.pem")).display().to_string()),
-        );
-        tls.insert(
-            "key".into(),
-            toml::Value::String(certs.join(format!("node-{id}.key")).display().to_string()),
-        );
-        table.insert("tls".into(), toml::Value::Table(tls));
-        let config = node_config_from_table(table, "embedded dev config", std::env::vars())?;
-        let identity = TlsIdentity::load(&config.tls.ca, &config.tls.cert, &config.tls.key)?;
-        let listen = config.listen_addr().context("dev node address")?;
-        let node = BoundEndpoint::bind(listen, identity)?.start(config).await?;
-        nodes.push((listen, node));
+            table.insert("peers".into(), toml::Value::Array(peers.clone()));
+            let http_port = u64::from(args.base_port) + 1000 + id - 1;
+            table.insert(
+                "http".into(),
+                toml::Value::String(format!("127.0.0.1:{http_port}")),
+            );
+            let mut tls = toml::Table::new();
+            tls.insert(
+                "ca".into(),
+                toml::Value::String(certs.join("ca.pem").display().to_string()),
+            );
+            tls.insert(
+                "cert".into(),
+                toml::Value::String(certs.join(format!("node-{id}.pem")).display().to_string()),
+            );
+            tls.insert(
+                "key".into(),
+                toml::Value::String(certs.join(format!("node-{id}.key")).display().to_string()),
+            );
+            table.insert("tls".into(), toml::Value::Table(tls));
+            let config = node_config_from_table(table, "embedded dev config", std::env::vars())?;
+            let identity = TlsIdentity::load(&config.tls.ca, &config.tls.cert, &config.tls.key)?;
+            let listen = config.listen_addr().context("dev node address")?;
+            let node = BoundEndpoint::bind(listen, identity)?.start(config).await?;
+            nodes.push((*id, listen, node));
+        }
+        regions.push((region.clone(), nodes));
     }
-    let servers: Vec<String> = nodes.iter().map(|(a, _)| a.to_string()).collect();
     println!(
-        "ferry dev: a region of {} nodes on loopback (replication 3, fsync before every ack, mTLS)",
-        ids.len()
+        "ferry dev: {} region(s) of {} nodes on loopback (replication 3, fsync before every ack, mTLS, gossip and forwarding between regions)",
+        regions.len(),
+        args.nodes
     );
-    for (id, (addr, node)) in ids.iter().zip(&nodes) {
-        let http = node
-            .http_addr()
-            .map(|a| format!("http://{a}/metrics"))
-            .unwrap_or_default();
-        println!(
-            "  node {id}  quic://{addr}  {http}  data {}",
-            data.join(format!("node-{id}")).display()
-        );
+    for (region, nodes) in &regions {
+        let servers: Vec<String> = nodes.iter().map(|(_, a, _)| a.to_string()).collect();
+        println!("region {region}:  FERRY_SERVERS={}", servers.join(","));
+        for (id, addr, node) in nodes {
+            let http = node
+                .http_addr()
+                .map(|a| format!("http://{a}/metrics"))
+                .unwrap_or_default();
+            println!(
+                "  node {id}  quic://{addr}  {http}  data {}",
+                data.join(format!("node-{id}")).display()
+            );
+        }
     }
     println!(
         "  certificates (CA, nodes, clients ctl and bench): {}",
         certs.display()
     );
     println!();
+    let servers_of = |i: usize| {
+        regions
+            .get(i)
+            .map(|(_, nodes)| {
+                nodes
+                    .iter()
+                    .map(|(_, a, _)| a.to_string())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            })
+            .unwrap_or_default()
+    };
     println!("From another shell:");
-    println!(
-        "  export FERRY_CERTS={} FERRY_SERVERS={}",
-        certs.display(),
-        servers.join(",")
-    );
+    println!("  export FERRY_CERTS={}", certs.display());
+    println!("  export FERRY_SERVERS={}", servers_of(0));
     println!("  ferry ctl topic create orders --partitions 4");
     println!("  ferry ctl publish orders --key customer-1 'hello' 'world'");
     println!("  ferry ctl tail orders");
+    if let (Some((first, _)), Some((second, _))) = (regions.first(), regions.get(1)) {
+        println!();
+        println!("Across regions ({first} to {second}):");
+        for server in [servers_of(0), servers_of(1)] {
+            println!("  FERRY_SERVERS={server} ferry ctl topic create payments --class integration --subjects 'payments.>'");
+        }
+        println!(
+            "  FERRY_SERVERS={} ferry ctl interest add billing 'payments.>'",
+            servers_of(1)
+        );
+        println!("  ferry ctl publish payments --subject payments.captured --key c-1 'paid'");
+        println!("  FERRY_SERVERS={} ferry ctl tail payments", servers_of(1));
+        println!("  ferry ctl regions");
+    }
     println!();
     println!(
-        "Ctrl-C stops the region; its data stays in {} for the next run.",
+        "Ctrl-C stops the mesh; its data stays in {} for the next run.",
         data.display()
     );
+    let nodes: Vec<_> = regions
+        .into_iter()
+        .flat_map(|(_, nodes)| nodes.into_iter().map(|(_, a, n)| (a, n)))
+        .collect();
     let stats_nodes: Vec<_> = nodes.iter().map(|(_, n)| n.node().clone()).collect();
     let stats = tokio::spawn(async move {
         let mut last = vec![(0, 0, 0); stats_nodes.len()];

@@ -8,8 +8,9 @@ use std::sync::Arc;
 use futures::FutureExt;
 
 use super::{REQUEST_HEADER, STATUS_ERR, STATUS_OK};
+use crate::faults::LINK_CUT_REASON;
 use crate::framing::{read_frame, write_frame_parts};
-use crate::{NetError, RpcHandler, ALPN_CLIENT, ALPN_PEER};
+use crate::{LinkFaults, NetError, RpcHandler, ALPN_CLIENT, ALPN_PEER};
 
 /// Binds a QUIC endpoint on `addr` that accepts with `server` and can also
 /// dial (pass a client config explicitly, as [`crate::QuicTransport`] does).
@@ -26,15 +27,25 @@ pub fn bind_endpoint(
 /// `handler`; [`ALPN_CLIENT`] → call `on_client(conn)` (in a spawned task).
 /// Runs until the endpoint is closed. Handshake failures are logged and do
 /// not stop the loop. `max_frame` bounds request payloads.
+///
+/// `faults` are this node's cut links (pass the transport's
+/// [`crate::TransportOptions::faults`]): a peer request arriving over a
+/// connection whose remote address is cut is answered at once with the error
+/// "link cut (fault injection)" (checked per request, so a cut applies to
+/// existing connections immediately). Since a node dials from the endpoint it
+/// serves on, the remote address of a peer connection is that peer's listen
+/// address. Client connections are not affected.
 pub async fn serve(
     endpoint: quinn::Endpoint,
     handler: Arc<dyn RpcHandler>,
     on_client: Arc<dyn Fn(quinn::Connection) + Send + Sync>,
     max_frame: usize,
+    faults: LinkFaults,
 ) {
     while let Some(incoming) = endpoint.accept().await {
         let handler = handler.clone();
         let on_client = on_client.clone();
+        let faults = faults.clone();
         tokio::spawn(async move {
             let remote = incoming.remote_address();
             let conn = match incoming.await {
@@ -49,7 +60,7 @@ pub async fn serve(
                 .and_then(|h| h.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
                 .and_then(|h| h.protocol);
             match alpn.as_deref() {
-                Some(p) if p == ALPN_PEER => serve_peer(conn, handler, max_frame).await,
+                Some(p) if p == ALPN_PEER => serve_peer(conn, handler, max_frame, faults).await,
                 Some(p) if p == ALPN_CLIENT => on_client(conn),
                 other => {
                     tracing::warn!(%remote, alpn = ?other.map(String::from_utf8_lossy), "unsupported ALPN, closing");
@@ -100,7 +111,12 @@ impl PeerIdentity {
     }
 }
 
-async fn serve_peer(conn: quinn::Connection, handler: Arc<dyn RpcHandler>, max_frame: usize) {
+async fn serve_peer(
+    conn: quinn::Connection,
+    handler: Arc<dyn RpcHandler>,
+    max_frame: usize,
+    faults: LinkFaults,
+) {
     let remote = conn.remote_address();
     let Some(identity) = PeerIdentity::of(&conn).map(Arc::new) else {
         tracing::warn!(%remote, "peer connection without a certificate, closing");
@@ -110,7 +126,20 @@ async fn serve_peer(conn: quinn::Connection, handler: Arc<dyn RpcHandler>, max_f
     tracing::debug!(%remote, "peer connection accepted");
     loop {
         match conn.accept_bi().await {
-            Ok((send, recv)) => {
+            Ok((mut send, mut recv)) => {
+                // The remote address can change (migration): look it up per request.
+                let from_addr = conn.remote_address();
+                if faults.is_cut(from_addr) {
+                    tracing::debug!(remote = %from_addr, "refusing peer request over a cut link");
+                    tokio::spawn(async move {
+                        // Do not read the request; answer right away.
+                        let _ = recv.stop(quinn::VarInt::from_u32(0));
+                        let msg = LINK_CUT_REASON.as_bytes();
+                        let _ = write_frame_parts(&mut send, &[&[STATUS_ERR], msg]).await;
+                        let _ = send.finish();
+                    });
+                    continue;
+                }
                 tokio::spawn(serve_request(
                     send,
                     recv,

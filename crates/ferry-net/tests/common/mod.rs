@@ -10,7 +10,7 @@ use std::time::Duration;
 use bytes::{BufMut, Bytes, BytesMut};
 use ferry_net::tls::{self, TlsIdentity};
 use ferry_net::{
-    bind_endpoint, serve, NodeId, RpcHandler, ALPN_CLIENT, ALPN_PEER, DEFAULT_MAX_FRAME,
+    bind_endpoint, serve, LinkFaults, NodeId, RpcHandler, ALPN_CLIENT, ALPN_PEER, DEFAULT_MAX_FRAME,
 };
 use futures::future::BoxFuture;
 
@@ -58,6 +58,9 @@ pub struct Node {
     pub addr: SocketAddr,
     pub task: tokio::task::JoinHandle<()>,
     pub clients: tokio::sync::mpsc::UnboundedReceiver<quinn::Connection>,
+    /// The cut links `serve` consults (nothing cut at start); give a clone to
+    /// the node's transport (`TransportOptions::faults`).
+    pub faults: LinkFaults,
 }
 
 pub fn start_node(
@@ -73,12 +76,20 @@ pub fn start_node(
     let on_client = Arc::new(move |c: quinn::Connection| {
         let _ = tx.send(c);
     });
-    let task = tokio::spawn(serve(endpoint.clone(), handler, on_client, max_frame));
+    let faults = LinkFaults::default();
+    let task = tokio::spawn(serve(
+        endpoint.clone(),
+        handler,
+        on_client,
+        max_frame,
+        faults.clone(),
+    ));
     Ok(Node {
         endpoint,
         addr,
         task,
         clients,
+        faults,
     })
 }
 

@@ -1,0 +1,1064 @@
+//! The node's part in the mesh. It gossips about itself (chitchat over the peer transport,
+//! so over mutually authenticated QUIC: a node from another CA cannot take part); runs one
+//! [`Forwarder`] per (partition it leads, other region); answers forwarded batches (relays
+//! them when they are for another region, passes them to the partition's leader, appends
+//! them through Raft, acknowledges after commit); and builds the report behind
+//! `ferry ctl regions`.
+//!
+//! Routing rules:
+//! - Only events that originated in this region are forwarded (an event forwarded in is
+//!   never forwarded on), so an event takes at most one hop between logs: no loops.
+//! - An event goes to region R if its topic's policy lists R, or the policy is by interest
+//!   and one of R's interests (published by R's nodes in gossip) matches its subject.
+//!   Topics with the `Local` policy never leave the region.
+//! - A batch goes straight to the destination partition's leader; if that region cannot be
+//!   reached, through a node of a third region, which relays it once (`relays_left`) and
+//!   never stores it. The acknowledgement comes back the same way, so it still means
+//!   "committed in the destination's log". This delivers during any single-link cut
+//!   between three or more regions.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use ferry_net::{NetError, Transport};
+use ferry_proto::wire::{ErrorCode, ForwardingInfo, MeshNodeInfo, MeshReport};
+use ferry_proto::{codec, RegionPolicy, SubjectFilter};
+use ferry_router::{
+    Ack, Batch, Forwarder, ForwarderConfig, Gossip, GossipConfig, GossipInbox, GossipLink,
+    NodeRecord, SourceEvent,
+};
+use futures::future::BoxFuture;
+use openraft::async_runtime::WatchReceiver;
+use tokio::sync::{mpsc, watch};
+
+use crate::command::{decode, encode, PartitionCommand, PartitionReply};
+use crate::node::{now_ms, Node, PartitionGroup};
+use crate::peer::{ForwardRequest, PeerRequest, PeerResponse, Router};
+use crate::RegionError;
+
+/// How often the node republishes its record and reconciles its forwarders.
+const SUPERVISE_EVERY: Duration = Duration::from_millis(200);
+/// Cursor moves are committed through Raft at most this often per forwarder.
+const COMMIT_EVERY: Duration = Duration::from_millis(100);
+/// A region counts as reached directly if a call to it succeeded this recently.
+const REACH_FRESH: Duration = Duration::from_secs(10);
+/// After a direct call to a region fails, relays are tried first for this long.
+const DIRECT_RETRY_AFTER: Duration = Duration::from_secs(5);
+/// How long a relay waits for the destination (below the peer request timeout, 5 s).
+const RELAY_TIMEOUT: Duration = Duration::from_secs(3);
+/// Longest a forwarder sleeps without looking at its source again.
+const IDLE_WAKE: Duration = Duration::from_millis(250);
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// What gossip says about the mesh, refreshed every supervision round.
+#[derive(Debug, Default)]
+pub(crate) struct MeshSnapshot {
+    /// Live nodes (this one included).
+    pub(crate) nodes: Vec<NodeRecord>,
+    /// Interest per region.
+    pub(crate) interest: HashMap<String, Vec<SubjectFilter>>,
+    /// Who leads a partition in a region: (region, topic, partition) → address.
+    leaders: HashMap<(String, String, u32), SocketAddr>,
+}
+
+impl MeshSnapshot {
+    /// Builds the snapshot from the live records. A region none of whose nodes is live
+    /// keeps the interest last known for it (`known`): a region that is unreachable or
+    /// silent is still a destination, so its backlog waits for it instead of being skipped.
+    fn build(nodes: Vec<NodeRecord>, known: &mut BTreeMap<String, Vec<SubjectFilter>>) -> Self {
+        let mut interest: HashMap<String, Vec<SubjectFilter>> = HashMap::new();
+        let mut leaders = HashMap::new();
+        for node in &nodes {
+            let filters = interest.entry(node.region.clone()).or_default();
+            for pattern in &node.interest {
+                if let Ok(f) = SubjectFilter::new(pattern.clone()) {
+                    if !filters.contains(&f) {
+                        filters.push(f);
+                    }
+                }
+            }
+            for (topic, partition) in &node.leads {
+                leaders.insert((node.region.clone(), topic.clone(), *partition), node.addr);
+            }
+        }
+        for (region, filters) in &interest {
+            known.insert(region.clone(), filters.clone());
+        }
+        for (region, filters) in known.iter() {
+            interest
+                .entry(region.clone())
+                .or_insert_with(|| filters.clone());
+        }
+        Self {
+            nodes,
+            interest,
+            leaders,
+        }
+    }
+
+    /// Every region known: those with live nodes and those seen before.
+    fn regions(&self) -> BTreeSet<String> {
+        self.nodes
+            .iter()
+            .map(|n| n.region.clone())
+            .chain(self.interest.keys().cloned())
+            .collect()
+    }
+
+    /// Where to send a batch for `region`'s partition: its leader first, then the region's
+    /// other nodes (which pass it to their leader).
+    fn targets(&self, region: &str, topic: &str, partition: u32) -> Vec<SocketAddr> {
+        let leader = self
+            .leaders
+            .get(&(region.to_string(), topic.to_string(), partition))
+            .copied();
+        let mut out: Vec<SocketAddr> = leader.into_iter().collect();
+        for n in self.nodes.iter().filter(|n| n.region == region) {
+            if !out.contains(&n.addr) {
+                out.push(n.addr);
+            }
+        }
+        out
+    }
+
+    /// Nodes of third regions that can relay to `destination`, those that reach it
+    /// directly first.
+    fn relays(&self, source: &str, destination: &str) -> Vec<(String, SocketAddr)> {
+        let mut relays: Vec<&NodeRecord> = self
+            .nodes
+            .iter()
+            .filter(|n| n.region != source && n.region != destination)
+            .collect();
+        relays.sort_by_key(|n| (!n.reach.iter().any(|r| r == destination), n.id));
+        relays
+            .into_iter()
+            .map(|n| (n.region.clone(), n.addr))
+            .collect()
+    }
+
+    fn wants(&self, region: &str, subject: &str) -> bool {
+        self.interest
+            .get(region)
+            .is_some_and(|filters| filters.iter().any(|f| f.matches(subject)))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+struct ForwardKey {
+    topic: String,
+    partition: u32,
+    destination: String,
+}
+
+/// What a running forwarder shows `ferry ctl regions`.
+#[derive(Debug, Clone, Default)]
+struct ForwardStatus {
+    cursor: u64,
+    high: u64,
+    lag_ms: u64,
+    sent_events: u64,
+    route: String,
+    last_error: Option<String>,
+}
+
+struct RunningForwarder {
+    stop: watch::Sender<bool>,
+    status: Arc<Mutex<ForwardStatus>>,
+}
+
+/// The node's mesh state.
+pub(crate) struct Mesh {
+    pub(crate) region: String,
+    pub(crate) addr: SocketAddr,
+    gossip: Gossip,
+    pub(crate) inbox: GossipInbox,
+    snapshot: watch::Sender<Arc<MeshSnapshot>>,
+    /// Interest last seen per region (kept while the region has no live node).
+    known_interest: Mutex<BTreeMap<String, Vec<SubjectFilter>>>,
+    forwarders: Mutex<BTreeMap<ForwardKey, RunningForwarder>>,
+    /// Events sent to another region, per (topic, destination), since this node started.
+    crossings: Mutex<HashMap<(String, String), u64>>,
+    /// Last successful direct call per region.
+    reach: Mutex<HashMap<String, Instant>>,
+    /// Previous load sample: (events appended in led partitions, when).
+    load_sample: Mutex<(u64, Instant, u64)>,
+}
+
+impl Mesh {
+    pub(crate) fn snapshot(&self) -> Arc<MeshSnapshot> {
+        self.snapshot.borrow().clone()
+    }
+
+    fn note_reach(&self, region: &str) {
+        lock(&self.reach).insert(region.to_string(), Instant::now());
+    }
+
+    fn reached(&self) -> Vec<String> {
+        let mut out: Vec<String> = lock(&self.reach)
+            .iter()
+            .filter(|(_, at)| at.elapsed() < REACH_FRESH)
+            .map(|(r, _)| r.clone())
+            .collect();
+        out.sort();
+        out
+    }
+
+    fn count_crossing(&self, topic: &str, destination: &str, events: u64) {
+        if events > 0 {
+            *lock(&self.crossings)
+                .entry((topic.to_string(), destination.to_string()))
+                .or_default() += events;
+        }
+    }
+
+    /// Events this node sent to other regions: ((topic, destination), count).
+    pub(crate) fn crossings(&self) -> Vec<((String, String), u64)> {
+        let mut out: Vec<_> = lock(&self.crossings)
+            .iter()
+            .map(|(k, v)| (k.clone(), *v))
+            .collect();
+        out.sort();
+        out
+    }
+
+    fn statuses(&self, source: &str) -> Vec<ForwardingInfo> {
+        lock(&self.forwarders)
+            .iter()
+            .map(|(key, running)| {
+                let s = lock(&running.status).clone();
+                ForwardingInfo {
+                    topic: key.topic.clone(),
+                    partition: key.partition,
+                    source: source.to_string(),
+                    destination: key.destination.clone(),
+                    lag_events: s.high.saturating_sub(s.cursor),
+                    lag_ms: s.lag_ms,
+                    sent_events: s.sent_events,
+                    route: s.route,
+                    last_error: s.last_error,
+                }
+            })
+            .collect()
+    }
+
+    fn stop_all(&self) {
+        for (_, running) in std::mem::take(&mut *lock(&self.forwarders)) {
+            running.stop.send_replace(true);
+        }
+    }
+}
+
+/// Gossip messages travel as peer requests.
+struct PeerGossipLink<T> {
+    router: Router<T>,
+    from: SocketAddr,
+}
+
+impl<T: Transport> GossipLink for PeerGossipLink<T> {
+    fn send(&self, to: SocketAddr, message: Bytes) -> BoxFuture<'static, Result<(), String>> {
+        let router = self.router.clone();
+        let from = self.from;
+        Box::pin(async move {
+            match router
+                .call_addr(to, &PeerRequest::Gossip { from, message })
+                .await
+            {
+                Ok(PeerResponse::Done) => Ok(()),
+                Ok(PeerResponse::Error(e)) => Err(e),
+                Ok(_) => Err("unexpected answer to gossip".into()),
+                Err(e) => Err(e.to_string()),
+            }
+        })
+    }
+}
+
+fn is_unreachable(e: &NetError) -> bool {
+    !matches!(e, NetError::Remote(_))
+}
+
+impl<T: Transport> Node<T> {
+    /// Starts gossip and the supervision of forwarders.
+    pub(crate) async fn start_mesh(&self) -> Result<(), RegionError> {
+        let config = &self.inner.config;
+        let Some(addr) = config.listen_addr() else {
+            return Ok(());
+        };
+        let mut seeds: Vec<SocketAddr> = config
+            .peers
+            .iter()
+            .filter(|p| p.id != config.id)
+            .map(|p| p.addr)
+            .collect();
+        seeds.extend(config.mesh.remote_seeds.iter().copied());
+        let generation = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        let gossip_config = GossipConfig {
+            node_id: config.id,
+            region: config.region.clone(),
+            advertise: addr,
+            seeds,
+            cluster: "ferry".into(),
+            interval: Duration::from_millis(config.mesh.gossip_interval_ms),
+            dead_after: Duration::from_millis(config.mesh.dead_after_ms),
+            generation,
+        };
+        let link = Arc::new(PeerGossipLink {
+            router: self.inner.router.clone(),
+            from: addr,
+        });
+        let (gossip, inbox) =
+            Gossip::start(gossip_config, link)
+                .await
+                .map_err(|e| RegionError::Config {
+                    key: "mesh",
+                    reason: format!("starting gossip: {e}"),
+                })?;
+        let mesh = Arc::new(Mesh {
+            region: config.region.clone(),
+            addr,
+            gossip,
+            inbox,
+            snapshot: watch::channel(Arc::new(MeshSnapshot::default())).0,
+            known_interest: Mutex::new(BTreeMap::new()),
+            forwarders: Mutex::new(BTreeMap::new()),
+            crossings: Mutex::new(HashMap::new()),
+            reach: Mutex::new(HashMap::new()),
+            load_sample: Mutex::new((0, Instant::now(), 0)),
+        });
+        if self.inner.mesh.set(mesh).is_err() {
+            return Ok(());
+        }
+        let weak = Arc::downgrade(&self.inner);
+        let mut shutdown = self.shutdown_signal();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(SUPERVISE_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = shutdown.changed() => return,
+                }
+                let Some(inner) = weak.upgrade() else { return };
+                (Node { inner }).supervise_mesh().await;
+            }
+        });
+        Ok(())
+    }
+
+    pub(crate) fn mesh(&self) -> Option<&Arc<Mesh>> {
+        self.inner.mesh.get()
+    }
+
+    /// Stops forwarders and gossip.
+    pub(crate) async fn stop_mesh(&self) {
+        if let Some(mesh) = self.mesh() {
+            mesh.stop_all();
+            mesh.gossip.stop();
+        }
+    }
+
+    /// Partitions this node leads.
+    fn led_partitions(&self) -> Vec<(String, u32, PartitionGroup)> {
+        let mut led = Vec::new();
+        for topic in self.inner.meta_view.topics() {
+            for partition in 0..topic.config.partitions {
+                if let Some(group) = self.partition(&topic.config.name, partition) {
+                    if group.raft.metrics().borrow_watched().current_leader == Some(self.inner.id) {
+                        led.push((topic.config.name.clone(), partition, group));
+                    }
+                }
+            }
+        }
+        led
+    }
+
+    /// One supervision round: publish this node's record, refresh the snapshot, start and
+    /// stop forwarders to match what this node leads and which regions are alive.
+    async fn supervise_mesh(&self) {
+        let Some(mesh) = self.mesh().cloned() else {
+            return;
+        };
+        let led = self.led_partitions();
+        let appended: u64 = led.iter().map(|(_, _, g)| g.view.watermarks().high).sum();
+        let load = {
+            let mut sample = lock(&mesh.load_sample);
+            let elapsed = sample.1.elapsed().as_secs_f64();
+            if elapsed >= 1.0 {
+                let rate = appended.saturating_sub(sample.0) as f64 / elapsed;
+                *sample = (appended, Instant::now(), rate as u64);
+            }
+            sample.2
+        };
+        let record = NodeRecord {
+            id: self.inner.id,
+            region: mesh.region.clone(),
+            addr: mesh.addr,
+            role: "node".into(),
+            leads: led.iter().map(|(t, p, _)| (t.clone(), *p)).collect(),
+            interest: self
+                .inner
+                .meta_view
+                .interests()
+                .values()
+                .map(|f| f.to_string())
+                .collect::<BTreeSet<_>>()
+                .into_iter()
+                .collect(),
+            reach: mesh.reached(),
+            load,
+        };
+        if let Err(e) = mesh.gossip.publish(&record).await {
+            tracing::warn!(error = %e, "gossip record not published");
+        }
+        let live = mesh.gossip.live().await;
+        let snapshot = Arc::new(MeshSnapshot::build(live, &mut lock(&mesh.known_interest)));
+        let remote: BTreeSet<String> = snapshot
+            .regions()
+            .into_iter()
+            .filter(|r| *r != mesh.region)
+            .collect();
+        mesh.snapshot.send_replace(snapshot);
+
+        let mut desired = BTreeSet::new();
+        for (topic, partition, _) in &led {
+            let Some(state) = self.inner.meta_view.topic(topic) else {
+                continue;
+            };
+            let destinations: BTreeSet<String> = match &state.config.regions {
+                RegionPolicy::Local => BTreeSet::new(),
+                RegionPolicy::ByInterest => remote.clone(),
+                RegionPolicy::Listed(listed) => remote
+                    .iter()
+                    .cloned()
+                    .chain(listed.iter().filter(|r| **r != mesh.region).cloned())
+                    .collect(),
+            };
+            for destination in destinations {
+                desired.insert(ForwardKey {
+                    topic: topic.clone(),
+                    partition: *partition,
+                    destination,
+                });
+            }
+        }
+        let mut forwarders = lock(&mesh.forwarders);
+        forwarders.retain(|key, running| {
+            let keep = desired.contains(key) && !*running.stop.borrow();
+            if !keep {
+                running.stop.send_replace(true);
+                tracing::info!(topic = %key.topic, partition = key.partition, destination = %key.destination, "forwarder stopped");
+            }
+            keep
+        });
+        for key in desired {
+            if forwarders.contains_key(&key) {
+                continue;
+            }
+            let (stop, stopped) = watch::channel(false);
+            let status = Arc::new(Mutex::new(ForwardStatus::default()));
+            forwarders.insert(
+                key.clone(),
+                RunningForwarder {
+                    stop: stop.clone(),
+                    status: status.clone(),
+                },
+            );
+            tracing::info!(topic = %key.topic, partition = key.partition, destination = %key.destination, "forwarder started");
+            let node = self.clone();
+            tokio::spawn(async move {
+                if let Err(e) = node.run_forwarder(&key, status, stopped).await {
+                    tracing::warn!(topic = %key.topic, partition = key.partition, destination = %key.destination, error = %e, "forwarder ended");
+                }
+                // Let the next round start it again if it is still wanted.
+                stop.send_replace(true);
+            });
+        }
+    }
+
+    fn forwarder_config(&self) -> ForwarderConfig {
+        let m = &self.inner.config.mesh;
+        ForwarderConfig {
+            window: m.forward_window,
+            max_batch_events: m.forward_batch_events,
+            max_batch_bytes: m.forward_batch_bytes,
+            retry_after: Duration::from_millis(m.forward_retry_ms),
+            max_backoff: Duration::from_millis(m.forward_max_backoff_ms),
+        }
+    }
+
+    async fn propose(
+        &self,
+        group: &PartitionGroup,
+        command: &PartitionCommand,
+    ) -> Result<PartitionReply, String> {
+        let command = encode("partition command", command).map_err(|e| e.to_string())?;
+        let response = group
+            .raft
+            .client_write(ferry_store::Command(command))
+            .await
+            .map_err(|e| e.to_string())?;
+        decode::<PartitionReply>("partition reply", &response.data.0).map_err(|e| e.to_string())
+    }
+
+    /// Forwards one partition this node leads to one region until told to stop or the
+    /// node stops leading it.
+    async fn run_forwarder(
+        &self,
+        key: &ForwardKey,
+        status: Arc<Mutex<ForwardStatus>>,
+        mut stop: watch::Receiver<bool>,
+    ) -> Result<(), String> {
+        let mesh = self.mesh().cloned().ok_or("mesh not started")?;
+        let group = self
+            .partition(&key.topic, key.partition)
+            .ok_or("partition not hosted here")?;
+        let view = group.view.clone();
+        let config = self.forwarder_config();
+        let marks = view.watermarks();
+        let start = match view.forward_cursor(&key.destination) {
+            Some(cursor) if cursor < marks.low => {
+                tracing::warn!(topic = %key.topic, partition = key.partition, destination = %key.destination, cursor, low = marks.low, "retention dropped events before they were forwarded");
+                marks.low
+            }
+            Some(cursor) => cursor,
+            None => {
+                // A region seen for the first time gets what is published from now on.
+                let command = PartitionCommand::ForwardCursor {
+                    region: key.destination.clone(),
+                    next: marks.high,
+                };
+                self.propose(&group, &command).await?;
+                marks.high
+            }
+        };
+        let mut forwarder = Forwarder::new(config, start);
+        let mut changes = view.subscribe();
+        let (acks_tx, mut acks) = mpsc::unbounded_channel::<(Result<Ack, String>, String)>();
+        let direct_failed: Arc<Mutex<Option<Instant>>> = Arc::default();
+        let mut uncommitted: Option<u64> = None;
+        let mut last_commit = Instant::now();
+        let mut sent_before = 0;
+        loop {
+            if *stop.borrow() || self.is_shut_down() {
+                return Ok(());
+            }
+            if group.raft.metrics().borrow_watched().current_leader != Some(self.inner.id) {
+                return Ok(());
+            }
+            let snapshot = mesh.snapshot();
+            self.read_for_forwarding(key, &group, &snapshot, &mut forwarder)?;
+
+            let now = Instant::now();
+            while let Some(batch) = forwarder.poll_transmit(now) {
+                let node = self.clone();
+                let key = key.clone();
+                let acks = acks_tx.clone();
+                let direct_failed = direct_failed.clone();
+                tokio::spawn(async move {
+                    let answer = node.send_batch(&key, batch, &direct_failed).await;
+                    let _ = acks.send(answer);
+                });
+            }
+            let stats = forwarder.stats();
+            mesh.count_crossing(
+                &key.topic,
+                &key.destination,
+                stats.events_sent - sent_before,
+            );
+            sent_before = stats.events_sent;
+
+            if let Some(cursor) = forwarder.poll_commit() {
+                uncommitted = Some(cursor);
+            }
+            if let Some(next) = uncommitted {
+                if last_commit.elapsed() >= COMMIT_EVERY {
+                    let command = PartitionCommand::ForwardCursor {
+                        region: key.destination.clone(),
+                        next,
+                    };
+                    // A failure means this node no longer leads: the loop ends above.
+                    if self.propose(&group, &command).await.is_ok() {
+                        uncommitted = None;
+                    }
+                    last_commit = Instant::now();
+                }
+            }
+            {
+                let high = view.watermarks().high;
+                let mut s = lock(&status);
+                s.cursor = forwarder.cursor();
+                s.high = high;
+                s.sent_events = stats.events_sent;
+                s.lag_ms = if forwarder.cursor() < high {
+                    view.appended_at(forwarder.cursor())
+                        .map_or(0, |at| now_ms().saturating_sub(at))
+                } else {
+                    0
+                };
+            }
+
+            let now = Instant::now();
+            let mut wake = forwarder
+                .poll_timeout()
+                .unwrap_or(now + IDLE_WAKE)
+                .min(now + IDLE_WAKE);
+            if uncommitted.is_some() {
+                wake = wake.min(last_commit + COMMIT_EVERY);
+            }
+            tokio::select! {
+                biased;
+                _ = stop.changed() => return Ok(()),
+                Some((answer, route)) = acks.recv() => {
+                    let mut s = lock(&status);
+                    match answer {
+                        Ok(ack) => {
+                            forwarder.handle_ack(ack);
+                            s.route = route;
+                            s.last_error = None;
+                        }
+                        Err(e) => {
+                            if s.last_error.as_deref() != Some(e.as_str()) {
+                                tracing::warn!(topic = %key.topic, partition = key.partition, destination = %key.destination, error = %e, "forwarding failed; retrying with backoff");
+                            }
+                            s.last_error = Some(e);
+                        }
+                    }
+                }
+                _ = changes.changed() => {}
+                _ = tokio::time::sleep_until(wake.into()) => {}
+            }
+        }
+    }
+
+    /// Feeds the forwarder what it asks for from the partition's log.
+    fn read_for_forwarding(
+        &self,
+        key: &ForwardKey,
+        group: &PartitionGroup,
+        snapshot: &MeshSnapshot,
+        forwarder: &mut Forwarder,
+    ) -> Result<(), String> {
+        let Some(topic) = self.inner.meta_view.topic(&key.topic) else {
+            return Err(format!("topic {} is gone", key.topic));
+        };
+        let listed = match &topic.config.regions {
+            RegionPolicy::Listed(regions) => regions.contains(&key.destination),
+            _ => false,
+        };
+        let region = &self.inner.config.region;
+        let max_bytes = self.inner.config.mesh.forward_batch_bytes;
+        while forwarder.wants_source() {
+            let from = forwarder.read_from();
+            let marks = group.view.watermarks();
+            if from >= marks.high {
+                return Ok(());
+            }
+            if from < marks.low {
+                // Trimmed by retention before it was forwarded.
+                forwarder.handle_source(std::iter::empty(), marks.low);
+                continue;
+            }
+            let batches = group
+                .view
+                .read(from, max_bytes)
+                .map_err(|e| e.to_string())?;
+            let mut upto = from;
+            let mut events = Vec::new();
+            for batch in &batches {
+                upto = batch.base_offset + u64::from(batch.count);
+                if upto <= from {
+                    continue;
+                }
+                let decoded = batch.decode().map_err(|e| e.to_string())?;
+                for (offset, mut event) in decoded {
+                    if offset < from {
+                        continue;
+                    }
+                    let local = event.origin_region.as_deref().is_none_or(|o| o == region);
+                    let wanted = local
+                        && (listed || snapshot.wants(&key.destination, event.subject.as_str()));
+                    let bytes = if wanted {
+                        event.origin_region.get_or_insert_with(|| region.clone());
+                        Bytes::from(
+                            codec::encode("forwarded event", &event).map_err(|e| e.to_string())?,
+                        )
+                    } else {
+                        Bytes::new()
+                    };
+                    events.push(SourceEvent {
+                        offset,
+                        wanted,
+                        bytes,
+                    });
+                }
+            }
+            if upto <= from {
+                return Ok(());
+            }
+            forwarder.handle_source(events, upto.min(marks.high));
+        }
+        Ok(())
+    }
+
+    /// Sends one batch: straight to the destination, or through a relay when the region
+    /// cannot be reached. Answers the acknowledgement (or why not) and the route taken.
+    async fn send_batch(
+        &self,
+        key: &ForwardKey,
+        batch: Batch,
+        direct_failed: &Mutex<Option<Instant>>,
+    ) -> (Result<Ack, String>, String) {
+        let Some(mesh) = self.mesh().cloned() else {
+            return (Err("mesh stopped".into()), String::new());
+        };
+        let snapshot = mesh.snapshot();
+        let request = PeerRequest::Forward(ForwardRequest {
+            origin_region: mesh.region.clone(),
+            target_region: key.destination.clone(),
+            topic: key.topic.clone(),
+            partition: key.partition,
+            batch,
+            relays_left: 1,
+            passed_in_region: false,
+        });
+        let request = match encode("peer request", &request) {
+            Ok(r) => r,
+            Err(e) => return (Err(e.to_string()), String::new()),
+        };
+        let direct: Vec<(String, SocketAddr)> = snapshot
+            .targets(&key.destination, &key.topic, key.partition)
+            .into_iter()
+            .map(|a| ("direct".to_string(), a))
+            .collect();
+        let relays: Vec<(String, SocketAddr)> = snapshot
+            .relays(&mesh.region, &key.destination)
+            .into_iter()
+            .map(|(region, a)| (format!("via {region}"), a))
+            .collect();
+        if direct.is_empty() && relays.is_empty() {
+            return (
+                Err(format!("no live node of region {}", key.destination)),
+                String::new(),
+            );
+        }
+        let relays_first = lock(direct_failed).is_some_and(|at| at.elapsed() < DIRECT_RETRY_AFTER);
+        let routes: Vec<_> = if relays_first {
+            relays.into_iter().chain(direct).collect()
+        } else {
+            direct.into_iter().chain(relays).collect()
+        };
+        let mut errors = Vec::new();
+        for (route, addr) in routes {
+            let is_direct = route == "direct";
+            match self
+                .inner
+                .router
+                .call_addr_encoded(addr, request.clone())
+                .await
+            {
+                Ok(PeerResponse::Forwarded(ack)) => {
+                    if is_direct {
+                        mesh.note_reach(&key.destination);
+                        *lock(direct_failed) = None;
+                    }
+                    return (Ok(ack), route);
+                }
+                // The destination (or relay) answered but refused: say why; resent later.
+                Ok(PeerResponse::Error(e)) => return (Err(e), route),
+                Ok(_) => errors.push(format!("{route}: unexpected answer")),
+                Err(e) => {
+                    if is_direct && is_unreachable(&e) {
+                        *lock(direct_failed) = Some(Instant::now());
+                    }
+                    errors.push(format!("{route} ({addr}): {e}"));
+                }
+            }
+        }
+        (Err(errors.join("; ")), String::new())
+    }
+
+    /// Answers a forwarded batch: relay it, pass it to the leader, or append it.
+    pub(crate) async fn handle_forward(&self, mut request: ForwardRequest) -> PeerResponse {
+        let Some(mesh) = self.mesh().cloned() else {
+            return PeerResponse::Error("mesh not started".into());
+        };
+        if request.target_region != mesh.region {
+            if request.relays_left == 0 {
+                return PeerResponse::Error(format!(
+                    "refusing to relay a batch for region {} a second time",
+                    request.target_region
+                ));
+            }
+            request.relays_left -= 1;
+            let snapshot = mesh.snapshot();
+            let targets =
+                snapshot.targets(&request.target_region, &request.topic, request.partition);
+            let mut last_error = format!(
+                "region {} has no live node known to {}",
+                request.target_region, mesh.region
+            );
+            let relayed = PeerRequest::Forward(request.clone());
+            for addr in targets {
+                // Shorter than the sender's own deadline, so the sender hears why.
+                let answer = tokio::time::timeout(
+                    RELAY_TIMEOUT,
+                    self.inner.router.call_addr(addr, &relayed),
+                )
+                .await
+                .unwrap_or_else(|_| {
+                    Err(NetError::Timeout {
+                        what: format!("relaying to {addr}"),
+                        after: RELAY_TIMEOUT,
+                    })
+                });
+                match answer {
+                    Ok(answer @ PeerResponse::Forwarded(_)) => {
+                        mesh.note_reach(&request.target_region);
+                        return answer;
+                    }
+                    Ok(PeerResponse::Error(e)) => return PeerResponse::Error(e),
+                    Ok(_) => last_error = "unexpected answer".into(),
+                    Err(e) => last_error = format!("{addr}: {e}"),
+                }
+            }
+            return PeerResponse::Error(format!("relay through {}: {last_error}", mesh.region));
+        }
+        let region = &mesh.region;
+        let group = match self.lookup(&request.topic, request.partition) {
+            Ok(g) => Some(g),
+            Err(e) if e.code == ErrorCode::NotLeader => None,
+            Err(e) => return PeerResponse::Error(format!("region {region}: {}", e.message)),
+        };
+        let leader = match &group {
+            Some(g) => g.raft.metrics().borrow_watched().current_leader,
+            None => self
+                .inner
+                .meta_view
+                .topic(&request.topic)
+                .and_then(|t| t.replicas.get(request.partition as usize)?.first().copied()),
+        };
+        let group = match group {
+            Some(g) if leader == Some(self.inner.id) => g,
+            _ => {
+                let Some(leader) = leader.filter(|l| *l != self.inner.id) else {
+                    return PeerResponse::Error(format!(
+                        "region {region}: {}/{} has no leader right now",
+                        request.topic, request.partition
+                    ));
+                };
+                if request.passed_in_region {
+                    return PeerResponse::Error(format!(
+                        "region {region}: {}/{} is not led by node {} either",
+                        request.topic, request.partition, self.inner.id
+                    ));
+                }
+                request.passed_in_region = true;
+                return match self
+                    .inner
+                    .router
+                    .call(leader, &PeerRequest::Forward(request))
+                    .await
+                {
+                    Ok(answer) => answer,
+                    Err(e) => PeerResponse::Error(format!(
+                        "region {region}: passing to leader {leader}: {e}"
+                    )),
+                };
+            }
+        };
+        let limits = &self.inner.config.limits;
+        for (offset, bytes) in &request.batch.events {
+            let event: ferry_proto::Event = match codec::decode("forwarded event", bytes) {
+                Ok(e) => e,
+                Err(e) => {
+                    return PeerResponse::Error(format!(
+                        "region {region}: event at origin offset {offset}: {e}"
+                    ))
+                }
+            };
+            if let Err(e) = event.validate(limits) {
+                return PeerResponse::Error(format!(
+                    "region {region}: event at origin offset {offset} refused: {e}"
+                ));
+            }
+        }
+        let command = PartitionCommand::Forwarded {
+            origin_region: request.origin_region,
+            origin_partition: request.partition,
+            batch: request.batch,
+            appended_at_ms: now_ms(),
+        };
+        match self.propose(&group, &command).await {
+            Ok(PartitionReply::Forwarded(ack)) => PeerResponse::Forwarded(ack),
+            Ok(PartitionReply::Error(e)) => {
+                PeerResponse::Error(format!("region {region}: {}", e.message))
+            }
+            Ok(_) => PeerResponse::Error("unexpected partition reply".into()),
+            Err(e) => PeerResponse::Error(format!("region {region}: {e}")),
+        }
+    }
+
+    /// The forwarders this node runs, with their lag.
+    pub fn forwarding(&self) -> Vec<ForwardingInfo> {
+        self.mesh()
+            .map(|m| m.statuses(&m.region))
+            .unwrap_or_default()
+    }
+
+    /// Events this node has sent to other regions, per (topic, destination region).
+    pub fn forwarded_events(&self) -> Vec<((String, String), u64)> {
+        self.mesh().map(|m| m.crossings()).unwrap_or_default()
+    }
+
+    /// Sends a gossip round to `addr` now (tests and seeding by hand).
+    pub async fn gossip_with(&self, addr: SocketAddr) {
+        if let Some(mesh) = self.mesh() {
+            if let Err(e) = mesh.gossip.gossip_with(addr) {
+                tracing::debug!(%addr, error = %e, "gossip round not started");
+            }
+        }
+    }
+
+    /// Live nodes of the mesh as gossip shows them.
+    pub fn mesh_nodes(&self) -> Vec<NodeRecord> {
+        self.mesh()
+            .map(|m| m.snapshot().nodes.clone())
+            .unwrap_or_default()
+    }
+
+    /// Regions whose interest, as this node has learned it, matches `subject`.
+    pub fn regions_interested_in(&self, subject: &str) -> Vec<String> {
+        let Some(mesh) = self.mesh() else {
+            return Vec::new();
+        };
+        let snapshot = mesh.snapshot();
+        let mut out: Vec<String> = snapshot
+            .regions()
+            .into_iter()
+            .filter(|r| snapshot.wants(r, subject))
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// The report behind `ferry ctl regions`: gossip's view plus the forwarders of every
+    /// node of this region.
+    pub(crate) async fn mesh_report(&self) -> MeshReport {
+        let region = self.inner.config.region.clone();
+        let mut report = MeshReport {
+            region: region.clone(),
+            node: self.inner.id,
+            nodes: Vec::new(),
+            interests: Vec::new(),
+            forwarding: self.forwarding(),
+        };
+        let Some(mesh) = self.mesh() else {
+            return report;
+        };
+        let snapshot = mesh.snapshot();
+        report.nodes = snapshot
+            .nodes
+            .iter()
+            .map(|n| MeshNodeInfo {
+                id: n.id,
+                region: n.region.clone(),
+                addr: n.addr.to_string(),
+                role: n.role.clone(),
+                leads: n.leads.len() as u32,
+                reach: n.reach.clone(),
+                load: n.load,
+            })
+            .collect();
+        report
+            .nodes
+            .sort_by(|a, b| (&a.region, a.id).cmp(&(&b.region, b.id)));
+        let mut interests: Vec<_> = snapshot
+            .interest
+            .iter()
+            .map(|(r, f)| (r.clone(), f.iter().map(|f| f.to_string()).collect()))
+            .collect();
+        interests.sort();
+        report.interests = interests;
+        let peers: Vec<_> = self
+            .inner
+            .config
+            .peers
+            .iter()
+            .map(|p| p.id)
+            .filter(|id| *id != self.inner.id)
+            .collect();
+        let asks = peers.into_iter().map(|peer| async move {
+            let answer = tokio::time::timeout(
+                Duration::from_secs(2),
+                self.inner.router.call(peer, &PeerRequest::ForwardingStatus),
+            )
+            .await;
+            match answer {
+                Ok(Ok(PeerResponse::ForwardingStatus(list))) => list,
+                _ => Vec::new(),
+            }
+        });
+        for list in futures::future::join_all(asks).await {
+            report.forwarding.extend(list);
+        }
+        report.forwarding.sort_by(|a, b| {
+            (&a.topic, a.partition, &a.destination).cmp(&(&b.topic, b.partition, &b.destination))
+        });
+        report
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(id: u64, region: &str, interest: &[&str]) -> NodeRecord {
+        NodeRecord {
+            id,
+            region: region.into(),
+            addr: SocketAddr::from(([127, 0, 0, 1], 7000 + id as u16)),
+            role: "node".into(),
+            leads: vec![("orders".into(), 0)],
+            interest: interest.iter().map(|s| s.to_string()).collect(),
+            reach: Vec::new(),
+            load: 0,
+        }
+    }
+
+    #[test]
+    fn a_silent_region_keeps_its_interest_and_a_live_one_speaks_for_itself() {
+        let mut known = BTreeMap::new();
+        let all = vec![
+            record(1, "a", &[]),
+            record(2, "b", &["orders.>"]),
+            record(3, "c", &["orders.eu.*"]),
+        ];
+        let s = MeshSnapshot::build(all, &mut known);
+        assert!(s.wants("b", "orders.created"));
+        assert!(s.wants("c", "orders.eu.created"));
+        assert!(!s.wants("c", "orders.us.created"));
+        assert!(!s.wants("a", "orders.created"));
+        assert_eq!(s.targets("b", "orders", 0), vec![all_addr(2)]);
+
+        // b goes silent (dead in gossip, or cut off): still a destination, same interest.
+        let s = MeshSnapshot::build(vec![record(1, "a", &[]), record(3, "c", &[])], &mut known);
+        assert!(s.wants("b", "orders.created"));
+        assert!(s.regions().contains("b"));
+        assert!(s.targets("b", "orders", 0).is_empty());
+        // c is live and says it wants nothing now: that counts.
+        assert!(!s.wants("c", "orders.eu.created"));
+        // Relays for b from a: c's node.
+        assert_eq!(s.relays("a", "b"), vec![("c".to_string(), all_addr(3))]);
+    }
+
+    fn all_addr(id: u64) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], 7000 + id as u16))
+    }
+}

@@ -1,0 +1,612 @@
+//! Gossip over an in-memory link: 3 regions × 2 nodes, one seed each. Convergence, a record
+//! change reaching everyone, failure detection within `dead_after`, a cut link routed around,
+//! a restart as a new generation. Times are measured and printed (`--nocapture`); waits poll
+//! `live()` every 20 ms up to generous deadlines, so a loaded machine slows them, never fails
+//! them.
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::sync::Mutex;
+use std::time::Instant;
+
+use super::*;
+
+const INTERVAL: Duration = Duration::from_millis(100);
+const DEAD_AFTER: Duration = Duration::from_secs(2);
+/// Deadline of every wait.
+const DEADLINE: Duration = Duration::from_secs(15);
+/// Slack allowed beyond `dead_after` for detection on a loaded machine.
+const DETECTION_MARGIN: Duration = Duration::from_secs(2);
+const POLL: Duration = Duration::from_millis(20);
+const REGIONS: [&str; 3] = ["eu", "us", "ap"];
+
+/// An in-memory network: address → inbox, with nodes that can be killed and links cut.
+#[derive(Clone, Default)]
+struct MemNet(Arc<Mutex<NetState>>);
+
+#[derive(Default)]
+struct NetState {
+    inboxes: HashMap<SocketAddr, GossipInbox>,
+    down: HashSet<SocketAddr>,
+    cut: HashSet<(SocketAddr, SocketAddr)>,
+}
+
+impl MemNet {
+    fn state(&self) -> std::sync::MutexGuard<'_, NetState> {
+        self.0.lock().expect("net lock")
+    }
+
+    fn link(&self, from: SocketAddr) -> Arc<dyn GossipLink> {
+        Arc::new(MemLink {
+            net: self.clone(),
+            from,
+        })
+    }
+
+    fn attach(&self, addr: SocketAddr, inbox: GossipInbox) {
+        let mut state = self.state();
+        state.down.remove(&addr);
+        state.inboxes.insert(addr, inbox);
+    }
+
+    /// Nothing reaches `addr` or leaves it any more.
+    fn kill(&self, addr: SocketAddr) {
+        let mut state = self.state();
+        state.down.insert(addr);
+        state.inboxes.remove(&addr);
+    }
+
+    /// Nothing passes between `a` and `b`, either way.
+    fn cut(&self, a: SocketAddr, b: SocketAddr) {
+        let mut state = self.state();
+        state.cut.insert((a, b));
+        state.cut.insert((b, a));
+    }
+}
+
+struct MemLink {
+    net: MemNet,
+    from: SocketAddr,
+}
+
+impl GossipLink for MemLink {
+    fn send(&self, to: SocketAddr, message: Bytes) -> BoxFuture<'static, Result<(), String>> {
+        let from = self.from;
+        let inbox = {
+            let state = self.net.state();
+            if state.down.contains(&from) {
+                Err(format!("{from} is down"))
+            } else if state.cut.contains(&(from, to)) {
+                Err(format!("link {from} - {to} is cut"))
+            } else {
+                state
+                    .inboxes
+                    .get(&to)
+                    .cloned()
+                    .ok_or_else(|| format!("{to} unreachable"))
+            }
+        };
+        Box::pin(async move {
+            inbox?.deliver(from, message);
+            Ok(())
+        })
+    }
+}
+
+struct TestNode {
+    gossip: Gossip,
+    record: NodeRecord,
+    config: GossipConfig,
+}
+
+fn gossip_addr(region: usize, n: usize) -> SocketAddr {
+    SocketAddr::from(([10, 0, region as u8, n as u8 + 1], 7100))
+}
+
+/// Node `index` (0-5): region `index / 2`, `n = index % 2`, id `index + 1`. Node 0 of a
+/// region seeds from node 0 of the next region, node 1 from node 0 of its own.
+fn config_for(index: usize) -> GossipConfig {
+    let (region, n) = (index / 2, index % 2);
+    let seed = if n == 0 {
+        gossip_addr((region + 1) % REGIONS.len(), 0)
+    } else {
+        gossip_addr(region, 0)
+    };
+    GossipConfig {
+        node_id: index as u64 + 1,
+        region: REGIONS[region].to_string(),
+        advertise: gossip_addr(region, n),
+        seeds: vec![seed],
+        cluster: "ferry-test".into(),
+        interval: INTERVAL,
+        dead_after: DEAD_AFTER,
+        generation: 1,
+    }
+}
+
+fn record_for(index: usize) -> NodeRecord {
+    let (region, n) = (index / 2, index % 2);
+    let id = index as u64 + 1;
+    NodeRecord {
+        id,
+        region: REGIONS[region].to_string(),
+        addr: SocketAddr::from(([10, 0, region as u8, n as u8 + 1], 7000)),
+        role: "node".into(),
+        leads: vec![("orders".into(), id as u32), ("audit".into(), 0)],
+        interest: vec![format!("orders.{}.>", REGIONS[region])],
+        reach: REGIONS
+            .iter()
+            .filter(|r| **r != REGIONS[region])
+            .map(|r| r.to_string())
+            .collect(),
+        load: id * 10,
+    }
+}
+
+async fn start_node(net: &MemNet, config: GossipConfig, record: NodeRecord) -> TestNode {
+    let (gossip, inbox) = Gossip::start(config.clone(), net.link(config.advertise))
+        .await
+        .expect("gossip starts");
+    net.attach(config.advertise, inbox);
+    gossip.publish(&record).await.expect("record publishes");
+    TestNode {
+        gossip,
+        record,
+        config,
+    }
+}
+
+async fn start_mesh(net: &MemNet) -> Vec<TestNode> {
+    let mut nodes = Vec::new();
+    for index in 0..REGIONS.len() * 2 {
+        nodes.push(start_node(net, config_for(index), record_for(index)).await);
+    }
+    nodes
+}
+
+fn records_of<'a>(nodes: impl IntoIterator<Item = &'a TestNode>) -> Vec<NodeRecord> {
+    let mut records: Vec<NodeRecord> = nodes.into_iter().map(|n| n.record.clone()).collect();
+    records.sort_by_key(|r| r.id);
+    records
+}
+
+async fn all_see(nodes: &[&TestNode], expected: &[NodeRecord]) -> bool {
+    for node in nodes {
+        if node.gossip.live().await != expected {
+            return false;
+        }
+    }
+    true
+}
+
+/// Polls `done` every 20 ms; how long it took, or a panic naming `what` after `DEADLINE`.
+async fn wait_for<F, Fut>(what: &str, mut done: F) -> Duration
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let started = Instant::now();
+    loop {
+        if done().await {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < DEADLINE,
+            "{what}: not within {DEADLINE:?}"
+        );
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+async fn shutdown(nodes: Vec<TestNode>) {
+    for node in nodes {
+        node.gossip.shutdown().await;
+    }
+}
+
+#[test]
+fn config_is_validated() {
+    let good = config_for(0);
+    assert!(good.validate().is_ok());
+    let bad = [
+        GossipConfig {
+            interval: Duration::ZERO,
+            ..good.clone()
+        },
+        GossipConfig {
+            dead_after: INTERVAL * 3,
+            ..good.clone()
+        },
+        GossipConfig {
+            cluster: String::new(),
+            ..good.clone()
+        },
+    ];
+    for config in bad {
+        assert!(
+            matches!(config.validate(), Err(GossipError::Config(_))),
+            "{config:?}"
+        );
+    }
+}
+
+#[test]
+fn failure_detector_mapping() {
+    let fd = failure_detector_config(INTERVAL, DEAD_AFTER);
+    let budget = DEAD_AFTER - INTERVAL * 2;
+    assert_eq!(fd.sampling_window_size, 1);
+    assert_eq!(fd.phi_threshold, 1.0);
+    assert_eq!(fd.max_interval, budget);
+    assert_eq!(fd.initial_interval, budget);
+    assert!(fd.dead_node_grace_period >= DEAD_AFTER * 10);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_refuses_records_peers_would_reject() {
+    let net = MemNet::default();
+    let node = start_node(&net, config_for(0), record_for(0)).await;
+    let wrong = [
+        NodeRecord {
+            id: 99,
+            ..node.record.clone()
+        },
+        NodeRecord {
+            region: "us".into(),
+            ..node.record.clone()
+        },
+        NodeRecord {
+            interest: vec!["orders >".into()],
+            ..node.record.clone()
+        },
+        NodeRecord {
+            leads: vec![("a,b".into(), 1)],
+            ..node.record.clone()
+        },
+    ];
+    for record in wrong {
+        assert!(
+            matches!(
+                node.gossip.publish(&record).await,
+                Err(GossipError::InvalidRecord(_))
+            ),
+            "{record:?}"
+        );
+    }
+    // Alone, it sees itself.
+    assert_eq!(node.gossip.live().await, vec![node.record.clone()]);
+    shutdown(vec![node]).await;
+}
+
+/// (a) Every node's `live()` shows all six with their records; `subscribe()` follows; the
+/// failure detector's timeouts are within the documented bounds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mesh_converges() {
+    let net = MemNet::default();
+    let started = Instant::now();
+    let nodes = start_mesh(&net).await;
+    let expected = records_of(&nodes);
+    let all: Vec<&TestNode> = nodes.iter().collect();
+    let (all, expected_ref) = (&all[..], &expected[..]);
+    wait_for("all six in every live()", || all_see(all, expected_ref)).await;
+    eprintln!(
+        "gossip: 3 regions x 2 nodes converged in {:?}",
+        started.elapsed()
+    );
+
+    for node in all {
+        let mut members = node.gossip.subscribe();
+        tokio::time::timeout(DEADLINE, members.wait_for(|view| view == expected_ref))
+            .await
+            .expect("subscribe() shows all six")
+            .expect("watch open");
+    }
+    eprintln!(
+        "gossip: every subscribe() agreed after {:?}",
+        started.elapsed()
+    );
+
+    // Chitchat's own view of the timeout it applies: between 5/6 of the budget and all of it.
+    let budget = DEAD_AFTER - INTERVAL * 2;
+    let mut timeouts = Vec::new();
+    for node in all {
+        let chitchat = node.gossip.handle.chitchat();
+        let chitchat = chitchat.lock().await;
+        for id in chitchat.live_nodes() {
+            if id != chitchat.self_chitchat_id() {
+                let timeout = chitchat
+                    .failure_detection_timeout(id)
+                    .expect("a live peer has a timeout");
+                assert!(
+                    timeout >= budget * 5 / 6 && timeout <= budget,
+                    "timeout {timeout:?} outside [{:?}, {budget:?}]",
+                    budget * 5 / 6
+                );
+                timeouts.push(timeout);
+            }
+        }
+    }
+    let (min, max) = (timeouts.iter().min(), timeouts.iter().max());
+    eprintln!("gossip: failure detection timeouts {min:?} .. {max:?} (budget {budget:?})");
+
+    for node in all {
+        let stats = node.gossip.stats();
+        assert_eq!(stats.malformed, 0, "{stats:?}");
+        assert_eq!(stats.inbox_full, 0, "{stats:?}");
+    }
+    shutdown(nodes).await;
+}
+
+/// (b) A record change (new interest) reaches every node; republishing an unchanged record
+/// sets nothing; a record that does not parse hides its node until it is fixed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn record_change_reaches_every_node() {
+    let net = MemNet::default();
+    let mut nodes = start_mesh(&net).await;
+    let expected = records_of(&nodes);
+    {
+        let all: Vec<&TestNode> = nodes.iter().collect();
+        let (all, expected) = (&all[..], &expected[..]);
+        wait_for("convergence", || all_see(all, expected)).await;
+    }
+
+    let changer = 3;
+    let max_version = |node: &TestNode| {
+        let chitchat = node.gossip.handle.chitchat();
+        async move { chitchat.lock().await.self_node_state().max_version() }
+    };
+    let before = max_version(&nodes[changer]).await;
+    nodes[changer]
+        .gossip
+        .publish(&nodes[changer].record)
+        .await
+        .expect("republish");
+    assert_eq!(
+        max_version(&nodes[changer]).await,
+        before,
+        "unchanged keys are not set"
+    );
+
+    let mut subscriptions: Vec<_> = nodes.iter().map(|n| n.gossip.subscribe()).collect();
+    for subscription in &mut subscriptions {
+        subscription.borrow_and_update();
+    }
+    let mut changed = nodes[changer].record.clone();
+    changed.interest.push("payments.>".into());
+    let started = Instant::now();
+    nodes[changer]
+        .gossip
+        .publish(&changed)
+        .await
+        .expect("publish");
+    assert_eq!(
+        max_version(&nodes[changer]).await,
+        before + 1,
+        "one key changed, one version"
+    );
+    nodes[changer].record = changed.clone();
+    let expected = records_of(&nodes);
+    {
+        let all: Vec<&TestNode> = nodes.iter().collect();
+        let (all, expected) = (&all[..], &expected[..]);
+        let took = wait_for("new interest in every live()", || all_see(all, expected)).await;
+        eprintln!("gossip: new interest reached every node's live() in {took:?}");
+    }
+    for subscription in &mut subscriptions {
+        tokio::time::timeout(
+            DEADLINE,
+            subscription.wait_for(|view| view == &expected[..]),
+        )
+        .await
+        .expect("subscribe() shows the new interest")
+        .expect("watch open");
+    }
+    eprintln!(
+        "gossip: new interest reached every node's subscribe() in {:?}",
+        started.elapsed()
+    );
+
+    // Corrupt the record behind publish's back: every node ignores that node...
+    {
+        let chitchat = nodes[changer].gossip.handle.chitchat();
+        chitchat
+            .lock()
+            .await
+            .self_node_state()
+            .set(record::KEY_LOAD, "lots");
+    }
+    let without: Vec<NodeRecord> = expected
+        .iter()
+        .filter(|r| r.id != changed.id)
+        .cloned()
+        .collect();
+    {
+        let all: Vec<&TestNode> = nodes.iter().collect();
+        let (all, without) = (&all[..], &without[..]);
+        wait_for("malformed record ignored everywhere", || {
+            all_see(all, without)
+        })
+        .await;
+    }
+    // ...until it publishes a valid one again.
+    nodes[changer]
+        .gossip
+        .publish(&changed)
+        .await
+        .expect("publish");
+    {
+        let all: Vec<&TestNode> = nodes.iter().collect();
+        let (all, expected) = (&all[..], &expected[..]);
+        wait_for("fixed record back everywhere", || all_see(all, expected)).await;
+    }
+    shutdown(nodes).await;
+}
+
+/// (c) A killed node leaves every other node's `live()` within `dead_after` (plus a margin
+/// for a loaded machine), not much sooner, and the others stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_node_leaves_within_dead_after() {
+    let net = MemNet::default();
+    let mut nodes = start_mesh(&net).await;
+    let expected = records_of(&nodes);
+    {
+        let all: Vec<&TestNode> = nodes.iter().collect();
+        let (all, expected) = (&all[..], &expected[..]);
+        wait_for("convergence", || all_see(all, expected)).await;
+    }
+
+    // Node 2 (us, first node) is the seed of two others.
+    let victim = nodes.remove(2);
+    let killed_at = Instant::now();
+    net.kill(victim.config.advertise);
+    victim.gossip.shutdown().await;
+
+    let mut detected: Vec<Option<Duration>> = vec![None; nodes.len()];
+    while detected.iter().any(Option::is_none) {
+        assert!(
+            killed_at.elapsed() < DEADLINE,
+            "not detected everywhere: {detected:?}"
+        );
+        for (node, seen) in nodes.iter().zip(detected.iter_mut()) {
+            if seen.is_none()
+                && node
+                    .gossip
+                    .live()
+                    .await
+                    .iter()
+                    .all(|r| r.id != victim.record.id)
+            {
+                *seen = Some(killed_at.elapsed());
+            }
+        }
+        tokio::time::sleep(POLL).await;
+    }
+    let detected: Vec<Duration> = detected.into_iter().flatten().collect();
+    let (first, last) = (
+        detected.iter().min().copied().unwrap_or_default(),
+        detected.iter().max().copied().unwrap_or_default(),
+    );
+    eprintln!(
+        "gossip: killed node left every live() after {first:?} .. {last:?} (dead_after {DEAD_AFTER:?})"
+    );
+    assert!(
+        last <= DEAD_AFTER + DETECTION_MARGIN,
+        "detection took {last:?}, dead_after is {DEAD_AFTER:?}"
+    );
+    // Declared dead after at least 5/6 of the budget of silence, less a round or two of
+    // heartbeat age: well over half of dead_after.
+    assert!(first >= DEAD_AFTER / 2, "detected after only {first:?}");
+
+    let expected = records_of(&nodes);
+    let all: Vec<&TestNode> = nodes.iter().collect();
+    let (all, expected) = (&all[..], &expected[..]);
+    wait_for("the five others stay", || all_see(all, expected)).await;
+    shutdown(nodes).await;
+}
+
+/// (d) With the link between two nodes cut (one of them is the other's only seed),
+/// membership still converges through the others, and the two keep seeing each other alive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cut_link_is_routed_around() {
+    let net = MemNet::default();
+    // Node 0 (eu) seeds only from node 2 (us).
+    net.cut(gossip_addr(0, 0), gossip_addr(1, 0));
+    let started = Instant::now();
+    let nodes = start_mesh(&net).await;
+    let expected = records_of(&nodes);
+    let all: Vec<&TestNode> = nodes.iter().collect();
+    let (all, expected_ref) = (&all[..], &expected[..]);
+    let took = wait_for("convergence around the cut", || all_see(all, expected_ref)).await;
+    eprintln!(
+        "gossip: converged around a cut link in {took:?} ({:?} after start)",
+        started.elapsed()
+    );
+
+    // Liveness across the cut rests on heartbeats relayed by the others: it holds.
+    let hold = DEAD_AFTER * 2;
+    let watching = Instant::now();
+    while watching.elapsed() < hold {
+        for (a, b) in [(0, 2), (2, 0)] {
+            let live = nodes[a].gossip.live().await;
+            assert!(
+                live.iter().any(|r| r.id == nodes[b].record.id),
+                "node {} lost node {} across the cut after {:?}",
+                nodes[a].record.id,
+                nodes[b].record.id,
+                watching.elapsed()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        nodes[0].gossip.stats().send_failures > 0,
+        "the cut link was never tried"
+    );
+    assert!(all_see(all, expected_ref).await);
+    shutdown(nodes).await;
+}
+
+/// A restarted node (same id and address, next generation, new record) replaces its old
+/// self everywhere at once, and stays when the old generation is declared dead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_is_a_new_generation() {
+    let net = MemNet::default();
+    let mut nodes = start_mesh(&net).await;
+    let expected = records_of(&nodes);
+    {
+        let all: Vec<&TestNode> = nodes.iter().collect();
+        let (all, expected) = (&all[..], &expected[..]);
+        wait_for("convergence", || all_see(all, expected)).await;
+    }
+
+    let old = nodes.remove(5);
+    net.kill(old.config.advertise);
+    old.gossip.shutdown().await;
+    let config = GossipConfig {
+        generation: old.config.generation + 1,
+        ..old.config.clone()
+    };
+    let record = NodeRecord {
+        load: 777,
+        ..old.record.clone()
+    };
+    let restarted_at = Instant::now();
+    nodes.push(start_node(&net, config, record).await);
+    let expected = records_of(&nodes);
+    {
+        let all: Vec<&TestNode> = nodes.iter().collect();
+        let (all, expected) = (&all[..], &expected[..]);
+        let took = wait_for("the new generation everywhere", || all_see(all, expected)).await;
+        eprintln!("gossip: restarted node's new record everywhere in {took:?}");
+    }
+    // Until well past the old generation's death, nothing changes.
+    let all: Vec<&TestNode> = nodes.iter().collect();
+    while restarted_at.elapsed() < DEAD_AFTER + DETECTION_MARGIN {
+        assert!(
+            all_see(&all, &expected).await,
+            "view changed {:?} after the restart",
+            restarted_at.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    shutdown(nodes).await;
+}
+
+/// The node's driver spawns these.
+#[allow(dead_code)]
+fn futures_are_send(gossip: &Gossip, record: &NodeRecord, link: Arc<dyn GossipLink>) {
+    fn send<T: Send>(_: T) {}
+    send(Gossip::start(config_for(0), link));
+    send(gossip.publish(record));
+    send(gossip.live());
+    send(gossip.subscribe());
+}
+
+#[test]
+fn handles_are_send_and_sync() {
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<Gossip>();
+    send_sync::<GossipInbox>();
+    send_sync::<GossipConfig>();
+    send_sync::<NodeRecord>();
+    send_sync::<GossipError>();
+}
