@@ -91,9 +91,9 @@ impl Default for MeshConfig {
             remote_seeds: Vec::new(),
             gossip_interval_ms: 200,
             dead_after_ms: 3_000,
-            forward_window: 4,
+            forward_window: 2,
             forward_batch_events: 512,
-            forward_batch_bytes: 1024 * 1024,
+            forward_batch_bytes: 256 * 1024,
             forward_retry_ms: 500,
             forward_max_backoff_ms: 10_000,
         }

@@ -172,6 +172,9 @@ struct RunningForwarder {
     status: Arc<Mutex<ForwardStatus>>,
 }
 
+/// (origin region, topic, partition) of forwarded batches.
+type OriginPartition = (String, String, u32);
+
 /// The node's mesh state.
 pub(crate) struct Mesh {
     pub(crate) region: String,
@@ -186,6 +189,10 @@ pub(crate) struct Mesh {
     crossings: Mutex<HashMap<(String, String), u64>>,
     /// Last successful direct call per region.
     reach: Mutex<HashMap<String, Instant>>,
+    /// One proposal at a time per (origin region, topic, partition) on the destination
+    /// leader: a resend that arrives while its first copy is still in Raft waits for it and
+    /// is then answered from the applied state, instead of being proposed again.
+    receiving: Mutex<HashMap<OriginPartition, Arc<tokio::sync::Mutex<()>>>>,
     /// Previous load sample: (events appended in led partitions, when).
     load_sample: Mutex<(u64, Instant, u64)>,
 }
@@ -330,6 +337,7 @@ impl<T: Transport> Node<T> {
             forwarders: Mutex::new(BTreeMap::new()),
             crossings: Mutex::new(HashMap::new()),
             reach: Mutex::new(HashMap::new()),
+            receiving: Mutex::new(HashMap::new()),
             load_sample: Mutex::new((0, Instant::now(), 0)),
         });
         if self.inner.mesh.set(mesh).is_err() {
@@ -873,6 +881,27 @@ impl<T: Transport> Node<T> {
                 };
             }
         };
+        let turn = lock(&mesh.receiving)
+            .entry((
+                request.origin_region.clone(),
+                request.topic.clone(),
+                request.partition,
+            ))
+            .or_default()
+            .clone();
+        let _turn = turn.lock().await;
+        // Answer from the applied state when that settles it: a batch after a gap, or one
+        // already held entirely (a resend). Costs no Raft round; the state machine still
+        // decides whatever is proposed.
+        let held = group
+            .view
+            .received(&request.origin_region, request.partition);
+        if request.batch.from > held {
+            return PeerResponse::Forwarded(Ack::Gap { next: held });
+        }
+        if request.batch.to <= held {
+            return PeerResponse::Forwarded(Ack::Committed { next: held });
+        }
         let limits = &self.inner.config.limits;
         for (offset, bytes) in &request.batch.events {
             let event: ferry_proto::Event = match codec::decode("forwarded event", bytes) {

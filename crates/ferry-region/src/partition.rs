@@ -83,6 +83,8 @@ pub struct PartitionView {
     files: RwLock<BatchFiles>,
     cursors: RwLock<HashMap<String, u64>>,
     forward_cursors: RwLock<HashMap<String, u64>>,
+    /// Per origin (region, partition): every origin offset below this is held (applied).
+    received: RwLock<HashMap<(String, u32), u64>>,
     watermarks: watch::Sender<Watermarks>,
     bytes: AtomicU64,
 }
@@ -137,6 +139,15 @@ impl PartitionView {
     /// there.
     pub fn forward_cursor(&self, region: &str) -> Option<u64> {
         self.forward_cursors.read().ok()?.get(region).copied()
+    }
+
+    /// Every offset of the origin (region, partition) below this is held here (as applied).
+    pub fn received(&self, region: &str, partition: u32) -> u64 {
+        self.received
+            .read()
+            .ok()
+            .and_then(|r| r.get(&(region.to_string(), partition)).copied())
+            .unwrap_or(0)
     }
 
     /// When the batch holding `offset` was appended (milliseconds since the epoch), if held.
@@ -225,6 +236,7 @@ impl Partition {
         self.marks = state.marks;
         self.producers = state.producers.into_iter().collect();
         self.received = state.received.into_iter().collect();
+        *self.view.received.write().map_err(storage_err)? = self.received.clone();
         *self.view.cursors.write().map_err(storage_err)? = state.cursors.into_iter().collect();
         *self.view.forward_cursors.write().map_err(storage_err)? =
             state.forward_cursors.into_iter().collect();
@@ -414,6 +426,11 @@ impl Partition {
         }
         let mut next = receiver;
         next.commit(&admission);
+        self.view
+            .received
+            .write()
+            .map_err(storage_err)?
+            .insert(origin.clone(), next.next);
         self.received.insert(origin, next.next);
         Ok(PartitionReply::Forwarded(admission.ack))
     }
@@ -571,6 +588,7 @@ impl PartitionStateMachine {
             files: RwLock::new(files),
             cursors: RwLock::new(HashMap::new()),
             forward_cursors: RwLock::new(HashMap::new()),
+            received: RwLock::new(HashMap::new()),
             watermarks: watch::channel(Watermarks::default()).0,
             bytes: AtomicU64::new(0),
         });

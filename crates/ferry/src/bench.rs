@@ -189,22 +189,29 @@ async fn mesh(mut args: MeshArgs) -> anyhow::Result<()> {
     destination
         .add_interest(&format!("bench-{}", args.topic), "bench.>")
         .await?;
-    // Wait (bounded) until the source region has learned the interest.
+    // Wait (bounded) until every node of the source region has learned the interest: events
+    // published before a partition's leader knows it are not forwarded.
     let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let report = source.regions().await?;
-        let known = report
-            .interests
-            .iter()
-            .any(|(r, f)| *r == destination_region && f.iter().any(|f| f == "bench.>"));
-        if known {
-            break;
+    for server in &args.connect.servers {
+        let node = ferry_client::Client::new(ferry_client::ClientOptions::new(
+            vec![*server],
+            args.connect.identity()?,
+        ))?;
+        loop {
+            let report = node.regions().await?;
+            let known = report
+                .interests
+                .iter()
+                .any(|(r, f)| *r == destination_region && f.iter().any(|f| f == "bench.>"));
+            if known {
+                break;
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "{server} in {source_region} did not learn {destination_region}'s interest in 30 s"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "region {source_region} did not learn {destination_region}'s interest in 30 s"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
     // Receive in the destination from its current end.

@@ -12,7 +12,7 @@ pub const DEV_DEFAULT: &str = include_str!("../../../config/dev.toml");
 
 /// Tables of the node configuration; an override `FERRY_RAFT_HEARTBEAT_MS` sets
 /// `raft.heartbeat_ms`, one without a known table prefix sets a top-level key.
-const SECTIONS: &[&str] = &["limits", "raft", "tls"];
+const SECTIONS: &[&str] = &["limits", "raft", "tls", "mesh"];
 /// Environment variables that are not config overrides.
 const NOT_OVERRIDES: &[&str] = &["FERRY_CONFIG", "FERRY_CERTS", "FERRY_SERVERS", "FERRY_LOG"];
 

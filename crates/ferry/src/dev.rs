@@ -213,8 +213,7 @@ pub(crate) async fn run(args: DevArgs) -> anyhow::Result<()> {
     });
     crate::wait_for_shutdown_signal().await;
     stats.abort();
-    for (_, node) in nodes {
-        node.shutdown().await;
-    }
+    // Stop every node at once (each waits for its connections to close).
+    futures::future::join_all(nodes.into_iter().map(|(_, node)| node.shutdown())).await;
     Ok(())
 }
