@@ -316,6 +316,29 @@ impl TestMesh {
             .expect("no such region")
     }
 
+    /// Cuts every link of node `id` (in `region`), both directions: to the others it is gone
+    /// at once, mid-request, as if it had crashed.
+    pub fn isolate(&self, region: &str, id: NodeId) {
+        let victim = self.region(region);
+        let victim_addr = victim.configs[victim.index(id)]
+            .listen_addr()
+            .expect("addr");
+        for r in &self.regions {
+            for (config, node) in r.configs.iter().zip(&r.nodes) {
+                let Some(node) = node else { continue };
+                if config.id == id {
+                    for other in self.regions.iter().flat_map(|o| &o.configs) {
+                        if other.id != id {
+                            node.faults().cut(other.listen_addr().expect("addr"));
+                        }
+                    }
+                } else {
+                    node.faults().cut(victim_addr);
+                }
+            }
+        }
+    }
+
     /// Cuts (or heals) every link between regions `a` and `b`, both directions.
     pub fn set_link(&self, a: &str, b: &str, up: bool) {
         let (a, b) = (self.region(a), self.region(b));

@@ -1,7 +1,8 @@
 //! Three regions of three nodes in one process over real QUIC (mTLS, one CA), gossiping and
 //! forwarding. Regions b and c are interested in `orders.>`; 10,000 events published in a
 //! reach b's and c's logs exactly once and in per-key order, while the a–b link is cut in
-//! both directions (c relays) and the leader of a source partition is stopped mid-stream.
+//! both directions (c relays) and the leader of a source partition is cut off from every
+//! node and stopped mid-stream.
 //! A topic nobody outside a is interested in never crosses, and removing b's interest stops
 //! forwarding to b while c still gets everything.
 
@@ -251,6 +252,8 @@ async fn integration_events_reach_interested_regions_once_through_a_link_cut_and
     });
     let stopping = async {
         stop_rx.await.expect("midway");
+        // Gone at once for everyone (in-flight batches unanswered), then stopped.
+        mesh.isolate("a", victim);
         mesh.region_mut("a").stop(victim).await;
     };
     let (more, ()) = tokio::join!(publishing, stopping);

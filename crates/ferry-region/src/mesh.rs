@@ -551,6 +551,7 @@ impl<T: Transport> Node<T> {
         let (acks_tx, mut acks) = mpsc::unbounded_channel::<(Result<Ack, String>, String)>();
         let direct_failed: Arc<Mutex<Option<Instant>>> = Arc::default();
         let mut uncommitted: Option<u64> = None;
+        let mut committing: Option<tokio::task::JoinHandle<Option<u64>>> = None;
         let mut last_commit = Instant::now();
         let mut sent_before = 0;
         loop {
@@ -585,16 +586,19 @@ impl<T: Transport> Node<T> {
             if let Some(cursor) = forwarder.poll_commit() {
                 uncommitted = Some(cursor);
             }
+            // Commit the cursor in the background (a Raft round), at most every COMMIT_EVERY.
             if let Some(next) = uncommitted {
-                if last_commit.elapsed() >= COMMIT_EVERY {
+                if committing.is_none() && last_commit.elapsed() >= COMMIT_EVERY {
                     let command = PartitionCommand::ForwardCursor {
                         region: key.destination.clone(),
                         next,
                     };
-                    // A failure means this node no longer leads: the loop ends above.
-                    if self.propose(&group, &command).await.is_ok() {
-                        uncommitted = None;
-                    }
+                    let node = self.clone();
+                    let group = group.clone();
+                    committing = Some(tokio::spawn(async move {
+                        // A failure means this node no longer leads: the loop ends above.
+                        node.propose(&group, &command).await.is_ok().then_some(next)
+                    }));
                     last_commit = Instant::now();
                 }
             }
@@ -617,12 +621,24 @@ impl<T: Transport> Node<T> {
                 .poll_timeout()
                 .unwrap_or(now + IDLE_WAKE)
                 .min(now + IDLE_WAKE);
-            if uncommitted.is_some() {
+            if uncommitted.is_some() && committing.is_none() {
                 wake = wake.min(last_commit + COMMIT_EVERY);
             }
+            let committed = async {
+                match committing.as_mut() {
+                    Some(task) => task.await.ok().flatten(),
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 biased;
                 _ = stop.changed() => return Ok(()),
+                done = committed => {
+                    committing = None;
+                    if done.is_some() && done == uncommitted {
+                        uncommitted = None;
+                    }
+                }
                 Some((answer, route)) = acks.recv() => {
                     let mut s = lock(&status);
                     match answer {
