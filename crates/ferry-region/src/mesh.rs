@@ -175,6 +175,15 @@ struct RunningForwarder {
 /// (origin region, topic, partition) of forwarded batches.
 type OriginPartition = (String, String, u32);
 
+/// The destination leader's intake of one origin partition.
+#[derive(Debug, Default)]
+struct Intake {
+    /// The Raft term `proposed_to` belongs to.
+    term: u64,
+    /// Origin offsets below this are applied or proposed in `term`.
+    proposed_to: u64,
+}
+
 /// The node's mesh state.
 pub(crate) struct Mesh {
     pub(crate) region: String,
@@ -189,10 +198,11 @@ pub(crate) struct Mesh {
     crossings: Mutex<HashMap<(String, String), u64>>,
     /// Last successful direct call per region.
     reach: Mutex<HashMap<String, Instant>>,
-    /// One proposal at a time per (origin region, topic, partition) on the destination
-    /// leader: a resend that arrives while its first copy is still in Raft waits for it and
-    /// is then answered from the applied state, instead of being proposed again.
-    receiving: Mutex<HashMap<OriginPartition, Arc<tokio::sync::Mutex<()>>>>,
+    /// What the destination leader has proposed per (origin region, topic, partition): a
+    /// batch continuing it is proposed at once (pipelined behind the ones in Raft); a resend
+    /// of one still in Raft waits for it and is answered from the applied state instead of
+    /// being proposed again; one beyond it is a gap.
+    receiving: Mutex<HashMap<OriginPartition, Arc<tokio::sync::Mutex<Intake>>>>,
     /// Previous load sample: (events appended in led partitions, when).
     load_sample: Mutex<(u64, Instant, u64)>,
 }
@@ -897,7 +907,7 @@ impl<T: Transport> Node<T> {
                 };
             }
         };
-        let turn = lock(&mesh.receiving)
+        let intake = lock(&mesh.receiving)
             .entry((
                 request.origin_region.clone(),
                 request.topic.clone(),
@@ -905,18 +915,41 @@ impl<T: Transport> Node<T> {
             ))
             .or_default()
             .clone();
-        let _turn = turn.lock().await;
+        let origin_region = request.origin_region.clone();
+        let mut intake = intake.lock().await;
         // Answer from the applied state when that settles it: a batch after a gap, or one
         // already held entirely (a resend). Costs no Raft round; the state machine still
         // decides whatever is proposed.
-        let held = group
-            .view
-            .received(&request.origin_region, request.partition);
-        if request.batch.from > held {
-            return PeerResponse::Forwarded(Ack::Gap { next: held });
+        let held = group.view.received(&origin_region, request.partition);
+        let term = group.raft.metrics().borrow_watched().current_term;
+        if intake.term != term {
+            // What was proposed under another term may have been discarded.
+            intake.term = term;
+            intake.proposed_to = held;
         }
+        intake.proposed_to = intake.proposed_to.max(held);
         if request.batch.to <= held {
             return PeerResponse::Forwarded(Ack::Committed { next: held });
+        }
+        if request.batch.from > intake.proposed_to {
+            return PeerResponse::Forwarded(Ack::Gap { next: held });
+        }
+        if request.batch.to <= intake.proposed_to {
+            // A resend of a batch still in Raft: wait for it instead of proposing it again.
+            drop(intake);
+            let deadline = Instant::now() + RELAY_TIMEOUT;
+            loop {
+                let held = group.view.received(&origin_region, request.partition);
+                if held >= request.batch.to {
+                    return PeerResponse::Forwarded(Ack::Committed { next: held });
+                }
+                if Instant::now() >= deadline {
+                    return PeerResponse::Error(format!(
+                        "region {region}: an earlier copy of this batch is not committed yet"
+                    ));
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
         }
         let limits = &self.inner.config.limits;
         for (offset, bytes) in &request.batch.events {
@@ -934,13 +967,38 @@ impl<T: Transport> Node<T> {
                 ));
             }
         }
+        // Continues what is proposed: submit now, behind the proposals still in Raft (in
+        // order, as the intake is held until the entry is queued), and wait for the commit
+        // without holding the intake, so batches of one origin partition pipeline.
+        let batch_to = request.batch.to;
         let command = PartitionCommand::Forwarded {
-            origin_region: request.origin_region,
+            origin_region,
             origin_partition: request.partition,
             batch: request.batch,
             appended_at_ms: now_ms(),
         };
-        match self.propose(&group, &command).await {
+        let command = match encode("partition command", &command) {
+            Ok(c) => c,
+            Err(e) => return PeerResponse::Error(e.to_string()),
+        };
+        let (responder, committed) = openraft::impls::ProgressResponder::complete_only();
+        if let Err(e) = group
+            .raft
+            .client_write_ff(ferry_store::Command(command), Some(responder))
+            .await
+        {
+            return PeerResponse::Error(format!("region {region}: {e}"));
+        }
+        intake.proposed_to = batch_to;
+        drop(intake);
+        let reply = match committed.await {
+            Ok(Ok(response)) => {
+                decode::<PartitionReply>("partition reply", &response.data.0).map_err(|e| e.to_string())
+            }
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("the partition group stopped".to_string()),
+        };
+        match reply {
             Ok(PartitionReply::Forwarded(ack)) => PeerResponse::Forwarded(ack),
             Ok(PartitionReply::Error(e)) => {
                 PeerResponse::Error(format!("region {region}: {}", e.message))
