@@ -198,10 +198,10 @@ async fn publish(
 }
 
 fn subject_topic(subject: &str) -> &'static str {
-    if subject.starts_with("orders.") {
-        "orders"
-    } else {
-        "billing"
+    match subject.split('.').next() {
+        Some("orders") => "orders",
+        Some("audit") => "audit",
+        _ => "billing",
     }
 }
 
@@ -370,4 +370,59 @@ async fn a_node_of_another_ca_never_joins_the_gossip() {
         assert_eq!(x.mesh_nodes().len(), 1, "x's view: {:?}", x.mesh_nodes());
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_batch_is_retried_and_its_cause_shown_until_the_destination_accepts_it() {
+    let mesh = TestMesh::start(&[("a", 1), ("b", 1)]).await;
+    let mut audit = topic("audit", "audit.>");
+    audit.replication = 1;
+    mesh.region("a").create_topic(audit.clone()).await;
+    // b wants audit events but has no topic to put them in.
+    add_interest(mesh.region("b"), "auditors", "audit.>").await;
+    wait_until("a learns b's interest", Duration::from_secs(30), || async {
+        sees_interest(mesh.region("a"), "audit.logged", &["b"])
+    })
+    .await;
+    let client_a = mesh.region("a").client();
+    let ids = publish(&client_a, 0, 50, "audit.logged", async {}).await;
+    let started = Instant::now();
+    let shown = loop {
+        let report = client_a.regions().await.expect("report");
+        let shown = report
+            .forwarding
+            .iter()
+            .filter(|f| f.topic == "audit" && f.destination == "b")
+            .filter_map(|f| f.last_error.clone())
+            .collect::<Vec<_>>()
+            .join("; ");
+        if shown.contains("no topic named \"audit\"") {
+            break shown;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the refusal never showed in the report: {report:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    eprintln!("shown while b has no topic: {shown}");
+    assert!(read_topic(&mesh.region("b").client(), "audit")
+        .await
+        .is_empty());
+    // The topic appears in b: the retries get through, once each.
+    let client_b = mesh.region("b").create_topic(audit).await;
+    wait_until("the events in b", Duration::from_secs(60), || async {
+        read_topic(&client_b, "audit").await.len() >= ids.len()
+    })
+    .await;
+    check_copy("b", &read_topic(&client_b, "audit").await, &ids);
+    wait_until("the error clears", Duration::from_secs(30), || async {
+        let report = client_a.regions().await.expect("report");
+        report
+            .forwarding
+            .iter()
+            .filter(|f| f.topic == "audit")
+            .all(|f| f.last_error.is_none())
+    })
+    .await;
 }

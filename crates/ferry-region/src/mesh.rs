@@ -992,9 +992,8 @@ impl<T: Transport> Node<T> {
         intake.proposed_to = batch_to;
         drop(intake);
         let reply = match committed.await {
-            Ok(Ok(response)) => {
-                decode::<PartitionReply>("partition reply", &response.data.0).map_err(|e| e.to_string())
-            }
+            Ok(Ok(response)) => decode::<PartitionReply>("partition reply", &response.data.0)
+                .map_err(|e| e.to_string()),
             Ok(Err(e)) => Err(e.to_string()),
             Err(_) => Err("the partition group stopped".to_string()),
         };
