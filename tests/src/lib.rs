@@ -243,6 +243,7 @@ impl TestMesh {
                     let mut config = NodeConfig {
                         id,
                         region: name.clone(),
+                        faults: Default::default(),
                         mesh: MeshConfig {
                             remote_seeds: remote_seeds.clone(),
                             gossip_interval_ms: 100,
@@ -334,6 +335,20 @@ impl TestMesh {
                     }
                 } else {
                     node.faults().cut(victim_addr);
+                }
+            }
+        }
+    }
+
+    /// Makes every link between regions `a` and `b` slow as `shape` says, both directions
+    /// (a zero shape restores them).
+    pub fn shape_link(&self, a: &str, b: &str, shape: ferry_net::LinkShape) {
+        let (a, b) = (self.region(a), self.region(b));
+        for (x, y) in [(a, b), (b, a)] {
+            for node in x.nodes.iter().flatten() {
+                for config in &y.configs {
+                    node.faults()
+                        .shape(config.listen_addr().expect("addr"), shape);
                 }
             }
         }

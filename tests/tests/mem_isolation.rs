@@ -24,6 +24,7 @@ async fn start_region(net: &MemNetwork, dir: &std::path::Path) -> Vec<Node<MemTr
             id,
             region: "local".into(),
             mesh: Default::default(),
+            faults: Default::default(),
             data_dir: dir.join(format!("node-{id}")),
             peers: peers.clone(),
             // Not read: the in-memory transport needs no certificates.

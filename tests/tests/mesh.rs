@@ -426,3 +426,32 @@ async fn a_refused_batch_is_retried_and_its_cause_shown_until_the_destination_ac
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarding_over_a_slow_lossy_link_delivers_everything_once() {
+    let mesh = TestMesh::start(&[("a", 1), ("b", 1)]).await;
+    // 40 ms each way (+0-10 ms jitter), and one direction in ten pays a retransmission.
+    let shape = ferry_net::LinkShape {
+        delay: Duration::from_millis(40),
+        jitter: Duration::from_millis(10),
+        loss: 0.1,
+    };
+    mesh.shape_link("a", "b", shape);
+    let mut orders = topic("orders", "orders.>");
+    orders.replication = 1;
+    mesh.region("a").create_topic(orders.clone()).await;
+    let client_b = mesh.region("b").create_topic(orders).await;
+    add_interest(mesh.region("b"), "orders-b", "orders.>").await;
+    wait_until("a learns b's interest", Duration::from_secs(30), || async {
+        sees_interest(mesh.region("a"), "orders.created", &["b"])
+    })
+    .await;
+    let client_a = mesh.region("a").client();
+    let ids = publish(&client_a, 0, 3_000, "orders.created", async {}).await;
+    let took = wait_until("3,000 events in b", Duration::from_secs(60), || async {
+        read_topic(&client_b, "orders").await.len() >= ids.len()
+    })
+    .await;
+    eprintln!("over a 80-100 ms round trip, b held all {} events {took:?} after the last was acknowledged", ids.len());
+    check_copy("b", &read_topic(&client_b, "orders").await, &ids);
+}

@@ -21,7 +21,8 @@
 //!   dispatches each accepted connection by ALPN: [`ALPN_PEER`] connections
 //!   are served as peer RPC, [`ALPN_CLIENT`] connections are handed to a
 //!   callback.
-//! * Fault injection — [`LinkFaults`], a shared set of cut peer addresses
+//! * Fault injection — [`LinkFaults`], a shared set of cut peer addresses and
+//!   slow or lossy links ([`LinkShape`]: delay, jitter, retransmission chance),
 //!   (for tests and chaos runs). Given to the transport
 //!   ([`TransportOptions::faults`]) and to [`serve`], it takes the link to a
 //!   node down in both directions: calls to it fail at once and its requests
@@ -58,7 +59,7 @@ mod rpc;
 pub mod tls;
 
 pub use error::NetError;
-pub use faults::LinkFaults;
+pub use faults::{LinkFaults, LinkShape};
 pub use mem::{MemNetwork, MemTransport};
 pub use quic::{bind_endpoint, serve, QuicTransport};
 pub use rpc::{RpcHandler, Transport, TransportOptions};

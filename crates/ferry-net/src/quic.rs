@@ -290,7 +290,18 @@ impl QuicTransport {
         let slot = self.slot(target)?;
         self.check_link(target, &slot)?;
         let after = self.inner.opts.request_timeout;
-        match timeout(after, self.call_inner(target, &slot, request)).await {
+        let shape = self.inner.opts.faults.shape_of(slot.addr);
+        let call = async {
+            if let Some(shape) = shape {
+                tokio::time::sleep(shape.one_way()).await;
+            }
+            let reply = self.call_inner(target, &slot, request).await;
+            if let Some(shape) = shape {
+                tokio::time::sleep(shape.one_way()).await;
+            }
+            reply
+        };
+        match timeout(after, call).await {
             Ok(r) => r,
             Err(_) => Err(NetError::Timeout {
                 what: format!("calling {target}"),

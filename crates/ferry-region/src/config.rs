@@ -100,6 +100,30 @@ impl Default for MeshConfig {
     }
 }
 
+/// One slow link, for chaos runs (this kernel has no `tc netem`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SlowLink {
+    /// The node at the other end.
+    pub addr: SocketAddr,
+    /// One-way delay, milliseconds.
+    pub delay_ms: u64,
+    /// Extra one-way delay, uniform up to this, milliseconds.
+    #[serde(default)]
+    pub jitter_ms: u64,
+    /// Chance in percent that a direction of a call pays a retransmission (QUIC loss).
+    #[serde(default)]
+    pub loss_percent: u32,
+}
+
+/// Fault injection, for tests and chaos runs only.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct FaultConfig {
+    /// Links this node's calls make slow and lossy.
+    pub slow_links: Vec<SlowLink>,
+}
+
 /// Everything a `ferry node` needs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -112,6 +136,9 @@ pub struct NodeConfig {
     /// Gossip and cross-region forwarding.
     #[serde(default)]
     pub mesh: MeshConfig,
+    /// Fault injection (chaos runs only).
+    #[serde(default)]
+    pub faults: FaultConfig,
     /// Where this node keeps its data.
     pub data_dir: PathBuf,
     /// Every node of the region, this one included (static seed list).
@@ -255,6 +282,17 @@ impl NodeConfig {
                     self.limits.max_frame
                 ),
             );
+        }
+        for link in &self.faults.slow_links {
+            if link.delay_ms > 10_000 || link.jitter_ms > 10_000 || link.loss_percent > 100 {
+                return bad(
+                    "faults.slow_links",
+                    format!(
+                        "link to {}: need delay_ms and jitter_ms <= 10000, loss_percent <= 100",
+                        link.addr
+                    ),
+                );
+            }
         }
         if m.forward_retry_ms == 0 || m.forward_max_backoff_ms < m.forward_retry_ms {
             return bad(

@@ -26,7 +26,7 @@ pub mod partition;
 pub mod peer;
 pub mod server;
 
-pub use config::{MeshConfig, NodeConfig, PeerConfig, RaftTuning, TlsPaths};
+pub use config::{FaultConfig, MeshConfig, NodeConfig, PeerConfig, RaftTuning, SlowLink, TlsPaths};
 pub use error::RegionError;
 pub use ferry_router::NodeRecord;
 pub use node::{partition_group, MetaRaft, Node, PartitionGroup, PartitionRaft, META_GROUP};

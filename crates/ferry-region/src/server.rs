@@ -46,6 +46,16 @@ impl BoundEndpoint {
             max_frame: config.limits.max_frame.max(64 * 1024 * 1024),
             ..TransportOptions::default()
         };
+        for link in &config.faults.slow_links {
+            options.faults.shape(
+                link.addr,
+                ferry_net::LinkShape {
+                    delay: std::time::Duration::from_millis(link.delay_ms),
+                    jitter: std::time::Duration::from_millis(link.jitter_ms),
+                    loss: f64::from(link.loss_percent) / 100.0,
+                },
+            );
+        }
         let transport = QuicTransport::new(
             config.id,
             self.endpoint.clone(),
