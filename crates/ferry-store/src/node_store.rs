@@ -8,7 +8,9 @@ use crate::wal::Wal;
 use crate::{Application, GroupCommit, GroupId, SledStateMachine, StoreError, WalLogStore};
 
 /// Version 2 moved Raft logs out of sled into the write-ahead log.
-const FORMAT: &[u8] = b"ferry-store/2";
+/// 3: partition checkpoints carry forwarding state (received origin offsets, forwarding
+/// cursors); 2 had none.
+const FORMAT: &[u8] = b"ferry-store/3";
 const MARKER_TREE: &[u8] = b"ferry";
 
 /// Storage tuning.
@@ -98,6 +100,14 @@ impl NodeStore {
                 return Err(foreign(
                     "it was written by an older ferry (format ferry-store/1, Raft logs in \
                      sled) that this version cannot read; move it away to start this node empty"
+                        .into(),
+                ))
+            }
+            Some(other) if other.as_ref() == b"ferry-store/2" => {
+                return Err(foreign(
+                    "it was written by an older ferry (format ferry-store/2, partition \
+                     checkpoints without forwarding state) that this version cannot read; move \
+                     it away to start this node empty"
                         .into(),
                 ))
             }
