@@ -762,7 +762,7 @@ impl<T: Transport> Node<T> {
             relays_left: 1,
             passed_in_region: false,
         });
-        let request = match encode("peer request", &request) {
+        let request = match Router::<T>::encode_request(&request) {
             Ok(r) => r,
             Err(e) => return (Err(e.to_string()), String::new()),
         };

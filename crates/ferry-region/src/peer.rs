@@ -113,15 +113,25 @@ impl<T: Transport> Router<T> {
         }
     }
 
+    /// Encodes a request once (a forwarded batch may be sent along several routes).
+    pub(crate) fn encode_request(request: &PeerRequest) -> Result<Bytes, NetError> {
+        encode("peer request", request).map_err(|e| NetError::Protocol(e.to_string()))
+    }
+
+    fn decode_response(reply: &[u8]) -> Result<PeerResponse, NetError> {
+        decode("peer response", reply).map_err(|e| NetError::Protocol(e.to_string()))
+    }
+
     pub(crate) async fn call(
         &self,
         to: NodeId,
         request: &PeerRequest,
     ) -> Result<PeerResponse, NetError> {
-        let bytes =
-            encode("peer request", request).map_err(|e| NetError::Protocol(e.to_string()))?;
-        let reply = self.transport.call(to, bytes).await?;
-        decode("peer response", &reply).map_err(|e| NetError::Protocol(e.to_string()))
+        let reply = self
+            .transport
+            .call(to, Self::encode_request(request)?)
+            .await?;
+        Self::decode_response(&reply)
     }
 
     /// Sends a request to whichever node listens at `addr` (nodes of other regions, gossip).
@@ -130,9 +140,8 @@ impl<T: Transport> Router<T> {
         addr: SocketAddr,
         request: &PeerRequest,
     ) -> Result<PeerResponse, NetError> {
-        let bytes =
-            encode("peer request", request).map_err(|e| NetError::Protocol(e.to_string()))?;
-        self.call_addr_encoded(addr, bytes).await
+        self.call_addr_encoded(addr, Self::encode_request(request)?)
+            .await
     }
 
     /// Like [`Router::call_addr`] with the request already encoded.
@@ -142,7 +151,7 @@ impl<T: Transport> Router<T> {
         request: Bytes,
     ) -> Result<PeerResponse, NetError> {
         let reply = self.transport.call_addr(addr, request).await?;
-        decode("peer response", &reply).map_err(|e| NetError::Protocol(e.to_string()))
+        Self::decode_response(&reply)
     }
 
     /// Forwards a client request to `leader`.
