@@ -180,6 +180,12 @@ async fn all_see(nodes: &[&TestNode], expected: &[NodeRecord]) -> bool {
 }
 
 /// Polls `done` every 20 ms; how long it took, or a panic naming `what` after `DEADLINE`.
+/// Waits until every node's `live()` is `expected`.
+async fn wait_all_see(what: &str, nodes: &[TestNode], expected: &[NodeRecord]) -> Duration {
+    let all: Vec<&TestNode> = nodes.iter().collect();
+    wait_for(what, || all_see(&all, expected)).await
+}
+
 async fn wait_for<F, Fut>(what: &str, mut done: F) -> Duration
 where
     F: FnMut() -> Fut,
@@ -343,11 +349,7 @@ async fn record_change_reaches_every_node() {
     let net = MemNet::default();
     let mut nodes = start_mesh(&net).await;
     let expected = records_of(&nodes);
-    {
-        let all: Vec<&TestNode> = nodes.iter().collect();
-        let (all, expected) = (&all[..], &expected[..]);
-        wait_for("convergence", || all_see(all, expected)).await;
-    }
+    wait_all_see("convergence", &nodes, &expected).await;
 
     let changer = 3;
     let max_version = |node: &TestNode| {
@@ -433,11 +435,7 @@ async fn record_change_reaches_every_node() {
         .publish(&changed)
         .await
         .expect("publish");
-    {
-        let all: Vec<&TestNode> = nodes.iter().collect();
-        let (all, expected) = (&all[..], &expected[..]);
-        wait_for("fixed record back everywhere", || all_see(all, expected)).await;
-    }
+    wait_all_see("fixed record back everywhere", &nodes, &expected).await;
     shutdown(nodes).await;
 }
 
@@ -448,11 +446,7 @@ async fn killed_node_leaves_within_dead_after() {
     let net = MemNet::default();
     let mut nodes = start_mesh(&net).await;
     let expected = records_of(&nodes);
-    {
-        let all: Vec<&TestNode> = nodes.iter().collect();
-        let (all, expected) = (&all[..], &expected[..]);
-        wait_for("convergence", || all_see(all, expected)).await;
-    }
+    wait_all_see("convergence", &nodes, &expected).await;
 
     // Node 2 (us, first node) is the seed of two others.
     let victim = nodes.remove(2);
@@ -552,11 +546,7 @@ async fn restart_is_a_new_generation() {
     let net = MemNet::default();
     let mut nodes = start_mesh(&net).await;
     let expected = records_of(&nodes);
-    {
-        let all: Vec<&TestNode> = nodes.iter().collect();
-        let (all, expected) = (&all[..], &expected[..]);
-        wait_for("convergence", || all_see(all, expected)).await;
-    }
+    wait_all_see("convergence", &nodes, &expected).await;
 
     let old = nodes.remove(5);
     net.kill(old.config.advertise);
