@@ -140,7 +140,7 @@ pub struct Counts {
     pub recovered: u64,
     /// Events at two or more offsets of one log.
     pub duplicated: u64,
-    /// Deliveries of one event to one consumer group beyond the first.
+    /// Deliveries of one event to one consumer group (in one region) beyond the first.
     pub redelivered: u64,
     /// Per-key order violations.
     pub order_violations: u64,
@@ -211,7 +211,7 @@ pub fn check(history: &History, options: &Options) -> Report {
     let mut read_at: BTreeMap<LogId, BTreeMap<u64, BTreeSet<&str>>> = BTreeMap::new();
     let mut observed: HashSet<&str> = HashSet::new();
     let mut first_seen_in: HashMap<(&str, &str), u64> = HashMap::new();
-    let mut deliveries: HashMap<(&str, &str), u64> = HashMap::new();
+    let mut deliveries: HashMap<(&str, &str, &str), u64> = HashMap::new();
     let mut dumps: BTreeMap<LogId, Vec<&Op>> = BTreeMap::new();
 
     for op in &history.ops {
@@ -267,7 +267,7 @@ pub fn check(history: &History, options: &Options) -> Report {
                         .or_insert(op.time_ms);
                     if f == Func::Deliver {
                         let group = op.group.as_deref().unwrap_or("");
-                        *deliveries.entry((group, &e.id)).or_default() += 1;
+                        *deliveries.entry((&op.region, group, &e.id)).or_default() += 1;
                     }
                 }
             }

@@ -105,6 +105,13 @@ fn a_duplicate_is_counted_and_fails_only_when_dedupe_was_promised() {
     );
     assert_eq!(r.counts.redelivered, 1);
     assert_eq!(r.verdict, Verdict::Pass);
+
+    // A group of the same name in another region is another group.
+    let r = with(
+        r#"{"type":"ok","process":7,"f":"deliver","region":"a","group":"g","topic":"t","partition":0,"events":[{"offset":0,"id":"a1"}]}
+{"type":"ok","process":8,"f":"deliver","region":"b","group":"g","topic":"t","partition":0,"events":[{"offset":0,"id":"a1"}]}"#,
+    );
+    assert_eq!(r.counts.redelivered, 0);
 }
 
 #[test]

@@ -14,7 +14,7 @@ pub(crate) enum PartitionCommand {
         /// Stamped by the leader so every replica stores the same time.
         appended_at_ms: u64,
     },
-    /// Set a consumer group's cursor.
+    /// Move a consumer group's cursor forward to `offset` (never back).
     Commit { group: String, offset: u64 },
     /// Drop batches that end at or before `before_offset` (retention).
     Trim { before_offset: u64 },

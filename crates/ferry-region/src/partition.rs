@@ -259,11 +259,11 @@ impl Partition {
                 appended_at_ms,
             }) => self.append(batch, appended_at_ms)?,
             Ok(PartitionCommand::Commit { group, offset }) => {
-                self.view
-                    .cursors
-                    .write()
-                    .map_err(storage_err)?
-                    .insert(group, offset);
+                // Cursors only move forward: a member that lost the partition in a rebalance
+                // may still commit what it handled, and must not undo its successor's commits.
+                let mut cursors = self.view.cursors.write().map_err(storage_err)?;
+                let cursor = cursors.entry(group).or_default();
+                *cursor = (*cursor).max(offset);
                 PartitionReply::Done
             }
             Ok(PartitionCommand::Trim { before_offset }) => self.trim(before_offset)?,

@@ -12,7 +12,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use ferry_check::{Func, Observed, Op, OpType};
-use ferry_client::{ClientOptions, ProducerOptions, StartFrom};
+use ferry_client::{ClientOptions, ConsumerOptions, GroupConsumer, ProducerOptions, StartFrom};
 use ferry_proto::{Event, Subject, TopicConfig};
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
@@ -25,6 +25,10 @@ use crate::ctl::Connect;
 pub(crate) struct WorkloadArgs {
     #[command(flatten)]
     connect: Connect,
+    /// Record times as milliseconds since this Unix time (ms), so histories written by
+    /// workloads in several regions share one clock. Default: since the workload started.
+    #[arg(long, global = true)]
+    epoch_ms: Option<u64>,
     #[command(subcommand)]
     command: WorkloadCommand,
 }
@@ -66,6 +70,24 @@ struct ProduceArgs {
     /// Publishes per second per producer (0: as fast as acknowledgements allow).
     #[arg(long, default_value_t = 0)]
     rate: u64,
+    /// The region this workload publishes in (recorded with each acknowledgement).
+    #[arg(long, default_value = "")]
+    region: String,
+    /// Regions every event must reach (comma-separated; the checker flags any it misses).
+    #[arg(long, value_delimiter = ',')]
+    reach: Vec<String>,
+    /// First process number, so several workloads can share one history.
+    #[arg(long, default_value_t = 0)]
+    process_base: u64,
+    /// Members of a consumer group reading the topic in this region while it runs.
+    #[arg(long, default_value_t = 0)]
+    consumers: u64,
+    /// Their consumer group.
+    #[arg(long, default_value = "chaos")]
+    group: String,
+    /// How long consumers keep reading after the producers finish, seconds.
+    #[arg(long, default_value_t = 15)]
+    consume_drain_secs: u64,
 }
 
 #[derive(Args)]
@@ -76,6 +98,9 @@ struct CollectArgs {
     /// Topic.
     #[arg(long, default_value = "chaos")]
     topic: String,
+    /// The region read (recorded with each read and dump).
+    #[arg(long, default_value = "")]
+    region: String,
     /// The nodes to dump, as ID=ADDR (comma-separated).
     #[arg(long, value_delimiter = ',')]
     nodes: Vec<String>,
@@ -86,20 +111,28 @@ struct CollectArgs {
 
 pub(crate) async fn run(args: WorkloadArgs) -> anyhow::Result<()> {
     match args.command {
-        WorkloadCommand::Produce(p) => produce(&args.connect, p).await,
-        WorkloadCommand::Collect(c) => collect(&args.connect, c).await,
+        WorkloadCommand::Produce(p) => produce(&args.connect, args.epoch_ms, p).await,
+        WorkloadCommand::Collect(c) => collect(&args.connect, args.epoch_ms, c).await,
     }
 }
 
 /// Appends operations to the history file from one writer task, in the order sent.
 struct Recorder {
     tx: mpsc::UnboundedSender<Op>,
-    started: Instant,
+    /// Unix time (ms) that `time_ms` counts from.
+    epoch_ms: u64,
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 impl Recorder {
     fn start(
         path: &PathBuf,
+        epoch_ms: Option<u64>,
     ) -> anyhow::Result<(Self, tokio::task::JoinHandle<anyhow::Result<()>>)> {
         let file = std::fs::OpenOptions::new()
             .create(true)
@@ -122,14 +155,14 @@ impl Recorder {
         Ok((
             Self {
                 tx,
-                started: Instant::now(),
+                epoch_ms: epoch_ms.unwrap_or_else(unix_ms),
             },
             writer,
         ))
     }
 
     fn record(&self, mut op: Op) {
-        op.time_ms = self.started.elapsed().as_millis() as u64;
+        op.time_ms = unix_ms().saturating_sub(self.epoch_ms);
         let _ = self.tx.send(op);
     }
 }
@@ -158,19 +191,41 @@ async fn ensure_topic(
     }
 }
 
-async fn produce(connect: &Connect, args: ProduceArgs) -> anyhow::Result<()> {
+async fn produce(
+    connect: &Connect,
+    epoch_ms: Option<u64>,
+    args: ProduceArgs,
+) -> anyhow::Result<()> {
     let client = connect.client()?;
     ensure_topic(&client, &args.topic, args.partitions).await?;
-    let (recorder, writer) = Recorder::start(&args.out)?;
+    let (recorder, writer) = Recorder::start(&args.out, epoch_ms)?;
     let recorder = std::sync::Arc::new(recorder);
     let stop_at = Instant::now() + Duration::from_secs(args.duration_secs);
     let subject = Subject::new("chaos.workload")?;
+    let (producers_done, done) = tokio::sync::watch::channel(false);
+    let mut consumers = Vec::new();
+    for n in 0..args.consumers {
+        consumers.push(tokio::spawn(consume(
+            client.clone(),
+            recorder.clone(),
+            Consuming {
+                process: args.process_base + args.producers + n,
+                region: args.region.clone(),
+                group: args.group.clone(),
+                topic: args.topic.clone(),
+                drain: Duration::from_secs(args.consume_drain_secs),
+            },
+            done.clone(),
+        )));
+    }
     let mut tasks = Vec::new();
-    for process in 0..args.producers {
+    for n in 0..args.producers {
+        let process = args.process_base + n;
         let client = client.clone();
         let recorder = recorder.clone();
         let subject = subject.clone();
         let topic = args.topic.clone();
+        let (region, reach) = (args.region.clone(), args.reach.clone());
         let (count, keys, inflight, rate) = (args.count, args.keys, args.inflight, args.rate);
         tasks.push(tokio::spawn(async move {
             let options = ProducerOptions {
@@ -183,6 +238,7 @@ async fn produce(connect: &Connect, args: ProduceArgs) -> anyhow::Result<()> {
                 let op = match result {
                     Ok(ack) => Op {
                         op_type: Some(OpType::Ok),
+                        region: region.clone(),
                         partition: Some(ack.partition),
                         offset: Some(ack.offset),
                         ..publish_op(process, &id, &topic)
@@ -205,6 +261,7 @@ async fn produce(connect: &Connect, args: ProduceArgs) -> anyhow::Result<()> {
                 recorder.record(Op {
                     op_type: Some(OpType::Invoke),
                     key: Some(key.clone()),
+                    regions: reach.clone(),
                     ..publish_op(process, &id, &topic)
                 });
                 let event = Event::new(
@@ -237,9 +294,109 @@ async fn produce(connect: &Connect, args: ProduceArgs) -> anyhow::Result<()> {
     for task in tasks {
         task.await.context("producer task")??;
     }
+    let _ = producers_done.send(true);
+    for consumer in consumers {
+        consumer.await.context("consumer task")??;
+    }
     drop(recorder);
     writer.await.context("history writer")??;
     Ok(())
+}
+
+/// One member of the workload's consumer group.
+struct Consuming {
+    process: u64,
+    region: String,
+    group: String,
+    topic: String,
+    /// How long it keeps reading once the producers are done.
+    drain: Duration,
+}
+
+/// Reads as a group member, recording what is delivered and committing it every second,
+/// until `drain` after the producers finish.
+async fn consume(
+    client: ferry_client::Client,
+    recorder: std::sync::Arc<Recorder>,
+    c: Consuming,
+    mut producers_done: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let member = format!("{}-member-{}", c.region, c.process);
+    let mut consumer = loop {
+        match GroupConsumer::join(
+            client.clone(),
+            &c.group,
+            &c.topic,
+            &member,
+            ConsumerOptions::default(),
+        )
+        .await
+        {
+            Ok(consumer) => break consumer,
+            Err(e) if !*producers_done.borrow() => {
+                tracing::warn!(error = %e, "joining the group; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => return Err(e).context("joining the consumer group"),
+        }
+    };
+    let mut stop_at: Option<Instant> = None;
+    let mut handled: BTreeMap<u32, u64> = BTreeMap::new();
+    let mut next_commit = Instant::now() + Duration::from_secs(1);
+    loop {
+        if stop_at.is_none() && *producers_done.borrow() {
+            stop_at = Some(Instant::now() + c.drain);
+        }
+        let until = stop_at.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+        tokio::select! {
+            first = consumer.next() => {
+                // What is already read ahead goes into the same record, per partition.
+                let mut by_partition: BTreeMap<u32, Vec<Observed>> = BTreeMap::new();
+                let mut next = Some(first);
+                while let Some(d) = next {
+                    by_partition.entry(d.partition).or_default().push(Observed {
+                        offset: d.offset,
+                        id: d.event.id.clone(),
+                    });
+                    let h = handled.entry(d.partition).or_default();
+                    *h = (*h).max(d.offset + 1);
+                    next = consumer.try_next();
+                }
+                for (partition, events) in by_partition {
+                    recorder.record(Op {
+                        op_type: Some(OpType::Ok),
+                        process: c.process,
+                        f: Some(Func::Deliver),
+                        region: c.region.clone(),
+                        group: Some(c.group.clone()),
+                        topic: c.topic.clone(),
+                        partition: Some(partition),
+                        events,
+                        ..Op::default()
+                    });
+                }
+            }
+            _ = producers_done.changed(), if stop_at.is_none() => {}
+            _ = tokio::time::sleep_until(until) => break,
+        }
+        if Instant::now() >= next_commit {
+            next_commit = Instant::now() + Duration::from_secs(1);
+            commit_all(&consumer, &handled).await;
+        }
+    }
+    commit_all(&consumer, &handled).await;
+    let _ = consumer.leave().await;
+    Ok(())
+}
+
+/// Commits what was handled in the partitions still assigned; a failed commit only means more redeliveries later.
+async fn commit_all(consumer: &GroupConsumer, handled: &BTreeMap<u32, u64>) {
+    let assigned = consumer.assigned();
+    for (partition, next) in handled.iter().filter(|(p, _)| assigned.contains(p)) {
+        if let Err(e) = consumer.commit(*partition, *next).await {
+            tracing::debug!(partition, error = %e, "commit failed");
+        }
+    }
 }
 
 fn publish_op(process: u64, id: &str, topic: &str) -> Op {
@@ -252,13 +409,17 @@ fn publish_op(process: u64, id: &str, topic: &str) -> Op {
     }
 }
 
-async fn collect(connect: &Connect, args: CollectArgs) -> anyhow::Result<()> {
+async fn collect(
+    connect: &Connect,
+    epoch_ms: Option<u64>,
+    args: CollectArgs,
+) -> anyhow::Result<()> {
     let client = connect.client()?;
     let description = client
         .describe_topic(&args.topic)
         .await
         .with_context(|| format!("describing {}", args.topic))?;
-    let (recorder, writer) = Recorder::start(&args.out)?;
+    let (recorder, writer) = Recorder::start(&args.out, epoch_ms)?;
     let timeout = Duration::from_secs(args.timeout_secs);
     // Linearizable reads of every partition, from the start to the high watermark.
     let mut highs = BTreeMap::new();
@@ -279,6 +440,7 @@ async fn collect(connect: &Connect, args: CollectArgs) -> anyhow::Result<()> {
             recorder.record(Op {
                 op_type: Some(OpType::Ok),
                 f: Some(Func::Read),
+                region: args.region.clone(),
                 topic: args.topic.clone(),
                 partition: Some(partition),
                 events: observed(&events),
@@ -323,6 +485,7 @@ async fn collect(connect: &Connect, args: CollectArgs) -> anyhow::Result<()> {
             recorder.record(Op {
                 op_type: Some(OpType::Dump),
                 node: Some(id),
+                region: args.region.clone(),
                 topic: args.topic.clone(),
                 partition: Some(partition),
                 committed: Some(committed),
