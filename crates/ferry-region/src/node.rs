@@ -409,6 +409,7 @@ impl<T: Transport> Node<T> {
     /// Stops every group and background task. Storage is released when the last clone of
     /// this node (and of its views) is dropped.
     pub async fn shutdown(&self) {
+        let started = Instant::now();
         self.inner.shutdown.send_replace(true);
         self.stop_mesh().await;
         let groups: Vec<_> = self
@@ -417,13 +418,27 @@ impl<T: Transport> Node<T> {
             .write()
             .map(|mut p| p.drain().collect())
             .unwrap_or_default();
-        for (group, g) in groups {
+        // Every group at once, timed: one slow group must not hold up the others.
+        let partitions = groups.into_iter().map(|(group, g)| async move {
+            let at = Instant::now();
             if let Err(e) = g.raft.shutdown().await {
                 tracing::warn!(%group, error = %e, "shutdown");
             }
-        }
-        if let Err(e) = self.inner.meta.shutdown().await {
-            tracing::warn!(error = %e, "metadata group shutdown");
+            (group.to_string(), at.elapsed())
+        });
+        let meta = async {
+            let at = Instant::now();
+            if let Err(e) = self.inner.meta.shutdown().await {
+                tracing::warn!(error = %e, "metadata group shutdown");
+            }
+            ("metadata".to_string(), at.elapsed())
+        };
+        let (mut took, meta_took) = futures::join!(futures::future::join_all(partitions), meta);
+        took.push(meta_took);
+        let elapsed = started.elapsed();
+        if elapsed > Duration::from_secs(2) {
+            let slowest = took.iter().max_by_key(|(_, d)| *d);
+            tracing::warn!(?elapsed, ?slowest, groups = took.len(), "slow shutdown");
         }
     }
 

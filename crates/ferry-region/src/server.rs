@@ -12,6 +12,9 @@ use ferry_net::{
 
 use crate::{Node, NodeConfig, RegionError};
 
+/// How long a stopping node lets its QUIC connections drain after closing them.
+const DRAIN_ON_SHUTDOWN: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// A bound endpoint not yet serving; bind first to learn the address (port 0 picks one).
 pub struct BoundEndpoint {
     endpoint: quinn::Endpoint,
@@ -125,6 +128,14 @@ impl QuicNode {
             .close(quinn::VarInt::from_u32(0), b"node shutting down");
         self.serving.abort();
         let _ = self.serving.await;
-        self.endpoint.wait_idle().await;
+        // The close frames are sent at once; waiting for every connection to finish draining
+        // (three probe timeouts each, longer towards a peer that is dead or paused) took 3-9 s
+        // in chaos runs and protects nothing, so it is bounded.
+        let drained = tokio::time::timeout(DRAIN_ON_SHUTDOWN, self.endpoint.wait_idle()).await;
+        if drained.is_err() {
+            tracing::debug!(
+                "connections still draining after {DRAIN_ON_SHUTDOWN:?}; stopping anyway"
+            );
+        }
     }
 }
