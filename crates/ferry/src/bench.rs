@@ -1,5 +1,7 @@
-//! `ferry bench`: load against a running region, with throughput and acknowledgement
-//! latency percentiles, printed and written as JSON. Every run is bounded by `--count`.
+//! `ferry bench`: load against a running region — or, for the comparison, a NATS JetStream
+//! cluster (`--target nats://…`) — with throughput, latency percentiles and, given the
+//! servers' PIDs, the CPU, memory and disk writes they spent; printed as one line and
+//! written as JSON. Every run is bounded by `--count` and deadlines.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -13,6 +15,12 @@ use hdrhistogram::Histogram;
 use serde::Serialize;
 
 use crate::ctl::Connect;
+use suites::{LoadArgs, Suite};
+
+mod resources;
+mod suites;
+mod system;
+mod table;
 
 #[derive(Args)]
 pub(crate) struct BenchArgs {
@@ -22,9 +30,20 @@ pub(crate) struct BenchArgs {
 
 #[derive(Subcommand)]
 enum BenchCommand {
-    /// Publish COUNT events of SIZE bytes with W in flight; report events/s, MiB/s and
-    /// acknowledgement latency.
-    Produce(ProduceArgs),
+    /// Publish COUNT events of SIZE bytes with W in flight per producer; report events/s,
+    /// MiB/s and acknowledgement latency.
+    Produce(LoadArgs),
+    /// Publish COUNT events at --rate and receive them: publish-to-delivery latency.
+    E2e(LoadArgs),
+    /// Read COUNT events from the start of a full topic (filled first if short): catch-up
+    /// read throughput.
+    Consume(LoadArgs),
+    /// Print the Ferry/NATS comparison table from the reports in DIR (what
+    /// deploy/bench/compare leaves there).
+    Table {
+        /// Folder with <suite>-<system>-<pair>.json reports.
+        dir: PathBuf,
+    },
     /// Publish COUNT events in one region (--servers) and receive them in another (--to):
     /// forwarded events/s and publish-to-delivery latency.
     Mesh(MeshArgs),
@@ -82,50 +101,7 @@ struct MeshReport {
     e2e_latency_ms: Latency,
 }
 
-#[derive(Args)]
-struct ProduceArgs {
-    #[command(flatten)]
-    connect: Connect,
-    /// Payload bytes per event.
-    #[arg(long, default_value_t = 1024)]
-    size: usize,
-    /// Events to publish (the run stops after them).
-    #[arg(long, default_value_t = 100_000)]
-    count: u64,
-    /// Events in flight (sent, not yet acknowledged).
-    #[arg(long, default_value_t = 256)]
-    inflight: usize,
-    /// Topic (created if missing, with --partitions and replication 3).
-    #[arg(long, default_value = "bench")]
-    topic: String,
-    /// Partitions of a topic the bench creates.
-    #[arg(long, default_value_t = 8)]
-    partitions: u32,
-    /// Most events per batch.
-    #[arg(long, default_value_t = 256)]
-    batch_events: usize,
-    /// Write the report as JSON here.
-    #[arg(long)]
-    out: Option<PathBuf>,
-}
-
-#[derive(Serialize)]
-struct Report {
-    target: &'static str,
-    topic: String,
-    partitions: u32,
-    replication: u32,
-    size: usize,
-    count: u64,
-    inflight: usize,
-    acknowledged: u64,
-    errors: u64,
-    seconds: f64,
-    events_per_sec: f64,
-    mib_per_sec: f64,
-    ack_latency_ms: Latency,
-}
-
+/// Latency percentiles, milliseconds.
 #[derive(Serialize)]
 struct Latency {
     p50: f64,
@@ -134,9 +110,28 @@ struct Latency {
     max: f64,
 }
 
+impl Latency {
+    /// From a histogram of microseconds.
+    fn of(histogram: &Histogram<u64>) -> Self {
+        let ms = |q: f64| histogram.value_at_quantile(q) as f64 / 1000.0;
+        Self {
+            p50: ms(0.50),
+            p99: ms(0.99),
+            p999: ms(0.999),
+            max: histogram.max() as f64 / 1000.0,
+        }
+    }
+}
+
 pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<()> {
     match args.command {
-        BenchCommand::Produce(args) => produce(args).await,
+        BenchCommand::Produce(args) => suites::run(Suite::Produce, args).await,
+        BenchCommand::E2e(args) => suites::run(Suite::E2e, args).await,
+        BenchCommand::Consume(args) => suites::run(Suite::Consume, args).await,
+        BenchCommand::Table { dir } => {
+            print!("{}", table::render(&dir)?);
+            Ok(())
+        }
         BenchCommand::Mesh(args) => mesh(args).await,
     }
 }
@@ -320,7 +315,6 @@ async fn mesh(mut args: MeshArgs) -> anyhow::Result<()> {
         reader.abort();
     }
     let seconds = (last - started).as_secs_f64().max(1e-9);
-    let ms = |q: f64| histogram.value_at_quantile(q) as f64 / 1000.0;
     let report = MeshReport {
         target: "ferry",
         topic: args.topic.clone(),
@@ -336,12 +330,7 @@ async fn mesh(mut args: MeshArgs) -> anyhow::Result<()> {
         publish_errors,
         seconds,
         forwarded_events_per_sec: delivered as f64 / seconds,
-        e2e_latency_ms: Latency {
-            p50: ms(0.50),
-            p99: ms(0.99),
-            p999: ms(0.999),
-            max: histogram.max() as f64 / 1000.0,
-        },
+        e2e_latency_ms: Latency::of(&histogram),
     };
     println!(
         "ferry bench mesh: {} -> {}: {} of {} events of {} B delivered ({} in flight{}): {:.0} events/s forwarded, publish-to-delivery p50 {:.2} ms, p99 {:.2} ms, p999 {:.2} ms ({} lost, {} publish errors, {:.1} s)",
@@ -359,124 +348,5 @@ async fn mesh(mut args: MeshArgs) -> anyhow::Result<()> {
         "{} events not delivered, {publish_errors} publishes failed",
         report.lost
     );
-    Ok(())
-}
-
-async fn produce(mut args: ProduceArgs) -> anyhow::Result<()> {
-    if args.connect.client == "ctl" {
-        args.connect.client = "bench".into();
-    }
-    let client = args.connect.client()?;
-    let description = match client.describe_topic(&args.topic).await {
-        Ok(d) => d,
-        Err(_) => {
-            client
-                .create_topic(TopicConfig::new(args.topic.clone(), args.partitions))
-                .await?;
-            let deadline = Instant::now() + Duration::from_secs(30);
-            loop {
-                let d = client.describe_topic(&args.topic).await?;
-                if d.partitions.iter().all(|p| p.leader.is_some()) {
-                    break d;
-                }
-                anyhow::ensure!(
-                    Instant::now() < deadline,
-                    "partitions of {} got no leader in 30 s",
-                    args.topic
-                );
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    };
-    let options = ProducerOptions {
-        max_in_flight: args.inflight,
-        max_batch_events: args.batch_events,
-        ..ProducerOptions::default()
-    };
-    let producer = client.producer(&args.topic, options).await?;
-    let subject = Subject::new("bench.produce")?;
-    let payload = bytes::Bytes::from((0..args.size).map(|i| (i % 251) as u8).collect::<Vec<u8>>());
-
-    let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel();
-    let collector = tokio::spawn(async move {
-        let mut histogram =
-            Histogram::<u64>::new_with_bounds(1, 600_000_000, 3).expect("histogram bounds");
-        let mut pending = FuturesUnordered::new();
-        let (mut ok, mut errors) = (0u64, 0u64);
-        let mut open = true;
-        loop {
-            tokio::select! {
-                item = done_rx.recv(), if open => match item {
-                    Some(fut) => pending.push(fut),
-                    None => open = false,
-                },
-                Some((sent, result)) = pending.next(), if !pending.is_empty() => {
-                    let sent: Instant = sent;
-                    match result {
-                        Ok(_) => {
-                            ok += 1;
-                            let _ = histogram.record(sent.elapsed().as_micros().max(1) as u64);
-                        }
-                        Err(_) => errors += 1,
-                    }
-                }
-                else => break,
-            }
-            if !open && pending.is_empty() {
-                break;
-            }
-        }
-        (histogram, ok, errors)
-    });
-
-    let started = Instant::now();
-    for i in 0..args.count {
-        let event = Event::new(
-            format!("bench-{i}"),
-            "/ferry/bench",
-            "bench.event",
-            subject.clone(),
-            payload.clone(),
-        );
-        let ack = producer.send(event).await?;
-        let sent = Instant::now();
-        done_tx
-            .send(Box::pin(async move { (sent, ack.await) }))
-            .map_err(|_| anyhow::anyhow!("collector stopped"))?;
-    }
-    drop(done_tx);
-    let (histogram, ok, errors) = collector.await.context("collector")?;
-    let seconds = started.elapsed().as_secs_f64();
-    let ms = |q: f64| histogram.value_at_quantile(q) as f64 / 1000.0;
-    let report = Report {
-        target: "ferry",
-        topic: args.topic.clone(),
-        partitions: description.config.partitions,
-        replication: description.config.replication,
-        size: args.size,
-        count: args.count,
-        inflight: args.inflight,
-        acknowledged: ok,
-        errors,
-        seconds,
-        events_per_sec: ok as f64 / seconds,
-        mib_per_sec: ok as f64 * args.size as f64 / seconds / (1024.0 * 1024.0),
-        ack_latency_ms: Latency {
-            p50: ms(0.50),
-            p99: ms(0.99),
-            p999: ms(0.999),
-            max: histogram.max() as f64 / 1000.0,
-        },
-    };
-    println!(
-        "ferry bench produce: {} events of {} B, {} in flight, {} partitions x{} replicas: {:.0} events/s, {:.1} MiB/s, ack p50 {:.2} ms, p99 {:.2} ms, p999 {:.2} ms ({} errors, {:.1} s)",
-        ok, args.size, args.inflight, report.partitions, report.replication, report.events_per_sec, report.mib_per_sec,
-        report.ack_latency_ms.p50, report.ack_latency_ms.p99, report.ack_latency_ms.p999, errors, seconds
-    );
-    if let Some(out) = &args.out {
-        std::fs::write(out, serde_json::to_string_pretty(&report)?)
-            .with_context(|| format!("writing {}", out.display()))?;
-    }
-    anyhow::ensure!(errors == 0, "{errors} publishes failed");
     Ok(())
 }
