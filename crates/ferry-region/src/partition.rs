@@ -23,7 +23,7 @@ use bytes::Bytes;
 use ferry_proto::wire::{ApiError, ErrorCode};
 use ferry_proto::{codec, EventBatch, ProducerId, StoredBatch};
 use ferry_store::{
-    read_batch, AppliedState, BatchFiles, Extent, SnapshotData, StoreError, TypeConfig,
+    read_batch, AppliedState, BatchFiles, Extent, SnapshotData, StoreError, SyncPlan, TypeConfig,
 };
 use futures::{Stream, TryStreamExt};
 use openraft::storage::{EntryResponder, RaftStateMachine};
@@ -479,6 +479,9 @@ pub struct PartitionStateMachine {
     segment_bytes: u64,
     inner: Arc<Mutex<Inner>>,
     view: Arc<PartitionView>,
+    /// One checkpoint at a time: a snapshot build writes its checkpoint outside `inner`'s
+    /// lock, and must not interleave with an install's.
+    checkpointing: Arc<Mutex<()>>,
 }
 
 fn io_err(e: impl std::fmt::Display) -> io::Error {
@@ -614,6 +617,7 @@ impl PartitionStateMachine {
                 batches,
             })),
             view,
+            checkpointing: Arc::new(Mutex::new(())),
         })
     }
 
@@ -622,34 +626,35 @@ impl PartitionStateMachine {
         self.view.clone()
     }
 
-    /// Syncs the batch files and records a checkpoint of everything applied so far. Call
-    /// with the state machine locked.
-    fn checkpoint(&self, inner: &Inner) -> Result<SnapshotMetaOf<TypeConfig>, StoreError> {
-        let extent = {
-            let mut files = self.view.files.write().map_err(storage_err)?;
-            files.sync()?;
-            files.extent()
-        };
-        let meta = SnapshotMetaOf::<TypeConfig> {
-            last_log_id: inner.applied.0,
-            last_membership: inner.applied.1.clone(),
-        };
-        write_checkpoint(
-            &self.dir,
-            &Checkpoint {
-                meta: meta.clone(),
-                state: inner.partition.small_state()?,
-                batches: inner.batches.clone(),
-                extent,
+    /// What a checkpoint of everything applied so far holds, and the batch-file bytes it
+    /// needs on disk. Take with the state machine locked (so they agree); write with
+    /// [`PartitionStateMachine::write_checkpoint_after`], which needs no lock.
+    fn checkpoint_of(&self, inner: &Inner) -> Result<(Checkpoint, SyncPlan), StoreError> {
+        let files = self.view.files.read().map_err(storage_err)?;
+        let checkpoint = Checkpoint {
+            meta: SnapshotMetaOf::<TypeConfig> {
+                last_log_id: inner.applied.0,
+                last_membership: inner.applied.1.clone(),
             },
-        )?;
-        // Segments the new checkpoint no longer names can go.
-        self.view
-            .files
-            .write()
-            .map_err(storage_err)?
-            .remove_dropped()?;
-        Ok(meta)
+            state: inner.partition.small_state()?,
+            batches: inner.batches.clone(),
+            extent: files.extent(),
+        };
+        Ok((checkpoint, files.sync_plan()))
+    }
+
+    /// Syncs the batch files `plan` names, records `checkpoint`, then deletes the segments
+    /// it no longer needs. Hold `checkpointing`.
+    fn write_checkpoint_after(
+        &self,
+        checkpoint: &Checkpoint,
+        plan: &SyncPlan,
+    ) -> Result<(), StoreError> {
+        plan.sync()?;
+        write_checkpoint(&self.dir, checkpoint)?;
+        let mut files = self.view.files.write().map_err(storage_err)?;
+        files.mark_synced(plan);
+        files.remove_dropped_outside(&checkpoint.extent)
     }
 }
 
@@ -659,10 +664,17 @@ impl RaftSnapshotBuilder<TypeConfig> for PartitionStateMachine {
     /// Records a checkpoint. openraft keeps only the meta of a built snapshot, so the data is
     /// left empty here and assembled by `get_current_snapshot` when a follower needs it.
     async fn build_snapshot(&mut self) -> Result<SnapshotOf<TypeConfig, SnapshotData>, io::Error> {
-        let inner = self.inner.lock().await;
-        let meta = self.checkpoint(&inner)?;
+        let _one = self.checkpointing.lock().await;
+        let (checkpoint, plan) = {
+            let inner = self.inner.lock().await;
+            self.checkpoint_of(&inner)?
+        };
+        // Outside the state machine's lock: applies (and so acknowledgements) go on while the
+        // fsyncs run. The checkpoint names the extent taken above; later appends lie beyond
+        // it and come back from the Raft log after a restart.
+        self.write_checkpoint_after(&checkpoint, &plan)?;
         Ok(SnapshotOf::<TypeConfig, SnapshotData> {
-            meta,
+            meta: checkpoint.meta,
             snapshot: Bytes::new(),
         })
     }
@@ -717,6 +729,7 @@ impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
         snapshot: SnapshotData,
     ) -> Result<(), io::Error> {
         let (state, batches) = decode_snapshot(&snapshot)?;
+        let _one = self.checkpointing.lock().await;
         let mut inner = self.inner.lock().await;
         // Into a new folder: until the checkpoint naming it is written, a restart still finds
         // the old checkpoint and its files intact.
@@ -741,7 +754,8 @@ impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
         let old = std::mem::replace(&mut inner.batches, next);
         inner.partition.restore(state)?;
         inner.applied = (meta.last_log_id, meta.last_membership.clone());
-        self.checkpoint(&inner)?;
+        let (checkpoint, plan) = self.checkpoint_of(&inner)?;
+        self.write_checkpoint_after(&checkpoint, &plan)?;
         let old = self.dir.join(old);
         std::fs::remove_dir_all(&old).map_err(|e| io_err(format!("{}: {e}", old.display())))?;
         Ok(())

@@ -27,6 +27,25 @@ const HEADER: usize = 28;
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Extent(pub Vec<(u64, u64)>);
 
+/// Segment files to make durable up to given lengths, and their folder (see
+/// [`BatchFiles::sync_plan`]).
+pub struct SyncPlan {
+    files: Vec<(u64, Arc<File>, PathBuf, u64)>,
+    dir: PathBuf,
+}
+
+impl SyncPlan {
+    /// Syncs each file's data (at least up to its planned length) and the folder.
+    pub fn sync(&self) -> Result<(), StoreError> {
+        for (_, file, path, _) in &self.files {
+            file.sync_data().map_err(io(path))?;
+        }
+        File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io(&self.dir))
+    }
+}
+
 /// Where a batch lies, and what the index needs to know of it without reading it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BatchInfo {
@@ -251,6 +270,44 @@ impl BatchFiles {
         File::open(&self.dir)
             .and_then(|d| d.sync_all())
             .map_err(io(&self.dir))
+    }
+
+    /// The segment bytes a checkpoint taken now needs on disk that may not be there yet. Take
+    /// it under the lock, [`SyncPlan::sync`] it without, so appends go on meanwhile; then
+    /// [`BatchFiles::mark_synced`].
+    pub fn sync_plan(&self) -> SyncPlan {
+        SyncPlan {
+            files: self
+                .segments
+                .iter()
+                .filter(|(_, seg)| seg.synced < seg.len)
+                .map(|(first, seg)| (*first, seg.file.clone(), seg.path.clone(), seg.len))
+                .collect(),
+            dir: self.dir.clone(),
+        }
+    }
+
+    /// Records what a [`SyncPlan`] made durable.
+    pub fn mark_synced(&mut self, plan: &SyncPlan) {
+        for (first, _, _, len) in &plan.files {
+            if let Some(seg) = self.segments.get_mut(first) {
+                seg.synced = seg.synced.max(*len);
+            }
+        }
+    }
+
+    /// Deletes the segments that hold only dropped batches, except those `kept` names (a
+    /// checkpoint written from an earlier [`BatchFiles::extent`] still needs them).
+    pub fn remove_dropped_outside(&mut self, kept: &Extent) -> Result<(), StoreError> {
+        for first in self.dropped_segments() {
+            if kept.0.iter().any(|(f, _)| *f == first) {
+                continue;
+            }
+            if let Some(seg) = self.segments.remove(&first) {
+                std::fs::remove_file(&seg.path).map_err(io(&seg.path))?;
+            }
+        }
+        Ok(())
     }
 
     /// Drops batches that end at or before `before` from the index. Returns the event bytes

@@ -25,7 +25,7 @@ use std::fmt;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-pub use batch_files::{read_batch, BatchFiles, BatchInfo, BatchLocation, Extent};
+pub use batch_files::{read_batch, BatchFiles, BatchInfo, BatchLocation, Extent, SyncPlan};
 pub use error::StoreError;
 pub use group_commit::{FlushStats, GroupCommit};
 pub use log_store::WalLogStore;

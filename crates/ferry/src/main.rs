@@ -82,9 +82,23 @@ fn init_logging() {
         .init();
 }
 
+/// mimalloc asks for transparent huge pages on its arenas, so every 2 MiB region it touches
+/// counts whole: an idle node measured 119 MiB resident, 94 MiB of it huge pages, against
+/// 48 MiB with them off. Memory that reflects what the process uses is worth more to an
+/// operator than the TLB misses saved, so the process opts out (Linux `PR_SET_THP_DISABLE`;
+/// applies to every later page fault of the process).
+fn disable_transparent_huge_pages() {
+    // SAFETY: prctl with PR_SET_THP_DISABLE only sets a flag on this process's memory map.
+    let rc = unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
+    if rc != 0 {
+        tracing::debug!(error = %std::io::Error::last_os_error(), "PR_SET_THP_DISABLE failed");
+    }
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     init_logging();
+    disable_transparent_huge_pages();
     match Cli::parse().command {
         Command::Node { config } => run_node(config).await,
         Command::Certs {
