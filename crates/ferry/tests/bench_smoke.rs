@@ -11,8 +11,20 @@ fn run(region: &Region, args: &[&str]) -> Output {
     region.ferry().arg("bench").args(args).output().unwrap()
 }
 
-fn report(path: &std::path::Path) -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+/// Runs a suite that must succeed, with its JSON report written to DIR/NAME.json; answers the
+/// printed line and the report.
+fn run_ok(region: &Region, name: &str, args: &[&str]) -> (String, serde_json::Value) {
+    let path = region.dir.join(format!("{name}.json"));
+    let mut all = args.to_vec();
+    all.extend(["--out", path.to_str().unwrap()]);
+    let out = run(region, &all);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    (String::from_utf8_lossy(&out.stdout).into_owned(), report)
 }
 
 #[test]
@@ -23,9 +35,9 @@ fn every_suite_runs_against_a_real_region() {
     let pids = pids.join(",");
 
     // The region takes a moment to elect leaders; produce waits for them (bounded).
-    let out_path = dir.path().join("produce.json");
-    let out = run(
+    run_ok(
         &region,
+        "warmup",
         &[
             "produce",
             "--count",
@@ -36,13 +48,9 @@ fn every_suite_runs_against_a_real_region() {
             "2",
         ],
     );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let out = run(
+    let (line, r) = run_ok(
         &region,
+        "produce",
         &[
             "produce",
             "--count",
@@ -55,21 +63,12 @@ fn every_suite_runs_against_a_real_region() {
             "512",
             "--pids",
             &pids,
-            "--out",
-            out_path.to_str().unwrap(),
         ],
     );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let line = String::from_utf8_lossy(&out.stdout);
     assert!(
         line.starts_with("ferry bench produce on ferry: 300 events"),
         "{line}"
     );
-    let r = report(&out_path);
     assert_eq!(r["acknowledged"], 300);
     assert_eq!(r["errors"], 0);
     assert_eq!(r["replication"], 3);
@@ -84,45 +83,11 @@ fn every_suite_runs_against_a_real_region() {
             > 0.0
     );
 
-    let out_path = dir.path().join("e2e.json");
-    let out = run(
-        &region,
-        &[
-            "e2e",
-            "--count",
-            "300",
-            "--rate",
-            "1000",
-            "--out",
-            out_path.to_str().unwrap(),
-        ],
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let r = report(&out_path);
+    let (_, r) = run_ok(&region, "e2e", &["e2e", "--count", "300", "--rate", "1000"]);
     assert_eq!(r["delivered"], 300);
     assert!(r["e2e_latency_ms"]["p50"].as_f64().unwrap() > 0.0);
 
-    let out_path = dir.path().join("consume.json");
-    let out = run(
-        &region,
-        &[
-            "consume",
-            "--count",
-            "400",
-            "--out",
-            out_path.to_str().unwrap(),
-        ],
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let r = report(&out_path);
+    let (_, r) = run_ok(&region, "consume", &["consume", "--count", "400"]);
     assert_eq!(
         r["delivered"], 400,
         "filled to 400, then read from the start"
