@@ -8,9 +8,8 @@ use std::time::Duration;
 
 use ferry_proto::wire::StartFrom;
 use ferry_proto::Event;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
-use tokio::time::Instant;
 
 use crate::{Client, ClientError};
 
@@ -47,6 +46,9 @@ pub struct Delivery {
     pub event: Event,
 }
 
+/// The generation and partitions the group last gave this member.
+type Assignment = (u64, Vec<u32>);
+
 /// A member of a consumer group on one topic.
 pub struct GroupConsumer {
     client: Client,
@@ -55,6 +57,10 @@ pub struct GroupConsumer {
     member: String,
     options: ConsumerOptions,
     generation: u64,
+    /// Renews membership in its own task, so it beats whatever the application is doing
+    /// (committing, processing) and however long one `join_group` call takes.
+    heartbeat: JoinHandle<()>,
+    assignment: watch::Receiver<Assignment>,
     /// Per assigned partition: the reader's number and its task.
     readers: BTreeMap<u32, (u64, JoinHandle<()>)>,
     readers_started: u64,
@@ -62,7 +68,6 @@ pub struct GroupConsumer {
     /// reader left in the channel is dropped rather than handed out.
     tx: mpsc::Sender<(u64, Delivery)>,
     rx: mpsc::Receiver<(u64, Delivery)>,
-    next_heartbeat: Instant,
 }
 
 impl GroupConsumer {
@@ -75,21 +80,47 @@ impl GroupConsumer {
         member: &str,
         options: ConsumerOptions,
     ) -> Result<Self, ClientError> {
+        let first = client.join_group(group, topic, member).await?;
+        let (beat_tx, assignment) = watch::channel(first);
+        let heartbeat = tokio::spawn({
+            let (client, group, topic, member) = (
+                client.clone(),
+                group.to_string(),
+                topic.to_string(),
+                member.to_string(),
+            );
+            let every = options.heartbeat;
+            async move {
+                loop {
+                    tokio::time::sleep(every).await;
+                    match client.join_group(&group, &topic, &member).await {
+                        Ok(a) => {
+                            if beat_tx.send(a).is_err() {
+                                return;
+                            }
+                        }
+                        // Retried on the next beat; the partitions keep being read meanwhile.
+                        Err(e) => tracing::debug!(%group, error = %e, "heartbeat failed"),
+                    }
+                }
+            }
+        });
         let (tx, rx) = mpsc::channel(options.buffer.max(1));
         let mut consumer = Self {
             client,
             group: group.to_string(),
             topic: topic.to_string(),
             member: member.to_string(),
-            next_heartbeat: Instant::now(),
             options,
             generation: 0,
+            heartbeat,
+            assignment,
             readers: BTreeMap::new(),
             readers_started: 0,
             tx,
             rx,
         };
-        consumer.heartbeat().await?;
+        consumer.follow_assignment();
         Ok(consumer)
     }
 
@@ -103,12 +134,11 @@ impl GroupConsumer {
         self.generation
     }
 
-    /// The next event of any assigned partition, renewing membership as it waits. A failed
-    /// heartbeat (no node reachable) is retried on the next beat; the partitions keep being
-    /// read meanwhile.
+    /// The next event of any assigned partition. Cancel-safe: nothing is awaited between
+    /// taking a delivery and returning it.
     pub async fn next(&mut self) -> Delivery {
         loop {
-            let beat = self.next_heartbeat;
+            self.follow_assignment();
             tokio::select! {
                 delivery = self.rx.recv() => {
                     // The consumer holds a sender, so the channel never closes.
@@ -116,17 +146,14 @@ impl GroupConsumer {
                         return d;
                     }
                 }
-                _ = tokio::time::sleep_until(beat) => {
-                    if let Err(e) = self.heartbeat().await {
-                        tracing::debug!(group = %self.group, error = %e, "heartbeat failed");
-                    }
-                }
+                _ = self.assignment.changed() => {}
             }
         }
     }
 
     /// An event already read ahead, if there is one, without waiting.
     pub fn try_next(&mut self) -> Option<Delivery> {
+        self.follow_assignment();
         while let Ok(d) = self.rx.try_recv() {
             if let Some(d) = self.current(d) {
                 return Some(d);
@@ -150,22 +177,25 @@ impl GroupConsumer {
 
     /// Leaves the group, so the others take over its partitions at once.
     pub async fn leave(mut self) -> Result<(), ClientError> {
+        self.heartbeat.abort();
         self.stop_readers(|_| true);
         self.client
             .leave_group(&self.group, &self.topic, &self.member)
             .await
     }
 
-    async fn heartbeat(&mut self) -> Result<(), ClientError> {
-        self.next_heartbeat = Instant::now() + self.options.heartbeat;
-        let (generation, partitions) = self
-            .client
-            .join_group(&self.group, &self.topic, &self.member)
-            .await?;
+    /// Stops readers of partitions no longer assigned and starts readers for new ones (and
+    /// for any whose task has ended).
+    fn follow_assignment(&mut self) {
+        let (generation, partitions) = self.assignment.borrow_and_update().clone();
         self.generation = generation;
         self.stop_readers(|p| !partitions.contains(&p));
         for partition in partitions {
-            if !self.readers.contains_key(&partition) {
+            let running = self
+                .readers
+                .get(&partition)
+                .is_some_and(|(_, task)| !task.is_finished());
+            if !running {
                 self.readers_started += 1;
                 let number = self.readers_started;
                 let reader = tokio::spawn(read_partition(
@@ -182,7 +212,6 @@ impl GroupConsumer {
                 self.readers.insert(partition, (number, reader));
             }
         }
-        Ok(())
     }
 
     fn stop_readers(&mut self, revoked: impl Fn(u32) -> bool) {
@@ -198,6 +227,7 @@ impl GroupConsumer {
 
 impl Drop for GroupConsumer {
     fn drop(&mut self) {
+        self.heartbeat.abort();
         self.stop_readers(|_| true);
     }
 }

@@ -353,14 +353,17 @@ async fn consume(
                 // What is already read ahead goes into the same record, per partition.
                 let mut by_partition: BTreeMap<u32, Vec<Observed>> = BTreeMap::new();
                 let mut next = Some(first);
+                let mut taken = 0;
                 while let Some(d) = next {
+                    taken += 1;
                     by_partition.entry(d.partition).or_default().push(Observed {
                         offset: d.offset,
                         id: d.event.id.clone(),
                     });
                     let h = handled.entry(d.partition).or_default();
                     *h = (*h).max(d.offset + 1);
-                    next = consumer.try_next();
+                    // Bounded, so a long backlog still lets the loop commit and stop on time.
+                    next = if taken < 1024 { consumer.try_next() } else { None };
                 }
                 for (partition, events) in by_partition {
                     recorder.record(Op {
@@ -377,6 +380,7 @@ async fn consume(
                 }
             }
             _ = producers_done.changed(), if stop_at.is_none() => {}
+            _ = tokio::time::sleep_until(next_commit) => {}
             _ = tokio::time::sleep_until(until) => break,
         }
         if Instant::now() >= next_commit {

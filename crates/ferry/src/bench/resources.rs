@@ -25,7 +25,7 @@ pub(crate) struct Resources {
     pub(crate) pids: Vec<u32>,
     /// CPU seconds (user + system) of all of them, per million events.
     pub(crate) cpu_seconds_per_million_events: f64,
-    /// Peak resident memory of each (VmHWM, since it started), MiB.
+    /// Peak resident memory of each during the run (VmHWM, reset at the start), MiB.
     pub(crate) peak_rss_mib: Vec<f64>,
     /// Bytes they wrote to storage per byte of event payload, divided by `replicas`: what
     /// one replica writes per payload byte.
@@ -33,8 +33,13 @@ pub(crate) struct Resources {
 }
 
 impl Watch {
-    /// Takes the first reading.
+    /// Takes the first reading, and resets each process's peak RSS so the run's own peak is
+    /// reported (writing 5 to `/proc/PID/clear_refs`; where that is not allowed the peak is
+    /// the process's since it started).
     pub(crate) fn start(pids: &[u32]) -> anyhow::Result<Self> {
+        for pid in pids {
+            let _ = std::fs::write(format!("/proc/{pid}/clear_refs"), "5");
+        }
         let start = pids
             .iter()
             .map(|p| read(*p))

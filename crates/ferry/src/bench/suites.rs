@@ -390,16 +390,18 @@ async fn publish(
             });
             let begun = Instant::now();
             for i in 0..mine {
-                if rate > 0.0 {
-                    let due = begun + Duration::from_secs_f64(i as f64 / rate);
+                // At a fixed rate, latency counts from when the event was due, not from when
+                // the window let it go: a system that falls behind the schedule shows it.
+                let due = (rate > 0.0).then(|| begun + Duration::from_secs_f64(i as f64 / rate));
+                if let Some(due) = due {
                     tokio::time::sleep_until(due.into()).await;
                 }
                 let permit = window.clone().acquire_owned().await.expect("window open");
+                let sent = due.unwrap_or_else(Instant::now);
                 let mut payload = filler.to_vec();
-                let sent_ns = base.elapsed().as_nanos() as u64;
+                let sent_ns = sent.saturating_duration_since(base).as_nanos() as u64;
                 payload[..8].copy_from_slice(&sent_ns.to_le_bytes());
                 payload[8..16].copy_from_slice(&run_id.to_le_bytes());
-                let sent = Instant::now();
                 let ack = match publisher
                     .send(format!("{run_id:016x}-{p}-{i}"), i, Bytes::from(payload))
                     .await
