@@ -70,27 +70,13 @@ impl System {
     pub(crate) async fn prepare(&self, topic: &str, partitions: u32) -> anyhow::Result<Prepared> {
         match self {
             Self::Ferry(client) => {
-                if client.describe_topic(topic).await.is_err() {
-                    client
-                        .create_topic(TopicConfig::new(topic.to_string(), partitions))
-                        .await
-                        .with_context(|| format!("creating topic {topic}"))?;
-                }
-                let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-                loop {
-                    let d = client.describe_topic(topic).await?;
-                    if d.partitions.iter().all(|p| p.leader.is_some()) {
-                        return Ok(Prepared {
-                            partitions: d.config.partitions,
-                            replication: d.config.replication,
-                        });
-                    }
-                    anyhow::ensure!(
-                        tokio::time::Instant::now() < deadline,
-                        "partitions of {topic} got no leader in 30 s"
-                    );
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
+                let d =
+                    super::ensure_topic(client, &TopicConfig::new(topic.to_string(), partitions))
+                        .await?;
+                Ok(Prepared {
+                    partitions: d.config.partitions,
+                    replication: d.config.replication,
+                })
             }
             Self::Nats(js) => {
                 let stream = js
