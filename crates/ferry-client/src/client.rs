@@ -397,6 +397,38 @@ impl Client {
         }
     }
 
+    /// Creates `config`'s topic unless it exists, then waits until every partition has a
+    /// leader (bounded by `timeout`). Returns the topic as it is (an existing topic keeps its
+    /// own configuration).
+    pub async fn ensure_topic(
+        &self,
+        config: &TopicConfig,
+        timeout: Duration,
+    ) -> Result<TopicDescription, ClientError> {
+        if self.describe_topic(&config.name).await.is_err() {
+            if let Err(e) = self.create_topic(config.clone()).await {
+                // Another client may have created it meanwhile.
+                if self.describe_topic(&config.name).await.is_err() {
+                    return Err(e);
+                }
+            }
+        }
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let description = self.describe_topic(&config.name).await?;
+            if description.partitions.iter().all(|p| p.leader.is_some()) {
+                return Ok(description);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(ClientError::Timeout(format!(
+                    "waiting for leaders of every partition of {}",
+                    config.name
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Streams a partition's events as they are committed.
     pub async fn subscribe(
         &self,

@@ -6,7 +6,7 @@
 
 mod dev;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -39,6 +39,26 @@ impl std::fmt::Debug for TlsIdentity {
             .field("cert_pem", &format_args!("{} bytes", self.cert_pem.len()))
             .field("key_pem", &"<redacted>")
             .finish()
+    }
+}
+
+/// Where a process's certificates are: the cluster CA, its own certificate and key (the
+/// `[tls]` table of every role's configuration).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsPaths {
+    /// The cluster CA certificate.
+    pub ca: PathBuf,
+    /// This process's certificate.
+    pub cert: PathBuf,
+    /// This process's private key.
+    pub key: PathBuf,
+}
+
+impl TlsPaths {
+    /// Loads the identity these paths name.
+    pub fn load(&self) -> Result<TlsIdentity, NetError> {
+        TlsIdentity::load(&self.ca, &self.cert, &self.key)
     }
 }
 

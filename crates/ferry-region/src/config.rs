@@ -19,17 +19,7 @@ pub struct PeerConfig {
     pub addr: SocketAddr,
 }
 
-/// Certificate paths.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TlsPaths {
-    /// The cluster CA certificate.
-    pub ca: PathBuf,
-    /// This node's certificate.
-    pub cert: PathBuf,
-    /// This node's private key.
-    pub key: PathBuf,
-}
+pub use ferry_net::tls::TlsPaths;
 
 /// Raft timing and log compaction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -141,22 +141,10 @@ async fn ensure_topic(
     client: &ferry_client::Client,
     config: &TopicConfig,
 ) -> anyhow::Result<ferry_proto::wire::TopicDescription> {
-    if client.describe_topic(&config.name).await.is_err() {
-        client.create_topic(config.clone()).await?;
-    }
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let d = client.describe_topic(&config.name).await?;
-        if d.partitions.iter().all(|p| p.leader.is_some()) {
-            return Ok(d);
-        }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "partitions of {} got no leader in 30 s",
-            config.name
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    Ok(client
+        .ensure_topic(config, Duration::from_secs(30))
+        .await
+        .with_context(|| format!("topic {}", config.name))?)
 }
 
 async fn mesh(mut args: MeshArgs) -> anyhow::Result<()> {

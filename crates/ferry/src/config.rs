@@ -1,6 +1,6 @@
-//! Loading a node's configuration: TOML from a file (or the embedded dev default), then
-//! `FERRY_<SECTION>_<KEY>` / `FERRY_<KEY>` environment overrides, then the one validation in
-//! ferry-region. Errors name the file and the key.
+//! Loading a node's or an edge's configuration: TOML from a file (or the embedded dev
+//! default), then `FERRY_<SECTION>_<KEY>` / `FERRY_<KEY>` environment overrides, then the one
+//! validation in the role's library. Errors name the file and the key.
 
 use std::path::Path;
 
@@ -12,13 +12,16 @@ pub const DEV_DEFAULT: &str = include_str!("../../../config/dev.toml");
 
 /// Tables of the node configuration; an override `FERRY_RAFT_HEARTBEAT_MS` sets
 /// `raft.heartbeat_ms`, one without a known table prefix sets a top-level key.
-const SECTIONS: &[&str] = &["limits", "raft", "tls", "mesh"];
+const NODE_SECTIONS: &[&str] = &["limits", "raft", "tls", "mesh"];
+/// Tables of the edge configuration.
+const EDGE_SECTIONS: &[&str] = &["limits", "tls", "auth", "window"];
 /// Environment variables that are not config overrides.
 const NOT_OVERRIDES: &[&str] = &["FERRY_CONFIG", "FERRY_CERTS", "FERRY_SERVERS", "FERRY_LOG"];
 
 /// Applies environment overrides to a parsed TOML table.
 pub fn apply_overrides(
     table: &mut toml::Table,
+    sections: &[&str],
     vars: impl Iterator<Item = (String, String)>,
 ) -> anyhow::Result<()> {
     for (name, value) in vars {
@@ -31,7 +34,7 @@ pub fn apply_overrides(
             .ok()
             .and_then(|mut t| t.remove("v"))
             .unwrap_or_else(|| toml::Value::String(value.clone()));
-        let section = SECTIONS.iter().find(|s| key.starts_with(&format!("{s}_")));
+        let section = sections.iter().find(|s| key.starts_with(&format!("{s}_")));
         match section {
             Some(section) => {
                 let field = key[section.len() + 1..].to_string();
@@ -69,7 +72,7 @@ pub fn node_config_from_table(
     origin: &str,
     vars: impl Iterator<Item = (String, String)>,
 ) -> anyhow::Result<NodeConfig> {
-    apply_overrides(&mut table, vars)?;
+    apply_overrides(&mut table, NODE_SECTIONS, vars)?;
     let config: NodeConfig = toml::Value::Table(table)
         .try_into()
         .with_context(|| format!("{origin}: invalid node configuration"))?;
@@ -79,8 +82,8 @@ pub fn node_config_from_table(
     Ok(config)
 }
 
-/// Loads `path` (or `FERRY_CONFIG`) with environment overrides.
-pub fn load_node_config(path: Option<&Path>) -> anyhow::Result<NodeConfig> {
+/// Reads `path` (or `FERRY_CONFIG`): the text and the name to report it by.
+fn read_config_file(path: Option<&Path>) -> anyhow::Result<(String, String)> {
     let path = match path {
         Some(p) => p.to_path_buf(),
         None => std::env::var_os("FERRY_CONFIG")
@@ -89,7 +92,38 @@ pub fn load_node_config(path: Option<&Path>) -> anyhow::Result<NodeConfig> {
     };
     let text = std::fs::read_to_string(&path)
         .with_context(|| format!("cannot read config file {}", path.display()))?;
-    parse_node_config(&text, &path.display().to_string(), std::env::vars())
+    Ok((text, path.display().to_string()))
+}
+
+/// Loads `path` (or `FERRY_CONFIG`) with environment overrides.
+pub fn load_node_config(path: Option<&Path>) -> anyhow::Result<NodeConfig> {
+    let (text, origin) = read_config_file(path)?;
+    parse_node_config(&text, &origin, std::env::vars())
+}
+
+/// Parses and validates an edge configuration from TOML text plus overrides.
+pub fn parse_edge_config(
+    text: &str,
+    origin: &str,
+    vars: impl Iterator<Item = (String, String)>,
+) -> anyhow::Result<ferry_edge::EdgeConfig> {
+    let mut table: toml::Table = text
+        .parse()
+        .with_context(|| format!("{origin} is not valid TOML"))?;
+    apply_overrides(&mut table, EDGE_SECTIONS, vars)?;
+    let config: ferry_edge::EdgeConfig = toml::Value::Table(table)
+        .try_into()
+        .with_context(|| format!("{origin}: invalid edge configuration"))?;
+    config
+        .validate()
+        .with_context(|| format!("{origin}: invalid edge configuration"))?;
+    Ok(config)
+}
+
+/// Loads an edge's `path` (or `FERRY_CONFIG`) with environment overrides.
+pub fn load_edge_config(path: Option<&Path>) -> anyhow::Result<ferry_edge::EdgeConfig> {
+    let (text, origin) = read_config_file(path)?;
+    parse_edge_config(&text, &origin, std::env::vars())
 }
 
 #[cfg(test)]
@@ -97,6 +131,7 @@ mod tests {
     use super::*;
 
     const NODE: &str = include_str!("../../../config/node.toml");
+    const EDGE: &str = include_str!("../../../config/edge.toml");
 
     fn vars(list: &[(&str, &str)]) -> impl Iterator<Item = (String, String)> {
         list.iter()
@@ -119,6 +154,30 @@ mod tests {
         assert_eq!(config.raft.heartbeat_ms, 200);
         assert_eq!(config.data_dir, Path::new("/tmp/x"));
         assert_eq!(config.peers.len(), 3);
+    }
+
+    #[test]
+    fn example_edge_config_parses_and_errors_name_the_key() {
+        let config = parse_edge_config(
+            EDGE,
+            "edge.toml",
+            vars(&[("FERRY_WINDOW_EVENTS", "50"), ("FERRY_NAME", "edge-b")]),
+        )
+        .unwrap();
+        assert_eq!(config.window.events, 50);
+        assert_eq!(config.name, "edge-b");
+        let err = format!(
+            "{:#}",
+            parse_edge_config(EDGE, "edge.toml", vars(&[("FERRY_AUTH_SECRET", "short")]))
+                .unwrap_err()
+        );
+        assert!(err.contains("auth.secret"), "{err}");
+        let err = format!(
+            "{:#}",
+            parse_edge_config(EDGE, "edge.toml", vars(&[("FERRY_LIMITS_SEND_QUEUE", "0")]))
+                .unwrap_err()
+        );
+        assert!(err.contains("limits.send_queue"), "{err}");
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! `ferry`: one binary for every role of the mesh. This session's roles: `node`, `certs`,
+//! `ferry`: one binary for every role of the mesh. Roles so far: `node`, `edge`, `certs`,
 //! `ctl`, `dev` and `bench`.
 
 mod bench;
@@ -6,6 +6,7 @@ mod check;
 mod config;
 mod ctl;
 mod dev;
+mod edge;
 mod workload;
 
 use std::path::PathBuf;
@@ -44,6 +45,8 @@ enum Command {
         #[command(subcommand)]
         command: CertsCommand,
     },
+    /// Run an edge node (notification fan-out over WebSocket and SSE), or sign a user token.
+    Edge(edge::EdgeArgs),
     /// Administer a region: topics, publish, tail.
     Ctl(ctl::CtlArgs),
     /// Run a whole local region (three nodes on loopback) from the embedded default config.
@@ -126,6 +129,7 @@ async fn main() -> anyhow::Result<()> {
             }
             ctl::run(args).await
         }
+        Command::Edge(args) => edge::run(args).await,
         Command::Dev(args) => dev::run(args).await,
         Command::Bench(args) => bench::run(args).await,
         Command::Workload(args) => workload::run(args).await,

@@ -1,0 +1,396 @@
+//! The edge's HTTP endpoint (axum): `/ws` (WebSocket, JSON frames), `/sse` (server-sent
+//! events), `/metrics` and `/healthz`. Tokens come as `?token=` or `Authorization: Bearer`;
+//! a missing or bad token is answered 401 before anything is subscribed.
+//!
+//! WebSocket frames, client to edge: `{"type":"subscribe","channel":C,"since":ID?}`,
+//! `{"type":"unsubscribe","channel":C}`, `{"type":"ack","channel":C,"id":ID}`. Edge to
+//! client: `message` (channel, id, event_id, event_type, data), `subscribed` (position),
+//! `gap` (requested, first_available), `lag` (missed, resume_from), `unsubscribed`, `error`
+//! (channel, code, message).
+//!
+//! SSE: `/sse?channels=A,B&token=…`; each `message` event carries an `id:` that resumes every
+//! channel of the stream (`<epoch>-<seq of A>.<seq of B>`, the same as a WebSocket id for one
+//! channel), so the browser's automatic `Last-Event-ID` on reconnect (or `?lastEventId=`)
+//! continues where the stream stopped. Control frames are events named by their type.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::fmt::Write;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use axum::extract::ws::{Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use axum::extract::{Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use futures::{SinkExt, Stream, StreamExt};
+use tokio::sync::watch;
+
+use crate::auth::User;
+use crate::session::{ConnectionSlot, SessionDriver, Transport};
+use crate::window::Position;
+use crate::Shared;
+
+/// Serves until `shutdown` turns true.
+pub(crate) async fn serve(
+    shared: Arc<Shared>,
+    listener: tokio::net::TcpListener,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let app = Router::new()
+        .route("/ws", get(ws))
+        .route("/sse", get(sse))
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .with_state(shared);
+    let served = axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            stopped(&mut shutdown).await;
+        })
+        .await;
+    if let Err(e) = served {
+        tracing::error!(error = %e, "edge HTTP endpoint failed");
+    }
+}
+
+type Params = Query<HashMap<String, String>>;
+
+/// Resolves once the edge is shutting down.
+async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|stop| *stop).await;
+}
+
+fn refuse(status: StatusCode, message: String) -> Response {
+    (status, format!("{message}\n")).into_response()
+}
+
+/// Verifies the request's token and takes a connection slot.
+fn admit(
+    shared: &Arc<Shared>,
+    params: &HashMap<String, String>,
+    headers: &HeaderMap,
+    transport: Transport,
+) -> Result<(User, ConnectionSlot), Response> {
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    let token = params.get("token").map(String::as_str).or(bearer);
+    let user = shared.auth.verify(token).map_err(|e| {
+        shared.metrics.refused_auth.fetch_add(1, Ordering::Relaxed);
+        refuse(StatusCode::UNAUTHORIZED, e.to_string())
+    })?;
+    let slot = ConnectionSlot::take(shared, transport).ok_or_else(|| {
+        shared.metrics.refused_limit.fetch_add(1, Ordering::Relaxed);
+        refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "connection limit reached ({} open; limits.max_connections)",
+                shared.config.limits.max_connections
+            ),
+        )
+    })?;
+    Ok((user, slot))
+}
+
+async fn ws(
+    State(shared): State<Arc<Shared>>,
+    Query(params): Params,
+    headers: HeaderMap,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    let (user, slot) = match admit(&shared, &params, &headers, Transport::WebSocket) {
+        Ok(admitted) => admitted,
+        Err(response) => return response,
+    };
+    let limit = shared.config.limits.max_client_frame;
+    upgrade
+        .max_message_size(limit)
+        .max_frame_size(limit)
+        .on_upgrade(move |socket| run_ws(shared, user, slot, socket))
+}
+
+async fn run_ws(shared: Arc<Shared>, user: User, slot: ConnectionSlot, socket: WebSocket) {
+    let mut shutdown = shared.shutdown.clone();
+    let mut driver = SessionDriver::open(shared.clone(), user, slot);
+    let (mut sink, mut stream) = socket.split();
+    loop {
+        tokio::select! {
+            out = driver.next() => {
+                let text = match Utf8Bytes::try_from(out.frame) {
+                    Ok(t) => t,
+                    Err(_) => continue,
+                };
+                if sink.send(Message::Text(text)).await.is_err() {
+                    break;
+                }
+                if out.position.is_some() {
+                    shared.metrics.delivered(Transport::WebSocket).fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            incoming = stream.next() => match incoming {
+                Some(Ok(Message::Text(text))) => driver.handle_client_frame(text.as_str()),
+                Some(Ok(Message::Binary(_))) => {
+                    driver.handle_client_frame("binary frame");
+                }
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
+                Some(Ok(_)) => {}
+            },
+            _ = stopped(&mut shutdown) => {
+                let _ = sink.send(Message::Close(None)).await;
+                break;
+            }
+        }
+    }
+}
+
+async fn sse(
+    State(shared): State<Arc<Shared>>,
+    Query(params): Params,
+    headers: HeaderMap,
+) -> Response {
+    let channels: Vec<String> = params
+        .get("channels")
+        .map(|c| {
+            c.split(',')
+                .filter(|s| !s.is_empty())
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default();
+    if channels.is_empty() {
+        return refuse(
+            StatusCode::BAD_REQUEST,
+            "channels: give ?channels=A,B (at least one)".into(),
+        );
+    }
+    if channels.len() > shared.config.limits.max_subscriptions {
+        return refuse(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "channels: at most {} per connection (limits.max_subscriptions)",
+                shared.config.limits.max_subscriptions
+            ),
+        );
+    }
+    let (user, slot) = match admit(&shared, &params, &headers, Transport::Sse) {
+        Ok(admitted) => admitted,
+        Err(response) => return response,
+    };
+    // Refuse forbidden channels with 403 before the stream starts.
+    for channel in &channels {
+        if let Err(e) = user.may_read(channel) {
+            shared
+                .metrics
+                .refused_forbidden
+                .fetch_add(1, Ordering::Relaxed);
+            return refuse(StatusCode::FORBIDDEN, e.to_string());
+        }
+    }
+    let last_event_id = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+        .or_else(|| params.get("lastEventId").cloned());
+    let mut driver = SessionDriver::open(shared.clone(), user, slot);
+    let resume = last_event_id.map(|id| sse_positions(&driver, &id, channels.len()));
+    for (i, channel) in channels.iter().enumerate() {
+        let since = match &resume {
+            None => None,
+            Some(Some(seqs)) => Some(driver.id_of(seqs[i])),
+            // An id this edge cannot read: each channel gets a gap frame.
+            Some(None) => Some("unknown".to_string()),
+        };
+        driver.subscribe(channel, since.as_deref());
+    }
+    let stream = sse_stream(shared, driver, channels);
+    Sse::new(stream)
+        .keep_alive(KeepAlive::default())
+        .into_response()
+}
+
+/// Parses an SSE id (`<epoch>-<seq>.<seq>…`, one per channel) into sequences.
+fn sse_positions(driver: &SessionDriver, id: &str, channels: usize) -> Option<Vec<u64>> {
+    let (epoch, seqs) = id.rsplit_once('-')?;
+    if epoch != driver.epoch() {
+        return None;
+    }
+    let seqs: Vec<u64> = seqs
+        .split('.')
+        .map(|s| s.parse().ok())
+        .collect::<Option<_>>()?;
+    (seqs.len() == channels).then_some(seqs)
+}
+
+fn sse_stream(
+    shared: Arc<Shared>,
+    driver: SessionDriver,
+    channels: Vec<String>,
+) -> impl Stream<Item = Result<SseEvent, Infallible>> {
+    let shutdown = shared.shutdown.clone();
+    let positions = vec![0u64; channels.len()];
+    futures::stream::unfold(
+        (shared, driver, channels, positions, shutdown),
+        |(shared, mut driver, channels, mut positions, mut shutdown)| async move {
+            let out = tokio::select! {
+                out = driver.next() => out,
+                _ = stopped(&mut shutdown) => return None,
+            };
+            let data = String::from_utf8_lossy(&out.frame).into_owned();
+            let mut event = SseEvent::default().event(out.kind).data(data);
+            if out.kind == "subscribed" {
+                // The subscription's starting position is part of the stream's id.
+                if let Some((channel, position)) = subscribed_position(&out.frame) {
+                    if let Some(i) = channels.iter().position(|c| *c == channel) {
+                        if let Position::Seq(seq) = driver.parse_id(&position) {
+                            positions[i] = seq;
+                        }
+                    }
+                }
+            }
+            if let Some((channel, seq)) = &out.position {
+                if let Some(i) = channels.iter().position(|c| **c == **channel) {
+                    positions[i] = *seq;
+                }
+                let mut id = format!("{}-", driver.epoch());
+                for (i, seq) in positions.iter().enumerate() {
+                    if i > 0 {
+                        id.push('.');
+                    }
+                    let _ = write!(id, "{seq}");
+                }
+                event = event.id(id);
+                shared
+                    .metrics
+                    .delivered(Transport::Sse)
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+            Some((Ok(event), (shared, driver, channels, positions, shutdown)))
+        },
+    )
+}
+
+fn subscribed_position(frame: &[u8]) -> Option<(String, String)> {
+    let value: serde_json::Value = serde_json::from_slice(frame).ok()?;
+    Some((
+        value.get("channel")?.as_str()?.to_string(),
+        value.get("position")?.as_str()?.to_string(),
+    ))
+}
+
+async fn healthz(State(shared): State<Arc<Shared>>) -> (StatusCode, &'static str) {
+    if *shared.shutdown.borrow() {
+        (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n")
+    } else {
+        (StatusCode::OK, "ok\n")
+    }
+}
+
+async fn metrics(State(shared): State<Arc<Shared>>) -> String {
+    let m = &shared.metrics;
+    let mut out = String::new();
+    let name = &shared.config.name;
+    let mut line = |metric: &str, labels: &str, value: u64| {
+        let sep = if labels.is_empty() { "" } else { "," };
+        let _ = writeln!(out, "{metric}{{edge=\"{name}\"{sep}{labels}}} {value}");
+    };
+    let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    line(
+        "ferry_edge_connections",
+        "transport=\"ws\"",
+        m.ws_connections.load(Ordering::Relaxed) as u64,
+    );
+    line(
+        "ferry_edge_connections",
+        "transport=\"sse\"",
+        m.sse_connections.load(Ordering::Relaxed) as u64,
+    );
+    let (users, subscribers, queued, depth, stats) = {
+        let hub = shared.hub.lock().expect("hub lock");
+        let mut shared_channels: Vec<(String, usize)> = Vec::new();
+        let mut user_channels = 0;
+        for (channel, count) in hub.subscribers() {
+            if channel.starts_with("user.") {
+                user_channels += count;
+            } else {
+                shared_channels.push((channel.to_string(), count));
+            }
+        }
+        shared_channels.sort();
+        let (sum, max) = hub.queue_depths();
+        (
+            hub.user_count(),
+            (shared_channels, user_channels),
+            sum,
+            max,
+            hub.stats(),
+        )
+    };
+    line("ferry_edge_users", "", users as u64);
+    // Per-user channels are summed (one series per user would be unbounded).
+    line(
+        "ferry_edge_subscriptions",
+        "channel=\"user.*\"",
+        subscribers.1 as u64,
+    );
+    for (channel, count) in &subscribers.0 {
+        let escaped = channel.replace('\\', "\\\\").replace('"', "\\\"");
+        line(
+            "ferry_edge_subscriptions",
+            &format!("channel=\"{escaped}\""),
+            *count as u64,
+        );
+    }
+    line("ferry_edge_queue_depth", "kind=\"total\"", queued as u64);
+    line("ferry_edge_queue_depth", "kind=\"max\"", depth as u64);
+    line("ferry_edge_notifications_total", "", load(&m.notifications));
+    line("ferry_edge_fanned_out_total", "", stats.queued);
+    line(
+        "ferry_edge_deliveries_total",
+        "transport=\"ws\"",
+        load(&m.delivered_ws),
+    );
+    line(
+        "ferry_edge_deliveries_total",
+        "transport=\"sse\"",
+        load(&m.delivered_sse),
+    );
+    line("ferry_edge_replayed_total", "", load(&m.replayed));
+    line("ferry_edge_acks_total", "", load(&m.acks));
+    line("ferry_edge_lag_frames_total", "", load(&m.lags));
+    line("ferry_edge_gap_frames_total", "", load(&m.gaps));
+    line(
+        "ferry_edge_dropped_total",
+        "cause=\"queue_full\"",
+        stats.overflowed,
+    );
+    line(
+        "ferry_edge_dropped_total",
+        "cause=\"not_served\"",
+        load(&m.not_served),
+    );
+    line(
+        "ferry_edge_dropped_total",
+        "cause=\"window_expired\"",
+        load(&m.expired),
+    );
+    line(
+        "ferry_edge_refused_total",
+        "cause=\"auth\"",
+        load(&m.refused_auth),
+    );
+    line(
+        "ferry_edge_refused_total",
+        "cause=\"forbidden\"",
+        load(&m.refused_forbidden),
+    );
+    line(
+        "ferry_edge_refused_total",
+        "cause=\"connection_limit\"",
+        load(&m.refused_limit),
+    );
+    out
+}

@@ -1,0 +1,207 @@
+//! Reading notifications from the region: one subscription per partition of the topic, from
+//! the offsets the window was written up to; groups of notifications are numbered, retained
+//! and flushed to disk together, then handed to the hub and the sessions it names are woken.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry_client::Client;
+use ferry_proto::wire::StartFrom;
+use ferry_proto::Event;
+use tokio::sync::{mpsc, watch};
+
+use crate::window::{FrameParts, Incoming};
+use crate::Shared;
+
+/// Notifications retained and fanned out per group (one disk flush each).
+const GROUP_MAX: usize = 2048;
+/// How often expired notifications leave the window.
+const TRIM_EVERY: Duration = Duration::from_secs(30);
+
+/// What a partition reader hands on.
+struct Read {
+    partition: u32,
+    offset: u64,
+    event: Event,
+}
+
+pub(crate) fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The frame parts of an event: JSON data stays JSON, anything else becomes a string.
+fn frame_parts(event: &Event) -> FrameParts {
+    let data = serde_json::from_slice(&event.data).unwrap_or_else(|_| {
+        serde_json::Value::String(String::from_utf8_lossy(&event.data).into_owned())
+    });
+    FrameParts {
+        event_id: event.id.clone(),
+        event_type: event.ty.clone(),
+        data,
+    }
+}
+
+/// Runs until `shutdown` turns true.
+pub(crate) async fn run(
+    shared: Arc<Shared>,
+    client: Client,
+    partitions: u32,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let starts = match starting_offsets(&shared, &client, partitions).await {
+        Ok(starts) => starts,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot find where to start reading notifications");
+            return;
+        }
+    };
+    let (tx, mut rx) = mpsc::channel::<Read>(GROUP_MAX * 4);
+    let mut readers = Vec::new();
+    for (partition, next) in starts {
+        readers.push(tokio::spawn(read_partition(
+            client.clone(),
+            shared.config.topic.clone(),
+            partition,
+            StartFrom::Offset(next),
+            tx.clone(),
+        )));
+    }
+    drop(tx);
+    let mut trim = tokio::time::interval(TRIM_EVERY);
+    trim.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let first = tokio::select! {
+            _ = shutdown.changed() => break,
+            _ = trim.tick() => {
+                match shared.store.trim_expired(now_ms()).await {
+                    Ok(n) => { shared.metrics.expired.fetch_add(n, Ordering::Relaxed); }
+                    Err(e) => tracing::warn!(error = %e, "trimming the window failed"),
+                }
+                continue;
+            }
+            read = rx.recv() => match read {
+                Some(read) => read,
+                None => break,
+            },
+        };
+        let mut group = vec![first];
+        while group.len() < GROUP_MAX {
+            match rx.try_recv() {
+                Ok(read) => group.push(read),
+                Err(_) => break,
+            }
+        }
+        if let Err(e) = ingest(&shared, group).await {
+            // The window could not be written: stop rather than hand out positions that
+            // are not on disk. Readers resume from the last flushed cursor on restart.
+            tracing::error!(error = %e, "writing the window failed; the edge stops reading");
+            break;
+        }
+    }
+    for reader in readers {
+        reader.abort();
+    }
+}
+
+/// Each partition's next offset: from the window, or (first start) the region's end or
+/// beginning as configured, written to the window at once so that a restart resumes there
+/// and notifications published while the edge was down are not skipped.
+async fn starting_offsets(
+    shared: &Shared,
+    client: &Client,
+    partitions: u32,
+) -> Result<Vec<(u32, u64)>, crate::EdgeError> {
+    let mut starts = Vec::new();
+    let mut fresh = Vec::new();
+    for partition in 0..partitions {
+        match shared.store.cursor(partition)? {
+            Some(next) => starts.push((partition, next)),
+            None => {
+                let next = if shared.config.start == "earliest" {
+                    0
+                } else {
+                    let topic = &shared.config.topic;
+                    client.fetch(topic, partition, 0, 1).await?.1
+                };
+                starts.push((partition, next));
+                fresh.push((partition, next));
+            }
+        }
+    }
+    if !fresh.is_empty() {
+        shared.store.append(Vec::new(), &fresh, now_ms()).await?;
+    }
+    Ok(starts)
+}
+
+async fn ingest(shared: &Arc<Shared>, group: Vec<Read>) -> Result<(), crate::EdgeError> {
+    let mut cursors = BTreeMap::new();
+    let mut incoming = Vec::with_capacity(group.len());
+    for read in group {
+        cursors.insert(read.partition, read.offset + 1);
+        if shared.serves(read.event.subject.as_str()) {
+            incoming.push(Incoming {
+                channel: read.event.subject.as_str().into(),
+                frame: frame_parts(&read.event),
+            });
+        } else {
+            shared.metrics.not_served.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    let cursors: Vec<(u32, u64)> = cursors.into_iter().collect();
+    let retained = shared.store.append(incoming, &cursors, now_ms()).await?;
+    shared
+        .metrics
+        .notifications
+        .fetch_add(retained.len() as u64, Ordering::Relaxed);
+    let woken = {
+        let mut hub = shared.hub.lock().expect("hub lock");
+        for note in retained {
+            hub.handle_notification(note);
+        }
+        hub.take_woken()
+    };
+    for notify in woken {
+        notify.notify_one();
+    }
+    Ok(())
+}
+
+/// Streams one partition into `tx`, resuming after errors from the next offset.
+async fn read_partition(
+    client: Client,
+    topic: String,
+    partition: u32,
+    mut start: StartFrom,
+    tx: mpsc::Sender<Read>,
+) {
+    loop {
+        match client.subscribe(&topic, partition, start).await {
+            Ok(mut subscription) => loop {
+                match subscription.next().await {
+                    Ok((offset, event)) => {
+                        start = StartFrom::Offset(offset + 1);
+                        let read = Read {
+                            partition,
+                            offset,
+                            event,
+                        };
+                        if tx.send(read).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, partition, "notification stream broke; reopening");
+                        break;
+                    }
+                }
+            },
+            Err(e) => tracing::warn!(error = %e, partition, "cannot subscribe; retrying"),
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}

@@ -1,0 +1,216 @@
+//! Ferry's edge node: it reads a region's notification topic, keeps a retained window per
+//! channel on disk, and fans notifications out to the users connected to it over WebSocket
+//! (`/ws`) and server-sent events (`/sse`), with signed user tokens, resume by last id, and
+//! explicit `gap` and `lag` frames instead of silent loss.
+//!
+//! Pieces: [`hub`] (the fan-out state machine, no I/O), [`window`] (the sled window),
+//! [`auth`] (user tokens), the connection driver shared by both transports, the region
+//! reader, and the HTTP layer (axum).
+//!
+//! Not here yet (issue 6 continues): webhooks, per-user throttling, templates, the demo page
+//! and `ferry bench fanout`.
+#![warn(missing_docs, unreachable_pub)]
+
+pub mod auth;
+pub mod config;
+mod http;
+pub mod hub;
+mod ingest;
+mod session;
+pub mod window;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize};
+use std::sync::{Arc, Mutex};
+
+use ferry_client::{Client, ClientOptions};
+use ferry_proto::{EventClass, SubjectFilter, TopicConfig};
+use tokio::sync::{watch, Notify};
+use tokio::task::JoinHandle;
+
+pub use auth::{sign, AuthError, Authenticator, Claims};
+pub use config::EdgeConfig;
+
+use crate::hub::Hub;
+use crate::session::Transport;
+use crate::window::WindowStore;
+
+/// Errors of the edge.
+#[derive(Debug, thiserror::Error)]
+pub enum EdgeError {
+    /// A configuration value is invalid.
+    #[error("config {key}: {reason}")]
+    Config {
+        /// The key.
+        key: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The window store failed.
+    #[error("window store: {0}")]
+    Store(String),
+    /// The region refused or could not be reached.
+    #[error("region: {0}")]
+    Region(#[from] ferry_client::ClientError),
+    /// Certificates could not be loaded.
+    #[error(transparent)]
+    Tls(#[from] ferry_net::NetError),
+    /// The HTTP listener failed.
+    #[error("http {addr}: {reason}")]
+    Http {
+        /// The address.
+        addr: SocketAddr,
+        /// What failed.
+        reason: String,
+    },
+}
+
+/// Counters and gauges for `/metrics`.
+#[derive(Debug, Default)]
+pub(crate) struct Metrics {
+    pub(crate) connections: AtomicUsize,
+    pub(crate) ws_connections: AtomicUsize,
+    pub(crate) sse_connections: AtomicUsize,
+    pub(crate) notifications: AtomicU64,
+    pub(crate) not_served: AtomicU64,
+    pub(crate) expired: AtomicU64,
+    pub(crate) delivered_ws: AtomicU64,
+    pub(crate) delivered_sse: AtomicU64,
+    pub(crate) replayed: AtomicU64,
+    pub(crate) gaps: AtomicU64,
+    pub(crate) lags: AtomicU64,
+    pub(crate) acks: AtomicU64,
+    pub(crate) refused_auth: AtomicU64,
+    pub(crate) refused_forbidden: AtomicU64,
+    pub(crate) refused_limit: AtomicU64,
+}
+
+impl Metrics {
+    pub(crate) fn transport(&self, transport: Transport) -> &AtomicUsize {
+        match transport {
+            Transport::WebSocket => &self.ws_connections,
+            Transport::Sse => &self.sse_connections,
+        }
+    }
+
+    pub(crate) fn delivered(&self, transport: Transport) -> &AtomicU64 {
+        match transport {
+            Transport::WebSocket => &self.delivered_ws,
+            Transport::Sse => &self.delivered_sse,
+        }
+    }
+}
+
+/// State shared by the region reader and every connection.
+pub(crate) struct Shared {
+    pub(crate) config: EdgeConfig,
+    pub(crate) auth: Authenticator,
+    pub(crate) store: WindowStore,
+    pub(crate) hub: Mutex<Hub<Arc<Notify>>>,
+    pub(crate) metrics: Metrics,
+    pub(crate) served: Vec<SubjectFilter>,
+    pub(crate) shutdown: watch::Receiver<bool>,
+}
+
+impl Shared {
+    /// Whether this edge serves a channel.
+    pub(crate) fn serves(&self, channel: &str) -> bool {
+        self.served.iter().any(|f| f.matches(channel))
+    }
+}
+
+/// A running edge.
+pub struct Edge {
+    shared: Arc<Shared>,
+    http_addr: SocketAddr,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Edge {
+    /// Connects to the region, makes sure the topic exists, registers the edge's interest,
+    /// opens the window and starts serving HTTP.
+    pub async fn start(config: EdgeConfig) -> Result<Self, EdgeError> {
+        config.validate()?;
+        let identity = config.tls.load()?;
+        let client = Client::new(ClientOptions::new(config.servers.clone(), identity))?;
+        let mut topic = TopicConfig::new(config.topic.clone(), config.partitions);
+        topic.class = EventClass::Notification;
+        let description = client
+            .ensure_topic(&topic, std::time::Duration::from_secs(30))
+            .await?;
+        let partitions = description.partitions.len() as u32;
+        for (i, channels) in config.channels.iter().enumerate() {
+            client
+                .add_interest(&format!("edge-{}-{i}", config.name), channels)
+                .await?;
+        }
+        let store = WindowStore::open(&config.data_dir, config.window_limits())?;
+        let listener = tokio::net::TcpListener::bind(config.http)
+            .await
+            .map_err(|e| EdgeError::Http {
+                addr: config.http,
+                reason: e.to_string(),
+            })?;
+        let http_addr = listener.local_addr().map_err(|e| EdgeError::Http {
+            addr: config.http,
+            reason: e.to_string(),
+        })?;
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let shared = Arc::new(Shared {
+            auth: Authenticator::new(config.auth.secret.as_bytes()),
+            served: config.channel_filters(),
+            config,
+            store,
+            hub: Mutex::new(Hub::new()),
+            metrics: Metrics::default(),
+            shutdown: shutdown_rx.clone(),
+        });
+        let tasks = vec![
+            tokio::spawn(ingest::run(
+                shared.clone(),
+                client,
+                partitions,
+                shutdown_rx.clone(),
+            )),
+            tokio::spawn(http::serve(shared.clone(), listener, shutdown_rx)),
+        ];
+        tracing::info!(name = %shared.config.name, %http_addr, partitions, "edge running");
+        Ok(Self {
+            shared,
+            http_addr,
+            shutdown,
+            tasks,
+        })
+    }
+
+    /// The HTTP address (useful with port 0).
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+
+    /// Open client connections.
+    pub fn connections(&self) -> usize {
+        self.shared
+            .metrics
+            .connections
+            .load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Stops serving, closes every connection, flushes the window and releases it.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        for task in self.tasks {
+            let _ = task.await;
+        }
+        // Connections end on the shutdown signal; wait (bounded) for them to let go of the
+        // window so it can be reopened.
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+        while Arc::strong_count(&self.shared) > 1 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        if let Err(e) = self.shared.store.flush().await {
+            tracing::warn!(error = %e, "flushing the window at shutdown failed");
+        }
+    }
+}
