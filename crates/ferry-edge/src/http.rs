@@ -73,7 +73,7 @@ fn admit(
     params: &HashMap<String, String>,
     headers: &HeaderMap,
     transport: Transport,
-) -> Result<(User, ConnectionSlot), Response> {
+) -> Result<(User, ConnectionSlot), (StatusCode, String)> {
     let bearer = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -81,14 +81,14 @@ fn admit(
     let token = params.get("token").map(String::as_str).or(bearer);
     let user = shared.auth.verify(token).map_err(|e| {
         shared.metrics.refused_auth.fetch_add(1, Ordering::Relaxed);
-        refuse(StatusCode::UNAUTHORIZED, e.to_string())
+        (StatusCode::UNAUTHORIZED, format!("{e}\n"))
     })?;
     let slot = ConnectionSlot::take(shared, transport).ok_or_else(|| {
         shared.metrics.refused_limit.fetch_add(1, Ordering::Relaxed);
-        refuse(
+        (
             StatusCode::SERVICE_UNAVAILABLE,
             format!(
-                "connection limit reached ({} open; limits.max_connections)",
+                "connection limit reached ({} open; limits.max_connections)\n",
                 shared.config.limits.max_connections
             ),
         )
@@ -104,7 +104,7 @@ async fn ws(
 ) -> Response {
     let (user, slot) = match admit(&shared, &params, &headers, Transport::WebSocket) {
         Ok(admitted) => admitted,
-        Err(response) => return response,
+        Err(refusal) => return refusal.into_response(),
     };
     let limit = shared.config.limits.max_client_frame;
     upgrade
@@ -178,7 +178,7 @@ async fn sse(
     }
     let (user, slot) = match admit(&shared, &params, &headers, Transport::Sse) {
         Ok(admitted) => admitted,
-        Err(response) => return response,
+        Err(refusal) => return refusal.into_response(),
     };
     // Refuse forbidden channels with 403 before the stream starts.
     for channel in &channels {
