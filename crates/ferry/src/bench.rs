@@ -141,10 +141,10 @@ async fn ensure_topic(
     client: &ferry_client::Client,
     config: &TopicConfig,
 ) -> anyhow::Result<ferry_proto::wire::TopicDescription> {
-    Ok(client
+    client
         .ensure_topic(config, Duration::from_secs(30))
         .await
-        .with_context(|| format!("topic {}", config.name))?)
+        .with_context(|| format!("topic {}", config.name))
 }
 
 async fn mesh(mut args: MeshArgs) -> anyhow::Result<()> {
