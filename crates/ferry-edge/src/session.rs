@@ -180,7 +180,7 @@ impl SessionDriver {
         let mut gap = None;
         let start = match since.map(|id| (id, store.parse_id(id))) {
             None => Start::Live { last: range.last() },
-            Some((_, Position::Seq(seq))) => Start::After(seq.min(range.last())),
+            Some((_, Position::Seq(seq))) => Start::After(seq),
             Some((id, Position::Foreign)) => {
                 gap = Some(id.to_string());
                 Start::After(range.first - 1)

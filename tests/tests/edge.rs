@@ -1,0 +1,675 @@
+//! An edge and a three-node region in one process, over real QUIC (edge to region) and real
+//! TCP (WebSocket and SSE clients to the edge): fan-out to 1,000 WebSocket clients, broadcast,
+//! resume by last id over WebSocket and SSE, the window surviving an edge restart, the gap
+//! frame, tokens, and a client that stops reading.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use ferry_client::{Client, Producer, ProducerOptions};
+use ferry_edge::config::{AuthConfig, EdgeLimits, WindowConfig};
+use ferry_edge::{Claims, Edge, EdgeConfig};
+use ferry_net::tls::TlsPaths;
+use ferry_proto::{Event, Subject};
+use ferry_tests::TestRegion;
+use futures::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+const SECRET: &str = "edge-test-secret-0123456789";
+const TOPIC: &str = "notifications";
+
+fn edge_config(region: &TestRegion, data: &Path, http: SocketAddr, window: u64) -> EdgeConfig {
+    let certs = region.certs();
+    EdgeConfig {
+        name: "edge-test".into(),
+        servers: region.live_addrs(),
+        tls: TlsPaths {
+            ca: certs.join("ca.pem"),
+            cert: certs.join("client-test-client.pem"),
+            key: certs.join("client-test-client.key"),
+        },
+        http,
+        data_dir: data.to_path_buf(),
+        topic: TOPIC.into(),
+        partitions: 4,
+        channels: vec!["user.*".into(), "broadcast".into(), "news.>".into()],
+        start: "latest".into(),
+        auth: AuthConfig {
+            secret: SECRET.into(),
+        },
+        window: WindowConfig {
+            events: window,
+            max_age_secs: 3600,
+        },
+        limits: EdgeLimits::default(),
+    }
+}
+
+fn token(user: &str, channels: &[&str]) -> String {
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 600;
+    ferry_edge::sign(
+        SECRET.as_bytes(),
+        &Claims {
+            sub: user.into(),
+            tenant: "acme".into(),
+            channels: channels.iter().map(|c| c.to_string()).collect(),
+            exp,
+        },
+    )
+    .unwrap()
+}
+
+/// Lets this process hold a few thousand sockets (CI's default soft limit may be 1024).
+fn raise_open_file_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct passed.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < 16_384 {
+            limit.rlim_cur = limit.rlim_max.min(16_384);
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+}
+
+type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// A WebSocket client speaking the edge's JSON frames.
+struct Ws {
+    socket: Socket,
+}
+
+impl Ws {
+    async fn connect(edge: SocketAddr, token: &str) -> Self {
+        let url = format!("ws://{edge}/ws?token={token}");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            match tokio_tungstenite::connect_async(&url).await {
+                Ok((socket, _)) => return Self { socket },
+                Err(e) => {
+                    assert!(Instant::now() < deadline, "cannot connect to {edge}: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+
+    async fn send(&mut self, frame: Value) {
+        self.socket
+            .send(Message::Text(frame.to_string().into()))
+            .await
+            .expect("send a frame");
+    }
+
+    /// The next JSON frame, within `within`.
+    async fn next(&mut self, within: Duration) -> Value {
+        let deadline = Instant::now() + within;
+        loop {
+            let message = tokio::time::timeout_at(deadline, self.socket.next())
+                .await
+                .unwrap_or_else(|_| panic!("no frame within {within:?}"))
+                .expect("connection open")
+                .expect("a frame");
+            if let Message::Text(text) = message {
+                return serde_json::from_str(&text).expect("JSON frame");
+            }
+        }
+    }
+
+    /// Subscribes and waits for the `subscribed` frame; returns its position.
+    async fn subscribe(&mut self, channel: &str, since: Option<&str>) -> String {
+        let mut frame = json!({"type": "subscribe", "channel": channel});
+        if let Some(since) = since {
+            frame["since"] = json!(since);
+        }
+        self.send(frame).await;
+        let answer = self.next(Duration::from_secs(10)).await;
+        assert_eq!(answer["type"], "subscribed", "{answer}");
+        assert_eq!(answer["channel"], channel);
+        answer["position"].as_str().unwrap().to_string()
+    }
+
+    /// `n` message frames of `channel`, in order (any other frame fails).
+    async fn messages(&mut self, channel: &str, n: usize, within: Duration) -> Vec<Value> {
+        let deadline = Instant::now() + within;
+        let mut out = Vec::new();
+        while out.len() < n {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let frame = self.next(left).await;
+            assert_eq!(frame["type"], "message", "{frame}");
+            assert_eq!(frame["channel"], channel, "{frame}");
+            out.push(frame);
+        }
+        out
+    }
+}
+
+async fn publish(producer: &Producer, channel: &str, data: Value) {
+    let event = Event::new(
+        format!("{channel}-{}", rand_id()),
+        "test",
+        "notice",
+        Subject::new(channel).unwrap(),
+        data.to_string(),
+    )
+    .with_key(channel.to_string());
+    producer.publish(event).await.expect("publish acknowledged");
+}
+
+fn token_with_secret(user: &str, secret: &[u8]) -> String {
+    let claims = Claims {
+        sub: user.into(),
+        tenant: String::new(),
+        channels: Vec::new(),
+        exp: u64::MAX / 2,
+    };
+    ferry_edge::sign(secret, &claims).unwrap()
+}
+
+/// The epoch part of an edge id (`<epoch>-<seq>`).
+fn epoch_of(id: &str) -> &str {
+    id.rsplit_once('-').expect("an edge id").0
+}
+
+/// Starts an edge again on its old port, retrying while the port or window is still held.
+async fn restart_edge(config: EdgeConfig) -> Edge {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match Edge::start(config.clone()).await {
+            Ok(edge) => return edge,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "edge did not restart: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// A server-sent events client (reqwest, streaming body).
+struct Sse {
+    body: std::pin::Pin<Box<dyn futures::Stream<Item = reqwest::Result<bytes::Bytes>> + Send>>,
+    buffer: String,
+}
+
+impl Sse {
+    async fn open(
+        http: &reqwest::Client,
+        edge: SocketAddr,
+        channels: &str,
+        token: &str,
+        last_event_id: Option<&str>,
+    ) -> Self {
+        let mut request = http.get(format!(
+            "http://{edge}/sse?channels={channels}&token={token}"
+        ));
+        if let Some(id) = last_event_id {
+            request = request.header("Last-Event-ID", id);
+        }
+        let response = request.send().await.expect("SSE request");
+        assert_eq!(response.status(), 200);
+        let mut sse = Self {
+            body: Box::pin(response.bytes_stream()),
+            buffer: String::new(),
+        };
+        let (kind, _, _) = sse.next_event(Duration::from_secs(10)).await;
+        assert_eq!(kind, "subscribed");
+        sse
+    }
+
+    /// The next event: (event name, id, data as JSON).
+    async fn next_event(&mut self, within: Duration) -> (String, String, Value) {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(end) = self.buffer.find("\n\n") {
+                let block: String = self.buffer.drain(..end + 2).collect();
+                let (mut kind, mut id, mut data) =
+                    (String::from("message"), String::new(), String::new());
+                for line in block.lines() {
+                    if let Some(v) = line.strip_prefix("event:") {
+                        kind = v.trim().to_string();
+                    } else if let Some(v) = line.strip_prefix("id:") {
+                        id = v.trim().to_string();
+                    } else if let Some(v) = line.strip_prefix("data:") {
+                        data.push_str(v.trim_start());
+                    }
+                }
+                if data.is_empty() {
+                    continue; // a keep-alive comment
+                }
+                return (kind, id, serde_json::from_str(&data).expect("JSON data"));
+            }
+            let chunk = tokio::time::timeout_at(deadline, self.body.next())
+                .await
+                .unwrap_or_else(|_| panic!("no SSE event within {within:?}"))
+                .expect("stream open")
+                .expect("a chunk");
+            self.buffer.push_str(&String::from_utf8_lossy(&chunk));
+        }
+    }
+
+    /// `n` message events: (id, frame).
+    async fn messages(&mut self, n: usize, within: Duration) -> Vec<(String, Value)> {
+        let deadline = Instant::now() + within;
+        let mut out = Vec::new();
+        while out.len() < n {
+            let (kind, id, data) = self
+                .next_event(deadline.saturating_duration_since(Instant::now()))
+                .await;
+            assert_eq!(kind, "message", "{data}");
+            out.push((id, data));
+        }
+        out
+    }
+}
+
+fn rand_id() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
+async fn publish_many(producer: &Producer, channel: &str, range: std::ops::Range<u64>) {
+    let acks =
+        futures::future::join_all(range.map(|n| publish(producer, channel, json!({"n": n}))));
+    acks.await;
+}
+
+fn ns(frames: &[Value]) -> Vec<u64> {
+    frames
+        .iter()
+        .map(|f| f["data"]["n"].as_u64().expect("data.n"))
+        .collect()
+}
+
+async fn start_region() -> (TestRegion, Client, Producer) {
+    ferry_tests::init_logging();
+    let region = TestRegion::start(3).await;
+    let client = region.client();
+    let mut topic = ferry_proto::TopicConfig::new(TOPIC, 4);
+    topic.class = ferry_proto::EventClass::Notification;
+    client
+        .ensure_topic(&topic, Duration::from_secs(30))
+        .await
+        .expect("topic");
+    let producer = client
+        .producer(TOPIC, ProducerOptions::default())
+        .await
+        .expect("producer");
+    (region, client, producer)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn edge_fans_out_resumes_and_keeps_its_window_across_a_restart() {
+    raise_open_file_limit();
+    let (region, _client, producer) = start_region().await;
+    let data = region.dir.path().join("edge");
+    let config = edge_config(&region, &data, "127.0.0.1:0".parse().unwrap(), 200);
+    let edge = Edge::start(config.clone()).await.expect("edge starts");
+    let addr = edge.http_addr();
+
+    // Tokens: none or a bad one is 401; another user's channel is refused.
+    let http = reqwest::Client::new();
+    for url in [
+        format!("http://{addr}/sse?channels=user.1"),
+        format!("http://{addr}/sse?channels=user.1&token=not-a-token"),
+        format!(
+            "http://{addr}/sse?channels=user.1&token={}",
+            token_with_secret("1", b"another-secret-0123456789")
+        ),
+    ] {
+        let status = http.get(&url).send().await.unwrap().status();
+        assert_eq!(status, 401, "{url}");
+    }
+    let ws_without = tokio_tungstenite::connect_async(format!("ws://{addr}/ws")).await;
+    match ws_without {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), 401)
+        }
+        other => panic!("a WebSocket without a token was not refused with 401: {other:?}"),
+    }
+    let status = http
+        .get(format!(
+            "http://{addr}/sse?channels=user.2&token={}",
+            token("1", &["user.2"])
+        ))
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(status, 403, "user 1 reading user.2 over SSE");
+    let mut intruder = Ws::connect(addr, &token("1", &["user.2", "broadcast"])).await;
+    intruder
+        .send(json!({"type": "subscribe", "channel": "user.2"}))
+        .await;
+    let refused = intruder.next(Duration::from_secs(5)).await;
+    assert_eq!(refused["type"], "error", "{refused}");
+    assert_eq!(refused["code"], "forbidden", "{refused}");
+    drop(intruder);
+
+    // 1,000 clients, each on its own user channel and the broadcast channel.
+    const CLIENTS: usize = 1000;
+    let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel::<usize>(CLIENTS);
+    let (got_tx, mut got_rx) = tokio::sync::mpsc::channel::<(usize, &'static str, Value)>(4096);
+    let mut clients = Vec::new();
+    for i in 0..CLIENTS {
+        let (ready_tx, got_tx) = (ready_tx.clone(), got_tx.clone());
+        clients.push(tokio::spawn(async move {
+            let user = format!("u{i}");
+            let mut ws = Ws::connect(addr, &token(&user, &["broadcast"])).await;
+            ws.subscribe(&format!("user.{user}"), None).await;
+            ws.subscribe("broadcast", None).await;
+            ready_tx.send(i).await.unwrap();
+            loop {
+                let frame = ws.next(Duration::from_secs(120)).await;
+                let kind = if frame["channel"] == "broadcast" {
+                    "broadcast"
+                } else {
+                    "own"
+                };
+                if got_tx.send((i, kind, frame)).await.is_err() {
+                    return;
+                }
+            }
+        }));
+    }
+    drop(got_tx);
+    for _ in 0..CLIENTS {
+        tokio::time::timeout(Duration::from_secs(60), ready_rx.recv())
+            .await
+            .expect("every client subscribed within 60 s");
+    }
+    let each: Vec<_> = (0..CLIENTS)
+        .map(|i| {
+            let producer = &producer;
+            async move { publish(producer, &format!("user.u{i}"), json!({"for": i})).await }
+        })
+        .collect();
+    futures::future::join_all(each).await;
+    publish(&producer, "broadcast", json!({"all": true})).await;
+    let mut own: HashMap<usize, Vec<Value>> = HashMap::new();
+    let mut broadcast: HashMap<usize, usize> = HashMap::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while own.len() < CLIENTS || broadcast.len() < CLIENTS {
+        let (i, kind, frame) = tokio::time::timeout_at(deadline, got_rx.recv())
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "in 60 s {} clients got their notification and {} the broadcast",
+                    own.len(),
+                    broadcast.len()
+                )
+            })
+            .expect("clients running");
+        assert_eq!(frame["type"], "message", "client {i}: {frame}");
+        match kind {
+            "own" => {
+                assert_eq!(frame["channel"], format!("user.u{i}"));
+                assert_eq!(frame["data"]["for"], i, "client {i} got another's: {frame}");
+                own.entry(i).or_default().push(frame);
+            }
+            _ => *broadcast.entry(i).or_default() += 1,
+        }
+    }
+    // Nothing more arrives: each got its notification and the broadcast once.
+    let settle = Instant::now() + Duration::from_millis(500);
+    while let Ok(Some((i, kind, frame))) = tokio::time::timeout_at(settle, got_rx.recv()).await {
+        panic!("client {i} got a second {kind} frame: {frame}");
+    }
+    assert!(own.values().all(|v| v.len() == 1));
+    assert!(broadcast.values().all(|n| *n == 1));
+    for client in clients {
+        client.abort();
+    }
+
+    // WebSocket resume: a client leaves, misses 100, comes back with its last id.
+    let mut alice = Ws::connect(addr, &token("alice", &[])).await;
+    alice.subscribe("user.alice", None).await;
+    publish(&producer, "user.alice", json!({"n": 0})).await;
+    let seen = alice
+        .messages("user.alice", 1, Duration::from_secs(10))
+        .await;
+    let last_id = seen[0]["id"].as_str().unwrap().to_string();
+    drop(alice);
+    publish_many(&producer, "user.alice", 1..101).await;
+    let mut witness = Ws::connect(addr, &token("alice", &[])).await;
+    witness.subscribe("user.alice", Some(&last_id)).await;
+    let missed = witness
+        .messages("user.alice", 100, Duration::from_secs(20))
+        .await;
+    let mut got = ns(&missed);
+    got.sort();
+    assert_eq!(got, (1..101).collect::<Vec<_>>());
+    let ids: Vec<String> = missed
+        .iter()
+        .map(|f| f["id"].as_str().unwrap().to_string())
+        .collect();
+    publish(&producer, "user.alice", json!({"n": 101})).await;
+    let next = witness
+        .messages("user.alice", 1, Duration::from_secs(10))
+        .await;
+    assert_eq!(ns(&next), vec![101], "exactly the 100 missed, then live");
+    drop(witness);
+
+    // SSE resume with Last-Event-ID.
+    let mut sse = Sse::open(&http, addr, "user.bob", &token("bob", &[]), None).await;
+    publish(&producer, "user.bob", json!({"n": 0})).await;
+    let first = sse.messages(1, Duration::from_secs(10)).await;
+    let sse_last = first[0].0.clone();
+    drop(sse);
+    publish_many(&producer, "user.bob", 1..101).await;
+    let mut sse = Sse::open(&http, addr, "user.bob", &token("bob", &[]), Some(&sse_last)).await;
+    let missed = sse.messages(100, Duration::from_secs(20)).await;
+    let mut got: Vec<u64> = missed
+        .iter()
+        .map(|(_, v)| v["data"]["n"].as_u64().unwrap())
+        .collect();
+    got.sort();
+    assert_eq!(got, (1..101).collect::<Vec<_>>());
+    publish(&producer, "user.bob", json!({"n": 101})).await;
+    let next = sse.messages(1, Duration::from_secs(10)).await;
+    assert_eq!(next[0].1["data"]["n"], 101);
+    drop(sse);
+
+    // The window survives an edge restart, and what was published while the edge was down
+    // is read from the region afterwards.
+    edge.shutdown().await;
+    publish_many(&producer, "user.alice", 102..112).await;
+    let mut config = config;
+    config.http = addr;
+    let edge = restart_edge(config).await;
+    let mut again = Ws::connect(addr, &token("alice", &[])).await;
+    again.subscribe("user.alice", Some(&ids[49])).await;
+    let replayed = again
+        .messages("user.alice", 50 + 1 + 10, Duration::from_secs(30))
+        .await;
+    let replayed_ids: Vec<&str> = replayed[..50]
+        .iter()
+        .map(|f| f["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        replayed_ids,
+        ids[50..].iter().map(String::as_str).collect::<Vec<_>>()
+    );
+    assert_eq!(replayed[50]["data"]["n"], 101);
+    let mut tail = ns(&replayed[51..]);
+    tail.sort();
+    assert_eq!(tail, (102..112).collect::<Vec<_>>());
+    drop(again);
+
+    // A position older than the window (200 per channel) gets the gap frame.
+    let mut watcher = Ws::connect(addr, &token("dave", &["news.>"])).await;
+    watcher.subscribe("news.flood", None).await;
+    publish_many(&producer, "news.flood", 0..250).await;
+    // Once the watcher has all 250, the edge has retained them.
+    watcher
+        .messages("news.flood", 250, Duration::from_secs(30))
+        .await;
+    let mut late = Ws::connect(addr, &token("carol", &["news.>"])).await;
+    late.send(json!({"type": "subscribe", "channel": "news.flood", "since": format!("{}-1", epoch_of(&ids[0]))}))
+        .await;
+    let subscribed = late.next(Duration::from_secs(10)).await;
+    assert_eq!(subscribed["type"], "subscribed", "{subscribed}");
+    let gap = late.next(Duration::from_secs(10)).await;
+    assert_eq!(gap["type"], "gap", "{gap}");
+    assert_eq!(gap["first_available"], format!("{}-51", epoch_of(&ids[0])));
+    let rest = late
+        .messages("news.flood", 200, Duration::from_secs(20))
+        .await;
+    let epoch = epoch_of(&ids[0]);
+    let rest_ids: Vec<String> = rest
+        .iter()
+        .map(|f| f["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        rest_ids,
+        (51..=250)
+            .map(|seq| format!("{epoch}-{seq}"))
+            .collect::<Vec<_>>()
+    );
+    // An id from another edge is foreign: a gap from the first available.
+    let mut foreign = Ws::connect(addr, &token("carol", &["news.>"])).await;
+    foreign
+        .send(json!({"type": "subscribe", "channel": "news.flood", "since": "00000000-3"}))
+        .await;
+    assert_eq!(
+        foreign.next(Duration::from_secs(10)).await["type"],
+        "subscribed"
+    );
+    assert_eq!(foreign.next(Duration::from_secs(10)).await["type"], "gap");
+
+    let metrics = http
+        .get(format!("http://{addr}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("ferry_edge_connections{edge=\"edge-test\",transport=\"ws\"} 3"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("ferry_edge_gap_frames_total"), "{metrics}");
+    edge.shutdown().await;
+}
+
+/// Connects a WebSocket whose socket has a tiny receive buffer, so that a client that stops
+/// reading blocks the edge's writes to it after a few kilobytes.
+async fn connect_small_buffer(edge: SocketAddr, token: &str) -> Ws {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let stream = socket.connect(edge).await.expect("connect");
+    let url = format!("ws://{edge}/ws?token={token}");
+    let (socket, _) = tokio_tungstenite::client_async(url, MaybeTlsStream::Plain(stream))
+        .await
+        .expect("WebSocket handshake");
+    Ws { socket }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_client_that_stops_reading_lags_alone_and_catches_up_in_order() {
+    let (region, _client, producer) = start_region().await;
+    let data = region.dir.path().join("edge");
+    let mut config = edge_config(&region, &data, "127.0.0.1:0".parse().unwrap(), 100_000);
+    let edge = Edge::start(config).await.expect("edge starts");
+    let addr = edge.http_addr();
+
+    const FAST: usize = 10;
+    const EVENTS: u64 = 3000;
+    let mut slow = connect_small_buffer(addr, &token("slow", &["broadcast"])).await;
+    slow.subscribe("broadcast", None).await;
+    let (got_tx, mut got_rx) = tokio::sync::mpsc::unbounded_channel::<(u64, Instant)>();
+    let mut fast = Vec::new();
+    for i in 0..FAST {
+        let mut ws = Ws::connect(addr, &token(&format!("f{i}"), &["broadcast"])).await;
+        ws.subscribe("broadcast", None).await;
+        let got_tx = got_tx.clone();
+        fast.push(tokio::spawn(async move {
+            // A burst larger than the queue can make even a reading client lag; it then
+            // catches up from the window, so it still sees every notification once, in order.
+            let mut seqs = Vec::new();
+            while seqs.len() < EVENTS as usize {
+                let frame = ws.next(Duration::from_secs(60)).await;
+                if frame["type"] == "lag" {
+                    continue;
+                }
+                assert_eq!(frame["type"], "message", "{frame}");
+                let id = frame["id"].as_str().unwrap();
+                seqs.push(id.rsplit_once('-').unwrap().1.parse::<u64>().unwrap());
+                let n = frame["data"]["n"].as_u64().unwrap();
+                got_tx.send((n, Instant::now())).unwrap();
+            }
+            assert_eq!(seqs, (1..=EVENTS).collect::<Vec<_>>());
+        }));
+    }
+    drop(got_tx);
+
+    // Publish 1 KiB notifications, 50 at a time, noting when each was acknowledged.
+    let pad = "x".repeat(1000);
+    let mut acked = HashMap::new();
+    for chunk in (0..EVENTS).collect::<Vec<_>>().chunks(50) {
+        let sends = chunk.iter().map(|n| {
+            let (producer, pad) = (&producer, &pad);
+            async move {
+                publish(producer, "broadcast", json!({"n": n, "pad": pad})).await;
+                (*n, Instant::now())
+            }
+        });
+        acked.extend(futures::future::join_all(sends).await);
+    }
+    // Every fast client gets every notification, none of them held up by the slow one: the
+    // bound is generous for a debug build on two cores, a stall would exceed it without end.
+    let bound = Duration::from_secs(1);
+    let mut received = 0;
+    let mut worst = Duration::ZERO;
+    while let Some((n, at)) = tokio::time::timeout(Duration::from_secs(60), got_rx.recv())
+        .await
+        .expect("fast clients keep receiving")
+    {
+        received += 1;
+        worst = worst.max(at.saturating_duration_since(acked[&n]));
+    }
+    eprintln!("worst publish-to-delivery for a fast client: {worst:?}");
+    assert_eq!(received, FAST as u64 * EVENTS);
+    assert!(
+        worst <= bound,
+        "a fast client got a notification {worst:?} after its acknowledgement (bound {bound:?})"
+    );
+    for task in fast {
+        task.await.unwrap();
+    }
+
+    // The slow client now reads: notifications in order, a lag frame where its queue
+    // overflowed, then the rest replayed from the window, each exactly once.
+    let mut seqs = Vec::new();
+    let mut lags = Vec::new();
+    while seqs.len() < EVENTS as usize {
+        let frame = slow.next(Duration::from_secs(30)).await;
+        match frame["type"].as_str() {
+            Some("message") => {
+                let id = frame["id"].as_str().unwrap();
+                seqs.push(id.rsplit_once('-').unwrap().1.parse::<u64>().unwrap());
+            }
+            Some("lag") => {
+                assert!(frame["missed"].as_u64().unwrap() > 0, "{frame}");
+                lags.push(frame);
+            }
+            _ => panic!("unexpected frame for the slow client: {frame}"),
+        }
+    }
+    assert!(!lags.is_empty(), "the slow client never got a lag frame");
+    assert_eq!(seqs, (1..=EVENTS).collect::<Vec<_>>());
+    edge.shutdown().await;
+}
