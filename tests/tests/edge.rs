@@ -424,7 +424,7 @@ async fn edge_fans_out_resumes_and_keeps_its_window_across_a_restart() {
     }
     // Nothing more arrives: each got its notification and the broadcast once.
     let settle = Instant::now() + Duration::from_millis(500);
-    while let Ok(Some((i, kind, frame))) = tokio::time::timeout_at(settle, got_rx.recv()).await {
+    if let Ok(Some((i, kind, frame))) = tokio::time::timeout_at(settle, got_rx.recv()).await {
         panic!("client {i} got a second {kind} frame: {frame}");
     }
     assert!(own.values().all(|v| v.len() == 1));
@@ -582,7 +582,7 @@ async fn connect_small_buffer(edge: SocketAddr, token: &str) -> Ws {
 async fn a_client_that_stops_reading_lags_alone_and_catches_up_in_order() {
     let (region, _client, producer) = start_region().await;
     let data = region.dir.path().join("edge");
-    let mut config = edge_config(&region, &data, "127.0.0.1:0".parse().unwrap(), 100_000);
+    let config = edge_config(&region, &data, "127.0.0.1:0".parse().unwrap(), 100_000);
     let edge = Edge::start(config).await.expect("edge starts");
     let addr = edge.http_addr();
 
