@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use ferry_client::{Client, Producer, ProducerOptions};
 use ferry_edge::config::{AuthConfig, EdgeLimits, WindowConfig};
+use ferry_edge::throttle::{Policy, ThrottleConfig};
 use ferry_edge::{Claims, Edge, EdgeConfig};
 use ferry_net::tls::TlsPaths;
 use ferry_proto::{Event, Subject};
@@ -48,6 +49,10 @@ fn edge_config(region: &TestRegion, data: &Path, http: SocketAddr, window: u64) 
             max_age_secs: 3600,
         },
         limits: EdgeLimits::default(),
+        throttle: ThrottleConfig {
+            rate_per_sec: 0.0,
+            ..ThrottleConfig::default()
+        },
     }
 }
 
@@ -671,5 +676,68 @@ async fn a_client_that_stops_reading_lags_alone_and_catches_up_in_order() {
     }
     assert!(!lags.is_empty(), "the slow client never got a lag frame");
     assert_eq!(seqs, (1..=EVENTS).collect::<Vec<_>>());
+    edge.shutdown().await;
+}
+
+/// Reads one sample of the edge's `/metrics`.
+async fn metric(http: &reqwest::Client, edge: SocketAddr, series: &str) -> u64 {
+    let text = http
+        .get(format!("http://{edge}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {series} in\n{text}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_throttled_users_counts_add_up() {
+    let (region, _client, producer) = start_region().await;
+    let data = region.dir.path().join("edge");
+    let mut config = edge_config(&region, &data, "127.0.0.1:0".parse().unwrap(), 1000);
+    config.throttle = ThrottleConfig {
+        rate_per_sec: 5.0,
+        burst: 5,
+        policy: Policy::Digest,
+        max_pending: 1000,
+        digest_items: 10,
+    };
+    let edge = Edge::start(config).await.expect("edge starts");
+    let addr = edge.http_addr();
+    let mut ws = Ws::connect(addr, &token("t", &[])).await;
+    ws.subscribe("user.t", None).await;
+    const PUBLISHED: u64 = 100;
+    publish_many(&producer, "user.t", 0..PUBLISHED).await;
+    // Individual notifications and digests until every published one is accounted for.
+    let (mut single, mut folded, mut digests) = (0, 0, 0);
+    while single + folded < PUBLISHED {
+        let frame = ws
+            .messages("user.t", 1, Duration::from_secs(20))
+            .await
+            .remove(0);
+        if frame["event_type"] == "ferry.digest" {
+            digests += 1;
+            folded += frame["data"]["count"].as_u64().unwrap();
+            assert!(frame["data"]["items"].as_array().unwrap().len() <= 10);
+        } else {
+            single += 1;
+        }
+    }
+    assert!(single >= 5, "the burst passes: {single}");
+    assert!(digests >= 1, "the rest was coalesced");
+    let http = reqwest::Client::new();
+    let prefix = "ferry_edge_throttle_total{edge=\"edge-test\",outcome=";
+    let published = metric(&http, addr, &format!("{prefix}\"published\"}}")).await;
+    let delivered = metric(&http, addr, &format!("{prefix}\"delivered\"}}")).await;
+    let coalesced = metric(&http, addr, &format!("{prefix}\"coalesced\"}}")).await;
+    let dropped = metric(&http, addr, &format!("{prefix}\"dropped\"}}")).await;
+    let held = metric(&http, addr, "ferry_edge_throttle_held{edge=\"edge-test\"}").await;
+    assert_eq!(published, PUBLISHED);
+    assert_eq!((delivered, coalesced, held), (single, folded, 0));
+    assert_eq!(delivered + coalesced + dropped, published);
     edge.shutdown().await;
 }

@@ -8,11 +8,12 @@ use ferry_net::tls::TlsPaths;
 use ferry_proto::SubjectFilter;
 use serde::{Deserialize, Serialize};
 
+use crate::throttle::ThrottleConfig;
 use crate::window::WindowLimits;
 use crate::EdgeError;
 
 /// Everything a `ferry edge` needs.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EdgeConfig {
     /// This edge's name: names its interest in the region and labels its metrics.
@@ -46,6 +47,9 @@ pub struct EdgeConfig {
     /// Connection limits.
     #[serde(default)]
     pub limits: EdgeLimits,
+    /// Per-user throttling of notifications on users' own channels.
+    #[serde(default)]
+    pub throttle: ThrottleConfig,
 }
 
 /// How user tokens are verified.
@@ -182,6 +186,22 @@ impl EdgeConfig {
         }
         if self.window.max_age_secs == 0 {
             return Err(invalid("window.max_age_secs", "at least 1"));
+        }
+        let throttle = &self.throttle;
+        if !throttle.rate_per_sec.is_finite() || throttle.rate_per_sec < 0.0 {
+            return Err(invalid(
+                "throttle.rate_per_sec",
+                "a number >= 0 (0 turns it off)",
+            ));
+        }
+        if throttle.burst == 0 {
+            return Err(invalid("throttle.burst", "at least 1"));
+        }
+        if throttle.max_pending == 0 {
+            return Err(invalid("throttle.max_pending", "at least 1"));
+        }
+        if throttle.digest_items == 0 {
+            return Err(invalid("throttle.digest_items", "at least 1"));
         }
         let limits = &self.limits;
         if limits.max_connections == 0 {

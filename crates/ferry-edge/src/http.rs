@@ -377,6 +377,21 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> String {
         "cause=\"window_expired\"",
         load(&m.expired),
     );
+    let throttled = *shared.throttled.lock().expect("throttle counts");
+    for (outcome, value) in [
+        ("published", throttled.published),
+        ("delivered", throttled.delivered),
+        ("coalesced", throttled.coalesced),
+        ("dropped", throttled.dropped),
+        ("digests", throttled.digests),
+    ] {
+        line(
+            "ferry_edge_throttle_total",
+            &format!("outcome=\"{outcome}\""),
+            value,
+        );
+    }
+    line("ferry_edge_throttle_held", "", throttled.held);
     line(
         "ferry_edge_refused_total",
         "cause=\"auth\"",

@@ -12,6 +12,7 @@ use ferry_proto::wire::StartFrom;
 use ferry_proto::Event;
 use tokio::sync::{mpsc, watch};
 
+use crate::throttle::Throttle;
 use crate::window::{FrameParts, Incoming};
 use crate::Shared;
 
@@ -73,13 +74,27 @@ pub(crate) async fn run(
     drop(tx);
     let mut trim = tokio::time::interval(TRIM_EVERY);
     trim.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut throttle = Throttle::new(shared.config.throttle);
     loop {
+        let release_at = throttle.next_release_at().map(|at| {
+            let wait = Duration::from_millis(at.saturating_sub(now_ms()));
+            tokio::time::Instant::now() + wait
+        });
         let first = tokio::select! {
             _ = shutdown.changed() => break,
             _ = trim.tick() => {
                 match shared.store.trim_expired(now_ms()).await {
                     Ok(n) => { shared.metrics.expired.fetch_add(n, Ordering::Relaxed); }
                     Err(e) => tracing::warn!(error = %e, "trimming the window failed"),
+                }
+                throttle.forget_idle(now_ms());
+                continue;
+            }
+            _ = sleep_until(release_at) => {
+                let released = throttle.poll_release(now_ms());
+                if let Err(e) = retain_and_fan_out(&shared, released, &[], &throttle).await {
+                    tracing::error!(error = %e, "writing the window failed; the edge stops reading");
+                    break;
                 }
                 continue;
             }
@@ -95,7 +110,7 @@ pub(crate) async fn run(
                 Err(_) => break,
             }
         }
-        if let Err(e) = ingest(&shared, group).await {
+        if let Err(e) = ingest(&shared, group, &mut throttle).await {
             // The window could not be written: stop rather than hand out positions that
             // are not on disk. Readers resume from the last flushed cursor on restart.
             tracing::error!(error = %e, "writing the window failed; the edge stops reading");
@@ -104,6 +119,20 @@ pub(crate) async fn run(
     }
     for reader in readers {
         reader.abort();
+    }
+    // Held notifications live in memory: release them rather than lose them.
+    let held = throttle.release_all();
+    if !held.is_empty() {
+        if let Err(e) = retain_and_fan_out(&shared, held, &[], &throttle).await {
+            tracing::warn!(error = %e, "releasing throttled notifications at shutdown failed");
+        }
+    }
+}
+
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -138,22 +167,40 @@ async fn starting_offsets(
     Ok(starts)
 }
 
-async fn ingest(shared: &Arc<Shared>, group: Vec<Read>) -> Result<(), crate::EdgeError> {
+async fn ingest(
+    shared: &Arc<Shared>,
+    group: Vec<Read>,
+    throttle: &mut Throttle,
+) -> Result<(), crate::EdgeError> {
     let mut cursors = BTreeMap::new();
     let mut incoming = Vec::with_capacity(group.len());
+    let now = now_ms();
     for read in group {
         cursors.insert(read.partition, read.offset + 1);
         if shared.serves(read.event.subject.as_str()) {
-            incoming.push(Incoming {
+            let item = Incoming {
                 channel: read.event.subject.as_str().into(),
                 frame: frame_parts(&read.event),
-            });
+            };
+            incoming.extend(throttle.admit(now, item));
         } else {
             shared.metrics.not_served.fetch_add(1, Ordering::Relaxed);
         }
     }
     let cursors: Vec<(u32, u64)> = cursors.into_iter().collect();
-    let retained = shared.store.append(incoming, &cursors, now_ms()).await?;
+    retain_and_fan_out(shared, incoming, &cursors, throttle).await
+}
+
+/// Numbers, retains and flushes notifications (with the region cursors), then hands them to
+/// the hub and wakes the sessions it names.
+async fn retain_and_fan_out(
+    shared: &Arc<Shared>,
+    incoming: Vec<Incoming>,
+    cursors: &[(u32, u64)],
+    throttle: &Throttle,
+) -> Result<(), crate::EdgeError> {
+    let retained = shared.store.append(incoming, cursors, now_ms()).await?;
+    *shared.throttled.lock().expect("throttle counts") = throttle.totals();
     shared
         .metrics
         .notifications

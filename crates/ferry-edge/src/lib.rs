@@ -7,8 +7,11 @@
 //! [`auth`] (user tokens), the connection driver shared by both transports, the region
 //! reader, and the HTTP layer (axum).
 //!
-//! Not here yet (issue 6 continues): webhooks, per-user throttling, templates, the demo page
-//! and `ferry bench fanout`.
+//! Per-user throttling ([`throttle`]) applies to users' own channels before the window, so a
+//! resumed client sees the same throttled stream.
+//!
+//! Not here yet (issue 6 continues): webhooks, templates, the demo page and
+//! `ferry bench fanout`.
 #![warn(missing_docs, unreachable_pub)]
 
 pub mod auth;
@@ -17,6 +20,7 @@ mod http;
 pub mod hub;
 mod ingest;
 mod session;
+pub mod throttle;
 pub mod window;
 
 use std::net::SocketAddr;
@@ -109,6 +113,8 @@ pub(crate) struct Shared {
     pub(crate) hub: Mutex<Hub<Arc<Notify>>>,
     pub(crate) metrics: Metrics,
     pub(crate) served: Vec<SubjectFilter>,
+    /// The throttle's counts, as of the last notification it handled.
+    pub(crate) throttled: Mutex<throttle::ThrottleCounts>,
     pub(crate) shutdown: watch::Receiver<bool>,
 }
 
@@ -160,6 +166,7 @@ impl Edge {
         let shared = Arc::new(Shared {
             auth: Authenticator::new(config.auth.secret.as_bytes()),
             served: config.channel_filters(),
+            throttled: Mutex::new(throttle::ThrottleCounts::default()),
             config,
             store,
             hub: Mutex::new(Hub::new()),
