@@ -53,6 +53,7 @@ fn edge_config(region: &TestRegion, data: &Path, http: SocketAddr, window: u64) 
             rate_per_sec: 0.0,
             ..ThrottleConfig::default()
         },
+        webhooks: Default::default(),
     }
 }
 
@@ -739,5 +740,199 @@ async fn a_throttled_users_counts_add_up() {
     assert_eq!(published, PUBLISHED);
     assert_eq!((delivered, coalesced, held), (single, folded, 0));
     assert_eq!(delivered + coalesced + dropped, published);
+    edge.shutdown().await;
+}
+
+/// What the test's webhook receiver saw: (attempt header, signature header, body).
+type Seen = std::sync::Arc<std::sync::Mutex<Vec<(String, String, bytes::Bytes)>>>;
+
+/// A local HTTP server that fails the first two attempts of every notification.
+async fn webhook_receiver() -> (SocketAddr, Seen) {
+    use axum::http::{HeaderMap, StatusCode};
+    let seen: Seen = Default::default();
+    let state = seen.clone();
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |headers: HeaderMap, body: bytes::Bytes| {
+            let seen = state.clone();
+            async move {
+                let header = |name: &str| {
+                    headers
+                        .get(name)
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("")
+                        .to_string()
+                };
+                let attempt = header("x-ferry-attempt");
+                seen.lock()
+                    .unwrap()
+                    .push((attempt.clone(), header("x-ferry-signature"), body));
+                if attempt == "1" || attempt == "2" {
+                    StatusCode::INTERNAL_SERVER_ERROR
+                } else {
+                    StatusCode::OK
+                }
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (addr, seen)
+}
+
+/// Checks `t=<secs>,v1=<hex>` against HMAC-SHA256 of "<secs>.<body>" (independently of the
+/// edge's code).
+fn signature_valid(secret: &str, header: &str, body: &[u8]) -> bool {
+    let Some((t, v1)) = header
+        .strip_prefix("t=")
+        .and_then(|rest| rest.split_once(",v1="))
+    else {
+        return false;
+    };
+    let Some(tag) = (0..v1.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(v1.get(i..i + 2)?, 16).ok())
+        .collect::<Option<Vec<u8>>>()
+    else {
+        return false;
+    };
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_bytes());
+    let signed = [t.as_bytes(), b".", body].concat();
+    ring::hmac::verify(&key, &signed, &tag).is_ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_webhook_that_fails_twice_gets_the_notification_on_the_third_attempt_signed() {
+    let (region, _client, producer) = start_region().await;
+    let data = region.dir.path().join("edge");
+    let mut config = edge_config(&region, &data, "127.0.0.1:0".parse().unwrap(), 1000);
+    config.webhooks.backoff_ms = 50;
+    config.webhooks.max_backoff_ms = 200;
+    let edge = Edge::start(config).await.expect("edge starts");
+    let addr = edge.http_addr();
+    let (receiver, seen) = webhook_receiver().await;
+    let http = reqwest::Client::new();
+    let hooks = format!("http://{addr}/webhooks");
+    let wendy = token("wendy", &[]);
+
+    // Bad registrations change nothing.
+    let status = |r: reqwest::Response| r.status().as_u16();
+    let body = json!({"url": format!("http://{receiver}/hook"), "channels": ["user.wendy"]});
+    assert_eq!(
+        status(http.post(&hooks).json(&body).send().await.unwrap()),
+        401
+    );
+    let bad = [
+        (json!({"url": "ftp://x", "channels": ["user.wendy"]}), 400),
+        (json!({"url": format!("http://{receiver}/hook")}), 400),
+        (
+            json!({"url": format!("http://{receiver}/hook"), "channels": ["user.other"]}),
+            403,
+        ),
+    ];
+    for (request, want) in bad {
+        let answer = http
+            .post(&hooks)
+            .bearer_auth(&wendy)
+            .json(&request)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(status(answer), want, "{request}");
+    }
+    let malformed = http
+        .post(&hooks)
+        .bearer_auth(&wendy)
+        .body("{")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(status(malformed), 400);
+    let listed: Vec<Value> = http
+        .get(&hooks)
+        .bearer_auth(&wendy)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(listed.is_empty(), "{listed:?}");
+
+    let created = http
+        .post(&hooks)
+        .bearer_auth(&wendy)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 201);
+    let created: Value = created.json().await.unwrap();
+    let secret = created["secret"].as_str().unwrap().to_string();
+    publish(&producer, "user.wendy", json!({"hello": "wendy"})).await;
+
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let attempts = seen.lock().unwrap().clone();
+        if attempts.len() >= 3 {
+            let attempt: Vec<&str> = attempts.iter().map(|(a, _, _)| a.as_str()).collect();
+            assert_eq!(attempt, vec!["1", "2", "3"]);
+            let (_, signature, body) = &attempts[2];
+            assert!(
+                signature_valid(&secret, signature, body),
+                "signature {signature} does not verify"
+            );
+            assert!(!signature_valid("wrong-secret", signature, body));
+            let frame: Value = serde_json::from_slice(body).unwrap();
+            assert_eq!(frame["channel"], "user.wendy");
+            assert_eq!(frame["data"]["hello"], "wendy");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the webhook got {} attempts in 20 s",
+            attempts.len()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        metric(
+            &http,
+            addr,
+            "ferry_edge_webhook_total{edge=\"edge-test\",outcome=\"delivered\"}"
+        )
+        .await,
+        1
+    );
+    let id = created["id"].as_str().unwrap();
+    let listed: Vec<Value> = http
+        .get(&hooks)
+        .bearer_auth(&wendy)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(listed.len(), 1);
+    assert!(
+        listed[0].get("secret").is_none(),
+        "the secret is shown only once"
+    );
+    let other = http
+        .delete(format!("{hooks}/{id}"))
+        .bearer_auth(token("mallory", &[]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(other.status(), 404, "another user cannot remove it");
+    let removed = http
+        .delete(format!("{hooks}/{id}"))
+        .bearer_auth(&wendy)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(removed.status(), 204);
     edge.shutdown().await;
 }

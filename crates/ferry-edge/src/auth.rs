@@ -81,7 +81,13 @@ impl Authenticator {
         let token = token.filter(|t| !t.is_empty()).ok_or(AuthError::Missing)?;
         let data = decode::<Claims>(token, &self.key, &self.validation)
             .map_err(|e| AuthError::Invalid(e.to_string()))?;
-        let claims = data.claims;
+        User::from_claims(data.claims)
+    }
+}
+
+impl User {
+    /// A user from claims already verified (a token's, or a webhook registration's).
+    pub fn from_claims(claims: Claims) -> Result<Self, AuthError> {
         if claims.sub.is_empty() || claims.sub.contains(['.', '*', '>']) {
             return Err(AuthError::Invalid(format!(
                 "sub {:?} is not a usable user id (empty, or has '.', '*' or '>')",
@@ -96,9 +102,7 @@ impl Authenticator {
             .map_err(|e| AuthError::Invalid(format!("channels claim: {e}")))?;
         Ok(User { claims, shared })
     }
-}
 
-impl User {
     /// The user id.
     pub fn id(&self) -> &str {
         &self.claims.sub

@@ -9,6 +9,7 @@ use ferry_proto::SubjectFilter;
 use serde::{Deserialize, Serialize};
 
 use crate::throttle::ThrottleConfig;
+use crate::webhook::WebhookConfig;
 use crate::window::WindowLimits;
 use crate::EdgeError;
 
@@ -50,6 +51,9 @@ pub struct EdgeConfig {
     /// Per-user throttling of notifications on users' own channels.
     #[serde(default)]
     pub throttle: ThrottleConfig,
+    /// Webhook delivery.
+    #[serde(default)]
+    pub webhooks: WebhookConfig,
 }
 
 /// How user tokens are verified.
@@ -202,6 +206,19 @@ impl EdgeConfig {
         }
         if throttle.digest_items == 0 {
             return Err(invalid("throttle.digest_items", "at least 1"));
+        }
+        let webhooks = &self.webhooks;
+        if webhooks.max_attempts == 0 {
+            return Err(invalid("webhooks.max_attempts", "at least 1"));
+        }
+        if webhooks.timeout_ms == 0 {
+            return Err(invalid("webhooks.timeout_ms", "at least 1"));
+        }
+        if webhooks.max_backoff_ms < webhooks.backoff_ms {
+            return Err(invalid(
+                "webhooks.max_backoff_ms",
+                "at least webhooks.backoff_ms",
+            ));
         }
         let limits = &self.limits;
         if limits.max_connections == 0 {

@@ -43,6 +43,8 @@ pub(crate) async fn serve(
     let app = Router::new()
         .route("/ws", get(ws))
         .route("/sse", get(sse))
+        .route("/webhooks", get(list_webhooks).post(register_webhook))
+        .route("/webhooks/{id}", axum::routing::delete(remove_webhook))
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .with_state(shared);
@@ -74,15 +76,7 @@ fn admit(
     headers: &HeaderMap,
     transport: Transport,
 ) -> Result<(User, ConnectionSlot), (StatusCode, String)> {
-    let bearer = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    let token = params.get("token").map(String::as_str).or(bearer);
-    let user = shared.auth.verify(token).map_err(|e| {
-        shared.metrics.refused_auth.fetch_add(1, Ordering::Relaxed);
-        (StatusCode::UNAUTHORIZED, format!("{e}\n"))
-    })?;
+    let user = api_user(shared, params, headers)?;
     let slot = ConnectionSlot::take(shared, transport).ok_or_else(|| {
         shared.metrics.refused_limit.fetch_add(1, Ordering::Relaxed);
         (
@@ -115,7 +109,7 @@ async fn ws(
 
 async fn run_ws(shared: Arc<Shared>, user: User, slot: ConnectionSlot, socket: WebSocket) {
     let mut shutdown = shared.shutdown.clone();
-    let mut driver = SessionDriver::open(shared.clone(), user, slot);
+    let mut driver = SessionDriver::open(shared.clone(), user, Some(slot));
     let (mut sink, mut stream) = socket.split();
     loop {
         tokio::select! {
@@ -195,7 +189,7 @@ async fn sse(
         .and_then(|v| v.to_str().ok())
         .map(str::to_string)
         .or_else(|| params.get("lastEventId").cloned());
-    let mut driver = SessionDriver::open(shared.clone(), user, slot);
+    let mut driver = SessionDriver::open(shared.clone(), user, Some(slot));
     let resume = last_event_id.map(|id| sse_positions(&driver, &id, channels.len()));
     for (i, channel) in channels.iter().enumerate() {
         let since = match &resume {
@@ -279,6 +273,149 @@ fn subscribed_position(frame: &[u8]) -> Option<(String, String)> {
         value.get("channel")?.as_str()?.to_string(),
         value.get("position")?.as_str()?.to_string(),
     ))
+}
+
+/// Verifies the token of an API request (no connection slot).
+fn api_user(
+    shared: &Arc<Shared>,
+    params: &HashMap<String, String>,
+    headers: &HeaderMap,
+) -> Result<User, (StatusCode, String)> {
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    let token = params.get("token").map(String::as_str).or(bearer);
+    shared.auth.verify(token).map_err(|e| {
+        shared.metrics.refused_auth.fetch_add(1, Ordering::Relaxed);
+        (StatusCode::UNAUTHORIZED, format!("{e}\n"))
+    })
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WebhookRequest {
+    url: String,
+    channels: Vec<String>,
+}
+
+fn public(registration: &crate::webhook::Registration) -> serde_json::Value {
+    serde_json::json!({
+        "id": registration.id,
+        "url": registration.url,
+        "channels": registration.channels,
+    })
+}
+
+async fn register_webhook(
+    State(shared): State<Arc<Shared>>,
+    Query(params): Params,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    let user = match api_user(&shared, &params, &headers) {
+        Ok(user) => user,
+        Err(refusal) => return refusal.into_response(),
+    };
+    let request: WebhookRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            return refuse(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "body: {e} (want {{\"url\": \"https://…\", \"channels\": [\"user.<you>\"]}})"
+                ),
+            )
+        }
+    };
+    let scheme_ok = request.url.starts_with("http://") || request.url.starts_with("https://");
+    if !scheme_ok || reqwest::Url::parse(&request.url).is_err() {
+        return refuse(
+            StatusCode::BAD_REQUEST,
+            format!("url: {:?} is not an http:// or https:// URL", request.url),
+        );
+    }
+    if request.channels.is_empty() {
+        return refuse(StatusCode::BAD_REQUEST, "channels: at least one".into());
+    }
+    if request.channels.len() > shared.config.limits.max_subscriptions {
+        return refuse(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "channels: at most {} (limits.max_subscriptions)",
+                shared.config.limits.max_subscriptions
+            ),
+        );
+    }
+    for channel in &request.channels {
+        if let Err(e) = user.may_read(channel) {
+            shared
+                .metrics
+                .refused_forbidden
+                .fetch_add(1, Ordering::Relaxed);
+            return refuse(StatusCode::FORBIDDEN, e.to_string());
+        }
+        if !shared.serves(channel) {
+            return refuse(
+                StatusCode::BAD_REQUEST,
+                format!("channels: {channel} is not served by this edge"),
+            );
+        }
+    }
+    let max = shared.config.webhooks.max_per_user;
+    if shared.webhooks.of_user(user.id()).len() >= max {
+        return refuse(
+            StatusCode::CONFLICT,
+            format!(
+                "user {} has {max} webhooks already (webhooks.max_per_user)",
+                user.id()
+            ),
+        );
+    }
+    match crate::webhook::Webhooks::register(&shared, &user, request.url, request.channels) {
+        Ok(registration) => {
+            let mut answer = public(&registration);
+            answer["secret"] = serde_json::json!(registration.secret);
+            (StatusCode::CREATED, axum::Json(answer)).into_response()
+        }
+        Err(e) => refuse(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+async fn list_webhooks(
+    State(shared): State<Arc<Shared>>,
+    Query(params): Params,
+    headers: HeaderMap,
+) -> Response {
+    match api_user(&shared, &params, &headers) {
+        Ok(user) => {
+            let list: Vec<_> = shared
+                .webhooks
+                .of_user(user.id())
+                .iter()
+                .map(public)
+                .collect();
+            axum::Json(list).into_response()
+        }
+        Err(refusal) => refusal.into_response(),
+    }
+}
+
+async fn remove_webhook(
+    State(shared): State<Arc<Shared>>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+    Query(params): Params,
+    headers: HeaderMap,
+) -> Response {
+    let user = match api_user(&shared, &params, &headers) {
+        Ok(user) => user,
+        Err(refusal) => return refusal.into_response(),
+    };
+    match crate::webhook::Webhooks::remove(&shared, user.id(), &id) {
+        Ok(true) => StatusCode::NO_CONTENT.into_response(),
+        Ok(false) => refuse(StatusCode::NOT_FOUND, format!("no webhook {id} of yours")),
+        Err(e) => refuse(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
 }
 
 async fn healthz(State(shared): State<Arc<Shared>>) -> (StatusCode, &'static str) {
@@ -392,6 +529,16 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> String {
         );
     }
     line("ferry_edge_throttle_held", "", throttled.held);
+    line(
+        "ferry_edge_webhook_total",
+        "outcome=\"delivered\"",
+        load(&m.webhook_delivered),
+    );
+    line(
+        "ferry_edge_webhook_total",
+        "outcome=\"failed\"",
+        load(&m.webhook_failed),
+    );
     line(
         "ferry_edge_refused_total",
         "cause=\"auth\"",

@@ -10,8 +10,10 @@
 //! Per-user throttling ([`throttle`]) applies to users' own channels before the window, so a
 //! resumed client sees the same throttled stream.
 //!
-//! Not here yet (issue 6 continues): webhooks, templates, the demo page and
-//! `ferry bench fanout`.
+//! Webhooks ([`webhook`]) are sessions too: registered per user over HTTP, delivered in order
+//! with retries and a signature, resumed from the window after a restart.
+//!
+//! Not here yet (issue 6 continues): templates, the demo page and `ferry bench fanout`.
 #![warn(missing_docs, unreachable_pub)]
 
 pub mod auth;
@@ -21,6 +23,7 @@ pub mod hub;
 mod ingest;
 mod session;
 pub mod throttle;
+pub mod webhook;
 pub mod window;
 
 use std::net::SocketAddr;
@@ -87,6 +90,8 @@ pub(crate) struct Metrics {
     pub(crate) refused_auth: AtomicU64,
     pub(crate) refused_forbidden: AtomicU64,
     pub(crate) refused_limit: AtomicU64,
+    pub(crate) webhook_delivered: AtomicU64,
+    pub(crate) webhook_failed: AtomicU64,
 }
 
 impl Metrics {
@@ -115,6 +120,7 @@ pub(crate) struct Shared {
     pub(crate) served: Vec<SubjectFilter>,
     /// The throttle's counts, as of the last notification it handled.
     pub(crate) throttled: Mutex<throttle::ThrottleCounts>,
+    pub(crate) webhooks: webhook::Webhooks,
     pub(crate) shutdown: watch::Receiver<bool>,
 }
 
@@ -167,12 +173,14 @@ impl Edge {
             auth: Authenticator::new(config.auth.secret.as_bytes()),
             served: config.channel_filters(),
             throttled: Mutex::new(throttle::ThrottleCounts::default()),
+            webhooks: webhook::Webhooks::default(),
             config,
             store,
             hub: Mutex::new(Hub::new()),
             metrics: Metrics::default(),
             shutdown: shutdown_rx.clone(),
         });
+        webhook::Webhooks::start_all(&shared)?;
         let tasks = vec![
             tokio::spawn(ingest::run(
                 shared.clone(),

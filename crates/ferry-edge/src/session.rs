@@ -102,12 +102,13 @@ pub(crate) struct SessionDriver {
     pending: VecDeque<Out>,
     replays: VecDeque<CatchUp>,
     subscriptions: usize,
-    _slot: ConnectionSlot,
+    /// The connection slot of a client (webhooks hold none).
+    _slot: Option<ConnectionSlot>,
 }
 
 impl SessionDriver {
     /// Opens a session for a verified user.
-    pub(crate) fn open(shared: Arc<Shared>, user: User, slot: ConnectionSlot) -> Self {
+    pub(crate) fn open(shared: Arc<Shared>, user: User, slot: Option<ConnectionSlot>) -> Self {
         let notify = Arc::new(Notify::new());
         let id = shared.hub.lock().expect("hub lock").open_session(
             user.id(),

@@ -337,6 +337,13 @@ impl WindowStore {
         Ok(out)
     }
 
+    /// Another tree of the same database (webhook registrations and positions).
+    pub fn tree(&self, name: &str) -> Result<sled::Tree, EdgeError> {
+        self.db
+            .open_tree(name)
+            .map_err(|e| store_err(&format!("opening tree {name}"), e))
+    }
+
     /// Flushes everything to disk.
     pub async fn flush(&self) -> Result<(), EdgeError> {
         self.db
