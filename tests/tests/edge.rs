@@ -54,6 +54,7 @@ fn edge_config(region: &TestRegion, data: &Path, http: SocketAddr, window: u64) 
             ..ThrottleConfig::default()
         },
         webhooks: Default::default(),
+        templates: Default::default(),
     }
 }
 
@@ -70,6 +71,8 @@ fn token(user: &str, channels: &[&str]) -> String {
             tenant: "acme".into(),
             channels: channels.iter().map(|c| c.to_string()).collect(),
             exp,
+            locale: None,
+            attrs: Value::Null,
         },
     )
     .unwrap()
@@ -180,6 +183,8 @@ fn token_with_secret(user: &str, secret: &[u8]) -> String {
         tenant: String::new(),
         channels: Vec::new(),
         exp: u64::MAX / 2,
+        locale: None,
+        attrs: Value::Null,
     };
     ferry_edge::sign(secret, &claims).unwrap()
 }

@@ -19,6 +19,12 @@ pub struct Claims {
     pub channels: Vec<String>,
     /// Expiry, seconds since the Unix epoch.
     pub exp: u64,
+    /// The user's locale for templates (e.g. "fr").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub locale: Option<String>,
+    /// Attributes templates may read as `user` (e.g. {"name": "Ana"}).
+    #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
+    pub attrs: serde_json::Value,
 }
 
 /// Why a token or a subscription was refused.
@@ -152,6 +158,8 @@ mod tests {
             tenant: "acme".into(),
             channels: channels.iter().map(|c| c.to_string()).collect(),
             exp,
+            locale: None,
+            attrs: serde_json::Value::Null,
         }
     }
 

@@ -8,6 +8,7 @@ use ferry_net::tls::TlsPaths;
 use ferry_proto::SubjectFilter;
 use serde::{Deserialize, Serialize};
 
+use crate::template::TemplateConfig;
 use crate::throttle::ThrottleConfig;
 use crate::webhook::WebhookConfig;
 use crate::window::WindowLimits;
@@ -54,6 +55,9 @@ pub struct EdgeConfig {
     /// Webhook delivery.
     #[serde(default)]
     pub webhooks: WebhookConfig,
+    /// Notification templates.
+    #[serde(default)]
+    pub templates: TemplateConfig,
 }
 
 /// How user tokens are verified.
@@ -219,6 +223,12 @@ impl EdgeConfig {
                 "webhooks.max_backoff_ms",
                 "at least webhooks.backoff_ms",
             ));
+        }
+        if self.templates.default_locale.is_empty() {
+            return Err(invalid("templates.default_locale", "empty"));
+        }
+        if self.templates.cache_entries == 0 {
+            return Err(invalid("templates.cache_entries", "at least 1"));
         }
         let limits = &self.limits;
         if limits.max_connections == 0 {

@@ -529,6 +529,14 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> String {
         );
     }
     line("ferry_edge_throttle_held", "", throttled.held);
+    let render = shared.renderer.stats();
+    line("ferry_edge_template_renders_total", "", render.renders);
+    line(
+        "ferry_edge_template_cache_hits_total",
+        "",
+        render.cache_hits,
+    );
+    line("ferry_edge_template_errors_total", "", render.errors);
     line(
         "ferry_edge_webhook_total",
         "outcome=\"delivered\"",

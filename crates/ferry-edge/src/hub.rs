@@ -29,6 +29,8 @@ pub struct Outbound {
     pub seq: u64,
     /// The `message` frame (JSON) the clients receive.
     pub frame: Bytes,
+    /// Its data names a template: each session renders it for its user's locale.
+    pub templated: bool,
 }
 
 #[derive(Debug)]
@@ -353,6 +355,7 @@ mod tests {
             channel: channel.into(),
             seq,
             frame: Bytes::from(format!("{channel}:{seq}")),
+            templated: false,
         })
     }
 

@@ -13,7 +13,10 @@
 //! Webhooks ([`webhook`]) are sessions too: registered per user over HTTP, delivered in order
 //! with retries and a signature, resumed from the window after a restart.
 //!
-//! Not here yet (issue 6 continues): templates, the demo page and `ferry bench fanout`.
+//! Templates ([`template`], minijinja) render per receiving user's locale at delivery, with a
+//! cache so a broadcast renders once per locale.
+//!
+//! Not here yet (issue 6 continues): the demo page and `ferry bench fanout`.
 #![warn(missing_docs, unreachable_pub)]
 
 pub mod auth;
@@ -22,6 +25,7 @@ mod http;
 pub mod hub;
 mod ingest;
 mod session;
+pub mod template;
 pub mod throttle;
 pub mod webhook;
 pub mod window;
@@ -121,6 +125,7 @@ pub(crate) struct Shared {
     /// The throttle's counts, as of the last notification it handled.
     pub(crate) throttled: Mutex<throttle::ThrottleCounts>,
     pub(crate) webhooks: webhook::Webhooks,
+    pub(crate) renderer: template::Renderer,
     pub(crate) shutdown: watch::Receiver<bool>,
 }
 
@@ -157,6 +162,7 @@ impl Edge {
                 .add_interest(&format!("edge-{}-{i}", config.name), channels)
                 .await?;
         }
+        let renderer = template::Renderer::load(&config.templates)?;
         let store = WindowStore::open(&config.data_dir, config.window_limits())?;
         let listener = tokio::net::TcpListener::bind(config.http)
             .await
@@ -174,6 +180,7 @@ impl Edge {
             served: config.channel_filters(),
             throttled: Mutex::new(throttle::ThrottleCounts::default()),
             webhooks: webhook::Webhooks::default(),
+            renderer,
             config,
             store,
             hub: Mutex::new(Hub::new()),

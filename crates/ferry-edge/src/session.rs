@@ -12,7 +12,7 @@ use serde_json::json;
 use tokio::sync::Notify;
 
 use crate::auth::User;
-use crate::hub::{CatchUp, SessionId, Start};
+use crate::hub::{CatchUp, Outbound, SessionId, Start};
 use crate::window::Position;
 use crate::Shared;
 
@@ -295,12 +295,8 @@ impl SessionDriver {
                 .lock()
                 .expect("hub lock")
                 .drain(self.id, DRAIN_MAX);
-            for frame in drained.frames {
-                self.pending.push_back(Out {
-                    position: Some((frame.channel.clone(), frame.seq)),
-                    frame: frame.frame.clone(),
-                    kind: "message",
-                });
+            for note in drained.frames {
+                self.push_message(&note);
             }
             for catch_up in drained.catch_up {
                 if catch_up.behind > 0 {
@@ -381,15 +377,19 @@ impl SessionDriver {
             .replayed
             .fetch_add(page.len() as u64, Ordering::Relaxed);
         for note in page {
-            self.pending.push_back(Out {
-                position: Some((note.channel.clone(), note.seq)),
-                frame: note.frame.clone(),
-                kind: "message",
-            });
+            self.push_message(&note);
         }
         if let Some(front) = self.replays.front_mut() {
             front.after = last;
         }
+    }
+
+    fn push_message(&mut self, note: &Outbound) {
+        self.pending.push_back(Out {
+            position: Some((note.channel.clone(), note.seq)),
+            frame: self.shared.renderer.frame_for(note, &self.user),
+            kind: "message",
+        });
     }
 
     /// The window's id for a sequence.

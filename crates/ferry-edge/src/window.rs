@@ -12,7 +12,7 @@
 //!
 //! Keys (one tree): `e` the epoch; `p/<partition>` the next region offset to read;
 //! `c/<channel>` the channel's retained range; `w/<channel>\0<seq>` one notification
-//! (8 bytes of append time in ms, then the JSON frame).
+//! (8 bytes of append time in ms, 1 byte of flags — bit 0: templated — then the JSON frame).
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -68,6 +68,18 @@ pub struct FrameParts {
     /// The payload: JSON when it parses as JSON, else a string.
     pub data: serde_json::Value,
 }
+
+impl FrameParts {
+    /// Whether the data asks for a template: `{"template": NAME, "vars": {…}}`.
+    pub fn is_templated(&self) -> bool {
+        self.data.get("template").is_some_and(|t| t.is_string())
+    }
+}
+
+/// Length of an entry's header: append time (8 bytes) and flags (1 byte).
+const ENTRY_HEADER: usize = 9;
+/// Entry flag: the frame's data names a template.
+const FLAG_TEMPLATED: u8 = 1;
 
 #[derive(Serialize)]
 struct MessageFrame<'a> {
@@ -219,7 +231,9 @@ impl WindowStore {
                 parts: &item.frame,
             };
             let json = serde_json::to_vec(&frame).map_err(|e| store_err("a frame", e))?;
+            let templated = item.frame.is_templated();
             let mut value = now_ms.to_be_bytes().to_vec();
+            value.push(if templated { FLAG_TEMPLATED } else { 0 });
             value.extend_from_slice(&json);
             batch.insert(entry_key(&item.channel, seq), value);
             while range.next - range.first > self.limits.events {
@@ -231,6 +245,7 @@ impl WindowStore {
                 channel: item.channel,
                 seq,
                 frame: Bytes::from(json),
+                templated,
             }));
         }
         for (channel, range) in &touched {
@@ -265,16 +280,17 @@ impl WindowStore {
         for item in self.db.range(start..=end).take(limit) {
             let (key, value) = item.map_err(|e| store_err("reading the window", e))?;
             let seq = u64::from_be_bytes(key[key.len() - 8..].try_into().expect("8 bytes"));
-            if value.len() < 8 {
+            if value.len() < ENTRY_HEADER {
                 return Err(store_err(
                     "reading the window",
-                    "entry shorter than 8 bytes",
+                    "entry shorter than its header",
                 ));
             }
             out.push(Arc::new(Outbound {
                 channel: name.clone(),
                 seq,
-                frame: Bytes::copy_from_slice(&value[8..]),
+                frame: Bytes::copy_from_slice(&value[ENTRY_HEADER..]),
+                templated: value[8] & FLAG_TEMPLATED != 0,
             }));
         }
         Ok(out)

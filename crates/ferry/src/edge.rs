@@ -34,6 +34,12 @@ enum EdgeCommand {
         /// Validity, seconds.
         #[arg(long, default_value_t = 3600)]
         ttl: u64,
+        /// The user's locale for templates.
+        #[arg(long)]
+        locale: Option<String>,
+        /// User attributes templates may read, as a JSON object.
+        #[arg(long)]
+        attrs: Option<String>,
     },
 }
 
@@ -45,6 +51,8 @@ pub(crate) async fn run(args: EdgeArgs) -> anyhow::Result<()> {
             tenant,
             channels,
             ttl,
+            locale,
+            attrs,
         }) => {
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)?
@@ -54,6 +62,11 @@ pub(crate) async fn run(args: EdgeArgs) -> anyhow::Result<()> {
                 tenant,
                 channels,
                 exp: now + ttl,
+                locale,
+                attrs: match attrs {
+                    Some(text) => serde_json::from_str(&text).context("--attrs is not JSON")?,
+                    None => serde_json::Value::Null,
+                },
             };
             println!("{}", ferry_edge::sign(secret.as_bytes(), &claims)?);
             Ok(())
