@@ -9,7 +9,6 @@ use std::path::Path;
 use std::time::Duration;
 
 use ferry_client::{Client, Producer, ProducerOptions};
-use ferry_edge::config::{AuthConfig, EdgeLimits, WindowConfig};
 use ferry_edge::throttle::{Policy, ThrottleConfig};
 use ferry_edge::{Claims, Edge, EdgeConfig};
 use ferry_net::tls::TlsPaths;
@@ -27,35 +26,23 @@ const TOPIC: &str = "notifications";
 
 fn edge_config(region: &TestRegion, data: &Path, http: SocketAddr, window: u64) -> EdgeConfig {
     let certs = region.certs();
-    EdgeConfig {
-        name: "edge-test".into(),
-        servers: region.live_addrs(),
-        tls: TlsPaths {
+    let mut config = EdgeConfig::new(
+        "edge-test",
+        region.live_addrs(),
+        TlsPaths {
             ca: certs.join("ca.pem"),
             cert: certs.join("client-test-client.pem"),
             key: certs.join("client-test-client.key"),
         },
         http,
-        data_dir: data.to_path_buf(),
-        topic: TOPIC.into(),
-        partitions: 4,
-        channels: vec!["user.*".into(), "broadcast".into(), "news.>".into()],
-        start: "latest".into(),
-        auth: AuthConfig {
-            secret: SECRET.into(),
-        },
-        window: WindowConfig {
-            events: window,
-            max_age_secs: 3600,
-        },
-        limits: EdgeLimits::default(),
-        throttle: ThrottleConfig {
-            rate_per_sec: 0.0,
-            ..ThrottleConfig::default()
-        },
-        webhooks: Default::default(),
-        templates: Default::default(),
-    }
+        data.to_path_buf(),
+        SECRET,
+    );
+    config.topic = TOPIC.into();
+    config.channels = vec!["user.*".into(), "broadcast".into(), "news.>".into()];
+    config.window.events = window;
+    config.throttle.rate_per_sec = 0.0;
+    config
 }
 
 fn token(user: &str, channels: &[&str]) -> String {

@@ -126,7 +126,7 @@ fn default_partitions() -> u32 {
     4
 }
 fn default_channels() -> Vec<String> {
-    vec![">".into()]
+    vec!["user.*".into(), "broadcast.>".into()]
 }
 fn default_start() -> String {
     "latest".into()
@@ -158,6 +158,36 @@ fn invalid(key: &'static str, reason: impl Into<String>) -> EdgeError {
 }
 
 impl EdgeConfig {
+    /// A configuration with the required values and defaults for the rest.
+    pub fn new(
+        name: impl Into<String>,
+        servers: Vec<SocketAddr>,
+        tls: TlsPaths,
+        http: SocketAddr,
+        data_dir: PathBuf,
+        secret: impl Into<String>,
+    ) -> Self {
+        Self {
+            name: name.into(),
+            servers,
+            tls,
+            http,
+            data_dir,
+            topic: default_topic(),
+            partitions: default_partitions(),
+            channels: default_channels(),
+            start: default_start(),
+            auth: AuthConfig {
+                secret: secret.into(),
+            },
+            window: WindowConfig::default(),
+            limits: EdgeLimits::default(),
+            throttle: ThrottleConfig::default(),
+            webhooks: WebhookConfig::default(),
+            templates: TemplateConfig::default(),
+        }
+    }
+
     /// Checks every value; the error names the key.
     pub fn validate(&self) -> Result<(), EdgeError> {
         if self.name.is_empty()

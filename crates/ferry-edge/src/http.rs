@@ -1,5 +1,6 @@
 //! The edge's HTTP endpoint (axum): `/ws` (WebSocket, JSON frames), `/sse` (server-sent
-//! events), `/metrics` and `/healthz`. Tokens come as `?token=` or `Authorization: Bearer`;
+//! events), `/webhooks`, `/demo` (a page showing notifications live over SSE), `/metrics`
+//! and `/healthz`. Tokens come as `?token=` or `Authorization: Bearer`;
 //! a missing or bad token is answered 401 before anything is subscribed.
 //!
 //! WebSocket frames, client to edge: `{"type":"subscribe","channel":C,"since":ID?}`,
@@ -45,6 +46,7 @@ pub(crate) async fn serve(
         .route("/sse", get(sse))
         .route("/webhooks", get(list_webhooks).post(register_webhook))
         .route("/webhooks/{id}", axum::routing::delete(remove_webhook))
+        .route("/demo", get(demo))
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .with_state(shared);
@@ -416,6 +418,14 @@ async fn remove_webhook(
         Ok(false) => refuse(StatusCode::NOT_FOUND, format!("no webhook {id} of yours")),
         Err(e) => refuse(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
+}
+
+/// A page that shows the notifications of `?channels=…` live, over SSE with `?token=…`.
+async fn demo() -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+        include_str!("assets/demo.html"),
+    )
 }
 
 async fn healthz(State(shared): State<Arc<Shared>>) -> (StatusCode, &'static str) {

@@ -153,6 +153,9 @@ impl Edge {
         let client = Client::new(ClientOptions::new(config.servers.clone(), identity))?;
         let mut topic = TopicConfig::new(config.topic.clone(), config.partitions);
         topic.class = EventClass::Notification;
+        // Notifications published in one region reach the edges of every region that
+        // registered interest in their channel.
+        topic.regions = ferry_proto::RegionPolicy::ByInterest;
         let description = client
             .ensure_topic(&topic, std::time::Duration::from_secs(30))
             .await?;

@@ -42,9 +42,10 @@ pub(crate) async fn run(args: DevArgs) -> anyhow::Result<()> {
     let ids: Vec<u64> = (1..=total).collect();
     let missing = ids
         .iter()
-        .any(|id| !certs.join(format!("node-{id}.pem")).exists());
+        .any(|id| !certs.join(format!("node-{id}.pem")).exists())
+        || !certs.join("client-edge.pem").exists();
     if !certs.join("ca.pem").exists() || missing {
-        generate_dev_certs(&certs, &ids, &["ctl", "bench"])
+        generate_dev_certs(&certs, &ids, &["ctl", "bench", "edge"])
             .with_context(|| format!("writing certificates into {}", certs.display()))?;
     }
     let addr_of = |id: u64| format!("127.0.0.1:{}", u64::from(args.base_port) + id - 1);
@@ -113,6 +114,29 @@ pub(crate) async fn run(args: DevArgs) -> anyhow::Result<()> {
         }
         regions.push((region.clone(), nodes));
     }
+    let secret = dev_edge_secret(&data)?;
+    let templates = dev_templates(&data)?;
+    let mut edges = Vec::new();
+    for (index, (region, nodes)) in regions.iter().enumerate() {
+        let mut config = ferry_edge::EdgeConfig::new(
+            format!("edge-{region}"),
+            nodes.iter().map(|(_, addr, _)| *addr).collect(),
+            ferry_net::tls::TlsPaths {
+                ca: certs.join("ca.pem"),
+                cert: certs.join("client-edge.pem"),
+                key: certs.join("client-edge.key"),
+            },
+            std::net::SocketAddr::from(([127, 0, 0, 1], args.base_port + 2000 + index as u16)),
+            data.join(format!("edge-{region}")),
+            secret.clone(),
+        );
+        config.channels = vec!["user.*".into(), "news.*".into()];
+        config.templates.dir = Some(templates.clone());
+        let edge = ferry_edge::Edge::start(config)
+            .await
+            .with_context(|| format!("starting the edge of region {region}"))?;
+        edges.push((region.clone(), edge));
+    }
     println!(
         "ferry dev: {} region(s) of {} nodes on loopback (replication 3, fsync before every ack, mTLS, gossip and forwarding between regions)",
         regions.len(),
@@ -133,9 +157,18 @@ pub(crate) async fn run(args: DevArgs) -> anyhow::Result<()> {
         }
     }
     println!(
-        "  certificates (CA, nodes, clients ctl and bench): {}",
+        "  certificates (CA, nodes, clients ctl, bench and edge): {}",
         certs.display()
     );
+    let demo_token = dev_token(&secret)?;
+    println!();
+    for (region, edge) in &edges {
+        let addr = edge.http_addr();
+        println!("edge {region}: http://{addr}  (/ws, /sse, /webhooks, /metrics)");
+        println!(
+            "  demo page: http://{addr}/demo?channels=user.demo,news.global&token={demo_token}"
+        );
+    }
     println!();
     let servers_of = |i: usize| {
         regions
@@ -155,6 +188,14 @@ pub(crate) async fn run(args: DevArgs) -> anyhow::Result<()> {
     println!("  ferry ctl topic create orders --partitions 4");
     println!("  ferry ctl publish orders --key customer-1 'hello' 'world'");
     println!("  ferry ctl tail orders");
+    println!();
+    println!("Notifications (watch them arrive on a demo page above, in any region):");
+    println!("  ferry ctl publish notifications --subject user.demo --key user.demo '{{\"hello\":\"demo\"}}'");
+    println!("  ferry ctl publish notifications --subject news.global --key news.global '{{\"template\":\"welcome\",\"vars\":{{}}}}'");
+    println!(
+        "  ferry edge token --secret $(cat {}) --user 42 --channels 'news.*'",
+        data.join("edge-secret").display()
+    );
     if let (Some((first, _)), Some((second, _))) = (regions.first(), regions.get(1)) {
         println!();
         println!("Across regions ({first} to {second}):");
@@ -213,7 +254,58 @@ pub(crate) async fn run(args: DevArgs) -> anyhow::Result<()> {
     });
     crate::wait_for_shutdown_signal().await;
     stats.abort();
+    futures::future::join_all(edges.into_iter().map(|(_, edge)| edge.shutdown())).await;
     // Stop every node at once (each waits for its connections to close).
     futures::future::join_all(nodes.into_iter().map(|(_, node)| node.shutdown())).await;
     Ok(())
+}
+
+/// The edges' token secret: drawn on first run, kept in the data folder.
+fn dev_edge_secret(data: &std::path::Path) -> anyhow::Result<String> {
+    let path = data.join("edge-secret");
+    if let Ok(secret) = std::fs::read_to_string(&path) {
+        if secret.trim().len() >= 16 {
+            return Ok(secret.trim().to_string());
+        }
+    }
+    let secret = format!(
+        "{:016x}{:016x}",
+        rand::random::<u64>(),
+        rand::random::<u64>()
+    );
+    std::fs::write(&path, &secret).with_context(|| format!("writing {}", path.display()))?;
+    Ok(secret)
+}
+
+/// Example notification templates for the demo, written on first run.
+fn dev_templates(data: &std::path::Path) -> anyhow::Result<PathBuf> {
+    let dir = data.join("templates");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    for (file, text) in [
+        ("welcome.en.j2", "Welcome to Ferry, {{ user.name }}!"),
+        ("welcome.fr.j2", "Bienvenue sur Ferry, {{ user.name }} !"),
+    ] {
+        let path = dir.join(file);
+        if !path.exists() {
+            std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+        }
+    }
+    Ok(dir)
+}
+
+/// A day's token for the demo user (`user.demo` and the `news.*` channels).
+fn dev_token(secret: &str) -> anyhow::Result<String> {
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs()
+        + 24 * 3600;
+    let claims = ferry_edge::Claims {
+        sub: "demo".into(),
+        tenant: "dev".into(),
+        channels: vec!["news.*".into()],
+        exp,
+        locale: Some("en".into()),
+        attrs: serde_json::json!({ "name": "Demo" }),
+    };
+    Ok(ferry_edge::sign(secret.as_bytes(), &claims)?)
 }
