@@ -103,7 +103,11 @@ async fn ws(
         Err(refusal) => return refusal.into_response(),
     };
     let limit = shared.config.limits.max_client_frame;
+    // tungstenite reserves 128 KiB of read buffer per connection by default; notifications are
+    // small and clients send little, so 4 KiB keeps an idle connection cheap.
     upgrade
+        .read_buffer_size(4096)
+        .write_buffer_size(0)
         .max_message_size(limit)
         .max_frame_size(limit)
         .on_upgrade(move |socket| run_ws(shared, user, slot, socket))

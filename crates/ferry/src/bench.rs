@@ -17,6 +17,7 @@ use serde::Serialize;
 use crate::ctl::Connect;
 use suites::{LoadArgs, Suite};
 
+mod fanout;
 mod resources;
 mod suites;
 mod system;
@@ -44,6 +45,9 @@ enum BenchCommand {
         /// Folder with <suite>-<system>-<pair>.json reports.
         dir: PathBuf,
     },
+    /// Hold N WebSocket clients on one edge: RSS per idle connection, broadcast and per-user
+    /// deliveries/s, publish-to-delivery latency at a fixed rate.
+    Fanout(fanout::FanoutArgs),
     /// Publish COUNT events in one region (--servers) and receive them in another (--to):
     /// forwarded events/s and publish-to-delivery latency.
     Mesh(MeshArgs),
@@ -133,6 +137,7 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<()> {
             Ok(())
         }
         BenchCommand::Mesh(args) => mesh(args).await,
+        BenchCommand::Fanout(args) => fanout::run(args).await,
     }
 }
 
