@@ -107,3 +107,93 @@ fn every_suite_runs_against_a_real_region() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--size"));
 }
+
+/// A `ferry edge` process, killed when dropped.
+struct EdgeProcess(std::process::Child);
+
+impl Drop for EdgeProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn fanout_runs_against_a_real_edge_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let region = Region::start(dir.path());
+    let http = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let secret = "bench-smoke-secret-0123456789";
+    let certs = region.dir.join("certs");
+    let servers: Vec<String> = region
+        .servers()
+        .split(',')
+        .map(|s| format!("\"{s}\""))
+        .collect();
+    let config = format!(
+        "name = \"edge-smoke\"\nservers = [{}]\nhttp = \"{http}\"\ndata_dir = \"{}\"\n\
+         channels = [\"user.*\", \"news.*\"]\n\
+         [tls]\nca = \"{c}/ca.pem\"\ncert = \"{c}/client-edge.pem\"\nkey = \"{c}/client-edge.key\"\n\
+         [auth]\nsecret = \"{secret}\"\n[throttle]\nrate_per_sec = 0\n",
+        servers.join(", "),
+        region.dir.join("edge").display(),
+        c = certs.display(),
+    );
+    let path = region.dir.join("edge.toml");
+    std::fs::write(&path, config).unwrap();
+    let log = std::fs::File::create(region.dir.join("edge.log")).unwrap();
+    let edge = EdgeProcess(
+        std::process::Command::new(common::FERRY)
+            .args(["edge", "--config"])
+            .arg(&path)
+            .env("FERRY_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
+    // The edge serves HTTP once it has found the topic's leaders.
+    common::wait_for(
+        "the edge's HTTP port",
+        std::time::Duration::from_secs(60),
+        || std::net::TcpStream::connect(http).is_ok(),
+    );
+    let (line, r) = run_ok(
+        &region,
+        "fanout",
+        &[
+            "fanout",
+            "--edge",
+            &http.to_string(),
+            "--secret",
+            secret,
+            "--edge-pid",
+            &edge.0.id().to_string(),
+            "--connections",
+            "40",
+            "--sources",
+            "2",
+            "--broadcasts",
+            "3",
+            "--rate",
+            "200",
+            "--seconds",
+            "1",
+        ],
+    );
+    assert!(line.starts_with("fanout: 40 connections held"), "{line}");
+    assert_eq!(r["broadcast_deliveries"], 120);
+    assert_eq!(r["per_user_deliveries"], 40);
+    assert_eq!(r["rate_delivered"], 200);
+    assert!(r["edge_rss_connected_kib"].as_u64().unwrap() > 0);
+    assert!(r["publish_to_delivery_ms"]["p99"].as_f64().unwrap() > 0.0);
+    let refused = run(
+        &region,
+        &["fanout", "--secret", secret, "--connections", "0"],
+    );
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("--connections"));
+}

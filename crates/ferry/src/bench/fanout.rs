@@ -251,8 +251,12 @@ pub(crate) async fn run(args: FanoutArgs) -> anyhow::Result<()> {
         .producer(&args.topic, ProducerOptions::default())
         .await
         .with_context(|| format!("topic {} (start the edge first: it creates it)", args.topic))?;
-    let rss = |pid: Option<u32>| pid.and_then(|p| super::resources::status_kib(p, "VmRSS").ok());
-    let rss_before = rss(args.edge_pid);
+    let rss = |pid: Option<u32>| -> anyhow::Result<Option<u64>> {
+        pid.map(|p| super::resources::status_kib(p, "VmRSS:"))
+            .transpose()
+            .context("--edge-pid")
+    };
+    let rss_before = rss(args.edge_pid)?;
 
     // Phase 1: connect.
     let received = Arc::new(Received::default());
@@ -308,7 +312,7 @@ pub(crate) async fn run(args: FanoutArgs) -> anyhow::Result<()> {
     }
     let connect_seconds = started.elapsed().as_secs_f64();
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let rss_connected = rss(args.edge_pid);
+    let rss_connected = rss(args.edge_pid)?;
     let per_connection = match (rss_before, rss_connected) {
         (Some(before), Some(after)) => {
             Some(after.saturating_sub(before) as f64 / args.connections as f64)

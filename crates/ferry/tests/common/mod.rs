@@ -28,7 +28,7 @@ impl Region {
         let certs = dir.join("certs");
         let status = Command::new(FERRY)
             .args(["certs", "init", "--out", certs.to_str().unwrap()])
-            .args(["--nodes", "1,2,3", "--clients", "ctl,bench"])
+            .args(["--nodes", "1,2,3", "--clients", "ctl,bench,edge"])
             .stdout(Stdio::null())
             .status()
             .unwrap();
