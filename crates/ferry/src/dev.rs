@@ -115,6 +115,8 @@ pub(crate) async fn run(args: DevArgs) -> anyhow::Result<()> {
         regions.push((region.clone(), nodes));
     }
     let secret = dev_edge_secret(&data)?;
+    // The edges hold a socket per user connection.
+    crate::raise_open_file_limit();
     let templates = dev_templates(&data)?;
     let mut edges = Vec::new();
     for (index, (region, nodes)) in regions.iter().enumerate() {

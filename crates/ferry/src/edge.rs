@@ -73,6 +73,14 @@ pub(crate) async fn run(args: EdgeArgs) -> anyhow::Result<()> {
         }
         None => {
             let config = crate::config::load_edge_config(args.config.as_deref())?;
+            let files = crate::raise_open_file_limit();
+            if (files as usize) < config.limits.max_connections {
+                tracing::warn!(
+                    open_files = files,
+                    max_connections = config.limits.max_connections,
+                    "the open-file limit is below limits.max_connections; raise it (ulimit -Hn)"
+                );
+            }
             let name = config.name.clone();
             let edge = ferry_edge::Edge::start(config)
                 .await

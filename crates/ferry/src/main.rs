@@ -98,6 +98,31 @@ fn disable_transparent_huge_pages() {
     }
 }
 
+/// Raises this process's open-file limit to its hard limit (servers and load generators
+/// hold a socket per connection); answers the limit now in force.
+pub(crate) fn raise_open_file_limit() -> u64 {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write only the struct passed.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return 0;
+        }
+        if limit.rlim_cur < limit.rlim_max {
+            let wanted = libc::rlimit {
+                rlim_cur: limit.rlim_max,
+                rlim_max: limit.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &wanted) == 0 {
+                return wanted.rlim_cur;
+            }
+        }
+    }
+    limit.rlim_cur
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     init_logging();

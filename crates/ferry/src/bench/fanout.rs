@@ -96,34 +96,6 @@ struct Received {
     messages: AtomicU64,
 }
 
-/// Lets this process hold a socket per client.
-fn raise_open_file_limit(needed: u64) -> anyhow::Result<()> {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit read and write only the struct passed.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
-            bail!("getrlimit: {}", std::io::Error::last_os_error());
-        }
-        let want = (needed + 1024).min(limit.rlim_max);
-        if limit.rlim_cur < want {
-            limit.rlim_cur = want;
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
-                bail!("setrlimit: {}", std::io::Error::last_os_error());
-            }
-        }
-        if limit.rlim_cur < needed + 64 {
-            bail!(
-                "{needed} connections need more open files than the hard limit {} allows",
-                limit.rlim_max
-            );
-        }
-    }
-    Ok(())
-}
-
 fn token(secret: &str, user: &str, shared: &str) -> anyhow::Result<String> {
     let exp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)?
@@ -245,7 +217,12 @@ pub(crate) async fn run(args: FanoutArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.rate > 0, "--rate must be at least 1");
     Subject::new(args.broadcast_channel.clone())
         .map_err(|e| anyhow::anyhow!("--broadcast-channel: {e}"))?;
-    raise_open_file_limit(args.connections)?;
+    let files = crate::raise_open_file_limit();
+    anyhow::ensure!(
+        files > args.connections + 64,
+        "{} connections need more open files than this process may have ({files}; raise the hard limit, e.g. ulimit -Hn)",
+        args.connections
+    );
     let region = args.connect.client()?;
     let producer = region
         .producer(&args.topic, ProducerOptions::default())
