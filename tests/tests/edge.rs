@@ -701,6 +701,25 @@ async fn a_throttled_users_counts_add_up() {
     };
     let edge = Edge::start(config).await.expect("edge starts");
     let addr = edge.http_addr();
+    let http = reqwest::Client::new();
+    // Healthy once it reads the region.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let health = http
+            .get(format!("http://{addr}/healthz"))
+            .send()
+            .await
+            .unwrap();
+        if health.status() == 200 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "edge not healthy: {:?}",
+            health.text().await
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let mut ws = Ws::connect(addr, &token("t", &[])).await;
     ws.subscribe("user.t", None).await;
     const PUBLISHED: u64 = 100;
@@ -722,7 +741,6 @@ async fn a_throttled_users_counts_add_up() {
     }
     assert!(single >= 5, "the burst passes: {single}");
     assert!(digests >= 1, "the rest was coalesced");
-    let http = reqwest::Client::new();
     let prefix = "ferry_edge_throttle_total{edge=\"edge-test\",outcome=";
     let published = metric(&http, addr, &format!("{prefix}\"published\"}}")).await;
     let delivered = metric(&http, addr, &format!("{prefix}\"delivered\"}}")).await;

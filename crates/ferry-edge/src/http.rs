@@ -435,6 +435,11 @@ async fn demo() -> impl IntoResponse {
 async fn healthz(State(shared): State<Arc<Shared>>) -> (StatusCode, &'static str) {
     if *shared.shutdown.borrow() {
         (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n")
+    } else if !shared.metrics.reading.load(Ordering::Acquire) {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not reading the region (starting, or the window could not be written: see the log)\n",
+        )
     } else {
         (StatusCode::OK, "ok\n")
     }

@@ -53,13 +53,20 @@ pub(crate) async fn run(
     partitions: u32,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let starts = match starting_offsets(&shared, &client, partitions).await {
-        Ok(starts) => starts,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot find where to start reading notifications");
-            return;
+    // The region may be electing leaders: retry until it answers or the edge stops.
+    let starts = loop {
+        match starting_offsets(&shared, &client, partitions).await {
+            Ok(starts) => break starts,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot find where to start reading notifications; retrying");
+                tokio::select! {
+                    _ = shutdown.changed() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
         }
     };
+    shared.metrics.reading.store(true, Ordering::Release);
     let (tx, mut rx) = mpsc::channel::<Read>(GROUP_MAX * 4);
     let mut readers = Vec::new();
     for (partition, next) in starts {
@@ -117,6 +124,7 @@ pub(crate) async fn run(
             break;
         }
     }
+    shared.metrics.reading.store(false, Ordering::Release);
     for reader in readers {
         reader.abort();
     }

@@ -96,6 +96,8 @@ pub(crate) struct Metrics {
     pub(crate) refused_limit: AtomicU64,
     pub(crate) webhook_delivered: AtomicU64,
     pub(crate) webhook_failed: AtomicU64,
+    /// The region reader is running (false before it starts and after it stopped).
+    pub(crate) reading: std::sync::atomic::AtomicBool,
 }
 
 impl Metrics {
