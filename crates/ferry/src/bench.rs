@@ -105,6 +105,12 @@ struct MeshReport {
     e2e_latency_ms: Latency,
 }
 
+/// A histogram of latencies in microseconds, 1 µs to 10 minutes. (Bounded: an auto-resizing
+/// histogram's `saturating_record` clamps to its initial tiny range.)
+fn latency_histogram() -> Histogram<u64> {
+    Histogram::<u64>::new_with_bounds(1, 600_000_000, 3).expect("histogram bounds")
+}
+
 /// Latency percentiles, milliseconds.
 #[derive(Serialize)]
 struct Latency {
@@ -288,8 +294,7 @@ async fn mesh(mut args: MeshArgs) -> anyhow::Result<()> {
     drop(acks_tx);
     let publish_errors = acks.await.context("acknowledgements")?;
 
-    let mut histogram =
-        Histogram::<u64>::new_with_bounds(1, 600_000_000, 3).expect("histogram bounds");
+    let mut histogram = latency_histogram();
     let mut delivered = 0u64;
     let mut last = started;
     let drain = tokio::time::Instant::now() + Duration::from_secs(args.drain_secs);

@@ -25,6 +25,9 @@ pub(crate) struct DevArgs {
     /// Nodes per region.
     #[arg(long, default_value_t = 3)]
     nodes: u64,
+    /// Run an edge per region (`--edges false`: regions only, e.g. under a separate edge).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    edges: bool,
 }
 
 pub(crate) async fn run(args: DevArgs) -> anyhow::Result<()> {
@@ -120,6 +123,9 @@ pub(crate) async fn run(args: DevArgs) -> anyhow::Result<()> {
     let templates = dev_templates(&data)?;
     let mut edges = Vec::new();
     for (index, (region, nodes)) in regions.iter().enumerate() {
+        if !args.edges {
+            break;
+        }
         let mut config = ferry_edge::EdgeConfig::new(
             format!("edge-{region}"),
             nodes.iter().map(|(_, addr, _)| *addr).collect(),

@@ -168,7 +168,7 @@ async fn client(
         ws.send(Message::Text(frame.to_string().into())).await?;
     }
     let mut subscribed = 0;
-    let mut histogram = Histogram::<u64>::new(3)?;
+    let mut histogram = super::latency_histogram();
     loop {
         let message = tokio::select! {
             message = ws.next() => message,
@@ -358,7 +358,7 @@ pub(crate) async fn run(args: FanoutArgs) -> anyhow::Result<()> {
     let rate_delivered = got - before;
     let _ = stop_tx.send(true);
     drop(latency_tx);
-    let mut latency = Histogram::<u64>::new(3)?;
+    let mut latency = super::latency_histogram();
     while let Some(h) = latency_rx.recv().await {
         latency.add(h)?;
     }
@@ -408,4 +408,16 @@ pub(crate) async fn run(args: FanoutArgs) -> anyhow::Result<()> {
         bail!("not every notification was delivered within --drain-secs (see the figures above)");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_send_time_is_read_from_a_message_frame() {
+        let frame = r#"{"type":"message","channel":"user.b0","id":"99bd02c8-9","event_id":"bench-1","event_type":"bench.fanout","data":{"t":1795909702213713}}"#;
+        assert_eq!(sent_micros(frame), Some(1_795_909_702_213_713));
+        assert_eq!(sent_micros(r#"{"type":"message","data":{"n":1}}"#), None);
+    }
 }

@@ -118,10 +118,6 @@ struct Published {
     ack_latency: Histogram<u64>,
 }
 
-fn histogram() -> Histogram<u64> {
-    Histogram::<u64>::new_with_bounds(1, 600_000_000, 3).expect("histogram bounds")
-}
-
 /// Runs `suite` with `args`.
 pub(crate) async fn run(suite: Suite, mut args: LoadArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.size >= 16, "--size must be at least 16 bytes");
@@ -192,7 +188,7 @@ pub(crate) async fn run(suite: Suite, mut args: LoadArgs) -> anyhow::Result<()> 
             let mut deliveries = system.tail(&topic).await?;
             let count = args.count;
             let receiver = tokio::spawn(async move {
-                let mut latency = histogram();
+                let mut latency = super::latency_histogram();
                 let mut delivered = 0u64;
                 while delivered < count {
                     let Some(payload) = deliveries.recv().await else {
@@ -356,7 +352,7 @@ async fn publish(
             let (acks_tx, mut acks_rx) =
                 tokio::sync::mpsc::unbounded_channel::<(Instant, Ack, tokio::sync::OwnedSemaphorePermit)>();
             let collector = tokio::spawn(async move {
-                let mut latency = histogram();
+                let mut latency = super::latency_histogram();
                 let (mut ok, mut errors) = (0u64, 0u64);
                 let mut pending = FuturesUnordered::new();
                 let mut open = true;
@@ -417,7 +413,7 @@ async fn publish(
             collector.await.expect("ack collector")
         }));
     }
-    let (mut acknowledged, mut errors, mut ack_latency) = (0, 0, histogram());
+    let (mut acknowledged, mut errors, mut ack_latency) = (0, 0, super::latency_histogram());
     for task in tasks {
         let (ok, failed, latency) = task.await.context("producer task")?;
         acknowledged += ok;
