@@ -78,6 +78,10 @@ pub struct WindowConfig {
     /// How long a notification is kept, seconds.
     #[serde(default = "default_window_secs")]
     pub max_age_secs: u64,
+    /// How often the window is written to disk, ms (a crash loses at most this much of it,
+    /// which is read from the region again under a new epoch).
+    #[serde(default = "default_flush_every_ms")]
+    pub flush_every_ms: u64,
 }
 
 impl Default for WindowConfig {
@@ -85,6 +89,7 @@ impl Default for WindowConfig {
         Self {
             events: default_window_events(),
             max_age_secs: default_window_secs(),
+            flush_every_ms: default_flush_every_ms(),
         }
     }
 }
@@ -136,6 +141,9 @@ fn default_window_events() -> u64 {
 }
 fn default_window_secs() -> u64 {
     24 * 3600
+}
+fn default_flush_every_ms() -> u64 {
+    200
 }
 fn default_max_connections() -> usize {
     100_000
@@ -221,6 +229,9 @@ impl EdgeConfig {
         }
         if self.window.events == 0 {
             return Err(invalid("window.events", "at least 1"));
+        }
+        if self.window.flush_every_ms == 0 {
+            return Err(invalid("window.flush_every_ms", "at least 1"));
         }
         if self.window.max_age_secs == 0 {
             return Err(invalid("window.max_age_secs", "at least 1"));

@@ -168,7 +168,11 @@ impl Edge {
                 .await?;
         }
         let renderer = template::Renderer::load(&config.templates)?;
-        let store = WindowStore::open(&config.data_dir, config.window_limits())?;
+        let store = WindowStore::open(
+            &config.data_dir,
+            config.window_limits(),
+            config.window.flush_every_ms,
+        )?;
         let listener = tokio::net::TcpListener::bind(config.http)
             .await
             .map_err(|e| EdgeError::Http {
@@ -236,8 +240,13 @@ impl Edge {
         while Arc::strong_count(&self.shared) > 1 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
-        if let Err(e) = self.shared.store.flush().await {
-            tracing::warn!(error = %e, "flushing the window at shutdown failed");
+        if Arc::strong_count(&self.shared) > 1 {
+            tracing::warn!("connections still hold the window after 5 s; not marking it clean");
+            if let Err(e) = self.shared.store.flush().await {
+                tracing::warn!(error = %e, "flushing the window at shutdown failed");
+            }
+        } else if let Err(e) = self.shared.store.close_cleanly().await {
+            tracing::warn!(error = %e, "closing the window at shutdown failed");
         }
     }
 }

@@ -90,10 +90,11 @@ struct FanoutReport {
     publish_to_delivery_ms: Latency,
 }
 
-/// What the clients have received, in total.
-#[derive(Default)]
+/// What the clients have received, in total, and the latency of what carried a send time
+/// (one histogram for all: a histogram per client would cost 160 KiB each).
 struct Received {
     messages: AtomicU64,
+    latency: std::sync::Mutex<Histogram<u64>>,
 }
 
 fn token(secret: &str, user: &str, shared: &str) -> anyhow::Result<String> {
@@ -143,7 +144,6 @@ struct Plan {
 async fn client(
     plan: Plan,
     received: Arc<Received>,
-    latency: mpsc::UnboundedSender<Histogram<u64>>,
     mut stop: watch::Receiver<bool>,
     mut connecting: Option<(tokio::sync::OwnedSemaphorePermit, mpsc::UnboundedSender<()>)>,
 ) -> anyhow::Result<()> {
@@ -168,7 +168,6 @@ async fn client(
         ws.send(Message::Text(frame.to_string().into())).await?;
     }
     let mut subscribed = 0;
-    let mut histogram = super::latency_histogram();
     loop {
         let message = tokio::select! {
             message = ws.next() => message,
@@ -181,7 +180,12 @@ async fn client(
         if text.starts_with("{\"type\":\"message\"") {
             received.messages.fetch_add(1, Ordering::Relaxed);
             if let Some(sent) = sent_micros(&text) {
-                histogram.saturating_record(unix_micros().saturating_sub(sent));
+                let micros = unix_micros().saturating_sub(sent);
+                received
+                    .latency
+                    .lock()
+                    .expect("latency lock")
+                    .saturating_record(micros);
             }
         } else if text.contains("\"subscribed\"") {
             subscribed += 1;
@@ -195,7 +199,6 @@ async fn client(
             bail!("the edge refused a subscription: {text}");
         }
     }
-    let _ = latency.send(histogram);
     Ok(())
 }
 
@@ -236,9 +239,11 @@ pub(crate) async fn run(args: FanoutArgs) -> anyhow::Result<()> {
     let rss_before = rss(args.edge_pid)?;
 
     // Phase 1: connect.
-    let received = Arc::new(Received::default());
+    let received = Arc::new(Received {
+        messages: AtomicU64::new(0),
+        latency: std::sync::Mutex::new(super::latency_histogram()),
+    });
     let (stop_tx, stop) = watch::channel(false);
-    let (latency_tx, mut latency_rx) = mpsc::unbounded_channel();
     let started = Instant::now();
     let mut clients = Vec::new();
     let gate = Arc::new(tokio::sync::Semaphore::new(args.connect_concurrency.max(1)));
@@ -253,7 +258,7 @@ pub(crate) async fn run(args: FanoutArgs) -> anyhow::Result<()> {
         ));
         let token = token(&args.secret, &format!("b{i}"), &args.broadcast_channel)?;
         let channels = [format!("user.b{i}"), args.broadcast_channel.clone()];
-        let (received, latency_tx, stop) = (received.clone(), latency_tx.clone(), stop.clone());
+        let (received, stop) = (received.clone(), stop.clone());
         let (gate, ready_tx, failed_tx, edge) =
             (gate.clone(), ready_tx.clone(), failed_tx.clone(), args.edge);
         clients.push(tokio::spawn(async move {
@@ -265,7 +270,7 @@ pub(crate) async fn run(args: FanoutArgs) -> anyhow::Result<()> {
                 token,
                 channels,
             };
-            let run = client(plan, received, latency_tx, stop, connecting);
+            let run = client(plan, received, stop, connecting);
             if let Err(e) = run.await {
                 let _ = failed_tx.send(format!("{e:#}"));
             }
@@ -357,11 +362,6 @@ pub(crate) async fn run(args: FanoutArgs) -> anyhow::Result<()> {
     let (got, _) = wait_received(&received, before + total, drain).await;
     let rate_delivered = got - before;
     let _ = stop_tx.send(true);
-    drop(latency_tx);
-    let mut latency = super::latency_histogram();
-    while let Some(h) = latency_rx.recv().await {
-        latency.add(h)?;
-    }
     for client in clients {
         let _ = client.await;
     }
@@ -381,7 +381,7 @@ pub(crate) async fn run(args: FanoutArgs) -> anyhow::Result<()> {
         rate: args.rate,
         rate_published: total,
         rate_delivered,
-        publish_to_delivery_ms: Latency::of(&latency),
+        publish_to_delivery_ms: Latency::of(&received.latency.lock().expect("latency lock")),
     };
     println!(
         "fanout: {} connections held (connected in {:.1} s){}; broadcast {:.0} deliveries/s; per-user {:.0} deliveries/s; at {}/s: {} of {} delivered, p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
