@@ -82,9 +82,10 @@ fn raise_open_file_limit() {
 
 type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
-/// A WebSocket client speaking the edge's JSON frames.
+/// A WebSocket client speaking the edge's JSON frames (one or more per message, one per line).
 struct Ws {
     socket: Socket,
+    buffered: std::collections::VecDeque<Value>,
 }
 
 impl Ws {
@@ -93,7 +94,12 @@ impl Ws {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             match tokio_tungstenite::connect_async(&url).await {
-                Ok((socket, _)) => return Self { socket },
+                Ok((socket, _)) => {
+                    return Self {
+                        socket,
+                        buffered: Default::default(),
+                    }
+                }
                 Err(e) => {
                     assert!(Instant::now() < deadline, "cannot connect to {edge}: {e}");
                     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -113,13 +119,19 @@ impl Ws {
     async fn next(&mut self, within: Duration) -> Value {
         let deadline = Instant::now() + within;
         loop {
+            if let Some(frame) = self.buffered.pop_front() {
+                return frame;
+            }
             let message = tokio::time::timeout_at(deadline, self.socket.next())
                 .await
                 .unwrap_or_else(|_| panic!("no frame within {within:?}"))
                 .expect("connection open")
                 .expect("a frame");
             if let Message::Text(text) = message {
-                return serde_json::from_str(&text).expect("JSON frame");
+                for line in text.split('\n') {
+                    self.buffered
+                        .push_back(serde_json::from_str(line).expect("JSON frame"));
+                }
             }
         }
     }
@@ -573,7 +585,10 @@ async fn connect_small_buffer(edge: SocketAddr, token: &str) -> Ws {
     let (socket, _) = tokio_tungstenite::client_async(url, MaybeTlsStream::Plain(stream))
         .await
         .expect("WebSocket handshake");
-    Ws { socket }
+    Ws {
+        socket,
+        buffered: Default::default(),
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

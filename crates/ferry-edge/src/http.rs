@@ -3,7 +3,8 @@
 //! and `/healthz`. Tokens come as `?token=` or `Authorization: Bearer`;
 //! a missing or bad token is answered 401 before anything is subscribed.
 //!
-//! WebSocket frames, client to edge: `{"type":"subscribe","channel":C,"since":ID?}`,
+//! WebSocket: each text message carries one JSON frame, or several separated by `\n` when
+//! several were ready at once. Frames, client to edge: `{"type":"subscribe","channel":C,"since":ID?}`,
 //! `{"type":"unsubscribe","channel":C}`, `{"type":"ack","channel":C,"id":ID}`. Edge to
 //! client: `message` (channel, id, event_id, event_type, data), `subscribed` (position),
 //! `gap` (requested, first_available), `lag` (missed, resume_from), `unsubscribed`, `error`
@@ -27,6 +28,7 @@ use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
+use bytes::{BufMut, BytesMut};
 use futures::{SinkExt, Stream, StreamExt};
 use tokio::sync::watch;
 
@@ -68,6 +70,9 @@ pub(crate) async fn serve(
 }
 
 type Params = Query<HashMap<String, String>>;
+
+/// Frames that are ready together share one WebSocket message up to about this size.
+const BATCH_BYTES: usize = 32 * 1024;
 
 /// Resolves once the edge is shutting down.
 async fn stopped(shutdown: &mut watch::Receiver<bool>) {
@@ -111,9 +116,9 @@ async fn ws(
     };
     let limit = shared.config.limits.max_client_frame;
     // tungstenite reserves 128 KiB of read buffer per connection by default; notifications are
-    // small and clients send little, so 4 KiB keeps an idle connection cheap.
+    // small and clients send little (subscribe, ack), so 1 KiB keeps an idle connection cheap.
     upgrade
-        .read_buffer_size(4096)
+        .read_buffer_size(1024)
         .write_buffer_size(0)
         .max_message_size(limit)
         .max_frame_size(limit)
@@ -127,16 +132,23 @@ async fn run_ws(shared: Arc<Shared>, user: User, slot: ConnectionSlot, socket: W
     loop {
         tokio::select! {
             out = driver.next() => {
-                let text = match Utf8Bytes::try_from(out.frame) {
-                    Ok(t) => t,
-                    Err(_) => continue,
+                // Whatever else is ready goes in the same WebSocket message, one JSON frame per
+                // line: one write for a burst instead of one per notification.
+                let mut text = BytesMut::from(&out.frame[..]);
+                let mut messages = u64::from(out.position.is_some());
+                while text.len() < BATCH_BYTES {
+                    let Some(more) = driver.try_next() else { break };
+                    text.put_u8(b'\n');
+                    text.extend_from_slice(&more.frame);
+                    messages += u64::from(more.position.is_some());
+                }
+                let Ok(text) = Utf8Bytes::try_from(text.freeze()) else {
+                    continue;
                 };
                 if sink.send(Message::Text(text)).await.is_err() {
                     break;
                 }
-                if out.position.is_some() {
-                    shared.metrics.delivered(Transport::WebSocket).fetch_add(1, Ordering::Relaxed);
-                }
+                shared.metrics.delivered(Transport::WebSocket).fetch_add(messages, Ordering::Relaxed);
             }
             incoming = stream.next() => match incoming {
                 Some(Ok(Message::Text(text))) => driver.handle_client_frame(text.as_str()),

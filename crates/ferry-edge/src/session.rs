@@ -282,8 +282,18 @@ impl SessionDriver {
     /// The next frame to send, waiting for one. Cancel-safe.
     pub(crate) async fn next(&mut self) -> Out {
         loop {
-            if let Some(out) = self.pending.pop_front() {
+            if let Some(out) = self.try_next() {
                 return out;
+            }
+            self.notify.notified().await;
+        }
+    }
+
+    /// The next frame if one is ready now (queued, replayable or waiting in the hub).
+    pub(crate) fn try_next(&mut self) -> Option<Out> {
+        loop {
+            if let Some(out) = self.pending.pop_front() {
+                return Some(out);
             }
             if let Some(replay) = self.replays.front().cloned() {
                 self.replay_step(replay);
@@ -311,7 +321,7 @@ impl SessionDriver {
                 self.replays.push_back(catch_up);
             }
             if self.pending.is_empty() && self.replays.is_empty() {
-                self.notify.notified().await;
+                return None;
             }
         }
     }

@@ -177,26 +177,29 @@ async fn client(
         let Message::Text(text) = message? else {
             continue;
         };
-        if text.starts_with("{\"type\":\"message\"") {
-            received.messages.fetch_add(1, Ordering::Relaxed);
-            if let Some(sent) = sent_micros(&text) {
-                let micros = unix_micros().saturating_sub(sent);
-                received
-                    .latency
-                    .lock()
-                    .expect("latency lock")
-                    .saturating_record(micros);
-            }
-        } else if text.contains("\"subscribed\"") {
-            subscribed += 1;
-            if subscribed == channels.len() {
-                // Subscribed: free the connect slot and count this client as held.
-                if let Some((_permit, ready)) = connecting.take() {
-                    let _ = ready.send(());
+        // One JSON frame per line; several when the edge had several ready.
+        for line in text.split('\n') {
+            if line.starts_with("{\"type\":\"message\"") {
+                received.messages.fetch_add(1, Ordering::Relaxed);
+                if let Some(sent) = sent_micros(line) {
+                    let micros = unix_micros().saturating_sub(sent);
+                    received
+                        .latency
+                        .lock()
+                        .expect("latency lock")
+                        .saturating_record(micros);
                 }
+            } else if line.contains("\"subscribed\"") {
+                subscribed += 1;
+                if subscribed == channels.len() {
+                    // Subscribed: free the connect slot and count this client as held.
+                    if let Some((_permit, ready)) = connecting.take() {
+                        let _ = ready.send(());
+                    }
+                }
+            } else if line.contains("\"error\"") {
+                bail!("the edge refused a subscription: {line}");
             }
-        } else if text.contains("\"error\"") {
-            bail!("the edge refused a subscription: {text}");
         }
     }
     Ok(())
