@@ -558,6 +558,39 @@ async fn edge_fans_out_resumes_and_keeps_its_window_across_a_restart() {
         "subscribed"
     );
     assert_eq!(foreign.next(Duration::from_secs(10)).await["type"], "gap");
+    // A position beyond anything handed out is not trusted either: gap, then the window.
+    let mut ahead = Ws::connect(addr, &token("carol", &["news.>"])).await;
+    ahead
+        .send(json!({"type": "subscribe", "channel": "news.flood", "since": format!("{epoch}-999999")}))
+        .await;
+    assert_eq!(
+        ahead.next(Duration::from_secs(10)).await["type"],
+        "subscribed"
+    );
+    assert_eq!(ahead.next(Duration::from_secs(10)).await["type"], "gap");
+    let first = ahead
+        .messages("news.flood", 1, Duration::from_secs(10))
+        .await;
+    assert_eq!(first[0]["id"], format!("{epoch}-51"));
+    drop(ahead);
+    // SSE: the token is checked first; a channel listed twice is refused.
+    let status = http
+        .get(format!("http://{addr}/sse"))
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(status, 401);
+    let status = http
+        .get(format!(
+            "http://{addr}/sse?channels=user.carol,user.carol&token={}",
+            token("carol", &[])
+        ))
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(status, 400);
 
     let metrics = http
         .get(format!("http://{addr}/metrics"))
@@ -833,6 +866,8 @@ async fn a_webhook_that_fails_twice_gets_the_notification_on_the_third_attempt_s
     let data = region.dir.path().join("edge");
     let mut config = edge_config(&region, &data, "127.0.0.1:0".parse().unwrap(), 1000);
     config.webhooks.backoff_ms = 50;
+    // The receiver is on loopback.
+    config.webhooks.allow_private_targets = true;
     config.webhooks.max_backoff_ms = 200;
     let edge = Edge::start(config).await.expect("edge starts");
     let addr = edge.http_addr();

@@ -91,17 +91,27 @@ fn admit(
     transport: Transport,
 ) -> Result<(User, ConnectionSlot), (StatusCode, String)> {
     let user = api_user(shared, params, headers)?;
-    let slot = ConnectionSlot::take(shared, transport).ok_or_else(|| {
-        shared.metrics.refused_limit.fetch_add(1, Ordering::Relaxed);
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!(
-                "connection limit reached ({} open; limits.max_connections)\n",
-                shared.config.limits.max_connections
-            ),
-        )
-    })?;
+    let slot = take_slot(shared, transport).ok_or_else(|| connection_limit(shared))?;
     Ok((user, slot))
+}
+
+/// A connection slot, or None at `limits.max_connections` (counted as refused).
+fn take_slot(shared: &Arc<Shared>, transport: Transport) -> Option<ConnectionSlot> {
+    let slot = ConnectionSlot::take(shared, transport);
+    if slot.is_none() {
+        shared.metrics.refused_limit.fetch_add(1, Ordering::Relaxed);
+    }
+    slot
+}
+
+fn connection_limit(shared: &Arc<Shared>) -> (StatusCode, String) {
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!(
+            "connection limit reached ({} open; limits.max_connections)\n",
+            shared.config.limits.max_connections
+        ),
+    )
 }
 
 async fn ws(
@@ -142,11 +152,18 @@ async fn run_ws(shared: Arc<Shared>, user: User, slot: ConnectionSlot, socket: W
                     text.extend_from_slice(&more.frame);
                     messages += u64::from(more.position.is_some());
                 }
-                let Ok(text) = Utf8Bytes::try_from(text.freeze()) else {
-                    continue;
+                let text = match Utf8Bytes::try_from(text.freeze()) {
+                    Ok(text) => text,
+                    Err(e) => {
+                        // Frames are JSON made by the edge; this would be a bug.
+                        tracing::error!(error = %e, "a WebSocket batch was not UTF-8; connection closed");
+                        break;
+                    }
                 };
-                if sink.send(Message::Text(text)).await.is_err() {
-                    break;
+                // A client that does not read blocks this send; shutdown must not wait for it.
+                tokio::select! {
+                    sent = sink.send(Message::Text(text)) => if sent.is_err() { break },
+                    _ = stopped(&mut shutdown) => break,
                 }
                 shared.metrics.delivered(Transport::WebSocket).fetch_add(messages, Ordering::Relaxed);
             }
@@ -159,7 +176,8 @@ async fn run_ws(shared: Arc<Shared>, user: User, slot: ConnectionSlot, socket: W
                 Some(Ok(_)) => {}
             },
             _ = stopped(&mut shutdown) => {
-                let _ = sink.send(Message::Close(None)).await;
+                let close = sink.send(Message::Close(None));
+                let _ = tokio::time::timeout(std::time::Duration::from_secs(1), close).await;
                 break;
             }
         }
@@ -171,6 +189,11 @@ async fn sse(
     Query(params): Params,
     headers: HeaderMap,
 ) -> Response {
+    // The token first: without a valid one the answer is 401 whatever else is wrong.
+    let user = match api_user(&shared, &params, &headers) {
+        Ok(user) => user,
+        Err(refusal) => return refusal.into_response(),
+    };
     let channels: Vec<String> = params
         .get("channels")
         .map(|c| {
@@ -186,6 +209,16 @@ async fn sse(
             "channels: give ?channels=A,B (at least one)".into(),
         );
     }
+    if let Some(twice) = channels
+        .iter()
+        .enumerate()
+        .find_map(|(i, c)| channels[..i].contains(c).then_some(c))
+    {
+        return refuse(
+            StatusCode::BAD_REQUEST,
+            format!("channels: {twice} is listed twice"),
+        );
+    }
     if channels.len() > shared.config.limits.max_subscriptions {
         return refuse(
             StatusCode::BAD_REQUEST,
@@ -195,10 +228,6 @@ async fn sse(
             ),
         );
     }
-    let (user, slot) = match admit(&shared, &params, &headers, Transport::Sse) {
-        Ok(admitted) => admitted,
-        Err(refusal) => return refusal.into_response(),
-    };
     // Refuse forbidden channels with 403 before the stream starts.
     for channel in &channels {
         if let Err(e) = user.may_read(channel) {
@@ -209,6 +238,9 @@ async fn sse(
             return refuse(StatusCode::FORBIDDEN, e.to_string());
         }
     }
+    let Some(slot) = take_slot(&shared, Transport::Sse) else {
+        return connection_limit(&shared).into_response();
+    };
     let last_event_id = headers
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
@@ -353,11 +385,23 @@ async fn register_webhook(
             )
         }
     };
-    let scheme_ok = request.url.starts_with("http://") || request.url.starts_with("https://");
-    if !scheme_ok || reqwest::Url::parse(&request.url).is_err() {
+    let url = match reqwest::Url::parse(&request.url) {
+        Ok(url) if url.scheme() == "http" || url.scheme() == "https" => url,
+        _ => {
+            return refuse(
+                StatusCode::BAD_REQUEST,
+                format!("url: {:?} is not an http:// or https:// URL", request.url),
+            )
+        }
+    };
+    if !shared.config.webhooks.allow_private_targets && crate::webhook::is_private_target(&url) {
         return refuse(
             StatusCode::BAD_REQUEST,
-            format!("url: {:?} is not an http:// or https:// URL", request.url),
+            format!(
+                "url: {} points at this machine or a private network \
+                 (webhooks.allow_private_targets is off)",
+                request.url
+            ),
         );
     }
     if request.channels.is_empty() {
@@ -537,11 +581,8 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> String {
     line("ferry_edge_acks_total", "", load(&m.acks));
     line("ferry_edge_lag_frames_total", "", load(&m.lags));
     line("ferry_edge_gap_frames_total", "", load(&m.gaps));
-    line(
-        "ferry_edge_dropped_total",
-        "cause=\"queue_full\"",
-        stats.overflowed,
-    );
+    // Turned away by a full send queue, then replayed from the window (not lost).
+    line("ferry_edge_overflowed_total", "", stats.overflowed);
     line(
         "ferry_edge_dropped_total",
         "cause=\"not_served\"",

@@ -9,7 +9,9 @@
 //! one whose session's queue overflowed, catch up; the driver ends catching up with
 //! [`Hub::caught_up`] once the window holds nothing past what it replayed. Every
 //! notification queued or replayed for a subscription has a sequence above the last one it
-//! got, so a session sees each channel in order, without gaps and without repeats.
+//! got, so a session sees each channel in order and without repeats; what the window no
+//! longer holds is announced by the driver with a `gap` frame. A new start or an
+//! unsubscribe discards what was queued for the channel.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -192,10 +194,10 @@ impl<W: Clone> Hub<W> {
                 behind: 0,
             },
         };
-        if subscription.catching_up && !session.woken {
-            session.woken = true;
-            self.woken.push(session.waker.clone());
-        }
+        // Notifications of this channel still queued belong to the old start: the new one
+        // decides what comes. (No wake-up: the session's own driver subscribed and drains
+        // next.)
+        session.queue.retain(|n| n.channel != channel);
         session.subscriptions.insert(channel.clone(), subscription);
         self.channels.entry(channel).or_default().insert(id);
         true
@@ -203,10 +205,10 @@ impl<W: Clone> Hub<W> {
 
     /// Ends a subscription; returns whether there was one.
     pub fn unsubscribe(&mut self, id: SessionId, channel: &str) -> bool {
-        let removed = self
-            .sessions
-            .get_mut(&id)
-            .is_some_and(|s| s.subscriptions.remove(channel).is_some());
+        let removed = self.sessions.get_mut(&id).is_some_and(|s| {
+            s.queue.retain(|n| &*n.channel != channel);
+            s.subscriptions.remove(channel).is_some()
+        });
         if removed {
             self.remove_subscriber(channel, id);
         }
@@ -425,7 +427,6 @@ mod tests {
         let mut hub = Hub::new();
         let s = hub.open_session("1", 8, 'x');
         hub.subscribe(s, "user.1", Start::After(3));
-        assert_eq!(hub.take_woken(), vec!['x']);
         hub.handle_notification(note("user.1", 9));
         let d = hub.drain(s, 8);
         assert!(d.frames.is_empty());
@@ -437,6 +438,26 @@ mod tests {
         hub.handle_notification(note("user.1", 10));
         assert_eq!(seqs(&hub.drain(s, 8)), vec![10]);
         assert_eq!(hub.position(s, "user.1"), Some(10));
+    }
+
+    #[test]
+    fn a_new_start_or_an_unsubscribe_discards_what_was_queued_for_the_channel() {
+        let mut hub = Hub::new();
+        let s = hub.open_session("1", 8, 'x');
+        hub.subscribe(s, "a", Start::Live { last: 0 });
+        hub.subscribe(s, "b", Start::Live { last: 0 });
+        for seq in 1..=3 {
+            hub.handle_notification(note("a", seq));
+            hub.handle_notification(note("b", seq));
+        }
+        // Resume "a" after 1: the queued 1..=3 of "a" go, the replay brings 2 and 3 once.
+        hub.subscribe(s, "a", Start::After(1));
+        let d = hub.drain(s, 10);
+        assert!(d.frames.iter().all(|f| &*f.channel == "b"));
+        assert_eq!(d.catch_up[0].after, 1);
+        hub.handle_notification(note("b", 4));
+        hub.unsubscribe(s, "b");
+        assert!(hub.drain(s, 10).frames.is_empty());
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Reading notifications from the region: one subscription per partition of the topic, from
-//! the offsets the window was written up to; groups of notifications are numbered, retained
-//! and flushed to disk together, then handed to the hub and the sessions it names are woken.
+//! the offsets the window was written up to; groups of notifications are numbered and
+//! retained together with the offsets read (one sled batch; sled writes it to disk in the
+//! background), then handed to the hub and the sessions it names are woken.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
@@ -16,7 +17,7 @@ use crate::throttle::Throttle;
 use crate::window::{FrameParts, Incoming};
 use crate::Shared;
 
-/// Notifications retained and fanned out per group (one disk flush each).
+/// Notifications retained and fanned out per group (one sled batch each).
 const GROUP_MAX: usize = 2048;
 /// How often expired notifications leave the window.
 const TRIM_EVERY: Duration = Duration::from_secs(30);
@@ -118,8 +119,8 @@ pub(crate) async fn run(
             }
         }
         if let Err(e) = ingest(&shared, group, &mut throttle).await {
-            // The window could not be written: stop rather than hand out positions that
-            // are not on disk. Readers resume from the last flushed cursor on restart.
+            // The window could not be written: stop rather than hand out positions that are
+            // not in it (/healthz turns 503). A restart resumes from the last written cursor.
             tracing::error!(error = %e, "writing the window failed; the edge stops reading");
             break;
         }
@@ -199,8 +200,8 @@ async fn ingest(
     retain_and_fan_out(shared, incoming, &cursors, throttle).await
 }
 
-/// Numbers, retains and flushes notifications (with the region cursors), then hands them to
-/// the hub and wakes the sessions it names.
+/// Numbers and retains notifications (with the region cursors), then hands them to the hub
+/// and wakes the sessions it names.
 async fn retain_and_fan_out(
     shared: &Arc<Shared>,
     incoming: Vec<Incoming>,

@@ -16,7 +16,8 @@
 //! Templates ([`template`], minijinja) render per receiving user's locale at delivery, with a
 //! cache so a broadcast renders once per locale.
 //!
-//! Not here yet (issue 6 continues): the demo page and `ferry bench fanout`.
+//! `/demo` is a page that shows a user's notifications live; `ferry bench fanout` (in the
+//! binary) measures the edge.
 #![warn(missing_docs, unreachable_pub)]
 
 pub mod auth;
@@ -231,22 +232,24 @@ impl Edge {
     /// Stops serving, closes every connection, flushes the window and releases it.
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
-        for task in self.tasks {
-            let _ = task.await;
+        let bound = std::time::Duration::from_secs(5);
+        for mut task in self.tasks {
+            if tokio::time::timeout(bound, &mut task).await.is_err() {
+                tracing::warn!("an edge task did not stop within 5 s; aborted");
+                task.abort();
+            }
+        }
+        // The region reader (the window's only writer) and the webhooks have stopped: the
+        // window is complete, so it is closed cleanly whatever connections still linger.
+        self.shared.webhooks.stop_all();
+        if let Err(e) = self.shared.store.close_cleanly().await {
+            tracing::warn!(error = %e, "closing the window at shutdown failed");
         }
         // Connections end on the shutdown signal; wait (bounded) for them to let go of the
-        // window so it can be reopened.
-        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+        // window, so that it can be opened again in this process.
+        let deadline = tokio::time::Instant::now() + bound;
         while Arc::strong_count(&self.shared) > 1 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-        }
-        if Arc::strong_count(&self.shared) > 1 {
-            tracing::warn!("connections still hold the window after 5 s; not marking it clean");
-            if let Err(e) = self.shared.store.flush().await {
-                tracing::warn!(error = %e, "flushing the window at shutdown failed");
-            }
-        } else if let Err(e) = self.shared.store.close_cleanly().await {
-            tracing::warn!(error = %e, "closing the window at shutdown failed");
         }
     }
 }

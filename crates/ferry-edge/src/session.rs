@@ -181,8 +181,10 @@ impl SessionDriver {
         let mut gap = None;
         let start = match since.map(|id| (id, store.parse_id(id))) {
             None => Start::Live { last: range.last() },
-            Some((_, Position::Seq(seq))) => Start::After(seq),
-            Some((id, Position::Foreign)) => {
+            // A position this edge has handed out: resume after it.
+            Some((_, Position::Seq(seq))) if seq <= range.last() => Start::After(seq),
+            // Another edge's, a wiped store's, or one never handed out: the retained window.
+            Some((id, _)) => {
                 gap = Some(id.to_string());
                 Start::After(range.first - 1)
             }
@@ -202,12 +204,7 @@ impl SessionDriver {
             json!({"type": "subscribed", "channel": channel, "position": store.id_of(position)}),
         ));
         if let Some(requested) = gap {
-            self.shared.metrics.gaps.fetch_add(1, Ordering::Relaxed);
-            self.pending.push_back(Out::control(
-                "gap",
-                json!({"type": "gap", "channel": channel, "requested": requested,
-                       "first_available": store.id_of(range.first)}),
-            ));
+            self.push_gap(channel, &requested, range.first);
         }
     }
 
@@ -326,62 +323,67 @@ impl SessionDriver {
         }
     }
 
-    /// Replays one page of a catching-up channel from the window, or ends its catch-up.
+    /// Replays one page of a catching-up channel from the window, or ends its catch-up. A
+    /// page that does not start right after what the client has is preceded by a `gap`
+    /// frame (the window was trimmed past it, maybe while this replay ran).
     fn replay_step(&mut self, replay: CatchUp) {
-        let store = &self.shared.store;
-        let channel = &*replay.channel;
-        let mut after = replay.after;
-        let range = match store.range(channel) {
-            Ok(r) => r,
-            Err(e) => {
-                self.replays.pop_front();
-                return self.error(Some(channel), "internal", e.to_string());
-            }
-        };
-        if after + 1 < range.first {
-            self.shared.metrics.gaps.fetch_add(1, Ordering::Relaxed);
-            self.pending.push_back(Out::control(
-                "gap",
-                json!({"type": "gap", "channel": channel, "requested": store.id_of(after),
-                       "first_available": store.id_of(range.first)}),
-            ));
-            after = range.first - 1;
-        }
-        let page = match store.read(channel, after, REPLAY_PAGE) {
+        let channel = replay.channel.clone();
+        let after = replay.after;
+        let page = match self.shared.store.read(&channel, after, REPLAY_PAGE) {
             Ok(p) => p,
-            Err(e) => {
-                self.replays.pop_front();
-                return self.error(Some(channel), "internal", e.to_string());
-            }
+            Err(e) => return self.replay_failed(&channel, e),
         };
         let mut hub = self.shared.hub.lock().expect("hub lock");
-        if hub.position(self.id, channel).is_none() {
+        if hub.position(self.id, &channel).is_none() {
             // Unsubscribed meanwhile.
+            drop(hub);
             self.replays.pop_front();
             return;
         }
         let page = if page.is_empty() {
             // Read again under the hub lock: anything not in this read reaches the hub after
             // the subscription is live.
-            match store.read(channel, after, REPLAY_PAGE) {
+            match self.shared.store.read(&channel, after, REPLAY_PAGE) {
                 Ok(p) if p.is_empty() => {
-                    hub.caught_up(self.id, channel, after);
+                    // Nothing retained after `after`; if the window starts later (all of it
+                    // trimmed), the client has missed what lay between.
+                    let first = match self.shared.store.range(&channel) {
+                        Ok(range) => range.first,
+                        Err(e) => {
+                            drop(hub);
+                            return self.replay_failed(&channel, e);
+                        }
+                    };
+                    let through = if first > after.saturating_add(1) {
+                        first - 1
+                    } else {
+                        after
+                    };
+                    hub.caught_up(self.id, &channel, through);
+                    drop(hub);
+                    if through != after {
+                        self.push_gap(&channel, &self.shared.store.id_of(after), first);
+                    }
                     self.replays.pop_front();
                     return;
                 }
                 Ok(p) => p,
                 Err(e) => {
                     drop(hub);
-                    self.replays.pop_front();
-                    return self.error(Some(channel), "internal", e.to_string());
+                    return self.replay_failed(&channel, e);
                 }
             }
         } else {
             page
         };
         let last = page.last().map_or(after, |n| n.seq);
-        hub.replayed(self.id, channel, last);
+        hub.replayed(self.id, &channel, last);
         drop(hub);
+        if let Some(first) = page.first() {
+            if first.seq > after.saturating_add(1) {
+                self.push_gap(&channel, &self.shared.store.id_of(after), first.seq);
+            }
+        }
         self.shared
             .metrics
             .replayed
@@ -392,6 +394,39 @@ impl SessionDriver {
         if let Some(front) = self.replays.front_mut() {
             front.after = last;
         }
+    }
+
+    /// Queues a `gap` frame: the client asked for what follows `requested`, the window
+    /// continues at `first_available`.
+    fn push_gap(&mut self, channel: &str, requested: &str, first_available: u64) {
+        self.shared.metrics.gaps.fetch_add(1, Ordering::Relaxed);
+        let first_available = self.shared.store.id_of(first_available);
+        self.pending.push_back(Out::control(
+            "gap",
+            json!({"type": "gap", "channel": channel, "requested": requested,
+                   "first_available": first_available}),
+        ));
+    }
+
+    /// The window could not be read: the subscription ends with an error frame (rather than
+    /// being retried on every drain).
+    fn replay_failed(&mut self, channel: &str, error: crate::EdgeError) {
+        self.replays.retain(|r| &*r.channel != channel);
+        let removed = self
+            .shared
+            .hub
+            .lock()
+            .expect("hub lock")
+            .unsubscribe(self.id, channel);
+        if removed {
+            self.subscriptions -= 1;
+        }
+        tracing::warn!(channel, error = %error, "replay from the window failed; subscription ended");
+        self.error(
+            Some(channel),
+            "internal",
+            format!("reading the window failed, subscription ended: {error}"),
+        );
     }
 
     fn push_message(&mut self, note: &Outbound) {

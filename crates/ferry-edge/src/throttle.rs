@@ -111,8 +111,9 @@ struct Bucket {
     tokens: f64,
     updated_ms: u64,
     held: VecDeque<Incoming>,
-    /// Under `digest` with `max_pending` held: further notifications only add to the count.
-    extra: u64,
+    /// Under `digest` with `max_pending` held: further notifications only add to their
+    /// channel's count.
+    extra: Vec<(Arc<str>, u64)>,
     counts: ThrottleCounts,
 }
 
@@ -158,7 +159,7 @@ impl Throttle {
             tokens: config.burst as f64,
             updated_ms: now_ms,
             held: VecDeque::new(),
-            extra: 0,
+            extra: Vec::new(),
             counts: ThrottleCounts::default(),
         });
         Self::refill(&config, bucket, now_ms);
@@ -184,7 +185,10 @@ impl Throttle {
             }
             // A full digest keeps counting what it will stand for, without keeping it.
             (Policy::Digest, true) => {
-                bucket.extra += 1;
+                match bucket.extra.iter_mut().find(|(c, _)| *c == item.channel) {
+                    Some((_, n)) => *n += 1,
+                    None => bucket.extra.push((item.channel.clone(), 1)),
+                }
                 bucket.counts.held += 1;
                 self.totals.held += 1;
             }
@@ -251,20 +255,34 @@ impl Throttle {
     ) {
         match config.policy {
             Policy::Digest => {
-                let held: Vec<Incoming> = bucket.held.drain(..).collect();
-                let n = held.len() as u64 + std::mem::take(&mut bucket.extra);
-                bucket.counts.held -= n;
-                totals.held -= n;
-                if n == 1 {
-                    bucket.counts.delivered += 1;
-                    totals.delivered += 1;
-                    out.extend(held);
-                } else {
-                    bucket.counts.coalesced += n;
-                    totals.coalesced += n;
-                    bucket.counts.digests += 1;
-                    totals.digests += 1;
-                    out.push(digest(user, held, n, config.digest_items));
+                // One digest per channel (a user's channels may have different readers).
+                let mut by_channel: Vec<(Arc<str>, Vec<Incoming>)> = Vec::new();
+                for item in bucket.held.drain(..) {
+                    match by_channel.iter_mut().find(|(c, _)| *c == item.channel) {
+                        Some((_, items)) => items.push(item),
+                        None => by_channel.push((item.channel.clone(), vec![item])),
+                    }
+                }
+                let mut extra = std::mem::take(&mut bucket.extra);
+                for (channel, held) in by_channel {
+                    let more = extra
+                        .iter()
+                        .position(|(c, _)| *c == channel)
+                        .map_or(0, |i| extra.swap_remove(i).1);
+                    let n = held.len() as u64 + more;
+                    bucket.counts.held -= n;
+                    totals.held -= n;
+                    if n == 1 {
+                        bucket.counts.delivered += 1;
+                        totals.delivered += 1;
+                        out.extend(held);
+                    } else {
+                        bucket.counts.coalesced += n;
+                        totals.coalesced += n;
+                        bucket.counts.digests += 1;
+                        totals.digests += 1;
+                        out.push(digest(user, held, n, config.digest_items));
+                    }
                 }
             }
             Policy::Delay | Policy::DropOldest => {
@@ -434,6 +452,32 @@ mod tests {
         assert_eq!(out[0].frame.data["count"], 7);
         let c = throttle.totals();
         assert_eq!((c.delivered, c.coalesced, c.held), (3, 7, 0));
+    }
+
+    #[test]
+    fn a_digest_never_mixes_a_users_channels() {
+        let mut throttle = Throttle::new(config(Policy::Digest, 100));
+        let mut out = Vec::new();
+        for i in 0..6 {
+            let channel = if i % 2 == 0 {
+                "user.1"
+            } else {
+                "user.1.orders"
+            };
+            out.extend(throttle.admit(0, item(channel, i)));
+        }
+        out.extend(throttle.poll_release(10_000));
+        // The burst passes 0, 1, 2; then user.1.orders holds 3 and 5 (one digest of its own)
+        // and user.1 holds 4 (passed as itself).
+        assert_eq!(out.len(), 5, "{out:?}");
+        let digest = &out[3];
+        assert_eq!(digest.frame.event_type, "ferry.digest");
+        assert_eq!(&*digest.channel, "user.1.orders");
+        assert_eq!(digest.frame.data["count"], 2);
+        assert_eq!(&*out[4].channel, "user.1");
+        assert_eq!(out[4].frame.data, serde_json::json!(4));
+        let c = throttle.totals();
+        assert_eq!((c.delivered, c.coalesced, c.held), (4, 2, 0));
     }
 
     #[test]

@@ -41,6 +41,10 @@ pub struct WebhookConfig {
     /// Webhooks one user may register.
     #[serde(default = "default_per_user")]
     pub max_per_user: usize,
+    /// Allow URLs whose host is `localhost` or a loopback, private, link-local or unspecified
+    /// address (off: users could otherwise make the edge call into its own network).
+    #[serde(default)]
+    pub allow_private_targets: bool,
 }
 
 fn default_attempts() -> u32 {
@@ -67,6 +71,7 @@ impl Default for WebhookConfig {
             max_backoff_ms: default_max_backoff(),
             timeout_ms: default_timeout(),
             max_per_user: default_per_user(),
+            allow_private_targets: false,
         }
     }
 }
@@ -96,6 +101,42 @@ pub struct Registration {
     pub channels: Vec<String>,
     /// The HMAC key of its signatures.
     pub secret: String,
+}
+
+/// Whether a URL's host names this machine or a private network: `localhost`, or an address
+/// that is loopback, private, link-local, unique-local or unspecified. Host names other than
+/// `localhost` are not resolved here.
+pub fn is_private_target(url: &reqwest::Url) -> bool {
+    use std::net::IpAddr;
+    let ip = match url.host() {
+        Some(url::Host::Domain(name)) => {
+            let name = name.trim_end_matches('.').to_ascii_lowercase();
+            return name == "localhost" || name.ends_with(".localhost");
+        }
+        Some(url::Host::Ipv4(ip)) => IpAddr::V4(ip),
+        Some(url::Host::Ipv6(ip)) => IpAddr::V6(ip),
+        None => return true,
+    };
+    match ip {
+        IpAddr::V4(v4) => {
+            v4.is_loopback()
+                || v4.is_private()
+                || v4.is_link_local()
+                || v4.is_unspecified()
+                || v4.is_broadcast()
+                || v4.octets()[0] == 100 && (v4.octets()[1] & 0xc0) == 64 // 100.64/10
+        }
+        IpAddr::V6(v6) => {
+            let first = v6.segments()[0];
+            v6.is_loopback()
+                || v6.is_unspecified()
+                || (first & 0xfe00) == 0xfc00 // unique local
+                || (first & 0xffc0) == 0xfe80 // link local
+                || v6.to_ipv4_mapped().is_some_and(|v4| {
+                    v4.is_loopback() || v4.is_private() || v4.is_link_local()
+                })
+        }
+    }
 }
 
 /// Signs a body: the value of the `X-Ferry-Signature` header.
@@ -174,6 +215,13 @@ impl Webhooks {
             .map_err(|e| store_err("flushing webhooks", e))?;
         Self::spawn(shared, registration.clone());
         Ok(registration)
+    }
+
+    /// Stops every delivery task (at shutdown, after the signal).
+    pub(crate) fn stop_all(&self) {
+        for (_, task) in self.running.lock().expect("webhooks lock").values() {
+            task.abort();
+        }
     }
 
     /// The webhooks of a user.
@@ -327,6 +375,35 @@ async fn post_with_retries(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn private_targets_are_recognised() {
+        let private = |u: &str| is_private_target(&reqwest::Url::parse(u).unwrap());
+        for url in [
+            "http://127.0.0.1:9/hook",
+            "http://localhost/x",
+            "http://api.localhost/x",
+            "http://10.1.2.3/",
+            "http://192.168.0.1/",
+            "http://172.16.0.1/",
+            "http://169.254.169.254/latest/meta-data",
+            "http://0.0.0.0/",
+            "http://100.64.0.1/",
+            "http://[::1]/",
+            "http://[fd00::1]/",
+            "http://[fe80::1]/",
+            "http://[::ffff:127.0.0.1]/",
+        ] {
+            assert!(private(url), "{url}");
+        }
+        for url in [
+            "https://hooks.example.com/x",
+            "http://8.8.8.8/",
+            "http://[2001:db8::1]/",
+        ] {
+            assert!(!private(url), "{url}");
+        }
+    }
 
     #[test]
     fn backoff_doubles_up_to_the_cap() {

@@ -318,17 +318,27 @@ impl WindowStore {
         let mut batch = sled::Batch::default();
         let mut trimmed = 0;
         let mut touched = Vec::new();
+        let mut empty = Vec::new();
         for item in self.db.scan_prefix(b"c/") {
             let (key, _) = item.map_err(|e| store_err("scanning channels", e))?;
             let channel = String::from_utf8_lossy(&key[2..]).into_owned();
             let mut range = self.range(&channel)?;
             let before = range.first;
-            for entry in self.read_raw(&channel, range.first, range.next)? {
-                let (seq, appended_ms) = entry;
+            // Oldest first, stopping at the first one still young enough.
+            let entries = self
+                .db
+                .range(entry_key(&channel, range.first)..entry_key(&channel, range.next));
+            for entry in entries {
+                let (key, value) = entry.map_err(|e| store_err("reading the window", e))?;
+                let seq = u64::from_be_bytes(key[key.len() - 8..].try_into().expect("8 bytes"));
+                let appended_ms = value
+                    .get(..8)
+                    .and_then(|b| b.try_into().ok())
+                    .map_or(0, u64::from_be_bytes);
                 if appended_ms >= cutoff {
                     break;
                 }
-                batch.remove(entry_key(&channel, seq));
+                batch.remove(key);
                 range.first = seq + 1;
             }
             if range.first != before {
@@ -336,33 +346,25 @@ impl WindowStore {
                 let value =
                     serde_json::to_vec(&range).map_err(|e| store_err("a channel range", e))?;
                 batch.insert(channel_key(&channel), value);
-                touched.push((Arc::<str>::from(channel), range));
+                touched.push((Arc::<str>::from(channel.as_str()), range));
+            }
+            if range.first == range.next {
+                empty.push(channel);
             }
         }
         if trimmed > 0 {
             self.db
                 .apply_batch(batch)
                 .map_err(|e| store_err("trimming the window", e))?;
-            self.ranges.lock().expect("ranges lock").extend(touched);
+        }
+        let mut ranges = self.ranges.lock().expect("ranges lock");
+        ranges.extend(touched);
+        // Channels with nothing retained leave the memory cache (their range stays on disk,
+        // so their numbering continues if they come back).
+        for channel in empty {
+            ranges.remove(channel.as_str());
         }
         Ok(trimmed)
-    }
-
-    fn read_raw(&self, channel: &str, from: u64, to: u64) -> Result<Vec<(u64, u64)>, EdgeError> {
-        let mut out = Vec::new();
-        for item in self
-            .db
-            .range(entry_key(channel, from)..entry_key(channel, to))
-        {
-            let (key, value) = item.map_err(|e| store_err("reading the window", e))?;
-            let seq = u64::from_be_bytes(key[key.len() - 8..].try_into().expect("8 bytes"));
-            let at = value
-                .get(..8)
-                .and_then(|b| b.try_into().ok())
-                .map_or(0, u64::from_be_bytes);
-            out.push((seq, at));
-        }
-        Ok(out)
     }
 
     /// Another tree of the same database (webhook registrations and positions).
