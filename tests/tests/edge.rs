@@ -839,6 +839,18 @@ async fn webhook_receiver() -> (SocketAddr, Seen) {
     (addr, seen)
 }
 
+/// The webhooks `token`'s user has registered.
+async fn list_webhooks(http: &reqwest::Client, hooks: &str, token: &str) -> Vec<Value> {
+    http.get(hooks)
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
 /// Checks `t=<secs>,v1=<hex>` against HMAC-SHA256 of "<secs>.<body>" (independently of the
 /// edge's code).
 fn signature_valid(secret: &str, header: &str, body: &[u8]) -> bool {
@@ -909,15 +921,7 @@ async fn a_webhook_that_fails_twice_gets_the_notification_on_the_third_attempt_s
         .await
         .unwrap();
     assert_eq!(status(malformed), 400);
-    let listed: Vec<Value> = http
-        .get(&hooks)
-        .bearer_auth(&wendy)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let listed = list_webhooks(&http, &hooks, &wendy).await;
     assert!(listed.is_empty(), "{listed:?}");
 
     let created = http
@@ -966,15 +970,7 @@ async fn a_webhook_that_fails_twice_gets_the_notification_on_the_third_attempt_s
         1
     );
     let id = created["id"].as_str().unwrap();
-    let listed: Vec<Value> = http
-        .get(&hooks)
-        .bearer_auth(&wendy)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let listed = list_webhooks(&http, &hooks, &wendy).await;
     assert_eq!(listed.len(), 1);
     assert!(
         listed[0].get("secret").is_none(),

@@ -528,7 +528,7 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> String {
         m.sse_connections.load(Ordering::Relaxed) as u64,
     );
     let (users, subscribers, queued, depth, stats) = {
-        let hub = shared.hub.lock().expect("hub lock");
+        let hub = shared.hub();
         let mut shared_channels: Vec<(String, usize)> = Vec::new();
         let mut user_channels = 0;
         for (channel, count) in hub.subscribers() {
@@ -565,81 +565,98 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> String {
     }
     line("ferry_edge_queue_depth", "kind=\"total\"", queued as u64);
     line("ferry_edge_queue_depth", "kind=\"max\"", depth as u64);
-    line("ferry_edge_notifications_total", "", load(&m.notifications));
-    line("ferry_edge_fanned_out_total", "", stats.queued);
-    line(
-        "ferry_edge_deliveries_total",
-        "transport=\"ws\"",
-        load(&m.delivered_ws),
-    );
-    line(
-        "ferry_edge_deliveries_total",
-        "transport=\"sse\"",
-        load(&m.delivered_sse),
-    );
-    line("ferry_edge_replayed_total", "", load(&m.replayed));
-    line("ferry_edge_acks_total", "", load(&m.acks));
-    line("ferry_edge_lag_frames_total", "", load(&m.lags));
-    line("ferry_edge_gap_frames_total", "", load(&m.gaps));
-    // Turned away by a full send queue, then replayed from the window (not lost).
-    line("ferry_edge_overflowed_total", "", stats.overflowed);
-    line(
-        "ferry_edge_dropped_total",
-        "cause=\"not_served\"",
-        load(&m.not_served),
-    );
-    line(
-        "ferry_edge_dropped_total",
-        "cause=\"window_expired\"",
-        load(&m.expired),
-    );
     let throttled = *shared.throttled.lock().expect("throttle counts");
-    for (outcome, value) in [
-        ("published", throttled.published),
-        ("delivered", throttled.delivered),
-        ("coalesced", throttled.coalesced),
-        ("dropped", throttled.dropped),
-        ("digests", throttled.digests),
-    ] {
-        line(
-            "ferry_edge_throttle_total",
-            &format!("outcome=\"{outcome}\""),
-            value,
-        );
-    }
-    line("ferry_edge_throttle_held", "", throttled.held);
     let render = shared.renderer.stats();
-    line("ferry_edge_template_renders_total", "", render.renders);
-    line(
-        "ferry_edge_template_cache_hits_total",
-        "",
-        render.cache_hits,
-    );
-    line("ferry_edge_template_errors_total", "", render.errors);
-    line(
-        "ferry_edge_webhook_total",
-        "outcome=\"delivered\"",
-        load(&m.webhook_delivered),
-    );
-    line(
-        "ferry_edge_webhook_total",
-        "outcome=\"failed\"",
-        load(&m.webhook_failed),
-    );
-    line(
-        "ferry_edge_refused_total",
-        "cause=\"auth\"",
-        load(&m.refused_auth),
-    );
-    line(
-        "ferry_edge_refused_total",
-        "cause=\"forbidden\"",
-        load(&m.refused_forbidden),
-    );
-    line(
-        "ferry_edge_refused_total",
-        "cause=\"connection_limit\"",
-        load(&m.refused_limit),
-    );
+    let samples: [(&str, &str, u64); 25] = [
+        ("ferry_edge_notifications_total", "", load(&m.notifications)),
+        ("ferry_edge_fanned_out_total", "", stats.queued),
+        (
+            "ferry_edge_deliveries_total",
+            "transport=\"ws\"",
+            load(&m.delivered_ws),
+        ),
+        (
+            "ferry_edge_deliveries_total",
+            "transport=\"sse\"",
+            load(&m.delivered_sse),
+        ),
+        ("ferry_edge_replayed_total", "", load(&m.replayed)),
+        ("ferry_edge_acks_total", "", load(&m.acks)),
+        ("ferry_edge_lag_frames_total", "", load(&m.lags)),
+        ("ferry_edge_gap_frames_total", "", load(&m.gaps)),
+        // Turned away by a full send queue, then replayed from the window (not lost).
+        ("ferry_edge_overflowed_total", "", stats.overflowed),
+        (
+            "ferry_edge_dropped_total",
+            "cause=\"not_served\"",
+            load(&m.not_served),
+        ),
+        (
+            "ferry_edge_dropped_total",
+            "cause=\"window_expired\"",
+            load(&m.expired),
+        ),
+        (
+            "ferry_edge_throttle_total",
+            "outcome=\"published\"",
+            throttled.published,
+        ),
+        (
+            "ferry_edge_throttle_total",
+            "outcome=\"delivered\"",
+            throttled.delivered,
+        ),
+        (
+            "ferry_edge_throttle_total",
+            "outcome=\"coalesced\"",
+            throttled.coalesced,
+        ),
+        (
+            "ferry_edge_throttle_total",
+            "outcome=\"dropped\"",
+            throttled.dropped,
+        ),
+        (
+            "ferry_edge_throttle_total",
+            "outcome=\"digests\"",
+            throttled.digests,
+        ),
+        ("ferry_edge_throttle_held", "", throttled.held),
+        ("ferry_edge_template_renders_total", "", render.renders),
+        (
+            "ferry_edge_template_cache_hits_total",
+            "",
+            render.cache_hits,
+        ),
+        ("ferry_edge_template_errors_total", "", render.errors),
+        (
+            "ferry_edge_webhook_total",
+            "outcome=\"delivered\"",
+            load(&m.webhook_delivered),
+        ),
+        (
+            "ferry_edge_webhook_total",
+            "outcome=\"failed\"",
+            load(&m.webhook_failed),
+        ),
+        (
+            "ferry_edge_refused_total",
+            "cause=\"auth\"",
+            load(&m.refused_auth),
+        ),
+        (
+            "ferry_edge_refused_total",
+            "cause=\"forbidden\"",
+            load(&m.refused_forbidden),
+        ),
+        (
+            "ferry_edge_refused_total",
+            "cause=\"connection_limit\"",
+            load(&m.refused_limit),
+        ),
+    ];
+    for (metric, labels, value) in samples {
+        line(metric, labels, value);
+    }
     out
 }

@@ -215,7 +215,7 @@ async fn retain_and_fan_out(
         .notifications
         .fetch_add(retained.len() as u64, Ordering::Relaxed);
     let woken = {
-        let mut hub = shared.hub.lock().expect("hub lock");
+        let mut hub = shared.hub();
         for note in retained {
             hub.handle_notification(note);
         }

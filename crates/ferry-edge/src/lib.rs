@@ -133,6 +133,11 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// The hub, locked (never held across an await).
+    pub(crate) fn hub(&self) -> std::sync::MutexGuard<'_, Hub<Arc<Notify>>> {
+        self.hub.lock().expect("hub lock")
+    }
+
     /// Whether this edge serves a channel.
     pub(crate) fn serves(&self, channel: &str) -> bool {
         self.served.iter().any(|f| f.matches(channel))

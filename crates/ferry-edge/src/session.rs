@@ -110,11 +110,10 @@ impl SessionDriver {
     /// Opens a session for a verified user.
     pub(crate) fn open(shared: Arc<Shared>, user: User, slot: Option<ConnectionSlot>) -> Self {
         let notify = Arc::new(Notify::new());
-        let id = shared.hub.lock().expect("hub lock").open_session(
-            user.id(),
-            shared.config.limits.send_queue,
-            notify.clone(),
-        );
+        let id =
+            shared
+                .hub()
+                .open_session(user.id(), shared.config.limits.send_queue, notify.clone());
         Self {
             shared,
             id,
@@ -154,7 +153,7 @@ impl SessionDriver {
             return;
         }
         let store = &self.shared.store;
-        let mut hub = self.shared.hub.lock().expect("hub lock");
+        let mut hub = self.shared.hub();
         let known = hub.position(self.id, channel).is_some();
         if !known && self.subscriptions >= self.shared.config.limits.max_subscriptions {
             drop(hub);
@@ -210,12 +209,7 @@ impl SessionDriver {
 
     /// Ends a subscription.
     pub(crate) fn unsubscribe(&mut self, channel: &str) {
-        let removed = self
-            .shared
-            .hub
-            .lock()
-            .expect("hub lock")
-            .unsubscribe(self.id, channel);
+        let removed = self.shared.hub().unsubscribe(self.id, channel);
         self.replays.retain(|r| &*r.channel != channel);
         if removed {
             self.subscriptions -= 1;
@@ -296,12 +290,7 @@ impl SessionDriver {
                 self.replay_step(replay);
                 continue;
             }
-            let drained = self
-                .shared
-                .hub
-                .lock()
-                .expect("hub lock")
-                .drain(self.id, DRAIN_MAX);
+            let drained = self.shared.hub().drain(self.id, DRAIN_MAX);
             for note in drained.frames {
                 self.push_message(&note);
             }
@@ -333,7 +322,7 @@ impl SessionDriver {
             Ok(p) => p,
             Err(e) => return self.replay_failed(&channel, e),
         };
-        let mut hub = self.shared.hub.lock().expect("hub lock");
+        let mut hub = self.shared.hub();
         if hub.position(self.id, &channel).is_none() {
             // Unsubscribed meanwhile.
             drop(hub);
@@ -412,12 +401,7 @@ impl SessionDriver {
     /// being retried on every drain).
     fn replay_failed(&mut self, channel: &str, error: crate::EdgeError) {
         self.replays.retain(|r| &*r.channel != channel);
-        let removed = self
-            .shared
-            .hub
-            .lock()
-            .expect("hub lock")
-            .unsubscribe(self.id, channel);
+        let removed = self.shared.hub().unsubscribe(self.id, channel);
         if removed {
             self.subscriptions -= 1;
         }
