@@ -144,15 +144,18 @@ async fn run_ws(shared: Arc<Shared>, user: User, slot: ConnectionSlot, socket: W
             out = driver.next() => {
                 // Whatever else is ready goes in the same WebSocket message, one JSON frame per
                 // line: one write for a burst instead of one per notification.
-                let mut text = BytesMut::from(&out.frame[..]);
+                // A frame alone is sent as it is (its bytes are shared, not copied).
                 let mut messages = u64::from(out.position.is_some());
-                while text.len() < BATCH_BYTES {
+                let mut batch: Option<BytesMut> = None;
+                while batch.as_ref().map_or(out.frame.len(), BytesMut::len) < BATCH_BYTES {
                     let Some(more) = driver.try_next() else { break };
+                    let text = batch.get_or_insert_with(|| BytesMut::from(&out.frame[..]));
                     text.put_u8(b'\n');
                     text.extend_from_slice(&more.frame);
                     messages += u64::from(more.position.is_some());
                 }
-                let text = match Utf8Bytes::try_from(text.freeze()) {
+                let bytes = batch.map_or(out.frame, BytesMut::freeze);
+                let text = match Utf8Bytes::try_from(bytes) {
                     Ok(text) => text,
                     Err(e) => {
                         // Frames are JSON made by the edge; this would be a bug.
