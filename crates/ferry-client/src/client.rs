@@ -1,4 +1,4 @@
-//! Connections, request/response calls and the admin, fetch and group APIs.
+//! Connections, request/response calls and the admin, fetch, group and domain stream APIs.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -9,8 +9,12 @@ use ferry_net::framing::{read_frame, write_frame};
 use ferry_net::tls::{client_config, TlsIdentity};
 use ferry_net::{NetError, ALPN_CLIENT, NODE_SERVER_NAME};
 use ferry_proto::codec::{decode_frame, encode_frame};
-use ferry_proto::wire::{ClientRequest, ClientResponse, StartFrom, TopicDescription};
-use ferry_proto::{Event, Limits, NodeId, StoredBatch, TopicConfig};
+use ferry_proto::wire::{
+    ApiError, ClientRequest, ClientResponse, ErrorCode, StartFrom, TopicDescription,
+};
+use ferry_proto::{
+    validate_stream_name, Event, EventBatch, Limits, NodeId, StoredBatch, StreamEvent, TopicConfig,
+};
 
 use crate::{ClientError, Producer, ProducerOptions, Subscription};
 
@@ -48,10 +52,23 @@ pub(crate) struct Inner {
     pub(crate) options: ClientOptions,
     connections: tokio::sync::Mutex<HashMap<SocketAddr, quinn::Connection>>,
     down: std::sync::Mutex<HashMap<SocketAddr, tokio::time::Instant>>,
+    /// Partition leaders that answered lately, by (topic, partition).
+    leaders: std::sync::Mutex<HashMap<(String, u32), SocketAddr>>,
 }
 
 /// How long an unreachable server is tried last.
 const DOWN_FOR: Duration = Duration::from_secs(5);
+
+/// Where a domain stream append landed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamAppend {
+    /// Offset of the batch's first event in the partition.
+    pub base_offset: u64,
+    /// Stream version of the batch's first event.
+    pub first_version: u64,
+    /// The stream's version after the append (that of the batch's last event).
+    pub version: u64,
+}
 
 /// A connection to a region. Cloning shares it.
 #[derive(Clone)]
@@ -89,6 +106,7 @@ impl Client {
                 options,
                 connections: tokio::sync::Mutex::new(HashMap::new()),
                 down: std::sync::Mutex::new(HashMap::new()),
+                leaders: std::sync::Mutex::new(HashMap::new()),
             }),
         })
     }
@@ -344,6 +362,15 @@ impl Client {
                         .and_then(|n| n.client_addr.parse::<SocketAddr>().ok())
                 };
                 let info = d.partitions.get(partition as usize);
+                if info.is_none() {
+                    return Err(ClientError::Api(ApiError::new(
+                        ErrorCode::UnknownPartition,
+                        format!(
+                            "topic {topic:?} has {} partitions; {partition} is out of range",
+                            d.config.partitions
+                        ),
+                    )));
+                }
                 if let Some(addr) = info.and_then(|p| p.leader).and_then(addr_of) {
                     return Ok(addr);
                 }
@@ -371,6 +398,150 @@ impl Client {
             }
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_millis(500));
+        }
+    }
+
+    /// One request to the leader of `topic/partition` (the one that answered last, else the
+    /// one the region names; a node that no longer leads forwards to its successor). Leader
+    /// changes, refusals that may pass ([`ApiError::is_retriable`]) and unreachable leaders
+    /// are retried with backoff, asking the region again, until the request deadline.
+    ///
+    async fn leader_request(
+        &self,
+        topic: &str,
+        partition: u32,
+        request: &ClientRequest,
+    ) -> Result<ClientResponse, ClientError> {
+        let deadline = tokio::time::Instant::now() + self.inner.options.request_timeout;
+        let key = (topic.to_string(), partition);
+        let mut backoff = Duration::from_millis(20);
+        loop {
+            let cached = self
+                .inner
+                .leaders
+                .lock()
+                .ok()
+                .and_then(|l| l.get(&key).copied());
+            let addr = match cached {
+                Some(addr) => addr,
+                None => self.leader_addr(topic, partition, deadline).await?,
+            };
+            let result = self.request_at(addr, request).await;
+            let retry = match &result {
+                Ok(ClientResponse::Error(e)) => e.is_retriable(),
+                Ok(_) | Err(ClientError::Proto(_)) => false,
+                Err(_) => true,
+            };
+            if let Ok(mut leaders) = self.inner.leaders.lock() {
+                if retry {
+                    leaders.remove(&key);
+                } else {
+                    leaders.insert(key.clone(), addr);
+                }
+            }
+            if !retry || tokio::time::Instant::now() + backoff >= deadline {
+                return result;
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_millis(500));
+        }
+    }
+
+    /// Appends one batch, numbered by the caller, to `topic/partition` through its leader and
+    /// answers `(base offset, count, duplicate)`. For callers that keep their batches
+    /// themselves (the sidecar's outbox) and resend each unchanged until it is acknowledged:
+    /// a resend the partition recognises by (producer, sequence) is answered with the
+    /// original offsets (`duplicate`), or, once older than the dedupe window, with
+    /// [`ErrorCode::AlreadyAppended`].
+    pub async fn publish_batch(
+        &self,
+        topic: &str,
+        partition: u32,
+        batch: EventBatch,
+    ) -> Result<(u64, u32, bool), ClientError> {
+        let request = ClientRequest::Publish {
+            topic: topic.into(),
+            partition,
+            batch,
+        };
+        match self.leader_request(topic, partition, &request).await? {
+            ClientResponse::Published {
+                base_offset,
+                count,
+                duplicate,
+            } => Ok((base_offset, count, duplicate)),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Appends `batch` to domain stream `stream` (in `topic/partition`) atomically, iff the
+    /// stream's version — the number of events ever appended to it — is `expected_version`
+    /// (`Some(0)`: the stream must not exist yet; None: any version). The partition checks
+    /// the version as it applies the append, so of several writers expecting one version
+    /// exactly one succeeds; the others get [`ClientError::Api`] with
+    /// [`ErrorCode::VersionConflict`] (see
+    /// [`ClientError::code`]) and append nothing.
+    ///
+    /// Every event of one stream must go to one partition (e.g.
+    /// [`partition_for_key`](ferry_proto::partition_for_key) of the stream name). A call
+    /// retried after a lost answer may find its own earlier append: with an expected version
+    /// it then fails with a conflict, without one it appends again, unless the batch carries
+    /// a producer id and sequence, in which case the resend is answered with the original
+    /// append.
+    pub async fn append_to_stream(
+        &self,
+        topic: &str,
+        partition: u32,
+        stream: &str,
+        expected_version: Option<u64>,
+        batch: EventBatch,
+    ) -> Result<StreamAppend, ClientError> {
+        validate_stream_name(stream)?;
+        let request = ClientRequest::AppendToStream {
+            topic: topic.into(),
+            partition,
+            stream: stream.into(),
+            expected_version,
+            batch,
+        };
+        match self.leader_request(topic, partition, &request).await? {
+            ClientResponse::StreamAppended {
+                base_offset,
+                first_version,
+                version,
+            } => Ok(StreamAppend {
+                base_offset,
+                first_version,
+                version,
+            }),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Reads domain stream `stream` (in `topic/partition`) from version `from_version` on, at
+    /// most `max_events` events in version order (fewer when the stream ends, the answer
+    /// would be too large, or retention dropped older events), from the partition's leader:
+    /// every append acknowledged before the call is seen. Answers the stream's current
+    /// version (0 if it does not exist) with the events.
+    pub async fn read_stream(
+        &self,
+        topic: &str,
+        partition: u32,
+        stream: &str,
+        from_version: u64,
+        max_events: u32,
+    ) -> Result<(u64, Vec<StreamEvent>), ClientError> {
+        validate_stream_name(stream)?;
+        let request = ClientRequest::ReadStream {
+            topic: topic.into(),
+            partition,
+            stream: stream.into(),
+            from_version,
+            max_events,
+        };
+        match self.leader_request(topic, partition, &request).await? {
+            ClientResponse::StreamEvents { version, events } => Ok((version, events)),
+            other => Err(unexpected(other)),
         }
     }
 

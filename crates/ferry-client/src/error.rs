@@ -1,6 +1,6 @@
 //! The error type of this crate.
 
-use ferry_proto::wire::ApiError;
+use ferry_proto::wire::{ApiError, ErrorCode};
 
 /// Why a client call failed.
 #[derive(Debug, thiserror::Error)]
@@ -26,4 +26,14 @@ pub enum ClientError {
     /// The producer or subscription was closed.
     #[error("closed: {0}")]
     Closed(String),
+}
+
+impl ClientError {
+    /// The node's error code, when the node refused the call ([`ClientError::Api`]).
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            Self::Api(e) => Some(e.code),
+            _ => None,
+        }
+    }
 }

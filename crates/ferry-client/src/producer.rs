@@ -328,6 +328,20 @@ impl Lane {
                     }));
                 }
             }
+            Some(Ok(ClientResponse::Error(e))) if e.code == ErrorCode::AlreadyAppended => {
+                // Every event of the front batch is in the log from an earlier send, at offsets
+                // the partition no longer remembers (it cannot happen while the batches in
+                // flight stay within the dedupe window). Its sequences are spent: the later
+                // batches keep theirs, and their answers follow on this stream. Its events fail
+                // with the error, which says they are in the log.
+                if let Some(front) = self.unacked.pop_front() {
+                    for (ack, _) in front.acks {
+                        let _ = ack.send(Err(ClientError::Api(e.clone())));
+                    }
+                }
+                self.failing_since = None;
+                self.failures = 0;
+            }
             Some(Ok(ClientResponse::Error(e))) if !retriable(&e) => {
                 // The node refused the batch for good: fail its events, renumber the later
                 // batches (none of which can have been appended past the gap) and resend them.

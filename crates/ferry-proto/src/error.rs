@@ -64,4 +64,12 @@ pub enum ProtoError {
         /// The encoder's message.
         reason: String,
     },
+    /// A domain stream name is not well formed.
+    #[error("invalid stream name {stream:?}: {reason}")]
+    InvalidStreamName {
+        /// The name as given.
+        stream: String,
+        /// Why it was refused.
+        reason: &'static str,
+    },
 }

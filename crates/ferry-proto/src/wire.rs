@@ -6,6 +6,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::{EventBatch, NodeId, StoredBatch, TopicConfig};
 
+pub use crate::stream::StreamEvent;
+
 /// Where a subscription starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum StartFrom {
@@ -113,6 +115,38 @@ pub enum ClientRequest {
     ListInterests,
     /// The mesh as this node sees it: regions, nodes, links and forwarding.
     Regions,
+    /// Append a batch to a domain stream (in one partition) atomically, iff the stream's
+    /// version is `expected_version`; must reach the partition's leader. Answered with
+    /// [`ClientResponse::StreamAppended`], or [`ErrorCode::VersionConflict`] and nothing
+    /// appended.
+    AppendToStream {
+        /// Topic name.
+        topic: String,
+        /// Partition index (every event of one stream lives in one partition).
+        partition: u32,
+        /// Stream name: 1–128 of `[A-Za-z0-9_.:-]`.
+        stream: String,
+        /// The version the stream must be at (the number of events ever appended to it;
+        /// `Some(0)`: the stream must not exist yet), or None for any version.
+        expected_version: Option<u64>,
+        /// The events. With a producer id set, a resend of the same batch is answered with
+        /// the original append and does not append again.
+        batch: EventBatch,
+    },
+    /// Read a domain stream's events from a version on; served by the partition's leader.
+    /// Answered with [`ClientResponse::StreamEvents`].
+    ReadStream {
+        /// Topic name.
+        topic: String,
+        /// Partition index.
+        partition: u32,
+        /// Stream name.
+        stream: String,
+        /// First version wanted (versions start at 1; 0 reads from the start too).
+        from_version: u64,
+        /// Most events to return.
+        max_events: u32,
+    },
 }
 
 /// One partition as seen by a node.
@@ -173,6 +207,13 @@ pub enum ErrorCode {
     Unavailable,
     /// A bug or storage failure on the node.
     Internal,
+    /// A domain stream is not at the version the append expected; nothing was appended. The
+    /// message names the stream, the expected and the actual version.
+    VersionConflict,
+    /// A producer batch whose sequences were all appended before, longer ago than the
+    /// partition's dedupe window: every event of it is already in the log (at offsets no
+    /// longer remembered), so a resending outbox can count it as acknowledged.
+    AlreadyAppended,
 }
 
 /// A typed error for the client: what went wrong and, for `NotLeader`, who leads.
@@ -246,6 +287,23 @@ pub enum ClientResponse {
     Regions(MeshReport),
     /// The request failed.
     Error(ApiError),
+    /// A domain stream append is durable on a majority.
+    StreamAppended {
+        /// Offset of the batch's first event in the partition.
+        base_offset: u64,
+        /// Stream version of the batch's first event.
+        first_version: u64,
+        /// The stream's version after the append (of the batch's last event).
+        version: u64,
+    },
+    /// Events of a domain stream, in version order.
+    StreamEvents {
+        /// The stream's current version (0 if it does not exist).
+        version: u64,
+        /// The events read (fewer than asked when the stream ends, or when retention dropped
+        /// the oldest).
+        events: Vec<StreamEvent>,
+    },
 }
 
 /// The mesh as one node sees it (gossip plus its own forwarders).

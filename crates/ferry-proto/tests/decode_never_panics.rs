@@ -2,7 +2,9 @@
 
 use ferry_proto::codec::{decode_frame, encode_frame};
 use ferry_proto::wire::{ClientRequest, ClientResponse};
-use ferry_proto::{Event, EventBatch, Limits, StoredBatch, Subject, TopicConfig};
+use ferry_proto::{
+    validate_stream_name, Event, EventBatch, Limits, StoredBatch, StreamEvent, Subject, TopicConfig,
+};
 use proptest::prelude::*;
 
 proptest! {
@@ -37,5 +39,23 @@ proptest! {
         let topic = TopicConfig::new(name, partitions);
         let frame = encode_frame("t", &ClientRequest::CreateTopic(topic.clone()), 1 << 20).unwrap();
         prop_assert_eq!(decode_frame::<ClientRequest>("t", &frame, 1 << 20).unwrap(), ClientRequest::CreateTopic(topic));
+    }
+
+    #[test]
+    fn stream_messages_round_trip(stream in "[A-Za-z0-9_.:-]{1,128}", expected in proptest::option::of(any::<u64>()), version in any::<u64>()) {
+        prop_assert!(validate_stream_name(&stream).is_ok());
+        let event = Event::new("id-1", "/src", "t", Subject::new("a.b").unwrap(), vec![1u8; 4]);
+        let batch = EventBatch::new(std::slice::from_ref(&event), None, 0, &Limits::default()).unwrap();
+        let requests = [
+            ClientRequest::AppendToStream { topic: "orders".into(), partition: 1, stream: stream.clone(), expected_version: expected, batch },
+            ClientRequest::ReadStream { topic: "orders".into(), partition: 1, stream, from_version: version, max_events: 7 },
+        ];
+        for request in requests {
+            let frame = encode_frame("t", &request, 1 << 20).unwrap();
+            prop_assert_eq!(decode_frame::<ClientRequest>("t", &frame, 1 << 20).unwrap(), request);
+        }
+        let response = ClientResponse::StreamEvents { version, events: vec![StreamEvent { version, offset: 3, appended_at_ms: 4, event }] };
+        let frame = encode_frame("t", &response, 1 << 20).unwrap();
+        prop_assert_eq!(decode_frame::<ClientResponse>("t", &frame, 1 << 20).unwrap(), response);
     }
 }

@@ -16,7 +16,7 @@ use ferry_proto::wire::{
     ApiError, ClientRequest, ClientResponse, ErrorCode, NodeAddress, PartitionInfo, StartFrom,
     TopicDescription,
 };
-use ferry_proto::{EventBatch, NodeId, SubjectFilter, TopicConfig};
+use ferry_proto::{validate_stream_name, EventBatch, NodeId, SubjectFilter, TopicConfig};
 use ferry_store::{Command, TypeConfig};
 use openraft::async_runtime::WatchReceiver;
 use openraft::error::{ClientWriteError, RaftError};
@@ -69,6 +69,15 @@ fn partition_reply(result: WriteResult, what: &str) -> ClientResponse {
                 count,
                 duplicate,
             },
+            Ok(PartitionReply::StreamAppended {
+                base_offset,
+                first_version,
+                version,
+            }) => ClientResponse::StreamAppended {
+                base_offset,
+                first_version,
+                version,
+            },
             Ok(PartitionReply::Done | PartitionReply::Forwarded(_)) => ClientResponse::Ok,
             Ok(PartitionReply::Error(e)) => ClientResponse::Error(e),
             Err(e) => error(ErrorCode::Internal, e.to_string()),
@@ -109,6 +118,26 @@ impl<T: Transport> Node<T> {
         partition: u32,
         batch: EventBatch,
     ) -> Pending {
+        self.submit_batch(topic, partition, batch, |batch, appended_at_ms| {
+            PartitionCommand::Append {
+                batch,
+                appended_at_ms,
+            }
+        })
+        .await
+    }
+
+    /// Validates a batch for `topic/partition` (the topic and partition exist, this node
+    /// leads it, the events decode and are valid) and submits the command `command` makes of
+    /// it and the append time; the returned future resolves when a majority has it on disk
+    /// (or it failed).
+    async fn submit_batch(
+        &self,
+        topic: String,
+        partition: u32,
+        batch: EventBatch,
+        command: impl FnOnce(EventBatch, u64) -> PartitionCommand,
+    ) -> Pending {
         let group = match self.lookup(&topic, partition) {
             Ok(g) => g,
             Err(e) => return Box::pin(async move { ClientResponse::Error(e) }),
@@ -126,10 +155,7 @@ impl<T: Transport> Node<T> {
             let what = format!("{topic}/{partition}");
             return Box::pin(async move { not_leader(leader, &what) });
         }
-        let command = PartitionCommand::Append {
-            batch,
-            appended_at_ms: now_ms(),
-        };
+        let command = command(batch, now_ms());
         let command = match encode("partition command", &command) {
             Ok(c) => c,
             Err(e) => return Box::pin(async move { error(ErrorCode::Internal, e.to_string()) }),
@@ -253,6 +279,73 @@ impl<T: Transport> Node<T> {
             }
             ClientRequest::Subscribe { .. } => {
                 error(ErrorCode::InvalidRequest, "subscribe needs its own stream")
+            }
+            ClientRequest::AppendToStream {
+                topic,
+                partition,
+                stream,
+                expected_version,
+                batch,
+            } => {
+                if let Err(e) = validate_stream_name(&stream) {
+                    return error(ErrorCode::InvalidRequest, e.to_string());
+                }
+                let response = self
+                    .submit_batch(topic, partition, batch, |batch, appended_at_ms| {
+                        PartitionCommand::AppendToStream {
+                            stream,
+                            expected_version,
+                            batch,
+                            appended_at_ms,
+                        }
+                    })
+                    .await
+                    .await;
+                // Not proposed here (or discarded by a leader change): the leader may take it.
+                self.forward_if_not_leader(response, original, forwarded)
+                    .await
+            }
+            ClientRequest::ReadStream {
+                topic,
+                partition,
+                stream,
+                from_version,
+                max_events,
+            } => {
+                if let Err(e) = validate_stream_name(&stream) {
+                    return error(ErrorCode::InvalidRequest, e.to_string());
+                }
+                let group = match self.lookup(&topic, partition) {
+                    Ok(g) => g,
+                    Err(e) => {
+                        return self
+                            .forward_if_not_leader(ClientResponse::Error(e), original, forwarded)
+                            .await
+                    }
+                };
+                // As Fetch: the leader confirms its leadership and waits until it has applied
+                // up to the commit point, so a reader sees every append acknowledged to it.
+                if let Err(e) = group
+                    .raft
+                    .ensure_linearizable(openraft::ReadPolicy::ReadIndex)
+                    .await
+                {
+                    let response = match e.forward_to_leader() {
+                        Some(f) => not_leader(f.leader_id, &format!("{topic}/{partition}")),
+                        None => error(ErrorCode::Unavailable, format!("{topic}/{partition}: {e}")),
+                    };
+                    return self
+                        .forward_if_not_leader(response, original, forwarded)
+                        .await;
+                }
+                let max_bytes = self.inner.config.limits.max_frame / 2;
+                match group
+                    .view
+                    .read_stream(&stream, from_version, max_events as usize, max_bytes)
+                {
+                    Ok((version, events)) => ClientResponse::StreamEvents { version, events },
+                    Err(e) => error(ErrorCode::Internal, e.to_string()),
+                }
             }
             ClientRequest::JoinGroup {
                 group,

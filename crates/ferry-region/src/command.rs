@@ -29,6 +29,16 @@ pub(crate) enum PartitionCommand {
     },
     /// The forwarding cursor of this (source) partition towards `region` moved to `next`.
     ForwardCursor { region: String, next: u64 },
+    /// Append a batch to domain stream `stream` iff the stream is at `expected_version`
+    /// (None: any). The check is made as the command applies, so it is atomic with the
+    /// append on every replica.
+    AppendToStream {
+        stream: String,
+        expected_version: Option<u64>,
+        batch: EventBatch,
+        /// Stamped by the leader so every replica stores the same time.
+        appended_at_ms: u64,
+    },
 }
 
 /// What applying a partition command answers.
@@ -43,6 +53,13 @@ pub(crate) enum PartitionReply {
     /// A forwarded batch was applied (or was already there); answer the source with this.
     Forwarded(ferry_router::Ack),
     Error(ApiError),
+    /// A domain stream append (or, for a producer's resend, the original one).
+    StreamAppended {
+        base_offset: u64,
+        first_version: u64,
+        /// The stream's version after the append.
+        version: u64,
+    },
 }
 
 /// A command of the metadata group.

@@ -1,5 +1,6 @@
 //! The partition state machine: assigns offsets to appended batches, deduplicates producer
-//! retries by (producer id, sequence), keeps consumer group cursors and trims by retention.
+//! retries by (producer id, sequence), keeps consumer group cursors and domain streams (their
+//! versions, checked as an append applies, and where their events are) and trims by retention.
 //!
 //! Event data lives once, in the partition's own batch files ([`BatchFiles`]); the rest of
 //! the state (watermarks, producers, cursors) is small and kept in memory. Neither is synced
@@ -21,7 +22,7 @@ use std::sync::{Arc, RwLock};
 
 use bytes::Bytes;
 use ferry_proto::wire::{ApiError, ErrorCode};
-use ferry_proto::{codec, EventBatch, ProducerId, StoredBatch};
+use ferry_proto::{codec, EventBatch, ProducerId, StoredBatch, StreamEvent};
 use ferry_store::{
     read_batch, AppliedState, BatchFiles, Extent, SnapshotData, StoreError, SyncPlan, TypeConfig,
 };
@@ -56,6 +57,26 @@ pub(crate) struct ProducerState {
     recent: VecDeque<(u64, u32, u64)>,
 }
 
+/// What a partition knows of one domain stream.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct StreamIndex {
+    /// Events ever appended to it: the version of its last event (kept when retention drops
+    /// the events, so versions never repeat).
+    version: u64,
+    /// Its appends in order: (version of the first event, base offset, count). Appends wholly
+    /// below the low watermark are dropped at trim.
+    appends: Vec<(u64, u64, u32)>,
+}
+
+/// What the producer dedupe makes of a batch.
+enum Sequencing {
+    /// No producer, or the batch continues its producer's sequence: append it, then record
+    /// this producer state.
+    Fresh(Option<(ProducerId, ProducerState)>),
+    /// The producer appended this very batch before, at this base offset.
+    Duplicate(u64),
+}
+
 /// The small part of a partition's state: everything but the event data.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 struct SmallState {
@@ -66,6 +87,8 @@ struct SmallState {
     received: Vec<((String, u32), u64)>,
     /// Per destination region: the forwarding cursor of this partition.
     forward_cursors: Vec<(String, u64)>,
+    /// Domain streams by name.
+    streams: Vec<(String, StreamIndex)>,
 }
 
 /// What `checkpoint` holds.
@@ -85,6 +108,8 @@ pub struct PartitionView {
     forward_cursors: RwLock<HashMap<String, u64>>,
     /// Per origin (region, partition): every origin offset below this is held (applied).
     received: RwLock<HashMap<(String, u32), u64>>,
+    /// Domain streams by name (written only by the state machine as it applies).
+    streams: RwLock<HashMap<String, StreamIndex>>,
     watermarks: watch::Sender<Watermarks>,
     bytes: AtomicU64,
 }
@@ -157,6 +182,84 @@ impl PartitionView {
         Some(info.appended_at_ms)
     }
 
+    /// The version of domain stream `stream` (the number of events ever appended to it; 0 if
+    /// it does not exist), as applied.
+    pub fn stream_version(&self, stream: &str) -> Result<u64, StoreError> {
+        Ok(self
+            .streams
+            .read()
+            .map_err(storage_err)?
+            .get(stream)
+            .map_or(0, |s| s.version))
+    }
+
+    /// Events of domain stream `stream` from version `from_version` on, in version order: at
+    /// most `max_events`, and none more once `max_bytes` of events are collected (but at
+    /// least one). Answers the stream's version (0 if it does not exist) with them. Events
+    /// retention dropped are skipped. Only what readers may see (below the published high
+    /// watermark) is read, and the version answered is that of the last such event.
+    pub fn read_stream(
+        &self,
+        stream: &str,
+        from_version: u64,
+        max_events: usize,
+        max_bytes: usize,
+    ) -> Result<(u64, Vec<StreamEvent>), StoreError> {
+        let marks = self.watermarks();
+        // The appends to read, copied so that no lock is held while reading the files.
+        let (version, wanted) = {
+            let streams = self.streams.read().map_err(storage_err)?;
+            let Some(index) = streams.get(stream) else {
+                return Ok((0, Vec::new()));
+            };
+            // Appends applied but not yet published lie at or above the high watermark.
+            let visible = index
+                .appends
+                .partition_point(|(_, base, _)| *base < marks.high);
+            let version = match index.appends.get(visible) {
+                Some((first_version, _, _)) => first_version - 1,
+                None => index.version,
+            };
+            let wanted: Vec<(u64, u64, u32)> = index.appends[..visible]
+                .iter()
+                .filter(|(first_version, base, count)| {
+                    let end = base + u64::from(*count);
+                    first_version + u64::from(*count) > from_version && end > marks.low
+                })
+                .take(max_events)
+                .copied()
+                .collect();
+            (version, wanted)
+        };
+        let mut events = Vec::new();
+        let mut bytes = 0usize;
+        'appends: for (first_version, base, _) in wanted {
+            // The batch holding `base` comes first; retention may have dropped it meanwhile.
+            let batch = self.read(base, 1)?.into_iter().next();
+            let Some(batch) = batch.filter(|b| b.base_offset == base) else {
+                continue;
+            };
+            let decoded = batch.decode().map_err(storage_err)?;
+            for (i, (offset, event)) in decoded.into_iter().enumerate() {
+                let version = first_version + i as u64;
+                if version < from_version || offset < marks.low {
+                    continue;
+                }
+                if events.len() >= max_events || (!events.is_empty() && bytes >= max_bytes) {
+                    break 'appends;
+                }
+                bytes += event.size();
+                events.push(StreamEvent {
+                    version,
+                    offset,
+                    appended_at_ms: batch.appended_at_ms,
+                    event,
+                });
+            }
+        }
+        Ok((version, events))
+    }
+
     /// The first offset at or after which retention must drop data, given the policy, or None.
     pub fn retention_point(
         &self,
@@ -222,12 +325,22 @@ impl Partition {
             .map(|(r, o)| (r.clone(), *o))
             .collect();
         forward_cursors.sort_unstable();
+        let mut streams: Vec<_> = self
+            .view
+            .streams
+            .read()
+            .map_err(storage_err)?
+            .iter()
+            .map(|(name, index)| (name.clone(), index.clone()))
+            .collect();
+        streams.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         Ok(SmallState {
             marks: self.marks,
             producers,
             cursors,
             received,
             forward_cursors,
+            streams,
         })
     }
 
@@ -240,6 +353,7 @@ impl Partition {
         *self.view.cursors.write().map_err(storage_err)? = state.cursors.into_iter().collect();
         *self.view.forward_cursors.write().map_err(storage_err)? =
             state.forward_cursors.into_iter().collect();
+        *self.view.streams.write().map_err(storage_err)? = state.streams.into_iter().collect();
         let bytes = {
             let mut files = self.view.files.write().map_err(storage_err)?;
             // A checkpoint's first segment may still hold batches retention dropped.
@@ -279,6 +393,12 @@ impl Partition {
                 *cursor = (*cursor).max(next);
                 PartitionReply::Done
             }
+            Ok(PartitionCommand::AppendToStream {
+                stream,
+                expected_version,
+                batch,
+                appended_at_ms,
+            }) => self.append_to_stream(stream, expected_version, batch, appended_at_ms)?,
             Err(e) => {
                 PartitionReply::Error(ApiError::new(ErrorCode::InvalidRequest, e.to_string()))
             }
@@ -291,78 +411,199 @@ impl Partition {
         batch: EventBatch,
         appended_at_ms: u64,
     ) -> Result<PartitionReply, StoreError> {
-        let mut files = self.view.files.write().map_err(storage_err)?;
-        let files = &mut *files;
+        let count = batch.count;
+        match self.sequence(&batch) {
+            Err(e) => Ok(PartitionReply::Error(e)),
+            Ok(Sequencing::Duplicate(base_offset)) => Ok(PartitionReply::Appended {
+                base_offset,
+                count,
+                duplicate: true,
+            }),
+            Ok(Sequencing::Fresh(producer)) => {
+                let base_offset = self.store(batch, appended_at_ms, producer)?;
+                Ok(PartitionReply::Appended {
+                    base_offset,
+                    count,
+                    duplicate: false,
+                })
+            }
+        }
+    }
+
+    /// Appends `batch` to domain stream `stream` iff the stream is at `expected_version`
+    /// (None: any). A producer's resend of a batch it appended before is answered with the
+    /// original append, whatever it expects, and changes nothing.
+    fn append_to_stream(
+        &mut self,
+        stream: String,
+        expected_version: Option<u64>,
+        batch: EventBatch,
+        appended_at_ms: u64,
+    ) -> Result<PartitionReply, StoreError> {
+        let count = batch.count;
+        // Dedupe first: the original append moved the version the resend still expects.
+        let producer = match self.sequence(&batch) {
+            Err(e) => return Ok(PartitionReply::Error(e)),
+            Ok(Sequencing::Duplicate(base_offset)) => {
+                return self.original_stream_append(&stream, &batch, base_offset)
+            }
+            Ok(Sequencing::Fresh(producer)) => producer,
+        };
+        let current = self
+            .view
+            .streams
+            .read()
+            .map_err(storage_err)?
+            .get(&stream)
+            .map_or(0, |s| s.version);
+        if let Some(expected) = expected_version {
+            if expected != current {
+                return Ok(PartitionReply::Error(ApiError::new(
+                    ErrorCode::VersionConflict,
+                    format!(
+                        "stream {stream}: expected version {expected}, actual version {current}"
+                    ),
+                )));
+            }
+        }
+        let Some(version) = current.checked_add(u64::from(count)) else {
+            return Ok(PartitionReply::Error(ApiError::new(
+                ErrorCode::InvalidRequest,
+                format!("stream {stream}: version {current} cannot grow by {count}"),
+            )));
+        };
+        let first_version = current + 1;
+        let base_offset = self.store(batch, appended_at_ms, producer)?;
+        let mut streams = self.view.streams.write().map_err(storage_err)?;
+        let index = streams.entry(stream).or_default();
+        index.appends.push((first_version, base_offset, count));
+        index.version = version;
+        Ok(PartitionReply::StreamAppended {
+            base_offset,
+            first_version,
+            version,
+        })
+    }
+
+    /// The answer to a producer's resend of a stream append it made at `base_offset`.
+    fn original_stream_append(
+        &self,
+        stream: &str,
+        batch: &EventBatch,
+        base_offset: u64,
+    ) -> Result<PartitionReply, StoreError> {
+        let streams = self.view.streams.read().map_err(storage_err)?;
+        let original = streams
+            .get(stream)
+            .and_then(|s| s.appends.iter().find(|(_, base, _)| *base == base_offset));
+        let producer = batch.producer.unwrap_or_default();
+        Ok(match original {
+            Some(&(first_version, base_offset, count)) => PartitionReply::StreamAppended {
+                base_offset,
+                first_version,
+                version: first_version + u64::from(count) - 1,
+            },
+            // Retention dropped the batch, and its place in the stream with it.
+            None if base_offset + u64::from(batch.count) <= self.marks.low => {
+                PartitionReply::Error(ApiError::new(
+                    ErrorCode::AlreadyAppended,
+                    format!(
+                        "stream {stream}: producer {producer} sequence {} was appended at offset {base_offset}, since dropped by retention",
+                        batch.first_seq
+                    ),
+                ))
+            }
+            None => PartitionReply::Error(ApiError::new(
+                ErrorCode::InvalidRequest,
+                format!(
+                    "producer {producer}: sequence {} was appended at offset {base_offset}, not to stream {stream}",
+                    batch.first_seq
+                ),
+            )),
+        })
+    }
+
+    /// Checks a batch against its producer's sequence (if it has a producer).
+    fn sequence(&self, batch: &EventBatch) -> Result<Sequencing, ApiError> {
         // The leader decoded and validated the events before proposing them
         // (`submit_publish`); replicas store the bytes as they are.
         if batch.count == 0 {
-            return Ok(PartitionReply::Error(ApiError::new(
-                ErrorCode::InvalidRequest,
-                "empty batch",
-            )));
+            return Err(ApiError::new(ErrorCode::InvalidRequest, "empty batch"));
         }
         let count = batch.count;
-        let mut new_state = None;
-        if let Some(producer) = batch.producer {
-            let state = self.producers.get(&producer).cloned().unwrap_or_default();
-            let Some(last_event_seq) = batch.first_seq.checked_add(u64::from(count) - 1) else {
-                return Ok(PartitionReply::Error(ApiError::new(
-                    ErrorCode::InvalidRequest,
-                    format!(
-                        "producer {producer}: sequence {} overflows",
-                        batch.first_seq
-                    ),
-                )));
-            };
-            if let Some(last) = state.last_seq {
-                if last_event_seq <= last {
-                    return Ok(match state.recent.iter().find(|(s, c, _)| *s == batch.first_seq && *c == count) {
-                        Some((_, _, base)) => PartitionReply::Appended {
-                            base_offset: *base,
-                            count,
-                            duplicate: true,
-                        },
-                        None => PartitionReply::Error(ApiError::new(
-                            ErrorCode::OutOfOrderSequence,
-                            format!(
-                                "producer {producer}: sequence {} was already appended and is older than the dedupe window",
-                                batch.first_seq
-                            ),
-                        )),
-                    });
-                }
-                if batch.first_seq != last + 1 {
-                    return Ok(PartitionReply::Error(ApiError::new(
-                        ErrorCode::OutOfOrderSequence,
+        let Some(producer) = batch.producer else {
+            return Ok(Sequencing::Fresh(None));
+        };
+        let mut state = self.producers.get(&producer).cloned().unwrap_or_default();
+        let Some(last_event_seq) = batch.first_seq.checked_add(u64::from(count) - 1) else {
+            return Err(ApiError::new(
+                ErrorCode::InvalidRequest,
+                format!(
+                    "producer {producer}: sequence {} overflows",
+                    batch.first_seq
+                ),
+            ));
+        };
+        if let Some(last) = state.last_seq {
+            if last_event_seq <= last {
+                // A producer's sequences are dense from 0, so every one up to `last` is in
+                // the log.
+                return match state
+                    .recent
+                    .iter()
+                    .find(|(s, c, _)| *s == batch.first_seq && *c == count)
+                {
+                    Some((_, _, base)) => Ok(Sequencing::Duplicate(*base)),
+                    None => Err(ApiError::new(
+                        ErrorCode::AlreadyAppended,
                         format!(
-                            "producer {producer}: expected sequence {}, got {}",
-                            last + 1,
+                            "producer {producer}: sequences {}..={last_event_seq} were all appended before, and the batch is not one of the last {DEDUPE_WINDOW} remembered",
                             batch.first_seq
                         ),
-                    )));
-                }
-            } else if batch.first_seq != 0 {
-                // A producer's first batch on a partition starts at 0; anything else means an
-                // earlier batch is missing.
-                return Ok(PartitionReply::Error(ApiError::new(
+                    )),
+                };
+            }
+            if batch.first_seq != last + 1 {
+                return Err(ApiError::new(
                     ErrorCode::OutOfOrderSequence,
                     format!(
-                        "producer {producer}: expected sequence 0, got {}",
+                        "producer {producer}: expected sequence {}, got {}",
+                        last + 1,
                         batch.first_seq
                     ),
-                )));
+                ));
             }
-            let mut state = state;
-            state.last_seq = Some(last_event_seq);
-            state
-                .recent
-                .push_back((batch.first_seq, count, self.marks.high));
-            while state.recent.len() > DEDUPE_WINDOW {
-                state.recent.pop_front();
-            }
-            new_state = Some((producer, state));
+        } else if batch.first_seq != 0 {
+            // A producer's first batch on a partition starts at 0; anything else means an
+            // earlier batch is missing.
+            return Err(ApiError::new(
+                ErrorCode::OutOfOrderSequence,
+                format!(
+                    "producer {producer}: expected sequence 0, got {}",
+                    batch.first_seq
+                ),
+            ));
         }
+        state.last_seq = Some(last_event_seq);
+        state
+            .recent
+            .push_back((batch.first_seq, count, self.marks.high));
+        while state.recent.len() > DEDUPE_WINDOW {
+            state.recent.pop_front();
+        }
+        Ok(Sequencing::Fresh(Some((producer, state))))
+    }
+
+    /// Stores a batch [`Partition::sequence`] accepted at the high watermark, records its
+    /// producer state and answers its base offset.
+    fn store(
+        &mut self,
+        batch: EventBatch,
+        appended_at_ms: u64,
+        producer: Option<(ProducerId, ProducerState)>,
+    ) -> Result<u64, StoreError> {
         let base_offset = self.marks.high;
+        let count = batch.count;
         let stored = StoredBatch {
             base_offset,
             count,
@@ -371,17 +612,17 @@ impl Partition {
         };
         let size = stored.events.len() as u64;
         // On failure nothing changed: the state machine stops on the error it reports.
-        files.append(&stored)?;
-        if let Some((producer, state)) = new_state {
+        self.view
+            .files
+            .write()
+            .map_err(storage_err)?
+            .append(&stored)?;
+        if let Some((producer, state)) = producer {
             self.producers.insert(producer, state);
         }
         self.marks.high += u64::from(count);
         self.view.bytes.fetch_add(size, Ordering::Relaxed);
-        Ok(PartitionReply::Appended {
-            base_offset,
-            count,
-            duplicate: false,
-        })
+        Ok(base_offset)
     }
 
     /// Admits a batch forwarded from another region: appends the events this partition does
@@ -451,6 +692,14 @@ impl Partition {
         self.view
             .bytes
             .fetch_sub(freed.min(self.view.stored_bytes()), Ordering::Relaxed);
+        // Forget where streams' dropped events were (their versions stay).
+        let low = self.marks.low;
+        for index in self.view.streams.write().map_err(storage_err)?.values_mut() {
+            let dropped = index
+                .appends
+                .partition_point(|(_, base, count)| base + u64::from(*count) <= low);
+            index.appends.drain(..dropped);
+        }
         Ok(PartitionReply::Done)
     }
 
@@ -592,6 +841,7 @@ impl PartitionStateMachine {
             cursors: RwLock::new(HashMap::new()),
             forward_cursors: RwLock::new(HashMap::new()),
             received: RwLock::new(HashMap::new()),
+            streams: RwLock::new(HashMap::new()),
             watermarks: watch::channel(Watermarks::default()).0,
             bytes: AtomicU64::new(0),
         });
@@ -870,6 +1120,11 @@ mod tests {
             append(&sm, batch(Some(9), u64::MAX, 2)),
             ErrorCode::InvalidRequest
         ));
+        // Sequences all appended before, in another batching: they are in the log.
+        assert!(refused(
+            append(&sm, batch(Some(7), 1, 2)),
+            ErrorCode::AlreadyAppended
+        ));
         assert_eq!(
             sm.view().watermarks().high,
             7,
@@ -880,6 +1135,286 @@ mod tests {
         assert_eq!(offsets(&sm, 1), vec![(0, 3), (3, 2), (5, 2)]);
         assert_eq!(offsets(&sm, 5), vec![(5, 2)]);
         assert!(offsets(&sm, 7).is_empty());
+
+        // A batch older than the dedupe window is known to be in the log, not where.
+        for seq in 5..5 + DEDUPE_WINDOW as u64 {
+            append(&sm, batch(Some(7), seq, 1));
+        }
+        let high = sm.view().watermarks().high;
+        assert!(refused(
+            append(&sm, batch(Some(7), 0, 3)),
+            ErrorCode::AlreadyAppended
+        ));
+        assert_eq!(sm.view().watermarks().high, high);
+    }
+
+    fn to_stream(
+        sm: &PartitionStateMachine,
+        stream: &str,
+        expected_version: Option<u64>,
+        b: EventBatch,
+    ) -> PartitionReply {
+        run(
+            sm,
+            PartitionCommand::AppendToStream {
+                stream: stream.into(),
+                expected_version,
+                batch: b,
+                appended_at_ms: 1,
+            },
+        )
+    }
+
+    fn stream_appended(base_offset: u64, first_version: u64, version: u64) -> PartitionReply {
+        PartitionReply::StreamAppended {
+            base_offset,
+            first_version,
+            version,
+        }
+    }
+
+    fn conflict(reply: &PartitionReply) -> Option<String> {
+        match reply {
+            PartitionReply::Error(e) if e.code == ErrorCode::VersionConflict => {
+                Some(e.message.clone())
+            }
+            _ => None,
+        }
+    }
+
+    /// A stream read back whole: (its version, (version, offset, event id) of each event).
+    fn stream(sm: &PartitionStateMachine, name: &str, from: u64) -> (u64, Vec<(u64, u64, String)>) {
+        let (version, events) = sm.view().read_stream(name, from, 1000, 1 << 20).unwrap();
+        let events = events
+            .into_iter()
+            .map(|e| (e.version, e.offset, e.event.id))
+            .collect();
+        (version, events)
+    }
+
+    fn index_len(sm: &PartitionStateMachine, name: &str) -> usize {
+        sm.view.streams.read().unwrap()[name].appends.len()
+    }
+
+    #[test]
+    fn stream_versions_are_checked_as_the_append_applies() {
+        let dir = tempfile::tempdir().unwrap();
+        let sm = PartitionStateMachine::open(dir.path(), 1 << 20).unwrap();
+
+        // Some(0): the stream must not exist yet.
+        assert_eq!(
+            to_stream(&sm, "order-1", Some(0), batch(None, 0, 2)),
+            stream_appended(0, 1, 2)
+        );
+        let marks = sm.view().watermarks();
+        let bytes = sm.view().stored_bytes();
+        let before = stream(&sm, "order-1", 0);
+        for expected in [Some(0), Some(1), Some(3)] {
+            let reply = to_stream(&sm, "order-1", expected, batch(None, 100, 1));
+            let message = conflict(&reply).unwrap_or_else(|| panic!("{reply:?}"));
+            assert_eq!(
+                message,
+                format!(
+                    "stream order-1: expected version {}, actual version 2",
+                    expected.unwrap()
+                )
+            );
+        }
+        // A conflict appends nothing: offsets, bytes, the stream, its index are unchanged.
+        assert_eq!(sm.view().watermarks(), marks);
+        assert_eq!(sm.view().stored_bytes(), bytes);
+        assert_eq!(stream(&sm, "order-1", 0), before);
+        assert_eq!(index_len(&sm, "order-1"), 1);
+
+        // None appends whatever the version; versions continue across batches, and other
+        // streams and plain appends interleave in the partition.
+        assert_eq!(
+            to_stream(&sm, "order-1", None, batch(None, 10, 3)),
+            stream_appended(2, 3, 5)
+        );
+        assert_eq!(
+            to_stream(&sm, "order-2", None, batch(None, 20, 1)),
+            stream_appended(5, 1, 1)
+        );
+        assert_eq!(append(&sm, batch(None, 30, 2)), appended(6, 2, false));
+        assert_eq!(
+            to_stream(&sm, "order-1", Some(5), batch(None, 40, 1)),
+            stream_appended(8, 6, 6)
+        );
+        assert_eq!(
+            to_stream(&sm, "order-2", Some(1), batch(None, 50, 2)),
+            stream_appended(9, 2, 3)
+        );
+        assert!(conflict(&to_stream(&sm, "order-2", Some(0), batch(None, 60, 1))).is_some());
+
+        let ids = |seq: u64, n: u64| (0..n).map(move |i| format!("e{seq}-{i}"));
+        let mut whole: Vec<(u64, u64, String)> = ids(0, 2)
+            .chain(ids(10, 3))
+            .chain(ids(40, 1))
+            .zip([0, 1, 2, 3, 4, 8])
+            .enumerate()
+            .map(|(i, (id, offset))| (i as u64 + 1, offset, id))
+            .collect();
+        assert_eq!(stream(&sm, "order-1", 0), (6, whole.clone()));
+        assert_eq!(stream(&sm, "order-1", 1), (6, whole.clone()));
+        // From a version inside a batch; past the end; at most so many events.
+        assert_eq!(stream(&sm, "order-1", 4), (6, whole.split_off(3)));
+        assert_eq!(stream(&sm, "order-1", 7), (6, vec![]));
+        let (_, two) = sm.view().read_stream("order-1", 2, 2, 1 << 20).unwrap();
+        assert_eq!(two.iter().map(|e| e.version).collect::<Vec<_>>(), [2, 3]);
+        // A byte budget still returns one event.
+        let (_, one) = sm.view().read_stream("order-1", 1, 100, 1).unwrap();
+        assert_eq!(one.len(), 1);
+        assert_eq!(
+            stream(&sm, "order-2", 0).1,
+            vec![
+                (1, 5, "e20-0".into()),
+                (2, 9, "e50-0".into()),
+                (3, 10, "e50-1".into())
+            ]
+        );
+        assert_eq!(stream(&sm, "nobody", 0), (0, vec![]));
+        assert_eq!(sm.view().stream_version("order-2").unwrap(), 3);
+        // An empty batch is refused and changes nothing.
+        let mut empty = batch(None, 0, 1);
+        empty.count = 0;
+        assert!(matches!(
+            to_stream(&sm, "order-3", Some(0), empty),
+            PartitionReply::Error(e) if e.code == ErrorCode::InvalidRequest
+        ));
+        assert_eq!(sm.view().stream_version("order-3").unwrap(), 0);
+    }
+
+    #[test]
+    fn a_producer_resend_to_a_stream_is_answered_with_the_original_append() {
+        let dir = tempfile::tempdir().unwrap();
+        let sm = PartitionStateMachine::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(
+            to_stream(&sm, "s", Some(0), batch(Some(7), 0, 2)),
+            stream_appended(0, 1, 2)
+        );
+        assert_eq!(
+            to_stream(&sm, "s", Some(2), batch(Some(7), 2, 1)),
+            stream_appended(2, 3, 3)
+        );
+        // The resends expect the versions the originals moved: still the original answers,
+        // and nothing is appended or counted again.
+        for expected in [Some(0), None, Some(3)] {
+            assert_eq!(
+                to_stream(&sm, "s", expected, batch(Some(7), 0, 2)),
+                stream_appended(0, 1, 2)
+            );
+        }
+        assert_eq!(
+            to_stream(&sm, "s", Some(2), batch(Some(7), 2, 1)),
+            stream_appended(2, 3, 3)
+        );
+        assert_eq!(sm.view().stream_version("s").unwrap(), 3);
+        assert_eq!(sm.view().watermarks().high, 3);
+        assert_eq!(index_len(&sm, "s"), 2);
+
+        // A conflicting batch does not use up its sequence.
+        assert!(conflict(&to_stream(&sm, "s", Some(1), batch(Some(7), 3, 1))).is_some());
+        assert_eq!(
+            to_stream(&sm, "s", Some(3), batch(Some(7), 3, 1)),
+            stream_appended(3, 4, 4)
+        );
+        // A producer batch appended elsewhere (plain, or to another stream) is not this
+        // stream's: refused, and nothing changes.
+        assert_eq!(append(&sm, batch(Some(7), 4, 1)), appended(4, 1, false));
+        for name in ["s", "other"] {
+            assert!(matches!(
+                to_stream(&sm, name, None, batch(Some(7), 4, 1)),
+                PartitionReply::Error(e) if e.code == ErrorCode::InvalidRequest && e.message.contains("not to stream")
+            ));
+        }
+        // Already appended in another batching.
+        assert!(matches!(
+            to_stream(&sm, "s", None, batch(Some(7), 1, 1)),
+            PartitionReply::Error(e) if e.code == ErrorCode::AlreadyAppended
+        ));
+        assert_eq!(sm.view().stream_version("s").unwrap(), 4);
+        assert_eq!(sm.view().stream_version("other").unwrap(), 0);
+        assert_eq!(sm.view().watermarks().high, 5);
+    }
+
+    #[tokio::test]
+    async fn streams_survive_trim_restart_and_snapshot_install() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sm = PartitionStateMachine::open(&dir.path().join("a"), 4096).unwrap();
+        // "s" gets every other batch of 4 events, by producer 1; plain batches between.
+        for seq in 0..50 {
+            let b = batch(Some(1), seq * 4, 4);
+            if seq % 2 == 0 {
+                let version = seq / 2 * 4;
+                assert_eq!(
+                    to_stream(&sm, "s", Some(version), b),
+                    stream_appended(seq * 4, version + 1, version + 4)
+                );
+            } else {
+                append(&sm, b);
+            }
+        }
+        assert_eq!(stream(&sm, "s", 0).1.len(), 100);
+        run(&sm, PartitionCommand::Trim { before_offset: 100 });
+        let low = sm.view().watermarks().low;
+        assert!(low >= 96, "{low}");
+        // The index forgets what retention dropped; the version stays, reads skip the gap.
+        let (version, kept) = stream(&sm, "s", 0);
+        assert_eq!(version, 100);
+        assert_eq!(kept.first().map(|e| (e.0, e.1)), Some((53, 104)));
+        assert_eq!(index_len(&sm, "s"), 12);
+        assert!(conflict(&to_stream(&sm, "s", Some(0), batch(None, 900, 1))).is_some());
+        // A resend of a batch retention dropped is known to be in the log.
+        assert!(matches!(
+            to_stream(&sm, "s", None, batch(Some(1), 0, 4)),
+            PartitionReply::Error(e) if e.code == ErrorCode::AlreadyAppended
+        ));
+
+        sm.build_snapshot().await.unwrap();
+        let at_checkpoint = stream(&sm, "s", 0);
+        // Applied after the checkpoint: the Raft log would apply it again after a crash.
+        assert_eq!(
+            to_stream(&sm, "s", Some(100), batch(Some(1), 200, 2)),
+            stream_appended(200, 101, 102)
+        );
+        drop(sm);
+
+        let sm = PartitionStateMachine::open(&dir.path().join("a"), 4096).unwrap();
+        assert_eq!(stream(&sm, "s", 0), at_checkpoint);
+        assert_eq!(
+            to_stream(&sm, "s", Some(100), batch(Some(1), 200, 2)),
+            stream_appended(200, 101, 102)
+        );
+        // ... and the resend of a batch before the checkpoint still finds its original.
+        assert_eq!(
+            to_stream(&sm, "s", Some(0), batch(Some(1), 192, 4)),
+            stream_appended(192, 97, 100)
+        );
+
+        // A follower installs the snapshot and holds the same streams.
+        let mut sm = sm;
+        sm.build_snapshot().await.unwrap();
+        let snapshot = sm.get_current_snapshot().await.unwrap().unwrap();
+        let mut follower = PartitionStateMachine::open(&dir.path().join("b"), 4096).unwrap();
+        follower
+            .install_snapshot(&snapshot.meta, snapshot.snapshot)
+            .await
+            .unwrap();
+        assert_eq!(stream(&follower, "s", 0), stream(&sm, "s", 0));
+        assert_eq!(stream(&follower, "s", 99), stream(&sm, "s", 99));
+        assert!(conflict(&to_stream(&follower, "s", Some(100), batch(None, 900, 1))).is_some());
+        assert_eq!(
+            to_stream(&follower, "s", None, batch(Some(1), 200, 2)),
+            stream_appended(200, 101, 102)
+        );
+        drop(follower);
+        let follower = PartitionStateMachine::open(&dir.path().join("b"), 4096).unwrap();
+        assert_eq!(stream(&follower, "s", 0), stream(&sm, "s", 0));
+        assert_eq!(
+            to_stream(&follower, "s", Some(102), batch(None, 900, 1)),
+            to_stream(&sm, "s", Some(102), batch(None, 900, 1)),
+        );
     }
 
     #[tokio::test]

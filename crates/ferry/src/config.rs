@@ -1,4 +1,4 @@
-//! Loading a node's or an edge's configuration: TOML from a file (or the embedded dev
+//! Loading a node's, an edge's or a sidecar's configuration: TOML from a file (or the embedded dev
 //! default), then `FERRY_<SECTION>_<KEY>` / `FERRY_<KEY>` environment overrides, then the one
 //! validation in the role's library. Errors name the file and the key.
 
@@ -15,6 +15,8 @@ pub const DEV_DEFAULT: &str = include_str!("../../../config/dev.toml");
 const NODE_SECTIONS: &[&str] = &["limits", "raft", "tls", "mesh"];
 /// Tables of the edge configuration.
 const EDGE_SECTIONS: &[&str] = &["limits", "tls", "auth", "window"];
+/// Tables of the sidecar configuration.
+const SIDECAR_SECTIONS: &[&str] = &["limits", "tls", "outbox", "delivery", "event_store"];
 /// Environment variables that are not config overrides.
 const NOT_OVERRIDES: &[&str] = &["FERRY_CONFIG", "FERRY_CERTS", "FERRY_SERVERS", "FERRY_LOG"];
 
@@ -126,12 +128,57 @@ pub fn load_edge_config(path: Option<&Path>) -> anyhow::Result<ferry_edge::EdgeC
     parse_edge_config(&text, &origin, std::env::vars())
 }
 
+/// Parses and validates a sidecar configuration from TOML text plus overrides.
+pub fn parse_sidecar_config(
+    text: &str,
+    origin: &str,
+    vars: impl Iterator<Item = (String, String)>,
+) -> anyhow::Result<ferry_sidecar::SidecarConfig> {
+    let mut table: toml::Table = text
+        .parse()
+        .with_context(|| format!("{origin} is not valid TOML"))?;
+    apply_overrides(&mut table, SIDECAR_SECTIONS, vars)?;
+    let config: ferry_sidecar::SidecarConfig = toml::Value::Table(table)
+        .try_into()
+        .with_context(|| format!("{origin}: invalid sidecar configuration"))?;
+    config
+        .validate()
+        .with_context(|| format!("{origin}: invalid sidecar configuration"))?;
+    Ok(config)
+}
+
+/// Loads a sidecar's `path` (or `FERRY_CONFIG`) with environment overrides.
+pub fn load_sidecar_config(path: Option<&Path>) -> anyhow::Result<ferry_sidecar::SidecarConfig> {
+    let (text, origin) = read_config_file(path)?;
+    parse_sidecar_config(&text, &origin, std::env::vars())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     const NODE: &str = include_str!("../../../config/node.toml");
     const EDGE: &str = include_str!("../../../config/edge.toml");
+    const SIDECAR: &str = include_str!("../../../config/sidecar.toml");
+
+    #[test]
+    fn example_sidecar_config_parses_and_errors_name_the_key() {
+        let config = parse_sidecar_config(
+            SIDECAR,
+            "sidecar.toml",
+            vars(&[("FERRY_APP_PORT", "7000"), ("FERRY_APP_ID", "billing")]),
+        )
+        .unwrap();
+        assert_eq!(config.app_port, 7000);
+        assert_eq!(config.app_id, "billing");
+        let err = parse_sidecar_config(
+            SIDECAR,
+            "sidecar.toml",
+            vars(&[("FERRY_OUTBOX_MAX_EVENTS", "0")]),
+        )
+        .unwrap_err();
+        assert!(format!("{err:#}").contains("outbox"), "{err:#}");
+    }
 
     fn vars(list: &[(&str, &str)]) -> impl Iterator<Item = (String, String)> {
         list.iter()

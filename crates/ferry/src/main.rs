@@ -1,5 +1,5 @@
-//! `ferry`: one binary for every role of the mesh. Roles so far: `node`, `edge`, `certs`,
-//! `ctl`, `dev` and `bench`.
+//! `ferry`: one binary for every role of the mesh. Roles so far: `node`, `edge`, `sidecar`,
+//! `certs`, `ctl`, `dev` and `bench`.
 
 mod bench;
 mod check;
@@ -7,6 +7,7 @@ mod config;
 mod ctl;
 mod dev;
 mod edge;
+mod sidecar;
 mod workload;
 
 use std::path::PathBuf;
@@ -47,6 +48,8 @@ enum Command {
     },
     /// Run an edge node (notification fan-out over WebSocket and SSE), or sign a user token.
     Edge(edge::EdgeArgs),
+    /// Run a service's sidecar: Dapr-compatible pub/sub, domain event store, durable outbox.
+    Sidecar(sidecar::SidecarArgs),
     /// Administer a region: topics, publish, tail.
     Ctl(ctl::CtlArgs),
     /// Run a whole local region (three nodes on loopback) from the embedded default config.
@@ -155,6 +158,7 @@ async fn main() -> anyhow::Result<()> {
             ctl::run(args).await
         }
         Command::Edge(args) => edge::run(args).await,
+        Command::Sidecar(args) => sidecar::run(args).await,
         Command::Dev(args) => dev::run(args).await,
         Command::Bench(args) => bench::run(args).await,
         Command::Workload(args) => workload::run(args).await,

@@ -1,0 +1,719 @@
+//! The durable outbox: a publish is answered 2xx only once its event is in sled and synced,
+//! and stays there until the region has acknowledged it.
+//!
+//! Accepted events are grouped (one group per sync: a group commit) and each group is cut
+//! into *records*, one per (topic, partition) lane: an [`EventBatch`] already numbered with
+//! the sidecar's producer id and the lane's next sequences. A record is sent to the region
+//! exactly as stored, again after any failure or restart, so the partition recognises a
+//! resend by (producer, sequence) and appends it once. The producer id and each lane's next
+//! sequence are persisted in the same sled batch as the records.
+//!
+//! [`Sequencer`] is the part without I/O: which lane an event goes to and which sequences a
+//! record gets.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use ferry_proto::{codec, partition_for_key, Event, EventBatch, Limits, ProducerId};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot, Notify};
+
+/// Most events in one record (one region batch).
+pub const MAX_RECORD_EVENTS: usize = 512;
+/// Most payload bytes in one record (a larger single event still goes alone).
+pub const MAX_RECORD_BYTES: usize = 512 * 1024;
+
+/// Why the outbox refused or failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum OutboxError {
+    /// Holding the events would exceed a bound: answer 503 with `Retry-After`.
+    #[error("the outbox is full ({events} events, {bytes} bytes held; bounds {max_events} events, {max_bytes} bytes)")]
+    Full {
+        /// Events held.
+        events: u64,
+        /// Bytes held.
+        bytes: u64,
+        /// The event bound.
+        max_events: u64,
+        /// The byte bound.
+        max_bytes: u64,
+    },
+    /// An event is invalid (size, attributes).
+    #[error("invalid event: {0}")]
+    Invalid(String),
+    /// sled failed.
+    #[error("outbox store: {0}")]
+    Store(String),
+    /// The outbox is shutting down.
+    #[error("the outbox is closed")]
+    Closed,
+}
+
+fn store_err(e: impl std::fmt::Display) -> OutboxError {
+    OutboxError::Store(e.to_string())
+}
+
+/// A topic partition the outbox sends to, in order.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Lane {
+    /// Topic.
+    pub topic: String,
+    /// Partition.
+    pub partition: u32,
+}
+
+impl std::fmt::Display for Lane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.topic, self.partition)
+    }
+}
+
+/// An event to accept.
+#[derive(Debug, Clone)]
+pub struct Pending {
+    /// Its topic.
+    pub topic: String,
+    /// The topic's partition count.
+    pub partitions: u32,
+    /// The event (its `key`, if any, picks the partition).
+    pub event: Event,
+}
+
+/// One group of events cut into per-lane records, ready to store.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Record {
+    /// Where it goes.
+    pub lane: Lane,
+    /// The batch exactly as it will be sent (and resent).
+    pub batch: EventBatch,
+    /// Payload bytes it holds.
+    pub bytes: u64,
+}
+
+/// Numbers records: lanes by key hash (or, for keyless events, one round-robin partition per
+/// topic per group, so a group's keyless events form one batch), sequences per lane.
+#[derive(Debug, Clone)]
+pub struct Sequencer {
+    producer: ProducerId,
+    next_seq: HashMap<Lane, u64>,
+    round_robin: HashMap<String, u32>,
+}
+
+impl Sequencer {
+    /// A sequencer for `producer` continuing from `next_seq`.
+    pub fn new(producer: ProducerId, next_seq: HashMap<Lane, u64>) -> Self {
+        Self {
+            producer,
+            next_seq,
+            round_robin: HashMap::new(),
+        }
+    }
+
+    /// The next sequence of a lane.
+    pub fn next_seq(&self, lane: &Lane) -> u64 {
+        self.next_seq.get(lane).copied().unwrap_or(0)
+    }
+
+    /// Cuts one group into records (events of a lane keep their order) and advances the lane
+    /// sequences. Validates every event first; on an error nothing advances.
+    pub fn plan(&mut self, group: Vec<Pending>, limits: &Limits) -> Result<Vec<Record>, String> {
+        for p in &group {
+            p.event
+                .validate(limits)
+                .map_err(|e| format!("event {}: {e}", p.event.id))?;
+        }
+        let mut lanes: BTreeMap<Lane, Vec<Event>> = BTreeMap::new();
+        let mut keyless_partition: HashMap<String, u32> = HashMap::new();
+        for p in group {
+            let partitions = p.partitions.max(1);
+            let partition = match &p.event.key {
+                Some(key) => partition_for_key(key, partitions),
+                None => *keyless_partition.entry(p.topic.clone()).or_insert_with(|| {
+                    let next = self.round_robin.entry(p.topic.clone()).or_insert(0);
+                    let partition = *next % partitions;
+                    *next = next.wrapping_add(1);
+                    partition
+                }),
+            };
+            lanes
+                .entry(Lane {
+                    topic: p.topic,
+                    partition,
+                })
+                .or_default()
+                .push(p.event);
+        }
+        let mut records = Vec::new();
+        let mut next_seq = self.next_seq.clone();
+        for (lane, events) in lanes {
+            let mut chunk: Vec<Event> = Vec::new();
+            let mut chunk_bytes = 0usize;
+            let mut cut = |chunk: &mut Vec<Event>, chunk_bytes: &mut usize| {
+                if chunk.is_empty() {
+                    return Ok(());
+                }
+                let seq = next_seq.entry(lane.clone()).or_insert(0);
+                let batch = EventBatch::new(chunk, Some(self.producer), *seq, limits)
+                    .map_err(|e| e.to_string())?;
+                *seq += chunk.len() as u64;
+                records.push(Record {
+                    lane: lane.clone(),
+                    bytes: *chunk_bytes as u64,
+                    batch,
+                });
+                chunk.clear();
+                *chunk_bytes = 0;
+                Ok::<(), String>(())
+            };
+            for event in events {
+                let size = event.size();
+                if !chunk.is_empty()
+                    && (chunk.len() >= MAX_RECORD_EVENTS || chunk_bytes + size > MAX_RECORD_BYTES)
+                {
+                    cut(&mut chunk, &mut chunk_bytes)?;
+                }
+                chunk_bytes += size;
+                chunk.push(event);
+            }
+            cut(&mut chunk, &mut chunk_bytes)?;
+        }
+        self.next_seq = next_seq;
+        Ok(records)
+    }
+}
+
+/// What a record holds in sled.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct StoredRecord {
+    batch: EventBatch,
+    bytes: u64,
+    accepted_at_ms: u64,
+}
+
+/// A record read back for sending.
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    /// Its lane.
+    pub lane: Lane,
+    /// The batch to send.
+    pub batch: EventBatch,
+    /// Payload bytes.
+    pub bytes: u64,
+    /// When it was accepted (ms since the epoch).
+    pub accepted_at_ms: u64,
+    key: Vec<u8>,
+}
+
+const PRODUCER_KEY: &[u8] = b"p";
+
+fn lane_prefix(tag: u8, lane: &Lane) -> Vec<u8> {
+    let mut key = Vec::with_capacity(lane.topic.len() + 6);
+    key.push(tag);
+    key.extend_from_slice(lane.topic.as_bytes());
+    key.push(0);
+    key.extend_from_slice(&lane.partition.to_be_bytes());
+    key
+}
+
+fn record_key(lane: &Lane, first_seq: u64) -> Vec<u8> {
+    let mut key = lane_prefix(b'r', lane);
+    key.extend_from_slice(&first_seq.to_be_bytes());
+    key
+}
+
+/// The lane a `r`/`s` key names.
+fn lane_of(key: &[u8]) -> Option<Lane> {
+    let rest = key.get(1..)?;
+    let zero = rest.iter().position(|b| *b == 0)?;
+    let topic = std::str::from_utf8(&rest[..zero]).ok()?.to_string();
+    let partition = u32::from_be_bytes(rest.get(zero + 1..zero + 5)?.try_into().ok()?);
+    Some(Lane { topic, partition })
+}
+
+fn u64_of(bytes: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(bytes.try_into().ok()?))
+}
+
+/// Events and bytes held, and what was accepted and sent in total.
+#[derive(Debug, Default)]
+pub struct OutboxCounts {
+    /// Events held now.
+    pub events: AtomicU64,
+    /// Payload bytes held now.
+    pub bytes: AtomicU64,
+    /// Events accepted since start.
+    pub accepted: AtomicU64,
+    /// Events the region acknowledged since start.
+    pub sent: AtomicU64,
+    /// Group commits (syncs) since start.
+    pub syncs: AtomicU64,
+}
+
+struct Job {
+    group: Vec<Pending>,
+    reply: oneshot::Sender<Result<(), OutboxError>>,
+}
+
+/// The outbox. Cloning shares it.
+#[derive(Clone)]
+pub struct Outbox {
+    tree: sled::Tree,
+    db: sled::Db,
+    jobs: mpsc::Sender<Job>,
+    /// Per lane: woken when records are added.
+    wakers: Arc<Mutex<HashMap<Lane, Arc<Notify>>>>,
+    /// Lanes that got records, for the drainer to start.
+    new_lanes: Arc<Mutex<mpsc::UnboundedSender<Lane>>>,
+    counts: Arc<OutboxCounts>,
+    bounds: (u64, u64),
+    writer: Arc<Mutex<Option<tokio::task::JoinHandle<()>>>>,
+}
+
+/// The group-commit task's view of the outbox (no job sender, so it ends when the last
+/// [`Outbox`] is dropped).
+struct Writer {
+    tree: sled::Tree,
+    db: sled::Db,
+    counts: Arc<OutboxCounts>,
+    bounds: (u64, u64),
+    outbox: std::sync::Weak<Mutex<HashMap<Lane, Arc<Notify>>>>,
+    new_lanes: Arc<Mutex<mpsc::UnboundedSender<Lane>>>,
+}
+
+/// Lanes that have records, from the start and as they appear.
+pub type LaneFeed = mpsc::UnboundedReceiver<Lane>;
+
+impl Outbox {
+    /// Opens (or creates) the outbox in `dir`, bounded by `max_events` and `max_bytes`.
+    /// Returns it and the lanes that need draining (those with records now, then new ones).
+    pub fn open(
+        dir: &std::path::Path,
+        max_events: u64,
+        max_bytes: u64,
+        limits: Limits,
+    ) -> Result<(Self, LaneFeed), OutboxError> {
+        let db = sled::Config::new()
+            .path(dir)
+            .flush_every_ms(Some(1000))
+            .open()
+            .map_err(store_err)?;
+        let tree = db.open_tree("outbox").map_err(store_err)?;
+        let producer = match tree.get(PRODUCER_KEY).map_err(store_err)? {
+            Some(v) => u64_of(&v).ok_or_else(|| store_err("malformed producer id"))?,
+            None => {
+                let id: ProducerId = rand::random();
+                tree.insert(PRODUCER_KEY, &id.to_be_bytes())
+                    .map_err(store_err)?;
+                tree.flush().map_err(store_err)?;
+                id
+            }
+        };
+        let mut next_seq = HashMap::new();
+        for item in tree.scan_prefix(b"s") {
+            let (k, v) = item.map_err(store_err)?;
+            let lane = lane_of(&k).ok_or_else(|| store_err("malformed sequence key"))?;
+            next_seq.insert(
+                lane,
+                u64_of(&v).ok_or_else(|| store_err("malformed sequence"))?,
+            );
+        }
+        let counts = Arc::new(OutboxCounts::default());
+        let (lane_tx, lane_rx) = mpsc::unbounded_channel();
+        let mut lanes_with_records = std::collections::BTreeSet::new();
+        for item in tree.scan_prefix(b"r") {
+            let (k, v) = item.map_err(store_err)?;
+            let record: StoredRecord = codec::decode("outbox record", &v).map_err(store_err)?;
+            counts
+                .events
+                .fetch_add(u64::from(record.batch.count), Ordering::Relaxed);
+            counts.bytes.fetch_add(record.bytes, Ordering::Relaxed);
+            if let Some(lane) = lane_of(&k) {
+                lanes_with_records.insert(lane);
+            }
+        }
+        let mut wakers = HashMap::new();
+        for lane in lanes_with_records {
+            wakers.insert(lane.clone(), Arc::new(Notify::new()));
+            let _ = lane_tx.send(lane);
+        }
+        let (jobs, job_rx) = mpsc::channel(1024);
+        let outbox = Self {
+            tree,
+            db,
+            jobs,
+            wakers: Arc::new(Mutex::new(wakers)),
+            new_lanes: Arc::new(Mutex::new(lane_tx)),
+            counts,
+            bounds: (max_events, max_bytes),
+            writer: Arc::default(),
+        };
+        let writer = Writer {
+            tree: outbox.tree.clone(),
+            db: outbox.db.clone(),
+            counts: outbox.counts.clone(),
+            bounds: outbox.bounds,
+            outbox: Arc::downgrade(&outbox.wakers),
+            new_lanes: outbox.new_lanes.clone(),
+        };
+        let task =
+            tokio::spawn(writer.write_groups(Sequencer::new(producer, next_seq), limits, job_rx));
+        *outbox.writer.lock().expect("outbox writer") = Some(task);
+        Ok((outbox, lane_rx))
+    }
+
+    /// The counters.
+    pub fn counts(&self) -> &OutboxCounts {
+        &self.counts
+    }
+
+    /// Events held now.
+    pub fn depth(&self) -> u64 {
+        self.counts.events.load(Ordering::Relaxed)
+    }
+
+    /// Accepts events atomically: when this returns Ok they are synced to disk and will reach
+    /// the region; on an error none was accepted.
+    pub async fn accept(&self, group: Vec<Pending>) -> Result<(), OutboxError> {
+        if group.is_empty() {
+            return Ok(());
+        }
+        let (reply, rx) = oneshot::channel();
+        self.jobs
+            .send(Job { group, reply })
+            .await
+            .map_err(|_| OutboxError::Closed)?;
+        rx.await.map_err(|_| OutboxError::Closed)?
+    }
+
+    /// The notifier of a lane (woken when records are added to it).
+    pub fn waker(&self, lane: &Lane) -> Arc<Notify> {
+        self.wakers
+            .lock()
+            .expect("outbox wakers")
+            .entry(lane.clone())
+            .or_insert_with(|| Arc::new(Notify::new()))
+            .clone()
+    }
+
+    /// The first `limit` records of a lane, in order.
+    pub fn peek(&self, lane: &Lane, limit: usize) -> Result<Vec<Outgoing>, OutboxError> {
+        let mut out = Vec::new();
+        for item in self.tree.scan_prefix(lane_prefix(b'r', lane)).take(limit) {
+            let (k, v) = item.map_err(store_err)?;
+            let record: StoredRecord = codec::decode("outbox record", &v).map_err(store_err)?;
+            out.push(Outgoing {
+                lane: lane.clone(),
+                batch: record.batch,
+                bytes: record.bytes,
+                accepted_at_ms: record.accepted_at_ms,
+                key: k.to_vec(),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Forgets a record the region acknowledged. Not synced: after a crash it is sent again
+    /// and the region answers it as a duplicate.
+    pub fn acknowledged(&self, record: &Outgoing) -> Result<(), OutboxError> {
+        if self.tree.remove(&record.key).map_err(store_err)?.is_some() {
+            let count = u64::from(record.batch.count);
+            self.counts.events.fetch_sub(count, Ordering::Relaxed);
+            self.counts.bytes.fetch_sub(record.bytes, Ordering::Relaxed);
+            self.counts.sent.fetch_add(count, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// A topic's partition count as last learned from the region (kept across restarts, so
+    /// publishes are accepted while the region is unreachable).
+    pub fn known_partitions(&self, topic: &str) -> Option<u32> {
+        let mut key = vec![b't'];
+        key.extend_from_slice(topic.as_bytes());
+        let value = self.tree.get(key).ok()??;
+        Some(u32::from_be_bytes(value.as_ref().try_into().ok()?))
+    }
+
+    /// Remembers a topic's partition count.
+    pub fn learn_partitions(&self, topic: &str, partitions: u32) -> Result<(), OutboxError> {
+        let mut key = vec![b't'];
+        key.extend_from_slice(topic.as_bytes());
+        self.tree
+            .insert(key, &partitions.to_be_bytes())
+            .map_err(store_err)?;
+        Ok(())
+    }
+
+    /// Writes what is pending to disk (at shutdown).
+    pub async fn flush(&self) -> Result<(), OutboxError> {
+        self.db.flush_async().await.map(|_| ()).map_err(store_err)
+    }
+}
+
+impl Writer {
+    fn full(&self, events: u64, bytes: u64) -> Option<OutboxError> {
+        let held_events = self.counts.events.load(Ordering::Relaxed);
+        let held_bytes = self.counts.bytes.load(Ordering::Relaxed);
+        let (max_events, max_bytes) = self.bounds;
+        (held_events + events > max_events || held_bytes + bytes > max_bytes).then_some(
+            OutboxError::Full {
+                events: held_events,
+                bytes: held_bytes,
+                max_events,
+                max_bytes,
+            },
+        )
+    }
+
+    /// Takes every job queued, stores their records in one sled batch, syncs once and
+    /// answers them all. Ends when every [`Outbox`] is gone.
+    async fn write_groups(
+        self,
+        mut sequencer: Sequencer,
+        limits: Limits,
+        mut rx: mpsc::Receiver<Job>,
+    ) {
+        while let Some(first) = rx.recv().await {
+            let mut jobs = vec![first];
+            let mut queued_events = jobs[0].group.len();
+            while queued_events < 4 * MAX_RECORD_EVENTS {
+                match rx.try_recv() {
+                    Ok(job) => {
+                        queued_events += job.group.len();
+                        jobs.push(job);
+                    }
+                    Err(_) => break,
+                }
+            }
+            let mut batch = sled::Batch::default();
+            let mut accepted = Vec::new();
+            let (mut group_events, mut group_bytes) = (0u64, 0u64);
+            let mut touched = std::collections::BTreeSet::new();
+            let now = crate::now_ms();
+            for job in jobs {
+                let events = job.group.len() as u64;
+                let bytes: u64 = job.group.iter().map(|p| p.event.size() as u64).sum();
+                if let Some(full) = self.full(group_events + events, group_bytes + bytes) {
+                    let _ = job.reply.send(Err(full));
+                    continue;
+                }
+                // Planned per job, so one job's invalid event refuses that job alone.
+                let mut attempt = sequencer.clone();
+                let records = match attempt.plan(job.group, &limits) {
+                    Ok(records) => records,
+                    Err(reason) => {
+                        let _ = job.reply.send(Err(OutboxError::Invalid(reason)));
+                        continue;
+                    }
+                };
+                let encoded: Result<Vec<_>, _> = records
+                    .into_iter()
+                    .map(|record| {
+                        let key = record_key(&record.lane, record.batch.first_seq);
+                        let stored = StoredRecord {
+                            bytes: record.bytes,
+                            accepted_at_ms: now,
+                            batch: record.batch,
+                        };
+                        codec::encode("outbox record", &stored).map(|v| (key, v, record.lane))
+                    })
+                    .collect();
+                let encoded = match encoded {
+                    Ok(e) => e,
+                    Err(e) => {
+                        let _ = job.reply.send(Err(OutboxError::Invalid(e.to_string())));
+                        continue;
+                    }
+                };
+                sequencer = attempt;
+                for (key, value, lane) in encoded {
+                    batch.insert(key, value);
+                    touched.insert(lane);
+                }
+                group_events += events;
+                group_bytes += bytes;
+                accepted.push(job.reply);
+            }
+            if accepted.is_empty() {
+                continue;
+            }
+            for lane in &touched {
+                batch.insert(
+                    lane_prefix(b's', lane),
+                    &sequencer.next_seq(lane).to_be_bytes(),
+                );
+            }
+            let result = match self.tree.apply_batch(batch) {
+                Ok(()) => self.db.flush_async().await.map(|_| ()).map_err(store_err),
+                Err(e) => Err(store_err(e)),
+            };
+            if let Err(e) = &result {
+                // The sequencer moved past sequences that may not be stored: a later record
+                // would then be refused as out of order. Stop accepting; a restart recovers.
+                tracing::error!(error = %e, "outbox write failed; the outbox stops accepting");
+                for reply in accepted {
+                    let _ = reply.send(Err(e.clone()));
+                }
+                return;
+            }
+            self.counts
+                .events
+                .fetch_add(group_events, Ordering::Relaxed);
+            self.counts.bytes.fetch_add(group_bytes, Ordering::Relaxed);
+            self.counts
+                .accepted
+                .fetch_add(group_events, Ordering::Relaxed);
+            self.counts.syncs.fetch_add(1, Ordering::Relaxed);
+            for reply in accepted {
+                let _ = reply.send(Ok(()));
+            }
+            for lane in touched {
+                self.wake(lane);
+            }
+        }
+    }
+
+    fn wake(&self, lane: Lane) {
+        let Some(wakers) = self.outbox.upgrade() else {
+            return;
+        };
+        let mut wakers = wakers.lock().expect("outbox wakers");
+        match wakers.get(&lane) {
+            Some(n) => n.notify_one(),
+            None => {
+                wakers.insert(lane.clone(), Arc::new(Notify::new()));
+                let _ = self.new_lanes.lock().expect("outbox lanes").send(lane);
+            }
+        }
+    }
+}
+
+/// Waits until the outbox's writer has ended, which it does once this and every other
+/// clone of the outbox are dropped (the store is then closed).
+pub async fn close(outbox: Outbox) {
+    let writer = outbox.writer.lock().expect("outbox writer").take();
+    drop(outbox);
+    if let Some(writer) = writer {
+        let _ = writer.await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+    use ferry_proto::Subject;
+
+    use super::*;
+
+    fn pending(topic: &str, id: u32, key: Option<&str>) -> Pending {
+        let mut event = Event::new(
+            format!("e{id}"),
+            "/app",
+            "t",
+            Subject::new(topic).unwrap(),
+            vec![1u8; 10],
+        );
+        event.key = key.map(|k| Bytes::copy_from_slice(k.as_bytes()));
+        Pending {
+            topic: topic.into(),
+            partitions: 4,
+            event,
+        }
+    }
+
+    #[test]
+    fn keyed_events_follow_the_hash_and_keyless_ones_share_a_lane_per_group() {
+        let mut s = Sequencer::new(7, HashMap::new());
+        let limits = Limits::default();
+        let group = vec![
+            pending("orders", 1, None),
+            pending("orders", 2, Some("customer-1")),
+            pending("orders", 3, None),
+            pending("orders", 4, Some("customer-1")),
+        ];
+        let records = s.plan(group, &limits).unwrap();
+        let keyed = partition_for_key(b"customer-1", 4);
+        let keyed_record = records.iter().find(|r| r.lane.partition == keyed).unwrap();
+        let ids: Vec<String> = keyed_record
+            .batch
+            .decode_events(&limits)
+            .unwrap()
+            .into_iter()
+            .map(|e| e.id)
+            .collect();
+        assert!(
+            ids.ends_with(&["e2".to_string(), "e4".to_string()]),
+            "{ids:?}"
+        );
+        assert!(records.iter().all(|r| r.batch.producer == Some(7)));
+        assert_eq!(records.iter().map(|r| r.batch.count).sum::<u32>(), 4);
+        // Sequences continue per lane; the next group's keyless events take the next partition.
+        let first_keyless = records
+            .iter()
+            .find(|r| r.lane.partition != keyed)
+            .map(|r| r.lane.partition);
+        let next = s.plan(vec![pending("orders", 5, None)], &limits).unwrap();
+        assert_ne!(Some(next[0].lane.partition), first_keyless);
+        let again = s
+            .plan(vec![pending("orders", 6, Some("customer-1"))], &limits)
+            .unwrap();
+        assert_eq!(
+            again[0].batch.first_seq,
+            keyed_record.batch.first_seq + u64::from(keyed_record.batch.count)
+        );
+    }
+
+    #[test]
+    fn large_groups_are_cut_into_bounded_records_and_invalid_events_change_nothing() {
+        let mut s = Sequencer::new(1, HashMap::new());
+        let limits = Limits::default();
+        let group: Vec<_> = (0..1200).map(|i| pending("t", i, Some("k"))).collect();
+        let records = s.plan(group, &limits).unwrap();
+        assert_eq!(records.len(), 3);
+        assert_eq!(records[1].batch.first_seq, MAX_RECORD_EVENTS as u64);
+        let lane = records[0].lane.clone();
+        let mut bad = pending("t", 9, Some("k"));
+        bad.event.ty.clear();
+        assert!(s.plan(vec![bad], &limits).unwrap_err().contains("type"));
+        assert_eq!(s.next_seq(&lane), 1200);
+    }
+
+    #[tokio::test]
+    async fn accepted_records_survive_a_reopen_with_the_same_producer_and_sequences() {
+        let dir = tempfile::tempdir().unwrap();
+        let (outbox, mut lanes) =
+            Outbox::open(dir.path(), 100, 1 << 20, Limits::default()).unwrap();
+        outbox
+            .accept(vec![pending("t", 1, Some("a")), pending("t", 2, Some("a"))])
+            .await
+            .unwrap();
+        let lane = lanes.recv().await.unwrap();
+        let records = outbox.peek(&lane, 10).unwrap();
+        assert_eq!(records.len(), 1);
+        let producer = records[0].batch.producer;
+        // Over the bound: refused, nothing stored.
+        let too_many: Vec<_> = (0..99).map(|i| pending("t", i, Some("a"))).collect();
+        assert!(matches!(
+            outbox.accept(too_many).await,
+            Err(OutboxError::Full { events: 2, .. })
+        ));
+        drop(lanes);
+        close(outbox).await;
+
+        let (outbox, mut lanes) =
+            Outbox::open(dir.path(), 100, 1 << 20, Limits::default()).unwrap();
+        assert_eq!(lanes.recv().await.unwrap(), lane);
+        assert_eq!(outbox.depth(), 2);
+        let again = outbox.peek(&lane, 10).unwrap();
+        assert_eq!(again[0].batch, records[0].batch, "resent exactly as stored");
+        outbox.acknowledged(&again[0]).unwrap();
+        assert_eq!(outbox.depth(), 0);
+        outbox
+            .accept(vec![pending("t", 3, Some("a"))])
+            .await
+            .unwrap();
+        let next = outbox.peek(&lane, 10).unwrap();
+        assert_eq!(next[0].batch.producer, producer);
+        assert_eq!(next[0].batch.first_seq, 2);
+    }
+}
