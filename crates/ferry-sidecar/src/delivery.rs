@@ -9,7 +9,7 @@
 //! a status per entry.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -25,8 +25,8 @@ use crate::outbox::Pending;
 use crate::subscription::Subscription;
 use crate::Shared;
 
-/// Events queued per partition worker.
-const WORKER_QUEUE: usize = 256;
+/// Events handed to the partition workers and not yet finished, at most (per subscription).
+const MAX_QUEUED: usize = 10_000;
 
 /// The CloudEvent the app receives for an event: the stored envelope when the sidecar wrapped
 /// it, otherwise one built from the event's attributes (as Dapr wraps raw messages).
@@ -74,6 +74,11 @@ pub fn delivered_event(event: &Event, topic: &str, pubsub: &str) -> Map<String, 
     };
     ce.insert("topic".into(), json!(topic));
     ce.insert("pubsubname".into(), json!(pubsub));
+    // Dapr's envelope always has the trace attributes; apps' models (Dapr's own quickstarts)
+    // require them.
+    for attribute in ["traceid", "traceparent", "tracestate"] {
+        ce.entry(attribute).or_insert_with(|| json!(""));
+    }
     ce
 }
 
@@ -179,43 +184,93 @@ pub(crate) async fn run(
     };
     shared.set_status(&key, "active".into());
     let progress: Arc<Mutex<BTreeMap<u32, u64>>> = Arc::default();
-    let mut workers: HashMap<u32, mpsc::Sender<Delivery>> = HashMap::new();
+    let mut workers: HashMap<u32, Worker> = HashMap::new();
     let mut committed: BTreeMap<u32, u64> = BTreeMap::new();
     let mut tick = tokio::time::interval(Duration::from_millis(
         shared.config.delivery.commit_every_ms,
     ));
     loop {
+        // A partition the app keeps refusing holds up only itself until this many events
+        // wait in all; the commit tick runs whatever happens.
+        let room = workers.values().map(Worker::queued).sum::<usize>() < MAX_QUEUED;
         tokio::select! {
-            delivery = consumer.next() => {
+            delivery = consumer.next(), if room => {
                 let partition = delivery.partition;
                 let worker = workers.entry(partition).or_insert_with(|| {
-                    let (tx, rx) = mpsc::channel(WORKER_QUEUE);
-                    tokio::spawn(work(
-                        shared.clone(),
-                        sub.clone(),
-                        partition,
-                        rx,
-                        progress.clone(),
-                        shutdown.clone(),
-                    ));
-                    tx
+                    Worker::start(&shared, &sub, partition, &progress, &shutdown)
                 });
-                tokio::select! {
-                    sent = worker.send(delivery) => if sent.is_err() { break },
-                    _ = shutdown.changed() => break,
+                worker.queued.fetch_add(1, Ordering::Relaxed);
+                if worker.tx.send(delivery).is_err() {
+                    break;
                 }
             }
             _ = tick.tick() => {
+                // Workers of partitions this member lost stop now: their successor delivers
+                // from the committed cursor, in order, and two members never post one
+                // partition's events at once for longer than a tick.
+                let assigned = consumer.assigned();
+                workers.retain(|partition, worker| {
+                    let keep = assigned.contains(partition);
+                    if !keep {
+                        worker.task.abort();
+                    }
+                    keep
+                });
                 commit(&shared, &consumer, &progress, &mut committed).await;
-                shared.set_status(&key, format!("active, partitions {:?}", consumer.assigned()));
+                shared.set_status(&key, format!("active, partitions {assigned:?}"));
             }
             _ = shutdown.changed() => break,
         }
     }
-    drop(workers);
+    // Workers stop at the next event (or retry pause); what they finished is committed.
+    for (_, worker) in workers {
+        drop(worker.tx);
+        let mut task = worker.task;
+        if tokio::time::timeout(Duration::from_secs(5), &mut task)
+            .await
+            .is_err()
+        {
+            task.abort();
+        }
+    }
     commit(&shared, &consumer, &progress, &mut committed).await;
     if let Err(e) = consumer.leave().await {
         tracing::debug!(topic = %sub.topic, error = %e, "leaving the group");
+    }
+}
+
+/// A partition's delivery task and its queue.
+struct Worker {
+    tx: mpsc::UnboundedSender<Delivery>,
+    /// Deliveries queued or in hand, not yet finished.
+    queued: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Worker {
+    fn start(
+        shared: &Arc<Shared>,
+        sub: &Arc<Subscription>,
+        partition: u32,
+        progress: &Arc<Mutex<BTreeMap<u32, u64>>>,
+        shutdown: &watch::Receiver<bool>,
+    ) -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let queued = Arc::new(AtomicUsize::new(0));
+        let task = tokio::spawn(work(
+            shared.clone(),
+            sub.clone(),
+            partition,
+            rx,
+            queued.clone(),
+            progress.clone(),
+            shutdown.clone(),
+        ));
+        Self { tx, queued, task }
+    }
+
+    fn queued(&self) -> usize {
+        self.queued.load(Ordering::Relaxed)
     }
 }
 
@@ -295,11 +350,15 @@ async fn work(
     shared: Arc<Shared>,
     sub: Arc<Subscription>,
     partition: u32,
-    mut rx: mpsc::Receiver<Delivery>,
+    mut rx: mpsc::UnboundedReceiver<Delivery>,
+    queued: Arc<AtomicUsize>,
     progress: Arc<Mutex<BTreeMap<u32, u64>>>,
     shutdown: watch::Receiver<bool>,
 ) {
     while let Some(first) = rx.recv().await {
+        if *shutdown.borrow() {
+            return;
+        }
         let mut group = vec![first];
         if let Some(bulk) = sub.bulk {
             let deadline = tokio::time::Instant::now() + Duration::from_millis(bulk.max_await_ms);
@@ -311,6 +370,7 @@ async fn work(
             }
         }
         let last = group.last().map(|d| d.offset);
+        let taken = group.len();
         let finished = if sub.bulk.is_some() {
             deliver_bulk(&shared, &sub, group, &shutdown).await
         } else {
@@ -327,6 +387,7 @@ async fn work(
                 .expect("delivery progress")
                 .insert(partition, offset + 1);
         }
+        queued.fetch_sub(taken, Ordering::Relaxed);
     }
 }
 

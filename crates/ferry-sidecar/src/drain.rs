@@ -1,5 +1,7 @@
-//! Sends the outbox to the region: one task per lane, records in order, each resent unchanged
-//! until the region acknowledges it (or answers that it already holds it), then forgotten.
+//! Sends the outbox to the region: one task per lane, records in order, each batch resent
+//! unchanged until the region acknowledges it (or answers that it already holds it), then its
+//! records are forgotten. Consecutive records are merged into one batch once it is safe (see
+//! `drain_lane`), so a backlog built while the region was away drains in large batches.
 //! While the region is unreachable the lanes back off and the outbox keeps accepting.
 
 use std::collections::BTreeMap;
@@ -8,12 +10,17 @@ use std::time::Duration;
 
 use ferry_client::Client;
 use ferry_proto::wire::ErrorCode;
+use ferry_proto::{EventBatch, Limits};
 use tokio::sync::watch;
 
 use crate::outbox::{Lane, LaneFeed, Outbox, Outgoing};
 
-/// Records sent per look into sled.
-const PEEK: usize = 16;
+/// Records read per look into sled.
+const PEEK: usize = 64;
+/// Most events in one batch sent to the region.
+const MAX_SEND_EVENTS: usize = 4096;
+/// Most payload bytes in one batch sent to the region.
+const MAX_SEND_BYTES: u64 = 1 << 20;
 const FIRST_BACKOFF: Duration = Duration::from_millis(50);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
 
@@ -81,28 +88,67 @@ pub(crate) async fn run(
     while tasks.join_next().await.is_some() {}
 }
 
-/// What sending one record came to.
+/// What sending one batch came to.
 enum Sent {
-    /// The region holds it.
-    Acknowledged,
+    /// The region holds it; `fresh` unless it had it before.
+    Acknowledged { fresh: bool },
     /// Try again later (the error says why).
     Retry(String),
 }
 
-async fn send(client: &Client, record: &Outgoing) -> Sent {
-    let sent = client
-        .publish_batch(
-            &record.lane.topic,
-            record.lane.partition,
-            record.batch.clone(),
-        )
-        .await;
-    match sent {
-        Ok(_) => Sent::Acknowledged,
-        // Every event of the record is older than the producer's last appended sequence:
-        // it was appended before (acknowledged, then forgotten only in memory).
-        Err(e) if e.code() == Some(ErrorCode::AlreadyAppended) => Sent::Acknowledged,
+async fn send(client: &Client, lane: &Lane, batch: EventBatch) -> Sent {
+    match client
+        .publish_batch(&lane.topic, lane.partition, batch)
+        .await
+    {
+        Ok((_, _, duplicate)) => Sent::Acknowledged { fresh: !duplicate },
+        // Every event of the batch is older than the producer's last appended sequence: it
+        // was appended before (acknowledged, then forgotten only in memory, or sent merged).
+        Err(e) if e.code() == Some(ErrorCode::AlreadyAppended) => {
+            Sent::Acknowledged { fresh: false }
+        }
         Err(e) => Sent::Retry(e.to_string()),
+    }
+}
+
+/// One batch of consecutive records (their sequences follow on), at most `MAX_SEND_EVENTS`
+/// events and `MAX_SEND_BYTES` bytes but at least one record.
+fn merge(records: &[Outgoing]) -> (usize, EventBatch) {
+    let first = &records[0];
+    let (mut taken, mut count, mut bytes) = (1, first.batch.count, first.bytes);
+    while let Some(next) = records.get(taken) {
+        let follows = next.batch.producer == first.batch.producer
+            && next.batch.first_seq == first.batch.first_seq + u64::from(count);
+        if !follows
+            || count as usize + next.batch.count as usize > MAX_SEND_EVENTS
+            || bytes + next.bytes > MAX_SEND_BYTES
+        {
+            break;
+        }
+        count += next.batch.count;
+        bytes += next.bytes;
+        taken += 1;
+    }
+    if taken == 1 {
+        return (1, first.batch.clone());
+    }
+    let limits = Limits::default();
+    let mut events = Vec::with_capacity(count as usize);
+    for record in &records[..taken] {
+        match record.batch.decode_events(&limits) {
+            Ok(e) => events.extend(e),
+            // Unreadable here: send the first record alone, as stored.
+            Err(_) => return (1, first.batch.clone()),
+        }
+    }
+    match EventBatch::new(
+        &events,
+        first.batch.producer,
+        first.batch.first_seq,
+        &limits,
+    ) {
+        Ok(batch) => (taken, batch),
+        Err(_) => (1, first.batch.clone()),
     }
 }
 
@@ -114,13 +160,20 @@ async fn drain_lane(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let waker = outbox.waker(&lane);
+    // Consecutive records go out as one batch, but only once a batch of this process was
+    // appended as new: until then (after a restart) the region may hold a merged batch sent
+    // before, which only whole records are recognised against (as already appended).
+    let mut may_merge = false;
     loop {
         let records = match outbox.peek(&lane, PEEK) {
             Ok(r) => r,
             Err(e) => {
-                tracing::error!(%lane, error = %e, "reading the outbox failed; lane stops");
+                tracing::error!(%lane, error = %e, "reading the outbox failed; retrying");
                 link.failed(&lane, e.to_string());
-                return;
+                tokio::select! {
+                    _ = tokio::time::sleep(MAX_BACKOFF) => continue,
+                    _ = shutdown.changed() => return,
+                }
             }
         };
         if records.is_empty() {
@@ -129,31 +182,94 @@ async fn drain_lane(
                 _ = shutdown.changed() => return,
             }
         }
-        for record in records {
-            let mut backoff = FIRST_BACKOFF;
-            loop {
-                if *shutdown.borrow() {
-                    return;
-                }
-                match send(&client, &record).await {
-                    Sent::Acknowledged => break,
-                    Sent::Retry(error) => {
-                        tracing::debug!(%lane, %error, "outbox send failed; retrying");
-                        link.failed(&lane, error);
-                        tokio::select! {
-                            _ = tokio::time::sleep(backoff) => {}
-                            _ = shutdown.changed() => return,
-                        }
-                        backoff = (backoff * 2).min(MAX_BACKOFF);
-                    }
-                }
-            }
-            link.ok(&lane);
-            if let Err(e) = outbox.acknowledged(&record) {
-                tracing::error!(%lane, error = %e, "forgetting a sent record failed; lane stops");
-                link.failed(&lane, e.to_string());
+        let (taken, batch) = if may_merge {
+            merge(&records)
+        } else {
+            (1, records[0].batch.clone())
+        };
+        // The same batch, unchanged, until the region has it.
+        let mut backoff = FIRST_BACKOFF;
+        loop {
+            if *shutdown.borrow() {
                 return;
             }
+            match send(&client, &lane, batch.clone()).await {
+                Sent::Acknowledged { fresh } => {
+                    may_merge |= fresh;
+                    break;
+                }
+                Sent::Retry(error) => {
+                    tracing::debug!(%lane, %error, "outbox send failed; retrying");
+                    link.failed(&lane, error);
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = shutdown.changed() => return,
+                    }
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+            }
         }
+        link.ok(&lane);
+        for record in &records[..taken] {
+            // A failure here only means the record is sent again and answered as a duplicate.
+            if let Err(e) = outbox.acknowledged(record) {
+                tracing::warn!(%lane, error = %e, "forgetting a sent record failed");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+    use ferry_proto::{Event, Subject};
+
+    use super::*;
+    use crate::outbox::Pending;
+
+    fn pending(id: u32) -> Pending {
+        let event = Event::new(
+            format!("e{id}"),
+            "/app",
+            "t",
+            Subject::new("orders").unwrap(),
+            vec![1u8; 10],
+        )
+        .with_key(Bytes::from_static(b"customer-1"));
+        Pending {
+            topic: "orders".into(),
+            partitions: 4,
+            event,
+        }
+    }
+
+    #[tokio::test]
+    async fn consecutive_records_merge_into_one_batch_with_their_events_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let (outbox, mut lanes) =
+            Outbox::open(dir.path(), 1000, 1 << 20, Limits::default()).unwrap();
+        outbox.accept(vec![pending(0), pending(1)]).await.unwrap();
+        outbox
+            .accept(vec![pending(2), pending(3), pending(4)])
+            .await
+            .unwrap();
+        let lane = lanes.recv().await.unwrap();
+        let records = outbox.peek(&lane, 10).unwrap();
+        assert_eq!(records.len(), 2, "one record per group commit");
+        let (taken, batch) = merge(&records);
+        assert_eq!(taken, 2);
+        assert_eq!((batch.first_seq, batch.count), (0, 5));
+        assert_eq!(batch.producer, records[0].batch.producer);
+        let ids: Vec<String> = batch
+            .decode_events(&Limits::default())
+            .unwrap()
+            .into_iter()
+            .map(|e| e.id)
+            .collect();
+        assert_eq!(ids, ["e0", "e1", "e2", "e3", "e4"]);
+        // A record alone is sent exactly as stored.
+        let (taken, batch) = merge(&records[1..]);
+        assert_eq!(taken, 1);
+        assert_eq!(batch, records[1].batch);
     }
 }

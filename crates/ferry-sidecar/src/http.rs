@@ -510,7 +510,17 @@ async fn append(State(shared): Shared_, Path(stream): Path<String>, body: Bytes)
         Ok(x) => x,
         Err(e) => return stream_refusal(e).into_response(),
     };
-    let batch = match EventBatch::new(&events, None, 0, &shared.limits) {
+    let partitions = match category_partitions(&shared, &topic, true).await {
+        Ok(n) => n,
+        Err(e) => return region_refusal(&shared, e).into_response(),
+    };
+    let partition = partition_for_key(stream.as_bytes(), partitions);
+    // One append in flight per partition from this sidecar, numbered with the partition's
+    // producer sequence: a resend after a lost answer is then recognised by the partition
+    // (answered with the original append) instead of appended twice or refused as a conflict.
+    let lane = shared.stream_lane(&topic, partition);
+    let mut lane = lane.lock().await;
+    let batch = match EventBatch::new(&events, Some(lane.producer), lane.next_seq, &shared.limits) {
         Ok(b) => b,
         Err(e) => {
             return error(
@@ -521,17 +531,14 @@ async fn append(State(shared): Shared_, Path(stream): Path<String>, body: Bytes)
             .into_response()
         }
     };
-    let partitions = match category_partitions(&shared, &topic, true).await {
-        Ok(n) => n,
-        Err(e) => return region_refusal(&shared, e).into_response(),
-    };
-    let partition = partition_for_key(stream.as_bytes(), partitions);
+    let count = events.len() as u64;
     match shared
         .client
         .append_to_stream(&topic, partition, &stream, expected, batch)
         .await
     {
         Ok(done) => {
+            lane.next_seq += count;
             shared
                 .metrics
                 .stream_appends
@@ -549,7 +556,24 @@ async fn append(State(shared): Shared_, Path(stream): Path<String>, body: Bytes)
             )
                 .into_response()
         }
-        Err(e) => region_refusal(&shared, e).into_response(),
+        Err(e) => {
+            // Refusals the partition decided leave the sequence unused; after anything else
+            // the outcome is unknown, and the partition continues under a new producer.
+            let decided = matches!(
+                e.code(),
+                Some(
+                    ErrorCode::VersionConflict
+                        | ErrorCode::InvalidRequest
+                        | ErrorCode::EventTooLarge
+                        | ErrorCode::UnknownTopic
+                        | ErrorCode::UnknownPartition
+                )
+            );
+            if !decided {
+                *lane = crate::StreamLane::fresh();
+            }
+            region_refusal(&shared, e).into_response()
+        }
     }
 }
 
@@ -672,9 +696,17 @@ async fn read_category(
     }
 }
 
-async fn healthz() -> StatusCode {
-    // Serving HTTP means the outbox opened: publishes are accepted.
-    StatusCode::NO_CONTENT
+async fn healthz(State(shared): Shared_) -> Response {
+    // Serving HTTP means the outbox opened; it stays healthy while its writes succeed.
+    if shared.outbox.counts().failed.load(Ordering::Relaxed) {
+        return error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "ERR_HEALTH_NOT_READY",
+            "an outbox write failed; the sidecar accepts no publishes until it is restarted",
+        )
+        .into_response();
+    }
+    StatusCode::NO_CONTENT.into_response()
 }
 
 async fn healthz_outbound(State(shared): Shared_) -> Response {

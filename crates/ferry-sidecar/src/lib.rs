@@ -150,7 +150,28 @@ pub(crate) struct Shared {
     /// How discovery through `GET /dapr/subscribe` went.
     pub(crate) discovery: Mutex<String>,
     partitions: Mutex<HashMap<String, u32>>,
+    /// Per event-store partition: the producer identity its appends are numbered with.
+    stream_lanes: Mutex<HashMap<(String, u32), SharedStreamLane>>,
     app: reqwest::Client,
+}
+
+/// A stream lane, locked for the length of one append.
+pub(crate) type SharedStreamLane = Arc<tokio::sync::Mutex<StreamLane>>;
+
+/// The producer identity of one event-store partition's appends from this sidecar.
+pub(crate) struct StreamLane {
+    pub(crate) producer: ferry_proto::ProducerId,
+    pub(crate) next_seq: u64,
+}
+
+impl StreamLane {
+    /// A new producer (random id), starting at sequence 0.
+    pub(crate) fn fresh() -> Self {
+        Self {
+            producer: rand::random(),
+            next_seq: 0,
+        }
+    }
 }
 
 impl Shared {
@@ -186,6 +207,16 @@ impl Shared {
                 reason: "no answer within 3 s".into(),
             }),
         }
+    }
+
+    /// The producer lane of an event-store partition.
+    pub(crate) fn stream_lane(&self, topic: &str, partition: u32) -> SharedStreamLane {
+        self.stream_lanes
+            .lock()
+            .expect("stream lanes")
+            .entry((topic.to_string(), partition))
+            .or_insert_with(|| Arc::new(tokio::sync::Mutex::new(StreamLane::fresh())))
+            .clone()
     }
 
     pub(crate) fn learn(&self, topic: &str, partitions: u32) {
@@ -288,6 +319,7 @@ impl Sidecar {
             subscriptions: Mutex::new(Vec::new()),
             discovery: Mutex::new(String::from("not started")),
             partitions: Mutex::new(HashMap::new()),
+            stream_lanes: Mutex::new(HashMap::new()),
             app,
             client: client.clone(),
             outbox: outbox.clone(),
@@ -432,7 +464,10 @@ async fn subscribe(
             };
             let waiting = match answer {
                 Ok((200..=299, body)) => match subscription::parse_programmatic(&body) {
-                    Ok(list) => {
+                    Ok((list, refused)) => {
+                        for e in refused {
+                            tracing::error!(error = %e, "an app subscription is refused");
+                        }
                         *shared.discovery.lock().expect("discovery") =
                             format!("discovered {} subscriptions", list.len());
                         start_subscriptions(&shared, list, &mut tasks, &shutdown);

@@ -248,6 +248,8 @@ pub struct OutboxCounts {
     pub sent: AtomicU64,
     /// Group commits (syncs) since start.
     pub syncs: AtomicU64,
+    /// A write failed: the outbox accepts nothing more (health checks fail; restart).
+    pub failed: std::sync::atomic::AtomicBool,
 }
 
 struct Job {
@@ -551,6 +553,7 @@ impl Writer {
                 // The sequencer moved past sequences that may not be stored: a later record
                 // would then be refused as out of order. Stop accepting; a restart recovers.
                 tracing::error!(error = %e, "outbox write failed; the outbox stops accepting");
+                self.counts.failed.store(true, Ordering::Relaxed);
                 for reply in accepted {
                     let _ = reply.send(Err(e.clone()));
                 }

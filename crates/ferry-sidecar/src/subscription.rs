@@ -114,8 +114,9 @@ struct RawSpec {
     route: Option<String>,
     #[serde(default)]
     routes: Option<RawRoutes>,
+    /// dapr-ext-fastapi sends `null` when the app gave no metadata.
     #[serde(default)]
-    metadata: BTreeMap<String, Value>,
+    metadata: Option<BTreeMap<String, Value>>,
     #[serde(default)]
     dead_letter_topic: Option<String>,
     #[serde(default)]
@@ -191,8 +192,9 @@ fn convert(raw: RawSpec, origin: Origin, at: &str) -> Result<Subscription, Subsc
         }),
         _ => None,
     };
-    let raw_payload = metadata_text(&raw.metadata, "rawPayload").as_deref() == Some("true");
-    let from_newest = match metadata_text(&raw.metadata, "initialOffset").as_deref() {
+    let metadata = raw.metadata.unwrap_or_default();
+    let raw_payload = metadata_text(&metadata, "rawPayload").as_deref() == Some("true");
+    let from_newest = match metadata_text(&metadata, "initialOffset").as_deref() {
         None | Some("oldest") => false,
         Some("newest") => true,
         Some(other) => {
@@ -215,16 +217,32 @@ fn convert(raw: RawSpec, origin: Origin, at: &str) -> Result<Subscription, Subsc
     })
 }
 
-/// The subscriptions in an app's answer to `GET /dapr/subscribe`.
-pub fn parse_programmatic(body: &[u8]) -> Result<Vec<Subscription>, SubscriptionError> {
+/// The subscriptions in an app's answer to `GET /dapr/subscribe`, and why any entry was
+/// refused (the others still count); an error when the answer is not a JSON list.
+pub fn parse_programmatic(
+    body: &[u8],
+) -> Result<(Vec<Subscription>, Vec<SubscriptionError>), SubscriptionError> {
     let at = "GET /dapr/subscribe";
-    let raw: Vec<RawSpec> = serde_json::from_slice(body).map_err(|e| SubscriptionError {
+    let entries: Vec<Value> = serde_json::from_slice(body).map_err(|e| SubscriptionError {
         origin: at.into(),
         reason: format!("not a list of subscriptions: {e}"),
     })?;
-    raw.into_iter()
-        .map(|r| convert(r, Origin::Programmatic, at))
-        .collect()
+    let mut subscriptions = Vec::new();
+    let mut refused = Vec::new();
+    for (index, entry) in entries.into_iter().enumerate() {
+        let origin = format!("{at}, entry {index}");
+        let parsed = serde_json::from_value::<RawSpec>(entry)
+            .map_err(|e| SubscriptionError {
+                origin: origin.clone(),
+                reason: e.to_string(),
+            })
+            .and_then(|raw| convert(raw, Origin::Programmatic, &origin));
+        match parsed {
+            Ok(s) => subscriptions.push(s),
+            Err(e) => refused.push(e),
+        }
+    }
+    Ok((subscriptions, refused))
 }
 
 /// The subscription a declarative file holds, or None when it is not a `Subscription` or is
@@ -301,7 +319,8 @@ mod tests {
              "deadLetterTopic": "dead",
              "bulkSubscribe": {"enabled": true, "maxMessagesCount": 10, "maxAwaitDurationMs": 5}}
         ]);
-        let subs = parse_programmatic(body.to_string().as_bytes()).unwrap();
+        let (subs, refused) = parse_programmatic(body.to_string().as_bytes()).unwrap();
+        assert!(refused.is_empty());
         assert_eq!(subs[0].default_path.as_deref(), Some("/orders"));
         assert!(subs[0].raw_payload);
         assert_eq!(subs[1].path_for(&json!({"type": "x"})), Some("/x"));
@@ -317,16 +336,31 @@ mod tests {
     }
 
     #[test]
+    fn what_dapr_ext_fastapi_sends_is_accepted() {
+        // DaprApp.subscribe(pubsub="pubsub", topic="orders") with no metadata or dead letter.
+        let body = json!([{"pubsubname": "pubsub", "topic": "orders", "route": "/events/pubsub/orders",
+                           "metadata": null, "deadLetterTopic": null}]);
+        let (subs, refused) = parse_programmatic(body.to_string().as_bytes()).unwrap();
+        assert!(refused.is_empty(), "{refused:?}");
+        assert_eq!(
+            subs[0].default_path.as_deref(),
+            Some("/events/pubsub/orders")
+        );
+        assert_eq!(subs[0].dead_letter_topic, None);
+    }
+
+    #[test]
     fn bad_subscriptions_are_refused_with_the_reason() {
         let bad_rule = json!([{"pubsubname": "p", "topic": "a",
             "routes": {"rules": [{"match": "size(event.data) > 1", "path": "/x"}]}}]);
-        let e = parse_programmatic(bad_rule.to_string().as_bytes()).unwrap_err();
-        assert!(e.reason.contains("topic a"), "{e}");
-        let no_path = json!([{"pubsubname": "p", "topic": "a"}]);
-        assert!(parse_programmatic(no_path.to_string().as_bytes())
-            .unwrap_err()
-            .reason
-            .contains("path"));
+        let (_, refused) = parse_programmatic(bad_rule.to_string().as_bytes()).unwrap();
+        assert!(refused[0].reason.contains("topic a"), "{}", refused[0]);
+        // One bad entry does not take the others down.
+        let no_path = json!([{"pubsubname": "p", "topic": "a"}, {"pubsubname": "p", "topic": "b", "route": "/b"}]);
+        let (subs, refused) = parse_programmatic(no_path.to_string().as_bytes()).unwrap();
+        assert_eq!(subs.len(), 1);
+        assert!(refused[0].reason.contains("path"));
+        assert_eq!(refused[0].origin, "GET /dapr/subscribe, entry 0");
         assert!(parse_programmatic(b"{}").is_err());
     }
 
@@ -377,7 +411,7 @@ scopes:
             {"pubsubname": "p", "topic": "a", "route": "/1"},
             {"pubsubname": "p", "topic": "a", "route": "/2"}
         ]);
-        let (kept, refused) = merge(parse_programmatic(body.to_string().as_bytes()).unwrap());
+        let (kept, refused) = merge(parse_programmatic(body.to_string().as_bytes()).unwrap().0);
         assert_eq!(kept.len(), 1);
         assert_eq!(kept[0].default_path.as_deref(), Some("/1"));
         assert_eq!(refused.len(), 1);

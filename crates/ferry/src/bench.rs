@@ -19,6 +19,7 @@ use suites::{LoadArgs, Suite};
 
 mod fanout;
 mod resources;
+mod sidecar;
 mod suites;
 mod system;
 mod table;
@@ -48,6 +49,9 @@ enum BenchCommand {
     /// Hold N WebSocket clients on one edge: RSS per idle connection, broadcast and per-user
     /// deliveries/s, publish-to-delivery latency at a fixed rate.
     Fanout(fanout::FanoutArgs),
+    /// HTTP publishes through one running sidecar (keep-alive, concurrent connections) and,
+    /// with --app, publish-to-app latency through a second sidecar at a fixed rate.
+    Sidecar(sidecar::SidecarBenchArgs),
     /// Publish COUNT events in one region (--servers) and receive them in another (--to):
     /// forwarded events/s and publish-to-delivery latency.
     Mesh(MeshArgs),
@@ -144,6 +148,7 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<()> {
         }
         BenchCommand::Mesh(args) => mesh(args).await,
         BenchCommand::Fanout(args) => fanout::run(args).await,
+        BenchCommand::Sidecar(args) => sidecar::run(args).await,
     }
 }
 

@@ -46,9 +46,9 @@ pub(crate) async fn run(args: DevArgs) -> anyhow::Result<()> {
     let missing = ids
         .iter()
         .any(|id| !certs.join(format!("node-{id}.pem")).exists())
-        || !certs.join("client-edge.pem").exists();
+        || !certs.join("client-sidecar.pem").exists();
     if !certs.join("ca.pem").exists() || missing {
-        generate_dev_certs(&certs, &ids, &["ctl", "bench", "edge"])
+        generate_dev_certs(&certs, &ids, &["ctl", "bench", "edge", "sidecar"])
             .with_context(|| format!("writing certificates into {}", certs.display()))?;
     }
     let addr_of = |id: u64| format!("127.0.0.1:{}", u64::from(args.base_port) + id - 1);
@@ -165,7 +165,7 @@ pub(crate) async fn run(args: DevArgs) -> anyhow::Result<()> {
         }
     }
     println!(
-        "  certificates (CA, nodes, clients ctl, bench and edge): {}",
+        "  certificates (CA, nodes, clients ctl, bench, edge and sidecar): {}",
         certs.display()
     );
     let demo_token = dev_token(&secret)?;
@@ -218,6 +218,9 @@ pub(crate) async fn run(args: DevArgs) -> anyhow::Result<()> {
         println!("  FERRY_SERVERS={} ferry ctl tail payments", servers_of(1));
         println!("  ferry ctl regions");
     }
+    println!();
+    println!("Services through sidecars (Dapr's pub/sub API, the event store): deploy/examples/README.md");
+    println!("  deploy/examples/run     (two example services, one on Dapr's Python SDK)");
     println!();
     println!(
         "Ctrl-C stops the mesh; its data stays in {} for the next run.",
