@@ -474,6 +474,20 @@ async fn retry_redelivers_drop_dead_letters_and_replicas_share_the_group() {
         204
     );
     assert_eq!(publish("p1".into(), "poison").await.unwrap().status(), 204);
+    // Events with one partition key reach the app one after another, in order (the others of
+    // a window go in parallel).
+    for i in 0..30 {
+        let ce = json!({"specversion": "1.0", "id": format!("k{i}"), "source": "/test",
+                        "type": "order", "data": i});
+        let r = http
+            .post(format!("{url}?metadata.partitionKey=customer-7"))
+            .header("content-type", "application/cloudevents+json")
+            .body(ce.to_string())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 204);
+    }
 
     let all = || {
         let mut ids = app1.ids();
@@ -481,12 +495,20 @@ async fn retry_redelivers_drop_dead_letters_and_replicas_share_the_group() {
         ids
     };
     wait_for(
-        "201 events across the replicas",
+        "231 events across the replicas",
         Duration::from_secs(60),
-        || all().len() >= 201,
+        || all().len() >= 231,
     )
     .await;
     let ids = all();
+    let keyed: Vec<String> = [&app1, &app2]
+        .iter()
+        .flat_map(|app| app.received.lock().unwrap().clone())
+        .filter_map(|(_, ce)| Some(ce["id"].as_str()?.to_string()))
+        .filter(|id| id.starts_with('k'))
+        .collect();
+    let expected: Vec<String> = (0..30).map(|i| format!("k{i}")).collect();
+    assert_eq!(keyed, expected, "one key, one order");
     assert!(ids.contains("r1") && !ids.contains("p1"));
     let (n1, n2) = (app1.ids().len(), app2.ids().len());
     assert!(n1 > 0 && n2 > 0, "both replicas work: {n1} + {n2}");

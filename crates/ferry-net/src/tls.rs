@@ -17,7 +17,7 @@ use rustls::RootCertStore;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
-pub use dev::{dev_ca, generate_dev_certs, DevCa};
+pub use dev::{add_missing_dev_certs, dev_ca, generate_dev_certs, DevCa};
 
 use crate::NetError;
 

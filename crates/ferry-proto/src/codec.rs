@@ -59,6 +59,29 @@ pub fn encode_seq_of_encoded<B: AsRef<[u8]>>(
     Ok(out)
 }
 
+/// Joins encoded sequences (each an [`encode`] of a `Vec`) into one that decodes as all their
+/// elements in order, without decoding the elements: only each length prefix is read.
+pub fn concat_seqs<B: AsRef<[u8]>>(what: &'static str, seqs: &[B]) -> Result<Vec<u8>, ProtoError> {
+    let mut total = 0u64;
+    let mut bodies = Vec::with_capacity(seqs.len());
+    for seq in seqs {
+        let seq = seq.as_ref();
+        let (count, used): (u64, usize) = bincode::serde::decode_from_slice(seq, config())
+            .map_err(|e| ProtoError::Malformed {
+                what,
+                reason: format!("sequence length: {e}"),
+            })?;
+        total += count;
+        bodies.push(&seq[used..]);
+    }
+    let mut out = encode(what, &total)?;
+    out.reserve(bodies.iter().map(|b| b.len()).sum());
+    for body in bodies {
+        out.extend_from_slice(body);
+    }
+    Ok(out)
+}
+
 /// Encodes a versioned frame, refusing one larger than `max_frame`.
 pub fn encode_frame<T: Serialize>(
     what: &'static str,
@@ -112,6 +135,17 @@ pub fn decode_frame<T: DeserializeOwned>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn joined_sequences_decode_as_all_their_elements() {
+        let a = encode("a", &vec!["x".to_string(), "y".to_string()]).unwrap();
+        let b = encode("b", &vec!["z".to_string(); 200]).unwrap();
+        let joined = concat_seqs("ab", &[&a, &b]).unwrap();
+        let all: Vec<String> = decode("ab", &joined).unwrap();
+        assert_eq!(all.len(), 202);
+        assert_eq!(&all[..3], ["x", "y", "z"]);
+        assert!(concat_seqs("bad", &[&[0xffu8][..]]).is_err());
+    }
 
     #[test]
     fn frame_round_trip_and_version_check() {

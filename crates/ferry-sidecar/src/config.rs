@@ -124,6 +124,10 @@ pub struct DeliveryConfig {
     /// How often handled offsets are committed to the region, ms (what a crash redelivers).
     #[serde(default = "default_commit_every_ms")]
     pub commit_every_ms: u64,
+    /// Calls to the app at once per partition (Dapr's `app-max-concurrency`): events with one
+    /// partition key are always posted one after another, in order; the others in parallel.
+    #[serde(default = "default_concurrency")]
+    pub concurrency: usize,
 }
 
 impl Default for DeliveryConfig {
@@ -135,6 +139,7 @@ impl Default for DeliveryConfig {
             timeout_ms: default_app_timeout_ms(),
             discovery_max_ms: default_discovery_max_ms(),
             commit_every_ms: default_commit_every_ms(),
+            concurrency: default_concurrency(),
         }
     }
 }
@@ -234,6 +239,9 @@ fn default_discovery_max_ms() -> u64 {
 fn default_commit_every_ms() -> u64 {
     100
 }
+fn default_concurrency() -> usize {
+    32
+}
 fn default_stream_prefix() -> String {
     "streams.".into()
 }
@@ -321,6 +329,9 @@ impl SidecarConfig {
                 "delivery",
                 "retry_initial_ms must be above 0 and at most retry_max_ms",
             ));
+        }
+        if d.concurrency == 0 || d.concurrency > 1024 {
+            return Err(invalid("delivery", "concurrency must be within 1..=1024"));
         }
         if d.timeout_ms == 0 || d.commit_every_ms == 0 || d.discovery_max_ms == 0 {
             return Err(invalid(

@@ -1,6 +1,7 @@
 //! Delivery to the app: per subscription, a member of the app's consumer group (so replicas
-//! with one app id share the partitions), a worker per partition that posts events in order,
-//! and a committer that moves the group's cursors to what was handled.
+//! with one app id share the partitions), a worker per partition that posts its events in
+//! windows (up to `delivery.concurrency` at once, events with one partition key one after
+//! another in order), and a committer that moves the group's cursors past finished windows.
 //!
 //! The app's answer decides (as in Dapr): 2xx with `SUCCESS`, an empty or non-JSON body
 //! commits; `RETRY`, a non-2xx other than 404, or no answer retries with backoff; `DROP` or
@@ -368,14 +369,21 @@ async fn work(
                     _ => break,
                 }
             }
+        } else {
+            // What is ready now, up to the concurrency: posted as one window.
+            while group.len() < shared.config.delivery.concurrency {
+                match rx.try_recv() {
+                    Ok(d) => group.push(d),
+                    Err(_) => break,
+                }
+            }
         }
         let last = group.last().map(|d| d.offset);
         let taken = group.len();
         let finished = if sub.bulk.is_some() {
             deliver_bulk(&shared, &sub, group, &shutdown).await
         } else {
-            let delivery = group.pop().expect("one delivery");
-            deliver_one(&shared, &sub, &delivery, &shutdown).await
+            deliver_window(&shared, &sub, &group, &shutdown).await
         };
         if !finished {
             // Shutting down: what was not handled is not committed and comes again.
@@ -416,6 +424,41 @@ fn payload_of(sub: &Subscription, event: &Event) -> (Map<String, Value>, Bytes, 
         let body = Bytes::from(serde_json::to_vec(&ce).unwrap_or_default());
         (ce, body, STRUCTURED.to_string())
     }
+}
+
+/// Delivers a window of one partition's events: those with one partition key one after
+/// another in order, the others at once. True when every one was handled, dead-lettered or
+/// dropped (the window's offsets can then be committed); false on shutdown.
+async fn deliver_window(
+    shared: &Shared,
+    sub: &Subscription,
+    window: &[Delivery],
+    shutdown: &watch::Receiver<bool>,
+) -> bool {
+    let mut chains: Vec<Vec<&Delivery>> = Vec::new();
+    let mut by_key: HashMap<&[u8], usize> = HashMap::new();
+    for delivery in window {
+        match delivery.event.key.as_deref() {
+            Some(key) => match by_key.get(key) {
+                Some(&chain) => chains[chain].push(delivery),
+                None => {
+                    by_key.insert(key, chains.len());
+                    chains.push(vec![delivery]);
+                }
+            },
+            None => chains.push(vec![delivery]),
+        }
+    }
+    let done = futures::future::join_all(chains.into_iter().map(|chain| async move {
+        for delivery in chain {
+            if !deliver_one(shared, sub, delivery, shutdown).await {
+                return false;
+            }
+        }
+        true
+    }))
+    .await;
+    done.into_iter().all(|finished| finished)
 }
 
 /// Delivers one event until it is handled, dead-lettered or dropped; false on shutdown.

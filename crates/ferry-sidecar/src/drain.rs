@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use ferry_client::Client;
 use ferry_proto::wire::ErrorCode;
-use ferry_proto::{EventBatch, Limits};
+use ferry_proto::{codec, EventBatch};
 use tokio::sync::watch;
 
 use crate::outbox::{Lane, LaneFeed, Outbox, Outgoing};
@@ -132,22 +132,22 @@ fn merge(records: &[Outgoing]) -> (usize, EventBatch) {
     if taken == 1 {
         return (1, first.batch.clone());
     }
-    let limits = Limits::default();
-    let mut events = Vec::with_capacity(count as usize);
-    for record in &records[..taken] {
-        match record.batch.decode_events(&limits) {
-            Ok(e) => events.extend(e),
-            // Unreadable here: send the first record alone, as stored.
-            Err(_) => return (1, first.batch.clone()),
-        }
-    }
-    match EventBatch::new(
-        &events,
-        first.batch.producer,
-        first.batch.first_seq,
-        &limits,
-    ) {
-        Ok(batch) => (taken, batch),
+    // The records' events, already encoded and validated when accepted, joined as they are.
+    let parts: Vec<&[u8]> = records[..taken]
+        .iter()
+        .map(|r| r.batch.events.as_ref())
+        .collect();
+    match codec::concat_seqs("merged outbox records", &parts) {
+        Ok(events) => (
+            taken,
+            EventBatch {
+                producer: first.batch.producer,
+                first_seq: first.batch.first_seq,
+                count,
+                events: events.into(),
+            },
+        ),
+        // Unreadable here: send the first record alone, as stored.
         Err(_) => (1, first.batch.clone()),
     }
 }
@@ -223,6 +223,8 @@ async fn drain_lane(
 mod tests {
     use bytes::Bytes;
     use ferry_proto::{Event, Subject};
+
+    use ferry_proto::Limits;
 
     use super::*;
     use crate::outbox::Pending;

@@ -91,13 +91,20 @@ pub struct Record {
     pub bytes: u64,
 }
 
-/// Numbers records: lanes by key hash (or, for keyless events, one round-robin partition per
-/// topic per group, so a group's keyless events form one batch), sequences per lane.
+/// Keyless events of a topic stay on one partition for this many events before the next
+/// partition takes over (Kafka's "sticky" partitioning): each send to the region then carries
+/// many events, which costs the region far less per event than many small batches.
+pub const STICKY_EVENTS: u64 = 1024;
+
+/// Numbers records: lanes by key hash (keyless events: a sticky partition per topic, moving on
+/// round-robin every [`STICKY_EVENTS`]; one group's keyless events always form one batch),
+/// sequences per lane.
 #[derive(Debug, Clone)]
 pub struct Sequencer {
     producer: ProducerId,
     next_seq: HashMap<Lane, u64>,
-    round_robin: HashMap<String, u32>,
+    /// Per topic: the sticky partition of keyless events and how many more it takes.
+    sticky: HashMap<String, (u32, u64)>,
 }
 
 impl Sequencer {
@@ -106,7 +113,7 @@ impl Sequencer {
         Self {
             producer,
             next_seq,
-            round_robin: HashMap::new(),
+            sticky: HashMap::new(),
         }
     }
 
@@ -129,12 +136,24 @@ impl Sequencer {
             let partitions = p.partitions.max(1);
             let partition = match &p.event.key {
                 Some(key) => partition_for_key(key, partitions),
-                None => *keyless_partition.entry(p.topic.clone()).or_insert_with(|| {
-                    let next = self.round_robin.entry(p.topic.clone()).or_insert(0);
-                    let partition = *next % partitions;
-                    *next = next.wrapping_add(1);
+                None => {
+                    let partition =
+                        *keyless_partition.entry(p.topic.clone()).or_insert_with(|| {
+                            let (partition, left) = self
+                                .sticky
+                                .entry(p.topic.clone())
+                                .or_insert((partitions - 1, 0));
+                            if *left == 0 {
+                                *partition = (*partition + 1) % partitions;
+                                *left = STICKY_EVENTS;
+                            }
+                            *partition
+                        });
+                    if let Some((_, left)) = self.sticky.get_mut(&p.topic) {
+                        *left = left.saturating_sub(1);
+                    }
                     partition
-                }),
+                }
             };
             lanes
                 .entry(Lane {
@@ -650,13 +669,20 @@ mod tests {
         );
         assert!(records.iter().all(|r| r.batch.producer == Some(7)));
         assert_eq!(records.iter().map(|r| r.batch.count).sum::<u32>(), 4);
-        // Sequences continue per lane; the next group's keyless events take the next partition.
+        // Sequences continue per lane; keyless events stay on their partition for
+        // STICKY_EVENTS events, then the next partition takes over.
         let first_keyless = records
             .iter()
             .find(|r| r.lane.partition != keyed)
             .map(|r| r.lane.partition);
         let next = s.plan(vec![pending("orders", 5, None)], &limits).unwrap();
-        assert_ne!(Some(next[0].lane.partition), first_keyless);
+        assert_eq!(Some(next[0].lane.partition), first_keyless);
+        let many: Vec<_> = (0..STICKY_EVENTS)
+            .map(|i| pending("orders", 10 + i as u32, None))
+            .collect();
+        s.plan(many, &limits).unwrap();
+        let moved = s.plan(vec![pending("orders", 9, None)], &limits).unwrap();
+        assert_ne!(Some(moved[0].lane.partition), first_keyless);
         let again = s
             .plan(vec![pending("orders", 6, Some("customer-1"))], &limits)
             .unwrap();

@@ -10,7 +10,8 @@ use crate::{Application, GroupCommit, GroupId, SledStateMachine, StoreError, Wal
 /// Version 2 moved Raft logs out of sled into the write-ahead log.
 /// 3: partition checkpoints carry forwarding state (received origin offsets, forwarding
 /// cursors); 2 had none.
-const FORMAT: &[u8] = b"ferry-store/3";
+/// 4: partition checkpoints carry the domain streams' index (versions, appends).
+const FORMAT: &[u8] = b"ferry-store/4";
 const MARKER_TREE: &[u8] = b"ferry";
 
 /// Storage tuning.
@@ -108,6 +109,14 @@ impl NodeStore {
                     "it was written by an older ferry (format ferry-store/2, partition \
                      checkpoints without forwarding state) that this version cannot read; move \
                      it away to start this node empty"
+                        .into(),
+                ))
+            }
+            Some(other) if other.as_ref() == b"ferry-store/3" => {
+                return Err(foreign(
+                    "it was written by an older ferry (format ferry-store/3, partition \
+                     checkpoints without the domain streams' index) that this version cannot \
+                     read; move it away to start this node empty"
                         .into(),
                 ))
             }

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Args;
-use ferry_net::tls::{generate_dev_certs, TlsIdentity};
+use ferry_net::tls::{add_missing_dev_certs, TlsIdentity};
 use ferry_region::server::BoundEndpoint;
 
 use crate::config::{node_config_from_table, DEV_DEFAULT};
@@ -43,13 +43,12 @@ pub(crate) async fn run(args: DevArgs) -> anyhow::Result<()> {
     }
     let total = args.regions.len() as u64 * args.nodes;
     let ids: Vec<u64> = (1..=total).collect();
-    let missing = ids
-        .iter()
-        .any(|id| !certs.join(format!("node-{id}.pem")).exists())
-        || !certs.join("client-sidecar.pem").exists();
-    if !certs.join("ca.pem").exists() || missing {
-        generate_dev_certs(&certs, &ids, &["ctl", "bench", "edge", "sidecar"])
-            .with_context(|| format!("writing certificates into {}", certs.display()))?;
+    // A folder from an earlier run keeps its CA; certificates a newer version needs (more
+    // nodes, the sidecar's) are added beside it.
+    let written = add_missing_dev_certs(&certs, &ids, &["ctl", "bench", "edge", "sidecar"])
+        .with_context(|| format!("writing certificates into {}", certs.display()))?;
+    if !written.is_empty() {
+        tracing::info!(dir = %certs.display(), files = ?written, "wrote development certificates");
     }
     let addr_of = |id: u64| format!("127.0.0.1:{}", u64::from(args.base_port) + id - 1);
     let template: toml::Table = DEV_DEFAULT.parse().context("the embedded dev config")?;

@@ -7,7 +7,7 @@ mod common;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{events_in, http, wait_for, Region, FERRY};
+use common::{events_in, free_port, request, wait_for, Region, FERRY};
 
 /// A `ferry sidecar` process, killed when dropped.
 struct SidecarProcess(Child);
@@ -44,23 +44,10 @@ impl Drop for SidecarProcess {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn publish(addr: &str, body: &str) -> u16 {
-    http(
-        addr,
-        "POST",
-        "/v1.0/publish/pubsub/orders",
-        "application/json",
-        body.as_bytes(),
-    )
-    .0
+    request(addr, "POST", "/v1.0/publish/pubsub/orders", Some(body))
+        .expect("the sidecar answers")
+        .0
 }
 
 #[test]
@@ -96,10 +83,10 @@ fn a_sidecar_killed_after_2xx_delivers_every_accepted_event_once() {
         || std::net::TcpStream::connect(&addr).is_ok() && publish(&addr, r#"{"n": -1}"#) == 204,
     );
 
+    // False while the sidecar is not (yet) listening.
     let depth_zero = || {
-        http(&addr, "GET", "/v1.0/metadata", "application/json", b"")
-            .1
-            .contains("\"depthEvents\":0")
+        request(&addr, "GET", "/v1.0/metadata", None)
+            .is_ok_and(|(_, metadata)| metadata.contains("\"depthEvents\":0"))
     };
     wait_for(
         "the first event to leave the outbox",
@@ -114,7 +101,7 @@ fn a_sidecar_killed_after_2xx_delivers_every_accepted_event_once() {
     for i in 0..20 {
         assert_eq!(publish(&addr, &format!(r#"{{"n": {i}}}"#)), 204);
     }
-    let (_, metadata) = http(&addr, "GET", "/v1.0/metadata", "application/json", b"");
+    let (_, metadata) = request(&addr, "GET", "/v1.0/metadata", None).expect("the sidecar answers");
     assert!(metadata.contains("\"depthEvents\":20"), "{metadata}");
     sidecar.kill();
     for id in 1..=3 {

@@ -214,6 +214,47 @@ pub fn generate_dev_certs(
     Ok(())
 }
 
+/// Issues, with the CA already in `out` (`ca.pem`, `ca.key`), the node and client
+/// certificates of `node_ids` and `client_names` that `out` lacks, and answers their file
+/// names; existing files are left alone. A folder without a CA gets everything
+/// ([`generate_dev_certs`]).
+pub fn add_missing_dev_certs(
+    out: &Path,
+    node_ids: &[NodeId],
+    client_names: &[&str],
+) -> Result<Vec<String>, NetError> {
+    if !out.join("ca.pem").exists() {
+        generate_dev_certs(out, node_ids, client_names)?;
+        return Ok(vec!["ca.pem".into()]);
+    }
+    let ca = DevCa::load(&out.join("ca.pem"), &out.join("ca.key"))?;
+    let mut written = Vec::new();
+    let mut write = |stem: String, ident: TlsIdentity| -> Result<(), NetError> {
+        for (file, data, secret) in [
+            (format!("{stem}.pem"), ident.cert_pem, false),
+            (format!("{stem}.key"), ident.key_pem, true),
+        ] {
+            let path = out.join(&file);
+            write_new(&path, &data, secret).map_err(|source| NetError::Io { path, source })?;
+            written.push(file);
+        }
+        Ok(())
+    };
+    for &id in node_ids {
+        let stem = format!("node-{id}");
+        if !out.join(format!("{stem}.pem")).exists() {
+            write(stem, ca.issue_node(id)?)?;
+        }
+    }
+    for name in client_names {
+        let stem = format!("client-{name}");
+        if !out.join(format!("{stem}.pem")).exists() {
+            write(stem, ca.issue_client(name)?)?;
+        }
+    }
+    Ok(written)
+}
+
 fn write_new(path: &Path, data: &[u8], secret: bool) -> std::io::Result<()> {
     let mut opts = std::fs::OpenOptions::new();
     opts.write(true).create_new(true);
@@ -227,4 +268,43 @@ fn write_new(path: &Path, data: &[u8], secret: bool) -> std::io::Result<()> {
     let mut f = opts.open(path)?;
     f.write_all(data)?;
     f.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_certificates_are_added_with_the_existing_ca() {
+        let dir = tempfile::tempdir().unwrap();
+        generate_dev_certs(dir.path(), &[1, 2], &["ctl"]).unwrap();
+        let ca_before = std::fs::read(dir.path().join("ca.pem")).unwrap();
+        let ctl_before = std::fs::read(dir.path().join("client-ctl.pem")).unwrap();
+        let written = add_missing_dev_certs(dir.path(), &[1, 2, 3], &["ctl", "sidecar"]).unwrap();
+        assert_eq!(
+            written,
+            [
+                "node-3.pem",
+                "node-3.key",
+                "client-sidecar.pem",
+                "client-sidecar.key"
+            ]
+        );
+        assert_eq!(std::fs::read(dir.path().join("ca.pem")).unwrap(), ca_before);
+        assert_eq!(
+            std::fs::read(dir.path().join("client-ctl.pem")).unwrap(),
+            ctl_before
+        );
+        TlsIdentity::load(
+            &dir.path().join("ca.pem"),
+            &dir.path().join("client-sidecar.pem"),
+            &dir.path().join("client-sidecar.key"),
+        )
+        .unwrap();
+        assert!(
+            add_missing_dev_certs(dir.path(), &[1, 2, 3], &["ctl", "sidecar"])
+                .unwrap()
+                .is_empty()
+        );
+    }
 }

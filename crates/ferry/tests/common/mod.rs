@@ -1,6 +1,7 @@
 //! A three-node region of real `ferry node` processes on loopback, for the binary's tests.
 #![allow(dead_code)] // each test file uses its own part
 
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -28,7 +29,7 @@ impl Region {
         let certs = dir.join("certs");
         let status = Command::new(FERRY)
             .args(["certs", "init", "--out", certs.to_str().unwrap()])
-            .args(["--nodes", "1,2,3", "--clients", "ctl,bench,edge"])
+            .args(["--nodes", "1,2,3", "--clients", "ctl,bench,edge,sidecar"])
             .stdout(Stdio::null())
             .status()
             .unwrap();
@@ -122,39 +123,66 @@ pub fn wait_for(what: &str, deadline: Duration, mut done: impl FnMut() -> bool) 
     }
 }
 
-/// One HTTP/1.1 request to a local server (`Connection: close`): the status and the body.
-pub fn http(
+/// A TCP port free on loopback now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// One HTTP/1.1 request (`Connection: close`): the status and the body, or why there was
+/// none (nothing listening yet, say). Handles `Content-Length` and chunked bodies.
+pub fn request(
     addr: &str,
     method: &str,
     path: &str,
-    content_type: &str,
-    body: &[u8],
-) -> (u16, String) {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(addr).expect("connect to the HTTP server");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(30)))
-        .unwrap();
-    let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: {content_type}\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n",
+    body: Option<&str>,
+) -> std::io::Result<(u16, String)> {
+    let mut stream = std::net::TcpStream::connect(addr)?;
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let body = body.unwrap_or("");
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
-    );
-    stream.write_all(head.as_bytes()).unwrap();
-    stream.write_all(body).unwrap();
+    )?;
     let mut answer = Vec::new();
-    stream.read_to_end(&mut answer).unwrap();
-    let text = String::from_utf8_lossy(&answer).into_owned();
-    let status = text
+    stream.read_to_end(&mut answer)?;
+    let text = String::from_utf8_lossy(&answer);
+    let bad = || {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("not HTTP: {text:?}"),
+        )
+    };
+    let (head, rest) = text.split_once("\r\n\r\n").ok_or_else(bad)?;
+    let status = head
         .split(' ')
         .nth(1)
         .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("not an HTTP answer: {text:?}"));
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
+        .ok_or_else(bad)?;
+    let chunked = head
+        .lines()
+        .any(|l| l.to_ascii_lowercase().starts_with("transfer-encoding:") && l.contains("chunked"));
+    if !chunked {
+        return Ok((status, rest.to_string()));
+    }
+    let (mut body, mut rest) = (String::new(), rest);
+    while let Some((size, after)) = rest.split_once("\r\n") {
+        let size = usize::from_str_radix(size.trim(), 16).map_err(|_| bad())?;
+        let (Some(chunk), Some(next)) = (after.get(..size), after.get(size..)) else {
+            break;
+        };
+        if size == 0 {
+            break;
+        }
+        body.push_str(chunk);
+        rest = next.trim_start_matches("\r\n");
+    }
+    Ok((status, body))
 }
 
 /// Events held in `topic` (the sum of its partitions' high watermarks), per `ferry ctl`.
