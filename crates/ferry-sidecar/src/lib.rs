@@ -317,7 +317,11 @@ impl Sidecar {
             limits,
             instance,
             subscriptions: Mutex::new(Vec::new()),
-            discovery: Mutex::new(String::from("not started")),
+            discovery: Mutex::new(String::from(if config.app_port == 0 {
+                "no app (app_port is 0): publish only"
+            } else {
+                "not started"
+            })),
             partitions: Mutex::new(HashMap::new()),
             stream_lanes: Mutex::new(HashMap::new()),
             app,
