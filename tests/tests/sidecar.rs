@@ -703,6 +703,7 @@ async fn publishes_accepted_while_the_region_is_down_arrive_after_it_returns() {
     .unwrap();
     let mut publisher_config = config(&region, &dir.path().join("a"), "checkout", None);
     publisher_config.outbox.max_events = 60;
+    publisher_config.limits.max_concurrent_requests = 1;
     let publisher = Sidecar::start(publisher_config).await.unwrap();
     let http = reqwest::Client::new();
     assigned(&http, &subscriber).await;
@@ -714,6 +715,56 @@ async fn publishes_accepted_while_the_region_is_down_arrive_after_it_returns() {
         app.ids().len() == 1
     })
     .await;
+
+    // One request at a time (limits.max_concurrent_requests = 1): while a request's body is
+    // still arriving, another gets 503 with Retry-After; health checks still answer.
+    let (body_tx, body_rx) = tokio::sync::mpsc::channel::<Result<bytes::Bytes, std::io::Error>>(1);
+    let body = futures::stream::unfold(body_rx, |mut rx| async move {
+        rx.recv().await.map(|chunk| (chunk, rx))
+    });
+    body_tx
+        .send(Ok(bytes::Bytes::from_static(b"partial")))
+        .await
+        .unwrap();
+    let slow = tokio::spawn(
+        http.post(publish_url(&publisher, "kafka", TOPIC))
+            .body(reqwest::Body::wrap_stream(body))
+            .send(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = http
+            .get(format!("http://{}/v1.0/metadata", publisher.http_addr()))
+            .send()
+            .await
+            .unwrap();
+        if r.status() == 503 {
+            assert_eq!(r.headers()["retry-after"], "1");
+            assert!(r.text().await.unwrap().contains("ERR_TOO_MANY_REQUESTS"));
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a second request was never turned away"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let health = http
+        .get(format!("http://{}/v1.0/healthz", publisher.http_addr()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(health.status(), 204);
+    drop(body_tx);
+    assert_eq!(
+        slow.await.unwrap().unwrap().status(),
+        404,
+        "the slow one is served"
+    );
+    assert_eq!(
+        metric(&http, &publisher, "ferry_sidecar_refused_busy_total").await,
+        1
+    );
 
     let ids = region.live_ids();
     for id in &ids {

@@ -192,6 +192,10 @@ pub struct SidecarLimits {
     /// Most entries in one bulk publish or one event-store append.
     #[serde(default = "default_max_entries")]
     pub max_entries: usize,
+    /// Requests served at once (each may hold a body of up to `max_body_bytes`); beyond it,
+    /// 503 with `Retry-After`. Health checks and `/metrics` are not counted.
+    #[serde(default = "default_max_concurrent_requests")]
+    pub max_concurrent_requests: usize,
 }
 
 impl Default for SidecarLimits {
@@ -199,6 +203,7 @@ impl Default for SidecarLimits {
         Self {
             max_body_bytes: default_max_body(),
             max_entries: default_max_entries(),
+            max_concurrent_requests: default_max_concurrent_requests(),
         }
     }
 }
@@ -250,6 +255,9 @@ fn default_max_body() -> usize {
 }
 fn default_max_entries() -> usize {
     1000
+}
+fn default_max_concurrent_requests() -> usize {
+    1024
 }
 
 fn invalid(key: &'static str, reason: impl Into<String>) -> SidecarError {
@@ -356,10 +364,13 @@ impl SidecarConfig {
         store_topic
             .validate()
             .map_err(|e| invalid("event_store", e.to_string()))?;
-        if self.limits.max_body_bytes < 1024 || self.limits.max_entries == 0 {
+        if self.limits.max_body_bytes < 1024
+            || self.limits.max_entries == 0
+            || self.limits.max_concurrent_requests == 0
+        {
             return Err(invalid(
                 "limits",
-                "max_body_bytes must be at least 1024 and max_entries above 0",
+                "max_body_bytes must be at least 1024, max_entries and max_concurrent_requests above 0",
             ));
         }
         Ok(())

@@ -89,11 +89,16 @@ pub(crate) async fn serve(
             "/v1.0-ferry/categories/{category}/events",
             get(read_category),
         )
+        .route("/v1.0/metadata", get(metadata))
+        .layer(DefaultBodyLimit::max(max_body))
+        .layer(axum::middleware::from_fn_with_state(
+            shared.clone(),
+            limit_requests,
+        ))
+        // Health and metrics answer whatever the load.
         .route("/v1.0/healthz", get(healthz))
         .route("/v1.0/healthz/outbound", get(healthz_outbound))
-        .route("/v1.0/metadata", get(metadata))
         .route("/metrics", get(metrics))
-        .layer(DefaultBodyLimit::max(max_body))
         .with_state(shared);
     let stop = async move {
         let _ = shutdown.wait_for(|stop| *stop).await;
@@ -104,6 +109,28 @@ pub(crate) async fn serve(
     {
         tracing::error!(error = %e, "sidecar HTTP server failed");
     }
+}
+
+/// At most `limits.max_concurrent_requests` requests (and so request bodies) at once; beyond
+/// that, 503 with `Retry-After` at once rather than a queue.
+async fn limit_requests(
+    State(shared): Shared_,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let Ok(_permit) = shared.requests.clone().try_acquire_owned() else {
+        shared.metrics.too_busy.fetch_add(1, Ordering::Relaxed);
+        return unavailable(
+            &shared,
+            "ERR_TOO_MANY_REQUESTS",
+            format!(
+                "more than {} requests at once (limits.max_concurrent_requests)",
+                shared.config.limits.max_concurrent_requests
+            ),
+        )
+        .into_response();
+    };
+    next.run(request).await
 }
 
 /// Checks the pubsub name and finds the topic's partitions, or the answer refusing them.
@@ -793,7 +820,12 @@ async fn metadata(State(shared): Shared_) -> Json<Value> {
 async fn metrics(State(shared): Shared_) -> Response {
     let m = &shared.metrics;
     let c = shared.outbox.counts();
-    let samples: [(&str, &str, u64); 19] = [
+    let samples: [(&str, &str, u64); 20] = [
+        (
+            "ferry_sidecar_refused_busy_total",
+            "counter",
+            m.too_busy.load(Ordering::Relaxed),
+        ),
         (
             "ferry_sidecar_published_total",
             "counter",

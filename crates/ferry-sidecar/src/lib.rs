@@ -117,6 +117,8 @@ pub(crate) struct Metrics {
     pub(crate) stream_appends: AtomicU64,
     pub(crate) stream_conflicts: AtomicU64,
     pub(crate) discovery_attempts: AtomicU64,
+    /// Requests refused over `limits.max_concurrent_requests`.
+    pub(crate) too_busy: AtomicU64,
 }
 
 /// Why a topic's partition count is not known.
@@ -147,6 +149,8 @@ pub(crate) struct Shared {
     /// This process in its app's consumer groups.
     pub(crate) instance: String,
     pub(crate) subscriptions: Mutex<Vec<SubscriptionState>>,
+    /// Permits for requests in progress (`limits.max_concurrent_requests`).
+    pub(crate) requests: Arc<tokio::sync::Semaphore>,
     /// How discovery through `GET /dapr/subscribe` went.
     pub(crate) discovery: Mutex<String>,
     partitions: Mutex<HashMap<String, u32>>,
@@ -324,6 +328,9 @@ impl Sidecar {
             })),
             partitions: Mutex::new(HashMap::new()),
             stream_lanes: Mutex::new(HashMap::new()),
+            requests: Arc::new(tokio::sync::Semaphore::new(
+                config.limits.max_concurrent_requests,
+            )),
             app,
             client: client.clone(),
             outbox: outbox.clone(),
