@@ -189,6 +189,7 @@ async fn drain_lane(
         };
         // The same batch, unchanged, until the region has it.
         let mut backoff = FIRST_BACKOFF;
+        let mut failures = 0u32;
         loop {
             if *shutdown.borrow() {
                 return;
@@ -199,7 +200,13 @@ async fn drain_lane(
                     break;
                 }
                 Sent::Retry(error) => {
-                    tracing::debug!(%lane, %error, "outbox send failed; retrying");
+                    failures += 1;
+                    // Brief outages are routine; a lane stuck for long needs an operator.
+                    if failures % 30 == 10 {
+                        tracing::warn!(%lane, failures, %error, "outbox lane still failing; retrying");
+                    } else {
+                        tracing::debug!(%lane, %error, "outbox send failed; retrying");
+                    }
                     link.failed(&lane, error);
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
