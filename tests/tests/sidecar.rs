@@ -143,13 +143,16 @@ async fn wait_for(what: &str, within: Duration, mut done: impl FnMut() -> bool) 
 }
 
 async fn metadata(http: &reqwest::Client, sidecar: &Sidecar) -> Value {
-    http.get(format!("http://{}/v1.0/metadata", sidecar.http_addr()))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
+    get_json(
+        http,
+        format!("http://{}/v1.0/metadata", sidecar.http_addr()),
+    )
+    .await
+}
+
+/// A GET's JSON answer.
+async fn get_json(http: &reqwest::Client, url: String) -> Value {
+    http.get(url).send().await.unwrap().json().await.unwrap()
 }
 
 /// Waits until the sidecar's subscription to `TOPIC` has partitions assigned; returns them.
@@ -590,14 +593,7 @@ async fn a_version_conflict_returns_409_and_appends_nothing() {
     assert_eq!(r.status(), 409);
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["errorCode"], "ERR_VERSION_CONFLICT");
-    let read: Value = http
-        .get(format!("{base}/order-1"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let read: Value = get_json(&http, format!("{base}/order-1")).await;
     assert_eq!(read["version"], 2);
     assert_eq!(read["events"].as_array().unwrap().len(), 2);
     assert_eq!(read["events"][0]["type"], "OrderPlaced");
@@ -622,14 +618,7 @@ async fn a_version_conflict_returns_409_and_appends_nothing() {
         4,
         "{statuses:?}"
     );
-    let from3: Value = http
-        .get(format!("{base}/order-1?fromVersion=3"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let from3: Value = get_json(&http, format!("{base}/order-1?fromVersion=3")).await;
     assert_eq!(from3["version"], 3);
     assert_eq!(from3["events"].as_array().unwrap().len(), 1);
     assert_eq!(from3["events"][0]["type"], "Shipped");
@@ -645,17 +634,14 @@ async fn a_version_conflict_returns_409_and_appends_nothing() {
     // A projection reads the category from the start, partition by partition.
     let mut seen = Vec::new();
     for p in 0..8 {
-        let page: Value = http
-            .get(format!(
+        let page: Value = get_json(
+            &http,
+            format!(
                 "http://{}/v1.0-ferry/categories/order/events?partition={p}&fromOffset=0",
                 sidecar.http_addr()
-            ))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+            ),
+        )
+        .await;
         for e in page["events"].as_array().unwrap() {
             seen.push((
                 e["stream"].as_str().unwrap().to_string(),

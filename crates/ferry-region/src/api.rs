@@ -43,6 +43,26 @@ fn not_leader(leader: Option<NodeId>, what: &str) -> ClientResponse {
 }
 
 /// Maps a Raft write failure to what the client should do.
+/// Confirms that this node leads the partition and has applied up to the commit point, so a
+/// read here sees every acknowledged write; otherwise the refusal (to forward to the leader).
+async fn linearizable(
+    group: &PartitionGroup,
+    topic: &str,
+    partition: u32,
+) -> Result<(), ClientResponse> {
+    match group
+        .raft
+        .ensure_linearizable(openraft::ReadPolicy::ReadIndex)
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(e) => Err(match e.forward_to_leader() {
+            Some(f) => not_leader(f.leader_id, &format!("{topic}/{partition}")),
+            None => error(ErrorCode::Unavailable, format!("{topic}/{partition}: {e}")),
+        }),
+    }
+}
+
 fn write_failure(e: &ClientWriteError<TypeConfig>, what: &str) -> ClientResponse {
     match e {
         ClientWriteError::ForwardToLeader(f) => not_leader(f.leader_id, what),
@@ -253,17 +273,8 @@ impl<T: Transport> Node<T> {
                     Ok(g) => g,
                     Err(e) => return ClientResponse::Error(e),
                 };
-                // Fetch reads everything committed: the leader confirms its leadership and
-                // waits until its state machine has applied up to the commit point.
-                if let Err(e) = group
-                    .raft
-                    .ensure_linearizable(openraft::ReadPolicy::ReadIndex)
-                    .await
-                {
-                    let response = match e.forward_to_leader() {
-                        Some(f) => not_leader(f.leader_id, &format!("{topic}/{partition}")),
-                        None => error(ErrorCode::Unavailable, format!("{topic}/{partition}: {e}")),
-                    };
+                // Fetch reads everything committed.
+                if let Err(response) = linearizable(&group, &topic, partition).await {
                     return self
                         .forward_if_not_leader(response, original, forwarded)
                         .await;
@@ -323,17 +334,8 @@ impl<T: Transport> Node<T> {
                             .await
                     }
                 };
-                // As Fetch: the leader confirms its leadership and waits until it has applied
-                // up to the commit point, so a reader sees every append acknowledged to it.
-                if let Err(e) = group
-                    .raft
-                    .ensure_linearizable(openraft::ReadPolicy::ReadIndex)
-                    .await
-                {
-                    let response = match e.forward_to_leader() {
-                        Some(f) => not_leader(f.leader_id, &format!("{topic}/{partition}")),
-                        None => error(ErrorCode::Unavailable, format!("{topic}/{partition}: {e}")),
-                    };
+                // As Fetch: a reader sees every append acknowledged to it.
+                if let Err(response) = linearizable(&group, &topic, partition).await {
                     return self
                         .forward_if_not_leader(response, original, forwarded)
                         .await;

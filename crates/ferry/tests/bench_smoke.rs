@@ -127,20 +127,14 @@ fn fanout_runs_against_a_real_edge_process() {
         .local_addr()
         .unwrap();
     let secret = "bench-smoke-secret-0123456789";
-    let certs = region.dir.join("certs");
-    let servers: Vec<String> = region
-        .servers()
-        .split(',')
-        .map(|s| format!("\"{s}\""))
-        .collect();
     let config = format!(
-        "name = \"edge-smoke\"\nservers = [{}]\nhttp = \"{http}\"\ndata_dir = \"{}\"\n\
+        "name = \"edge-smoke\"\n{servers}http = \"{http}\"\ndata_dir = \"{}\"\n\
          channels = [\"user.*\", \"news.*\"]\n\
-         [tls]\nca = \"{c}/ca.pem\"\ncert = \"{c}/client-edge.pem\"\nkey = \"{c}/client-edge.key\"\n\
+         {tls}\
          [auth]\nsecret = \"{secret}\"\n[throttle]\nrate_per_sec = 0\n",
-        servers.join(", "),
         region.dir.join("edge").display(),
-        c = certs.display(),
+        servers = region.servers_toml(),
+        tls = region.tls_toml("edge"),
     );
     let path = region.dir.join("edge.toml");
     std::fs::write(&path, config).unwrap();

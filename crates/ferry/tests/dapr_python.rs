@@ -116,22 +116,16 @@ fn dapr_python_sdk_app_receives_every_order_through_a_sidecar() {
     let (http_port, app_port) = (free_port(), free_port());
     let sidecar = format!("127.0.0.1:{http_port}");
     let app = format!("127.0.0.1:{app_port}");
-    let certs = region.dir.join("certs");
-    let servers: Vec<String> = region
-        .servers()
-        .split(',')
-        .map(|s| format!("\"{s}\""))
-        .collect();
     let config = format!(
-        "app_id = \"order-processor\"\nservers = [{}]\nhttp = \"{sidecar}\"\n\
+        "app_id = \"order-processor\"\n{servers}http = \"{sidecar}\"\n\
          app_port = {app_port}\ndata_dir = \"{}\"\n\
-         [tls]\nca = \"{c}/ca.pem\"\ncert = \"{c}/client-sidecar.pem\"\nkey = \"{c}/client-sidecar.key\"\n\
+         {tls}\
          [[topics]]\nname = \"orders\"\npartitions = 2\n\
          [event_store]\npartitions = 2\n\
          [delivery]\ndiscovery_max_ms = 500\n",
-        servers.join(", "),
         region.dir.join("sidecar").display(),
-        c = certs.display(),
+        servers = region.servers_toml(),
+        tls = region.tls_toml("sidecar"),
     );
     let config_path = region.dir.join("sidecar.toml");
     std::fs::write(&config_path, config).unwrap();

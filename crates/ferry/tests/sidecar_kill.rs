@@ -56,19 +56,13 @@ fn a_sidecar_killed_after_2xx_delivers_every_accepted_event_once() {
     let mut region = Region::start(dir.path());
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
-    let certs = region.dir.join("certs");
-    let servers: Vec<String> = region
-        .servers()
-        .split(',')
-        .map(|s| format!("\"{s}\""))
-        .collect();
     let config = format!(
-        "app_id = \"checkout\"\nservers = [{}]\nhttp = \"{addr}\"\ndata_dir = \"{}\"\n\
-         [tls]\nca = \"{c}/ca.pem\"\ncert = \"{c}/client-edge.pem\"\nkey = \"{c}/client-edge.key\"\n\
+        "app_id = \"checkout\"\n{servers}http = \"{addr}\"\ndata_dir = \"{}\"\n\
+         {tls}\
          [[topics]]\nname = \"orders\"\npartitions = 2\n",
-        servers.join(", "),
         region.dir.join("sidecar").display(),
-        c = certs.display(),
+        servers = region.servers_toml(),
+        tls = region.tls_toml("edge"),
     );
     let path = region.dir.join("sidecar.toml");
     std::fs::write(&path, config).unwrap();

@@ -98,6 +98,25 @@ impl Region {
         list.join(",")
     }
 
+    /// The `servers = [...]` line of a client role's TOML configuration.
+    pub fn servers_toml(&self) -> String {
+        let quoted: Vec<String> = self
+            .servers()
+            .split(',')
+            .map(|s| format!("\"{s}\""))
+            .collect();
+        format!("servers = [{}]\n", quoted.join(", "))
+    }
+
+    /// The `[tls]` table presenting client certificate `client` (of the test certificates).
+    pub fn tls_toml(&self, client: &str) -> String {
+        let c = self.dir.join("certs");
+        format!(
+            "[tls]\nca = \"{c}/ca.pem\"\ncert = \"{c}/client-{client}.pem\"\nkey = \"{c}/client-{client}.key\"\n",
+            c = c.display()
+        )
+    }
+
     pub fn ferry(&self) -> Command {
         let mut cmd = Command::new(FERRY);
         cmd.env("FERRY_CERTS", self.dir.join("certs"))
