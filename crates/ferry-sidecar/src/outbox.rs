@@ -91,6 +91,9 @@ pub struct Record {
     pub bytes: u64,
 }
 
+/// The next sequence of each lane a planned group touches.
+pub type Advance = HashMap<Lane, u64>;
+
 /// Keyless events of a topic stay on one partition for this many events before the next
 /// partition takes over (Kafka's "sticky" partitioning): each send to the region then carries
 /// many events, which costs the region far less per event than many small batches.
@@ -122,9 +125,19 @@ impl Sequencer {
         self.next_seq.get(lane).copied().unwrap_or(0)
     }
 
-    /// Cuts one group into records (events of a lane keep their order) and advances the lane
-    /// sequences. Validates every event first; on an error nothing advances.
-    pub fn plan(&mut self, group: Vec<Pending>, limits: &Limits) -> Result<Vec<Record>, String> {
+    /// Moves the lanes' sequences past records of [`Sequencer::plan`] that were stored.
+    pub fn commit(&mut self, advance: Advance) {
+        self.next_seq.extend(advance);
+    }
+
+    /// Cuts one group into records (events of a lane keep their order), numbered from the
+    /// lanes' next sequences, which advance only when the records are [`Sequencer::commit`]ted
+    /// (once they are stored). Validates every event first.
+    pub fn plan(
+        &mut self,
+        group: Vec<Pending>,
+        limits: &Limits,
+    ) -> Result<(Vec<Record>, Advance), String> {
         for p in &group {
             p.event
                 .validate(limits)
@@ -164,7 +177,8 @@ impl Sequencer {
                 .push(p.event);
         }
         let mut records = Vec::new();
-        let mut next_seq = self.next_seq.clone();
+        // Only the lanes this group touches.
+        let mut next_seq: Advance = HashMap::new();
         for (lane, events) in lanes {
             let mut chunk: Vec<Event> = Vec::new();
             let mut chunk_bytes = 0usize;
@@ -172,7 +186,8 @@ impl Sequencer {
                 if chunk.is_empty() {
                     return Ok(());
                 }
-                let seq = next_seq.entry(lane.clone()).or_insert(0);
+                let stored = self.next_seq(&lane);
+                let seq = next_seq.entry(lane.clone()).or_insert(stored);
                 let batch = EventBatch::new(chunk, Some(self.producer), *seq, limits)
                     .map_err(|e| e.to_string())?;
                 *seq += chunk.len() as u64;
@@ -197,8 +212,7 @@ impl Sequencer {
             }
             cut(&mut chunk, &mut chunk_bytes)?;
         }
-        self.next_seq = next_seq;
-        Ok(records)
+        Ok((records, next_seq))
     }
 }
 
@@ -519,9 +533,8 @@ impl Writer {
                     continue;
                 }
                 // Planned per job, so one job's invalid event refuses that job alone.
-                let mut attempt = sequencer.clone();
-                let records = match attempt.plan(job.group, &limits) {
-                    Ok(records) => records,
+                let (records, advance) = match sequencer.plan(job.group, &limits) {
+                    Ok(planned) => planned,
                     Err(reason) => {
                         let _ = job.reply.send(Err(OutboxError::Invalid(reason)));
                         continue;
@@ -546,7 +559,7 @@ impl Writer {
                         continue;
                     }
                 };
-                sequencer = attempt;
+                sequencer.commit(advance);
                 for (key, value, lane) in encoded {
                     batch.insert(key, value);
                     touched.insert(lane);
@@ -643,6 +656,13 @@ mod tests {
         }
     }
 
+    /// Plans a group and commits it, as the writer does once the records are stored.
+    fn planned(s: &mut Sequencer, group: Vec<Pending>) -> Vec<Record> {
+        let (records, advance) = s.plan(group, &Limits::default()).unwrap();
+        s.commit(advance);
+        records
+    }
+
     #[test]
     fn keyed_events_follow_the_hash_and_keyless_ones_share_a_lane_per_group() {
         let mut s = Sequencer::new(7, HashMap::new());
@@ -653,7 +673,7 @@ mod tests {
             pending("orders", 3, None),
             pending("orders", 4, Some("customer-1")),
         ];
-        let records = s.plan(group, &limits).unwrap();
+        let records = planned(&mut s, group);
         let keyed = partition_for_key(b"customer-1", 4);
         let keyed_record = records.iter().find(|r| r.lane.partition == keyed).unwrap();
         let ids: Vec<String> = keyed_record
@@ -675,17 +695,15 @@ mod tests {
             .iter()
             .find(|r| r.lane.partition != keyed)
             .map(|r| r.lane.partition);
-        let next = s.plan(vec![pending("orders", 5, None)], &limits).unwrap();
+        let next = planned(&mut s, vec![pending("orders", 5, None)]);
         assert_eq!(Some(next[0].lane.partition), first_keyless);
         let many: Vec<_> = (0..STICKY_EVENTS)
             .map(|i| pending("orders", 10 + i as u32, None))
             .collect();
-        s.plan(many, &limits).unwrap();
-        let moved = s.plan(vec![pending("orders", 9, None)], &limits).unwrap();
+        planned(&mut s, many);
+        let moved = planned(&mut s, vec![pending("orders", 9, None)]);
         assert_ne!(Some(moved[0].lane.partition), first_keyless);
-        let again = s
-            .plan(vec![pending("orders", 6, Some("customer-1"))], &limits)
-            .unwrap();
+        let again = planned(&mut s, vec![pending("orders", 6, Some("customer-1"))]);
         assert_eq!(
             again[0].batch.first_seq,
             keyed_record.batch.first_seq + u64::from(keyed_record.batch.count)
@@ -697,13 +715,17 @@ mod tests {
         let mut s = Sequencer::new(1, HashMap::new());
         let limits = Limits::default();
         let group: Vec<_> = (0..1200).map(|i| pending("t", i, Some("k"))).collect();
-        let records = s.plan(group, &limits).unwrap();
+        let records = planned(&mut s, group);
         assert_eq!(records.len(), 3);
         assert_eq!(records[1].batch.first_seq, MAX_RECORD_EVENTS as u64);
         let lane = records[0].lane.clone();
         let mut bad = pending("t", 9, Some("k"));
         bad.event.ty.clear();
         assert!(s.plan(vec![bad], &limits).unwrap_err().contains("type"));
+        assert_eq!(s.next_seq(&lane), 1200);
+        // Planned but not stored (not committed): the sequences do not move.
+        let (uncommitted, _) = s.plan(vec![pending("t", 10, Some("k"))], &limits).unwrap();
+        assert_eq!(uncommitted[0].batch.first_seq, 1200);
         assert_eq!(s.next_seq(&lane), 1200);
     }
 
