@@ -134,6 +134,13 @@ fn config(
     config
 }
 
+/// A sidecar with the tests' configuration.
+async fn start(region: &TestRegion, data: &Path, app_id: &str, app: Option<SocketAddr>) -> Sidecar {
+    Sidecar::start(config(region, data, app_id, app))
+        .await
+        .unwrap()
+}
+
 async fn wait_for(what: &str, within: Duration, mut done: impl FnMut() -> bool) {
     let deadline = Instant::now() + within;
     while !done() {
@@ -216,14 +223,7 @@ async fn an_app_discovered_late_receives_everything_another_sidecar_published() 
         "routes": {"rules": [{"match": "event.type == \"big\"", "path": "/big"}], "default": "/orders"}
     }]);
     let (app, app_addr) = App::start(routes, 3).await;
-    let subscriber = Sidecar::start(config(
-        &region,
-        &dir.path().join("b"),
-        "billing",
-        Some(app_addr),
-    ))
-    .await
-    .unwrap();
+    let subscriber = start(&region, &dir.path().join("b"), "billing", Some(app_addr)).await;
     let mut publisher_config = config(&region, &dir.path().join("a"), "checkout", None);
     publisher_config.limits.max_body_bytes = 64 * 1024;
     let publisher = Sidecar::start(publisher_config).await.unwrap();
@@ -418,25 +418,9 @@ async fn retry_redelivers_drop_dead_letters_and_replicas_share_the_group() {
                          "deadLetterTopic": "orders-dead"}]);
     let (app1, addr1) = App::start(routes.clone(), 0).await;
     let (app2, addr2) = App::start(routes, 0).await;
-    let replica1 = Sidecar::start(config(
-        &region,
-        &dir.path().join("r1"),
-        "billing",
-        Some(addr1),
-    ))
-    .await
-    .unwrap();
-    let replica2 = Sidecar::start(config(
-        &region,
-        &dir.path().join("r2"),
-        "billing",
-        Some(addr2),
-    ))
-    .await
-    .unwrap();
-    let publisher = Sidecar::start(config(&region, &dir.path().join("p"), "checkout", None))
-        .await
-        .unwrap();
+    let replica1 = start(&region, &dir.path().join("r1"), "billing", Some(addr1)).await;
+    let replica2 = start(&region, &dir.path().join("r2"), "billing", Some(addr2)).await;
+    let publisher = start(&region, &dir.path().join("p"), "checkout", None).await;
     let http = reqwest::Client::new();
     // Both replicas hold partitions before anything is published.
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -565,9 +549,7 @@ async fn a_version_conflict_returns_409_and_appends_nothing() {
     ferry_tests::init_logging();
     let region = TestRegion::start(3).await;
     let dir = tempfile::tempdir().unwrap();
-    let sidecar = Sidecar::start(config(&region, dir.path(), "orders-svc", None))
-        .await
-        .unwrap();
+    let sidecar = start(&region, dir.path(), "orders-svc", None).await;
     let http = reqwest::Client::new();
     let base = format!("http://{}/v1.0-ferry/streams", sidecar.http_addr());
     let append = |stream: &str, body: Value| {
@@ -679,14 +661,7 @@ async fn publishes_accepted_while_the_region_is_down_arrive_after_it_returns() {
         0,
     )
     .await;
-    let subscriber = Sidecar::start(config(
-        &region,
-        &dir.path().join("b"),
-        "billing",
-        Some(app_addr),
-    ))
-    .await
-    .unwrap();
+    let subscriber = start(&region, &dir.path().join("b"), "billing", Some(app_addr)).await;
     let mut publisher_config = config(&region, &dir.path().join("a"), "checkout", None);
     publisher_config.outbox.max_events = 60;
     publisher_config.limits.max_concurrent_requests = 1;

@@ -103,23 +103,44 @@ pub fn load_node_config(path: Option<&Path>) -> anyhow::Result<NodeConfig> {
     parse_node_config(&text, &origin, std::env::vars())
 }
 
+/// Parses a role's configuration from TOML text plus overrides (`sections` are its tables),
+/// then runs its validation; errors name the file and the role.
+fn parse_role_config<T: serde::de::DeserializeOwned, E>(
+    text: &str,
+    origin: &str,
+    role: &str,
+    sections: &[&str],
+    vars: impl Iterator<Item = (String, String)>,
+    validate: impl FnOnce(&T) -> Result<(), E>,
+) -> anyhow::Result<T>
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
+    let mut table: toml::Table = text
+        .parse()
+        .with_context(|| format!("{origin} is not valid TOML"))?;
+    apply_overrides(&mut table, sections, vars)?;
+    let config: T = toml::Value::Table(table)
+        .try_into()
+        .with_context(|| format!("{origin}: invalid {role} configuration"))?;
+    validate(&config).with_context(|| format!("{origin}: invalid {role} configuration"))?;
+    Ok(config)
+}
+
 /// Parses and validates an edge configuration from TOML text plus overrides.
 pub fn parse_edge_config(
     text: &str,
     origin: &str,
     vars: impl Iterator<Item = (String, String)>,
 ) -> anyhow::Result<ferry_edge::EdgeConfig> {
-    let mut table: toml::Table = text
-        .parse()
-        .with_context(|| format!("{origin} is not valid TOML"))?;
-    apply_overrides(&mut table, EDGE_SECTIONS, vars)?;
-    let config: ferry_edge::EdgeConfig = toml::Value::Table(table)
-        .try_into()
-        .with_context(|| format!("{origin}: invalid edge configuration"))?;
-    config
-        .validate()
-        .with_context(|| format!("{origin}: invalid edge configuration"))?;
-    Ok(config)
+    parse_role_config(
+        text,
+        origin,
+        "edge",
+        EDGE_SECTIONS,
+        vars,
+        |c: &ferry_edge::EdgeConfig| c.validate(),
+    )
 }
 
 /// Loads an edge's `path` (or `FERRY_CONFIG`) with environment overrides.
@@ -134,17 +155,14 @@ pub fn parse_sidecar_config(
     origin: &str,
     vars: impl Iterator<Item = (String, String)>,
 ) -> anyhow::Result<ferry_sidecar::SidecarConfig> {
-    let mut table: toml::Table = text
-        .parse()
-        .with_context(|| format!("{origin} is not valid TOML"))?;
-    apply_overrides(&mut table, SIDECAR_SECTIONS, vars)?;
-    let config: ferry_sidecar::SidecarConfig = toml::Value::Table(table)
-        .try_into()
-        .with_context(|| format!("{origin}: invalid sidecar configuration"))?;
-    config
-        .validate()
-        .with_context(|| format!("{origin}: invalid sidecar configuration"))?;
-    Ok(config)
+    parse_role_config(
+        text,
+        origin,
+        "sidecar",
+        SIDECAR_SECTIONS,
+        vars,
+        |c: &ferry_sidecar::SidecarConfig| c.validate(),
+    )
 }
 
 /// Loads a sidecar's `path` (or `FERRY_CONFIG`) with environment overrides.
