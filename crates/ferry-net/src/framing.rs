@@ -52,14 +52,30 @@ pub async fn read_frame(recv: &mut RecvStream, max: usize) -> Result<Option<Byte
     if len > max {
         return Err(NetError::FrameTooLarge { len, max });
     }
-    let mut buf = vec![0u8; len];
-    match recv.read_exact(&mut buf).await {
-        Ok(()) => Ok(Some(Bytes::from(buf))),
-        Err(ReadExactError::FinishedEarly(n)) => Err(NetError::Protocol(format!(
-            "stream ended after {n} of {len} frame payload bytes"
-        ))),
-        Err(ReadExactError::ReadError(e)) => Err(read_err("payload", e)),
+    // Take quinn's received chunks as they are: a frame that arrived in one chunk is not
+    // copied, a longer one is copied once (never zero-filled first).
+    let mut buf: Vec<u8> = Vec::new();
+    while buf.len() < len {
+        let got = buf.len();
+        match recv.read_chunk(len - got, true).await {
+            Ok(Some(chunk)) if got == 0 && chunk.bytes.len() == len => {
+                return Ok(Some(chunk.bytes))
+            }
+            Ok(Some(chunk)) => {
+                if got == 0 {
+                    buf.reserve_exact(len);
+                }
+                buf.extend_from_slice(&chunk.bytes);
+            }
+            Ok(None) => {
+                return Err(NetError::Protocol(format!(
+                    "stream ended after {got} of {len} frame payload bytes"
+                )))
+            }
+            Err(e) => return Err(read_err("payload", e)),
+        }
     }
+    Ok(Some(Bytes::from(buf)))
 }
 
 /// Maps a stream write error, keeping the connection's close reason.

@@ -16,7 +16,10 @@
 //!   with link cutting). Peers are called by id ([`Transport::call`], address
 //!   from the configured peer list) or, where only an address is known
 //!   (gossip seeds, nodes of other regions), by address
-//!   ([`Transport::call_addr`]; same authentication, same wire format). The
+//!   ([`Transport::call_addr`]; same authentication, same wire format). Where
+//!   requests must not wait for each other's replies (Raft's replication
+//!   pipeline), a peer stream ([`Transport::open_stream`], [`PeerStream`])
+//!   carries ordered frames both ways on one QUIC stream. The
 //!   answering side implements [`RpcHandler`] and runs [`serve`], which
 //!   dispatches each accepted connection by ALPN: [`ALPN_PEER`] connections
 //!   are served as peer RPC, [`ALPN_CLIENT`] connections are handed to a
@@ -31,10 +34,13 @@
 //! ## Peer wire protocol
 //!
 //! For each request the dialing node opens a bidirectional stream and writes
-//! one frame `caller NodeId (u64 BE) ‖ request`, then finishes its send side.
-//! The server answers with one frame `status (u8) ‖ body` — status `0` means
-//! `body` is the handler's response, `1` means `body` is a UTF-8 error message
-//! (surfaced as [`NetError::Remote`]) — and finishes the stream. A request is
+//! one frame `caller NodeId (u64 BE) ‖ kind (u8) ‖ request`. For a call (kind
+//! `0`) it then finishes its send side, and the server answers with one frame
+//! `status (u8) ‖ body` — status `0` means `body` is the handler's response,
+//! `1` means `body` is a UTF-8 error message (surfaced as [`NetError::Remote`])
+//! — and finishes the stream. A stream (kind `1`, [`Transport::open_stream`])
+//! stays open: the server answers with a status frame (`0` alone: accepted),
+//! then both sides write frames until they finish their send side. A request is
 //! served only if the caller's certificate names the NodeId it claims
 //! ([`node_identity_name`]); a client certificate, or another node's, is refused.
 //!
@@ -56,6 +62,7 @@ pub mod framing;
 mod mem;
 mod quic;
 mod rpc;
+mod stream;
 pub mod tls;
 
 pub use error::NetError;
@@ -63,12 +70,13 @@ pub use faults::{LinkFaults, LinkShape};
 pub use mem::{MemNetwork, MemTransport};
 pub use quic::{bind_endpoint, serve, QuicTransport};
 pub use rpc::{RpcHandler, Transport, TransportOptions};
+pub use stream::{PeerStream, StreamReceiver, StreamSender};
 
 /// Identifier of a node in the cluster.
 pub type NodeId = u64;
 
 /// ALPN protocol id for node-to-node (peer RPC) connections.
-pub const ALPN_PEER: &[u8] = b"ferry-peer/1";
+pub const ALPN_PEER: &[u8] = b"ferry-peer/2";
 
 /// ALPN protocol id for client-to-node connections.
 pub const ALPN_CLIENT: &[u8] = b"ferry-client/1";

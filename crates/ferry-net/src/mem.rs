@@ -6,8 +6,11 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
 
-use crate::{NetError, NodeId, RpcHandler, Transport};
+use crate::stream::{frame_queue, receive_queue, Arrivals};
+use crate::{NetError, NodeId, PeerStream, RpcHandler, Transport, DEFAULT_MAX_FRAME};
 
 /// A simulated network of nodes identified by [`NodeId`]. Cheap to clone;
 /// clones share state.
@@ -117,30 +120,80 @@ pub struct MemTransport {
     from: NodeId,
 }
 
+impl MemTransport {
+    /// The handler of `to`, if the link to it is up and it is registered.
+    fn reach(&self, to: NodeId) -> Result<Arc<dyn RpcHandler>, NetError> {
+        let from = self.from;
+        let s = self.net.lock();
+        if !s.linked(from, to) {
+            return Err(NetError::LinkCut { from, to });
+        }
+        s.handlers
+            .get(&to)
+            .cloned()
+            .ok_or_else(|| NetError::Connect {
+                peer: to,
+                addr: "mem".into(),
+                reason: "node is not registered (down)".into(),
+            })
+    }
+
+    /// Carries one direction of a stream between `a` and `b`, ending it with
+    /// [`NetError::LinkCut`] once their link is cut.
+    fn relay(
+        &self,
+        (a, b): (NodeId, NodeId),
+        mut frames: mpsc::Receiver<(Instant, Bytes)>,
+        to: Arrivals,
+    ) {
+        let net = self.net.clone();
+        tokio::spawn(async move {
+            while let Some((_, frame)) = frames.recv().await {
+                if !net.is_linked(a, b) {
+                    let _ = to
+                        .send((Instant::now(), Err(NetError::LinkCut { from: a, to: b })))
+                        .await;
+                    return;
+                }
+                if to.send((Instant::now(), Ok(frame))).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+}
+
 impl Transport for MemTransport {
     async fn call(&self, to: NodeId, request: Bytes) -> Result<Bytes, NetError> {
         let from = self.from;
-        let handler = {
-            let s = self.net.lock();
-            if !s.linked(from, to) {
-                return Err(NetError::LinkCut { from, to });
-            }
-            match s.handlers.get(&to) {
-                Some(h) => h.clone(),
-                None => {
-                    return Err(NetError::Connect {
-                        peer: to,
-                        addr: "mem".into(),
-                        reason: "node is not registered (down)".into(),
-                    })
-                }
-            }
-        };
+        let handler = self.reach(to)?;
         let reply = handler.handle(from, request).await;
         if !self.net.is_linked(from, to) {
             return Err(NetError::LinkCut { from, to });
         }
         Ok(reply)
+    }
+
+    async fn open_stream(&self, to: NodeId, request: Bytes) -> Result<PeerStream, NetError> {
+        let handler = self.reach(to)?;
+        let (dialer_sender, dialer_frames) = frame_queue(DEFAULT_MAX_FRAME);
+        let (server_sender, server_frames) = frame_queue(DEFAULT_MAX_FRAME);
+        let (to_server, server_receiver) = receive_queue(None);
+        let (to_dialer, dialer_receiver) = receive_queue(None);
+        self.relay((self.from, to), dialer_frames, to_server);
+        self.relay((to, self.from), server_frames, to_dialer);
+        tokio::spawn(handler.handle_stream(
+            self.from,
+            request,
+            PeerStream {
+                sender: server_sender,
+                receiver: server_receiver,
+            },
+        ));
+        Ok(PeerStream {
+            sender: dialer_sender,
+            receiver: dialer_receiver,
+        })
     }
 
     async fn call_addr(&self, addr: SocketAddr, request: Bytes) -> Result<Bytes, NetError> {

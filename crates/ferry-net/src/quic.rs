@@ -16,14 +16,19 @@ pub use server::{bind_endpoint, serve};
 
 use crate::faults::LINK_CUT_REASON;
 use crate::framing::{read_frame, write_frame_parts};
-use crate::{NetError, NodeId, Transport, TransportOptions, NODE_SERVER_NAME};
+use crate::stream::{frame_queue, pump_quic, receive_queue, StreamLink};
+use crate::{NetError, NodeId, PeerStream, Transport, TransportOptions, NODE_SERVER_NAME};
 
 /// Response status byte: the body is the handler's reply.
 pub(crate) const STATUS_OK: u8 = 0;
 /// Response status byte: the body is a UTF-8 error message.
 pub(crate) const STATUS_ERR: u8 = 1;
-/// Bytes of the request header (caller's `NodeId`, u64 BE).
-pub(crate) const REQUEST_HEADER: usize = 8;
+/// Bytes of the request header: the caller's `NodeId` (u64 BE) and the request kind.
+pub(crate) const REQUEST_HEADER: usize = 9;
+/// Request kind: one request, one reply.
+pub(crate) const KIND_CALL: u8 = 0;
+/// Request kind: the request opens a stream of frames each way.
+pub(crate) const KIND_STREAM: u8 = 1;
 
 /// One QUIC connection per peer (lazily dialed, shared by all callers and
 /// all Raft groups; redialed with exponential backoff after failure: while in
@@ -316,18 +321,25 @@ impl QuicTransport {
         slot: &PeerSlot,
         request: Bytes,
     ) -> Result<Bytes, NetError> {
-        // Retry once if a cached connection turns out to be dead before the
-        // request was sent (opening the stream failed): nothing was delivered.
+        let (conn, send, recv) = self.open_bi(target, slot).await?;
+        let result = self.exchange(send, recv, &request).await;
+        if conn.close_reason().is_some() {
+            slot.forget(&conn);
+        }
+        result
+    }
+
+    /// Opens a bidirectional stream to `target`. Retries once if a cached connection turns
+    /// out to be dead (opening the stream failed, so nothing was delivered).
+    async fn open_bi(
+        &self,
+        target: Target,
+        slot: &PeerSlot,
+    ) -> Result<(quinn::Connection, quinn::SendStream, quinn::RecvStream), NetError> {
         for attempt in 0..2 {
             let (conn, fresh) = self.connection(target, slot).await?;
             match conn.open_bi().await {
-                Ok((send, recv)) => {
-                    let result = self.exchange(send, recv, &request).await;
-                    if conn.close_reason().is_some() {
-                        slot.forget(&conn);
-                    }
-                    return result;
-                }
+                Ok((send, recv)) => return Ok((conn, send, recv)),
                 Err(e) => {
                     slot.forget(&conn);
                     if fresh || attempt == 1 {
@@ -342,6 +354,49 @@ impl QuicTransport {
         )))
     }
 
+    /// Opens a peer stream to `target` announced by `request`: writes the request, then
+    /// pumps frames both ways. The peer's first frame is its status (accepted, or why not).
+    async fn open_target_stream(
+        &self,
+        target: Target,
+        request: Bytes,
+    ) -> Result<PeerStream, NetError> {
+        let max = self.inner.opts.max_frame;
+        if request.len() > max {
+            return Err(NetError::FrameTooLarge {
+                len: request.len(),
+                max,
+            });
+        }
+        let slot = self.slot(target)?;
+        self.check_link(target, &slot)?;
+        let after = self.inner.opts.request_timeout;
+        let open = async {
+            let (_, mut send, recv) = self.open_bi(target, &slot).await?;
+            let from = self.inner.self_id.to_be_bytes();
+            write_frame_parts(&mut send, &[&from, &[KIND_STREAM], &request]).await?;
+            Ok::<_, NetError>((send, recv))
+        };
+        let (send, recv) = match timeout(after, open).await {
+            Ok(r) => r?,
+            Err(_) => {
+                return Err(NetError::Timeout {
+                    what: format!("opening a stream to {target}"),
+                    after,
+                })
+            }
+        };
+        let link = StreamLink {
+            faults: self.inner.opts.faults.clone(),
+            peer: slot.addr,
+            shaped: true,
+        };
+        let (sender, outgoing) = frame_queue(max);
+        let (incoming, receiver) = receive_queue(Some(link.clone()));
+        pump_quic(send, recv, outgoing, incoming, max + 1, link, true);
+        Ok(PeerStream { sender, receiver })
+    }
+
     async fn exchange(
         &self,
         mut send: quinn::SendStream,
@@ -350,7 +405,7 @@ impl QuicTransport {
     ) -> Result<Bytes, NetError> {
         let from = self.inner.self_id.to_be_bytes();
         let max = self.inner.opts.max_frame + 1;
-        let written = match write_frame_parts(&mut send, &[&from, request]).await {
+        let written = match write_frame_parts(&mut send, &[&from, &[KIND_CALL], request]).await {
             Ok(()) => send
                 .finish()
                 .map_err(|e| NetError::Closed(format!("finishing request stream: {e}"))),
@@ -371,7 +426,7 @@ impl QuicTransport {
     }
 }
 
-fn parse_reply(frame: Bytes) -> Result<Bytes, NetError> {
+pub(crate) fn parse_reply(frame: Bytes) -> Result<Bytes, NetError> {
     match frame.first() {
         Some(&STATUS_OK) => Ok(frame.slice(1..)),
         Some(&STATUS_ERR) => Err(NetError::Remote(
@@ -391,5 +446,9 @@ impl Transport for QuicTransport {
 
     async fn call_addr(&self, addr: SocketAddr, request: Bytes) -> Result<Bytes, NetError> {
         self.call_target(Target::Addr(addr), request).await
+    }
+
+    async fn open_stream(&self, to: NodeId, request: Bytes) -> Result<PeerStream, NetError> {
+        self.open_target_stream(Target::Node(to), request).await
     }
 }

@@ -7,12 +7,25 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::future::BoxFuture;
 
-use crate::{LinkFaults, NetError, NodeId, DEFAULT_MAX_FRAME};
+use crate::{LinkFaults, NetError, NodeId, PeerStream, DEFAULT_MAX_FRAME};
 
 /// Answers peer requests. Implemented by the node.
 pub trait RpcHandler: Send + Sync + 'static {
     /// Handles one request from node `from` and produces the reply bytes.
     fn handle(&self, from: NodeId, request: Bytes) -> BoxFuture<'static, Bytes>;
+
+    /// Serves a stream node `from` opened with `request` ([`Transport::open_stream`]):
+    /// reads its frames from `stream.receiver`, answers on `stream.sender`, and ends it by
+    /// returning. The default ends every stream at once.
+    fn handle_stream(
+        &self,
+        from: NodeId,
+        request: Bytes,
+        stream: PeerStream,
+    ) -> BoxFuture<'static, ()> {
+        let _ = (from, request, stream);
+        Box::pin(async {})
+    }
 }
 
 /// Sends one request to a peer and waits for its reply. Two implementations:
@@ -35,6 +48,15 @@ pub trait Transport: Clone + Send + Sync + 'static {
         addr: SocketAddr,
         request: Bytes,
     ) -> impl Future<Output = Result<Bytes, NetError>> + Send;
+
+    /// Opens a stream to node `to`, announced by `request` (the peer's
+    /// [`RpcHandler::handle_stream`] sees it first). Returns once the stream is open, without
+    /// waiting for the peer: a refusal arrives as the receiver's first item. Never retries.
+    fn open_stream(
+        &self,
+        to: NodeId,
+        request: Bytes,
+    ) -> impl Future<Output = Result<PeerStream, NetError>> + Send;
 }
 
 /// Tuning (and fault injection) for [`crate::QuicTransport`].

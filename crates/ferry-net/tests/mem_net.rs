@@ -112,3 +112,43 @@ async fn call_addr_resolves_addresses_and_obeys_links() {
         Err(NetError::ConnectAddr { .. })
     ));
 }
+
+#[tokio::test]
+async fn streams_carry_ordered_frames_until_the_link_is_cut() {
+    let net = MemNetwork::new();
+    net.register(2, Echo::new(b"n2:"));
+    let t1 = net.transport(1);
+    let deadline = std::time::Duration::from_secs(10);
+    let mut stream = t1.open_stream(2, Bytes::from_static(b"s/")).await.unwrap();
+    // 200 frames go out before the first answer is read (within the queues each way).
+    for i in 0..200 {
+        tokio::time::timeout(deadline, stream.sender.send(Bytes::from(format!("{i}"))))
+            .await
+            .expect("queued in time")
+            .unwrap();
+    }
+    for i in 0..200 {
+        let answer = tokio::time::timeout(deadline, stream.receiver.recv())
+            .await
+            .expect("in time")
+            .expect("open")
+            .expect("answer");
+        assert_eq!(answer, echo_reply(1, b"n2:s/", format!("{i}").as_bytes()));
+    }
+    net.cut(1, 2);
+    stream.sender.send(Bytes::from_static(b"x")).await.unwrap();
+    let next = tokio::time::timeout(deadline, stream.receiver.recv())
+        .await
+        .expect("in time");
+    assert!(
+        matches!(next, Some(Err(NetError::LinkCut { .. })) | None),
+        "{:?}",
+        next.map(|r| r.map(|_| ()))
+    );
+    let err = t1
+        .open_stream(2, Bytes::new())
+        .await
+        .err()
+        .expect("refused");
+    assert!(matches!(err, NetError::LinkCut { from: 1, to: 2 }), "{err}");
+}

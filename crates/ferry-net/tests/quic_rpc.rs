@@ -136,8 +136,9 @@ async fn attempt(cfg: quinn::ClientConfig, addr: std::net::SocketAddr) -> Result
         .map_err(|e| format!("handshake: {e}"))?;
     // With TLS 1.3 the client may finish before the server rejects its cert.
     let (mut s, mut r) = conn.open_bi().await.map_err(|e| e.to_string())?;
-    // Claims node 2, which the test certificates name.
+    // Claims node 2, which the test certificates name; kind 0 is a call.
     let mut req = 2u64.to_be_bytes().to_vec();
+    req.push(0);
     req.extend_from_slice(b"x");
     write_frame(&mut s, &req).await.map_err(|e| e.to_string())?;
     s.finish().map_err(|e| e.to_string())?;
@@ -680,4 +681,138 @@ async fn cut_links_fail_fast_both_ways_and_heal() {
         .unwrap();
     assert_eq!(reply, echo_reply(1, b"b:", b"ping"));
     ok(&ta, 3).await;
+}
+
+/// Sends `count` frames on `stream` without waiting for answers, then reads the answers and
+/// checks they are the echoes of the frames, in order.
+async fn pipeline(stream: &mut ferry_net::PeerStream, from: u64, tag: &[u8], count: usize) {
+    for i in 0..count {
+        let frame = Bytes::from(format!("frame {i}"));
+        timeout(DEADLINE, stream.sender.send(frame))
+            .await
+            .expect("send within deadline")
+            .expect("send");
+    }
+    for i in 0..count {
+        let answer = timeout(DEADLINE, stream.receiver.recv())
+            .await
+            .expect("answer within deadline")
+            .expect("stream open")
+            .expect("answer");
+        assert_eq!(
+            answer,
+            echo_reply(from, tag, format!("frame {i}").as_bytes())
+        );
+    }
+}
+
+#[tokio::test]
+async fn peer_streams_carry_ordered_frames_both_ways_and_end_cleanly() {
+    let ca = dev_ca().unwrap();
+    let id1 = ca.issue_node(1).unwrap();
+    let echo2 = Echo::new(b"n2:");
+    let n2 = start_echo_node(&ca.issue_node(2).unwrap(), echo2.clone());
+    let t = transport(
+        1,
+        &id1,
+        client_endpoint(),
+        &[(2, n2.addr)],
+        TransportOptions::default(),
+    );
+    let mut stream = timeout(DEADLINE, t.open_stream(2, Bytes::from_static(b"s1/")))
+        .await
+        .unwrap()
+        .expect("stream opens");
+    // 2,000 frames go out before the first answer is read: they pipeline, in order.
+    pipeline(&mut stream, 1, b"n2:s1/", 2000).await;
+    // A 1 MiB frame goes through; one over the frame limit is refused before it is sent.
+    let big = Bytes::from(vec![3u8; 1 << 20]);
+    stream.sender.send(big.clone()).await.unwrap();
+    let answer = timeout(DEADLINE, stream.receiver.recv()).await.unwrap();
+    assert_eq!(answer.unwrap().unwrap(), echo_reply(1, b"n2:s1/", &big));
+    let err = stream
+        .sender
+        .send(Bytes::from(vec![0u8; ferry_net::DEFAULT_MAX_FRAME + 1]))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, NetError::FrameTooLarge { .. }), "{err}");
+    // Two streams and calls share the one connection.
+    let mut second = t.open_stream(2, Bytes::from_static(b"s2/")).await.unwrap();
+    pipeline(&mut second, 1, b"n2:s2/", 10).await;
+    t.call(2, Bytes::from_static(b"call")).await.unwrap();
+    assert_eq!(n2.endpoint.open_connections(), 1);
+    // Dropping the sender ends the stream: the handler returns and the receiver sees the end.
+    let ferry_net::PeerStream {
+        sender,
+        mut receiver,
+    } = stream;
+    drop(sender);
+    let end = timeout(DEADLINE, receiver.recv())
+        .await
+        .expect("end in time");
+    assert!(
+        end.is_none(),
+        "clean end, got {:?}",
+        end.map(|r| r.map(|_| ()))
+    );
+}
+
+#[tokio::test]
+async fn a_stream_is_refused_for_a_false_node_id_and_ended_by_a_cut_link() {
+    let ca = dev_ca().unwrap();
+    let id1 = ca.issue_node(1).unwrap();
+    let echo2 = Echo::new(b"n2:");
+    let n2 = start_echo_node(&ca.issue_node(2).unwrap(), echo2.clone());
+
+    // Node 1's certificate claiming node 3: the refusal is the stream's first item.
+    let liar = transport(
+        3,
+        &id1,
+        client_endpoint(),
+        &[(2, n2.addr)],
+        TransportOptions::default(),
+    );
+    let mut refused = liar.open_stream(2, Bytes::from_static(b"x")).await.unwrap();
+    let first = timeout(DEADLINE, refused.receiver.recv()).await.unwrap();
+    assert!(
+        matches!(&first, Some(Err(NetError::Remote(m))) if m.contains("node id 3")),
+        "{:?}",
+        first.map(|r| r.map(|_| ()))
+    );
+    assert_eq!(echo2.count(), 0, "the handler never saw it");
+
+    // A stream that works until node 2 cuts the link: the dialer's next answer is an error
+    // or the end, and new streams are refused while the link is cut.
+    let faults = ferry_net::LinkFaults::default();
+    let endpoint = client_endpoint();
+    let local = endpoint.local_addr().unwrap();
+    let t = transport(
+        1,
+        &id1,
+        endpoint,
+        &[(2, n2.addr)],
+        TransportOptions {
+            faults: faults.clone(),
+            ..TransportOptions::default()
+        },
+    );
+    let mut stream = t.open_stream(2, Bytes::from_static(b"s/")).await.unwrap();
+    pipeline(&mut stream, 1, b"n2:s/", 5).await;
+    n2.faults.cut(local);
+    let _ = stream
+        .sender
+        .send(Bytes::from_static(b"after the cut"))
+        .await;
+    let next = timeout(DEADLINE, stream.receiver.recv())
+        .await
+        .expect("in time");
+    assert!(!matches!(next, Some(Ok(_))), "no answer passes a cut link");
+    // The dialing side's own cut refuses new streams at once, without dialing.
+    faults.cut(n2.addr);
+    let err = timeout(DEADLINE, t.open_stream(2, Bytes::new()))
+        .await
+        .unwrap()
+        .err()
+        .expect("refused");
+    assert!(matches!(&err, NetError::Connect { peer: 2, .. }), "{err}");
 }

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use ferry_net::{RpcHandler, Transport};
+use ferry_net::{PeerStream, RpcHandler, Transport};
 use ferry_proto::NodeId;
 use ferry_store::{GroupId, NodeStore, SledStateMachine, StoreOptions, TypeConfig};
 use futures::future::BoxFuture;
@@ -18,7 +18,10 @@ use crate::command::{decode, encode, PartitionCommand};
 use crate::groups::GroupCoordinator;
 use crate::metadata::{MetaApp, MetaView};
 use crate::partition::{PartitionStateMachine, PartitionView};
-use crate::peer::{error_response, GroupNetwork, PeerRequest, PeerResponse, Router};
+use crate::peer::{
+    error_response, refuse_append_stream, serve_append_stream, GroupNetwork, PeerRequest,
+    PeerResponse, Router,
+};
 use crate::{NodeConfig, RegionError};
 
 /// The metadata group's Raft.
@@ -489,6 +492,31 @@ impl<T: Transport> RpcHandler for PeerHandler<T> {
             encode("peer response", &response).unwrap_or_else(|e| error_response(e.to_string()))
         })
     }
+
+    fn handle_stream(
+        &self,
+        _from: NodeId,
+        request: Bytes,
+        stream: PeerStream,
+    ) -> BoxFuture<'static, ()> {
+        let inner = self.inner.upgrade();
+        Box::pin(async move {
+            let Some(inner) = inner else {
+                return refuse_append_stream(stream, "node is shutting down".into()).await;
+            };
+            let node = Node { inner };
+            if node.is_shut_down() {
+                return refuse_append_stream(stream, "node is shutting down".into()).await;
+            }
+            match decode("peer request", &request) {
+                Ok(PeerRequest::AppendStream { group }) => {
+                    node.serve_append_stream(group, stream).await
+                }
+                Ok(_) => refuse_append_stream(stream, "not a stream request".into()).await,
+                Err(e) => refuse_append_stream(stream, e.to_string()).await,
+            }
+        })
+    }
 }
 
 macro_rules! dispatch_group {
@@ -559,8 +587,31 @@ impl<T: Transport> Node<T> {
             .map(|(_, buffer)| Ok(Bytes::from(buffer)))
     }
 
+    /// Serves a leader's AppendEntries stream for `group`.
+    async fn serve_append_stream(&self, group: GroupId, stream: PeerStream) {
+        if group == META_GROUP {
+            return serve_append_stream(self.inner.meta.clone(), stream).await;
+        }
+        let found = self
+            .inner
+            .partitions
+            .read()
+            .ok()
+            .and_then(|p| p.get(&group).map(|g| g.raft.clone()));
+        match found {
+            Some(raft) => serve_append_stream(raft, stream).await,
+            None => {
+                let reason = format!("node {} does not host group {}", self.inner.id, group);
+                refuse_append_stream(stream, reason).await
+            }
+        }
+    }
+
     async fn handle_peer(&self, request: PeerRequest) -> PeerResponse {
         match request {
+            PeerRequest::AppendStream { .. } => {
+                PeerResponse::Error("an append stream is opened as a stream, not called".into())
+            }
             PeerRequest::AppendEntries { group, rpc } => {
                 dispatch_group!(self, group, |raft| match raft.append_entries(rpc).await {
                     Ok(r) => PeerResponse::AppendEntries(r),

@@ -1,23 +1,30 @@
 //! Node ↔ node messages and the Raft network over any [`Transport`]: every group's RPCs to a
 //! peer share that peer's one connection, each message tagged with its group id
-//! (openraft-multi's [`GroupRouter`]).
+//! (openraft-multi's [`GroupRouter`]). Replication is pipelined: a group's AppendEntries to
+//! one follower travel on one peer stream ([`PeerRequest::AppendStream`]), each request sent
+//! without waiting for the answer to the one before, the answers coming back in order.
 
 use std::future::Future;
 use std::net::SocketAddr;
 
 use bytes::Bytes;
-use ferry_net::{NetError, Transport};
+use ferry_net::{NetError, PeerStream, Transport};
 use ferry_proto::wire::{ClientRequest, ClientResponse};
 use ferry_proto::NodeId;
 use ferry_store::{GroupId, SnapshotData, TypeConfig};
+use futures::future::BoxFuture;
+use futures::stream::{BoxStream, StreamExt};
 use openraft::error::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
+use openraft::network::v2::RaftNetworkV2;
 use openraft::network::{RPCOption, RaftNetworkFactory};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, StreamAppendResult, VoteRequest,
+    VoteResponse,
 };
+use openraft::storage::RaftStateMachine;
 use openraft::type_config::alias::{SnapshotMetaOf, SnapshotOf, VoteOf};
-use openraft::BasicNode;
-use openraft_multi::{GroupNetworkAdapter, GroupRouter};
+use openraft::{BasicNode, Raft};
+use openraft_multi::GroupRouter;
 use serde::{Deserialize, Serialize};
 
 use crate::command::{decode, encode};
@@ -29,6 +36,9 @@ pub(crate) enum PeerRequest {
         group: GroupId,
         rpc: AppendEntriesRequest<TypeConfig>,
     },
+    /// Opens a peer stream of AppendEntries requests for one group (each frame one
+    /// `AppendEntriesRequest`), answered in order by [`AppendReply`] frames.
+    AppendStream { group: GroupId },
     Vote {
         group: GroupId,
         rpc: VoteRequest<TypeConfig>,
@@ -92,6 +102,10 @@ pub(crate) enum PeerResponse {
     /// The peer could not serve the request (unknown group, shutting down, bad frame).
     Error(String),
 }
+
+/// One answer on an AppendEntries stream: openraft's result, or why the follower's Raft
+/// could not answer (it stopped, or does not host the group); either error ends the stream.
+pub(crate) type AppendReply = Result<StreamAppendResult<TypeConfig>, String>;
 
 /// Sends peer requests over a transport.
 #[derive(Clone)]
@@ -176,19 +190,150 @@ impl<T: Transport> Router<T> {
         ttl: std::time::Duration,
     ) -> Result<PeerResponse, RPCError<TypeConfig>> {
         match tokio::time::timeout(ttl, self.call(to, &request)).await {
-            Err(_) => Err(RPCError::Unreachable(Unreachable::from_string(format!(
-                "peer {to}: no answer in {ttl:?}"
-            )))),
-            Ok(Err(
-                e
-                @ (NetError::Connect { .. } | NetError::LinkCut { .. } | NetError::UnknownPeer(_)),
-            )) => Err(RPCError::Unreachable(Unreachable::new(&e))),
-            Ok(Err(e)) => Err(RPCError::Network(NetworkError::new(&e))),
-            Ok(Ok(PeerResponse::Error(e))) => {
-                Err(RPCError::Network(NetworkError::new(&PeerFailure(e))))
-            }
+            Err(_) => Err(no_answer(to, ttl)),
+            Ok(Err(e)) => Err(rpc_error(e)),
+            Ok(Ok(PeerResponse::Error(e))) => Err(peer_failure(e)),
             Ok(Ok(response)) => Ok(response),
         }
+    }
+
+    /// Sends `group`'s AppendEntries requests from `input` to `target` on one peer stream
+    /// without waiting between them; yields the answers in order. Waiting longer than `ttl`
+    /// for an answer to a sent request, or any failure, ends the stream with an error.
+    async fn append_stream<S>(
+        &self,
+        target: NodeId,
+        group: GroupId,
+        mut input: S,
+        ttl: std::time::Duration,
+    ) -> Result<
+        BoxStream<'static, Result<StreamAppendResult<TypeConfig>, RPCError<TypeConfig>>>,
+        RPCError<TypeConfig>,
+    >
+    where
+        S: futures::Stream<Item = AppendEntriesRequest<TypeConfig>> + Send + Unpin + 'static,
+    {
+        let opening = Self::encode_request(&PeerRequest::AppendStream { group })
+            .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let PeerStream { sender, receiver } = self
+            .transport
+            .open_stream(target, opening)
+            .await
+            .map_err(rpc_error)?;
+        // The writer tells the reader how many requests went out, so the reader waits with a
+        // deadline only for answers that are owed, and ends after the last one.
+        let (sent_tx, sent_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+        let writer = tokio::spawn(async move {
+            while let Some(rpc) = input.next().await {
+                let Ok(frame) = encode("append entries", &rpc) else {
+                    return;
+                };
+                if sender.send(frame).await.is_err() || sent_tx.send(()).is_err() {
+                    return;
+                }
+            }
+        });
+        let state = AnswerState {
+            receiver,
+            sent: sent_rx,
+            _writer: AbortOnDrop(writer.abort_handle()),
+        };
+        let answers = futures::stream::unfold(Some(state), move |state| async move {
+            let mut state = state?;
+            state.sent.recv().await?;
+            let answer = match tokio::time::timeout(ttl, state.receiver.recv()).await {
+                Err(_) => Err(no_answer(target, ttl)),
+                Ok(None) => Err(peer_failure("the append stream ended early".into())),
+                Ok(Some(Err(e))) => Err(rpc_error(e)),
+                Ok(Some(Ok(frame))) => match decode::<AppendReply>("append reply", &frame) {
+                    Ok(Ok(result)) => Ok(result),
+                    Ok(Err(failure)) => Err(peer_failure(failure)),
+                    Err(e) => Err(peer_failure(e.to_string())),
+                },
+            };
+            let go_on = matches!(answer, Ok(Ok(_)));
+            Some((answer, go_on.then_some(state)))
+        });
+        Ok(Box::pin(answers))
+    }
+}
+
+/// The reading side of an AppendEntries stream.
+struct AnswerState {
+    receiver: ferry_net::StreamReceiver,
+    sent: tokio::sync::mpsc::UnboundedReceiver<()>,
+    _writer: AbortOnDrop,
+}
+
+/// Stops the stream's writer when its answers are no longer read.
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+fn no_answer(to: NodeId, ttl: std::time::Duration) -> RPCError<TypeConfig> {
+    RPCError::Unreachable(Unreachable::from_string(format!(
+        "peer {to}: no answer in {ttl:?}"
+    )))
+}
+
+fn rpc_error(e: NetError) -> RPCError<TypeConfig> {
+    match e {
+        NetError::Connect { .. } | NetError::LinkCut { .. } | NetError::UnknownPeer(_) => {
+            RPCError::Unreachable(Unreachable::new(&e))
+        }
+        e => RPCError::Network(NetworkError::new(&e)),
+    }
+}
+
+fn peer_failure(message: String) -> RPCError<TypeConfig> {
+    RPCError::Network(NetworkError::new(&PeerFailure(message)))
+}
+
+/// Answers an AppendEntries stream a leader opened: feeds its requests to `raft` in order
+/// and writes openraft's answers back in the same order, until either side ends.
+pub(crate) async fn serve_append_stream<SM>(raft: Raft<TypeConfig, SM>, stream: PeerStream)
+where
+    SM: RaftStateMachine<TypeConfig>,
+{
+    let PeerStream { sender, receiver } = stream;
+    let requests = futures::stream::unfold(receiver, |mut receiver| async move {
+        match receiver.recv().await? {
+            Ok(frame) => match decode::<AppendEntriesRequest<TypeConfig>>("append entries", &frame)
+            {
+                Ok(rpc) => Some((rpc, receiver)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "bad frame on an append stream");
+                    None
+                }
+            },
+            Err(e) => {
+                tracing::debug!(error = %e, "append stream ended");
+                None
+            }
+        }
+    });
+    let mut answers = std::pin::pin!(raft.stream_append(requests));
+    while let Some(answer) = answers.next().await {
+        let reply: AppendReply = answer.map_err(|fatal| fatal.to_string());
+        let last = !matches!(reply, Ok(Ok(_)));
+        let Ok(frame) = encode("append reply", &reply) else {
+            return;
+        };
+        if sender.send(frame).await.is_err() || last {
+            return;
+        }
+    }
+}
+
+/// Refuses an AppendEntries stream with `reason` (the leader sees it as a network error).
+pub(crate) async fn refuse_append_stream(stream: PeerStream, reason: String) {
+    let reply: AppendReply = Err(reason);
+    if let Ok(frame) = encode("append reply", &reply) {
+        let _ = stream.sender.send(frame).await;
     }
 }
 
@@ -304,7 +449,7 @@ impl<T: Transport> GroupRouter<TypeConfig, GroupId> for Router<T> {
     }
 }
 
-/// Builds one group's Raft network: an adapter binding (target, group) to the shared router.
+/// Builds one group's Raft network to each target.
 #[derive(Clone)]
 pub(crate) struct GroupNetwork<T> {
     pub(crate) router: Router<T>,
@@ -312,10 +457,93 @@ pub(crate) struct GroupNetwork<T> {
 }
 
 impl<T: Transport> RaftNetworkFactory<TypeConfig> for GroupNetwork<T> {
-    type Network = GroupNetworkAdapter<TypeConfig, GroupId, Router<T>>;
+    type Network = GroupPeer<T>;
 
     async fn new_client(&mut self, target: NodeId, _node: &BasicNode) -> Self::Network {
-        GroupNetworkAdapter::new(self.router.clone(), target, self.group.clone())
+        GroupPeer {
+            router: self.router.clone(),
+            target,
+            group: self.group.clone(),
+        }
+    }
+}
+
+/// One group's Raft network to one target: the shared router's RPCs, with AppendEntries
+/// pipelined on a peer stream.
+pub(crate) struct GroupPeer<T> {
+    router: Router<T>,
+    target: NodeId,
+    group: GroupId,
+}
+
+impl<T: Transport> RaftNetworkV2<TypeConfig> for GroupPeer<T> {
+    type SnapshotData = SnapshotData;
+
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
+        GroupRouter::append_entries(&self.router, self.target, self.group.clone(), rpc, option)
+            .await
+    }
+
+    fn stream_append<'s, S>(
+        &'s mut self,
+        input: S,
+        option: RPCOption,
+    ) -> BoxFuture<
+        's,
+        Result<
+            BoxStream<'s, Result<StreamAppendResult<TypeConfig>, RPCError<TypeConfig>>>,
+            RPCError<TypeConfig>,
+        >,
+    >
+    where
+        S: futures::Stream<Item = AppendEntriesRequest<TypeConfig>> + Send + Unpin + 'static,
+    {
+        let opened =
+            self.router
+                .append_stream(self.target, self.group.clone(), input, option.hard_ttl());
+        Box::pin(async move {
+            let answers: BoxStream<'s, _> = opened.await?;
+            Ok(answers)
+        })
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        GroupRouter::vote(&self.router, self.target, self.group.clone(), rpc, option).await
+    }
+
+    async fn pre_vote(
+        &mut self,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        GroupRouter::pre_vote(&self.router, self.target, self.group.clone(), rpc, option).await
+    }
+
+    async fn full_snapshot(
+        &mut self,
+        vote: VoteOf<TypeConfig>,
+        snapshot: SnapshotOf<TypeConfig, SnapshotData>,
+        cancel: impl Future<Output = ReplicationClosed> + Send + 'static,
+        option: RPCOption,
+    ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
+        GroupRouter::full_snapshot(
+            &self.router,
+            self.target,
+            self.group.clone(),
+            vote,
+            snapshot,
+            cancel,
+            option,
+        )
+        .await
     }
 }
 

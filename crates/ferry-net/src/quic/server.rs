@@ -7,10 +7,11 @@ use std::sync::Arc;
 
 use futures::FutureExt;
 
-use super::{REQUEST_HEADER, STATUS_ERR, STATUS_OK};
+use super::{KIND_CALL, KIND_STREAM, REQUEST_HEADER, STATUS_ERR, STATUS_OK};
 use crate::faults::LINK_CUT_REASON;
 use crate::framing::{read_frame, write_frame_parts};
-use crate::{LinkFaults, NetError, RpcHandler, ALPN_CLIENT, ALPN_PEER};
+use crate::stream::{frame_queue, pump_quic, receive_queue, StreamLink};
+use crate::{LinkFaults, NetError, PeerStream, RpcHandler, ALPN_CLIENT, ALPN_PEER};
 
 /// Binds a QUIC endpoint on `addr` that accepts with `server` and can also
 /// dial (pass a client config explicitly, as [`crate::QuicTransport`] does).
@@ -146,6 +147,11 @@ async fn serve_peer(
                     handler.clone(),
                     identity.clone(),
                     max_frame,
+                    StreamLink {
+                        faults: faults.clone(),
+                        peer: from_addr,
+                        shaped: false,
+                    },
                 ));
             }
             Err(e) => {
@@ -162,6 +168,7 @@ async fn serve_request(
     handler: Arc<dyn RpcHandler>,
     identity: Arc<PeerIdentity>,
     max_frame: usize,
+    link: StreamLink,
 ) {
     let reply = match read_frame(&mut recv, max_frame + REQUEST_HEADER).await {
         Ok(None) => return,
@@ -170,13 +177,23 @@ async fn serve_request(
             frame.len()
         )),
         Ok(Some(frame)) => {
-            let mut id = [0u8; REQUEST_HEADER];
-            id.copy_from_slice(&frame[..REQUEST_HEADER]);
+            let mut id = [0u8; 8];
+            id.copy_from_slice(&frame[..8]);
             let from = u64::from_be_bytes(id);
+            let kind = frame[8];
             let request = frame.slice(REQUEST_HEADER..);
             if !identity.allows(from) {
                 tracing::warn!(from, "peer claims a node id its certificate does not name");
                 let msg = format!("node id {from} does not match the peer certificate");
+                let _ = write_frame_parts(&mut send, &[&[STATUS_ERR], msg.as_bytes()]).await;
+                let _ = send.finish();
+                return;
+            }
+            if kind == KIND_STREAM {
+                return serve_stream(send, recv, handler, from, request, max_frame, link).await;
+            }
+            if kind != KIND_CALL {
+                let msg = format!("unknown request kind {kind}");
                 let _ = write_frame_parts(&mut send, &[&[STATUS_ERR], msg.as_bytes()]).await;
                 let _ = send.finish();
                 return;
@@ -207,5 +224,28 @@ async fn serve_request(
             .map_err(|e| NetError::Closed(format!("finishing reply stream: {e}")))
     }) {
         tracing::debug!(error = %e, "writing peer reply failed");
+    }
+}
+
+/// Accepts a stream node `from` opened with `request`, pumps its frames and lets the handler
+/// serve it until the handler returns.
+async fn serve_stream(
+    mut send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    handler: Arc<dyn RpcHandler>,
+    from: u64,
+    request: bytes::Bytes,
+    max_frame: usize,
+    link: StreamLink,
+) {
+    if write_frame_parts(&mut send, &[&[STATUS_OK]]).await.is_err() {
+        return;
+    }
+    let (sender, outgoing) = frame_queue(max_frame);
+    let (incoming, receiver) = receive_queue(None);
+    pump_quic(send, recv, outgoing, incoming, max_frame, link, false);
+    let served = handler.handle_stream(from, request, PeerStream { sender, receiver });
+    if AssertUnwindSafe(served).catch_unwind().await.is_err() {
+        tracing::error!(from, "stream handler panicked");
     }
 }

@@ -50,6 +50,29 @@ impl RpcHandler for Echo {
         let reply = echo_reply(from, self.tag, &request);
         Box::pin(async move { reply })
     }
+
+    /// Answers each frame of a stream with `echo_reply(from, tag ‖ request, frame)`, until
+    /// the dialer ends the stream.
+    fn handle_stream(
+        &self,
+        from: NodeId,
+        request: Bytes,
+        stream: ferry_net::PeerStream,
+    ) -> BoxFuture<'static, ()> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        let tag = [self.tag, &request[..]].concat();
+        let ferry_net::PeerStream {
+            sender,
+            mut receiver,
+        } = stream;
+        Box::pin(async move {
+            while let Some(Ok(frame)) = receiver.recv().await {
+                if sender.send(echo_reply(from, &tag, &frame)).await.is_err() {
+                    return;
+                }
+            }
+        })
+    }
 }
 
 /// A serving node: endpoint + accept loop task.

@@ -19,6 +19,7 @@ use super::resources::{Resources, Watch};
 use super::system::{Ack, System};
 use super::Latency;
 use crate::ctl::Connect;
+use ferry_client::ProducerOptions;
 
 /// Options every suite shares.
 #[derive(Args)]
@@ -44,6 +45,13 @@ pub(crate) struct LoadArgs {
     /// Partitions of a Ferry topic the bench creates (a JetStream stream has one log).
     #[arg(long, default_value_t = 8)]
     partitions: u32,
+    /// Ferry: batches in flight per partition (each batch is one Raft entry).
+    #[arg(long, default_value_t = ProducerOptions::default().max_batches_in_flight)]
+    batches_in_flight: usize,
+    /// Ferry: how long a partition's lane waits for more events before sending a batch
+    /// that is not full, microseconds.
+    #[arg(long, default_value_t = 0)]
+    linger_us: u64,
     /// Events per second in all (0: as fast as acknowledgements allow; e2e needs a rate).
     #[arg(long, default_value_t = 0)]
     rate: u64,
@@ -344,7 +352,13 @@ async fn publish(
     let mut tasks = Vec::new();
     for p in 0..args.producers {
         let mine = count / args.producers + u64::from(p < count % args.producers);
-        let publisher = system.publisher(topic, args.inflight).await?;
+        let options = ProducerOptions {
+            max_in_flight: args.inflight,
+            max_batches_in_flight: args.batches_in_flight,
+            linger: Duration::from_micros(args.linger_us),
+            ..ProducerOptions::default()
+        };
+        let publisher = system.publisher(topic, options).await?;
         let window = Arc::new(Semaphore::new(args.inflight));
         let rate = args.rate as f64 / args.producers as f64;
         let filler = filler.clone();

@@ -121,18 +121,15 @@ impl System {
         }
     }
 
-    /// A producer with `inflight` events in flight at most.
+    /// A producer with `options.max_in_flight` events in flight at most (NATS takes only
+    /// the window; its client keeps that many publishes unacknowledged).
     pub(crate) async fn publisher(
         &self,
         topic: &str,
-        inflight: usize,
+        options: ProducerOptions,
     ) -> anyhow::Result<Publisher> {
         match self {
             Self::Ferry(client) => {
-                let options = ProducerOptions {
-                    max_in_flight: inflight,
-                    ..ProducerOptions::default()
-                };
                 let producer = client.producer(topic, options).await?;
                 Ok(Publisher::Ferry(
                     producer,
