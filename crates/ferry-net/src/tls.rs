@@ -126,6 +126,9 @@ fn transport_config() -> Arc<quinn::TransportConfig> {
     t.stream_receive_window(quinn::VarInt::from_u32(16 * 1024 * 1024));
     t.receive_window(quinn::VarInt::from_u32(64 * 1024 * 1024));
     t.send_window(64 * 1024 * 1024);
+    let mut acks = quinn::AckFrequencyConfig::default();
+    acks.max_ack_delay(Some(Duration::from_millis(1)));
+    t.ack_frequency_config(Some(acks));
     Arc::new(t)
 }
 

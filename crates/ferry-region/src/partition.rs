@@ -922,7 +922,9 @@ impl RaftSnapshotBuilder<TypeConfig> for PartitionStateMachine {
         // Outside the state machine's lock: applies (and so acknowledgements) go on while the
         // fsyncs run. The checkpoint names the extent taken above; later appends lie beyond
         // it and come back from the Raft log after a restart.
+        let started = std::time::Instant::now();
         self.write_checkpoint_after(&checkpoint, &plan)?;
+        tracing::debug!(took = ?started.elapsed(), "wrote a partition checkpoint");
         Ok(SnapshotOf::<TypeConfig, SnapshotData> {
             meta: checkpoint.meta,
             snapshot: Bytes::new(),

@@ -64,6 +64,33 @@ struct Segment {
     path: PathBuf,
     len: u64,
     synced: u64,
+    /// Writeback to disk has been started up to here (see [`WRITEBACK_STEP`]).
+    written_back: u64,
+}
+
+/// Writeback of a segment's new bytes is started (not waited for) each time this many have
+/// been appended. Otherwise the kernel holds them until a checkpoint's fsync, which then
+/// writes hundreds of megabytes at once and starves the write-ahead log's fsyncs (they
+/// share the disk and the file system's journal) for as long.
+const WRITEBACK_STEP: u64 = 2 * 1024 * 1024;
+
+/// Starts writing `len` bytes of `file` at `offset` back to disk, without waiting.
+fn start_writeback(file: &File, offset: u64, len: u64) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: sync_file_range only reads its integer arguments; the descriptor is open for
+    // as long as `file` is borrowed.
+    let result = unsafe {
+        libc::sync_file_range(
+            file.as_raw_fd(),
+            offset as libc::off64_t,
+            len as libc::off64_t,
+            libc::SYNC_FILE_RANGE_WRITE,
+        )
+    };
+    if result != 0 {
+        // Only a hint: the checkpoint's fsync still makes the bytes durable.
+        tracing::debug!(error = %std::io::Error::last_os_error(), "starting writeback failed");
+    }
 }
 
 /// One partition's batch files and their index.
@@ -127,6 +154,7 @@ impl BatchFiles {
                     path,
                     len,
                     synced: len,
+                    written_back: len,
                 },
             );
         }
@@ -196,6 +224,7 @@ impl BatchFiles {
                     path,
                     len: 0,
                     synced: 0,
+                    written_back: 0,
                 },
             );
         }
@@ -221,6 +250,10 @@ impl BatchFiles {
             },
         );
         seg.len += record.len() as u64;
+        if seg.len - seg.written_back >= WRITEBACK_STEP {
+            start_writeback(&seg.file, seg.written_back, seg.len - seg.written_back);
+            seg.written_back = seg.len;
+        }
         Ok(())
     }
 
@@ -377,6 +410,7 @@ impl BatchFiles {
                     path,
                     len: *len,
                     synced: *len,
+                    written_back: *len,
                 },
             );
         }

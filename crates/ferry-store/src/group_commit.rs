@@ -92,6 +92,9 @@ impl Drop for Handle {
 /// What the fsync thread calls to make every write so far durable.
 pub(crate) type SyncFn = Box<dyn FnMut() -> std::io::Result<()> + Send>;
 
+/// A sync slower than this is logged (at debug level: on a busy disk it is common).
+const SLOW_SYNC: std::time::Duration = std::time::Duration::from_millis(10);
+
 fn run_flusher(
     mut sync: SyncFn,
     rx: mpsc::Receiver<Waiter>,
@@ -111,9 +114,13 @@ fn run_flusher(
         let target = progress.written.load(Ordering::SeqCst);
         let started = std::time::Instant::now();
         let result = sync().map_err(|e| e.to_string());
+        let took = started.elapsed();
+        if took > SLOW_SYNC {
+            tracing::debug!(?took, waiters = pending.len(), "slow write-ahead log sync");
+        }
         stats
             .flush_micros
-            .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+            .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
         stats.flushes.fetch_add(1, Ordering::Relaxed);
         match &result {
             Ok(()) => {

@@ -170,10 +170,19 @@ impl RaftLogStorage<TypeConfig> for WalLogStore {
         // covers what freed them (this purge, copies forward).
         self.wal.compact(|| self.flusher.note_write())?;
         self.flusher.flush().await.map_err(io::Error::from)?;
-        let removed = self.wal.remove_freed(self.flusher.synced())?;
-        if removed > 0 {
-            tracing::debug!(group = %self.group, removed, "removed write-ahead log segments");
-        }
+        // Deleting them is left to a background thread: the group's Raft waits for its purge,
+        // and a large file takes the file system a while to delete. A failure there stops
+        // nothing: the segments stay, and a later purge deletes them.
+        let wal = self.wal.clone();
+        let synced = self.flusher.synced();
+        let group = self.group.clone();
+        tokio::task::spawn_blocking(move || match wal.remove_freed(synced) {
+            Ok(0) => {}
+            Ok(removed) => {
+                tracing::debug!(%group, removed, "removed write-ahead log segments")
+            }
+            Err(e) => tracing::warn!(%group, error = %e, "removing write-ahead log segments"),
+        });
         Ok(())
     }
 }

@@ -195,6 +195,8 @@ pub(crate) struct Wal {
     dir: PathBuf,
     segment_bytes: u64,
     state: Mutex<State>,
+    /// Held while freed segments are deleted (see [`Wal::remove_freed`]).
+    removing: Mutex<()>,
 }
 
 /// Log state of one group, as openraft asks for it.
@@ -287,6 +289,7 @@ impl Wal {
             dir: dir.to_path_buf(),
             segment_bytes: segment_bytes.max(4096),
             state: Mutex::new(state),
+            removing: Mutex::new(()),
         })
     }
 
@@ -346,6 +349,7 @@ impl Wal {
 
     /// Closes the active segment (synced) and starts the next with a checkpoint.
     fn roll(&self, state: &mut State) -> Result<u64, StoreError> {
+        let started = std::time::Instant::now();
         let (active, seg) = state.active();
         seg.file
             .sync_data()
@@ -370,6 +374,7 @@ impl Wal {
                 freed: None,
             },
         );
+        tracing::debug!(segment = next, took = ?started.elapsed(), "rolled the write-ahead log");
         Ok(next)
     }
 
@@ -469,22 +474,32 @@ impl Wal {
 
     /// Deletes, oldest first, the freed segments whose freeing a finished sync covers
     /// (`synced`: every write numbered up to it is durable), then syncs the directory.
+    ///
+    /// The files are deleted outside the log's lock (deleting a large file takes the file
+    /// system a while, and appends must not wait for it), one removal at a time and oldest
+    /// first, so a crash part way leaves only newer segments behind.
     pub(crate) fn remove_freed(&self, synced: u64) -> Result<usize, StoreError> {
-        let mut state = self.lock();
-        let mut removed = 0;
-        while let Some((&id, seg)) = state.segments.iter().next() {
-            if seg.freed.is_none_or(|n| n > synced) {
-                break;
+        let _one_at_a_time = self.removing.lock().unwrap_or_else(|e| e.into_inner());
+        let freed: Vec<PathBuf> = {
+            let mut state = self.lock();
+            let mut freed = Vec::new();
+            while let Some((&id, seg)) = state.segments.iter().next() {
+                if seg.freed.is_none_or(|n| n > synced) {
+                    break;
+                }
+                freed.push(state.segments.remove(&id).expect("present").path);
             }
-            let seg = state.segments.remove(&id).expect("present");
-            std::fs::remove_file(&seg.path)
-                .map_err(|e| StoreError::io(format!("removing {}", seg.path.display()), e))?;
-            removed += 1;
+            freed
+        };
+        for path in &freed {
+            shrink_gently(path)?;
+            std::fs::remove_file(path)
+                .map_err(|e| StoreError::io(format!("removing {}", path.display()), e))?;
         }
-        if removed > 0 {
+        if !freed.is_empty() {
             sync_dir(&self.dir)?;
         }
-        Ok(removed)
+        Ok(freed.len())
     }
 
     /// The group's purge point and last log id.
@@ -560,6 +575,31 @@ impl Wal {
         }
         Ok(entries)
     }
+}
+
+/// Bytes a freed segment is cut by at a time before it is deleted (see [`shrink_gently`]).
+const SHRINK_STEP: u64 = 4 * 1024 * 1024;
+/// Pause between two cuts of [`SHRINK_STEP`].
+const SHRINK_PAUSE: std::time::Duration = std::time::Duration::from_millis(2);
+
+/// Cuts the file at `path` down from its end a few megabytes at a time, pausing between
+/// cuts. Freeing a whole segment at once makes one large journal transaction (with discards,
+/// on a file system mounted with them) that every fsync of the live log then waits behind;
+/// freeing it piecemeal spreads the same work into many small ones.
+fn shrink_gently(path: &Path) -> Result<(), StoreError> {
+    let io = |e: io::Error| StoreError::io(format!("shrinking {}", path.display()), e);
+    let file = match OpenOptions::new().write(true).open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io(e)),
+    };
+    let mut len = file.metadata().map_err(io)?.len();
+    while len > SHRINK_STEP {
+        len -= SHRINK_STEP;
+        file.set_len(len).map_err(io)?;
+        std::thread::sleep(SHRINK_PAUSE);
+    }
+    Ok(())
 }
 
 fn sync_dir(dir: &Path) -> Result<(), StoreError> {
