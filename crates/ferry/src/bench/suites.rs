@@ -48,6 +48,10 @@ pub(crate) struct LoadArgs {
     /// Ferry: batches in flight per partition (each batch is one Raft entry).
     #[arg(long, default_value_t = ProducerOptions::default().max_batches_in_flight)]
     batches_in_flight: usize,
+    /// Ferry: batches in flight per partition sent as soon as there are events (past these,
+    /// only sizeable ones).
+    #[arg(long, default_value_t = ProducerOptions::default().eager_batches)]
+    eager_batches: usize,
     /// Ferry: how long a partition's lane waits for more events before sending a batch
     /// that is not full, microseconds.
     #[arg(long, default_value_t = 0)]
@@ -355,6 +359,7 @@ async fn publish(
         let options = ProducerOptions {
             max_in_flight: args.inflight,
             max_batches_in_flight: args.batches_in_flight,
+            eager_batches: args.eager_batches,
             linger: Duration::from_micros(args.linger_us),
             ..ProducerOptions::default()
         };
