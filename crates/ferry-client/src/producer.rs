@@ -38,9 +38,10 @@ pub struct ProducerOptions {
     /// many outstanding, its new events wait and form the next, larger batch; each batch is
     /// one Raft entry, so fewer, larger batches cost the nodes less per event.
     pub max_batches_in_flight: usize,
-    /// Batches in flight per partition that go as soon as there are events; past these (up
-    /// to `max_batches_in_flight`) a batch goes only once an eighth of `max_batch_events`
-    /// wait, so a busy partition keeps batching instead of sending a trickle of tiny ones.
+    /// Batches in flight per partition that go as soon as there are events (1 to
+    /// `max_batches_in_flight`); past these a batch goes only once an eighth of
+    /// `max_batch_events` wait, so a busy partition keeps batching instead of sending a
+    /// trickle of tiny ones.
     pub eager_batches: usize,
     /// Most events in one batch.
     pub max_batch_events: usize,
@@ -117,6 +118,9 @@ impl Producer {
         options.max_batches_in_flight = options
             .max_batches_in_flight
             .clamp(1, MAX_BATCHES_IN_FLIGHT);
+        options.eager_batches = options
+            .eager_batches
+            .clamp(1, options.max_batches_in_flight);
         let partitions = description.config.partitions;
         let lanes = (0..partitions)
             .map(|partition| {
@@ -257,9 +261,9 @@ impl Lane {
     /// batching instead of sending a trickle of tiny ones (each costs the nodes a Raft entry).
     fn may_send(&self) -> bool {
         let in_flight = self.unacked.len();
-        in_flight < self.options.eager_batches
-            || (in_flight < self.options.max_batches_in_flight
-                && self.rx.len() >= (self.options.max_batch_events / 8).max(1))
+        in_flight < self.options.max_batches_in_flight
+            && (in_flight < self.options.eager_batches
+                || self.rx.len() >= (self.options.max_batch_events / 8).max(1))
     }
 
     async fn gather(&mut self, first: Item) -> Vec<Item> {

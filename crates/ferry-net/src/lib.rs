@@ -39,8 +39,9 @@
 //! `status (u8) ‖ body` — status `0` means `body` is the handler's response,
 //! `1` means `body` is a UTF-8 error message (surfaced as [`NetError::Remote`])
 //! — and finishes the stream. A stream (kind `1`, [`Transport::open_stream`])
-//! stays open: the server answers with a status frame (`0` alone: accepted),
-//! then both sides write frames until they finish their send side. A request is
+//! stays open: the server answers with a status frame (`0` alone: the node took
+//! the stream and handed it to its handler, which may still refuse it in its own
+//! protocol), then both sides write frames until they finish their send side. A request is
 //! served only if the caller's certificate names the NodeId it claims
 //! ([`node_identity_name`]); a client certificate, or another node's, is refused.
 //!

@@ -60,7 +60,9 @@ pub struct StreamReceiver {
 }
 
 impl StreamReceiver {
-    /// The next frame; `None` once the peer ended the stream cleanly.
+    /// The next frame; `None` once the peer ended the stream cleanly. Cancel-safe except on
+    /// a slow link (fault injection), where a frame already taken may be dropped with the
+    /// future.
     pub async fn recv(&mut self) -> Option<Result<Bytes, NetError>> {
         let (at, item) = self.rx.recv().await?;
         if let (Some(link), Ok(_)) = (&self.link, &item) {

@@ -115,14 +115,16 @@ fn provider() -> Arc<CryptoProvider> {
 }
 
 /// QUIC transport parameters shared by client and server configs: 2 s
-/// keep-alive, 10 s idle timeout, 4096 concurrent bidi streams, large windows, prompt
+/// keep-alive, 10 s idle timeout, 16,384 concurrent bidi streams, large windows, prompt
 /// acknowledgements.
 fn transport_config() -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
     t.keep_alive_interval(Some(Duration::from_secs(2)));
     // 10 s always fits in an IdleTimeout (limit is 2^62 ms).
     t.max_idle_timeout(quinn::IdleTimeout::try_from(Duration::from_secs(10)).ok());
-    t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(4096));
+    // Each Raft group a node leads keeps one replication stream open to each follower, so
+    // a node pair carries as many long-lived streams as they share groups, plus calls.
+    t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(16384));
     t.max_concurrent_uni_streams(quinn::VarInt::from_u32(1024));
     t.stream_receive_window(quinn::VarInt::from_u32(16 * 1024 * 1024));
     t.receive_window(quinn::VarInt::from_u32(64 * 1024 * 1024));

@@ -510,7 +510,12 @@ impl<T: Transport> RpcHandler for PeerHandler<T> {
             }
             match decode("peer request", &request) {
                 Ok(PeerRequest::AppendStream { group }) => {
-                    node.serve_append_stream(group, stream).await
+                    // Ends with the node: an idle stream must not keep it alive.
+                    let mut shutdown = node.shutdown_signal();
+                    tokio::select! {
+                        () = node.serve_append_stream(group, stream) => {}
+                        _ = shutdown.wait_for(|down| *down) => {}
+                    }
                 }
                 Ok(_) => refuse_append_stream(stream, "not a stream request".into()).await,
                 Err(e) => refuse_append_stream(stream, e.to_string()).await,

@@ -198,8 +198,8 @@ impl<T: Transport> Router<T> {
     }
 
     /// Sends `group`'s AppendEntries requests from `input` to `target` on one peer stream
-    /// without waiting between them; yields the answers in order. Waiting longer than `ttl`
-    /// for an answer to a sent request, or any failure, ends the stream with an error.
+    /// without waiting between them; yields the answers in order. Waiting longer than four
+    /// `ttl`s for an answer that is owed, or any failure, ends the stream with an error.
     async fn append_stream<S>(
         &self,
         target: NodeId,
@@ -220,15 +220,19 @@ impl<T: Transport> Router<T> {
             .open_stream(target, opening)
             .await
             .map_err(rpc_error)?;
-        // The writer tells the reader how many requests went out, so the reader waits with a
-        // deadline only for answers that are owed, and ends after the last one.
-        let (sent_tx, sent_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+        // The writer tells the reader about each request that went out, so the reader waits
+        // with a deadline only for answers that are owed and ends after the last one; a
+        // request the writer could not send ends the answers with its error, after those
+        // owed before it.
+        let (sent_tx, sent_rx) = tokio::sync::mpsc::unbounded_channel::<Result<(), String>>();
         let writer = tokio::spawn(async move {
             while let Some(rpc) = input.next().await {
-                let Ok(frame) = encode("append entries", &rpc) else {
-                    return;
+                let sent = match encode("append entries", &rpc) {
+                    Ok(frame) => sender.send(frame).await.map_err(|e| e.to_string()),
+                    Err(e) => Err(e.to_string()),
                 };
-                if sender.send(frame).await.is_err() || sent_tx.send(()).is_err() {
+                let failed = sent.is_err();
+                if sent_tx.send(sent).is_err() || failed {
                     return;
                 }
             }
@@ -238,17 +242,24 @@ impl<T: Transport> Router<T> {
             sent: sent_rx,
             _writer: AbortOnDrop(writer.abort_handle()),
         };
+        // An answer may queue behind every request sent before it, so a stream allows more
+        // than one call's deadline for it (still well inside an election timeout).
+        let patience = ttl * 4;
         let answers = futures::stream::unfold(Some(state), move |state| async move {
             let mut state = state?;
-            state.sent.recv().await?;
-            let answer = match tokio::time::timeout(ttl, state.receiver.recv()).await {
-                Err(_) => Err(no_answer(target, ttl)),
-                Ok(None) => Err(peer_failure("the append stream ended early".into())),
-                Ok(Some(Err(e))) => Err(rpc_error(e)),
-                Ok(Some(Ok(frame))) => match decode::<AppendReply>("append reply", &frame) {
-                    Ok(Ok(result)) => Ok(result),
-                    Ok(Err(failure)) => Err(peer_failure(failure)),
-                    Err(e) => Err(peer_failure(e.to_string())),
+            let answer = match state.sent.recv().await? {
+                Err(failure) => Err(peer_failure(format!(
+                    "sending on the append stream: {failure}"
+                ))),
+                Ok(()) => match tokio::time::timeout(patience, state.receiver.recv()).await {
+                    Err(_) => Err(no_answer(target, patience)),
+                    Ok(None) => Err(peer_failure("the append stream ended early".into())),
+                    Ok(Some(Err(e))) => Err(rpc_error(e)),
+                    Ok(Some(Ok(frame))) => match decode::<AppendReply>("append reply", &frame) {
+                        Ok(Ok(result)) => Ok(result),
+                        Ok(Err(failure)) => Err(peer_failure(failure)),
+                        Err(e) => Err(peer_failure(e.to_string())),
+                    },
                 },
             };
             let go_on = matches!(answer, Ok(Ok(_)));
@@ -261,7 +272,7 @@ impl<T: Transport> Router<T> {
 /// The reading side of an AppendEntries stream.
 struct AnswerState {
     receiver: ferry_net::StreamReceiver,
-    sent: tokio::sync::mpsc::UnboundedReceiver<()>,
+    sent: tokio::sync::mpsc::UnboundedReceiver<Result<(), String>>,
     _writer: AbortOnDrop,
 }
 

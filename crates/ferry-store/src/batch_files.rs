@@ -75,6 +75,7 @@ struct Segment {
 const WRITEBACK_STEP: u64 = 2 * 1024 * 1024;
 
 /// Starts writing `len` bytes of `file` at `offset` back to disk, without waiting.
+#[cfg(target_os = "linux")]
 fn start_writeback(file: &File, offset: u64, len: u64) {
     use std::os::fd::AsRawFd;
     // SAFETY: sync_file_range only reads its integer arguments; the descriptor is open for
@@ -92,6 +93,10 @@ fn start_writeback(file: &File, offset: u64, len: u64) {
         tracing::debug!(error = %std::io::Error::last_os_error(), "starting writeback failed");
     }
 }
+
+/// Elsewhere there is no `sync_file_range`: the checkpoint's fsync writes everything.
+#[cfg(not(target_os = "linux"))]
+fn start_writeback(_file: &File, _offset: u64, _len: u64) {}
 
 /// One partition's batch files and their index.
 pub struct BatchFiles {

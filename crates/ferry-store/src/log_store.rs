@@ -172,7 +172,8 @@ impl RaftLogStorage<TypeConfig> for WalLogStore {
         self.flusher.flush().await.map_err(io::Error::from)?;
         // Deleting them is left to a background thread: the group's Raft waits for its purge,
         // and a large file takes the file system a while to delete. A failure there stops
-        // nothing: the segments stay, and a later purge deletes them.
+        // nothing: a segment that could not be retired stays in the log for a later purge,
+        // and a retired file left behind is deleted when the log next opens.
         let wal = self.wal.clone();
         let synced = self.flusher.synced();
         let group = self.group.clone();

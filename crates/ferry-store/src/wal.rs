@@ -248,6 +248,11 @@ impl Wal {
                 .and_then(|n| n.parse::<u64>().ok())
             {
                 ids.push(id);
+            } else if name.ends_with(&format!(".{RETIRED}")) {
+                // Retired by a removal that did not finish: no longer part of the log.
+                let path = item.path();
+                std::fs::remove_file(&path)
+                    .map_err(|e| StoreError::io(format!("removing {}", path.display()), e))?;
             }
         }
         ids.sort_unstable();
@@ -473,33 +478,53 @@ impl Wal {
     }
 
     /// Deletes, oldest first, the freed segments whose freeing a finished sync covers
-    /// (`synced`: every write numbered up to it is durable), then syncs the directory.
+    /// (`synced`: every write numbered up to it is durable).
     ///
-    /// The files are deleted outside the log's lock (deleting a large file takes the file
-    /// system a while, and appends must not wait for it), one removal at a time and oldest
-    /// first, so a crash part way leaves only newer segments behind.
+    /// Each is first retired: renamed out of the log (`.log` → `.freed`), oldest first, and
+    /// dropped from the index only once its rename worked; then the directory is synced.
+    /// A crash before that sync leaves the renames undone or done in order (the journal keeps
+    /// their order), so only newer segments can remain, whole. Only then are the retired
+    /// files shrunk and deleted, outside the log's lock and a few megabytes at a time
+    /// ([`shrink_gently`]): appends do not wait, and a retired file cut part way is never
+    /// replayed (the next open deletes what is left). One removal runs at a time.
     pub(crate) fn remove_freed(&self, synced: u64) -> Result<usize, StoreError> {
         let _one_at_a_time = self.removing.lock().unwrap_or_else(|e| e.into_inner());
-        let freed: Vec<PathBuf> = {
-            let mut state = self.lock();
-            let mut freed = Vec::new();
-            while let Some((&id, seg)) = state.segments.iter().next() {
-                if seg.freed.is_none_or(|n| n > synced) {
+        let candidates: Vec<(u64, PathBuf)> = {
+            let state = self.lock();
+            state
+                .segments
+                .iter()
+                .take_while(|(_, seg)| seg.freed.is_some_and(|n| n <= synced))
+                .map(|(&id, seg)| (id, seg.path.clone()))
+                .collect()
+        };
+        let mut retired = Vec::new();
+        let mut failure = None;
+        for (id, path) in candidates {
+            let to = path.with_extension(RETIRED);
+            match std::fs::rename(&path, &to) {
+                Ok(()) => {
+                    self.lock().segments.remove(&id);
+                    retired.push(to);
+                }
+                Err(e) => {
+                    failure = Some(StoreError::io(format!("retiring {}", path.display()), e));
                     break;
                 }
-                freed.push(state.segments.remove(&id).expect("present").path);
             }
-            freed
-        };
-        for path in &freed {
+        }
+        if !retired.is_empty() {
+            sync_dir(&self.dir)?;
+        }
+        for path in &retired {
             shrink_gently(path)?;
             std::fs::remove_file(path)
                 .map_err(|e| StoreError::io(format!("removing {}", path.display()), e))?;
         }
-        if !freed.is_empty() {
-            sync_dir(&self.dir)?;
+        match failure {
+            Some(e) => Err(e),
+            None => Ok(retired.len()),
         }
-        Ok(freed.len())
     }
 
     /// The group's purge point and last log id.
@@ -576,6 +601,9 @@ impl Wal {
         Ok(entries)
     }
 }
+
+/// Extension of a segment retired from the log and about to be deleted.
+const RETIRED: &str = "freed";
 
 /// Bytes a freed segment is cut by at a time before it is deleted (see [`shrink_gently`]).
 const SHRINK_STEP: u64 = 4 * 1024 * 1024;
@@ -800,6 +828,24 @@ mod tests {
     }
 
     #[test]
+    fn a_retired_segment_cut_part_way_by_a_crash_is_not_replayed_but_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let wal = Wal::open(dir.path(), 1 << 20).unwrap();
+            wal.append(vec![entry("a", 1, 1, 100), entry("a", 1, 2, 100)])
+                .unwrap();
+            wal.sync().unwrap();
+        }
+        // What a crash during `remove_freed` leaves: an older segment retired and cut in the
+        // middle of a record.
+        let retired = dir.path().join(format!("{:020}.{RETIRED}", 0));
+        std::fs::write(&retired, [7u8; 37]).unwrap();
+        let wal = Wal::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(indexes(&wal, "a"), vec![(1, 1), (1, 2)]);
+        assert!(!retired.exists(), "the retired leftover is deleted on open");
+    }
+
+    #[test]
     fn compaction_frees_purged_segments_copies_quiet_groups_forward_and_keeps_metadata() {
         let dir = tempfile::tempdir().unwrap();
         let wal = Wal::open(dir.path(), 4096).unwrap();
@@ -858,6 +904,12 @@ mod tests {
         assert_eq!(count(), before - freed);
         // The quiet group's entry was copied forward, so it is still readable.
         assert_eq!(indexes(&wal, "quiet"), vec![(1, 1)]);
+        assert!(
+            std::fs::read_dir(dir.path())
+                .unwrap()
+                .all(|e| e.unwrap().path().extension().unwrap() == "log"),
+            "retired segments are gone"
+        );
         drop(wal);
 
         let wal = Wal::open(dir.path(), 4096).unwrap();
