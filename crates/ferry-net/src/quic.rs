@@ -281,10 +281,9 @@ impl QuicTransport {
         }
     }
 
-    /// One call to `target`: size check, link check, then connect + exchange
-    /// under the request timeout. Shared by [`Transport::call`] and
-    /// [`Transport::call_addr`].
-    async fn call_target(&self, target: Target, request: Bytes) -> Result<Bytes, NetError> {
+    /// The connection slot for a request to `target`, once the request's size and the link
+    /// are found fine.
+    fn checked_slot(&self, target: Target, request: &[u8]) -> Result<Arc<PeerSlot>, NetError> {
         let max = self.inner.opts.max_frame;
         if request.len() > max {
             return Err(NetError::FrameTooLarge {
@@ -294,6 +293,14 @@ impl QuicTransport {
         }
         let slot = self.slot(target)?;
         self.check_link(target, &slot)?;
+        Ok(slot)
+    }
+
+    /// One call to `target`: size check, link check, then connect + exchange
+    /// under the request timeout. Shared by [`Transport::call`] and
+    /// [`Transport::call_addr`].
+    async fn call_target(&self, target: Target, request: Bytes) -> Result<Bytes, NetError> {
+        let slot = self.checked_slot(target, &request)?;
         let after = self.inner.opts.request_timeout;
         let shape = self.inner.opts.faults.shape_of(slot.addr);
         let call = async {
@@ -362,14 +369,7 @@ impl QuicTransport {
         request: Bytes,
     ) -> Result<PeerStream, NetError> {
         let max = self.inner.opts.max_frame;
-        if request.len() > max {
-            return Err(NetError::FrameTooLarge {
-                len: request.len(),
-                max,
-            });
-        }
-        let slot = self.slot(target)?;
-        self.check_link(target, &slot)?;
+        let slot = self.checked_slot(target, &request)?;
         let after = self.inner.opts.request_timeout;
         let open = async {
             let (_, mut send, recv) = self.open_bi(target, &slot).await?;
