@@ -205,6 +205,16 @@ async fn held(region: &TestRegion, topic: &str) -> u64 {
     d.partitions.iter().map(|p| p.high_watermark).sum()
 }
 
+/// Publishes `ce` as a structured CloudEvent to `url`.
+async fn post_structured(http: &reqwest::Client, url: String, ce: &Value) -> reqwest::Response {
+    http.post(url)
+        .header("content-type", "application/cloudevents+json")
+        .body(ce.to_string())
+        .send()
+        .await
+        .unwrap()
+}
+
 fn publish_url(sidecar: &Sidecar, pubsub: &str, topic: &str) -> String {
     format!(
         "http://{}/v1.0/publish/{pubsub}/{topic}",
@@ -244,13 +254,7 @@ async fn an_app_discovered_late_receives_everything_another_sidecar_published() 
     for i in 0..20 {
         let ce = json!({"specversion": "1.0", "id": format!("big-{i}"), "source": "/test",
                         "type": "big", "datacontenttype": "application/json", "data": {"n": i}});
-        let r = http
-            .post(&url)
-            .header("content-type", "application/cloudevents+json")
-            .body(ce.to_string())
-            .send()
-            .await
-            .unwrap();
+        let r = post_structured(&http, url.clone(), &ce).await;
         assert_eq!(r.status(), 204);
     }
     for i in 0..10 {
@@ -466,13 +470,12 @@ async fn retry_redelivers_drop_dead_letters_and_replicas_share_the_group() {
     for i in 0..30 {
         let ce = json!({"specversion": "1.0", "id": format!("k{i}"), "source": "/test",
                         "type": "order", "data": i});
-        let r = http
-            .post(format!("{url}?metadata.partitionKey=customer-7"))
-            .header("content-type", "application/cloudevents+json")
-            .body(ce.to_string())
-            .send()
-            .await
-            .unwrap();
+        let r = post_structured(
+            &http,
+            format!("{url}?metadata.partitionKey=customer-7"),
+            &ce,
+        )
+        .await;
         assert_eq!(r.status(), 204);
     }
 
