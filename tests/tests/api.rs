@@ -31,7 +31,9 @@ async fn raw_request(
 ) -> ClientResponse {
     let connection = raw_connection(certs, addr).await;
     let (mut send, mut recv) = connection.open_bi().await.unwrap();
-    write_frame(&mut send, frame).await.unwrap();
+    write_frame(&mut send, bytes::Bytes::copy_from_slice(frame))
+        .await
+        .unwrap();
     let _ = send.finish();
     let reply = tokio::time::timeout(
         Duration::from_secs(10),
@@ -176,7 +178,9 @@ async fn foreign_certificates_are_refused() {
             .await
             .ok()?;
         let (mut send, mut recv) = connection.open_bi().await.ok()?;
-        write_frame(&mut send, b"hello").await.ok()?;
+        write_frame(&mut send, bytes::Bytes::from_static(b"hello"))
+            .await
+            .ok()?;
         read_frame(&mut recv, 1024).await.ok()?
     };
     let answered = tokio::time::timeout(Duration::from_secs(5), attempt)

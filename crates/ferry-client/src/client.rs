@@ -223,7 +223,7 @@ impl Client {
                 .open_bi()
                 .await
                 .map_err(|e| NetError::Closed(e.to_string()))?;
-            write_frame(&mut send, &frame).await?;
+            write_frame(&mut send, frame.clone()).await?;
             let _ = send.finish();
             match read_frame(&mut recv, self.limits().max_frame).await? {
                 Some(reply) => self.decode(&reply),

@@ -318,7 +318,7 @@ impl Lane {
             acks,
         });
         let written = match self.stream.as_mut() {
-            Some(s) => write_frame(&mut s.send, &frame).await.is_ok(),
+            Some(s) => write_frame(&mut s.send, frame).await.is_ok(),
             None => false,
         };
         if !written {
@@ -436,7 +436,7 @@ impl Lane {
                 Ok(mut stream) => {
                     let mut ok = true;
                     for inflight in &self.unacked {
-                        if write_frame(&mut stream.send, &inflight.frame)
+                        if write_frame(&mut stream.send, inflight.frame.clone())
                             .await
                             .is_err()
                         {

@@ -66,7 +66,7 @@ impl Subscription {
                     .open_bi()
                     .await
                     .map_err(|e| NetError::Closed(e.to_string()))?;
-                write_frame(&mut send, &self.client.encode(&request)?).await?;
+                write_frame(&mut send, self.client.encode(&request)?).await?;
                 let _ = send.finish();
                 Ok::<_, ClientError>(recv)
             };

@@ -6,9 +6,18 @@ use quinn::{ReadError, ReadExactError, RecvStream, SendStream, WriteError};
 
 use crate::NetError;
 
-/// Writes one frame: `u32` big-endian length prefix + payload.
-pub async fn write_frame(send: &mut SendStream, payload: &[u8]) -> Result<(), NetError> {
-    write_frame_parts(send, &[payload]).await
+/// Writes one frame: `u32` big-endian length prefix + payload. The payload is handed to
+/// quinn as it is, not copied into the stream's buffer.
+pub async fn write_frame(send: &mut SendStream, payload: Bytes) -> Result<(), NetError> {
+    let len = payload.len();
+    let len32 = u32::try_from(len).map_err(|_| NetError::FrameTooLarge {
+        len,
+        max: u32::MAX as usize,
+    })?;
+    let mut chunks = [Bytes::copy_from_slice(&len32.to_be_bytes()), payload];
+    send.write_all_chunks(&mut chunks)
+        .await
+        .map_err(|e| write_err("bytes", e))
 }
 
 /// Writes one frame whose payload is the concatenation of `parts`.

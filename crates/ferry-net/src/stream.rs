@@ -134,7 +134,7 @@ pub(crate) fn pump_quic(
     tokio::spawn(async move {
         while let Some((at, frame)) = outgoing.recv().await {
             write_link.delay(at).await;
-            if write_link.check().is_err() || write_frame(&mut send, &frame).await.is_err() {
+            if write_link.check().is_err() || write_frame(&mut send, frame).await.is_err() {
                 let _ = send.reset(quinn::VarInt::from_u32(0));
                 return;
             }

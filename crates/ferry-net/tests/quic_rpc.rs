@@ -107,7 +107,9 @@ async fn client_alpn_connections_go_to_on_client() {
     );
     // Exchange a frame over the handed-over connection.
     let (mut s, mut r) = conn.open_bi().await.unwrap();
-    write_frame(&mut s, b"hello").await.unwrap();
+    write_frame(&mut s, bytes::Bytes::from_static(b"hello"))
+        .await
+        .unwrap();
     let (_ss, mut sr) = timeout(DEADLINE, server_side.accept_bi())
         .await
         .unwrap()
@@ -140,7 +142,9 @@ async fn attempt(cfg: quinn::ClientConfig, addr: std::net::SocketAddr) -> Result
     let mut req = 2u64.to_be_bytes().to_vec();
     req.push(0);
     req.extend_from_slice(b"x");
-    write_frame(&mut s, &req).await.map_err(|e| e.to_string())?;
+    write_frame(&mut s, req.into())
+        .await
+        .map_err(|e| e.to_string())?;
     s.finish().map_err(|e| e.to_string())?;
     read_frame(&mut r, 1024).await.map_err(|e| e.to_string())?;
     Ok(())

@@ -4,6 +4,12 @@
 //!
 //! Decoding never panics on arbitrary input: lengths claimed inside the bytes are bounded by
 //! a decode limit, and trailing bytes are an error.
+//!
+//! Payload fields (`Bytes` marked `#[serde(with = "codec::shared_bytes")]`) decode as slices
+//! of the input when it is decoded with [`decode_shared`] or [`decode_frame_shared`], so an
+//! event's bytes are not copied on their way from the network through Raft to disk.
+
+use std::cell::RefCell;
 
 use bytes::Bytes;
 use serde::{de::DeserializeOwned, Serialize};
@@ -42,6 +48,116 @@ pub fn decode<T: DeserializeOwned>(what: &'static str, bytes: &[u8]) -> Result<T
         });
     }
     Ok(value)
+}
+
+/// Encodes a value (no version byte) at the end of `out`.
+pub fn encode_into<T: Serialize>(
+    what: &'static str,
+    value: &T,
+    out: &mut Vec<u8>,
+) -> Result<(), ProtoError> {
+    bincode::serde::encode_into_std_write(value, out, config())
+        .map(|_| ())
+        .map_err(|e| ProtoError::Encode {
+            what,
+            reason: e.to_string(),
+        })
+}
+
+thread_local! {
+    /// The buffer the [`decode_shared`] running on this thread decodes from.
+    static SHARED_SOURCE: RefCell<Option<Bytes>> = const { RefCell::new(None) };
+}
+
+/// Restores the previous shared source when a [`decode_shared`] ends, however it ends.
+struct SharedSourceGuard(Option<Bytes>);
+
+impl Drop for SharedSourceGuard {
+    fn drop(&mut self) {
+        let previous = self.0.take();
+        SHARED_SOURCE.with(|s| *s.borrow_mut() = previous);
+    }
+}
+
+/// Decodes like [`decode`], except that [`shared_bytes`] fields become slices of `bytes`
+/// (sharing its buffer) instead of copies.
+pub fn decode_shared<T: DeserializeOwned>(
+    what: &'static str,
+    bytes: &Bytes,
+) -> Result<T, ProtoError> {
+    let _restore = SharedSourceGuard(SHARED_SOURCE.with(|s| s.replace(Some(bytes.clone()))));
+    decode(what, bytes)
+}
+
+/// `Bytes` (de)serialization for payload fields: the same encoding as `Bytes` itself, but
+/// decoded without zero-filling a buffer first, and as a slice of the input under
+/// [`decode_shared`].
+pub mod shared_bytes {
+    use bytes::Bytes;
+    use serde::{de, Deserializer, Serializer};
+
+    use super::SHARED_SOURCE;
+
+    /// Serializes as bytes (what `Bytes` does).
+    pub fn serialize<S: Serializer>(bytes: &Bytes, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_bytes(bytes)
+    }
+
+    /// Deserializes bytes, sharing the [`super::decode_shared`] input where they lie in it.
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Bytes, D::Error> {
+        deserializer.deserialize_bytes(SharedBytesVisitor)
+    }
+
+    /// `v` as a slice of the shared input if it lies inside it, else a copy.
+    fn share_or_copy(v: &[u8]) -> Bytes {
+        SHARED_SOURCE.with(|source| match &*source.borrow() {
+            Some(src) if lies_within(src, v) => src.slice_ref(v),
+            _ => Bytes::copy_from_slice(v),
+        })
+    }
+
+    fn lies_within(outer: &[u8], inner: &[u8]) -> bool {
+        let (start, end) = (
+            outer.as_ptr() as usize,
+            outer.as_ptr() as usize + outer.len(),
+        );
+        let at = inner.as_ptr() as usize;
+        !inner.is_empty() && at >= start && at + inner.len() <= end
+    }
+
+    struct SharedBytesVisitor;
+
+    impl<'de> de::Visitor<'de> for SharedBytesVisitor {
+        type Value = Bytes;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("bytes")
+        }
+
+        fn visit_bytes<E: de::Error>(self, v: &[u8]) -> Result<Bytes, E> {
+            Ok(share_or_copy(v))
+        }
+
+        fn visit_byte_buf<E: de::Error>(self, v: Vec<u8>) -> Result<Bytes, E> {
+            Ok(Bytes::from(v))
+        }
+
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<Bytes, E> {
+            Ok(Bytes::copy_from_slice(v.as_bytes()))
+        }
+
+        fn visit_string<E: de::Error>(self, v: String) -> Result<Bytes, E> {
+            Ok(Bytes::from(v.into_bytes()))
+        }
+
+        fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Bytes, A::Error> {
+            let mut values = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(4096));
+            while let Some(value) = seq.next_element::<u8>()? {
+                values.push(value);
+            }
+            Ok(Bytes::from(values))
+        }
+    }
 }
 
 /// Encodes a sequence from elements already encoded one by one with [`encode`]: the result
@@ -111,6 +227,26 @@ pub fn decode_frame<T: DeserializeOwned>(
     frame: &[u8],
     max_frame: usize,
 ) -> Result<T, ProtoError> {
+    decode(what, frame_body(what, frame, max_frame)?)
+}
+
+/// Decodes a versioned frame like [`decode_frame`], with [`shared_bytes`] fields sharing
+/// the frame's buffer (see [`decode_shared`]).
+pub fn decode_frame_shared<T: DeserializeOwned>(
+    what: &'static str,
+    frame: &Bytes,
+    max_frame: usize,
+) -> Result<T, ProtoError> {
+    let body = frame_body(what, frame, max_frame)?;
+    decode_shared(what, &frame.slice_ref(body))
+}
+
+/// The body of a versioned frame after checking its size and version.
+fn frame_body<'a>(
+    what: &'static str,
+    frame: &'a [u8],
+    max_frame: usize,
+) -> Result<&'a [u8], ProtoError> {
     if frame.len() > max_frame {
         return Err(ProtoError::FrameTooLarge {
             size: frame.len(),
@@ -129,7 +265,7 @@ pub fn decode_frame<T: DeserializeOwned>(
             expected: WIRE_VERSION,
         });
     }
-    decode(what, body)
+    Ok(body)
 }
 
 #[cfg(test)]
@@ -189,6 +325,71 @@ mod tests {
         let empty: Vec<(String, u32)> =
             decode("items", &encode_seq_of_encoded("items", &none).unwrap()).unwrap();
         assert!(empty.is_empty());
+    }
+
+    #[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+    struct Payload {
+        name: String,
+        #[serde(with = "shared_bytes")]
+        data: Bytes,
+        #[serde(with = "shared_bytes")]
+        more: Bytes,
+    }
+
+    fn lies_in(outer: &Bytes, inner: &Bytes) -> bool {
+        let start = outer.as_ptr() as usize;
+        let at = inner.as_ptr() as usize;
+        at >= start && at + inner.len() <= start + outer.len()
+    }
+
+    #[test]
+    fn shared_decoding_slices_the_input_and_plain_decoding_copies() {
+        let value = Payload {
+            name: "p".into(),
+            data: Bytes::from(vec![1u8; 300]),
+            more: Bytes::from_static(b"xyz"),
+        };
+        let encoded = Bytes::from(encode("payload", &value).unwrap());
+        let shared: Payload = decode_shared("payload", &encoded).unwrap();
+        assert_eq!(shared, value);
+        assert!(lies_in(&encoded, &shared.data) && lies_in(&encoded, &shared.more));
+        let copied: Payload = decode("payload", &encoded).unwrap();
+        assert_eq!(copied, value);
+        assert!(!lies_in(&encoded, &copied.data));
+        // The shared source ends with the decode, even a failed one.
+        assert!(decode_shared::<Payload>("payload", &encoded.slice(..10)).is_err());
+        let later: Payload = decode("payload", &encoded).unwrap();
+        assert!(!lies_in(&encoded, &later.data));
+    }
+
+    #[test]
+    fn a_shared_frame_decodes_its_body_in_place() {
+        let value = Payload {
+            name: "f".into(),
+            data: Bytes::from(vec![9u8; 64]),
+            more: Bytes::new(),
+        };
+        let frame = encode_frame("payload", &value, 1024).unwrap();
+        let back: Payload = decode_frame_shared("payload", &frame, 1024).unwrap();
+        assert_eq!(back, value);
+        assert!(lies_in(&frame, &back.data));
+        assert!(matches!(
+            decode_frame_shared::<Payload>("payload", &frame, 10),
+            Err(ProtoError::FrameTooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn shared_bytes_keep_the_bytes_encoding() {
+        // Fields marked `shared_bytes` encode exactly as plain `Bytes`, so stored data and
+        // peers of either kind read them alike.
+        let plain = (String::from("p"), Bytes::from_static(b"abc"), Bytes::new());
+        let marked = Payload {
+            name: "p".into(),
+            data: Bytes::from_static(b"abc"),
+            more: Bytes::new(),
+        };
+        assert_eq!(encode("a", &plain).unwrap(), encode("b", &marked).unwrap());
     }
 
     #[test]

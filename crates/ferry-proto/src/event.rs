@@ -53,6 +53,7 @@ pub struct Event {
     /// CloudEvents `datacontenttype`.
     pub datacontenttype: Option<String>,
     /// The payload.
+    #[serde(with = "codec::shared_bytes")]
     pub data: Bytes,
     /// Ferry: the event's class.
     pub class: EventClass,
@@ -162,6 +163,7 @@ pub struct EventBatch {
     /// Number of events.
     pub count: u32,
     /// `codec::encode` of `Vec<Event>`.
+    #[serde(with = "codec::shared_bytes")]
     pub events: Bytes,
 }
 
@@ -187,7 +189,7 @@ impl EventBatch {
 
     /// Decodes and validates the events, checking the count matches.
     pub fn decode_events(&self, limits: &Limits) -> Result<Vec<Event>, ProtoError> {
-        let events: Vec<Event> = codec::decode("event batch", &self.events)?;
+        let events: Vec<Event> = codec::decode_shared("event batch", &self.events)?;
         if events.len() != self.count as usize {
             return Err(ProtoError::Malformed {
                 what: "event batch",
@@ -222,6 +224,7 @@ pub struct StoredBatch {
     /// When the leader appended it (milliseconds since the Unix epoch).
     pub appended_at_ms: u64,
     /// `codec::encode` of `Vec<Event>`.
+    #[serde(with = "codec::shared_bytes")]
     pub events: Bytes,
 }
 

@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use ferry_net::framing::{read_frame, write_frame};
 use ferry_net::Transport;
-use ferry_proto::codec::{decode_frame, encode_frame};
+use ferry_proto::codec::{decode_frame_shared, encode_frame};
 use ferry_proto::wire::{
     ApiError, ClientRequest, ClientResponse, ErrorCode, NodeAddress, PartitionInfo, StartFrom,
     TopicDescription,
@@ -603,7 +603,7 @@ impl<T: Transport> Node<T> {
         let Some(frame) = read_frame(&mut recv, max).await? else {
             return Ok(());
         };
-        let request = match decode_frame::<ClientRequest>("client request", &frame, max) {
+        let request = match decode_frame_shared::<ClientRequest>("client request", &frame, max) {
             Ok(r) => r,
             Err(e) => {
                 let response = error(ErrorCode::InvalidRequest, e.to_string());
@@ -654,7 +654,7 @@ impl<T: Transport> Node<T> {
             )
         })
         .map_err(|e| ferry_net::NetError::Protocol(e.to_string()))?;
-        write_frame(send, &frame).await
+        write_frame(send, frame).await
     }
 
     async fn produce_stream(
@@ -687,7 +687,7 @@ impl<T: Transport> Node<T> {
                 let Some(frame) = read_frame(&mut recv, max).await? else {
                     break;
                 };
-                match decode_frame::<ClientRequest>("client request", &frame, max) {
+                match decode_frame_shared::<ClientRequest>("client request", &frame, max) {
                     Ok(ClientRequest::Publish {
                         topic,
                         partition,

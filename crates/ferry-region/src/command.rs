@@ -100,3 +100,11 @@ pub(crate) fn decode<T: serde::de::DeserializeOwned>(
 ) -> Result<T, ProtoError> {
     codec::decode(what, bytes)
 }
+
+/// Like [`decode`], with payload fields sharing `bytes` (see `codec::decode_shared`).
+pub(crate) fn decode_shared<T: serde::de::DeserializeOwned>(
+    what: &'static str,
+    bytes: &bytes::Bytes,
+) -> Result<T, ProtoError> {
+    codec::decode_shared(what, bytes)
+}

@@ -33,7 +33,7 @@ use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{watch, Mutex};
 
-use crate::command::{decode, encode, PartitionCommand, PartitionReply};
+use crate::command::{decode_shared, encode, PartitionCommand, PartitionReply};
 
 /// How many recent batches per producer are remembered to answer retries with their offsets.
 const DEDUPE_WINDOW: usize = 64;
@@ -366,8 +366,8 @@ impl Partition {
     }
 
     /// Applies one command; an `Err` is a storage failure that must stop the state machine.
-    fn apply(&mut self, command: &[u8]) -> Result<Bytes, StoreError> {
-        let reply = match decode::<PartitionCommand>("partition command", command) {
+    fn apply(&mut self, command: &Bytes) -> Result<Bytes, StoreError> {
+        let reply = match decode_shared::<PartitionCommand>("partition command", command) {
             Ok(PartitionCommand::Append {
                 batch,
                 appended_at_ms,
@@ -1040,6 +1040,7 @@ mod tests {
     use ferry_proto::{Event, Limits, Subject};
 
     use super::*;
+    use crate::command::decode;
 
     fn batch(producer: Option<u64>, first_seq: u64, count: u32) -> EventBatch {
         let events: Vec<Event> = (0..count)

@@ -27,7 +27,7 @@ use openraft::{BasicNode, Raft};
 use openraft_multi::GroupRouter;
 use serde::{Deserialize, Serialize};
 
-use crate::command::{decode, encode};
+use crate::command::{decode, decode_shared, encode};
 
 /// A request from one node to another.
 #[derive(Serialize, Deserialize)]
@@ -313,14 +313,15 @@ where
     let PeerStream { sender, receiver } = stream;
     let requests = futures::stream::unfold(receiver, |mut receiver| async move {
         match receiver.recv().await? {
-            Ok(frame) => match decode::<AppendEntriesRequest<TypeConfig>>("append entries", &frame)
-            {
-                Ok(rpc) => Some((rpc, receiver)),
-                Err(e) => {
-                    tracing::warn!(error = %e, "bad frame on an append stream");
-                    None
+            Ok(frame) => {
+                match decode_shared::<AppendEntriesRequest<TypeConfig>>("append entries", &frame) {
+                    Ok(rpc) => Some((rpc, receiver)),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "bad frame on an append stream");
+                        None
+                    }
                 }
-            },
+            }
             Err(e) => {
                 tracing::debug!(error = %e, "append stream ended");
                 None

@@ -234,15 +234,21 @@ impl BatchFiles {
             );
         }
         let (&first, seg) = self.segments.iter_mut().next_back().expect("a segment");
-        let mut record = Vec::with_capacity(HEADER + batch.events.len());
-        record.extend_from_slice(&bytes.to_le_bytes());
-        record.extend_from_slice(&crc32fast::hash(&batch.events).to_le_bytes());
-        record.extend_from_slice(&batch.base_offset.to_le_bytes());
-        record.extend_from_slice(&batch.count.to_le_bytes());
-        record.extend_from_slice(&batch.appended_at_ms.to_le_bytes());
-        record.extend_from_slice(&batch.events);
+        // The header and the events go in two writes, so the events are not copied into a
+        // record first. A crash between them leaves bytes past the last checkpoint's extent,
+        // which open cuts off like any unsynced write.
+        let mut header = [0u8; HEADER];
+        header[0..4].copy_from_slice(&bytes.to_le_bytes());
+        header[4..8].copy_from_slice(&crc32fast::hash(&batch.events).to_le_bytes());
+        header[8..16].copy_from_slice(&batch.base_offset.to_le_bytes());
+        header[16..20].copy_from_slice(&batch.count.to_le_bytes());
+        header[20..28].copy_from_slice(&batch.appended_at_ms.to_le_bytes());
         seg.file
-            .write_all_at(&record, seg.len)
+            .write_all_at(&header, seg.len)
+            .and_then(|()| {
+                seg.file
+                    .write_all_at(&batch.events, seg.len + HEADER as u64)
+            })
             .map_err(io(&seg.path))?;
         self.index.insert(
             batch.base_offset,
@@ -254,7 +260,7 @@ impl BatchFiles {
                 position: seg.len,
             },
         );
-        seg.len += record.len() as u64;
+        seg.len += (HEADER + batch.events.len()) as u64;
         if seg.len - seg.written_back >= WRITEBACK_STEP {
             start_writeback(&seg.file, seg.written_back, seg.len - seg.written_back);
             seg.written_back = seg.len;

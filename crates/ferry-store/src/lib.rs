@@ -38,7 +38,7 @@ pub type GroupId = String;
 
 /// An application command as replicated by Raft: bytes the [`Application`] decodes.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Command(pub Bytes);
+pub struct Command(#[serde(with = "ferry_proto::codec::shared_bytes")] pub Bytes);
 
 impl fmt::Display for Command {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

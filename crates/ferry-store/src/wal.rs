@@ -211,14 +211,24 @@ fn segment_path(dir: &Path, id: u64) -> PathBuf {
 }
 
 fn frame(record: &Record, out: &mut Vec<u8>) -> Result<u32, StoreError> {
-    let body = codec::encode("wal record", record)?;
-    let len = u32::try_from(body.len())
+    // Encoded straight after a header placeholder, which is filled in once the length is known.
+    let start = out.len();
+    out.extend_from_slice(&[0; HEADER]);
+    if let Err(e) = codec::encode_into("wal record", record, out) {
+        out.truncate(start);
+        return Err(e.into());
+    }
+    let body = &out[start + HEADER..];
+    let Some(len) = u32::try_from(body.len())
         .ok()
         .filter(|l| (*l as usize) <= MAX_RECORD)
-        .ok_or_else(|| StoreError::io("wal record", "record too large"))?;
-    out.extend_from_slice(&len.to_le_bytes());
-    out.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
-    out.extend_from_slice(&body);
+    else {
+        out.truncate(start);
+        return Err(StoreError::io("wal record", "record too large"));
+    };
+    let crc = crc32fast::hash(body);
+    out[start..start + 4].copy_from_slice(&len.to_le_bytes());
+    out[start + 4..start + HEADER].copy_from_slice(&crc.to_le_bytes());
     Ok(len)
 }
 
@@ -582,21 +592,41 @@ impl Wal {
                 wanted.push((seg.file.clone(), seg.path.clone(), loc));
             }
         }
+        // Records written one after another in a segment are read with one read, and the
+        // entries' payloads share its buffer.
         let mut entries = Vec::with_capacity(wanted.len());
-        let mut body = Vec::new();
-        for (file, path, loc) in wanted {
-            body.resize(loc.len as usize, 0);
-            file.read_exact_at(&mut body, loc.offset + HEADER as u64)
+        let mut rest = wanted.as_slice();
+        while let Some((file, path, first)) = rest.first() {
+            let run = 1 + rest
+                .windows(2)
+                .take_while(|pair| {
+                    let (a, b) = (&pair[0].2, &pair[1].2);
+                    b.segment == a.segment
+                        && b.offset == a.offset + HEADER as u64 + u64::from(a.len)
+                })
+                .count();
+            let last = &rest[run - 1].2;
+            let span = (last.offset + HEADER as u64 + u64::from(last.len) - first.offset) as usize;
+            let mut buf = vec![0u8; span];
+            file.read_exact_at(&mut buf, first.offset)
                 .map_err(|e| StoreError::io(format!("reading {}", path.display()), e))?;
-            match codec::decode::<Record>("wal record", &body)? {
-                Record::Entry { entry, .. } if entry.log_id == loc.log_id => entries.push(entry),
-                other => {
-                    return Err(StoreError::io(
-                        format!("reading {} at {}", path.display(), loc.offset),
-                        format!("expected entry {:?}, found {other:?}", loc.log_id),
-                    ))
+            let buf = bytes::Bytes::from(buf);
+            for (_, _, loc) in &rest[..run] {
+                let at = (loc.offset - first.offset) as usize + HEADER;
+                let body = buf.slice(at..at + loc.len as usize);
+                match codec::decode_shared::<Record>("wal record", &body)? {
+                    Record::Entry { entry, .. } if entry.log_id == loc.log_id => {
+                        entries.push(entry)
+                    }
+                    other => {
+                        return Err(StoreError::io(
+                            format!("reading {} at {}", path.display(), loc.offset),
+                            format!("expected entry {:?}, found {other:?}", loc.log_id),
+                        ))
+                    }
                 }
             }
+            rest = &rest[run..];
         }
         Ok(entries)
     }
