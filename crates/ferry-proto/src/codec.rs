@@ -26,12 +26,27 @@ fn config() -> impl bincode::config::Config {
     bincode::config::standard().with_limit::<DECODE_LIMIT>()
 }
 
-/// Encodes a value (no version byte).
-pub fn encode<T: Serialize>(what: &'static str, value: &T) -> Result<Vec<u8>, ProtoError> {
-    bincode::serde::encode_to_vec(value, config()).map_err(|e| ProtoError::Encode {
+fn encode_err(what: &'static str, e: impl std::fmt::Display) -> ProtoError {
+    ProtoError::Encode {
         what,
         reason: e.to_string(),
-    })
+    }
+}
+
+/// Bytes [`encode`] makes of `value`, counted without writing them, so buffers are sized
+/// once rather than grown (and copied) as the encoding goes.
+fn encoded_len<T: Serialize>(what: &'static str, value: &T) -> Result<usize, ProtoError> {
+    let mut size = bincode::enc::write::SizeWriter::default();
+    bincode::serde::encode_into_writer(value, &mut size, config())
+        .map_err(|e| encode_err(what, e))?;
+    Ok(size.bytes_written)
+}
+
+/// Encodes a value (no version byte).
+pub fn encode<T: Serialize>(what: &'static str, value: &T) -> Result<Vec<u8>, ProtoError> {
+    let mut out = Vec::new();
+    encode_into(what, value, &mut out)?;
+    Ok(out)
 }
 
 /// Decodes a value encoded by [`encode`]; the whole slice must be consumed.
@@ -56,12 +71,10 @@ pub fn encode_into<T: Serialize>(
     value: &T,
     out: &mut Vec<u8>,
 ) -> Result<(), ProtoError> {
+    out.reserve(encoded_len(what, value)?);
     bincode::serde::encode_into_std_write(value, out, config())
         .map(|_| ())
-        .map_err(|e| ProtoError::Encode {
-            what,
-            reason: e.to_string(),
-        })
+        .map_err(|e| encode_err(what, e))
 }
 
 thread_local! {
@@ -204,14 +217,8 @@ pub fn encode_frame<T: Serialize>(
     value: &T,
     max_frame: usize,
 ) -> Result<Bytes, ProtoError> {
-    let mut out = Vec::with_capacity(256);
-    out.push(WIRE_VERSION);
-    bincode::serde::encode_into_std_write(value, &mut out, config()).map_err(|e| {
-        ProtoError::Encode {
-            what,
-            reason: e.to_string(),
-        }
-    })?;
+    let mut out = vec![WIRE_VERSION];
+    encode_into(what, value, &mut out)?;
     if out.len() > max_frame {
         return Err(ProtoError::FrameTooLarge {
             size: out.len(),

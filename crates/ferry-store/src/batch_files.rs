@@ -452,11 +452,12 @@ pub struct BatchLocation {
 
 /// Reads one located batch, checking its checksum.
 pub fn read_batch(location: &BatchLocation) -> Result<StoredBatch, StoreError> {
-    let mut record = vec![0u8; HEADER + location.info.bytes as usize];
-    location
-        .file
-        .read_exact_at(&mut record, location.info.position)
-        .map_err(io(&location.path))?;
+    let record = crate::pread::read_exact_at(
+        &location.file,
+        HEADER + location.info.bytes as usize,
+        location.info.position,
+    )
+    .map_err(io(&location.path))?;
     let header: &[u8; HEADER] = record[..HEADER].try_into().expect("header");
     let crc = u32::from_le_bytes(header[4..8].try_into().expect("4 bytes"));
     let (_, base, count, at) = parse_header(header);

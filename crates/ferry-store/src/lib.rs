@@ -17,6 +17,7 @@ mod error;
 mod group_commit;
 mod log_store;
 mod node_store;
+mod pread;
 mod state_machine;
 mod wal;
 

@@ -1,0 +1,63 @@
+//! Positional reads into fresh buffers without zero-filling them first: the kernel writes
+//! the bytes and only what it wrote becomes part of the buffer.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+
+/// Reads exactly `len` bytes of `file` at `offset` into a new buffer. Fails with
+/// `UnexpectedEof` if the file ends first.
+pub(crate) fn read_exact_at(file: &File, len: usize, offset: u64) -> io::Result<Vec<u8>> {
+    let mut buf: Vec<u8> = Vec::with_capacity(len);
+    while buf.len() < len {
+        let at = libc::off_t::try_from(offset + buf.len() as u64)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "offset out of range"))?;
+        let spare = buf.spare_capacity_mut();
+        // SAFETY: the pointer and length describe `spare`, memory `buf` owns and nothing
+        // else refers to; pread writes at most that many bytes into it and reports how many.
+        let read = unsafe {
+            libc::pread(
+                file.as_raw_fd(),
+                spare.as_mut_ptr().cast::<libc::c_void>(),
+                spare.len(),
+                at,
+            )
+        };
+        match read {
+            0 => return Err(io::ErrorKind::UnexpectedEof.into()),
+            n if n > 0 => {
+                // SAFETY: pread initialised the first `n` bytes of the spare capacity.
+                unsafe { buf.set_len(buf.len() + n as usize) };
+            }
+            _ => {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+        }
+    }
+    Ok(buf)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use super::*;
+
+    #[test]
+    fn reads_exactly_the_range_and_refuses_past_the_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let mut file = File::create(&path).unwrap();
+        let data: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
+        file.write_all(&data).unwrap();
+        let file = File::open(&path).unwrap();
+        assert_eq!(read_exact_at(&file, 100, 5000).unwrap(), &data[5000..5100]);
+        assert_eq!(read_exact_at(&file, 0, 0).unwrap(), Vec::<u8>::new());
+        assert_eq!(read_exact_at(&file, 10_000, 0).unwrap(), data);
+        let past = read_exact_at(&file, 10, 9995).unwrap_err();
+        assert_eq!(past.kind(), io::ErrorKind::UnexpectedEof);
+    }
+}
