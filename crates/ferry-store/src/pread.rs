@@ -10,9 +10,13 @@ use std::os::fd::AsRawFd;
 pub(crate) fn read_exact_at(file: &File, len: usize, offset: u64) -> io::Result<Vec<u8>> {
     let mut buf: Vec<u8> = Vec::with_capacity(len);
     while buf.len() < len {
-        let at = libc::off_t::try_from(offset + buf.len() as u64)
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "offset out of range"))?;
-        let spare = buf.spare_capacity_mut();
+        let at = offset
+            .checked_add(buf.len() as u64)
+            .and_then(|at| libc::off_t::try_from(at).ok())
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "offset out of range"))?;
+        let want = len - buf.len();
+        // Only what is still wanted: the capacity may exceed `len`.
+        let spare = &mut buf.spare_capacity_mut()[..want];
         // SAFETY: the pointer and length describe `spare`, memory `buf` owns and nothing
         // else refers to; pread writes at most that many bytes into it and reports how many.
         let read = unsafe {
