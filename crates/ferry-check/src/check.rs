@@ -1,14 +1,20 @@
 //! The analysis: from a [`History`] to a [`Report`], trusting nothing the system under test
 //! says about itself beyond what the history records.
+//!
+//! Survival is judged from final reads alone: an acknowledged event is lost when its origin
+//! log's final read does not hold it at its acknowledged offset, whatever a mid-run read, a
+//! consumer, a replica or another region saw; it is unreached when a region it had to reach
+//! holds it in no final read of its topic. An observation timed before the publish was
+//! invoked proves nothing and is itself a violation. Logs are dense (one event per offset),
+//! so a final read must hold every offset from `low` to `high`; without retention `low` is 0.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
-use serde::{Deserialize, Serialize};
-
 use crate::history::{Func, History, Op, OpType};
-
-/// A log: (region, topic, partition).
-pub type LogId = (String, String, u32);
+use crate::report::{
+    AckMismatch, Divergence, Duplicate, GroupGap, LogId, Lost, LostAt, OrderViolation, Premature,
+    ReplicaBehind, Report, Unreached, Verdict,
+};
 
 /// What makes the verdict.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -16,186 +22,46 @@ pub struct Options {
     /// An event stored at two offsets of one log fails the run (the idempotent producer
     /// promises that); otherwise duplicates are only counted.
     pub duplicates_fail: bool,
+    /// Logs may have a retention limit: a final read may start above offset 0, and
+    /// acknowledged events below it are counted as expired instead of lost.
+    pub retention: bool,
+    /// Fewer acknowledged publishes than this in any origin region fails the run.
+    pub min_acknowledged_per_region: u64,
+    /// A fault during which fewer publishes than this were invoked fails the run.
+    pub min_publishes_per_fault: u64,
 }
 
-/// PASS or FAIL.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Verdict {
-    /// No guarantee was violated.
-    Pass,
-    /// At least one was.
-    Fail,
-}
-
-/// Where in its log a lost event would have been, relative to what was observed there.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum LostAt {
-    /// Below every observed offset (the start of the log went missing).
-    Prefix,
-    /// Among observed offsets (a hole).
-    Middle,
-    /// Above every observed offset (the end went missing).
-    Postfix,
-}
-
-/// An acknowledged event that no read, delivery or committed dump contains.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Lost {
-    /// The event.
-    pub id: String,
-    /// The log it was acknowledged in, if the acknowledgement said.
-    pub log: Option<LogId>,
-    /// The offset it was acknowledged at.
-    pub offset: Option<u64>,
-    /// Where that is relative to what was observed.
-    pub at: LostAt,
-}
-
-/// One event at two or more offsets of one log.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Duplicate {
-    /// The log.
-    pub log: LogId,
-    /// The event.
-    pub id: String,
-    /// Its offsets.
-    pub offsets: Vec<u64>,
-}
-
-/// Two events of one producer and key in the opposite order of their publishing.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct OrderViolation {
-    /// The log.
-    pub log: LogId,
-    /// The key.
-    pub key: String,
-    /// The producer process.
-    pub process: u64,
-    /// Published first, stored later: (id, offset).
-    pub published_first: (String, u64),
-    /// Published later, stored earlier: (id, offset).
-    pub stored_first: (String, u64),
-}
-
-/// One offset of one log holding different events.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Divergence {
-    /// The log.
-    pub log: LogId,
-    /// The offset.
-    pub offset: u64,
-    /// The events seen there (with the node, for replica dumps).
-    pub seen: Vec<(Option<u64>, String)>,
-}
-
-/// An acknowledged event observed at an offset other than the one acknowledged.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AckMismatch {
-    /// The event.
-    pub id: String,
-    /// The log.
-    pub log: LogId,
-    /// Offset in the acknowledgement.
-    pub acknowledged: u64,
-    /// Offsets observed.
-    pub observed: Vec<u64>,
-}
-
-/// An event that never reached a region it had to reach.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Unreached {
-    /// The event.
-    pub id: String,
-    /// The region.
-    pub region: String,
-}
-
-/// Counts of everything found.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Counts {
-    /// Publishes invoked.
-    pub attempted: u64,
-    /// Publishes acknowledged.
-    pub acknowledged: u64,
-    /// Publishes that definitely failed.
-    pub failed: u64,
-    /// Publishes whose outcome is unknown.
-    pub unknown: u64,
-    /// Distinct events observed anywhere.
-    pub observed: u64,
-    /// Acknowledged but never observed.
-    pub lost: u64,
-    /// ... of which below every observed offset of their log.
-    pub lost_prefix: u64,
-    /// ... of which among observed offsets.
-    pub lost_middle: u64,
-    /// ... of which above every observed offset.
-    pub lost_postfix: u64,
-    /// Observed but never published.
-    pub unexpected: u64,
-    /// Definitely failed, yet observed.
-    pub failed_but_observed: u64,
-    /// Outcome unknown, and observed.
-    pub recovered: u64,
-    /// Events at two or more offsets of one log.
-    pub duplicated: u64,
-    /// Deliveries of one event to one consumer group (in one region) beyond the first.
-    pub redelivered: u64,
-    /// Per-key order violations.
-    pub order_violations: u64,
-    /// Offsets holding different events in different reads.
-    pub offset_divergences: u64,
-    /// Acknowledged offsets that reads contradict.
-    pub ack_mismatches: u64,
-    /// Committed offsets where replicas hold different events.
-    pub replica_divergences: u64,
-    /// (event, region) pairs never reached.
-    pub unreached: u64,
-}
-
-/// What the checker found.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Report {
-    /// PASS or FAIL.
-    pub verdict: Verdict,
-    /// Why it failed, one line per kind of violation.
-    pub reasons: Vec<String>,
-    /// Everything counted.
-    pub counts: Counts,
-    /// Lost events.
-    pub lost: Vec<Lost>,
-    /// Events observed but never published.
-    pub unexpected: Vec<String>,
-    /// Events that failed definitely but were observed.
-    pub failed_but_observed: Vec<String>,
-    /// Events stored twice.
-    pub duplicated: Vec<Duplicate>,
-    /// Order violations.
-    pub order_violations: Vec<OrderViolation>,
-    /// Offset divergences between reads.
-    pub offset_divergences: Vec<Divergence>,
-    /// Acknowledged offsets contradicted by reads.
-    pub ack_mismatches: Vec<AckMismatch>,
-    /// Replica divergences.
-    pub replica_divergences: Vec<Divergence>,
-    /// Events that never reached a region they had to reach.
-    pub unreached: Vec<Unreached>,
-    /// Milliseconds from acknowledgement to first observation in each required region:
-    /// (p50, max), if any was measured.
-    pub forwarding_lag_ms: Option<(u64, u64)>,
-}
-
-#[derive(Default)]
-struct Publish {
+struct Publish<'h> {
     process: u64,
-    key: Option<String>,
+    key: Option<&'h str>,
     /// Position among this process's publishes.
     seq: usize,
-    regions: Vec<String>,
+    origin: &'h str,
+    topic: &'h str,
+    regions: &'h [String],
+    invoked_ms: u64,
     outcome: Option<OpType>,
     ack: Option<(LogId, u64)>,
-    ack_time: u64,
+    ack_ms: u64,
+}
+
+/// A log's final read: offset -> id, dense from `low` to `high`.
+struct FinalRead<'h> {
+    line: usize,
+    time_ms: u64,
+    low: u64,
+    high: u64,
+    partitions: u32,
+    at: BTreeMap<u64, &'h str>,
+}
+
+/// Everything observed outside final reads: (log, offset, id, time, line, group).
+struct Sighting<'h> {
+    log: LogId,
+    offset: u64,
+    id: &'h str,
+    time_ms: u64,
+    line: usize,
 }
 
 fn log_of(op: &Op) -> Option<LogId> {
@@ -204,143 +70,173 @@ fn log_of(op: &Op) -> Option<LogId> {
 
 /// Checks `history`.
 pub fn check(history: &History, options: &Options) -> Report {
-    // Publishes, by id.
+    let mut report = Report::empty();
     let mut publishes: HashMap<&str, Publish> = HashMap::new();
     let mut per_process: HashMap<u64, usize> = HashMap::new();
-    // Observations from reads and deliveries: log -> offset -> ids; id -> logs/offsets.
-    let mut read_at: BTreeMap<LogId, BTreeMap<u64, BTreeSet<&str>>> = BTreeMap::new();
-    let mut observed: HashSet<&str> = HashSet::new();
-    let mut first_seen_in: HashMap<(&str, &str), u64> = HashMap::new();
-    let mut deliveries: HashMap<(&str, &str, &str), u64> = HashMap::new();
+    let mut finals: BTreeMap<LogId, FinalRead> = BTreeMap::new();
+    let mut sightings: Vec<Sighting> = Vec::new();
+    // (region, group, topic, partition) -> offsets delivered, with how often.
+    let mut deliveries: BTreeMap<(LogId, &str), BTreeMap<u64, u64>> = BTreeMap::new();
+    let mut delivered_ids: HashMap<(&str, &str, &str), u64> = HashMap::new();
     let mut dumps: BTreeMap<LogId, Vec<&Op>> = BTreeMap::new();
+    let mut faults: Vec<&Op> = Vec::new();
 
-    for op in &history.ops {
+    for (op, &line) in history.ops.iter().zip(&history.lines) {
         match (op.op_type, op.f) {
             (Some(OpType::Dump), _) => {
                 if let Some(log) = log_of(op) {
                     dumps.entry(log).or_default().push(op);
                 }
             }
+            (Some(OpType::Fault), _) => faults.push(op),
             (Some(t), Some(Func::Publish)) => {
                 let Some(id) = op.id.as_deref() else { continue };
-                let p = publishes.entry(id).or_default();
-                match t {
-                    OpType::Invoke => {
-                        let seq = per_process.entry(op.process).or_default();
-                        *p = Publish {
+                if t == OpType::Invoke {
+                    let seq = per_process.entry(op.process).or_default();
+                    publishes.insert(
+                        id,
+                        Publish {
                             process: op.process,
-                            key: op.key.clone(),
+                            key: op.key.as_deref(),
                             seq: *seq,
-                            regions: op.regions.clone(),
-                            ..Publish::default()
-                        };
-                        *seq += 1;
-                    }
-                    OpType::Ok => {
-                        p.outcome = Some(OpType::Ok);
-                        p.ack_time = op.time_ms;
+                            origin: &op.region,
+                            topic: &op.topic,
+                            regions: &op.regions,
+                            invoked_ms: op.time_ms,
+                            outcome: None,
+                            ack: None,
+                            ack_ms: 0,
+                        },
+                    );
+                    *seq += 1;
+                } else if let Some(p) = publishes.get_mut(id) {
+                    p.outcome = Some(t);
+                    if t == OpType::Ok {
+                        p.ack_ms = op.time_ms;
+                        if p.origin.is_empty() {
+                            p.origin = &op.region;
+                        }
                         if let (Some(log), Some(offset)) = (log_of(op), op.offset) {
                             p.ack = Some((log, offset));
                         }
                     }
-                    OpType::Fail | OpType::Info => {
-                        // A definite failure never overrides an acknowledgement.
-                        if p.outcome != Some(OpType::Ok) {
-                            p.outcome = Some(t);
-                        }
-                    }
-                    OpType::Dump => {}
                 }
+            }
+            (Some(OpType::Ok), Some(Func::Read)) if op.is_final => {
+                let Some(log) = log_of(op) else { continue };
+                finals.insert(
+                    log,
+                    FinalRead {
+                        line,
+                        time_ms: op.time_ms,
+                        low: op.low.unwrap_or(0),
+                        high: op.high.unwrap_or(0),
+                        partitions: op.partitions.unwrap_or(0),
+                        at: op
+                            .events
+                            .iter()
+                            .map(|e| (e.offset, e.id.as_str()))
+                            .collect(),
+                    },
+                );
+                report.counts.final_read_events += op.events.len() as u64;
             }
             (Some(OpType::Ok), Some(f @ (Func::Read | Func::Deliver))) => {
                 let Some(log) = log_of(op) else { continue };
                 for e in &op.events {
-                    read_at
-                        .entry(log.clone())
-                        .or_default()
-                        .entry(e.offset)
-                        .or_default()
-                        .insert(&e.id);
-                    observed.insert(&e.id);
-                    first_seen_in
-                        .entry((&e.id, &op.region))
-                        .or_insert(op.time_ms);
+                    sightings.push(Sighting {
+                        log: log.clone(),
+                        offset: e.offset,
+                        id: &e.id,
+                        time_ms: op.time_ms,
+                        line,
+                    });
                     if f == Func::Deliver {
                         let group = op.group.as_deref().unwrap_or("");
-                        *deliveries.entry((&op.region, group, &e.id)).or_default() += 1;
+                        *deliveries
+                            .entry((log.clone(), group))
+                            .or_default()
+                            .entry(e.offset)
+                            .or_default() += 1;
+                        *delivered_ids.entry((&op.region, group, &e.id)).or_default() += 1;
                     }
                 }
             }
             _ => {}
         }
     }
+    report.counts.final_reads = finals.len() as u64;
+    report.counts.dumps = dumps.values().map(|d| d.len() as u64).sum();
+    report.counts.faults = faults.len() as u64;
 
-    let mut report = Report {
-        verdict: Verdict::Pass,
-        reasons: Vec::new(),
-        counts: Counts::default(),
-        lost: Vec::new(),
-        unexpected: Vec::new(),
-        failed_but_observed: Vec::new(),
-        duplicated: Vec::new(),
-        order_violations: Vec::new(),
-        offset_divergences: Vec::new(),
-        ack_mismatches: Vec::new(),
-        replica_divergences: Vec::new(),
-        unreached: Vec::new(),
-        forwarding_lag_ms: None,
-    };
+    check_final_reads(&finals, options, &mut report);
+    let ids_in_final = ids_by_region_topic(&finals);
 
-    // Replicas: committed prefixes must agree; what they hold there counts as observed.
-    let mut stored_at: BTreeMap<LogId, BTreeMap<u64, BTreeSet<&str>>> = read_at.clone();
-    for (log, replicas) in &dumps {
-        let mut at: BTreeMap<u64, Vec<(Option<u64>, &str)>> = BTreeMap::new();
-        for dump in replicas {
-            let committed = dump.committed.unwrap_or(u64::MAX);
-            for e in dump.events.iter().filter(|e| e.offset < committed) {
-                at.entry(e.offset).or_default().push((dump.node, &e.id));
-                observed.insert(&e.id);
-                first_seen_in.entry((&e.id, &log.0)).or_insert(dump.time_ms);
-                stored_at
-                    .entry(log.clone())
-                    .or_default()
-                    .entry(e.offset)
-                    .or_default()
-                    .insert(&e.id);
+    // Sightings: before their invoke they prove nothing and are violations; they must agree
+    // with the final read of their log.
+    let mut observed: HashSet<&str> = HashSet::new();
+    let mut first_seen_in: HashMap<(&str, &str), u64> = HashMap::new();
+    let mut seen_at: BTreeMap<(&LogId, u64), BTreeSet<&str>> = BTreeMap::new();
+    for s in &sightings {
+        if let Some(p) = publishes.get(s.id) {
+            if s.time_ms < p.invoked_ms {
+                report.premature.push(Premature {
+                    id: s.id.to_string(),
+                    line: s.line,
+                    observed_ms: s.time_ms,
+                    invoked_ms: p.invoked_ms,
+                });
+                continue;
             }
         }
-        for (offset, seen) in at {
-            let ids: BTreeSet<&str> = seen.iter().map(|(_, id)| *id).collect();
-            if ids.len() > 1 {
-                report.replica_divergences.push(Divergence {
-                    log: log.clone(),
-                    offset,
-                    seen: seen.iter().map(|(n, id)| (*n, id.to_string())).collect(),
-                });
+        observed.insert(s.id);
+        let first = first_seen_in.entry((s.id, &s.log.0)).or_insert(s.time_ms);
+        *first = (*first).min(s.time_ms);
+        seen_at.entry((&s.log, s.offset)).or_default().insert(s.id);
+    }
+    for ((log, offset), ids) in &seen_at {
+        let in_final = finals.get(*log).map(|f| f.at.get(offset).copied());
+        let mut all: BTreeSet<&str> = ids.clone();
+        let absent = match in_final {
+            Some(Some(id)) => {
+                all.insert(id);
+                false
             }
+            // The final read holds nothing there: fine below a retained start, else the
+            // log lost what was seen.
+            Some(None) => finals[*log].low <= *offset,
+            None => false,
+        };
+        if all.len() > 1 || absent {
+            let mut seen: Vec<(Option<u64>, String)> =
+                all.iter().map(|id| (None, id.to_string())).collect();
+            if absent {
+                seen.push((None, "<absent>".to_string()));
+            }
+            report.offset_divergences.push(Divergence {
+                log: (*log).clone(),
+                offset: *offset,
+                seen,
+            });
+        }
+    }
+    for (log, f) in &finals {
+        for id in f.at.values() {
+            observed.insert(id);
+            let first = first_seen_in.entry((id, &log.0)).or_insert(f.time_ms);
+            *first = (*first).min(f.time_ms);
         }
     }
 
-    // Reads that disagree about an offset.
-    for (log, offsets) in &read_at {
-        for (offset, ids) in offsets {
-            if ids.len() > 1 {
-                report.offset_divergences.push(Divergence {
-                    log: log.clone(),
-                    offset: *offset,
-                    seen: ids.iter().map(|id| (None, id.to_string())).collect(),
-                });
-            }
-        }
-    }
+    check_dumps(&dumps, &finals, &mut observed, &mut report);
+    check_groups(&deliveries, &finals, &mut report);
+    report.counts.redelivered = delivered_ids.values().map(|n| n - 1).sum();
 
-    // Where each event was stored, per log.
+    // Where each event is stored, per log (final reads only: they are the logs).
     let mut offsets_of: BTreeMap<(&LogId, &str), Vec<u64>> = BTreeMap::new();
-    for (log, offsets) in &stored_at {
-        for (offset, ids) in offsets {
-            for id in ids {
-                offsets_of.entry((log, id)).or_default().push(*offset);
-            }
+    for (log, f) in &finals {
+        for (offset, id) in &f.at {
+            offsets_of.entry((log, id)).or_default().push(*offset);
         }
     }
     for ((log, id), offsets) in &offsets_of {
@@ -352,60 +248,88 @@ pub fn check(history: &History, options: &Options) -> Report {
             });
         }
     }
-    report.counts.redelivered = deliveries.values().map(|n| n - 1).sum();
 
-    // Publishes against observations.
+    // Publishes against final reads.
     let mut lags = Vec::new();
     let mut ids: Vec<&&str> = publishes.keys().collect();
     ids.sort();
     for id in ids {
         let p = &publishes[*id];
         report.counts.attempted += 1;
-        let seen = observed.contains(*id);
+        let at_origin = ids_in_final
+            .get(&(p.origin, p.topic))
+            .is_some_and(|ids| ids.contains(*id));
         match p.outcome {
             Some(OpType::Ok) => {
                 report.counts.acknowledged += 1;
-                if !seen {
-                    report.lost.push(lost(id, p, &stored_at));
-                }
+                *report
+                    .acknowledged_by_region
+                    .entry(p.origin.to_string())
+                    .or_default() += 1;
                 if let Some((log, offset)) = &p.ack {
-                    if let Some(at) = offsets_of.get(&(log, *id)) {
-                        if !at.contains(offset) {
-                            report.ack_mismatches.push(AckMismatch {
-                                id: id.to_string(),
-                                log: log.clone(),
-                                acknowledged: *offset,
-                                observed: at.clone(),
-                            });
-                        }
-                    }
+                    judge_ack(
+                        id,
+                        p,
+                        log,
+                        *offset,
+                        &finals,
+                        &offsets_of,
+                        options,
+                        &mut report,
+                    );
                 }
             }
             Some(OpType::Fail) => {
                 report.counts.failed += 1;
-                if seen {
+                if observed.contains(*id) {
                     report.failed_but_observed.push(id.to_string());
                 }
             }
             _ => {
                 report.counts.unknown += 1;
-                if seen {
+                if at_origin {
                     report.counts.recovered += 1;
                 }
             }
         }
-        if p.outcome == Some(OpType::Ok) {
-            for region in &p.regions {
-                match first_seen_in.get(&(*id, region.as_str())) {
-                    Some(t) => lags.push(t.saturating_sub(p.ack_time)),
-                    None => report.unreached.push(Unreached {
+        // Held by the origin (acknowledged, or found there): every required region must hold it.
+        if p.outcome == Some(OpType::Ok) || at_origin {
+            for region in p.regions {
+                match region_holds(&finals, &ids_in_final, region, p.topic, id) {
+                    Ok(true) => {
+                        if let (Some(OpType::Ok), Some(t)) =
+                            (p.outcome, first_seen_in.get(&(*id, region.as_str())))
+                        {
+                            lags.push(t.saturating_sub(p.ack_ms));
+                        }
+                    }
+                    Ok(false) => report.unreached.push(Unreached {
                         id: id.to_string(),
                         region: region.clone(),
                     }),
+                    Err(why) => report.unjudged.push(why),
                 }
             }
         }
+        // Of unknown outcome, elsewhere but not at its origin: the origin lost an event it had
+        // forwarded (acknowledged ones are judged as lost above).
+        if !at_origin && p.outcome.is_none_or(|o| o == OpType::Info) {
+            let origin_judgeable =
+                region_holds(&finals, &ids_in_final, p.origin, p.topic, id).is_ok();
+            let elsewhere = ids_in_final.iter().any(|((region, topic), ids)| {
+                *region != p.origin && *topic == p.topic && ids.contains(*id)
+            });
+            let retained_from_start = finals
+                .iter()
+                .filter(|(log, _)| log.0 == p.origin && log.1 == p.topic)
+                .all(|(_, f)| f.low == 0);
+            if elsewhere && origin_judgeable && retained_from_start {
+                report.vanished_at_origin.push(id.to_string());
+            }
+        }
     }
+    report.unjudged.sort();
+    report.unjudged.dedup();
     let mut unexpected: Vec<&str> = observed
         .iter()
         .filter(|id| !publishes.contains_key(*id))
@@ -418,76 +342,401 @@ pub fn check(history: &History, options: &Options) -> Report {
         report.forwarding_lag_ms = Some((lags[lags.len() / 2], lags[lags.len() - 1]));
     }
 
-    // Per key and producer, storage order must follow publishing order.
-    for (log, offsets) in &stored_at {
-        // (process, key) -> last (seq, id, offset) seen walking up the log.
-        let mut last: HashMap<(u64, &str), (usize, &str, u64)> = HashMap::new();
-        for (offset, ids) in offsets {
-            for id in ids {
-                let Some(p) = publishes.get(id) else { continue };
-                let Some(key) = p.key.as_deref() else {
-                    continue;
-                };
-                if offsets_of[&(log, *id)].first() != Some(offset) {
-                    continue; // judge a duplicated event by its first copy
-                }
-                let slot = (p.process, key);
-                if let Some((seq, prev_id, prev_offset)) = last.get(&slot) {
-                    if *seq > p.seq {
-                        report.order_violations.push(OrderViolation {
-                            log: log.clone(),
-                            key: key.to_string(),
-                            process: p.process,
-                            published_first: (id.to_string(), *offset),
-                            stored_first: (prev_id.to_string(), *prev_offset),
-                        });
-                    }
-                }
-                last.insert(slot, (p.seq, id, *offset));
+    check_order(&finals, &offsets_of, &publishes, &mut report);
+    check_floors(&faults, &publishes, options, &mut report);
+    finish(&mut report, options, observed.len() as u64);
+    report
+}
+
+/// Each final read must hold every offset of its range, start at 0 without retention, and
+/// every partition of a (region, topic) must have one.
+fn check_final_reads(finals: &BTreeMap<LogId, FinalRead>, options: &Options, report: &mut Report) {
+    let mut partitions: BTreeMap<(&str, &str), (u32, BTreeSet<u32>)> = BTreeMap::new();
+    for (log, f) in finals {
+        let holes: Vec<u64> = (f.low..f.high).filter(|o| !f.at.contains_key(o)).collect();
+        if let Some(first) = holes.first() {
+            report.unjudged.push(format!(
+                "final read of {} (line {}) misses {} offsets of {}..{}, first {first}",
+                name(log),
+                f.line,
+                holes.len(),
+                f.low,
+                f.high
+            ));
+        }
+        if f.low > 0 && !options.retention {
+            report.unjudged.push(format!(
+                "final read of {} (line {}) starts at {} but the run has no retention",
+                name(log),
+                f.line,
+                f.low
+            ));
+        }
+        let entry = partitions
+            .entry((&log.0, &log.1))
+            .or_insert((f.partitions, BTreeSet::new()));
+        if entry.0 != f.partitions {
+            report.unjudged.push(format!(
+                "final reads of topic {} in region {:?} disagree on its partition count",
+                log.1, log.0
+            ));
+        }
+        entry.1.insert(log.2);
+    }
+    for ((region, topic), (n, have)) in partitions {
+        let missing: Vec<u32> = (0..n).filter(|p| !have.contains(p)).collect();
+        if !missing.is_empty() {
+            report.unjudged.push(format!(
+                "topic {topic} in region {region:?} has no final read of partitions {missing:?}"
+            ));
+        }
+    }
+}
+
+/// (region, topic) -> ids in its final reads.
+fn ids_by_region_topic<'h>(
+    finals: &'h BTreeMap<LogId, FinalRead<'h>>,
+) -> HashMap<(&'h str, &'h str), HashSet<&'h str>> {
+    let mut out: HashMap<(&str, &str), HashSet<&str>> = HashMap::new();
+    for (log, f) in finals {
+        out.entry((&log.0, &log.1))
+            .or_default()
+            .extend(f.at.values().copied());
+    }
+    out
+}
+
+/// Whether `region`'s final reads of `topic` hold `id`; an error says why they cannot tell.
+fn region_holds(
+    finals: &BTreeMap<LogId, FinalRead>,
+    ids: &HashMap<(&str, &str), HashSet<&str>>,
+    region: &str,
+    topic: &str,
+    id: &str,
+) -> Result<bool, String> {
+    let reads: Vec<&FinalRead> = finals
+        .iter()
+        .filter(|(log, _)| log.0 == region && log.1 == topic)
+        .map(|(_, f)| f)
+        .collect();
+    let Some(first) = reads.first() else {
+        return Err(format!(
+            "no final read of topic {topic} in region {region:?}"
+        ));
+    };
+    if reads.len() < first.partitions as usize {
+        return Err(format!(
+            "final reads of topic {topic} in region {region:?} cover {} of {} partitions",
+            reads.len(),
+            first.partitions
+        ));
+    }
+    Ok(ids
+        .get(&(region, topic))
+        .is_some_and(|ids| ids.contains(id)))
+}
+
+fn name(log: &LogId) -> String {
+    if log.0.is_empty() {
+        format!("{}/{}", log.1, log.2)
+    } else {
+        format!("{}/{}/{}", log.0, log.1, log.2)
+    }
+}
+
+/// An acknowledged event must be in its origin log's final read at its acknowledged offset.
+#[allow(clippy::too_many_arguments)]
+fn judge_ack(
+    id: &str,
+    p: &Publish,
+    log: &LogId,
+    offset: u64,
+    finals: &BTreeMap<LogId, FinalRead>,
+    offsets_of: &BTreeMap<(&LogId, &str), Vec<u64>>,
+    options: &Options,
+    report: &mut Report,
+) {
+    let Some(f) = finals.get(log) else {
+        report.unjudged.push(format!(
+            "acknowledged writes in {} but no final read of it",
+            name(log)
+        ));
+        return;
+    };
+    if f.time_ms < p.ack_ms {
+        report.unjudged.push(format!(
+            "the final read of {} (line {}) was made before acknowledgements it should judge",
+            name(log),
+            f.line
+        ));
+        return;
+    }
+    if offset < f.low && options.retention {
+        report.counts.expired += 1;
+        return;
+    }
+    match f.at.get(&offset) {
+        Some(held) if *held == id => {}
+        held => {
+            let elsewhere = offsets_of.get(&(log, id)).cloned().unwrap_or_default();
+            if elsewhere.is_empty() {
+                report.lost.push(Lost {
+                    id: id.to_string(),
+                    log: log.clone(),
+                    offset,
+                    at: if offset >= f.high {
+                        LostAt::Postfix
+                    } else {
+                        LostAt::Middle
+                    },
+                    found_instead: held.map(|h| h.to_string()),
+                });
+            } else {
+                report.ack_mismatches.push(AckMismatch {
+                    id: id.to_string(),
+                    log: log.clone(),
+                    acknowledged: offset,
+                    observed: elsewhere,
+                });
             }
         }
     }
+}
 
+/// Each replica must hold its log's final read, up to its high watermark, and replicas must
+/// agree with it and with each other wherever they have committed.
+fn check_dumps<'h>(
+    dumps: &BTreeMap<LogId, Vec<&'h Op>>,
+    finals: &BTreeMap<LogId, FinalRead<'h>>,
+    observed: &mut HashSet<&'h str>,
+    report: &mut Report,
+) {
+    for (log, replicas) in dumps {
+        let f = finals.get(log);
+        if f.is_none() {
+            report.unjudged.push(format!(
+                "replica dumps of {} but no final read of it",
+                name(log)
+            ));
+        }
+        let mut at: BTreeMap<u64, Vec<(Option<u64>, &str)>> = BTreeMap::new();
+        for dump in replicas {
+            let committed = dump.committed.unwrap_or(0);
+            let held: BTreeMap<u64, &str> = dump
+                .events
+                .iter()
+                .filter(|e| e.offset < committed)
+                .map(|e| (e.offset, e.id.as_str()))
+                .collect();
+            report.counts.dumped_events += held.len() as u64;
+            for (offset, id) in &held {
+                at.entry(*offset).or_default().push((dump.node, id));
+                observed.insert(id);
+            }
+            if let Some(f) = f {
+                let from = held.keys().next().copied().unwrap_or(committed);
+                let dense = (from..committed).all(|o| held.contains_key(&o));
+                if (f.low < f.high && (from > f.low || committed < f.high)) || !dense {
+                    report.replicas_behind.push(ReplicaBehind {
+                        log: log.clone(),
+                        node: dump.node.unwrap_or(0),
+                        holds: (from, committed),
+                        wanted: (f.low, f.high),
+                    });
+                }
+            }
+        }
+        for (offset, mut seen) in at {
+            // A replica committed an offset the final read does not hold: the log lost it.
+            let mut absent = false;
+            if let Some(f) = f {
+                match f.at.get(&offset) {
+                    Some(id) => seen.push((None, id)),
+                    None => absent = offset >= f.low,
+                }
+            }
+            if absent {
+                seen.push((None, "<absent>"));
+            }
+            let ids: BTreeSet<&str> = seen.iter().map(|(_, id)| *id).collect();
+            if ids.len() > 1 {
+                report.replica_divergences.push(Divergence {
+                    log: log.clone(),
+                    offset,
+                    seen: seen.iter().map(|(n, id)| (*n, id.to_string())).collect(),
+                });
+            }
+        }
+    }
+}
+
+/// A consumer group reads each partition from the log's start: every offset from the
+/// final read's `low` (or the first delivered one, without a final read) up to the highest
+/// delivered must have been delivered at least once.
+fn check_groups(
+    deliveries: &BTreeMap<(LogId, &str), BTreeMap<u64, u64>>,
+    finals: &BTreeMap<LogId, FinalRead>,
+    report: &mut Report,
+) {
+    for ((log, group), offsets) in deliveries {
+        let (Some(first), Some(last)) = (offsets.keys().next(), offsets.keys().next_back()) else {
+            continue;
+        };
+        let start = finals.get(log).map_or(*first, |f| f.low.min(*first));
+        let mut skipped = Vec::new();
+        let mut gap_from = None;
+        for o in start..=*last {
+            match (offsets.contains_key(&o), gap_from) {
+                (false, None) => gap_from = Some(o),
+                (true, Some(from)) => {
+                    skipped.push((from, o));
+                    gap_from = None;
+                }
+                _ => {}
+            }
+        }
+        if !skipped.is_empty() {
+            report.group_gaps.push(GroupGap {
+                log: log.clone(),
+                group: group.to_string(),
+                skipped,
+            });
+        }
+    }
+}
+
+/// Per key and producer, storage order must follow publishing order, in every final read.
+fn check_order(
+    finals: &BTreeMap<LogId, FinalRead>,
+    offsets_of: &BTreeMap<(&LogId, &str), Vec<u64>>,
+    publishes: &HashMap<&str, Publish>,
+    report: &mut Report,
+) {
+    for (log, f) in finals {
+        // (process, key) -> last (seq, id, offset) seen walking up the log.
+        let mut last: HashMap<(u64, &str), (usize, &str, u64)> = HashMap::new();
+        for (offset, id) in &f.at {
+            let Some(p) = publishes.get(id) else { continue };
+            let Some(key) = p.key else { continue };
+            if offsets_of[&(log, *id)].first() != Some(offset) {
+                continue; // judge a duplicated event by its first copy
+            }
+            let slot = (p.process, key);
+            if let Some((seq, prev_id, prev_offset)) = last.get(&slot) {
+                if *seq > p.seq {
+                    report.order_violations.push(OrderViolation {
+                        log: log.clone(),
+                        key: key.to_string(),
+                        process: p.process,
+                        published_first: (id.to_string(), *offset),
+                        stored_first: (prev_id.to_string(), *prev_offset),
+                    });
+                }
+            }
+            last.insert(slot, (p.seq, id, *offset));
+        }
+    }
+}
+
+/// A run proves little with few acknowledged writes, or with faults nobody was publishing
+/// through.
+fn check_floors(
+    faults: &[&Op],
+    publishes: &HashMap<&str, Publish>,
+    options: &Options,
+    report: &mut Report,
+) {
+    for (region, n) in &report.acknowledged_by_region {
+        if *n < options.min_acknowledged_per_region {
+            report.below_floor.push(format!(
+                "region {region:?}: {n} publishes acknowledged, the floor is {}",
+                options.min_acknowledged_per_region
+            ));
+        }
+    }
+    if options.min_acknowledged_per_region > 0 && report.acknowledged_by_region.is_empty() {
+        report
+            .below_floor
+            .push("no publish was acknowledged anywhere".to_string());
+    }
+    for fault in faults {
+        let (start, end) = (fault.time_ms, fault.end_ms.unwrap_or(fault.time_ms));
+        let during = publishes
+            .values()
+            .filter(|p| p.invoked_ms >= start && p.invoked_ms <= end)
+            .count() as u64;
+        let kind = fault.kind.clone().unwrap_or_default();
+        if during < options.min_publishes_per_fault {
+            report.below_floor.push(format!(
+                "fault {kind} at {start}..{end} ms: {during} publishes invoked while it held, the floor is {}",
+                options.min_publishes_per_fault
+            ));
+        }
+        report.faults.push((kind, start, end, during));
+    }
+}
+
+fn finish(report: &mut Report, options: &Options, observed: u64) {
     let c = &mut report.counts;
-    c.observed = observed.len() as u64;
+    c.observed = observed;
     c.lost = report.lost.len() as u64;
     for l in &report.lost {
         match l.at {
-            LostAt::Prefix => c.lost_prefix += 1,
             LostAt::Middle => c.lost_middle += 1,
             LostAt::Postfix => c.lost_postfix += 1,
         }
     }
     c.unexpected = report.unexpected.len() as u64;
+    c.premature = report.premature.len() as u64;
     c.failed_but_observed = report.failed_but_observed.len() as u64;
     c.duplicated = report.duplicated.len() as u64;
+    c.group_gaps = report.group_gaps.len() as u64;
     c.order_violations = report.order_violations.len() as u64;
     c.offset_divergences = report.offset_divergences.len() as u64;
     c.ack_mismatches = report.ack_mismatches.len() as u64;
     c.replica_divergences = report.replica_divergences.len() as u64;
+    c.replicas_behind = report.replicas_behind.len() as u64;
     c.unreached = report.unreached.len() as u64;
+    c.vanished_at_origin = report.vanished_at_origin.len() as u64;
+    c.unjudged = report.unjudged.len() as u64;
+    c.below_floor = report.below_floor.len() as u64;
 
     let failing = [
         (c.lost, "acknowledged events lost"),
         (c.unexpected, "events observed that were never published"),
+        (c.premature, "observations before their publish was invoked"),
         (
             c.failed_but_observed,
             "events observed after a definite failure",
         ),
+        (
+            c.group_gaps,
+            "consumer group partitions with skipped offsets",
+        ),
         (c.order_violations, "per-key order violations"),
-        (c.offset_divergences, "offsets read with different events"),
+        (
+            c.offset_divergences,
+            "offsets observed with events the final read does not hold there",
+        ),
         (
             c.ack_mismatches,
-            "acknowledged offsets contradicted by reads",
+            "acknowledged offsets contradicted by final reads",
         ),
         (
             c.replica_divergences,
             "committed offsets where replicas differ",
         ),
+        (c.replicas_behind, "replicas short of the final read"),
         (
             c.unreached,
             "events that never reached a region they had to",
         ),
+        (
+            c.vanished_at_origin,
+            "events held elsewhere but gone from their origin",
+        ),
+        (c.unjudged, "things the history cannot judge"),
+        (c.below_floor, "floors not met"),
         (
             if options.duplicates_fail {
                 c.duplicated
@@ -502,31 +751,10 @@ pub fn check(history: &History, options: &Options) -> Report {
             report.reasons.push(format!("{n} {what}"));
         }
     }
+    for why in report.unjudged.iter().chain(&report.below_floor).take(8) {
+        report.reasons.push(format!("    {why}"));
+    }
     if !report.reasons.is_empty() {
         report.verdict = Verdict::Fail;
-    }
-    report
-}
-
-fn lost(id: &str, p: &Publish, stored_at: &BTreeMap<LogId, BTreeMap<u64, BTreeSet<&str>>>) -> Lost {
-    let (log, offset) = match &p.ack {
-        Some((log, offset)) => (Some(log.clone()), Some(*offset)),
-        None => (None, None),
-    };
-    let range = log
-        .as_ref()
-        .and_then(|l| stored_at.get(l))
-        .and_then(|o| Some((*o.keys().next()?, *o.keys().next_back()?)));
-    let at = match (offset, range) {
-        (Some(o), Some((low, _))) if o < low => LostAt::Prefix,
-        (Some(o), Some((_, high))) if o > high => LostAt::Postfix,
-        (Some(_), None) => LostAt::Postfix,
-        _ => LostAt::Middle,
-    };
-    Lost {
-        id: id.to_string(),
-        log,
-        offset,
-        at,
     }
 }

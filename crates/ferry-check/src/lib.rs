@@ -5,6 +5,11 @@
 //! both have committed, events missing from a region they had to reach — and what they
 //! allow but an operator wants counted (duplicates, redeliveries, unknown outcomes).
 //!
+//! Survival is judged from final reads (each a whole log, oldest retained offset to high
+//! watermark), never from "seen somewhere": see [`check`] for the rules. A history that
+//! lacks what a verdict needs (final reads, enough acknowledged writes, faults that
+//! overlapped publishing) fails rather than passes.
+//!
 //! The verdict depends only on the history: nothing the system under test reports about
 //! itself is trusted beyond what a client recorded. No I/O here; `ferry check` reads the
 //! file and prints.
@@ -12,12 +17,14 @@
 
 mod check;
 mod history;
+mod report;
 
-pub use check::{
-    check, AckMismatch, Counts, Divergence, Duplicate, LogId, Lost, LostAt, Options,
-    OrderViolation, Report, Unreached, Verdict,
-};
+pub use check::{check, Options};
 pub use history::{Func, History, Observed, Op, OpType};
+pub use report::{
+    AckMismatch, Counts, Divergence, Duplicate, GroupGap, LogId, Lost, LostAt, OrderViolation,
+    Premature, ReplicaBehind, Report, Unreached, Verdict,
+};
 
 /// Why a history could not be checked.
 #[derive(Debug, thiserror::Error)]
@@ -44,33 +51,52 @@ impl Report {
         for reason in &self.reasons {
             out.push_str(&format!("  - {reason}\n"));
         }
-        let rows: [(&str, u64); 19] = [
+        let rows: [(&str, u64); 31] = [
             ("publishes attempted", c.attempted),
             ("acknowledged", c.acknowledged),
             ("failed (definite)", c.failed),
             ("unknown outcome", c.unknown),
             ("events observed", c.observed),
+            ("final reads (logs)", c.final_reads),
+            ("  events in final reads", c.final_read_events),
+            ("replica dumps", c.dumps),
+            ("  events in replica dumps", c.dumped_events),
+            ("faults recorded", c.faults),
             ("lost", c.lost),
-            ("  lost: prefix", c.lost_prefix),
             ("  lost: middle", c.lost_middle),
             ("  lost: postfix", c.lost_postfix),
+            ("expired (retention)", c.expired),
             ("unexpected", c.unexpected),
+            ("observed before invoked", c.premature),
             ("failed but observed", c.failed_but_observed),
-            ("recovered (unknown, observed)", c.recovered),
+            ("recovered (unknown, at origin)", c.recovered),
             ("duplicated in a log", c.duplicated),
             ("redelivered to a group", c.redelivered),
+            ("group partitions with gaps", c.group_gaps),
             ("order violations", c.order_violations),
             ("offset divergences", c.offset_divergences),
             ("ack offset mismatches", c.ack_mismatches),
             ("replica divergences", c.replica_divergences),
+            ("replicas behind", c.replicas_behind),
             ("unreached (event, region)", c.unreached),
+            ("vanished at origin", c.vanished_at_origin),
+            ("unjudged", c.unjudged),
+            ("floors not met", c.below_floor),
+            (
+                "faults that overlapped publishing",
+                self.faults.iter().filter(|f| f.3 > 0).count() as u64,
+            ),
         ];
         for (name, n) in rows {
-            out.push_str(&format!("  {name:<32}{n:>10}\n"));
+            out.push_str(&format!("  {name:<34}{n:>10}\n"));
+        }
+        for (region, n) in &self.acknowledged_by_region {
+            let name = format!("acknowledged in {region:?}");
+            out.push_str(&format!("  {name:<34}{n:>10}\n"));
         }
         if let Some((p50, max)) = self.forwarding_lag_ms {
-            out.push_str(&format!("  {:<32}{:>10}\n", "forwarding lag p50 ms", p50));
-            out.push_str(&format!("  {:<32}{:>10}\n", "forwarding lag max ms", max));
+            out.push_str(&format!("  {:<34}{:>10}\n", "forwarding lag p50 ms", p50));
+            out.push_str(&format!("  {:<34}{:>10}\n", "forwarding lag max ms", max));
         }
         out
     }

@@ -1,193 +1,474 @@
-//! Hand-written histories, each with one kind of violation, and a clean one.
+//! Hand-written histories: a clean one, and for every rule one that breaks it (each made by
+//! editing the clean one, so each differs from a passing history in that one way).
 
 use super::*;
 
-/// A clean run: two producers, keys in order, everything acknowledged and read back, two
-/// replicas agreeing, one unknown outcome that was in fact written.
+/// A clean run in two regions: process 1 publishes a1, a2 (key k1) in region a, both must
+/// reach b; process 2's b1 has an unknown outcome but was written (and forwarded), b2 failed.
+/// A mid-run read, a group whose two members saw offsets 0-2 (1 twice), final reads of both
+/// regions' logs, two replicas of a's log (one with an uncommitted tail), and one fault held
+/// while a2, b1 and b2 were invoked.
 const CLEAN: &str = r#"
-{"type":"invoke","process":1,"f":"publish","id":"a1","key":"k1","topic":"t","time_ms":1}
-{"type":"invoke","process":1,"f":"publish","id":"a2","key":"k1","topic":"t","time_ms":2}
-{"type":"ok","process":1,"f":"publish","id":"a1","topic":"t","partition":0,"offset":0,"time_ms":3}
-{"type":"ok","process":1,"f":"publish","id":"a2","topic":"t","partition":0,"offset":1,"time_ms":4}
-{"type":"invoke","process":2,"f":"publish","id":"b1","key":"k2","topic":"t","time_ms":5}
+{"type":"invoke","process":1,"f":"publish","id":"a1","key":"k1","region":"a","regions":["b"],"topic":"t","time_ms":1}
+{"type":"invoke","process":1,"f":"publish","id":"a2","key":"k1","region":"a","regions":["b"],"topic":"t","time_ms":2}
+{"type":"ok","process":1,"f":"publish","id":"a1","region":"a","topic":"t","partition":0,"offset":0,"time_ms":3}
+{"type":"ok","process":1,"f":"publish","id":"a2","region":"a","topic":"t","partition":0,"offset":1,"time_ms":4}
+{"type":"invoke","process":2,"f":"publish","id":"b1","key":"k2","region":"a","regions":["b"],"topic":"t","time_ms":5}
 {"type":"info","process":2,"f":"publish","id":"b1","time_ms":9}
-{"type":"invoke","process":2,"f":"publish","id":"b2","key":"k2","topic":"t","time_ms":10}
+{"type":"invoke","process":2,"f":"publish","id":"b2","key":"k2","region":"a","regions":["b"],"topic":"t","time_ms":10}
 {"type":"fail","process":2,"f":"publish","id":"b2","time_ms":11}
-{"type":"ok","process":9,"f":"read","topic":"t","partition":0,"events":[{"offset":0,"id":"a1"},{"offset":1,"id":"a2"},{"offset":2,"id":"b1"}],"time_ms":20}
-{"type":"dump","node":1,"topic":"t","partition":0,"committed":3,"events":[{"offset":0,"id":"a1"},{"offset":1,"id":"a2"},{"offset":2,"id":"b1"}]}
-{"type":"dump","node":2,"topic":"t","partition":0,"committed":2,"events":[{"offset":0,"id":"a1"},{"offset":1,"id":"a2"},{"offset":2,"id":"zz-uncommitted"}]}
+{"type":"fault","kind":"kill","node":2,"region":"a","time_ms":2,"end_ms":12}
+{"type":"ok","process":9,"f":"read","region":"a","topic":"t","partition":0,"events":[{"offset":0,"id":"a1"},{"offset":1,"id":"a2"}],"time_ms":20}
+{"type":"ok","process":7,"f":"deliver","region":"a","group":"g","topic":"t","partition":0,"events":[{"offset":0,"id":"a1"},{"offset":1,"id":"a2"}],"time_ms":21}
+{"type":"ok","process":8,"f":"deliver","region":"a","group":"g","topic":"t","partition":0,"events":[{"offset":1,"id":"a2"},{"offset":2,"id":"b1"}],"time_ms":22}
+{"type":"ok","f":"read","final":true,"region":"a","topic":"t","partition":0,"partitions":1,"low":0,"high":3,"events":[{"offset":0,"id":"a1"},{"offset":1,"id":"a2"},{"offset":2,"id":"b1"}],"time_ms":100}
+{"type":"ok","f":"read","final":true,"region":"b","topic":"t","partition":0,"partitions":1,"low":0,"high":3,"events":[{"offset":0,"id":"a1"},{"offset":1,"id":"b1"},{"offset":2,"id":"a2"}],"time_ms":160}
+{"type":"dump","node":1,"region":"a","topic":"t","partition":0,"committed":3,"events":[{"offset":0,"id":"a1"},{"offset":1,"id":"a2"},{"offset":2,"id":"b1"}],"time_ms":110}
+{"type":"dump","node":2,"region":"a","topic":"t","partition":0,"committed":3,"events":[{"offset":0,"id":"a1"},{"offset":1,"id":"a2"},{"offset":2,"id":"b1"},{"offset":3,"id":"zz-uncommitted"}],"time_ms":111}
 "#;
 
 fn run(text: &str) -> Report {
-    check(&History::parse(text).unwrap(), &Options::default())
+    run_with(text, &Options::default())
 }
 
-fn with(extra: &str) -> Report {
-    run(&format!("{CLEAN}\n{extra}"))
+fn run_with(text: &str, options: &Options) -> Report {
+    check(&History::parse(text).unwrap(), options)
 }
+
+/// CLEAN with `from` replaced by `to` (which must be there, once).
+fn edited(from: &str, to: &str) -> String {
+    assert_eq!(CLEAN.matches(from).count(), 1, "{from:?} once in CLEAN");
+    CLEAN.replace(from, to)
+}
+
+/// CLEAN without the line containing `marker`.
+fn without(marker: &str) -> String {
+    let lines: Vec<&str> = CLEAN.lines().filter(|l| l.contains(marker)).collect();
+    assert_eq!(lines.len(), 1, "{marker:?} on one line of CLEAN");
+    CLEAN.replace(lines[0], "")
+}
+
+fn fails_for(r: &Report, reason: &str) {
+    assert_eq!(r.verdict, Verdict::Fail, "{}", r.table());
+    assert!(
+        r.reasons.iter().any(|x| x.contains(reason)),
+        "expected a reason containing {reason:?}:\n{}",
+        r.table()
+    );
+}
+
+const A_FINAL: &str = r#"{"type":"ok","f":"read","final":true,"region":"a","topic":"t","partition":0,"partitions":1,"low":0,"high":3,"events":[{"offset":0,"id":"a1"},{"offset":1,"id":"a2"},{"offset":2,"id":"b1"}],"time_ms":100}"#;
+const B_FINAL_EVENTS: &str = r#""events":[{"offset":0,"id":"a1"},{"offset":1,"id":"b1"},{"offset":2,"id":"a2"}],"time_ms":160"#;
 
 #[test]
 fn a_clean_history_passes() {
     let r = run(CLEAN);
     assert_eq!(r.verdict, Verdict::Pass, "{}", r.table());
-    assert_eq!(r.counts.attempted, 4);
-    assert_eq!(r.counts.acknowledged, 2);
-    assert_eq!(r.counts.failed, 1);
-    assert_eq!(r.counts.unknown, 1);
-    assert_eq!(r.counts.recovered, 1);
+    let c = &r.counts;
     assert_eq!(
-        r.counts.observed, 3,
-        "an uncommitted replica tail is not observed"
+        (
+            c.attempted,
+            c.acknowledged,
+            c.failed,
+            c.unknown,
+            c.recovered
+        ),
+        (4, 2, 1, 1, 1)
+    );
+    assert_eq!((c.final_reads, c.final_read_events), (2, 6));
+    assert_eq!(
+        (c.dumps, c.dumped_events),
+        (2, 6),
+        "the uncommitted tail is not counted"
+    );
+    assert_eq!(c.redelivered, 1);
+    assert_eq!(r.faults, vec![("kill".to_string(), 2, 12, 3)]);
+    assert_eq!(r.acknowledged_by_region.get("a"), Some(&2));
+    assert_eq!(
+        r.forwarding_lag_ms,
+        Some((157, 157)),
+        "acks at 3 and 4, in b at 160"
     );
     assert!(r.table().starts_with("verdict: PASS"));
 }
 
 #[test]
-fn a_lost_write_is_flagged_with_its_place_in_the_log() {
-    let r = with(
-        r#"{"type":"invoke","process":1,"f":"publish","id":"a3","key":"k1","topic":"t"}
-{"type":"ok","process":1,"f":"publish","id":"a3","topic":"t","partition":0,"offset":3}"#,
-    );
-    assert_eq!(r.verdict, Verdict::Fail);
-    assert_eq!(r.counts.lost, 1);
-    assert_eq!(r.lost[0].id, "a3");
+fn a_truncated_origin_log_loses_acknowledged_events_whatever_else_saw_them() {
+    // a's log lost its tail after forwarding it: b's copy, the consumer group, the mid-run
+    // read and the replica dumps all still hold a2 and b1. None of them may hide the loss.
+    let r = run(&edited(
+        A_FINAL,
+        r#"{"type":"ok","f":"read","final":true,"region":"a","topic":"t","partition":0,"partitions":1,"low":0,"high":1,"events":[{"offset":0,"id":"a1"}],"time_ms":100}"#,
+    ));
+    fails_for(&r, "acknowledged events lost");
+    assert_eq!(r.lost.len(), 1);
+    assert_eq!(r.lost[0].id, "a2");
     assert_eq!(r.lost[0].at, LostAt::Postfix);
-    assert!(r.reasons[0].contains("lost"), "{:?}", r.reasons);
-
-    // A hole among observed offsets is a middle loss.
-    let r = run(
-        r#"{"type":"invoke","process":1,"f":"publish","id":"x","key":"k","topic":"t"}
-{"type":"ok","process":1,"f":"publish","id":"x","topic":"t","partition":0,"offset":5}
-{"type":"ok","process":9,"f":"read","topic":"t","partition":0,"events":[{"offset":4,"id":"y"},{"offset":6,"id":"z"}]}"#,
+    assert_eq!(
+        r.vanished_at_origin,
+        vec!["b1".to_string()],
+        "b1 is in b, not in a"
     );
-    assert_eq!(r.lost[0].at, LostAt::Middle);
+    // The group and the mid-run read saw offsets the final read no longer has.
+    assert!(r.offset_divergences.iter().any(|d| d.offset == 2));
+    // Replicas hold what the final read lacks.
+    assert!(r.counts.replica_divergences > 0, "{}", r.table());
 }
 
 #[test]
-fn an_unexpected_read_is_flagged() {
-    let r = with(
-        r#"{"type":"ok","process":9,"f":"read","topic":"t","partition":0,"events":[{"offset":3,"id":"ghost"}]}"#,
+fn another_event_at_the_acknowledged_offset_is_a_middle_loss() {
+    let r = run(&edited(
+        r#"{"offset":1,"id":"a2"},{"offset":2,"id":"b1"}],"time_ms":100}"#,
+        r#"{"offset":1,"id":"b1"},{"offset":2,"id":"x"}],"time_ms":100}"#,
+    ));
+    fails_for(&r, "acknowledged events lost");
+    assert_eq!(r.lost[0].id, "a2");
+    assert_eq!(r.lost[0].at, LostAt::Middle);
+    assert_eq!(r.lost[0].found_instead.as_deref(), Some("b1"));
+}
+
+#[test]
+fn an_acknowledged_event_at_another_offset_is_an_ack_mismatch() {
+    let r = run(&edited(
+        r#"{"offset":1,"id":"a2"},{"offset":2,"id":"b1"}],"time_ms":100}"#,
+        r#"{"offset":1,"id":"b1"},{"offset":2,"id":"a2"}],"time_ms":100}"#,
+    ));
+    fails_for(&r, "acknowledged offsets contradicted");
+    assert_eq!(r.ack_mismatches[0].id, "a2");
+    assert_eq!(r.ack_mismatches[0].observed, vec![2]);
+    assert_eq!(r.counts.lost, 0);
+}
+
+#[test]
+fn an_observation_before_the_invoke_proves_nothing_and_fails() {
+    let r = run(&format!(
+        "{CLEAN}\n{}",
+        r#"{"type":"ok","process":9,"f":"read","region":"a","topic":"t","partition":0,"events":[{"offset":0,"id":"a1"}],"time_ms":0}"#
+    ));
+    fails_for(&r, "before their publish was invoked");
+    assert_eq!(r.premature[0].id, "a1");
+    assert_eq!(
+        (r.premature[0].observed_ms, r.premature[0].invoked_ms),
+        (0, 1)
     );
-    assert_eq!(r.verdict, Verdict::Fail);
+}
+
+#[test]
+fn a_history_without_final_reads_fails() {
+    let publishes: String = CLEAN
+        .lines()
+        .filter(|l| l.contains("\"publish\""))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let r = run(&publishes);
+    fails_for(&r, "cannot judge");
+    assert!(
+        r.unjudged.iter().any(|u| u.contains("no final read of it")),
+        "{:?}",
+        r.unjudged
+    );
+}
+
+#[test]
+fn a_final_read_with_a_hole_or_a_missing_partition_cannot_judge() {
+    // A collect that stopped after its first page: the range claims 0..3, the events end at 0.
+    let r = run(&edited(
+        r#""low":0,"high":3,"events":[{"offset":0,"id":"a1"},{"offset":1,"id":"a2"},{"offset":2,"id":"b1"}],"time_ms":100"#,
+        r#""low":0,"high":3,"events":[{"offset":0,"id":"a1"}],"time_ms":100"#,
+    ));
+    fails_for(&r, "cannot judge");
+    assert!(
+        r.unjudged.iter().any(|u| u.contains("misses 2 offsets")),
+        "{:?}",
+        r.unjudged
+    );
+
+    // The topic has two partitions in b, and only one was read.
+    let r = run(&edited(
+        r#""region":"b","topic":"t","partition":0,"partitions":1"#,
+        r#""region":"b","topic":"t","partition":0,"partitions":2"#,
+    ));
+    fails_for(&r, "cannot judge");
+    assert!(
+        r.unjudged.iter().any(|u| u.contains("partitions [1]")),
+        "{:?}",
+        r.unjudged
+    );
+}
+
+#[test]
+fn a_final_read_made_before_an_acknowledgement_cannot_judge_it() {
+    let r = run(&edited(
+        r#""id":"b1"}],"time_ms":100}"#,
+        r#""id":"b1"}],"time_ms":3}"#,
+    ));
+    fails_for(&r, "cannot judge");
+    assert!(r
+        .unjudged
+        .iter()
+        .any(|u| u.contains("before acknowledgements")));
+}
+
+#[test]
+fn a_log_start_above_zero_needs_retention_and_then_counts_expired() {
+    let trimmed = edited(
+        r#""low":0,"high":3,"events":[{"offset":0,"id":"a1"},{"offset":1,"id":"a2"},{"offset":2,"id":"b1"}],"time_ms":100"#,
+        r#""low":1,"high":3,"events":[{"offset":1,"id":"a2"},{"offset":2,"id":"b1"}],"time_ms":100"#,
+    )
+    // Replicas and the group start at the new log start too.
+    .replace(r#""committed":3,"events":[{"offset":0,"id":"a1"},"#, r#""committed":3,"events":["#)
+    .replace(
+        r#""partition":0,"events":[{"offset":0,"id":"a1"},{"offset":1,"id":"a2"}],"time_ms":21"#,
+        r#""partition":0,"events":[{"offset":1,"id":"a2"}],"time_ms":21"#,
+    )
+    .replace(
+        r#""partition":0,"events":[{"offset":0,"id":"a1"},{"offset":1,"id":"a2"}],"time_ms":20"#,
+        r#""partition":0,"events":[{"offset":1,"id":"a2"}],"time_ms":20"#,
+    );
+    let r = run(&trimmed);
+    fails_for(&r, "cannot judge");
+    assert!(
+        r.unjudged.iter().any(|u| u.contains("no retention")),
+        "{:?}",
+        r.unjudged
+    );
+    let r = run_with(
+        &trimmed,
+        &Options {
+            retention: true,
+            ..Options::default()
+        },
+    );
+    assert_eq!(r.verdict, Verdict::Pass, "{}", r.table());
+    assert_eq!(r.counts.expired, 1);
+}
+
+#[test]
+fn a_replica_behind_or_different_from_the_final_read_is_flagged() {
+    // Node 1 never caught up past offset 2.
+    let r = run(&edited(
+        r#""node":1,"region":"a","topic":"t","partition":0,"committed":3,"events":[{"offset":0,"id":"a1"},{"offset":1,"id":"a2"},{"offset":2,"id":"b1"}]"#,
+        r#""node":1,"region":"a","topic":"t","partition":0,"committed":2,"events":[{"offset":0,"id":"a1"},{"offset":1,"id":"a2"}]"#,
+    ));
+    fails_for(&r, "replicas short");
+    assert_eq!(r.replicas_behind[0].node, 1);
+    assert_eq!(r.replicas_behind[0].holds, (0, 2));
+    assert_eq!(r.replicas_behind[0].wanted, (0, 3));
+
+    // One replica alone holding another event than the final read is a divergence.
+    let r = run(&edited(
+        r#""node":1,"region":"a","topic":"t","partition":0,"committed":3,"events":[{"offset":0,"id":"a1"},{"offset":1,"id":"a2"}"#,
+        r#""node":1,"region":"a","topic":"t","partition":0,"committed":3,"events":[{"offset":0,"id":"a1"},{"offset":1,"id":"b1"}"#,
+    ));
+    fails_for(&r, "replicas differ");
+    assert_eq!(r.replica_divergences[0].offset, 1);
+}
+
+#[test]
+fn a_consumer_group_that_skips_offsets_is_flagged() {
+    // Member 8 resumed at 2 after member 7 had handled only offset 0.
+    let r = run(&edited(
+        r#""events":[{"offset":0,"id":"a1"},{"offset":1,"id":"a2"}],"time_ms":21"#,
+        r#""events":[{"offset":0,"id":"a1"}],"time_ms":21"#,
+    )
+    .replace(
+        r#""events":[{"offset":1,"id":"a2"},{"offset":2,"id":"b1"}],"time_ms":22"#,
+        r#""events":[{"offset":2,"id":"b1"}],"time_ms":22"#,
+    ));
+    fails_for(&r, "skipped offsets");
+    assert_eq!(r.group_gaps[0].skipped, vec![(1, 2)]);
+    assert_eq!(r.group_gaps[0].group, "g");
+
+    // A group that never got the start of the log skipped it too.
+    let r = run(&without(r#""process":7"#));
+    fails_for(&r, "skipped offsets");
+    assert_eq!(r.group_gaps[0].skipped, vec![(0, 1)]);
+}
+
+#[test]
+fn writes_of_unknown_outcome_at_their_origin_must_reach_their_regions() {
+    // b1's outcome is unknown, but a's log holds it: b must get it too.
+    let r = run(&edited(
+        B_FINAL_EVENTS,
+        r#""events":[{"offset":0,"id":"a1"},{"offset":1,"id":"a2"}],"time_ms":160"#,
+    )
+    .replace(
+        r#""region":"b","topic":"t","partition":0,"partitions":1,"low":0,"high":3"#,
+        r#""region":"b","topic":"t","partition":0,"partitions":1,"low":0,"high":2"#,
+    ));
+    fails_for(&r, "never reached");
+    assert_eq!(
+        r.unreached,
+        vec![Unreached {
+            id: "b1".into(),
+            region: "b".into()
+        }]
+    );
+
+    // An acknowledged event missing in b, and a region with no final read at all.
+    let r = run(&edited(
+        B_FINAL_EVENTS,
+        r#""events":[{"offset":0,"id":"a1"},{"offset":1,"id":"b1"}],"time_ms":160"#,
+    )
+    .replace(r#""partitions":1,"low":0,"high":3,"events":[{"offset":0,"id":"a1"},{"offset":1,"id":"b1"}],"time_ms":160"#, r#""partitions":1,"low":0,"high":2,"events":[{"offset":0,"id":"a1"},{"offset":1,"id":"b1"}],"time_ms":160"#));
+    fails_for(&r, "never reached");
+    assert_eq!(r.unreached[0].id, "a2");
+    let r = run(&without(B_FINAL_EVENTS));
+    fails_for(&r, "cannot judge");
+    assert!(r
+        .unjudged
+        .iter()
+        .any(|u| u.contains("no final read of topic t in region \"b\"")));
+}
+
+#[test]
+fn floors_fail_a_run_that_proves_too_little() {
+    let strict = Options {
+        min_acknowledged_per_region: 3,
+        min_publishes_per_fault: 4,
+        ..Options::default()
+    };
+    let r = run_with(CLEAN, &strict);
+    fails_for(&r, "floors not met");
+    assert_eq!(r.below_floor.len(), 2, "{:?}", r.below_floor);
+    assert!(r.below_floor[0].contains("2 publishes acknowledged"));
+    assert!(r.below_floor[1].contains("3 publishes invoked while it held"));
+    let met = Options {
+        min_acknowledged_per_region: 2,
+        min_publishes_per_fault: 3,
+        ..Options::default()
+    };
+    assert_eq!(run_with(CLEAN, &met).verdict, Verdict::Pass);
+    // A fault held while nothing was published.
+    let r = run_with(
+        &edited(r#""time_ms":2,"end_ms":12"#, r#""time_ms":50,"end_ms":60"#),
+        &Options {
+            min_publishes_per_fault: 1,
+            ..Options::default()
+        },
+    );
+    fails_for(&r, "floors not met");
+}
+
+#[test]
+fn an_unexpected_event_is_flagged() {
+    let r = run(&format!(
+        "{CLEAN}\n{}",
+        r#"{"type":"ok","process":9,"f":"read","region":"a","topic":"t","partition":0,"events":[{"offset":3,"id":"ghost"}],"time_ms":30}"#
+    ));
+    fails_for(&r, "never published");
     assert_eq!(r.unexpected, vec!["ghost".to_string()]);
 }
 
 #[test]
 fn a_definitely_failed_publish_that_shows_up_is_flagged() {
-    let r = with(
-        r#"{"type":"ok","process":9,"f":"read","topic":"t","partition":0,"events":[{"offset":3,"id":"b2"}]}"#,
-    );
-    assert_eq!(r.verdict, Verdict::Fail);
+    let r = run(&edited(
+        r#"{"offset":0,"id":"a1"},{"offset":1,"id":"b1"},{"offset":2,"id":"a2"}],"time_ms":160"#,
+        r#"{"offset":0,"id":"a1"},{"offset":1,"id":"b1"},{"offset":2,"id":"a2"},{"offset":3,"id":"b2"}],"time_ms":160"#,
+    )
+    .replace(r#""region":"b","topic":"t","partition":0,"partitions":1,"low":0,"high":3"#, r#""region":"b","topic":"t","partition":0,"partitions":1,"low":0,"high":4"#));
+    fails_for(&r, "after a definite failure");
     assert_eq!(r.failed_but_observed, vec!["b2".to_string()]);
 }
 
 #[test]
 fn a_duplicate_is_counted_and_fails_only_when_dedupe_was_promised() {
-    let dup = r#"{"type":"ok","process":9,"f":"read","topic":"t","partition":0,"events":[{"offset":3,"id":"a2"}]}"#;
-    let r = with(dup);
+    let dup = edited(
+        B_FINAL_EVENTS,
+        r#""events":[{"offset":0,"id":"a1"},{"offset":1,"id":"b1"},{"offset":2,"id":"a2"},{"offset":3,"id":"a1"}],"time_ms":160"#,
+    )
+    .replace(r#""region":"b","topic":"t","partition":0,"partitions":1,"low":0,"high":3"#, r#""region":"b","topic":"t","partition":0,"partitions":1,"low":0,"high":4"#);
+    let r = run(&dup);
     assert_eq!(r.counts.duplicated, 1);
-    assert_eq!(r.duplicated[0].offsets, vec![1, 3]);
-    // a2 was acknowledged at 1, which is among where it was seen: no mismatch.
-    assert_eq!(r.counts.ack_mismatches, 0);
+    assert_eq!(r.duplicated[0].offsets, vec![0, 3]);
     assert_eq!(r.verdict, Verdict::Pass, "{}", r.table());
-    let strict = check(
-        &History::parse(&format!("{CLEAN}\n{dup}")).unwrap(),
+    let strict = run_with(
+        &dup,
         &Options {
             duplicates_fail: true,
+            ..Options::default()
         },
     );
-    assert_eq!(strict.verdict, Verdict::Fail);
-
-    // Redelivery to a consumer group is counted, never failed.
-    let r = with(
-        r#"{"type":"ok","process":7,"f":"deliver","group":"g","topic":"t","partition":0,"events":[{"offset":0,"id":"a1"}]}
-{"type":"ok","process":8,"f":"deliver","group":"g","topic":"t","partition":0,"events":[{"offset":0,"id":"a1"}]}"#,
-    );
-    assert_eq!(r.counts.redelivered, 1);
-    assert_eq!(r.verdict, Verdict::Pass);
-
-    // A group of the same name in another region is another group.
-    let r = with(
-        r#"{"type":"ok","process":7,"f":"deliver","region":"a","group":"g","topic":"t","partition":0,"events":[{"offset":0,"id":"a1"}]}
-{"type":"ok","process":8,"f":"deliver","region":"b","group":"g","topic":"t","partition":0,"events":[{"offset":0,"id":"a1"}]}"#,
-    );
-    assert_eq!(r.counts.redelivered, 0);
+    fails_for(&strict, "two offsets of one log");
 }
 
 #[test]
 fn an_order_violation_is_flagged() {
-    let r = run(
-        r#"{"type":"invoke","process":1,"f":"publish","id":"first","key":"k","topic":"t"}
-{"type":"invoke","process":1,"f":"publish","id":"second","key":"k","topic":"t"}
-{"type":"ok","process":1,"f":"publish","id":"first","topic":"t","partition":0,"offset":1}
-{"type":"ok","process":1,"f":"publish","id":"second","topic":"t","partition":0,"offset":0}
-{"type":"ok","process":9,"f":"read","topic":"t","partition":0,"events":[{"offset":0,"id":"second"},{"offset":1,"id":"first"}]}"#,
-    );
-    assert_eq!(r.verdict, Verdict::Fail);
-    assert_eq!(r.counts.order_violations, 1);
+    // b received a2 before a1 (both of process 1, key k1).
+    let r = run(&edited(
+        B_FINAL_EVENTS,
+        r#""events":[{"offset":0,"id":"a2"},{"offset":1,"id":"b1"},{"offset":2,"id":"a1"}],"time_ms":160"#,
+    ));
+    fails_for(&r, "order violations");
     let v = &r.order_violations[0];
-    assert_eq!(v.published_first, ("first".to_string(), 1));
-    assert_eq!(v.stored_first, ("second".to_string(), 0));
+    assert_eq!(v.log.0, "b");
+    assert_eq!(v.published_first, ("a1".to_string(), 2));
+    assert_eq!(v.stored_first, ("a2".to_string(), 0));
 }
 
 #[test]
-fn replica_divergence_in_the_committed_prefix_is_flagged() {
-    let r = with(
-        r#"{"type":"dump","node":3,"topic":"t","partition":0,"committed":2,"events":[{"offset":0,"id":"a1"},{"offset":1,"id":"b1"}]}"#,
-    );
-    assert_eq!(r.verdict, Verdict::Fail);
-    assert_eq!(r.counts.replica_divergences, 1);
-    assert_eq!(r.replica_divergences[0].offset, 1);
+fn a_mid_run_read_that_the_final_read_contradicts_is_flagged() {
+    let r = run(&format!(
+        "{CLEAN}\n{}",
+        r#"{"type":"ok","process":9,"f":"read","region":"a","topic":"t","partition":0,"events":[{"offset":1,"id":"b1"}],"time_ms":30}"#
+    ));
+    fails_for(&r, "offsets observed with events");
+    assert_eq!(r.offset_divergences[0].offset, 1);
 }
 
 #[test]
-fn reads_that_disagree_and_acks_that_reads_contradict_are_flagged() {
-    let r = with(
-        r#"{"type":"ok","process":9,"f":"read","topic":"t","partition":0,"events":[{"offset":1,"id":"b1"}]}"#,
+fn lines_out_of_order_or_with_unknown_fields_are_refused_naming_the_line() {
+    let refused = |text: &str, line: usize, words: &str| {
+        let err = History::parse(text).unwrap_err().to_string();
+        assert!(err.contains(&format!("line {line}")), "{err}");
+        assert!(err.contains(words), "{err}");
+    };
+    let invoke = r#"{"type":"invoke","process":1,"f":"publish","id":"a","topic":"t"}"#;
+    let ok =
+        r#"{"type":"ok","process":1,"f":"publish","id":"a","topic":"t","partition":0,"offset":0}"#;
+    refused(&format!("{invoke}\n{ok}\n{invoke}"), 3, "invoked again");
+    refused(ok, 1, "before it is invoked");
+    refused(&format!("{invoke}\n{ok}\n{ok}"), 3, "completes again");
+    refused(
+        &format!("{invoke}\n{}", ok.replace(",\"offset\":0", "")),
+        2,
+        "\"offset\"",
     );
-    assert_eq!(r.verdict, Verdict::Fail);
-    assert_eq!(r.counts.offset_divergences, 1);
-
-    let r = run(
-        r#"{"type":"invoke","process":1,"f":"publish","id":"x","key":"k","topic":"t"}
-{"type":"ok","process":1,"f":"publish","id":"x","topic":"t","partition":0,"offset":7}
-{"type":"ok","process":9,"f":"read","topic":"t","partition":0,"events":[{"offset":3,"id":"x"}]}"#,
+    refused(
+        &invoke.replace("\"topic\"", "\"topik\""),
+        1,
+        "unknown field",
     );
-    assert_eq!(r.verdict, Verdict::Fail);
-    assert_eq!(r.ack_mismatches[0].observed, vec![3]);
-}
-
-#[test]
-fn an_event_that_never_reaches_a_required_region_is_flagged_and_lag_is_measured() {
-    let r = run(
-        r#"{"type":"invoke","process":1,"f":"publish","id":"x","key":"k","topic":"t","regions":["b","c"]}
-{"type":"ok","process":1,"f":"publish","region":"a","id":"x","topic":"t","partition":0,"offset":0,"time_ms":100}
-{"type":"ok","process":9,"f":"read","region":"a","topic":"t","partition":0,"events":[{"offset":0,"id":"x"}],"time_ms":101}
-{"type":"ok","process":9,"f":"read","region":"b","topic":"t","partition":0,"events":[{"offset":0,"id":"x"}],"time_ms":180}"#,
+    refused(
+        r#"{"type":"ok","f":"read","region":"a","topic":"t","partition":0,"events":[{"offset":0,"id":"a","extra":1}]}"#,
+        1,
+        "unknown field",
     );
-    assert_eq!(r.verdict, Verdict::Fail);
-    assert_eq!(
-        r.unreached,
-        vec![Unreached {
-            id: "x".into(),
-            region: "c".into()
-        }]
+    refused(&format!("\n{A_FINAL}\n{A_FINAL}"), 3, "second final read");
+    refused(
+        r#"{"type":"ok","f":"read","final":true,"topic":"t","partition":0,"partitions":1,"low":0,"high":1,"events":[{"offset":1,"id":"a"}]}"#,
+        1,
+        "outside the final read's range",
     );
-    assert_eq!(r.forwarding_lag_ms, Some((80, 80)));
-}
-
-#[test]
-fn malformed_lines_are_refused_naming_the_line() {
-    let err = History::parse("{\"type\":\"ok\",\"f\":\"publish\",\"id\":\"a\"}\nnot json")
-        .unwrap_err()
-        .to_string();
-    assert!(err.contains("line 2"), "{err}");
-    let err = History::parse(r#"{"type":"invoke","f":"publish"}"#)
-        .unwrap_err()
-        .to_string();
-    assert!(err.contains("line 1") && err.contains("\"id\""), "{err}");
-    let err = History::parse(r#"{"type":"dump","partition":0}"#)
-        .unwrap_err()
-        .to_string();
-    assert!(err.contains("node"), "{err}");
+    refused(
+        r#"{"type":"ok","f":"read","final":true,"topic":"t","partition":0,"low":0,"high":1}"#,
+        1,
+        "\"partitions\"",
+    );
+    refused(
+        "{\"type\":\"ok\",\"f\":\"read\",\"partition\":0}\nnot json",
+        2,
+        "expected",
+    );
+    refused(r#"{"type":"dump","partition":0,"committed":1}"#, 1, "node");
+    refused(
+        r#"{"type":"fault","kind":"kill","time_ms":5,"end_ms":4}"#,
+        1,
+        "before it starts",
+    );
+    refused(
+        r#"{"type":"invoke","f":"read","topic":"t","partition":0}"#,
+        1,
+        "only completed",
+    );
 }

@@ -144,8 +144,12 @@ impl Subscription {
         }
     }
 
-    /// The next offset this subscription will deliver, once known.
+    /// The next offset this subscription will deliver, once known: the first buffered
+    /// event's, or past everything received.
     pub fn position(&self) -> Option<u64> {
-        self.cursor
+        match self.buffered.front() {
+            Some((offset, _)) => Some(*offset),
+            None => self.cursor,
+        }
     }
 }

@@ -9,7 +9,8 @@ use ferry_check::{check, History, Options, Verdict};
 
 #[derive(Args)]
 pub(crate) struct CheckArgs {
-    /// History file: JSON lines of invoke / ok / fail / info operations and replica dumps.
+    /// History file: JSON lines of invoke / ok / fail / info operations, final reads, replica
+    /// dumps and faults (the format is described in ferry-check's `history` module).
     history: PathBuf,
     /// Also write the full report (every violation found) as JSON to this file.
     #[arg(long)]
@@ -18,6 +19,16 @@ pub(crate) struct CheckArgs {
     /// promises it never is); otherwise duplicates are only counted.
     #[arg(long)]
     duplicates_fail: bool,
+    /// Logs may have a retention limit: final reads may start above offset 0 (acknowledged
+    /// events below it count as expired); without it such a read fails the run.
+    #[arg(long)]
+    retention: bool,
+    /// Fail when any origin region has fewer acknowledged publishes than this.
+    #[arg(long, default_value_t = 0)]
+    min_acknowledged_per_region: u64,
+    /// Fail when a recorded fault held while fewer publishes than this were invoked.
+    #[arg(long, default_value_t = 0)]
+    min_publishes_per_fault: u64,
 }
 
 pub(crate) fn run(args: CheckArgs) -> anyhow::Result<Verdict> {
@@ -29,6 +40,9 @@ pub(crate) fn run(args: CheckArgs) -> anyhow::Result<Verdict> {
         &history,
         &Options {
             duplicates_fail: args.duplicates_fail,
+            retention: args.retention,
+            min_acknowledged_per_region: args.min_acknowledged_per_region,
+            min_publishes_per_fault: args.min_publishes_per_fault,
         },
     );
     if let Some(path) = &args.json {

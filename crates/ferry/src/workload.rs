@@ -1,7 +1,8 @@
 //! `ferry workload`: the client side of a chaos run. `produce` publishes keyed events from
 //! several producers and records every invoke and outcome as a history (`ferry check` reads
-//! it); `collect` appends, after the faults have healed, linearizable reads of every
-//! partition and a dump of each node's own replica. Bounded in count and in time.
+//! it); `collect` appends, after the faults have healed, a final read of every partition
+//! (linearizable, oldest retained offset to high watermark, recorded with that range) and a
+//! dump of each node's own replica. Bounded in count and in time.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -25,8 +26,8 @@ use crate::ctl::Connect;
 pub(crate) struct WorkloadArgs {
     #[command(flatten)]
     connect: Connect,
-    /// Record times as milliseconds since this Unix time (ms), so histories written by
-    /// workloads in several regions share one clock. Default: since the workload started.
+    /// Record times as milliseconds since this Unix time (ms). Every part of one history
+    /// (producers in several regions, the collect) must share it. Default: 0, Unix time.
     #[arg(long, global = true)]
     epoch_ms: Option<u64>,
     #[command(subcommand)]
@@ -155,7 +156,7 @@ impl Recorder {
         Ok((
             Self {
                 tx,
-                epoch_ms: epoch_ms.unwrap_or_else(unix_ms),
+                epoch_ms: epoch_ms.unwrap_or(0),
             },
             writer,
         ))
@@ -261,6 +262,7 @@ async fn produce(
                 recorder.record(Op {
                     op_type: Some(OpType::Invoke),
                     key: Some(key.clone()),
+                    region: region.clone(),
                     regions: reach.clone(),
                     ..publish_op(process, &id, &topic)
                 });
@@ -425,38 +427,49 @@ async fn collect(
         .with_context(|| format!("describing {}", args.topic))?;
     let (recorder, writer) = Recorder::start(&args.out, epoch_ms)?;
     let timeout = Duration::from_secs(args.timeout_secs);
-    // Linearizable reads of every partition, from the start to the high watermark.
+    let partitions = description.config.partitions;
+    // A final read of every partition: linearizable fetches from the oldest retained offset
+    // to the high watermark, recorded as one line with that range.
     let mut highs = BTreeMap::new();
-    for partition in 0..description.config.partitions {
+    for info in &description.partitions {
+        let partition = info.partition;
         let deadline = Instant::now() + timeout;
-        let mut offset = 0;
+        let low = info.low_watermark;
+        let (mut offset, mut high, mut events) = (low, 0, Vec::new());
         loop {
-            let (events, high) = tokio::time::timeout_at(
+            let (page, page_high) = tokio::time::timeout_at(
                 deadline,
                 client.fetch(&args.topic, partition, offset, 1 << 20),
             )
             .await
             .with_context(|| format!("reading partition {partition}: timed out"))??;
-            highs.insert(partition, high);
-            if let Some((last, _)) = events.last() {
-                offset = last + 1;
-            }
-            recorder.record(Op {
-                op_type: Some(OpType::Ok),
-                f: Some(Func::Read),
-                region: args.region.clone(),
-                topic: args.topic.clone(),
-                partition: Some(partition),
-                events: observed(&events),
-                ..Op::default()
-            });
-            if offset >= high || events.is_empty() {
+            high = high.max(page_high);
+            let Some((last, _)) = page.last() else { break };
+            offset = last + 1;
+            events.extend(page);
+            if offset >= high {
                 break;
             }
         }
+        highs.insert(partition, high);
+        recorder.record(Op {
+            op_type: Some(OpType::Ok),
+            f: Some(Func::Read),
+            is_final: true,
+            region: args.region.clone(),
+            topic: args.topic.clone(),
+            partition: Some(partition),
+            partitions: Some(partitions),
+            low: Some(low),
+            high: Some(high),
+            events: observed(&events),
+            ..Op::default()
+        });
     }
-    // Each node's own replica: a subscription served by that node alone, up to the high
-    // watermark read above (or what it has when the deadline passes).
+    // Each node's own replica: a subscription served by that node alone from its oldest
+    // retained offset, read until it reaches the high watermark above, or until it has
+    // delivered nothing for `idle` (a replica that never catches up), or the deadline.
+    let idle = Duration::from_secs(10);
     for node in &args.nodes {
         let (id, addr) = node
             .split_once('=')
@@ -466,11 +479,11 @@ async fn collect(
             .parse()
             .with_context(|| format!("address in {node:?}"))?;
         let one = ferry_client::Client::new(ClientOptions::new(vec![addr], connect.identity()?))?;
-        for partition in 0..description.config.partitions {
+        let deadline = Instant::now() + timeout;
+        for partition in 0..partitions {
             let high = highs.get(&partition).copied().unwrap_or(0);
             let mut events = Vec::new();
             if high > 0 {
-                let deadline = Instant::now() + timeout;
                 let mut sub = tokio::time::timeout_at(
                     deadline,
                     one.subscribe(&args.topic, partition, StartFrom::Earliest),
@@ -478,10 +491,20 @@ async fn collect(
                 .await
                 .with_context(|| format!("node {id} partition {partition}: timed out"))??;
                 while sub.position().unwrap_or(0) < high {
-                    match tokio::time::timeout_at(deadline, sub.next()).await {
+                    let until = deadline.min(Instant::now() + idle);
+                    match tokio::time::timeout_at(until, sub.next()).await {
                         Ok(Ok(item)) => events.push(item),
                         Ok(Err(e)) => bail!("node {id} partition {partition}: {e}"),
-                        Err(_) => break,
+                        Err(_) => {
+                            tracing::warn!(
+                                node = id,
+                                partition,
+                                held = events.len(),
+                                high,
+                                "replica stopped short of the high watermark"
+                            );
+                            break;
+                        }
                     }
                 }
             }
