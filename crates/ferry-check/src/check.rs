@@ -27,7 +27,8 @@ pub struct Options {
     pub retention: bool,
     /// Fewer acknowledged publishes than this in any origin region fails the run.
     pub min_acknowledged_per_region: u64,
-    /// A fault during which fewer publishes than this were invoked fails the run.
+    /// A fault during which fewer publishes than this were in flight (invoked before it
+    /// healed, and not completed before it began) fails the run.
     pub min_publishes_per_fault: u64,
 }
 
@@ -41,6 +42,8 @@ struct Publish<'h> {
     regions: &'h [String],
     invoked_ms: u64,
     outcome: Option<OpType>,
+    /// When it completed (ok, fail or info).
+    done_ms: Option<u64>,
     ack: Option<(LogId, u64)>,
     ack_ms: u64,
 }
@@ -104,6 +107,7 @@ pub fn check(history: &History, options: &Options) -> Report {
                             regions: &op.regions,
                             invoked_ms: op.time_ms,
                             outcome: None,
+                            done_ms: None,
                             ack: None,
                             ack_ms: 0,
                         },
@@ -111,6 +115,7 @@ pub fn check(history: &History, options: &Options) -> Report {
                     *seq += 1;
                 } else if let Some(p) = publishes.get_mut(id) {
                     p.outcome = Some(t);
+                    p.done_ms = Some(op.time_ms);
                     if t == OpType::Ok {
                         p.ack_ms = op.time_ms;
                         if p.origin.is_empty() {
@@ -639,7 +644,7 @@ fn check_order(
 }
 
 /// A run proves little with few acknowledged writes, or with faults nobody was publishing
-/// through.
+/// through (a publish overlaps a fault when it was in flight while the fault held).
 fn check_floors(
     faults: &[&Op],
     publishes: &HashMap<&str, Publish>,
@@ -663,12 +668,12 @@ fn check_floors(
         let (start, end) = (fault.time_ms, fault.end_ms.unwrap_or(fault.time_ms));
         let during = publishes
             .values()
-            .filter(|p| p.invoked_ms >= start && p.invoked_ms <= end)
+            .filter(|p| p.invoked_ms <= end && p.done_ms.is_none_or(|done| done >= start))
             .count() as u64;
         let kind = fault.kind.clone().unwrap_or_default();
         if during < options.min_publishes_per_fault {
             report.below_floor.push(format!(
-                "fault {kind} at {start}..{end} ms: {during} publishes invoked while it held, the floor is {}",
+                "fault {kind} at {start}..{end} ms: {during} publishes in flight while it held, the floor is {}",
                 options.min_publishes_per_fault
             ));
         }

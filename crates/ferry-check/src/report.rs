@@ -215,7 +215,7 @@ pub struct Report {
     pub counts: Counts,
     /// Acknowledged publishes per origin region.
     pub acknowledged_by_region: BTreeMap<String, u64>,
-    /// Publishes invoked during each fault: (kind, start ms, end ms, publishes).
+    /// Publishes in flight during each fault: (kind, start ms, end ms, publishes).
     pub faults: Vec<(String, u64, u64, u64)>,
     /// Lost events.
     pub lost: Vec<Lost>,
