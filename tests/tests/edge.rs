@@ -163,6 +163,25 @@ impl Ws {
         }
         out
     }
+
+    /// Message frames of `channel` as received, up to and including the one whose `data.n`
+    /// is `last` (any other frame fails): a skipped or repeated one shows in the result
+    /// instead of as a timeout.
+    async fn messages_until(&mut self, channel: &str, last: u64, within: Duration) -> Vec<Value> {
+        let deadline = Instant::now() + within;
+        let mut out = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let frame = self.next(left).await;
+            assert_eq!(frame["type"], "message", "{frame}");
+            assert_eq!(frame["channel"], channel, "{frame}");
+            let n = frame["data"]["n"].as_u64();
+            out.push(frame);
+            if n == Some(last) {
+                return out;
+            }
+        }
+    }
 }
 
 async fn publish(producer: &Producer, channel: &str, data: Value) {
@@ -282,6 +301,23 @@ impl Sse {
             out.push((id, data));
         }
         out
+    }
+
+    /// Message events up to and including the one whose `data.n` is `last`: (id, frame).
+    async fn messages_until(&mut self, last: u64, within: Duration) -> Vec<(String, Value)> {
+        let deadline = Instant::now() + within;
+        let mut out = Vec::new();
+        loop {
+            let (kind, id, data) = self
+                .next_event(deadline.saturating_duration_since(Instant::now()))
+                .await;
+            assert_eq!(kind, "message", "{data}");
+            let n = data["data"]["n"].as_u64();
+            out.push((id, data));
+            if n == Some(last) {
+                return out;
+            }
+        }
     }
 }
 
@@ -484,10 +520,14 @@ async fn edge_fans_out_resumes_and_keeps_its_window_across_a_restart() {
     let mut witness = Ws::connect(addr, &token("alice", &[])).await;
     witness.subscribe("user.alice", Some(&last_id)).await;
     let missed = witness
-        .messages("user.alice", 100, Duration::from_secs(20))
+        .messages_until("user.alice", 100, Duration::from_secs(20))
         .await;
     // Exactly what was missed, as received: in publish order, none skipped or repeated.
-    assert_eq!(ns(&missed), (1..101).collect::<Vec<_>>());
+    assert_eq!(
+        ns(&missed),
+        (1..101).collect::<Vec<_>>(),
+        "the resumed WebSocket stream, as received"
+    );
     let ids: Vec<String> = missed
         .iter()
         .map(|f| f["id"].as_str().unwrap().to_string())
@@ -513,12 +553,16 @@ async fn edge_fans_out_resumes_and_keeps_its_window_across_a_restart() {
     drop(sse);
     publish_many(&producer, "user.bob", 1..101).await;
     let mut sse = Sse::open(&http, addr, "user.bob", &token("bob", &[]), Some(&sse_last)).await;
-    let missed = sse.messages(100, Duration::from_secs(20)).await;
+    let missed = sse.messages_until(100, Duration::from_secs(20)).await;
     let got: Vec<u64> = missed
         .iter()
         .map(|(_, v)| v["data"]["n"].as_u64().unwrap())
         .collect();
-    assert_eq!(got, (1..101).collect::<Vec<_>>());
+    assert_eq!(
+        got,
+        (1..101).collect::<Vec<_>>(),
+        "the resumed SSE stream, as received"
+    );
     let sse_last_seq = seqs([sse_last.as_str()])[0];
     assert_eq!(
         seqs(missed.iter().map(|(id, _)| id.as_str())),
@@ -540,8 +584,13 @@ async fn edge_fans_out_resumes_and_keeps_its_window_across_a_restart() {
     let mut again = Ws::connect(addr, &token("alice", &[])).await;
     again.subscribe("user.alice", Some(&ids[49])).await;
     let replayed = again
-        .messages("user.alice", 50 + 1 + 10, Duration::from_secs(30))
+        .messages_until("user.alice", 111, Duration::from_secs(30))
         .await;
+    assert_eq!(
+        ns(&replayed),
+        (51..112).collect::<Vec<_>>(),
+        "after a clean restart: the rest of the window, then what came while down, in order"
+    );
     let replayed_ids: Vec<&str> = replayed[..50]
         .iter()
         .map(|f| f["id"].as_str().unwrap())
@@ -549,11 +598,6 @@ async fn edge_fans_out_resumes_and_keeps_its_window_across_a_restart() {
     assert_eq!(
         replayed_ids,
         ids[50..].iter().map(String::as_str).collect::<Vec<_>>()
-    );
-    assert_eq!(
-        ns(&replayed),
-        (51..112).collect::<Vec<_>>(),
-        "after a clean restart: the rest of the window, then what came while down, in order"
     );
     let before_kill = replayed.last().unwrap()["id"].as_str().unwrap().to_string();
     drop(again);
@@ -575,7 +619,7 @@ async fn edge_fans_out_resumes_and_keeps_its_window_across_a_restart() {
     let epoch = epoch_of(gap["first_available"].as_str().unwrap()).to_string();
     assert_ne!(epoch, epoch_of(&ids[0]), "a crash starts a new epoch");
     let window = resumed
-        .messages("user.alice", 132, Duration::from_secs(30))
+        .messages_until("user.alice", 131, Duration::from_secs(30))
         .await;
     assert_eq!(
         ns(&window),
