@@ -111,6 +111,15 @@ impl TestRegion {
         }
     }
 
+    /// Kills node `id` abruptly ([`QuicNode::kill`]): its network goes at once, mid-request,
+    /// with no graceful shutdown first; its data stays.
+    pub async fn kill(&mut self, id: NodeId) {
+        let index = self.index(id);
+        if let Some(node) = self.nodes[index].take() {
+            node.kill().await;
+        }
+    }
+
     /// Restarts node `id` from its data folder on its old address, retrying until the
     /// previous instance has released the folder and port, up to a deadline.
     pub async fn restart(&mut self, id: NodeId) {

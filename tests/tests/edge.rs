@@ -1,7 +1,8 @@
 //! An edge and a three-node region in one process, over real QUIC (edge to region) and real
 //! TCP (WebSocket and SSE clients to the edge): fan-out to 1,000 WebSocket clients, broadcast,
-//! resume by last id over WebSocket and SSE, the window surviving an edge restart, the gap
-//! frame, tokens, and a client that stops reading.
+//! resume by last id over WebSocket and SSE (received in publish order, none skipped or
+//! repeated), the window surviving a clean edge restart and an abrupt one (told by a gap frame
+//! after the crash), the gap frame, tokens, and a client that stops reading.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -162,6 +163,25 @@ impl Ws {
         }
         out
     }
+
+    /// Message frames of `channel` as received, up to and including the one whose `data.n`
+    /// is `last` (any other frame fails): a skipped or repeated one shows in the result
+    /// instead of as a timeout.
+    async fn messages_until(&mut self, channel: &str, last: u64, within: Duration) -> Vec<Value> {
+        let deadline = Instant::now() + within;
+        let mut out = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let frame = self.next(left).await;
+            assert_eq!(frame["type"], "message", "{frame}");
+            assert_eq!(frame["channel"], channel, "{frame}");
+            let n = frame["data"]["n"].as_u64();
+            out.push(frame);
+            if n == Some(last) {
+                return out;
+            }
+        }
+    }
 }
 
 async fn publish(producer: &Producer, channel: &str, data: Value) {
@@ -282,6 +302,23 @@ impl Sse {
         }
         out
     }
+
+    /// Message events up to and including the one whose `data.n` is `last`: (id, frame).
+    async fn messages_until(&mut self, last: u64, within: Duration) -> Vec<(String, Value)> {
+        let deadline = Instant::now() + within;
+        let mut out = Vec::new();
+        loop {
+            let (kind, id, data) = self
+                .next_event(deadline.saturating_duration_since(Instant::now()))
+                .await;
+            assert_eq!(kind, "message", "{data}");
+            let n = data["data"]["n"].as_u64();
+            out.push((id, data));
+            if n == Some(last) {
+                return out;
+            }
+        }
+    }
 }
 
 fn rand_id() -> u64 {
@@ -290,10 +327,37 @@ fn rand_id() -> u64 {
     NEXT.fetch_add(1, Ordering::Relaxed)
 }
 
+/// Publishes `{"n": n}` to `channel` for each `n` of `range`, queued in that order under one
+/// key (so the region holds them in that order), and waits until all are acknowledged.
 async fn publish_many(producer: &Producer, channel: &str, range: std::ops::Range<u64>) {
-    let acks =
-        futures::future::join_all(range.map(|n| publish(producer, channel, json!({"n": n}))));
-    acks.await;
+    let mut acks = Vec::new();
+    for n in range {
+        let event = Event::new(
+            format!("{channel}-{}", rand_id()),
+            "test",
+            "notice",
+            Subject::new(channel).unwrap(),
+            json!({"n": n}).to_string(),
+        )
+        .with_key(channel.to_string());
+        acks.push(producer.send(event).await.expect("queued"));
+    }
+    for ack in acks {
+        ack.await.expect("publish acknowledged");
+    }
+}
+
+/// The sequence numbers of edge ids (`<epoch>-<seq>`), in the order given.
+fn seqs<'a>(ids: impl IntoIterator<Item = &'a str>) -> Vec<u64> {
+    ids.into_iter()
+        .map(|id| {
+            id.rsplit_once('-')
+                .expect("an edge id")
+                .1
+                .parse()
+                .expect("a sequence")
+        })
+        .collect()
 }
 
 fn ns(frames: &[Value]) -> Vec<u64> {
@@ -456,15 +520,24 @@ async fn edge_fans_out_resumes_and_keeps_its_window_across_a_restart() {
     let mut witness = Ws::connect(addr, &token("alice", &[])).await;
     witness.subscribe("user.alice", Some(&last_id)).await;
     let missed = witness
-        .messages("user.alice", 100, Duration::from_secs(20))
+        .messages_until("user.alice", 100, Duration::from_secs(20))
         .await;
-    let mut got = ns(&missed);
-    got.sort();
-    assert_eq!(got, (1..101).collect::<Vec<_>>());
+    // Exactly what was missed, as received: in publish order, none skipped or repeated.
+    assert_eq!(
+        ns(&missed),
+        (1..101).collect::<Vec<_>>(),
+        "the resumed WebSocket stream, as received"
+    );
     let ids: Vec<String> = missed
         .iter()
         .map(|f| f["id"].as_str().unwrap().to_string())
         .collect();
+    let last_seq = seqs([last_id.as_str()])[0];
+    assert_eq!(
+        seqs(ids.iter().map(String::as_str)),
+        (last_seq + 1..=last_seq + 100).collect::<Vec<_>>(),
+        "the resumed ids follow the last one seen"
+    );
     publish(&producer, "user.alice", json!({"n": 101})).await;
     let next = witness
         .messages("user.alice", 1, Duration::from_secs(10))
@@ -480,13 +553,22 @@ async fn edge_fans_out_resumes_and_keeps_its_window_across_a_restart() {
     drop(sse);
     publish_many(&producer, "user.bob", 1..101).await;
     let mut sse = Sse::open(&http, addr, "user.bob", &token("bob", &[]), Some(&sse_last)).await;
-    let missed = sse.messages(100, Duration::from_secs(20)).await;
-    let mut got: Vec<u64> = missed
+    let missed = sse.messages_until(100, Duration::from_secs(20)).await;
+    let got: Vec<u64> = missed
         .iter()
         .map(|(_, v)| v["data"]["n"].as_u64().unwrap())
         .collect();
-    got.sort();
-    assert_eq!(got, (1..101).collect::<Vec<_>>());
+    assert_eq!(
+        got,
+        (1..101).collect::<Vec<_>>(),
+        "the resumed SSE stream, as received"
+    );
+    let sse_last_seq = seqs([sse_last.as_str()])[0];
+    assert_eq!(
+        seqs(missed.iter().map(|(id, _)| id.as_str())),
+        (sse_last_seq + 1..=sse_last_seq + 100).collect::<Vec<_>>(),
+        "the resumed SSE ids follow Last-Event-ID"
+    );
     publish(&producer, "user.bob", json!({"n": 101})).await;
     let next = sse.messages(1, Duration::from_secs(10)).await;
     assert_eq!(next[0].1["data"]["n"], 101);
@@ -498,12 +580,17 @@ async fn edge_fans_out_resumes_and_keeps_its_window_across_a_restart() {
     publish_many(&producer, "user.alice", 102..112).await;
     let mut config = config;
     config.http = addr;
-    let edge = restart_edge(config).await;
+    let edge = restart_edge(config.clone()).await;
     let mut again = Ws::connect(addr, &token("alice", &[])).await;
     again.subscribe("user.alice", Some(&ids[49])).await;
     let replayed = again
-        .messages("user.alice", 50 + 1 + 10, Duration::from_secs(30))
+        .messages_until("user.alice", 111, Duration::from_secs(30))
         .await;
+    assert_eq!(
+        ns(&replayed),
+        (51..112).collect::<Vec<_>>(),
+        "after a clean restart: the rest of the window, then what came while down, in order"
+    );
     let replayed_ids: Vec<&str> = replayed[..50]
         .iter()
         .map(|f| f["id"].as_str().unwrap())
@@ -512,11 +599,39 @@ async fn edge_fans_out_resumes_and_keeps_its_window_across_a_restart() {
         replayed_ids,
         ids[50..].iter().map(String::as_str).collect::<Vec<_>>()
     );
-    assert_eq!(replayed[50]["data"]["n"], 101);
-    let mut tail = ns(&replayed[51..]);
-    tail.sort();
-    assert_eq!(tail, (102..112).collect::<Vec<_>>());
+    let before_kill = replayed.last().unwrap()["id"].as_str().unwrap().to_string();
     drop(again);
+
+    // An abrupt stop (tasks aborted, window not closed cleanly) right after notifications were
+    // acknowledged by the region, whether or not the edge had read them yet; more arrive while
+    // it is down. A client resuming with an id of the old epoch is told (a gap frame), then
+    // gets the whole retained window of its channel: every notification once, in publish
+    // order, and then live ones.
+    publish_many(&producer, "user.alice", 112..122).await;
+    edge.kill().await;
+    publish_many(&producer, "user.alice", 122..132).await;
+    let edge = restart_edge(config.clone()).await;
+    let mut resumed = Ws::connect(addr, &token("alice", &[])).await;
+    resumed.subscribe("user.alice", Some(&before_kill)).await;
+    let gap = resumed.next(Duration::from_secs(10)).await;
+    assert_eq!(gap["type"], "gap", "after a crash, a resume is told: {gap}");
+    assert_eq!(gap["requested"], before_kill.as_str(), "{gap}");
+    let epoch = epoch_of(gap["first_available"].as_str().unwrap()).to_string();
+    assert_ne!(epoch, epoch_of(&ids[0]), "a crash starts a new epoch");
+    let window = resumed
+        .messages_until("user.alice", 131, Duration::from_secs(30))
+        .await;
+    assert_eq!(
+        ns(&window),
+        (0..132).collect::<Vec<_>>(),
+        "the window after a crash, as received"
+    );
+    publish(&producer, "user.alice", json!({"n": 132})).await;
+    let live = resumed
+        .messages("user.alice", 1, Duration::from_secs(10))
+        .await;
+    assert_eq!(ns(&live), vec![132], "exactly the window, then live");
+    drop(resumed);
 
     // A position older than the window (200 per channel) gets the gap frame.
     let mut watcher = Ws::connect(addr, &token("dave", &["news.>"])).await;
@@ -527,17 +642,16 @@ async fn edge_fans_out_resumes_and_keeps_its_window_across_a_restart() {
         .messages("news.flood", 250, Duration::from_secs(30))
         .await;
     let mut late = Ws::connect(addr, &token("carol", &["news.>"])).await;
-    late.send(json!({"type": "subscribe", "channel": "news.flood", "since": format!("{}-1", epoch_of(&ids[0]))}))
+    late.send(json!({"type": "subscribe", "channel": "news.flood", "since": format!("{epoch}-1")}))
         .await;
     let subscribed = late.next(Duration::from_secs(10)).await;
     assert_eq!(subscribed["type"], "subscribed", "{subscribed}");
     let gap = late.next(Duration::from_secs(10)).await;
     assert_eq!(gap["type"], "gap", "{gap}");
-    assert_eq!(gap["first_available"], format!("{}-51", epoch_of(&ids[0])));
+    assert_eq!(gap["first_available"], format!("{epoch}-51"));
     let rest = late
         .messages("news.flood", 200, Duration::from_secs(20))
         .await;
-    let epoch = epoch_of(&ids[0]);
     let rest_ids: Vec<String> = rest
         .iter()
         .map(|f| f["id"].as_str().unwrap().to_string())

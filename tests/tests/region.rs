@@ -1,8 +1,11 @@
 //! A three-node region over real QUIC on loopback: concurrent idempotent producers, a
-//! partition leader killed mid-stream, every acknowledged event read back exactly once at its
-//! offset in per-key order, then the whole region restarted from disk and read back again.
+//! partition leader killed abruptly (network gone at once, no graceful shutdown) while they
+//! are still sending, every acknowledged event read back exactly once at its offset in
+//! per-key order, then the whole region restarted from disk and read back again.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use ferry_client::{Client, ProducerOptions, StartFrom};
@@ -56,7 +59,8 @@ async fn three_nodes_survive_a_leader_kill_and_a_full_restart() {
         .await
         .expect("partition 0 has a leader");
 
-    // 4 producers publish concurrently; each key's events carry their order in the id.
+    // 4 producers publish concurrently from their own task; each key's events carry their
+    // order in the id. The task reports every acknowledgement as it arrives.
     let mut producers = Vec::new();
     for p in 0..PRODUCERS {
         let options = ProducerOptions {
@@ -70,75 +74,105 @@ async fn three_nodes_survive_a_leader_kill_and_a_full_restart() {
         ));
     }
     let per_producer = EVENTS / PRODUCERS;
-    let (kill_tx, kill_rx) = tokio::sync::oneshot::channel::<()>();
-    let mut kill_tx = Some(kill_tx);
-    let mut acks = FuturesUnordered::new();
-    let mut acked: HashMap<String, (u32, u64)> = HashMap::new();
-    let mut failed = Vec::new();
-    let mut record = |(id, result): (
-        String,
-        Result<ferry_client::PublishAck, ferry_client::ClientError>,
-    )| match result {
-        Ok(ack) => {
-            acked.insert(id, (ack.partition, ack.offset));
-        }
-        Err(e) => failed.push(format!("{id}: {e}")),
-    };
-    let subject = Subject::new("orders.created").unwrap();
-    for i in 0..per_producer {
-        for (p, producer) in &producers {
-            let key = format!("p{p}-k{}", i % KEYS_PER_PRODUCER);
-            let id = format!("{key}#{:06}", i / KEYS_PER_PRODUCER);
-            let event = Event::new(
-                id.clone(),
-                "/test",
-                "order.created",
-                subject.clone(),
-                vec![b'x'; 200],
-            )
-            .with_key(key);
-            let ack = producer.send(event).await.expect("queued");
-            acks.push(async move { (id, ack.await) });
-        }
-        if i == per_producer / 3 {
-            if let Some(tx) = kill_tx.take() {
-                let _ = tx.send(());
+    let sent = Arc::new(AtomicUsize::new(0));
+    let (acks_tx, mut acks_rx) = tokio::sync::watch::channel(0usize);
+    let sent_by_task = sent.clone();
+    let publishing = tokio::spawn(async move {
+        let mut acks = FuturesUnordered::new();
+        // In the order acknowledgements arrived: (id, partition, offset).
+        let mut acked: Vec<(String, u32, u64)> = Vec::new();
+        let mut failed = Vec::new();
+        let mut record = |(id, result): (
+            String,
+            Result<ferry_client::PublishAck, ferry_client::ClientError>,
+        )| {
+            match result {
+                Ok(ack) => acked.push((id, ack.partition, ack.offset)),
+                Err(e) => failed.push(format!("{id}: {e}")),
+            }
+            acks_tx.send_replace(acked.len());
+        };
+        let subject = Subject::new("orders.created").unwrap();
+        for i in 0..per_producer {
+            for (p, producer) in &producers {
+                let key = format!("p{p}-k{}", i % KEYS_PER_PRODUCER);
+                let id = format!("{key}#{:06}", i / KEYS_PER_PRODUCER);
+                let event = Event::new(
+                    id.clone(),
+                    "/test",
+                    "order.created",
+                    subject.clone(),
+                    vec![b'x'; 200],
+                )
+                .with_key(key);
+                let ack = producer.send(event).await.expect("queued");
+                sent_by_task.fetch_add(1, Ordering::SeqCst);
+                acks.push(async move { (id, ack.await) });
+            }
+            // At most 2,000 unacknowledged: sending waits for acknowledgements, so the kill
+            // (after a third of them) lands with thousands of events still to send.
+            while acks.len() > 2_000 {
+                if let Some(done) = acks.next().await {
+                    record(done);
+                }
             }
         }
-        // Keep acknowledgements flowing while sending.
-        while acks.len() > 2_000 {
-            if let Some(done) = acks.next().await {
-                record(done);
-            }
+        while let Some(done) = acks.next().await {
+            record(done);
         }
-    }
-    // The kill happens while events are still in flight.
-    kill_rx.await.unwrap();
-    region.stop(victim).await;
+        (acked, failed)
+    });
 
-    while let Some(done) = acks.next().await {
-        record(done);
-    }
+    // Kill the leader of partition 0 abruptly once a third of the events are acknowledged,
+    // while the producers are still sending.
+    acks_rx
+        .wait_for(|n| *n >= EVENTS / 3)
+        .await
+        .expect("the publishing task reports its acknowledgements");
+    region.kill(victim).await;
+    let acked_at_kill = *acks_rx.borrow();
+    let sent_at_kill = sent.load(Ordering::SeqCst);
+    assert!(
+        sent_at_kill < EVENTS && acked_at_kill < EVENTS,
+        "the kill did not land mid-stream: {sent_at_kill} sent, {acked_at_kill} acknowledged"
+    );
+
+    let (acked_in_order, failed) = publishing.await.expect("publishing task");
     assert!(
         failed.is_empty(),
         "publishes failed: {:?}",
         &failed[..failed.len().min(5)]
     );
+    // Partition 0 (led by the victim) kept acknowledging after the kill: its publishes went
+    // through the failover rather than all before it.
+    assert!(
+        acked_in_order[acked_at_kill..]
+            .iter()
+            .any(|(_, partition, _)| *partition == 0),
+        "no publish to partition 0 was acknowledged after its leader was killed"
+    );
+    // Each event acknowledged exactly once.
+    let mut acked: HashMap<String, (u32, u64)> = HashMap::new();
+    for (id, partition, offset) in &acked_in_order {
+        if let Some(earlier) = acked.insert(id.clone(), (*partition, *offset)) {
+            panic!("event {id} acknowledged twice: at {earlier:?} and ({partition}, {offset})");
+        }
+    }
 
     let check = |log: &BTreeMap<(u32, u64), String>| {
-        // Each id at most once in the log.
-        let mut seen: HashMap<&str, (u32, u64)> = HashMap::new();
+        // Where each id is stored, every occurrence counted.
+        let mut seen: HashMap<&str, Vec<(u32, u64)>> = HashMap::new();
         for (pos, id) in log {
-            assert!(
-                seen.insert(id.as_str(), *pos).is_none(),
-                "event {id} stored twice"
-            );
+            seen.entry(id.as_str()).or_default().push(*pos);
         }
-        // Every acknowledged event is there, at its acknowledged position.
+        for (id, positions) in &seen {
+            assert_eq!(positions.len(), 1, "event {id} stored at {positions:?}");
+        }
+        // Every acknowledged event is there once, at its acknowledged position.
         for (id, pos) in &acked {
             assert_eq!(
-                seen.get(id.as_str()),
-                Some(pos),
+                seen.get(id.as_str()).map(Vec::as_slice),
+                Some(std::slice::from_ref(pos)),
                 "acknowledged event {id} missing or moved"
             );
         }

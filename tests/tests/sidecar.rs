@@ -3,7 +3,8 @@
 //! `/dapr/subscribe` receives everything another sidecar published, in every publish mode;
 //! bad input is refused and writes nothing; RETRY redelivers; DROP lands in the dead-letter
 //! topic; two replicas share the group; the event store's expected version; publishes
-//! accepted while the region is down arrive once it is back.
+//! accepted while the region is down (killed abruptly) arrive once it is back, each exactly
+//! once and one key's in publish order.
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -213,6 +214,32 @@ async fn post_structured(http: &reqwest::Client, url: String, ce: &Value) -> req
         .send()
         .await
         .unwrap()
+}
+
+/// Every event the region holds in `topic`: per partition, in offset order, its CloudEvent's
+/// data as text.
+async fn region_log(region: &TestRegion, topic: &str) -> Vec<(u32, u64, String)> {
+    let client = region.client();
+    let partitions = client.describe_topic(topic).await.unwrap().partitions.len() as u32;
+    let mut out = Vec::new();
+    for p in 0..partitions {
+        let mut offset = 0;
+        loop {
+            let (events, high) = client.fetch(topic, p, offset, 1 << 20).await.unwrap();
+            for (o, e) in events {
+                assert_eq!(o, offset, "offsets are dense and in order");
+                // The stored CloudEvent's `data` (a wrapped text payload).
+                let ce: Value = serde_json::from_slice(&e.data).expect("a CloudEvent");
+                let text = ce["data"].as_str().unwrap_or_default().to_string();
+                out.push((p, o, text));
+                offset = o + 1;
+            }
+            if offset >= high {
+                break;
+            }
+        }
+    }
+    out
 }
 
 fn publish_url(sidecar: &Sidecar, pubsub: &str, topic: &str) -> String {
@@ -730,13 +757,16 @@ async fn publishes_accepted_while_the_region_is_down_arrive_after_it_returns() {
         1
     );
 
+    // The whole region is killed abruptly (no graceful shutdown), then the publisher accepts 60
+    // events for one key: they can only be in its outbox.
     let ids = region.live_ids();
     for id in &ids {
-        region.stop(*id).await;
+        region.kill(*id).await;
     }
+    let keyed = format!("{url}?metadata.partitionKey=order-7");
     for i in 0..60 {
         let r = http
-            .post(&url)
+            .post(&keyed)
             .body(format!("while down {i}"))
             .send()
             .await
@@ -765,15 +795,73 @@ async fn publishes_accepted_while_the_region_is_down_arrive_after_it_returns() {
         publisher.outbox_depth() == 0
     })
     .await;
-    let texts: HashSet<String> = app
+    // The region holds every accepted event exactly once (counted, not as a set), nothing
+    // refused, and the 60 of one key in one partition in publish order.
+    let log = region_log(&region, TOPIC).await;
+    let mut counts: HashMap<&str, usize> = HashMap::new();
+    for (_, _, text) in &log {
+        *counts.entry(text.as_str()).or_default() += 1;
+    }
+    let mut expected: HashMap<&str, usize> = HashMap::new();
+    let accepted: Vec<String> = std::iter::once("first".to_string())
+        .chain((0..60).map(|i| format!("while down {i}")))
+        .collect();
+    for text in &accepted {
+        expected.insert(text.as_str(), 1);
+    }
+    let mut wrong: Vec<(&str, usize, usize)> = counts
+        .keys()
+        .chain(expected.keys())
+        .map(|t| {
+            (
+                *t,
+                counts.get(t).copied().unwrap_or(0),
+                expected.get(t).copied().unwrap_or(0),
+            )
+        })
+        .filter(|(_, held, want)| held != want)
+        .collect();
+    wrong.sort();
+    wrong.dedup();
+    assert!(
+        wrong.is_empty(),
+        "events held by the region a wrong number of times (event, held, accepted): {wrong:?}"
+    );
+    let keyed_log: Vec<(u32, &str)> = log
+        .iter()
+        .filter(|(_, _, t)| t.starts_with("while down"))
+        .map(|(p, _, t)| (*p, t.as_str()))
+        .collect();
+    let partition = keyed_log[0].0;
+    assert!(
+        keyed_log.iter().all(|(p, _)| *p == partition),
+        "one key, one partition"
+    );
+    assert_eq!(
+        keyed_log.iter().map(|(_, t)| *t).collect::<Vec<_>>(),
+        accepted[1..].iter().map(String::as_str).collect::<Vec<_>>(),
+        "one key's events in the region in publish order"
+    );
+    // The app got each at least once, and (delivery is per key in order) first in order.
+    let received: Vec<String> = app
         .received
         .lock()
         .unwrap()
         .iter()
         .map(|(_, ce)| ce["data"].as_str().unwrap().to_string())
         .collect();
-    assert!((0..60).all(|i| texts.contains(&format!("while down {i}"))));
-    assert!(!texts.contains("one too many"));
+    let mut first_seen = Vec::new();
+    for text in &received {
+        if text.starts_with("while down") && !first_seen.contains(text) {
+            first_seen.push(text.clone());
+        }
+    }
+    assert_eq!(
+        first_seen,
+        accepted[1..],
+        "the app's first deliveries, in order"
+    );
+    assert!(!received.iter().any(|t| t == "one too many"));
     subscriber.shutdown().await;
     publisher.shutdown().await;
 }

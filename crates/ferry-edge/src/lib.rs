@@ -234,6 +234,27 @@ impl Edge {
             .load(std::sync::atomic::Ordering::Acquire)
     }
 
+    /// Stops the edge abruptly, for crash tests: the region reader and the HTTP server are
+    /// aborted mid-work, connections are cut, and the window is released without being
+    /// flushed or marked closed cleanly, so the next start treats it as a crash (a new epoch:
+    /// resuming clients get a `gap` frame). In one process the window's store still writes
+    /// what it buffered when it is dropped; losing that tail takes a real SIGKILL.
+    pub async fn kill(self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+        for task in self.tasks {
+            let _ = task.await;
+        }
+        self.shared.webhooks.stop_all();
+        // Connection tasks end on the signal; the window is released once they have.
+        let _ = self.shutdown.send(true);
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+        while Arc::strong_count(&self.shared) > 1 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    }
+
     /// Stops serving, closes every connection, flushes the window and releases it.
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);

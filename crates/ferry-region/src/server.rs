@@ -120,6 +120,23 @@ impl QuicNode {
         self.http_addr
     }
 
+    /// Stops the node as abruptly as one process can stop a part of itself, for crash tests:
+    /// the endpoint is closed first, so from that instant no reply, vote, append or
+    /// acknowledgement leaves the node (peers and clients see it vanish mid-request, with
+    /// requests unanswered), and only then are the groups stopped, without stepping down,
+    /// draining connections or flushing anything beyond what was already written. What a
+    /// real SIGKILL would also drop, page-cache writes not yet fsynced, is kept: that needs
+    /// a filesystem that loses unsynced writes (the chaos scripts).
+    pub async fn kill(self) {
+        self.endpoint
+            .close(quinn::VarInt::from_u32(1), b"node killed");
+        self.serving.abort();
+        let _ = self.serving.await;
+        // Stopping the groups is only what lets the data folder be opened again in this
+        // process: nothing they do from here on can reach another node or a client.
+        self.node.shutdown().await;
+    }
+
     /// Stops serving and stops every group; storage is released when this returns and the
     /// last client connection task has ended.
     pub async fn shutdown(self) {

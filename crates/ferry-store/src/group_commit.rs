@@ -9,7 +9,7 @@
 //! waiter is ever completed before a flush that covers its writes has returned.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::{mpsc, Arc, Mutex};
 
 use openraft::storage::IOFlushed;
 
@@ -46,7 +46,14 @@ pub struct FlushStats {
     pub waiters: AtomicU64,
     /// Time spent in fsync, microseconds.
     pub flush_micros: AtomicU64,
+    /// Waits handed to the fsync thread (not counting those already covered on arrival).
+    pub queued: AtomicU64,
 }
+
+/// A test hook the fsync thread runs just before each fsync; see
+/// [`GroupCommit::set_before_sync`].
+pub type BeforeSync = Arc<dyn Fn() + Send + Sync>;
+type HookSlot = Arc<Mutex<Option<BeforeSync>>>;
 
 #[derive(Default)]
 struct Progress {
@@ -64,6 +71,7 @@ pub struct GroupCommit {
     handle: Arc<Handle>,
     stats: Arc<FlushStats>,
     progress: Arc<Progress>,
+    before_sync: HookSlot,
 }
 
 struct Handle {
@@ -100,6 +108,7 @@ fn run_flusher(
     rx: mpsc::Receiver<Waiter>,
     stats: Arc<FlushStats>,
     progress: Arc<Progress>,
+    before_sync: HookSlot,
 ) {
     let mut pending: Vec<Waiter> = Vec::new();
     loop {
@@ -112,6 +121,10 @@ fn run_flusher(
         pending.extend(rx.try_iter());
         // Every write numbered up to `target` was written before this sync starts.
         let target = progress.written.load(Ordering::SeqCst);
+        let hook = before_sync.lock().map(|h| h.clone()).unwrap_or(None);
+        if let Some(hook) = hook {
+            hook();
+        }
         let started = std::time::Instant::now();
         let result = sync().map_err(|e| e.to_string());
         let took = started.elapsed();
@@ -146,10 +159,12 @@ impl GroupCommit {
         let (tx, rx) = mpsc::channel::<Waiter>();
         let stats = Arc::new(FlushStats::default());
         let progress = Arc::new(Progress::default());
-        let (thread_stats, thread_progress) = (stats.clone(), progress.clone());
+        let before_sync = HookSlot::default();
+        let (thread_stats, thread_progress, thread_hook) =
+            (stats.clone(), progress.clone(), before_sync.clone());
         let thread = std::thread::Builder::new()
             .name("ferry-fsync".into())
-            .spawn(move || run_flusher(sync, rx, thread_stats, thread_progress))
+            .spawn(move || run_flusher(sync, rx, thread_stats, thread_progress, thread_hook))
             .expect("spawning the fsync thread");
         Self {
             handle: Arc::new(Handle {
@@ -158,6 +173,19 @@ impl GroupCommit {
             }),
             stats,
             progress,
+            before_sync,
+        }
+    }
+
+    /// Test hook: `hook` runs on the fsync thread before each fsync, after that fsync has
+    /// taken the waiters queued so far and read the write number it will cover. A hook that
+    /// blocks holds that fsync, so a test can queue calls behind it deterministically and
+    /// check that they share the next one. Production code never sets it; unset, it costs
+    /// one uncontended lock per fsync. `None` removes it.
+    #[doc(hidden)]
+    pub fn set_before_sync(&self, hook: Option<BeforeSync>) {
+        if let Ok(mut slot) = self.before_sync.lock() {
+            *slot = hook;
         }
     }
 
@@ -182,10 +210,13 @@ impl GroupCommit {
             completion.complete(&Ok(()));
             return;
         }
-        if let Err(waiter) = self.handle.send(Waiter { needs, completion }) {
-            waiter
+        match self.handle.send(Waiter { needs, completion }) {
+            Ok(()) => {
+                self.stats.queued.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(waiter) => waiter
                 .completion
-                .complete(&Err("fsync thread has stopped".into()));
+                .complete(&Err("fsync thread has stopped".into())),
         }
     }
 

@@ -28,7 +28,7 @@ use serde::{Deserialize, Serialize};
 
 pub use batch_files::{read_batch, BatchFiles, BatchInfo, BatchLocation, Extent, SyncPlan};
 pub use error::StoreError;
-pub use group_commit::{FlushStats, GroupCommit};
+pub use group_commit::{BeforeSync, FlushStats, GroupCommit};
 pub use log_store::WalLogStore;
 pub use node_store::{NodeStore, StoreOptions};
 pub use state_machine::{Application, AppliedState, SledStateMachine, SnapshotBuilder};
