@@ -435,6 +435,7 @@ async fn forwarding_over_a_slow_lossy_link_delivers_everything_once() {
         delay: Duration::from_millis(40),
         jitter: Duration::from_millis(10),
         loss: 0.1,
+        ..ferry_net::LinkShape::default()
     };
     mesh.shape_link("a", "b", shape);
     let mut orders = topic("orders", "orders.>");

@@ -56,6 +56,7 @@ impl BoundEndpoint {
                     delay: std::time::Duration::from_millis(link.delay_ms),
                     jitter: std::time::Duration::from_millis(link.jitter_ms),
                     loss: f64::from(link.loss_percent) / 100.0,
+                    ..ferry_net::LinkShape::default()
                 },
             );
         }
