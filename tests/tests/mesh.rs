@@ -5,11 +5,16 @@
 //! node and stopped mid-stream.
 //! A topic nobody outside a is interested in never crosses, and removing b's interest stops
 //! forwarding to b while c still gets everything.
+//! Over a link that loses requests, loses replies and delivers requests twice (ferry-net's
+//! fault injection, counted), everything still arrives exactly once in per-key order, and
+//! batches resent after lost acknowledgements are deduplicated by the destination.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
-use ferry_client::{Client, ProducerOptions};
+use ferry_client::{Client, ClientError, ProducerOptions};
+use ferry_net::{InjectedFaults, LinkShape, NetError, Transport};
+use ferry_proto::wire::ErrorCode;
 use ferry_proto::{Event, EventClass, RegionPolicy, Subject, SubjectFilter, TopicConfig};
 use ferry_tests::{TestMesh, TestRegion};
 use futures::stream::{FuturesUnordered, StreamExt};
@@ -44,15 +49,14 @@ where
     }
 }
 
-/// Every event id in a topic of a region, with where it is.
-async fn read_topic(client: &Client, topic: &str) -> Vec<(u32, u64, String)> {
+/// Every event id in a topic of a region, with where it is; the first failed fetch is the
+/// answer.
+async fn read_topic(client: &Client, topic: &str) -> Result<Vec<(u32, u64, String)>, ClientError> {
     let mut out = Vec::new();
     for partition in 0..PARTITIONS {
         let mut offset = 0;
         loop {
-            let Ok((events, high)) = client.fetch(topic, partition, offset, 1 << 20).await else {
-                break;
-            };
+            let (events, high) = client.fetch(topic, partition, offset, 1 << 20).await?;
             for (o, e) in events {
                 out.push((partition, o, e.id));
                 offset = o + 1;
@@ -62,7 +66,22 @@ async fn read_topic(client: &Client, topic: &str) -> Vec<(u32, u64, String)> {
             }
         }
     }
-    out
+    Ok(out)
+}
+
+/// A topic's events in a region, for final checks: the read must succeed.
+async fn read_all(client: &Client, topic: &str) -> Vec<(u32, u64, String)> {
+    match read_topic(client, topic).await {
+        Ok(log) => log,
+        Err(e) => panic!("reading {topic}: {e}"),
+    }
+}
+
+/// Whether a topic's read succeeds with at least `n` events (a failed read is "not yet").
+async fn holds_at_least(client: &Client, topic: &str, n: usize) -> bool {
+    read_topic(client, topic)
+        .await
+        .is_ok_and(|log| log.len() >= n)
 }
 
 /// Checks a destination's copy: each id once, all of `expected` there, per-key order kept.
@@ -268,7 +287,9 @@ async fn integration_events_reach_interested_regions_once_through_a_link_cut_and
         let started = Instant::now();
         let mut held = 0;
         while held < EVENTS {
-            held = read_topic(client, "orders").await.len();
+            held = read_topic(client, "orders")
+                .await
+                .map_or(0, |log| log.len());
             if started.elapsed() > Duration::from_secs(90) {
                 let report = client_a.regions().await;
                 panic!("{name} holds {held} of {EVENTS} events after 90 s; a reports {report:#?}");
@@ -302,14 +323,24 @@ async fn integration_events_reach_interested_regions_once_through_a_link_cut_and
         "with the a-b link down, orders reached b via c"
     );
     mesh.set_link("a", "b", true);
-    check_copy("b", &read_topic(&client_b, "orders").await, &ids);
-    check_copy("c", &read_topic(&client_c, "orders").await, &ids);
+    check_copy("b", &read_all(&client_b, "orders").await, &ids);
+    check_copy("c", &read_all(&client_c, "orders").await, &ids);
 
-    // Nobody outside a wants billing: it never crossed.
+    // Nobody outside a wants billing: it never crossed. The topic exists in b and c (created
+    // above) and reads back empty; a failed read is a failure, not "empty".
     assert_eq!(crossings(mesh.region("a"), "billing", "b"), 0);
     assert_eq!(crossings(mesh.region("a"), "billing", "c"), 0);
-    assert!(read_topic(&client_b, "billing").await.is_empty());
-    assert!(read_topic(&client_c, "billing").await.is_empty());
+    for (name, client) in [("b", &client_b), ("c", &client_c)] {
+        match read_topic(client, "billing").await {
+            Ok(log) => assert!(log.is_empty(), "billing crossed into {name}: {log:?}"),
+            Err(e) => panic!("reading billing in {name}, where the topic exists: {e}"),
+        }
+    }
+    assert_eq!(
+        read_all(&client_a, "billing").await.len(),
+        500,
+        "billing stayed in a"
+    );
     // (The stopped leader's counts left with it; the live nodes forwarded the rest.)
     assert!(crossings(mesh.region("a"), "orders", "b") > 0);
 
@@ -327,14 +358,14 @@ async fn integration_events_reach_interested_regions_once_through_a_link_cut_and
     eprintln!("interest removal reached every node of a in {took:?}");
     let to_b_before = crossings(mesh.region("a"), "orders", "b");
     let late = publish(&client_a, EVENTS, EVENTS + 300, "orders.created", async {}).await;
-    wait_until("the late events in c", Duration::from_secs(60), || async {
-        read_topic(&client_c, "orders").await.len() >= EVENTS + 300
+    wait_until("the late events in c", Duration::from_secs(60), || {
+        holds_at_least(&client_c, "orders", EVENTS + 300)
     })
     .await;
     let all: Vec<String> = ids.iter().chain(&late).cloned().collect();
-    check_copy("c", &read_topic(&client_c, "orders").await, &all);
+    check_copy("c", &read_all(&client_c, "orders").await, &all);
     assert_eq!(
-        read_topic(&client_b, "orders").await.len(),
+        read_all(&client_b, "orders").await.len(),
         EVENTS,
         "b got nothing new"
     );
@@ -360,16 +391,62 @@ async fn a_node_of_another_ca_never_joins_the_gossip() {
     .await;
     let x_addr = foreign.region("x").configs[0].listen_addr().unwrap();
     let a_addr = mesh.region("a").configs[0].listen_addr().unwrap();
-    // The foreign node dials a with its own certificate: refused at the handshake.
+    // Each dials the other with its node certificate, as its gossip does: refused at the
+    // TLS handshake, because the other's certificate does not verify against its CA (the
+    // dev CAs share a name, so rustls reports a bad signature rather than an unknown issuer).
+    for (who, certs, to) in [
+        ("x dialing a", foreign.region("x").certs(), a_addr),
+        ("a dialing x", mesh.region("a").certs(), x_addr),
+    ] {
+        let err = dial_as_node_1(&certs, to)
+            .await
+            .expect_err("a node of another CA is refused");
+        match &err {
+            NetError::ConnectAddr { addr, reason } if *addr == to => assert!(
+                reason.contains("cryptographic handshake failed")
+                    && reason.contains("invalid peer certificate"),
+                "{who}: refused for another reason than the certificate: {err}"
+            ),
+            _ => panic!("{who}: expected a refused handshake, got: {err}"),
+        }
+    }
     x.gossip_with(a_addr).await;
     a.gossip_with(x_addr).await;
     // Give gossip many rounds (100 ms each) to go wrong.
     let deadline = Instant::now() + Duration::from_secs(3);
     while Instant::now() < deadline {
-        assert_eq!(a.mesh_nodes().len(), 2, "a's view: {:?}", a.mesh_nodes());
-        assert_eq!(x.mesh_nodes().len(), 1, "x's view: {:?}", x.mesh_nodes());
+        let (seen_by_a, seen_by_x) = (a.mesh_nodes(), x.mesh_nodes());
+        assert!(
+            seen_by_a.len() == 2 && seen_by_a.iter().all(|n| n.region != "x"),
+            "a's view: {seen_by_a:?}"
+        );
+        assert!(
+            seen_by_x.len() == 1 && seen_by_x.iter().all(|n| n.region == "x"),
+            "x's view: {seen_by_x:?}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Calls `addr` as node 1 of the CA in `certs` (with that node's certificate, over the peer
+/// ALPN, as a node's gossip does).
+async fn dial_as_node_1(
+    certs: &std::path::Path,
+    addr: std::net::SocketAddr,
+) -> Result<(), NetError> {
+    let identity = ferry_tests::identity(certs, "node-1");
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let transport = ferry_net::QuicTransport::new(
+        1,
+        endpoint,
+        ferry_net::tls::client_config(&identity, ferry_net::ALPN_PEER).unwrap(),
+        HashMap::new(),
+        ferry_net::TransportOptions::default(),
+    );
+    transport
+        .call_addr(addr, bytes::Bytes::from_static(b"not gossip"))
+        .await
+        .map(|_| ())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -406,16 +483,20 @@ async fn a_refused_batch_is_retried_and_its_cause_shown_until_the_destination_ac
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     eprintln!("shown while b has no topic: {shown}");
-    assert!(read_topic(&mesh.region("b").client(), "audit")
-        .await
-        .is_empty());
+    // b has no audit topic, so nothing can be stored there: its read says exactly that.
+    match read_topic(&mesh.region("b").client(), "audit").await {
+        Err(e) if e.code() == Some(ErrorCode::UnknownTopic) => {
+            assert!(e.to_string().contains("no topic named \"audit\""), "{e}")
+        }
+        other => panic!("b has no audit topic, yet its read gave {other:?}"),
+    }
     // The topic appears in b: the retries get through, once each.
     let client_b = mesh.region("b").create_topic(audit).await;
-    wait_until("the events in b", Duration::from_secs(60), || async {
-        read_topic(&client_b, "audit").await.len() >= ids.len()
+    wait_until("the events in b", Duration::from_secs(60), || {
+        holds_at_least(&client_b, "audit", ids.len())
     })
     .await;
-    check_copy("b", &read_topic(&client_b, "audit").await, &ids);
+    check_copy("b", &read_all(&client_b, "audit").await, &ids);
     wait_until("the error clears", Duration::from_secs(30), || async {
         let report = client_a.regions().await.expect("report");
         report
@@ -427,16 +508,21 @@ async fn a_refused_batch_is_retried_and_its_cause_shown_until_the_destination_ac
     .await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn forwarding_over_a_slow_lossy_link_delivers_everything_once() {
-    let mesh = TestMesh::start(&[("a", 1), ("b", 1)]).await;
-    // 40 ms each way (+0-10 ms jitter), and one direction in ten pays a retransmission.
-    let shape = ferry_net::LinkShape {
-        delay: Duration::from_millis(40),
-        jitter: Duration::from_millis(10),
-        loss: 0.1,
-    };
-    mesh.shape_link("a", "b", shape);
+/// The single node of a region in these two-region tests.
+fn only_node<'m>(mesh: &'m TestMesh, region: &str) -> &'m ferry_region::server::QuicNode {
+    let region = mesh.region(region);
+    region.node(region.first_id).expect("node running")
+}
+
+/// Shapes the calls of region `from`'s node to region `to`'s node (one direction).
+fn shape_calls(mesh: &TestMesh, from: &str, to: &str, shape: LinkShape) {
+    let to = mesh.region(to).configs[0].listen_addr().expect("addr");
+    only_node(mesh, from).faults().shape(to, shape);
+}
+
+/// Two regions of one node each, `orders` (replication 1) in both, b interested.
+async fn two_regions(adjust: impl Fn(&mut ferry_region::NodeConfig)) -> (TestMesh, Client, Client) {
+    let mesh = TestMesh::start_with(&[("a", 1), ("b", 1)], adjust).await;
     let mut orders = topic("orders", "orders.>");
     orders.replication = 1;
     mesh.region("a").create_topic(orders.clone()).await;
@@ -447,11 +533,151 @@ async fn forwarding_over_a_slow_lossy_link_delivers_everything_once() {
     })
     .await;
     let client_a = mesh.region("a").client();
-    let ids = publish(&client_a, 0, 3_000, "orders.created", async {}).await;
-    let took = wait_until("3,000 events in b", Duration::from_secs(60), || async {
-        read_topic(&client_b, "orders").await.len() >= ids.len()
+    (mesh, client_a, client_b)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarding_over_a_link_that_loses_and_duplicates_calls_delivers_everything_once() {
+    // Small batches, so the forwarding path makes hundreds of calls; gossip only every
+    // second, so most calls on the link (and most faults counted) are forwarded batches.
+    let (mesh, client_a, client_b) = two_regions(|config| {
+        config.mesh.forward_batch_events = 16;
+        config.mesh.gossip_interval_ms = 1_000;
+        config.mesh.dead_after_ms = 20_000;
     })
     .await;
-    eprintln!("over a 80-100 ms round trip, b held all {} events {took:?} after the last was acknowledged", ids.len());
-    check_copy("b", &read_topic(&client_b, "orders").await, &ids);
+    let (a, b) = (only_node(&mesh, "a"), only_node(&mesh, "b"));
+    // Both directions: 5-10 ms each way, one direction in ten pays a retransmission, and
+    // per call: 15 % of requests lost, 15 % of replies lost, 25 % of requests delivered twice.
+    const SEED: u64 = 17;
+    eprintln!("link faults seeded with {SEED}");
+    a.faults().reseed(SEED);
+    b.faults().reseed(SEED + 1);
+    let before = (a.faults().injected(), b.faults().injected());
+    let deduplicated_before = b.node().forwarded_duplicates().total();
+    mesh.shape_link(
+        "a",
+        "b",
+        LinkShape {
+            delay: Duration::from_millis(5),
+            jitter: Duration::from_millis(5),
+            loss: 0.1,
+            drop_request: 0.15,
+            drop_response: 0.15,
+            duplicate: 0.25,
+        },
+    );
+    let ids = publish(&client_a, 0, 3_000, "orders.created", async {}).await;
+    let took = wait_until("3,000 events in b", Duration::from_secs(120), || {
+        holds_at_least(&client_b, "orders", ids.len())
+    })
+    .await;
+    eprintln!(
+        "over a faulty link, b held all {} events {took:?} after the last was acknowledged",
+        ids.len()
+    );
+    let since = |now: InjectedFaults, then: InjectedFaults| InjectedFaults {
+        requests_dropped: now.requests_dropped - then.requests_dropped,
+        responses_dropped: now.responses_dropped - then.responses_dropped,
+        requests_duplicated: now.requests_duplicated - then.requests_duplicated,
+    };
+    // a's calls to b are forwarded batches and gossip; b's calls to a are gossip only.
+    let on_a = since(a.faults().injected(), before.0);
+    let on_b = since(b.faults().injected(), before.1);
+    let duplicates = b.node().forwarded_duplicates();
+    eprintln!(
+        "injected by a: {on_a:?}; by b (gossip only): {on_b:?}; b deduplicated {duplicates:?}"
+    );
+    for (fault, by_a, by_b) in [
+        (
+            "requests dropped",
+            on_a.requests_dropped,
+            on_b.requests_dropped,
+        ),
+        (
+            "responses dropped",
+            on_a.responses_dropped,
+            on_b.responses_dropped,
+        ),
+        (
+            "requests duplicated",
+            on_a.requests_duplicated,
+            on_b.requests_duplicated,
+        ),
+    ] {
+        // Gossip alone (b's count) cannot account for what a's calls suffered.
+        assert!(
+            by_a >= 10 && by_a >= by_b + 10,
+            "{fault}: {by_a} on a's calls, {by_b} on gossip alone"
+        );
+    }
+    // Lost replies and second copies made forwarded batches arrive again: b caught them.
+    assert!(
+        duplicates.total() - deduplicated_before >= 10,
+        "b saw no forwarded batch twice: {duplicates:?}"
+    );
+    mesh.shape_link("a", "b", LinkShape::default());
+    check_copy("b", &read_all(&client_b, "orders").await, &ids);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_resent_after_lost_acknowledgements_are_stored_once() {
+    // Small batches, and a window wide enough for all of them, so every event is sent
+    // (and stored) while no acknowledgement comes back.
+    let (mesh, client_a, client_b) = two_regions(|config| {
+        config.mesh.forward_batch_events = 16;
+        config.mesh.forward_window = 64;
+    })
+    .await;
+    let (a, b) = (only_node(&mesh, "a"), only_node(&mesh, "b"));
+    let before = b.node().forwarded_duplicates();
+    // Every reply to a's calls to b is lost: b stores each batch, a never hears so and
+    // resends it.
+    shape_calls(
+        &mesh,
+        "a",
+        "b",
+        LinkShape {
+            drop_response: 1.0,
+            ..LinkShape::default()
+        },
+    );
+    let ids = publish(&client_a, 0, 300, "orders.created", async {}).await;
+    wait_until(
+        "b holds every event and has turned each away once more",
+        Duration::from_secs(60),
+        || async {
+            b.node().forwarded_duplicates().total() - before.total() >= ids.len() as u64
+                && holds_at_least(&client_b, "orders", ids.len()).await
+        },
+    )
+    .await;
+    let lost_acks = a.faults().injected().responses_dropped;
+    assert!(lost_acks >= 10, "only {lost_acks} replies lost");
+    // Heal: the next resend's acknowledgement gets through and forwarding catches up.
+    shape_calls(&mesh, "a", "b", LinkShape::default());
+    wait_until(
+        "a's forwarders caught up",
+        Duration::from_secs(30),
+        || async {
+            let Ok(report) = client_a.regions().await else {
+                return false;
+            };
+            let orders: Vec<_> = report
+                .forwarding
+                .iter()
+                .filter(|f| f.topic == "orders")
+                .collect();
+            orders.len() == PARTITIONS as usize
+                && orders
+                    .iter()
+                    .all(|f| f.lag_events == 0 && f.last_error.is_none())
+        },
+    )
+    .await;
+    let duplicates = b.node().forwarded_duplicates();
+    eprintln!("{lost_acks} acknowledgements lost; b deduplicated {duplicates:?}");
+    let log = read_all(&client_b, "orders").await;
+    assert_eq!(log.len(), ids.len(), "b holds each event once");
+    check_copy("b", &log, &ids);
 }

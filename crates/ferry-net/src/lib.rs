@@ -25,11 +25,15 @@
 //!   are served as peer RPC, [`ALPN_CLIENT`] connections are handed to a
 //!   callback.
 //! * Fault injection — [`LinkFaults`], a shared set of cut peer addresses and
-//!   slow or lossy links ([`LinkShape`]: delay, jitter, retransmission chance),
-//!   (for tests and chaos runs). Given to the transport
-//!   ([`TransportOptions::faults`]) and to [`serve`], it takes the link to a
+//!   shaped links (for tests and chaos runs). Given to the transport
+//!   ([`TransportOptions::faults`]) and to [`serve`], a cut takes the link to a
 //!   node down in both directions: calls to it fail at once and its requests
-//!   are refused, with the reason "link cut (fault injection)".
+//!   are refused, with the reason "link cut (fault injection)". A
+//!   [`LinkShape`] delays calls (delay, jitter, retransmission delay) and
+//!   injects real faults into them: requests lost, replies lost, requests
+//!   delivered twice (reordered), counted in [`InjectedFaults`] and drawn from
+//!   a seedable generator; peer streams are cut and delayed only (QUIC streams
+//!   are reliable). Both transports apply them through the same code.
 //!
 //! ## Peer wire protocol
 //!
@@ -67,7 +71,7 @@ mod stream;
 pub mod tls;
 
 pub use error::NetError;
-pub use faults::{LinkFaults, LinkShape};
+pub use faults::{InjectedFaults, LinkFaults, LinkShape};
 pub use mem::{MemNetwork, MemTransport};
 pub use quic::{bind_endpoint, serve, QuicTransport};
 pub use rpc::{RpcHandler, Transport, TransportOptions};

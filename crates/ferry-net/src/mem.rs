@@ -1,5 +1,6 @@
 //! In-memory peer network for tests: same [`Transport`] trait as QUIC, with
-//! nodes that can be killed and links that can be cut and healed.
+//! nodes that can be killed and links that can be cut and healed, and the same
+//! [`crate::LinkFaults`] (cuts, shaped links) honoured the same way.
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -9,8 +10,11 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
+use crate::faults::{faulted_call, LINK_CUT_REASON};
 use crate::stream::{frame_queue, receive_queue, Arrivals};
-use crate::{NetError, NodeId, PeerStream, RpcHandler, Transport, DEFAULT_MAX_FRAME};
+use crate::{
+    NetError, NodeId, PeerStream, RpcHandler, Transport, TransportOptions, DEFAULT_MAX_FRAME,
+};
 
 /// A simulated network of nodes identified by [`NodeId`]. Cheap to clone;
 /// clones share state.
@@ -73,9 +77,17 @@ impl MemNetwork {
 
     /// A transport sending calls as node `from`.
     pub fn transport(&self, from: NodeId) -> MemTransport {
+        self.transport_with(from, TransportOptions::default())
+    }
+
+    /// A transport sending calls as node `from` with `opts.faults` (fault injection, as
+    /// [`crate::QuicTransport`] applies them) and `opts.request_timeout` (the deadline of a
+    /// call over a shaped link). The other options concern QUIC only.
+    pub fn transport_with(&self, from: NodeId, opts: TransportOptions) -> MemTransport {
         MemTransport {
             net: self.clone(),
             from,
+            opts,
         }
     }
 
@@ -114,13 +126,54 @@ impl MemNetwork {
 /// [`Transport::call_addr`] resolves the address set with
 /// [`MemNetwork::set_address`] and then behaves exactly like
 /// [`Transport::call`]; an unknown address fails with [`NetError::ConnectAddr`].
+///
+/// Its [`crate::LinkFaults`] ([`MemNetwork::transport_with`]) name peers by the address set
+/// with [`MemNetwork::set_address`] (a peer without one is never faulted): a call or stream
+/// to a cut address fails at once with [`NetError::LinkCut`], and a call over a shaped link
+/// is delayed, dropped or duplicated by the same code as on QUIC; streams are cut and
+/// delayed only there, and not shaped here.
 #[derive(Clone)]
 pub struct MemTransport {
     net: MemNetwork,
     from: NodeId,
+    opts: TransportOptions,
 }
 
 impl MemTransport {
+    /// The address `to` listens at, if one was set.
+    fn address_of(&self, to: NodeId) -> Option<SocketAddr> {
+        let s = self.net.lock();
+        s.addresses
+            .iter()
+            .find(|(_, owner)| **owner == to)
+            .map(|(addr, _)| *addr)
+    }
+
+    /// Fails if this node's faults cut the link to `addr`.
+    fn check_link(&self, to: NodeId, addr: Option<SocketAddr>) -> Result<(), NetError> {
+        match addr {
+            Some(addr) if self.opts.faults.is_cut(addr) => {
+                tracing::debug!(peer = to, %addr, "{LINK_CUT_REASON}");
+                Err(NetError::LinkCut {
+                    from: self.from,
+                    to,
+                })
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Hands one copy of `request` to `to`'s handler and returns its reply.
+    async fn deliver(&self, to: NodeId, request: Bytes) -> Result<Bytes, NetError> {
+        let from = self.from;
+        let handler = self.reach(to)?;
+        let reply = handler.handle(from, request).await;
+        if !self.net.is_linked(from, to) {
+            return Err(NetError::LinkCut { from, to });
+        }
+        Ok(reply)
+    }
+
     /// The handler of `to`, if the link to it is up and it is registered.
     fn reach(&self, to: NodeId) -> Result<Arc<dyn RpcHandler>, NetError> {
         let from = self.from;
@@ -165,16 +218,23 @@ impl MemTransport {
 
 impl Transport for MemTransport {
     async fn call(&self, to: NodeId, request: Bytes) -> Result<Bytes, NetError> {
-        let from = self.from;
-        let handler = self.reach(to)?;
-        let reply = handler.handle(from, request).await;
-        if !self.net.is_linked(from, to) {
-            return Err(NetError::LinkCut { from, to });
-        }
-        Ok(reply)
+        let addr = self.address_of(to);
+        self.check_link(to, addr)?;
+        let faults = &self.opts.faults;
+        let Some(plan) = addr.and_then(|addr| faults.plan_call(addr)) else {
+            return self.deliver(to, request).await;
+        };
+        let transport = self.clone();
+        let send = move || {
+            let (transport, request) = (transport.clone(), request.clone());
+            async move { transport.deliver(to, request).await }
+        };
+        let callee = format!("node {to}");
+        faulted_call(faults, plan, callee, self.opts.request_timeout, send).await
     }
 
     async fn open_stream(&self, to: NodeId, request: Bytes) -> Result<PeerStream, NetError> {
+        self.check_link(to, self.address_of(to))?;
         let handler = self.reach(to)?;
         let (dialer_sender, dialer_frames) = frame_queue(DEFAULT_MAX_FRAME);
         let (server_sender, server_frames) = frame_queue(DEFAULT_MAX_FRAME);
@@ -194,6 +254,10 @@ impl Transport for MemTransport {
             sender: dialer_sender,
             receiver: dialer_receiver,
         })
+    }
+
+    fn link_faults(&self) -> Option<&crate::LinkFaults> {
+        Some(&self.opts.faults)
     }
 
     async fn call_addr(&self, addr: SocketAddr, request: Bytes) -> Result<Bytes, NetError> {

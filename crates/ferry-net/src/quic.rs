@@ -14,7 +14,7 @@ use tokio::time::{timeout, Instant};
 
 pub use server::{bind_endpoint, serve};
 
-use crate::faults::LINK_CUT_REASON;
+use crate::faults::{faulted_call, LINK_CUT_REASON};
 use crate::framing::{read_frame, write_frame_parts};
 use crate::stream::{frame_queue, pump_quic, receive_queue, StreamLink};
 use crate::{NetError, NodeId, PeerStream, Transport, TransportOptions, NODE_SERVER_NAME};
@@ -299,21 +299,21 @@ impl QuicTransport {
     /// One call to `target`: size check, link check, then connect + exchange
     /// under the request timeout. Shared by [`Transport::call`] and
     /// [`Transport::call_addr`].
+    /// On a shaped link the call goes through [`faulted_call`] (delays, lost requests and
+    /// replies, duplicates), as on the in-memory transport.
     async fn call_target(&self, target: Target, request: Bytes) -> Result<Bytes, NetError> {
         let slot = self.checked_slot(target, &request)?;
         let after = self.inner.opts.request_timeout;
-        let shape = self.inner.opts.faults.shape_of(slot.addr);
-        let call = async {
-            if let Some(shape) = shape {
-                tokio::time::sleep(shape.one_way()).await;
-            }
-            let reply = self.call_inner(target, &slot, request).await;
-            if let Some(shape) = shape {
-                tokio::time::sleep(shape.one_way()).await;
-            }
-            reply
-        };
-        match timeout(after, call).await {
+        let faults = &self.inner.opts.faults;
+        if let Some(plan) = faults.plan_call(slot.addr) {
+            let transport = self.clone();
+            let send = move || {
+                let (transport, slot, request) = (transport.clone(), slot.clone(), request.clone());
+                async move { transport.call_inner(target, &slot, request).await }
+            };
+            return faulted_call(faults, plan, target, after, send).await;
+        }
+        match timeout(after, self.call_inner(target, &slot, request)).await {
             Ok(r) => r,
             Err(_) => Err(NetError::Timeout {
                 what: format!("calling {target}"),
@@ -446,6 +446,10 @@ impl Transport for QuicTransport {
 
     async fn call_addr(&self, addr: SocketAddr, request: Bytes) -> Result<Bytes, NetError> {
         self.call_target(Target::Addr(addr), request).await
+    }
+
+    fn link_faults(&self) -> Option<&crate::LinkFaults> {
+        Some(&self.inner.opts.faults)
     }
 
     async fn open_stream(&self, to: NodeId, request: Bytes) -> Result<PeerStream, NetError> {

@@ -57,6 +57,12 @@ pub trait Transport: Clone + Send + Sync + 'static {
         to: NodeId,
         request: Bytes,
     ) -> impl Future<Output = Result<PeerStream, NetError>> + Send;
+
+    /// The fault injection this transport applies (cut and shaped links, and the count of
+    /// faults injected), if any.
+    fn link_faults(&self) -> Option<&LinkFaults> {
+        None
+    }
 }
 
 /// Tuning (and fault injection) for [`crate::QuicTransport`].
@@ -72,9 +78,10 @@ pub struct TransportOptions {
     pub backoff_initial: Duration,
     /// Upper bound for the (doubling) reconnect backoff.
     pub backoff_max: Duration,
-    /// Cut links (fault injection): calls to a cut address fail at once. Pass
-    /// the same object to [`crate::serve`] so requests from cut peers are
-    /// refused too. Default: nothing cut.
+    /// Cut and shaped links (fault injection): calls to a cut address fail at once, calls
+    /// over a shaped link are delayed, dropped or duplicated ([`crate::LinkShape`]). Pass
+    /// the same object to [`crate::serve`] so requests from cut peers are refused too.
+    /// Default: nothing cut or shaped.
     pub faults: LinkFaults,
 }
 

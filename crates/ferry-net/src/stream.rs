@@ -86,7 +86,9 @@ pub(crate) fn receive_queue(link: Option<StreamLink>) -> (Arrivals, StreamReceiv
 
 /// The link a stream runs over, as fault injection sees it: the peer's address and this
 /// node's faults. A cut ends the stream at the next frame; a slow link delays each frame
-/// (the dialing side applies both directions' delays, as it does for calls).
+/// (the dialing side applies both directions' delays, as it does for calls). Frames are
+/// never dropped or duplicated: a QUIC stream is reliable, so a shaped link's
+/// `drop_*` and `duplicate` chances apply to calls only.
 #[derive(Clone)]
 pub(crate) struct StreamLink {
     pub(crate) faults: LinkFaults,
@@ -111,8 +113,8 @@ impl StreamLink {
         if !self.shaped {
             return;
         }
-        if let Some(shape) = self.faults.shape_of(self.peer) {
-            tokio::time::sleep_until(at + shape.one_way()).await;
+        if let Some(delay) = self.faults.one_way(self.peer) {
+            tokio::time::sleep_until(at + delay).await;
         }
     }
 }

@@ -90,7 +90,9 @@ impl Default for MeshConfig {
     }
 }
 
-/// One slow link, for chaos runs (this kernel has no `tc netem`).
+/// One slow or faulty link, for chaos runs (this kernel has no `tc netem`): this node's
+/// calls to `addr` (gossip, Raft votes, forwarding) are shaped as [`ferry_net::LinkShape`]
+/// says; its Raft streams to `addr` are delayed only.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SlowLink {
@@ -101,9 +103,41 @@ pub struct SlowLink {
     /// Extra one-way delay, uniform up to this, milliseconds.
     #[serde(default)]
     pub jitter_ms: u64,
-    /// Chance in percent that a direction of a call pays a retransmission (QUIC loss).
+    /// Chance in percent that a direction of a call pays a retransmission's extra delay (a
+    /// QUIC loss is retransmitted, so this delays; it never loses anything).
     #[serde(default)]
     pub loss_percent: u32,
+    /// Chance in percent that a call's request is lost (the peer never sees it; the call
+    /// times out).
+    #[serde(default)]
+    pub drop_request_percent: u32,
+    /// Chance in percent that a call's reply is lost after the peer handled the request
+    /// (the call times out).
+    #[serde(default)]
+    pub drop_response_percent: u32,
+    /// Chance in percent that a call's request is delivered twice (the copy after its own
+    /// delay, so possibly after later calls).
+    #[serde(default)]
+    pub duplicate_percent: u32,
+    /// Seed of the generator the node's faults draw from, so a run can be replayed. One
+    /// generator serves every link of the node: links that give a seed must give the same.
+    #[serde(default)]
+    pub seed: Option<u64>,
+}
+
+impl SlowLink {
+    /// The shape this link gives calls.
+    pub fn shape(&self) -> ferry_net::LinkShape {
+        let chance = |percent: u32| f64::from(percent) / 100.0;
+        ferry_net::LinkShape {
+            delay: std::time::Duration::from_millis(self.delay_ms),
+            jitter: std::time::Duration::from_millis(self.jitter_ms),
+            loss: chance(self.loss_percent),
+            drop_request: chance(self.drop_request_percent),
+            drop_response: chance(self.drop_response_percent),
+            duplicate: chance(self.duplicate_percent),
+        }
+    }
 }
 
 /// Fault injection, for tests and chaos runs only.
@@ -283,6 +317,40 @@ impl NodeConfig {
                     ),
                 );
             }
+            for (key, percent) in [
+                (
+                    "faults.slow_links.drop_request_percent",
+                    link.drop_request_percent,
+                ),
+                (
+                    "faults.slow_links.drop_response_percent",
+                    link.drop_response_percent,
+                ),
+                (
+                    "faults.slow_links.duplicate_percent",
+                    link.duplicate_percent,
+                ),
+            ] {
+                if percent > 100 {
+                    return bad(
+                        key,
+                        format!("link to {}: {percent} is not in 0..=100", link.addr),
+                    );
+                }
+            }
+        }
+        let mut seeds: Vec<u64> = self
+            .faults
+            .slow_links
+            .iter()
+            .filter_map(|l| l.seed)
+            .collect();
+        seeds.dedup();
+        if seeds.len() > 1 {
+            return bad(
+                "faults.slow_links.seed",
+                format!("links give different seeds {seeds:?}; one generator serves every link of a node, give one seed"),
+            );
         }
         if m.forward_retry_ms == 0 || m.forward_max_backoff_ms < m.forward_retry_ms {
             return bad(

@@ -143,6 +143,23 @@ async fn metrics<T: Transport>(State(node): State<Node<T>>) -> String {
             );
         }
     }
+    let metric = "ferry_forwarded_duplicate_events_total";
+    let duplicates = node.forwarded_duplicates();
+    let _ = writeln!(
+        out,
+        "# HELP {metric} Forwarded events not stored again because they were held already (destination dedupe by origin region, partition and offset): stage=intake, resends this node answered as the destination leader; stage=apply, skipped by the state machines of partitions it hosts.\n# TYPE {metric} counter\n{metric}{{node=\"{id}\",stage=\"intake\"}} {}\n{metric}{{node=\"{id}\",stage=\"apply\"}} {}",
+        duplicates.resent_events_held, duplicates.skipped_on_apply
+    );
+    let metric = "ferry_link_faults_injected_total";
+    let injected = node.injected_faults();
+    let _ = writeln!(out, "# HELP {metric} Faults this node's fault injection put into its calls to shaped links ([[faults.slow_links]]).\n# TYPE {metric} counter");
+    for (fault, count) in [
+        ("request_dropped", injected.requests_dropped),
+        ("response_dropped", injected.responses_dropped),
+        ("request_duplicated", injected.requests_duplicated),
+    ] {
+        let _ = writeln!(out, "{metric}{{node=\"{id}\",fault=\"{fault}\"}} {count}");
+    }
     let metric = "ferry_forwarded_events_total";
     let _ = writeln!(
         out,

@@ -29,4 +29,5 @@ pub mod server;
 pub use config::{FaultConfig, MeshConfig, NodeConfig, PeerConfig, RaftTuning, SlowLink, TlsPaths};
 pub use error::RegionError;
 pub use ferry_router::NodeRecord;
+pub use mesh::ForwardedDuplicates;
 pub use node::{partition_group, MetaRaft, Node, PartitionGroup, PartitionRaft, META_GROUP};

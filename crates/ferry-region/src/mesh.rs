@@ -19,6 +19,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -54,6 +55,25 @@ const IDLE_WAKE: Duration = Duration::from_millis(250);
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Forwarded events a destination node did not store again, by where the dedupe caught them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ForwardedDuplicates {
+    /// Events of resent batches this node (leading the destination partition) answered
+    /// from its applied state without proposing them: the whole batch was held already,
+    /// or an earlier copy was still in Raft.
+    pub resent_events_held: u64,
+    /// Events the state machines of partitions this node hosts skipped on apply as held
+    /// already (every replica counts its own apply).
+    pub skipped_on_apply: u64,
+}
+
+impl ForwardedDuplicates {
+    /// Both stages together.
+    pub fn total(&self) -> u64 {
+        self.resent_events_held + self.skipped_on_apply
+    }
 }
 
 /// What gossip says about the mesh, refreshed every supervision round.
@@ -196,6 +216,10 @@ pub(crate) struct Mesh {
     forwarders: Mutex<BTreeMap<ForwardKey, RunningForwarder>>,
     /// Events sent to another region, per (topic, destination), since this node started.
     crossings: Mutex<HashMap<(String, String), u64>>,
+    /// Events of forwarded batches this node, as the destination's leader, answered from
+    /// the applied state instead of proposing them again: resends of batches already held
+    /// or still in Raft (the dedupe's first stage).
+    resent_events_held: AtomicU64,
     /// Last successful direct call per region.
     reach: Mutex<HashMap<String, Instant>>,
     /// What the destination leader has proposed per (origin region, topic, partition): a
@@ -346,6 +370,7 @@ impl<T: Transport> Node<T> {
             known_interest: Mutex::new(BTreeMap::new()),
             forwarders: Mutex::new(BTreeMap::new()),
             crossings: Mutex::new(HashMap::new()),
+            resent_events_held: AtomicU64::new(0),
             reach: Mutex::new(HashMap::new()),
             receiving: Mutex::new(HashMap::new()),
             load_sample: Mutex::new((0, Instant::now(), 0)),
@@ -928,7 +953,10 @@ impl<T: Transport> Node<T> {
             intake.proposed_to = held;
         }
         intake.proposed_to = intake.proposed_to.max(held);
+        let resent_events = request.batch.events.len() as u64;
         if request.batch.to <= held {
+            mesh.resent_events_held
+                .fetch_add(resent_events, Ordering::Relaxed);
             return PeerResponse::Forwarded(Ack::Committed { next: held });
         }
         if request.batch.from > intake.proposed_to {
@@ -941,6 +969,8 @@ impl<T: Transport> Node<T> {
             loop {
                 let held = group.view.received(&origin_region, request.partition);
                 if held >= request.batch.to {
+                    mesh.resent_events_held
+                        .fetch_add(resent_events, Ordering::Relaxed);
                     return PeerResponse::Forwarded(Ack::Committed { next: held });
                 }
                 if Instant::now() >= deadline {
@@ -1012,6 +1042,22 @@ impl<T: Transport> Node<T> {
         self.mesh()
             .map(|m| m.statuses(&m.region))
             .unwrap_or_default()
+    }
+
+    /// Forwarded events this node did not store again because they were held already: the
+    /// destination's dedupe by (origin region, origin partition, origin offset), in its two
+    /// stages. Counted since the node started.
+    pub fn forwarded_duplicates(&self) -> ForwardedDuplicates {
+        ForwardedDuplicates {
+            resent_events_held: self
+                .mesh()
+                .map_or(0, |m| m.resent_events_held.load(Ordering::Relaxed)),
+            skipped_on_apply: self
+                .partitions()
+                .iter()
+                .map(|(_, g)| g.view.forwarded_duplicates_skipped())
+                .sum(),
+        }
     }
 
     /// Events this node has sent to other regions, per (topic, destination region).

@@ -394,6 +394,16 @@ impl<T: Transport> Node<T> {
         })
     }
 
+    /// Faults this node's transport has injected into its calls so far (all zero without
+    /// fault injection).
+    pub fn injected_faults(&self) -> ferry_net::InjectedFaults {
+        self.inner
+            .router
+            .link_faults()
+            .map(|f| f.injected())
+            .unwrap_or_default()
+    }
+
     /// Storage flush counters: (fsyncs, writes that waited for one, microseconds in fsync).
     pub fn flush_stats(&self) -> (u64, u64, u64) {
         let s = self.inner.store.flusher().stats();

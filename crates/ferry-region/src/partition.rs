@@ -112,6 +112,11 @@ pub struct PartitionView {
     streams: RwLock<HashMap<String, StreamIndex>>,
     watermarks: watch::Sender<Watermarks>,
     bytes: AtomicU64,
+    /// Events of forwarded batches this replica's state machine did not append because it
+    /// held them already (by origin region, partition and offset): resent or duplicated
+    /// batches that reached Raft. Counted as applied since the process started (replays
+    /// included); not part of the replicated state.
+    forwarded_duplicates: AtomicU64,
 }
 
 fn storage_err(e: impl std::fmt::Display) -> StoreError {
@@ -132,6 +137,11 @@ impl PartitionView {
     /// Bytes of event data held.
     pub fn stored_bytes(&self) -> u64 {
         self.bytes.load(Ordering::Relaxed)
+    }
+
+    /// Forwarded events this replica skipped on apply as already held (see the field).
+    pub fn forwarded_duplicates_skipped(&self) -> u64 {
+        self.forwarded_duplicates.load(Ordering::Relaxed)
     }
 
     /// Batches holding offsets from `offset` on, at most `max_bytes` of event data (but at
@@ -639,6 +649,12 @@ impl Partition {
             next: self.received.get(&origin).copied().unwrap_or(0),
         };
         let admission = receiver.admit(batch);
+        if matches!(admission.ack, ferry_router::Ack::Committed { .. }) {
+            let held = batch.events.len() - admission.append.len();
+            self.view
+                .forwarded_duplicates
+                .fetch_add(held as u64, Ordering::Relaxed);
+        }
         if !admission.append.is_empty() {
             let parts: Vec<&Bytes> = admission.append.iter().map(|(_, e)| e).collect();
             let events = match codec::encode_seq_of_encoded("forwarded events", &parts) {
@@ -844,6 +860,7 @@ impl PartitionStateMachine {
             streams: RwLock::new(HashMap::new()),
             watermarks: watch::channel(Watermarks::default()).0,
             bytes: AtomicU64::new(0),
+            forwarded_duplicates: AtomicU64::new(0),
         });
         let mut partition = Partition {
             view: view.clone(),

@@ -127,6 +127,11 @@ impl<T: Transport> Router<T> {
         }
     }
 
+    /// The transport's fault injection, if it has any.
+    pub(crate) fn link_faults(&self) -> Option<&ferry_net::LinkFaults> {
+        self.transport.link_faults()
+    }
+
     /// Encodes a request once (a forwarded batch may be sent along several routes).
     pub(crate) fn encode_request(request: &PeerRequest) -> Result<Bytes, NetError> {
         encode("peer request", request).map_err(|e| NetError::Protocol(e.to_string()))

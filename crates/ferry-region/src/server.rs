@@ -45,19 +45,17 @@ impl BoundEndpoint {
             None => None,
         };
         let peers: HashMap<_, _> = config.peers.iter().map(|p| (p.id, p.addr)).collect();
+        let faults = match config.faults.slow_links.iter().find_map(|l| l.seed) {
+            Some(seed) => LinkFaults::with_seed(seed),
+            None => LinkFaults::new(),
+        };
         let options = TransportOptions {
             max_frame: config.limits.max_frame.max(64 * 1024 * 1024),
+            faults,
             ..TransportOptions::default()
         };
         for link in &config.faults.slow_links {
-            options.faults.shape(
-                link.addr,
-                ferry_net::LinkShape {
-                    delay: std::time::Duration::from_millis(link.delay_ms),
-                    jitter: std::time::Duration::from_millis(link.jitter_ms),
-                    loss: f64::from(link.loss_percent) / 100.0,
-                },
-            );
+            options.faults.shape(link.addr, link.shape());
         }
         let transport = QuicTransport::new(
             config.id,
@@ -108,9 +106,10 @@ impl QuicNode {
         &self.node
     }
 
-    /// This node's cut links (fault injection), shared by its transport and its
+    /// This node's cut and shaped links (fault injection), shared by its transport and its
     /// accept loop: cutting a peer's address takes the link to that node down in
-    /// both directions.
+    /// both directions; shaping it delays, drops and duplicates this node's calls to it.
+    /// [`LinkFaults::injected`] counts the faults injected so far.
     pub fn faults(&self) -> &LinkFaults {
         &self.faults
     }

@@ -272,4 +272,47 @@ mod tests {
         );
         assert!(err.contains("peers") && err.contains('9'), "{err}");
     }
+
+    #[test]
+    fn slow_link_faults_parse_and_errors_name_the_key() {
+        let link = |extra: &str| {
+            format!(
+                "{NODE}\n[[faults.slow_links]]\naddr = \"10.1.0.2:7401\"\ndelay_ms = 5\n{extra}\n"
+            )
+        };
+        let config = parse_node_config(
+            &link("drop_request_percent = 10\ndrop_response_percent = 20\nduplicate_percent = 30\nseed = 7"),
+            "node.toml",
+            vars(&[]),
+        )
+        .unwrap();
+        let slow = &config.faults.slow_links[0];
+        assert_eq!(slow.seed, Some(7));
+        let shape = slow.shape();
+        assert_eq!(
+            (shape.drop_request, shape.drop_response, shape.duplicate),
+            (0.1, 0.2, 0.3)
+        );
+        for key in [
+            "drop_request_percent",
+            "drop_response_percent",
+            "duplicate_percent",
+        ] {
+            let err = format!(
+                "{:#}",
+                parse_node_config(&link(&format!("{key} = 101")), "node.toml", vars(&[]))
+                    .unwrap_err()
+            );
+            assert!(err.contains(&format!("faults.slow_links.{key}")), "{err}");
+        }
+        let two_seeds = format!(
+            "{}[[faults.slow_links]]\naddr = \"10.1.0.3:7401\"\ndelay_ms = 5\nseed = 8\n",
+            link("seed = 7")
+        );
+        let err = format!(
+            "{:#}",
+            parse_node_config(&two_seeds, "node.toml", vars(&[])).unwrap_err()
+        );
+        assert!(err.contains("faults.slow_links.seed"), "{err}");
+    }
 }
