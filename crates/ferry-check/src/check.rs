@@ -67,6 +67,9 @@ struct Sighting<'h> {
     line: usize,
 }
 
+/// Where one event is stored in a region's topic: (partition, offset) pairs.
+type Copies = Vec<(u32, u64)>;
+
 fn log_of(op: &Op) -> Option<LogId> {
     Some((op.region.clone(), op.topic.clone(), op.partition?))
 }
@@ -234,7 +237,7 @@ pub fn check(history: &History, options: &Options) -> Report {
     }
 
     check_dumps(&dumps, &finals, &mut observed, &mut report);
-    check_groups(&deliveries, &finals, &mut report);
+    check_groups(&deliveries, &finals, &publishes, &mut report);
     report.counts.redelivered = delivered_ids.values().map(|n| n - 1).sum();
 
     // Where each event is stored, per log (final reads only: they are the logs).
@@ -244,14 +247,29 @@ pub fn check(history: &History, options: &Options) -> Report {
             offsets_of.entry((log, id)).or_default().push(*offset);
         }
     }
+    // An event once per region: at one offset of one partition of its topic.
+    let mut copies_of: BTreeMap<(&str, &str, &str), Copies> = BTreeMap::new();
     for ((log, id), offsets) in &offsets_of {
-        if offsets.len() > 1 {
+        let copies = copies_of.entry((&log.0, &log.1, id)).or_default();
+        copies.extend(offsets.iter().map(|o| (log.2, *o)));
+    }
+    for ((region, topic, id), copies) in copies_of {
+        if copies.len() > 1 {
             report.duplicated.push(Duplicate {
-                log: (*log).clone(),
+                region: region.to_string(),
+                topic: topic.to_string(),
                 id: id.to_string(),
-                offsets: offsets.clone(),
+                copies,
             });
         }
+    }
+
+    // Every origin region is floored, also one with nothing acknowledged.
+    for p in publishes.values() {
+        report
+            .acknowledged_by_region
+            .entry(p.origin.to_string())
+            .or_default();
     }
 
     // Publishes against final reads.
@@ -577,20 +595,45 @@ fn check_dumps<'h>(
 
 /// A consumer group reads each partition from the log's start: every offset from the
 /// final read's `low` (or the first delivered one, without a final read) up to the highest
-/// delivered must have been delivered at least once.
+/// delivered must have been delivered at least once. And a group reading a region's topic
+/// must get past every publish acknowledged in that region (its readers outlast its
+/// producers), in every partition: a reader that never started or stalled is a gap up to
+/// there.
 fn check_groups(
     deliveries: &BTreeMap<(LogId, &str), BTreeMap<u64, u64>>,
     finals: &BTreeMap<LogId, FinalRead>,
+    publishes: &HashMap<&str, Publish>,
     report: &mut Report,
 ) {
+    // Past the last acknowledged offset of each log.
+    let mut acked_end: BTreeMap<&LogId, u64> = BTreeMap::new();
+    for p in publishes.values() {
+        if let (Some(OpType::Ok), Some((log, offset))) = (p.outcome, &p.ack) {
+            let end = acked_end.entry(log).or_default();
+            *end = (*end).max(offset + 1);
+        }
+    }
+    // Every group seen reading a (region, topic) is held to each of its partitions.
+    let mut wanted: BTreeMap<(LogId, &str), BTreeMap<u64, u64>> = BTreeMap::new();
     for ((log, group), offsets) in deliveries {
-        let (Some(first), Some(last)) = (offsets.keys().next(), offsets.keys().next_back()) else {
-            continue;
+        for (other, _) in finals.iter().filter(|(l, _)| l.0 == log.0 && l.1 == log.1) {
+            wanted.entry((other.clone(), *group)).or_default();
+        }
+        wanted.insert((log.clone(), *group), offsets.clone());
+    }
+    for ((log, group), offsets) in &wanted {
+        let low = finals.get(log).map(|f| f.low);
+        let start = match (offsets.keys().next(), low) {
+            (Some(first), Some(low)) => low.min(*first),
+            (Some(first), None) => *first,
+            (None, Some(low)) => low,
+            (None, None) => continue,
         };
-        let start = finals.get(log).map_or(*first, |f| f.low.min(*first));
+        let delivered_end = offsets.keys().next_back().map_or(start, |o| o + 1);
+        let end = delivered_end.max(acked_end.get(log).copied().unwrap_or(0));
         let mut skipped = Vec::new();
         let mut gap_from = None;
-        for o in start..=*last {
+        for o in start..end {
             match (offsets.contains_key(&o), gap_from) {
                 (false, None) => gap_from = Some(o),
                 (true, Some(from)) => {
@@ -599,6 +642,9 @@ fn check_groups(
                 }
                 _ => {}
             }
+        }
+        if let Some(from) = gap_from {
+            skipped.push((from, end));
         }
         if !skipped.is_empty() {
             report.group_gaps.push(GroupGap {
@@ -662,7 +708,7 @@ fn check_floors(
     if options.min_acknowledged_per_region > 0 && report.acknowledged_by_region.is_empty() {
         report
             .below_floor
-            .push("no publish was acknowledged anywhere".to_string());
+            .push("no publish was invoked anywhere".to_string());
     }
     for fault in faults {
         let (start, end) = (fault.time_ms, fault.end_ms.unwrap_or(fault.time_ms));

@@ -20,7 +20,9 @@
 //! A dump is one replica's copy of a log, committed below `committed`. A fault records when
 //! the chaos run held a fault (`time_ms` to `end_ms`).
 //!
-//! Parsing refuses, naming the line: unknown fields, missing fields, and lines out of order
+//! Every line has `time_ms`: milliseconds since one epoch shared by the whole history
+//! (`ferry workload` writes Unix time). Parsing refuses, naming the line: unknown fields,
+//! missing fields, and lines out of order
 //! (a publish completed before its invoke, invoked or completed twice; two final reads of one
 //! log; events of a final read outside its range).
 
@@ -83,8 +85,9 @@ pub struct Op {
     /// The operation, for everything but dumps and faults.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub f: Option<Func>,
-    /// Milliseconds since the run started (for a fault: when it was applied).
-    #[serde(default)]
+    /// When it happened, in milliseconds since the history's epoch (`ferry workload`: Unix
+    /// time unless `--epoch-ms` says otherwise); for a fault, when it was applied. Required:
+    /// every rule about time needs it.
     pub time_ms: u64,
     /// The event published.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -197,6 +200,9 @@ fn validate(op: &Op, line: usize, seen: &mut Seen) -> Result<(), String> {
             need(&op.node, "node", "a dump")?;
             need(&op.partition, "partition", "a dump")?;
             need(&op.committed, "committed", "a dump")?;
+            if op.topic.is_empty() {
+                return Err("a dump needs \"topic\"".into());
+            }
             if op.f.is_some() {
                 return Err("a dump has no \"f\"".into());
             }
@@ -225,6 +231,9 @@ fn validate(op: &Op, line: usize, seen: &mut Seen) -> Result<(), String> {
             };
             match op_type {
                 OpType::Invoke => {
+                    if op.topic.is_empty() {
+                        return Err("a publish invoke needs \"topic\"".into());
+                    }
                     if let Some(first) = seen.invoked.get(id) {
                         return Err(format!(
                             "publish {id:?} invoked again (first on line {first})"
@@ -257,6 +266,9 @@ fn validate(op: &Op, line: usize, seen: &mut Seen) -> Result<(), String> {
                 ));
             }
             need(&op.partition, "partition", "a read or delivery")?;
+            if op.topic.is_empty() {
+                return Err("a read or delivery needs \"topic\"".into());
+            }
             if f == Func::Deliver {
                 need(&op.group, "group", "a delivery")?;
                 if op.is_final {

@@ -42,15 +42,17 @@ pub struct Lost {
     pub found_instead: Option<String>,
 }
 
-/// One event at two or more offsets of one log.
+/// One event at two or more offsets of one region's topic (in one partition or several).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Duplicate {
-    /// The log.
-    pub log: LogId,
+    /// The region.
+    pub region: String,
+    /// The topic.
+    pub topic: String,
     /// The event.
     pub id: String,
-    /// Its offsets.
-    pub offsets: Vec<u64>,
+    /// Its copies: (partition, offset).
+    pub copies: Vec<(u32, u64)>,
 }
 
 /// Two events of one producer and key in the opposite order of their publishing.
@@ -115,7 +117,8 @@ pub struct ReplicaBehind {
     pub wanted: (u64, u64),
 }
 
-/// Offsets of a log a consumer group never received between ones it did.
+/// Offsets of a log a consumer group never received: between ones it did, at the log's
+/// start, or up to the last offset acknowledged in it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GroupGap {
     /// The log.
@@ -278,5 +281,68 @@ impl Report {
             below_floor: Vec::new(),
             forwarding_lag_ms: None,
         }
+    }
+}
+
+impl Report {
+    /// A short human-readable table: verdict, reasons, counts.
+    pub fn table(&self) -> String {
+        let c = &self.counts;
+        let verdict = match self.verdict {
+            Verdict::Pass => "PASS",
+            Verdict::Fail => "FAIL",
+        };
+        let mut out = format!("verdict: {verdict}\n");
+        for reason in &self.reasons {
+            out.push_str(&format!("  - {reason}\n"));
+        }
+        let rows: [(&str, u64); 31] = [
+            ("publishes attempted", c.attempted),
+            ("acknowledged", c.acknowledged),
+            ("failed (definite)", c.failed),
+            ("unknown outcome", c.unknown),
+            ("events observed", c.observed),
+            ("final reads (logs)", c.final_reads),
+            ("  events in final reads", c.final_read_events),
+            ("replica dumps", c.dumps),
+            ("  events in replica dumps", c.dumped_events),
+            ("faults recorded", c.faults),
+            ("lost", c.lost),
+            ("  lost: middle", c.lost_middle),
+            ("  lost: postfix", c.lost_postfix),
+            ("expired (retention)", c.expired),
+            ("unexpected", c.unexpected),
+            ("observed before invoked", c.premature),
+            ("failed but observed", c.failed_but_observed),
+            ("recovered (unknown, at origin)", c.recovered),
+            ("duplicated in a log", c.duplicated),
+            ("redelivered to a group", c.redelivered),
+            ("group partitions with gaps", c.group_gaps),
+            ("order violations", c.order_violations),
+            ("offset divergences", c.offset_divergences),
+            ("ack offset mismatches", c.ack_mismatches),
+            ("replica divergences", c.replica_divergences),
+            ("replicas behind", c.replicas_behind),
+            ("unreached (event, region)", c.unreached),
+            ("vanished at origin", c.vanished_at_origin),
+            ("unjudged", c.unjudged),
+            ("floors not met", c.below_floor),
+            (
+                "faults that overlapped publishing",
+                self.faults.iter().filter(|f| f.3 > 0).count() as u64,
+            ),
+        ];
+        for (name, n) in rows {
+            out.push_str(&format!("  {name:<34}{n:>10}\n"));
+        }
+        for (region, n) in &self.acknowledged_by_region {
+            let name = format!("acknowledged in {region:?}");
+            out.push_str(&format!("  {name:<34}{n:>10}\n"));
+        }
+        if let Some((p50, max)) = self.forwarding_lag_ms {
+            out.push_str(&format!("  {:<34}{:>10}\n", "forwarding lag p50 ms", p50));
+            out.push_str(&format!("  {:<34}{:>10}\n", "forwarding lag max ms", max));
+        }
+        out
     }
 }

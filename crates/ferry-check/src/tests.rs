@@ -287,6 +287,30 @@ fn a_consumer_group_that_skips_offsets_is_flagged() {
     let r = run(&without(r#""process":7"#));
     fails_for(&r, "skipped offsets");
     assert_eq!(r.group_gaps[0].skipped, vec![(0, 1)]);
+
+    // A group that stalled before the last acknowledged offset (a2 at 1) skipped the rest.
+    let r = run(&without(r#""process":8"#).replace(
+        r#""events":[{"offset":0,"id":"a1"},{"offset":1,"id":"a2"}],"time_ms":21"#,
+        r#""events":[{"offset":0,"id":"a1"}],"time_ms":21"#,
+    ));
+    fails_for(&r, "skipped offsets");
+    assert_eq!(r.group_gaps[0].skipped, vec![(1, 2)]);
+
+    // A group reading the region's topic must read each of its partitions: a reader that
+    // never started on partition 1 skipped what was acknowledged there.
+    let r = run(&format!(
+        "{}\n{}\n{}",
+        edited(
+            r#""region":"a","topic":"t","partition":0,"partitions":1"#,
+            r#""region":"a","topic":"t","partition":0,"partitions":2"#,
+        ),
+        r#"{"type":"invoke","process":1,"f":"publish","id":"a9","key":"k9","region":"a","topic":"t","time_ms":30}"#,
+        r#"{"type":"ok","process":1,"f":"publish","id":"a9","region":"a","topic":"t","partition":1,"offset":0,"time_ms":31}
+{"type":"ok","f":"read","final":true,"region":"a","topic":"t","partition":1,"partitions":2,"low":0,"high":1,"events":[{"offset":0,"id":"a9"}],"time_ms":101}"#
+    ));
+    fails_for(&r, "skipped offsets");
+    assert_eq!(r.group_gaps[0].log.2, 1);
+    assert_eq!(r.group_gaps[0].skipped, vec![(0, 1)]);
 }
 
 #[test]
@@ -337,6 +361,20 @@ fn floors_fail_a_run_that_proves_too_little() {
     assert_eq!(r.below_floor.len(), 2, "{:?}", r.below_floor);
     assert!(r.below_floor[0].contains("2 publishes acknowledged"));
     assert!(r.below_floor[1].contains("4 publishes in flight while it held"));
+    // A region whose publishes were all lost to timeouts is floored too.
+    let r = run_with(
+        &format!(
+            "{CLEAN}\n{}",
+            r#"{"type":"invoke","process":5,"f":"publish","id":"c1","region":"c","topic":"t","time_ms":40}
+{"type":"info","process":5,"f":"publish","id":"c1","time_ms":41}"#
+        ),
+        &Options {
+            min_acknowledged_per_region: 1,
+            ..Options::default()
+        },
+    );
+    fails_for(&r, "floors not met");
+    assert!(r.below_floor[0].contains("region \"c\": 0 publishes acknowledged"));
     let met = Options {
         min_acknowledged_per_region: 2,
         min_publishes_per_fault: 4,
@@ -384,7 +422,7 @@ fn a_duplicate_is_counted_and_fails_only_when_dedupe_was_promised() {
     .replace(r#""region":"b","topic":"t","partition":0,"partitions":1,"low":0,"high":3"#, r#""region":"b","topic":"t","partition":0,"partitions":1,"low":0,"high":4"#);
     let r = run(&dup);
     assert_eq!(r.counts.duplicated, 1);
-    assert_eq!(r.duplicated[0].offsets, vec![0, 3]);
+    assert_eq!(r.duplicated[0].copies, vec![(0, 0), (0, 3)]);
     assert_eq!(r.verdict, Verdict::Pass, "{}", r.table());
     let strict = run_with(
         &dup,
@@ -394,6 +432,27 @@ fn a_duplicate_is_counted_and_fails_only_when_dedupe_was_promised() {
         },
     );
     fails_for(&strict, "two offsets of one log");
+}
+
+#[test]
+fn an_event_in_two_partitions_of_one_region_is_a_duplicate() {
+    // b holds a1 in partition 0 and again in partition 1 of its topic.
+    let two = edited(
+        r#""region":"b","topic":"t","partition":0,"partitions":1"#,
+        r#""region":"b","topic":"t","partition":0,"partitions":2"#,
+    );
+    let r = run_with(
+        &format!(
+            "{two}\n{}",
+            r#"{"type":"ok","f":"read","final":true,"region":"b","topic":"t","partition":1,"partitions":2,"low":0,"high":1,"events":[{"offset":0,"id":"a1"}],"time_ms":161}"#
+        ),
+        &Options {
+            duplicates_fail: true,
+            ..Options::default()
+        },
+    );
+    fails_for(&r, "two offsets of one log");
+    assert_eq!(r.duplicated[0].copies, vec![(0, 0), (1, 0)]);
 }
 
 #[test]
@@ -427,9 +486,8 @@ fn lines_out_of_order_or_with_unknown_fields_are_refused_naming_the_line() {
         assert!(err.contains(&format!("line {line}")), "{err}");
         assert!(err.contains(words), "{err}");
     };
-    let invoke = r#"{"type":"invoke","process":1,"f":"publish","id":"a","topic":"t"}"#;
-    let ok =
-        r#"{"type":"ok","process":1,"f":"publish","id":"a","topic":"t","partition":0,"offset":0}"#;
+    let invoke = r#"{"type":"invoke","process":1,"f":"publish","id":"a","topic":"t","time_ms":1}"#;
+    let ok = r#"{"type":"ok","process":1,"f":"publish","id":"a","topic":"t","partition":0,"offset":0,"time_ms":1}"#;
     refused(&format!("{invoke}\n{ok}\n{invoke}"), 3, "invoked again");
     refused(ok, 1, "before it is invoked");
     refused(&format!("{invoke}\n{ok}\n{ok}"), 3, "completes again");
@@ -444,34 +502,45 @@ fn lines_out_of_order_or_with_unknown_fields_are_refused_naming_the_line() {
         "unknown field",
     );
     refused(
-        r#"{"type":"ok","f":"read","region":"a","topic":"t","partition":0,"events":[{"offset":0,"id":"a","extra":1}]}"#,
+        r#"{"type":"ok","f":"read","region":"a","topic":"t","partition":0,"events":[{"offset":0,"id":"a","extra":1}],"time_ms":1}"#,
         1,
         "unknown field",
     );
     refused(&format!("\n{A_FINAL}\n{A_FINAL}"), 3, "second final read");
     refused(
-        r#"{"type":"ok","f":"read","final":true,"topic":"t","partition":0,"partitions":1,"low":0,"high":1,"events":[{"offset":1,"id":"a"}]}"#,
+        r#"{"type":"ok","f":"read","final":true,"topic":"t","partition":0,"partitions":1,"low":0,"high":1,"events":[{"offset":1,"id":"a"}],"time_ms":1}"#,
         1,
         "outside the final read's range",
     );
     refused(
-        r#"{"type":"ok","f":"read","final":true,"topic":"t","partition":0,"low":0,"high":1}"#,
+        r#"{"type":"ok","f":"read","final":true,"topic":"t","partition":0,"low":0,"high":1,"time_ms":1}"#,
         1,
         "\"partitions\"",
     );
     refused(
-        "{\"type\":\"ok\",\"f\":\"read\",\"partition\":0}\nnot json",
+        "{\"type\":\"ok\",\"f\":\"read\",\"topic\":\"t\",\"partition\":0,\"time_ms\":1}\nnot json",
         2,
         "expected",
     );
-    refused(r#"{"type":"dump","partition":0,"committed":1}"#, 1, "node");
+    refused(
+        r#"{"type":"dump","partition":0,"committed":1,"time_ms":1}"#,
+        1,
+        "node",
+    );
+    refused(
+        r#"{"type":"dump","node":1,"partition":0,"committed":1,"time_ms":1}"#,
+        1,
+        "\"topic\"",
+    );
+    refused(&invoke.replace(",\"time_ms\":1", ""), 1, "time_ms");
+    refused(&invoke.replace("\"topic\":\"t\",", ""), 1, "\"topic\"");
     refused(
         r#"{"type":"fault","kind":"kill","time_ms":5,"end_ms":4}"#,
         1,
         "before it starts",
     );
     refused(
-        r#"{"type":"invoke","f":"read","topic":"t","partition":0}"#,
+        r#"{"type":"invoke","f":"read","topic":"t","partition":0,"time_ms":1}"#,
         1,
         "only completed",
     );

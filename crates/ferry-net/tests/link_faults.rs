@@ -21,8 +21,9 @@ use tokio::time::{timeout, Instant};
 
 /// The deadline of one call in these tests: a dropped request or reply fails after it.
 const REQUEST_TIMEOUT: Duration = Duration::from_millis(300);
-/// A shorter deadline for the test of many calls, to keep it short.
-const MIXED_TIMEOUT: Duration = Duration::from_millis(150);
+/// The deadline for the test of many calls: a dropped call waits it out, and a plain call on
+/// a loaded machine must still make it.
+const MIXED_TIMEOUT: Duration = Duration::from_millis(500);
 const PEER: NodeId = 2;
 
 /// A transport of node 1 and what it calls: node 2, answering with a counting echo.
@@ -258,7 +259,7 @@ async fn mixed_faults<T: Transport>(link: Link<T>) -> InjectedFaults {
             ..LinkShape::default()
         },
     );
-    const CALLS: u32 = 120;
+    const CALLS: u32 = 60;
     // One call at a time, so the seed decides which call gets which draw.
     let mut ok = 0;
     for n in 0..CALLS {

@@ -26,7 +26,8 @@ pub(crate) struct CheckArgs {
     /// Fail when any origin region has fewer acknowledged publishes than this.
     #[arg(long, default_value_t = 0)]
     min_acknowledged_per_region: u64,
-    /// Fail when a recorded fault held while fewer publishes than this were invoked.
+    /// Fail when fewer publishes than this were in flight while a recorded fault held
+    /// (invoked before it healed, not completed before it began).
     #[arg(long, default_value_t = 0)]
     min_publishes_per_fault: u64,
 }

@@ -434,7 +434,6 @@ async fn collect(
     let partitions = description.config.partitions;
     // A final read of every partition: linearizable fetches from the oldest retained offset
     // to the high watermark, recorded as one line with that range.
-    let mut highs = BTreeMap::new();
     for info in &description.partitions {
         let partition = info.partition;
         let deadline = Instant::now() + timeout;
@@ -455,7 +454,6 @@ async fn collect(
                 break;
             }
         }
-        highs.insert(partition, high);
         recorder.record(Op {
             op_type: Some(OpType::Ok),
             f: Some(Func::Read),
@@ -471,7 +469,8 @@ async fn collect(
         });
     }
     // Each node's own replica: a subscription served by that node alone from its oldest
-    // retained offset, read until it reaches the high watermark above (see dump_replica).
+    // retained offset, read up to what that node says it has committed and applied (its own
+    // high watermark, which may be above or below the final read's).
     for node in &args.nodes {
         let (id, addr) = node
             .split_once('=')
@@ -481,21 +480,40 @@ async fn collect(
             .parse()
             .with_context(|| format!("address in {node:?}"))?;
         let one = ferry_client::Client::new(ClientOptions::new(vec![addr], connect.identity()?))?;
-        let deadline = Instant::now() + timeout;
+        // The node answers describe from its own state: its high watermark per partition.
+        let own_highs: BTreeMap<u32, u64> =
+            match tokio::time::timeout(timeout, one.describe_topic(&args.topic)).await {
+                Ok(Ok(d)) => d
+                    .partitions
+                    .iter()
+                    .map(|p| (p.partition, p.high_watermark))
+                    .collect(),
+                Ok(Err(e)) => {
+                    tracing::warn!(node = id, error = %e, "describing the topic on this node");
+                    BTreeMap::new()
+                }
+                Err(_) => {
+                    tracing::warn!(node = id, "describing the topic on this node timed out");
+                    BTreeMap::new()
+                }
+            };
         for partition in 0..partitions {
-            let high = highs.get(&partition).copied().unwrap_or(0);
+            let high = own_highs.get(&partition).copied().unwrap_or(0);
             let mut events = Vec::new();
+            let mut committed = high;
             if high > 0 {
-                // A replica that cannot be read is recorded as holding what was read of it
-                // (the checker fails it as behind), so the rest of the history still counts.
+                // A replica that cannot be read to its own high watermark is recorded as
+                // holding what was read of it (the checker fails it as behind), so the rest
+                // of the history still counts.
+                let deadline = Instant::now() + timeout;
                 if let Err(e) =
                     dump_replica(&one, &args.topic, partition, high, deadline, &mut events).await
                 {
                     tracing::warn!(node = id, partition, held = events.len(), high, error = %e,
-                        "replica dump stopped short of the high watermark");
+                        "replica dump stopped short of the node's high watermark");
+                    committed = events.last().map_or(0, |(o, _)| o + 1);
                 }
             }
-            let committed = events.last().map_or(0, |(o, _)| o + 1);
             recorder.record(Op {
                 op_type: Some(OpType::Dump),
                 node: Some(id),
