@@ -90,9 +90,9 @@ fn check_exits_by_verdict_and_writes_the_json_report() {
     let clean = dir.path().join("clean.jsonl");
     std::fs::write(
         &clean,
-        r#"{"type":"invoke","process":1,"f":"publish","id":"a","key":"k","topic":"t"}
-{"type":"ok","process":1,"f":"publish","id":"a","topic":"t","partition":0,"offset":0}
-{"type":"ok","process":2,"f":"read","topic":"t","partition":0,"events":[{"offset":0,"id":"a"}]}
+        r#"{"type":"invoke","process":1,"f":"publish","id":"a","key":"k","topic":"t","time_ms":1}
+{"type":"ok","process":1,"f":"publish","id":"a","topic":"t","partition":0,"offset":0,"time_ms":2}
+{"type":"ok","f":"read","final":true,"topic":"t","partition":0,"partitions":1,"low":0,"high":1,"events":[{"offset":0,"id":"a"}],"time_ms":3}
 "#,
     )
     .unwrap();
@@ -112,10 +112,17 @@ fn check_exits_by_verdict_and_writes_the_json_report() {
     assert_eq!(report["verdict"], "Pass");
     assert_eq!(report["counts"]["acknowledged"], 1);
 
-    // The read is gone: the acknowledged event is lost, and the exit code says so.
+    // The final read ends before it: the acknowledged event is lost, and the exit code says so.
     let lost = dir.path().join("lost.jsonl");
     let text = std::fs::read_to_string(&clean).unwrap();
-    std::fs::write(&lost, text.lines().take(2).collect::<Vec<_>>().join("\n")).unwrap();
+    std::fs::write(
+        &lost,
+        text.replace(
+            r#""high":1,"events":[{"offset":0,"id":"a"}]"#,
+            r#""high":0"#,
+        ),
+    )
+    .unwrap();
     let (ok, out) = ferry(&["check", lost.to_str().unwrap()], &[]);
     assert!(
         !ok && out.contains("verdict: FAIL") && out.contains("1 acknowledged events lost"),
