@@ -624,9 +624,12 @@ async fn forwarding_over_a_link_that_loses_and_duplicates_calls_delivers_everyth
 async fn batches_resent_after_lost_acknowledgements_are_stored_once() {
     // Small batches, and a window wide enough for all of them, so every event is sent
     // (and stored) while no acknowledgement comes back.
+    // Resends back off at most 1 s, so the catch-up after healing does not wait out the
+    // default 10 s backoff of batches that failed many times.
     let (mesh, client_a, client_b) = two_regions(|config| {
         config.mesh.forward_batch_events = 16;
         config.mesh.forward_window = 64;
+        config.mesh.forward_max_backoff_ms = 1_000;
     })
     .await;
     let (a, b) = (only_node(&mesh, "a"), only_node(&mesh, "b"));
@@ -658,7 +661,7 @@ async fn batches_resent_after_lost_acknowledgements_are_stored_once() {
     shape_calls(&mesh, "a", "b", LinkShape::default());
     wait_until(
         "a's forwarders caught up",
-        Duration::from_secs(30),
+        Duration::from_secs(90),
         || async {
             let Ok(report) = client_a.regions().await else {
                 return false;
