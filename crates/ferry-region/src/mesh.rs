@@ -565,7 +565,10 @@ impl<T: Transport> Node<T> {
         let view = group.view.clone();
         let config = self.forwarder_config();
         let marks = view.watermarks();
-        let start = match view.forward_cursor(&key.destination) {
+        let start = match view
+            .forward_cursor(&key.destination)
+            .map_err(|e| e.to_string())?
+        {
             Some(cursor) if cursor < marks.low => {
                 tracing::warn!(topic = %key.topic, partition = key.partition, destination = %key.destination, cursor, low = marks.low, "retention dropped events before they were forwarded");
                 marks.low
@@ -945,7 +948,10 @@ impl<T: Transport> Node<T> {
         // Answer from the applied state when that settles it: a batch after a gap, or one
         // already held entirely (a resend). Costs no Raft round; the state machine still
         // decides whatever is proposed.
-        let held = group.view.received(&origin_region, request.partition);
+        let held = match group.view.received(&origin_region, request.partition) {
+            Ok(held) => held,
+            Err(e) => return PeerResponse::Error(format!("region {region}: {e}")),
+        };
         let term = group.raft.metrics().borrow_watched().current_term;
         if intake.term != term {
             // What was proposed under another term may have been discarded.
@@ -967,7 +973,10 @@ impl<T: Transport> Node<T> {
             drop(intake);
             let deadline = Instant::now() + RELAY_TIMEOUT;
             loop {
-                let held = group.view.received(&origin_region, request.partition);
+                let held = match group.view.received(&origin_region, request.partition) {
+                    Ok(held) => held,
+                    Err(e) => return PeerResponse::Error(format!("region {region}: {e}")),
+                };
                 if held >= request.batch.to {
                     mesh.resent_events_held
                         .fetch_add(resent_events, Ordering::Relaxed);

@@ -170,19 +170,27 @@ impl PartitionView {
             .copied())
     }
 
-    /// The committed forwarding cursor towards `region`: every wanted event below it is
-    /// there.
-    pub fn forward_cursor(&self, region: &str) -> Option<u64> {
-        self.forward_cursors.read().ok()?.get(region).copied()
+    /// The committed forwarding cursor towards `region` (every wanted event below it is
+    /// there), or None for a region never forwarded to. An unreadable cursor is an error,
+    /// never None: that would make the forwarder take the region for new and skip to the end.
+    pub fn forward_cursor(&self, region: &str) -> Result<Option<u64>, StoreError> {
+        Ok(self
+            .forward_cursors
+            .read()
+            .map_err(storage_err)?
+            .get(region)
+            .copied())
     }
 
     /// Every offset of the origin (region, partition) below this is held here (as applied).
-    pub fn received(&self, region: &str, partition: u32) -> u64 {
-        self.received
+    pub fn received(&self, region: &str, partition: u32) -> Result<u64, StoreError> {
+        Ok(self
+            .received
             .read()
-            .ok()
-            .and_then(|r| r.get(&(region.to_string(), partition)).copied())
-            .unwrap_or(0)
+            .map_err(storage_err)?
+            .get(&(region.to_string(), partition))
+            .copied()
+            .unwrap_or(0))
     }
 
     /// When the batch holding `offset` was appended (milliseconds since the epoch), if held.
@@ -413,7 +421,9 @@ impl Partition {
                 PartitionReply::Error(ApiError::new(ErrorCode::InvalidRequest, e.to_string()))
             }
         };
-        Ok(encode("partition reply", &reply).unwrap_or_default())
+        // A committed command whose reply cannot be encoded is a bug: stop the group rather
+        // than answer a committed write with empty bytes.
+        encode("partition reply", &reply).map_err(|e| StoreError::io("partition reply", e))
     }
 
     fn append(
@@ -1109,6 +1119,33 @@ mod tests {
             .iter()
             .map(|b| (b.base_offset, b.count))
             .collect()
+    }
+
+    #[test]
+    fn unreadable_forwarding_state_is_an_error_not_a_new_region() {
+        let dir = tempfile::tempdir().unwrap();
+        let sm = PartitionStateMachine::open(dir.path(), 1 << 20).unwrap();
+        let view = sm.view();
+        assert_eq!(
+            view.forward_cursor("b").unwrap(),
+            None,
+            "never forwarded to b"
+        );
+        assert_eq!(view.received("b", 0).unwrap(), 0);
+        // A thread that panics while holding the locks poisons them.
+        let poisoner = view.clone();
+        let _ = std::thread::spawn(move || {
+            let _cursors = poisoner.forward_cursors.write().unwrap();
+            let _received = poisoner.received.write().unwrap();
+            panic!("poisoning the forwarding state (expected in this test)");
+        })
+        .join();
+        assert!(
+            view.forward_cursor("b").is_err(),
+            "a poisoned cursor must not read as a region never forwarded to (the forwarder \
+             would skip to the high watermark)"
+        );
+        assert!(view.received("b", 0).is_err(), "nor as nothing received");
     }
 
     #[test]
