@@ -614,14 +614,16 @@ fn check_groups(
         }
     }
     // Every group seen reading a (region, topic) is held to each of its partitions.
-    let mut wanted: BTreeMap<(LogId, &str), BTreeMap<u64, u64>> = BTreeMap::new();
-    for ((log, group), offsets) in deliveries {
+    let mut wanted: BTreeSet<(LogId, &str)> = deliveries.keys().cloned().collect();
+    for (log, group) in deliveries.keys() {
         for (other, _) in finals.iter().filter(|(l, _)| l.0 == log.0 && l.1 == log.1) {
-            wanted.entry((other.clone(), *group)).or_default();
+            wanted.insert((other.clone(), *group));
         }
-        wanted.insert((log.clone(), *group), offsets.clone());
     }
-    for ((log, group), offsets) in &wanted {
+    let none = BTreeMap::new();
+    for key in &wanted {
+        let (log, group) = key;
+        let offsets = deliveries.get(key).unwrap_or(&none);
         let low = finals.get(log).map(|f| f.low);
         let start = match (offsets.keys().next(), low) {
             (Some(first), Some(low)) => low.min(*first),
