@@ -444,7 +444,7 @@ async fn register_webhook(
             ),
         );
     }
-    match crate::webhook::Webhooks::register(&shared, &user, request.url, request.channels) {
+    match crate::webhook::Webhooks::register(&shared, &user, request.url, request.channels).await {
         Ok(registration) => {
             let mut answer = public(&registration);
             answer["secret"] = serde_json::json!(registration.secret);

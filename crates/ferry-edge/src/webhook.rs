@@ -190,7 +190,7 @@ impl Webhooks {
     }
 
     /// Registers a webhook for `user` and starts delivering to it.
-    pub(crate) fn register(
+    pub(crate) async fn register(
         shared: &Arc<Shared>,
         user: &User,
         url: String,
@@ -211,8 +211,8 @@ impl Webhooks {
         let tree = shared.store.tree("webhooks")?;
         tree.insert(registration.id.as_bytes(), value)
             .map_err(|e| store_err("writing a webhook", e))?;
-        tree.flush()
-            .map_err(|e| store_err("flushing webhooks", e))?;
+        // The registration is answered as made: durable first.
+        shared.store.sync().await?;
         Self::spawn(shared, registration.clone());
         Ok(registration)
     }

@@ -27,6 +27,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
+use ferry_store::DurableSled;
 use serde::{Deserialize, Serialize};
 
 use crate::hub::Outbound;
@@ -102,6 +103,8 @@ struct MessageFrame<'a> {
 /// The sled-backed window.
 pub struct WindowStore {
     db: sled::Db,
+    /// The same database, for syncs that are promises (sled's flush is not an fsync).
+    durable: DurableSled,
     epoch: String,
     limits: WindowLimits,
     /// Retained ranges, cached (the appender is the only writer).
@@ -169,9 +172,15 @@ impl WindowStore {
                 epoch
             }
         };
-        db.flush().map_err(|e| store_err("flushing epoch", e))?;
+        // Durable before any position of this epoch is handed out: a clean mark that came
+        // back after a power loss would keep the epoch with a window that rolled back.
+        let durable = DurableSled::new(db.clone(), dir);
+        durable
+            .sync()
+            .map_err(|e| store_err("syncing the epoch", e))?;
         Ok(Self {
             db,
+            durable,
             epoch,
             limits,
             ranges: Mutex::new(HashMap::new()),
@@ -380,16 +389,25 @@ impl WindowStore {
         self.db
             .insert(b"clean", b"")
             .map_err(|e| store_err("marking the window clean", e))?;
-        self.flush().await
+        self.sync().await
     }
 
-    /// Flushes everything to disk.
+    /// Flushes everything to disk (written, not fsynced: the window is rebuilt from the
+    /// region after a crash, under a new epoch).
     pub async fn flush(&self) -> Result<(), EdgeError> {
         self.db
             .flush_async()
             .await
             .map(|_| ())
             .map_err(|e| store_err("flushing the window", e))
+    }
+
+    /// Makes everything written so far durable (fsync), for what is promised to a client.
+    pub async fn sync(&self) -> Result<(), EdgeError> {
+        self.durable
+            .sync_async()
+            .await
+            .map_err(|e| store_err("syncing the window", e))
     }
 }
 

@@ -380,8 +380,8 @@ impl Sidecar {
                 task.abort();
             }
         }
-        if let Err(e) = self.shared.outbox.flush().await {
-            tracing::warn!(error = %e, "flushing the outbox at shutdown failed");
+        if let Err(e) = self.shared.outbox.close_cleanly().await {
+            tracing::warn!(error = %e, "closing the outbox at shutdown failed");
         }
     }
 }

@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use ferry_proto::{codec, partition_for_key, Event, EventBatch, Limits, ProducerId};
+use ferry_store::DurableSled;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, Notify};
 
@@ -239,6 +240,8 @@ pub struct Outgoing {
 }
 
 const PRODUCER_KEY: &[u8] = b"p";
+/// Present while the outbox is closed cleanly (written at shutdown, removed at open).
+const CLEAN_KEY: &[u8] = b"c";
 
 fn lane_prefix(tag: u8, lane: &Lane) -> Vec<u8> {
     let mut key = Vec::with_capacity(lane.topic.len() + 6);
@@ -294,7 +297,7 @@ struct Job {
 #[derive(Clone)]
 pub struct Outbox {
     tree: sled::Tree,
-    db: sled::Db,
+    db: DurableSled,
     jobs: mpsc::Sender<Job>,
     /// Per lane: woken when records are added.
     wakers: Arc<Mutex<HashMap<Lane, Arc<Notify>>>>,
@@ -309,7 +312,7 @@ pub struct Outbox {
 /// [`Outbox`] is dropped).
 struct Writer {
     tree: sled::Tree,
-    db: sled::Db,
+    db: DurableSled,
     counts: Arc<OutboxCounts>,
     bounds: (u64, u64),
     outbox: std::sync::Weak<Mutex<HashMap<Lane, Arc<Notify>>>>,
@@ -334,16 +337,28 @@ impl Outbox {
             .open()
             .map_err(store_err)?;
         let tree = db.open_tree("outbox").map_err(store_err)?;
+        let db = DurableSled::new(db, dir);
+        // A stop that was not clean (a crash, a power loss) may have left the region holding
+        // sequences this outbox no longer knows of; a new identity can never be answered as
+        // a duplicate of them. Records already stored keep the identity they were made with,
+        // and the lanes' sequences go on from where they are, so their order holds.
+        let clean = tree.remove(CLEAN_KEY).map_err(store_err)?.is_some();
         let producer = match tree.get(PRODUCER_KEY).map_err(store_err)? {
-            Some(v) => u64_of(&v).ok_or_else(|| store_err("malformed producer id"))?,
-            None => {
+            Some(v) if clean => u64_of(&v).ok_or_else(|| store_err("malformed producer id"))?,
+            earlier => {
                 let id: ProducerId = rand::random();
+                if earlier.is_some() {
+                    tracing::info!(
+                        producer = id,
+                        "the outbox was not closed cleanly: publishing as a new producer"
+                    );
+                }
                 tree.insert(PRODUCER_KEY, &id.to_be_bytes())
                     .map_err(store_err)?;
-                tree.flush().map_err(store_err)?;
                 id
             }
         };
+        db.sync().map_err(store_err)?;
         let mut next_seq = HashMap::new();
         for item in tree.scan_prefix(b"s") {
             let (k, v) = item.map_err(store_err)?;
@@ -479,9 +494,11 @@ impl Outbox {
         Ok(())
     }
 
-    /// Writes what is pending to disk (at shutdown).
-    pub async fn flush(&self) -> Result<(), OutboxError> {
-        self.db.flush_async().await.map(|_| ()).map_err(store_err)
+    /// Writes what is pending to disk and marks the outbox closed cleanly, so the next open
+    /// keeps the producer identity (at shutdown, once nothing else writes).
+    pub async fn close_cleanly(&self) -> Result<(), OutboxError> {
+        self.tree.insert(CLEAN_KEY, &[1]).map_err(store_err)?;
+        self.db.sync_async().await.map_err(store_err)
     }
 }
 
@@ -578,7 +595,7 @@ impl Writer {
                 );
             }
             let result = match self.tree.apply_batch(batch) {
-                Ok(()) => self.db.flush_async().await.map(|_| ()).map_err(store_err),
+                Ok(()) => self.db.sync_async().await.map_err(store_err),
                 Err(e) => Err(store_err(e)),
             };
             if let Err(e) = &result {
@@ -749,6 +766,7 @@ mod tests {
             Err(OutboxError::Full { events: 2, .. })
         ));
         drop(lanes);
+        outbox.close_cleanly().await.unwrap();
         close(outbox).await;
 
         let (outbox, mut lanes) =
@@ -766,5 +784,35 @@ mod tests {
         let next = outbox.peek(&lane, 10).unwrap();
         assert_eq!(next[0].batch.producer, producer);
         assert_eq!(next[0].batch.first_seq, 2);
+    }
+
+    #[tokio::test]
+    async fn after_a_stop_that_was_not_clean_new_records_take_a_new_producer_in_sequence() {
+        let dir = tempfile::tempdir().unwrap();
+        let (outbox, mut lanes) =
+            Outbox::open(dir.path(), 100, 1 << 20, Limits::default()).unwrap();
+        outbox
+            .accept(vec![pending("t", 1, Some("a")), pending("t", 2, Some("a"))])
+            .await
+            .unwrap();
+        let lane = lanes.recv().await.unwrap();
+        let before = outbox.peek(&lane, 10).unwrap();
+        drop(lanes);
+        // No `close_cleanly`: what a crash or a power loss leaves.
+        close(outbox).await;
+
+        let (outbox, _lanes) = Outbox::open(dir.path(), 100, 1 << 20, Limits::default()).unwrap();
+        outbox
+            .accept(vec![pending("t", 3, Some("a"))])
+            .await
+            .unwrap();
+        let after = outbox.peek(&lane, 10).unwrap();
+        assert_eq!(after.len(), 2);
+        assert_eq!(
+            after[0].batch, before[0].batch,
+            "stored records keep their identity"
+        );
+        assert_ne!(after[1].batch.producer, before[0].batch.producer);
+        assert_eq!(after[1].batch.first_seq, 2, "the lane's order is kept");
     }
 }

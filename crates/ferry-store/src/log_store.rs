@@ -11,7 +11,7 @@ use openraft::type_config::alias::{EntryOf, LogIdOf, VoteOf};
 use openraft::{OptionalSend, RaftLogReader};
 
 use crate::wal::{Record, Wal};
-use crate::{GroupCommit, GroupId, TypeConfig};
+use crate::{DurableSled, GroupCommit, GroupId, TypeConfig};
 
 /// Bytes of log entries read for one replication request (peer frames allow 64 MiB).
 const REPLICATION_BUDGET: usize = 16 * 1024 * 1024;
@@ -22,8 +22,8 @@ pub struct WalLogStore {
     group: GroupId,
     wal: Arc<Wal>,
     flusher: GroupCommit,
-    /// The state machines' database: flushed before entries that could rebuild it go.
-    db: sled::Db,
+    /// The state machines' database: synced before entries that could rebuild it go.
+    db: DurableSled,
 }
 
 fn range_of(range: &impl RangeBounds<u64>) -> (u64, u64) {
@@ -41,7 +41,12 @@ fn range_of(range: &impl RangeBounds<u64>) -> (u64, u64) {
 }
 
 impl WalLogStore {
-    pub(crate) fn new(group: GroupId, wal: Arc<Wal>, flusher: GroupCommit, db: sled::Db) -> Self {
+    pub(crate) fn new(
+        group: GroupId,
+        wal: Arc<Wal>,
+        flusher: GroupCommit,
+        db: DurableSled,
+    ) -> Self {
         Self {
             group,
             wal,
@@ -161,7 +166,7 @@ impl RaftLogStorage<TypeConfig> for WalLogStore {
     async fn purge(&mut self, log_id: LogIdOf<TypeConfig>) -> Result<(), io::Error> {
         // State machine writes up to `log_id` must be on disk before the entries that could
         // rebuild them go.
-        self.db.flush_async().await.map_err(io::Error::other)?;
+        self.db.sync_async().await.map_err(io::Error::from)?;
         self.wal.append(vec![Record::Purged {
             group: self.group.clone(),
             log_id,

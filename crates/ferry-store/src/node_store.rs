@@ -5,7 +5,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::wal::Wal;
-use crate::{Application, GroupCommit, GroupId, SledStateMachine, StoreError, WalLogStore};
+use crate::{
+    Application, DurableSled, GroupCommit, GroupId, SledStateMachine, StoreError, WalLogStore,
+};
 
 /// Version 2 moved Raft logs out of sled into the write-ahead log.
 /// 3: partition checkpoints carry forwarding state (received origin offsets, forwarding
@@ -36,7 +38,7 @@ impl Default for StoreOptions {
 /// A node's open data folder.
 #[derive(Clone)]
 pub struct NodeStore {
-    db: sled::Db,
+    db: DurableSled,
     wal: Arc<Wal>,
     path: PathBuf,
     flusher: GroupCommit,
@@ -140,14 +142,14 @@ impl NodeStore {
                 marker
                     .insert("format", FORMAT)
                     .map_err(|e| StoreError::io("marker", e))?;
-                db.flush().map_err(|e| StoreError::io("marker", e))?;
+                DurableSled::new(db.clone(), path).sync()?;
             }
         }
         let wal = Arc::new(Wal::open(&path.join("wal"), options.segment_bytes)?);
         let synced = wal.clone();
         let flusher = GroupCommit::start(Box::new(move || synced.sync()));
         Ok(Self {
-            db,
+            db: DurableSled::new(db, path),
             wal,
             path: path.to_path_buf(),
             flusher,
@@ -180,12 +182,13 @@ impl NodeStore {
         group: &GroupId,
         app: A,
     ) -> Result<SledStateMachine<A>, StoreError> {
-        SledStateMachine::open(&self.db, group, app)
+        SledStateMachine::open(self.db.clone(), group, app)
     }
 
     /// The tree a group's state machine writes (`sm:<group>`), for the application to read.
     pub fn state_tree(&self, group: &GroupId) -> Result<sled::Tree, StoreError> {
         self.db
+            .db()
             .open_tree(format!("sm:{group}"))
             .map_err(|e| StoreError::io(format!("state machine of {group}"), e))
     }

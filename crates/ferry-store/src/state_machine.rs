@@ -14,7 +14,7 @@ use openraft::type_config::alias::{LogIdOf, SnapshotMetaOf, SnapshotOf, StoredMe
 use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder};
 use tokio::sync::Mutex;
 
-use crate::{GroupId, Reply, SnapshotData, StoreError, TypeConfig};
+use crate::{DurableSled, GroupId, Reply, SnapshotData, StoreError, TypeConfig};
 
 /// Reserved key in the state machine tree; application keys must not start with 0xFF.
 const APPLIED: &[u8] = b"\xFFapplied";
@@ -53,7 +53,7 @@ pub struct SledStateMachine<A> {
     tree: sled::Tree,
     meta: sled::Tree,
     inner: Arc<Mutex<Inner<A>>>,
-    db: sled::Db,
+    db: DurableSled,
 }
 
 impl<A> Clone for SledStateMachine<A> {
@@ -82,11 +82,13 @@ fn read_applied(tree: &sled::Tree) -> Result<AppliedState, StoreError> {
 }
 
 impl<A: Application> SledStateMachine<A> {
-    pub(crate) fn open(db: &sled::Db, group: &GroupId, mut app: A) -> Result<Self, StoreError> {
+    pub(crate) fn open(db: DurableSled, group: &GroupId, mut app: A) -> Result<Self, StoreError> {
         let tree = db
+            .db()
             .open_tree(format!("sm:{group}"))
             .map_err(|e| StoreError::io(format!("state machine of {group}"), e))?;
         let meta = db
+            .db()
             .open_tree(format!("snap:{group}"))
             .map_err(|e| StoreError::io(format!("snapshot of {group}"), e))?;
         app.load(&tree)?;
@@ -95,7 +97,7 @@ impl<A: Application> SledStateMachine<A> {
             tree,
             meta,
             inner: Arc::new(Mutex::new(Inner { app, applied })),
-            db: db.clone(),
+            db,
         })
     }
 
@@ -201,7 +203,7 @@ impl<A: Application> RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder<A> {
         };
         self.sm.store_snapshot(&meta, &data)?;
         drop(inner);
-        self.sm.db.flush_async().await.map_err(io_err)?;
+        self.sm.db.sync_async().await.map_err(io::Error::from)?;
         Ok(SnapshotOf::<TypeConfig, SnapshotData> {
             meta,
             snapshot: data,
@@ -289,7 +291,7 @@ impl<A: Application> RaftStateMachine<TypeConfig> for SledStateMachine<A> {
         );
         self.tree.apply_batch(batch).map_err(io_err)?;
         self.store_snapshot(meta, &snapshot)?;
-        self.db.flush_async().await.map_err(io_err)?;
+        self.db.sync_async().await.map_err(io::Error::from)?;
         inner.applied = applied;
         inner.app.load(&self.tree).map_err(io::Error::from)?;
         inner.app.after_apply(&self.tree);

@@ -286,7 +286,8 @@ impl Wal {
             );
             replay_segment(&mut state, id, &path, i + 1 == count)?;
         }
-        if state.segments.is_empty() {
+        let replayed = !state.segments.is_empty();
+        if !replayed {
             let path = segment_path(dir, 1);
             let file = open_segment(&path, true)?;
             sync_dir(dir)?;
@@ -300,12 +301,20 @@ impl Wal {
                 },
             );
         }
-        Ok(Self {
+        let wal = Self {
             dir: dir.to_path_buf(),
             segment_bytes: segment_bytes.max(4096),
             state: Mutex::new(state),
             removing: Mutex::new(()),
-        })
+        };
+        if replayed {
+            // The last segment may have lost its checkpoint (cut off as a torn tail, or never
+            // synced by a crash right after a roll): a fresh segment with a durable checkpoint
+            // keeps every vote and purge point safe from compaction of the older ones.
+            let mut state = wal.lock();
+            wal.roll(&mut state)?;
+        }
+        Ok(wal)
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -362,7 +371,9 @@ impl Wal {
         result
     }
 
-    /// Closes the active segment (synced) and starts the next with a checkpoint.
+    /// Closes the active segment (synced) and starts the next with a checkpoint, synced
+    /// before anything else is written there: compaction may free every older segment, and
+    /// then the checkpoint is the only copy of each group's vote, committed id and purge point.
     fn roll(&self, state: &mut State) -> Result<u64, StoreError> {
         let started = std::time::Instant::now();
         let (active, seg) = state.active();
@@ -379,6 +390,7 @@ impl Wal {
         }
         (&file)
             .write_all(&buf)
+            .and_then(|()| file.sync_data())
             .map_err(|e| StoreError::io(format!("writing {}", path.display()), e))?;
         state.segments.insert(
             next,
@@ -407,10 +419,21 @@ impl Wal {
             state.active().1.file.clone()
         };
         let result = file.sync_data();
+        let mut state = self.lock();
         if let Err(e) = &result {
-            self.lock().failed = Some(format!("fsync: {e}"));
+            state.failed = Some(format!("fsync: {e}"));
+            return result;
         }
-        result
+        // A roll syncs the segment it closes under the lock, possibly while this sync runs on
+        // the same file. Linux reports a writeback error to one caller only, so this sync may
+        // return Ok for pages the kernel dropped; the roll that saw the error has marked the
+        // log failed before releasing the lock, and that must fail this sync too.
+        if let Some(reason) = &state.failed {
+            return Err(io::Error::other(format!(
+                "write-ahead log stopped after a failure during this sync: {reason}"
+            )));
+        }
+        Ok(())
     }
 
     /// Frees the oldest segments, oldest first and only below the one being written: a
@@ -611,8 +634,15 @@ impl Wal {
                 .map_err(|e| StoreError::io(format!("reading {}", path.display()), e))?;
             let buf = bytes::Bytes::from(buf);
             for (_, _, loc) in &rest[..run] {
-                let at = (loc.offset - first.offset) as usize + HEADER;
-                let body = buf.slice(at..at + loc.len as usize);
+                let at = (loc.offset - first.offset) as usize;
+                let body = buf.slice(at + HEADER..at + HEADER + loc.len as usize);
+                let crc = u32::from_le_bytes(buf[at + 4..at + HEADER].try_into().expect("4 bytes"));
+                if crc32fast::hash(&body) != crc {
+                    return Err(StoreError::Corrupt {
+                        path: path.clone(),
+                        reason: format!("checksum mismatch at offset {}", loc.offset),
+                    });
+                }
                 match codec::decode_shared::<Record>("wal record", &body)? {
                     Record::Entry { entry, .. } if entry.log_id == loc.log_id => {
                         entries.push(entry)
@@ -665,7 +695,27 @@ fn sync_dir(dir: &Path) -> Result<(), StoreError> {
         .map_err(|e| StoreError::io(format!("syncing {}", dir.display()), e))
 }
 
-/// Replays one segment into `state`. In the last segment a torn or corrupt tail is cut off.
+/// Whether a whole, checksummed, decodable record starts at `offset` of `data`.
+fn record_at(data: &[u8], offset: usize) -> bool {
+    let Some(header) = data.get(offset..offset + HEADER) else {
+        return false;
+    };
+    let len = u32::from_le_bytes(header[..4].try_into().expect("4 bytes")) as usize;
+    let crc = u32::from_le_bytes(header[4..].try_into().expect("4 bytes"));
+    if len == 0 || len > MAX_RECORD {
+        return false;
+    }
+    data.get(offset + HEADER..offset + HEADER + len)
+        .is_some_and(|body| {
+            crc32fast::hash(body) == crc && codec::decode::<Record>("wal record", body).is_ok()
+        })
+}
+
+/// Replays one segment into `state`. In the last segment a torn tail (a damaged record with
+/// no whole record after it: a write that never finished, so was never acknowledged) is cut
+/// off. Damage followed by a whole record is corruption of bytes that were synced, and
+/// refuses to open, naming the file and offset: cutting there would drop acknowledged entries
+/// and votes.
 fn replay_segment(state: &mut State, id: u64, path: &Path, last: bool) -> Result<(), StoreError> {
     let io = |e: io::Error| StoreError::io(format!("reading {}", path.display()), e);
     let mut data = Vec::new();
@@ -699,7 +749,7 @@ fn replay_segment(state: &mut State, id: u64, path: &Path, last: bool) -> Result
             }
         };
         if let Some(reason) = problem {
-            if !last {
+            if !last || (offset + 1..data.len()).any(|at| record_at(&data, at)) {
                 return Err(StoreError::Corrupt {
                     path: path.to_path_buf(),
                     reason,
@@ -831,13 +881,16 @@ mod tests {
         assert_eq!(indexes(&wal, "a"), vec![(1, 1), (1, 2), (1, 3)]);
         assert_eq!(std::fs::metadata(last).unwrap().len(), full);
         drop(wal);
-        // Zeros after the last record (a file system's view of a torn write) are cut too.
-        let mut f = OpenOptions::new().append(true).open(last).unwrap();
+        // Zeros after the last record (a file system's view of a torn write) are cut too. The
+        // open above started a new segment: that is the last one now.
+        let last = segment_path(dir.path(), segments.len() as u64 + 1);
+        let full = std::fs::metadata(&last).unwrap().len();
+        let mut f = OpenOptions::new().append(true).open(&last).unwrap();
         f.write_all(&[0u8; 64]).unwrap();
         drop(f);
         let wal = Wal::open(dir.path(), 4096).unwrap();
         assert_eq!(indexes(&wal, "a"), vec![(1, 1), (1, 2), (1, 3)]);
-        assert_eq!(std::fs::metadata(last).unwrap().len(), full);
+        assert_eq!(std::fs::metadata(&last).unwrap().len(), full);
         // Writing goes on after the cut.
         wal.append(vec![entry("a", 1, 4, 10)]).unwrap();
         drop(wal);
@@ -946,5 +999,112 @@ mod tests {
         assert_eq!(indexes(&wal, "a"), vec![(1, 19), (1, 20)]);
         assert_eq!(indexes(&wal, "quiet"), vec![(1, 1)]);
         assert_eq!(wal.bounds("a").purged, Some(id(1, 18)));
+    }
+
+    fn log_files(dir: &Path) -> Vec<PathBuf> {
+        let mut files: Vec<_> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|x| x == "log"))
+            .collect();
+        files.sort();
+        files
+    }
+
+    /// Review item 1: the checkpoint of the last segment lost by a crash (here: the whole
+    /// segment is empty, as after a crash between a roll and its sync) must be written again
+    /// before compaction can free the segments that hold the only other copy.
+    #[test]
+    fn a_lost_head_checkpoint_is_written_again_so_compaction_keeps_vote_and_purge_point() {
+        let dir = tempfile::tempdir().unwrap();
+        let wal = Wal::open(dir.path(), 4096).unwrap();
+        wal.append(vec![Record::Vote {
+            group: "a".into(),
+            vote: VoteOf::<TypeConfig>::new(7, 2),
+        }])
+        .unwrap();
+        for i in 1..=12 {
+            wal.append(vec![entry("a", 1, i, 1500)]).unwrap();
+        }
+        // Everything purged: every segment but the head can be freed.
+        wal.append(vec![Record::Purged {
+            group: "a".into(),
+            log_id: id(1, 12),
+        }])
+        .unwrap();
+        wal.sync().unwrap();
+        // A roll, then the crash: the new head's checkpoint never reached the disk.
+        wal.roll(&mut wal.lock()).unwrap();
+        drop(wal);
+        let head = log_files(dir.path()).pop().unwrap();
+        OpenOptions::new()
+            .write(true)
+            .open(&head)
+            .unwrap()
+            .set_len(0)
+            .unwrap();
+
+        let wal = Wal::open(dir.path(), 4096).unwrap();
+        assert_eq!(wal.vote("a"), Some(VoteOf::<TypeConfig>::new(7, 2)));
+        let mut written = 0u64;
+        wal.compact(|| {
+            written += 1;
+            written
+        })
+        .unwrap();
+        wal.sync().unwrap();
+        assert!(
+            wal.remove_freed(written).unwrap() > 0,
+            "segments were freed"
+        );
+        drop(wal);
+
+        let wal = Wal::open(dir.path(), 4096).unwrap();
+        assert_eq!(wal.vote("a"), Some(VoteOf::<TypeConfig>::new(7, 2)));
+        assert_eq!(wal.bounds("a").purged, Some(id(1, 12)));
+        assert_eq!(indexes(&wal, "a"), vec![]);
+    }
+
+    /// Review item 3: damage with whole records after it is not a torn tail.
+    #[test]
+    fn a_corrupt_record_followed_by_whole_ones_refuses_to_open_and_reads_check_checksums() {
+        let dir = tempfile::tempdir().unwrap();
+        let wal = Wal::open(dir.path(), 1 << 20).unwrap();
+        for i in 1..=3 {
+            wal.append(vec![entry("a", 1, i, 100)]).unwrap();
+        }
+        wal.sync().unwrap();
+        let head = log_files(dir.path()).pop().unwrap();
+        let bytes = std::fs::read(&head).unwrap();
+        let record = HEADER + 100 + 20; // roughly one record; any byte of the first will do
+        assert!(bytes.len() > 2 * record);
+
+        // A byte flipped under a running log: the read notices, it does not decode garbage.
+        let mut damaged = bytes.clone();
+        damaged[HEADER + 40] ^= 0xFF;
+        std::fs::write(&head, &damaged).unwrap();
+        let err = wal.read("a", 1, 2, usize::MAX).unwrap_err().to_string();
+        assert!(
+            err.contains("checksum") && err.contains("offset 0"),
+            "{err}"
+        );
+        drop(wal);
+
+        // Reopened, the first record is damaged and two whole ones follow: refuse, naming
+        // the file and the offset.
+        let err = Wal::open(dir.path(), 1 << 20).err().unwrap().to_string();
+        assert!(
+            err.contains(&head.display().to_string()) && err.contains("at offset 0"),
+            "{err}"
+        );
+        assert_eq!(std::fs::read(&head).unwrap(), damaged, "nothing was cut");
+
+        // Damage in the last record only is a torn tail: cut, and the rest is kept.
+        let mut torn = bytes.clone();
+        let n = torn.len();
+        torn[n - 10] ^= 0xFF;
+        std::fs::write(&head, &torn).unwrap();
+        let wal = Wal::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(indexes(&wal, "a"), vec![(1, 1), (1, 2)]);
     }
 }
