@@ -86,13 +86,16 @@ pub struct Pending {
 pub struct Record {
     /// Where it goes.
     pub lane: Lane,
+    /// Its place in the lane (the outbox's key order; equal to the batch's sequence unless
+    /// the producer identity changed after an unclean stop).
+    pub position: u64,
     /// The batch exactly as it will be sent (and resent).
     pub batch: EventBatch,
     /// Payload bytes it holds.
     pub bytes: u64,
 }
 
-/// The next sequence of each lane a planned group touches.
+/// The next position of each lane a planned group touches.
 pub type Advance = HashMap<Lane, u64>;
 
 /// Keyless events of a topic stay on one partition for this many events before the next
@@ -102,31 +105,41 @@ pub const STICKY_EVENTS: u64 = 1024;
 
 /// Numbers records: lanes by key hash (keyless events: a sticky partition per topic, moving on
 /// round-robin every [`STICKY_EVENTS`]; one group's keyless events always form one batch),
-/// sequences per lane.
+/// positions and sequences per lane. A record's position orders it in its lane; its sequence
+/// is the position counted from where the current producer identity started in that lane
+/// (its `base`), so a new identity's first batch in a lane has sequence 0.
 #[derive(Debug, Clone)]
 pub struct Sequencer {
     producer: ProducerId,
     next_seq: HashMap<Lane, u64>,
+    /// Per lane: the position of this producer's sequence 0 (0 when absent).
+    base: HashMap<Lane, u64>,
     /// Per topic: the sticky partition of keyless events and how many more it takes.
     sticky: HashMap<String, (u32, u64)>,
 }
 
 impl Sequencer {
-    /// A sequencer for `producer` continuing from `next_seq`.
-    pub fn new(producer: ProducerId, next_seq: HashMap<Lane, u64>) -> Self {
+    /// A sequencer for `producer` continuing from the positions `next_seq`, its sequences
+    /// counted from `base` (per lane; 0 when absent).
+    pub fn new(
+        producer: ProducerId,
+        next_seq: HashMap<Lane, u64>,
+        base: HashMap<Lane, u64>,
+    ) -> Self {
         Self {
             producer,
             next_seq,
+            base,
             sticky: HashMap::new(),
         }
     }
 
-    /// The next sequence of a lane.
+    /// The next position of a lane.
     pub fn next_seq(&self, lane: &Lane) -> u64 {
         self.next_seq.get(lane).copied().unwrap_or(0)
     }
 
-    /// Moves the lanes' sequences past records of [`Sequencer::plan`] that were stored.
+    /// Moves the lanes' positions past records of [`Sequencer::plan`] that were stored.
     pub fn commit(&mut self, advance: Advance) {
         self.next_seq.extend(advance);
     }
@@ -188,12 +201,15 @@ impl Sequencer {
                     return Ok(());
                 }
                 let stored = self.next_seq(&lane);
+                let base = self.base.get(&lane).copied().unwrap_or(0);
                 let seq = next_seq.entry(lane.clone()).or_insert(stored);
-                let batch = EventBatch::new(chunk, Some(self.producer), *seq, limits)
+                let batch = EventBatch::new(chunk, Some(self.producer), *seq - base, limits)
                     .map_err(|e| e.to_string())?;
+                let position = *seq;
                 *seq += chunk.len() as u64;
                 records.push(Record {
                     lane: lane.clone(),
+                    position,
                     bytes: *chunk_bytes as u64,
                     batch,
                 });
@@ -252,13 +268,13 @@ fn lane_prefix(tag: u8, lane: &Lane) -> Vec<u8> {
     key
 }
 
-fn record_key(lane: &Lane, first_seq: u64) -> Vec<u8> {
+fn record_key(lane: &Lane, position: u64) -> Vec<u8> {
     let mut key = lane_prefix(b'r', lane);
-    key.extend_from_slice(&first_seq.to_be_bytes());
+    key.extend_from_slice(&position.to_be_bytes());
     key
 }
 
-/// The lane a `r`/`s` key names.
+/// The lane a `r`/`s`/`b` key names.
 fn lane_of(key: &[u8]) -> Option<Lane> {
     let rest = key.get(1..)?;
     let zero = rest.iter().position(|b| *b == 0)?;
@@ -343,8 +359,24 @@ impl Outbox {
         // a duplicate of them. Records already stored keep the identity they were made with,
         // and the lanes' sequences go on from where they are, so their order holds.
         let clean = tree.remove(CLEAN_KEY).map_err(store_err)?.is_some();
-        let producer = match tree.get(PRODUCER_KEY).map_err(store_err)? {
-            Some(v) if clean => u64_of(&v).ok_or_else(|| store_err("malformed producer id"))?,
+        let read_lanes = |tag: &[u8]| -> Result<HashMap<Lane, u64>, OutboxError> {
+            let mut lanes = HashMap::new();
+            for item in tree.scan_prefix(tag) {
+                let (k, v) = item.map_err(store_err)?;
+                let lane = lane_of(&k).ok_or_else(|| store_err("malformed lane key"))?;
+                lanes.insert(
+                    lane,
+                    u64_of(&v).ok_or_else(|| store_err("malformed position"))?,
+                );
+            }
+            Ok(lanes)
+        };
+        let next_seq = read_lanes(b"s")?;
+        let (producer, base) = match tree.get(PRODUCER_KEY).map_err(store_err)? {
+            Some(v) if clean => (
+                u64_of(&v).ok_or_else(|| store_err("malformed producer id"))?,
+                read_lanes(b"b")?,
+            ),
             earlier => {
                 let id: ProducerId = rand::random();
                 if earlier.is_some() {
@@ -353,21 +385,20 @@ impl Outbox {
                         "the outbox was not closed cleanly: publishing as a new producer"
                     );
                 }
-                tree.insert(PRODUCER_KEY, &id.to_be_bytes())
-                    .map_err(store_err)?;
-                id
+                let mut batch = sled::Batch::default();
+                batch.insert(PRODUCER_KEY, &id.to_be_bytes());
+                for item in tree.scan_prefix(b"b") {
+                    batch.remove(item.map_err(store_err)?.0);
+                }
+                // The new identity starts each lane at sequence 0 where the lane is now.
+                for (lane, position) in &next_seq {
+                    batch.insert(lane_prefix(b'b', lane), &position.to_be_bytes());
+                }
+                tree.apply_batch(batch).map_err(store_err)?;
+                (id, next_seq.clone())
             }
         };
         db.sync().map_err(store_err)?;
-        let mut next_seq = HashMap::new();
-        for item in tree.scan_prefix(b"s") {
-            let (k, v) = item.map_err(store_err)?;
-            let lane = lane_of(&k).ok_or_else(|| store_err("malformed sequence key"))?;
-            next_seq.insert(
-                lane,
-                u64_of(&v).ok_or_else(|| store_err("malformed sequence"))?,
-            );
-        }
         let counts = Arc::new(OutboxCounts::default());
         let (lane_tx, lane_rx) = mpsc::unbounded_channel();
         let mut lanes_with_records = std::collections::BTreeSet::new();
@@ -406,8 +437,11 @@ impl Outbox {
             outbox: Arc::downgrade(&outbox.wakers),
             new_lanes: outbox.new_lanes.clone(),
         };
-        let task =
-            tokio::spawn(writer.write_groups(Sequencer::new(producer, next_seq), limits, job_rx));
+        let task = tokio::spawn(writer.write_groups(
+            Sequencer::new(producer, next_seq, base),
+            limits,
+            job_rx,
+        ));
         *outbox.writer.lock().expect("outbox writer") = Some(task);
         Ok((outbox, lane_rx))
     }
@@ -560,7 +594,7 @@ impl Writer {
                 let encoded: Result<Vec<_>, _> = records
                     .into_iter()
                     .map(|record| {
-                        let key = record_key(&record.lane, record.batch.first_seq);
+                        let key = record_key(&record.lane, record.position);
                         let stored = StoredRecord {
                             bytes: record.bytes,
                             accepted_at_ms: now,
@@ -682,7 +716,7 @@ mod tests {
 
     #[test]
     fn keyed_events_follow_the_hash_and_keyless_ones_share_a_lane_per_group() {
-        let mut s = Sequencer::new(7, HashMap::new());
+        let mut s = Sequencer::new(7, HashMap::new(), HashMap::new());
         let limits = Limits::default();
         let group = vec![
             pending("orders", 1, None),
@@ -729,7 +763,7 @@ mod tests {
 
     #[test]
     fn large_groups_are_cut_into_bounded_records_and_invalid_events_change_nothing() {
-        let mut s = Sequencer::new(1, HashMap::new());
+        let mut s = Sequencer::new(1, HashMap::new(), HashMap::new());
         let limits = Limits::default();
         let group: Vec<_> = (0..1200).map(|i| pending("t", i, Some("k"))).collect();
         let records = planned(&mut s, group);
@@ -813,6 +847,18 @@ mod tests {
             "stored records keep their identity"
         );
         assert_ne!(after[1].batch.producer, before[0].batch.producer);
-        assert_eq!(after[1].batch.first_seq, 2, "the lane's order is kept");
+        assert_eq!(after[1].batch.first_seq, 0, "a new producer starts at 0");
+        assert!(after[1].key > after[0].key, "the lane's order is kept");
+        // And it keeps its identity and sequences across a clean reopen.
+        outbox.close_cleanly().await.unwrap();
+        close(outbox).await;
+        let (outbox, _lanes) = Outbox::open(dir.path(), 100, 1 << 20, Limits::default()).unwrap();
+        outbox
+            .accept(vec![pending("t", 4, Some("a"))])
+            .await
+            .unwrap();
+        let last = outbox.peek(&lane, 10).unwrap().pop().unwrap();
+        assert_eq!(last.batch.producer, after[1].batch.producer);
+        assert_eq!(last.batch.first_seq, 1);
     }
 }
