@@ -89,7 +89,7 @@ async fn three_nodes_survive_a_leader_kill_and_a_full_restart() {
             Result<ferry_client::PublishAck, ferry_client::ClientError>,
         )| {
             match result {
-                Ok(ack) => acked.push((id, ack.partition, ack.offset, n)),
+                Ok(ack) => acked.push((id, ack.partition, ack.offset.expect("an offset"), n)),
                 Err(e) => failed.push(format!("{id}: {e}")),
             }
             acks_tx.send_replace(acked.len());

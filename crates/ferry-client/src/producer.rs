@@ -80,8 +80,9 @@ impl Default for ProducerOptions {
 pub struct PublishAck {
     /// Partition.
     pub partition: u32,
-    /// Offset.
-    pub offset: u64,
+    /// Offset; `None` when an earlier send appended the event at an offset the partition no
+    /// longer remembers (a resend older than its dedupe window of 64 batches).
+    pub offset: Option<u64>,
     /// The batch had been appended before (a retry); the offset is the original one.
     pub duplicate: bool,
 }
@@ -347,20 +348,25 @@ impl Lane {
                 for (i, (ack, _permit)) in front.acks.into_iter().enumerate() {
                     let _ = ack.send(Ok(PublishAck {
                         partition: self.partition,
-                        offset: base_offset + i as u64,
+                        offset: Some(base_offset + i as u64),
                         duplicate,
                     }));
                 }
             }
             Some(Ok(ClientResponse::Error(e))) if e.code == ErrorCode::AlreadyAppended => {
                 // Every event of the front batch is in the log from an earlier send, at offsets
-                // the partition no longer remembers (it cannot happen while the batches in
-                // flight stay within the dedupe window). Its sequences are spent: the later
-                // batches keep theirs, and their answers follow on this stream. Its events fail
-                // with the error, which says they are in the log.
+                // the partition no longer remembers (a resend older than the dedupe window).
+                // They are acknowledged, as duplicates without an offset: reporting an event
+                // that is in the log as failed would make its publisher send it again. The
+                // later batches keep their sequences; their answers follow on this stream.
                 if let Some(front) = self.unacked.pop_front() {
+                    tracing::debug!(topic = %self.topic, partition = self.partition, reason = %e.message, "acknowledged without an offset");
                     for (ack, _) in front.acks {
-                        let _ = ack.send(Err(ClientError::Api(e.clone())));
+                        let _ = ack.send(Ok(PublishAck {
+                            partition: self.partition,
+                            offset: None,
+                            duplicate: true,
+                        }));
                     }
                 }
                 self.failing_since = None;

@@ -236,10 +236,15 @@ pub(crate) async fn run(args: CtlArgs) -> anyhow::Result<()> {
             }
             for ack in acks {
                 let ack = ack.await?;
-                println!(
-                    "published to {topic}/{} at offset {}",
-                    ack.partition, ack.offset
-                );
+                match ack.offset {
+                    Some(offset) => {
+                        println!("published to {topic}/{} at offset {offset}", ack.partition)
+                    }
+                    None => println!(
+                        "published to {topic}/{} by an earlier send, at an offset the partition no longer remembers",
+                        ack.partition
+                    ),
+                }
             }
             Ok(())
         }

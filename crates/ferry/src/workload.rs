@@ -241,7 +241,7 @@ async fn produce(
                         op_type: Some(OpType::Ok),
                         region: region.clone(),
                         partition: Some(ack.partition),
-                        offset: Some(ack.offset),
+                        offset: ack.offset,
                         ..publish_op(process, &id, &topic)
                     },
                     // The client gave up: whether it was written is unknown.
