@@ -148,6 +148,8 @@ impl WindowStore {
     /// Opens (or creates) the window in `dir`; sled writes to disk every `flush_every_ms`.
     /// A window that was not closed cleanly gets a new epoch.
     pub fn open(dir: &Path, limits: WindowLimits, flush_every_ms: u64) -> Result<Self, EdgeError> {
+        ferry_store::create_dir_durably(dir)
+            .map_err(|e| store_err(&format!("creating {}", dir.display()), e))?;
         let db = sled::Config::new()
             .path(dir)
             .flush_every_ms(Some(flush_every_ms.max(1)))

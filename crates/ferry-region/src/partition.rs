@@ -853,7 +853,7 @@ impl PartitionStateMachine {
     /// Opens the partition kept in `dir` (creating it empty): the batch files are cut back to
     /// the last checkpoint, whose state and applied log id are restored.
     pub fn open(dir: &Path, segment_bytes: u64) -> Result<Self, StoreError> {
-        std::fs::create_dir_all(dir).map_err(|e| StoreError::io(dir.display().to_string(), e))?;
+        ferry_store::create_dir_durably(dir)?;
         let checkpoint = read_checkpoint(dir)?;
         let (batches, extent) = match &checkpoint {
             Some(c) => (c.batches.clone(), c.extent.clone()),

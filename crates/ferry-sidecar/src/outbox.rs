@@ -347,6 +347,7 @@ impl Outbox {
         max_bytes: u64,
         limits: Limits,
     ) -> Result<(Self, LaneFeed), OutboxError> {
+        ferry_store::create_dir_durably(dir).map_err(store_err)?;
         let db = sled::Config::new()
             .path(dir)
             .flush_every_ms(Some(1000))

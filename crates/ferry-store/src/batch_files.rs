@@ -113,7 +113,7 @@ fn io(what: &Path) -> impl Fn(std::io::Error) -> StoreError + '_ {
 impl BatchFiles {
     /// Opens the files in `dir` cut back to `extent`; segments it does not name are removed.
     pub fn open(dir: &Path, segment_bytes: u64, extent: &Extent) -> Result<Self, StoreError> {
-        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        crate::create_dir_durably(dir)?;
         let named: BTreeMap<u64, u64> = extent.0.iter().copied().collect();
         for item in std::fs::read_dir(dir).map_err(io(dir))? {
             let path = item.map_err(io(dir))?.path();

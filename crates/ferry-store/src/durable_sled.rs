@@ -10,11 +10,11 @@
 //! later fsync's success would prove nothing. Every sync after a failed one fails too, until
 //! the process restarts and sled recovers from what is really on disk.
 
-use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
+use crate::durable::fsync;
 use crate::StoreError;
 
 /// A sled database and the folder it lives in. Cloning shares both.
@@ -69,7 +69,20 @@ impl DurableSled {
         self.db
             .flush()
             .map_err(|e| StoreError::io(format!("flushing {}", dir.display()), e))?;
-        fsync(&dir.join("db"))?;
+        // The log, and sled's configuration and snapshot files (written once, never synced
+        // by sled: after a power loss an empty `conf` or a torn snapshot stops it opening).
+        let items = std::fs::read_dir(dir)
+            .map_err(|e| StoreError::io(format!("listing {}", dir.display()), e))?;
+        for item in items {
+            let item = item.map_err(|e| StoreError::io(format!("listing {}", dir.display()), e))?;
+            if item.file_type().is_ok_and(|t| t.is_file()) {
+                match fsync(&item.path()) {
+                    // A snapshot file sled replaced since the listing.
+                    Err(StoreError::Io { .. }) if !item.path().exists() => {}
+                    other => other?,
+                }
+            }
+        }
         let blobs = dir.join("blobs");
         match std::fs::read_dir(&blobs) {
             Ok(items) => {
@@ -89,13 +102,6 @@ impl DurableSled {
         }
         fsync(dir)
     }
-}
-
-/// fsync of the file or folder at `path`.
-fn fsync(path: &Path) -> Result<(), StoreError> {
-    File::open(path)
-        .and_then(|f| f.sync_all())
-        .map_err(|e| StoreError::io(format!("syncing {}", path.display()), e))
 }
 
 #[cfg(test)]

@@ -13,6 +13,7 @@
 #![warn(missing_docs, unreachable_pub)]
 
 mod batch_files;
+mod durable;
 mod durable_sled;
 mod error;
 mod group_commit;
@@ -28,6 +29,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 pub use batch_files::{read_batch, BatchFiles, BatchInfo, BatchLocation, Extent, SyncPlan};
+pub use durable::create_dir_durably;
 pub use durable_sled::DurableSled;
 pub use error::StoreError;
 pub use group_commit::{BeforeSync, FlushStats, GroupCommit};

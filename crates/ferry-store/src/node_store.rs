@@ -70,6 +70,7 @@ impl NodeStore {
             }
         }
         let had_db = std::fs::metadata(path.join("db")).is_ok_and(|m| m.len() > 0);
+        crate::create_dir_durably(path)?;
         let db = sled::Config::new()
             .path(path)
             .cache_capacity(options.cache_bytes)

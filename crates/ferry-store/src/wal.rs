@@ -244,8 +244,7 @@ fn open_segment(path: &Path, create: bool) -> Result<File, StoreError> {
 impl Wal {
     /// Opens (creating if missing) the log in `dir` and replays it.
     pub(crate) fn open(dir: &Path, segment_bytes: u64) -> Result<Self, StoreError> {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| StoreError::io(format!("creating {}", dir.display()), e))?;
+        crate::create_dir_durably(dir)?;
         let mut ids = Vec::new();
         for item in std::fs::read_dir(dir)
             .map_err(|e| StoreError::io(format!("listing {}", dir.display()), e))?

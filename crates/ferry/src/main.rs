@@ -1,5 +1,5 @@
 //! `ferry`: one binary for every role of the mesh. Roles so far: `node`, `edge`, `sidecar`,
-//! `certs`, `ctl`, `dev` and `bench`.
+//! `certs`, `ctl`, `dev`, `bench`, and for chaos runs `workload`, `check` and `faultfs`.
 
 mod bench;
 mod check;
@@ -7,6 +7,7 @@ mod config;
 mod ctl;
 mod dev;
 mod edge;
+mod faultfs;
 mod sidecar;
 mod workload;
 
@@ -60,6 +61,8 @@ enum Command {
     Workload(workload::WorkloadArgs),
     /// Check a chaos run's history: exit 0 on PASS, 1 on FAIL.
     Check(check::CheckArgs),
+    /// The crash-consistency filesystem of the power-loss tests: mount one, or control it.
+    Faultfs(faultfs::FaultFsArgs),
 }
 
 #[derive(Subcommand)]
@@ -162,6 +165,9 @@ async fn main() -> anyhow::Result<()> {
         Command::Dev(args) => dev::run(args).await,
         Command::Bench(args) => bench::run(args).await,
         Command::Workload(args) => workload::run(args).await,
+        Command::Faultfs(args) => tokio::task::spawn_blocking(move || faultfs::run(args))
+            .await
+            .context("faultfs thread")?,
         Command::Check(args) => {
             if check::run(args)? == ferry_check::Verdict::Fail {
                 std::process::exit(1);

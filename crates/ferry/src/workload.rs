@@ -38,8 +38,48 @@ pub(crate) struct WorkloadArgs {
 enum WorkloadCommand {
     /// Publish and record the history (appends to --out).
     Produce(ProduceArgs),
+    /// Publish through a sidecar's Dapr HTTP API and record the history (appends to --out):
+    /// a 2xx is an acknowledgement (the event is in the sidecar's durable outbox).
+    Sidecar(SidecarPublishArgs),
     /// Append final reads and per-node replica dumps to the history.
     Collect(CollectArgs),
+}
+
+#[derive(Args)]
+struct SidecarPublishArgs {
+    /// History file (JSON lines), appended to.
+    #[arg(long)]
+    out: PathBuf,
+    /// The sidecar's HTTP address (host:port).
+    #[arg(long)]
+    sidecar: String,
+    /// Topic (it must exist).
+    #[arg(long, default_value = "chaos")]
+    topic: String,
+    /// Partitions of the topic (to record where each key's events go).
+    #[arg(long, default_value_t = 4)]
+    partitions: u32,
+    /// Keys.
+    #[arg(long, default_value_t = 8)]
+    keys: u64,
+    /// Events.
+    #[arg(long, default_value_t = 2000)]
+    count: u64,
+    /// Stop publishing after this many seconds even if --count is not reached.
+    #[arg(long, default_value_t = 120)]
+    duration_secs: u64,
+    /// Publishes per second (0: one after another as fast as the sidecar answers).
+    #[arg(long, default_value_t = 0)]
+    rate: u64,
+    /// The region the sidecar publishes to (recorded with each acknowledgement).
+    #[arg(long, default_value = "")]
+    region: String,
+    /// Regions every event must reach (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    reach: Vec<String>,
+    /// The process number recorded.
+    #[arg(long, default_value_t = 0)]
+    process: u64,
 }
 
 #[derive(Args)]
@@ -113,6 +153,7 @@ struct CollectArgs {
 pub(crate) async fn run(args: WorkloadArgs) -> anyhow::Result<()> {
     match args.command {
         WorkloadCommand::Produce(p) => produce(&args.connect, args.epoch_ms, p).await,
+        WorkloadCommand::Sidecar(s) => publish_through_sidecar(args.epoch_ms, s).await,
         WorkloadCommand::Collect(c) => collect(&args.connect, args.epoch_ms, c).await,
     }
 }
@@ -190,6 +231,84 @@ async fn ensure_topic(
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// One publish after another through a sidecar: invoke, then ok on a 2xx (partition from
+/// the key, as the sidecar computes it; no offset: the sidecar does not know it yet), fail on
+/// a refusal the sidecar answered (nothing was accepted), info when the request failed
+/// without an answer (it may or may not have been accepted).
+async fn publish_through_sidecar(
+    epoch_ms: Option<u64>,
+    args: SidecarPublishArgs,
+) -> anyhow::Result<()> {
+    let (recorder, writer) = Recorder::start(&args.out, epoch_ms)?;
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .context("HTTP client")?;
+    let url = format!("http://{}/v1.0/publish/pubsub/{}", args.sidecar, args.topic);
+    let stop_at = Instant::now() + Duration::from_secs(args.duration_secs);
+    let pace = (args.rate > 0).then(|| Duration::from_micros(1_000_000 / args.rate));
+    let process = args.process;
+    for n in 0..args.count {
+        if Instant::now() > stop_at {
+            break;
+        }
+        let id = format!("s{process}-{n}");
+        let key = format!("s{process}-k{}", n % args.keys.max(1));
+        recorder.record(Op {
+            op_type: Some(OpType::Invoke),
+            key: Some(key.clone()),
+            region: args.region.clone(),
+            regions: args.reach.clone(),
+            ..publish_op(process, &id, &args.topic)
+        });
+        let body = serde_json::json!({
+            "specversion": "1.0",
+            "id": id,
+            "source": "/ferry/workload/sidecar",
+            "type": "chaos.event",
+            "subject": "chaos.sidecar",
+            "data": id,
+        });
+        let answer = http
+            .post(&url)
+            .query(&[("metadata.partitionKey", key.as_str())])
+            .header("content-type", "application/cloudevents+json")
+            .body(body.to_string())
+            .send()
+            .await;
+        let op = match answer {
+            Ok(r) if r.status().is_success() => Op {
+                op_type: Some(OpType::Ok),
+                region: args.region.clone(),
+                partition: Some(ferry_proto::partition_for_key(
+                    key.as_bytes(),
+                    args.partitions,
+                )),
+                ..publish_op(process, &id, &args.topic)
+            },
+            Ok(_) => Op {
+                op_type: Some(OpType::Fail),
+                ..publish_op(process, &id, &args.topic)
+            },
+            Err(_) => Op {
+                op_type: Some(OpType::Info),
+                ..publish_op(process, &id, &args.topic)
+            },
+        };
+        let failed = op.op_type != Some(OpType::Ok);
+        recorder.record(op);
+        match pace {
+            Some(pace) => tokio::time::sleep(pace).await,
+            // The sidecar is down or refusing: do not spin.
+            None if failed => tokio::time::sleep(Duration::from_millis(50)).await,
+            None => {}
+        }
+    }
+    drop(recorder);
+    writer.await.context("history writer")??;
+    Ok(())
 }
 
 async fn produce(
