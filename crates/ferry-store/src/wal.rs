@@ -1106,4 +1106,64 @@ mod tests {
         let wal = Wal::open(dir.path(), 1 << 20).unwrap();
         assert_eq!(indexes(&wal, "a"), vec![(1, 1), (1, 2)]);
     }
+
+    /// Review item 1 under a real power loss (ferry-faultfs): right after a roll, before
+    /// anything else is synced, the power goes; after the restart compaction frees every older
+    /// segment, and the power goes again. The vote and the purge point must survive both.
+    /// (With the original code, a roll that did not sync its checkpoint and an open that wrote
+    /// none, the second restart finds no vote: the node could vote twice in one term.)
+    #[test]
+    fn a_power_loss_right_after_a_roll_loses_no_vote_or_purge_point() {
+        let dir = tempfile::tempdir().unwrap();
+        let (backing, mnt) = (dir.path().join("disk"), dir.path().join("mnt"));
+        std::fs::create_dir_all(&backing).unwrap();
+        std::fs::create_dir_all(&mnt).unwrap();
+        let control = dir.path().join("fs.sock");
+        let wal_dir = mnt.join("wal");
+        let power_loss = |mount: ferry_faultfs::Mount, wal: Wal| {
+            let answer = mount.command("power-loss");
+            assert!(answer.starts_with("ok"), "{answer}");
+            drop(wal);
+            mount.shutdown().expect("unmounting");
+            ferry_faultfs::Mount::start(&backing, &mnt, &control).expect("remounting")
+        };
+        let mount = ferry_faultfs::Mount::start(&backing, &mnt, &control)
+            .expect("mounting a faultfs (needs root and /dev/fuse)");
+
+        let wal = Wal::open(&wal_dir, 4096).unwrap();
+        wal.append(vec![Record::Vote {
+            group: "a".into(),
+            vote: VoteOf::<TypeConfig>::new(7, 2),
+        }])
+        .unwrap();
+        for i in 1..=12 {
+            wal.append(vec![entry("a", 1, i, 1500)]).unwrap();
+        }
+        wal.append(vec![Record::Purged {
+            group: "a".into(),
+            log_id: id(1, 12),
+        }])
+        .unwrap();
+        wal.sync().unwrap();
+        wal.roll(&mut wal.lock()).unwrap();
+        let mount = power_loss(mount, wal);
+
+        let wal = Wal::open(&wal_dir, 4096).unwrap();
+        assert_eq!(wal.vote("a"), Some(VoteOf::<TypeConfig>::new(7, 2)));
+        let mut written = 0u64;
+        wal.compact(|| {
+            written += 1;
+            written
+        })
+        .unwrap();
+        wal.sync().unwrap();
+        assert!(wal.remove_freed(written).unwrap() > 0, "segments were freed");
+        let mount = power_loss(mount, wal);
+
+        let wal = Wal::open(&wal_dir, 4096).unwrap();
+        assert_eq!(wal.vote("a"), Some(VoteOf::<TypeConfig>::new(7, 2)), "the vote");
+        assert_eq!(wal.bounds("a").purged, Some(id(1, 12)), "the purge point");
+        drop(wal);
+        mount.shutdown().unwrap();
+    }
 }
