@@ -352,7 +352,17 @@ async fn produce(
                 max_in_flight: inflight,
                 ..ProducerOptions::default()
             };
-            let producer = client.producer(&topic, options).await?;
+            // A fault may hold the whole region down as the workload starts: retry (bounded).
+            let producer = loop {
+                match client.producer(&topic, options.clone()).await {
+                    Ok(producer) => break producer,
+                    Err(e) if Instant::now() < stop_at => {
+                        tracing::warn!(error = %e, "creating a producer; retrying");
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                    Err(e) => return Err(e).context("creating a producer"),
+                }
+            };
             let mut pending = FuturesUnordered::new();
             let outcome = |id: String, result: Result<ferry_client::PublishAck, String>| {
                 let op = match result {
