@@ -1157,11 +1157,18 @@ mod tests {
         })
         .unwrap();
         wal.sync().unwrap();
-        assert!(wal.remove_freed(written).unwrap() > 0, "segments were freed");
+        assert!(
+            wal.remove_freed(written).unwrap() > 0,
+            "segments were freed"
+        );
         let mount = power_loss(mount, wal);
 
         let wal = Wal::open(&wal_dir, 4096).unwrap();
-        assert_eq!(wal.vote("a"), Some(VoteOf::<TypeConfig>::new(7, 2)), "the vote");
+        assert_eq!(
+            wal.vote("a"),
+            Some(VoteOf::<TypeConfig>::new(7, 2)),
+            "the vote"
+        );
         assert_eq!(wal.bounds("a").purged, Some(id(1, 12)), "the purge point");
         drop(wal);
         mount.shutdown().unwrap();

@@ -214,22 +214,30 @@ async fn ensure_topic(
     topic: &str,
     partitions: u32,
 ) -> anyhow::Result<u32> {
-    if client.describe_topic(topic).await.is_err() {
-        client
-            .create_topic(TopicConfig::new(topic.to_string(), partitions))
-            .await
-            .with_context(|| format!("creating topic {topic}"))?;
-    }
-    let deadline = Instant::now() + Duration::from_secs(30);
+    // A fault may hold the region down meanwhile: every step is retried until the deadline.
+    let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let d = client.describe_topic(topic).await?;
-        if d.partitions.iter().all(|p| p.leader.is_some()) {
-            return Ok(d.config.partitions);
+        match client.describe_topic(topic).await {
+            Ok(d) if d.partitions.iter().all(|p| p.leader.is_some()) => {
+                return Ok(d.config.partitions)
+            }
+            Ok(_) => {}
+            Err(ferry_client::ClientError::Api(e))
+                if e.code == ferry_proto::wire::ErrorCode::UnknownTopic =>
+            {
+                if let Err(e) = client
+                    .create_topic(TopicConfig::new(topic.to_string(), partitions))
+                    .await
+                {
+                    tracing::warn!(error = %e, "creating topic {topic}; retrying");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "describing topic {topic}; retrying"),
         }
         if Instant::now() > deadline {
-            bail!("partitions of {topic} got no leader in 30 s");
+            bail!("topic {topic} was not ready (every partition with a leader) within 60 s");
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
