@@ -30,6 +30,8 @@
 //! | `clear` | remove every fault rule |
 //! | `status` | one line of JSON: [`Status`] |
 //!
+//! `ferry faultfs mount` (see [`run_foreground`]) also takes SIGUSR1 as `power-loss`, at once.
+//!
 //! GLOB matches paths relative to the mount root (the root itself is `.`); `*` and `?` do
 //! not cross `/`, `**` does.
 //!

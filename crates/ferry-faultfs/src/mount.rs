@@ -358,12 +358,27 @@ fn unescape_mountinfo(field: &[u8]) -> OsString {
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);
+static POWER_CUT: AtomicBool = AtomicBool::new(false);
+/// Write end of the pipe the signal handler wakes [`run_foreground`] through (-1: none).
+static WAKE: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
 
-extern "C" fn on_stop_signal(_signal: libc::c_int) {
-    STOP.store(true, Ordering::SeqCst);
+extern "C" fn on_stop_signal(signal: libc::c_int) {
+    if signal == libc::SIGUSR1 {
+        POWER_CUT.store(true, Ordering::SeqCst);
+    } else {
+        STOP.store(true, Ordering::SeqCst);
+    }
+    let fd = WAKE.load(Ordering::SeqCst);
+    if fd >= 0 {
+        // SAFETY: write(2) is async-signal-safe; a full pipe (already woken) is fine.
+        unsafe {
+            libc::write(fd, [1u8].as_ptr().cast(), 1);
+        }
+    }
 }
 
-/// SIGINT and SIGTERM set [`STOP`] while this lives; the old handlers come back on drop.
+/// SIGINT and SIGTERM set [`STOP`], SIGUSR1 sets [`POWER_CUT`], while this lives; the old
+/// handlers come back on drop.
 struct StopSignals {
     old: Vec<(libc::c_int, libc::sigaction)>,
 }
@@ -371,8 +386,9 @@ struct StopSignals {
 impl StopSignals {
     fn install() -> io::Result<Self> {
         STOP.store(false, Ordering::SeqCst);
+        POWER_CUT.store(false, Ordering::SeqCst);
         let mut guard = Self { old: Vec::new() };
-        for signal in [libc::SIGINT, libc::SIGTERM] {
+        for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGUSR1] {
             // SAFETY: a zeroed sigaction is valid; the handler only stores an atomic.
             unsafe {
                 let mut action: libc::sigaction = std::mem::zeroed();
@@ -404,22 +420,52 @@ impl Drop for StopSignals {
 
 /// Mounts and blocks until SIGTERM or SIGINT (then unmounts) or until the filesystem is
 /// unmounted from outside (`umount MOUNTPOINT`). For `ferry faultfs mount`.
+///
+/// SIGUSR1 is `power-loss`, taken at once: a script can cut the power in the same instant
+/// as it freezes the processes using the disk (`kill -STOP`), where a control call would
+/// take long enough for an fsync already under way to finish first.
 pub fn run_foreground(
     backing: &Path,
     mountpoint: &Path,
     control: &Path,
 ) -> Result<(), FaultFsError> {
+    let mut fds = [-1; 2];
+    // SAFETY: pipe2 writes two descriptors into the array.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } != 0 {
+        return Err(FaultFsError::Signal(io::Error::last_os_error()));
+    }
+    WAKE.store(fds[1], Ordering::SeqCst);
     let signals = StopSignals::install().map_err(FaultFsError::Signal)?;
     let mount = Mount::start(backing, mountpoint, control)?;
     while !STOP.load(Ordering::SeqCst) {
+        if POWER_CUT.swap(false, Ordering::SeqCst) {
+            tracing::info!(answer = %mount.command("power-loss"), "faultfs: SIGUSR1");
+        }
         if !mount.is_running() {
             tracing::info!("faultfs: unmounted from outside");
             break;
         }
-        std::thread::sleep(Duration::from_millis(50));
+        let mut poll = libc::pollfd {
+            fd: fds[0],
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd; then reads drain the non-blocking pipe.
+        unsafe {
+            if libc::poll(&mut poll, 1, 50) > 0 {
+                let mut buf = [0u8; 64];
+                while libc::read(fds[0], buf.as_mut_ptr().cast(), buf.len()) > 0 {}
+            }
+        }
     }
     let result = mount.shutdown();
     drop(signals);
+    WAKE.store(-1, Ordering::SeqCst);
+    // SAFETY: both descriptors came from pipe2 above and are closed once.
+    unsafe {
+        libc::close(fds[0]);
+        libc::close(fds[1]);
+    }
     result
 }
 
