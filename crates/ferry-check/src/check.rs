@@ -45,6 +45,8 @@ struct Publish<'h> {
     /// When it completed (ok, fail or info).
     done_ms: Option<u64>,
     ack: Option<(LogId, u64)>,
+    /// The log of an acknowledgement that came without an offset.
+    ack_log: Option<LogId>,
     ack_ms: u64,
 }
 
@@ -112,6 +114,7 @@ pub fn check(history: &History, options: &Options) -> Report {
                             outcome: None,
                             done_ms: None,
                             ack: None,
+                            ack_log: None,
                             ack_ms: 0,
                         },
                     );
@@ -124,8 +127,10 @@ pub fn check(history: &History, options: &Options) -> Report {
                         if p.origin.is_empty() {
                             p.origin = &op.region;
                         }
-                        if let (Some(log), Some(offset)) = (log_of(op), op.offset) {
-                            p.ack = Some((log, offset));
+                        match (log_of(op), op.offset) {
+                            (Some(log), Some(offset)) => p.ack = Some((log, offset)),
+                            (log, None) => p.ack_log = log,
+                            (None, Some(_)) => {}
                         }
                     }
                 }
@@ -300,6 +305,8 @@ pub fn check(history: &History, options: &Options) -> Report {
                         options,
                         &mut report,
                     );
+                } else if let Some(log) = &p.ack_log {
+                    judge_unplaced_ack(id, p, log, &finals, &offsets_of, options, &mut report);
                 }
             }
             Some(OpType::Fail) => {
@@ -465,6 +472,51 @@ fn name(log: &LogId) -> String {
     } else {
         format!("{}/{}/{}", log.0, log.1, log.2)
     }
+}
+
+/// An event acknowledged without an offset must be somewhere in its origin log's final read.
+fn judge_unplaced_ack(
+    id: &str,
+    p: &Publish,
+    log: &LogId,
+    finals: &BTreeMap<LogId, FinalRead>,
+    offsets_of: &BTreeMap<(&LogId, &str), Vec<u64>>,
+    options: &Options,
+    report: &mut Report,
+) {
+    let Some(f) = finals.get(log) else {
+        report.unjudged.push(format!(
+            "acknowledged writes in {} but no final read of it",
+            name(log)
+        ));
+        return;
+    };
+    if f.time_ms < p.ack_ms {
+        report.unjudged.push(format!(
+            "the final read of {} (line {}) was made before acknowledgements it should judge",
+            name(log),
+            f.line
+        ));
+        return;
+    }
+    if offsets_of.get(&(log, id)).is_some_and(|o| !o.is_empty()) {
+        return;
+    }
+    if options.retention && f.low > 0 {
+        // It may have been trimmed: without its offset that cannot be told from a loss.
+        report.unjudged.push(format!(
+            "{id}: acknowledged without an offset, not in the final read of {}, which retention trimmed",
+            name(log)
+        ));
+        return;
+    }
+    report.lost.push(Lost {
+        id: id.to_string(),
+        log: log.clone(),
+        offset: f.high,
+        at: LostAt::Unplaced,
+        found_instead: None,
+    });
 }
 
 /// An acknowledged event must be in its origin log's final read at its acknowledged offset.
@@ -737,6 +789,7 @@ fn finish(report: &mut Report, options: &Options, observed: u64) {
         match l.at {
             LostAt::Middle => c.lost_middle += 1,
             LostAt::Postfix => c.lost_postfix += 1,
+            LostAt::Unplaced => c.lost_unplaced += 1,
         }
     }
     c.unexpected = report.unexpected.len() as u64;

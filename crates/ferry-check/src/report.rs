@@ -25,6 +25,9 @@ pub enum LostAt {
     Middle,
     /// At or above the final read's high watermark: the end of the log went missing.
     Postfix,
+    /// Acknowledged without an offset (through a sidecar's outbox, or as a resend older than
+    /// the dedupe window), and nowhere in the final read.
+    Unplaced,
 }
 
 /// An acknowledged event that its origin log's final read does not hold.
@@ -34,7 +37,8 @@ pub struct Lost {
     pub id: String,
     /// The log it was acknowledged in.
     pub log: LogId,
-    /// The offset it was acknowledged at.
+    /// Its acknowledged offset (for [`LostAt::Unplaced`], none was given: the final read's
+    /// high watermark).
     pub offset: u64,
     /// Where that is relative to the final read.
     pub at: LostAt,
@@ -171,6 +175,8 @@ pub struct Counts {
     pub lost_middle: u64,
     /// ... of which at or above its high watermark.
     pub lost_postfix: u64,
+    /// Of those, acknowledged without an offset and nowhere in the final read.
+    pub lost_unplaced: u64,
     /// Acknowledged below the log's retained start (only with retention).
     pub expired: u64,
     /// Observed but never published.
@@ -296,7 +302,7 @@ impl Report {
         for reason in &self.reasons {
             out.push_str(&format!("  - {reason}\n"));
         }
-        let rows: [(&str, u64); 31] = [
+        let rows: [(&str, u64); 32] = [
             ("publishes attempted", c.attempted),
             ("acknowledged", c.acknowledged),
             ("failed (definite)", c.failed),
@@ -310,6 +316,7 @@ impl Report {
             ("lost", c.lost),
             ("  lost: middle", c.lost_middle),
             ("  lost: postfix", c.lost_postfix),
+            ("  lost: acknowledged without an offset", c.lost_unplaced),
             ("expired (retention)", c.expired),
             ("unexpected", c.unexpected),
             ("observed before invoked", c.premature),

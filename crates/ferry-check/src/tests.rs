@@ -547,3 +547,27 @@ fn lines_out_of_order_or_with_unknown_fields_are_refused_naming_the_line() {
         "only completed",
     );
 }
+
+#[test]
+fn an_acknowledgement_without_an_offset_is_judged_by_id_anywhere_in_the_final_read() {
+    // a2 acknowledged through a sidecar: no offset. Held (at offset 1): clean.
+    let held = edited(
+        r#""id":"a2","region":"a","topic":"t","partition":0,"offset":1,"time_ms":4"#,
+        r#""id":"a2","region":"a","topic":"t","partition":0,"time_ms":4"#,
+    );
+    let r = run(&held);
+    assert_eq!(r.verdict, Verdict::Pass, "{}", r.table());
+    // Nowhere in a's final read (the log ends at a1): lost, with no place to name.
+    let gone = held.replace(
+        A_FINAL,
+        r#"{"type":"ok","f":"read","final":true,"region":"a","topic":"t","partition":0,"partitions":1,"low":0,"high":1,"events":[{"offset":0,"id":"a1"}],"time_ms":100}"#,
+    );
+    let r = run(&gone);
+    fails_for(&r, "acknowledged events lost");
+    assert_eq!(r.lost.len(), 1);
+    assert_eq!(
+        (r.lost[0].id.as_str(), r.lost[0].at),
+        ("a2", LostAt::Unplaced)
+    );
+    assert_eq!(r.counts.lost_unplaced, 1);
+}
