@@ -404,6 +404,11 @@ impl<T: Transport> Node<T> {
             .unwrap_or_default()
     }
 
+    /// Why this node's storage stopped (fail-stop), if it did: see [`NodeStore::failure`].
+    pub fn storage_failure(&self) -> Option<String> {
+        self.inner.store.failure()
+    }
+
     /// Storage flush counters: (fsyncs, writes that waited for one, microseconds in fsync).
     pub fn flush_stats(&self) -> (u64, u64, u64) {
         let s = self.inner.store.flusher().stats();

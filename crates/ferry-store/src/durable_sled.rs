@@ -35,6 +35,11 @@ impl DurableSled {
         }
     }
 
+    /// Why syncing stopped (a failed fsync), if it did.
+    pub fn failure(&self) -> Option<String> {
+        self.failed.get().cloned()
+    }
+
     /// The database.
     pub fn db(&self) -> &sled::Db {
         &self.db

@@ -162,6 +162,17 @@ impl NodeStore {
         &self.path
     }
 
+    /// Why this node's storage stopped, if it did: a failed write or fsync of the log, or a
+    /// failed sync of the state machines' database. Nothing is acknowledged after that (the
+    /// kernel may have dropped what it could not write); the node should stop and be
+    /// restarted, recovering from what is on disk.
+    pub fn failure(&self) -> Option<String> {
+        self.wal
+            .failure()
+            .map(|r| format!("write-ahead log: {r}"))
+            .or_else(|| self.db.failure().map(|r| format!("state database: {r}")))
+    }
+
     /// The shared flusher.
     pub fn flusher(&self) -> &GroupCommit {
         &self.flusher
@@ -238,5 +249,34 @@ mod tests {
             .unwrap()
             .to_string();
         assert!(err.contains("corrupt"), "{err}");
+    }
+
+    /// Fail-stop on a real failed fsync (ferry-faultfs): the store reports why, and nothing
+    /// is acknowledged after it, not even once the disk's fsyncs work again.
+    #[tokio::test]
+    async fn a_failed_fsync_stops_the_store_for_good() {
+        let dir = tempfile::tempdir().unwrap();
+        let (backing, mnt) = (dir.path().join("disk"), dir.path().join("mnt"));
+        std::fs::create_dir_all(&backing).unwrap();
+        std::fs::create_dir_all(&mnt).unwrap();
+        let mount = ferry_faultfs::Mount::start(&backing, &mnt, &dir.path().join("fs.sock"))
+            .expect("mounting a faultfs (needs root and /dev/fuse)");
+        let store = NodeStore::open(&mnt.join("n1"), 1, StoreOptions::default()).unwrap();
+        store.flusher().flush().await.unwrap();
+        assert_eq!(store.failure(), None);
+
+        assert!(mount.command("fail-fsync ** 1").starts_with("ok"));
+        let err = store.flusher().flush().await.unwrap_err().to_string();
+        assert!(
+            err.contains("Input/output error") || err.contains("EIO"),
+            "{err}"
+        );
+        let failure = store.failure().expect("the store reports its failure");
+        assert!(failure.contains("write-ahead log"), "{failure}");
+
+        assert!(mount.command("clear").starts_with("ok"));
+        assert!(store.flusher().flush().await.is_err(), "still stopped");
+        drop(store);
+        mount.shutdown().unwrap();
     }
 }

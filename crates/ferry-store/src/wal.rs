@@ -559,6 +559,11 @@ impl Wal {
         }
     }
 
+    /// Why the log stopped (a failed write or fsync), if it did.
+    pub(crate) fn failure(&self) -> Option<String> {
+        self.lock().failed.clone()
+    }
+
     /// The group's purge point and last log id.
     pub(crate) fn bounds(&self, group: &str) -> GroupBounds {
         let state = self.lock();

@@ -186,7 +186,27 @@ async fn run_node(path: Option<PathBuf>) -> anyhow::Result<()> {
     let id = config.id;
     let node = BoundEndpoint::bind(listen, identity)?.start(config).await?;
     tracing::info!(id, %listen, "node running");
-    wait_for_shutdown_signal().await;
+    // Fail-stop: once a write or fsync of its storage failed, the node acknowledges nothing
+    // more, and it exits so that it is restarted and recovers from what is on disk.
+    let mut check = tokio::time::interval(std::time::Duration::from_millis(200));
+    let failure = tokio::select! {
+        _ = wait_for_shutdown_signal() => None,
+        failure = async {
+            loop {
+                check.tick().await;
+                if let Some(failure) = node.node().storage_failure() {
+                    break failure;
+                }
+            }
+        } => Some(failure),
+    };
+    if let Some(failure) = failure {
+        // At once: nothing the node would do on its way out (stepping down, draining) may
+        // depend on storage that failed.
+        tracing::error!(id, %failure, "storage failed: stopping now (fail-stop)");
+        eprintln!("node {id} stopped: its storage failed ({failure})");
+        std::process::exit(1);
+    }
     tracing::info!(id, "shutting down");
     node.shutdown().await;
     Ok(())
