@@ -483,7 +483,7 @@ async fn remove_webhook(
         Ok(user) => user,
         Err(refusal) => return refusal.into_response(),
     };
-    match crate::webhook::Webhooks::remove(&shared, user.id(), &id) {
+    match crate::webhook::Webhooks::remove(&shared, user.id(), &id).await {
         Ok(true) => StatusCode::NO_CONTENT.into_response(),
         Ok(false) => refuse(StatusCode::NOT_FOUND, format!("no webhook {id} of yours")),
         Err(e) => refuse(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),

@@ -237,7 +237,11 @@ impl Webhooks {
     }
 
     /// Removes a user's webhook; false if the user has none with this id.
-    pub(crate) fn remove(shared: &Arc<Shared>, user: &str, id: &str) -> Result<bool, EdgeError> {
+    pub(crate) async fn remove(
+        shared: &Arc<Shared>,
+        user: &str,
+        id: &str,
+    ) -> Result<bool, EdgeError> {
         let removed = {
             let mut running = shared.webhooks.running.lock().expect("webhooks lock");
             match running.get(id) {
@@ -258,8 +262,8 @@ impl Webhooks {
                 .remove(position_key(id, channel))
                 .map_err(|e| store_err("removing a webhook", e))?;
         }
-        tree.flush()
-            .map_err(|e| store_err("flushing webhooks", e))?;
+        // The removal is answered as done: durable first.
+        shared.store.sync().await?;
         Ok(true)
     }
 }

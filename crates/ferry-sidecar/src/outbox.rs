@@ -458,7 +458,8 @@ impl Outbox {
     }
 
     /// Accepts events atomically: when this returns Ok they are synced to disk and will reach
-    /// the region; on an error none was accepted.
+    /// the region. On an error they were not made durable; if the failure came after they
+    /// were written they may still reach the region (the outbox then stops accepting).
     pub async fn accept(&self, group: Vec<Pending>) -> Result<(), OutboxError> {
         if group.is_empty() {
             return Ok(());
@@ -532,6 +533,13 @@ impl Outbox {
     /// Writes what is pending to disk and marks the outbox closed cleanly, so the next open
     /// keeps the producer identity (at shutdown, once nothing else writes).
     pub async fn close_cleanly(&self) -> Result<(), OutboxError> {
+        // After a failed write the outbox may have lost records the region holds: the next
+        // start must take a new identity, so no clean mark.
+        if self.counts.failed.load(Ordering::Relaxed) || self.db.failure().is_some() {
+            return Err(OutboxError::Store(
+                "not marked closed cleanly: an earlier write failed".into(),
+            ));
+        }
         self.tree.insert(CLEAN_KEY, &[1]).map_err(store_err)?;
         self.db.sync_async().await.map_err(store_err)
     }

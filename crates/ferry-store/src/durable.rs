@@ -14,7 +14,9 @@ pub(crate) fn fsync(path: &Path) -> Result<(), StoreError> {
         .map_err(|e| StoreError::io(format!("syncing {}", path.display()), e))
 }
 
-/// Creates `dir` and any missing parents, and syncs the parent of each folder it created.
+/// Creates `dir` and any missing parents, and syncs the parent of each folder it created and
+/// of `dir` itself (which may have been created before, by a run that crashed before the
+/// sync).
 pub fn create_dir_durably(dir: &Path) -> Result<(), StoreError> {
     let mut missing = Vec::new();
     let mut at = Some(dir);
@@ -27,6 +29,9 @@ pub fn create_dir_durably(dir: &Path) -> Result<(), StoreError> {
     }
     std::fs::create_dir_all(dir)
         .map_err(|e| StoreError::io(format!("creating {}", dir.display()), e))?;
+    if missing.is_empty() {
+        missing.push(dir);
+    }
     for created in missing.iter().rev() {
         let parent = created
             .parent()

@@ -22,6 +22,10 @@ use crate::StoreError;
 pub struct DurableSled {
     db: sled::Db,
     dir: Arc<PathBuf>,
+    /// sled's log file, open from the start: Linux reports a writeback error to a descriptor
+    /// opened after it only if nobody saw it yet, and sled's own background flush (on its
+    /// descriptor) may see it first. One held open since before any write always sees it.
+    log: Option<Arc<std::fs::File>>,
     failed: Arc<OnceLock<String>>,
 }
 
@@ -29,6 +33,7 @@ impl DurableSled {
     /// Wraps `db`, opened at `dir`.
     pub fn new(db: sled::Db, dir: &Path) -> Self {
         Self {
+            log: std::fs::File::open(dir.join("db")).ok().map(Arc::new),
             db,
             dir: Arc::new(dir.to_path_buf()),
             failed: Arc::default(),
@@ -74,8 +79,13 @@ impl DurableSled {
         self.db
             .flush()
             .map_err(|e| StoreError::io(format!("flushing {}", dir.display()), e))?;
-        // The log, and sled's configuration and snapshot files (written once, never synced
-        // by sled: after a power loss an empty `conf` or a torn snapshot stops it opening).
+        if let Some(log) = &self.log {
+            log.sync_all()
+                .map_err(|e| StoreError::io(format!("syncing {}", dir.join("db").display()), e))?;
+        }
+        // The log again (in case it was not there to hold open), and sled's configuration and
+        // snapshot files (written once, never synced by sled: after a power loss an empty
+        // `conf` or a torn snapshot stops it opening).
         let items = std::fs::read_dir(dir)
             .map_err(|e| StoreError::io(format!("listing {}", dir.display()), e))?;
         for item in items {
