@@ -474,6 +474,31 @@ fn name(log: &LogId) -> String {
     }
 }
 
+/// The final read that judges `p`'s acknowledgement in `log`, or why there is none (unjudged).
+fn final_read_for<'f, 'h>(
+    p: &Publish,
+    log: &LogId,
+    finals: &'f BTreeMap<LogId, FinalRead<'h>>,
+    report: &mut Report,
+) -> Option<&'f FinalRead<'h>> {
+    let Some(f) = finals.get(log) else {
+        report.unjudged.push(format!(
+            "acknowledged writes in {} but no final read of it",
+            name(log)
+        ));
+        return None;
+    };
+    if f.time_ms < p.ack_ms {
+        report.unjudged.push(format!(
+            "the final read of {} (line {}) was made before acknowledgements it should judge",
+            name(log),
+            f.line
+        ));
+        return None;
+    }
+    Some(f)
+}
+
 /// An event acknowledged without an offset must be somewhere in its origin log's final read.
 fn judge_unplaced_ack(
     id: &str,
@@ -484,21 +509,9 @@ fn judge_unplaced_ack(
     options: &Options,
     report: &mut Report,
 ) {
-    let Some(f) = finals.get(log) else {
-        report.unjudged.push(format!(
-            "acknowledged writes in {} but no final read of it",
-            name(log)
-        ));
+    let Some(f) = final_read_for(p, log, finals, report) else {
         return;
     };
-    if f.time_ms < p.ack_ms {
-        report.unjudged.push(format!(
-            "the final read of {} (line {}) was made before acknowledgements it should judge",
-            name(log),
-            f.line
-        ));
-        return;
-    }
     if offsets_of.get(&(log, id)).is_some_and(|o| !o.is_empty()) {
         return;
     }
@@ -531,21 +544,9 @@ fn judge_ack(
     options: &Options,
     report: &mut Report,
 ) {
-    let Some(f) = finals.get(log) else {
-        report.unjudged.push(format!(
-            "acknowledged writes in {} but no final read of it",
-            name(log)
-        ));
+    let Some(f) = final_read_for(p, log, finals, report) else {
         return;
     };
-    if f.time_ms < p.ack_ms {
-        report.unjudged.push(format!(
-            "the final read of {} (line {}) was made before acknowledgements it should judge",
-            name(log),
-            f.line
-        ));
-        return;
-    }
     if offset < f.low && options.retention {
         report.counts.expired += 1;
         return;

@@ -1112,6 +1112,17 @@ mod tests {
         assert_eq!(indexes(&wal, "a"), vec![(1, 1), (1, 2)]);
     }
 
+    /// A temporary folder with a faultfs backing folder, a mountpoint and a control socket
+    /// path in it (the folder goes when the first value is dropped).
+    fn faultfs_folders() -> (tempfile::TempDir, PathBuf, PathBuf, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let (backing, mnt) = (dir.path().join("disk"), dir.path().join("mnt"));
+        std::fs::create_dir_all(&backing).unwrap();
+        std::fs::create_dir_all(&mnt).unwrap();
+        let control = dir.path().join("fs.sock");
+        (dir, backing, mnt, control)
+    }
+
     /// Review item 1 under a real power loss (ferry-faultfs): right after a roll, before
     /// anything else is synced, the power goes; after the restart compaction frees every older
     /// segment, and the power goes again. The vote and the purge point must survive both.
@@ -1119,11 +1130,7 @@ mod tests {
     /// none, the second restart finds no vote: the node could vote twice in one term.)
     #[test]
     fn a_power_loss_right_after_a_roll_loses_no_vote_or_purge_point() {
-        let dir = tempfile::tempdir().unwrap();
-        let (backing, mnt) = (dir.path().join("disk"), dir.path().join("mnt"));
-        std::fs::create_dir_all(&backing).unwrap();
-        std::fs::create_dir_all(&mnt).unwrap();
-        let control = dir.path().join("fs.sock");
+        let (_dir, backing, mnt, control) = faultfs_folders();
         let wal_dir = mnt.join("wal");
         let power_loss = |mount: ferry_faultfs::Mount, wal: Wal| {
             let answer = mount.command("power-loss");
@@ -1185,11 +1192,7 @@ mod tests {
     /// before its fsync, the bug planted to prove this test, loses all five entries.)
     #[tokio::test]
     async fn what_a_flush_acknowledged_survives_a_power_loss_at_once() {
-        let dir = tempfile::tempdir().unwrap();
-        let (backing, mnt) = (dir.path().join("disk"), dir.path().join("mnt"));
-        std::fs::create_dir_all(&backing).unwrap();
-        std::fs::create_dir_all(&mnt).unwrap();
-        let control = dir.path().join("fs.sock");
+        let (_dir, backing, mnt, control) = faultfs_folders();
         let mount = ferry_faultfs::Mount::start(&backing, &mnt, &control)
             .expect("mounting a faultfs (needs root and /dev/fuse)");
         let answer = mount.command("slow-fsync ** 300");
