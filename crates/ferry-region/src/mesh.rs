@@ -204,6 +204,18 @@ struct Intake {
     proposed_to: u64,
 }
 
+/// Forgets what the intake of `origin` proposed in `term` beyond `held` (applied): the next
+/// resend of it is proposed again. A no-op once the term moved on (that reset it already).
+async fn forget_proposals(mesh: &Mesh, origin: &OriginPartition, term: u64, held: u64) {
+    let intake = lock(&mesh.receiving).get(origin).cloned();
+    if let Some(intake) = intake {
+        let mut intake = intake.lock().await;
+        if intake.term == term && intake.proposed_to > held {
+            intake.proposed_to = held;
+        }
+    }
+}
+
 /// The node's mesh state.
 pub(crate) struct Mesh {
     pub(crate) region: String,
@@ -971,6 +983,11 @@ impl<T: Transport> Node<T> {
         if request.batch.to <= intake.proposed_to {
             // A resend of a batch still in Raft: wait for it instead of proposing it again.
             drop(intake);
+            let intake_of = (
+                origin_region.clone(),
+                request.topic.clone(),
+                request.partition,
+            );
             let deadline = Instant::now() + RELAY_TIMEOUT;
             loop {
                 let held = match group.view.received(&origin_region, request.partition) {
@@ -983,6 +1000,10 @@ impl<T: Transport> Node<T> {
                     return PeerResponse::Forwarded(Ack::Committed { next: held });
                 }
                 if Instant::now() >= deadline {
+                    // The earlier copy may never commit (its proposal failed or was dropped
+                    // in this term): the next resend is proposed again. A copy that does
+                    // commit after all is turned away on apply.
+                    forget_proposals(&mesh, &intake_of, term, held).await;
                     return PeerResponse::Error(format!(
                         "region {region}: an earlier copy of this batch is not committed yet"
                     ));
@@ -1010,6 +1031,11 @@ impl<T: Transport> Node<T> {
         // order, as the intake is held until the entry is queued), and wait for the commit
         // without holding the intake, so batches of one origin partition pipeline.
         let batch_to = request.batch.to;
+        let origin_region_key = (
+            origin_region.clone(),
+            request.topic.clone(),
+            request.partition,
+        );
         let command = PartitionCommand::Forwarded {
             origin_region,
             origin_partition: request.partition,
@@ -1030,12 +1056,19 @@ impl<T: Transport> Node<T> {
         }
         intake.proposed_to = batch_to;
         drop(intake);
+        let intake_of = origin_region_key;
         let reply = match committed.await {
             Ok(Ok(response)) => decode::<PartitionReply>("partition reply", &response.data.0)
                 .map_err(|e| e.to_string()),
             Ok(Err(e)) => Err(e.to_string()),
             Err(_) => Err("the partition group stopped".to_string()),
         };
+        if !matches!(reply, Ok(PartitionReply::Forwarded(_))) {
+            // Not applied: what was proposed after it cannot apply either (a gap). Forget the
+            // proposals so the origin's resends are proposed again.
+            let held = group.view.received(&intake_of.0, intake_of.2).unwrap_or(0);
+            forget_proposals(&mesh, &intake_of, term, held).await;
+        }
         match reply {
             Ok(PartitionReply::Forwarded(ack)) => PeerResponse::Forwarded(ack),
             Ok(PartitionReply::Error(e)) => {
