@@ -27,6 +27,7 @@ use ferry_proto::codec;
 use openraft::type_config::alias::{EntryOf, LogIdOf, VoteOf};
 use serde::{Deserialize, Serialize};
 
+use crate::durable::fsync;
 use crate::{GroupId, StoreError, TypeConfig};
 
 const HEADER: usize = 8;
@@ -289,7 +290,7 @@ impl Wal {
         if !replayed {
             let path = segment_path(dir, 1);
             let file = open_segment(&path, true)?;
-            sync_dir(dir)?;
+            fsync(dir)?;
             state.segments.insert(
                 1,
                 Segment {
@@ -382,7 +383,7 @@ impl Wal {
         let next = active + 1;
         let path = segment_path(&self.dir, next);
         let file = open_segment(&path, true)?;
-        sync_dir(&self.dir)?;
+        fsync(&self.dir)?;
         let mut buf = Vec::new();
         for record in state.checkpoint() {
             frame(&record, &mut buf)?;
@@ -546,7 +547,7 @@ impl Wal {
             }
         }
         if !retired.is_empty() {
-            sync_dir(&self.dir)?;
+            fsync(&self.dir)?;
         }
         for path in &retired {
             shrink_gently(path)?;
@@ -691,12 +692,6 @@ fn shrink_gently(path: &Path) -> Result<(), StoreError> {
         std::thread::sleep(SHRINK_PAUSE);
     }
     Ok(())
-}
-
-fn sync_dir(dir: &Path) -> Result<(), StoreError> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| StoreError::io(format!("syncing {}", dir.display()), e))
 }
 
 /// Whether a whole, checksummed, decodable record starts at `offset` of `data`.
@@ -1022,23 +1017,8 @@ mod tests {
     fn a_lost_head_checkpoint_is_written_again_so_compaction_keeps_vote_and_purge_point() {
         let dir = tempfile::tempdir().unwrap();
         let wal = Wal::open(dir.path(), 4096).unwrap();
-        wal.append(vec![Record::Vote {
-            group: "a".into(),
-            vote: VoteOf::<TypeConfig>::new(7, 2),
-        }])
-        .unwrap();
-        for i in 1..=12 {
-            wal.append(vec![entry("a", 1, i, 1500)]).unwrap();
-        }
-        // Everything purged: every segment but the head can be freed.
-        wal.append(vec![Record::Purged {
-            group: "a".into(),
-            log_id: id(1, 12),
-        }])
-        .unwrap();
-        wal.sync().unwrap();
         // A roll, then the crash: the new head's checkpoint never reached the disk.
-        wal.roll(&mut wal.lock()).unwrap();
+        vote_fill_purge_all_and_roll(&wal);
         drop(wal);
         let head = log_files(dir.path()).pop().unwrap();
         OpenOptions::new()
@@ -1112,6 +1092,27 @@ mod tests {
         assert_eq!(indexes(&wal, "a"), vec![(1, 1), (1, 2)]);
     }
 
+    /// Group `a`: vote (7, 2), entries 1..=12 of 1,500 bytes (several 4 KiB segments), all
+    /// purged (every segment but the head can be freed), synced; then a roll, whose new
+    /// head holds the only checkpoint of the vote and purge point once compaction runs.
+    fn vote_fill_purge_all_and_roll(wal: &Wal) {
+        wal.append(vec![Record::Vote {
+            group: "a".into(),
+            vote: VoteOf::<TypeConfig>::new(7, 2),
+        }])
+        .unwrap();
+        for i in 1..=12 {
+            wal.append(vec![entry("a", 1, i, 1500)]).unwrap();
+        }
+        wal.append(vec![Record::Purged {
+            group: "a".into(),
+            log_id: id(1, 12),
+        }])
+        .unwrap();
+        wal.sync().unwrap();
+        wal.roll(&mut wal.lock()).unwrap();
+    }
+
     /// A temporary folder with a faultfs backing folder, a mountpoint and a control socket
     /// path in it (the folder goes when the first value is dropped).
     fn faultfs_folders() -> (tempfile::TempDir, PathBuf, PathBuf, PathBuf) {
@@ -1143,21 +1144,7 @@ mod tests {
             .expect("mounting a faultfs (needs root and /dev/fuse)");
 
         let wal = Wal::open(&wal_dir, 4096).unwrap();
-        wal.append(vec![Record::Vote {
-            group: "a".into(),
-            vote: VoteOf::<TypeConfig>::new(7, 2),
-        }])
-        .unwrap();
-        for i in 1..=12 {
-            wal.append(vec![entry("a", 1, i, 1500)]).unwrap();
-        }
-        wal.append(vec![Record::Purged {
-            group: "a".into(),
-            log_id: id(1, 12),
-        }])
-        .unwrap();
-        wal.sync().unwrap();
-        wal.roll(&mut wal.lock()).unwrap();
+        vote_fill_purge_all_and_roll(&wal);
         let mount = power_loss(mount, wal);
 
         let wal = Wal::open(&wal_dir, 4096).unwrap();
