@@ -279,6 +279,7 @@ impl TestMesh {
                         max_client_connections: 100,
                         retention_interval_ms: 500,
                         group_session_timeout_ms: 3_000,
+                        producer_expiry_ms: 86_400_000,
                         http: None,
                     };
                     if multi_region {

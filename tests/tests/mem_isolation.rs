@@ -40,6 +40,7 @@ async fn start_region(net: &MemNetwork, dir: &std::path::Path) -> Vec<Node<MemTr
             max_client_connections: 10,
             retention_interval_ms: 1_000,
             group_session_timeout_ms: 3_000,
+            producer_expiry_ms: 86_400_000,
             http: None,
         };
         let node = Node::start(config, net.transport(id)).await.unwrap();

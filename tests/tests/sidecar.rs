@@ -885,3 +885,106 @@ async fn publishes_accepted_while_the_region_is_down_arrive_after_it_returns() {
     subscriber.shutdown().await;
     publisher.shutdown().await;
 }
+
+/// Producers each live replica of every partition of `topic` remembers.
+fn producers_remembered(region: &TestRegion, topic: &str, partitions: u32) -> Vec<u64> {
+    region
+        .live_ids()
+        .into_iter()
+        .filter_map(|id| region.node(id))
+        .flat_map(|node| {
+            (0..partitions)
+                .filter_map(|p| Some(node.node().partition(topic, p)?.view.producer_count()))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn after_the_region_forgets_the_sidecars_producer_its_outbox_and_stream_appends_number_again_from_0(
+) {
+    ferry_tests::init_logging();
+    let region = TestRegion::start_with(3, |c| c.producer_expiry_ms = 1_000).await;
+    region.create_topic(TopicConfig::new(TOPIC, 4)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let sidecar = start(&region, dir.path(), "checkout", None).await;
+    let http = reqwest::Client::new();
+    let url = publish_url(&sidecar, "pubsub", TOPIC);
+    let streams = format!("http://{}/v1.0-ferry/streams", sidecar.http_addr());
+
+    // Keyless events share one lane (sticky partitioning), numbered 0, 1 there.
+    for text in ["a1", "a2"] {
+        let r = http.post(&url).body(text).send().await.unwrap();
+        assert_eq!(r.status(), 204);
+    }
+    let r = http
+        .post(format!("{streams}/order-9/events"))
+        .json(&json!({"expectedVersion": 0, "events": [{"type": "Placed", "data": {}}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while region_log(&region, TOPIC).await.len() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the first events never reached the region"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Idle for longer than the expiry: every replica forgets the sidecar's producers.
+    let stream_partitions = region
+        .client()
+        .describe_topic("streams.order")
+        .await
+        .unwrap()
+        .partitions
+        .len() as u32;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let left: u64 = producers_remembered(&region, TOPIC, 4).iter().sum::<u64>()
+            + producers_remembered(&region, "streams.order", stream_partitions)
+                .iter()
+                .sum::<u64>();
+        if left == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{left} producer states never expired"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // The lane's next record is numbered 2 in the outbox: the region refuses it as from an
+    // unknown producer, the outbox numbers its records again from 0 and they arrive once.
+    for text in ["b1", "b2", "b3"] {
+        let r = http.post(&url).body(text).send().await.unwrap();
+        assert_eq!(r.status(), 204);
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if metric(&http, &sidecar, "ferry_sidecar_outbox_events").await == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the outbox never drained");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let texts: Vec<String> = region_log(&region, TOPIC)
+        .await
+        .into_iter()
+        .map(|(_, _, text)| text)
+        .collect();
+    assert_eq!(texts, ["a1", "a2", "b1", "b2", "b3"], "each once, in order");
+
+    // The stream append after the expiry is made again from sequence 0 and succeeds.
+    let r = http
+        .post(format!("{streams}/order-9/events"))
+        .json(&json!({"expectedVersion": 1, "events": [{"type": "Paid", "data": {}}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+    let read = get_json(&http, format!("{streams}/order-9")).await;
+    assert_eq!(read["version"], 2);
+}

@@ -6,7 +6,9 @@
 //! answers in that order. On any failure (leader change, lost connection) the lane finds the
 //! new leader and resends every unacknowledged batch, unchanged and in order: the partition
 //! recognises batches it already has by (producer id, sequence), so nothing is duplicated and
-//! per-key order holds.
+//! per-key order holds. A partition that no longer knows the producer (it expired after
+//! being idle: `producer_expiry_ms` on the nodes) answers `UnknownProducer`; the lane then
+//! numbers its unacknowledged batches again from 0 and resends them.
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -372,6 +374,15 @@ impl Lane {
                 self.failing_since = None;
                 self.failures = 0;
             }
+            Some(Ok(ClientResponse::Error(e))) if e.code == ErrorCode::UnknownProducer => {
+                // The partition does not know this producer (it expired after being idle, or
+                // never saw its first batch), so none of the unacknowledged batches is in the
+                // log: number them all again from 0 and resend them in order. Answers still
+                // due on this stream were for the old numbers: the stream goes.
+                tracing::debug!(topic = %self.topic, partition = self.partition, reason = %e.message, "numbering the unacknowledged batches again from 0");
+                self.renumber(0);
+                self.recover().await;
+            }
             Some(Ok(ClientResponse::Error(e))) if !retriable(&e) => {
                 // The node refused the batch for good: fail its events, renumber the later
                 // batches (none of which can have been appended past the gap) and resend them.
@@ -379,20 +390,7 @@ impl Lane {
                     for (ack, _) in front.acks {
                         let _ = ack.send(Err(ClientError::Api(e.clone())));
                     }
-                    self.next_seq = front.batch.first_seq;
-                    let rest: Vec<_> = self.unacked.drain(..).collect();
-                    for mut inflight in rest {
-                        let events = match inflight.batch.decode_events(self.client.limits()) {
-                            Ok(ev) => ev,
-                            Err(_) => continue,
-                        };
-                        if let Ok((batch, frame)) = self.build(&events, self.next_seq) {
-                            self.next_seq += u64::from(batch.count);
-                            inflight.batch = batch;
-                            inflight.frame = frame;
-                            self.unacked.push_back(inflight);
-                        }
-                    }
+                    self.renumber(front.batch.first_seq);
                 }
                 self.stream = None;
                 if !self.unacked.is_empty() {
@@ -402,6 +400,25 @@ impl Lane {
             other => {
                 tracing::debug!(topic = %self.topic, partition = self.partition, response = ?other.map(|r| r.map(|_| ())), "produce stream failed; resending");
                 self.recover().await;
+            }
+        }
+    }
+
+    /// Numbers the unacknowledged batches again, in order, from `first_seq` (a batch that
+    /// can no longer be encoded is dropped, as it could not be sent either).
+    fn renumber(&mut self, first_seq: u64) {
+        self.next_seq = first_seq;
+        let rest: Vec<_> = self.unacked.drain(..).collect();
+        for mut inflight in rest {
+            let events = match inflight.batch.decode_events(self.client.limits()) {
+                Ok(ev) => ev,
+                Err(_) => continue,
+            };
+            if let Ok((batch, frame)) = self.build(&events, self.next_seq) {
+                self.next_seq += u64::from(batch.count);
+                inflight.batch = batch;
+                inflight.frame = frame;
+                self.unacked.push_back(inflight);
             }
         }
     }

@@ -214,6 +214,10 @@ pub enum ErrorCode {
     /// partition's dedupe window: every event of it is already in the log (at offsets no
     /// longer remembered), so a resending outbox can count it as acknowledged.
     AlreadyAppended,
+    /// The partition does not know the batch's producer (never seen, or expired after being
+    /// idle) and the batch does not start at sequence 0: number every unacknowledged batch
+    /// again from 0 and resend them in order.
+    UnknownProducer,
 }
 
 /// A typed error for the client: what went wrong and, for `NotLeader`, who leads.

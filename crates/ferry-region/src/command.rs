@@ -39,6 +39,10 @@ pub(crate) enum PartitionCommand {
         /// Stamped by the leader so every replica stores the same time.
         appended_at_ms: u64,
     },
+    /// Forget the producers whose last append was stamped before `idle_before_ms` (the
+    /// leader's clock minus the node's `producer_expiry_ms`, fixed in the command so every
+    /// replica forgets the same ones).
+    ExpireProducers { idle_before_ms: u64 },
 }
 
 /// What applying a partition command answers.

@@ -190,6 +190,11 @@ pub struct NodeConfig {
     /// Consumer group session timeout, milliseconds.
     #[serde(default = "default_session_timeout_ms")]
     pub group_session_timeout_ms: u64,
+    /// A producer that appended nothing to a partition for this long is forgotten there
+    /// (its dedupe state goes; its next batch starts again at sequence 0), milliseconds.
+    /// At least 1000; 24 hours by default.
+    #[serde(default = "default_producer_expiry_ms")]
+    pub producer_expiry_ms: u64,
     /// Address of the HTTP endpoint for `/metrics` and `/healthz` (none if unset).
     #[serde(default)]
     pub http: Option<SocketAddr>,
@@ -212,6 +217,9 @@ fn default_retention_interval_ms() -> u64 {
 }
 fn default_session_timeout_ms() -> u64 {
     10_000
+}
+fn default_producer_expiry_ms() -> u64 {
+    24 * 60 * 60 * 1000
 }
 
 impl NodeConfig {
@@ -273,6 +281,12 @@ impl NodeConfig {
         }
         if self.retention_interval_ms == 0 {
             return bad("retention_interval_ms", "must be above 0".into());
+        }
+        if self.producer_expiry_ms < 1000 {
+            return bad(
+                "producer_expiry_ms",
+                format!("{} is below 1000", self.producer_expiry_ms),
+            );
         }
         let region_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '-');
         if self.region.is_empty() || self.region.len() > 64 || !self.region.chars().all(region_char)

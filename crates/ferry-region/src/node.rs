@@ -324,14 +324,12 @@ impl<T: Transport> Node<T> {
         });
     }
 
-    /// Proposes trims for the partitions this node leads whose retention is exceeded.
+    /// Proposes, for the partitions this node leads, trims where retention is exceeded and
+    /// producer expiries where some producer has been idle for `producer_expiry_ms`.
     async fn enforce_retention(&self) {
         let inner = &self.inner;
         for topic in inner.meta_view.topics() {
             let retention = topic.config.retention;
-            if retention.max_age_ms.is_none() && retention.max_bytes.is_none() {
-                continue;
-            }
             for partition in 0..topic.config.partitions {
                 let Some(group) = self.partition(&topic.config.name, partition) else {
                     continue;
@@ -339,19 +337,22 @@ impl<T: Transport> Node<T> {
                 if group.raft.metrics().borrow_watched().current_leader != Some(inner.id) {
                     continue;
                 }
-                if let Some(before_offset) =
-                    group
-                        .view
-                        .retention_point(now_ms(), retention.max_age_ms, retention.max_bytes)
-                {
-                    let Ok(command) = encode(
-                        "partition command",
-                        &PartitionCommand::Trim { before_offset },
-                    ) else {
+                let now = now_ms();
+                let trim = group
+                    .view
+                    .retention_point(now, retention.max_age_ms, retention.max_bytes)
+                    .map(|before_offset| PartitionCommand::Trim { before_offset });
+                let idle_before_ms = now.saturating_sub(inner.config.producer_expiry_ms);
+                let expire = group
+                    .view
+                    .producer_expiry_due(idle_before_ms)
+                    .then_some(PartitionCommand::ExpireProducers { idle_before_ms });
+                for command in trim.into_iter().chain(expire) {
+                    let Ok(command) = encode("partition command", &command) else {
                         continue;
                     };
                     if let Err(e) = group.raft.client_write(ferry_store::Command(command)).await {
-                        tracing::debug!(topic = %topic.config.name, partition, error = %e, "retention trim not applied");
+                        tracing::debug!(topic = %topic.config.name, partition, error = %e, "retention or producer expiry not applied");
                     }
                 }
             }

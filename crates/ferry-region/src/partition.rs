@@ -55,6 +55,9 @@ pub(crate) struct ProducerState {
     last_seq: Option<u64>,
     /// Recent batches: (first sequence, count, base offset).
     recent: VecDeque<(u64, u32, u64)>,
+    /// When its last batch was appended (the leader's stamp, ms since the epoch): a producer
+    /// idle for longer than the node's `producer_expiry_ms` is forgotten.
+    last_append_ms: u64,
 }
 
 /// What a partition knows of one domain stream.
@@ -117,6 +120,12 @@ pub struct PartitionView {
     /// batches that reached Raft. Counted as applied since the process started (replays
     /// included); not part of the replicated state.
     forwarded_duplicates: AtomicU64,
+    /// No producer's last append is older than this (ms since the epoch; `u64::MAX` when
+    /// there is none): a lower bound, exact after a restore or an expiry, so the leader
+    /// proposes an expiry only when one may be due.
+    oldest_producer_ms: AtomicU64,
+    /// Producers remembered.
+    producers: AtomicU64,
 }
 
 fn storage_err(e: impl std::fmt::Display) -> StoreError {
@@ -142,6 +151,17 @@ impl PartitionView {
     /// Forwarded events this replica skipped on apply as already held (see the field).
     pub fn forwarded_duplicates_skipped(&self) -> u64 {
         self.forwarded_duplicates.load(Ordering::Relaxed)
+    }
+
+    /// Whether some producer may have appended nothing since before `idle_before_ms` (then
+    /// [`PartitionCommand::ExpireProducers`] has something to do, or finds the exact time).
+    pub fn producer_expiry_due(&self, idle_before_ms: u64) -> bool {
+        self.oldest_producer_ms.load(Ordering::Relaxed) < idle_before_ms
+    }
+
+    /// Producers this partition remembers (for dedupe).
+    pub fn producer_count(&self) -> u64 {
+        self.producers.load(Ordering::Relaxed)
     }
 
     /// Batches holding offsets from `offset` on, at most `max_bytes` of event data (but at
@@ -366,6 +386,7 @@ impl Partition {
     fn restore(&mut self, state: SmallState) -> Result<(), StoreError> {
         self.marks = state.marks;
         self.producers = state.producers.into_iter().collect();
+        self.producers_changed();
         self.received = state.received.into_iter().collect();
         *self.view.received.write().map_err(storage_err)? = self.received.clone();
         *self.view.cursors.write().map_err(storage_err)? = state.cursors.into_iter().collect();
@@ -417,6 +438,9 @@ impl Partition {
                 batch,
                 appended_at_ms,
             }) => self.append_to_stream(stream, expected_version, batch, appended_at_ms)?,
+            Ok(PartitionCommand::ExpireProducers { idle_before_ms }) => {
+                self.expire_producers(idle_before_ms)
+            }
             Err(e) => {
                 PartitionReply::Error(ApiError::new(ErrorCode::InvalidRequest, e.to_string()))
             }
@@ -594,12 +618,13 @@ impl Partition {
                 ));
             }
         } else if batch.first_seq != 0 {
-            // A producer's first batch on a partition starts at 0; anything else means an
-            // earlier batch is missing.
+            // A producer's first batch on a partition starts at 0. Either it was never seen
+            // here (an earlier batch is missing) or it expired after being idle: either way
+            // its unacknowledged batches must be numbered again from 0.
             return Err(ApiError::new(
-                ErrorCode::OutOfOrderSequence,
+                ErrorCode::UnknownProducer,
                 format!(
-                    "producer {producer}: expected sequence 0, got {}",
+                    "producer {producer} is not known to this partition (never seen, or expired after being idle): expected sequence 0, got {}",
                     batch.first_seq
                 ),
             ));
@@ -637,8 +662,15 @@ impl Partition {
             .write()
             .map_err(storage_err)?
             .append(&stored)?;
-        if let Some((producer, state)) = producer {
+        if let Some((producer, mut state)) = producer {
+            state.last_append_ms = appended_at_ms;
             self.producers.insert(producer, state);
+            self.view
+                .oldest_producer_ms
+                .fetch_min(appended_at_ms, Ordering::Relaxed);
+            self.view
+                .producers
+                .store(self.producers.len() as u64, Ordering::Relaxed);
         }
         self.marks.high += u64::from(count);
         self.view.bytes.fetch_add(size, Ordering::Relaxed);
@@ -727,6 +759,40 @@ impl Partition {
             index.appends.drain(..dropped);
         }
         Ok(PartitionReply::Done)
+    }
+
+    /// Forgets every producer whose last append is older than `idle_before_ms`: its next
+    /// batch must start again at sequence 0 ([`ErrorCode::UnknownProducer`] tells it so).
+    fn expire_producers(&mut self, idle_before_ms: u64) -> PartitionReply {
+        let before = self.producers.len();
+        self.producers
+            .retain(|_, state| state.last_append_ms >= idle_before_ms);
+        let expired = before - self.producers.len();
+        if expired > 0 {
+            tracing::debug!(
+                expired,
+                left = self.producers.len(),
+                "idle producers expired"
+            );
+        }
+        self.producers_changed();
+        PartitionReply::Done
+    }
+
+    /// Sets the view's producer count and oldest append exactly (after a restore or expiry).
+    fn producers_changed(&self) {
+        let oldest = self
+            .producers
+            .values()
+            .map(|s| s.last_append_ms)
+            .min()
+            .unwrap_or(u64::MAX);
+        self.view
+            .oldest_producer_ms
+            .store(oldest, Ordering::Relaxed);
+        self.view
+            .producers
+            .store(self.producers.len() as u64, Ordering::Relaxed);
     }
 
     /// Wakes readers waiting for new offsets.
@@ -871,6 +937,8 @@ impl PartitionStateMachine {
             watermarks: watch::channel(Watermarks::default()).0,
             bytes: AtomicU64::new(0),
             forwarded_duplicates: AtomicU64::new(0),
+            oldest_producer_ms: AtomicU64::new(u64::MAX),
+            producers: AtomicU64::new(0),
         });
         let mut partition = Partition {
             view: view.clone(),
@@ -1171,7 +1239,7 @@ mod tests {
         ));
         assert!(refused(
             append(&sm, batch(Some(8), 5, 1)),
-            ErrorCode::OutOfOrderSequence
+            ErrorCode::UnknownProducer
         ));
         assert!(refused(
             append(&sm, batch(Some(9), u64::MAX, 2)),
@@ -1504,6 +1572,94 @@ mod tests {
         assert_eq!(append(&sm, batch(Some(7), 36, 4)), appended(36, 4, true));
         assert_eq!(append(&sm, batch(Some(7), 40, 4)), appended(40, 4, false));
         assert_eq!(offsets(&sm, 40), vec![(40, 4)]);
+    }
+
+    fn append_at(sm: &PartitionStateMachine, b: EventBatch, appended_at_ms: u64) -> PartitionReply {
+        run(
+            sm,
+            PartitionCommand::Append {
+                batch: b,
+                appended_at_ms,
+            },
+        )
+    }
+
+    #[tokio::test]
+    async fn idle_producers_expire_on_every_replica_alike_and_must_start_again_at_0() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sm = PartitionStateMachine::open(dir.path(), 4096).unwrap();
+        assert!(
+            !sm.view().producer_expiry_due(u64::MAX),
+            "no producer, nothing due"
+        );
+        append_at(&sm, batch(Some(1), 0, 2), 1_000);
+        append_at(&sm, batch(Some(2), 0, 2), 2_000);
+        append_at(&sm, batch(Some(1), 2, 2), 3_000);
+        append_at(&sm, batch(None, 0, 1), 9_000);
+        assert_eq!(sm.view().producer_count(), 2);
+        // The leader asks only when some producer may be idle since before its cut.
+        assert!(!sm.view().producer_expiry_due(1_000));
+        assert!(sm.view().producer_expiry_due(2_001));
+        // The checkpoint keeps each producer's last append.
+        sm.build_snapshot().await.unwrap();
+        drop(sm);
+        let sm = PartitionStateMachine::open(dir.path(), 4096).unwrap();
+        assert!(!sm.view().producer_expiry_due(2_000));
+        assert!(sm.view().producer_expiry_due(2_001));
+
+        // Producer 2 last appended at 2 000, producer 1 at 3 000: a cut at 2 500 forgets 2.
+        assert_eq!(
+            run(
+                &sm,
+                PartitionCommand::ExpireProducers {
+                    idle_before_ms: 2_500
+                }
+            ),
+            PartitionReply::Done
+        );
+        assert_eq!(sm.view().producer_count(), 1);
+        assert!(
+            !sm.view().producer_expiry_due(3_000),
+            "exact again after the expiry"
+        );
+        // Producer 1 goes on; producer 2's next batch is refused until numbered from 0 again.
+        assert_eq!(
+            append_at(&sm, batch(Some(1), 4, 1), 10_000),
+            appended(7, 1, false)
+        );
+        let high = sm.view().watermarks().high;
+        match append_at(&sm, batch(Some(2), 2, 2), 10_000) {
+            PartitionReply::Error(e) => {
+                assert_eq!(e.code, ErrorCode::UnknownProducer);
+                assert!(e.message.contains("producer 2"), "{}", e.message);
+            }
+            other => panic!("expected UnknownProducer, got {other:?}"),
+        }
+        assert_eq!(
+            sm.view().watermarks().high,
+            high,
+            "the refusal changed nothing"
+        );
+        assert_eq!(
+            append_at(&sm, batch(Some(2), 0, 2), 10_000),
+            appended(8, 2, false)
+        );
+        assert_eq!(
+            append_at(&sm, batch(Some(2), 2, 1), 10_000),
+            appended(10, 1, false)
+        );
+        // A cut before every last append forgets nothing.
+        run(
+            &sm,
+            PartitionCommand::ExpireProducers {
+                idle_before_ms: 10_000,
+            },
+        );
+        assert_eq!(sm.view().producer_count(), 2);
+        assert_eq!(
+            append_at(&sm, batch(Some(1), 4, 1), 10_000),
+            appended(7, 1, true)
+        );
     }
 
     #[tokio::test]

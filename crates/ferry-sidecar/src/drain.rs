@@ -92,6 +92,9 @@ pub(crate) async fn run(
 enum Sent {
     /// The region holds it; `fresh` unless it had it before.
     Acknowledged { fresh: bool },
+    /// The partition does not know the records' producer (it expired after being idle):
+    /// none of them is there; number them again from 0.
+    UnknownProducer,
     /// Try again later (the error says why).
     Retry(String),
 }
@@ -107,6 +110,7 @@ async fn send(client: &Client, lane: &Lane, batch: EventBatch) -> Sent {
         Err(e) if e.code() == Some(ErrorCode::AlreadyAppended) => {
             Sent::Acknowledged { fresh: false }
         }
+        Err(e) if e.code() == Some(ErrorCode::UnknownProducer) => Sent::UnknownProducer,
         Err(e) => Sent::Retry(e.to_string()),
     }
 }
@@ -164,7 +168,7 @@ async fn drain_lane(
     // appended as new: until then (after a restart) the region may hold a merged batch sent
     // before, which only whole records are recognised against (as already appended).
     let mut may_merge = false;
-    loop {
+    'records: loop {
         let records = match outbox.peek(&lane, PEEK) {
             Ok(r) => r,
             Err(e) => {
@@ -198,6 +202,18 @@ async fn drain_lane(
                 Sent::Acknowledged { fresh } => {
                     may_merge |= fresh;
                     break;
+                }
+                Sent::UnknownProducer => {
+                    match outbox.renumber(&lane, records[0].position()).await {
+                        // The stored records changed: read them again.
+                        Ok(()) => continue 'records,
+                        Err(e) => {
+                            // The outbox stopped accepting (a failed write); only a restart helps.
+                            tracing::error!(%lane, error = %e, "numbering the outbox lane again failed");
+                            link.failed(&lane, e.to_string());
+                            return;
+                        }
+                    }
                 }
                 Sent::Retry(error) => {
                     failures += 1;

@@ -547,6 +547,7 @@ async fn append(State(shared): Shared_, Path(stream): Path<String>, body: Bytes)
     // (answered with the original append) instead of appended twice or refused as a conflict.
     let lane = shared.stream_lane(&topic, partition);
     let mut lane = lane.lock().await;
+    let count = events.len() as u64;
     let batch = match EventBatch::new(&events, Some(lane.producer), lane.next_seq, &shared.limits) {
         Ok(b) => b,
         Err(e) => {
@@ -558,12 +559,26 @@ async fn append(State(shared): Shared_, Path(stream): Path<String>, body: Bytes)
             .into_response()
         }
     };
-    let count = events.len() as u64;
-    match shared
+    let mut answer = shared
         .client
-        .append_to_stream(&topic, partition, &stream, expected, batch)
-        .await
+        .append_to_stream(&topic, partition, &stream, expected, batch.clone())
+        .await;
+    // A partition that forgot this producer (idle past the nodes' `producer_expiry_ms`)
+    // refused the append without changing anything: it is made again from sequence 0.
+    if lane.next_seq != 0
+        && matches!(&answer, Err(e) if e.code() == Some(ErrorCode::UnknownProducer))
     {
+        lane.next_seq = 0;
+        let batch = EventBatch {
+            first_seq: 0,
+            ..batch
+        };
+        answer = shared
+            .client
+            .append_to_stream(&topic, partition, &stream, expected, batch)
+            .await;
+    }
+    match answer {
         Ok(done) => {
             lane.next_seq += count;
             shared

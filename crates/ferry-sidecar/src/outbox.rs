@@ -134,6 +134,16 @@ impl Sequencer {
         }
     }
 
+    /// The producer id records are numbered with.
+    pub fn producer(&self) -> ProducerId {
+        self.producer
+    }
+
+    /// Counts the lane's sequences from `position` on (its sequence 0 is there now).
+    pub fn rebase(&mut self, lane: Lane, position: u64) {
+        self.base.insert(lane, position);
+    }
+
     /// The next position of a lane.
     pub fn next_seq(&self, lane: &Lane) -> u64 {
         self.next_seq.get(lane).copied().unwrap_or(0)
@@ -255,6 +265,13 @@ pub struct Outgoing {
     key: Vec<u8>,
 }
 
+impl Outgoing {
+    /// Its position in the lane.
+    pub fn position(&self) -> u64 {
+        position_of(&self.key).unwrap_or(0)
+    }
+}
+
 const PRODUCER_KEY: &[u8] = b"p";
 /// Present while the outbox is closed cleanly (written at shutdown, removed at open).
 const CLEAN_KEY: &[u8] = b"c";
@@ -283,6 +300,11 @@ fn lane_of(key: &[u8]) -> Option<Lane> {
     Some(Lane { topic, partition })
 }
 
+/// The position a record key ends with.
+fn position_of(key: &[u8]) -> Option<u64> {
+    u64_of(key.get(key.len().checked_sub(8)?..)?)
+}
+
 fn u64_of(bytes: &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(bytes.try_into().ok()?))
 }
@@ -304,9 +326,18 @@ pub struct OutboxCounts {
     pub failed: std::sync::atomic::AtomicBool,
 }
 
-struct Job {
-    group: Vec<Pending>,
-    reply: oneshot::Sender<Result<(), OutboxError>>,
+enum Job {
+    /// Store a group of events (a group commit).
+    Accept {
+        group: Vec<Pending>,
+        reply: oneshot::Sender<Result<(), OutboxError>>,
+    },
+    /// Number a lane's records again from sequence 0 at position `from` (its first record).
+    Renumber {
+        lane: Lane,
+        from: u64,
+        reply: oneshot::Sender<Result<(), OutboxError>>,
+    },
 }
 
 /// The outbox. Cloning shares it.
@@ -466,7 +497,24 @@ impl Outbox {
         }
         let (reply, rx) = oneshot::channel();
         self.jobs
-            .send(Job { group, reply })
+            .send(Job::Accept { group, reply })
+            .await
+            .map_err(|_| OutboxError::Closed)?;
+        rx.await.map_err(|_| OutboxError::Closed)?
+    }
+
+    /// Numbers every record of `lane` again, under the current producer identity, with
+    /// sequence 0 at position `from` (the lane's first record), durably: for a region
+    /// partition that no longer knows the producer the records were numbered for (it expired
+    /// after being idle) and so holds none of them.
+    pub async fn renumber(&self, lane: &Lane, from: u64) -> Result<(), OutboxError> {
+        let (reply, rx) = oneshot::channel();
+        self.jobs
+            .send(Job::Renumber {
+                lane: lane.clone(),
+                from,
+                reply,
+            })
             .await
             .map_err(|_| OutboxError::Closed)?;
         rx.await.map_err(|_| OutboxError::Closed)?
@@ -569,15 +617,35 @@ impl Writer {
         mut rx: mpsc::Receiver<Job>,
     ) {
         while let Some(first) = rx.recv().await {
-            let mut jobs = vec![first];
-            let mut queued_events = jobs[0].group.len();
-            while queued_events < 4 * MAX_RECORD_EVENTS {
-                match rx.try_recv() {
-                    Ok(job) => {
-                        queued_events += job.group.len();
-                        jobs.push(job);
+            let mut jobs = Vec::new();
+            let mut renumbers = Vec::new();
+            let mut queued_events = 0;
+            let mut next = Some(first);
+            while let Some(job) = next.take() {
+                match job {
+                    Job::Accept { group, reply } => {
+                        queued_events += group.len();
+                        jobs.push((group, reply));
                     }
-                    Err(_) => break,
+                    Job::Renumber { lane, from, reply } => renumbers.push((lane, from, reply)),
+                }
+                if queued_events < 4 * MAX_RECORD_EVENTS {
+                    next = rx.try_recv().ok();
+                }
+            }
+            // Renumbering rewrites every record the lane holds and moves its base, so records
+            // accepted before or after it are numbered alike.
+            for (lane, from, reply) in renumbers {
+                let result = self.renumber(&mut sequencer, &lane, from).await;
+                // A refused start changed nothing; a failed write or sync is final.
+                let failed = matches!(result, Err(OutboxError::Store(_)));
+                if let (true, Err(e)) = (failed, &result) {
+                    tracing::error!(%lane, error = %e, "renumbering an outbox lane failed; the outbox stops accepting");
+                    self.counts.failed.store(true, Ordering::Relaxed);
+                }
+                let _ = reply.send(result);
+                if failed {
+                    return;
                 }
             }
             let mut batch = sled::Batch::default();
@@ -585,18 +653,18 @@ impl Writer {
             let (mut group_events, mut group_bytes) = (0u64, 0u64);
             let mut touched = std::collections::BTreeSet::new();
             let now = crate::now_ms();
-            for job in jobs {
-                let events = job.group.len() as u64;
-                let bytes: u64 = job.group.iter().map(|p| p.event.size() as u64).sum();
+            for (group, reply) in jobs {
+                let events = group.len() as u64;
+                let bytes: u64 = group.iter().map(|p| p.event.size() as u64).sum();
                 if let Some(full) = self.full(group_events + events, group_bytes + bytes) {
-                    let _ = job.reply.send(Err(full));
+                    let _ = reply.send(Err(full));
                     continue;
                 }
                 // Planned per job, so one job's invalid event refuses that job alone.
-                let (records, advance) = match sequencer.plan(job.group, &limits) {
+                let (records, advance) = match sequencer.plan(group, &limits) {
                     Ok(planned) => planned,
                     Err(reason) => {
-                        let _ = job.reply.send(Err(OutboxError::Invalid(reason)));
+                        let _ = reply.send(Err(OutboxError::Invalid(reason)));
                         continue;
                     }
                 };
@@ -615,7 +683,7 @@ impl Writer {
                 let encoded = match encoded {
                     Ok(e) => e,
                     Err(e) => {
-                        let _ = job.reply.send(Err(OutboxError::Invalid(e.to_string())));
+                        let _ = reply.send(Err(OutboxError::Invalid(e.to_string())));
                         continue;
                     }
                 };
@@ -626,7 +694,7 @@ impl Writer {
                 }
                 group_events += events;
                 group_bytes += bytes;
-                accepted.push(job.reply);
+                accepted.push(reply);
             }
             if accepted.is_empty() {
                 continue;
@@ -666,6 +734,39 @@ impl Writer {
                 self.wake(lane);
             }
         }
+    }
+
+    /// See [`Outbox::renumber`].
+    async fn renumber(
+        &self,
+        sequencer: &mut Sequencer,
+        lane: &Lane,
+        from: u64,
+    ) -> Result<(), OutboxError> {
+        let mut batch = sled::Batch::default();
+        for item in self.tree.scan_prefix(lane_prefix(b'r', lane)) {
+            let (key, value) = item.map_err(store_err)?;
+            let position = position_of(&key).ok_or_else(|| store_err("malformed record key"))?;
+            let Some(seq) = position.checked_sub(from) else {
+                return Err(OutboxError::Invalid(format!(
+                    "lane {lane}: its record at position {position} is before the renumbering start {from}"
+                )));
+            };
+            let mut record: StoredRecord =
+                codec::decode("outbox record", &value).map_err(store_err)?;
+            record.batch.producer = Some(sequencer.producer());
+            record.batch.first_seq = seq;
+            batch.insert(
+                key,
+                codec::encode("outbox record", &record).map_err(store_err)?,
+            );
+        }
+        batch.insert(lane_prefix(b'b', lane), &from.to_be_bytes());
+        self.tree.apply_batch(batch).map_err(store_err)?;
+        self.db.sync_async().await.map_err(store_err)?;
+        sequencer.rebase(lane.clone(), from);
+        tracing::info!(%lane, from, "outbox lane numbered again from sequence 0 (the region no longer knew its producer)");
+        Ok(())
     }
 
     fn wake(&self, lane: Lane) {
@@ -827,6 +928,62 @@ mod tests {
         let next = outbox.peek(&lane, 10).unwrap();
         assert_eq!(next[0].batch.producer, producer);
         assert_eq!(next[0].batch.first_seq, 2);
+    }
+
+    #[tokio::test]
+    async fn renumbering_a_lane_moves_every_held_record_to_the_current_producer_from_0() {
+        let dir = tempfile::tempdir().unwrap();
+        let (outbox, mut lanes) =
+            Outbox::open(dir.path(), 100, 1 << 20, Limits::default()).unwrap();
+        for id in 1..=3 {
+            outbox
+                .accept(vec![pending("t", id, Some("a"))])
+                .await
+                .unwrap();
+        }
+        let lane = lanes.recv().await.unwrap();
+        // The first record was acknowledged; the region then forgot the producer.
+        let held = outbox.peek(&lane, 10).unwrap();
+        outbox.acknowledged(&held[0]).unwrap();
+        let producer = held[0].batch.producer;
+        outbox.renumber(&lane, held[1].position()).await.unwrap();
+        let renumbered = outbox.peek(&lane, 10).unwrap();
+        let numbers: Vec<_> = renumbered
+            .iter()
+            .map(|r| (r.position(), r.batch.producer, r.batch.first_seq))
+            .collect();
+        assert_eq!(numbers, vec![(1, producer, 0), (2, producer, 1)]);
+        assert_eq!(
+            renumbered[0].batch.events, held[1].batch.events,
+            "events unchanged"
+        );
+        // Later records follow on, also after a clean reopen.
+        outbox.close_cleanly().await.unwrap();
+        close(outbox).await;
+        let (outbox, _lanes) = Outbox::open(dir.path(), 100, 1 << 20, Limits::default()).unwrap();
+        outbox
+            .accept(vec![pending("t", 4, Some("a"))])
+            .await
+            .unwrap();
+        let last = outbox.peek(&lane, 10).unwrap().pop().unwrap();
+        assert_eq!((last.position(), last.batch.first_seq), (3, 2));
+        assert_eq!(last.batch.producer, producer);
+        // A start after the lane's first record is refused and changes nothing.
+        assert!(matches!(
+            outbox.renumber(&lane, 2).await,
+            Err(OutboxError::Invalid(_))
+        ));
+        outbox
+            .accept(vec![pending("t", 5, Some("a"))])
+            .await
+            .unwrap();
+        let numbers: Vec<_> = outbox
+            .peek(&lane, 10)
+            .unwrap()
+            .iter()
+            .map(|r| r.batch.first_seq)
+            .collect();
+        assert_eq!(numbers, vec![0, 1, 2, 3]);
     }
 
     #[tokio::test]

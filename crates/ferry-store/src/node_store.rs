@@ -13,7 +13,7 @@ use crate::{
 /// 3: partition checkpoints carry forwarding state (received origin offsets, forwarding
 /// cursors); 2 had none.
 /// 4: partition checkpoints carry the domain streams' index (versions, appends).
-const FORMAT: &[u8] = b"ferry-store/4";
+const FORMAT: &[u8] = b"ferry-store/5";
 const MARKER_TREE: &[u8] = b"ferry";
 
 /// Storage tuning.
@@ -120,6 +120,14 @@ impl NodeStore {
                     "it was written by an older ferry (format ferry-store/3, partition \
                      checkpoints without the domain streams' index) that this version cannot \
                      read; move it away to start this node empty"
+                        .into(),
+                ))
+            }
+            Some(other) if other.as_ref() == b"ferry-store/4" => {
+                return Err(foreign(
+                    "it was written by an older ferry (format ferry-store/4, partition \
+                     checkpoints without the producers' last append times) that this version \
+                     cannot read; move it away to start this node empty"
                         .into(),
                 ))
             }
