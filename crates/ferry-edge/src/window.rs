@@ -316,11 +316,30 @@ impl WindowStore {
             out.push(Arc::new(Outbound {
                 channel: name.clone(),
                 seq,
-                frame: Bytes::copy_from_slice(&value[ENTRY_HEADER..]),
+                frame: self.in_this_epoch(channel, &value[ENTRY_HEADER..], seq)?,
                 templated: value[8] & FLAG_TEMPLATED != 0,
             }));
         }
         Ok(out)
+    }
+
+    /// A stored frame with the id its sequence has in this epoch. An entry kept from an earlier
+    /// epoch (the edge did not stop cleanly) still names that epoch: sent as it is, a client
+    /// would resume with a position this store calls foreign and be sent the window again.
+    fn in_this_epoch(&self, channel: &str, frame: &[u8], seq: u64) -> Result<Bytes, EdgeError> {
+        let id = self.id_of(seq);
+        // Frames are written by `append` with their fields in this order.
+        let channel = serde_json::to_string(channel).map_err(|e| store_err("a channel", e))?;
+        let current = format!("{{\"type\":\"message\",\"channel\":{channel},\"id\":\"{id}\"");
+        if frame.starts_with(current.as_bytes()) {
+            return Ok(Bytes::copy_from_slice(frame));
+        }
+        let mut value: serde_json::Value =
+            serde_json::from_slice(frame).map_err(|e| store_err("a stored frame", e))?;
+        value["id"] = serde_json::Value::String(id);
+        serde_json::to_vec(&value)
+            .map(Bytes::from)
+            .map_err(|e| store_err("a frame", e))
     }
 
     /// Drops notifications older than the window's age from every channel; returns how many.
@@ -494,7 +513,15 @@ mod tests {
         let store = WindowStore::open(dir.path(), limits(10), 100).unwrap();
         assert_ne!(store.epoch(), first);
         assert_eq!(store.parse_id(&format!("{first}-1")), Position::Foreign);
-        assert_eq!(store.read("c", 0, 10).unwrap().len(), 1);
+        let kept = store.read("c", 0, 10).unwrap();
+        assert_eq!(kept.len(), 1);
+        let frame: serde_json::Value = serde_json::from_slice(&kept[0].frame).unwrap();
+        assert_eq!(
+            frame["id"],
+            store.id_of(1),
+            "a kept entry is sent with its position in the new epoch"
+        );
+        assert_eq!(frame["channel"], "c");
         assert_eq!(store.cursor(0).unwrap(), Some(5));
         store.close_cleanly().await.unwrap();
         let second = store.epoch().to_string();
