@@ -372,6 +372,26 @@ pub fn check(history: &History, options: &Options) -> Report {
         report.forwarding_lag_ms = Some((lags[lags.len() / 2], lags[lags.len() - 1]));
     }
 
+    // Notifications: acknowledged publishes keyed by their channel, for its subscribers.
+    let acked: crate::notify::Wanted = publishes
+        .iter()
+        .filter(|(_, p)| p.outcome == Some(OpType::Ok))
+        .filter_map(|(id, p)| Some((*id, (p.origin, p.topic, p.key?))))
+        .collect();
+    let notified = crate::notify::check(history, &acked);
+    report.counts.notified = notified.delivered;
+    report.counts.notify_breaks = notified.breaks;
+    for id in &notified.ids {
+        if !publishes.contains_key(id.as_str()) {
+            report.unexpected.push(id.clone());
+        }
+    }
+    report.unexpected.sort();
+    report.unexpected.dedup();
+    report.notify_skips = notified.skips;
+    report.notify_reused = notified.reused;
+    report.notify_undelivered = notified.undelivered;
+
     check_order(&finals, &offsets_of, &publishes, &mut report);
     check_floors(&faults, &publishes, options, &mut report);
     finish(&mut report, options, observed.len() as u64);
@@ -807,6 +827,9 @@ fn finish(report: &mut Report, options: &Options, observed: u64) {
     c.vanished_at_origin = report.vanished_at_origin.len() as u64;
     c.unjudged = report.unjudged.len() as u64;
     c.below_floor = report.below_floor.len() as u64;
+    c.notify_skips = report.notify_skips.len() as u64;
+    c.notify_reused = report.notify_reused.len() as u64;
+    c.notify_undelivered = report.notify_undelivered.len() as u64;
 
     let failing = [
         (c.lost, "acknowledged events lost"),
@@ -845,6 +868,15 @@ fn finish(report: &mut Report, options: &Options, observed: u64) {
         (c.unjudged, "things the history cannot judge"),
         (c.below_floor, "floors not met"),
         (
+            c.notify_skips,
+            "notification streams that skipped or renumbered without a gap",
+        ),
+        (c.notify_reused, "notification positions naming two events"),
+        (
+            c.notify_undelivered,
+            "acknowledged notifications a subscriber never received",
+        ),
+        (
             if options.duplicates_fail {
                 c.duplicated
             } else {
@@ -858,7 +890,15 @@ fn finish(report: &mut Report, options: &Options, observed: u64) {
             report.reasons.push(format!("{n} {what}"));
         }
     }
-    for why in report.unjudged.iter().chain(&report.below_floor).take(8) {
+    for why in report
+        .unjudged
+        .iter()
+        .chain(&report.below_floor)
+        .chain(&report.notify_skips)
+        .chain(&report.notify_reused)
+        .chain(&report.notify_undelivered)
+        .take(8)
+    {
         report.reasons.push(format!("    {why}"));
     }
     if !report.reasons.is_empty() {

@@ -60,6 +60,9 @@ pub enum Func {
     Read,
     /// Events delivered to a consumer (subscription or group).
     Deliver,
+    /// A notification an edge sent a client (`ok`, with `channel`, `position` and the event
+    /// `id`), or a break in a channel's stream (`info`, `kind` `gap` or `lag`).
+    Notify,
 }
 
 /// An event as seen in a log.
@@ -131,9 +134,16 @@ pub struct Op {
     /// The topic's partition count in the region of a final read.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub partitions: Option<u32>,
-    /// A fault's kind (`kill`, `pause`, `link-cut`, ...).
+    /// A fault's kind (`kill`, `pause`, `link-cut`, ...), or a notification break's
+    /// (`gap`, `lag`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kind: Option<String>,
+    /// The edge channel of a notification.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub channel: Option<String>,
+    /// A notification's position in its channel (`<epoch>-<seq>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub position: Option<String>,
     /// When a fault was healed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub end_ms: Option<u64>,
@@ -256,6 +266,37 @@ fn validate(op: &Op, line: usize, seen: &mut Seen) -> Result<(), String> {
                         // The offset may be absent: a resend older than the dedupe window
                         // is acknowledged as in the log at an offset no longer known.
                     }
+                }
+            }
+        }
+        Func::Notify => {
+            need(&op.channel, "channel", "a notification")?;
+            if op.topic.is_empty() {
+                return Err("a notification needs \"topic\"".into());
+            }
+            match op_type {
+                OpType::Ok => {
+                    need(&op.id, "id", "a delivered notification")?;
+                    let position = op.position.as_deref().unwrap_or_default();
+                    let parsed = position.rsplit_once('-').is_some_and(|(epoch, seq)| {
+                        !epoch.is_empty() && seq.parse::<u64>().is_ok()
+                    });
+                    if !parsed {
+                        return Err(format!(
+                            "a delivered notification needs \"position\" as <epoch>-<seq>, got {position:?}"
+                        ));
+                    }
+                }
+                OpType::Info => match op.kind.as_deref() {
+                    Some("gap" | "lag") => {}
+                    other => {
+                        return Err(format!(
+                            "a notification break needs \"kind\" gap or lag, got {other:?}"
+                        ))
+                    }
+                },
+                _ => {
+                    return Err("notifications are \"ok\" (delivered) or \"info\" (a break)".into())
                 }
             }
         }

@@ -17,6 +17,7 @@
 
 mod check;
 mod history;
+mod notify;
 mod report;
 
 pub use check::{check, Options};

@@ -211,6 +211,16 @@ pub struct Counts {
     pub unjudged: u64,
     /// Floors not met (acknowledged per region, publishes per fault).
     pub below_floor: u64,
+    /// Notifications an edge's clients received.
+    pub notified: u64,
+    /// Breaks (gap, lag) in the notification streams.
+    pub notify_breaks: u64,
+    /// Notification streams that skipped or renumbered without a break.
+    pub notify_skips: u64,
+    /// Notification positions naming two events.
+    pub notify_reused: u64,
+    /// Acknowledged notifications a subscriber of their channel never received.
+    pub notify_undelivered: u64,
 }
 
 /// What the checker found.
@@ -256,6 +266,12 @@ pub struct Report {
     pub unjudged: Vec<String>,
     /// Floors not met.
     pub below_floor: Vec<String>,
+    /// Notification streams that skipped or renumbered without a break.
+    pub notify_skips: Vec<String>,
+    /// Notification positions naming two events.
+    pub notify_reused: Vec<String>,
+    /// Acknowledged notifications never received by a subscriber of their channel.
+    pub notify_undelivered: Vec<String>,
     /// Milliseconds from acknowledgement to first observation in each required region:
     /// (p50, max), if any was measured.
     pub forwarding_lag_ms: Option<(u64, u64)>,
@@ -285,6 +301,9 @@ impl Report {
             vanished_at_origin: Vec::new(),
             unjudged: Vec::new(),
             below_floor: Vec::new(),
+            notify_skips: Vec::new(),
+            notify_reused: Vec::new(),
+            notify_undelivered: Vec::new(),
             forwarding_lag_ms: None,
         }
     }
@@ -302,7 +321,7 @@ impl Report {
         for reason in &self.reasons {
             out.push_str(&format!("  - {reason}\n"));
         }
-        let rows: [(&str, u64); 32] = [
+        let rows: [(&str, u64); 37] = [
             ("publishes attempted", c.attempted),
             ("acknowledged", c.acknowledged),
             ("failed (definite)", c.failed),
@@ -334,6 +353,11 @@ impl Report {
             ("vanished at origin", c.vanished_at_origin),
             ("unjudged", c.unjudged),
             ("floors not met", c.below_floor),
+            ("notifications received", c.notified),
+            ("  notification gaps and lags", c.notify_breaks),
+            ("  silent skips", c.notify_skips),
+            ("  positions naming two events", c.notify_reused),
+            ("  acknowledged, never received", c.notify_undelivered),
             (
                 "faults that overlapped publishing",
                 self.faults.iter().filter(|f| f.3 > 0).count() as u64,

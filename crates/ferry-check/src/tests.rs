@@ -571,3 +571,108 @@ fn an_acknowledgement_without_an_offset_is_judged_by_id_anywhere_in_the_final_re
     );
     assert_eq!(r.counts.lost_unplaced, 1);
 }
+
+/// An edge's client (process 5) on channel user.1: two notifications, a power loss of the
+/// edge (a gap: the client's position is from the old epoch), the retained window again
+/// under the new epoch, then the third.
+const NOTIFY: &str = r#"
+{"type":"invoke","process":1,"f":"publish","id":"n1","key":"user.1","region":"a","topic":"n","time_ms":1}
+{"type":"ok","process":1,"f":"publish","id":"n1","region":"a","topic":"n","partition":0,"offset":0,"time_ms":2}
+{"type":"invoke","process":1,"f":"publish","id":"n2","key":"user.1","region":"a","topic":"n","time_ms":3}
+{"type":"ok","process":1,"f":"publish","id":"n2","region":"a","topic":"n","partition":0,"offset":1,"time_ms":4}
+{"type":"ok","process":5,"f":"notify","region":"a","topic":"n","channel":"user.1","position":"e1-1","id":"n1","time_ms":5}
+{"type":"ok","process":5,"f":"notify","region":"a","topic":"n","channel":"user.1","position":"e1-2","id":"n2","time_ms":6}
+{"type":"info","process":5,"f":"notify","region":"a","topic":"n","channel":"user.1","kind":"gap","position":"e2-1","time_ms":7}
+{"type":"ok","process":5,"f":"notify","region":"a","topic":"n","channel":"user.1","position":"e2-1","id":"n1","time_ms":8}
+{"type":"invoke","process":1,"f":"publish","id":"n3","key":"user.1","region":"a","topic":"n","time_ms":9}
+{"type":"ok","process":1,"f":"publish","id":"n3","region":"a","topic":"n","partition":0,"offset":2,"time_ms":10}
+{"type":"ok","process":5,"f":"notify","region":"a","topic":"n","channel":"user.1","position":"e2-2","id":"n2","time_ms":11}
+{"type":"ok","process":5,"f":"notify","region":"a","topic":"n","channel":"user.1","position":"e2-3","id":"n3","time_ms":12}
+{"type":"ok","f":"read","final":true,"region":"a","topic":"n","partition":0,"partitions":1,"low":0,"high":3,"events":[{"offset":0,"id":"n1"},{"offset":1,"id":"n2"},{"offset":2,"id":"n3"}],"time_ms":100}
+"#;
+
+fn notify_edited(from: &str, to: &str) -> Report {
+    assert_eq!(NOTIFY.matches(from).count(), 1, "{from:?} once in NOTIFY");
+    run(&NOTIFY.replace(from, to))
+}
+
+#[test]
+fn notifications_resumed_across_a_gap_pass() {
+    let r = run(NOTIFY);
+    assert_eq!(r.verdict, Verdict::Pass, "{}", r.table());
+    assert_eq!((r.counts.notified, r.counts.notify_breaks), (5, 1));
+}
+
+#[test]
+fn a_notification_stream_that_skips_or_changes_epoch_without_a_gap_fails() {
+    // e1-1 then e1-3: e1-2 skipped silently.
+    let r = notify_edited(
+        r#""position":"e1-2","id":"n2""#,
+        r#""position":"e1-3","id":"n2""#,
+    );
+    fails_for(&r, "skipped or renumbered without a gap");
+    assert!(
+        r.notify_skips[0].contains("e1-1 then e1-3"),
+        "{:?}",
+        r.notify_skips
+    );
+    // The new epoch without the gap frame before it.
+    let gap = NOTIFY
+        .lines()
+        .find(|l| l.contains(r#""kind":"gap""#))
+        .unwrap();
+    let r = run(&NOTIFY.replace(gap, ""));
+    fails_for(&r, "skipped or renumbered without a gap");
+    assert!(
+        r.notify_skips[0].contains("epoch e1 then e2-1"),
+        "{:?}",
+        r.notify_skips
+    );
+    // A lag frame is a break too.
+    let r = notify_edited(r#""kind":"gap""#, r#""kind":"lag""#);
+    assert_eq!(r.verdict, Verdict::Pass, "{}", r.table());
+}
+
+#[test]
+fn a_position_naming_two_events_fails() {
+    let r = notify_edited(
+        r#""position":"e2-2","id":"n2""#,
+        r#""position":"e2-1","id":"n2""#,
+    );
+    fails_for(&r, "positions naming two events");
+}
+
+#[test]
+fn an_acknowledged_notification_never_received_fails() {
+    let line = NOTIFY
+        .lines()
+        .find(|l| l.contains(r#""position":"e2-3""#))
+        .unwrap();
+    let r = run(&NOTIFY.replace(line, ""));
+    fails_for(&r, "a subscriber never received");
+    assert_eq!(r.notify_undelivered, ["n3 on user.1 to process 5"]);
+    // One never published is unexpected.
+    let r = notify_edited(
+        r#""position":"e2-3","id":"n3""#,
+        r#""position":"e2-3","id":"zz""#,
+    );
+    fails_for(&r, "never published");
+}
+
+#[test]
+fn malformed_notification_lines_are_refused() {
+    for (from, to, reason) in [
+        (r#""position":"e1-1","#, r#""position":"e1x","#, "position"),
+        (
+            r#""channel":"user.1","position":"e1-1""#,
+            r#""position":"e1-1""#,
+            "channel",
+        ),
+        (r#""kind":"gap""#, r#""kind":"pause""#, "gap or lag"),
+    ] {
+        let text = NOTIFY.replace(from, to);
+        assert_ne!(text, NOTIFY, "{from:?}");
+        let e = History::parse(&text).unwrap_err().to_string();
+        assert!(e.contains(reason), "{e}");
+    }
+}

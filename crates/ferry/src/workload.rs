@@ -2,7 +2,8 @@
 //! several producers and records every invoke and outcome as a history (`ferry check` reads
 //! it); `collect` appends, after the faults have healed, a final read of every partition
 //! (linearizable, oldest retained offset to high watermark, recorded with that range) and a
-//! dump of each node's own replica. Bounded in count and in time.
+//! dump of each node's own replica; `sidecar` and `edge` publish through those and record
+//! what their clients see. Bounded in count and in time.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -21,6 +22,8 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::ctl::Connect;
+
+mod edge;
 
 #[derive(Args)]
 pub(crate) struct WorkloadArgs {
@@ -41,6 +44,9 @@ enum WorkloadCommand {
     /// Publish through a sidecar's Dapr HTTP API and record the history (appends to --out):
     /// a 2xx is an acknowledgement (the event is in the sidecar's durable outbox).
     Sidecar(SidecarPublishArgs),
+    /// Publish notifications and read them through an edge's WebSocket as its users do,
+    /// recording both (appends to --out).
+    Edge(edge::EdgeArgs),
     /// Append final reads and per-node replica dumps to the history.
     Collect(CollectArgs),
 }
@@ -154,6 +160,7 @@ pub(crate) async fn run(args: WorkloadArgs) -> anyhow::Result<()> {
     match args.command {
         WorkloadCommand::Produce(p) => produce(&args.connect, args.epoch_ms, p).await,
         WorkloadCommand::Sidecar(s) => publish_through_sidecar(args.epoch_ms, s).await,
+        WorkloadCommand::Edge(e) => edge::run(&args.connect, args.epoch_ms, e).await,
         WorkloadCommand::Collect(c) => collect(&args.connect, args.epoch_ms, c).await,
     }
 }
