@@ -35,6 +35,8 @@ pub struct Options {
 struct Publish<'h> {
     process: u64,
     key: Option<&'h str>,
+    /// The edge channel a notification goes to (its key when not given).
+    channel: Option<&'h str>,
     /// Position among this process's publishes.
     seq: usize,
     origin: &'h str,
@@ -106,6 +108,7 @@ pub fn check(history: &History, options: &Options) -> Report {
                         Publish {
                             process: op.process,
                             key: op.key.as_deref(),
+                            channel: op.channel.as_deref(),
                             seq: *seq,
                             origin: &op.region,
                             topic: &op.topic,
@@ -376,7 +379,7 @@ pub fn check(history: &History, options: &Options) -> Report {
     let acked: crate::notify::Wanted = publishes
         .iter()
         .filter(|(_, p)| p.outcome == Some(OpType::Ok))
-        .filter_map(|(id, p)| Some((*id, (p.origin, p.topic, p.key?))))
+        .filter_map(|(id, p)| Some((*id, (p.origin, p.topic, p.channel.or(p.key)?))))
         .collect();
     let notified = crate::notify::check(history, &acked);
     report.counts.notified = notified.delivered;

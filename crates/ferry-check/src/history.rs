@@ -138,7 +138,8 @@ pub struct Op {
     /// (`gap`, `lag`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kind: Option<String>,
-    /// The edge channel of a notification.
+    /// The edge channel of a notification (on a publish: the channel it is for, when its
+    /// key is not the channel).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub channel: Option<String>,
     /// A notification's position in its channel (`<epoch>-<seq>`).

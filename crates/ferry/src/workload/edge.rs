@@ -1,7 +1,7 @@
 //! `ferry workload edge`: notifications through an edge, as its users see them. One
 //! WebSocket client per user channel (`user.<process>u<n>`) subscribes, and after any drop
 //! (the edge stopped, lost power) subscribes again from the last position it received; a
-//! producer publishes to the edge's topic with the channel as key. Every publish, every
+//! producer publishes to the edge's topic, three keys (sources) per channel. Every publish, every
 //! notification received and every `gap` or `lag` frame is recorded (`notify` lines), for
 //! `ferry check` to judge: nothing acknowledged missing, no silent skip or renumbering.
 //! Once publishing ends, the clients keep reading (bounded) until they hold everything that
@@ -159,9 +159,15 @@ pub(super) async fn run(
         let user = (n % args.users.max(1)) as usize;
         let channel = &users[user].channel;
         let id = format!("n{}-{n}", args.process);
+        // Three sources per channel, each its own key, as when several services notify one
+        // user: a channel's notifications come from several partitions, so the edge's
+        // numbering depends on how it interleaves its reads, and a window that rolled back
+        // numbers them differently the second time (which only a new epoch makes safe).
+        let key = format!("{channel}/source-{}", (n / args.users.max(1)) % 3);
         recorder.record(Op {
             op_type: Some(OpType::Invoke),
-            key: Some(channel.clone()),
+            key: Some(key.clone()),
+            channel: Some(channel.clone()),
             region: args.region.clone(),
             ..publish_op(args.process, &id, &args.topic)
         });
@@ -172,7 +178,7 @@ pub(super) async fn run(
             Subject::new(channel)?,
             id.clone().into_bytes(),
         )
-        .with_key(channel.clone());
+        .with_key(key);
         match producer.send(event).await {
             Ok(ack) => pending.push(async move { (id, user, ack.await) }),
             Err(_) => recorder.record(Op {
