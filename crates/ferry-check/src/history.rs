@@ -289,7 +289,17 @@ fn validate(op: &Op, line: usize, seen: &mut Seen) -> Result<(), String> {
                     }
                 }
                 OpType::Info => match op.kind.as_deref() {
-                    Some("gap" | "lag") => {}
+                    Some("gap" | "lag") => {
+                        let position = op.position.as_deref().unwrap_or_default();
+                        let parsed = position.rsplit_once('-').is_some_and(|(epoch, seq)| {
+                            !epoch.is_empty() && seq.parse::<u64>().is_ok()
+                        });
+                        if !parsed {
+                            return Err(format!(
+                                "a notification break needs \"position\" (where it resumes) as <epoch>-<seq>, got {position:?}"
+                            ));
+                        }
+                    }
                     other => {
                         return Err(format!(
                             "a notification break needs \"kind\" gap or lag, got {other:?}"

@@ -2,11 +2,11 @@
 //! that resumes from its last position either exactly what came after it or an explicit
 //! break (`gap`, `lag` frames), never a silent skip or renumbering.
 //!
-//! Judged per (process, channel) stream, in line order:
-//! - within one epoch, a message's sequence is the previous one's plus one unless a break
-//!   came between (a larger step is a **silent skip**);
-//! - a message of another epoch than the previous one comes only after a break (a change
-//!   without one is a **silent renumbering**);
+//! Judged per (process, channel) stream, in line order, each message at exactly the position
+//! due (a **silent skip or renumbering** otherwise):
+//! - after a message, the next position of its epoch;
+//! - after a `gap`, the position it names (`first_available`): only a gap changes the epoch;
+//! - after a `lag`, the position after the one it names (`resume_from`), the same epoch;
 //! - a position (region, channel, `<epoch>-<seq>`) names one event, whoever saw it
 //!   (**reused positions** otherwise);
 //! - every acknowledged publish to a channel reached each process that subscribed to it
@@ -36,11 +36,11 @@ pub(crate) struct Findings {
     pub(crate) ids: BTreeSet<String>,
 }
 
-/// Where a (process, channel) stream is: its last position, and whether a break came since.
-#[derive(Default, Clone, Copy)]
-struct Stream<'h> {
-    last: Option<(&'h str, u64)>,
-    broken: bool,
+/// The position a (process, channel) stream must show next, and why.
+struct Expected<'h> {
+    epoch: &'h str,
+    seq: u64,
+    after: &'static str,
 }
 
 fn split(position: &str) -> Option<(&str, u64)> {
@@ -49,10 +49,10 @@ fn split(position: &str) -> Option<(&str, u64)> {
 }
 
 /// Judges every `notify` line of `history` against the acknowledged publishes in `acked`
-/// (event id -> its region, topic and key, the key being the channel).
+/// (event id -> its region, topic and channel).
 pub(crate) fn check(history: &History, acked: &Wanted) -> Findings {
     let mut found = Findings::default();
-    let mut streams: HashMap<(u64, &str), Stream> = HashMap::new();
+    let mut streams: HashMap<(u64, &str), Option<Expected>> = HashMap::new();
     let mut positions: BTreeMap<(&str, &str, &str), &str> = BTreeMap::new();
     // (region, topic, channel) -> subscribed processes; (process, id) delivered.
     let mut subscribers: BTreeMap<(&str, &str, &str), BTreeSet<u64>> = BTreeMap::new();
@@ -64,51 +64,59 @@ pub(crate) fn check(history: &History, acked: &Wanted) -> Findings {
         let Some(channel) = op.channel.as_deref() else {
             continue;
         };
-        let stream = streams.entry((op.process, channel)).or_default();
+        let expected = streams.entry((op.process, channel)).or_default();
         subscribers
             .entry((&op.region, &op.topic, channel))
             .or_default()
             .insert(op.process);
-        match op.op_type {
-            Some(OpType::Info) => {
+        let position = op.position.as_deref().and_then(split);
+        match (op.op_type, op.kind.as_deref()) {
+            // A gap names where the stream continues; a lag, the last position before the
+            // replay that follows it.
+            (Some(OpType::Info), Some(kind)) => {
                 found.breaks += 1;
-                stream.broken = true;
+                *expected = position.map(|(epoch, seq)| match kind {
+                    "lag" => Expected {
+                        epoch,
+                        seq: seq + 1,
+                        after: "a lag",
+                    },
+                    _ => Expected {
+                        epoch,
+                        seq,
+                        after: "a gap",
+                    },
+                });
             }
-            Some(OpType::Ok) => {
-                let (Some(id), Some(position)) = (op.id.as_deref(), op.position.as_deref()) else {
+            (Some(OpType::Ok), _) => {
+                let (Some(id), Some((epoch, seq))) = (op.id.as_deref(), position) else {
                     continue;
                 };
+                let shown = op.position.as_deref().unwrap_or_default();
                 found.delivered += 1;
                 found.ids.insert(id.to_string());
                 delivered.insert((op.process, id));
-                if let Some(earlier) = positions.insert((&op.region, channel, position), id) {
+                if let Some(earlier) = positions.insert((&op.region, channel, shown), id) {
                     if earlier != id {
                         found.reused.push(format!(
-                            "{channel} {position} in region {:?}: {earlier} and {id} (line {line})",
+                            "{channel} {shown} in region {:?}: {earlier} and {id} (line {line})",
                             op.region
                         ));
                     }
                 }
-                let now = split(position);
-                if let (Some((epoch, seq)), Some((last_epoch, last_seq)), false) =
-                    (now, stream.last, stream.broken)
-                {
-                    if epoch == last_epoch && seq > last_seq + 1 {
+                if let Some(want) = expected.as_ref() {
+                    if (want.epoch, want.seq) != (epoch, seq) {
                         found.skips.push(format!(
-                            "process {} {channel}: {last_epoch}-{last_seq} then {position} with no gap or lag between (line {line})",
-                            op.process
-                        ));
-                    } else if epoch != last_epoch {
-                        found.skips.push(format!(
-                            "process {} {channel}: epoch {last_epoch} then {position} with no gap between (line {line})",
-                            op.process
+                            "process {} {channel}: after {} {}-{} was due, {shown} came (line {line})",
+                            op.process, want.after, want.epoch, want.seq
                         ));
                     }
                 }
-                *stream = Stream {
-                    last: now.or(stream.last),
-                    broken: false,
-                };
+                *expected = Some(Expected {
+                    epoch,
+                    seq: seq + 1,
+                    after: "the previous message",
+                });
             }
             _ => {}
         }

@@ -612,10 +612,16 @@ fn a_notification_stream_that_skips_or_changes_epoch_without_a_gap_fails() {
     );
     fails_for(&r, "skipped or renumbered without a gap");
     assert!(
-        r.notify_skips[0].contains("e1-1 then e1-3"),
+        r.notify_skips[0].contains("e1-2 was due, e1-3 came"),
         "{:?}",
         r.notify_skips
     );
+    // Back to an earlier position of the epoch with no break.
+    let r = notify_edited(
+        r#""position":"e1-2","id":"n2""#,
+        r#""position":"e1-1","id":"n2""#,
+    );
+    fails_for(&r, "skipped or renumbered without a gap");
     // The new epoch without the gap frame before it.
     let gap = NOTIFY
         .lines()
@@ -623,13 +629,25 @@ fn a_notification_stream_that_skips_or_changes_epoch_without_a_gap_fails() {
         .unwrap();
     let r = run(&NOTIFY.replace(gap, ""));
     fails_for(&r, "skipped or renumbered without a gap");
-    assert!(
-        r.notify_skips[0].contains("epoch e1 then e2-1"),
-        "{:?}",
-        r.notify_skips
+    // A gap that names another position than the one that follows.
+    let r = notify_edited(
+        r#""kind":"gap","position":"e2-1""#,
+        r#""kind":"gap","position":"e2-2""#,
     );
-    // A lag frame is a break too.
+    fails_for(&r, "skipped or renumbered without a gap");
+    // A lag resumes after its position, in the same epoch: a lag cannot change the epoch...
     let r = notify_edited(r#""kind":"gap""#, r#""kind":"lag""#);
+    fails_for(&r, "skipped or renumbered without a gap");
+    // ...and from e1-1 it resumes at e1-2.
+    let lagged = NOTIFY.replace(
+        r#"{"type":"info","process":5,"f":"notify","region":"a","topic":"n","channel":"user.1","kind":"gap","position":"e2-1","time_ms":7}
+{"type":"ok","process":5,"f":"notify","region":"a","topic":"n","channel":"user.1","position":"e2-1","id":"n1","time_ms":8}"#,
+        r#"{"type":"info","process":5,"f":"notify","region":"a","topic":"n","channel":"user.1","kind":"lag","position":"e1-1","time_ms":7}
+{"type":"ok","process":5,"f":"notify","region":"a","topic":"n","channel":"user.1","position":"e1-2","id":"n2","time_ms":8}
+{"type":"info","process":5,"f":"notify","region":"a","topic":"n","channel":"user.1","kind":"gap","position":"e2-2","time_ms":8}"#,
+    );
+    assert_ne!(lagged, NOTIFY);
+    let r = run(&lagged);
     assert_eq!(r.verdict, Verdict::Pass, "{}", r.table());
 }
 
@@ -669,6 +687,11 @@ fn malformed_notification_lines_are_refused() {
             "channel",
         ),
         (r#""kind":"gap""#, r#""kind":"pause""#, "gap or lag"),
+        (
+            r#""kind":"gap","position":"e2-1""#,
+            r#""kind":"gap""#,
+            "where it resumes",
+        ),
     ] {
         let text = NOTIFY.replace(from, to);
         assert_ne!(text, NOTIFY, "{from:?}");

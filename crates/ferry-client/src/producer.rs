@@ -8,7 +8,7 @@
 //! recognises batches it already has by (producer id, sequence), so nothing is duplicated and
 //! per-key order holds. A partition that no longer knows the producer (it expired after
 //! being idle: `producer_expiry_ms` on the nodes) answers `UnknownProducer`; the lane then
-//! numbers its unacknowledged batches again from 0 and resends them.
+//! numbers its unacknowledged batches again from 0, as a new producer id, and resends them.
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -379,18 +379,24 @@ impl Lane {
                 // never saw its first batch), so none of the unacknowledged batches is in the
                 // log: number them all again from 0 and resend them in order. Answers still
                 // due on this stream were for the old numbers: the stream goes.
-                tracing::debug!(topic = %self.topic, partition = self.partition, reason = %e.message, "numbering the unacknowledged batches again from 0");
+                // A new identity, too: frames of the old numbering the node may still apply
+                // can then never be taken for the new ones.
+                tracing::debug!(topic = %self.topic, partition = self.partition, reason = %e.message, "numbering the unacknowledged batches again from 0, as a new producer");
+                self.producer = rand::random();
                 self.renumber(0);
                 self.recover().await;
             }
             Some(Ok(ClientResponse::Error(e))) if !retriable(&e) => {
                 // The node refused the batch for good: fail its events, renumber the later
                 // batches (none of which can have been appended past the gap) and resend them.
+                // The later ones go as a new producer from 0: frames of the old numbering the
+                // node may still apply can then never be taken for them.
                 if let Some(front) = self.unacked.pop_front() {
                     for (ack, _) in front.acks {
                         let _ = ack.send(Err(ClientError::Api(e.clone())));
                     }
-                    self.renumber(front.batch.first_seq);
+                    self.producer = rand::random();
+                    self.renumber(0);
                 }
                 self.stream = None;
                 if !self.unacked.is_empty() {
@@ -404,21 +410,31 @@ impl Lane {
         }
     }
 
-    /// Numbers the unacknowledged batches again, in order, from `first_seq` (a batch that
-    /// can no longer be encoded is dropped, as it could not be sent either).
+    /// Numbers the unacknowledged batches again, in order, from `first_seq` under the
+    /// current producer id (a batch that can no longer be encoded fails its events with the
+    /// reason, as it could not be sent either).
     fn renumber(&mut self, first_seq: u64) {
         self.next_seq = first_seq;
         let rest: Vec<_> = self.unacked.drain(..).collect();
         for mut inflight in rest {
-            let events = match inflight.batch.decode_events(self.client.limits()) {
-                Ok(ev) => ev,
-                Err(_) => continue,
-            };
-            if let Ok((batch, frame)) = self.build(&events, self.next_seq) {
-                self.next_seq += u64::from(batch.count);
-                inflight.batch = batch;
-                inflight.frame = frame;
-                self.unacked.push_back(inflight);
+            let rebuilt = inflight
+                .batch
+                .decode_events(self.client.limits())
+                .map_err(ClientError::from)
+                .and_then(|events| self.build(&events, self.next_seq));
+            match rebuilt {
+                Ok((batch, frame)) => {
+                    self.next_seq += u64::from(batch.count);
+                    inflight.batch = batch;
+                    inflight.frame = frame;
+                    self.unacked.push_back(inflight);
+                }
+                Err(e) => {
+                    let message = e.to_string();
+                    for (ack, _) in inflight.acks {
+                        let _ = ack.send(Err(ClientError::Closed(message.clone())));
+                    }
+                }
             }
         }
     }

@@ -1585,7 +1585,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn idle_producers_expire_on_every_replica_alike_and_must_start_again_at_0() {
+    async fn idle_producers_expire_by_the_commands_cut_off_and_must_start_again_at_0() {
         let dir = tempfile::tempdir().unwrap();
         let mut sm = PartitionStateMachine::open(dir.path(), 4096).unwrap();
         assert!(

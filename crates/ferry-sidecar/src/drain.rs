@@ -13,7 +13,7 @@ use ferry_proto::wire::ErrorCode;
 use ferry_proto::{codec, EventBatch};
 use tokio::sync::watch;
 
-use crate::outbox::{Lane, LaneFeed, Outbox, Outgoing};
+use crate::outbox::{Lane, LaneFeed, Outbox, OutboxError, Outgoing};
 
 /// Records read per look into sled.
 const PEEK: usize = 64;
@@ -207,6 +207,12 @@ async fn drain_lane(
                     match outbox.renumber(&lane, records[0].position()).await {
                         // The stored records changed: read them again.
                         Ok(()) => continue 'records,
+                        // Refused without a change (the lane's first record moved
+                        // meanwhile): read them again.
+                        Err(OutboxError::Invalid(e)) => {
+                            tracing::warn!(%lane, error = %e, "numbering the outbox lane again was refused; reading it again");
+                            continue 'records;
+                        }
                         Err(e) => {
                             // The outbox stopped accepting (a failed write); only a restart helps.
                             tracing::error!(%lane, error = %e, "numbering the outbox lane again failed");

@@ -942,19 +942,39 @@ mod tests {
                 .unwrap();
         }
         let lane = lanes.recv().await.unwrap();
-        // The first record was acknowledged; the region then forgot the producer.
+        // The first record was acknowledged, then the sidecar stopped without closing
+        // cleanly: it publishes as a new producer, while the records it holds keep the old
+        // one. The region then forgot the old producer.
         let held = outbox.peek(&lane, 10).unwrap();
         outbox.acknowledged(&held[0]).unwrap();
-        let producer = held[0].batch.producer;
-        outbox.renumber(&lane, held[1].position()).await.unwrap();
+        let old = held[0].batch.producer;
+        drop(lanes);
+        close(outbox).await;
+        let (outbox, _lanes) = Outbox::open(dir.path(), 100, 1 << 20, Limits::default()).unwrap();
+        outbox
+            .accept(vec![pending("t", 9, Some("a"))])
+            .await
+            .unwrap();
+        let held = outbox.peek(&lane, 10).unwrap();
+        let producer = held[2].batch.producer;
+        assert_ne!(producer, old, "a new identity after the unclean stop");
+        assert_eq!(
+            (held[0].batch.producer, held[1].batch.producer),
+            (old, old),
+            "held records keep theirs"
+        );
+        outbox.renumber(&lane, held[0].position()).await.unwrap();
         let renumbered = outbox.peek(&lane, 10).unwrap();
         let numbers: Vec<_> = renumbered
             .iter()
             .map(|r| (r.position(), r.batch.producer, r.batch.first_seq))
             .collect();
-        assert_eq!(numbers, vec![(1, producer, 0), (2, producer, 1)]);
         assert_eq!(
-            renumbered[0].batch.events, held[1].batch.events,
+            numbers,
+            vec![(1, producer, 0), (2, producer, 1), (3, producer, 2)]
+        );
+        assert_eq!(
+            renumbered[0].batch.events, held[0].batch.events,
             "events unchanged"
         );
         // Later records follow on, also after a clean reopen.
@@ -966,7 +986,7 @@ mod tests {
             .await
             .unwrap();
         let last = outbox.peek(&lane, 10).unwrap().pop().unwrap();
-        assert_eq!((last.position(), last.batch.first_seq), (3, 2));
+        assert_eq!((last.position(), last.batch.first_seq), (4, 3));
         assert_eq!(last.batch.producer, producer);
         // A start after the lane's first record is refused and changes nothing.
         assert!(matches!(
@@ -983,7 +1003,7 @@ mod tests {
             .iter()
             .map(|r| r.batch.first_seq)
             .collect();
-        assert_eq!(numbers, vec![0, 1, 2, 3]);
+        assert_eq!(numbers, vec![0, 1, 2, 3, 4]);
     }
 
     #[tokio::test]

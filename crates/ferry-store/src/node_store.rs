@@ -13,6 +13,7 @@ use crate::{
 /// 3: partition checkpoints carry forwarding state (received origin offsets, forwarding
 /// cursors); 2 had none.
 /// 4: partition checkpoints carry the domain streams' index (versions, appends).
+/// 5: partition checkpoints carry each producer's last append time (producer expiry).
 const FORMAT: &[u8] = b"ferry-store/5";
 const MARKER_TREE: &[u8] = b"ferry";
 

@@ -129,7 +129,9 @@ pub(super) async fn run(
         )));
         users.push(user);
     }
-    // Publish only once every client is subscribed: a first subscription starts live.
+    // Publish only once every client is subscribed, so every notification is published
+    // while its client is there to read it (a first subscription gets a gap and whatever
+    // the edge already holds).
     for mut ready in subscribed {
         tokio::time::timeout(Duration::from_secs(60), ready.wait_for(|r| *r))
             .await
