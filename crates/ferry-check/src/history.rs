@@ -201,6 +201,21 @@ fn need<T>(field: &Option<T>, name: &str, what: &str) -> Result<(), String> {
     }
 }
 
+/// A notification's position must read `<epoch>-<seq>`.
+fn need_position(op: &Op, what: &str) -> Result<(), String> {
+    let position = op.position.as_deref().unwrap_or_default();
+    let parsed = position
+        .rsplit_once('-')
+        .is_some_and(|(epoch, seq)| !epoch.is_empty() && seq.parse::<u64>().is_ok());
+    if parsed {
+        Ok(())
+    } else {
+        Err(format!(
+            "{what} needs \"position\" as <epoch>-<seq>, got {position:?}"
+        ))
+    }
+}
+
 /// Checks one line's fields and its place after the lines before it.
 fn validate(op: &Op, line: usize, seen: &mut Seen) -> Result<(), String> {
     let Some(op_type) = op.op_type else {
@@ -278,27 +293,11 @@ fn validate(op: &Op, line: usize, seen: &mut Seen) -> Result<(), String> {
             match op_type {
                 OpType::Ok => {
                     need(&op.id, "id", "a delivered notification")?;
-                    let position = op.position.as_deref().unwrap_or_default();
-                    let parsed = position.rsplit_once('-').is_some_and(|(epoch, seq)| {
-                        !epoch.is_empty() && seq.parse::<u64>().is_ok()
-                    });
-                    if !parsed {
-                        return Err(format!(
-                            "a delivered notification needs \"position\" as <epoch>-<seq>, got {position:?}"
-                        ));
-                    }
+                    need_position(op, "a delivered notification")?;
                 }
                 OpType::Info => match op.kind.as_deref() {
                     Some("gap" | "lag") => {
-                        let position = op.position.as_deref().unwrap_or_default();
-                        let parsed = position.rsplit_once('-').is_some_and(|(epoch, seq)| {
-                            !epoch.is_empty() && seq.parse::<u64>().is_ok()
-                        });
-                        if !parsed {
-                            return Err(format!(
-                                "a notification break needs \"position\" (where it resumes) as <epoch>-<seq>, got {position:?}"
-                            ));
-                        }
+                        need_position(op, "a notification break (where it resumes)")?
                     }
                     other => {
                         return Err(format!(

@@ -818,6 +818,19 @@ mod tests {
     }
 
     /// Plans a group and commits it, as the writer does once the records are stored.
+    /// The tests' outbox in `dir` (100 events, 1 MiB).
+    fn open(dir: &std::path::Path) -> (Outbox, LaneFeed) {
+        Outbox::open(dir, 100, 1 << 20, Limits::default()).unwrap()
+    }
+
+    /// Accepts event `id` of topic `t` under key `a` (one lane).
+    async fn accept_keyed(outbox: &Outbox, id: u32) {
+        outbox
+            .accept(vec![pending("t", id, Some("a"))])
+            .await
+            .unwrap();
+    }
+
     fn planned(s: &mut Sequencer, group: Vec<Pending>) -> Vec<Record> {
         let (records, advance) = s.plan(group, &Limits::default()).unwrap();
         s.commit(advance);
@@ -893,8 +906,7 @@ mod tests {
     #[tokio::test]
     async fn accepted_records_survive_a_reopen_with_the_same_producer_and_sequences() {
         let dir = tempfile::tempdir().unwrap();
-        let (outbox, mut lanes) =
-            Outbox::open(dir.path(), 100, 1 << 20, Limits::default()).unwrap();
+        let (outbox, mut lanes) = open(dir.path());
         outbox
             .accept(vec![pending("t", 1, Some("a")), pending("t", 2, Some("a"))])
             .await
@@ -913,18 +925,14 @@ mod tests {
         outbox.close_cleanly().await.unwrap();
         close(outbox).await;
 
-        let (outbox, mut lanes) =
-            Outbox::open(dir.path(), 100, 1 << 20, Limits::default()).unwrap();
+        let (outbox, mut lanes) = open(dir.path());
         assert_eq!(lanes.recv().await.unwrap(), lane);
         assert_eq!(outbox.depth(), 2);
         let again = outbox.peek(&lane, 10).unwrap();
         assert_eq!(again[0].batch, records[0].batch, "resent exactly as stored");
         outbox.acknowledged(&again[0]).unwrap();
         assert_eq!(outbox.depth(), 0);
-        outbox
-            .accept(vec![pending("t", 3, Some("a"))])
-            .await
-            .unwrap();
+        accept_keyed(&outbox, 3).await;
         let next = outbox.peek(&lane, 10).unwrap();
         assert_eq!(next[0].batch.producer, producer);
         assert_eq!(next[0].batch.first_seq, 2);
@@ -933,8 +941,7 @@ mod tests {
     #[tokio::test]
     async fn renumbering_a_lane_moves_every_held_record_to_the_current_producer_from_0() {
         let dir = tempfile::tempdir().unwrap();
-        let (outbox, mut lanes) =
-            Outbox::open(dir.path(), 100, 1 << 20, Limits::default()).unwrap();
+        let (outbox, mut lanes) = open(dir.path());
         for id in 1..=3 {
             outbox
                 .accept(vec![pending("t", id, Some("a"))])
@@ -950,11 +957,8 @@ mod tests {
         let old = held[0].batch.producer;
         drop(lanes);
         close(outbox).await;
-        let (outbox, _lanes) = Outbox::open(dir.path(), 100, 1 << 20, Limits::default()).unwrap();
-        outbox
-            .accept(vec![pending("t", 9, Some("a"))])
-            .await
-            .unwrap();
+        let (outbox, _lanes) = open(dir.path());
+        accept_keyed(&outbox, 9).await;
         let held = outbox.peek(&lane, 10).unwrap();
         let producer = held[2].batch.producer;
         assert_ne!(producer, old, "a new identity after the unclean stop");
@@ -980,11 +984,8 @@ mod tests {
         // Later records follow on, also after a clean reopen.
         outbox.close_cleanly().await.unwrap();
         close(outbox).await;
-        let (outbox, _lanes) = Outbox::open(dir.path(), 100, 1 << 20, Limits::default()).unwrap();
-        outbox
-            .accept(vec![pending("t", 4, Some("a"))])
-            .await
-            .unwrap();
+        let (outbox, _lanes) = open(dir.path());
+        accept_keyed(&outbox, 4).await;
         let last = outbox.peek(&lane, 10).unwrap().pop().unwrap();
         assert_eq!((last.position(), last.batch.first_seq), (4, 3));
         assert_eq!(last.batch.producer, producer);
@@ -993,10 +994,7 @@ mod tests {
             outbox.renumber(&lane, 2).await,
             Err(OutboxError::Invalid(_))
         ));
-        outbox
-            .accept(vec![pending("t", 5, Some("a"))])
-            .await
-            .unwrap();
+        accept_keyed(&outbox, 5).await;
         let numbers: Vec<_> = outbox
             .peek(&lane, 10)
             .unwrap()
@@ -1009,8 +1007,7 @@ mod tests {
     #[tokio::test]
     async fn after_a_stop_that_was_not_clean_new_records_take_a_new_producer_in_sequence() {
         let dir = tempfile::tempdir().unwrap();
-        let (outbox, mut lanes) =
-            Outbox::open(dir.path(), 100, 1 << 20, Limits::default()).unwrap();
+        let (outbox, mut lanes) = open(dir.path());
         outbox
             .accept(vec![pending("t", 1, Some("a")), pending("t", 2, Some("a"))])
             .await
@@ -1021,11 +1018,8 @@ mod tests {
         // No `close_cleanly`: what a crash or a power loss leaves.
         close(outbox).await;
 
-        let (outbox, _lanes) = Outbox::open(dir.path(), 100, 1 << 20, Limits::default()).unwrap();
-        outbox
-            .accept(vec![pending("t", 3, Some("a"))])
-            .await
-            .unwrap();
+        let (outbox, _lanes) = open(dir.path());
+        accept_keyed(&outbox, 3).await;
         let after = outbox.peek(&lane, 10).unwrap();
         assert_eq!(after.len(), 2);
         assert_eq!(
@@ -1038,11 +1032,8 @@ mod tests {
         // And it keeps its identity and sequences across a clean reopen.
         outbox.close_cleanly().await.unwrap();
         close(outbox).await;
-        let (outbox, _lanes) = Outbox::open(dir.path(), 100, 1 << 20, Limits::default()).unwrap();
-        outbox
-            .accept(vec![pending("t", 4, Some("a"))])
-            .await
-            .unwrap();
+        let (outbox, _lanes) = open(dir.path());
+        accept_keyed(&outbox, 4).await;
         let last = outbox.peek(&lane, 10).unwrap().pop().unwrap();
         assert_eq!(last.batch.producer, after[1].batch.producer);
         assert_eq!(last.batch.first_seq, 1);
