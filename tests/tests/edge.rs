@@ -1108,3 +1108,43 @@ async fn a_webhook_that_fails_twice_gets_the_notification_on_the_third_attempt_s
     assert_eq!(removed.status(), 204);
     edge.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_edge_started_while_its_region_is_down_waits_for_it_instead_of_exiting() {
+    raise_open_file_limit();
+    let (mut region, _client, _producer) = start_region().await;
+    let data = region.dir.path().join("edge");
+    let config = edge_config(&region, &data, "127.0.0.1:0".parse().unwrap(), 200);
+    let ids = region.live_ids();
+    for id in &ids {
+        region.stop(*id).await;
+    }
+    // Its first attempts find no node: it must keep trying, not fail.
+    let starting = tokio::spawn(Edge::start(config));
+    for id in &ids {
+        region.restart(*id).await;
+    }
+    let edge = tokio::time::timeout(Duration::from_secs(90), starting)
+        .await
+        .expect("the edge started within 90 s of its region coming back")
+        .unwrap()
+        .expect("an unreachable region is waited for, not an error");
+    let http = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let status = http
+            .get(format!("http://{}/healthz", edge.http_addr()))
+            .send()
+            .await
+            .map(|r| r.status().as_u16());
+        if status.as_ref().is_ok_and(|s| *s == 200) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the edge never read its region: {status:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    edge.shutdown().await;
+}

@@ -152,9 +152,58 @@ pub struct Edge {
     tasks: Vec<JoinHandle<()>>,
 }
 
+/// Whether a region call may succeed later: the region is unreachable or between leaders.
+fn region_unavailable(e: &ferry_client::ClientError) -> bool {
+    use ferry_client::ClientError;
+    match e {
+        ClientError::NoServer(_) | ClientError::Net(_) | ClientError::Timeout(_) => true,
+        ClientError::Api(api) => api.is_retriable(),
+        _ => false,
+    }
+}
+
+/// Makes sure the topic exists and registers the edge's interests; answers the topic's
+/// partition count. While the region is unreachable or between leaders (a region restarting,
+/// a power loss) it tries again, backing off up to 5 s, for as long as it takes: an edge that
+/// starts before its region waits for it instead of exiting. A refusal is returned at once.
+async fn join_region(
+    client: &Client,
+    topic: &TopicConfig,
+    config: &EdgeConfig,
+) -> Result<u32, EdgeError> {
+    let mut backoff = std::time::Duration::from_millis(200);
+    let mut attempts = 0u32;
+    loop {
+        let joined = async {
+            let description = client
+                .ensure_topic(topic, std::time::Duration::from_secs(30))
+                .await?;
+            for (i, channels) in config.channels.iter().enumerate() {
+                client
+                    .add_interest(&format!("edge-{}-{i}", config.name), channels)
+                    .await?;
+            }
+            Ok::<u32, ferry_client::ClientError>(description.partitions.len() as u32)
+        }
+        .await;
+        match joined {
+            Ok(partitions) => return Ok(partitions),
+            Err(e) if region_unavailable(&e) => {
+                attempts += 1;
+                if attempts % 10 == 1 {
+                    tracing::warn!(error = %e, attempts, "the region is not reachable yet; the edge waits for it");
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(std::time::Duration::from_secs(5));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
 impl Edge {
-    /// Connects to the region, makes sure the topic exists, registers the edge's interest,
-    /// opens the window and starts serving HTTP.
+    /// Connects to the region (waiting while it is unreachable), makes sure the topic exists,
+    /// registers the edge's interest, opens the window and starts serving HTTP.
     pub async fn start(config: EdgeConfig) -> Result<Self, EdgeError> {
         config.validate()?;
         let identity = config.tls.load()?;
@@ -164,15 +213,7 @@ impl Edge {
         // Notifications published in one region reach the edges of every region that
         // registered interest in their channel.
         topic.regions = ferry_proto::RegionPolicy::ByInterest;
-        let description = client
-            .ensure_topic(&topic, std::time::Duration::from_secs(30))
-            .await?;
-        let partitions = description.partitions.len() as u32;
-        for (i, channels) in config.channels.iter().enumerate() {
-            client
-                .add_interest(&format!("edge-{}-{i}", config.name), channels)
-                .await?;
-        }
+        let partitions = join_region(&client, &topic, &config).await?;
         let renderer = template::Renderer::load(&config.templates)?;
         let store = WindowStore::open(
             &config.data_dir,
