@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use ferry_client::{Client, Producer, ProducerOptions};
+use ferry_client::{Client, ClientOptions, Producer, ProducerOptions};
 use ferry_edge::throttle::{Policy, ThrottleConfig};
 use ferry_edge::{Claims, Edge, EdgeConfig};
 use ferry_net::tls::TlsPaths;
@@ -1119,8 +1119,26 @@ async fn an_edge_started_while_its_region_is_down_waits_for_it_instead_of_exitin
     for id in &ids {
         region.stop(*id).await;
     }
-    // Its first attempts find no node: it must keep trying, not fail.
-    let starting = tokio::spawn(Edge::start(config));
+    // Its first attempts find no node: it must keep trying, not fail. A probe started after
+    // it sees the region down twice (each attempt as long as the edge's), so the edge has
+    // met the down region at least once before it comes back.
+    let starting = tokio::spawn(Edge::start(config.clone()));
+    let probe = Client::new(ClientOptions::new(
+        config.servers.clone(),
+        config.tls.load().unwrap(),
+    ))
+    .unwrap();
+    for _ in 0..2 {
+        assert!(
+            probe.list_topics().await.is_err(),
+            "the region answered while stopped"
+        );
+    }
+    assert!(
+        !starting.is_finished(),
+        "the edge gave up on its region: {:?}",
+        starting.await.map(|r| r.err())
+    );
     for id in &ids {
         region.restart(*id).await;
     }
