@@ -1120,17 +1120,22 @@ async fn an_edge_started_while_its_region_is_down_waits_for_it_instead_of_exitin
         region.stop(*id).await;
     }
     // Its first attempts find no node: it must keep trying, not fail. A probe started after
-    // it sees the region down twice (each attempt as long as the edge's), so the edge has
-    // met the down region at least once before it comes back.
+    // it makes the edge's first call (making sure of its topic) twice and sees it fail twice,
+    // so the edge has met the down region at least once before it comes back.
     let starting = tokio::spawn(Edge::start(config.clone()));
     let probe = Client::new(ClientOptions::new(
         config.servers.clone(),
         config.tls.load().unwrap(),
     ))
     .unwrap();
+    let mut topic = ferry_proto::TopicConfig::new(TOPIC, 4);
+    topic.class = ferry_proto::EventClass::Notification;
     for _ in 0..2 {
         assert!(
-            probe.list_topics().await.is_err(),
+            probe
+                .ensure_topic(&topic, Duration::from_secs(1))
+                .await
+                .is_err(),
             "the region answered while stopped"
         );
     }
