@@ -377,21 +377,7 @@ async fn produce(
             };
             let mut pending = FuturesUnordered::new();
             let outcome = |id: String, result: Result<ferry_client::PublishAck, String>| {
-                let op = match result {
-                    Ok(ack) => Op {
-                        op_type: Some(OpType::Ok),
-                        region: region.clone(),
-                        partition: Some(ack.partition),
-                        offset: ack.offset,
-                        ..publish_op(process, &id, &topic)
-                    },
-                    // The client gave up: whether it was written is unknown.
-                    Err(_) => Op {
-                        op_type: Some(OpType::Info),
-                        ..publish_op(process, &id, &topic)
-                    },
-                };
-                recorder.record(op);
+                recorder.record(outcome_op(process, &id, &topic, &region, result.ok()));
             };
             let pace = (rate > 0).then(|| Duration::from_micros(1_000_000 / rate));
             for n in 0..count {
@@ -543,6 +529,30 @@ async fn commit_all(consumer: &GroupConsumer, handled: &BTreeMap<u32, u64>) {
         if let Err(e) = consumer.commit(*partition, *next).await {
             tracing::debug!(partition, error = %e, "commit failed");
         }
+    }
+}
+
+/// How a client producer's publish ended: acknowledged (where), or given up on, which
+/// leaves unknown whether it was written.
+fn outcome_op(
+    process: u64,
+    id: &str,
+    topic: &str,
+    region: &str,
+    ack: Option<ferry_client::PublishAck>,
+) -> Op {
+    match ack {
+        Some(ack) => Op {
+            op_type: Some(OpType::Ok),
+            region: region.to_string(),
+            partition: Some(ack.partition),
+            offset: ack.offset,
+            ..publish_op(process, id, topic)
+        },
+        None => Op {
+            op_type: Some(OpType::Info),
+            ..publish_op(process, id, topic)
+        },
     }
 }
 

@@ -22,7 +22,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 
-use super::{publish_op, Recorder};
+use super::{outcome_op, publish_op, Recorder};
 use crate::ctl::Connect;
 
 #[derive(Args)]
@@ -244,23 +244,17 @@ fn outcome(
     user: usize,
     result: Result<ferry_client::PublishAck, ferry_client::ClientError>,
 ) {
-    let op = match result {
-        Ok(ack) => {
-            acknowledged.push((id.clone(), user));
-            Op {
-                op_type: Some(OpType::Ok),
-                region: args.region.clone(),
-                partition: Some(ack.partition),
-                offset: ack.offset,
-                ..publish_op(args.process, &id, &args.topic)
-            }
-        }
-        Err(_) => Op {
-            op_type: Some(OpType::Info),
-            ..publish_op(args.process, &id, &args.topic)
-        },
-    };
-    recorder.record(op);
+    let ack = result.ok();
+    if ack.is_some() {
+        acknowledged.push((id.clone(), user));
+    }
+    recorder.record(outcome_op(
+        args.process,
+        &id,
+        &args.topic,
+        &args.region,
+        ack,
+    ));
 }
 
 /// One user's client: subscribes, records what arrives, and after any drop connects and
