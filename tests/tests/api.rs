@@ -201,6 +201,7 @@ async fn consumer_groups_and_retention() {
     config.retention = Retention {
         max_age_ms: None,
         max_bytes: Some(4_000),
+        ..Retention::default()
     };
     let client = region.create_topic(config).await;
 

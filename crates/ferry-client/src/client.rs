@@ -10,7 +10,7 @@ use ferry_net::tls::{client_config, TlsIdentity};
 use ferry_net::{NetError, ALPN_CLIENT, NODE_SERVER_NAME};
 use ferry_proto::codec::{decode_frame, encode_frame};
 use ferry_proto::wire::{
-    ApiError, ClientRequest, ClientResponse, ErrorCode, StartFrom, TopicDescription,
+    ApiError, ClientRequest, ClientResponse, ErrorCode, InterestReach, StartFrom, TopicDescription,
 };
 use ferry_proto::{
     validate_stream_name, Event, EventBatch, Limits, NodeId, StoredBatch, StreamEvent, TopicConfig,
@@ -284,16 +284,45 @@ impl Client {
         }
     }
 
-    /// Registers (or replaces) a named interest of the region in `subjects`: matching events
-    /// of other regions are forwarded to it.
-    pub async fn add_interest(&self, name: &str, subjects: &str) -> Result<(), ClientError> {
+    /// Registers (or replaces) a named interest of the region in `subjects`: events of other
+    /// regions appended from now on whose subject matches are forwarded to it. Answers the
+    /// region's interest version after the change (for [`Client::await_interest`]).
+    pub async fn add_interest(&self, name: &str, subjects: &str) -> Result<u64, ClientError> {
         let request = ClientRequest::AddInterest {
             name: name.into(),
             subjects: subjects.into(),
         };
         match self.request(&request).await? {
-            ClientResponse::Ok => Ok(()),
+            ClientResponse::InterestAdded(reach) => Ok(reach.version),
             other => Err(unexpected(other)),
+        }
+    }
+
+    /// Waits until every other region of the mesh holds this region's interests at `version`
+    /// or newer, at most `wait`; answers which regions do and which not yet. Not needed for
+    /// delivery (an event appended after the interest was added waits at its source until
+    /// the source knows), only to report how far the interest has spread.
+    pub async fn await_interest(
+        &self,
+        version: u64,
+        wait: Duration,
+    ) -> Result<InterestReach, ClientError> {
+        let deadline = tokio::time::Instant::now() + wait;
+        // Each call waits at most half the request timeout, so none times out.
+        let step = self.inner.options.request_timeout / 2;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let request = ClientRequest::AwaitInterest {
+                version,
+                wait_ms: left.min(step).as_millis() as u64,
+            };
+            let reach = match self.request(&request).await? {
+                ClientResponse::InterestAdded(reach) => reach,
+                other => return Err(unexpected(other)),
+            };
+            if reach.waiting_for.is_empty() || tokio::time::Instant::now() >= deadline {
+                return Ok(reach);
+            }
         }
     }
 
@@ -303,7 +332,7 @@ impl Client {
             .request(&ClientRequest::RemoveInterest { name: name.into() })
             .await?
         {
-            ClientResponse::Ok => Ok(()),
+            ClientResponse::Ok | ClientResponse::InterestAdded(_) => Ok(()),
             other => Err(unexpected(other)),
         }
     }

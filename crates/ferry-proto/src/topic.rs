@@ -11,6 +11,13 @@ pub struct Retention {
     pub max_age_ms: Option<u64>,
     /// Drop the oldest batches while a partition holds more than this many bytes.
     pub max_bytes: Option<u64>,
+    /// Never drop events a forwarder to another region has not passed yet (its committed
+    /// cursor), whatever the age and byte bounds say. Needs `hard_max_bytes`.
+    pub keep_until_forwarded: bool,
+    /// With `keep_until_forwarded`: a partition holding this many bytes or more refuses
+    /// publishes ([`crate::wire::ErrorCode::PartitionFull`]) until forwarding catches up and
+    /// retention can drop events again.
+    pub hard_max_bytes: Option<u64>,
 }
 
 /// Which regions receive a topic's events.
@@ -80,11 +87,40 @@ impl TopicConfig {
                 reason: format!("{} is not within 1..=7", self.replication),
             });
         }
-        if self.retention.max_age_ms == Some(0) || self.retention.max_bytes == Some(0) {
+        let r = &self.retention;
+        if r.max_age_ms == Some(0) || r.max_bytes == Some(0) {
             return Err(ProtoError::InvalidTopic {
                 field: "retention",
                 reason: "a bound of zero would drop every event".into(),
             });
+        }
+        match (r.keep_until_forwarded, r.hard_max_bytes) {
+            (true, None) => {
+                return Err(ProtoError::InvalidTopic {
+                    field: "retention.hard_max_bytes",
+                    reason: "keep_until_forwarded needs a hard byte limit (a region that never \
+                             comes back would otherwise fill the disk)"
+                        .into(),
+                })
+            }
+            (false, Some(_)) => {
+                return Err(ProtoError::InvalidTopic {
+                    field: "retention.hard_max_bytes",
+                    reason: "only applies with keep_until_forwarded (use max_bytes to bound a \
+                             partition)"
+                        .into(),
+                })
+            }
+            (true, Some(hard)) if r.max_bytes.is_some_and(|max| max >= hard) || hard == 0 => {
+                return Err(ProtoError::InvalidTopic {
+                    field: "retention.hard_max_bytes",
+                    reason: format!(
+                        "{hard} must be above 0 and above max_bytes ({:?})",
+                        r.max_bytes
+                    ),
+                })
+            }
+            _ => {}
         }
         Ok(())
     }

@@ -147,6 +147,16 @@ pub enum ClientRequest {
         /// Most events to return.
         max_events: u32,
     },
+    /// Waits until every other region of the mesh holds this region's interests at version
+    /// `version` or newer (as [`ClientResponse::InterestAdded`] after an
+    /// [`ClientRequest::AddInterest`] names it), at most `wait_ms`. Answered with
+    /// [`ClientResponse::InterestAdded`]: which regions have it, which not yet.
+    AwaitInterest {
+        /// The interest version to wait for.
+        version: u64,
+        /// Longest wait, milliseconds (at most 60,000).
+        wait_ms: u64,
+    },
 }
 
 /// One partition as seen by a node.
@@ -218,6 +228,11 @@ pub enum ErrorCode {
     /// idle) and the batch does not start at sequence 0: number every unacknowledged batch
     /// again from 0 and resend them in order.
     UnknownProducer,
+    /// The partition keeps events until every region's forwarder passed them
+    /// (`retention.keep_until_forwarded`) and has reached its `retention.hard_max_bytes`:
+    /// nothing was appended. The message names the regions that are behind. Publishing works
+    /// again once they catch up and retention drops events.
+    PartitionFull,
 }
 
 /// A typed error for the client: what went wrong and, for `NotLeader`, who leads.
@@ -308,6 +323,20 @@ pub enum ClientResponse {
         /// the oldest).
         events: Vec<StreamEvent>,
     },
+    /// An interest was added or removed ([`ClientRequest::AddInterest`],
+    /// [`ClientRequest::RemoveInterest`]), or waited for ([`ClientRequest::AwaitInterest`]).
+    InterestAdded(InterestReach),
+}
+
+/// How far a region's interests have reached the other regions.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InterestReach {
+    /// The region's interest version after the change (its metadata log index).
+    pub version: u64,
+    /// Other regions whose every live node holds `version` or newer.
+    pub seen_by: Vec<String>,
+    /// Other regions that do not yet (or have no live node this node knows of).
+    pub waiting_for: Vec<String>,
 }
 
 /// The mesh as one node sees it (gossip plus its own forwarders).
@@ -366,4 +395,7 @@ pub struct ForwardingInfo {
     pub route: String,
     /// Why the destination refused or could not be reached lately, if so.
     pub last_error: Option<String>,
+    /// Source offsets retention dropped before this node's forwarders dealt with them (since
+    /// the node started): events the destination may have wanted and will never get.
+    pub trimmed_unforwarded: u64,
 }

@@ -7,14 +7,14 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use ferry_net::framing::{read_frame, write_frame};
 use ferry_net::Transport;
 use ferry_proto::codec::{decode_frame_shared, encode_frame};
 use ferry_proto::wire::{
-    ApiError, ClientRequest, ClientResponse, ErrorCode, NodeAddress, PartitionInfo, StartFrom,
-    TopicDescription,
+    ApiError, ClientRequest, ClientResponse, ErrorCode, InterestReach, NodeAddress, PartitionInfo,
+    StartFrom, TopicDescription,
 };
 use ferry_proto::{validate_stream_name, EventBatch, NodeId, SubjectFilter, TopicConfig};
 use ferry_store::{Command, TypeConfig};
@@ -26,6 +26,9 @@ use openraft::raft::ClientWriteResponse;
 use crate::command::{decode, encode, MetaCommand, MetaReply, PartitionCommand, PartitionReply};
 use crate::metadata::place_replicas;
 use crate::node::{now_ms, Node, PartitionGroup};
+
+/// The longest [`ClientRequest::AwaitInterest`] may wait.
+const MAX_INTEREST_WAIT_MS: u64 = 60_000;
 
 type Pending = Pin<Box<dyn Future<Output = ClientResponse> + Send>>;
 type WriteResult = Result<ClientWriteResponse<TypeConfig>, ClientWriteError<TypeConfig>>;
@@ -175,6 +178,9 @@ impl<T: Transport> Node<T> {
             let what = format!("{topic}/{partition}");
             return Box::pin(async move { not_leader(leader, &what) });
         }
+        if let Some(refused) = self.partition_full(&topic, partition, &group) {
+            return Box::pin(async move { refused });
+        }
         let command = command(batch, now_ms());
         let command = match encode("partition command", &command) {
             Ok(c) => c,
@@ -204,6 +210,44 @@ impl<T: Transport> Node<T> {
         })
     }
 
+    /// The refusal of a publish to a partition that keeps events until forwarded and holds
+    /// its hard byte limit, naming the regions it waits for; None if it may take more.
+    fn partition_full(
+        &self,
+        topic: &str,
+        partition: u32,
+        group: &PartitionGroup,
+    ) -> Option<ClientResponse> {
+        let retention = self.inner.meta_view.retention(topic)?;
+        let hard = retention
+            .hard_max_bytes
+            .filter(|_| retention.keep_until_forwarded)?;
+        let held = group.view.stored_bytes();
+        if held < hard {
+            return None;
+        }
+        let cursors = group.view.forward_cursors();
+        let lowest = cursors.first().map_or(0, |(_, cursor)| *cursor);
+        let behind: Vec<String> = cursors
+            .into_iter()
+            .take_while(|(_, cursor)| *cursor == lowest)
+            .map(|(region, cursor)| format!("{region} (at offset {cursor})"))
+            .collect();
+        Some(error(
+            ErrorCode::PartitionFull,
+            format!(
+                "{topic}/{partition} holds {held} bytes, its retention.hard_max_bytes is {hard}: it \
+                 keeps events until every region's forwarder passed them, and {} behind; \
+                 publishing works again once forwarding catches up",
+                if behind.is_empty() {
+                    "forwarding is".to_string()
+                } else {
+                    format!("{} {} still", behind.join(", "), if behind.len() == 1 { "is" } else { "are" })
+                }
+            ),
+        ))
+    }
+
     /// Answers one request. `forwarded` requests came from a peer and are never forwarded again.
     pub async fn handle_request(&self, request: ClientRequest, forwarded: bool) -> ClientResponse {
         // Kept whole for forwarding to a leader (event batches are shared bytes: cheap).
@@ -222,7 +266,11 @@ impl<T: Transport> Node<T> {
                     );
                 }
                 self.meta_write(
-                    MetaCommand::SetInterest { name, subjects },
+                    MetaCommand::SetInterestAt {
+                        name,
+                        subjects,
+                        at_ms: now_ms(),
+                    },
                     original,
                     forwarded,
                 )
@@ -231,6 +279,18 @@ impl<T: Transport> Node<T> {
             ClientRequest::RemoveInterest { name } => {
                 self.meta_write(MetaCommand::RemoveInterest { name }, original, forwarded)
                     .await
+            }
+            ClientRequest::AwaitInterest { version, wait_ms } => {
+                if wait_ms > MAX_INTEREST_WAIT_MS {
+                    return error(
+                        ErrorCode::InvalidRequest,
+                        format!("wait_ms {wait_ms} is more than {MAX_INTEREST_WAIT_MS}"),
+                    );
+                }
+                ClientResponse::InterestAdded(
+                    self.await_interest(version, Duration::from_millis(wait_ms))
+                        .await,
+                )
             }
             ClientRequest::ListInterests => ClientResponse::Interests(
                 self.inner
@@ -517,6 +577,13 @@ impl<T: Transport> Node<T> {
         let response = match self.inner.meta.client_write(Command(command)).await {
             Ok(r) => match decode::<MetaReply>("metadata reply", &r.data.0) {
                 Ok(MetaReply::Created | MetaReply::Done) => ClientResponse::Ok,
+                Ok(MetaReply::InterestSet { version }) => {
+                    ClientResponse::InterestAdded(InterestReach {
+                        version,
+                        seen_by: Vec::new(),
+                        waiting_for: Vec::new(),
+                    })
+                }
                 Ok(MetaReply::Error(e)) => ClientResponse::Error(e),
                 Err(e) => error(ErrorCode::Internal, e.to_string()),
             },

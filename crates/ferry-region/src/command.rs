@@ -81,6 +81,14 @@ pub(crate) enum MetaCommand {
     },
     /// Remove a named interest.
     RemoveInterest { name: String },
+    /// Register (or replace) a named interest, stamped with when it was asked for
+    /// (milliseconds since the epoch, the proposer's clock). `SetInterest` is this without a
+    /// time (entries written before it existed: their interest counts as old).
+    SetInterestAt {
+        name: String,
+        subjects: SubjectFilter,
+        at_ms: u64,
+    },
 }
 
 /// What applying a metadata command answers.
@@ -89,6 +97,10 @@ pub(crate) enum MetaReply {
     Created,
     Done,
     Error(ApiError),
+    /// The interests changed; their version is now `version`.
+    InterestSet {
+        version: u64,
+    },
 }
 
 pub(crate) fn encode<T: Serialize>(

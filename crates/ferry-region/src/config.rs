@@ -73,6 +73,10 @@ pub struct MeshConfig {
     pub forward_retry_ms: u64,
     /// Longest wait between resends, milliseconds.
     pub forward_max_backoff_ms: u64,
+    /// How far apart two regions' clocks may be, milliseconds. An event is judged unwanted
+    /// by a region only once this node holds that region's interest as vouched for at least
+    /// this long after the event's append time; until then the forwarder waits.
+    pub interest_clock_skew_ms: u64,
 }
 
 impl Default for MeshConfig {
@@ -86,6 +90,7 @@ impl Default for MeshConfig {
             forward_batch_bytes: 256 * 1024,
             forward_retry_ms: 500,
             forward_max_backoff_ms: 10_000,
+            interest_clock_skew_ms: 250,
         }
     }
 }
@@ -303,6 +308,15 @@ impl NodeConfig {
                 format!(
                     "{} must be at least twice mesh.gossip_interval_ms ({}, above 0)",
                     m.dead_after_ms, m.gossip_interval_ms
+                ),
+            );
+        }
+        if m.interest_clock_skew_ms > 60_000 {
+            return bad(
+                "mesh.interest_clock_skew_ms",
+                format!(
+                    "{} is more than a minute: an unwanted event would hold its forwarder that long",
+                    m.interest_clock_skew_ms
                 ),
             );
         }

@@ -171,6 +171,18 @@ async fn metrics<T: Transport>(State(node): State<Node<T>>) -> String {
             "{metric}{{node=\"{id}\",topic=\"{topic}\",destination=\"{destination}\"}} {count}"
         );
     }
+    let metric = "ferry_forwarding_trimmed_unforwarded_total";
+    let _ = writeln!(
+        out,
+        "# HELP {metric} Source offsets retention dropped before this node's forwarder to a region dealt with them (events that region may have wanted).\n# TYPE {metric} counter"
+    );
+    for f in node.forwarding() {
+        let _ = writeln!(
+            out,
+            "{metric}{{node=\"{id}\",partition=\"{}/{}\",destination=\"{}\"}} {}",
+            f.topic, f.partition, f.destination, f.trimmed_unforwarded
+        );
+    }
     let metric = "ferry_forwarding_lag_events";
     let _ = writeln!(
         out,

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use ferry_net::{NetError, Transport};
-use ferry_proto::wire::{ErrorCode, ForwardingInfo, MeshNodeInfo, MeshReport};
+use ferry_proto::wire::{ErrorCode, ForwardingInfo, InterestReach, MeshNodeInfo, MeshReport};
 use ferry_proto::{codec, RegionPolicy, SubjectFilter};
 use ferry_router::{
     Ack, Batch, Forwarder, ForwarderConfig, Gossip, GossipConfig, GossipInbox, GossipLink,
@@ -36,6 +36,7 @@ use openraft::async_runtime::WatchReceiver;
 use tokio::sync::{mpsc, watch};
 
 use crate::command::{decode, encode, PartitionCommand, PartitionReply};
+use crate::metadata::InterestSet;
 use crate::node::{now_ms, Node, PartitionGroup};
 use crate::peer::{ForwardRequest, PeerRequest, PeerResponse, Router};
 use crate::RegionError;
@@ -50,6 +51,9 @@ const REACH_FRESH: Duration = Duration::from_secs(10);
 const DIRECT_RETRY_AFTER: Duration = Duration::from_secs(5);
 /// How long a relay waits for the destination (below the peer request timeout, 5 s).
 const RELAY_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long the metadata leader waits for a quorum to confirm it before vouching for the
+/// region's interest.
+const VOUCH_TIMEOUT: Duration = Duration::from_secs(1);
 /// Longest a forwarder sleeps without looking at its source again.
 const IDLE_WAKE: Duration = Duration::from_millis(250);
 
@@ -76,48 +80,90 @@ impl ForwardedDuplicates {
     }
 }
 
+/// A region's interest as this node knows it: the newest version any of its nodes
+/// advertised, and the latest time a leader of its metadata group vouched for that version.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct InterestView {
+    /// The subject filters of the version.
+    pub(crate) filters: Vec<SubjectFilter>,
+    /// The region's metadata log index of the last interest change.
+    pub(crate) version: u64,
+    /// Milliseconds since the epoch (the region's clock): the version was the region's
+    /// committed set at that moment. 0: nobody vouched for it yet.
+    pub(crate) as_of_ms: u64,
+    /// When the oldest interest of the version was added (the region's clock; 0: unknown).
+    pub(crate) since_ms: u64,
+}
+
+impl InterestView {
+    /// Folds in what one node advertised: a newer version replaces the view, an older one is
+    /// ignored (a node that has not caught up with its metadata group, e.g. a restarted
+    /// follower, never shrinks what is known), and the same version can only move `as_of_ms`
+    /// forward.
+    fn merge(&mut self, node: &NodeRecord, filters: &[SubjectFilter]) {
+        let version = node.interest_version;
+        let as_of_ms = node.interest_as_of_ms;
+        if version > self.version {
+            *self = InterestView {
+                filters: filters.to_vec(),
+                version,
+                as_of_ms,
+                since_ms: node.interest_since_ms,
+            };
+        } else if version == self.version {
+            // One version is one set (the entry at a log index is the same on every node).
+            self.as_of_ms = self.as_of_ms.max(as_of_ms);
+        }
+    }
+}
+
+/// Whether a region wants an event, as far as this node can tell now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Judgement {
+    /// One of the region's filters matches (or the topic lists the region).
+    Wanted,
+    /// No filter matches, and the region vouched for its interest after the event's append
+    /// (clock skew allowed): no later interest can have been meant for it.
+    Unwanted,
+    /// No filter matches, but the view is not recent enough to be sure: wait.
+    Undecided,
+}
+
 /// What gossip says about the mesh, refreshed every supervision round.
 #[derive(Debug, Default)]
 pub(crate) struct MeshSnapshot {
     /// Live nodes (this one included).
     pub(crate) nodes: Vec<NodeRecord>,
-    /// Interest per region.
-    pub(crate) interest: HashMap<String, Vec<SubjectFilter>>,
+    /// Interest per region (this one's too).
+    pub(crate) interest: HashMap<String, InterestView>,
     /// Who leads a partition in a region: (region, topic, partition) → address.
     leaders: HashMap<(String, String, u32), SocketAddr>,
 }
 
 impl MeshSnapshot {
-    /// Builds the snapshot from the live records. A region none of whose nodes is live
-    /// keeps the interest last known for it (`known`): a region that is unreachable or
-    /// silent is still a destination, so its backlog waits for it instead of being skipped.
-    fn build(nodes: Vec<NodeRecord>, known: &mut BTreeMap<String, Vec<SubjectFilter>>) -> Self {
-        let mut interest: HashMap<String, Vec<SubjectFilter>> = HashMap::new();
+    /// Builds the snapshot from the live records and the views known before (`known`, which
+    /// it updates): a region's view only moves to newer versions, so a region whose live
+    /// nodes are silent, unreachable or behind keeps the newest set seen, and its backlog
+    /// waits for it instead of being skipped.
+    fn build(nodes: Vec<NodeRecord>, known: &mut BTreeMap<String, InterestView>) -> Self {
         let mut leaders = HashMap::new();
         for node in &nodes {
-            let filters = interest.entry(node.region.clone()).or_default();
-            for pattern in &node.interest {
-                if let Ok(f) = SubjectFilter::new(pattern.clone()) {
-                    if !filters.contains(&f) {
-                        filters.push(f);
-                    }
-                }
-            }
+            let filters: Vec<SubjectFilter> = node
+                .interest
+                .iter()
+                .filter_map(|p| SubjectFilter::new(p.clone()).ok())
+                .collect();
+            known
+                .entry(node.region.clone())
+                .or_default()
+                .merge(node, &filters);
             for (topic, partition) in &node.leads {
                 leaders.insert((node.region.clone(), topic.clone(), *partition), node.addr);
             }
         }
-        for (region, filters) in &interest {
-            known.insert(region.clone(), filters.clone());
-        }
-        for (region, filters) in known.iter() {
-            interest
-                .entry(region.clone())
-                .or_insert_with(|| filters.clone());
-        }
         Self {
             nodes,
-            interest,
+            interest: known.iter().map(|(r, v)| (r.clone(), v.clone())).collect(),
             leaders,
         }
     }
@@ -165,7 +211,22 @@ impl MeshSnapshot {
     fn wants(&self, region: &str, subject: &str) -> bool {
         self.interest
             .get(region)
-            .is_some_and(|filters| filters.iter().any(|f| f.matches(subject)))
+            .is_some_and(|view| view.filters.iter().any(|f| f.matches(subject)))
+    }
+
+    /// Whether `region` wants an event with `subject` appended at `appended_at_ms` (this
+    /// region's clock), allowing the clocks to differ by `skew_ms`.
+    fn judge(&self, region: &str, subject: &str, appended_at_ms: u64, skew_ms: u64) -> Judgement {
+        let Some(view) = self.interest.get(region) else {
+            return Judgement::Undecided;
+        };
+        if view.filters.iter().any(|f| f.matches(subject)) {
+            Judgement::Wanted
+        } else if view.as_of_ms >= appended_at_ms.saturating_add(skew_ms) {
+            Judgement::Unwanted
+        } else {
+            Judgement::Undecided
+        }
     }
 }
 
@@ -185,6 +246,9 @@ struct ForwardStatus {
     sent_events: u64,
     route: String,
     last_error: Option<String>,
+    /// Offsets retention already dropped ahead of what the forwarder has read (counted as
+    /// trimmed once it reads there).
+    trimmed_ahead: u64,
 }
 
 struct RunningForwarder {
@@ -223,9 +287,11 @@ pub(crate) struct Mesh {
     gossip: Gossip,
     pub(crate) inbox: GossipInbox,
     snapshot: watch::Sender<Arc<MeshSnapshot>>,
-    /// Interest last seen per region (kept while the region has no live node).
-    known_interest: Mutex<BTreeMap<String, Vec<SubjectFilter>>>,
+    /// The newest interest seen per region (kept while the region is silent or behind).
+    known_interest: Mutex<BTreeMap<String, InterestView>>,
     forwarders: Mutex<BTreeMap<ForwardKey, RunningForwarder>>,
+    /// Source offsets retention dropped before a forwarder of this node dealt with them.
+    trimmed_unforwarded: Mutex<HashMap<ForwardKey, u64>>,
     /// Events sent to another region, per (topic, destination), since this node started.
     crossings: Mutex<HashMap<(String, String), u64>>,
     /// Events of forwarded batches this node, as the destination's leader, answered from
@@ -295,9 +361,27 @@ impl Mesh {
                     sent_events: s.sent_events,
                     route: s.route,
                     last_error: s.last_error,
+                    trimmed_unforwarded: lock(&self.trimmed_unforwarded)
+                        .get(key)
+                        .copied()
+                        .unwrap_or(0)
+                        + s.trimmed_ahead,
                 }
             })
             .collect()
+    }
+
+    /// Retention dropped `[from, to)` of a partition before its forwarder to a region dealt
+    /// with it: events that region may have wanted are gone.
+    fn note_trimmed(&self, key: &ForwardKey, from: u64, to: u64) {
+        let count = to.saturating_sub(from);
+        if count == 0 {
+            return;
+        }
+        *lock(&self.trimmed_unforwarded)
+            .entry(key.clone())
+            .or_default() += count;
+        tracing::error!(topic = %key.topic, partition = key.partition, destination = %key.destination, from, to, "retention dropped events before they were forwarded (set retention.keep_until_forwarded to prevent it)");
     }
 
     fn stop_all(&self) {
@@ -381,6 +465,7 @@ impl<T: Transport> Node<T> {
             snapshot: watch::channel(Arc::new(MeshSnapshot::default())).0,
             known_interest: Mutex::new(BTreeMap::new()),
             forwarders: Mutex::new(BTreeMap::new()),
+            trimmed_unforwarded: Mutex::new(HashMap::new()),
             crossings: Mutex::new(HashMap::new()),
             resent_events_held: AtomicU64::new(0),
             reach: Mutex::new(HashMap::new()),
@@ -434,6 +519,25 @@ impl<T: Transport> Node<T> {
         led
     }
 
+    /// This region's interest set and its version, and the time this node vouches for it as
+    /// the committed set at (0 unless it leads the metadata group and confirmed that with a
+    /// quorum: a read index taken after that time covers every interest committed before).
+    async fn vouch_for_interest(&self) -> (InterestSet, u64) {
+        let meta = &self.inner.meta;
+        if meta.metrics().borrow_watched().current_leader == Some(self.inner.id) {
+            let asked_at = now_ms();
+            let confirmed = tokio::time::timeout(
+                VOUCH_TIMEOUT,
+                meta.ensure_linearizable(openraft::ReadPolicy::ReadIndex),
+            )
+            .await;
+            if matches!(confirmed, Ok(Ok(_))) {
+                return (self.inner.meta_view.interest_set(), asked_at);
+            }
+        }
+        (self.inner.meta_view.interest_set(), 0)
+    }
+
     /// One supervision round: publish this node's record, refresh the snapshot, start and
     /// stop forwarders to match what this node leads and which regions are alive.
     async fn supervise_mesh(&self) {
@@ -451,16 +555,20 @@ impl<T: Transport> Node<T> {
             }
             sample.2
         };
+        let (interests, interest_as_of_ms) = self.vouch_for_interest().await;
+        let seen = lock(&mesh.known_interest)
+            .iter()
+            .filter(|(region, _)| **region != mesh.region)
+            .map(|(region, view)| (region.clone(), view.version))
+            .collect();
         let record = NodeRecord {
             id: self.inner.id,
             region: mesh.region.clone(),
             addr: mesh.addr,
             role: "node".into(),
             leads: led.iter().map(|(t, p, _)| (t.clone(), *p)).collect(),
-            interest: self
-                .inner
-                .meta_view
-                .interests()
+            interest: interests
+                .interests
                 .values()
                 .map(|f| f.to_string())
                 .collect::<BTreeSet<_>>()
@@ -468,6 +576,10 @@ impl<T: Transport> Node<T> {
                 .collect(),
             reach: mesh.reached(),
             load,
+            interest_version: interests.version,
+            interest_as_of_ms,
+            interest_since_ms: interests.since_ms,
+            seen,
         };
         if let Err(e) = mesh.gossip.publish(&record).await {
             tracing::warn!(error = %e, "gossip record not published");
@@ -582,22 +694,30 @@ impl<T: Transport> Node<T> {
             .map_err(|e| e.to_string())?
         {
             Some(cursor) if cursor < marks.low => {
-                tracing::warn!(topic = %key.topic, partition = key.partition, destination = %key.destination, cursor, low = marks.low, "retention dropped events before they were forwarded");
+                mesh.note_trimmed(key, cursor, marks.low);
                 marks.low
             }
             Some(cursor) => cursor,
             None => {
-                // A region seen for the first time gets what is published from now on.
+                // The first forwarder of this partition to this region: it starts at the
+                // first event appended since the region's oldest interest was added (clock
+                // skew allowed), wherever this node was then. Every event after it is judged.
+                let since = lock(&mesh.known_interest)
+                    .get(&key.destination)
+                    .map_or(0, |v| v.since_ms);
+                let skew = self.inner.config.mesh.interest_clock_skew_ms;
+                let next = view.first_appended_since(since.saturating_sub(skew));
                 let command = PartitionCommand::ForwardCursor {
                     region: key.destination.clone(),
-                    next: marks.high,
+                    next,
                 };
                 self.propose(&group, &command).await?;
-                marks.high
+                next
             }
         };
         let mut forwarder = Forwarder::new(config, start);
         let mut changes = view.subscribe();
+        let mut views = mesh.snapshot.subscribe();
         let (acks_tx, mut acks) = mpsc::unbounded_channel::<(Result<Ack, String>, String)>();
         let direct_failed: Arc<Mutex<Option<Instant>>> = Arc::default();
         let mut uncommitted: Option<u64> = None;
@@ -611,8 +731,9 @@ impl<T: Transport> Node<T> {
             if group.raft.metrics().borrow_watched().current_leader != Some(self.inner.id) {
                 return Ok(());
             }
-            let snapshot = mesh.snapshot();
-            self.read_for_forwarding(key, &group, &snapshot, &mut forwarder)?;
+            let snapshot = views.borrow_and_update().clone();
+            let waiting_for_view =
+                self.read_for_forwarding(key, &group, &snapshot, &mut forwarder)?;
 
             let now = Instant::now();
             while let Some(batch) = forwarder.poll_transmit(now) {
@@ -653,8 +774,10 @@ impl<T: Transport> Node<T> {
                 }
             }
             {
-                let high = view.watermarks().high;
+                let marks = view.watermarks();
+                let high = marks.high;
                 let mut s = lock(&status);
+                s.trimmed_ahead = marks.low.saturating_sub(forwarder.read_from());
                 s.cursor = forwarder.cursor();
                 s.high = high;
                 s.sent_events = stats.events_sent;
@@ -706,19 +829,22 @@ impl<T: Transport> Node<T> {
                     }
                 }
                 _ = changes.changed() => {}
+                _ = views.changed(), if waiting_for_view => {}
                 _ = tokio::time::sleep_until(wake.into()) => {}
             }
         }
     }
 
-    /// Feeds the forwarder what it asks for from the partition's log.
+    /// Feeds the forwarder what it asks for from the partition's log. Answers whether it
+    /// stopped at an event it cannot judge yet (it waits for a newer view of the destination's
+    /// interest).
     fn read_for_forwarding(
         &self,
         key: &ForwardKey,
         group: &PartitionGroup,
         snapshot: &MeshSnapshot,
         forwarder: &mut Forwarder,
-    ) -> Result<(), String> {
+    ) -> Result<bool, String> {
         let Some(topic) = self.inner.meta_view.topic(&key.topic) else {
             return Err(format!("topic {} is gone", key.topic));
         };
@@ -728,14 +854,18 @@ impl<T: Transport> Node<T> {
         };
         let region = &self.inner.config.region;
         let max_bytes = self.inner.config.mesh.forward_batch_bytes;
+        let skew_ms = self.inner.config.mesh.interest_clock_skew_ms;
         while forwarder.wants_source() {
             let from = forwarder.read_from();
             let marks = group.view.watermarks();
             if from >= marks.high {
-                return Ok(());
+                return Ok(false);
             }
             if from < marks.low {
                 // Trimmed by retention before it was forwarded.
+                if let Some(mesh) = self.mesh() {
+                    mesh.note_trimmed(key, from, marks.low);
+                }
                 forwarder.handle_source(std::iter::empty(), marks.low);
                 continue;
             }
@@ -745,7 +875,8 @@ impl<T: Transport> Node<T> {
                 .map_err(|e| e.to_string())?;
             let mut upto = from;
             let mut events = Vec::new();
-            for batch in &batches {
+            let mut undecided = None;
+            'batches: for batch in &batches {
                 upto = batch.base_offset + u64::from(batch.count);
                 if upto <= from {
                     continue;
@@ -756,8 +887,28 @@ impl<T: Transport> Node<T> {
                         continue;
                     }
                     let local = event.origin_region.as_deref().is_none_or(|o| o == region);
-                    let wanted = local
-                        && (listed || snapshot.wants(&key.destination, event.subject.as_str()));
+                    let judgement = if !local {
+                        Judgement::Unwanted
+                    } else if listed {
+                        Judgement::Wanted
+                    } else {
+                        snapshot.judge(
+                            &key.destination,
+                            event.subject.as_str(),
+                            batch.appended_at_ms,
+                            skew_ms,
+                        )
+                    };
+                    let wanted = match judgement {
+                        Judgement::Wanted => true,
+                        Judgement::Unwanted => false,
+                        Judgement::Undecided => {
+                            // The destination may have added an interest in it that has not
+                            // reached this node yet: stop here until its view is recent.
+                            undecided = Some(offset);
+                            break 'batches;
+                        }
+                    };
                     let bytes = if wanted {
                         event.origin_region.get_or_insert_with(|| region.clone());
                         Bytes::from(
@@ -773,12 +924,16 @@ impl<T: Transport> Node<T> {
                     });
                 }
             }
+            if let Some(offset) = undecided {
+                forwarder.handle_source(events, offset);
+                return Ok(true);
+            }
             if upto <= from {
-                return Ok(());
+                return Ok(false);
             }
             forwarder.handle_source(events, upto.min(marks.high));
         }
-        Ok(())
+        Ok(false)
     }
 
     /// Sends one batch: straight to the destination, or through a relay when the region
@@ -1123,6 +1278,64 @@ impl<T: Transport> Node<T> {
             .unwrap_or_default()
     }
 
+    /// Which other regions hold this region's interests at `version` or newer: a region
+    /// counts once every live node of it says so in gossip.
+    pub fn interest_reach(&self, version: u64) -> InterestReach {
+        let mut reach = InterestReach {
+            version,
+            seen_by: Vec::new(),
+            waiting_for: Vec::new(),
+        };
+        let Some(mesh) = self.mesh() else {
+            return reach;
+        };
+        let snapshot = mesh.snapshot();
+        for region in snapshot.regions() {
+            if region == mesh.region {
+                continue;
+            }
+            let mut nodes = snapshot
+                .nodes
+                .iter()
+                .filter(|n| n.region == region)
+                .peekable();
+            let has_live = nodes.peek().is_some();
+            let all_seen = nodes.all(|n| {
+                n.seen
+                    .iter()
+                    .any(|(r, v)| *r == mesh.region && *v >= version)
+            });
+            if has_live && all_seen {
+                reach.seen_by.push(region);
+            } else {
+                reach.waiting_for.push(region);
+            }
+        }
+        reach
+    }
+
+    /// Waits until every other region holds this region's interests at `version` or newer,
+    /// or `wait` passed; answers how far they reached.
+    pub(crate) async fn await_interest(&self, version: u64, wait: Duration) -> InterestReach {
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut views = match self.mesh() {
+            Some(mesh) => mesh.snapshot.subscribe(),
+            None => return self.interest_reach(version),
+        };
+        loop {
+            let reach = self.interest_reach(version);
+            if reach.waiting_for.is_empty() {
+                return reach;
+            }
+            if !matches!(
+                tokio::time::timeout_at(deadline, views.changed()).await,
+                Ok(Ok(()))
+            ) {
+                return reach;
+            }
+        }
+    }
+
     /// Regions whose interest, as this node has learned it, matches `subject`.
     pub fn regions_interested_in(&self, subject: &str) -> Vec<String> {
         let Some(mesh) = self.mesh() else {
@@ -1172,7 +1385,12 @@ impl<T: Transport> Node<T> {
         let mut interests: Vec<_> = snapshot
             .interest
             .iter()
-            .map(|(r, f)| (r.clone(), f.iter().map(|f| f.to_string()).collect()))
+            .map(|(r, view)| {
+                (
+                    r.clone(),
+                    view.filters.iter().map(|f| f.to_string()).collect(),
+                )
+            })
             .collect();
         interests.sort();
         report.interests = interests;
@@ -1217,13 +1435,28 @@ mod tests {
             role: "node".into(),
             leads: vec![("orders".into(), 0)],
             interest: interest.iter().map(|s| s.to_string()).collect(),
-            reach: Vec::new(),
-            load: 0,
+            interest_version: if interest.is_empty() { 0 } else { 10 },
+            ..NodeRecord::default()
+        }
+    }
+
+    /// `record` at interest version `version`, vouched for as of `as_of_ms`.
+    fn vouched(
+        id: u64,
+        region: &str,
+        interest: &[&str],
+        version: u64,
+        as_of_ms: u64,
+    ) -> NodeRecord {
+        NodeRecord {
+            interest_version: version,
+            interest_as_of_ms: as_of_ms,
+            ..record(id, region, interest)
         }
     }
 
     #[test]
-    fn a_silent_region_keeps_its_interest_and_a_live_one_speaks_for_itself() {
+    fn a_silent_region_keeps_its_interest_and_a_newer_version_replaces_it() {
         let mut known = BTreeMap::new();
         let all = vec![
             record(1, "a", &[]),
@@ -1238,14 +1471,56 @@ mod tests {
         assert_eq!(s.targets("b", "orders", 0), vec![all_addr(2)]);
 
         // b goes silent (dead in gossip, or cut off): still a destination, same interest.
-        let s = MeshSnapshot::build(vec![record(1, "a", &[]), record(3, "c", &[])], &mut known);
+        let s = MeshSnapshot::build(
+            vec![record(1, "a", &[]), vouched(3, "c", &[], 11, 0)],
+            &mut known,
+        );
         assert!(s.wants("b", "orders.created"));
         assert!(s.regions().contains("b"));
         assert!(s.targets("b", "orders", 0).is_empty());
-        // c is live and says it wants nothing now: that counts.
+        // c removed its interest (a newer version): that counts.
         assert!(!s.wants("c", "orders.eu.created"));
         // Relays for b from a: c's node.
         assert_eq!(s.relays("a", "b"), vec![("c".to_string(), all_addr(3))]);
+    }
+
+    #[test]
+    fn a_node_behind_its_metadata_group_never_shrinks_a_regions_interest() {
+        let mut known = BTreeMap::new();
+        MeshSnapshot::build(vec![vouched(2, "b", &["orders.>"], 10, 5_000)], &mut known);
+        // Only a restarted follower of b is up; it has not applied the interest yet.
+        let s = MeshSnapshot::build(vec![vouched(4, "b", &[], 3, 0)], &mut known);
+        assert!(s.wants("b", "orders.created"));
+        assert_eq!(s.interest["b"].version, 10);
+        assert_eq!(s.interest["b"].as_of_ms, 5_000);
+        // Nor does a leader that vouches for an older version (a clock running behind
+        // cannot make an old set look new).
+        let s = MeshSnapshot::build(vec![vouched(4, "b", &[], 3, 9_000)], &mut known);
+        assert!(s.wants("b", "orders.created"));
+        assert_eq!(s.interest["b"].as_of_ms, 5_000);
+        // The same version vouched for later moves the time forward, never back.
+        MeshSnapshot::build(vec![vouched(5, "b", &["orders.>"], 10, 7_000)], &mut known);
+        let s = MeshSnapshot::build(vec![vouched(6, "b", &["orders.>"], 10, 6_000)], &mut known);
+        assert_eq!(s.interest["b"].as_of_ms, 7_000);
+    }
+
+    #[test]
+    fn an_event_is_unwanted_only_once_the_region_vouched_for_its_interest_after_it() {
+        let mut known = BTreeMap::new();
+        let s = MeshSnapshot::build(vec![vouched(2, "b", &["orders.>"], 10, 10_000)], &mut known);
+        // Matches: wanted whatever the view's age.
+        assert_eq!(s.judge("b", "orders.x", 50_000, 250), Judgement::Wanted);
+        // Appended well before the vouched moment: no later interest can be meant for it.
+        assert_eq!(s.judge("b", "audit.x", 9_000, 250), Judgement::Unwanted);
+        assert_eq!(s.judge("b", "audit.x", 9_750, 250), Judgement::Unwanted);
+        // Within the skew margin, or after: wait.
+        assert_eq!(s.judge("b", "audit.x", 9_751, 250), Judgement::Undecided);
+        assert_eq!(s.judge("b", "audit.x", 12_000, 250), Judgement::Undecided);
+        // A region never heard of: wait.
+        assert_eq!(s.judge("z", "audit.x", 0, 250), Judgement::Undecided);
+        // A view nobody vouched for (only followers advertise it): wait.
+        let s = MeshSnapshot::build(vec![vouched(7, "c", &[], 0, 0)], &mut known);
+        assert_eq!(s.judge("c", "audit.x", 1, 0), Judgement::Undecided);
     }
 
     fn all_addr(id: u64) -> SocketAddr {

@@ -1,6 +1,8 @@
 //! The metadata state machine: topics and their replica placement, one Raft group per region.
 //! Tree layout (`sm:meta`): `t`+name → [`TopicState`]; `i`+name → an interest's subject
-//! filter (what this region wants forwarded from other regions).
+//! filter (what this region wants forwarded from other regions); `V` → the interest version
+//! (the log index of the last entry that changed the interests, big-endian u64; absent = 0);
+//! `a`+name → when the interest was added (ms since the epoch, big-endian u64; absent = 0).
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
@@ -16,6 +18,8 @@ use crate::command::{decode, encode, MetaCommand, MetaReply};
 
 const TOPIC_PREFIX: u8 = b't';
 const INTEREST_PREFIX: u8 = b'i';
+const INTEREST_VERSION_KEY: &[u8] = b"V";
+const INTEREST_ADDED_PREFIX: u8 = b'a';
 
 /// A topic as the region knows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -30,13 +34,33 @@ pub struct TopicState {
 pub struct MetaView {
     topics: RwLock<BTreeMap<String, TopicState>>,
     interests: RwLock<BTreeMap<String, SubjectFilter>>,
+    interest_version: std::sync::atomic::AtomicU64,
+    interests_since: std::sync::atomic::AtomicU64,
     version: watch::Sender<u64>,
+}
+
+/// A region's interests as one node applied them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct InterestSet {
+    /// The metadata log index of the last change (0 before any): two nodes with one version
+    /// hold the same set (the entry at an index is the same on every node), and a larger
+    /// version is newer.
+    pub version: u64,
+    /// The interests by name.
+    pub interests: BTreeMap<String, SubjectFilter>,
+    /// When the oldest of them was added (ms since the epoch; 0 if unknown or none).
+    pub since_ms: u64,
 }
 
 impl MetaView {
     /// A topic by name.
     pub fn topic(&self, name: &str) -> Option<TopicState> {
         self.topics.read().ok()?.get(name).cloned()
+    }
+
+    /// A topic's retention (without copying its placement).
+    pub fn retention(&self, name: &str) -> Option<ferry_proto::Retention> {
+        Some(self.topics.read().ok()?.get(name)?.config.retention)
     }
 
     /// Every topic.
@@ -50,6 +74,23 @@ impl MetaView {
     /// The region's named interests.
     pub fn interests(&self) -> BTreeMap<String, SubjectFilter> {
         self.interests.read().map(|i| i.clone()).unwrap_or_default()
+    }
+
+    /// The region's interests with their version and age.
+    pub fn interest_set(&self) -> InterestSet {
+        let Ok(interests) = self.interests.read() else {
+            return InterestSet::default();
+        };
+        // Read under the lock the writer stores them under, so they belong together.
+        InterestSet {
+            version: self
+                .interest_version
+                .load(std::sync::atomic::Ordering::Acquire),
+            since_ms: self
+                .interests_since
+                .load(std::sync::atomic::Ordering::Acquire),
+            interests: interests.clone(),
+        }
     }
 
     /// Changes whenever a metadata command is applied.
@@ -78,6 +119,9 @@ pub struct MetaApp {
     view: Arc<MetaView>,
     topics: BTreeMap<String, TopicState>,
     interests: BTreeMap<String, SubjectFilter>,
+    /// When each interest was added (0: before times were kept).
+    interest_added: BTreeMap<String, u64>,
+    interest_version: u64,
 }
 
 impl Default for MetaApp {
@@ -86,10 +130,14 @@ impl Default for MetaApp {
             view: Arc::new(MetaView {
                 topics: RwLock::new(BTreeMap::new()),
                 interests: RwLock::new(BTreeMap::new()),
+                interest_version: std::sync::atomic::AtomicU64::new(0),
+                interests_since: std::sync::atomic::AtomicU64::new(0),
                 version: watch::channel(0).0,
             }),
             topics: BTreeMap::new(),
             interests: BTreeMap::new(),
+            interest_added: BTreeMap::new(),
+            interest_version: 0,
         }
     }
 }
@@ -143,11 +191,31 @@ fn interest_key(name: &str) -> Vec<u8> {
     key
 }
 
+fn interest_added_key(name: &str) -> Vec<u8> {
+    let mut key = vec![INTEREST_ADDED_PREFIX];
+    key.extend_from_slice(name.as_bytes());
+    key
+}
+
+fn be_u64(what: &str, bytes: &[u8]) -> Result<u64, StoreError> {
+    Ok(u64::from_be_bytes(bytes.try_into().map_err(|_| {
+        StoreError::io("metadata", format!("{what} is damaged"))
+    })?))
+}
+
 impl MetaApp {
+    /// Records that the entry at `index` changed the interests.
+    fn interests_changed(&mut self, index: u64, writes: &mut sled::Batch) {
+        self.interest_version = index;
+        writes.insert(INTEREST_VERSION_KEY, &index.to_be_bytes());
+    }
+
     fn set_interest(
         &mut self,
+        index: u64,
         name: String,
         subjects: SubjectFilter,
+        at_ms: u64,
         writes: &mut sled::Batch,
     ) -> MetaReply {
         if name.is_empty() || name.len() > 128 {
@@ -157,14 +225,23 @@ impl MetaApp {
             ));
         }
         writes.insert(interest_key(&name), subjects.as_str().as_bytes());
+        // The same filter again keeps its age (the interest continues); a new one starts now.
+        if self.interests.get(&name) != Some(&subjects) {
+            writes.insert(interest_added_key(&name), &at_ms.to_be_bytes());
+            self.interest_added.insert(name.clone(), at_ms);
+        }
         self.interests.insert(name, subjects);
-        MetaReply::Done
+        self.interests_changed(index, writes);
+        MetaReply::InterestSet { version: index }
     }
 
-    fn remove_interest(&mut self, name: String, writes: &mut sled::Batch) -> MetaReply {
+    fn remove_interest(&mut self, index: u64, name: String, writes: &mut sled::Batch) -> MetaReply {
         writes.remove(interest_key(&name));
+        writes.remove(interest_added_key(&name));
         self.interests.remove(&name);
-        MetaReply::Done
+        self.interest_added.remove(&name);
+        self.interests_changed(index, writes);
+        MetaReply::InterestSet { version: index }
     }
 }
 
@@ -188,13 +265,27 @@ impl Application for MetaApp {
                 })?;
             self.interests.insert(name, filter);
         }
+        self.interest_added.clear();
+        for item in tree.scan_prefix([INTEREST_ADDED_PREFIX]) {
+            let (key, value) = item.map_err(|e| StoreError::io("metadata scan", e))?;
+            let name = String::from_utf8_lossy(&key[1..]).into_owned();
+            let at = be_u64(&format!("when interest {name:?} was added"), &value)?;
+            self.interest_added.insert(name, at);
+        }
+        self.interest_version = match tree
+            .get(INTEREST_VERSION_KEY)
+            .map_err(|e| StoreError::io("metadata read", e))?
+        {
+            None => 0,
+            Some(v) => be_u64("the interest version", &v)?,
+        };
         self.after_apply(tree);
         Ok(())
     }
 
     fn apply(
         &mut self,
-        _index: u64,
+        index: u64,
         command: &[u8],
         _tree: &sled::Tree,
         writes: &mut sled::Batch,
@@ -204,9 +295,14 @@ impl Application for MetaApp {
                 self.create_topic(config, replicas, writes)
             }
             Ok(MetaCommand::SetInterest { name, subjects }) => {
-                self.set_interest(name, subjects, writes)
+                self.set_interest(index, name, subjects, 0, writes)
             }
-            Ok(MetaCommand::RemoveInterest { name }) => self.remove_interest(name, writes),
+            Ok(MetaCommand::SetInterestAt {
+                name,
+                subjects,
+                at_ms,
+            }) => self.set_interest(index, name, subjects, at_ms, writes),
+            Ok(MetaCommand::RemoveInterest { name }) => self.remove_interest(index, name, writes),
             Err(e) => MetaReply::Error(ApiError::new(ErrorCode::InvalidRequest, e.to_string())),
         };
         encode("metadata reply", &reply).unwrap_or_default()
@@ -221,8 +317,22 @@ impl Application for MetaApp {
             }
         }
         if let Ok(mut interests) = self.view.interests.write() {
-            if *interests != self.interests {
+            let version = &self.view.interest_version;
+            if *interests != self.interests
+                || version.load(std::sync::atomic::Ordering::Acquire) != self.interest_version
+            {
                 *interests = self.interests.clone();
+                // Stored under the interests' lock, so a reader sees them together.
+                version.store(self.interest_version, std::sync::atomic::Ordering::Release);
+                let since = self
+                    .interests
+                    .keys()
+                    .map(|name| self.interest_added.get(name).copied().unwrap_or(0))
+                    .min()
+                    .unwrap_or(0);
+                self.view
+                    .interests_since
+                    .store(since, std::sync::atomic::Ordering::Release);
                 changed = true;
             }
         }

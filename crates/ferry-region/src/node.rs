@@ -338,10 +338,18 @@ impl<T: Transport> Node<T> {
                     continue;
                 }
                 let now = now_ms();
-                let trim = group
-                    .view
-                    .retention_point(now, retention.max_age_ms, retention.max_bytes)
-                    .map(|before_offset| PartitionCommand::Trim { before_offset });
+                let mut trim_to =
+                    group
+                        .view
+                        .retention_point(now, retention.max_age_ms, retention.max_bytes);
+                if retention.keep_until_forwarded {
+                    // Not past what any region's forwarder has passed (committed).
+                    if let Some((_, cursor)) = group.view.forward_cursors().first() {
+                        let low = group.view.watermarks().low;
+                        trim_to = trim_to.map(|t| t.min(*cursor)).filter(|t| *t > low);
+                    }
+                }
+                let trim = trim_to.map(|before_offset| PartitionCommand::Trim { before_offset });
                 let idle_before_ms = now.saturating_sub(inner.config.producer_expiry_ms);
                 let expire = group
                     .view

@@ -202,6 +202,17 @@ impl PartitionView {
             .copied())
     }
 
+    /// The committed forwarding cursors, by region, lowest first.
+    pub fn forward_cursors(&self) -> Vec<(String, u64)> {
+        let mut cursors: Vec<(String, u64)> = self
+            .forward_cursors
+            .read()
+            .map(|c| c.iter().map(|(r, n)| (r.clone(), *n)).collect())
+            .unwrap_or_default();
+        cursors.sort_by(|a, b| (a.1, &a.0).cmp(&(b.1, &b.0)));
+        cursors
+    }
+
     /// Every offset of the origin (region, partition) below this is held here (as applied).
     pub fn received(&self, region: &str, partition: u32) -> Result<u64, StoreError> {
         Ok(self
@@ -211,6 +222,23 @@ impl PartitionView {
             .get(&(region.to_string(), partition))
             .copied()
             .unwrap_or(0))
+    }
+
+    /// The first retained offset appended at or after `at_ms` (milliseconds since the epoch),
+    /// or the high watermark if none was. Append times follow the leaders' clocks, so they are
+    /// ordered only as well as those clocks agree.
+    pub fn first_appended_since(&self, at_ms: u64) -> u64 {
+        let marks = self.watermarks();
+        let Ok(files) = self.files.read() else {
+            return marks.low;
+        };
+        files
+            .index()
+            .iter()
+            .find(|(base, info)| {
+                info.appended_at_ms >= at_ms && **base + u64::from(info.count) > marks.low
+            })
+            .map_or(marks.high, |(base, _)| (*base).clamp(marks.low, marks.high))
     }
 
     /// When the batch holding `offset` was appended (milliseconds since the epoch), if held.

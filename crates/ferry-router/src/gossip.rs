@@ -194,6 +194,16 @@ pub struct NodeRecord {
     pub reach: Vec<String>,
     /// Its load (the unit is the publisher's; compared between nodes).
     pub load: u64,
+    /// The version of `interest` (its region's metadata log index of the last change).
+    pub interest_version: u64,
+    /// A time (ms since the epoch) at which the node vouches that `interest` was its region's
+    /// current committed set (it confirmed its leadership of the region's metadata group
+    /// after that moment); 0 when it does not vouch.
+    pub interest_as_of_ms: u64,
+    /// When the oldest of `interest` was added (ms since the epoch; 0 if unknown or none).
+    pub interest_since_ms: u64,
+    /// The interest version this node holds for each other region it knows.
+    pub seen: Vec<(String, u64)>,
 }
 
 impl Default for NodeRecord {
@@ -208,6 +218,10 @@ impl Default for NodeRecord {
             interest: Vec::new(),
             reach: Vec::new(),
             load: 0,
+            interest_version: 0,
+            interest_as_of_ms: 0,
+            interest_since_ms: 0,
+            seen: Vec::new(),
         }
     }
 }

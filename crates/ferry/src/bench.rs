@@ -185,33 +185,18 @@ async fn mesh(mut args: MeshArgs) -> anyhow::Result<()> {
         source_region != destination_region,
         "--servers and --to are both in region {source_region}"
     );
-    destination
+    let version = destination
         .add_interest(&format!("bench-{}", args.topic), "bench.>")
         .await?;
-    // Wait (bounded) until every node of the source region has learned the interest: events
-    // published before a partition's leader knows it are not forwarded.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    for server in &args.connect.servers {
-        let node = ferry_client::Client::new(ferry_client::ClientOptions::new(
-            vec![*server],
-            args.connect.identity()?,
-        ))?;
-        loop {
-            let report = node.regions().await?;
-            let known = report
-                .interests
-                .iter()
-                .any(|(r, f)| *r == destination_region && f.iter().any(|f| f == "bench.>"));
-            if known {
-                break;
-            }
-            anyhow::ensure!(
-                Instant::now() < deadline,
-                "{server} in {source_region} did not learn {destination_region}'s interest in 30 s"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
+    // Wait (bounded) until every node of the source region holds the interest, so no event
+    // of the run waits at its source for the interest to arrive (that would count as latency).
+    let reach = destination
+        .await_interest(version, Duration::from_secs(30))
+        .await?;
+    anyhow::ensure!(
+        !reach.waiting_for.contains(&source_region),
+        "{source_region} did not learn {destination_region}'s interest in 30 s"
+    );
 
     // Receive in the destination from its current end.
     let base = Instant::now();

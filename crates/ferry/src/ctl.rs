@@ -116,6 +116,13 @@ enum InterestCommand {
         name: String,
         /// Subject filter (`*` one token, `>` the rest).
         subjects: String,
+        /// Return once the region committed it, without waiting for the other regions to
+        /// learn it (delivery does not depend on the wait).
+        #[arg(long)]
+        no_wait: bool,
+        /// How long to wait for every other region to learn it, seconds.
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(0..=600))]
+        wait_secs: u64,
     },
     /// Remove a named interest.
     Remove {
@@ -154,6 +161,11 @@ enum TopicCommand {
         /// Keep at most this many bytes per partition.
         #[arg(long)]
         retention_bytes: Option<u64>,
+        /// Keep events until every other region's forwarder passed them, whatever the two
+        /// bounds above say; a partition holding this many bytes refuses publishes until
+        /// forwarding catches up.
+        #[arg(long)]
+        keep_until_forwarded_max_bytes: Option<u64>,
     },
     /// List topics.
     List,
@@ -180,10 +192,34 @@ pub(crate) async fn run(args: CtlArgs) -> anyhow::Result<()> {
     match args.command {
         CtlCommand::Topic { command } => topic(&client, command).await,
         CtlCommand::Interest { command } => match command {
-            InterestCommand::Add { name, subjects } => {
+            InterestCommand::Add {
+                name,
+                subjects,
+                no_wait,
+                wait_secs,
+            } => {
                 SubjectFilter::new(subjects.clone())?;
-                client.add_interest(&name, &subjects).await?;
-                println!("interest {name} in {subjects} added");
+                let version = client.add_interest(&name, &subjects).await?;
+                println!(
+                    "interest {name} in {subjects} added (interest version {version}): events \
+                     appended in other regions from now on are forwarded here"
+                );
+                if no_wait {
+                    return Ok(());
+                }
+                let reach = client
+                    .await_interest(version, Duration::from_secs(wait_secs))
+                    .await?;
+                if !reach.seen_by.is_empty() {
+                    println!("seen by {}", reach.seen_by.join(", "));
+                }
+                if !reach.waiting_for.is_empty() {
+                    println!(
+                        "not yet seen by {} after {wait_secs} s (unreachable or slow): their \
+                         forwarders hold matching events until they learn it",
+                        reach.waiting_for.join(", ")
+                    );
+                }
                 Ok(())
             }
             InterestCommand::Remove { name } => {
@@ -322,6 +358,7 @@ async fn topic(client: &Client, command: TopicCommand) -> anyhow::Result<()> {
             regions,
             retention_seconds,
             retention_bytes,
+            keep_until_forwarded_max_bytes: hard_max_bytes,
         } => {
             let mut config = TopicConfig::new(name.clone(), partitions);
             config.replication = replication;
@@ -341,6 +378,8 @@ async fn topic(client: &Client, command: TopicCommand) -> anyhow::Result<()> {
             config.retention = Retention {
                 max_age_ms: retention_seconds.map(|s| s * 1000),
                 max_bytes: retention_bytes,
+                keep_until_forwarded: hard_max_bytes.is_some(),
+                hard_max_bytes,
             };
             client.create_topic(config).await?;
             // Wait (bounded) until every partition has a leader, so the next command works.
@@ -427,10 +466,17 @@ fn print_regions(report: &MeshReport) -> anyhow::Result<()> {
             f.lag_ms as f64 / 1000.0,
             f.sent_events,
             if f.route.is_empty() { "-" } else { &f.route },
-            f.last_error
-                .as_deref()
-                .map(|e| format!("error: {e}"))
-                .unwrap_or_default()
+            [
+                (f.trimmed_unforwarded > 0).then(|| format!(
+                    "TRIMMED BEFORE FORWARDING: {} offsets",
+                    f.trimmed_unforwarded
+                )),
+                f.last_error.as_deref().map(|e| format!("error: {e}")),
+            ]
+            .into_iter()
+            .flatten()
+            .collect::<Vec<_>>()
+            .join("  ")
         );
     }
     Ok(())

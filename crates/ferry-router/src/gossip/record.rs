@@ -10,6 +10,10 @@
 //! | `interest` | subject filters, one space between, may be empty | `orders.> payments.*`   |
 //! | `reach`    | region names, comma-separated, may be empty      | `us-east,ap-south`      |
 //! | `load`     | u64, decimal                                     | `1200`                  |
+//! | `iversion` | u64, the version of `interest`                   | `42`                    |
+//! | `ias_of`   | u64, ms since the epoch the node vouches for `interest` as current at; 0: it does not | `1764950000123` |
+//! | `isince`   | u64, ms since the epoch the oldest of `interest` was added (0: unknown) | `1764950000000` |
+//! | `seen`     | `region:version`, comma-separated, may be empty  | `us-east:12,ap:3`       |
 //!
 //! Decoding is strict: a missing key or a value that does not parse makes the whole record
 //! invalid (the caller ignores that node). [`validate`] checks a record before it is published
@@ -35,6 +39,14 @@ pub(super) const KEY_INTEREST: &str = "interest";
 pub(super) const KEY_REACH: &str = "reach";
 /// Key of the node's load.
 pub(super) const KEY_LOAD: &str = "load";
+/// Key of the interest's version.
+pub(super) const KEY_INTEREST_VERSION: &str = "iversion";
+/// Key of the time the node vouches for the interest as current at.
+pub(super) const KEY_INTEREST_AS_OF: &str = "ias_of";
+/// Key of when the oldest interest was added.
+pub(super) const KEY_INTEREST_SINCE: &str = "isince";
+/// Key of the interest versions the node holds for other regions.
+pub(super) const KEY_SEEN: &str = "seen";
 
 /// Why a record does not decode (or would not, once published).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -66,7 +78,7 @@ fn invalid(key: &'static str, value: &str, reason: impl Into<String>) -> RecordE
 }
 
 /// The key/value pairs `record` is gossiped as (the id travels as the chitchat node id).
-pub(super) fn encode(record: &NodeRecord) -> [(&'static str, String); 7] {
+pub(super) fn encode(record: &NodeRecord) -> [(&'static str, String); 11] {
     let leads = record
         .leads
         .iter()
@@ -81,6 +93,18 @@ pub(super) fn encode(record: &NodeRecord) -> [(&'static str, String); 7] {
         (KEY_INTEREST, record.interest.join(" ")),
         (KEY_REACH, record.reach.join(",")),
         (KEY_LOAD, record.load.to_string()),
+        (KEY_INTEREST_VERSION, record.interest_version.to_string()),
+        (KEY_INTEREST_AS_OF, record.interest_as_of_ms.to_string()),
+        (KEY_INTEREST_SINCE, record.interest_since_ms.to_string()),
+        (
+            KEY_SEEN,
+            record
+                .seen
+                .iter()
+                .map(|(region, version)| format!("{region}:{version}"))
+                .collect::<Vec<_>>()
+                .join(","),
+        ),
     ]
 }
 
@@ -106,10 +130,33 @@ pub(super) fn decode<'a>(
     let reach = list(value(KEY_REACH)?, ',')
         .map(|region| check_region(KEY_REACH, region).map(|()| region.to_string()))
         .collect::<Result<Vec<_>, _>>()?;
-    let load_text = value(KEY_LOAD)?;
-    let load = load_text
-        .parse::<u64>()
-        .map_err(|e| invalid(KEY_LOAD, load_text, e.to_string()))?;
+    let number = |key: &'static str| {
+        value(key).and_then(|text| {
+            text.parse::<u64>()
+                .map_err(|e| invalid(key, text, e.to_string()))
+        })
+    };
+    let load = number(KEY_LOAD)?;
+    let interest_version = number(KEY_INTEREST_VERSION)?;
+    let interest_as_of_ms = number(KEY_INTEREST_AS_OF)?;
+    let interest_since_ms = number(KEY_INTEREST_SINCE)?;
+    let seen_text = value(KEY_SEEN)?;
+    let seen = list(seen_text, ',')
+        .map(|item| {
+            let (region, version) = item.rsplit_once(':').ok_or_else(|| {
+                invalid(
+                    KEY_SEEN,
+                    seen_text,
+                    format!("{item:?} is not region:version"),
+                )
+            })?;
+            check_region(KEY_SEEN, region)?;
+            let version = version
+                .parse::<u64>()
+                .map_err(|e| invalid(KEY_SEEN, seen_text, format!("{item:?}: {e}")))?;
+            Ok((region.to_string(), version))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     Ok(NodeRecord {
         id,
         region: region.to_string(),
@@ -119,6 +166,10 @@ pub(super) fn decode<'a>(
         interest,
         reach,
         load,
+        interest_version,
+        interest_as_of_ms,
+        interest_since_ms,
+        seen,
     })
 }
 
@@ -216,6 +267,10 @@ mod tests {
             interest: vec!["orders.>".into(), "payments.*.done".into()],
             reach: vec!["us-east".into(), "ap_south".into()],
             load: 1200,
+            interest_version: 42,
+            interest_as_of_ms: 1_764_950_000_123,
+            interest_since_ms: 1_764_950_000_000,
+            seen: vec![("us-east".into(), 12), ("ap_south".into(), 0)],
         }
     }
 
@@ -240,6 +295,10 @@ mod tests {
         assert_eq!(map[KEY_INTEREST], "orders.> payments.*.done");
         assert_eq!(map[KEY_REACH], "us-east,ap_south");
         assert_eq!(map[KEY_LOAD], "1200");
+        assert_eq!(map[KEY_INTEREST_VERSION], "42");
+        assert_eq!(map[KEY_INTEREST_AS_OF], "1764950000123");
+        assert_eq!(map[KEY_INTEREST_SINCE], "1764950000000");
+        assert_eq!(map[KEY_SEEN], "us-east:12,ap_south:0");
     }
 
     #[test]
@@ -255,6 +314,7 @@ mod tests {
             interest: vec![],
             reach: vec![],
             load: 0,
+            seen: vec![],
             ..record
         };
         let map = as_map(&bare);
@@ -285,6 +345,13 @@ mod tests {
             (KEY_LOAD, "-1"),
             (KEY_LOAD, "lots"),
             (KEY_LOAD, "18446744073709551616"),
+            (KEY_INTEREST_VERSION, "v1"),
+            (KEY_INTEREST_AS_OF, ""),
+            (KEY_INTEREST_SINCE, "-5"),
+            (KEY_SEEN, "us"),
+            (KEY_SEEN, "us:x"),
+            (KEY_SEEN, "u s:1"),
+            (KEY_SEEN, "us:1,"),
         ];
         for (key, value) in cases {
             let mut map = good.clone();
@@ -352,6 +419,13 @@ mod tests {
                 "comma in reach",
                 NodeRecord {
                     reach: vec!["us,eu".into()],
+                    ..sample()
+                },
+            ),
+            (
+                "colon in a seen region",
+                NodeRecord {
+                    seen: vec![("us:1".into(), 2)],
                     ..sample()
                 },
             ),

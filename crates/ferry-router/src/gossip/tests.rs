@@ -140,6 +140,10 @@ fn record_for(index: usize) -> NodeRecord {
             .map(|r| r.to_string())
             .collect(),
         load: id * 10,
+        interest_version: id,
+        interest_as_of_ms: 1_000 + id,
+        interest_since_ms: 500 + id,
+        seen: vec![("elsewhere".into(), id)],
     }
 }
 
