@@ -1,0 +1,423 @@
+//! The source side: one [`Forwarder`] per (partition this node leads, other region), fed
+//! from the partition's log, judging each event by the destination's interest, sending
+//! batches straight or through a relay, committing its cursor through Raft.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use ferry_net::{NetError, Transport};
+use ferry_proto::{codec, RegionPolicy};
+use ferry_router::{Ack, Batch, Forwarder, ForwarderConfig, SourceEvent};
+use openraft::async_runtime::WatchReceiver;
+use tokio::sync::{mpsc, watch};
+
+use crate::command::{decode, encode, PartitionCommand, PartitionReply};
+use crate::node::{now_ms, Node, PartitionGroup};
+use crate::peer::{ForwardRequest, PeerRequest, PeerResponse, Router};
+
+use super::{lock, Judgement, MeshSnapshot};
+
+/// Cursor moves are committed through Raft at most this often per forwarder.
+const COMMIT_EVERY: Duration = Duration::from_millis(100);
+/// After a direct call to a region fails, relays are tried first for this long.
+const DIRECT_RETRY_AFTER: Duration = Duration::from_secs(5);
+/// Longest a forwarder sleeps without looking at its source again.
+const IDLE_WAKE: Duration = Duration::from_millis(250);
+
+fn is_unreachable(e: &NetError) -> bool {
+    !matches!(e, NetError::Remote(_))
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub(super) struct ForwardKey {
+    pub(super) topic: String,
+    pub(super) partition: u32,
+    pub(super) destination: String,
+}
+
+/// What a running forwarder shows `ferry ctl regions`.
+#[derive(Debug, Clone, Default)]
+pub(super) struct ForwardStatus {
+    pub(super) cursor: u64,
+    pub(super) high: u64,
+    pub(super) lag_ms: u64,
+    pub(super) sent_events: u64,
+    pub(super) route: String,
+    pub(super) last_error: Option<String>,
+    /// Offsets retention already dropped ahead of what the forwarder has read (counted as
+    /// trimmed once it reads there).
+    pub(super) trimmed_ahead: u64,
+}
+
+pub(super) struct RunningForwarder {
+    pub(super) stop: watch::Sender<bool>,
+    pub(super) status: Arc<Mutex<ForwardStatus>>,
+}
+
+impl<T: Transport> Node<T> {
+    fn forwarder_config(&self) -> ForwarderConfig {
+        let m = &self.inner.config.mesh;
+        ForwarderConfig {
+            window: m.forward_window,
+            max_batch_events: m.forward_batch_events,
+            max_batch_bytes: m.forward_batch_bytes,
+            retry_after: Duration::from_millis(m.forward_retry_ms),
+            max_backoff: Duration::from_millis(m.forward_max_backoff_ms),
+        }
+    }
+
+    async fn propose(
+        &self,
+        group: &PartitionGroup,
+        command: &PartitionCommand,
+    ) -> Result<PartitionReply, String> {
+        let command = encode("partition command", command).map_err(|e| e.to_string())?;
+        let response = group
+            .raft
+            .client_write(ferry_store::Command(command))
+            .await
+            .map_err(|e| e.to_string())?;
+        decode::<PartitionReply>("partition reply", &response.data.0).map_err(|e| e.to_string())
+    }
+
+    /// Forwards one partition this node leads to one region until told to stop or the
+    /// node stops leading it.
+    pub(super) async fn run_forwarder(
+        &self,
+        key: &ForwardKey,
+        status: Arc<Mutex<ForwardStatus>>,
+        mut stop: watch::Receiver<bool>,
+    ) -> Result<(), String> {
+        let mesh = self.mesh().cloned().ok_or("mesh not started")?;
+        let group = self
+            .partition(&key.topic, key.partition)
+            .ok_or("partition not hosted here")?;
+        let view = group.view.clone();
+        let config = self.forwarder_config();
+        let marks = view.watermarks();
+        let start = match view
+            .forward_cursor(&key.destination)
+            .map_err(|e| e.to_string())?
+        {
+            Some(cursor) if cursor < marks.low => {
+                mesh.note_trimmed(key, cursor, marks.low);
+                marks.low
+            }
+            Some(cursor) => cursor,
+            None => {
+                // The first forwarder of this partition to this region: it starts at the
+                // first event appended since the region's oldest interest was added (clock
+                // skew allowed), wherever this node was then. Every event after it is judged.
+                let since = lock(&mesh.known_interest)
+                    .get(&key.destination)
+                    .map_or(0, |v| v.since_ms);
+                let skew = self.inner.config.mesh.interest_clock_skew_ms;
+                let next = view.first_appended_since(since.saturating_sub(skew));
+                let command = PartitionCommand::ForwardCursor {
+                    region: key.destination.clone(),
+                    next,
+                };
+                self.propose(&group, &command).await?;
+                next
+            }
+        };
+        let mut forwarder = Forwarder::new(config, start);
+        let mut changes = view.subscribe();
+        let mut views = mesh.snapshot.subscribe();
+        let (acks_tx, mut acks) = mpsc::unbounded_channel::<(Result<Ack, String>, String)>();
+        let direct_failed: Arc<Mutex<Option<Instant>>> = Arc::default();
+        let mut uncommitted: Option<u64> = None;
+        let mut committing: Option<tokio::task::JoinHandle<Option<u64>>> = None;
+        let mut last_commit = Instant::now();
+        let mut sent_before = 0;
+        loop {
+            if *stop.borrow() || self.is_shut_down() {
+                return Ok(());
+            }
+            if group.raft.metrics().borrow_watched().current_leader != Some(self.inner.id) {
+                return Ok(());
+            }
+            let snapshot = views.borrow_and_update().clone();
+            let waiting_for_view =
+                self.read_for_forwarding(key, &group, &snapshot, &mut forwarder)?;
+
+            let now = Instant::now();
+            while let Some(batch) = forwarder.poll_transmit(now) {
+                let node = self.clone();
+                let key = key.clone();
+                let acks = acks_tx.clone();
+                let direct_failed = direct_failed.clone();
+                tokio::spawn(async move {
+                    let answer = node.send_batch(&key, batch, &direct_failed).await;
+                    let _ = acks.send(answer);
+                });
+            }
+            let stats = forwarder.stats();
+            mesh.count_crossing(
+                &key.topic,
+                &key.destination,
+                stats.events_sent - sent_before,
+            );
+            sent_before = stats.events_sent;
+
+            if let Some(cursor) = forwarder.poll_commit() {
+                uncommitted = Some(cursor);
+            }
+            // Commit the cursor in the background (a Raft round), at most every COMMIT_EVERY.
+            if let Some(next) = uncommitted {
+                if committing.is_none() && last_commit.elapsed() >= COMMIT_EVERY {
+                    let command = PartitionCommand::ForwardCursor {
+                        region: key.destination.clone(),
+                        next,
+                    };
+                    let node = self.clone();
+                    let group = group.clone();
+                    committing = Some(tokio::spawn(async move {
+                        // A failure means this node no longer leads: the loop ends above.
+                        node.propose(&group, &command).await.is_ok().then_some(next)
+                    }));
+                    last_commit = Instant::now();
+                }
+            }
+            {
+                let marks = view.watermarks();
+                let high = marks.high;
+                let mut s = lock(&status);
+                s.trimmed_ahead = marks.low.saturating_sub(forwarder.read_from());
+                s.cursor = forwarder.cursor();
+                s.high = high;
+                s.sent_events = stats.events_sent;
+                s.lag_ms = if forwarder.cursor() < high {
+                    view.appended_at(forwarder.cursor())
+                        .map_or(0, |at| now_ms().saturating_sub(at))
+                } else {
+                    0
+                };
+            }
+
+            let now = Instant::now();
+            let mut wake = forwarder
+                .poll_timeout()
+                .unwrap_or(now + IDLE_WAKE)
+                .min(now + IDLE_WAKE);
+            if uncommitted.is_some() && committing.is_none() {
+                wake = wake.min(last_commit + COMMIT_EVERY);
+            }
+            let committed = async {
+                match committing.as_mut() {
+                    Some(task) => task.await.ok().flatten(),
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                biased;
+                _ = stop.changed() => return Ok(()),
+                done = committed => {
+                    committing = None;
+                    if done.is_some() && done == uncommitted {
+                        uncommitted = None;
+                    }
+                }
+                Some((answer, route)) = acks.recv() => {
+                    let mut s = lock(&status);
+                    match answer {
+                        Ok(ack) => {
+                            forwarder.handle_ack(ack);
+                            s.route = route;
+                            s.last_error = None;
+                        }
+                        Err(e) => {
+                            if s.last_error.as_deref() != Some(e.as_str()) {
+                                tracing::warn!(topic = %key.topic, partition = key.partition, destination = %key.destination, error = %e, "forwarding failed; retrying with backoff");
+                            }
+                            s.last_error = Some(e);
+                        }
+                    }
+                }
+                _ = changes.changed() => {}
+                _ = views.changed(), if waiting_for_view => {}
+                _ = tokio::time::sleep_until(wake.into()) => {}
+            }
+        }
+    }
+
+    /// Feeds the forwarder what it asks for from the partition's log. Answers whether it
+    /// stopped at an event it cannot judge yet (it waits for a newer view of the destination's
+    /// interest).
+    fn read_for_forwarding(
+        &self,
+        key: &ForwardKey,
+        group: &PartitionGroup,
+        snapshot: &MeshSnapshot,
+        forwarder: &mut Forwarder,
+    ) -> Result<bool, String> {
+        let Some(topic) = self.inner.meta_view.topic(&key.topic) else {
+            return Err(format!("topic {} is gone", key.topic));
+        };
+        let listed = match &topic.config.regions {
+            RegionPolicy::Listed(regions) => regions.contains(&key.destination),
+            _ => false,
+        };
+        let region = &self.inner.config.region;
+        let max_bytes = self.inner.config.mesh.forward_batch_bytes;
+        let skew_ms = self.inner.config.mesh.interest_clock_skew_ms;
+        while forwarder.wants_source() {
+            let from = forwarder.read_from();
+            let marks = group.view.watermarks();
+            if from >= marks.high {
+                return Ok(false);
+            }
+            if from < marks.low {
+                // Trimmed by retention before it was forwarded.
+                if let Some(mesh) = self.mesh() {
+                    mesh.note_trimmed(key, from, marks.low);
+                }
+                forwarder.handle_source(std::iter::empty(), marks.low);
+                continue;
+            }
+            let batches = group
+                .view
+                .read(from, max_bytes)
+                .map_err(|e| e.to_string())?;
+            let mut upto = from;
+            let mut events = Vec::new();
+            let mut undecided = None;
+            'batches: for batch in &batches {
+                upto = batch.base_offset + u64::from(batch.count);
+                if upto <= from {
+                    continue;
+                }
+                let decoded = batch.decode().map_err(|e| e.to_string())?;
+                for (offset, mut event) in decoded {
+                    if offset < from {
+                        continue;
+                    }
+                    let local = event.origin_region.as_deref().is_none_or(|o| o == region);
+                    let judgement = if !local {
+                        Judgement::Unwanted
+                    } else if listed {
+                        Judgement::Wanted
+                    } else {
+                        snapshot.judge(
+                            &key.destination,
+                            event.subject.as_str(),
+                            batch.appended_at_ms,
+                            skew_ms,
+                        )
+                    };
+                    let wanted = match judgement {
+                        Judgement::Wanted => true,
+                        Judgement::Unwanted => false,
+                        Judgement::Undecided => {
+                            // The destination may have added an interest in it that has not
+                            // reached this node yet: stop here until its view is recent.
+                            undecided = Some(offset);
+                            break 'batches;
+                        }
+                    };
+                    let bytes = if wanted {
+                        event.origin_region.get_or_insert_with(|| region.clone());
+                        Bytes::from(
+                            codec::encode("forwarded event", &event).map_err(|e| e.to_string())?,
+                        )
+                    } else {
+                        Bytes::new()
+                    };
+                    events.push(SourceEvent {
+                        offset,
+                        wanted,
+                        bytes,
+                    });
+                }
+            }
+            if let Some(offset) = undecided {
+                forwarder.handle_source(events, offset);
+                return Ok(true);
+            }
+            if upto <= from {
+                return Ok(false);
+            }
+            forwarder.handle_source(events, upto.min(marks.high));
+        }
+        Ok(false)
+    }
+
+    /// Sends one batch: straight to the destination, or through a relay when the region
+    /// cannot be reached. Answers the acknowledgement (or why not) and the route taken.
+    async fn send_batch(
+        &self,
+        key: &ForwardKey,
+        batch: Batch,
+        direct_failed: &Mutex<Option<Instant>>,
+    ) -> (Result<Ack, String>, String) {
+        let Some(mesh) = self.mesh().cloned() else {
+            return (Err("mesh stopped".into()), String::new());
+        };
+        let snapshot = mesh.snapshot();
+        let request = PeerRequest::Forward(ForwardRequest {
+            origin_region: mesh.region.clone(),
+            target_region: key.destination.clone(),
+            topic: key.topic.clone(),
+            partition: key.partition,
+            batch,
+            relays_left: 1,
+            passed_in_region: false,
+        });
+        let request = match Router::<T>::encode_request(&request) {
+            Ok(r) => r,
+            Err(e) => return (Err(e.to_string()), String::new()),
+        };
+        let direct: Vec<(String, SocketAddr)> = snapshot
+            .targets(&key.destination, &key.topic, key.partition)
+            .into_iter()
+            .map(|a| ("direct".to_string(), a))
+            .collect();
+        let relays: Vec<(String, SocketAddr)> = snapshot
+            .relays(&mesh.region, &key.destination)
+            .into_iter()
+            .map(|(region, a)| (format!("via {region}"), a))
+            .collect();
+        if direct.is_empty() && relays.is_empty() {
+            return (
+                Err(format!("no live node of region {}", key.destination)),
+                String::new(),
+            );
+        }
+        let relays_first = lock(direct_failed).is_some_and(|at| at.elapsed() < DIRECT_RETRY_AFTER);
+        let routes: Vec<_> = if relays_first {
+            relays.into_iter().chain(direct).collect()
+        } else {
+            direct.into_iter().chain(relays).collect()
+        };
+        let mut errors = Vec::new();
+        for (route, addr) in routes {
+            let is_direct = route == "direct";
+            match self
+                .inner
+                .router
+                .call_addr_encoded(addr, request.clone())
+                .await
+            {
+                Ok(PeerResponse::Forwarded(ack)) => {
+                    if is_direct {
+                        mesh.note_reach(&key.destination);
+                        *lock(direct_failed) = None;
+                    }
+                    return (Ok(ack), route);
+                }
+                // The destination (or relay) answered but refused: say why; resent later.
+                Ok(PeerResponse::Error(e)) => return (Err(e), route),
+                Ok(_) => errors.push(format!("{route}: unexpected answer")),
+                Err(e) => {
+                    if is_direct && is_unreachable(&e) {
+                        *lock(direct_failed) = Some(Instant::now());
+                    }
+                    errors.push(format!("{route} ({addr}): {e}"));
+                }
+            }
+        }
+        (Err(errors.join("; ")), String::new())
+    }
+}

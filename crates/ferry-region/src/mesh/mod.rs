@@ -1,0 +1,634 @@
+//! The node's part in the mesh. It gossips about itself (chitchat over the peer transport,
+//! so over mutually authenticated QUIC: a node from another CA cannot take part); runs one
+//! [`Forwarder`] per (partition it leads, other region); answers forwarded batches (relays
+//! them when they are for another region, passes them to the partition's leader, appends
+//! them through Raft, acknowledges after commit); and builds the report behind
+//! `ferry ctl regions`.
+//!
+//! Routing rules:
+//! - Only events that originated in this region are forwarded (an event forwarded in is
+//!   never forwarded on), so an event takes at most one hop between logs: no loops.
+//! - An event goes to region R if its topic's policy lists R, or the policy is by interest
+//!   and one of R's interests (published by R's nodes in gossip) matches its subject.
+//!   Topics with the `Local` policy never leave the region.
+//! - A batch goes straight to the destination partition's leader; if that region cannot be
+//!   reached, through a node of a third region, which relays it once (`relays_left`) and
+//!   never stores it. The acknowledgement comes back the same way, so it still means
+//!   "committed in the destination's log". This delivers during any single-link cut
+//!   between three or more regions.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use ferry_net::Transport;
+use ferry_proto::wire::{ForwardingInfo, InterestReach, MeshNodeInfo, MeshReport};
+use ferry_proto::RegionPolicy;
+use ferry_router::{Gossip, GossipConfig, GossipInbox, GossipLink, NodeRecord};
+use futures::future::BoxFuture;
+use openraft::async_runtime::WatchReceiver;
+use tokio::sync::watch;
+
+use crate::metadata::InterestSet;
+use crate::node::{now_ms, Node, PartitionGroup};
+use crate::peer::{PeerRequest, PeerResponse, Router};
+use crate::RegionError;
+
+mod forward;
+mod receive;
+mod snapshot;
+
+use forward::{ForwardKey, ForwardStatus, RunningForwarder};
+use receive::{Intake, OriginPartition};
+pub(crate) use snapshot::{InterestView, Judgement, MeshSnapshot};
+
+/// How often the node republishes its record and reconciles its forwarders.
+const SUPERVISE_EVERY: Duration = Duration::from_millis(200);
+/// A region counts as reached directly if a call to it succeeded this recently.
+const REACH_FRESH: Duration = Duration::from_secs(10);
+/// How long the metadata leader waits for a quorum to confirm it before vouching for the
+/// region's interest.
+const VOUCH_TIMEOUT: Duration = Duration::from_secs(1);
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Forwarded events a destination node did not store again, by where the dedupe caught them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ForwardedDuplicates {
+    /// Events of resent batches this node (leading the destination partition) answered
+    /// from its applied state without proposing them: the whole batch was held already,
+    /// or an earlier copy was still in Raft.
+    pub resent_events_held: u64,
+    /// Events the state machines of partitions this node hosts skipped on apply as held
+    /// already (every replica counts its own apply).
+    pub skipped_on_apply: u64,
+}
+
+impl ForwardedDuplicates {
+    /// Both stages together.
+    pub fn total(&self) -> u64 {
+        self.resent_events_held + self.skipped_on_apply
+    }
+}
+
+/// A region's interest as this node knows it: the newest version any of its nodes
+/// The node's mesh state.
+pub(crate) struct Mesh {
+    pub(crate) region: String,
+    pub(crate) addr: SocketAddr,
+    gossip: Gossip,
+    pub(crate) inbox: GossipInbox,
+    snapshot: watch::Sender<Arc<MeshSnapshot>>,
+    /// The newest interest seen per region (kept while the region is silent or behind).
+    known_interest: Mutex<BTreeMap<String, InterestView>>,
+    forwarders: Mutex<BTreeMap<ForwardKey, RunningForwarder>>,
+    /// Source offsets retention dropped before a forwarder of this node dealt with them.
+    trimmed_unforwarded: Mutex<HashMap<ForwardKey, u64>>,
+    /// Events sent to another region, per (topic, destination), since this node started.
+    crossings: Mutex<HashMap<(String, String), u64>>,
+    /// Events of forwarded batches this node, as the destination's leader, answered from
+    /// the applied state instead of proposing them again: resends of batches already held
+    /// or still in Raft (the dedupe's first stage).
+    resent_events_held: AtomicU64,
+    /// Last successful direct call per region.
+    reach: Mutex<HashMap<String, Instant>>,
+    /// What the destination leader has proposed per (origin region, topic, partition): a
+    /// batch continuing it is proposed at once (pipelined behind the ones in Raft); a resend
+    /// of one still in Raft waits for it and is answered from the applied state instead of
+    /// being proposed again; one beyond it is a gap.
+    receiving: Mutex<HashMap<OriginPartition, Arc<tokio::sync::Mutex<Intake>>>>,
+    /// Previous load sample: (events appended in led partitions, when).
+    load_sample: Mutex<(u64, Instant, u64)>,
+}
+
+impl Mesh {
+    pub(crate) fn snapshot(&self) -> Arc<MeshSnapshot> {
+        self.snapshot.borrow().clone()
+    }
+
+    fn note_reach(&self, region: &str) {
+        lock(&self.reach).insert(region.to_string(), Instant::now());
+    }
+
+    fn reached(&self) -> Vec<String> {
+        let mut out: Vec<String> = lock(&self.reach)
+            .iter()
+            .filter(|(_, at)| at.elapsed() < REACH_FRESH)
+            .map(|(r, _)| r.clone())
+            .collect();
+        out.sort();
+        out
+    }
+
+    fn count_crossing(&self, topic: &str, destination: &str, events: u64) {
+        if events > 0 {
+            *lock(&self.crossings)
+                .entry((topic.to_string(), destination.to_string()))
+                .or_default() += events;
+        }
+    }
+
+    /// Events this node sent to other regions: ((topic, destination), count).
+    pub(crate) fn crossings(&self) -> Vec<((String, String), u64)> {
+        let mut out: Vec<_> = lock(&self.crossings)
+            .iter()
+            .map(|(k, v)| (k.clone(), *v))
+            .collect();
+        out.sort();
+        out
+    }
+
+    fn statuses(&self, source: &str) -> Vec<ForwardingInfo> {
+        lock(&self.forwarders)
+            .iter()
+            .map(|(key, running)| {
+                let s = lock(&running.status).clone();
+                ForwardingInfo {
+                    topic: key.topic.clone(),
+                    partition: key.partition,
+                    source: source.to_string(),
+                    destination: key.destination.clone(),
+                    lag_events: s.high.saturating_sub(s.cursor),
+                    lag_ms: s.lag_ms,
+                    sent_events: s.sent_events,
+                    route: s.route,
+                    last_error: s.last_error,
+                    trimmed_unforwarded: lock(&self.trimmed_unforwarded)
+                        .get(key)
+                        .copied()
+                        .unwrap_or(0)
+                        + s.trimmed_ahead,
+                }
+            })
+            .collect()
+    }
+
+    /// Retention dropped `[from, to)` of a partition before its forwarder to a region dealt
+    /// with it: events that region may have wanted are gone.
+    fn note_trimmed(&self, key: &ForwardKey, from: u64, to: u64) {
+        let count = to.saturating_sub(from);
+        if count == 0 {
+            return;
+        }
+        *lock(&self.trimmed_unforwarded)
+            .entry(key.clone())
+            .or_default() += count;
+        tracing::error!(topic = %key.topic, partition = key.partition, destination = %key.destination, from, to, "retention dropped events before they were forwarded (set retention.keep_until_forwarded to prevent it)");
+    }
+
+    fn stop_all(&self) {
+        for (_, running) in std::mem::take(&mut *lock(&self.forwarders)) {
+            running.stop.send_replace(true);
+        }
+    }
+}
+
+/// Gossip messages travel as peer requests.
+struct PeerGossipLink<T> {
+    router: Router<T>,
+    from: SocketAddr,
+}
+
+impl<T: Transport> GossipLink for PeerGossipLink<T> {
+    fn send(&self, to: SocketAddr, message: Bytes) -> BoxFuture<'static, Result<(), String>> {
+        let router = self.router.clone();
+        let from = self.from;
+        Box::pin(async move {
+            match router
+                .call_addr(to, &PeerRequest::Gossip { from, message })
+                .await
+            {
+                Ok(PeerResponse::Done) => Ok(()),
+                Ok(PeerResponse::Error(e)) => Err(e),
+                Ok(_) => Err("unexpected answer to gossip".into()),
+                Err(e) => Err(e.to_string()),
+            }
+        })
+    }
+}
+
+impl<T: Transport> Node<T> {
+    /// Starts gossip and the supervision of forwarders.
+    pub(crate) async fn start_mesh(&self) -> Result<(), RegionError> {
+        let config = &self.inner.config;
+        let Some(addr) = config.listen_addr() else {
+            return Ok(());
+        };
+        let mut seeds: Vec<SocketAddr> = config
+            .peers
+            .iter()
+            .filter(|p| p.id != config.id)
+            .map(|p| p.addr)
+            .collect();
+        seeds.extend(config.mesh.remote_seeds.iter().copied());
+        let generation = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        let gossip_config = GossipConfig {
+            node_id: config.id,
+            region: config.region.clone(),
+            advertise: addr,
+            seeds,
+            cluster: "ferry".into(),
+            interval: Duration::from_millis(config.mesh.gossip_interval_ms),
+            dead_after: Duration::from_millis(config.mesh.dead_after_ms),
+            generation,
+        };
+        let link = Arc::new(PeerGossipLink {
+            router: self.inner.router.clone(),
+            from: addr,
+        });
+        let (gossip, inbox) =
+            Gossip::start(gossip_config, link)
+                .await
+                .map_err(|e| RegionError::Config {
+                    key: "mesh",
+                    reason: format!("starting gossip: {e}"),
+                })?;
+        let mesh = Arc::new(Mesh {
+            region: config.region.clone(),
+            addr,
+            gossip,
+            inbox,
+            snapshot: watch::channel(Arc::new(MeshSnapshot::default())).0,
+            known_interest: Mutex::new(BTreeMap::new()),
+            forwarders: Mutex::new(BTreeMap::new()),
+            trimmed_unforwarded: Mutex::new(HashMap::new()),
+            crossings: Mutex::new(HashMap::new()),
+            resent_events_held: AtomicU64::new(0),
+            reach: Mutex::new(HashMap::new()),
+            receiving: Mutex::new(HashMap::new()),
+            load_sample: Mutex::new((0, Instant::now(), 0)),
+        });
+        if self.inner.mesh.set(mesh).is_err() {
+            return Ok(());
+        }
+        let weak = Arc::downgrade(&self.inner);
+        let mut shutdown = self.shutdown_signal();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(SUPERVISE_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = shutdown.changed() => return,
+                }
+                let Some(inner) = weak.upgrade() else { return };
+                (Node { inner }).supervise_mesh().await;
+            }
+        });
+        Ok(())
+    }
+
+    pub(crate) fn mesh(&self) -> Option<&Arc<Mesh>> {
+        self.inner.mesh.get()
+    }
+
+    /// Stops forwarders and gossip.
+    pub(crate) async fn stop_mesh(&self) {
+        if let Some(mesh) = self.mesh() {
+            mesh.stop_all();
+            mesh.gossip.stop();
+        }
+    }
+
+    /// Partitions this node leads.
+    fn led_partitions(&self) -> Vec<(String, u32, PartitionGroup)> {
+        let mut led = Vec::new();
+        for topic in self.inner.meta_view.topics() {
+            for partition in 0..topic.config.partitions {
+                if let Some(group) = self.partition(&topic.config.name, partition) {
+                    if group.raft.metrics().borrow_watched().current_leader == Some(self.inner.id) {
+                        led.push((topic.config.name.clone(), partition, group));
+                    }
+                }
+            }
+        }
+        led
+    }
+
+    /// This region's interest set and its version, and the time this node vouches for it as
+    /// the committed set at (0 unless it leads the metadata group and confirmed that with a
+    /// quorum: a read index taken after that time covers every interest committed before).
+    async fn vouch_for_interest(&self) -> (InterestSet, u64) {
+        let meta = &self.inner.meta;
+        if meta.metrics().borrow_watched().current_leader == Some(self.inner.id) {
+            let asked_at = now_ms();
+            let confirmed = tokio::time::timeout(
+                VOUCH_TIMEOUT,
+                meta.ensure_linearizable(openraft::ReadPolicy::ReadIndex),
+            )
+            .await;
+            if matches!(confirmed, Ok(Ok(_))) {
+                return (self.inner.meta_view.interest_set(), asked_at);
+            }
+        }
+        (self.inner.meta_view.interest_set(), 0)
+    }
+
+    /// One supervision round: publish this node's record, refresh the snapshot, start and
+    /// stop forwarders to match what this node leads and which regions are alive.
+    async fn supervise_mesh(&self) {
+        let Some(mesh) = self.mesh().cloned() else {
+            return;
+        };
+        let led = self.led_partitions();
+        let appended: u64 = led.iter().map(|(_, _, g)| g.view.watermarks().high).sum();
+        let load = {
+            let mut sample = lock(&mesh.load_sample);
+            let elapsed = sample.1.elapsed().as_secs_f64();
+            if elapsed >= 1.0 {
+                let rate = appended.saturating_sub(sample.0) as f64 / elapsed;
+                *sample = (appended, Instant::now(), rate as u64);
+            }
+            sample.2
+        };
+        let (interests, interest_as_of_ms) = self.vouch_for_interest().await;
+        let seen = lock(&mesh.known_interest)
+            .iter()
+            .filter(|(region, _)| **region != mesh.region)
+            .map(|(region, view)| (region.clone(), view.version))
+            .collect();
+        let record = NodeRecord {
+            id: self.inner.id,
+            region: mesh.region.clone(),
+            addr: mesh.addr,
+            role: "node".into(),
+            leads: led.iter().map(|(t, p, _)| (t.clone(), *p)).collect(),
+            interest: interests
+                .interests
+                .values()
+                .map(|f| f.to_string())
+                .collect::<BTreeSet<_>>()
+                .into_iter()
+                .collect(),
+            reach: mesh.reached(),
+            load,
+            interest_version: interests.version,
+            interest_as_of_ms,
+            interest_since_ms: interests.since_ms,
+            seen,
+        };
+        if let Err(e) = mesh.gossip.publish(&record).await {
+            tracing::warn!(error = %e, "gossip record not published");
+        }
+        let live = mesh.gossip.live().await;
+        let snapshot = Arc::new(MeshSnapshot::build(live, &mut lock(&mesh.known_interest)));
+        let remote: BTreeSet<String> = snapshot
+            .regions()
+            .into_iter()
+            .filter(|r| *r != mesh.region)
+            .collect();
+        mesh.snapshot.send_replace(snapshot);
+
+        let mut desired = BTreeSet::new();
+        for (topic, partition, _) in &led {
+            let Some(state) = self.inner.meta_view.topic(topic) else {
+                continue;
+            };
+            let destinations: BTreeSet<String> = match &state.config.regions {
+                RegionPolicy::Local => BTreeSet::new(),
+                RegionPolicy::ByInterest => remote.clone(),
+                RegionPolicy::Listed(listed) => remote
+                    .iter()
+                    .cloned()
+                    .chain(listed.iter().filter(|r| **r != mesh.region).cloned())
+                    .collect(),
+            };
+            for destination in destinations {
+                desired.insert(ForwardKey {
+                    topic: topic.clone(),
+                    partition: *partition,
+                    destination,
+                });
+            }
+        }
+        let mut forwarders = lock(&mesh.forwarders);
+        forwarders.retain(|key, running| {
+            let keep = desired.contains(key) && !*running.stop.borrow();
+            if !keep {
+                running.stop.send_replace(true);
+                tracing::info!(topic = %key.topic, partition = key.partition, destination = %key.destination, "forwarder stopped");
+            }
+            keep
+        });
+        for key in desired {
+            if forwarders.contains_key(&key) {
+                continue;
+            }
+            let (stop, stopped) = watch::channel(false);
+            let status = Arc::new(Mutex::new(ForwardStatus::default()));
+            forwarders.insert(
+                key.clone(),
+                RunningForwarder {
+                    stop: stop.clone(),
+                    status: status.clone(),
+                },
+            );
+            tracing::info!(topic = %key.topic, partition = key.partition, destination = %key.destination, "forwarder started");
+            let node = self.clone();
+            tokio::spawn(async move {
+                if let Err(e) = node.run_forwarder(&key, status, stopped).await {
+                    tracing::warn!(topic = %key.topic, partition = key.partition, destination = %key.destination, error = %e, "forwarder ended");
+                }
+                // Let the next round start it again if it is still wanted.
+                stop.send_replace(true);
+            });
+        }
+    }
+}
+
+impl<T: Transport> Node<T> {
+    /// The forwarders this node runs, with their lag.
+    pub fn forwarding(&self) -> Vec<ForwardingInfo> {
+        self.mesh()
+            .map(|m| m.statuses(&m.region))
+            .unwrap_or_default()
+    }
+
+    /// Forwarded events this node did not store again because they were held already: the
+    /// destination's dedupe by (origin region, origin partition, origin offset), in its two
+    /// stages. Counted since the node started.
+    pub fn forwarded_duplicates(&self) -> ForwardedDuplicates {
+        ForwardedDuplicates {
+            resent_events_held: self
+                .mesh()
+                .map_or(0, |m| m.resent_events_held.load(Ordering::Relaxed)),
+            skipped_on_apply: self
+                .partitions()
+                .iter()
+                .map(|(_, g)| g.view.forwarded_duplicates_skipped())
+                .sum(),
+        }
+    }
+
+    /// Events this node has sent to other regions, per (topic, destination region).
+    pub fn forwarded_events(&self) -> Vec<((String, String), u64)> {
+        self.mesh().map(|m| m.crossings()).unwrap_or_default()
+    }
+
+    /// Sends a gossip round to `addr` now (tests and seeding by hand).
+    pub async fn gossip_with(&self, addr: SocketAddr) {
+        if let Some(mesh) = self.mesh() {
+            if let Err(e) = mesh.gossip.gossip_with(addr) {
+                tracing::debug!(%addr, error = %e, "gossip round not started");
+            }
+        }
+    }
+
+    /// Live nodes of the mesh as gossip shows them.
+    pub fn mesh_nodes(&self) -> Vec<NodeRecord> {
+        self.mesh()
+            .map(|m| m.snapshot().nodes.clone())
+            .unwrap_or_default()
+    }
+
+    /// Which other regions hold this region's interests at `version` or newer: a region
+    /// counts once every live node of it says so in gossip.
+    pub fn interest_reach(&self, version: u64) -> InterestReach {
+        let mut reach = InterestReach {
+            version,
+            seen_by: Vec::new(),
+            waiting_for: Vec::new(),
+        };
+        let Some(mesh) = self.mesh() else {
+            return reach;
+        };
+        let snapshot = mesh.snapshot();
+        for region in snapshot.regions() {
+            if region == mesh.region {
+                continue;
+            }
+            let mut nodes = snapshot
+                .nodes
+                .iter()
+                .filter(|n| n.region == region)
+                .peekable();
+            let has_live = nodes.peek().is_some();
+            let all_seen = nodes.all(|n| {
+                n.seen
+                    .iter()
+                    .any(|(r, v)| *r == mesh.region && *v >= version)
+            });
+            if has_live && all_seen {
+                reach.seen_by.push(region);
+            } else {
+                reach.waiting_for.push(region);
+            }
+        }
+        reach
+    }
+
+    /// Waits until every other region holds this region's interests at `version` or newer,
+    /// or `wait` passed; answers how far they reached.
+    pub(crate) async fn await_interest(&self, version: u64, wait: Duration) -> InterestReach {
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut views = match self.mesh() {
+            Some(mesh) => mesh.snapshot.subscribe(),
+            None => return self.interest_reach(version),
+        };
+        loop {
+            let reach = self.interest_reach(version);
+            if reach.waiting_for.is_empty() {
+                return reach;
+            }
+            if !matches!(
+                tokio::time::timeout_at(deadline, views.changed()).await,
+                Ok(Ok(()))
+            ) {
+                return reach;
+            }
+        }
+    }
+
+    /// Regions whose interest, as this node has learned it, matches `subject`.
+    pub fn regions_interested_in(&self, subject: &str) -> Vec<String> {
+        let Some(mesh) = self.mesh() else {
+            return Vec::new();
+        };
+        let snapshot = mesh.snapshot();
+        let mut out: Vec<String> = snapshot
+            .regions()
+            .into_iter()
+            .filter(|r| snapshot.wants(r, subject))
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// The report behind `ferry ctl regions`: gossip's view plus the forwarders of every
+    /// node of this region.
+    pub(crate) async fn mesh_report(&self) -> MeshReport {
+        let region = self.inner.config.region.clone();
+        let mut report = MeshReport {
+            region: region.clone(),
+            node: self.inner.id,
+            nodes: Vec::new(),
+            interests: Vec::new(),
+            forwarding: self.forwarding(),
+        };
+        let Some(mesh) = self.mesh() else {
+            return report;
+        };
+        let snapshot = mesh.snapshot();
+        report.nodes = snapshot
+            .nodes
+            .iter()
+            .map(|n| MeshNodeInfo {
+                id: n.id,
+                region: n.region.clone(),
+                addr: n.addr.to_string(),
+                role: n.role.clone(),
+                leads: n.leads.len() as u32,
+                reach: n.reach.clone(),
+                load: n.load,
+            })
+            .collect();
+        report
+            .nodes
+            .sort_by(|a, b| (&a.region, a.id).cmp(&(&b.region, b.id)));
+        let mut interests: Vec<_> = snapshot
+            .interest
+            .iter()
+            .map(|(r, view)| {
+                (
+                    r.clone(),
+                    view.filters.iter().map(|f| f.to_string()).collect(),
+                )
+            })
+            .collect();
+        interests.sort();
+        report.interests = interests;
+        let peers: Vec<_> = self
+            .inner
+            .config
+            .peers
+            .iter()
+            .map(|p| p.id)
+            .filter(|id| *id != self.inner.id)
+            .collect();
+        let asks = peers.into_iter().map(|peer| async move {
+            let answer = tokio::time::timeout(
+                Duration::from_secs(2),
+                self.inner.router.call(peer, &PeerRequest::ForwardingStatus),
+            )
+            .await;
+            match answer {
+                Ok(Ok(PeerResponse::ForwardingStatus(list))) => list,
+                _ => Vec::new(),
+            }
+        });
+        for list in futures::future::join_all(asks).await {
+            report.forwarding.extend(list);
+        }
+        report.forwarding.sort_by(|a, b| {
+            (&a.topic, a.partition, &a.destination).cmp(&(&b.topic, b.partition, &b.destination))
+        });
+        report
+    }
+}

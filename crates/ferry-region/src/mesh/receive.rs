@@ -1,0 +1,268 @@
+//! The destination side: relays a batch meant for another region, passes it to the
+//! destination partition's leader, which proposes it through Raft (pipelined per origin
+//! partition, resends answered from the applied state) and acknowledges after commit.
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use ferry_net::{NetError, Transport};
+use ferry_proto::codec;
+use ferry_proto::wire::ErrorCode;
+use ferry_router::Ack;
+use openraft::async_runtime::WatchReceiver;
+
+use crate::command::{decode, encode, PartitionCommand, PartitionReply};
+use crate::node::{now_ms, Node};
+use crate::peer::{ForwardRequest, PeerRequest, PeerResponse};
+
+use super::{lock, Mesh};
+
+/// How long a relay waits for the destination (below the peer request timeout, 5 s).
+const RELAY_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// (origin region, topic, partition) of forwarded batches.
+pub(super) type OriginPartition = (String, String, u32);
+
+/// The destination leader's intake of one origin partition.
+#[derive(Debug, Default)]
+pub(super) struct Intake {
+    /// The Raft term `proposed_to` belongs to.
+    term: u64,
+    /// Origin offsets below this are applied or proposed in `term`.
+    proposed_to: u64,
+}
+
+/// Forgets what the intake of `origin` proposed in `term` beyond `held` (applied): the next
+/// resend of it is proposed again. A no-op once the term moved on (that reset it already).
+async fn forget_proposals(mesh: &Mesh, origin: &OriginPartition, term: u64, held: u64) {
+    let intake = lock(&mesh.receiving).get(origin).cloned();
+    if let Some(intake) = intake {
+        let mut intake = intake.lock().await;
+        if intake.term == term && intake.proposed_to > held {
+            intake.proposed_to = held;
+        }
+    }
+}
+
+impl<T: Transport> Node<T> {
+    /// Answers a forwarded batch: relay it, pass it to the leader, or append it.
+    pub(crate) async fn handle_forward(&self, mut request: ForwardRequest) -> PeerResponse {
+        let Some(mesh) = self.mesh().cloned() else {
+            return PeerResponse::Error("mesh not started".into());
+        };
+        if request.target_region != mesh.region {
+            if request.relays_left == 0 {
+                return PeerResponse::Error(format!(
+                    "refusing to relay a batch for region {} a second time",
+                    request.target_region
+                ));
+            }
+            request.relays_left -= 1;
+            let snapshot = mesh.snapshot();
+            let targets =
+                snapshot.targets(&request.target_region, &request.topic, request.partition);
+            let mut last_error = format!(
+                "region {} has no live node known to {}",
+                request.target_region, mesh.region
+            );
+            let relayed = PeerRequest::Forward(request.clone());
+            for addr in targets {
+                // Shorter than the sender's own deadline, so the sender hears why.
+                let answer = tokio::time::timeout(
+                    RELAY_TIMEOUT,
+                    self.inner.router.call_addr(addr, &relayed),
+                )
+                .await
+                .unwrap_or_else(|_| {
+                    Err(NetError::Timeout {
+                        what: format!("relaying to {addr}"),
+                        after: RELAY_TIMEOUT,
+                    })
+                });
+                match answer {
+                    Ok(answer @ PeerResponse::Forwarded(_)) => {
+                        mesh.note_reach(&request.target_region);
+                        return answer;
+                    }
+                    Ok(PeerResponse::Error(e)) => return PeerResponse::Error(e),
+                    Ok(_) => last_error = "unexpected answer".into(),
+                    Err(e) => last_error = format!("{addr}: {e}"),
+                }
+            }
+            return PeerResponse::Error(format!("relay through {}: {last_error}", mesh.region));
+        }
+        let region = &mesh.region;
+        let group = match self.lookup(&request.topic, request.partition) {
+            Ok(g) => Some(g),
+            Err(e) if e.code == ErrorCode::NotLeader => None,
+            Err(e) => return PeerResponse::Error(format!("region {region}: {}", e.message)),
+        };
+        let leader = match &group {
+            Some(g) => g.raft.metrics().borrow_watched().current_leader,
+            None => self
+                .inner
+                .meta_view
+                .topic(&request.topic)
+                .and_then(|t| t.replicas.get(request.partition as usize)?.first().copied()),
+        };
+        let group = match group {
+            Some(g) if leader == Some(self.inner.id) => g,
+            _ => {
+                let Some(leader) = leader.filter(|l| *l != self.inner.id) else {
+                    return PeerResponse::Error(format!(
+                        "region {region}: {}/{} has no leader right now",
+                        request.topic, request.partition
+                    ));
+                };
+                if request.passed_in_region {
+                    return PeerResponse::Error(format!(
+                        "region {region}: {}/{} is not led by node {} either",
+                        request.topic, request.partition, self.inner.id
+                    ));
+                }
+                request.passed_in_region = true;
+                return match self
+                    .inner
+                    .router
+                    .call(leader, &PeerRequest::Forward(request))
+                    .await
+                {
+                    Ok(answer) => answer,
+                    Err(e) => PeerResponse::Error(format!(
+                        "region {region}: passing to leader {leader}: {e}"
+                    )),
+                };
+            }
+        };
+        let intake = lock(&mesh.receiving)
+            .entry((
+                request.origin_region.clone(),
+                request.topic.clone(),
+                request.partition,
+            ))
+            .or_default()
+            .clone();
+        let origin_region = request.origin_region.clone();
+        let mut intake = intake.lock().await;
+        // Answer from the applied state when that settles it: a batch after a gap, or one
+        // already held entirely (a resend). Costs no Raft round; the state machine still
+        // decides whatever is proposed.
+        let held = match group.view.received(&origin_region, request.partition) {
+            Ok(held) => held,
+            Err(e) => return PeerResponse::Error(format!("region {region}: {e}")),
+        };
+        let term = group.raft.metrics().borrow_watched().current_term;
+        if intake.term != term {
+            // What was proposed under another term may have been discarded.
+            intake.term = term;
+            intake.proposed_to = held;
+        }
+        intake.proposed_to = intake.proposed_to.max(held);
+        let resent_events = request.batch.events.len() as u64;
+        if request.batch.to <= held {
+            mesh.resent_events_held
+                .fetch_add(resent_events, Ordering::Relaxed);
+            return PeerResponse::Forwarded(Ack::Committed { next: held });
+        }
+        if request.batch.from > intake.proposed_to {
+            return PeerResponse::Forwarded(Ack::Gap { next: held });
+        }
+        if request.batch.to <= intake.proposed_to {
+            // A resend of a batch still in Raft: wait for it instead of proposing it again.
+            drop(intake);
+            let intake_of = (
+                origin_region.clone(),
+                request.topic.clone(),
+                request.partition,
+            );
+            let deadline = Instant::now() + RELAY_TIMEOUT;
+            loop {
+                let held = match group.view.received(&origin_region, request.partition) {
+                    Ok(held) => held,
+                    Err(e) => return PeerResponse::Error(format!("region {region}: {e}")),
+                };
+                if held >= request.batch.to {
+                    mesh.resent_events_held
+                        .fetch_add(resent_events, Ordering::Relaxed);
+                    return PeerResponse::Forwarded(Ack::Committed { next: held });
+                }
+                if Instant::now() >= deadline {
+                    // The earlier copy may never commit (its proposal failed or was dropped
+                    // in this term): the next resend is proposed again. A copy that does
+                    // commit after all is turned away on apply.
+                    forget_proposals(&mesh, &intake_of, term, held).await;
+                    return PeerResponse::Error(format!(
+                        "region {region}: an earlier copy of this batch is not committed yet"
+                    ));
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }
+        let limits = &self.inner.config.limits;
+        for (offset, bytes) in &request.batch.events {
+            let event: ferry_proto::Event = match codec::decode("forwarded event", bytes) {
+                Ok(e) => e,
+                Err(e) => {
+                    return PeerResponse::Error(format!(
+                        "region {region}: event at origin offset {offset}: {e}"
+                    ))
+                }
+            };
+            if let Err(e) = event.validate(limits) {
+                return PeerResponse::Error(format!(
+                    "region {region}: event at origin offset {offset} refused: {e}"
+                ));
+            }
+        }
+        // Continues what is proposed: submit now, behind the proposals still in Raft (in
+        // order, as the intake is held until the entry is queued), and wait for the commit
+        // without holding the intake, so batches of one origin partition pipeline.
+        let batch_to = request.batch.to;
+        let origin_region_key = (
+            origin_region.clone(),
+            request.topic.clone(),
+            request.partition,
+        );
+        let command = PartitionCommand::Forwarded {
+            origin_region,
+            origin_partition: request.partition,
+            batch: request.batch,
+            appended_at_ms: now_ms(),
+        };
+        let command = match encode("partition command", &command) {
+            Ok(c) => c,
+            Err(e) => return PeerResponse::Error(e.to_string()),
+        };
+        let (responder, committed) = openraft::impls::ProgressResponder::complete_only();
+        if let Err(e) = group
+            .raft
+            .client_write_ff(ferry_store::Command(command), Some(responder))
+            .await
+        {
+            return PeerResponse::Error(format!("region {region}: {e}"));
+        }
+        intake.proposed_to = batch_to;
+        drop(intake);
+        let intake_of = origin_region_key;
+        let reply = match committed.await {
+            Ok(Ok(response)) => decode::<PartitionReply>("partition reply", &response.data.0)
+                .map_err(|e| e.to_string()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("the partition group stopped".to_string()),
+        };
+        if !matches!(reply, Ok(PartitionReply::Forwarded(_))) {
+            // Not applied: what was proposed after it cannot apply either (a gap). Forget the
+            // proposals so the origin's resends are proposed again.
+            let held = group.view.received(&intake_of.0, intake_of.2).unwrap_or(0);
+            forget_proposals(&mesh, &intake_of, term, held).await;
+        }
+        match reply {
+            Ok(PartitionReply::Forwarded(ack)) => PeerResponse::Forwarded(ack),
+            Ok(PartitionReply::Error(e)) => {
+                PeerResponse::Error(format!("region {region}: {}", e.message))
+            }
+            Ok(_) => PeerResponse::Error("unexpected partition reply".into()),
+            Err(e) => PeerResponse::Error(format!("region {region}: {e}")),
+        }
+    }
+}
