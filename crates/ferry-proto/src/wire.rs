@@ -385,6 +385,10 @@ pub struct ForwardingInfo {
     pub source: String,
     /// Destination region.
     pub destination: String,
+    /// The destination partition, when the destination's topic has another partition count
+    /// and each of its partitions gets the events whose keys route there from this source
+    /// partition (one forwarder each); None: the source partition's number.
+    pub dest_partition: Option<u32>,
     /// Source offsets not yet forwarded (or skipped).
     pub lag_events: u64,
     /// Age of the oldest event not yet forwarded, milliseconds.

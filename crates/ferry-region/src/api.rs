@@ -540,7 +540,11 @@ impl<T: Transport> Node<T> {
             .await
     }
 
-    async fn create_topic(&self, config: TopicConfig, forwarded: bool) -> ClientResponse {
+    pub(crate) async fn create_topic(
+        &self,
+        config: TopicConfig,
+        forwarded: bool,
+    ) -> ClientResponse {
         if let Err(e) = config.validate() {
             return error(ErrorCode::InvalidRequest, e.to_string());
         }

@@ -180,7 +180,10 @@ async fn metrics<T: Transport>(State(node): State<Node<T>>) -> String {
         let _ = writeln!(
             out,
             "{metric}{{node=\"{id}\",partition=\"{}/{}\",destination=\"{}\"}} {}",
-            f.topic, f.partition, f.destination, f.trimmed_unforwarded
+            f.topic,
+            f.partition,
+            destination_label(&f),
+            f.trimmed_unforwarded
         );
     }
     let metric = "ferry_forwarding_lag_events";
@@ -192,8 +195,20 @@ async fn metrics<T: Transport>(State(node): State<Node<T>>) -> String {
         let _ = writeln!(
             out,
             "{metric}{{node=\"{id}\",partition=\"{}/{}\",destination=\"{}\"}} {}",
-            f.topic, f.partition, f.destination, f.lag_events
+            f.topic,
+            f.partition,
+            destination_label(&f),
+            f.lag_events
         );
     }
     out
+}
+
+/// A forwarder's destination as a metric label: the region, or `region#partition` when the
+/// destination's partition count differs and each of its partitions has a forwarder.
+fn destination_label(f: &ferry_proto::wire::ForwardingInfo) -> String {
+    match f.dest_partition {
+        None => f.destination.clone(),
+        Some(q) => format!("{}#{q}", f.destination),
+    }
 }

@@ -700,6 +700,7 @@ impl<T: Transport> Node<T> {
             },
             PeerRequest::Forward(request) => self.handle_forward(request).await,
             PeerRequest::ForwardingStatus => PeerResponse::ForwardingStatus(self.forwarding()),
+            PeerRequest::EnsureTopic(config) => self.ensure_forwarded_topic(config).await,
         }
     }
 }

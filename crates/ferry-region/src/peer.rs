@@ -68,6 +68,9 @@ pub(crate) enum PeerRequest {
     Forward(ForwardRequest),
     /// The forwarders this node runs, for `ferry ctl regions`.
     ForwardingStatus,
+    /// Another region forwards this integration or notification topic here: create it if
+    /// it does not exist, and answer its partition count here.
+    EnsureTopic(ferry_proto::TopicConfig),
 }
 
 /// A batch of one source partition for one destination region.
@@ -76,7 +79,11 @@ pub(crate) struct ForwardRequest {
     pub(crate) origin_region: String,
     pub(crate) target_region: String,
     pub(crate) topic: String,
+    /// The source partition.
     pub(crate) partition: u32,
+    /// The destination partition (the source partition when both regions have the topic
+    /// with one partition count; else the events' keys were routed to it).
+    pub(crate) dest_partition: u32,
     pub(crate) batch: ferry_router::Batch,
     /// How many more regions may relay it (loop prevention: one relay at most).
     pub(crate) relays_left: u8,
@@ -99,6 +106,8 @@ pub(crate) enum PeerResponse {
     Forwarded(ferry_router::Ack),
     /// The forwarders a node runs.
     ForwardingStatus(Vec<ferry_proto::wire::ForwardingInfo>),
+    /// The topic's partition count in the answering region.
+    TopicPartitions(u32),
     /// The peer could not serve the request (unknown group, shutting down, bad frame).
     Error(String),
 }

@@ -8,7 +8,7 @@ use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use ferry_client::{Client, ClientOptions, ProducerOptions, StartFrom};
 use ferry_net::tls::TlsIdentity;
-use ferry_proto::wire::MeshReport;
+use ferry_proto::wire::{ErrorCode, MeshReport};
 use ferry_proto::{
     Event, EventClass, RegionPolicy, Retention, Subject, SubjectFilter, TopicConfig,
 };
@@ -291,7 +291,7 @@ pub(crate) async fn run(args: CtlArgs) -> anyhow::Result<()> {
             count,
         } => {
             let from = parse_from(&from)?;
-            let description = client.describe_topic(&topic).await?;
+            let description = describe_when_defined(&client, &topic).await?;
             let partitions: Vec<u32> = match partition {
                 Some(p) if p < description.config.partitions => vec![p],
                 Some(p) => bail!(
@@ -343,6 +343,38 @@ pub(crate) async fn run(args: CtlArgs) -> anyhow::Result<()> {
                 }
             }
             Ok(())
+        }
+    }
+}
+
+/// How long `tail` waits for a topic this region does not have yet.
+const TOPIC_WAIT: Duration = Duration::from_secs(30);
+
+/// The topic's description; a topic this region lacks is waited for (up to [`TOPIC_WAIT`]),
+/// since another region's forwarding defines integration and notification topics here.
+async fn describe_when_defined(
+    client: &Client,
+    topic: &str,
+) -> anyhow::Result<ferry_proto::wire::TopicDescription> {
+    let deadline = tokio::time::Instant::now() + TOPIC_WAIT;
+    let mut said = false;
+    loop {
+        match client.describe_topic(topic).await {
+            Err(e)
+                if e.code() == Some(ErrorCode::UnknownTopic)
+                    && tokio::time::Instant::now() < deadline =>
+            {
+                if !said {
+                    eprintln!(
+                        "no topic {topic} in this region yet; waiting up to {} s for it (created \
+                         here, or defined by another region that forwards it)",
+                        TOPIC_WAIT.as_secs()
+                    );
+                    said = true;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            other => return Ok(other?),
         }
     }
 }
@@ -461,7 +493,10 @@ fn print_regions(report: &MeshReport) -> anyhow::Result<()> {
             "  {}/{} -> {:<10} lag {:>7} events {:>8.3} s  sent {:>9}  route {:<10} {}",
             f.topic,
             f.partition,
-            f.destination,
+            match f.dest_partition {
+                None => f.destination.clone(),
+                Some(q) => format!("{}#{q}", f.destination),
+            },
             f.lag_events,
             f.lag_ms as f64 / 1000.0,
             f.sent_events,

@@ -206,9 +206,10 @@ pub(crate) async fn run(args: DevArgs) -> anyhow::Result<()> {
     if let (Some((first, _)), Some((second, _))) = (regions.first(), regions.get(1)) {
         println!();
         println!("Across regions ({first} to {second}):");
-        for server in [servers_of(0), servers_of(1)] {
-            println!("  FERRY_SERVERS={server} ferry ctl topic create payments --class integration --subjects 'payments.>'");
-        }
+        println!(
+            "  FERRY_SERVERS={} ferry ctl topic create payments --class integration --subjects 'payments.>'",
+            servers_of(0)
+        );
         println!(
             "  FERRY_SERVERS={} ferry ctl interest add billing 'payments.>'",
             servers_of(1)

@@ -35,6 +35,37 @@ pub(super) struct ForwardKey {
     pub(super) topic: String,
     pub(super) partition: u32,
     pub(super) destination: String,
+    /// The destination partition it feeds.
+    pub(super) dest_partition: u32,
+    /// The destination's partition count when it differs from the source's: events are
+    /// routed by key and this forwarder carries those routed to `dest_partition`. None: the
+    /// counts agree and the destination partition is the source partition.
+    pub(super) split: Option<u32>,
+}
+
+impl ForwardKey {
+    /// The name its cursor is committed under in the source partition: the region, or
+    /// `region#partition` for a split forwarder.
+    pub(super) fn cursor_name(&self) -> String {
+        match self.split {
+            None => self.destination.clone(),
+            Some(_) => format!("{}#{}", self.destination, self.dest_partition),
+        }
+    }
+
+    /// Whether an event of the source partition with `key` goes to this forwarder's
+    /// destination partition: by key (FNV-1a mod the destination's count, as producers
+    /// place keys), keyless events by source partition.
+    fn routes_here(&self, key: Option<&[u8]>) -> bool {
+        let Some(partitions) = self.split else {
+            return true;
+        };
+        let to = match key {
+            Some(key) => ferry_proto::partition_for_key(key, partitions),
+            None => self.partition % partitions,
+        };
+        to == self.dest_partition
+    }
 }
 
 /// What a running forwarder shows `ferry ctl regions`.
@@ -98,7 +129,7 @@ impl<T: Transport> Node<T> {
         let config = self.forwarder_config();
         let marks = view.watermarks();
         let start = match view
-            .forward_cursor(&key.destination)
+            .forward_cursor(&key.cursor_name())
             .map_err(|e| e.to_string())?
         {
             Some(cursor) if cursor < marks.low => {
@@ -116,7 +147,7 @@ impl<T: Transport> Node<T> {
                 let skew = self.inner.config.mesh.interest_clock_skew_ms;
                 let next = view.first_appended_since(since.saturating_sub(skew));
                 let command = PartitionCommand::ForwardCursor {
-                    region: key.destination.clone(),
+                    region: key.cursor_name(),
                     next,
                 };
                 self.propose(&group, &command).await?;
@@ -169,7 +200,7 @@ impl<T: Transport> Node<T> {
             if let Some(next) = uncommitted {
                 if committing.is_none() && last_commit.elapsed() >= COMMIT_EVERY {
                     let command = PartitionCommand::ForwardCursor {
-                        region: key.destination.clone(),
+                        region: key.cursor_name(),
                         next,
                     };
                     let node = self.clone();
@@ -295,7 +326,7 @@ impl<T: Transport> Node<T> {
                         continue;
                     }
                     let local = event.origin_region.as_deref().is_none_or(|o| o == region);
-                    let judgement = if !local {
+                    let judgement = if !local || !key.routes_here(event.key.as_deref()) {
                         Judgement::Unwanted
                     } else if listed {
                         Judgement::Wanted
@@ -361,6 +392,7 @@ impl<T: Transport> Node<T> {
             target_region: key.destination.clone(),
             topic: key.topic.clone(),
             partition: key.partition,
+            dest_partition: key.dest_partition,
             batch,
             relays_left: 1,
             passed_in_region: false,
@@ -370,7 +402,7 @@ impl<T: Transport> Node<T> {
             Err(e) => return (Err(e.to_string()), String::new()),
         };
         let direct: Vec<(String, SocketAddr)> = snapshot
-            .targets(&key.destination, &key.topic, key.partition)
+            .targets(&key.destination, &key.topic, key.dest_partition)
             .into_iter()
             .map(|a| ("direct".to_string(), a))
             .collect();

@@ -1,16 +1,20 @@
 //! The node's part in the mesh. It gossips about itself (chitchat over the peer transport,
 //! so over mutually authenticated QUIC: a node from another CA cannot take part); runs one
-//! [`Forwarder`] per (partition it leads, other region); answers forwarded batches (relays
-//! them when they are for another region, passes them to the partition's leader, appends
-//! them through Raft, acknowledges after commit); and builds the report behind
-//! `ferry ctl regions`.
+//! [`ferry_router::Forwarder`] per (partition it leads, other region, destination
+//! partition) (`forward.rs`); answers forwarded batches (`receive.rs`: relays them when they
+//! are for another region, passes them to the partition's leader, appends them through Raft,
+//! acknowledges after commit, defines a forwarded topic the region lacks); and builds the
+//! report behind `ferry ctl regions`.
 //!
 //! Routing rules:
 //! - Only events that originated in this region are forwarded (an event forwarded in is
 //!   never forwarded on), so an event takes at most one hop between logs: no loops.
 //! - An event goes to region R if its topic's policy lists R, or the policy is by interest
-//!   and one of R's interests (published by R's nodes in gossip) matches its subject.
-//!   Topics with the `Local` policy never leave the region.
+//!   and R's interest matches its subject. It is judged unwanted only on R's interest as
+//!   R's metadata leader vouched for it after the event's append (`snapshot.rs`); until then
+//!   the forwarder waits. Topics with the `Local` policy never leave the region.
+//! - A topic with another partition count in R is fed by one forwarder per destination
+//!   partition, each carrying the events whose key routes there.
 //! - A batch goes straight to the destination partition's leader; if that region cannot be
 //!   reached, through a node of a third region, which relays it once (`relays_left`) and
 //!   never stores it. The acknowledgement comes back the same way, so it still means
@@ -26,7 +30,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use ferry_net::Transport;
 use ferry_proto::wire::{ForwardingInfo, InterestReach, MeshNodeInfo, MeshReport};
-use ferry_proto::RegionPolicy;
+use ferry_proto::{RegionPolicy, TopicConfig};
 use ferry_router::{Gossip, GossipConfig, GossipInbox, GossipLink, NodeRecord};
 use futures::future::BoxFuture;
 use openraft::async_runtime::WatchReceiver;
@@ -77,6 +81,18 @@ impl ForwardedDuplicates {
 }
 
 /// A region's interest as this node knows it: the newest version any of its nodes
+/// A forwarded topic's partition count in another region, as far as this node knows.
+enum TopicPartitions {
+    Known(u32),
+    /// A node of the region is being asked.
+    Asking,
+    /// The last attempt failed then.
+    Failed(Instant),
+}
+
+/// After a failed attempt to define a topic in another region, the next waits this long.
+const ENSURE_TOPIC_RETRY: Duration = Duration::from_secs(1);
+
 /// The node's mesh state.
 pub(crate) struct Mesh {
     pub(crate) region: String,
@@ -87,6 +103,8 @@ pub(crate) struct Mesh {
     /// The newest interest seen per region (kept while the region is silent or behind).
     known_interest: Mutex<BTreeMap<String, InterestView>>,
     forwarders: Mutex<BTreeMap<ForwardKey, RunningForwarder>>,
+    /// What this node knows of forwarded topics' partition counts in other regions.
+    topic_partitions: Mutex<HashMap<(String, String), TopicPartitions>>,
     /// Source offsets retention dropped before a forwarder of this node dealt with them.
     trimmed_unforwarded: Mutex<HashMap<ForwardKey, u64>>,
     /// Events sent to another region, per (topic, destination), since this node started.
@@ -153,6 +171,7 @@ impl Mesh {
                     partition: key.partition,
                     source: source.to_string(),
                     destination: key.destination.clone(),
+                    dest_partition: key.split.map(|_| key.dest_partition),
                     lag_events: s.high.saturating_sub(s.cursor),
                     lag_ms: s.lag_ms,
                     sent_events: s.sent_events,
@@ -259,6 +278,7 @@ impl<T: Transport> Node<T> {
             known_interest: Mutex::new(BTreeMap::new()),
             forwarders: Mutex::new(BTreeMap::new()),
             trimmed_unforwarded: Mutex::new(HashMap::new()),
+            topic_partitions: Mutex::new(HashMap::new()),
             crossings: Mutex::new(HashMap::new()),
             resent_events_held: AtomicU64::new(0),
             reach: Mutex::new(HashMap::new()),
@@ -401,11 +421,24 @@ impl<T: Transport> Node<T> {
                     .collect(),
             };
             for destination in destinations {
-                desired.insert(ForwardKey {
-                    topic: topic.clone(),
-                    partition: *partition,
-                    destination,
-                });
+                let Some(count) = self.topic_partitions_in(&mesh, &state.config, &destination)
+                else {
+                    continue;
+                };
+                let split = (count != state.config.partitions).then_some(count);
+                let dest_partitions = match split {
+                    None => *partition..*partition + 1,
+                    Some(count) => 0..count,
+                };
+                for dest_partition in dest_partitions {
+                    desired.insert(ForwardKey {
+                        topic: topic.clone(),
+                        partition: *partition,
+                        destination: destination.clone(),
+                        dest_partition,
+                        split,
+                    });
+                }
             }
         }
         let mut forwarders = lock(&mesh.forwarders);
@@ -444,6 +477,69 @@ impl<T: Transport> Node<T> {
 }
 
 impl<T: Transport> Node<T> {
+    /// The partition count of `config`'s topic in `region`, once known. The first time, it
+    /// asks a node of the region in the background (which creates the topic there if it is
+    /// missing: integration and notification topics are defined in every region they are
+    /// forwarded to) and answers None; a failed attempt is retried after a second.
+    fn topic_partitions_in(
+        &self,
+        mesh: &Arc<Mesh>,
+        config: &TopicConfig,
+        region: &str,
+    ) -> Option<u32> {
+        let key = (config.name.clone(), region.to_string());
+        {
+            let mut known = lock(&mesh.topic_partitions);
+            match known.get(&key) {
+                Some(TopicPartitions::Known(count)) => return Some(*count),
+                Some(TopicPartitions::Asking) => return None,
+                Some(TopicPartitions::Failed(at)) if at.elapsed() < ENSURE_TOPIC_RETRY => {
+                    return None
+                }
+                _ => {}
+            }
+            known.insert(key.clone(), TopicPartitions::Asking);
+        }
+        let node = self.clone();
+        let mesh = mesh.clone();
+        let config = config.clone();
+        tokio::spawn(async move {
+            let answer = node.ask_topic_partitions(&mesh, config, &key.1).await;
+            let state = match answer {
+                Ok(count) => TopicPartitions::Known(count),
+                Err(e) => {
+                    tracing::warn!(topic = %key.0, region = %key.1, error = %e, "cannot define the topic in a region it is forwarded to; retrying");
+                    TopicPartitions::Failed(Instant::now())
+                }
+            };
+            lock(&mesh.topic_partitions).insert(key, state);
+        });
+        None
+    }
+
+    async fn ask_topic_partitions(
+        &self,
+        mesh: &Mesh,
+        config: TopicConfig,
+        region: &str,
+    ) -> Result<u32, String> {
+        let snapshot = mesh.snapshot();
+        let request = PeerRequest::EnsureTopic(config);
+        let mut errors = Vec::new();
+        for node in snapshot.nodes.iter().filter(|n| n.region == region) {
+            match self.inner.router.call_addr(node.addr, &request).await {
+                Ok(PeerResponse::TopicPartitions(count)) => return Ok(count),
+                Ok(PeerResponse::Error(e)) => errors.push(e),
+                Ok(_) => errors.push(format!("{}: unexpected answer", node.addr)),
+                Err(e) => errors.push(format!("{}: {e}", node.addr)),
+            }
+        }
+        if errors.is_empty() {
+            errors.push(format!("no live node of region {region}"));
+        }
+        Err(errors.join("; "))
+    }
+
     /// The forwarders this node runs, with their lag.
     pub fn forwarding(&self) -> Vec<ForwardingInfo> {
         self.mesh()

@@ -1,13 +1,14 @@
 //! The destination side: relays a batch meant for another region, passes it to the
 //! destination partition's leader, which proposes it through Raft (pipelined per origin
-//! partition, resends answered from the applied state) and acknowledges after commit.
+//! partition, resends answered from the applied state) and acknowledges after commit. And
+//! defines a topic another region forwards here when this region lacks it.
 
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use ferry_net::{NetError, Transport};
-use ferry_proto::codec;
-use ferry_proto::wire::ErrorCode;
+use ferry_proto::wire::{ClientResponse, ErrorCode};
+use ferry_proto::{codec, EventClass, RegionPolicy, TopicConfig};
 use ferry_router::Ack;
 use openraft::async_runtime::WatchReceiver;
 
@@ -20,8 +21,8 @@ use super::{lock, Mesh};
 /// How long a relay waits for the destination (below the peer request timeout, 5 s).
 const RELAY_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// (origin region, topic, partition) of forwarded batches.
-pub(super) type OriginPartition = (String, String, u32);
+/// (origin region, topic, origin partition, destination partition) of forwarded batches.
+pub(super) type OriginPartition = (String, String, u32, u32);
 
 /// The destination leader's intake of one origin partition.
 #[derive(Debug, Default)]
@@ -59,8 +60,11 @@ impl<T: Transport> Node<T> {
             }
             request.relays_left -= 1;
             let snapshot = mesh.snapshot();
-            let targets =
-                snapshot.targets(&request.target_region, &request.topic, request.partition);
+            let targets = snapshot.targets(
+                &request.target_region,
+                &request.topic,
+                request.dest_partition,
+            );
             let mut last_error = format!(
                 "region {} has no live node known to {}",
                 request.target_region, mesh.region
@@ -92,18 +96,19 @@ impl<T: Transport> Node<T> {
             return PeerResponse::Error(format!("relay through {}: {last_error}", mesh.region));
         }
         let region = &mesh.region;
-        let group = match self.lookup(&request.topic, request.partition) {
+        let group = match self.lookup(&request.topic, request.dest_partition) {
             Ok(g) => Some(g),
             Err(e) if e.code == ErrorCode::NotLeader => None,
             Err(e) => return PeerResponse::Error(format!("region {region}: {}", e.message)),
         };
         let leader = match &group {
             Some(g) => g.raft.metrics().borrow_watched().current_leader,
-            None => self
-                .inner
-                .meta_view
-                .topic(&request.topic)
-                .and_then(|t| t.replicas.get(request.partition as usize)?.first().copied()),
+            None => self.inner.meta_view.topic(&request.topic).and_then(|t| {
+                t.replicas
+                    .get(request.dest_partition as usize)?
+                    .first()
+                    .copied()
+            }),
         };
         let group = match group {
             Some(g) if leader == Some(self.inner.id) => g,
@@ -111,13 +116,13 @@ impl<T: Transport> Node<T> {
                 let Some(leader) = leader.filter(|l| *l != self.inner.id) else {
                     return PeerResponse::Error(format!(
                         "region {region}: {}/{} has no leader right now",
-                        request.topic, request.partition
+                        request.topic, request.dest_partition
                     ));
                 };
                 if request.passed_in_region {
                     return PeerResponse::Error(format!(
                         "region {region}: {}/{} is not led by node {} either",
-                        request.topic, request.partition, self.inner.id
+                        request.topic, request.dest_partition, self.inner.id
                     ));
                 }
                 request.passed_in_region = true;
@@ -139,6 +144,7 @@ impl<T: Transport> Node<T> {
                 request.origin_region.clone(),
                 request.topic.clone(),
                 request.partition,
+                request.dest_partition,
             ))
             .or_default()
             .clone();
@@ -174,6 +180,7 @@ impl<T: Transport> Node<T> {
                 origin_region.clone(),
                 request.topic.clone(),
                 request.partition,
+                request.dest_partition,
             );
             let deadline = Instant::now() + RELAY_TIMEOUT;
             loop {
@@ -222,6 +229,7 @@ impl<T: Transport> Node<T> {
             origin_region.clone(),
             request.topic.clone(),
             request.partition,
+            request.dest_partition,
         );
         let command = PartitionCommand::Forwarded {
             origin_region,
@@ -263,6 +271,54 @@ impl<T: Transport> Node<T> {
             }
             Ok(_) => PeerResponse::Error("unexpected partition reply".into()),
             Err(e) => PeerResponse::Error(format!("region {region}: {e}")),
+        }
+    }
+}
+
+impl<T: Transport> Node<T> {
+    /// Another region forwards `config`'s topic here: answers its partition count in this
+    /// region, creating it first if it does not exist (same configuration, replication at
+    /// most this region's node count). Domain and local topics are never defined from
+    /// elsewhere.
+    pub(crate) async fn ensure_forwarded_topic(&self, mut config: TopicConfig) -> PeerResponse {
+        let region = &self.inner.config.region;
+        if let Some(topic) = self.inner.meta_view.topic(&config.name) {
+            return PeerResponse::TopicPartitions(topic.config.partitions);
+        }
+        if config.class == EventClass::Domain || config.regions == RegionPolicy::Local {
+            return PeerResponse::Error(format!(
+                "region {region}: topic {:?} is {:?} with policy {:?}: only integration and \
+                 notification topics that leave their region are defined across regions",
+                config.name, config.class, config.regions
+            ));
+        }
+        let nodes = self.inner.config.peers.len().max(1) as u32;
+        config.replication = config.replication.min(nodes);
+        let name = config.name.clone();
+        match self.create_topic(config, false).await {
+            ClientResponse::Ok => {}
+            ClientResponse::Error(e) if e.code == ErrorCode::TopicExists => {}
+            ClientResponse::Error(e) => {
+                return PeerResponse::Error(format!(
+                    "region {region}: creating topic {name:?}: {}",
+                    e.message
+                ))
+            }
+            _ => return PeerResponse::Error("unexpected answer to a topic creation".into()),
+        }
+        // Committed by the metadata leader; this node applies it shortly.
+        let deadline = Instant::now() + RELAY_TIMEOUT;
+        loop {
+            if let Some(topic) = self.inner.meta_view.topic(&name) {
+                tracing::info!(topic = %name, partitions = topic.config.partitions, "topic defined here by another region's forwarding");
+                return PeerResponse::TopicPartitions(topic.config.partitions);
+            }
+            if Instant::now() >= deadline {
+                return PeerResponse::Error(format!(
+                    "region {region}: topic {name:?} created but not applied here yet"
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
 }
