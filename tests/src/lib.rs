@@ -399,3 +399,20 @@ pub async fn create_topic(client: &Client, config: ferry_proto::TopicConfig, tim
         }
     }
 }
+
+/// Waits until `check` holds, polling every 25 ms, or fails naming `what` after `timeout`;
+/// answers how long it took.
+pub async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut check: F) -> Duration
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    loop {
+        if check().await {
+            return start.elapsed();
+        }
+        assert!(start.elapsed() < timeout, "{what}: not within {timeout:?}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}

@@ -17,21 +17,8 @@ use ferry_proto::wire::ErrorCode;
 use ferry_proto::{
     Event, EventClass, RegionPolicy, Retention, Subject, SubjectFilter, TopicConfig,
 };
-use ferry_tests::TestMesh;
+use ferry_tests::{wait_until, TestMesh};
 use tokio::time::Instant;
-
-/// Waits until `check` holds, polling, or fails naming `what` after `timeout`.
-async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let start = Instant::now();
-    while !check().await {
-        assert!(start.elapsed() < timeout, "{what}: not within {timeout:?}");
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-}
 
 fn topic(retention: Retention) -> TopicConfig {
     let mut t = TopicConfig::new("pay", 1);

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use ferry_client::Client;
 use ferry_proto::{Event, EventClass, RegionPolicy, Subject, SubjectFilter, TopicConfig};
-use ferry_tests::{TestMesh, TestRegion};
+use ferry_tests::{wait_until, TestMesh, TestRegion};
 use tokio::time::Instant;
 
 const PARTITIONS: u32 = 2;
@@ -26,19 +26,6 @@ fn topic(name: &str, subjects: &str) -> TopicConfig {
     t.class = EventClass::Integration;
     t.regions = RegionPolicy::ByInterest;
     t
-}
-
-/// Waits until `check` holds, polling, or fails naming `what` after `timeout`.
-async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let start = Instant::now();
-    while !check().await {
-        assert!(start.elapsed() < timeout, "{what}: not within {timeout:?}");
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
 }
 
 /// How many times each event id is in `topic` of a region (a failed read is `None`).

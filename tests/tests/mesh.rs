@@ -15,7 +15,7 @@ use std::time::Duration;
 use ferry_client::{Client, ClientError, ProducerOptions};
 use ferry_net::{InjectedFaults, LinkShape, NetError, Transport};
 use ferry_proto::{Event, EventClass, RegionPolicy, Subject, SubjectFilter, TopicConfig};
-use ferry_tests::{TestMesh, TestRegion};
+use ferry_tests::{wait_until, TestMesh, TestRegion};
 use futures::stream::{FuturesUnordered, StreamExt};
 use tokio::time::Instant;
 
@@ -30,22 +30,6 @@ fn topic(name: &str, subjects: &str) -> TopicConfig {
     t.class = EventClass::Integration;
     t.regions = RegionPolicy::ByInterest;
     t
-}
-
-/// Waits until `check` holds, polling, or fails naming `what` after `timeout`.
-async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut check: F) -> Duration
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let start = Instant::now();
-    loop {
-        if check().await {
-            return start.elapsed();
-        }
-        assert!(start.elapsed() < timeout, "{what}: not within {timeout:?}");
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
 }
 
 /// Every event id in a topic of a region, with where it is; the first failed fetch is the

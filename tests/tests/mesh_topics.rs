@@ -13,22 +13,8 @@ use std::time::Duration;
 use ferry_check::{History, Op, OpType, Options, Verdict};
 use ferry_client::{Client, ProducerOptions};
 use ferry_proto::{Event, EventClass, RegionPolicy, Subject, SubjectFilter, TopicConfig};
-use ferry_tests::TestMesh;
+use ferry_tests::{wait_until, TestMesh};
 use futures::stream::{FuturesUnordered, StreamExt};
-use tokio::time::Instant;
-
-/// Waits until `check` holds, polling, or fails naming `what` after `timeout`.
-async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let start = Instant::now();
-    while !check().await {
-        assert!(start.elapsed() < timeout, "{what}: not within {timeout:?}");
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-}
 
 fn topic(name: &str, partitions: u32) -> TopicConfig {
     let mut t = TopicConfig::new(name, partitions);

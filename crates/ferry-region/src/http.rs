@@ -171,37 +171,50 @@ async fn metrics<T: Transport>(State(node): State<Node<T>>) -> String {
             "{metric}{{node=\"{id}\",topic=\"{topic}\",destination=\"{destination}\"}} {count}"
         );
     }
-    let metric = "ferry_forwarding_trimmed_unforwarded_total";
-    let _ = writeln!(
-        out,
-        "# HELP {metric} Source offsets retention dropped before this node's forwarder to a region dealt with them (events that region may have wanted).\n# TYPE {metric} counter"
+    let forwarding = node.forwarding();
+    forwarder_series(
+        &mut out,
+        id,
+        &forwarding,
+        "ferry_forwarding_trimmed_unforwarded_total",
+        "Source offsets retention dropped before this node's forwarder to a region dealt with them (events that region may have wanted).",
+        "counter",
+        |f| f.trimmed_unforwarded,
     );
-    for f in node.forwarding() {
-        let _ = writeln!(
-            out,
-            "{metric}{{node=\"{id}\",partition=\"{}/{}\",destination=\"{}\"}} {}",
-            f.topic,
-            f.partition,
-            destination_label(&f),
-            f.trimmed_unforwarded
-        );
-    }
-    let metric = "ferry_forwarding_lag_events";
-    let _ = writeln!(
-        out,
-        "# HELP {metric} Source offsets of a partition this node leads not yet forwarded to a region.\n# TYPE {metric} gauge"
+    forwarder_series(
+        &mut out,
+        id,
+        &forwarding,
+        "ferry_forwarding_lag_events",
+        "Source offsets of a partition this node leads not yet forwarded to a region.",
+        "gauge",
+        |f| f.lag_events,
     );
-    for f in node.forwarding() {
-        let _ = writeln!(
-            out,
-            "{metric}{{node=\"{id}\",partition=\"{}/{}\",destination=\"{}\"}} {}",
-            f.topic,
-            f.partition,
-            destination_label(&f),
-            f.lag_events
-        );
-    }
     out
+}
+
+/// One metric with a sample per forwarder of this node (labels: node, source partition,
+/// destination).
+fn forwarder_series(
+    out: &mut String,
+    node: u64,
+    forwarding: &[ferry_proto::wire::ForwardingInfo],
+    metric: &str,
+    help: &str,
+    kind: &str,
+    value: impl Fn(&ferry_proto::wire::ForwardingInfo) -> u64,
+) {
+    let _ = writeln!(out, "# HELP {metric} {help}\n# TYPE {metric} {kind}");
+    for f in forwarding {
+        let _ = writeln!(
+            out,
+            "{metric}{{node=\"{node}\",partition=\"{}/{}\",destination=\"{}\"}} {}",
+            f.topic,
+            f.partition,
+            destination_label(f),
+            value(f)
+        );
+    }
 }
 
 /// A forwarder's destination as a metric label: the region, or `region#partition` when the
