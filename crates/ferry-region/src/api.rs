@@ -210,8 +210,9 @@ impl<T: Transport> Node<T> {
         })
     }
 
-    /// The refusal of a publish to a partition that keeps events until forwarded and holds
-    /// its hard byte limit, naming the regions it waits for; None if it may take more.
+    /// The refusal of a publish to a partition that keeps events until forwarded, holds its
+    /// hard byte limit, and has a region behind (so retention cannot free space); names the
+    /// regions it waits for. None if it may take more.
     fn partition_full(
         &self,
         topic: &str,
@@ -226,24 +227,21 @@ impl<T: Transport> Node<T> {
         if held < hard {
             return None;
         }
-        let cursors = group.view.forward_cursors();
-        let lowest = cursors.first().map_or(0, |(_, cursor)| *cursor);
-        let behind: Vec<String> = cursors
-            .into_iter()
-            .take_while(|(_, cursor)| *cursor == lowest)
-            .map(|(region, cursor)| format!("{region} (at offset {cursor})"))
-            .collect();
+        let config = self.inner.meta_view.topic(topic)?.config;
+        let floor = self.forwarded_floor(&config, group)?;
+        if floor.offset >= group.view.watermarks().high {
+            // Nobody is behind: retention's own bounds decide.
+            return None;
+        }
         Some(error(
             ErrorCode::PartitionFull,
             format!(
                 "{topic}/{partition} holds {held} bytes, its retention.hard_max_bytes is {hard}: it \
-                 keeps events until every region's forwarder passed them, and {} behind; \
-                 publishing works again once forwarding catches up",
-                if behind.is_empty() {
-                    "forwarding is".to_string()
-                } else {
-                    format!("{} {} still", behind.join(", "), if behind.len() == 1 { "is" } else { "are" })
-                }
+                 keeps events until every region's forwarder passed them, and {} {} behind (at \
+                 offset {}); publishing works again once forwarding catches up",
+                floor.behind.join(", "),
+                if floor.behind.len() == 1 { "is" } else { "are" },
+                floor.offset
             ),
         ))
     }

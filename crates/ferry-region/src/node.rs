@@ -343,10 +343,11 @@ impl<T: Transport> Node<T> {
                         .view
                         .retention_point(now, retention.max_age_ms, retention.max_bytes);
                 if retention.keep_until_forwarded {
-                    // Not past what any region's forwarder has passed (committed).
-                    if let Some((_, cursor)) = group.view.forward_cursors().first() {
+                    // Not past what any region's forwarder has passed (committed), nor at all
+                    // while a region has no forwarder yet.
+                    if let Some(floor) = self.forwarded_floor(&topic.config, &group) {
                         let low = group.view.watermarks().low;
-                        trim_to = trim_to.map(|t| t.min(*cursor)).filter(|t| *t > low);
+                        trim_to = trim_to.map(|t| t.min(floor.offset)).filter(|t| *t > low);
                     }
                 }
                 let trim = trim_to.map(|before_offset| PartitionCommand::Trim { before_offset });

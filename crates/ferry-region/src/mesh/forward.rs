@@ -77,9 +77,6 @@ pub(super) struct ForwardStatus {
     pub(super) sent_events: u64,
     pub(super) route: String,
     pub(super) last_error: Option<String>,
-    /// Offsets retention already dropped ahead of what the forwarder has read (counted as
-    /// trimmed once it reads there).
-    pub(super) trimmed_ahead: u64,
 }
 
 pub(super) struct RunningForwarder {
@@ -133,6 +130,7 @@ impl<T: Transport> Node<T> {
             .map_err(|e| e.to_string())?
         {
             Some(cursor) if cursor < marks.low => {
+                // Counted from the committed cursor, which may lag what was acknowledged.
                 mesh.note_trimmed(key, cursor, marks.low);
                 marks.low
             }
@@ -140,12 +138,21 @@ impl<T: Transport> Node<T> {
             None => {
                 // The first forwarder of this partition to this region: it starts at the
                 // first event appended since the region's oldest interest was added (clock
-                // skew allowed), wherever this node was then. Every event after it is judged.
+                // skew allowed), wherever this node was then; a region the topic lists wants
+                // every retained event. Every event after it is judged.
+                let listed = matches!(
+                    self.inner.meta_view.topic(&key.topic).map(|t| t.config.regions),
+                    Some(RegionPolicy::Listed(regions)) if regions.contains(&key.destination)
+                );
                 let since = lock(&mesh.known_interest)
                     .get(&key.destination)
                     .map_or(0, |v| v.since_ms);
                 let skew = self.inner.config.mesh.interest_clock_skew_ms;
-                let next = view.first_appended_since(since.saturating_sub(skew));
+                let next = if listed {
+                    marks.low
+                } else {
+                    view.first_appended_since(since.saturating_sub(skew))
+                };
                 let command = PartitionCommand::ForwardCursor {
                     region: key.cursor_name(),
                     next,
@@ -163,12 +170,22 @@ impl<T: Transport> Node<T> {
         let mut committing: Option<tokio::task::JoinHandle<Option<u64>>> = None;
         let mut last_commit = Instant::now();
         let mut sent_before = 0;
+        // Offsets below this retention dropped and are counted already.
+        let mut trimmed_counted = start;
         loop {
             if *stop.borrow() || self.is_shut_down() {
                 return Ok(());
             }
             if group.raft.metrics().borrow_watched().current_leader != Some(self.inner.id) {
                 return Ok(());
+            }
+            // What retention dropped before this forwarder read it: counted once, as soon as
+            // it is seen (even while the forwarder waits with a full window).
+            let low = view.watermarks().low;
+            let unread = forwarder.read_from().max(trimmed_counted);
+            if low > unread {
+                mesh.note_trimmed(key, unread, low);
+                trimmed_counted = low;
             }
             let snapshot = views.borrow_and_update().clone();
             let waiting_for_view =
@@ -216,7 +233,6 @@ impl<T: Transport> Node<T> {
                 let marks = view.watermarks();
                 let high = marks.high;
                 let mut s = lock(&status);
-                s.trimmed_ahead = marks.low.saturating_sub(forwarder.read_from());
                 s.cursor = forwarder.cursor();
                 s.high = high;
                 s.sent_events = stats.events_sent;
@@ -301,11 +317,12 @@ impl<T: Transport> Node<T> {
                 return Ok(false);
             }
             if from < marks.low {
-                // Trimmed by retention before it was forwarded.
-                if let Some(mesh) = self.mesh() {
-                    mesh.note_trimmed(key, from, marks.low);
-                }
+                // Trimmed by retention before it was read (counted by the caller). With the
+                // window full the forwarder cannot take the gap yet: wait for an ack.
                 forwarder.handle_source(std::iter::empty(), marks.low);
+                if forwarder.read_from() <= from {
+                    return Ok(false);
+                }
                 continue;
             }
             let batches = group

@@ -180,8 +180,7 @@ impl Mesh {
                     trimmed_unforwarded: lock(&self.trimmed_unforwarded)
                         .get(key)
                         .copied()
-                        .unwrap_or(0)
-                        + s.trimmed_ahead,
+                        .unwrap_or(0),
                 }
             })
             .collect()
@@ -476,7 +475,55 @@ impl<T: Transport> Node<T> {
     }
 }
 
+/// How far a partition's events have reached the regions it is forwarded to.
+pub(crate) struct ForwardedFloor {
+    /// Every region known has every event below this it wants (the lowest committed
+    /// forwarding cursor; 0 while a known region has no cursor yet).
+    pub(crate) offset: u64,
+    /// The regions at that floor (a region without a cursor shows as `region (no cursor
+    /// yet)`).
+    pub(crate) behind: Vec<String>,
+}
+
 impl<T: Transport> Node<T> {
+    /// How far `partition` of `config`'s topic has reached the other regions this node knows
+    /// (and those the topic lists); None for a topic that is not forwarded or a node that
+    /// knows no other region.
+    pub(crate) fn forwarded_floor(
+        &self,
+        config: &TopicConfig,
+        group: &PartitionGroup,
+    ) -> Option<ForwardedFloor> {
+        let mesh = self.mesh()?;
+        let mut regions: BTreeSet<String> = match &config.regions {
+            RegionPolicy::Local => return None,
+            RegionPolicy::ByInterest => BTreeSet::new(),
+            RegionPolicy::Listed(listed) => listed.iter().cloned().collect(),
+        };
+        regions.extend(mesh.snapshot().regions());
+        regions.remove(&mesh.region);
+        if regions.is_empty() {
+            return None;
+        }
+        let cursors = group.view.forward_cursors();
+        let mut floor: Option<(u64, Vec<String>)> = None;
+        for region in regions {
+            let split = format!("{region}#");
+            let at = cursors
+                .iter()
+                .filter(|(name, _)| *name == region || name.starts_with(&split))
+                .map(|(name, at)| (*at, name.clone()))
+                .min();
+            let (at, name) = at.unwrap_or((0, format!("{region} (no cursor yet)")));
+            match &mut floor {
+                Some((lowest, names)) if at == *lowest => names.push(name),
+                Some((lowest, _)) if at > *lowest => {}
+                _ => floor = Some((at, vec![name])),
+            }
+        }
+        floor.map(|(offset, behind)| ForwardedFloor { offset, behind })
+    }
+
     /// The partition count of `config`'s topic in `region`, once known. The first time, it
     /// asks a node of the region in the background (which creates the topic there if it is
     /// missing: integration and notification topics are defined in every region they are
