@@ -701,7 +701,11 @@ impl<T: Transport> Node<T> {
             },
             PeerRequest::Forward(request) => self.handle_forward(request).await,
             PeerRequest::ForwardingStatus => PeerResponse::ForwardingStatus(self.forwarding()),
-            PeerRequest::EnsureTopic(config) => self.ensure_forwarded_topic(config).await,
+            PeerRequest::EnsureTopic {
+                config,
+                region,
+                relay,
+            } => self.ensure_forwarded_topic(config, region, relay).await,
         }
     }
 }

@@ -68,9 +68,14 @@ pub(crate) enum PeerRequest {
     Forward(ForwardRequest),
     /// The forwarders this node runs, for `ferry ctl regions`.
     ForwardingStatus,
-    /// Another region forwards this integration or notification topic here: create it if
-    /// it does not exist, and answer its partition count here.
-    EnsureTopic(ferry_proto::TopicConfig),
+    /// Another region forwards this integration or notification topic to `region`: create
+    /// it there if it does not exist, and answer its partition count there. A node of a
+    /// third region relays it once (`relay`), as it relays forwarded batches.
+    EnsureTopic {
+        config: ferry_proto::TopicConfig,
+        region: String,
+        relay: bool,
+    },
 }
 
 /// A batch of one source partition for one destination region.

@@ -571,14 +571,28 @@ impl<T: Transport> Node<T> {
         region: &str,
     ) -> Result<u32, String> {
         let snapshot = mesh.snapshot();
-        let request = PeerRequest::EnsureTopic(config);
+        let request = PeerRequest::EnsureTopic {
+            config,
+            region: region.to_string(),
+            relay: true,
+        };
         let mut errors = Vec::new();
-        for node in snapshot.nodes.iter().filter(|n| n.region == region) {
-            match self.inner.router.call_addr(node.addr, &request).await {
+        // The region's nodes, then nodes of third regions that relay it (as for batches).
+        let direct = snapshot
+            .nodes
+            .iter()
+            .filter(|n| n.region == region)
+            .map(|n| n.addr);
+        let relays = snapshot
+            .relays(&mesh.region, region)
+            .into_iter()
+            .map(|(_, addr)| addr);
+        for addr in direct.chain(relays) {
+            match self.inner.router.call_addr(addr, &request).await {
                 Ok(PeerResponse::TopicPartitions(count)) => return Ok(count),
                 Ok(PeerResponse::Error(e)) => errors.push(e),
-                Ok(_) => errors.push(format!("{}: unexpected answer", node.addr)),
-                Err(e) => errors.push(format!("{}: {e}", node.addr)),
+                Ok(_) => errors.push(format!("{addr}: unexpected answer")),
+                Err(e) => errors.push(format!("{addr}: {e}")),
             }
         }
         if errors.is_empty() {

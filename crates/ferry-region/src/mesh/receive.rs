@@ -280,8 +280,45 @@ impl<T: Transport> Node<T> {
     /// region, creating it first if it does not exist (same configuration, replication at
     /// most this region's node count). Domain and local topics are never defined from
     /// elsewhere.
-    pub(crate) async fn ensure_forwarded_topic(&self, mut config: TopicConfig) -> PeerResponse {
+    pub(crate) async fn ensure_forwarded_topic(
+        &self,
+        mut config: TopicConfig,
+        target: String,
+        relay: bool,
+    ) -> PeerResponse {
         let region = &self.inner.config.region;
+        if target != *region {
+            // For another region: relay once, to its nodes this node knows.
+            let Some(mesh) = self.mesh() else {
+                return PeerResponse::Error("mesh not started".into());
+            };
+            if !relay {
+                return PeerResponse::Error(format!(
+                    "refusing to relay a topic definition for region {target} a second time"
+                ));
+            }
+            let request = PeerRequest::EnsureTopic {
+                config,
+                region: target.clone(),
+                relay: false,
+            };
+            let mut last_error = format!("region {target} has no live node known to {region}");
+            for node in mesh.snapshot().nodes.iter().filter(|n| n.region == target) {
+                let answer = tokio::time::timeout(
+                    RELAY_TIMEOUT,
+                    self.inner.router.call_addr(node.addr, &request),
+                )
+                .await;
+                match answer {
+                    Ok(Ok(answer @ PeerResponse::TopicPartitions(_))) => return answer,
+                    Ok(Ok(PeerResponse::Error(e))) => return PeerResponse::Error(e),
+                    Ok(Ok(_)) => last_error = "unexpected answer".into(),
+                    Ok(Err(e)) => last_error = format!("{}: {e}", node.addr),
+                    Err(_) => last_error = format!("{}: no answer in {RELAY_TIMEOUT:?}", node.addr),
+                }
+            }
+            return PeerResponse::Error(format!("relay through {region}: {last_error}"));
+        }
         if let Some(topic) = self.inner.meta_view.topic(&config.name) {
             return PeerResponse::TopicPartitions(topic.config.partitions);
         }
