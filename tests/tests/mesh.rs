@@ -113,6 +113,21 @@ fn crossings(region: &TestRegion, topic: &str, destination: &str) -> u64 {
         .sum()
 }
 
+/// Waits until every node's gossip shows `count` live nodes.
+async fn every_node_sees(mesh: &TestMesh, count: usize) {
+    wait_until(
+        &format!("every node sees all {count}"),
+        Duration::from_secs(30),
+        || async {
+            mesh.regions
+                .iter()
+                .flat_map(|r| r.nodes.iter().flatten())
+                .all(|n| n.node().mesh_nodes().len() == count)
+        },
+    )
+    .await;
+}
+
 async fn add_interest(region: &TestRegion, name: &str, subjects: &str) {
     let client = region.client();
     wait_until(
@@ -214,17 +229,7 @@ async fn integration_events_reach_interested_regions_once_through_a_link_cut_and
         region.create_topic(topic("orders", "orders.>")).await;
         region.create_topic(topic("billing", "billing.>")).await;
     }
-    wait_until(
-        "every node sees all nine",
-        Duration::from_secs(30),
-        || async {
-            mesh.regions
-                .iter()
-                .flat_map(|r| r.nodes.iter().flatten())
-                .all(|n| n.node().mesh_nodes().len() == 9)
-        },
-    )
-    .await;
+    every_node_sees(&mesh, 9).await;
 
     add_interest(mesh.region("b"), "orders-b", "orders.>").await;
     add_interest(mesh.region("c"), "orders-c", "orders.>").await;
@@ -353,6 +358,53 @@ async fn integration_events_reach_interested_regions_once_through_a_link_cut_and
         "b got nothing new"
     );
     assert_eq!(crossings(mesh.region("a"), "orders", "b"), to_b_before);
+}
+
+/// Four regions joined only by the chain a - b - c - d (links a-c, a-d and b-d cut from
+/// the start): gossip summaries cross the chain, the topic created once in a is defined in
+/// d through two relays, and every event published in a reaches d exactly once, relayed by
+/// b and then c.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_cross_a_chain_of_two_relays() {
+    let mesh = TestMesh::start(&[("a", 1), ("b", 1), ("c", 1), ("d", 1)]).await;
+    for (x, y) in [("a", "c"), ("a", "d"), ("b", "d")] {
+        mesh.set_link(x, y, false);
+    }
+    every_node_sees(&mesh, 4).await;
+    eprintln!("gossip crossed the chain");
+    let mut orders = topic("orders", "orders.>");
+    orders.replication = 1;
+    mesh.region("a").create_topic(orders).await;
+    add_interest(mesh.region("d"), "orders-d", "orders.>").await;
+    wait_until("a learns d's interest", Duration::from_secs(30), || async {
+        sees_interest(mesh.region("a"), "orders.created", &["d"])
+    })
+    .await;
+
+    let client_a = mesh.region("a").client();
+    let ids = publish(&client_a, 0, 300, "orders.created", async {}).await;
+    let client_d = mesh.region("d").client();
+    let took = wait_until("d holds all 300", Duration::from_secs(60), || async {
+        read_topic(&client_d, "orders")
+            .await
+            .is_ok_and(|log| log.len() >= ids.len())
+    })
+    .await;
+    eprintln!(
+        "d held all {} events {took:?} after the last was acknowledged in a",
+        ids.len()
+    );
+    check_copy("d", &read_all(&client_d, "orders").await, &ids);
+    let report = client_a.regions().await.expect("regions report");
+    assert!(
+        report
+            .forwarding
+            .iter()
+            .filter(|f| f.topic == "orders" && f.destination == "d")
+            .all(|f| f.route == "via b" && f.lag_events == 0),
+        "a reaches d only through b: {:#?}",
+        report.forwarding
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -704,8 +704,8 @@ impl<T: Transport> Node<T> {
             PeerRequest::EnsureTopic {
                 config,
                 region,
-                relay,
-            } => self.ensure_forwarded_topic(config, region, relay).await,
+                via,
+            } => self.ensure_forwarded_topic(config, region, via).await,
         }
     }
 }

@@ -69,12 +69,13 @@ pub(crate) enum PeerRequest {
     /// The forwarders this node runs, for `ferry ctl regions`.
     ForwardingStatus,
     /// Another region forwards this integration or notification topic to `region`: create
-    /// it there if it does not exist, and answer its partition count there. A node of a
-    /// third region relays it once (`relay`), as it relays forwarded batches.
+    /// it there if it does not exist, and answer its partition count there. Nodes of other
+    /// regions relay it as they relay forwarded batches (`via`).
     EnsureTopic {
         config: ferry_proto::TopicConfig,
         region: String,
-        relay: bool,
+        /// The regions it passed through so far, its origin first.
+        via: Vec<String>,
     },
 }
 
@@ -90,8 +91,9 @@ pub(crate) struct ForwardRequest {
     /// with one partition count; else the events' keys were routed to it).
     pub(crate) dest_partition: u32,
     pub(crate) batch: ferry_router::Batch,
-    /// How many more regions may relay it (loop prevention: one relay at most).
-    pub(crate) relays_left: u8,
+    /// The regions it passed through so far, its origin first: a relay never passes it to
+    /// a region on it, and at most `MAX_RELAYS` regions relay it (loop prevention).
+    pub(crate) via: Vec<String>,
     /// Already passed to the leader inside the target region (never passed twice).
     pub(crate) passed_in_region: bool,
 }
@@ -115,6 +117,8 @@ pub(crate) enum PeerResponse {
     TopicPartitions(u32),
     /// The peer could not serve the request (unknown group, shutting down, bad frame).
     Error(String),
+    /// A relay found no way on to the target region: the sender may try another route.
+    Unreachable(String),
 }
 
 /// One answer on an AppendEntries stream: openraft's result, or why the follower's Raft

@@ -1,74 +1,58 @@
-//! Gossip membership for the mesh: [chitchat] (Scuttlebutt anti-entropy with a phi-accrual
-//! failure detector) over an abstract authenticated link instead of UDP.
+//! Gossip membership for the mesh, in two levels: SWIM inside a region ([foca], driven
+//! without I/O of its own) and summaries pushed between regions by each region's router
+//! nodes (see the `membership` submodule for the protocol).
 //!
 //! Each node runs one [`Gossip`]. It tells the mesh about itself with [`Gossip::publish`] (a
 //! [`NodeRecord`]: region, address, role, partitions it leads, its region's subject interest,
 //! the regions it reaches, its load) and learns the other live nodes and their records with
 //! [`Gossip::live`], or by watching [`Gossip::subscribe`]. A node that stops answering leaves
-//! `live()` within about [`GossipConfig::dead_after`].
+//! `live()` within about [`GossipConfig::dead_after`] in its region, and about one round
+//! later in the others.
 //!
 //! Messages go out through a [`GossipLink`] the node implements over ferry-net's mutually
 //! authenticated QUIC (a fire-and-forget peer RPC addressed by the peer's gossip address), and
-//! come in through the [`GossipInbox`] the node hands received messages to. Sends are spawned,
-//! so a dead peer never holds up the gossip loop, and bounded (8 in flight per peer, 256 in
-//! all; more are dropped, as UDP would). The inbox is a bounded queue that drops when full.
+//! come in through the [`GossipInbox`] the node hands received messages to. Every message is
+//! encoded by ferry-proto's codec (foca's SWIM packets inside by foca's postcard codec): no
+//! socket of gossip's own. Sends are spawned, so a dead peer never holds up the gossip loop,
+//! and bounded (8 in flight per peer, 256 in all; more are dropped, as UDP would). The inbox
+//! is a bounded queue that drops when full.
 //!
-//! How chitchat is used, and what to know about it (0.13):
-//! - Chitchat ids: node id = the decimal [`GossipConfig::node_id`], generation =
-//!   [`GossipConfig::generation`] (a restarted node is a new generation; until the old one is
-//!   declared dead both exist, and [`Gossip::live`] keeps the newest generation of each id),
-//!   gossip address = [`GossipConfig::advertise`].
-//! - Chitchat 0.13 keeps its wire encoding private (`ChitchatEnvelope` has no public
-//!   serializer and its digest is opaque), so envelopes are turned into bytes and back by
-//!   chitchat's own UDP socket on the loopback interface (see the `codec` submodule): the
-//!   bytes on the link are exactly chitchat's UDP datagrams, protocol V0.
-//! - The failure detector is configured as a near-fixed timeout derived from `dead_after`
-//!   (see [`GossipConfig::dead_after`]), not chitchat's adaptive default (which, with a
-//!   1000-sample window, detects after ~8 mean heartbeat intervals, a delay that depends on
-//!   cluster size and gossip fan-out).
-//! - [`Gossip::subscribe`] follows chitchat's live-nodes watcher, which chitchat re-evaluates
-//!   once per gossip round: it changes when a node joins or leaves or a live node's record
-//!   changes (not on heartbeats), up to one gossip interval after [`Gossip::live`] shows it.
-//! - Records are plain key/values (`record` submodule); a record that does not parse makes
-//!   that node invisible in `live()` (logged at debug), never an error.
+//! - Identities: (node id, gossip address, generation). A restarted node uses a larger
+//!   [`GossipConfig::generation`] and replaces its old self at once; a node declared down
+//!   while alive (a long pause) comes back as the next generation.
+//! - Records and summaries are versioned: an older one never replaces a newer one. A record
+//!   or summary must encode within 60 KiB (a gossip item); a record over it is refused at
+//!   [`Gossip::publish`], a summary over it travels without the leaders.
 //!
-//! Not here: deciding what to publish (the node's driver), the QUIC link itself (ferry-net),
-//! region-level summaries for two-level gossip (the design's "between regions only the router
-//! nodes' summaries"): today every node gossips with every node of the mesh.
+//! Not here: deciding what to publish (the node's driver), the QUIC link itself (ferry-net).
 //!
-//! [chitchat]: https://github.com/quickwit-oss/chitchat
+//! [foca]: https://docs.rs/foca
 
-use std::collections::BTreeMap;
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use bytes::Bytes;
-use chitchat::{
-    spawn_chitchat, ChitchatConfig, ChitchatHandle, ChitchatId, FailureDetectorConfig, NodeState,
-    ProtocolVersion,
-};
 use futures::future::BoxFuture;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Notify};
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 use tracing::{debug, info};
 
-mod codec;
+mod link;
+mod membership;
 mod record;
 #[cfg(test)]
 mod tests;
-mod transport;
+mod wire;
 
-use transport::{Counters, LinkSocket, LinkTransport};
+use link::{Counters, Sender};
+use membership::{Dropped, Membership};
 
-/// Messages received but not yet decoded, at most; more are dropped.
+/// Messages received but not yet handled, at most; more are dropped.
 const INBOX_CAPACITY: usize = 256;
-/// Decoded messages waiting for chitchat's loop, at most.
-const DECODED_CAPACITY: usize = 64;
-/// How long a dead node stays in the cluster state (out of `live()`) before chitchat forgets
-/// it, at least. Forgetting is harmless (a node that comes back is re-learnt); keeping costs a
-/// digest entry per dead generation.
-const FORGET_DEAD_AFTER: Duration = Duration::from_secs(60 * 60);
 
 /// How gossip messages leave this node. The node implements it over ferry-net's mutually
 /// authenticated QUIC: a peer RPC addressed by the peer's gossip socket address, carrying this
@@ -115,27 +99,20 @@ pub struct GossipConfig {
     pub region: String,
     /// The address peers send gossip to (what [`GossipLink::send`] is given as `to`).
     pub advertise: SocketAddr,
-    /// Gossip addresses to start from (this node's own address may be among them).
+    /// Gossip addresses of other nodes of this region to start from (this node's own
+    /// address may be among them).
     pub seeds: Vec<SocketAddr>,
-    /// Mesh name (chitchat's cluster id): nodes of different meshes refuse each other.
+    /// Gossip addresses of nodes in other regions to start from.
+    pub remote_seeds: Vec<SocketAddr>,
+    /// Mesh name: nodes of different meshes ignore each other.
     pub cluster: String,
-    /// How often this node gossips (with up to 3 live peers, plus sometimes a dead one and a
-    /// seed).
+    /// How often this node gossips: a round of records inside the region and, on router
+    /// nodes, summaries to the other regions.
     pub interval: Duration,
-    /// How fast a dead node must leave [`Gossip::live`]; at least 4 × `interval`.
-    ///
-    /// Mapping to chitchat's failure detector: let `T = dead_after - 2 × interval` (a budget
-    /// of two rounds: liveness is re-evaluated once per round, and the dead node's last
-    /// heartbeat may reach a node second-hand up to a round late). Chitchat's phi is
-    /// `silence / mean heartbeat interval`, the mean smoothed with a prior of 5 samples of
-    /// `initial_interval`. With `sampling_window_size = 1`,
-    /// `initial_interval = max_interval = T` and `phi_threshold = 1`, the mean is
-    /// `(last sample + 5T) / 6` with the sample in `(0, T]`, so a node is declared dead after
-    /// a silence between `5T/6` and `T`, whatever the cluster size or gossip fan-out: it leaves
-    /// `live()` within `dead_after` of its death, and a live node is never declared dead
-    /// unless nothing from it arrived for `5T/6`. (With `dead_after` 2 s and `interval`
-    /// 100 ms: dead after 1.5-1.8 s of silence; the tests measure 1.5-1.85 s from the kill
-    /// to the last node dropping it.)
+    /// How fast a dead node must leave [`Gossip::live`] of its region's nodes (other regions
+    /// see it go about a round later); at least 4 × `interval`. SWIM is set from it: a
+    /// probe every `dead_after / 6`, suspicion for `dead_after / 4`. Another region's nodes
+    /// leave `live()` when no newer summary of their region arrived for `dead_after`.
     pub dead_after: Duration,
     /// This run's generation, e.g. the start time in milliseconds: a restarted node must use a
     /// larger one, so the mesh sees a new node rather than an old one going back in time.
@@ -143,7 +120,7 @@ pub struct GossipConfig {
 }
 
 impl GossipConfig {
-    fn validate(&self) -> Result<(), GossipError> {
+    pub(super) fn validate(&self) -> Result<(), GossipError> {
         let fail = |reason: String| Err(GossipError::Config(reason));
         if self.interval.is_zero() {
             return fail("interval must be more than zero".into());
@@ -161,24 +138,10 @@ impl GossipConfig {
     }
 }
 
-/// The failure detector settings for `interval` and `dead_after` (see
-/// [`GossipConfig::dead_after`]).
-fn failure_detector_config(interval: Duration, dead_after: Duration) -> FailureDetectorConfig {
-    let silence = dead_after.saturating_sub(interval * 2);
-    FailureDetectorConfig {
-        phi_threshold: 1.0,
-        sampling_window_size: 1,
-        max_interval: silence,
-        initial_interval: silence,
-        dead_node_grace_period: FORGET_DEAD_AFTER.max(dead_after * 10),
-    }
-}
-
-/// What a node tells the mesh about itself. Gossiped as strings under a fixed set of keys
-/// (see the `record` submodule); list items must not contain the list's separator.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// What a node tells the mesh about itself (checked as the `record` submodule says).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct NodeRecord {
-    /// Node id (the chitchat node id, decimal).
+    /// Node id (unique in the mesh).
     pub id: u64,
     /// Region name, 1-64 of `[A-Za-z0-9_-]`.
     pub region: String,
@@ -237,6 +200,10 @@ pub struct GossipStats {
     pub sends_dropped: u64,
     /// Sends the link reported as failed.
     pub send_failures: u64,
+    /// Messages sent (handed to the link).
+    pub sent: u64,
+    /// Of them, messages to other regions (router nodes only).
+    pub sent_between_regions: u64,
 }
 
 /// Why gossip could not start or a record could not be published.
@@ -245,7 +212,7 @@ pub enum GossipError {
     /// The configuration is unusable.
     #[error("invalid gossip config: {0}")]
     Config(String),
-    /// Chitchat or its loopback codec did not start.
+    /// Gossip did not start.
     #[error("gossip did not start: {0}")]
     Start(String),
     /// The record cannot be published (peers would not read it back as it is).
@@ -253,14 +220,19 @@ pub enum GossipError {
     InvalidRecord(String),
 }
 
-/// One node's gossip: chitchat running over a [`GossipLink`].
+/// One node's gossip: the membership state machine, driven by a task that owns its timers
+/// and rounds and sends over a [`GossipLink`].
 pub struct Gossip {
-    handle: ChitchatHandle,
+    core: Arc<Mutex<Membership>>,
+    wake: Arc<Notify>,
     node_id: u64,
-    region: String,
     members: watch::Receiver<Vec<NodeRecord>>,
-    tasks: Vec<JoinHandle<()>>,
+    task: JoinHandle<()>,
     counters: Arc<Counters>,
+}
+
+fn lock(core: &Mutex<Membership>) -> MutexGuard<'_, Membership> {
+    core.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl Gossip {
@@ -271,197 +243,199 @@ impl Gossip {
         config: GossipConfig,
         link: Arc<dyn GossipLink>,
     ) -> Result<(Gossip, GossipInbox), GossipError> {
-        config.validate()?;
         let counters = Arc::new(Counters::default());
+        let core = Membership::new(&config, Instant::now().into_std())?;
+        let core = Arc::new(Mutex::new(core));
         let (inbox_tx, inbox_rx) = mpsc::channel(INBOX_CAPACITY);
         let inbox = GossipInbox {
             queue: inbox_tx,
             counters: counters.clone(),
         };
-        let (decoded_tx, decoded_rx) = mpsc::channel(DECODED_CAPACITY);
-        let start_error = |e: codec::CodecError| GossipError::Start(e.to_string());
-        let encoder = codec::Encoder::bind().await.map_err(start_error)?;
-        let decoder = codec::Decoder::bind().await.map_err(start_error)?;
-        let socket = LinkSocket::new(
-            config.advertise,
-            link,
-            encoder,
-            decoded_rx,
-            counters.clone(),
-        );
-        let transport = LinkTransport::new(socket);
-
-        let chitchat_id = ChitchatId::new(
-            config.node_id.to_string(),
-            config.generation,
-            config.advertise,
-        );
-        let chitchat_config = ChitchatConfig {
-            chitchat_id,
-            cluster_id: config.cluster.clone(),
-            gossip_interval: config.interval,
-            listen_addr: config.advertise,
-            seed_nodes: config.seeds.iter().map(ToString::to_string).collect(),
-            failure_detector_config: failure_detector_config(config.interval, config.dead_after),
-            // Records are overwritten, never deleted: tombstones do not occur.
-            marked_for_deletion_grace_period: FORGET_DEAD_AFTER,
-            catchup_callback: None,
-            extra_liveness_predicate: None,
-            protocol_version: ProtocolVersion::V0,
-        };
-        let decoder_task = tokio::spawn(transport::run_decoder(
-            inbox_rx,
-            decoded_tx,
-            decoder,
-            counters.clone(),
-        ));
-        let handle = match spawn_chitchat(chitchat_config, Vec::new(), &transport).await {
-            Ok(handle) => handle,
-            Err(error) => {
-                decoder_task.abort();
-                return Err(GossipError::Start(format!("{error:#}")));
-            }
-        };
-        let watcher = handle.chitchat().lock().await.live_nodes_watcher();
         let (members_tx, members) = watch::channel(Vec::new());
-        let members_task = tokio::spawn(follow_members(watcher, members_tx));
+        let wake = Arc::new(Notify::new());
+        let driver = Driver {
+            core: core.clone(),
+            sender: Sender::new(link, counters.clone()),
+            counters: counters.clone(),
+            timers: BinaryHeap::new(),
+            timer_seq: 0,
+            members: members_tx,
+            interval: config.interval,
+        };
+        let task = tokio::spawn(driver.run(inbox_rx, wake.clone()));
         info!(
             node_id = config.node_id,
             region = %config.region,
             advertise = %config.advertise,
             generation = config.generation,
             seeds = config.seeds.len(),
+            remote_seeds = config.remote_seeds.len(),
             "gossip started"
         );
         let gossip = Gossip {
-            handle,
+            core,
+            wake,
             node_id: config.node_id,
-            region: config.region,
             members,
-            tasks: vec![decoder_task, members_task],
+            task,
             counters,
         };
         Ok((gossip, inbox))
     }
 
-    /// Publishes this node's record. Only keys whose value changed are set (chitchat versions
-    /// every set, and each version is gossiped). Refused if the record is not this node's (id,
-    /// region) or would not read back as it is.
+    /// Publishes this node's record; spread at once if it changed. Refused if the record is
+    /// not this node's (id, region), would not pass peers' checks, or is too large.
     pub async fn publish(&self, record: &NodeRecord) -> Result<(), GossipError> {
-        if record.id != self.node_id || record.region != self.region {
-            return Err(GossipError::InvalidRecord(format!(
-                "record of node {} in {:?} published by node {} in {:?}",
-                record.id, record.region, self.node_id, self.region
-            )));
-        }
-        record::validate(record).map_err(|e| GossipError::InvalidRecord(e.to_string()))?;
-        let chitchat = self.handle.chitchat();
-        let mut chitchat = chitchat.lock().await;
-        let state = chitchat.self_node_state();
-        for (key, value) in record::encode(record) {
-            if state.get(key) != Some(value.as_str()) {
-                state.set(key, value);
-            }
-        }
+        lock(&self.core).publish(Instant::now().into_std(), record.clone())?;
+        self.wake.notify_one();
         Ok(())
     }
 
-    /// The live nodes (this one included once it has published) whose records parse, sorted
-    /// by id, one per id (the newest generation).
+    /// The live nodes (this one included once it has published), sorted by id, one per id.
     pub async fn live(&self) -> Vec<NodeRecord> {
-        let chitchat = self.handle.chitchat();
-        let chitchat = chitchat.lock().await;
-        records(
-            chitchat
-                .live_nodes()
-                .filter_map(|id| chitchat.node_state(id).map(|state| (id, state))),
-        )
+        lock(&self.core).live(Instant::now().into_std())
     }
 
-    /// The live records as of the last gossip round, changing when a node joins or leaves or a
-    /// live node's record changes (never on heartbeats alone). A driver can
-    /// `changed().await` on it instead of polling [`live`](Self::live).
+    /// The live records, changing when a node joins or leaves or a live node's record
+    /// changes (never on heartbeats alone). A driver can `changed().await` on it instead of
+    /// polling [`live`](Self::live).
     pub fn subscribe(&self) -> watch::Receiver<Vec<NodeRecord>> {
         self.members.clone()
     }
 
-    /// What gossip dropped so far.
+    /// What gossip sent and dropped so far.
     pub fn stats(&self) -> GossipStats {
-        self.counters.snapshot()
+        let mut stats = self.counters.snapshot();
+        stats.malformed += lock(&self.core).refused_items();
+        stats
     }
 
-    /// Sends one gossip round to `addr` now (besides the regular rounds).
+    /// Pushes this node's summaries to `addr` and announces itself to it now (besides the
+    /// regular rounds).
     pub fn gossip_with(&self, addr: SocketAddr) -> Result<(), GossipError> {
-        self.handle
-            .gossip(addr)
-            .map_err(|e| GossipError::Start(format!("{e:#}")))
+        lock(&self.core).gossip_with(Instant::now().into_std(), addr);
+        self.wake.notify_one();
+        Ok(())
     }
 
-    /// Stops gossiping without waiting (for owners that share the handle). Peers see this
-    /// node leave after their `dead_after`.
+    /// Stops gossiping without waiting. Peers see this node leave after their `dead_after`.
     pub fn stop(&self) {
-        if let Err(error) = self.handle.initiate_shutdown() {
-            debug!(node_id = self.node_id, error = %format!("{error:#}"), "chitchat already stopped");
-        }
-        for task in &self.tasks {
-            task.abort();
-        }
+        self.task.abort();
         info!(node_id = self.node_id, "gossip stopped");
     }
 
-    /// Stops gossiping and waits for chitchat's loop to end. Peers see this node leave after
+    /// Stops gossiping and waits for the driver to end. Peers see this node leave after
     /// their `dead_after`.
     pub async fn shutdown(self) {
-        if let Err(error) = self.handle.shutdown().await {
-            debug!(node_id = self.node_id, error = %format!("{error:#}"), "chitchat stopped with an error");
-        }
-        for task in self.tasks {
-            task.abort();
-            let _ = task.await;
-        }
+        self.task.abort();
+        let _ = self.task.await;
         info!(node_id = self.node_id, "gossip stopped");
     }
 }
 
-/// Mirrors chitchat's live-nodes watcher as parsed records, until chitchat is dropped.
-async fn follow_members(
-    mut watcher: watch::Receiver<BTreeMap<ChitchatId, NodeState>>,
+/// The task around [`Membership`]: hands it messages, due timers and rounds, sends what it
+/// produces, and mirrors its live view into the members watch.
+struct Driver {
+    core: Arc<Mutex<Membership>>,
+    sender: Sender,
+    counters: Arc<Counters>,
+    /// foca's timers: (due, insertion order) → timer.
+    timers: BinaryHeap<Reverse<(Instant, u64, TimerSlot)>>,
+    timer_seq: u64,
     members: watch::Sender<Vec<NodeRecord>>,
-) {
-    loop {
-        let view = records(watcher.borrow_and_update().iter());
-        members.send_if_modified(|current| {
-            let changed = *current != view;
+    interval: Duration,
+}
+
+/// A foca timer in the heap (ordered by its due time and insertion order only).
+struct TimerSlot(foca::Timer<wire::Peer>);
+
+impl PartialEq for TimerSlot {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+impl Eq for TimerSlot {}
+impl PartialOrd for TimerSlot {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for TimerSlot {
+    fn cmp(&self, _: &Self) -> std::cmp::Ordering {
+        std::cmp::Ordering::Equal
+    }
+}
+
+impl Driver {
+    async fn run(mut self, mut inbox: mpsc::Receiver<(SocketAddr, Bytes)>, wake: Arc<Notify>) {
+        let mut round = tokio::time::interval(self.interval);
+        round.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        self.flush();
+        loop {
+            let next_timer = self.timers.peek().map(|Reverse((due, _, _))| *due);
+            tokio::select! {
+                received = inbox.recv() => {
+                    let Some((from, message)) = received else { return };
+                    let result = lock(&self.core).handle_message(Instant::now().into_std(), from, &message);
+                    match result {
+                        Ok(()) => {}
+                        Err(Dropped::Malformed(reason)) => {
+                            let malformed = Counters::bump(&self.counters.malformed);
+                            debug!(%from, len = message.len(), %reason, malformed, "dropping a gossip message");
+                        }
+                        Err(Dropped::Foreign(reason)) => debug!(%from, %reason, "ignoring a gossip message"),
+                    }
+                }
+                () = sleep_until_some(next_timer) => {
+                    let now = Instant::now();
+                    while let Some(Reverse((due, _, _))) = self.timers.peek() {
+                        if *due > now {
+                            break;
+                        }
+                        let Some(Reverse((_, _, TimerSlot(timer)))) = self.timers.pop() else { break };
+                        lock(&self.core).handle_timer(now.into_std(), timer);
+                    }
+                }
+                _ = round.tick() => lock(&self.core).tick(Instant::now().into_std()),
+                () = wake.notified() => {}
+            }
+            self.flush();
+        }
+    }
+
+    /// Sends what the membership produced, sets its timers, updates the members watch.
+    fn flush(&mut self) {
+        let now = Instant::now();
+        let (outgoing, timers, live) = {
+            let mut core = lock(&self.core);
+            let outgoing: Vec<_> = std::iter::from_fn(|| core.poll_transmit()).collect();
+            let timers: Vec<_> = std::iter::from_fn(|| core.poll_timer()).collect();
+            (outgoing, timers, core.live(now.into_std()))
+        };
+        for message in outgoing {
+            if message.between_regions {
+                Counters::bump(&self.counters.sent_between_regions);
+            }
+            self.sender.send(message.to, message.message);
+        }
+        for (after, timer) in timers {
+            self.timer_seq += 1;
+            self.timers
+                .push(Reverse((now + after, self.timer_seq, TimerSlot(timer))));
+        }
+        self.members.send_if_modified(|current| {
+            let changed = *current != live;
             if changed {
-                *current = view;
+                *current = live;
             }
             changed
         });
-        if watcher.changed().await.is_err() {
-            return;
-        }
     }
 }
 
-/// The records of `nodes` that parse, the newest generation of each id, sorted by id.
-fn records<'a>(
-    nodes: impl IntoIterator<Item = (&'a ChitchatId, &'a NodeState)>,
-) -> Vec<NodeRecord> {
-    let mut newest: BTreeMap<u64, (u64, NodeRecord)> = BTreeMap::new();
-    for (id, state) in nodes {
-        let record = match record::decode(&id.node_id, |key| state.get(key)) {
-            Ok(record) => record,
-            Err(error) => {
-                debug!(node = ?id, %error, "ignoring a node whose record does not parse");
-                continue;
-            }
-        };
-        match newest.get(&record.id) {
-            Some((generation, _)) if *generation >= id.generation_id => {}
-            _ => {
-                newest.insert(record.id, (id.generation_id, record));
-            }
-        }
+async fn sleep_until_some(due: Option<Instant>) {
+    match due {
+        Some(due) => tokio::time::sleep_until(due).await,
+        None => std::future::pending().await,
     }
-    newest.into_values().map(|(_, record)| record).collect()
 }

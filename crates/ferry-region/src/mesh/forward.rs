@@ -411,7 +411,7 @@ impl<T: Transport> Node<T> {
             partition: key.partition,
             dest_partition: key.dest_partition,
             batch,
-            relays_left: 1,
+            via: vec![mesh.region.clone()],
             passed_in_region: false,
         });
         let request = match Router::<T>::encode_request(&request) {
@@ -456,6 +456,8 @@ impl<T: Transport> Node<T> {
                     }
                     return (Ok(ack), route);
                 }
+                // A relay found no way on: try the next route.
+                Ok(PeerResponse::Unreachable(e)) => errors.push(format!("{route}: {e}")),
                 // The destination (or relay) answered but refused: say why; resent later.
                 Ok(PeerResponse::Error(e)) => return (Err(e), route),
                 Ok(_) => errors.push(format!("{route}: unexpected answer")),

@@ -1,5 +1,6 @@
-//! The node's part in the mesh. It gossips about itself (chitchat over the peer transport,
-//! so over mutually authenticated QUIC: a node from another CA cannot take part); runs one
+//! The node's part in the mesh. It gossips about itself (ferry-router's two-level gossip over
+//! the peer transport, so over mutually authenticated QUIC: a node from another CA cannot
+//! take part); runs one
 //! [`ferry_router::Forwarder`] per (partition it leads, other region, destination
 //! partition) (`forward.rs`); answers forwarded batches (`receive.rs`: relays them when they
 //! are for another region, passes them to the partition's leader, appends them through Raft,
@@ -16,10 +17,11 @@
 //! - A topic with another partition count in R is fed by one forwarder per destination
 //!   partition, each carrying the events whose key routes there.
 //! - A batch goes straight to the destination partition's leader; if that region cannot be
-//!   reached, through a node of a third region, which relays it once (`relays_left`) and
-//!   never stores it. The acknowledgement comes back the same way, so it still means
-//!   "committed in the destination's log". This delivers during any single-link cut
-//!   between three or more regions.
+//!   reached, through a node of a third region, which passes it on (to the destination, or
+//!   through a further region not on its path, `via`, at most `MAX_RELAYS` relays) and never
+//!   stores it. The acknowledgement comes back the same way, so it still means "committed
+//!   in the destination's log". This delivers as long as any path of live links joins the
+//!   two regions.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
@@ -237,13 +239,12 @@ impl<T: Transport> Node<T> {
         let Some(addr) = config.listen_addr() else {
             return Ok(());
         };
-        let mut seeds: Vec<SocketAddr> = config
+        let seeds: Vec<SocketAddr> = config
             .peers
             .iter()
             .filter(|p| p.id != config.id)
             .map(|p| p.addr)
             .collect();
-        seeds.extend(config.mesh.remote_seeds.iter().copied());
         let generation = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as u64);
@@ -252,6 +253,7 @@ impl<T: Transport> Node<T> {
             region: config.region.clone(),
             advertise: addr,
             seeds,
+            remote_seeds: config.mesh.remote_seeds.clone(),
             cluster: "ferry".into(),
             interval: Duration::from_millis(config.mesh.gossip_interval_ms),
             dead_after: Duration::from_millis(config.mesh.dead_after_ms),
@@ -574,7 +576,7 @@ impl<T: Transport> Node<T> {
         let request = PeerRequest::EnsureTopic {
             config,
             region: region.to_string(),
-            relay: true,
+            via: vec![mesh.region.clone()],
         };
         let mut errors = Vec::new();
         // The region's nodes, then nodes of third regions that relay it (as for batches).
@@ -590,7 +592,7 @@ impl<T: Transport> Node<T> {
         for addr in direct.chain(relays) {
             match self.inner.router.call_addr(addr, &request).await {
                 Ok(PeerResponse::TopicPartitions(count)) => return Ok(count),
-                Ok(PeerResponse::Error(e)) => errors.push(e),
+                Ok(PeerResponse::Error(e) | PeerResponse::Unreachable(e)) => errors.push(e),
                 Ok(_) => errors.push(format!("{addr}: unexpected answer")),
                 Err(e) => errors.push(format!("{addr}: {e}")),
             }

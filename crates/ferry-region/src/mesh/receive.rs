@@ -3,6 +3,7 @@
 //! partition, resends answered from the applied state) and acknowledges after commit. And
 //! defines a topic another region forwards here when this region lacks it.
 
+use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -18,8 +19,11 @@ use crate::peer::{ForwardRequest, PeerRequest, PeerResponse};
 
 use super::{lock, Mesh};
 
-/// How long a relay waits for the destination (below the peer request timeout, 5 s).
+/// How long the first relay on a path waits for the rest of it (below the peer request
+/// timeout, 5 s); the `n`th waits `RELAY_TIMEOUT / n`, so every sender hears why in time.
 const RELAY_TIMEOUT: Duration = Duration::from_secs(3);
+/// Regions that may relay one request, at most.
+pub(super) const MAX_RELAYS: usize = 3;
 
 /// (origin region, topic, origin partition, destination partition) of forwarded batches.
 pub(super) type OriginPartition = (String, String, u32, u32);
@@ -46,54 +50,99 @@ async fn forget_proposals(mesh: &Mesh, origin: &OriginPartition, term: u64, held
 }
 
 impl<T: Transport> Node<T> {
+    /// Passes a request for region `target` on, as a relay: to `direct` (nodes of `target`),
+    /// then through nodes of regions not on its path yet (`via`, its origin first), those
+    /// that reach `target` directly first. `request` builds the request with the path that
+    /// includes this region. Refuses a request this region already relayed (a loop) or that
+    /// passed `MAX_RELAYS` relays. Answers the first answer that is not `Unreachable` (a
+    /// further relay's failure to reach), within a budget that shrinks with each hop, or
+    /// `Unreachable`.
+    pub(super) async fn relay(
+        &self,
+        mesh: &Mesh,
+        target: &str,
+        mut via: Vec<String>,
+        direct: Vec<SocketAddr>,
+        request: impl Fn(Vec<String>) -> PeerRequest,
+    ) -> PeerResponse {
+        let here = &mesh.region;
+        if via.iter().any(|r| r == here) {
+            return PeerResponse::Error(format!(
+                "refusing to relay for region {target} through {here} again (path {})",
+                via.join(" > ")
+            ));
+        }
+        if via.len() > MAX_RELAYS {
+            return PeerResponse::Error(format!(
+                "refusing to relay for region {target}: path {} is already {MAX_RELAYS} relays long",
+                via.join(" > ")
+            ));
+        }
+        via.push(here.clone());
+        let deadline = tokio::time::Instant::now() + RELAY_TIMEOUT / (via.len() as u32 - 1);
+        let onward: Vec<SocketAddr> = if via.len() <= MAX_RELAYS {
+            mesh.snapshot()
+                .relays(here, target)
+                .into_iter()
+                .filter(|(region, _)| !via.contains(region))
+                .map(|(_, addr)| addr)
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let relayed = request(via.clone());
+        let mut last_error = format!("region {target} has no live node known to {here}");
+        for (addr, is_direct) in direct
+            .into_iter()
+            .map(|a| (a, true))
+            .chain(onward.into_iter().map(|a| (a, false)))
+        {
+            let answer =
+                tokio::time::timeout_at(deadline, self.inner.router.call_addr(addr, &relayed))
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(NetError::Timeout {
+                            what: format!("relaying to {addr}"),
+                            after: RELAY_TIMEOUT,
+                        })
+                    });
+            match answer {
+                Ok(PeerResponse::Unreachable(e)) => last_error = e,
+                Ok(PeerResponse::Error(e)) => return PeerResponse::Error(e),
+                Ok(answer) => {
+                    if is_direct {
+                        mesh.note_reach(target);
+                    }
+                    return answer;
+                }
+                Err(e) => last_error = format!("{addr}: {e}"),
+            }
+            if tokio::time::Instant::now() >= deadline {
+                break;
+            }
+        }
+        PeerResponse::Unreachable(format!("relay through {here}: {last_error}"))
+    }
+
     /// Answers a forwarded batch: relay it, pass it to the leader, or append it.
     pub(crate) async fn handle_forward(&self, mut request: ForwardRequest) -> PeerResponse {
         let Some(mesh) = self.mesh().cloned() else {
             return PeerResponse::Error("mesh not started".into());
         };
         if request.target_region != mesh.region {
-            if request.relays_left == 0 {
-                return PeerResponse::Error(format!(
-                    "refusing to relay a batch for region {} a second time",
-                    request.target_region
-                ));
-            }
-            request.relays_left -= 1;
-            let snapshot = mesh.snapshot();
-            let targets = snapshot.targets(
-                &request.target_region,
-                &request.topic,
-                request.dest_partition,
-            );
-            let mut last_error = format!(
-                "region {} has no live node known to {}",
-                request.target_region, mesh.region
-            );
-            let relayed = PeerRequest::Forward(request.clone());
-            for addr in targets {
-                // Shorter than the sender's own deadline, so the sender hears why.
-                let answer = tokio::time::timeout(
-                    RELAY_TIMEOUT,
-                    self.inner.router.call_addr(addr, &relayed),
-                )
-                .await
-                .unwrap_or_else(|_| {
-                    Err(NetError::Timeout {
-                        what: format!("relaying to {addr}"),
-                        after: RELAY_TIMEOUT,
+            let target = request.target_region.clone();
+            let direct = mesh
+                .snapshot()
+                .targets(&target, &request.topic, request.dest_partition);
+            let via = std::mem::take(&mut request.via);
+            return self
+                .relay(&mesh, &target, via, direct, |via| {
+                    PeerRequest::Forward(ForwardRequest {
+                        via,
+                        ..request.clone()
                     })
-                });
-                match answer {
-                    Ok(answer @ PeerResponse::Forwarded(_)) => {
-                        mesh.note_reach(&request.target_region);
-                        return answer;
-                    }
-                    Ok(PeerResponse::Error(e)) => return PeerResponse::Error(e),
-                    Ok(_) => last_error = "unexpected answer".into(),
-                    Err(e) => last_error = format!("{addr}: {e}"),
-                }
-            }
-            return PeerResponse::Error(format!("relay through {}: {last_error}", mesh.region));
+                })
+                .await;
         }
         let region = &mesh.region;
         let group = match self.lookup(&request.topic, request.dest_partition) {
@@ -284,40 +333,29 @@ impl<T: Transport> Node<T> {
         &self,
         mut config: TopicConfig,
         target: String,
-        relay: bool,
+        via: Vec<String>,
     ) -> PeerResponse {
         let region = &self.inner.config.region;
         if target != *region {
-            // For another region: relay once, to its nodes this node knows.
-            let Some(mesh) = self.mesh() else {
+            let Some(mesh) = self.mesh().cloned() else {
                 return PeerResponse::Error("mesh not started".into());
             };
-            if !relay {
-                return PeerResponse::Error(format!(
-                    "refusing to relay a topic definition for region {target} a second time"
-                ));
-            }
-            let request = PeerRequest::EnsureTopic {
-                config,
-                region: target.clone(),
-                relay: false,
-            };
-            let mut last_error = format!("region {target} has no live node known to {region}");
-            for node in mesh.snapshot().nodes.iter().filter(|n| n.region == target) {
-                let answer = tokio::time::timeout(
-                    RELAY_TIMEOUT,
-                    self.inner.router.call_addr(node.addr, &request),
-                )
+            let direct = mesh
+                .snapshot()
+                .nodes
+                .iter()
+                .filter(|n| n.region == target)
+                .map(|n| n.addr)
+                .collect();
+            return self
+                .relay(&mesh, &target, via, direct, |via| {
+                    PeerRequest::EnsureTopic {
+                        config: config.clone(),
+                        region: target.clone(),
+                        via,
+                    }
+                })
                 .await;
-                match answer {
-                    Ok(Ok(answer @ PeerResponse::TopicPartitions(_))) => return answer,
-                    Ok(Ok(PeerResponse::Error(e))) => return PeerResponse::Error(e),
-                    Ok(Ok(_)) => last_error = "unexpected answer".into(),
-                    Ok(Err(e)) => last_error = format!("{}: {e}", node.addr),
-                    Err(_) => last_error = format!("{}: no answer in {RELAY_TIMEOUT:?}", node.addr),
-                }
-            }
-            return PeerResponse::Error(format!("relay through {region}: {last_error}"));
         }
         if let Some(topic) = self.inner.meta_view.topic(&config.name) {
             return PeerResponse::TopicPartitions(topic.config.partitions);

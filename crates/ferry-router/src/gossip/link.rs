@@ -1,25 +1,14 @@
-//! Chitchat's `Transport` over a [`GossipLink`]: sends are spawned and bounded, receives come
-//! from the [`GossipInbox`] through a decoding task.
-//!
-//! Chitchat's server loop awaits `Socket::send` and treats an error from `Socket::recv` as
-//! fatal (it stops gossiping). So `send` only encodes (loopback, microseconds) and hands the
-//! bytes to a spawned task, never waiting on a peer; and `recv` only fails if the decoding task
-//! is gone. Malformed messages are dropped by the decoding task with a debug log.
+//! Sending over a [`GossipLink`]: each send is spawned (a dead peer never holds up gossip)
+//! and bounded per peer and in all; more are dropped, as UDP would drop them.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use anyhow::Context;
-use async_trait::async_trait;
 use bytes::Bytes;
-use chitchat::transport::{RecvOutcome, SendOutcome, Socket, Transport};
-use chitchat::ChitchatEnvelope;
-use tokio::sync::mpsc;
 use tracing::debug;
 
-use super::codec::{Decoder, Encoder};
 use super::{GossipLink, GossipStats};
 
 /// Sends in flight to one peer, at most; more are dropped (a dead peer cannot hold up gossip
@@ -28,13 +17,15 @@ pub(super) const MAX_SENDS_PER_PEER: usize = 8;
 /// Sends in flight in all, at most.
 pub(super) const MAX_SENDS: usize = 256;
 
-/// Counters shared by the inbox, the socket and the decoder.
+/// Counters shared by the inbox, the driver and the sends.
 #[derive(Debug, Default)]
 pub(super) struct Counters {
     pub(super) inbox_full: AtomicU64,
     pub(super) malformed: AtomicU64,
     pub(super) sends_dropped: AtomicU64,
     pub(super) send_failures: AtomicU64,
+    pub(super) sent: AtomicU64,
+    pub(super) sent_between_regions: AtomicU64,
 }
 
 impl Counters {
@@ -48,143 +39,46 @@ impl Counters {
             malformed: self.malformed.load(Ordering::Relaxed),
             sends_dropped: self.sends_dropped.load(Ordering::Relaxed),
             send_failures: self.send_failures.load(Ordering::Relaxed),
+            sent: self.sent.load(Ordering::Relaxed),
+            sent_between_regions: self.sent_between_regions.load(Ordering::Relaxed),
         }
     }
 }
 
-/// A transport that opens its one socket once.
-pub(super) struct LinkTransport {
-    socket: Mutex<Option<LinkSocket>>,
-}
-
-impl LinkTransport {
-    pub(super) fn new(socket: LinkSocket) -> Self {
-        Self {
-            socket: Mutex::new(Some(socket)),
-        }
-    }
-}
-
-#[async_trait]
-impl Transport for LinkTransport {
-    async fn open(&self, _listen_addr: SocketAddr) -> anyhow::Result<Box<dyn Socket>> {
-        let socket = self
-            .socket
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take()
-            .context("the gossip link transport opens only once")?;
-        Ok(Box::new(socket))
-    }
-}
-
-/// The socket chitchat's server loop owns.
-pub(super) struct LinkSocket {
-    advertise: SocketAddr,
+/// Sends messages over the link, spawned and bounded.
+pub(super) struct Sender {
     link: Arc<dyn GossipLink>,
-    encoder: Encoder,
-    received: mpsc::Receiver<RecvOutcome>,
     in_flight: Arc<InFlight>,
     counters: Arc<Counters>,
 }
 
-impl LinkSocket {
-    pub(super) fn new(
-        advertise: SocketAddr,
-        link: Arc<dyn GossipLink>,
-        encoder: Encoder,
-        received: mpsc::Receiver<RecvOutcome>,
-        counters: Arc<Counters>,
-    ) -> Self {
+impl Sender {
+    pub(super) fn new(link: Arc<dyn GossipLink>, counters: Arc<Counters>) -> Self {
         Self {
-            advertise,
             link,
-            encoder,
-            received,
             in_flight: Arc::new(InFlight::new(MAX_SENDS_PER_PEER, MAX_SENDS)),
             counters,
         }
     }
-}
 
-#[async_trait]
-impl Socket for LinkSocket {
-    fn local_addr(&self) -> anyhow::Result<SocketAddr> {
-        Ok(self.advertise)
-    }
-
-    async fn send(
-        &mut self,
-        to: SocketAddr,
-        envelope: ChitchatEnvelope,
-    ) -> anyhow::Result<SendOutcome> {
-        let bytes = match self.encoder.encode(envelope).await {
-            Ok(bytes) => bytes,
-            Err(error) => {
-                debug!(%to, %error, "gossip message not encoded");
-                // Chitchat logs a failed SYN and ignores a failed reply; neither stops it.
-                return Err(anyhow::Error::new(error).context("encoding a gossip message"));
-            }
-        };
-        let num_bytes_sent = bytes.len();
+    /// Starts sending `message` to `to`, unless too many sends are in flight (then it is
+    /// dropped and counted).
+    pub(super) fn send(&self, to: SocketAddr, message: Bytes) {
         let Some(permit) = InFlight::try_acquire(&self.in_flight, to) else {
             let dropped = Counters::bump(&self.counters.sends_dropped);
             debug!(%to, dropped, "too many gossip sends in flight, dropping one");
-            return Ok(SendOutcome { num_bytes_sent });
+            return;
         };
-        let link = self.link.clone();
+        Counters::bump(&self.counters.sent);
+        let send = self.link.send(to, message);
         let counters = self.counters.clone();
         tokio::spawn(async move {
-            if let Err(error) = link.send(to, bytes).await {
+            if let Err(error) = send.await {
                 Counters::bump(&counters.send_failures);
                 debug!(%to, %error, "gossip send failed");
             }
             drop(permit);
         });
-        Ok(SendOutcome { num_bytes_sent })
-    }
-
-    async fn recv(&mut self) -> anyhow::Result<RecvOutcome> {
-        // Cancellation-safe (chitchat selects on it): a message is either taken or left queued.
-        self.received
-            .recv()
-            .await
-            .context("the gossip decoding task stopped")
-    }
-}
-
-/// Takes messages from the inbox, decodes them and queues them for `LinkSocket::recv`, until
-/// the socket is dropped (chitchat stopped).
-pub(super) async fn run_decoder(
-    mut inbox: mpsc::Receiver<(SocketAddr, Bytes)>,
-    received: mpsc::Sender<RecvOutcome>,
-    decoder: Decoder,
-    counters: Arc<Counters>,
-) {
-    loop {
-        let (from, message) = tokio::select! {
-            () = received.closed() => return,
-            next = inbox.recv() => match next {
-                Some(next) => next,
-                None => return,
-            },
-        };
-        match decoder.decode(&message).await {
-            Ok(envelope) => {
-                let outcome = RecvOutcome {
-                    from_addr: from,
-                    envelope,
-                    num_bytes_received: message.len(),
-                };
-                if received.send(outcome).await.is_err() {
-                    return;
-                }
-            }
-            Err(error) => {
-                let malformed = Counters::bump(&counters.malformed);
-                debug!(%from, len = message.len(), %error, malformed, "dropping a gossip message");
-            }
-        }
     }
 }
 
