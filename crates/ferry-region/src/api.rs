@@ -227,8 +227,8 @@ impl<T: Transport> Node<T> {
         if held < hard {
             return None;
         }
-        let config = self.inner.meta_view.topic(topic)?.config;
-        let floor = self.forwarded_floor(&config, group)?;
+        let state = self.inner.meta_view.topic(topic)?;
+        let floor = self.forwarded_floor(&state.config, group)?;
         if floor.offset >= group.view.watermarks().high {
             // Nobody is behind: retention's own bounds decide.
             return None;
@@ -304,7 +304,7 @@ impl<T: Transport> Node<T> {
                     .meta_view
                     .topics()
                     .into_iter()
-                    .map(|t| t.config)
+                    .map(|t| t.config.clone())
                     .collect(),
             ),
             ClientRequest::DescribeTopic { topic } => {
@@ -635,7 +635,7 @@ impl<T: Transport> Node<T> {
             })
             .collect();
         ClientResponse::Topic(TopicDescription {
-            config: state.config,
+            config: state.config.clone(),
             partitions,
             nodes,
         })

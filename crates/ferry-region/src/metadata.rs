@@ -32,7 +32,8 @@ pub struct TopicState {
 
 /// Read access to the applied metadata, shared with the node.
 pub struct MetaView {
-    topics: RwLock<BTreeMap<String, TopicState>>,
+    /// Shared, so a lookup on the publish path copies a pointer, not the placement.
+    topics: RwLock<BTreeMap<String, Arc<TopicState>>>,
     interests: RwLock<BTreeMap<String, SubjectFilter>>,
     interest_version: std::sync::atomic::AtomicU64,
     interests_since: std::sync::atomic::AtomicU64,
@@ -54,7 +55,7 @@ pub struct InterestSet {
 
 impl MetaView {
     /// A topic by name.
-    pub fn topic(&self, name: &str) -> Option<TopicState> {
+    pub fn topic(&self, name: &str) -> Option<Arc<TopicState>> {
         self.topics.read().ok()?.get(name).cloned()
     }
 
@@ -64,7 +65,7 @@ impl MetaView {
     }
 
     /// Every topic.
-    pub fn topics(&self) -> Vec<TopicState> {
+    pub fn topics(&self) -> Vec<Arc<TopicState>> {
         self.topics
             .read()
             .map(|t| t.values().cloned().collect())
@@ -311,8 +312,17 @@ impl Application for MetaApp {
     fn after_apply(&mut self, _tree: &sled::Tree) {
         let mut changed = false;
         if let Ok(mut topics) = self.view.topics.write() {
-            if *topics != self.topics {
-                *topics = self.topics.clone();
+            let same = topics.len() == self.topics.len()
+                && topics
+                    .iter()
+                    .zip(&self.topics)
+                    .all(|((name, shared), (n, state))| name == n && **shared == *state);
+            if !same {
+                *topics = self
+                    .topics
+                    .iter()
+                    .map(|(name, state)| (name.clone(), Arc::new(state.clone())))
+                    .collect();
                 changed = true;
             }
         }

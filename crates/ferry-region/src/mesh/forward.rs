@@ -141,7 +141,7 @@ impl<T: Transport> Node<T> {
                 // skew allowed), wherever this node was then; a region the topic lists wants
                 // every retained event. Every event after it is judged.
                 let listed = matches!(
-                    self.inner.meta_view.topic(&key.topic).map(|t| t.config.regions),
+                    self.inner.meta_view.topic(&key.topic).map(|t| t.config.regions.clone()),
                     Some(RegionPolicy::Listed(regions)) if regions.contains(&key.destination)
                 );
                 let since = lock(&mesh.known_interest)
