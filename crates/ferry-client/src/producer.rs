@@ -40,10 +40,12 @@ pub struct ProducerOptions {
     /// many outstanding, its new events wait and form the next, larger batch; each batch is
     /// one Raft entry, so fewer, larger batches cost the nodes less per event.
     pub max_batches_in_flight: usize,
-    /// Batches in flight per partition that go as soon as there are events (1 to
-    /// `max_batches_in_flight`); past these a batch goes only once an eighth of
-    /// `max_batch_events` wait, so a busy partition keeps batching instead of sending a
-    /// trickle of tiny ones.
+    /// Batches in flight that go as soon as there are events (1 to
+    /// `max_batches_in_flight`), counted over all partitions of the producer: a partition
+    /// with nothing in flight always sends at once, and past this many batches in flight in
+    /// all a batch goes only once an eighth of `max_batch_events` wait. So a busy producer
+    /// keeps batching instead of sending a trickle of tiny ones (each one Raft entry),
+    /// however many partitions it writes to.
     pub eager_batches: usize,
     /// Most events in one batch.
     pub max_batch_events: usize,
@@ -125,6 +127,7 @@ impl Producer {
             .eager_batches
             .clamp(1, options.max_batches_in_flight);
         let partitions = description.config.partitions;
+        let producer_in_flight = Arc::new(AtomicUsize::new(0));
         let lanes = (0..partitions)
             .map(|partition| {
                 let (tx, rx) = mpsc::unbounded_channel();
@@ -137,6 +140,8 @@ impl Producer {
                     options: options.clone(),
                     rx,
                     unacked: VecDeque::new(),
+                    producer_in_flight: producer_in_flight.clone(),
+                    counted: 0,
                     stream: None,
                     failing_since: None,
                     failures: 0,
@@ -217,6 +222,9 @@ struct Lane {
     options: ProducerOptions,
     rx: mpsc::UnboundedReceiver<Item>,
     unacked: VecDeque<InFlight>,
+    /// Batches in flight over every lane of the producer, and this lane's share of it.
+    producer_in_flight: Arc<AtomicUsize>,
+    counted: usize,
     stream: Option<LaneStream>,
     failing_since: Option<Instant>,
     failures: u32,
@@ -239,6 +247,7 @@ impl Lane {
     async fn run(mut self) {
         let mut closed = false;
         loop {
+            self.count_in_flight();
             if closed && self.unacked.is_empty() {
                 return;
             }
@@ -258,14 +267,30 @@ impl Lane {
         }
     }
 
-    /// Whether the lane may send another batch now: always while fewer than
-    /// `eager_batches` are in flight; beyond that (up to `max_batches_in_flight`) only once
-    /// enough events wait to fill a sizeable batch, so a lane that is merely busy keeps
-    /// batching instead of sending a trickle of tiny ones (each costs the nodes a Raft entry).
+    /// Brings the producer-wide count of batches in flight up to date with this lane's.
+    fn count_in_flight(&mut self) {
+        let now = self.unacked.len();
+        if now > self.counted {
+            self.producer_in_flight
+                .fetch_add(now - self.counted, Ordering::Relaxed);
+        } else {
+            self.producer_in_flight
+                .fetch_sub(self.counted - now, Ordering::Relaxed);
+        }
+        self.counted = now;
+    }
+
+    /// Whether the lane may send another batch now: always with nothing in flight; while
+    /// fewer than `eager_batches` are in flight here and over the whole producer; beyond
+    /// that (up to `max_batches_in_flight`) only once enough events wait to fill a sizeable
+    /// batch, so a lane that is merely busy keeps batching instead of sending a trickle of
+    /// tiny ones (each costs the nodes a Raft entry).
     fn may_send(&self) -> bool {
         let in_flight = self.unacked.len();
+        let eager = self.options.eager_batches;
         in_flight < self.options.max_batches_in_flight
-            && (in_flight < self.options.eager_batches
+            && (in_flight == 0
+                || (in_flight < eager && self.producer_in_flight.load(Ordering::Relaxed) < eager)
                 || self.rx.len() >= (self.options.max_batch_events / 8).max(1))
     }
 

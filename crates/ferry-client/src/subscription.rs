@@ -1,7 +1,9 @@
-//! A subscription to one partition: a stream of committed events in offset order. If the
-//! node serving it goes away, it resumes on another node from the next offset.
+//! A subscription to one partition: a stream of committed events in offset order, served by
+//! the partition's leader when it can be found. If the node serving it goes away, it resumes
+//! on another node (the leader first) from the next offset.
 
 use std::collections::VecDeque;
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use ferry_net::framing::{read_frame, write_frame};
@@ -11,6 +13,10 @@ use ferry_proto::Event;
 
 use crate::client::events_from;
 use crate::{Client, ClientError};
+
+/// How long opening a subscription looks for the partition's leader before it settles for
+/// any replica.
+const LEADER_LOOKUP: Duration = Duration::from_secs(1);
 
 /// Events of one partition as they are committed.
 pub struct Subscription {
@@ -49,11 +55,27 @@ impl Subscription {
         Ok(s)
     }
 
+    /// Opens the stream on the partition's leader, where committed events show first (a
+    /// follower learns a commit with the leader's next message to it), else on the first
+    /// server that serves it.
     async fn connect(&mut self) -> Result<(), ClientError> {
+        let leader_deadline = tokio::time::Instant::now() + LEADER_LOOKUP;
+        let leader = self
+            .client
+            .leader_addr(&self.topic, self.partition, leader_deadline)
+            .await
+            .ok();
         let servers = self.client.servers().to_vec();
         let mut failures = Vec::new();
-        for i in 0..servers.len() {
-            let addr = servers[(self.server + i) % servers.len()];
+        let candidates: Vec<(Option<usize>, SocketAddr)> = leader
+            .map(|addr| (None, addr))
+            .into_iter()
+            .chain((0..servers.len()).map(|i| {
+                let index = (self.server + i) % servers.len();
+                (Some(index), servers[index])
+            }))
+            .collect();
+        for (index, addr) in candidates {
             let from = self.cursor.map_or(self.from, StartFrom::Offset);
             let request = ClientRequest::Subscribe {
                 topic: self.topic.clone(),
@@ -72,7 +94,9 @@ impl Subscription {
             };
             match attempt.await {
                 Ok(recv) => {
-                    self.server = (self.server + i) % servers.len();
+                    if let Some(index) = index {
+                        self.server = index;
+                    }
                     self.recv = Some(recv);
                     return Ok(());
                 }

@@ -73,6 +73,17 @@ struct MeshArgs {
     /// Events in flight at the producer.
     #[arg(long, default_value_t = 256)]
     inflight: usize,
+    /// Batches in flight per partition (each batch is one Raft entry).
+    #[arg(long, default_value_t = ProducerOptions::default().max_batches_in_flight)]
+    batches_in_flight: usize,
+    /// Batches in flight per partition sent as soon as there are events (past these, only
+    /// sizeable ones).
+    #[arg(long, default_value_t = ProducerOptions::default().eager_batches)]
+    eager_batches: usize,
+    /// How long a partition's lane waits for more events before sending a batch that is not
+    /// full, microseconds.
+    #[arg(long, default_value_t = 0)]
+    linger_us: u64,
     /// Events per second to publish at (0: as fast as acknowledgements allow).
     #[arg(long, default_value_t = 0)]
     rate: u64,
@@ -106,7 +117,12 @@ struct MeshReport {
     publish_errors: u64,
     seconds: f64,
     forwarded_events_per_sec: f64,
+    /// Delivered events over the time from the first delivery to the last: the rate the
+    /// destination kept up with (with `--rate`, at most the offered rate).
+    received_events_per_sec: f64,
     e2e_latency_ms: Latency,
+    /// Publish to acknowledgement in the source region (its commit).
+    ack_latency_ms: Latency,
 }
 
 /// A histogram of latencies in microseconds, 1 µs to 10 minutes. (Bounded: an auto-resizing
@@ -229,6 +245,9 @@ async fn mesh(mut args: MeshArgs) -> anyhow::Result<()> {
 
     let options = ProducerOptions {
         max_in_flight: args.inflight,
+        max_batches_in_flight: args.batches_in_flight,
+        eager_batches: args.eager_batches,
+        linger: Duration::from_micros(args.linger_us),
         ..ProducerOptions::default()
     };
     let producer = source.producer(&args.topic, options).await?;
@@ -238,6 +257,7 @@ async fn mesh(mut args: MeshArgs) -> anyhow::Result<()> {
     let acks = tokio::spawn(async move {
         let mut pending = FuturesUnordered::new();
         let mut errors = 0u64;
+        let mut histogram = latency_histogram();
         let mut open = true;
         loop {
             tokio::select! {
@@ -245,10 +265,13 @@ async fn mesh(mut args: MeshArgs) -> anyhow::Result<()> {
                     Some(fut) => pending.push(fut),
                     None => open = false,
                 },
-                Some(result) = pending.next(), if !pending.is_empty() => {
+                Some((result, took)) = pending.next(), if !pending.is_empty() => {
                     let result: Result<_, ferry_client::ClientError> = result;
+                    let took: Duration = took;
                     if result.is_err() {
                         errors += 1;
+                    } else {
+                        let _ = histogram.record((took.as_micros() as u64).max(1));
                     }
                 }
                 else => break,
@@ -257,7 +280,7 @@ async fn mesh(mut args: MeshArgs) -> anyhow::Result<()> {
                 break;
             }
         }
-        errors
+        (errors, histogram)
     });
     let started = Instant::now();
     for i in 0..args.count {
@@ -276,22 +299,26 @@ async fn mesh(mut args: MeshArgs) -> anyhow::Result<()> {
             payload,
         )
         .with_key(format!("k{}", i % 64));
+        let published = Instant::now();
         let ack = producer.send(event).await?;
+        let ack = async move { (ack.await, published.elapsed()) };
         acks_tx
             .send(Box::pin(ack))
             .map_err(|_| anyhow::anyhow!("acknowledgement collector stopped"))?;
     }
     drop(acks_tx);
-    let publish_errors = acks.await.context("acknowledgements")?;
+    let (publish_errors, ack_histogram) = acks.await.context("acknowledgements")?;
 
     let mut histogram = latency_histogram();
     let mut delivered = 0u64;
+    let mut first: Option<Instant> = None;
     let mut last = started;
     let drain = tokio::time::Instant::now() + Duration::from_secs(args.drain_secs);
     while delivered < args.count {
         match tokio::time::timeout_at(drain, seen_rx.recv()).await {
             Ok(Some((sent, at))) => {
                 delivered += 1;
+                first = Some(first.map_or(at, |f| f.min(at)));
                 last = last.max(at);
                 let latency = (at - base).as_nanos() as u64 - sent;
                 let _ = histogram.record((latency / 1000).max(1));
@@ -318,14 +345,19 @@ async fn mesh(mut args: MeshArgs) -> anyhow::Result<()> {
         publish_errors,
         seconds,
         forwarded_events_per_sec: delivered as f64 / seconds,
+        received_events_per_sec: first.map_or(0.0, |first| {
+            delivered.saturating_sub(1) as f64 / (last - first).as_secs_f64().max(1e-9)
+        }),
         e2e_latency_ms: Latency::of(&histogram),
+        ack_latency_ms: Latency::of(&ack_histogram),
     };
     println!(
-        "ferry bench mesh: {} -> {}: {} of {} events of {} B delivered ({} in flight{}): {:.0} events/s forwarded, publish-to-delivery p50 {:.2} ms, p99 {:.2} ms, p999 {:.2} ms ({} lost, {} publish errors, {:.1} s)",
+        "ferry bench mesh: {} -> {}: {} of {} events of {} B delivered ({} in flight{}): {:.0} events/s forwarded ({:.0}/s received), publish-to-delivery p50 {:.2} ms, p99 {:.2} ms, p999 {:.2} ms (publish-to-ack in {} p50 {:.2} ms, p99 {:.2} ms; {} lost, {} publish errors, {:.1} s)",
         source_region, destination_region, delivered, args.count, args.size, args.inflight,
         if args.rate > 0 { format!(", {} ev/s offered", args.rate) } else { String::new() },
-        report.forwarded_events_per_sec, report.e2e_latency_ms.p50, report.e2e_latency_ms.p99,
-        report.e2e_latency_ms.p999, report.lost, publish_errors, seconds
+        report.forwarded_events_per_sec, report.received_events_per_sec, report.e2e_latency_ms.p50, report.e2e_latency_ms.p99,
+        report.e2e_latency_ms.p999, source_region, report.ack_latency_ms.p50,
+        report.ack_latency_ms.p99, report.lost, publish_errors, seconds
     );
     if let Some(out) = &args.out {
         std::fs::write(out, serde_json::to_string_pretty(&report)?)
