@@ -60,11 +60,14 @@ impl Subscription {
     /// server that serves it.
     async fn connect(&mut self) -> Result<(), ClientError> {
         let leader_deadline = tokio::time::Instant::now() + LEADER_LOOKUP;
-        let leader = self
-            .client
-            .leader_addr(&self.topic, self.partition, leader_deadline)
-            .await
-            .ok();
+        let leader = tokio::time::timeout_at(
+            leader_deadline,
+            self.client
+                .leader_addr(&self.topic, self.partition, leader_deadline),
+        )
+        .await
+        .ok()
+        .and_then(Result::ok);
         let servers = self.client.servers().to_vec();
         let mut failures = Vec::new();
         let candidates: Vec<(Option<usize>, SocketAddr)> = leader

@@ -302,11 +302,11 @@ impl NodeConfig {
             );
         }
         let m = &self.mesh;
-        if m.gossip_interval_ms == 0 || m.dead_after_ms < 2 * m.gossip_interval_ms {
+        if m.gossip_interval_ms == 0 || m.dead_after_ms < 4 * m.gossip_interval_ms {
             return bad(
                 "mesh.dead_after_ms",
                 format!(
-                    "{} must be at least twice mesh.gossip_interval_ms ({}, above 0)",
+                    "{} must be at least 4 x mesh.gossip_interval_ms ({}, above 0)",
                     m.dead_after_ms, m.gossip_interval_ms
                 ),
             );

@@ -76,8 +76,8 @@ struct MeshArgs {
     /// Batches in flight per partition (each batch is one Raft entry).
     #[arg(long, default_value_t = ProducerOptions::default().max_batches_in_flight)]
     batches_in_flight: usize,
-    /// Batches in flight per partition sent as soon as there are events (past these, only
-    /// sizeable ones).
+    /// Batches in flight over all partitions sent as soon as there are events (past these,
+    /// only sizeable ones; a partition with none in flight always sends).
     #[arg(long, default_value_t = ProducerOptions::default().eager_batches)]
     eager_batches: usize,
     /// How long a partition's lane waits for more events before sending a batch that is not

@@ -21,6 +21,9 @@ use super::{lock, Judgement, MeshSnapshot};
 
 /// Cursor moves are committed through Raft at most this often per forwarder.
 const COMMIT_EVERY: Duration = Duration::from_millis(100);
+/// A batch tries no new route after this long (each call is bounded by the peer request
+/// timeout, 5 s); the forwarder resends it later.
+const SEND_DEADLINE: Duration = Duration::from_secs(8);
 /// After a direct call to a region fails, relays are tried first for this long.
 const DIRECT_RETRY_AFTER: Duration = Duration::from_secs(5);
 /// Longest a forwarder sleeps without looking at its source again.
@@ -441,7 +444,12 @@ impl<T: Transport> Node<T> {
             direct.into_iter().chain(relays).collect()
         };
         let mut errors = Vec::new();
+        let started = Instant::now();
         for (route, addr) in routes {
+            if started.elapsed() >= SEND_DEADLINE {
+                errors.push(format!("gave up after {SEND_DEADLINE:?}"));
+                break;
+            }
             let is_direct = route == "direct";
             match self
                 .inner

@@ -66,20 +66,27 @@ impl<T: Transport> Node<T> {
         request: impl Fn(Vec<String>) -> PeerRequest,
     ) -> PeerResponse {
         let here = &mesh.region;
+        // Refusals of the route, not of the request: the sender tries its next route.
+        if via.is_empty() {
+            return PeerResponse::Unreachable(format!(
+                "refusing to relay for region {target}: the request names no origin"
+            ));
+        }
         if via.iter().any(|r| r == here) {
-            return PeerResponse::Error(format!(
+            return PeerResponse::Unreachable(format!(
                 "refusing to relay for region {target} through {here} again (path {})",
                 via.join(" > ")
             ));
         }
         if via.len() > MAX_RELAYS {
-            return PeerResponse::Error(format!(
+            return PeerResponse::Unreachable(format!(
                 "refusing to relay for region {target}: path {} is already {MAX_RELAYS} relays long",
                 via.join(" > ")
             ));
         }
         via.push(here.clone());
-        let deadline = tokio::time::Instant::now() + RELAY_TIMEOUT / (via.len() as u32 - 1);
+        let budget = RELAY_TIMEOUT / (via.len() as u32 - 1);
+        let deadline = tokio::time::Instant::now() + budget;
         let onward: Vec<SocketAddr> = if via.len() <= MAX_RELAYS {
             mesh.snapshot()
                 .relays(here, target)
@@ -97,13 +104,16 @@ impl<T: Transport> Node<T> {
             .map(|a| (a, true))
             .chain(onward.into_iter().map(|a| (a, false)))
         {
+            // Half the budget at most per attempt, so a silent node (a dial that times out)
+            // leaves time for the next route.
+            let attempt = deadline.min(tokio::time::Instant::now() + budget / 2);
             let answer =
-                tokio::time::timeout_at(deadline, self.inner.router.call_addr(addr, &relayed))
+                tokio::time::timeout_at(attempt, self.inner.router.call_addr(addr, &relayed))
                     .await
                     .unwrap_or_else(|_| {
                         Err(NetError::Timeout {
                             what: format!("relaying to {addr}"),
-                            after: RELAY_TIMEOUT,
+                            after: budget / 2,
                         })
                     });
             match answer {

@@ -25,9 +25,9 @@ use foca::{
 };
 use rand_foca::rngs::StdRng;
 use rand_foca::RngExt;
-use tracing::{debug, warn};
+use tracing::{debug, error, warn};
 
-use super::wire::{Envelope, Item, Known, Peer, RegionSummary, SharedKnown};
+use super::wire::{Envelope, Item, Known, Peer, RegionSummary, SharedKnown, SummaryNode};
 use super::{record, GossipConfig, GossipError, NodeRecord};
 
 /// Router nodes per region: the ones that gossip with other regions.
@@ -57,7 +57,10 @@ pub(super) fn foca_config(interval: Duration, dead_after: Duration) -> foca::Con
         num_indirect_probes: NonZeroUsize::new(3).expect("3"),
         max_transmissions: NonZeroU8::new(8).expect("8"),
         suspect_to_down_after: dead_after / 4,
-        remove_down_after: Some(Duration::from_secs(3600)),
+        // Never forget a down member (seeds included): a region split for hours still
+        // heals, as foca keeps announcing to down members. Memory stays bounded by
+        // addresses, as a restarted node replaces its old generation.
+        remove_down_after: None,
         max_packet_size: NonZeroUsize::new(MAX_PACKET).expect("packet"),
         notify_down_members: true,
         periodic_announce: Some(PeriodicParams {
@@ -256,8 +259,9 @@ impl Membership {
         if self.own.is_some() && self.rounds - self.last_record_round >= RECORD_REFRESH_ROUNDS {
             self.broadcast_own_record(now);
         }
-        if self.is_router() {
-            self.push_summaries(now);
+        let as_router = self.is_router();
+        if as_router || self.newest_summaries().is_empty() {
+            self.push_summaries(now, as_router);
         }
         self.forget_old_summaries(now);
     }
@@ -308,10 +312,39 @@ impl Membership {
         for record in self.live_in_region() {
             out.insert(record.id, record);
         }
-        for summary in self.fresh_summaries(now) {
-            for node in &summary.nodes {
-                out.entry(node.id).or_insert_with(|| node.clone());
+        // Other regions: the nodes of each region's newest fresh summary, each with the
+        // newest record any fresh summary of the region holds, so two routers whose records
+        // differ (one still spreading) never make a node's record alternate.
+        let mut remote: BTreeMap<u64, SummaryNode> = BTreeMap::new();
+        {
+            let known = self.known.lock();
+            let fresh: Vec<_> = known
+                .summaries
+                .values()
+                .filter(|held| now.saturating_duration_since(held.received_at) < self.dead_after)
+                .collect();
+            let mut newest: BTreeMap<&str, &super::wire::HeldSummary> = BTreeMap::new();
+            for held in &fresh {
+                let entry = newest.entry(held.summary.region.as_str()).or_insert(held);
+                if held.received_at > entry.received_at {
+                    *entry = held;
+                }
             }
+            for held in newest.values() {
+                for node in &held.summary.nodes {
+                    let best = fresh
+                        .iter()
+                        .filter(|h| h.summary.region == held.summary.region)
+                        .flat_map(|h| h.summary.nodes.iter())
+                        .filter(|n| n.record.id == node.record.id)
+                        .max_by_key(|n| (n.generation, n.seq))
+                        .unwrap_or(node);
+                    remote.insert(node.record.id, best.clone());
+                }
+            }
+        }
+        for (id, node) in remote {
+            out.entry(id).or_insert(node.record);
         }
         out.into_values().collect()
     }
@@ -338,8 +371,17 @@ impl Membership {
     }
 
     fn live_in_region(&self) -> Vec<NodeRecord> {
+        self.live_in_region_versioned()
+            .into_iter()
+            .map(|n| n.record)
+            .collect()
+    }
+
+    /// This region's live members whose records this node holds, and itself once published,
+    /// with the records' versions.
+    fn live_in_region_versioned(&self) -> Vec<SummaryNode> {
         let known = self.known.lock();
-        let mut out: Vec<NodeRecord> = self
+        let mut out: Vec<SummaryNode> = self
             .foca
             .iter_members()
             .filter_map(|member| {
@@ -348,10 +390,18 @@ impl Membership {
                     .records
                     .get(&peer.id)
                     .filter(|held| held.generation == peer.generation)
-                    .map(|held| held.record.clone())
+                    .map(|held| SummaryNode {
+                        generation: held.generation,
+                        seq: held.seq,
+                        record: held.record.clone(),
+                    })
             })
             .collect();
-        out.extend(self.own.clone());
+        out.extend(self.own.clone().map(|record| SummaryNode {
+            generation: self.foca.identity().generation,
+            seq: self.record_seq,
+            record,
+        }));
         out
     }
 
@@ -401,21 +451,31 @@ impl Membership {
             builder: self.node_id,
             generation: self.foca.identity().generation,
             seq: self.summary_seq,
-            nodes: self.live_in_region(),
+            nodes: self.live_in_region_versioned(),
             gossip_addrs: std::iter::once(self.foca.identity().addr)
                 .chain(self.foca.iter_members().map(|m| m.id().addr))
                 .collect(),
         };
-        let size = ferry_proto::codec::encode("region summary", &summary).map_or(0, |b| b.len());
-        if size > MAX_ITEM {
+        let size = |summary: &RegionSummary| {
+            ferry_proto::codec::encode("gossip item", &Item::Summary(summary.clone()))
+                .map_or(usize::MAX, |b| b.len())
+        };
+        if size(&summary) > MAX_ITEM {
             // Without leaders, other regions send batches to any node of the region, which
             // passes them on: slower, not wrong.
             warn!(
-                size,
+                size = size(&summary),
                 "the region summary is over {MAX_ITEM} bytes; sending it without leaders"
             );
             for node in &mut summary.nodes {
-                node.leads.clear();
+                node.record.leads.clear();
+            }
+            if size(&summary) > MAX_ITEM {
+                error!(
+                    size = size(&summary),
+                    "the region summary is over {MAX_ITEM} bytes even without leaders: other \
+                     regions' nodes that are not routers will not learn this region"
+                );
             }
         }
         summary
@@ -429,25 +489,34 @@ impl Membership {
 
     /// Pushes this region's summary and the fresh ones of third regions to one node of every
     /// other region, and to remote seeds not heard of yet.
-    fn push_summaries(&mut self, now: Instant) {
+    /// (Routers, and any node that knows no other region yet, which reaches out to its
+    /// remote seeds.) A region is never sent its own summary.
+    fn push_summaries(&mut self, now: Instant, as_router: bool) {
         let summaries = self.summaries_to_push(now);
         let newest = self.newest_summaries();
-        let mut targets: Vec<SocketAddr> = Vec::new();
-        for (summary, _) in &newest {
-            if summary.gossip_addrs.is_empty() {
-                continue;
+        let mut targets: Vec<(SocketAddr, Option<String>)> = Vec::new();
+        if as_router {
+            for (summary, _) in &newest {
+                if summary.gossip_addrs.is_empty() {
+                    continue;
+                }
+                let pick = self.rng.random_range(0..summary.gossip_addrs.len());
+                targets.push((summary.gossip_addrs[pick], Some(summary.region.clone())));
             }
-            let pick = self.rng.random_range(0..summary.gossip_addrs.len());
-            targets.push(summary.gossip_addrs[pick]);
         }
         for seed in &self.remote_seeds {
             let heard_of = newest.iter().any(|(s, _)| s.gossip_addrs.contains(seed));
-            if !heard_of && !targets.contains(seed) {
-                targets.push(*seed);
+            if !heard_of && !targets.iter().any(|(a, _)| a == seed) {
+                targets.push((*seed, None));
             }
         }
-        for to in targets {
-            self.send_summaries(to, summaries.clone());
+        for (to, region) in targets {
+            let for_it: Vec<RegionSummary> = summaries
+                .iter()
+                .filter(|s| Some(&s.region) != region.as_ref())
+                .cloned()
+                .collect();
+            self.send_summaries(to, for_it);
         }
     }
 
@@ -482,7 +551,10 @@ impl Membership {
                 }
             },
             Ok(bytes) => {
-                debug!(len = bytes.len(), "a summary too large to spread, dropped");
+                warn!(
+                    len = bytes.len(),
+                    "a summary too large to spread in this region, dropped"
+                );
                 false
             }
             Err(e) => {
@@ -570,8 +642,10 @@ impl Membership {
                         known.records.remove(&peer.id);
                     }
                 }
+                // A member restarted before it was declared down: it has no records yet.
                 OwnedNotification::Rename(old, new) => {
                     debug!(region = %self.region, id = new.id, old = old.generation, new = new.generation, "member restarted");
+                    rebroadcast = true;
                 }
                 OwnedNotification::Idle | OwnedNotification::Defunct => {
                     debug!(region = %self.region, "no active member");

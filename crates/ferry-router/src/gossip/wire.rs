@@ -88,10 +88,22 @@ pub(super) struct RegionSummary {
     pub(super) generation: u64,
     /// The builder's sequence: every round a new one, so a region that goes silent expires.
     pub(super) seq: u64,
-    /// The region's live nodes.
-    pub(super) nodes: Vec<NodeRecord>,
+    /// The region's live nodes, as the builder holds them.
+    pub(super) nodes: Vec<SummaryNode>,
     /// The gossip addresses of the region's live members (where to push summaries).
     pub(super) gossip_addrs: Vec<SocketAddr>,
+}
+
+/// A node's record in a summary, with its version: a receiver merges the summaries of a
+/// region's routers node by node, the newest record of each winning.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(super) struct SummaryNode {
+    /// The node's generation.
+    pub(super) generation: u64,
+    /// Its sequence of records within the generation.
+    pub(super) seq: u64,
+    /// The record.
+    pub(super) record: NodeRecord,
 }
 
 /// A custom broadcast inside a region.
@@ -249,10 +261,9 @@ impl Known {
                     return false;
                 }
                 let valid = record::check_region("region", &summary.region).is_ok()
-                    && summary
-                        .nodes
-                        .iter()
-                        .all(|n| n.region == summary.region && record::validate(n).is_ok());
+                    && summary.nodes.iter().all(|n| {
+                        n.record.region == summary.region && record::validate(&n.record).is_ok()
+                    });
                 if !valid {
                     self.refused += 1;
                     return false;
@@ -358,7 +369,11 @@ mod tests {
                 builder: 4,
                 generation: 1,
                 seq,
-                nodes: vec![record(4, region)],
+                nodes: vec![SummaryNode {
+                    generation: 1,
+                    seq: 1,
+                    record: record(4, region),
+                }],
                 gossip_addrs: vec![],
             })
         };

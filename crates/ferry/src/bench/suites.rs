@@ -48,8 +48,8 @@ pub(crate) struct LoadArgs {
     /// Ferry: batches in flight per partition (each batch is one Raft entry).
     #[arg(long, default_value_t = ProducerOptions::default().max_batches_in_flight)]
     batches_in_flight: usize,
-    /// Ferry: batches in flight per partition sent as soon as there are events (past these,
-    /// only sizeable ones).
+    /// Ferry: batches in flight over all partitions sent as soon as there are events (past
+    /// these, only sizeable ones; a partition with none in flight always sends).
     #[arg(long, default_value_t = ProducerOptions::default().eager_batches)]
     eager_batches: usize,
     /// Ferry: how long a partition's lane waits for more events before sending a batch
