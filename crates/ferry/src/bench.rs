@@ -57,6 +57,35 @@ enum BenchCommand {
     Mesh(MeshArgs),
 }
 
+/// How a bench's Ferry producer batches (`ProducerOptions`), shared by the suites and mesh.
+#[derive(Args, Clone, Debug)]
+struct ProducerBatching {
+    /// Ferry: batches in flight per partition (each batch is one Raft entry).
+    #[arg(long, default_value_t = ProducerOptions::default().max_batches_in_flight)]
+    batches_in_flight: usize,
+    /// Ferry: batches in flight over all partitions sent as soon as there are events (past
+    /// these, only sizeable ones; a partition with none in flight always sends).
+    #[arg(long, default_value_t = ProducerOptions::default().eager_batches)]
+    eager_batches: usize,
+    /// Ferry: how long a partition's lane waits for more events before sending a batch
+    /// that is not full, microseconds.
+    #[arg(long, default_value_t = 0)]
+    linger_us: u64,
+}
+
+impl ProducerBatching {
+    /// Producer options with these and `max_in_flight` events in flight.
+    fn options(&self, max_in_flight: usize) -> ProducerOptions {
+        ProducerOptions {
+            max_in_flight,
+            max_batches_in_flight: self.batches_in_flight,
+            eager_batches: self.eager_batches,
+            linger: Duration::from_micros(self.linger_us),
+            ..ProducerOptions::default()
+        }
+    }
+}
+
 #[derive(Args)]
 struct MeshArgs {
     #[command(flatten)]
@@ -73,17 +102,9 @@ struct MeshArgs {
     /// Events in flight at the producer.
     #[arg(long, default_value_t = 256)]
     inflight: usize,
-    /// Batches in flight per partition (each batch is one Raft entry).
-    #[arg(long, default_value_t = ProducerOptions::default().max_batches_in_flight)]
-    batches_in_flight: usize,
-    /// Batches in flight over all partitions sent as soon as there are events (past these,
-    /// only sizeable ones; a partition with none in flight always sends).
-    #[arg(long, default_value_t = ProducerOptions::default().eager_batches)]
-    eager_batches: usize,
-    /// How long a partition's lane waits for more events before sending a batch that is not
-    /// full, microseconds.
-    #[arg(long, default_value_t = 0)]
-    linger_us: u64,
+    /// The producer's batching.
+    #[command(flatten)]
+    batching: ProducerBatching,
     /// Events per second to publish at (0: as fast as acknowledgements allow).
     #[arg(long, default_value_t = 0)]
     rate: u64,
@@ -243,13 +264,7 @@ async fn mesh(mut args: MeshArgs) -> anyhow::Result<()> {
     }
     drop(seen_tx);
 
-    let options = ProducerOptions {
-        max_in_flight: args.inflight,
-        max_batches_in_flight: args.batches_in_flight,
-        eager_batches: args.eager_batches,
-        linger: Duration::from_micros(args.linger_us),
-        ..ProducerOptions::default()
-    };
+    let options = args.batching.options(args.inflight);
     let producer = source.producer(&args.topic, options).await?;
     let subject = Subject::new("bench.mesh")?;
     let filler: Vec<u8> = (0..args.size).map(|i| (i % 251) as u8).collect();

@@ -19,7 +19,6 @@ use super::resources::{Resources, Watch};
 use super::system::{Ack, System};
 use super::Latency;
 use crate::ctl::Connect;
-use ferry_client::ProducerOptions;
 
 /// Options every suite shares.
 #[derive(Args)]
@@ -45,17 +44,9 @@ pub(crate) struct LoadArgs {
     /// Partitions of a Ferry topic the bench creates (a JetStream stream has one log).
     #[arg(long, default_value_t = 8)]
     partitions: u32,
-    /// Ferry: batches in flight per partition (each batch is one Raft entry).
-    #[arg(long, default_value_t = ProducerOptions::default().max_batches_in_flight)]
-    batches_in_flight: usize,
-    /// Ferry: batches in flight over all partitions sent as soon as there are events (past
-    /// these, only sizeable ones; a partition with none in flight always sends).
-    #[arg(long, default_value_t = ProducerOptions::default().eager_batches)]
-    eager_batches: usize,
-    /// Ferry: how long a partition's lane waits for more events before sending a batch
-    /// that is not full, microseconds.
-    #[arg(long, default_value_t = 0)]
-    linger_us: u64,
+    /// Ferry's producer batching.
+    #[command(flatten)]
+    batching: super::ProducerBatching,
     /// Events per second in all (0: as fast as acknowledgements allow; e2e needs a rate).
     #[arg(long, default_value_t = 0)]
     rate: u64,
@@ -356,13 +347,7 @@ async fn publish(
     let mut tasks = Vec::new();
     for p in 0..args.producers {
         let mine = count / args.producers + u64::from(p < count % args.producers);
-        let options = ProducerOptions {
-            max_in_flight: args.inflight,
-            max_batches_in_flight: args.batches_in_flight,
-            eager_batches: args.eager_batches,
-            linger: Duration::from_micros(args.linger_us),
-            ..ProducerOptions::default()
-        };
+        let options = args.batching.options(args.inflight);
         let publisher = system.publisher(topic, options).await?;
         let window = Arc::new(Semaphore::new(args.inflight));
         let rate = args.rate as f64 / args.producers as f64;
