@@ -259,11 +259,12 @@ impl Membership {
         if self.own.is_some() && self.rounds - self.last_record_round >= RECORD_REFRESH_ROUNDS {
             self.broadcast_own_record(now);
         }
+        let newest = self.newest_summaries();
         let as_router = self.is_router();
-        if as_router || self.newest_summaries().is_empty() {
-            self.push_summaries(now, as_router);
+        if as_router || newest.is_empty() {
+            self.push_summaries(now, as_router, &newest);
         }
-        self.forget_old_summaries(now);
+        self.forget_old_summaries(now, &newest);
     }
 
     /// Sets this node's record; spreads it at once if it changed.
@@ -296,7 +297,8 @@ impl Membership {
 
     /// Pushes summaries to `addr` and announces this node to it now (tests, seeding by hand).
     pub(super) fn gossip_with(&mut self, now: Instant, addr: SocketAddr) {
-        let summaries = self.summaries_to_push(now);
+        let newest = self.newest_summaries();
+        let summaries = self.summaries_to_push(now, &newest);
         self.send_summaries(addr, summaries);
         if let Err(e) = self.foca.announce(seed(addr), &mut self.runtime) {
             debug!(%addr, error = %e, "announce not sent");
@@ -330,16 +332,19 @@ impl Membership {
                     *entry = held;
                 }
             }
+            // The newest record of each node over every fresh summary (node ids are unique
+            // in the mesh).
+            let mut best: BTreeMap<u64, &SummaryNode> = BTreeMap::new();
+            for node in fresh.iter().flat_map(|h| h.summary.nodes.iter()) {
+                let entry = best.entry(node.record.id).or_insert(node);
+                if (node.generation, node.seq) > (entry.generation, entry.seq) {
+                    *entry = node;
+                }
+            }
             for held in newest.values() {
                 for node in &held.summary.nodes {
-                    let best = fresh
-                        .iter()
-                        .filter(|h| h.summary.region == held.summary.region)
-                        .flat_map(|h| h.summary.nodes.iter())
-                        .filter(|n| n.record.id == node.record.id)
-                        .max_by_key(|n| (n.generation, n.seq))
-                        .unwrap_or(node);
-                    remote.insert(node.record.id, best.clone());
+                    let newest_record = best.get(&node.record.id).copied().unwrap_or(node);
+                    remote.insert(node.record.id, newest_record.clone());
                 }
             }
         }
@@ -405,14 +410,18 @@ impl Membership {
         out
     }
 
-    /// The newest summary of each other region, if it arrived within `dead_after`.
-    fn fresh_summaries(&self, now: Instant) -> Vec<RegionSummary> {
-        self.newest_summaries()
-            .into_iter()
+    /// Of `newest` (see [`Self::newest_summaries`]), those that arrived within `dead_after`.
+    fn fresh_summaries(
+        &self,
+        now: Instant,
+        newest: &[(RegionSummary, Instant)],
+    ) -> Vec<RegionSummary> {
+        newest
+            .iter()
             .filter(|(_, received_at)| {
                 now.saturating_duration_since(*received_at) < self.dead_after
             })
-            .map(|(summary, _)| summary)
+            .map(|(summary, _)| summary.clone())
             .collect()
     }
 
@@ -481,9 +490,13 @@ impl Membership {
         summary
     }
 
-    fn summaries_to_push(&mut self, now: Instant) -> Vec<RegionSummary> {
+    fn summaries_to_push(
+        &mut self,
+        now: Instant,
+        newest: &[(RegionSummary, Instant)],
+    ) -> Vec<RegionSummary> {
         let mut summaries = vec![self.own_summary()];
-        summaries.extend(self.fresh_summaries(now));
+        summaries.extend(self.fresh_summaries(now, newest));
         summaries
     }
 
@@ -491,12 +504,16 @@ impl Membership {
     /// other region, and to remote seeds not heard of yet.
     /// (Routers, and any node that knows no other region yet, which reaches out to its
     /// remote seeds.) A region is never sent its own summary.
-    fn push_summaries(&mut self, now: Instant, as_router: bool) {
-        let summaries = self.summaries_to_push(now);
-        let newest = self.newest_summaries();
+    fn push_summaries(
+        &mut self,
+        now: Instant,
+        as_router: bool,
+        newest: &[(RegionSummary, Instant)],
+    ) {
+        let summaries = self.summaries_to_push(now, newest);
         let mut targets: Vec<(SocketAddr, Option<String>)> = Vec::new();
         if as_router {
-            for (summary, _) in &newest {
+            for (summary, _) in newest {
                 if summary.gossip_addrs.is_empty() {
                     continue;
                 }
@@ -590,9 +607,8 @@ impl Membership {
         self.drain_runtime(now);
     }
 
-    fn forget_old_summaries(&mut self, now: Instant) {
-        let newest: Vec<(String, u64)> = self
-            .newest_summaries()
+    fn forget_old_summaries(&mut self, now: Instant, newest: &[(RegionSummary, Instant)]) {
+        let newest: Vec<(String, u64)> = newest
             .iter()
             .map(|(s, _)| (s.region.clone(), s.builder))
             .collect();
