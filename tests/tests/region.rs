@@ -252,3 +252,65 @@ async fn three_nodes_survive_a_leader_kill_and_a_full_restart() {
     }
     check(&after);
 }
+
+/// Every group a node leads replicates to a follower on a lane of the one stream the two
+/// nodes share: 64 partitions (and the metadata group) written at once open at most one
+/// replication stream per follower, and the requests of several groups travel together.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_groups_replicate_on_one_stream_per_follower() {
+    const GROUPS: u32 = 64;
+    let region = TestRegion::start(3).await;
+    let client = region.create_topic(TopicConfig::new("wide", GROUPS)).await;
+    let producer = client
+        .producer("wide", ProducerOptions::default())
+        .await
+        .expect("producer");
+    let subject = Subject::new("wide.event").unwrap();
+    let mut acks = FuturesUnordered::new();
+    for i in 0..GROUPS * 20 {
+        let event = Event::new(
+            format!("e{i}"),
+            "/test",
+            "wide",
+            subject.clone(),
+            vec![b'x'; 100],
+        );
+        acks.push(producer.send(event).await.expect("queued"));
+    }
+    let mut partitions = std::collections::BTreeSet::new();
+    while let Some(ack) = acks.next().await {
+        partitions.insert(ack.expect("acknowledged").partition);
+    }
+    assert_eq!(
+        partitions.len(),
+        GROUPS as usize,
+        "every partition was written"
+    );
+
+    let mut lanes_in_all = 0;
+    for id in region.live_ids() {
+        let [streams, lanes, frames, requests] = region
+            .node(id)
+            .expect("running")
+            .node()
+            .replication_counts();
+        println!(
+            "node {id}: {streams} streams, {lanes} lanes, {frames} frames, {requests} requests"
+        );
+        assert!(
+            (1..=2).contains(&streams),
+            "node {id} opened {streams} replication streams for {lanes} lanes; one per follower (2) is the most"
+        );
+        assert!(
+            requests >= frames,
+            "node {id}: {frames} frames carried {requests} requests"
+        );
+        lanes_in_all += lanes;
+    }
+    // Each of the 65 groups has a leader replicating to two followers.
+    assert!(
+        lanes_in_all >= u64::from(GROUPS + 1) * 2,
+        "{lanes_in_all} lanes for {} groups",
+        GROUPS + 1
+    );
+}

@@ -8,7 +8,7 @@
 //!   cross-region forwarding) get every fault of a [`LinkShape`], drawn per call. Both
 //!   transports run a shaped call through the same code ([`faulted_call`]), so they behave
 //!   identically.
-//! - Peer streams ([`crate::Transport::open_stream`]: Raft append streams) are cut and
+//! - Peer streams ([`crate::Transport::open_stream`]: Raft replication streams) are cut and
 //!   delayed only. A QUIC stream is reliable and ordered: a lost packet is retransmitted,
 //!   never lost to the application, so no frame inside a stream is dropped or duplicated.
 

@@ -81,6 +81,7 @@ async fn metrics<T: Transport>(State(node): State<Node<T>>) -> String {
     let id = node.id();
     let (fsyncs, waiters, fsync_micros) = node.flush_stats();
     let (batches, commit_micros) = node.commit_latency();
+    let [streams, lanes, frames, requests] = node.replication_counts();
     let counters = [
         (
             "ferry_fsyncs_total",
@@ -106,6 +107,26 @@ async fn metrics<T: Transport>(State(node): State<Node<T>>) -> String {
             "ferry_publish_commit_seconds_total",
             "Time from submitting a batch to Raft until it was applied.",
             commit_micros as f64 / 1e6,
+        ),
+        (
+            "ferry_replication_streams_opened_total",
+            "Replication streams this node opened to followers (one per follower node, again after one fails).",
+            streams as f64,
+        ),
+        (
+            "ferry_replication_lanes_opened_total",
+            "Replication lanes opened on them (one per group replication stream).",
+            lanes as f64,
+        ),
+        (
+            "ferry_replication_frames_total",
+            "Replication frames sent to followers (each carries the requests of any number of groups).",
+            frames as f64,
+        ),
+        (
+            "ferry_replication_requests_total",
+            "AppendEntries requests sent in them.",
+            requests as f64,
         ),
     ];
     for (name, help, value) in counters {

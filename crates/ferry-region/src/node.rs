@@ -10,7 +10,9 @@ use ferry_net::{PeerStream, RpcHandler, Transport};
 use ferry_proto::NodeId;
 use ferry_store::{GroupId, NodeStore, SledStateMachine, StoreOptions, TypeConfig};
 use futures::future::BoxFuture;
+use futures::StreamExt;
 use openraft::async_runtime::WatchReceiver;
+use openraft::storage::RaftStateMachine;
 use openraft::{BasicNode, Raft, SnapshotPolicy};
 use tokio::sync::watch;
 
@@ -19,7 +21,7 @@ use crate::groups::GroupCoordinator;
 use crate::metadata::{MetaApp, MetaView};
 use crate::partition::{PartitionStateMachine, PartitionView};
 use crate::peer::{
-    error_response, refuse_append_stream, serve_append_stream, GroupNetwork, PeerRequest,
+    error_response, serve_lanes, GroupNetwork, LaneAnswers, LaneRequests, PeerRequest,
     PeerResponse, Router,
 };
 use crate::{NodeConfig, RegionError};
@@ -479,6 +481,19 @@ impl<T: Transport> Node<T> {
         self.inner.shutdown.subscribe()
     }
 
+    /// Replication streams opened to followers, lanes opened on them, request frames sent
+    /// and AppendEntries requests in them (all since the node started).
+    pub fn replication_counts(&self) -> [u64; 4] {
+        let stats = self.inner.router.lane_stats();
+        [
+            &stats.streams_opened,
+            &stats.lanes_opened,
+            &stats.frames,
+            &stats.requests,
+        ]
+        .map(|c| c.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
     /// Waits until the metadata group has a leader, or the deadline passes.
     pub async fn wait_for_meta_leader(&self, deadline: Instant) -> Option<NodeId> {
         let mut metrics = self.inner.meta.metrics();
@@ -526,24 +541,23 @@ impl<T: Transport> RpcHandler for PeerHandler<T> {
     ) -> BoxFuture<'static, ()> {
         let inner = self.inner.upgrade();
         Box::pin(async move {
-            let Some(inner) = inner else {
-                return refuse_append_stream(stream, "node is shutting down".into()).await;
-            };
+            // A stream refused is dropped: the leader's lanes on it fail and start again.
+            let Some(inner) = inner else { return };
             let node = Node { inner };
             if node.is_shut_down() {
-                return refuse_append_stream(stream, "node is shutting down".into()).await;
+                return;
             }
             match decode("peer request", &request) {
-                Ok(PeerRequest::AppendStream { group }) => {
+                Ok(PeerRequest::Replicate) => {
                     // Ends with the node: an idle stream must not keep it alive.
                     let mut shutdown = node.shutdown_signal();
                     tokio::select! {
-                        () = node.serve_append_stream(group, stream) => {}
+                        () = serve_lanes(stream, |group, requests| node.open_lane(group, requests)) => {}
                         _ = shutdown.wait_for(|down| *down) => {}
                     }
                 }
-                Ok(_) => refuse_append_stream(stream, "not a stream request".into()).await,
-                Err(e) => refuse_append_stream(stream, e.to_string()).await,
+                Ok(_) => tracing::warn!("a peer opened a stream with a request that is not one"),
+                Err(e) => tracing::warn!(error = %e, "a peer opened a stream with a bad request"),
             }
         })
     }
@@ -617,30 +631,39 @@ impl<T: Transport> Node<T> {
             .map(|(_, buffer)| Ok(Bytes::from(buffer)))
     }
 
-    /// Serves a leader's AppendEntries stream for `group`.
-    async fn serve_append_stream(&self, group: GroupId, stream: PeerStream) {
+    /// Opens a replication lane of `group` on this node's Raft: its answers to `requests`.
+    fn open_lane(&self, group: &GroupId, requests: LaneRequests) -> Result<LaneAnswers, String> {
+        fn answers<SM: RaftStateMachine<TypeConfig>>(
+            raft: &Raft<TypeConfig, SM>,
+            requests: LaneRequests,
+        ) -> LaneAnswers {
+            Box::pin(
+                raft.stream_append(requests)
+                    .map(|answer| answer.map_err(|fatal| fatal.to_string())),
+            )
+        }
         if group == META_GROUP {
-            return serve_append_stream(self.inner.meta.clone(), stream).await;
+            return Ok(answers(&self.inner.meta, requests));
         }
         let found = self
             .inner
             .partitions
             .read()
             .ok()
-            .and_then(|p| p.get(&group).map(|g| g.raft.clone()));
+            .and_then(|p| p.get(group).map(|g| g.raft.clone()));
         match found {
-            Some(raft) => serve_append_stream(raft, stream).await,
-            None => {
-                let reason = format!("node {} does not host group {}", self.inner.id, group);
-                refuse_append_stream(stream, reason).await
-            }
+            Some(raft) => Ok(answers(&raft, requests)),
+            None => Err(format!(
+                "node {} does not host group {}",
+                self.inner.id, group
+            )),
         }
     }
 
     async fn handle_peer(&self, request: PeerRequest) -> PeerResponse {
         match request {
-            PeerRequest::AppendStream { .. } => {
-                PeerResponse::Error("an append stream is opened as a stream, not called".into())
+            PeerRequest::Replicate => {
+                PeerResponse::Error("a replication stream is opened as a stream, not called".into())
             }
             PeerRequest::AppendEntries { group, rpc } => {
                 dispatch_group!(self, group, |raft| match raft.append_entries(rpc).await {

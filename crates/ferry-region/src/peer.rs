@@ -1,19 +1,24 @@
 //! Node ↔ node messages and the Raft network over any [`Transport`]: every group's RPCs to a
 //! peer share that peer's one connection, each message tagged with its group id
 //! (openraft-multi's [`GroupRouter`]). Replication is pipelined: a group's AppendEntries to
-//! one follower travel on one peer stream ([`PeerRequest::AppendStream`]), each request sent
-//! without waiting for the answer to the one before, the answers coming back in order.
+//! one follower are a lane of the one peer stream this node keeps to that follower for every
+//! group ([`lanes`], opened by [`PeerRequest::Replicate`]), each request sent without waiting
+//! for the answer to the one before, the answers coming back in order.
 
+mod lanes;
+
+use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use ferry_net::{NetError, PeerStream, Transport};
+use ferry_net::{NetError, Transport};
 use ferry_proto::wire::{ClientRequest, ClientResponse};
 use ferry_proto::NodeId;
 use ferry_store::{GroupId, SnapshotData, TypeConfig};
 use futures::future::BoxFuture;
-use futures::stream::{BoxStream, StreamExt};
+use futures::stream::BoxStream;
 use openraft::error::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
 use openraft::network::v2::RaftNetworkV2;
 use openraft::network::{RPCOption, RaftNetworkFactory};
@@ -21,13 +26,12 @@ use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, StreamAppendResult, VoteRequest,
     VoteResponse,
 };
-use openraft::storage::RaftStateMachine;
 use openraft::type_config::alias::{SnapshotMetaOf, SnapshotOf, VoteOf};
-use openraft::{BasicNode, Raft};
+use openraft::BasicNode;
 use openraft_multi::GroupRouter;
 use serde::{Deserialize, Serialize};
 
-use crate::command::{decode, decode_shared, encode};
+use crate::command::{decode, encode};
 
 /// A request from one node to another.
 #[derive(Serialize, Deserialize)]
@@ -36,9 +40,9 @@ pub(crate) enum PeerRequest {
         group: GroupId,
         rpc: AppendEntriesRequest<TypeConfig>,
     },
-    /// Opens a peer stream of AppendEntries requests for one group (each frame one
-    /// `AppendEntriesRequest`), answered in order by [`AppendReply`] frames.
-    AppendStream { group: GroupId },
+    /// Opens the peer stream that carries every group's AppendEntries from the sender to
+    /// this node, each group's on a lane of its own ([`lanes`]).
+    Replicate,
     Vote {
         group: GroupId,
         rpc: VoteRequest<TypeConfig>,
@@ -121,15 +125,20 @@ pub(crate) enum PeerResponse {
     Unreachable(String),
 }
 
-/// One answer on an AppendEntries stream: openraft's result, or why the follower's Raft
-/// could not answer (it stopped, or does not host the group); either error ends the stream.
-pub(crate) type AppendReply = Result<StreamAppendResult<TypeConfig>, String>;
+pub(crate) use lanes::{serve_lanes, LaneAnswers, LaneRequests, LaneStats};
+
+/// The replication stream to one follower node, once opened.
+type LaneStreamSlot = Arc<tokio::sync::Mutex<Option<lanes::LaneStream>>>;
 
 /// Sends peer requests over a transport.
 #[derive(Clone)]
 pub struct Router<T> {
     transport: T,
     snapshot_chunk: usize,
+    /// The replication stream to each follower node (opened on first use, again after it
+    /// fails).
+    lane_streams: Arc<Mutex<HashMap<NodeId, LaneStreamSlot>>>,
+    lane_stats: Arc<LaneStats>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -142,7 +151,14 @@ impl<T: Transport> Router<T> {
         Self {
             transport,
             snapshot_chunk: snapshot_chunk.max(1),
+            lane_streams: Arc::default(),
+            lane_stats: Arc::default(),
         }
+    }
+
+    /// Counters of this node's replication streams.
+    pub(crate) fn lane_stats(&self) -> &LaneStats {
+        &self.lane_stats
     }
 
     /// The transport's fault injection, if it has any.
@@ -220,14 +236,15 @@ impl<T: Transport> Router<T> {
         }
     }
 
-    /// Sends `group`'s AppendEntries requests from `input` to `target` on one peer stream
-    /// without waiting between them; yields the answers in order. Waiting longer than four
-    /// `ttl`s for an answer that is owed, or any failure, ends the stream with an error.
+    /// Sends `group`'s AppendEntries requests from `input` to `target` on a lane of the
+    /// replication stream to it, without waiting between them; yields the answers in order.
+    /// Waiting longer than four `ttl`s for an answer that is owed, or any failure, ends the
+    /// lane with an error.
     async fn append_stream<S>(
         &self,
         target: NodeId,
         group: GroupId,
-        mut input: S,
+        input: S,
         ttl: std::time::Duration,
     ) -> Result<
         BoxStream<'static, Result<StreamAppendResult<TypeConfig>, RPCError<TypeConfig>>>,
@@ -236,75 +253,57 @@ impl<T: Transport> Router<T> {
     where
         S: futures::Stream<Item = AppendEntriesRequest<TypeConfig>> + Send + Unpin + 'static,
     {
-        let opening = Self::encode_request(&PeerRequest::AppendStream { group })
-            .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        let PeerStream { sender, receiver } = self
-            .transport
-            .open_stream(target, opening)
-            .await
-            .map_err(rpc_error)?;
-        // The writer tells the reader about each request that went out, so the reader waits
-        // with a deadline only for answers that are owed and ends after the last one; a
-        // request the writer could not send ends the answers with its error, after those
-        // owed before it.
-        let (sent_tx, sent_rx) = tokio::sync::mpsc::unbounded_channel::<Result<(), String>>();
-        let writer = tokio::spawn(async move {
-            while let Some(rpc) = input.next().await {
-                let sent = match encode("append entries", &rpc) {
-                    Ok(frame) => sender.send(frame).await.map_err(|e| e.to_string()),
-                    Err(e) => Err(e.to_string()),
-                };
-                let failed = sent.is_err();
-                if sent_tx.send(sent).is_err() || failed {
-                    return;
-                }
-            }
-        });
-        let state = AnswerState {
-            receiver,
-            sent: sent_rx,
-            _writer: AbortOnDrop(writer.abort_handle()),
+        let slot = {
+            let mut streams = self.lane_streams.lock().unwrap_or_else(|e| e.into_inner());
+            streams.entry(target).or_default().clone()
         };
-        // An answer may queue behind every request sent before it, so a stream allows more
+        let lane = {
+            let mut slot = slot.lock().await;
+            if !slot.as_ref().is_some_and(|s| s.is_open()) {
+                let opening = Self::encode_request(&PeerRequest::Replicate)
+                    .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+                let stream = self
+                    .transport
+                    .open_stream(target, opening)
+                    .await
+                    .map_err(rpc_error)?;
+                *slot = Some(lanes::LaneStream::start(
+                    target,
+                    stream,
+                    self.lane_stats.clone(),
+                ));
+            }
+            slot.as_ref().and_then(|s| s.open_lane(group, input))
+        };
+        let Some(lane) = lane else {
+            return Err(peer_failure(format!(
+                "replication stream to node {target} ended"
+            )));
+        };
+        // An answer may queue behind every request sent before it, so a lane allows more
         // than one call's deadline for it (still well inside an election timeout).
         let patience = ttl * 4;
-        let answers = futures::stream::unfold(Some(state), move |state| async move {
-            let mut state = state?;
-            let answer = match state.sent.recv().await? {
+        let answers = futures::stream::unfold(Some(lane), move |lane| async move {
+            let mut lane = lane?;
+            let answer = match lane.sent.recv().await? {
                 Err(failure) => Err(peer_failure(format!(
-                    "sending on the append stream: {failure}"
+                    "sending on the replication stream: {failure}"
                 ))),
-                Ok(()) => match tokio::time::timeout(patience, state.receiver.recv()).await {
+                Ok(()) => match tokio::time::timeout(patience, lane.answers.recv()).await {
                     Err(_) => Err(no_answer(target, patience)),
-                    Ok(None) => Err(peer_failure("the append stream ended early".into())),
-                    Ok(Some(Err(e))) => Err(rpc_error(e)),
-                    Ok(Some(Ok(frame))) => match decode::<AppendReply>("append reply", &frame) {
-                        Ok(Ok(result)) => Ok(result),
-                        Ok(Err(failure)) => Err(peer_failure(failure)),
-                        Err(e) => Err(peer_failure(e.to_string())),
-                    },
+                    Ok(None) => Err(peer_failure("the replication lane ended early".into())),
+                    Ok(Some(Err(failure))) if failure.unreachable => Err(RPCError::Unreachable(
+                        Unreachable::from_string(failure.message),
+                    )),
+                    Ok(Some(Err(failure))) => Err(peer_failure(failure.message)),
+                    Ok(Some(Ok(Ok(result)))) => Ok(result),
+                    Ok(Some(Ok(Err(failure)))) => Err(peer_failure(failure)),
                 },
             };
             let go_on = matches!(answer, Ok(Ok(_)));
-            Some((answer, go_on.then_some(state)))
+            Some((answer, go_on.then_some(lane)))
         });
         Ok(Box::pin(answers))
-    }
-}
-
-/// The reading side of an AppendEntries stream.
-struct AnswerState {
-    receiver: ferry_net::StreamReceiver,
-    sent: tokio::sync::mpsc::UnboundedReceiver<Result<(), String>>,
-    _writer: AbortOnDrop,
-}
-
-/// Stops the stream's writer when its answers are no longer read.
-struct AbortOnDrop(tokio::task::AbortHandle);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
 
@@ -325,51 +324,6 @@ fn rpc_error(e: NetError) -> RPCError<TypeConfig> {
 
 fn peer_failure(message: String) -> RPCError<TypeConfig> {
     RPCError::Network(NetworkError::new(&PeerFailure(message)))
-}
-
-/// Answers an AppendEntries stream a leader opened: feeds its requests to `raft` in order
-/// and writes openraft's answers back in the same order, until either side ends.
-pub(crate) async fn serve_append_stream<SM>(raft: Raft<TypeConfig, SM>, stream: PeerStream)
-where
-    SM: RaftStateMachine<TypeConfig>,
-{
-    let PeerStream { sender, receiver } = stream;
-    let requests = futures::stream::unfold(receiver, |mut receiver| async move {
-        match receiver.recv().await? {
-            Ok(frame) => {
-                match decode_shared::<AppendEntriesRequest<TypeConfig>>("append entries", &frame) {
-                    Ok(rpc) => Some((rpc, receiver)),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "bad frame on an append stream");
-                        None
-                    }
-                }
-            }
-            Err(e) => {
-                tracing::debug!(error = %e, "append stream ended");
-                None
-            }
-        }
-    });
-    let mut answers = std::pin::pin!(raft.stream_append(requests));
-    while let Some(answer) = answers.next().await {
-        let reply: AppendReply = answer.map_err(|fatal| fatal.to_string());
-        let last = !matches!(reply, Ok(Ok(_)));
-        let Ok(frame) = encode("append reply", &reply) else {
-            return;
-        };
-        if sender.send(frame).await.is_err() || last {
-            return;
-        }
-    }
-}
-
-/// Refuses an AppendEntries stream with `reason` (the leader sees it as a network error).
-pub(crate) async fn refuse_append_stream(stream: PeerStream, reason: String) {
-    let reply: AppendReply = Err(reason);
-    if let Ok(frame) = encode("append reply", &reply) {
-        let _ = stream.sender.send(frame).await;
-    }
 }
 
 impl<T: Transport> Router<T> {
