@@ -125,11 +125,10 @@ fn transport_config() -> Arc<quinn::TransportConfig> {
     t.keep_alive_interval(Some(Duration::from_secs(2)));
     // 10 s always fits in an IdleTimeout (limit is 2^62 ms).
     t.max_idle_timeout(quinn::IdleTimeout::try_from(Duration::from_secs(10)).ok());
-    // Each Raft group a node leads keeps one replication stream open to each follower, so
-    // a node pair carries as many long-lived streams as they share groups, plus calls.
+    // A node pair keeps one long-lived replication stream each way (every group's lanes),
+    // plus a stream per call while it runs and one per partition a producer writes to.
     // quinn reserves state for every stream a peer may open, in each connection: 16,384
-    // cost 6.5 MiB of idle memory per node, 4,096 leaves room for about 12,000 partitions
-    // in a three-node region.
+    // cost 6.5 MiB of idle memory per node.
     t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(MAX_PEER_STREAMS));
     // Nothing opens unidirectional streams.
     t.max_concurrent_uni_streams(quinn::VarInt::from_u32(0));

@@ -285,20 +285,29 @@ impl<T: Transport> Router<T> {
         let patience = ttl * 4;
         let answers = futures::stream::unfold(Some(lane), move |lane| async move {
             let mut lane = lane?;
-            let answer = match lane.sent.recv().await? {
-                Err(failure) => Err(peer_failure(format!(
+            let answer = match lane.sent.recv().await {
+                // The input ended and every answer owed came: the lane is done.
+                Some(lanes::LaneEvent::Ended) => return None,
+                None => Err(peer_failure(format!(
+                    "the replication stream to node {target} ended"
+                ))),
+                Some(lanes::LaneEvent::Failed(failure)) => Err(peer_failure(format!(
                     "sending on the replication stream: {failure}"
                 ))),
-                Ok(()) => match tokio::time::timeout(patience, lane.answers.recv()).await {
-                    Err(_) => Err(no_answer(target, patience)),
-                    Ok(None) => Err(peer_failure("the replication lane ended early".into())),
-                    Ok(Some(Err(failure))) if failure.unreachable => Err(RPCError::Unreachable(
-                        Unreachable::from_string(failure.message),
-                    )),
-                    Ok(Some(Err(failure))) => Err(peer_failure(failure.message)),
-                    Ok(Some(Ok(Ok(result)))) => Ok(result),
-                    Ok(Some(Ok(Err(failure)))) => Err(peer_failure(failure)),
-                },
+                Some(lanes::LaneEvent::Sent(cost)) => {
+                    match tokio::time::timeout(patience, lane.answers.recv()).await {
+                        Err(_) => Err(no_answer(target, patience)),
+                        Ok(None) => Err(peer_failure("the replication lane ended early".into())),
+                        Ok(Some(Err(failure))) if failure.unreachable => Err(
+                            RPCError::Unreachable(Unreachable::from_string(failure.message)),
+                        ),
+                        Ok(Some(Err(failure))) => Err(peer_failure(failure.message)),
+                        Ok(Some(Ok(answer))) => {
+                            lane.credits.add_permits(cost as usize);
+                            answer.map_err(peer_failure)
+                        }
+                    }
+                }
             };
             let go_on = matches!(answer, Ok(Ok(_)));
             Some((answer, go_on.then_some(lane)))
