@@ -569,13 +569,7 @@ macro_rules! dispatch_group {
             let $raft = &$node.inner.meta;
             $body
         } else {
-            let found = $node
-                .inner
-                .partitions
-                .read()
-                .ok()
-                .and_then(|p| p.get(&$group).map(|g| g.raft.clone()));
-            match found {
+            match $node.partition_raft(&$group) {
                 Some(raft) => {
                     let $raft = &raft;
                     $body
@@ -631,6 +625,15 @@ impl<T: Transport> Node<T> {
             .map(|(_, buffer)| Ok(Bytes::from(buffer)))
     }
 
+    /// The Raft of a partition group this node hosts.
+    fn partition_raft(&self, group: &str) -> Option<PartitionRaft> {
+        self.inner
+            .partitions
+            .read()
+            .ok()
+            .and_then(|p| p.get(group).map(|g| g.raft.clone()))
+    }
+
     /// Opens a replication lane of `group` on this node's Raft: its answers to `requests`.
     fn open_lane(&self, group: &GroupId, requests: LaneRequests) -> Result<LaneAnswers, String> {
         fn answers<SM: RaftStateMachine<TypeConfig>>(
@@ -645,13 +648,7 @@ impl<T: Transport> Node<T> {
         if group == META_GROUP {
             return Ok(answers(&self.inner.meta, requests));
         }
-        let found = self
-            .inner
-            .partitions
-            .read()
-            .ok()
-            .and_then(|p| p.get(group).map(|g| g.raft.clone()));
-        match found {
+        match self.partition_raft(group) {
             Some(raft) => Ok(answers(&raft, requests)),
             None => Err(format!(
                 "node {} does not host group {}",

@@ -191,6 +191,8 @@ enum WriterOp {
     Append {
         id: LaneId,
         rpc: AppendEntriesRequest<TypeConfig>,
+        /// Its entry bytes, and the credits it took.
+        bytes: usize,
         cost: u32,
     },
     Close {
@@ -319,7 +321,8 @@ async fn feed_lane<S>(
     S: futures::Stream<Item = AppendEntriesRequest<TypeConfig>> + Unpin,
 {
     while let Some(rpc) = input.next().await {
-        let kib = request_bytes(&rpc).div_ceil(1024);
+        let bytes = request_bytes(&rpc);
+        let kib = bytes.div_ceil(1024);
         let cost = u32::try_from(kib)
             .unwrap_or(u32::MAX)
             .clamp(MIN_COST, LANE_CREDITS);
@@ -327,7 +330,15 @@ async fn feed_lane<S>(
             Ok(permit) => permit.forget(),
             Err(_) => break,
         }
-        if ops.send(WriterOp::Append { id, rpc, cost }).is_err() {
+        if ops
+            .send(WriterOp::Append {
+                id,
+                rpc,
+                bytes,
+                cost,
+            })
+            .is_err()
+        {
             return;
         }
     }
@@ -353,8 +364,13 @@ impl RequestWriter {
                 self.frame.push((id, LaneOp::Open(group)));
                 self.sent.insert(id, sent);
             }
-            WriterOp::Append { id, rpc, cost } => {
-                self.bytes += request_bytes(&rpc);
+            WriterOp::Append {
+                id,
+                rpc,
+                bytes,
+                cost,
+            } => {
+                self.bytes += bytes;
                 self.frame.push((id, LaneOp::Append(rpc)));
                 self.owed.push((id, cost));
             }
@@ -414,8 +430,8 @@ async fn write_requests(
         };
         w.take(first);
         while let Ok(op) = ops.try_recv() {
-            if let WriterOp::Append { rpc, .. } = &op {
-                if w.bytes + request_bytes(rpc) > FRAME_BUDGET {
+            if let WriterOp::Append { bytes, .. } = &op {
+                if w.bytes + bytes > FRAME_BUDGET {
                     held = Some(op);
                     break;
                 }
