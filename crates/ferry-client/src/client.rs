@@ -374,6 +374,9 @@ impl Client {
 
     /// The address of a partition's leader, asking the region (and waiting out elections)
     /// until `deadline`.
+    /// The address of the leader of `topic/partition`: from a description of the topic, or
+    /// if it names none, from the partition's replicas; retried with backoff until
+    /// `deadline`.
     pub(crate) async fn leader_addr(
         &self,
         topic: &str,
@@ -384,12 +387,7 @@ impl Client {
         loop {
             let result = self.describe_topic(topic).await;
             if let Ok(d) = &result {
-                let addr_of = |id: NodeId| {
-                    d.nodes
-                        .iter()
-                        .find(|n| n.id == id)
-                        .and_then(|n| n.client_addr.parse::<SocketAddr>().ok())
-                };
+                let addr_of = |id: NodeId| node_addr(d, id);
                 let info = d.partitions.get(partition as usize);
                 if info.is_none() {
                     return Err(ClientError::Api(ApiError::new(
@@ -400,7 +398,7 @@ impl Client {
                         ),
                     )));
                 }
-                if let Some(addr) = info.and_then(|p| p.leader).and_then(addr_of) {
+                if let Some(addr) = leader_in(d, partition) {
                     return Ok(addr);
                 }
                 // The answering node does not host the partition: ask its replicas.
@@ -742,4 +740,18 @@ pub(crate) fn events_from(
         );
     }
     Ok(out)
+}
+
+/// The client address of node `id` in a topic description.
+fn node_addr(d: &TopicDescription, id: NodeId) -> Option<SocketAddr> {
+    d.nodes
+        .iter()
+        .find(|n| n.id == id)
+        .and_then(|n| n.client_addr.parse::<SocketAddr>().ok())
+}
+
+/// The client address of the leader a topic description names for `partition`.
+pub(crate) fn leader_in(d: &TopicDescription, partition: u32) -> Option<SocketAddr> {
+    let leader = d.partitions.get(partition as usize)?.leader?;
+    node_addr(d, leader)
 }

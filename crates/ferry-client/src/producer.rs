@@ -26,6 +26,7 @@ use ferry_proto::{partition_for_key, Event, EventBatch, ProducerId};
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
+use crate::client::leader_in;
 use crate::{Client, ClientError};
 
 /// Upper bound of [`ProducerOptions::max_batches_in_flight`]: half the partition's dedupe window.
@@ -96,6 +97,45 @@ pub type AckFuture = Pin<Box<dyn Future<Output = Result<PublishAck, ClientError>
 
 type AckSender = oneshot::Sender<Result<PublishAck, ClientError>>;
 
+/// The partition leaders of a producer's topic, described once for all its lanes. A lane
+/// that needs a leader takes the newest description unless that is the one that just led it
+/// astray; then it describes the topic again while lanes in the same position wait and take
+/// its answer. With many partitions, a leader change (or the producer's start) costs one
+/// description of the topic, not one per partition.
+struct Leaders {
+    /// (generation, description): the generation counts descriptions taken.
+    newest: tokio::sync::Mutex<(u64, Arc<TopicDescription>)>,
+}
+
+impl Leaders {
+    /// The leader of `partition`; `used` is the generation this lane last used, and becomes
+    /// the one it uses now.
+    async fn leader_of(
+        &self,
+        client: &Client,
+        topic: &str,
+        partition: u32,
+        used: &mut u64,
+        deadline: Instant,
+    ) -> Result<SocketAddr, ClientError> {
+        {
+            let mut newest = self.newest.lock().await;
+            if newest.0 <= *used {
+                if let Ok(fresh) = client.describe_topic(topic).await {
+                    *newest = (newest.0 + 1, Arc::new(fresh));
+                }
+            }
+            *used = newest.0;
+            if let Some(addr) = leader_in(&newest.1, partition) {
+                return Ok(addr);
+            }
+        }
+        // The description names no leader for it (an election under way, or the answering
+        // node does not host it): ask until one does.
+        client.leader_addr(topic, partition, deadline).await
+    }
+}
+
 struct Item {
     event: Event,
     ack: AckSender,
@@ -127,13 +167,19 @@ impl Producer {
             .eager_batches
             .clamp(1, options.max_batches_in_flight);
         let partitions = description.config.partitions;
+        let topic = description.config.name.clone();
+        let leaders = Arc::new(Leaders {
+            newest: tokio::sync::Mutex::new((1, Arc::new(description))),
+        });
         let producer_in_flight = Arc::new(AtomicUsize::new(0));
         let lanes = (0..partitions)
             .map(|partition| {
                 let (tx, rx) = mpsc::unbounded_channel();
                 let lane = Lane {
                     client: client.clone(),
-                    topic: description.config.name.clone(),
+                    leaders: leaders.clone(),
+                    leaders_used: 0,
+                    topic: topic.clone(),
                     partition,
                     producer: id,
                     next_seq: 0,
@@ -215,6 +261,9 @@ impl Drop for LaneStream {
 
 struct Lane {
     client: Client,
+    leaders: Arc<Leaders>,
+    /// The generation of the leaders' description this lane last used.
+    leaders_used: u64,
     topic: String,
     partition: u32,
     producer: ProducerId,
@@ -485,8 +534,14 @@ impl Lane {
                 return;
             }
             let addr = match self
-                .client
-                .leader_addr(&self.topic, self.partition, deadline)
+                .leaders
+                .leader_of(
+                    &self.client,
+                    &self.topic,
+                    self.partition,
+                    &mut self.leaders_used,
+                    deadline,
+                )
                 .await
             {
                 Ok(a) => a,
