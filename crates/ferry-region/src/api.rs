@@ -191,7 +191,7 @@ impl<T: Transport> Node<T> {
         let started = std::time::Instant::now();
         let node = self.clone();
         if let Err(e) = group
-            .raft
+            .proposer()
             .client_write_ff(Command(command), Some(responder))
             .await
         {
@@ -463,7 +463,7 @@ impl<T: Transport> Node<T> {
                     return error(ErrorCode::Internal, "encoding a commit");
                 };
                 let what = format!("{topic}/{partition}");
-                let response = match g.raft.client_write(Command(command)).await {
+                let response = match g.proposer().client_write(Command(command)).await {
                     Ok(r) => partition_reply(Ok(r), &what),
                     Err(RaftError::APIError(e)) => write_failure(&e, &what),
                     Err(RaftError::Fatal(f)) => {

@@ -37,6 +37,10 @@ pub struct RaftTuning {
     pub keep_after_snapshot: u64,
     /// Bytes of snapshot data per peer message when a snapshot is sent to a follower.
     pub snapshot_chunk_bytes: usize,
+    /// A partition group that proposed nothing for this long, milliseconds, and whose
+    /// followers hold its whole log, turns its heartbeats and election timers off until the
+    /// next write (0: never).
+    pub quiesce_after_ms: u64,
 }
 
 impl Default for RaftTuning {
@@ -48,6 +52,7 @@ impl Default for RaftTuning {
             snapshot_after_entries: 4_096,
             keep_after_snapshot: 1_000,
             snapshot_chunk_bytes: 8 * 1024 * 1024,
+            quiesce_after_ms: 2_000,
         }
     }
 }
@@ -257,6 +262,15 @@ impl NodeConfig {
                 format!(
                     "need 0 < heartbeat_ms ({}) < election_min_ms ({}) < election_max_ms ({})",
                     r.heartbeat_ms, r.election_min_ms, r.election_max_ms
+                ),
+            );
+        }
+        if r.quiesce_after_ms != 0 && r.quiesce_after_ms < r.heartbeat_ms {
+            return bad(
+                "raft.quiesce_after_ms",
+                format!(
+                    "{} is below heartbeat_ms ({}); use 0 to never quiesce",
+                    r.quiesce_after_ms, r.heartbeat_ms
                 ),
             );
         }

@@ -128,6 +128,11 @@ async fn metrics<T: Transport>(State(node): State<Node<T>>) -> String {
             "AppendEntries requests sent in them.",
             requests as f64,
         ),
+        (
+            "ferry_quiescence_elections_total",
+            "Elections this node called at once because the leader of a sleeping partition group went down.",
+            node.quiescence_elections() as f64,
+        ),
     ];
     for (name, help, value) in counters {
         let _ = writeln!(
@@ -135,6 +140,12 @@ async fn metrics<T: Transport>(State(node): State<Node<T>>) -> String {
             "# HELP {name} {help}\n# TYPE {name} counter\n{name}{{node=\"{id}\"}} {value}"
         );
     }
+    let metric = "ferry_partitions_asleep";
+    let _ = writeln!(
+        out,
+        "# HELP {metric} Hosted partition groups asleep: idle, heartbeats and election timers off until the next write.\n# TYPE {metric} gauge\n{metric}{{node=\"{id}\"}} {}",
+        node.partitions_asleep()
+    );
     let mut partitions = node.partitions();
     partitions.sort_by(|a, b| a.0.cmp(&b.0));
     let gauges: [(&str, &str, GaugeOf); 3] = [

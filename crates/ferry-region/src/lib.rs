@@ -24,6 +24,7 @@ pub mod metadata;
 mod node;
 pub mod partition;
 pub mod peer;
+mod quiesce;
 pub mod server;
 
 pub use config::{FaultConfig, MeshConfig, NodeConfig, PeerConfig, RaftTuning, SlowLink, TlsPaths};

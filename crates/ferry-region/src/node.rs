@@ -24,6 +24,7 @@ use crate::peer::{
     error_response, serve_lanes, GroupNetwork, LaneAnswers, LaneRequests, PeerRequest,
     PeerResponse, Router,
 };
+use crate::quiesce::{Quiescence, Quiet};
 use crate::{NodeConfig, RegionError};
 
 /// The metadata group's Raft.
@@ -42,10 +43,40 @@ pub fn partition_group(topic: &str, partition: u32) -> GroupId {
 /// A hosted partition.
 #[derive(Clone)]
 pub struct PartitionGroup {
-    /// Its Raft.
+    /// Its Raft. Proposals go through [`PartitionGroup::proposer`].
     pub raft: PartitionRaft,
     /// Its applied state.
     pub view: Arc<PartitionView>,
+    /// Whether it sleeps ([`crate::quiesce`]).
+    pub(crate) quiet: Arc<Quiet>,
+}
+
+impl PartitionGroup {
+    /// The Raft to propose to: counts the proposal and wakes the group first if it sleeps.
+    pub fn proposer(&self) -> &PartitionRaft {
+        if self.quiet.note_proposal() {
+            self.raft.runtime_config().tick(true);
+        }
+        &self.raft
+    }
+
+    /// Turns the group's tick back on if it sleeps.
+    pub(crate) fn wake(&self) {
+        if self.quiet.wake() {
+            self.raft.runtime_config().tick(true);
+        }
+    }
+
+    /// Turns the group's tick off; false (and the tick on again) if a proposal came after
+    /// the count `proposals_seen` was read.
+    pub(crate) fn fall_asleep(&self, proposals_seen: u64) -> bool {
+        self.raft.runtime_config().tick(false);
+        if self.quiet.fall_asleep(proposals_seen) {
+            return true;
+        }
+        self.raft.runtime_config().tick(true);
+        false
+    }
 }
 
 pub(crate) struct Inner<T> {
@@ -65,6 +96,12 @@ pub(crate) struct Inner<T> {
     snapshot_transfers: Mutex<HashMap<GroupId, (u64, Vec<u8>)>>,
     /// Gossip and forwarding (set once the node has started).
     pub(crate) mesh: std::sync::OnceLock<Arc<crate::mesh::Mesh>>,
+    /// Identifies this run of the node to its peers (a restart changes it).
+    pub(crate) boot: u64,
+    /// Which groups sleep, which peers are up.
+    pub(crate) quiescence: Mutex<Quiescence>,
+    /// Elections this node called because a sleeping group's leader went down.
+    pub(crate) quiescence_elections: std::sync::atomic::AtomicU64,
 }
 
 /// Count and total of a latency, for means over an interval.
@@ -133,6 +170,10 @@ impl<T: Transport> Node<T> {
             // Replicate an entry as soon as it is written locally, so the leader's fsync and
             // the followers' run in parallel instead of one after the other.
             broadcast_submitted_on_append: Some(true),
+            // openraft keeps a ring of this many entries per lifecycle stage per group for its
+            // latency statistics, which Ferry does not read: 1,024 (its default) cost about
+            // 150 KB per group.
+            log_stage_capacity: Some(16),
             ..Default::default()
         };
         let raft_config = Arc::new(raft_config.validate().map_err(|e| RegionError::Config {
@@ -153,6 +194,18 @@ impl<T: Transport> Node<T> {
             .await
             .map_err(|e| raft_err(META_GROUP, e))?;
         let session = Duration::from_millis(config.group_session_timeout_ms);
+        let boot = rand::random::<u64>();
+        let peer_ids: Vec<NodeId> = config.peers.iter().map(|p| p.id).collect();
+        let quiescence = Quiescence::new(
+            config.id,
+            &peer_ids,
+            crate::quiesce::Timing {
+                idle_after: Duration::from_millis(r.quiesce_after_ms),
+                down_after: Duration::from_millis(r.election_max_ms),
+                leader_grace: Duration::from_millis(r.election_max_ms),
+            },
+            Instant::now(),
+        );
         let max_conns = config.max_client_connections;
         let node = Self {
             inner: Arc::new(Inner {
@@ -170,12 +223,16 @@ impl<T: Transport> Node<T> {
                 commit_latency: LatencyCounter::default(),
                 snapshot_transfers: Mutex::new(HashMap::new()),
                 mesh: std::sync::OnceLock::new(),
+                boot,
+                quiescence: Mutex::new(quiescence),
+                quiescence_elections: Default::default(),
             }),
         };
         node.bootstrap_meta().await?;
         node.reconcile().await?;
         node.spawn_reconciler();
         node.spawn_retention();
+        crate::quiesce::spawn(&node);
         node.start_mesh().await?;
         Ok(node)
     }
@@ -274,6 +331,7 @@ impl<T: Transport> Node<T> {
                             PartitionGroup {
                                 raft: raft.clone(),
                                 view,
+                                quiet: Arc::default(),
                             },
                         );
                         false
@@ -330,41 +388,48 @@ impl<T: Transport> Node<T> {
     /// producer expiries where some producer has been idle for `producer_expiry_ms`.
     async fn enforce_retention(&self) {
         let inner = &self.inner;
-        for topic in inner.meta_view.topics() {
+        let mut topic = None;
+        for (name, partition, group) in self.led_groups() {
+            // Led groups come sorted by topic: one metadata lookup per topic.
+            if topic
+                .as_ref()
+                .is_none_or(|t: &Arc<crate::metadata::TopicState>| t.config.name != name)
+            {
+                topic = inner.meta_view.topic(&name);
+            }
+            let Some(topic) = topic.as_ref() else {
+                continue;
+            };
             let retention = topic.config.retention;
-            for partition in 0..topic.config.partitions {
-                let Some(group) = self.partition(&topic.config.name, partition) else {
+            let now = now_ms();
+            let mut trim_to =
+                group
+                    .view
+                    .retention_point(now, retention.max_age_ms, retention.max_bytes);
+            if retention.keep_until_forwarded {
+                // Not past what any region's forwarder has passed (committed), nor at all
+                // while a region has no forwarder yet.
+                if let Some(floor) = self.forwarded_floor(&topic.config, &group) {
+                    let low = group.view.watermarks().low;
+                    trim_to = trim_to.map(|t| t.min(floor.offset)).filter(|t| *t > low);
+                }
+            }
+            let trim = trim_to.map(|before_offset| PartitionCommand::Trim { before_offset });
+            let idle_before_ms = now.saturating_sub(inner.config.producer_expiry_ms);
+            let expire = group
+                .view
+                .producer_expiry_due(idle_before_ms)
+                .then_some(PartitionCommand::ExpireProducers { idle_before_ms });
+            for command in trim.into_iter().chain(expire) {
+                let Ok(command) = encode("partition command", &command) else {
                     continue;
                 };
-                if group.raft.metrics().borrow_watched().current_leader != Some(inner.id) {
-                    continue;
-                }
-                let now = now_ms();
-                let mut trim_to =
-                    group
-                        .view
-                        .retention_point(now, retention.max_age_ms, retention.max_bytes);
-                if retention.keep_until_forwarded {
-                    // Not past what any region's forwarder has passed (committed), nor at all
-                    // while a region has no forwarder yet.
-                    if let Some(floor) = self.forwarded_floor(&topic.config, &group) {
-                        let low = group.view.watermarks().low;
-                        trim_to = trim_to.map(|t| t.min(floor.offset)).filter(|t| *t > low);
-                    }
-                }
-                let trim = trim_to.map(|before_offset| PartitionCommand::Trim { before_offset });
-                let idle_before_ms = now.saturating_sub(inner.config.producer_expiry_ms);
-                let expire = group
-                    .view
-                    .producer_expiry_due(idle_before_ms)
-                    .then_some(PartitionCommand::ExpireProducers { idle_before_ms });
-                for command in trim.into_iter().chain(expire) {
-                    let Ok(command) = encode("partition command", &command) else {
-                        continue;
-                    };
-                    if let Err(e) = group.raft.client_write(ferry_store::Command(command)).await {
-                        tracing::debug!(topic = %topic.config.name, partition, error = %e, "retention or producer expiry not applied");
-                    }
+                if let Err(e) = group
+                    .proposer()
+                    .client_write(ferry_store::Command(command))
+                    .await
+                {
+                    tracing::debug!(topic = %name, partition, error = %e, "retention or producer expiry not applied");
                 }
             }
         }
@@ -388,6 +453,27 @@ impl<T: Transport> Node<T> {
             .ok()?
             .get(&partition_group(topic, partition))
             .cloned()
+    }
+
+    /// The partition groups this node leads now: (topic, partition, group), in that order.
+    /// One pass over the hosted groups, nothing looked up by name.
+    pub(crate) fn led_groups(&self) -> Vec<(String, u32, PartitionGroup)> {
+        let Ok(partitions) = self.inner.partitions.read() else {
+            return Vec::new();
+        };
+        let mut led: Vec<_> = partitions
+            .iter()
+            .filter(|(_, g)| {
+                g.raft.metrics().borrow_watched().current_leader == Some(self.inner.id)
+            })
+            .filter_map(|(id, g)| {
+                let (topic, partition) = id.rsplit_once('/')?;
+                Some((topic.to_string(), partition.parse().ok()?, g.clone()))
+            })
+            .collect();
+        drop(partitions);
+        led.sort_unstable_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
+        led
     }
 
     /// Every hosted partition group.
@@ -625,20 +711,28 @@ impl<T: Transport> Node<T> {
             .map(|(_, buffer)| Ok(Bytes::from(buffer)))
     }
 
-    /// The Raft of a partition group this node hosts.
-    fn partition_raft(&self, group: &str) -> Option<PartitionRaft> {
+    /// A partition group this node hosts.
+    pub(crate) fn partition_group(&self, group: &str) -> Option<PartitionGroup> {
         self.inner
             .partitions
             .read()
             .ok()
-            .and_then(|p| p.get(group).map(|g| g.raft.clone()))
+            .and_then(|p| p.get(group).cloned())
+    }
+
+    /// The Raft of a partition group this node hosts.
+    fn partition_raft(&self, group: &str) -> Option<PartitionRaft> {
+        self.partition_group(group).map(|g| g.raft)
     }
 
     /// Opens a replication lane of `group` on this node's Raft: its answers to `requests`.
+    /// An append that carries entries wakes a sleeping partition group.
     fn open_lane(&self, group: &GroupId, requests: LaneRequests) -> Result<LaneAnswers, String> {
         fn answers<SM: RaftStateMachine<TypeConfig>>(
             raft: &Raft<TypeConfig, SM>,
-            requests: LaneRequests,
+            requests: impl futures::Stream<Item = openraft::raft::AppendEntriesRequest<TypeConfig>>
+                + Send
+                + 'static,
         ) -> LaneAnswers {
             Box::pin(
                 raft.stream_append(requests)
@@ -648,8 +742,16 @@ impl<T: Transport> Node<T> {
         if group == META_GROUP {
             return Ok(answers(&self.inner.meta, requests));
         }
-        match self.partition_raft(group) {
-            Some(raft) => Ok(answers(&raft, requests)),
+        match self.partition_group(group) {
+            Some(g) => {
+                let raft = g.raft.clone();
+                let requests = requests.inspect(move |request| {
+                    if !request.entries.is_empty() {
+                        g.wake();
+                    }
+                });
+                Ok(answers(&raft, requests))
+            }
             None => Err(format!(
                 "node {} does not host group {}",
                 self.inner.id, group
@@ -721,6 +823,12 @@ impl<T: Transport> Node<T> {
             },
             PeerRequest::Forward(request) => self.handle_forward(request).await,
             PeerRequest::ForwardingStatus => PeerResponse::ForwardingStatus(self.forwarding()),
+            PeerRequest::Alive { .. } => PeerResponse::Alive {
+                boot: self.inner.boot,
+            },
+            PeerRequest::Sleep { leader, asks } => {
+                PeerResponse::Slept(self.sleep_asked(leader, asks))
+            }
             PeerRequest::EnsureTopic {
                 config,
                 region,

@@ -81,6 +81,14 @@ pub(crate) enum PeerRequest {
         /// The regions it passed through so far, its origin first.
         via: Vec<String>,
     },
+    /// Is the node up, and since when? (`boot` is the asker's own boot id.)
+    Alive { boot: u64 },
+    /// The leader `leader` asks this node to put its replicas of these groups to sleep
+    /// ([`crate::quiesce`]).
+    Sleep {
+        leader: NodeId,
+        asks: Vec<crate::quiesce::SleepAsk>,
+    },
 }
 
 /// A batch of one source partition for one destination region.
@@ -123,6 +131,12 @@ pub(crate) enum PeerResponse {
     Error(String),
     /// A relay found no way on to the target region: the sender may try another route.
     Unreachable(String),
+    /// The node is up since boot `boot` (a restart changes it).
+    Alive {
+        boot: u64,
+    },
+    /// Per [`PeerRequest::Sleep`] ask: whether that group sleeps now.
+    Slept(Vec<bool>),
 }
 
 pub(crate) use lanes::{serve_lanes, LaneAnswers, LaneRequests, LaneStats};

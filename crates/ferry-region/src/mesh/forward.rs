@@ -106,7 +106,7 @@ impl<T: Transport> Node<T> {
     ) -> Result<PartitionReply, String> {
         let command = encode("partition command", command).map_err(|e| e.to_string())?;
         let response = group
-            .raft
+            .proposer()
             .client_write(ferry_store::Command(command))
             .await
             .map_err(|e| e.to_string())?;

@@ -320,17 +320,7 @@ impl<T: Transport> Node<T> {
 
     /// Partitions this node leads.
     fn led_partitions(&self) -> Vec<(String, u32, PartitionGroup)> {
-        let mut led = Vec::new();
-        for topic in self.inner.meta_view.topics() {
-            for partition in 0..topic.config.partitions {
-                if let Some(group) = self.partition(&topic.config.name, partition) {
-                    if group.raft.metrics().borrow_watched().current_leader == Some(self.inner.id) {
-                        led.push((topic.config.name.clone(), partition, group));
-                    }
-                }
-            }
-        }
-        led
+        self.led_groups()
     }
 
     /// This region's interest set and its version, and the time this node vouches for it as

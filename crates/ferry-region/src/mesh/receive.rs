@@ -302,7 +302,7 @@ impl<T: Transport> Node<T> {
         };
         let (responder, committed) = openraft::impls::ProgressResponder::complete_only();
         if let Err(e) = group
-            .raft
+            .proposer()
             .client_write_ff(ferry_store::Command(command), Some(responder))
             .await
         {

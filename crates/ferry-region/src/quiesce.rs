@@ -1,0 +1,351 @@
+//! Quiescence: a partition group with nothing to replicate turns its Raft timers off, so
+//! thousands of idle partitions cost no heartbeats, no election timers and no wake-ups
+//! (CockroachDB's quiescence, with a liveness exchange per node pair standing in for the
+//! groups' heartbeats). The state machine here is fed the time, peers' answers and what the
+//! leaders' metrics say; the driver (`driver`) owns the clock, the calls and the Rafts.
+//!
+//! - A leader whose group proposed nothing for `idle_after`, and whose followers hold its
+//!   whole log, asks them to sleep (one request per follower node for all such groups). A
+//!   follower sleeps if it follows that leader in that term and has applied that whole log.
+//!   The leader sleeps once every follower did. Followers on nodes that are down are neither
+//!   waited for nor asked.
+//! - Asleep is Raft's tick turned off: no heartbeats, no election timeout. A proposal wakes a
+//!   leader ([`Quiet::note_proposal`]); an append that carries entries wakes a follower. A
+//!   sleeping follower still answers appends and votes.
+//! - Every heartbeat interval each node asks every peer node whether it is up and since when
+//!   (its boot id). A peer silent for `down_after` is down: of the groups asleep under its
+//!   leadership one live follower, the same for all (chosen by the group's name), calls an
+//!   election at once; the others wake only if no new leader woke them within `leader_grace`.
+//! - A peer that restarted (new boot id) wakes every sleeping group it is a voter of, so its
+//!   replicas hear from their leaders before their own election timeouts, and groups it led
+//!   elect a leader. A peer that was down and answers again with the same boot wakes the
+//!   groups this node leads with it, which catch it up.
+
+mod driver;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use ferry_proto::NodeId;
+use ferry_store::GroupId;
+use serde::{Deserialize, Serialize};
+
+pub(crate) use driver::spawn;
+
+/// A partition group's sleep flag and proposal count, shared by its proposers, its lanes
+/// and the driver.
+#[derive(Debug, Default)]
+pub(crate) struct Quiet {
+    asleep: AtomicBool,
+    proposals: AtomicU64,
+}
+
+impl Quiet {
+    /// Counts a proposal; true if the group was asleep and the caller must wake its Raft.
+    ///
+    /// The count is taken before the flag is read, and the driver sets the flag before it
+    /// reads the count again ([`Quiet::fall_asleep`]), so one of the two always sees the
+    /// other: a proposal never leaves its leader asleep.
+    pub(crate) fn note_proposal(&self) -> bool {
+        self.proposals.fetch_add(1, Ordering::SeqCst);
+        self.wake()
+    }
+
+    /// Proposals so far.
+    pub(crate) fn proposals(&self) -> u64 {
+        self.proposals.load(Ordering::SeqCst)
+    }
+
+    /// Clears the flag; true if it was set (the caller wakes the Raft).
+    pub(crate) fn wake(&self) -> bool {
+        self.asleep.load(Ordering::SeqCst) && self.asleep.swap(false, Ordering::SeqCst)
+    }
+
+    /// Whether the group sleeps.
+    pub(crate) fn is_asleep(&self) -> bool {
+        self.asleep.load(Ordering::SeqCst)
+    }
+
+    /// Sets the flag (the caller has turned the tick off before); false if a proposal came
+    /// after `proposals_seen` was read, in which case the flag is left clear and the caller
+    /// turns the tick back on.
+    pub(crate) fn fall_asleep(&self, proposals_seen: u64) -> bool {
+        self.asleep.store(true, Ordering::SeqCst);
+        if self.proposals() == proposals_seen {
+            return true;
+        }
+        // A proposal raced the flag: if it saw the flag it already woke the group.
+        self.wake();
+        false
+    }
+}
+
+/// A leader's request that a follower's group sleep.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct SleepAsk {
+    pub(crate) group: GroupId,
+    /// The leader's term.
+    pub(crate) term: u64,
+    /// The leader's last log index, committed and held by every follower.
+    pub(crate) index: u64,
+}
+
+/// What a leader's metrics say about its group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct LeaderView {
+    pub(crate) term: u64,
+    /// Last log index (None: empty log).
+    pub(crate) last_index: Option<u64>,
+    /// The leader applied its whole log.
+    pub(crate) applied: bool,
+    /// The other voters.
+    pub(crate) followers: Vec<NodeId>,
+    /// Followers that do not hold the whole log.
+    pub(crate) lagging: Vec<NodeId>,
+    /// The group's proposal count ([`Quiet::proposals`]).
+    pub(crate) proposals: u64,
+}
+
+/// What the driver must do to a group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Action {
+    /// Turn its tick back on.
+    Wake(GroupId),
+    /// Turn its tick back on and call an election at once.
+    Elect(GroupId),
+}
+
+#[derive(Debug)]
+struct Peer {
+    boot: Option<u64>,
+    last_heard: Instant,
+    down: bool,
+}
+
+#[derive(Debug)]
+struct Idle {
+    proposals: u64,
+    last_index: Option<u64>,
+    since: Instant,
+}
+
+/// A group this node put to sleep. The record stays when the group wakes (a proposal or an
+/// append clears only its [`Quiet`] flag): the driver acts only on groups still asleep, and
+/// the next sleep replaces the record.
+#[derive(Debug)]
+struct Sleeper {
+    leader: NodeId,
+    voters: Vec<NodeId>,
+    /// When its leader's node went down (a follower that waits for another to win).
+    leader_lost: Option<Instant>,
+}
+
+/// Timing of quiescence.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Timing {
+    /// A leader that proposed nothing for this long asks its followers to sleep.
+    pub(crate) idle_after: Duration,
+    /// A peer that has not answered for this long is down.
+    pub(crate) down_after: Duration,
+    /// A sleeping follower of a down leader that was not chosen to call the election wakes
+    /// after this long without a new leader.
+    pub(crate) leader_grace: Duration,
+}
+
+/// Quiescence of the partition groups of one node.
+#[derive(Debug)]
+pub(crate) struct Quiescence {
+    me: NodeId,
+    timing: Timing,
+    peers: BTreeMap<NodeId, Peer>,
+    idle: HashMap<GroupId, Idle>,
+    asleep: HashMap<GroupId, Sleeper>,
+}
+
+impl Quiescence {
+    /// Node `me` among `peers` (itself left out), started at `now`.
+    pub(crate) fn new(me: NodeId, peers: &[NodeId], timing: Timing, now: Instant) -> Self {
+        let peers = peers
+            .iter()
+            .filter(|p| **p != me)
+            .map(|p| {
+                (
+                    *p,
+                    Peer {
+                        boot: None,
+                        last_heard: now,
+                        down: false,
+                    },
+                )
+            })
+            .collect();
+        Self {
+            me,
+            timing,
+            peers,
+            idle: HashMap::new(),
+            asleep: HashMap::new(),
+        }
+    }
+
+    /// The peer nodes asked every round.
+    pub(crate) fn peers(&self) -> impl Iterator<Item = NodeId> + '_ {
+        self.peers.keys().copied()
+    }
+
+    /// Whether `peer` is down now.
+    pub(crate) fn is_down(&self, peer: NodeId) -> bool {
+        self.peers.get(&peer).is_some_and(|p| p.down)
+    }
+
+    /// Peers down now.
+    pub(crate) fn down_peers(&self) -> Vec<NodeId> {
+        self.peers
+            .iter()
+            .filter(|(_, p)| p.down)
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    /// `peer` answered that it runs since boot `boot`: the groups to wake if it restarted or
+    /// came back.
+    pub(crate) fn heard(&mut self, peer: NodeId, boot: u64, now: Instant) -> Vec<Action> {
+        let Some(state) = self.peers.get_mut(&peer) else {
+            return Vec::new();
+        };
+        // A restart wakes every group the peer belongs to: its replicas must hear from
+        // their leaders, and groups it led must elect. A peer that was down and answers
+        // again with the same boot wakes only the groups this node leads, to catch it up
+        // on what was written without it.
+        let restarted = state.boot.is_some_and(|b| b != boot);
+        let back = state.down;
+        state.boot = Some(boot);
+        state.down = false;
+        state.last_heard = now;
+        if !restarted && !back {
+            return Vec::new();
+        }
+        let me = self.me;
+        let woken: Vec<GroupId> = self
+            .asleep
+            .iter()
+            .filter(|(_, s)| s.voters.contains(&peer) && (restarted || s.leader == me))
+            .map(|(g, _)| g.clone())
+            .collect();
+        woken
+            .into_iter()
+            .map(|g| {
+                self.asleep.remove(&g);
+                Action::Wake(g)
+            })
+            .collect()
+    }
+
+    /// Marks peers silent for `down_after` down; the groups they led elect. Also wakes the
+    /// followers that waited `leader_grace` for another to win.
+    pub(crate) fn tick(&mut self, now: Instant) -> Vec<Action> {
+        let mut newly_down = Vec::new();
+        for (id, peer) in &mut self.peers {
+            if !peer.down
+                && now.saturating_duration_since(peer.last_heard) >= self.timing.down_after
+            {
+                peer.down = true;
+                newly_down.push(*id);
+            }
+        }
+        let down = self.down_peers();
+        let mut actions = Vec::new();
+        let mut remove = Vec::new();
+        for (group, sleeper) in &mut self.asleep {
+            if newly_down.contains(&sleeper.leader) {
+                let mut live: Vec<NodeId> = sleeper
+                    .voters
+                    .iter()
+                    .copied()
+                    .filter(|v| *v != sleeper.leader && !down.contains(v))
+                    .collect();
+                live.sort_unstable();
+                let chosen = (!live.is_empty()).then(|| {
+                    live[ferry_proto::partition_for_key(group.as_bytes(), live.len() as u32)
+                        as usize]
+                });
+                if chosen == Some(self.me) {
+                    actions.push(Action::Elect(group.clone()));
+                    remove.push(group.clone());
+                } else {
+                    sleeper.leader_lost = Some(now);
+                }
+            } else if sleeper
+                .leader_lost
+                .is_some_and(|at| now.saturating_duration_since(at) >= self.timing.leader_grace)
+            {
+                actions.push(Action::Wake(group.clone()));
+                remove.push(group.clone());
+            }
+        }
+        for group in remove {
+            self.asleep.remove(&group);
+        }
+        actions
+    }
+
+    /// A leader's state this round: true if it should ask its followers to sleep now.
+    pub(crate) fn observe_leader(
+        &mut self,
+        group: &GroupId,
+        view: &LeaderView,
+        now: Instant,
+    ) -> bool {
+        // A follower that is down is not waited for (a quorum holds the log, or nothing
+        // would be committed): it is caught up when it comes back ([`Quiescence::heard`]).
+        let lagging_up = view
+            .lagging
+            .iter()
+            .any(|f| !self.peers.get(f).is_some_and(|p| p.down));
+        let idle = self.idle.entry(group.clone()).or_insert(Idle {
+            proposals: view.proposals,
+            last_index: view.last_index,
+            since: now,
+        });
+        if idle.proposals != view.proposals || idle.last_index != view.last_index {
+            *idle = Idle {
+                proposals: view.proposals,
+                last_index: view.last_index,
+                since: now,
+            };
+            return false;
+        }
+        view.applied
+            && !lagging_up
+            && view.last_index.is_some()
+            && now.saturating_duration_since(idle.since) >= self.timing.idle_after
+    }
+
+    /// This node does not lead `group` (any more).
+    pub(crate) fn not_leading(&mut self, group: &GroupId) {
+        self.idle.remove(group);
+    }
+
+    /// `group` went to sleep under `leader`'s leadership, with these voters.
+    pub(crate) fn slept(&mut self, group: GroupId, leader: NodeId, voters: Vec<NodeId>) {
+        self.idle.remove(&group);
+        self.asleep.insert(
+            group,
+            Sleeper {
+                leader,
+                voters,
+                leader_lost: None,
+            },
+        );
+    }
+
+    /// Groups asleep now, by this node's record.
+    #[cfg(test)]
+    pub(crate) fn asleep_count(&self) -> usize {
+        self.asleep.len()
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,287 @@
+//! Drives [`Quiescence`] for a node: every heartbeat interval it asks each peer node whether
+//! it is up, acts on what changed, and asks the followers of idle groups this node leads to
+//! sleep. Also answers those asks ([`Node::sleep_asked`]).
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use ferry_net::Transport;
+use ferry_proto::NodeId;
+use ferry_store::GroupId;
+use openraft::async_runtime::WatchReceiver;
+use openraft::ServerState;
+
+use super::{Action, LeaderView, Quiescence, SleepAsk};
+use crate::node::{Node, PartitionGroup};
+use crate::peer::{PeerRequest, PeerResponse};
+
+fn lock(q: &Mutex<Quiescence>) -> MutexGuard<'_, Quiescence> {
+    q.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Starts the node's quiescence: one task per peer node asking it every heartbeat interval
+/// whether it is up, and the rounds that put idle groups to sleep and wake the groups of
+/// peers that went down or came back (none when `raft.quiesce_after_ms` is 0). They end with
+/// the node.
+pub(crate) fn spawn<T: Transport>(node: &Node<T>) {
+    let raft = node.inner.config.raft;
+    if raft.quiesce_after_ms == 0 {
+        return;
+    }
+    let every = Duration::from_millis(raft.heartbeat_ms);
+    // An answer later than this would find the peer declared down anyway.
+    let patience = Duration::from_millis(raft.election_max_ms);
+    let peers: Vec<NodeId> = lock(&node.inner.quiescence).peers().collect();
+    for peer in peers {
+        repeat(node, every, move |node| async move {
+            let request = PeerRequest::Alive {
+                boot: node.inner.boot,
+            };
+            let call = node.inner.router.call(peer, &request);
+            if let Ok(Ok(PeerResponse::Alive { boot })) = tokio::time::timeout(patience, call).await
+            {
+                let actions = lock(&node.inner.quiescence).heard(peer, boot, Instant::now());
+                node.act(actions);
+            }
+        });
+    }
+    repeat(node, every, move |node| async move {
+        node.quiescence_round(every).await;
+    });
+}
+
+/// Runs `round` every `every` (or as soon as the previous one ends, if that is later) until
+/// the node shuts down.
+fn repeat<T, F, Fut>(node: &Node<T>, every: Duration, round: F)
+where
+    T: Transport,
+    F: Fn(Node<T>) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    let weak = Arc::downgrade(&node.inner);
+    let mut shutdown = node.shutdown_signal();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = shutdown.changed() => return,
+            }
+            let Some(inner) = weak.upgrade() else { return };
+            tokio::select! {
+                () = round(Node { inner }) => {}
+                _ = shutdown.changed() => return,
+            }
+        }
+    });
+}
+
+/// Reads a leader's metrics for [`Quiescence::observe_leader`]; None if this node does not
+/// lead the group.
+fn leader_view(me: NodeId, group: &PartitionGroup) -> Option<(LeaderView, Vec<NodeId>)> {
+    let metrics = group.raft.metrics();
+    let m = metrics.borrow_watched();
+    if m.current_leader != Some(me) || m.state != ServerState::Leader {
+        return None;
+    }
+    let voters: Vec<NodeId> = m.membership_config.membership().voter_ids().collect();
+    let last = m.last_log_index;
+    let replication = m.replication.as_ref();
+    let followers: Vec<NodeId> = voters.iter().copied().filter(|v| *v != me).collect();
+    let lagging = followers
+        .iter()
+        .copied()
+        .filter(|f| {
+            replication
+                .and_then(|r| r.get(f))
+                .is_none_or(|l| l.as_ref().map(|l| l.index) != last)
+        })
+        .collect();
+    Some((
+        LeaderView {
+            term: m.current_term,
+            last_index: last,
+            applied: m.last_applied.as_ref().map(|l| l.index) == last,
+            followers,
+            lagging,
+            proposals: group.quiet.proposals(),
+        },
+        voters,
+    ))
+}
+
+impl<T: Transport> Node<T> {
+    fn act(&self, actions: Vec<Action>) {
+        for action in actions {
+            let (group, elect) = match action {
+                Action::Wake(g) => (g, false),
+                Action::Elect(g) => (g, true),
+            };
+            let Some(g) = self.partition_group(&group) else {
+                continue;
+            };
+            // The record of a group that woke since it slept is stale: an awake group elects
+            // by its own timers.
+            if !g.quiet.is_asleep() {
+                continue;
+            }
+            g.wake();
+            if elect {
+                tracing::info!(%group, "the leader's node is down: calling an election");
+                self.inner
+                    .quiescence_elections
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tokio::spawn(async move {
+                    if let Err(e) = g.raft.trigger().elect(true).await {
+                        tracing::debug!(%group, error = %e, "election not called");
+                    }
+                });
+            }
+        }
+    }
+
+    /// Marks silent peers down (their groups elect), then asks the followers of idle groups
+    /// this node leads to sleep, waiting `patience` for their answers.
+    async fn quiescence_round(&self, patience: Duration) {
+        let me = self.inner.id;
+        let now = Instant::now();
+        let actions = lock(&self.inner.quiescence).tick(now);
+        self.act(actions);
+
+        // Idle groups this node leads: ask their followers to sleep.
+        let mut asks: BTreeMap<NodeId, Vec<SleepAsk>> = BTreeMap::new();
+        // (group, its id, its proposals when asked, its voters, followers asked)
+        let mut asked: Vec<(PartitionGroup, GroupId, u64, Vec<NodeId>, usize)> = Vec::new();
+        {
+            let Ok(partitions) = self.inner.partitions.read() else {
+                return;
+            };
+            let mut q = lock(&self.inner.quiescence);
+            for (id, group) in partitions.iter() {
+                if group.quiet.is_asleep() {
+                    continue;
+                }
+                let Some((view, voters)) = leader_view(me, group) else {
+                    q.not_leading(id);
+                    continue;
+                };
+                if !q.observe_leader(id, &view, now) {
+                    continue;
+                }
+                let Some(index) = view.last_index else {
+                    continue;
+                };
+                let live: Vec<NodeId> = view
+                    .followers
+                    .iter()
+                    .copied()
+                    .filter(|f| !q.is_down(*f))
+                    .collect();
+                for follower in &live {
+                    asks.entry(*follower).or_default().push(SleepAsk {
+                        group: id.clone(),
+                        term: view.term,
+                        index,
+                    });
+                }
+                asked.push((
+                    group.clone(),
+                    id.clone(),
+                    view.proposals,
+                    voters,
+                    live.len(),
+                ));
+            }
+        }
+        if asked.is_empty() {
+            return;
+        }
+        let answers =
+            futures::future::join_all(asks.into_iter().map(|(follower, asks)| async move {
+                let request = PeerRequest::Sleep { leader: me, asks };
+                let answer =
+                    tokio::time::timeout(patience, self.inner.router.call(follower, &request))
+                        .await;
+                let slept = match (answer, request) {
+                    (Ok(Ok(PeerResponse::Slept(slept))), PeerRequest::Sleep { asks, .. }) => asks
+                        .into_iter()
+                        .zip(slept)
+                        .filter(|(_, yes)| *yes)
+                        .map(|(ask, _)| ask.group)
+                        .collect(),
+                    _ => Vec::new(),
+                };
+                (follower, slept)
+            }))
+            .await;
+        let mut slept_by: BTreeMap<GroupId, usize> = BTreeMap::new();
+        for (_, groups) in answers {
+            for g in groups {
+                *slept_by.entry(g).or_default() += 1;
+            }
+        }
+        let mut q = lock(&self.inner.quiescence);
+        for (group, id, proposals, voters, followers) in asked {
+            if slept_by.get(&id).copied().unwrap_or(0) < followers {
+                continue;
+            }
+            if group.fall_asleep(proposals) {
+                q.slept(id, me, voters);
+            }
+        }
+    }
+
+    /// A leader asks this node to put its replicas of some groups to sleep: each sleeps if
+    /// this node follows `leader` in the asked term and has applied the asked log. Answers,
+    /// per ask, whether it sleeps.
+    pub(crate) fn sleep_asked(&self, leader: NodeId, asks: Vec<SleepAsk>) -> Vec<bool> {
+        let Ok(partitions) = self.inner.partitions.read() else {
+            return vec![false; asks.len()];
+        };
+        let mut q = lock(&self.inner.quiescence);
+        asks.into_iter()
+            .map(|ask| {
+                let Some(group) = partitions.get(&ask.group) else {
+                    return false;
+                };
+                let voters = {
+                    let metrics = group.raft.metrics();
+                    let m = metrics.borrow_watched();
+                    let follows = m.current_leader == Some(leader)
+                        && m.state == ServerState::Follower
+                        && m.current_term == ask.term
+                        && m.last_log_index == Some(ask.index)
+                        && m.last_applied.as_ref().map(|l| l.index) == Some(ask.index);
+                    if !follows {
+                        return false;
+                    }
+                    m.membership_config.membership().voter_ids().collect()
+                };
+                if group.quiet.is_asleep() || group.fall_asleep(group.quiet.proposals()) {
+                    q.slept(ask.group, leader, voters);
+                    true
+                } else {
+                    false
+                }
+            })
+            .collect()
+    }
+
+    /// Elections this node called because a sleeping group's leader went down.
+    pub fn quiescence_elections(&self) -> u64 {
+        self.inner
+            .quiescence_elections
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Partition groups of this node asleep now.
+    pub fn partitions_asleep(&self) -> usize {
+        self.inner
+            .partitions
+            .read()
+            .map(|p| p.values().filter(|g| g.quiet.is_asleep()).count())
+            .unwrap_or(0)
+    }
+}

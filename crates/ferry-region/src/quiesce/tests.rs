@@ -1,0 +1,159 @@
+use super::*;
+
+const MS: Duration = Duration::from_millis(1);
+
+fn timing() -> Timing {
+    Timing {
+        idle_after: 1000 * MS,
+        down_after: 800 * MS,
+        leader_grace: 1600 * MS,
+    }
+}
+
+fn view(proposals: u64, last_index: u64, caught_up: bool) -> LeaderView {
+    LeaderView {
+        term: 3,
+        last_index: Some(last_index),
+        applied: true,
+        followers: vec![2, 3],
+        lagging: if caught_up { vec![] } else { vec![3] },
+        proposals,
+    }
+}
+
+#[test]
+fn a_leader_asks_to_sleep_only_after_idle_time_with_followers_caught_up() {
+    let t0 = Instant::now();
+    let mut q = Quiescence::new(1, &[1, 2, 3], timing(), t0);
+    let g: GroupId = "orders/0".into();
+    assert!(!q.observe_leader(&g, &view(5, 10, true), t0));
+    assert!(!q.observe_leader(&g, &view(5, 10, true), t0 + 999 * MS));
+    // A proposal restarts the idle time.
+    assert!(!q.observe_leader(&g, &view(6, 10, true), t0 + 1000 * MS));
+    assert!(!q.observe_leader(&g, &view(6, 11, true), t0 + 1500 * MS));
+    assert!(!q.observe_leader(&g, &view(6, 11, true), t0 + 2499 * MS));
+    assert!(q.observe_leader(&g, &view(6, 11, true), t0 + 2500 * MS));
+    // Not while a follower lags.
+    assert!(!q.observe_leader(&g, &view(6, 11, false), t0 + 3000 * MS));
+}
+
+#[test]
+fn a_leader_waits_for_live_followers_only() {
+    let t0 = Instant::now();
+    let mut q = Quiescence::new(1, &[1, 2, 3], timing(), t0);
+    let g: GroupId = "orders/0".into();
+    // Follower 3 lags while up: no sleep.
+    q.observe_leader(&g, &view(1, 1, false), t0);
+    q.heard(2, 7, t0 + 1500 * MS);
+    q.heard(3, 7, t0 + 1500 * MS);
+    assert!(!q.observe_leader(&g, &view(1, 1, false), t0 + 1600 * MS));
+    // Node 3 goes down: it is not waited for.
+    q.heard(2, 7, t0 + 2400 * MS);
+    q.tick(t0 + 2400 * MS);
+    assert_eq!(q.down_peers(), vec![3]);
+    assert!(q.observe_leader(&g, &view(1, 1, false), t0 + 2500 * MS));
+    q.slept(g.clone(), 1, vec![1, 2, 3]);
+    // Back with the same boot: the groups this node leads with it wake to catch it up.
+    assert_eq!(q.heard(3, 7, t0 + 2600 * MS), vec![Action::Wake(g)]);
+}
+
+#[test]
+fn a_down_leader_makes_one_chosen_follower_elect_and_the_other_wait() {
+    let t0 = Instant::now();
+    let groups: Vec<GroupId> = (0..16).map(|p| format!("orders/{p}")).collect();
+    // Nodes 2 and 3 follow node 1 in every group.
+    let mut on = [2, 3].map(|me| Quiescence::new(me, &[1, 2, 3], timing(), t0));
+    for q in &mut on {
+        for g in &groups {
+            q.slept(g.clone(), 1, vec![1, 2, 3]);
+        }
+    }
+    let mut elected = Vec::new();
+    for (i, q) in on.iter_mut().enumerate() {
+        let other = [3, 2][i];
+        q.heard(other, 1, t0 + 700 * MS);
+        let actions = q.tick(t0 + 800 * MS);
+        assert!(
+            actions.iter().all(|a| matches!(a, Action::Elect(_))),
+            "{actions:?}"
+        );
+        elected.extend(actions);
+    }
+    // Each group elects exactly once, on one of the two followers, and both followers get
+    // some.
+    assert_eq!(elected.len(), groups.len());
+    let mut named: Vec<GroupId> = elected
+        .iter()
+        .map(|a| match a {
+            Action::Elect(g) | Action::Wake(g) => g.clone(),
+        })
+        .collect();
+    named.sort();
+    named.dedup();
+    assert_eq!(named.len(), groups.len());
+    assert!(on
+        .iter()
+        .all(|q| q.asleep_count() > 0 && q.asleep_count() < groups.len()));
+    // The follower that was not chosen wakes after the grace if no leader woke it.
+    let waiting = on[0].asleep_count();
+    on[0].heard(3, 1, t0 + 2000 * MS);
+    assert!(on[0].tick(t0 + 2399 * MS).is_empty());
+    let woken = on[0].tick(t0 + 2400 * MS);
+    assert_eq!(woken.len(), waiting);
+    assert!(woken.iter().all(|a| matches!(a, Action::Wake(_))));
+    assert_eq!(on[0].asleep_count(), 0);
+}
+
+#[test]
+fn a_restarted_or_returning_peer_wakes_what_it_needs() {
+    let t0 = Instant::now();
+    let mut q = Quiescence::new(1, &[1, 2, 3], timing(), t0);
+    q.slept("a/0".into(), 1, vec![1, 2, 3]);
+    q.slept("b/0".into(), 1, vec![1, 3, 4]);
+    q.slept("c/0".into(), 4, vec![1, 3, 4]);
+    assert!(q.heard(2, 100, t0).is_empty(), "first answer is no news");
+    assert!(q.heard(2, 100, t0 + 100 * MS).is_empty());
+    // Node 2 restarted: every group it belongs to wakes.
+    assert_eq!(
+        q.heard(2, 101, t0 + 200 * MS),
+        vec![Action::Wake("a/0".into())]
+    );
+    // Node 3 goes silent, then answers with the same boot: back, not restarted. Only the
+    // group this node leads with it wakes (to catch it up), not the one node 4 leads.
+    q.heard(3, 5, t0 + 200 * MS);
+    q.heard(2, 101, t0 + 900 * MS);
+    q.tick(t0 + 1000 * MS);
+    assert_eq!(q.down_peers(), vec![3]);
+    assert_eq!(
+        q.heard(3, 5, t0 + 1100 * MS),
+        vec![Action::Wake("b/0".into())]
+    );
+    assert!(q.down_peers().is_empty());
+    // A restart of node 3 wakes every group it belongs to, whoever leads it.
+    q.slept("b/0".into(), 1, vec![1, 3, 4]);
+    let mut woken = q.heard(3, 6, t0 + 1200 * MS);
+    woken.sort_by_key(|a| format!("{a:?}"));
+    assert_eq!(
+        woken,
+        vec![Action::Wake("b/0".into()), Action::Wake("c/0".into())]
+    );
+    assert_eq!(q.asleep_count(), 0);
+}
+
+#[test]
+fn a_proposal_racing_sleep_leaves_the_group_awake() {
+    let quiet = Quiet::default();
+    let seen = quiet.proposals();
+    // Asleep when nothing came in between.
+    assert!(quiet.fall_asleep(seen));
+    assert!(quiet.is_asleep());
+    // A proposal wakes it, and says so once.
+    assert!(quiet.note_proposal());
+    assert!(!quiet.is_asleep());
+    assert!(!quiet.note_proposal());
+    // A proposal counted after the driver read the count: the driver does not sleep.
+    let seen = quiet.proposals();
+    quiet.note_proposal();
+    assert!(!quiet.fall_asleep(seen));
+    assert!(!quiet.is_asleep());
+}
