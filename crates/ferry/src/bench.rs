@@ -18,6 +18,7 @@ use crate::ctl::Connect;
 use suites::{LoadArgs, Suite};
 
 mod fanout;
+mod idle;
 mod resources;
 mod sidecar;
 mod suites;
@@ -55,6 +56,9 @@ enum BenchCommand {
     /// Publish COUNT events in one region (--servers) and receive them in another (--to):
     /// forwarded events/s and publish-to-delivery latency.
     Mesh(MeshArgs),
+    /// Create PARTITIONS partitions (topics of --per-topic, one after the other, each until
+    /// every partition has a leader), then measure the servers' (--pids) idle CPU and RSS.
+    Idle(idle::IdleArgs),
 }
 
 /// How a bench's Ferry producer batches (`ProducerOptions`), shared by the suites and mesh.
@@ -186,6 +190,7 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<()> {
         BenchCommand::Mesh(args) => mesh(args).await,
         BenchCommand::Fanout(args) => fanout::run(args).await,
         BenchCommand::Sidecar(args) => sidecar::run(args).await,
+        BenchCommand::Idle(args) => idle::run(args).await,
     }
 }
 

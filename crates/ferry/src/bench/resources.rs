@@ -76,7 +76,8 @@ impl Watch {
     }
 }
 
-fn read(pid: u32) -> anyhow::Result<Reading> {
+/// CPU seconds (user + system) a process has spent so far.
+pub(crate) fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .with_context(|| format!("reading /proc/{pid}/stat (is process {pid} running?)"))?;
     // Fields after the command name (which may hold spaces) start at ") ".
@@ -94,7 +95,11 @@ fn read(pid: u32) -> anyhow::Result<Reading> {
     };
     // SAFETY: sysconf only reads a configuration value.
     let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    let cpu_seconds = (ticks(11)? + ticks(12)?) as f64 / per_second;
+    Ok((ticks(11)? + ticks(12)?) as f64 / per_second)
+}
+
+fn read(pid: u32) -> anyhow::Result<Reading> {
+    let cpu_seconds = cpu_seconds(pid)?;
     let io = std::fs::read_to_string(format!("/proc/{pid}/io"))
         .with_context(|| format!("reading /proc/{pid}/io"))?;
     let write_bytes = io

@@ -1,0 +1,159 @@
+//! `ferry bench idle`: what partitions cost when nothing is written. Creates PARTITIONS
+//! partitions as topics of at most `--per-topic` each, one after the other, each waited for
+//! until every partition has a leader; then, after `--settle-secs`, reads the CPU and
+//! resident memory of the server processes (`--pids`) over `--window-secs`.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Args;
+use ferry_proto::TopicConfig;
+use serde::Serialize;
+
+use super::resources::{cpu_seconds, status_kib};
+use crate::ctl::Connect;
+
+#[derive(Args)]
+pub(crate) struct IdleArgs {
+    #[command(flatten)]
+    connect: Connect,
+    /// Partitions in all.
+    #[arg(long, default_value_t = 1_000)]
+    partitions: u32,
+    /// Partitions per topic (topics NAME-1, NAME-2, …, created one after the other).
+    #[arg(long, default_value_t = 1_000)]
+    per_topic: u32,
+    /// Topic name prefix.
+    #[arg(long, default_value = "bench-idle")]
+    topic: String,
+    /// Server processes to measure, comma-separated PIDs (all the region's nodes).
+    #[arg(long, value_delimiter = ',', required = true)]
+    pids: Vec<u32>,
+    /// Wait this long after the last topic has every leader before measuring, seconds
+    /// (idle groups fall asleep after `raft.quiesce_after_ms`).
+    #[arg(long, default_value_t = 5)]
+    settle_secs: u64,
+    /// Measure CPU over this long, seconds.
+    #[arg(long, default_value_t = 10)]
+    window_secs: u64,
+    /// Give up on a topic whose partitions do not all have a leader within this long,
+    /// seconds.
+    #[arg(long, default_value_t = 300)]
+    leaders_within_secs: u64,
+    /// Write the report as JSON here.
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+#[derive(Serialize)]
+struct IdleReport {
+    suite: &'static str,
+    partitions: u32,
+    topics: Vec<TopicCreated>,
+    settle_seconds: u64,
+    window_seconds: u64,
+    /// CPU of all the processes over the window, in cores.
+    idle_cores: f64,
+    /// Resident memory of each process at the end, MiB.
+    rss_mib: Vec<f64>,
+}
+
+#[derive(Serialize)]
+struct TopicCreated {
+    topic: String,
+    partitions: u32,
+    /// From the create request until every partition had a leader.
+    seconds_to_leaders: f64,
+}
+
+pub(crate) async fn run(args: IdleArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(args.partitions > 0, "--partitions must be above 0");
+    anyhow::ensure!(
+        (1..=TopicConfig::MAX_PARTITIONS).contains(&args.per_topic),
+        "--per-topic must be within 1..={}",
+        TopicConfig::MAX_PARTITIONS
+    );
+    for pid in &args.pids {
+        cpu_seconds(*pid)?;
+    }
+    let client = args.connect.client()?;
+    let mut topics = Vec::new();
+    let mut left = args.partitions;
+    while left > 0 {
+        let partitions = left.min(args.per_topic);
+        let name = format!("{}-{}", args.topic, topics.len() + 1);
+        let started = Instant::now();
+        client
+            .create_topic(TopicConfig::new(name.clone(), partitions))
+            .await
+            .with_context(|| format!("creating {name}"))?;
+        let deadline = started + Duration::from_secs(args.leaders_within_secs);
+        loop {
+            if let Ok(d) = client.describe_topic(&name).await {
+                if d.partitions.iter().all(|p| p.leader.is_some()) {
+                    break;
+                }
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "{name}: not every partition had a leader within {} s",
+                args.leaders_within_secs
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let seconds_to_leaders = started.elapsed().as_secs_f64();
+        eprintln!("{name}: {partitions} partitions, every one led after {seconds_to_leaders:.1} s");
+        topics.push(TopicCreated {
+            topic: name,
+            partitions,
+            seconds_to_leaders,
+        });
+        left -= partitions;
+    }
+    tokio::time::sleep(Duration::from_secs(args.settle_secs)).await;
+    let before: Vec<f64> = args
+        .pids
+        .iter()
+        .map(|p| cpu_seconds(*p))
+        .collect::<anyhow::Result<_>>()?;
+    let window = Instant::now();
+    tokio::time::sleep(Duration::from_secs(args.window_secs)).await;
+    let elapsed = window.elapsed().as_secs_f64();
+    let mut spent = 0.0;
+    for (pid, before) in args.pids.iter().zip(&before) {
+        spent += cpu_seconds(*pid)? - before;
+    }
+    let rss_mib = args
+        .pids
+        .iter()
+        .map(|p| status_kib(*p, "VmRSS:").map(|k| k as f64 / 1024.0))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let report = IdleReport {
+        suite: "idle",
+        partitions: args.partitions,
+        topics,
+        settle_seconds: args.settle_secs,
+        window_seconds: args.window_secs,
+        idle_cores: spent / elapsed,
+        rss_mib,
+    };
+    println!(
+        "ferry bench idle: {} partitions in {} topic(s): idle {:.3} cores over {} s, RSS {} MiB",
+        report.partitions,
+        report.topics.len(),
+        report.idle_cores,
+        report.window_seconds,
+        report
+            .rss_mib
+            .iter()
+            .map(|m| format!("{m:.0}"))
+            .collect::<Vec<_>>()
+            .join(" + ")
+    );
+    if let Some(out) = &args.out {
+        std::fs::write(out, serde_json::to_vec_pretty(&report)?)
+            .with_context(|| format!("writing {}", out.display()))?;
+    }
+    Ok(())
+}
