@@ -9,24 +9,25 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use ferry_client::{Client, ProducerOptions};
+use ferry_net::QuicTransport;
 use ferry_proto::{Event, NodeId, Subject, TopicConfig};
+use ferry_region::Node;
 use ferry_tests::{wait_until, TestRegion};
 use futures::stream::{FuturesUnordered, StreamExt};
 use openraft::async_runtime::WatchReceiver;
 
-/// Partition groups asleep on every running node, in all.
-fn asleep(region: &TestRegion) -> usize {
+/// `count` of every running node, summed.
+fn over_nodes(region: &TestRegion, count: impl Fn(&Node<QuicTransport>) -> u64) -> u64 {
     region
         .live_ids()
         .iter()
-        .map(|id| {
-            region
-                .node(*id)
-                .expect("running")
-                .node()
-                .partitions_asleep()
-        })
+        .map(|id| count(region.node(*id).expect("running").node()))
         .sum()
+}
+
+/// Partition groups asleep on every running node, in all.
+fn asleep(region: &TestRegion) -> usize {
+    over_nodes(region, |n| n.partitions_asleep() as u64) as usize
 }
 
 /// (leader, term) of every partition of `topic` as each running node sees it.
@@ -228,17 +229,7 @@ async fn two_thousand_sleeping_partitions_survive_a_node_kill() {
         "every partition led again {:?} after the kill",
         killed_at.elapsed()
     );
-    let elections: u64 = region
-        .live_ids()
-        .iter()
-        .map(|id| {
-            region
-                .node(*id)
-                .expect("running")
-                .node()
-                .quiescence_elections()
-        })
-        .sum();
+    let elections = over_nodes(&region, |n| n.quiescence_elections());
     println!("elections called for sleeping groups of the dead leader: {elections}");
 
     // The client made before the kill still lists the dead node: a metadata write through

@@ -368,18 +368,32 @@ impl<T: Transport> Node<T> {
     }
 
     fn spawn_retention(&self) {
+        let every = Duration::from_millis(self.inner.config.retention_interval_ms);
+        self.spawn_every(every, |node| async move { node.enforce_retention().await });
+    }
+
+    /// Runs `round` every `every` (or as soon as the previous one ends, if that is later)
+    /// until the node shuts down; a round in progress is dropped at shutdown.
+    pub(crate) fn spawn_every<F, Fut>(&self, every: Duration, round: F)
+    where
+        F: Fn(Node<T>) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send,
+    {
         let weak = Arc::downgrade(&self.inner);
         let mut shutdown = self.inner.shutdown.subscribe();
-        let every = Duration::from_millis(self.inner.config.retention_interval_ms);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tokio::select! {
                     _ = tick.tick() => {}
                     _ = shutdown.changed() => return,
                 }
                 let Some(inner) = weak.upgrade() else { return };
-                (Node { inner }).enforce_retention().await;
+                tokio::select! {
+                    () = round(Node { inner }) => {}
+                    _ = shutdown.changed() => return,
+                }
             }
         });
     }

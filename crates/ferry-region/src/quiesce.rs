@@ -16,6 +16,8 @@
 //!   (its boot id). A peer silent for `down_after` is down: of the groups asleep under its
 //!   leadership one live follower, the same for all (chosen by the group's name), calls an
 //!   election at once; the others wake only if no new leader woke them within `leader_grace`.
+//! - Every `leader_grace` the sleeping groups are swept: one whose Raft names no leader, or
+//!   a leader on a node that is down, wakes and elects on its own timers.
 //! - A peer that restarted (new boot id) wakes every sleeping group it is a voter of, so its
 //!   replicas hear from their leaders before their own election timeouts, and groups it led
 //!   elect a leader. A peer that was down and answers again with the same boot wakes the
@@ -161,6 +163,7 @@ pub(crate) struct Quiescence {
     peers: BTreeMap<NodeId, Peer>,
     idle: HashMap<GroupId, Idle>,
     asleep: HashMap<GroupId, Sleeper>,
+    last_sweep: Instant,
 }
 
 impl Quiescence {
@@ -186,12 +189,36 @@ impl Quiescence {
             peers,
             idle: HashMap::new(),
             asleep: HashMap::new(),
+            last_sweep: now,
         }
+    }
+
+    /// Whether the sleeping groups are due for a sweep (every `leader_grace`): the driver
+    /// then wakes any whose Raft names no leader, or a leader on a node that is down. It
+    /// catches what the records cannot: a leader that stepped down in its sleep to a
+    /// candidate that won and died before its first append.
+    pub(crate) fn sweep_due(&mut self, now: Instant) -> bool {
+        if now.saturating_duration_since(self.last_sweep) < self.timing.leader_grace {
+            return false;
+        }
+        self.last_sweep = now;
+        true
     }
 
     /// The peer nodes asked every round.
     pub(crate) fn peers(&self) -> impl Iterator<Item = NodeId> + '_ {
         self.peers.keys().copied()
+    }
+
+    /// Whether a sleeping group whose Raft names `leader` has been left without one: no
+    /// leader at all, or one on a node that is down which its record does not name (when it
+    /// does, [`Quiescence::tick`] elects or waits for the chosen follower).
+    pub(crate) fn stranded(&self, group: &GroupId, leader: Option<NodeId>) -> bool {
+        match leader {
+            None => true,
+            Some(l) if l == self.me || !self.is_down(l) => false,
+            Some(l) => self.asleep.get(group).is_none_or(|s| s.leader != l),
+        }
     }
 
     /// Whether `peer` is down now.

@@ -289,19 +289,8 @@ impl<T: Transport> Node<T> {
         if self.inner.mesh.set(mesh).is_err() {
             return Ok(());
         }
-        let weak = Arc::downgrade(&self.inner);
-        let mut shutdown = self.shutdown_signal();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(SUPERVISE_EVERY);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    _ = tick.tick() => {}
-                    _ = shutdown.changed() => return,
-                }
-                let Some(inner) = weak.upgrade() else { return };
-                (Node { inner }).supervise_mesh().await;
-            }
+        self.spawn_every(SUPERVISE_EVERY, |node| async move {
+            node.supervise_mesh().await
         });
         Ok(())
     }

@@ -3,7 +3,7 @@
 //! sleep. Also answers those asks ([`Node::sleep_asked`]).
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use ferry_net::Transport;
@@ -34,7 +34,7 @@ pub(crate) fn spawn<T: Transport>(node: &Node<T>) {
     let patience = Duration::from_millis(raft.election_max_ms);
     let peers: Vec<NodeId> = lock(&node.inner.quiescence).peers().collect();
     for peer in peers {
-        repeat(node, every, move |node| async move {
+        node.spawn_every(every, move |node| async move {
             let request = PeerRequest::Alive {
                 boot: node.inner.boot,
             };
@@ -46,35 +46,8 @@ pub(crate) fn spawn<T: Transport>(node: &Node<T>) {
             }
         });
     }
-    repeat(node, every, move |node| async move {
+    node.spawn_every(every, move |node| async move {
         node.quiescence_round(every).await;
-    });
-}
-
-/// Runs `round` every `every` (or as soon as the previous one ends, if that is later) until
-/// the node shuts down.
-fn repeat<T, F, Fut>(node: &Node<T>, every: Duration, round: F)
-where
-    T: Transport,
-    F: Fn(Node<T>) -> Fut + Send + 'static,
-    Fut: std::future::Future<Output = ()> + Send,
-{
-    let weak = Arc::downgrade(&node.inner);
-    let mut shutdown = node.shutdown_signal();
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(every);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = tick.tick() => {}
-                _ = shutdown.changed() => return,
-            }
-            let Some(inner) = weak.upgrade() else { return };
-            tokio::select! {
-                () = round(Node { inner }) => {}
-                _ = shutdown.changed() => return,
-            }
-        }
     });
 }
 
@@ -114,6 +87,7 @@ fn leader_view(me: NodeId, group: &PartitionGroup) -> Option<(LeaderView, Vec<No
 
 impl<T: Transport> Node<T> {
     fn act(&self, actions: Vec<Action>) {
+        let mut elections = 0;
         for action in actions {
             let (group, elect) = match action {
                 Action::Wake(g) => (g, false),
@@ -129,16 +103,22 @@ impl<T: Transport> Node<T> {
             }
             g.wake();
             if elect {
-                tracing::info!(%group, "the leader's node is down: calling an election");
-                self.inner
-                    .quiescence_elections
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                elections += 1;
                 tokio::spawn(async move {
                     if let Err(e) = g.raft.trigger().elect(true).await {
                         tracing::debug!(%group, error = %e, "election not called");
                     }
                 });
             }
+        }
+        if elections > 0 {
+            tracing::info!(
+                elections,
+                "calling elections in sleeping groups whose leader's node is down"
+            );
+            self.inner
+                .quiescence_elections
+                .fetch_add(elections, std::sync::atomic::Ordering::Relaxed);
         }
     }
 
@@ -154,13 +134,22 @@ impl<T: Transport> Node<T> {
         let mut asks: BTreeMap<NodeId, Vec<SleepAsk>> = BTreeMap::new();
         // (group, its id, its proposals when asked, its voters, followers asked)
         let mut asked: Vec<(PartitionGroup, GroupId, u64, Vec<NodeId>, usize)> = Vec::new();
+        // Sleeping groups with no live leader that no record woke.
+        let mut stranded = Vec::new();
         {
             let Ok(partitions) = self.inner.partitions.read() else {
                 return;
             };
             let mut q = lock(&self.inner.quiescence);
+            let sweep = q.sweep_due(now);
             for (id, group) in partitions.iter() {
                 if group.quiet.is_asleep() {
+                    if sweep {
+                        let leader = group.raft.metrics().borrow_watched().current_leader;
+                        if q.stranded(id, leader) {
+                            stranded.push(group.clone());
+                        }
+                    }
                     continue;
                 }
                 let Some((view, voters)) = leader_view(me, group) else {
@@ -193,6 +182,15 @@ impl<T: Transport> Node<T> {
                     voters,
                     live.len(),
                 ));
+            }
+        }
+        if !stranded.is_empty() {
+            tracing::info!(
+                groups = stranded.len(),
+                "waking sleeping groups with no live leader"
+            );
+            for group in stranded {
+                group.wake();
             }
         }
         if asked.is_empty() {

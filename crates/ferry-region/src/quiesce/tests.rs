@@ -141,6 +141,28 @@ fn a_restarted_or_returning_peer_wakes_what_it_needs() {
 }
 
 #[test]
+fn a_sweep_finds_sleeping_groups_left_without_a_leader() {
+    let t0 = Instant::now();
+    let mut q = Quiescence::new(1, &[1, 2, 3], timing(), t0);
+    assert!(!q.sweep_due(t0 + 1599 * MS));
+    assert!(q.sweep_due(t0 + 1600 * MS));
+    assert!(!q.sweep_due(t0 + 1700 * MS));
+    q.slept("a/0".into(), 2, vec![1, 2, 3]);
+    q.heard(2, 1, t0 + 1800 * MS);
+    assert!(q.tick(t0 + 1900 * MS).is_empty());
+    assert_eq!(q.down_peers(), vec![3]);
+    // No leader: stranded. A leader that is up, or this node: not.
+    assert!(q.stranded(&"a/0".into(), None));
+    assert!(!q.stranded(&"a/0".into(), Some(2)));
+    assert!(!q.stranded(&"b/0".into(), Some(1)));
+    // A leader that is down: the record's own leader is left to the election logic, any
+    // other (a record gone stale) is stranded.
+    q.slept("c/0".into(), 3, vec![1, 2, 3]);
+    assert!(!q.stranded(&"c/0".into(), Some(3)));
+    assert!(q.stranded(&"a/0".into(), Some(3)));
+}
+
+#[test]
 fn a_proposal_racing_sleep_leaves_the_group_awake() {
     let quiet = Quiet::default();
     let seen = quiet.proposals();
