@@ -372,8 +372,6 @@ impl Client {
         }
     }
 
-    /// The address of a partition's leader, asking the region (and waiting out elections)
-    /// until `deadline`.
     /// The address of the leader of `topic/partition`: from a description of the topic, or
     /// if it names none, from the partition's replicas; retried with backoff until
     /// `deadline`.

@@ -52,9 +52,13 @@ pub struct PartitionGroup {
 }
 
 impl PartitionGroup {
-    /// The Raft to propose to: counts the proposal and wakes the group first if it sleeps.
+    /// The Raft to propose to: counts the proposal and, if the group sleeps and this node
+    /// leads it, wakes it first (a follower's proposal is refused by Raft, and must not start
+    /// the follower's election timer while its leader sleeps).
     pub fn proposer(&self) -> &PartitionRaft {
-        if self.quiet.note_proposal() {
+        if self.quiet.note_proposal(|| {
+            self.raft.metrics().borrow_watched().state == openraft::ServerState::Leader
+        }) {
             self.raft.runtime_config().tick(true);
         }
         &self.raft
@@ -740,7 +744,7 @@ impl<T: Transport> Node<T> {
     }
 
     /// Opens a replication lane of `group` on this node's Raft: its answers to `requests`.
-    /// An append that carries entries wakes a sleeping partition group.
+    /// An append that carries entries wakes a sleeping partition group (once answered).
     fn open_lane(&self, group: &GroupId, requests: LaneRequests) -> Result<LaneAnswers, String> {
         fn answers<SM: RaftStateMachine<TypeConfig>>(
             raft: &Raft<TypeConfig, SM>,
@@ -758,13 +762,21 @@ impl<T: Transport> Node<T> {
         }
         match self.partition_group(group) {
             Some(g) => {
-                let raft = g.raft.clone();
+                // Woken once Raft has taken the entries (on the answer), so the first tick
+                // finds the election timer already reset by them.
+                let carried = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                let seen = carried.clone();
                 let requests = requests.inspect(move |request| {
                     if !request.entries.is_empty() {
+                        seen.store(true, std::sync::atomic::Ordering::Relaxed);
+                    }
+                });
+                let answers = answers(&g.raft, requests).inspect(move |_| {
+                    if carried.swap(false, std::sync::atomic::Ordering::Relaxed) {
                         g.wake();
                     }
                 });
-                Ok(answers(&raft, requests))
+                Ok(Box::pin(answers))
             }
             None => Err(format!(
                 "node {} does not host group {}",

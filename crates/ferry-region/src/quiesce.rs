@@ -15,13 +15,16 @@
 //! - Every heartbeat interval each node asks every peer node whether it is up and since when
 //!   (its boot id). A peer silent for `down_after` is down: of the groups asleep under its
 //!   leadership one live follower, the same for all (chosen by the group's name), calls an
-//!   election at once; the others wake only if no new leader woke them within `leader_grace`.
+//!   election at once; the others wake only if no new leader woke them within `leader_grace`
+//!   and then elect on their own timers.
 //! - Every `leader_grace` the sleeping groups are swept: one whose Raft names no leader, or
 //!   a leader on a node that is down, wakes and elects on its own timers.
-//! - A peer that restarted (new boot id) wakes every sleeping group it is a voter of, so its
-//!   replicas hear from their leaders before their own election timeouts, and groups it led
-//!   elect a leader. A peer that was down and answers again with the same boot wakes the
-//!   groups this node leads with it, which catch it up.
+//! - A peer that restarted (new boot id) wakes the sleeping groups this node leads with it,
+//!   so its replicas hear from their leader before their own election timeouts, and the ones
+//!   it led (if it does not lead them again, they elect). A peer that was down and answers
+//!   again with the same boot wakes the groups this node leads with it, which catch it up,
+//!   and ends the waits for a winner in groups it led.
+//! - A follower refuses to sleep under a leader it counts as down.
 
 mod driver;
 
@@ -44,14 +47,15 @@ pub(crate) struct Quiet {
 }
 
 impl Quiet {
-    /// Counts a proposal; true if the group was asleep and the caller must wake its Raft.
+    /// Counts a proposal; true if the group was asleep, `leads` says this node leads it, and
+    /// the caller must wake its Raft.
     ///
     /// The count is taken before the flag is read, and the driver sets the flag before it
     /// reads the count again ([`Quiet::fall_asleep`]), so one of the two always sees the
     /// other: a proposal never leaves its leader asleep.
-    pub(crate) fn note_proposal(&self) -> bool {
+    pub(crate) fn note_proposal(&self, leads: impl FnOnce() -> bool) -> bool {
         self.proposals.fetch_add(1, Ordering::SeqCst);
-        self.wake()
+        self.is_asleep() && leads() && self.wake()
     }
 
     /// Proposals so far.
@@ -211,13 +215,18 @@ impl Quiescence {
     }
 
     /// Whether a sleeping group whose Raft names `leader` has been left without one: no
-    /// leader at all, or one on a node that is down which its record does not name (when it
-    /// does, [`Quiescence::tick`] elects or waits for the chosen follower).
+    /// leader at all, or one on a node that is down which [`Quiescence::tick`] did not handle
+    /// for it (it elects, or waits for the chosen follower, when the leader goes down).
     pub(crate) fn stranded(&self, group: &GroupId, leader: Option<NodeId>) -> bool {
         match leader {
             None => true,
             Some(l) if l == self.me || !self.is_down(l) => false,
-            Some(l) => self.asleep.get(group).is_none_or(|s| s.leader != l),
+            // A record naming it is handled by `tick` once it went down (it elected, or it
+            // waits for the chosen follower); one that slept after that was never handled.
+            Some(l) => self
+                .asleep
+                .get(group)
+                .is_none_or(|s| s.leader != l || s.leader_lost.is_none()),
         }
     }
 
@@ -241,10 +250,12 @@ impl Quiescence {
         let Some(state) = self.peers.get_mut(&peer) else {
             return Vec::new();
         };
-        // A restart wakes every group the peer belongs to: its replicas must hear from
-        // their leaders, and groups it led must elect. A peer that was down and answers
-        // again with the same boot wakes only the groups this node leads, to catch it up
-        // on what was written without it.
+        // A restart wakes the groups this node leads with the peer (their leader's
+        // heartbeats reach its replicas before their election timeouts) and the groups the
+        // peer led (which elect if it does not lead again). A peer that was down and answers
+        // again with the same boot wakes only the groups this node leads with it, to catch it
+        // up on what was written without it, and stops the waits for a winner in groups it
+        // led: it leads them still.
         let restarted = state.boot.is_some_and(|b| b != boot);
         let back = state.down;
         state.boot = Some(boot);
@@ -254,10 +265,19 @@ impl Quiescence {
             return Vec::new();
         }
         let me = self.me;
+        if back && !restarted {
+            for sleeper in self.asleep.values_mut() {
+                if sleeper.leader == peer {
+                    sleeper.leader_lost = None;
+                }
+            }
+        }
         let woken: Vec<GroupId> = self
             .asleep
             .iter()
-            .filter(|(_, s)| s.voters.contains(&peer) && (restarted || s.leader == me))
+            .filter(|(_, s)| {
+                s.voters.contains(&peer) && (s.leader == me || (restarted && s.leader == peer))
+            })
             .map(|(g, _)| g.clone())
             .collect();
         woken

@@ -59,7 +59,8 @@ const REACH_FRESH: Duration = Duration::from_secs(10);
 /// region's interest.
 const VOUCH_TIMEOUT: Duration = Duration::from_secs(1);
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+/// Locks `m`, taking the data of a poisoned lock as it is.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -307,11 +308,6 @@ impl<T: Transport> Node<T> {
         }
     }
 
-    /// Partitions this node leads.
-    fn led_partitions(&self) -> Vec<(String, u32, PartitionGroup)> {
-        self.led_groups()
-    }
-
     /// This region's interest set and its version, and the time this node vouches for it as
     /// the committed set at (0 unless it leads the metadata group and confirmed that with a
     /// quorum: a read index taken after that time covers every interest committed before).
@@ -337,7 +333,7 @@ impl<T: Transport> Node<T> {
         let Some(mesh) = self.mesh().cloned() else {
             return;
         };
-        let led = self.led_partitions();
+        let led = self.led_groups();
         let appended: u64 = led.iter().map(|(_, _, g)| g.view.watermarks().high).sum();
         let load = {
             let mut sample = lock(&mesh.load_sample);

@@ -1,9 +1,8 @@
-//! Drives [`Quiescence`] for a node: every heartbeat interval it asks each peer node whether
+//! Drives [`super::Quiescence`] for a node: every heartbeat interval it asks each peer node whether
 //! it is up, acts on what changed, and asks the followers of idle groups this node leads to
 //! sleep. Also answers those asks ([`Node::sleep_asked`]).
 
 use std::collections::BTreeMap;
-use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use ferry_net::Transport;
@@ -12,13 +11,10 @@ use ferry_store::GroupId;
 use openraft::async_runtime::WatchReceiver;
 use openraft::ServerState;
 
-use super::{Action, LeaderView, Quiescence, SleepAsk};
+use super::{Action, LeaderView, SleepAsk};
+use crate::mesh::lock;
 use crate::node::{Node, PartitionGroup};
 use crate::peer::{PeerRequest, PeerResponse};
-
-fn lock(q: &Mutex<Quiescence>) -> MutexGuard<'_, Quiescence> {
-    q.lock().unwrap_or_else(|p| p.into_inner())
-}
 
 /// Starts the node's quiescence: one task per peer node asking it every heartbeat interval
 /// whether it is up, and the rounds that put idle groups to sleep and wake the groups of
@@ -46,12 +42,14 @@ pub(crate) fn spawn<T: Transport>(node: &Node<T>) {
             }
         });
     }
+    // Thousands of asks in one request may take a loaded follower a while.
+    let asks_patience = Duration::from_millis(raft.election_min_ms);
     node.spawn_every(every, move |node| async move {
-        node.quiescence_round(every).await;
+        node.quiescence_round(asks_patience).await;
     });
 }
 
-/// Reads a leader's metrics for [`Quiescence::observe_leader`]; None if this node does not
+/// Reads a leader's metrics for [`super::Quiescence::observe_leader`]; None if this node does not
 /// lead the group.
 fn leader_view(me: NodeId, group: &PartitionGroup) -> Option<(LeaderView, Vec<NodeId>)> {
     let metrics = group.raft.metrics();
@@ -105,7 +103,9 @@ impl<T: Transport> Node<T> {
             if elect {
                 elections += 1;
                 tokio::spawn(async move {
-                    if let Err(e) = g.raft.trigger().elect(true).await {
+                    // A real election, as the group's own timer would call (pre-vote is
+                    // off); at once rather than at its next tick.
+                    if let Err(e) = g.raft.trigger().elect(false).await {
                         tracing::debug!(%group, error = %e, "election not called");
                     }
                 });
@@ -239,8 +239,13 @@ impl<T: Transport> Node<T> {
             return vec![false; asks.len()];
         };
         let mut q = lock(&self.inner.quiescence);
+        // Under a leader counted as down, a sleeping replica would never be woken for it.
+        let leader_down = q.is_down(leader);
         asks.into_iter()
             .map(|ask| {
+                if leader_down {
+                    return false;
+                }
                 let Some(group) = partitions.get(&ask.group) else {
                     return false;
                 };
