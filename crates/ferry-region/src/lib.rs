@@ -19,6 +19,7 @@ mod config;
 mod error;
 pub mod groups;
 pub mod http;
+mod leadership;
 mod mesh;
 pub mod metadata;
 mod node;

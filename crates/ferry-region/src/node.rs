@@ -18,6 +18,7 @@ use tokio::sync::watch;
 
 use crate::command::{decode, encode, PartitionCommand};
 use crate::groups::GroupCoordinator;
+use crate::leadership::{Leadership, LedGroup};
 use crate::metadata::{MetaApp, MetaView};
 use crate::partition::{PartitionStateMachine, PartitionView};
 use crate::peer::{
@@ -106,6 +107,8 @@ pub(crate) struct Inner<T> {
     pub(crate) quiescence: Mutex<Quiescence>,
     /// Elections this node called because a sleeping group's leader went down.
     pub(crate) quiescence_elections: std::sync::atomic::AtomicU64,
+    /// The partition groups this node leads.
+    pub(crate) leadership: Arc<Leadership>,
 }
 
 /// Count and total of a latency, for means over an interval.
@@ -230,6 +233,7 @@ impl<T: Transport> Node<T> {
                 boot,
                 quiescence: Mutex::new(quiescence),
                 quiescence_elections: Default::default(),
+                leadership: Arc::default(),
             }),
         };
         node.bootstrap_meta().await?;
@@ -328,16 +332,14 @@ impl<T: Transport> Node<T> {
                 }
                 // A shutdown that ran meanwhile has already drained the map: stop this group
                 // too, or it would keep the data folder open.
+                let hosted = PartitionGroup {
+                    raft: raft.clone(),
+                    view,
+                    quiet: Arc::default(),
+                };
                 let stale = match inner.partitions.write() {
                     Ok(mut partitions) if !self.is_shut_down() => {
-                        partitions.insert(
-                            group.clone(),
-                            PartitionGroup {
-                                raft: raft.clone(),
-                                view,
-                                quiet: Arc::default(),
-                            },
-                        );
+                        partitions.insert(group.clone(), hosted.clone());
                         false
                     }
                     _ => true,
@@ -346,6 +348,13 @@ impl<T: Transport> Node<T> {
                     let _ = raft.shutdown().await;
                     return Ok(());
                 }
+                Leadership::follow(
+                    Arc::downgrade(&inner.leadership),
+                    inner.id,
+                    topic.config.name.as_str().into(),
+                    partition as u32,
+                    hosted,
+                );
                 tracing::info!(%group, ?replicas, "started partition group");
             }
         }
@@ -407,13 +416,19 @@ impl<T: Transport> Node<T> {
     async fn enforce_retention(&self) {
         let inner = &self.inner;
         let mut topic = None;
-        for (name, partition, group) in self.led_groups() {
+        let (led, _) = self.led_groups();
+        for LedGroup {
+            topic: name,
+            partition,
+            group,
+        } in led.iter()
+        {
             // Led groups come sorted by topic: one metadata lookup per topic.
             if topic
                 .as_ref()
-                .is_none_or(|t: &Arc<crate::metadata::TopicState>| t.config.name != name)
+                .is_none_or(|t: &Arc<crate::metadata::TopicState>| *t.config.name != **name)
             {
-                topic = inner.meta_view.topic(&name);
+                topic = inner.meta_view.topic(name);
             }
             let Some(topic) = topic.as_ref() else {
                 continue;
@@ -427,7 +442,7 @@ impl<T: Transport> Node<T> {
             if retention.keep_until_forwarded {
                 // Not past what any region's forwarder has passed (committed), nor at all
                 // while a region has no forwarder yet.
-                if let Some(floor) = self.forwarded_floor(&topic.config, &group) {
+                if let Some(floor) = self.forwarded_floor(&topic.config, group) {
                     let low = group.view.watermarks().low;
                     trim_to = trim_to.map(|t| t.min(floor.offset)).filter(|t| *t > low);
                 }
@@ -473,25 +488,10 @@ impl<T: Transport> Node<T> {
             .cloned()
     }
 
-    /// The partition groups this node leads now: (topic, partition, group), in that order.
-    /// One pass over the hosted groups, nothing looked up by name.
-    pub(crate) fn led_groups(&self) -> Vec<(String, u32, PartitionGroup)> {
-        let Ok(partitions) = self.inner.partitions.read() else {
-            return Vec::new();
-        };
-        let mut led: Vec<_> = partitions
-            .iter()
-            .filter(|(_, g)| {
-                g.raft.metrics().borrow_watched().current_leader == Some(self.inner.id)
-            })
-            .filter_map(|(id, g)| {
-                let (topic, partition) = id.rsplit_once('/')?;
-                Some((topic.to_string(), partition.parse().ok()?, g.clone()))
-            })
-            .collect();
-        drop(partitions);
-        led.sort_unstable_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
-        led
+    /// The partition groups this node leads now, sorted by (topic, partition), and the
+    /// version of that set ([`Leadership::led`]).
+    pub(crate) fn led_groups(&self) -> (Arc<[LedGroup]>, u64) {
+        self.inner.leadership.led()
     }
 
     /// Every hosted partition group.

@@ -138,6 +138,11 @@ impl GossipConfig {
     }
 }
 
+/// Partitions a node leads, as (topic, partition), sorted, each once. An `Arc` of a `Vec`
+/// rather than of a slice: equal pointers then compare equal without looking at the
+/// contents (std shortcuts only sized `Eq` values), and records are compared often.
+pub type Leads = Arc<Vec<(String, u32)>>;
+
 /// What a node tells the mesh about itself (checked as the `record` submodule says).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct NodeRecord {
@@ -149,8 +154,9 @@ pub struct NodeRecord {
     pub addr: SocketAddr,
     /// Role, e.g. `"node"`; 1-32 of `[A-Za-z0-9_-]`.
     pub role: String,
-    /// Partitions it leads, as (topic, partition).
-    pub leads: Vec<(String, u32)>,
+    /// Partitions it leads, as (topic, partition), sorted, each once. Shared: a node with
+    /// thousands of partitions copies its records often.
+    pub leads: Leads,
     /// Its region's subject interest patterns, e.g. `"orders.>"`.
     pub interest: Vec<String>,
     /// Regions it currently reaches directly.
@@ -177,7 +183,7 @@ impl Default for NodeRecord {
             region: String::new(),
             addr: SocketAddr::from(([0, 0, 0, 0], 0)),
             role: String::new(),
-            leads: Vec::new(),
+            leads: Leads::default(),
             interest: Vec::new(),
             reach: Vec::new(),
             load: 0,

@@ -18,7 +18,7 @@ mod receive;
 
 pub use forward::{Ack, Batch, Forwarder, ForwarderConfig, ForwarderStats, SourceEvent};
 pub use gossip::{
-    Gossip, GossipConfig, GossipError, GossipInbox, GossipLink, GossipStats, NodeRecord,
+    Gossip, GossipConfig, GossipError, GossipInbox, GossipLink, GossipStats, Leads, NodeRecord,
 };
 pub use receive::{Admission, Receiver};
 

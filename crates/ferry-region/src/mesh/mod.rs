@@ -33,7 +33,7 @@ use bytes::Bytes;
 use ferry_net::Transport;
 use ferry_proto::wire::{ForwardingInfo, InterestReach, MeshNodeInfo, MeshReport};
 use ferry_proto::{RegionPolicy, TopicConfig};
-use ferry_router::{Gossip, GossipConfig, GossipInbox, GossipLink, NodeRecord};
+use ferry_router::{Gossip, GossipConfig, GossipInbox, GossipLink, Leads, NodeRecord};
 use futures::future::BoxFuture;
 use openraft::async_runtime::WatchReceiver;
 use tokio::sync::watch;
@@ -125,6 +125,9 @@ pub(crate) struct Mesh {
     receiving: Mutex<HashMap<OriginPartition, Arc<tokio::sync::Mutex<Intake>>>>,
     /// Previous load sample: (events appended in led partitions, when).
     load_sample: Mutex<(u64, Instant, u64)>,
+    /// The partitions this node leads as gossip carries them, and the version of the led
+    /// set they were made from ([`crate::leadership::Leadership::led`]).
+    leads: Mutex<(u64, Leads)>,
 }
 
 impl Mesh {
@@ -286,6 +289,7 @@ impl<T: Transport> Node<T> {
             reach: Mutex::new(HashMap::new()),
             receiving: Mutex::new(HashMap::new()),
             load_sample: Mutex::new((0, Instant::now(), 0)),
+            leads: Mutex::new((u64::MAX, Leads::default())),
         });
         if self.inner.mesh.set(mesh).is_err() {
             return Ok(());
@@ -333,12 +337,12 @@ impl<T: Transport> Node<T> {
         let Some(mesh) = self.mesh().cloned() else {
             return;
         };
-        let led = self.led_groups();
-        let appended: u64 = led.iter().map(|(_, _, g)| g.view.watermarks().high).sum();
+        let (led, led_version) = self.led_groups();
         let load = {
             let mut sample = lock(&mesh.load_sample);
             let elapsed = sample.1.elapsed().as_secs_f64();
             if elapsed >= 1.0 {
+                let appended: u64 = led.iter().map(|l| l.group.view.watermarks().high).sum();
                 let rate = appended.saturating_sub(sample.0) as f64 / elapsed;
                 *sample = (appended, Instant::now(), rate as u64);
             }
@@ -355,7 +359,20 @@ impl<T: Transport> Node<T> {
             region: mesh.region.clone(),
             addr: mesh.addr,
             role: "node".into(),
-            leads: led.iter().map(|(t, p, _)| (t.clone(), *p)).collect(),
+            leads: {
+                let mut leads = lock(&mesh.leads);
+                if leads.0 != led_version {
+                    *leads = (
+                        led_version,
+                        Arc::new(
+                            led.iter()
+                                .map(|l| (l.topic.to_string(), l.partition))
+                                .collect(),
+                        ),
+                    );
+                }
+                leads.1.clone()
+            },
             interest: interests
                 .interests
                 .values()
@@ -383,8 +400,10 @@ impl<T: Transport> Node<T> {
         mesh.snapshot.send_replace(snapshot);
 
         let mut desired = BTreeSet::new();
-        for (topic, partition, _) in &led {
-            let Some(state) = self.inner.meta_view.topic(topic) else {
+        // Led groups come sorted by topic: one metadata lookup and one set of destinations
+        // per topic.
+        for run in led.chunk_by(|a, b| a.topic == b.topic) {
+            let Some(state) = self.inner.meta_view.topic(&run[0].topic) else {
                 continue;
             };
             let destinations: BTreeSet<String> = match &state.config.regions {
@@ -402,18 +421,20 @@ impl<T: Transport> Node<T> {
                     continue;
                 };
                 let split = (count != state.config.partitions).then_some(count);
-                let dest_partitions = match split {
-                    None => *partition..*partition + 1,
-                    Some(count) => 0..count,
-                };
-                for dest_partition in dest_partitions {
-                    desired.insert(ForwardKey {
-                        topic: topic.clone(),
-                        partition: *partition,
-                        destination: destination.clone(),
-                        dest_partition,
-                        split,
-                    });
+                for led in run {
+                    let dest_partitions = match split {
+                        None => led.partition..led.partition + 1,
+                        Some(count) => 0..count,
+                    };
+                    for dest_partition in dest_partitions {
+                        desired.insert(ForwardKey {
+                            topic: state.config.name.clone(),
+                            partition: led.partition,
+                            destination: destination.clone(),
+                            dest_partition,
+                            split,
+                        });
+                    }
                 }
             }
         }

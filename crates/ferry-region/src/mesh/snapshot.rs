@@ -63,8 +63,6 @@ pub(crate) struct MeshSnapshot {
     pub(crate) nodes: Vec<NodeRecord>,
     /// Interest per region (this one's too).
     pub(crate) interest: HashMap<String, InterestView>,
-    /// Who leads a partition in a region: (region, topic, partition) → address.
-    pub(super) leaders: HashMap<(String, String, u32), SocketAddr>,
 }
 
 impl MeshSnapshot {
@@ -76,7 +74,6 @@ impl MeshSnapshot {
         nodes: Vec<NodeRecord>,
         known: &mut BTreeMap<String, InterestView>,
     ) -> Self {
-        let mut leaders = HashMap::new();
         for node in &nodes {
             let filters: Vec<SubjectFilter> = node
                 .interest
@@ -87,14 +84,10 @@ impl MeshSnapshot {
                 .entry(node.region.clone())
                 .or_default()
                 .merge(node, &filters);
-            for (topic, partition) in &node.leads {
-                leaders.insert((node.region.clone(), topic.clone(), *partition), node.addr);
-            }
         }
         Self {
             nodes,
             interest: known.iter().map(|(r, v)| (r.clone(), v.clone())).collect(),
-            leaders,
         }
     }
 
@@ -110,12 +103,15 @@ impl MeshSnapshot {
     /// Where to send a batch for `region`'s partition: its leader first, then the region's
     /// other nodes (which pass it to their leader).
     pub(super) fn targets(&self, region: &str, topic: &str, partition: u32) -> Vec<SocketAddr> {
-        let leader = self
-            .leaders
-            .get(&(region.to_string(), topic.to_string(), partition))
-            .copied();
-        let mut out: Vec<SocketAddr> = leader.into_iter().collect();
-        for n in self.nodes.iter().filter(|n| n.region == region) {
+        let in_region = || self.nodes.iter().filter(|n| n.region == region);
+        // Records list their leads sorted (gossip refuses others).
+        let leader = in_region().find(|n| {
+            n.leads
+                .binary_search_by(|(t, p)| (t.as_str(), *p).cmp(&(topic, partition)))
+                .is_ok()
+        });
+        let mut out: Vec<SocketAddr> = leader.map(|n| n.addr).into_iter().collect();
+        for n in in_region() {
             if !out.contains(&n.addr) {
                 out.push(n.addr);
             }
@@ -176,7 +172,7 @@ mod tests {
             region: region.into(),
             addr: SocketAddr::from(([127, 0, 0, 1], 7000 + id as u16)),
             role: "node".into(),
-            leads: vec![("orders".into(), 0)],
+            leads: vec![("orders".into(), 0)].into(),
             interest: interest.iter().map(|s| s.to_string()).collect(),
             interest_version: if interest.is_empty() { 0 } else { 10 },
             ..NodeRecord::default()

@@ -122,8 +122,9 @@ impl<T: Transport> Node<T> {
         }
     }
 
-    /// Marks silent peers down (their groups elect), then asks the followers of idle groups
-    /// this node leads to sleep, waiting `patience` for their answers.
+    /// Marks silent peers down (their groups elect), then, when a scan is due, asks the
+    /// followers of idle groups this node leads to sleep, waiting `patience` for their
+    /// answers.
     async fn quiescence_round(&self, patience: Duration) {
         let me = self.inner.id;
         let now = Instant::now();
@@ -142,6 +143,9 @@ impl<T: Transport> Node<T> {
             };
             let mut q = lock(&self.inner.quiescence);
             let sweep = q.sweep_due(now);
+            if !q.scan_due(now) && !sweep {
+                return;
+            }
             for (id, group) in partitions.iter() {
                 if group.quiet.is_asleep() {
                     if sweep {

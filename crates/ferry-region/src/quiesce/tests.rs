@@ -143,6 +143,16 @@ fn a_restarted_or_returning_peer_wakes_only_what_it_needs() {
 }
 
 #[test]
+fn groups_are_scanned_every_quarter_of_the_idle_time() {
+    let t0 = Instant::now();
+    let mut q = Quiescence::new(1, &[1, 2, 3], timing(), t0);
+    assert!(!q.scan_due(t0 + 249 * MS));
+    assert!(q.scan_due(t0 + 250 * MS));
+    assert!(!q.scan_due(t0 + 400 * MS));
+    assert!(q.scan_due(t0 + 500 * MS));
+}
+
+#[test]
 fn a_sweep_finds_sleeping_groups_left_without_a_leader() {
     let t0 = Instant::now();
     let mut q = Quiescence::new(1, &[1, 2, 3], timing(), t0);

@@ -17,6 +17,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
 use std::num::{NonZeroU8, NonZeroUsize};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -275,6 +276,9 @@ impl Membership {
                 record.id, record.region, self.node_id, self.region
             )));
         }
+        if self.own.as_ref() == Some(&record) {
+            return Ok(());
+        }
         record::validate(&record).map_err(|e| GossipError::InvalidRecord(e.to_string()))?;
         let size = ferry_proto::codec::encode("node record", &record)
             .map_err(|e| GossipError::InvalidRecord(e.to_string()))?
@@ -285,9 +289,6 @@ impl Membership {
                  ({} led partitions)",
                 record.leads.len()
             )));
-        }
-        if self.own.as_ref() == Some(&record) {
-            return Ok(());
         }
         self.own = Some(record);
         self.known.lock().now = now;
@@ -469,19 +470,21 @@ impl Membership {
             ferry_proto::codec::encode("gossip item", &Item::Summary(summary.clone()))
                 .map_or(usize::MAX, |b| b.len())
         };
-        if size(&summary) > MAX_ITEM {
+        let with_leads = size(&summary);
+        if with_leads > MAX_ITEM {
             // Without leaders, other regions send batches to any node of the region, which
             // passes them on: slower, not wrong.
             warn!(
-                size = size(&summary),
+                size = with_leads,
                 "the region summary is over {MAX_ITEM} bytes; sending it without leaders"
             );
             for node in &mut summary.nodes {
-                node.record.leads.clear();
+                node.record.leads = Arc::default();
             }
-            if size(&summary) > MAX_ITEM {
+            let without = size(&summary);
+            if without > MAX_ITEM {
                 error!(
-                    size = size(&summary),
+                    size = without,
                     "the region summary is over {MAX_ITEM} bytes even without leaders: other \
                      regions' nodes that are not routers will not learn this region"
                 );
@@ -510,7 +513,6 @@ impl Membership {
         as_router: bool,
         newest: &[(RegionSummary, Instant)],
     ) {
-        let summaries = self.summaries_to_push(now, newest);
         let mut targets: Vec<(SocketAddr, Option<String>)> = Vec::new();
         if as_router {
             for (summary, _) in newest {
@@ -527,6 +529,11 @@ impl Membership {
                 targets.push((*seed, None));
             }
         }
+        if targets.is_empty() {
+            // A region alone: nothing to build (a summary of thousands of leads is costly).
+            return;
+        }
+        let summaries = self.summaries_to_push(now, newest);
         for (to, region) in targets {
             let for_it: Vec<RegionSummary> = summaries
                 .iter()

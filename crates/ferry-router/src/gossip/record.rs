@@ -34,8 +34,18 @@ fn invalid(field: &'static str, value: &str, reason: impl Into<String>) -> Recor
 pub(super) fn validate(record: &NodeRecord) -> Result<(), RecordError> {
     check_region("region", &record.region)?;
     check_word("role", &record.role, 32)?;
-    for (topic, _) in &record.leads {
+    for (topic, _) in record.leads.iter() {
         check_topic(topic).map_err(|reason| invalid("leads", topic, reason))?;
+    }
+    if let Some(pair) = record.leads.windows(2).find(|pair| pair[0] >= pair[1]) {
+        return Err(invalid(
+            "leads",
+            &format!("{}/{}", pair[1].0, pair[1].1),
+            format!(
+                "not after {}/{}: leads are sorted by (topic, partition), each once",
+                pair[0].0, pair[0].1
+            ),
+        ));
     }
     for pattern in &record.interest {
         match SubjectFilter::new(pattern.as_str()) {
@@ -95,7 +105,7 @@ mod tests {
             region: "eu-west".into(),
             addr: "10.0.0.7:7000".parse().expect("addr"),
             role: "node".into(),
-            leads: vec![("orders".into(), 0), ("orders.v2".into(), 3)],
+            leads: vec![("orders".into(), 0), ("orders.v2".into(), 3)].into(),
             interest: vec!["orders.>".into(), "payments.*.done".into()],
             reach: vec!["us-east".into(), "ap_south".into()],
             load: 1200,
@@ -115,7 +125,7 @@ mod tests {
         assert_eq!(back, record);
         let bare = NodeRecord {
             addr: "[::1]:9".parse().expect("addr"),
-            leads: vec![],
+            leads: vec![].into(),
             interest: vec![],
             reach: vec![],
             seen: vec![],
@@ -147,7 +157,23 @@ mod tests {
                 "leads",
                 "slash in topic",
                 NodeRecord {
-                    leads: vec![("a/b".into(), 1)],
+                    leads: vec![("a/b".into(), 1)].into(),
+                    ..sample()
+                },
+            ),
+            (
+                "leads",
+                "leads out of order",
+                NodeRecord {
+                    leads: vec![("b".into(), 0), ("a".into(), 1)].into(),
+                    ..sample()
+                },
+            ),
+            (
+                "leads",
+                "a partition led twice",
+                NodeRecord {
+                    leads: vec![("a".into(), 1), ("a".into(), 1)].into(),
                     ..sample()
                 },
             ),

@@ -133,7 +133,7 @@ fn record_for(index: usize) -> NodeRecord {
         region: REGIONS[region].to_string(),
         addr: SocketAddr::from(([10, 0, region as u8, n as u8 + 1], 7000)),
         role: "node".into(),
-        leads: vec![("orders".into(), id as u32), ("audit".into(), 0)],
+        leads: vec![("audit".into(), 0), ("orders".into(), id as u32)].into(),
         interest: vec![format!("orders.{}.>", REGIONS[region])],
         reach: REGIONS
             .iter()
@@ -272,7 +272,7 @@ async fn publish_refuses_records_peers_would_reject() {
             ..node.record.clone()
         },
         NodeRecord {
-            leads: vec![("a,b".into(), 1)],
+            leads: vec![("a,b".into(), 1)].into(),
             ..node.record.clone()
         },
     ];

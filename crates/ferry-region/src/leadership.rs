@@ -1,0 +1,103 @@
+//! The partition groups this node leads, kept up to date from each group's leadership
+//! changes (openraft's server metrics, which change on votes, leaders and membership only)
+//! rather than found by scanning every hosted group: with thousands of sleeping groups a
+//! scan on every mesh round and retention round was most of a node's idle CPU.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, Weak};
+
+use ferry_proto::NodeId;
+use openraft::async_runtime::WatchReceiver;
+
+use crate::mesh::lock;
+use crate::node::PartitionGroup;
+
+/// A group this node leads.
+#[derive(Clone)]
+pub(crate) struct LedGroup {
+    pub(crate) topic: Arc<str>,
+    pub(crate) partition: u32,
+    pub(crate) group: PartitionGroup,
+}
+
+/// Which partition groups this node leads now.
+#[derive(Default)]
+pub(crate) struct Leadership {
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    led: BTreeMap<(Arc<str>, u32), PartitionGroup>,
+    /// Bumped on every change of `led`.
+    version: u64,
+    /// `led` as a list, built at most once per version.
+    list: Option<(u64, Arc<[LedGroup]>)>,
+}
+
+impl Leadership {
+    /// The groups led now, sorted by (topic, partition), and the version of that set (it
+    /// changes whenever the set does). Built once per change; sharing it costs nothing.
+    pub(crate) fn led(&self) -> (Arc<[LedGroup]>, u64) {
+        let mut state = lock(&self.state);
+        let version = state.version;
+        if let Some((at, list)) = &state.list {
+            if *at == version {
+                return (list.clone(), version);
+            }
+        }
+        let list: Arc<[LedGroup]> = state
+            .led
+            .iter()
+            .map(|((topic, partition), group)| LedGroup {
+                topic: topic.clone(),
+                partition: *partition,
+                group: group.clone(),
+            })
+            .collect();
+        state.list = Some((version, list.clone()));
+        (list, version)
+    }
+
+    fn set(&self, topic: &Arc<str>, partition: u32, group: &PartitionGroup, leads: bool) {
+        let mut state = lock(&self.state);
+        let key = (topic.clone(), partition);
+        let changed = if leads {
+            state.led.insert(key, group.clone()).is_none()
+        } else {
+            state.led.remove(&key).is_some()
+        };
+        if changed {
+            state.version += 1;
+        }
+    }
+
+    /// Follows `group`'s leadership for as long as the group runs (until its Raft stops) or
+    /// the registry is dropped.
+    pub(crate) fn follow(
+        registry: Weak<Self>,
+        me: NodeId,
+        topic: Arc<str>,
+        partition: u32,
+        group: PartitionGroup,
+    ) {
+        let mut server = group.raft.server_metrics();
+        tokio::spawn(async move {
+            loop {
+                let leads = server.borrow_and_update().current_leader == Some(me);
+                let Some(registry) = registry.upgrade() else {
+                    return;
+                };
+                registry.set(&topic, partition, &group, leads);
+                drop(registry);
+                if server.changed().await.is_err() {
+                    break;
+                }
+            }
+            // The group stopped: it leads nothing any more.
+            if let Some(registry) = registry.upgrade() {
+                registry.set(&topic, partition, &group, false);
+            }
+        });
+    }
+}
