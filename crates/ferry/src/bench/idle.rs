@@ -1,7 +1,9 @@
 //! `ferry bench idle`: what partitions cost when nothing is written. Creates PARTITIONS
 //! partitions as topics of at most `--per-topic` each, one after the other, each waited for
 //! until every partition has a leader; then, after `--settle-secs`, reads the CPU and
-//! resident memory of the server processes (`--pids`) over `--window-secs`.
+//! resident memory of the server processes (`--pids`) over `--window-secs`. With `--kill
+//! PID` (a node's own process), it then kills that node and measures how long until every
+//! partition accepts a publish.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -41,6 +43,13 @@ pub(crate) struct IdleArgs {
     /// seconds.
     #[arg(long, default_value_t = 300)]
     leaders_within_secs: u64,
+    /// After the idle window, kill this server process (SIGKILL; one of --pids, a single
+    /// node's process) and measure the time until every partition accepts a publish.
+    #[arg(long)]
+    kill: Option<u32>,
+    /// Give up on partitions that do not accept a publish this long after the kill, seconds.
+    #[arg(long, default_value_t = 120)]
+    publish_within_secs: u64,
     /// Write the report as JSON here.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -57,6 +66,8 @@ struct IdleReport {
     idle_cores: f64,
     /// Resident memory of each process at the end, MiB.
     rss_mib: Vec<f64>,
+    /// With `--kill`: from the kill until every partition had accepted a publish.
+    seconds_to_publish_after_kill: Option<f64>,
 }
 
 #[derive(Serialize)]
@@ -77,6 +88,10 @@ pub(crate) async fn run(args: IdleArgs) -> anyhow::Result<()> {
     for pid in &args.pids {
         cpu_seconds(*pid)?;
     }
+    anyhow::ensure!(
+        args.kill.is_none_or(|k| args.pids.contains(&k)),
+        "--kill must name one of --pids (a node's own process)"
+    );
     let client = args.connect.client()?;
     let mut topics = Vec::new();
     let mut left = args.partitions;
@@ -129,6 +144,10 @@ pub(crate) async fn run(args: IdleArgs) -> anyhow::Result<()> {
         .iter()
         .map(|p| status_kib(*p, "VmRSS:").map(|k| k as f64 / 1024.0))
         .collect::<anyhow::Result<Vec<_>>>()?;
+    let seconds_to_publish_after_kill = match args.kill {
+        Some(pid) => Some(publish_everywhere_after_kill(&client, &args, &topics, pid).await?),
+        None => None,
+    };
     let report = IdleReport {
         suite: "idle",
         partitions: args.partitions,
@@ -137,6 +156,7 @@ pub(crate) async fn run(args: IdleArgs) -> anyhow::Result<()> {
         window_seconds: args.window_secs,
         idle_cores: spent / elapsed,
         rss_mib,
+        seconds_to_publish_after_kill,
     };
     println!(
         "ferry bench idle: {} partitions in {} topic(s): idle {:.3} cores over {} s, RSS {} MiB",
@@ -151,9 +171,79 @@ pub(crate) async fn run(args: IdleArgs) -> anyhow::Result<()> {
             .collect::<Vec<_>>()
             .join(" + ")
     );
+    if let Some(seconds) = report.seconds_to_publish_after_kill {
+        println!(
+            "ferry bench idle: after killing process {}, every partition accepted a publish within {seconds:.1} s",
+            args.kill.unwrap_or_default()
+        );
+    }
     if let Some(out) = &args.out {
         std::fs::write(out, serde_json::to_vec_pretty(&report)?)
             .with_context(|| format!("writing {}", out.display()))?;
     }
     Ok(())
+}
+
+/// Kills `pid`, then publishes one event to every partition of `topics` (retrying each until
+/// it is accepted, a bounded number at a time) and answers the seconds from the kill until
+/// the last partition accepted.
+async fn publish_everywhere_after_kill(
+    client: &ferry_client::Client,
+    args: &IdleArgs,
+    topics: &[TopicCreated],
+    pid: u32,
+) -> anyhow::Result<f64> {
+    use futures::stream::{self, StreamExt};
+
+    let status = std::process::Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()
+        .context("running kill")?;
+    anyhow::ensure!(status.success(), "kill -KILL {pid} failed: {status}");
+    let killed = Instant::now();
+    let deadline = killed + Duration::from_secs(args.publish_within_secs);
+    eprintln!("killed process {pid}; publishing one event to each partition");
+    let subject = ferry_proto::Subject::new("bench.idle").context("subject")?;
+    let limits = ferry_proto::Limits::default();
+    let targets = topics
+        .iter()
+        .flat_map(|t| (0..t.partitions).map(move |p| (t.topic.as_str(), p)));
+    let failed: Vec<String> = stream::iter(targets)
+        .map(|(topic, partition)| {
+            let subject = subject.clone();
+            let limits = &limits;
+            async move {
+                let event = ferry_proto::Event::new(
+                    format!("after-kill-{topic}-{partition}"),
+                    "/bench/idle",
+                    "bench.idle",
+                    subject,
+                    vec![b'k'; 64],
+                );
+                let batch = ferry_proto::EventBatch::new(&[event], None, 0, limits)
+                    .map_err(|e| format!("{topic}/{partition}: {e}"))?;
+                loop {
+                    match client.publish_batch(topic, partition, batch.clone()).await {
+                        Ok(_) => return Ok(()),
+                        Err(e) if Instant::now() >= deadline => {
+                            return Err(format!("{topic}/{partition}: {e}"))
+                        }
+                        Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                    }
+                }
+            }
+        })
+        .buffer_unordered(512)
+        .filter_map(|r: Result<(), String>| async move { r.err() })
+        .collect()
+        .await;
+    let seconds = killed.elapsed().as_secs_f64();
+    anyhow::ensure!(
+        failed.is_empty(),
+        "{} partitions did not accept a publish within {} s of the kill, e.g. {}",
+        failed.len(),
+        args.publish_within_secs,
+        failed[0]
+    );
+    Ok(seconds)
 }

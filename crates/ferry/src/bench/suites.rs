@@ -41,9 +41,11 @@ pub(crate) struct LoadArgs {
     /// Concurrent producers, each with its own connection state and window.
     #[arg(long, default_value_t = 1)]
     producers: u64,
-    /// Partitions of a Ferry topic the bench creates (a JetStream stream has one log).
-    #[arg(long, default_value_t = 8)]
-    partitions: u32,
+    /// Partitions of a Ferry topic the bench creates (a JetStream stream has one log). A
+    /// list (`1,8,64`) runs the suite once per entry, on topics named `<topic>-p<N>`
+    /// (NATS: one stream per run), and `--out` then holds a JSON array of the reports.
+    #[arg(long, value_delimiter = ',', default_value = "8")]
+    partitions: Vec<u32>,
     /// Ferry's producer batching.
     #[command(flatten)]
     batching: super::ProducerBatching,
@@ -121,7 +123,7 @@ struct Published {
     ack_latency: Histogram<u64>,
 }
 
-/// Runs `suite` with `args`.
+/// Runs `suite` with `args`, once per entry of `--partitions`.
 pub(crate) async fn run(suite: Suite, mut args: LoadArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.size >= 16, "--size must be at least 16 bytes");
     anyhow::ensure!(args.producers >= 1, "--producers must be at least 1");
@@ -143,11 +145,62 @@ pub(crate) async fn run(suite: Suite, mut args: LoadArgs) -> anyhow::Result<()> 
             args.target
         );
     };
-    let topic = args
+    anyhow::ensure!(
+        !args.partitions.is_empty() && args.partitions.iter().all(|p| *p >= 1),
+        "--partitions must list counts of at least 1, e.g. 8 or 1,8,64"
+    );
+    let base_topic = args
         .topic
         .clone()
         .unwrap_or_else(|| suite.default_topic().to_string());
-    let prepared = system.prepare(&topic, args.partitions).await?;
+    let mut reports = Vec::new();
+    for &partitions in &args.partitions {
+        let topic = if args.partitions.len() == 1 {
+            base_topic.clone()
+        } else {
+            format!("{base_topic}-p{partitions}")
+        };
+        let report = run_one(suite, &args, &system, &topic, partitions).await?;
+        println!("{}", summary(&report));
+        reports.push(report);
+    }
+    if let Some(out) = &args.out {
+        let json = match reports.as_slice() {
+            [one] => serde_json::to_string_pretty(one)?,
+            many => serde_json::to_string_pretty(many)?,
+        };
+        std::fs::write(out, json).with_context(|| format!("writing {}", out.display()))?;
+    }
+    for report in &reports {
+        anyhow::ensure!(
+            report.errors == 0,
+            "{}: {} publishes failed",
+            report.topic,
+            report.errors
+        );
+        if let Some(delivered) = report.delivered {
+            anyhow::ensure!(
+                delivered == args.count,
+                "{}: {} of {} events delivered",
+                report.topic,
+                delivered,
+                args.count
+            );
+        }
+    }
+    Ok(())
+}
+
+/// One run of `suite` on `topic` with `partitions` (Ferry) or one stream (NATS).
+async fn run_one(
+    suite: Suite,
+    args: &LoadArgs,
+    system: &System,
+    topic: &str,
+    partitions: u32,
+) -> anyhow::Result<SuiteReport> {
+    let topic = topic.to_string();
+    let prepared = system.prepare(&topic, partitions).await?;
     let run_id: u64 = rand::random();
     let base = Instant::now();
 
@@ -180,7 +233,7 @@ pub(crate) async fn run(suite: Suite, mut args: LoadArgs) -> anyhow::Result<()> 
     };
     match suite {
         Suite::Produce => {
-            let p = publish(&system, &topic, &args, base, run_id, args.count).await?;
+            let p = publish(system, &topic, args, base, run_id, args.count).await?;
             report.acknowledged = p.acknowledged;
             report.errors = p.errors;
             report.seconds = p.seconds;
@@ -209,7 +262,7 @@ pub(crate) async fn run(suite: Suite, mut args: LoadArgs) -> anyhow::Result<()> 
                 }
                 (delivered, latency)
             });
-            let p = publish(&system, &topic, &args, base, run_id, args.count).await?;
+            let p = publish(system, &topic, args, base, run_id, args.count).await?;
             let drain = Duration::from_secs(args.drain_secs);
             let (delivered, latency) = match tokio::time::timeout(drain, receiver).await {
                 Ok(joined) => joined.context("receiver")?,
@@ -231,8 +284,7 @@ pub(crate) async fn run(suite: Suite, mut args: LoadArgs) -> anyhow::Result<()> 
             // from the start.
             let stored = system.stored(&topic).await?;
             if stored < args.count {
-                let fill =
-                    publish(&system, &topic, &args, base, run_id, args.count - stored).await?;
+                let fill = publish(system, &topic, args, base, run_id, args.count - stored).await?;
                 anyhow::ensure!(
                     fill.errors == 0,
                     "{} publishes failed filling {topic}",
@@ -269,21 +321,7 @@ pub(crate) async fn run(suite: Suite, mut args: LoadArgs) -> anyhow::Result<()> 
         report.resources = Some(w.finish(events, args.size as u64, prepared.replication)?);
     }
     report.mib_per_sec = report.events_per_sec * args.size as f64 / (1024.0 * 1024.0);
-    println!("{}", summary(&report));
-    if let Some(out) = &args.out {
-        std::fs::write(out, serde_json::to_string_pretty(&report)?)
-            .with_context(|| format!("writing {}", out.display()))?;
-    }
-    anyhow::ensure!(report.errors == 0, "{} publishes failed", report.errors);
-    if let Some(delivered) = report.delivered {
-        anyhow::ensure!(
-            delivered == args.count,
-            "{} of {} events delivered",
-            delivered,
-            args.count
-        );
-    }
-    Ok(())
+    Ok(report)
 }
 
 /// The one-line human summary.

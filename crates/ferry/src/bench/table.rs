@@ -1,7 +1,8 @@
 //! `ferry bench table DIR`: the comparison table from the JSON reports that
-//! `deploy/bench/compare` leaves in DIR (`<suite>-<system>-<pair>.json`, `idle-<system>.json`):
-//! per suite and figure, the median of each system and the ratio Ferry/NATS — median, min and
-//! max over the pairs, each pair's ratio taken within the pair (both ran back to back).
+//! `deploy/bench/compare` leaves in DIR (`<suite>-<system>-<pair>.json`, `idle-<system>.json`;
+//! a suite run at several partition counts is `<suite>-p<N>`): per suite and figure, the
+//! median of each system and the ratio Ferry/NATS — median, min and max over the pairs, each
+//! pair's ratio taken within the pair (both ran back to back).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -155,16 +156,30 @@ pub(crate) fn render(dir: &Path) -> anyhow::Result<String> {
 
     let mut out = String::new();
     out += &format!(
-        "{:<10} {:<22} {:>12} {:>12} {:>10} {:>17}\n",
+        "{:<12} {:<22} {:>12} {:>12} {:>10} {:>17}\n",
         "suite", "figure", "ferry", "nats", "ferry/nats", "[min, max]"
     );
-    for (suite, figures) in FIGURES {
+    // The suites present, in FIGURES' order, each by its partition counts.
+    let mut suites: Vec<(usize, u32, &str, &[Figure])> = reports
+        .keys()
+        .filter_map(|(suite, _)| {
+            let (base, partitions) = match suite.rsplit_once("-p") {
+                Some((base, n)) if n.parse::<u32>().is_ok() => (base, n.parse().ok()?),
+                _ => (suite.as_str(), 0),
+            };
+            let at = FIGURES.iter().position(|(name, _)| *name == base)?;
+            Some((at, partitions, suite.as_str(), FIGURES[at].1))
+        })
+        .collect();
+    suites.sort_unstable_by_key(|(at, partitions, _, _)| (*at, *partitions));
+    suites.dedup_by_key(|(_, _, suite, _)| *suite);
+    for (_, _, suite, figures) in suites {
         let ferry = reports.get(&(suite.to_string(), "ferry".to_string()));
         let nats = reports.get(&(suite.to_string(), "nats".to_string()));
         let (Some(ferry), Some(nats)) = (ferry, nats) else {
             continue;
         };
-        for figure in *figures {
+        for figure in figures {
             let of = |runs: &BTreeMap<u32, Value>| -> Vec<f64> {
                 runs.values()
                     .filter_map(|r| lookup(r, figure.path))
@@ -188,7 +203,7 @@ pub(crate) fn render(dir: &Path) -> anyhow::Result<String> {
                 ratios.last().copied().unwrap_or(f64::NAN),
             );
             out += &format!(
-                "{:<10} {:<22} {:>12} {:>12} {:>10.2} {:>17}\n",
+                "{:<12} {:<22} {:>12} {:>12} {:>10.2} {:>17}\n",
                 suite,
                 figure.name,
                 fmt(median(&mut f)),
@@ -266,5 +281,28 @@ mod tests {
             "{table}"
         );
         assert!(render(&dir.path().join("missing")).is_err());
+    }
+
+    #[test]
+    fn suites_at_several_partition_counts_get_a_row_each_in_count_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, eps: f64| {
+            let v = serde_json::json!({ "events_per_sec": eps });
+            std::fs::write(dir.path().join(name), v.to_string()).unwrap();
+        };
+        for (partitions, ferry) in [(64, 50.0), (1, 300.0), (8, 200.0)] {
+            write(&format!("produce-p{partitions}-ferry-1.json"), ferry);
+            write(&format!("produce-p{partitions}-nats-1.json"), 100.0);
+        }
+        let table = render(dir.path()).unwrap();
+        let rows: Vec<&str> = table.lines().filter(|l| l.contains("events/s")).collect();
+        assert_eq!(rows.len(), 3, "{table}");
+        for (row, (suite, ratio)) in rows.iter().zip([
+            ("produce-p1 ", "3.00"),
+            ("produce-p8 ", "2.00"),
+            ("produce-p64", "0.50"),
+        ]) {
+            assert!(row.starts_with(suite) && row.contains(ratio), "{row}");
+        }
     }
 }
