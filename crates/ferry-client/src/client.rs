@@ -54,6 +54,10 @@ pub(crate) struct Inner {
     down: std::sync::Mutex<HashMap<SocketAddr, tokio::time::Instant>>,
     /// Partition leaders that answered lately, by (topic, partition).
     leaders: std::sync::Mutex<HashMap<(String, u32), SocketAddr>>,
+    /// One turn per topic to ask the region for its leaders: callers that lost the leaders
+    /// of many partitions at once (a node died) wait for one description and share it,
+    /// instead of asking once per partition.
+    describing: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 /// How long an unreachable server is tried last.
@@ -107,6 +111,7 @@ impl Client {
                 connections: tokio::sync::Mutex::new(HashMap::new()),
                 down: std::sync::Mutex::new(HashMap::new()),
                 leaders: std::sync::Mutex::new(HashMap::new()),
+                describing: std::sync::Mutex::new(HashMap::new()),
             }),
         })
     }
@@ -168,6 +173,39 @@ impl Client {
     fn mark_down(&self, addr: SocketAddr) {
         if let Ok(mut down) = self.inner.down.lock() {
             down.insert(addr, tokio::time::Instant::now() + DOWN_FOR);
+        }
+    }
+
+    /// Whether `addr` did not answer lately.
+    fn is_down(&self, addr: SocketAddr) -> bool {
+        let now = tokio::time::Instant::now();
+        self.inner
+            .down
+            .lock()
+            .is_ok_and(|d| d.get(&addr).is_some_and(|until| *until > now))
+    }
+
+    /// The leader of `topic/partition` that answered or was described last, if any.
+    fn cached_leader(&self, topic: &str, partition: u32) -> Option<SocketAddr> {
+        self.inner
+            .leaders
+            .lock()
+            .ok()?
+            .get(&(topic.to_string(), partition))
+            .copied()
+    }
+
+    /// Remembers the leaders `d` names for every partition of `topic`, but those on servers
+    /// that did not answer lately.
+    fn learn_leaders(&self, topic: &str, d: &TopicDescription) {
+        let named: Vec<(u32, SocketAddr)> = (0..d.partitions.len() as u32)
+            .filter_map(|p| Some((p, leader_in(d, p)?)))
+            .filter(|(_, addr)| !self.is_down(*addr))
+            .collect();
+        if let Ok(mut leaders) = self.inner.leaders.lock() {
+            for (p, addr) in named {
+                leaders.insert((topic.to_string(), p), addr);
+            }
         }
     }
 
@@ -382,8 +420,27 @@ impl Client {
         deadline: tokio::time::Instant,
     ) -> Result<SocketAddr, ClientError> {
         let mut backoff = Duration::from_millis(20);
+        let turn = {
+            let mut describing = self
+                .inner
+                .describing
+                .lock()
+                .map_err(|_| ClientError::Closed("client state poisoned".into()))?;
+            describing.entry(topic.to_string()).or_default().clone()
+        };
         loop {
-            let result = self.describe_topic(topic).await;
+            let result = {
+                let _turn = turn.lock().await;
+                // Another caller may have described the topic while this one waited.
+                if let Some(addr) = self.cached_leader(topic, partition) {
+                    return Ok(addr);
+                }
+                let result = self.describe_topic(topic).await;
+                if let Ok(d) = &result {
+                    self.learn_leaders(topic, d);
+                }
+                result
+            };
             if let Ok(d) = &result {
                 let addr_of = |id: NodeId| node_addr(d, id);
                 let info = d.partitions.get(partition as usize);
@@ -396,12 +453,16 @@ impl Client {
                         ),
                     )));
                 }
-                if let Some(addr) = leader_in(d, partition) {
+                // A leader on a server that did not answer lately is likely gone: ask again
+                // after the backoff rather than wait on it (the region elects meanwhile).
+                if let Some(addr) = leader_in(d, partition).filter(|a| !self.is_down(*a)) {
                     return Ok(addr);
                 }
                 // The answering node does not host the partition: ask its replicas.
                 for replica in info.map(|p| p.replicas.clone()).unwrap_or_default() {
-                    let Some(at) = addr_of(replica) else { continue };
+                    let Some(at) = addr_of(replica).filter(|a| !self.is_down(*a)) else {
+                        continue;
+                    };
                     let request = ClientRequest::DescribeTopic {
                         topic: topic.into(),
                     };
