@@ -57,7 +57,16 @@ pub(crate) struct Inner {
     /// One turn per topic to ask the region for its leaders: callers that lost the leaders
     /// of many partitions at once (a node died) wait for one description and share it,
     /// instead of asking once per partition.
-    describing: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    describing: std::sync::Mutex<HashMap<String, Arc<Describing>>>,
+}
+
+/// The turn to describe one topic, and what the last turn got.
+#[derive(Default)]
+struct Describing {
+    /// Descriptions got so far.
+    made: std::sync::atomic::AtomicU64,
+    /// The turn, holding the last description got.
+    last: tokio::sync::Mutex<Option<Arc<TopicDescription>>>,
 }
 
 /// How long an unreachable server is tried last.
@@ -185,18 +194,9 @@ impl Client {
             .is_ok_and(|d| d.get(&addr).is_some_and(|until| *until > now))
     }
 
-    /// The leader of `topic/partition` that answered or was described last, if any.
-    fn cached_leader(&self, topic: &str, partition: u32) -> Option<SocketAddr> {
-        self.inner
-            .leaders
-            .lock()
-            .ok()?
-            .get(&(topic.to_string(), partition))
-            .copied()
-    }
-
-    /// Remembers the leaders `d` names for every partition of `topic`, but those on servers
-    /// that did not answer lately.
+    /// Remembers the leaders `d` names for the partitions of `topic` with none remembered
+    /// (one that answered since is fresher than the description), but those on servers that
+    /// did not answer lately.
     fn learn_leaders(&self, topic: &str, d: &TopicDescription) {
         let named: Vec<(u32, SocketAddr)> = (0..d.partitions.len() as u32)
             .filter_map(|p| Some((p, leader_in(d, p)?)))
@@ -204,9 +204,35 @@ impl Client {
             .collect();
         if let Ok(mut leaders) = self.inner.leaders.lock() {
             for (p, addr) in named {
-                leaders.insert((topic.to_string(), p), addr);
+                leaders.entry((topic.to_string(), p)).or_insert(addr);
             }
         }
+    }
+
+    /// A description of `topic`: the one another caller got while this one waited for its
+    /// turn (`made_before` is the count of descriptions when this one started waiting), or
+    /// a new one. Gives up at `deadline`.
+    async fn describe_in_turn(
+        &self,
+        topic: &str,
+        turn: &Describing,
+        made_before: u64,
+        deadline: tokio::time::Instant,
+    ) -> Result<Arc<TopicDescription>, ClientError> {
+        use std::sync::atomic::Ordering;
+        let mut last = tokio::time::timeout_at(deadline, turn.last.lock())
+            .await
+            .map_err(|_| ClientError::Timeout(format!("waiting to describe {topic}")))?;
+        if let Some(d) = last.as_ref() {
+            if turn.made.load(Ordering::Acquire) != made_before {
+                return Ok(d.clone());
+            }
+        }
+        let d = Arc::new(self.describe_topic(topic).await?);
+        self.learn_leaders(topic, &d);
+        *last = Some(d.clone());
+        turn.made.fetch_add(1, Ordering::Release);
+        Ok(d)
     }
 
     /// Servers in the order to try them: those not recently unreachable first.
@@ -429,18 +455,10 @@ impl Client {
             describing.entry(topic.to_string()).or_default().clone()
         };
         loop {
-            let result = {
-                let _turn = turn.lock().await;
-                // Another caller may have described the topic while this one waited.
-                if let Some(addr) = self.cached_leader(topic, partition) {
-                    return Ok(addr);
-                }
-                let result = self.describe_topic(topic).await;
-                if let Ok(d) = &result {
-                    self.learn_leaders(topic, d);
-                }
-                result
-            };
+            let made_before = turn.made.load(std::sync::atomic::Ordering::Acquire);
+            let result = self
+                .describe_in_turn(topic, &turn, made_before, deadline)
+                .await;
             if let Ok(d) = &result {
                 let addr_of = |id: NodeId| node_addr(d, id);
                 let info = d.partitions.get(partition as usize);
@@ -468,7 +486,7 @@ impl Client {
                     };
                     if let Ok(ClientResponse::Topic(d)) = self.request_at(at, &request).await {
                         let leader = d.partitions.get(partition as usize).and_then(|p| p.leader);
-                        if let Some(addr) = leader.and_then(addr_of) {
+                        if let Some(addr) = leader.and_then(addr_of).filter(|a| !self.is_down(*a)) {
                             return Ok(addr);
                         }
                     }

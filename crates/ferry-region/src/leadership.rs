@@ -69,6 +69,8 @@ impl Leadership {
         };
         if changed {
             state.version += 1;
+            // Built again on the next read; meanwhile it must not keep stopped groups open.
+            state.list = None;
         }
     }
 

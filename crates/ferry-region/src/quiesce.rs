@@ -211,10 +211,10 @@ impl Quiescence {
         true
     }
 
-    /// Whether the hosted groups are due for a scan for idle leaders (every quarter of
-    /// `idle_after`, so a group sleeps at most a quarter later than it could): with thousands
-    /// of groups, looking at each one every heartbeat interval was a large share of a
-    /// node's idle CPU.
+    /// Whether the hosted groups are due for a scan for idle leaders (at the first round at
+    /// least a quarter of `idle_after` after the last scan, so a group falls asleep up to
+    /// about two scan periods later than `idle_after`): with thousands of groups, looking at
+    /// each one every heartbeat interval was a large share of a node's idle CPU.
     pub(crate) fn scan_due(&mut self, now: Instant) -> bool {
         if now.saturating_duration_since(self.last_scan) < self.timing.idle_after / 4 {
             return false;

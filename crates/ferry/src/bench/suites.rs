@@ -160,17 +160,19 @@ pub(crate) async fn run(suite: Suite, mut args: LoadArgs) -> anyhow::Result<()> 
         } else {
             format!("{base_topic}-p{partitions}")
         };
-        let report = run_one(suite, &args, &system, &topic, partitions).await?;
-        println!("{}", summary(&report));
-        reports.push(report);
+        match run_one(suite, &args, &system, &topic, partitions).await {
+            Ok(report) => {
+                println!("{}", summary(&report));
+                reports.push(report);
+            }
+            Err(e) => {
+                // Keep the runs that finished.
+                write_reports(&args, &reports)?;
+                return Err(e.context(format!("{topic} ({partitions} partitions)")));
+            }
+        }
     }
-    if let Some(out) = &args.out {
-        let json = match reports.as_slice() {
-            [one] => serde_json::to_string_pretty(one)?,
-            many => serde_json::to_string_pretty(many)?,
-        };
-        std::fs::write(out, json).with_context(|| format!("writing {}", out.display()))?;
-    }
+    write_reports(&args, &reports)?;
     for report in &reports {
         anyhow::ensure!(
             report.errors == 0,
@@ -189,6 +191,18 @@ pub(crate) async fn run(suite: Suite, mut args: LoadArgs) -> anyhow::Result<()> 
         }
     }
     Ok(())
+}
+
+/// Writes `reports` to `--out`, if given: one report as an object, several as an array.
+fn write_reports(args: &LoadArgs, reports: &[SuiteReport]) -> anyhow::Result<()> {
+    let (Some(out), false) = (&args.out, reports.is_empty()) else {
+        return Ok(());
+    };
+    let json = match reports {
+        [one] => serde_json::to_string_pretty(one)?,
+        many => serde_json::to_string_pretty(many)?,
+    };
+    std::fs::write(out, json).with_context(|| format!("writing {}", out.display()))
 }
 
 /// One run of `suite` on `topic` with `partitions` (Ferry) or one stream (NATS).

@@ -156,7 +156,7 @@ pub(crate) fn render(dir: &Path) -> anyhow::Result<String> {
 
     let mut out = String::new();
     out += &format!(
-        "{:<12} {:<22} {:>12} {:>12} {:>10} {:>17}\n",
+        "{:<14} {:<22} {:>12} {:>12} {:>10} {:>17}\n",
         "suite", "figure", "ferry", "nats", "ferry/nats", "[min, max]"
     );
     // The suites present, in FIGURES' order, each by its partition counts.
@@ -203,7 +203,7 @@ pub(crate) fn render(dir: &Path) -> anyhow::Result<String> {
                 ratios.last().copied().unwrap_or(f64::NAN),
             );
             out += &format!(
-                "{:<12} {:<22} {:>12} {:>12} {:>10.2} {:>17}\n",
+                "{:<14} {:<22} {:>12} {:>12} {:>10.2} {:>17}\n",
                 suite,
                 figure.name,
                 fmt(median(&mut f)),
