@@ -237,19 +237,12 @@ impl Client {
 
     /// Servers in the order to try them: those not recently unreachable first.
     fn servers_to_try(&self) -> Vec<SocketAddr> {
-        let now = tokio::time::Instant::now();
-        let down = self
-            .inner
-            .down
-            .lock()
-            .map(|d| d.clone())
-            .unwrap_or_default();
         let (mut up, unreachable): (Vec<_>, Vec<_>) = self
             .inner
             .options
             .servers
             .iter()
-            .partition(|a| down.get(*a).is_none_or(|until| *until <= now));
+            .partition(|a| !self.is_down(**a));
         up.extend(unreachable);
         up
     }

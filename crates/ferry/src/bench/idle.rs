@@ -100,23 +100,12 @@ pub(crate) async fn run(args: IdleArgs) -> anyhow::Result<()> {
         let name = format!("{}-{}", args.topic, topics.len() + 1);
         let started = Instant::now();
         client
-            .create_topic(TopicConfig::new(name.clone(), partitions))
+            .ensure_topic(
+                &TopicConfig::new(name.clone(), partitions),
+                Duration::from_secs(args.leaders_within_secs),
+            )
             .await
-            .with_context(|| format!("creating {name}"))?;
-        let deadline = started + Duration::from_secs(args.leaders_within_secs);
-        loop {
-            if let Ok(d) = client.describe_topic(&name).await {
-                if d.partitions.iter().all(|p| p.leader.is_some()) {
-                    break;
-                }
-            }
-            anyhow::ensure!(
-                Instant::now() < deadline,
-                "{name}: not every partition had a leader within {} s",
-                args.leaders_within_secs
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+            .with_context(|| format!("{name}: every partition led"))?;
         let seconds_to_leaders = started.elapsed().as_secs_f64();
         eprintln!("{name}: {partitions} partitions, every one led after {seconds_to_leaders:.1} s");
         topics.push(TopicCreated {
