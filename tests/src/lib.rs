@@ -416,3 +416,18 @@ where
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
+
+/// Waits until an edge reads its region (`/healthz` answers 200). A fresh edge starts at the
+/// region's end as it finds it when it first reads: an event published before then is not
+/// the edge's to deliver.
+pub async fn wait_edge_reading(edge: &ferry_edge::Edge, within: Duration) {
+    let http = reqwest::Client::new();
+    let url = format!("http://{}/healthz", edge.http_addr());
+    wait_until("the edge reads its region", within, || async {
+        http.get(&url)
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == reqwest::StatusCode::OK)
+    })
+    .await;
+}

@@ -213,6 +213,13 @@ fn epoch_of(id: &str) -> &str {
     id.rsplit_once('-').expect("an edge id").0
 }
 
+/// Starts an edge and waits until it reads its region.
+async fn start_edge(config: EdgeConfig) -> Edge {
+    let edge = Edge::start(config).await.expect("edge starts");
+    ferry_tests::wait_edge_reading(&edge, Duration::from_secs(20)).await;
+    edge
+}
+
 /// Starts an edge again on its old port, retrying while the port or window is still held.
 async fn restart_edge(config: EdgeConfig) -> Edge {
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -390,7 +397,7 @@ async fn edge_fans_out_resumes_and_keeps_its_window_across_a_restart() {
     let (region, _client, producer) = start_region().await;
     let data = region.dir.path().join("edge");
     let config = edge_config(&region, &data, "127.0.0.1:0".parse().unwrap(), 200);
-    let edge = Edge::start(config.clone()).await.expect("edge starts");
+    let edge = start_edge(config.clone()).await;
     let addr = edge.http_addr();
 
     // Tokens: none or a bad one is 401; another user's channel is refused.
@@ -738,7 +745,7 @@ async fn a_client_that_stops_reading_lags_alone_and_catches_up_in_order() {
     let (region, _client, producer) = start_region().await;
     let data = region.dir.path().join("edge");
     let config = edge_config(&region, &data, "127.0.0.1:0".parse().unwrap(), 100_000);
-    let edge = Edge::start(config).await.expect("edge starts");
+    let edge = start_edge(config).await;
     let addr = edge.http_addr();
 
     const FAST: usize = 10;
@@ -856,27 +863,9 @@ async fn a_throttled_users_counts_add_up() {
         max_pending: 1000,
         digest_items: 10,
     };
-    let edge = Edge::start(config).await.expect("edge starts");
+    let edge = start_edge(config).await;
     let addr = edge.http_addr();
     let http = reqwest::Client::new();
-    // Healthy once it reads the region.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let health = http
-            .get(format!("http://{addr}/healthz"))
-            .send()
-            .await
-            .unwrap();
-        if health.status() == 200 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "edge not healthy: {:?}",
-            health.text().await
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
     let mut ws = Ws::connect(addr, &token("t", &[])).await;
     ws.subscribe("user.t", None).await;
     const PUBLISHED: u64 = 100;
@@ -990,7 +979,7 @@ async fn a_webhook_that_fails_twice_gets_the_notification_on_the_third_attempt_s
     // The receiver is on loopback.
     config.webhooks.allow_private_targets = true;
     config.webhooks.max_backoff_ms = 200;
-    let edge = Edge::start(config).await.expect("edge starts");
+    let edge = start_edge(config).await;
     let addr = edge.http_addr();
     let (receiver, seen) = webhook_receiver().await;
     let http = reqwest::Client::new();
@@ -1152,22 +1141,6 @@ async fn an_edge_started_while_its_region_is_down_waits_for_it_instead_of_exitin
         .expect("the edge started within 90 s of its region coming back")
         .unwrap()
         .expect("an unreachable region is waited for, not an error");
-    let http = reqwest::Client::new();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let status = http
-            .get(format!("http://{}/healthz", edge.http_addr()))
-            .send()
-            .await
-            .map(|r| r.status().as_u16());
-        if status.as_ref().is_ok_and(|s| *s == 200) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the edge never read its region: {status:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    ferry_tests::wait_edge_reading(&edge, Duration::from_secs(30)).await;
     edge.shutdown().await;
 }

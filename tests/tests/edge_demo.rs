@@ -123,6 +123,7 @@ async fn the_demo_page_shows_a_notification_published_after_it_loaded() {
         SECRET,
     );
     let edge = Edge::start(config).await.expect("edge starts");
+    ferry_tests::wait_edge_reading(&edge, Duration::from_secs(20)).await;
     let token = ferry_edge::sign(
         SECRET.as_bytes(),
         &Claims {

@@ -2,10 +2,10 @@
 //! POSTs each notification there, in order, retrying with exponential backoff, signed so the
 //! receiver can check it came from the edge.
 //!
-//! A webhook is a session like a WebSocket's (same hub, same window): it starts live, or
-//! after an edge restart resumes each channel after the last notification the receiver
-//! accepted (kept in sled). A receiver that is down longer than the window covers gets a
-//! `gap` frame, as a WebSocket client would.
+//! A webhook is a session like a WebSocket's (same hub, same window): it starts after the
+//! last notification retained when it was registered, and after an edge restart resumes each
+//! channel after the last notification the receiver accepted (kept in sled). A receiver that
+//! is down longer than the window covers gets a `gap` frame, as a WebSocket client would.
 //!
 //! Signature: header `X-Ferry-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256>` over
 //! `"<t>.<body>"` with the webhook's secret (returned once, at registration).
@@ -208,6 +208,16 @@ impl Webhooks {
             ),
         };
         let value = serde_json::to_vec(&registration).map_err(|e| store_err("a webhook", e))?;
+        // Each channel starts after the last notification retained now, not wherever the
+        // window is when the delivery task first runs: a notification published after the
+        // registration is answered is delivered.
+        let positions = shared.store.tree("webhook_positions")?;
+        for channel in &registration.channels {
+            let last = shared.store.id_of(shared.store.range(channel)?.last());
+            positions
+                .insert(position_key(&registration.id, channel), last.as_bytes())
+                .map_err(|e| store_err("writing a webhook", e))?;
+        }
         let tree = shared.store.tree("webhooks")?;
         tree.insert(registration.id.as_bytes(), value)
             .map_err(|e| store_err("writing a webhook", e))?;
