@@ -74,7 +74,7 @@ pub use error::NetError;
 pub use faults::{InjectedFaults, LinkFaults, LinkShape};
 pub use mem::{MemNetwork, MemTransport};
 pub use quic::{bind_endpoint, serve, QuicTransport};
-pub use rpc::{RpcHandler, Transport, TransportOptions};
+pub use rpc::{Received, RpcHandler, Transport, TransportOptions};
 pub use stream::{PeerStream, StreamReceiver, StreamSender};
 
 /// Identifier of a node in the cluster.

@@ -452,6 +452,15 @@ impl Transport for QuicTransport {
         Some(&self.inner.opts.faults)
     }
 
+    fn received_from(&self, to: NodeId) -> Option<crate::Received> {
+        let slot = lock(&self.inner.peers).get(&to).cloned()?;
+        let conn = slot.live()?;
+        Some(crate::Received {
+            connection: conn.stable_id(),
+            datagrams: conn.stats().udp_rx.datagrams,
+        })
+    }
+
     async fn open_stream(&self, to: NodeId, request: Bytes) -> Result<PeerStream, NetError> {
         self.open_target_stream(Target::Node(to), request).await
     }

@@ -63,6 +63,25 @@ pub trait Transport: Clone + Send + Sync + 'static {
     fn link_faults(&self) -> Option<&LinkFaults> {
         None
     }
+
+    /// What this node's connection to node `to` has received so far; None when no connection
+    /// is open or the transport cannot tell. A sample that changes between two looks means
+    /// packets came from the peer (answers, acknowledgements): its process runs and its
+    /// network stack is served, however slow its application is to answer.
+    fn received_from(&self, to: NodeId) -> Option<Received> {
+        let _ = to;
+        None
+    }
+}
+
+/// A sample of what one connection has received ([`Transport::received_from`]): compare two
+/// samples to learn whether anything arrived between them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Received {
+    /// Identifies the connection (a redial makes a new one).
+    pub connection: usize,
+    /// UDP datagrams received on it.
+    pub datagrams: u64,
 }
 
 /// Tuning (and fault injection) for [`crate::QuicTransport`].

@@ -820,3 +820,43 @@ async fn a_stream_is_refused_for_a_false_node_id_and_ended_by_a_cut_link() {
         .expect("refused");
     assert!(matches!(&err, NetError::Connect { peer: 2, .. }), "{err}");
 }
+
+/// What a connection received changes with each answer from the peer, and there is no sample
+/// before the first connection or after the peer closed it.
+#[tokio::test]
+async fn received_from_changes_with_answers_and_ends_with_the_connection() {
+    let ca = dev_ca().unwrap();
+    let id1 = ca.issue_node(1).unwrap();
+    let id2 = ca.issue_node(2).unwrap();
+    let n2 = start_echo_node(&id2, Echo::new(b"n2:"));
+    let t = transport(
+        1,
+        &id1,
+        client_endpoint(),
+        &[(2, n2.addr)],
+        TransportOptions::default(),
+    );
+    assert_eq!(t.received_from(2), None, "no connection yet");
+    assert_eq!(t.received_from(99), None, "not a peer");
+    timeout(DEADLINE, t.call(2, Bytes::from_static(b"a")))
+        .await
+        .unwrap()
+        .unwrap();
+    let first = t.received_from(2).expect("a sample once connected");
+    timeout(DEADLINE, t.call(2, Bytes::from_static(b"b")))
+        .await
+        .unwrap()
+        .unwrap();
+    let second = t.received_from(2).expect("still connected");
+    assert_eq!(first.connection, second.connection);
+    assert!(
+        second.datagrams > first.datagrams,
+        "an answer came: {first:?} then {second:?}"
+    );
+
+    n2.endpoint.close(0u32.into(), b"gone");
+    wait_until("the closed connection has no sample", || {
+        t.received_from(2).is_none()
+    })
+    .await;
+}

@@ -209,6 +209,7 @@ impl<T: Transport> Node<T> {
             crate::quiesce::Timing {
                 idle_after: Duration::from_millis(r.quiesce_after_ms),
                 down_after: Duration::from_millis(r.election_max_ms),
+                down_unanswered: Duration::from_millis(r.election_max_ms * 4),
                 leader_grace: Duration::from_millis(r.election_max_ms),
             },
             Instant::now(),

@@ -175,6 +175,11 @@ impl<T: Transport> Router<T> {
         &self.lane_stats
     }
 
+    /// What the transport has received from `to` so far ([`Transport::received_from`]).
+    pub(crate) fn received_from(&self, to: NodeId) -> Option<ferry_net::Received> {
+        self.transport.received_from(to)
+    }
+
     /// The transport's fault injection, if it has any.
     pub(crate) fn link_faults(&self) -> Option<&ferry_net::LinkFaults> {
         self.transport.link_faults()

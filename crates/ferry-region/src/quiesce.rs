@@ -13,7 +13,8 @@
 //!   leader ([`Quiet::note_proposal`]); an append that carries entries wakes a follower. A
 //!   sleeping follower still answers appends and votes.
 //! - Every heartbeat interval each node asks every peer node whether it is up and since when
-//!   (its boot id). A peer silent for `down_after` is down: of the groups asleep under its
+//!   (its boot id). A peer silent for `down_after` (no answer, and no packet on the
+//!   connection to it) or unanswering for `down_unanswered` is down: of the groups asleep under its
 //!   leadership one live follower, the same for all (chosen by the group's name), calls an
 //!   election at once; the others wake only if no new leader woke them within `leader_grace`
 //!   and then elect on their own timers.
@@ -125,7 +126,12 @@ pub(crate) enum Action {
 #[derive(Debug)]
 struct Peer {
     boot: Option<u64>,
+    /// Its last answer to a liveness ask.
     last_heard: Instant,
+    /// Its last sign of life: an answer, or packets its transport delivered.
+    last_active: Instant,
+    /// The transport's last sample of what came from it.
+    received: Option<ferry_net::Received>,
     down: bool,
 }
 
@@ -152,8 +158,13 @@ struct Sleeper {
 pub(crate) struct Timing {
     /// A leader that proposed nothing for this long asks its followers to sleep.
     pub(crate) idle_after: Duration,
-    /// A peer that has not answered for this long is down.
+    /// A peer that has neither answered nor sent a packet for this long is down.
     pub(crate) down_after: Duration,
+    /// A peer that sends packets but has not answered for this long is down too (a process
+    /// too loaded to answer a small ask this long, or stuck). Longer than `down_after`: a
+    /// survivor saturated by the elections after a death must not count the other survivors
+    /// down, which would call their groups' elections too.
+    pub(crate) down_unanswered: Duration,
     /// A sleeping follower of a down leader that was not chosen to call the election wakes
     /// after this long without a new leader.
     pub(crate) leader_grace: Duration,
@@ -183,6 +194,8 @@ impl Quiescence {
                     Peer {
                         boot: None,
                         last_heard: now,
+                        last_active: now,
+                        received: None,
                         down: false,
                     },
                 )
@@ -275,6 +288,7 @@ impl Quiescence {
         state.boot = Some(boot);
         state.down = false;
         state.last_heard = now;
+        state.last_active = now;
         if !restarted && !back {
             return Vec::new();
         }
@@ -303,14 +317,35 @@ impl Quiescence {
             .collect()
     }
 
-    /// Marks peers silent for `down_after` down; the groups they led elect. Also wakes the
-    /// followers that waited `leader_grace` for another to win.
+    /// What the transport has received from `peer` so far: a sample that changed since the
+    /// last one shows the peer's process runs (it answers nothing: only an answer brings a
+    /// peer that is down back, with its boot id).
+    pub(crate) fn received(
+        &mut self,
+        peer: NodeId,
+        sample: Option<ferry_net::Received>,
+        now: Instant,
+    ) {
+        let Some(state) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        if sample.is_some() && sample != state.received && !state.down {
+            state.last_active = now;
+        }
+        state.received = sample;
+    }
+
+    /// Marks down the peers silent for `down_after` (no answer, no packet) or unanswering for
+    /// `down_unanswered`; the groups they led elect. Also wakes the followers that waited
+    /// `leader_grace` for another to win.
     pub(crate) fn tick(&mut self, now: Instant) -> Vec<Action> {
         let mut newly_down = Vec::new();
+        let timing = self.timing;
         for (id, peer) in &mut self.peers {
-            if !peer.down
-                && now.saturating_duration_since(peer.last_heard) >= self.timing.down_after
-            {
+            let silent = now.saturating_duration_since(peer.last_active) >= timing.down_after;
+            let unanswering =
+                now.saturating_duration_since(peer.last_heard) >= timing.down_unanswered;
+            if !peer.down && (silent || unanswering) {
                 peer.down = true;
                 newly_down.push(*id);
             }

@@ -1,6 +1,7 @@
 //! Drives [`super::Quiescence`] for a node: every heartbeat interval it asks each peer node whether
-//! it is up, acts on what changed, and asks the followers of idle groups this node leads to
-//! sleep. Also answers those asks ([`Node::sleep_asked`]).
+//! it is up, looks at what the transport received from each, acts on what changed, and asks
+//! the followers of idle groups this node leads to sleep. Also answers those asks
+//! ([`Node::sleep_asked`]).
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -128,7 +129,14 @@ impl<T: Transport> Node<T> {
     async fn quiescence_round(&self, patience: Duration) {
         let me = self.inner.id;
         let now = Instant::now();
-        let actions = lock(&self.inner.quiescence).tick(now);
+        let actions = {
+            let mut q = lock(&self.inner.quiescence);
+            let peers: Vec<NodeId> = q.peers().collect();
+            for peer in peers {
+                q.received(peer, self.inner.router.received_from(peer), now);
+            }
+            q.tick(now)
+        };
         self.act(actions);
 
         // Idle groups this node leads: ask their followers to sleep.

@@ -6,6 +6,7 @@ fn timing() -> Timing {
     Timing {
         idle_after: 1000 * MS,
         down_after: 800 * MS,
+        down_unanswered: 3200 * MS,
         leader_grace: 1600 * MS,
     }
 }
@@ -235,4 +236,64 @@ fn a_leader_back_with_the_same_boot_ends_the_wait_for_a_winner() {
     q.heard(3, 1, t0 + 2500 * MS);
     assert!(q.tick(t0 + 2600 * MS).is_empty());
     assert_eq!(q.asleep_count(), 16 - elected);
+}
+
+/// A sample of what the transport received from a peer.
+fn sample(datagrams: u64) -> Option<ferry_net::Received> {
+    Some(ferry_net::Received {
+        connection: 1,
+        datagrams,
+    })
+}
+
+#[test]
+fn a_peer_that_sends_packets_but_does_not_answer_is_down_only_after_down_unanswered() {
+    let t0 = Instant::now();
+    let mut q = Quiescence::new(1, &[1, 2, 3], timing(), t0);
+    let g: GroupId = "orders/0".into();
+    q.slept(g.clone(), 2, vec![1, 2, 3]);
+    q.heard(2, 7, t0);
+    q.heard(3, 7, t0);
+    q.received(3, sample(40), t0);
+    // Node 2 answers nothing but its packets keep coming: too loaded, not dead. Node 3 is
+    // silent in both ways: down after `down_after`.
+    let mut at = t0;
+    let mut datagrams = 0;
+    while at < t0 + 3100 * MS {
+        at += 150 * MS;
+        datagrams += 3;
+        q.received(2, sample(datagrams), at);
+        q.received(3, sample(40), at);
+        let actions = q.tick(at);
+        assert!(actions.is_empty(), "{actions:?}");
+        if at >= t0 + 800 * MS {
+            assert_eq!(q.down_peers(), vec![3], "at {:?}", at - t0);
+        }
+    }
+    // A sample that does not change is no sign of life; nor is no connection.
+    assert_eq!(q.down_peers(), vec![3]);
+    // Unanswering for `down_unanswered`: down, though its packets still come, and the groups
+    // it led elect.
+    q.received(2, sample(datagrams + 3), t0 + 3200 * MS);
+    let actions = q.tick(t0 + 3200 * MS);
+    assert_eq!(q.down_peers(), vec![2, 3]);
+    assert_eq!(actions, vec![Action::Elect(g)]);
+    // Packets alone do not bring it back: an answer does.
+    q.received(2, sample(datagrams + 6), t0 + 3300 * MS);
+    assert_eq!(q.down_peers(), vec![2, 3]);
+    q.heard(2, 7, t0 + 3400 * MS);
+    assert_eq!(q.down_peers(), vec![3]);
+}
+
+#[test]
+fn a_peer_without_packets_or_answers_is_down_after_down_after() {
+    let t0 = Instant::now();
+    let mut q = Quiescence::new(1, &[1, 2], timing(), t0);
+    q.heard(2, 7, t0);
+    q.received(2, sample(10), t0 + 100 * MS);
+    q.received(2, None, t0 + 700 * MS);
+    q.tick(t0 + 899 * MS);
+    assert!(q.down_peers().is_empty());
+    q.tick(t0 + 900 * MS);
+    assert_eq!(q.down_peers(), vec![2]);
 }
