@@ -247,8 +247,9 @@ impl Client {
         up
     }
 
-    pub(crate) async fn forget(&self, addr: SocketAddr) {
-        self.inner.connections.lock().await.remove(&addr);
+    /// Drops the connection to `addr` (the next request dials again); answers it.
+    pub(crate) async fn forget(&self, addr: SocketAddr) -> Option<quinn::Connection> {
+        self.inner.connections.lock().await.remove(&addr)
     }
 
     pub(crate) fn encode(&self, request: &ClientRequest) -> Result<bytes::Bytes, ClientError> {
@@ -292,11 +293,18 @@ impl Client {
         match tokio::time::timeout(self.inner.options.request_timeout, call).await {
             Ok(Ok(r)) => Ok(r),
             Ok(Err(e)) => {
-                self.forget(addr).await;
+                // A connection that timed out heard nothing from the server for the QUIC
+                // idle timeout: try the others first for a while, as after a failed dial.
+                if self.forget(addr).await.is_some_and(|c| {
+                    matches!(c.close_reason(), Some(quinn::ConnectionError::TimedOut))
+                }) {
+                    self.mark_down(addr);
+                }
                 Err(e)
             }
             Err(_) => {
                 self.forget(addr).await;
+                self.mark_down(addr);
                 Err(ClientError::Timeout(format!("request to {addr}")))
             }
         }

@@ -569,7 +569,9 @@ impl Lane {
                     }
                     self.client.forget(addr).await;
                 }
-                Err(_) => self.client.forget(addr).await,
+                Err(_) => {
+                    self.client.forget(addr).await;
+                }
             }
         }
     }

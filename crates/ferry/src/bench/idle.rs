@@ -197,10 +197,29 @@ async fn publish_everywhere_after_kill(
     let targets = topics
         .iter()
         .flat_map(|t| (0..t.partitions).map(move |p| (t.topic.as_str(), p)));
+    let total: u32 = topics.iter().map(|t| t.partitions).sum();
+    // Where the time goes: how many partitions accepted, every 5 s.
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let progress = {
+        let accepted = accepted.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(Duration::from_secs(5));
+            every.tick().await;
+            loop {
+                every.tick().await;
+                let n = accepted.load(std::sync::atomic::Ordering::Relaxed);
+                eprintln!(
+                    "  {:.0} s after the kill: {n} of {total} partitions accepted",
+                    killed.elapsed().as_secs_f64()
+                );
+            }
+        })
+    };
     let failed: Vec<String> = stream::iter(targets)
         .map(|(topic, partition)| {
             let subject = subject.clone();
             let limits = &limits;
+            let accepted = &accepted;
             async move {
                 let event = ferry_proto::Event::new(
                     format!("after-kill-{topic}-{partition}"),
@@ -213,7 +232,10 @@ async fn publish_everywhere_after_kill(
                     .map_err(|e| format!("{topic}/{partition}: {e}"))?;
                 loop {
                     match client.publish_batch(topic, partition, batch.clone()).await {
-                        Ok(_) => return Ok(()),
+                        Ok(_) => {
+                            accepted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            return Ok(());
+                        }
                         Err(e) if Instant::now() >= deadline => {
                             return Err(format!("{topic}/{partition}: {e}"))
                         }
@@ -226,6 +248,7 @@ async fn publish_everywhere_after_kill(
         .filter_map(|r: Result<(), String>| async move { r.err() })
         .collect()
         .await;
+    progress.abort();
     let seconds = killed.elapsed().as_secs_f64();
     anyhow::ensure!(
         failed.is_empty(),
