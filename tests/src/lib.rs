@@ -278,7 +278,9 @@ impl TestMesh {
                         wal_segment_bytes: 1024 * 1024,
                         max_client_connections: 100,
                         retention_interval_ms: 500,
-                        group_session_timeout_ms: 3_000,
+                        // Well above the consumers' 2 s heartbeat: a late heartbeat on a
+                        // loaded machine must not pass for a member gone.
+                        group_session_timeout_ms: 10_000,
                         producer_expiry_ms: 86_400_000,
                         http: None,
                     };

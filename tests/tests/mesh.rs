@@ -395,16 +395,31 @@ async fn events_cross_a_chain_of_two_relays() {
         ids.len()
     );
     check_copy("d", &read_all(&client_d, "orders").await, &ids);
-    let report = client_a.regions().await.expect("regions report");
-    let to_d: Vec<_> = report
-        .forwarding
-        .iter()
-        .filter(|f| f.topic == "orders" && f.destination == "d")
-        .collect();
-    assert!(
-        !to_d.is_empty() && to_d.iter().all(|f| f.route == "via b" && f.lag_events == 0),
-        "a reaches d only through b: {:#?}",
-        report.forwarding
+    // a's cursors move once d's acknowledgements come back through c and b.
+    let last = std::sync::Mutex::new(Vec::new());
+    let routed = wait_until(
+        "a reaches d only through b, with nothing left to forward",
+        Duration::from_secs(30),
+        || async {
+            let Ok(report) = client_a.regions().await else {
+                return false;
+            };
+            let to_d: Vec<_> = report
+                .forwarding
+                .iter()
+                .filter(|f| f.topic == "orders" && f.destination == "d")
+                .cloned()
+                .collect();
+            let done =
+                !to_d.is_empty() && to_d.iter().all(|f| f.route == "via b" && f.lag_events == 0);
+            *last.lock().unwrap() = to_d;
+            done
+        },
+    )
+    .await;
+    eprintln!(
+        "a's forwarders to d reported no lag {routed:?} later: {:#?}",
+        last.lock().unwrap()
     );
 }
 

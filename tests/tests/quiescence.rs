@@ -125,7 +125,14 @@ async fn held(client: &Client, topic: &str, partitions: u32) -> BTreeMap<u32, BT
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_groups_sleep_reads_keep_them_asleep_and_a_write_wakes_them() {
     const PARTITIONS: u32 = 4;
-    let region = TestRegion::start(3).await;
+    // This test runs beside the 2,000-partition one on two cores: timers with room, so that a
+    // starved heartbeat does not pass for the election this test proves a write never causes.
+    let region = TestRegion::start_with(3, |config| {
+        config.raft.heartbeat_ms = 300;
+        config.raft.election_min_ms = 1_500;
+        config.raft.election_max_ms = 3_000;
+    })
+    .await;
     let client = region
         .create_topic(TopicConfig::new("quiet", PARTITIONS))
         .await;

@@ -778,7 +778,12 @@ async fn publishes_accepted_while_the_region_is_down_arrive_after_it_returns() {
     );
 
     // The whole region is killed abruptly (no graceful shutdown), then the publisher accepts 60
-    // events for one key: they can only be in its outbox.
+    // events for one key: they can only be in its outbox (empty once "first" was acknowledged,
+    // which may come after the app got it).
+    wait_for("the outbox to drain", Duration::from_secs(30), || {
+        publisher.outbox_depth() == 0
+    })
+    .await;
     let ids = region.live_ids();
     for id in &ids {
         region.kill(*id).await;
