@@ -26,6 +26,8 @@
 //!   again with the same boot wakes the groups this node leads with it, which catch it up,
 //!   and ends the waits for a winner in groups it led.
 //! - A follower refuses to sleep under a leader it counts as down.
+//! - No peer is counted down when that would leave fewer than a majority of the region's
+//!   nodes up (elections could not win without it).
 
 mod driver;
 
@@ -338,16 +340,37 @@ impl Quiescence {
     /// Marks down the peers silent for `down_after` (no answer, no packet) or unanswering for
     /// `down_unanswered`; the groups they led elect. Also wakes the followers that waited
     /// `leader_grace` for another to win.
+    ///
+    /// A peer is never counted down when that would leave fewer than a majority of the
+    /// region's nodes (this one included) up: without it no election could win anyway, and
+    /// the elections called would only unseat its leaders. After one of three nodes died, a
+    /// survivor too loaded to answer is not counted down by the other.
     pub(crate) fn tick(&mut self, now: Instant) -> Vec<Action> {
-        let mut newly_down = Vec::new();
         let timing = self.timing;
-        for (id, peer) in &mut self.peers {
-            let silent = now.saturating_duration_since(peer.last_active) >= timing.down_after;
-            let unanswering =
-                now.saturating_duration_since(peer.last_heard) >= timing.down_unanswered;
-            if !peer.down && (silent || unanswering) {
+        let mut silent: Vec<(Instant, NodeId)> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| {
+                !p.down
+                    && (now.saturating_duration_since(p.last_active) >= timing.down_after
+                        || now.saturating_duration_since(p.last_heard) >= timing.down_unanswered)
+            })
+            .map(|(id, p)| (p.last_active, *id))
+            .collect();
+        // The longest silent first.
+        silent.sort_unstable();
+        let nodes = self.peers.len() + 1;
+        let majority = nodes / 2 + 1;
+        let mut up = 1 + self.peers.values().filter(|p| !p.down).count();
+        let mut newly_down = Vec::new();
+        for (_, id) in silent {
+            if up - 1 < majority {
+                break;
+            }
+            if let Some(peer) = self.peers.get_mut(&id) {
                 peer.down = true;
-                newly_down.push(*id);
+                up -= 1;
+                newly_down.push(id);
             }
         }
         let down = self.down_peers();

@@ -238,6 +238,14 @@ fn a_leader_back_with_the_same_boot_ends_the_wait_for_a_winner() {
     assert_eq!(q.asleep_count(), 16 - elected);
 }
 
+/// A group whose election, when its leader goes down, falls to node 1 of live followers [1, 3].
+fn group_node_1_elects_in() -> GroupId {
+    (0..)
+        .map(|p| format!("orders/{p}"))
+        .find(|g| ferry_proto::partition_for_key(g.as_bytes(), 2) == 0)
+        .expect("a name")
+}
+
 /// A sample of what the transport received from a peer.
 fn sample(datagrams: u64) -> Option<ferry_net::Received> {
     Some(ferry_net::Received {
@@ -250,50 +258,78 @@ fn sample(datagrams: u64) -> Option<ferry_net::Received> {
 fn a_peer_that_sends_packets_but_does_not_answer_is_down_only_after_down_unanswered() {
     let t0 = Instant::now();
     let mut q = Quiescence::new(1, &[1, 2, 3], timing(), t0);
-    let g: GroupId = "orders/0".into();
+    let g = group_node_1_elects_in();
     q.slept(g.clone(), 2, vec![1, 2, 3]);
     q.heard(2, 7, t0);
-    q.heard(3, 7, t0);
-    q.received(3, sample(40), t0);
-    // Node 2 answers nothing but its packets keep coming: too loaded, not dead. Node 3 is
-    // silent in both ways: down after `down_after`.
+    // Node 2 answers nothing but its packets keep coming: too loaded, not dead. Node 3
+    // answers every round.
     let mut at = t0;
     let mut datagrams = 0;
     while at < t0 + 3100 * MS {
         at += 150 * MS;
         datagrams += 3;
         q.received(2, sample(datagrams), at);
-        q.received(3, sample(40), at);
+        q.heard(3, 7, at);
         let actions = q.tick(at);
         assert!(actions.is_empty(), "{actions:?}");
-        if at >= t0 + 800 * MS {
-            assert_eq!(q.down_peers(), vec![3], "at {:?}", at - t0);
-        }
+        assert!(q.down_peers().is_empty(), "at {:?}", at - t0);
     }
-    // A sample that does not change is no sign of life; nor is no connection.
-    assert_eq!(q.down_peers(), vec![3]);
     // Unanswering for `down_unanswered`: down, though its packets still come, and the groups
     // it led elect.
     q.received(2, sample(datagrams + 3), t0 + 3200 * MS);
+    q.heard(3, 7, t0 + 3200 * MS);
     let actions = q.tick(t0 + 3200 * MS);
-    assert_eq!(q.down_peers(), vec![2, 3]);
+    assert_eq!(q.down_peers(), vec![2]);
     assert_eq!(actions, vec![Action::Elect(g)]);
     // Packets alone do not bring it back: an answer does.
     q.received(2, sample(datagrams + 6), t0 + 3300 * MS);
-    assert_eq!(q.down_peers(), vec![2, 3]);
+    assert_eq!(q.down_peers(), vec![2]);
     q.heard(2, 7, t0 + 3400 * MS);
-    assert_eq!(q.down_peers(), vec![3]);
+    assert!(q.down_peers().is_empty());
 }
 
 #[test]
 fn a_peer_without_packets_or_answers_is_down_after_down_after() {
     let t0 = Instant::now();
-    let mut q = Quiescence::new(1, &[1, 2], timing(), t0);
+    let mut q = Quiescence::new(1, &[1, 2, 3], timing(), t0);
     q.heard(2, 7, t0);
     q.received(2, sample(10), t0 + 100 * MS);
+    // A sample that does not change is no sign of life; nor is no connection.
+    q.received(2, sample(10), t0 + 400 * MS);
     q.received(2, None, t0 + 700 * MS);
+    q.heard(3, 7, t0 + 800 * MS);
     q.tick(t0 + 899 * MS);
     assert!(q.down_peers().is_empty());
     q.tick(t0 + 900 * MS);
     assert_eq!(q.down_peers(), vec![2]);
+}
+
+#[test]
+fn no_peer_is_counted_down_when_that_leaves_no_majority_up() {
+    let t0 = Instant::now();
+    // Three nodes: after node 3 is down, node 2 going silent too leaves node 1 alone, no
+    // majority: node 2 is not counted down, and the groups it leads do not elect.
+    let mut q = Quiescence::new(1, &[1, 2, 3], timing(), t0);
+    let g = group_node_1_elects_in();
+    q.slept(g.clone(), 2, vec![1, 2, 3]);
+    q.heard(2, 7, t0 + 100 * MS);
+    q.tick(t0 + 800 * MS);
+    assert_eq!(q.down_peers(), vec![3]);
+    assert!(q.tick(t0 + 5000 * MS).is_empty());
+    assert_eq!(q.down_peers(), vec![3]);
+    // Node 3 answers again: node 2, still silent, can be counted down now.
+    q.heard(3, 7, t0 + 5100 * MS);
+    assert_eq!(q.tick(t0 + 5100 * MS), vec![Action::Elect(g)]);
+    assert_eq!(q.down_peers(), vec![2]);
+
+    // Five nodes: two may be down (three of five still up), not a third.
+    let mut q = Quiescence::new(1, &[1, 2, 3, 4, 5], timing(), t0);
+    q.tick(t0 + 800 * MS);
+    assert_eq!(q.down_peers().len(), 2);
+    // The longest silent go first.
+    let mut q = Quiescence::new(1, &[1, 2, 3, 4, 5], timing(), t0);
+    q.heard(2, 7, t0 + 300 * MS);
+    q.heard(3, 7, t0 + 200 * MS);
+    q.tick(t0 + 1200 * MS);
+    assert_eq!(q.down_peers(), vec![4, 5]);
 }
