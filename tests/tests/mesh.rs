@@ -396,31 +396,24 @@ async fn events_cross_a_chain_of_two_relays() {
     );
     check_copy("d", &read_all(&client_d, "orders").await, &ids);
     // a's cursors move once d's acknowledgements come back through c and b.
-    let last = std::sync::Mutex::new(Vec::new());
-    let routed = wait_until(
-        "a reaches d only through b, with nothing left to forward",
-        Duration::from_secs(30),
-        || async {
-            let Ok(report) = client_a.regions().await else {
-                return false;
-            };
-            let to_d: Vec<_> = report
-                .forwarding
-                .iter()
-                .filter(|f| f.topic == "orders" && f.destination == "d")
-                .cloned()
-                .collect();
-            let done =
-                !to_d.is_empty() && to_d.iter().all(|f| f.route == "via b" && f.lag_events == 0);
-            *last.lock().unwrap() = to_d;
-            done
-        },
-    )
-    .await;
-    eprintln!(
-        "a's forwarders to d reported no lag {routed:?} later: {:#?}",
-        last.lock().unwrap()
-    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let report = client_a.regions().await.expect("regions report");
+        let to_d: Vec<_> = report
+            .forwarding
+            .iter()
+            .filter(|f| f.topic == "orders" && f.destination == "d")
+            .collect();
+        if !to_d.is_empty() && to_d.iter().all(|f| f.route == "via b" && f.lag_events == 0) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a reaches d only through b, with nothing left to forward: {:#?}",
+            report.forwarding
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -148,7 +148,8 @@ async fn idle_groups_sleep_reads_keep_them_asleep_and_a_write_wakes_them() {
     // Reads confirm leadership with a round of heartbeats: they must neither wake the
     // followers (whose election timers would then fire with the leader asleep) nor elect.
     let window = Instant::now();
-    while window.elapsed() < Duration::from_millis(3_500) {
+    // Twice the election timeout: a follower a read woke would have elected within it.
+    while window.elapsed() < Duration::from_millis(6_000) {
         for (p, ids) in held(&client, "quiet", PARTITIONS).await {
             assert!(
                 ids.contains(&first[&p]),

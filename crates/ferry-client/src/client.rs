@@ -185,6 +185,15 @@ impl Client {
         }
     }
 
+    /// Forgets that `addr` did not answer: it just did.
+    fn mark_up(&self, addr: SocketAddr) {
+        if let Ok(mut down) = self.inner.down.lock() {
+            if !down.is_empty() {
+                down.remove(&addr);
+            }
+        }
+    }
+
     /// Whether `addr` did not answer lately.
     fn is_down(&self, addr: SocketAddr) -> bool {
         let now = tokio::time::Instant::now();
@@ -291,7 +300,10 @@ impl Client {
             }
         };
         match tokio::time::timeout(self.inner.options.request_timeout, call).await {
-            Ok(Ok(r)) => Ok(r),
+            Ok(Ok(r)) => {
+                self.mark_up(addr);
+                Ok(r)
+            }
             Ok(Err(e)) => {
                 // A connection that timed out heard nothing from the server for the QUIC
                 // idle timeout: try the others first for a while, as after a failed dial.
@@ -304,7 +316,6 @@ impl Client {
             }
             Err(_) => {
                 self.forget(addr).await;
-                self.mark_down(addr);
                 Err(ClientError::Timeout(format!("request to {addr}")))
             }
         }

@@ -5,7 +5,9 @@
 //! A webhook is a session like a WebSocket's (same hub, same window): it starts after the
 //! last notification retained when it was registered, and after an edge restart resumes each
 //! channel after the last notification the receiver accepted (kept in sled). A receiver that
-//! is down longer than the window covers gets a `gap` frame, as a WebSocket client would.
+//! is down longer than the window covers gets a `gap` frame, as a WebSocket client would;
+//! so does a webhook whose position is of an earlier window (after an unclean edge restart
+//! started a new one), which then gets everything the new window retains.
 //!
 //! Signature: header `X-Ferry-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256>` over
 //! `"<t>.<body>"` with the webhook's secret (returned once, at registration).

@@ -26,8 +26,9 @@
 //!   again with the same boot wakes the groups this node leads with it, which catch it up,
 //!   and ends the waits for a winner in groups it led.
 //! - A follower refuses to sleep under a leader it counts as down.
-//! - No peer is counted down when that would leave fewer than a majority of the region's
-//!   nodes up (elections could not win without it).
+//! - A sleeping group whose leader is down elects (or wakes) only while a quorum of its
+//!   voters is up: otherwise no election could win, and one called would only unseat a leader
+//!   that may merely be too loaded to answer.
 
 mod driver;
 
@@ -245,17 +246,22 @@ impl Quiescence {
 
     /// Whether a sleeping group whose Raft names `leader` has been left without one: no
     /// leader at all, or one on a node that is down which [`Quiescence::tick`] did not handle
-    /// for it (it elects, or waits for the chosen follower, when the leader goes down).
+    /// for it (it elects, or waits for the chosen follower, when the leader goes down) and a
+    /// quorum of its voters is up.
     pub(crate) fn stranded(&self, group: &GroupId, leader: Option<NodeId>) -> bool {
         match leader {
             None => true,
             Some(l) if l == self.me || !self.is_down(l) => false,
             // A record naming it is handled by `tick` once it went down (it elected, or it
             // waits for the chosen follower); one that slept after that was never handled.
-            Some(l) => self
-                .asleep
-                .get(group)
-                .is_none_or(|s| s.leader != l || s.leader_lost.is_none()),
+            Some(l) => match self.asleep.get(group) {
+                None => true,
+                Some(s) if s.leader != l => true,
+                Some(s) => {
+                    s.leader_lost.is_none()
+                        && live_quorum(&s.voters, l, &self.down_peers()).is_some()
+                }
+            },
         }
     }
 
@@ -341,64 +347,49 @@ impl Quiescence {
     /// `down_unanswered`; the groups they led elect. Also wakes the followers that waited
     /// `leader_grace` for another to win.
     ///
-    /// A peer is never counted down when that would leave fewer than a majority of the
-    /// region's nodes (this one included) up: without it no election could win anyway, and
-    /// the elections called would only unseat its leaders. After one of three nodes died, a
-    /// survivor too loaded to answer is not counted down by the other.
+    /// A sleeping group elects or wakes only while a quorum of its voters is up: otherwise no
+    /// election could win, and calling one would only unseat a leader that may be merely too
+    /// loaded to answer (after one of three nodes died, a survivor that counts the other down
+    /// leaves the other's groups alone). The sweep ([`Quiescence::stranded`]) wakes it once a
+    /// quorum is back.
     pub(crate) fn tick(&mut self, now: Instant) -> Vec<Action> {
         let timing = self.timing;
-        let mut silent: Vec<(Instant, NodeId)> = self
-            .peers
-            .iter()
-            .filter(|(_, p)| {
-                !p.down
-                    && (now.saturating_duration_since(p.last_active) >= timing.down_after
-                        || now.saturating_duration_since(p.last_heard) >= timing.down_unanswered)
-            })
-            .map(|(id, p)| (p.last_active, *id))
-            .collect();
-        // The longest silent first.
-        silent.sort_unstable();
-        let nodes = self.peers.len() + 1;
-        let majority = nodes / 2 + 1;
-        let mut up = 1 + self.peers.values().filter(|p| !p.down).count();
         let mut newly_down = Vec::new();
-        for (_, id) in silent {
-            if up - 1 < majority {
-                break;
-            }
-            if let Some(peer) = self.peers.get_mut(&id) {
+        for (id, peer) in &mut self.peers {
+            let silent = now.saturating_duration_since(peer.last_active) >= timing.down_after;
+            let unanswering =
+                now.saturating_duration_since(peer.last_heard) >= timing.down_unanswered;
+            if !peer.down && (silent || unanswering) {
                 peer.down = true;
-                up -= 1;
-                newly_down.push(id);
+                newly_down.push(*id);
             }
         }
         let down = self.down_peers();
         let mut actions = Vec::new();
         let mut remove = Vec::new();
         for (group, sleeper) in &mut self.asleep {
-            if newly_down.contains(&sleeper.leader) {
-                let mut live: Vec<NodeId> = sleeper
-                    .voters
-                    .iter()
-                    .copied()
-                    .filter(|v| *v != sleeper.leader && !down.contains(v))
-                    .collect();
-                live.sort_unstable();
-                let chosen = (!live.is_empty()).then(|| {
-                    live[ferry_proto::partition_for_key(group.as_bytes(), live.len() as u32)
-                        as usize]
-                });
-                if chosen == Some(self.me) {
+            let lost_now = newly_down.contains(&sleeper.leader);
+            let waited = sleeper
+                .leader_lost
+                .is_some_and(|at| now.saturating_duration_since(at) >= self.timing.leader_grace);
+            if !lost_now && !waited {
+                continue;
+            }
+            let Some(live) = live_quorum(&sleeper.voters, sleeper.leader, &down) else {
+                // No quorum up: leave it asleep; the sweep wakes it when one is back.
+                sleeper.leader_lost = None;
+                continue;
+            };
+            if lost_now {
+                let chosen = live
+                    [ferry_proto::partition_for_key(group.as_bytes(), live.len() as u32) as usize];
+                if chosen == self.me {
                     actions.push(Action::Elect(group.clone()));
                     remove.push(group.clone());
                 } else {
                     sleeper.leader_lost = Some(now);
                 }
-            } else if sleeper
-                .leader_lost
-                .is_some_and(|at| now.saturating_duration_since(at) >= self.timing.leader_grace)
-            {
+            } else {
                 actions.push(Action::Wake(group.clone()));
                 remove.push(group.clone());
             }
@@ -418,10 +409,15 @@ impl Quiescence {
     ) -> bool {
         // A follower that is down is not waited for (a quorum holds the log, or nothing
         // would be committed): it is caught up when it comes back ([`Quiescence::heard`]).
+        // Only while a quorum is up, though: a follower counted down may be alive and merely
+        // too loaded to answer, and its replica would elect if the leader slept without it.
         let lagging_up = view
             .lagging
             .iter()
             .any(|f| !self.peers.get(f).is_some_and(|p| p.down));
+        let voters = view.followers.len() + 1;
+        let up = 1 + view.followers.iter().filter(|f| !self.is_down(**f)).count();
+        let quorum_up = up > voters / 2;
         let idle = self.idle.entry(group.clone()).or_insert(Idle {
             proposals: view.proposals,
             last_index: view.last_index,
@@ -437,6 +433,7 @@ impl Quiescence {
         }
         view.applied
             && !lagging_up
+            && quorum_up
             && view.last_index.is_some()
             && now.saturating_duration_since(idle.since) >= self.timing.idle_after
     }
@@ -464,6 +461,18 @@ impl Quiescence {
     pub(crate) fn asleep_count(&self) -> usize {
         self.asleep.len()
     }
+}
+
+/// The voters of a group other than its lost `leader` that are up, sorted, if they are a
+/// quorum of its voters (None: no election could win).
+fn live_quorum(voters: &[NodeId], leader: NodeId, down: &[NodeId]) -> Option<Vec<NodeId>> {
+    let mut live: Vec<NodeId> = voters
+        .iter()
+        .copied()
+        .filter(|v| *v != leader && !down.contains(v))
+        .collect();
+    live.sort_unstable();
+    (live.len() > voters.len() / 2).then_some(live)
 }
 
 #[cfg(test)]

@@ -27,8 +27,9 @@ pub(crate) fn spawn<T: Transport>(node: &Node<T>) {
         return;
     }
     let every = Duration::from_millis(raft.heartbeat_ms);
-    // An answer later than this would find the peer declared down anyway.
-    let patience = Duration::from_millis(raft.election_max_ms);
+    // A peer that sends packets is counted down only after it answered nothing for four
+    // election timeouts (`down_unanswered`): a loaded peer's late answer still counts.
+    let patience = Duration::from_millis(raft.election_max_ms * 4);
     let peers: Vec<NodeId> = lock(&node.inner.quiescence).peers().collect();
     for peer in peers {
         node.spawn_every(every, move |node| async move {

@@ -56,6 +56,16 @@ fn a_leader_waits_for_live_followers_only() {
     q.slept(g.clone(), 1, vec![1, 2, 3]);
     // Back with the same boot: the groups this node leads with it wake to catch it up.
     assert_eq!(q.heard(3, 7, t0 + 2600 * MS), vec![Action::Wake(g)]);
+
+    // Nodes 2 and 3 both silent: node 1 alone is no quorum, so its group does not sleep
+    // without the follower that lags (node 2 may be alive and merely too loaded to answer).
+    let other: GroupId = "orders/1".into();
+    q.observe_leader(&other, &view(1, 1, false), t0 + 2600 * MS);
+    q.tick(t0 + 3500 * MS);
+    assert_eq!(q.down_peers(), vec![2, 3]);
+    assert!(!q.observe_leader(&other, &view(1, 1, false), t0 + 4000 * MS));
+    q.heard(2, 7, t0 + 4000 * MS);
+    assert!(q.observe_leader(&other, &view(1, 1, true), t0 + 4000 * MS));
 }
 
 #[test]
@@ -305,31 +315,33 @@ fn a_peer_without_packets_or_answers_is_down_after_down_after() {
 }
 
 #[test]
-fn no_peer_is_counted_down_when_that_leaves_no_majority_up() {
+fn a_sleeping_group_elects_only_while_a_quorum_of_its_voters_is_up() {
     let t0 = Instant::now();
-    // Three nodes: after node 3 is down, node 2 going silent too leaves node 1 alone, no
-    // majority: node 2 is not counted down, and the groups it leads do not elect.
+    // Three nodes: node 3 is down, then node 2 (which leads g) goes silent too. Node 1 alone
+    // is no quorum of g's voters: g neither elects nor wakes, and the sweep leaves it.
     let mut q = Quiescence::new(1, &[1, 2, 3], timing(), t0);
     let g = group_node_1_elects_in();
     q.slept(g.clone(), 2, vec![1, 2, 3]);
     q.heard(2, 7, t0 + 100 * MS);
-    q.tick(t0 + 800 * MS);
+    assert!(q.tick(t0 + 800 * MS).is_empty());
     assert_eq!(q.down_peers(), vec![3]);
-    assert!(q.tick(t0 + 5000 * MS).is_empty());
-    assert_eq!(q.down_peers(), vec![3]);
-    // Node 3 answers again: node 2, still silent, can be counted down now.
+    assert!(q.tick(t0 + 900 * MS).is_empty());
+    assert_eq!(q.down_peers(), vec![2, 3]);
+    assert!(q.tick(t0 + 5000 * MS).is_empty(), "no wake after the grace");
+    assert!(!q.stranded(&g, Some(2)));
+    // Node 3 answers again: a quorum is up, and the sweep wakes g to elect.
     q.heard(3, 7, t0 + 5100 * MS);
-    assert_eq!(q.tick(t0 + 5100 * MS), vec![Action::Elect(g)]);
-    assert_eq!(q.down_peers(), vec![2]);
+    assert!(q.stranded(&g, Some(2)));
 
-    // Five nodes: two may be down (three of five still up), not a third.
-    let mut q = Quiescence::new(1, &[1, 2, 3, 4, 5], timing(), t0);
-    q.tick(t0 + 800 * MS);
-    assert_eq!(q.down_peers().len(), 2);
-    // The longest silent go first.
-    let mut q = Quiescence::new(1, &[1, 2, 3, 4, 5], timing(), t0);
-    q.heard(2, 7, t0 + 300 * MS);
-    q.heard(3, 7, t0 + 200 * MS);
-    q.tick(t0 + 1200 * MS);
-    assert_eq!(q.down_peers(), vec![4, 5]);
+    // Four nodes, three replicas: nodes 4 and 3 are down; g (on 1, 2, 3, led by 3) still has
+    // a quorum (1 and 2) and elects (node 1 is chosen among [1, 2] as among [1, 3]).
+    let mut q = Quiescence::new(1, &[1, 2, 3, 4], timing(), t0);
+    q.slept(g.clone(), 3, vec![1, 2, 3]);
+    q.heard(2, 7, t0 + 700 * MS);
+    q.heard(3, 7, t0 + 100 * MS);
+    assert!(q.tick(t0 + 800 * MS).is_empty());
+    assert_eq!(q.down_peers(), vec![4]);
+    q.heard(2, 7, t0 + 900 * MS);
+    assert_eq!(q.tick(t0 + 900 * MS), vec![Action::Elect(g)]);
+    assert_eq!(q.down_peers(), vec![3, 4]);
 }
