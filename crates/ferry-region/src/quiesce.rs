@@ -14,8 +14,8 @@
 //!   sleeping follower still answers appends and votes.
 //! - Every heartbeat interval each node asks every peer node whether it is up and since when
 //!   (its boot id). A peer silent for `down_after` (no answer, and no packet on the
-//!   connection to it) or unanswering for `down_unanswered` is down: of the groups asleep under its
-//!   leadership one live follower, the same for all (chosen by the group's name), calls an
+//!   connection to it) or unanswering for `down_unanswered` is down: of the groups asleep
+//!   under its leadership one live follower, the same for all (chosen by the group's name), calls an
 //!   election at once; the others wake only if no new leader woke them within `leader_grace`
 //!   and then elect on their own timers.
 //! - Every `leader_grace` the sleeping groups are swept: one whose Raft names no leader, or
@@ -259,7 +259,7 @@ impl Quiescence {
                 Some(s) if s.leader != l => true,
                 Some(s) => {
                     s.leader_lost.is_none()
-                        && live_quorum(&s.voters, l, &self.down_peers()).is_some()
+                        && live_quorum(&s.voters, l, |v| self.is_down(v)).is_some()
                 }
             },
         }
@@ -375,7 +375,8 @@ impl Quiescence {
             if !lost_now && !waited {
                 continue;
             }
-            let Some(live) = live_quorum(&sleeper.voters, sleeper.leader, &down) else {
+            let Some(live) = live_quorum(&sleeper.voters, sleeper.leader, |v| down.contains(&v))
+            else {
                 // No quorum up: leave it asleep; the sweep wakes it when one is back.
                 sleeper.leader_lost = None;
                 continue;
@@ -465,11 +466,15 @@ impl Quiescence {
 
 /// The voters of a group other than its lost `leader` that are up, sorted, if they are a
 /// quorum of its voters (None: no election could win).
-fn live_quorum(voters: &[NodeId], leader: NodeId, down: &[NodeId]) -> Option<Vec<NodeId>> {
+fn live_quorum(
+    voters: &[NodeId],
+    leader: NodeId,
+    is_down: impl Fn(NodeId) -> bool,
+) -> Option<Vec<NodeId>> {
     let mut live: Vec<NodeId> = voters
         .iter()
         .copied()
-        .filter(|v| *v != leader && !down.contains(v))
+        .filter(|v| *v != leader && !is_down(*v))
         .collect();
     live.sort_unstable();
     (live.len() > voters.len() / 2).then_some(live)
