@@ -79,7 +79,7 @@ async fn leader_of(
             let Some(g) = node.partition("t", 0) else {
                 continue;
             };
-            let metrics = g.raft.metrics().borrow_watched().clone();
+            let metrics = g.raft().metrics().borrow_watched().clone();
             if metrics.current_leader == Some(node.id()) {
                 return node.id();
             }

@@ -16,6 +16,14 @@ use ferry_tests::{wait_until, TestRegion};
 use futures::stream::{FuturesUnordered, StreamExt};
 use openraft::async_runtime::WatchReceiver;
 
+/// A topic with a Raft group per partition, so that these tests drive as many groups as
+/// partitions (the default shares a few groups among a topic's partitions).
+fn group_per_partition(name: &str, partitions: u32) -> TopicConfig {
+    let mut config = TopicConfig::new(name, partitions);
+    config.groups = partitions;
+    config
+}
+
 /// `count` of every running node, summed.
 fn over_nodes(region: &TestRegion, count: impl Fn(&Node<QuicTransport>) -> u64) -> u64 {
     region
@@ -41,7 +49,7 @@ fn terms(
         let node = region.node(id).expect("running").node();
         for p in 0..partitions {
             let group = node.partition(topic, p).expect("hosted");
-            let metrics = group.raft.metrics();
+            let metrics = group.raft().metrics();
             let m = metrics.borrow_watched();
             out.insert((id, p), (m.current_leader, m.current_term));
         }
@@ -134,7 +142,7 @@ async fn idle_groups_sleep_reads_keep_them_asleep_and_a_write_wakes_them() {
     })
     .await;
     let client = region
-        .create_topic(TopicConfig::new("quiet", PARTITIONS))
+        .create_topic(group_per_partition("quiet", PARTITIONS))
         .await;
     let first = one_per_partition(&client, "quiet", PARTITIONS, "first").await;
     let all = PARTITIONS as usize * 3;
@@ -197,7 +205,7 @@ async fn two_thousand_sleeping_partitions_survive_a_node_kill() {
     for topic in TOPICS {
         let started = Instant::now();
         region
-            .create_topic(TopicConfig::new(topic, PARTITIONS))
+            .create_topic(group_per_partition(topic, PARTITIONS))
             .await;
         println!(
             "{topic}: {PARTITIONS} partitions led after {:?}",

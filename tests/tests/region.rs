@@ -260,7 +260,9 @@ async fn three_nodes_survive_a_leader_kill_and_a_full_restart() {
 async fn many_groups_replicate_on_one_stream_per_follower() {
     const GROUPS: u32 = 64;
     let region = TestRegion::start(3).await;
-    let client = region.create_topic(TopicConfig::new("wide", GROUPS)).await;
+    let mut wide = TopicConfig::new("wide", GROUPS);
+    wide.groups = GROUPS;
+    let client = region.create_topic(wide).await;
     let producer = client
         .producer("wide", ProducerOptions::default())
         .await

@@ -58,7 +58,7 @@ async fn a_lagging_follower_catches_up_from_a_snapshot() {
         let purged = leader_node
             .partition("ledger", 0)
             .unwrap()
-            .raft
+            .raft()
             .metrics()
             .borrow_watched()
             .purged;

@@ -49,6 +49,12 @@ pub struct TopicConfig {
     pub retention: Retention,
     /// Region policy.
     pub regions: RegionPolicy,
+    /// Raft groups the partitions are spread over (1..=partitions; 0 asks for the region's
+    /// default, one per node). Partition `p` is replicated by group `p % groups`: the
+    /// partitions of a group share its replicas, its leader and its Raft rounds, so a topic's
+    /// partitions add ordering and parallelism for consumers without adding Raft work.
+    #[serde(default)]
+    pub groups: u32,
 }
 
 impl TopicConfig {
@@ -65,7 +71,18 @@ impl TopicConfig {
             class: EventClass::Domain,
             retention: Retention::default(),
             regions: RegionPolicy::Local,
+            groups: 0,
         }
+    }
+
+    /// The Raft group of `partition` (`groups` must be resolved, not 0).
+    pub fn group_of(&self, partition: u32) -> u32 {
+        partition % self.groups.max(1)
+    }
+
+    /// The partitions of Raft group `group`, in order.
+    pub fn partitions_of(&self, group: u32) -> impl Iterator<Item = u32> {
+        (group..self.partitions).step_by(self.groups.max(1) as usize)
     }
 
     /// Checks every field; the error names the field.
@@ -78,6 +95,15 @@ impl TopicConfig {
                     "{} is not within 1..={}",
                     self.partitions,
                     Self::MAX_PARTITIONS
+                ),
+            });
+        }
+        if self.groups > self.partitions {
+            return Err(ProtoError::InvalidTopic {
+                field: "groups",
+                reason: format!(
+                    "{} Raft groups for {} partitions: a group needs at least one partition",
+                    self.groups, self.partitions
                 ),
             });
         }
@@ -156,5 +182,19 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("replication"));
+        let mut t = TopicConfig::new("orders", 4);
+        t.groups = 5;
+        assert!(t.validate().unwrap_err().to_string().contains("groups"));
+    }
+
+    #[test]
+    fn partitions_map_to_groups_round_robin() {
+        let mut t = TopicConfig::new("orders", 8);
+        t.groups = 3;
+        assert_eq!(t.group_of(7), 1);
+        assert_eq!(t.partitions_of(1).collect::<Vec<_>>(), vec![1, 4, 7]);
+        assert_eq!(t.partitions_of(2).collect::<Vec<_>>(), vec![2, 5]);
+        let every: usize = (0..3).map(|g| t.partitions_of(g).count()).sum();
+        assert_eq!(every, 8);
     }
 }

@@ -366,7 +366,7 @@ pub struct MeshNodeInfo {
     pub addr: String,
     /// Its role ("node").
     pub role: String,
-    /// Partitions it leads.
+    /// Raft groups it leads (each replicates one or more partitions of a topic).
     pub leads: u32,
     /// Regions it reached directly lately (its links).
     pub reach: Vec<String>,

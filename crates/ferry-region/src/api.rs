@@ -25,7 +25,7 @@ use openraft::raft::ClientWriteResponse;
 
 use crate::command::{decode, encode, MetaCommand, MetaReply, PartitionCommand, PartitionReply};
 use crate::metadata::place_replicas;
-use crate::node::{now_ms, Node, PartitionGroup};
+use crate::node::{now_ms, HostedPartition, Node};
 
 /// The longest [`ClientRequest::AwaitInterest`] may wait.
 const MAX_INTEREST_WAIT_MS: u64 = 60_000;
@@ -49,12 +49,12 @@ fn not_leader(leader: Option<NodeId>, what: &str) -> ClientResponse {
 /// Confirms that this node leads the partition and has applied up to the commit point, so a
 /// read here sees every acknowledged write; otherwise the refusal (to forward to the leader).
 async fn linearizable(
-    group: &PartitionGroup,
+    group: &HostedPartition,
     topic: &str,
     partition: u32,
 ) -> Result<(), ClientResponse> {
     match group
-        .raft
+        .raft()
         .ensure_linearizable(openraft::ReadPolicy::ReadIndex)
         .await
     {
@@ -110,7 +110,7 @@ fn partition_reply(result: WriteResult, what: &str) -> ClientResponse {
 }
 
 impl<T: Transport> Node<T> {
-    pub(crate) fn lookup(&self, topic: &str, partition: u32) -> Result<PartitionGroup, ApiError> {
+    pub(crate) fn lookup(&self, topic: &str, partition: u32) -> Result<HostedPartition, ApiError> {
         let Some(state) = self.inner.meta_view.topic(topic) else {
             return Err(ApiError::new(
                 ErrorCode::UnknownTopic,
@@ -126,11 +126,12 @@ impl<T: Transport> Node<T> {
                 ),
             ));
         }
-        self.partition(topic, partition).ok_or_else(|| ApiError {
-            code: ErrorCode::NotLeader,
-            message: format!("{topic}/{partition} has no replica on this node"),
-            leader_hint: state.replicas[partition as usize].first().copied(),
-        })
+        self.hosted_partition(&state.config, partition)
+            .ok_or_else(|| ApiError {
+                code: ErrorCode::NotLeader,
+                message: format!("{topic}/{partition} has no replica on this node"),
+                leader_hint: state.replicas[partition as usize].first().copied(),
+            })
     }
 
     /// Validates a publish and submits it to the partition's Raft in call order; the returned
@@ -172,7 +173,7 @@ impl<T: Transport> Node<T> {
             };
             return Box::pin(async move { error(code, e.to_string()) });
         }
-        let metrics = group.raft.metrics();
+        let metrics = group.raft().metrics();
         let leader = metrics.borrow_watched().current_leader;
         if leader != Some(self.inner.id) {
             let what = format!("{topic}/{partition}");
@@ -182,7 +183,7 @@ impl<T: Transport> Node<T> {
             return Box::pin(async move { refused });
         }
         let command = command(batch, now_ms());
-        let command = match encode("partition command", &command) {
+        let command = match group.command(command) {
             Ok(c) => c,
             Err(e) => return Box::pin(async move { error(ErrorCode::Internal, e.to_string()) }),
         };
@@ -192,7 +193,7 @@ impl<T: Transport> Node<T> {
         let node = self.clone();
         if let Err(e) = group
             .proposer()
-            .client_write_ff(Command(command), Some(responder))
+            .client_write_ff(command, Some(responder))
             .await
         {
             return Box::pin(async move { error(ErrorCode::Unavailable, format!("{what}: {e}")) });
@@ -217,7 +218,7 @@ impl<T: Transport> Node<T> {
         &self,
         topic: &str,
         partition: u32,
-        group: &PartitionGroup,
+        group: &HostedPartition,
     ) -> Option<ClientResponse> {
         let retention = self.inner.meta_view.retention(topic)?;
         let hard = retention
@@ -456,14 +457,11 @@ impl<T: Transport> Node<T> {
                     Ok(g) => g,
                     Err(e) => return ClientResponse::Error(e),
                 };
-                let Ok(command) = encode(
-                    "partition command",
-                    &PartitionCommand::Commit { group, offset },
-                ) else {
+                let Ok(command) = g.command(PartitionCommand::Commit { group, offset }) else {
                     return error(ErrorCode::Internal, "encoding a commit");
                 };
                 let what = format!("{topic}/{partition}");
-                let response = match g.proposer().client_write(Command(command)).await {
+                let response = match g.proposer().client_write(command).await {
                     Ok(r) => partition_reply(Ok(r), &what),
                     Err(RaftError::APIError(e)) => write_failure(&e, &what),
                     Err(RaftError::Fatal(f)) => {
@@ -482,7 +480,7 @@ impl<T: Transport> Node<T> {
                     Ok(g) => g,
                     Err(e) => return ClientResponse::Error(e),
                 };
-                let leader = g.raft.metrics().borrow_watched().current_leader;
+                let leader = g.raft().metrics().borrow_watched().current_leader;
                 if leader != Some(self.inner.id) {
                     return self
                         .forward_if_not_leader(
@@ -540,9 +538,10 @@ impl<T: Transport> Node<T> {
 
     pub(crate) async fn create_topic(
         &self,
-        config: TopicConfig,
+        mut config: TopicConfig,
         forwarded: bool,
     ) -> ClientResponse {
+        let original = config.clone();
         if let Err(e) = config.validate() {
             return error(ErrorCode::InvalidRequest, e.to_string());
         }
@@ -557,12 +556,12 @@ impl<T: Transport> Node<T> {
                 ),
             );
         }
-        let replicas = place_replicas(&nodes, config.partitions, config.replication);
-        let command = MetaCommand::CreateTopic {
-            config: config.clone(),
-            replicas,
-        };
-        self.meta_write(command, ClientRequest::CreateTopic(config), forwarded)
+        if config.groups == 0 {
+            config.groups = config.partitions.min(nodes.len() as u32);
+        }
+        let replicas = place_replicas(&nodes, &config);
+        let command = MetaCommand::CreateTopic { config, replicas };
+        self.meta_write(command, ClientRequest::CreateTopic(original), forwarded)
             .await
     }
 
@@ -603,12 +602,12 @@ impl<T: Transport> Node<T> {
         let partitions = (0..state.config.partitions)
             .map(|p| {
                 let replicas = state.replicas[p as usize].clone();
-                match self.partition(topic, p) {
+                match self.hosted_partition(&state.config, p) {
                     Some(g) => {
                         let marks = g.view.watermarks();
                         PartitionInfo {
                             partition: p,
-                            leader: g.raft.metrics().borrow_watched().current_leader,
+                            leader: g.raft().metrics().borrow_watched().current_leader,
                             replicas,
                             low_watermark: marks.low,
                             high_watermark: marks.high,

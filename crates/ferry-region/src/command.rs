@@ -5,7 +5,14 @@ use ferry_proto::wire::ApiError;
 use ferry_proto::{codec, EventBatch, NodeId, ProtoError, SubjectFilter, TopicConfig};
 use serde::{Deserialize, Serialize};
 
-/// A command of a partition group.
+/// An entry of a partition group's log: a command to one of the group's partitions.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct GroupCommand {
+    pub(crate) partition: u32,
+    pub(crate) command: PartitionCommand,
+}
+
+/// A command to a partition.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) enum PartitionCommand {
     /// Append a batch; offsets are assigned at apply.

@@ -15,7 +15,7 @@ use openraft::async_runtime::WatchReceiver;
 
 use ferry_proto::NodeId;
 
-use crate::{Node, PartitionGroup, RegionError};
+use crate::{HostedPartition, Node, RegionError};
 
 /// Binds the HTTP endpoint; a bad address fails the node's start, naming the key.
 pub async fn bind_http(addr: SocketAddr) -> Result<tokio::net::TcpListener, RegionError> {
@@ -58,7 +58,7 @@ async fn healthz<T: Transport>(State(node): State<Node<T>>) -> (StatusCode, Stri
         );
     }
     let leaderless: Vec<String> = node
-        .partitions()
+        .partition_groups()
         .into_iter()
         .filter(|(_, g)| g.raft.metrics().borrow_watched().current_leader.is_none())
         .map(|(name, _)| name)
@@ -74,7 +74,7 @@ async fn healthz<T: Transport>(State(node): State<Node<T>>) -> (StatusCode, Stri
 }
 
 /// Reads one per-partition gauge.
-type GaugeOf = fn(&PartitionGroup, NodeId) -> u64;
+type GaugeOf = fn(&HostedPartition, NodeId) -> u64;
 
 async fn metrics<T: Transport>(State(node): State<Node<T>>) -> String {
     let mut out = String::new();
@@ -146,8 +146,7 @@ async fn metrics<T: Transport>(State(node): State<Node<T>>) -> String {
         "# HELP {metric} Hosted partition groups asleep: idle, heartbeats and election timers off until the next write.\n# TYPE {metric} gauge\n{metric}{{node=\"{id}\"}} {}",
         node.partitions_asleep()
     );
-    let mut partitions = node.partitions();
-    partitions.sort_by(|a, b| a.0.cmp(&b.0));
+    let partitions = node.partitions();
     let gauges: [(&str, &str, GaugeOf); 3] = [
         (
             "ferry_partition_high_watermark",
@@ -162,7 +161,7 @@ async fn metrics<T: Transport>(State(node): State<Node<T>>) -> String {
         (
             "ferry_partition_leader",
             "1 if this node leads the partition.",
-            |g, id| u64::from(g.raft.metrics().borrow_watched().current_leader == Some(id)),
+            |g, id| u64::from(g.raft().metrics().borrow_watched().current_leader == Some(id)),
         ),
     ];
     for (metric, help, value) in gauges {

@@ -1,4 +1,4 @@
-//! The partition groups this node leads, kept up to date from each group's leadership
+//! The partitions this node leads (those of the partition groups it leads), kept up to date from each group's leadership
 //! changes (openraft's server metrics, which change on votes, leaders and membership only)
 //! rather than found by scanning every hosted group: with thousands of sleeping groups a
 //! scan on every mesh round and retention round was most of a node's idle CPU.
@@ -10,17 +10,16 @@ use ferry_proto::NodeId;
 use openraft::async_runtime::WatchReceiver;
 
 use crate::mesh::lock;
-use crate::node::PartitionGroup;
+use crate::node::{HostedPartition, PartitionGroup};
 
-/// A group this node leads.
+/// A partition this node leads.
 #[derive(Clone)]
-pub(crate) struct LedGroup {
+pub(crate) struct LedPartition {
     pub(crate) topic: Arc<str>,
-    pub(crate) partition: u32,
-    pub(crate) group: PartitionGroup,
+    pub(crate) hosted: HostedPartition,
 }
 
-/// Which partition groups this node leads now.
+/// Which partitions this node leads now.
 #[derive(Default)]
 pub(crate) struct Leadership {
     state: Mutex<State>,
@@ -28,17 +27,17 @@ pub(crate) struct Leadership {
 
 #[derive(Default)]
 struct State {
-    led: BTreeMap<(Arc<str>, u32), PartitionGroup>,
+    led: BTreeMap<(Arc<str>, u32), HostedPartition>,
     /// Bumped on every change of `led`.
     version: u64,
     /// `led` as a list, built at most once per version.
-    list: Option<(u64, Arc<[LedGroup]>)>,
+    list: Option<(u64, Arc<[LedPartition]>)>,
 }
 
 impl Leadership {
-    /// The groups led now, sorted by (topic, partition), and the version of that set (it
-    /// changes whenever the set does). Built once per change; sharing it costs nothing.
-    pub(crate) fn led(&self) -> (Arc<[LedGroup]>, u64) {
+    /// The partitions led now, sorted by (topic, partition), and the version of that set
+    /// (it changes whenever the set does). Built once per change; sharing it costs nothing.
+    pub(crate) fn led(&self) -> (Arc<[LedPartition]>, u64) {
         let mut state = lock(&self.state);
         let version = state.version;
         if let Some((at, list)) = &state.list {
@@ -46,27 +45,33 @@ impl Leadership {
                 return (list.clone(), version);
             }
         }
-        let list: Arc<[LedGroup]> = state
+        let list: Arc<[LedPartition]> = state
             .led
             .iter()
-            .map(|((topic, partition), group)| LedGroup {
+            .map(|((topic, _), hosted)| LedPartition {
                 topic: topic.clone(),
-                partition: *partition,
-                group: group.clone(),
+                hosted: hosted.clone(),
             })
             .collect();
         state.list = Some((version, list.clone()));
         (list, version)
     }
 
-    fn set(&self, topic: &Arc<str>, partition: u32, group: &PartitionGroup, leads: bool) {
+    /// Records whether this node leads `group`, and so each of its partitions.
+    fn set(&self, topic: &Arc<str>, group: &PartitionGroup, leads: bool) {
         let mut state = lock(&self.state);
-        let key = (topic.clone(), partition);
-        let changed = if leads {
-            state.led.insert(key, group.clone()).is_none()
-        } else {
-            state.led.remove(&key).is_some()
-        };
+        let mut changed = false;
+        for &partition in group.views.keys() {
+            let key = (topic.clone(), partition);
+            changed |= if leads {
+                match group.hosted(partition) {
+                    Some(hosted) => state.led.insert(key, hosted).is_none(),
+                    None => false,
+                }
+            } else {
+                state.led.remove(&key).is_some()
+            };
+        }
         if changed {
             state.version += 1;
             // Built again on the next read; meanwhile it must not keep stopped groups open.
@@ -76,13 +81,7 @@ impl Leadership {
 
     /// Follows `group`'s leadership for as long as the group runs (until its Raft stops) or
     /// the registry is dropped.
-    pub(crate) fn follow(
-        registry: Weak<Self>,
-        me: NodeId,
-        topic: Arc<str>,
-        partition: u32,
-        group: PartitionGroup,
-    ) {
+    pub(crate) fn follow(registry: Weak<Self>, me: NodeId, topic: Arc<str>, group: PartitionGroup) {
         let mut server = group.raft.server_metrics();
         tokio::spawn(async move {
             loop {
@@ -90,7 +89,7 @@ impl Leadership {
                 let Some(registry) = registry.upgrade() else {
                     return;
                 };
-                registry.set(&topic, partition, &group, leads);
+                registry.set(&topic, &group, leads);
                 drop(registry);
                 if server.changed().await.is_err() {
                     break;
@@ -98,7 +97,7 @@ impl Leadership {
             }
             // The group stopped: it leads nothing any more.
             if let Some(registry) = registry.upgrade() {
-                registry.set(&topic, partition, &group, false);
+                registry.set(&topic, &group, false);
             }
         });
     }

@@ -32,4 +32,6 @@ pub use config::{FaultConfig, MeshConfig, NodeConfig, PeerConfig, RaftTuning, Sl
 pub use error::RegionError;
 pub use ferry_router::NodeRecord;
 pub use mesh::ForwardedDuplicates;
-pub use node::{partition_group, MetaRaft, Node, PartitionGroup, PartitionRaft, META_GROUP};
+pub use node::{
+    partition_group, HostedPartition, MetaRaft, Node, PartitionGroup, PartitionRaft, META_GROUP,
+};

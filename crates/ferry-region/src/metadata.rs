@@ -26,7 +26,8 @@ const INTEREST_ADDED_PREFIX: u8 = b'a';
 pub struct TopicState {
     /// Its configuration.
     pub config: TopicConfig,
-    /// Replica nodes per partition; the first one initialises the partition's group.
+    /// Replica nodes per partition (those of its Raft group); the first one initialises
+    /// the group.
     pub replicas: Vec<Vec<NodeId>>,
 }
 
@@ -100,16 +101,18 @@ impl MetaView {
     }
 }
 
-/// Places `partitions` partitions with `replication` replicas each over `nodes`, spreading
-/// first replicas (and so initial leaders) round-robin.
-pub fn place_replicas(nodes: &[NodeId], partitions: u32, replication: u32) -> Vec<Vec<NodeId>> {
+/// Places the Raft groups of `config` (its `groups` resolved) with `replication` replicas
+/// each over `nodes`, spreading first replicas (and so initial leaders) round-robin, and
+/// answers the replicas of every partition (those of its group).
+pub fn place_replicas(nodes: &[NodeId], config: &TopicConfig) -> Vec<Vec<NodeId>> {
     let mut nodes = nodes.to_vec();
     nodes.sort_unstable();
     let n = nodes.len();
-    (0..partitions as usize)
+    (0..config.partitions)
         .map(|p| {
-            (0..replication as usize)
-                .map(|r| nodes[(p + r) % n])
+            let g = config.group_of(p) as usize;
+            (0..config.replication as usize)
+                .map(|r| nodes[(g + r) % n])
                 .collect()
         })
         .collect()
@@ -162,6 +165,15 @@ impl MetaApp {
             return MetaReply::Error(ApiError::new(
                 ErrorCode::InvalidRequest,
                 "replica placement does not cover every partition",
+            ));
+        }
+        if config.groups == 0
+            || (0..config.partitions)
+                .any(|p| replicas[p as usize] != replicas[config.group_of(p) as usize])
+        {
+            return MetaReply::Error(ApiError::new(
+                ErrorCode::InvalidRequest,
+                "replica placement does not give the partitions of a Raft group its replicas",
             ));
         }
         if let Some(existing) = self.topics.get(&config.name) {
@@ -358,12 +370,30 @@ mod tests {
 
     #[test]
     fn placement_spreads_first_replicas() {
-        let placed = place_replicas(&[3, 1, 2], 4, 3);
+        let topic = |partitions, groups, replication| {
+            let mut t = TopicConfig::new("t", partitions);
+            t.groups = groups;
+            t.replication = replication;
+            t
+        };
+        let placed = place_replicas(&[3, 1, 2], &topic(4, 4, 3));
         assert_eq!(
             placed,
             vec![vec![1, 2, 3], vec![2, 3, 1], vec![3, 1, 2], vec![1, 2, 3]]
         );
-        let placed = place_replicas(&[1, 2, 3, 4], 2, 1);
+        let placed = place_replicas(&[1, 2, 3, 4], &topic(2, 2, 1));
         assert_eq!(placed, vec![vec![1], vec![2]]);
+        // The partitions of a group share its replicas.
+        let placed = place_replicas(&[1, 2, 3], &topic(5, 2, 3));
+        assert_eq!(
+            placed,
+            vec![
+                vec![1, 2, 3],
+                vec![2, 3, 1],
+                vec![1, 2, 3],
+                vec![2, 3, 1],
+                vec![1, 2, 3]
+            ]
+        );
     }
 }

@@ -1,5 +1,6 @@
-//! The regional node: opens storage, runs the metadata group and one Raft group per hosted
-//! partition, answers peers, and keeps partition groups in step with the metadata.
+//! The regional node: opens storage, runs the metadata group and the Raft groups of its
+//! hosted partitions (a topic's partitions share `groups` of them), answers peers, and
+//! keeps partition groups in step with the metadata.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, RwLock};
@@ -16,9 +17,9 @@ use openraft::storage::RaftStateMachine;
 use openraft::{BasicNode, Raft, SnapshotPolicy};
 use tokio::sync::watch;
 
-use crate::command::{decode, encode, PartitionCommand};
+use crate::command::{decode, encode, GroupCommand, PartitionCommand};
 use crate::groups::GroupCoordinator;
-use crate::leadership::{Leadership, LedGroup};
+use crate::leadership::{Leadership, LedPartition};
 use crate::metadata::{MetaApp, MetaView};
 use crate::partition::{PartitionStateMachine, PartitionView};
 use crate::peer::{
@@ -36,18 +37,19 @@ pub type PartitionRaft = Raft<TypeConfig, PartitionStateMachine>;
 /// Name of the metadata group.
 pub const META_GROUP: &str = "meta";
 
-/// The group id of a partition.
-pub fn partition_group(topic: &str, partition: u32) -> GroupId {
-    format!("{topic}/{partition}")
+/// The id of a topic's Raft group `group` (for a topic with a group per partition, the
+/// group of partition `group`).
+pub fn partition_group(topic: &str, group: u32) -> GroupId {
+    format!("{topic}/{group}")
 }
 
-/// A hosted partition.
+/// A hosted Raft group: the partitions it replicates share its log and leader.
 #[derive(Clone)]
 pub struct PartitionGroup {
     /// Its Raft. Proposals go through [`PartitionGroup::proposer`].
     pub raft: PartitionRaft,
-    /// Its applied state.
-    pub view: Arc<PartitionView>,
+    /// The applied state of each of its partitions.
+    pub views: Arc<BTreeMap<u32, Arc<PartitionView>>>,
     /// Whether it sleeps ([`crate::quiesce`]).
     pub(crate) quiet: Arc<Quiet>,
 }
@@ -81,6 +83,53 @@ impl PartitionGroup {
         }
         self.raft.runtime_config().tick(true);
         false
+    }
+
+    /// Partition `partition` of this group.
+    pub(crate) fn hosted(&self, partition: u32) -> Option<HostedPartition> {
+        Some(HostedPartition {
+            view: self.views.get(&partition)?.clone(),
+            partition,
+            group: self.clone(),
+        })
+    }
+}
+
+/// A hosted partition: its state and the Raft group that replicates it.
+#[derive(Clone)]
+pub struct HostedPartition {
+    /// Its number in the topic.
+    pub partition: u32,
+    /// Its applied state.
+    pub view: Arc<PartitionView>,
+    /// The group it is replicated by.
+    pub group: PartitionGroup,
+}
+
+impl HostedPartition {
+    /// The Raft to propose this partition's commands to ([`PartitionGroup::proposer`]).
+    pub fn proposer(&self) -> &PartitionRaft {
+        self.group.proposer()
+    }
+
+    /// The group's Raft, to read its state.
+    pub fn raft(&self) -> &PartitionRaft {
+        &self.group.raft
+    }
+
+    /// `command` as an entry of the group's log.
+    pub(crate) fn command(
+        &self,
+        command: PartitionCommand,
+    ) -> Result<ferry_store::Command, ferry_proto::ProtoError> {
+        encode(
+            "partition command",
+            &GroupCommand {
+                partition: self.partition,
+                command,
+            },
+        )
+        .map(ferry_store::Command)
     }
 }
 
@@ -288,11 +337,13 @@ impl<T: Transport> Node<T> {
     async fn reconcile(&self) -> Result<(), RegionError> {
         let inner = &self.inner;
         for topic in inner.meta_view.topics() {
-            for (partition, replicas) in topic.replicas.iter().enumerate() {
+            for number in 0..topic.config.groups {
+                // A group's first partition is numbered like the group.
+                let replicas = &topic.replicas[number as usize];
                 if !replicas.contains(&inner.id) {
                     continue;
                 }
-                let group = partition_group(&topic.config.name, partition as u32);
+                let group = partition_group(&topic.config.name, number);
                 if inner
                     .partitions
                     .read()
@@ -301,6 +352,7 @@ impl<T: Transport> Node<T> {
                 {
                     continue;
                 }
+                let members: Vec<u32> = topic.config.partitions_of(number).collect();
                 let sm = PartitionStateMachine::open(
                     &inner
                         .store
@@ -308,8 +360,9 @@ impl<T: Transport> Node<T> {
                         .join("partitions")
                         .join(group.replace('/', "@")),
                     inner.config.wal_segment_bytes,
+                    &members,
                 )?;
-                let view = sm.view();
+                let views = sm.views();
                 let log = inner.store.log_store(&group)?;
                 let network = GroupNetwork {
                     router: inner.router.clone(),
@@ -335,7 +388,7 @@ impl<T: Transport> Node<T> {
                 // too, or it would keep the data folder open.
                 let hosted = PartitionGroup {
                     raft: raft.clone(),
-                    view,
+                    views,
                     quiet: Arc::default(),
                 };
                 let stale = match inner.partitions.write() {
@@ -353,10 +406,9 @@ impl<T: Transport> Node<T> {
                     Arc::downgrade(&inner.leadership),
                     inner.id,
                     topic.config.name.as_str().into(),
-                    partition as u32,
                     hosted,
                 );
-                tracing::info!(%group, ?replicas, "started partition group");
+                tracing::info!(%group, ?replicas, partitions = members.len(), "started partition group");
             }
         }
         Ok(())
@@ -417,13 +469,13 @@ impl<T: Transport> Node<T> {
     async fn enforce_retention(&self) {
         let inner = &self.inner;
         let mut topic = None;
-        let (led, _) = self.led_groups();
-        for LedGroup {
+        let (led, _) = self.led_partitions();
+        for LedPartition {
             topic: name,
-            partition,
-            group,
+            hosted,
         } in led.iter()
         {
+            let partition = hosted.partition;
             // Led groups come sorted by topic: one metadata lookup per topic.
             if topic
                 .as_ref()
@@ -437,32 +489,28 @@ impl<T: Transport> Node<T> {
             let retention = topic.config.retention;
             let now = now_ms();
             let mut trim_to =
-                group
+                hosted
                     .view
                     .retention_point(now, retention.max_age_ms, retention.max_bytes);
             if retention.keep_until_forwarded {
                 // Not past what any region's forwarder has passed (committed), nor at all
                 // while a region has no forwarder yet.
-                if let Some(floor) = self.forwarded_floor(&topic.config, group) {
-                    let low = group.view.watermarks().low;
+                if let Some(floor) = self.forwarded_floor(&topic.config, hosted) {
+                    let low = hosted.view.watermarks().low;
                     trim_to = trim_to.map(|t| t.min(floor.offset)).filter(|t| *t > low);
                 }
             }
             let trim = trim_to.map(|before_offset| PartitionCommand::Trim { before_offset });
             let idle_before_ms = now.saturating_sub(inner.config.producer_expiry_ms);
-            let expire = group
+            let expire = hosted
                 .view
                 .producer_expiry_due(idle_before_ms)
                 .then_some(PartitionCommand::ExpireProducers { idle_before_ms });
             for command in trim.into_iter().chain(expire) {
-                let Ok(command) = encode("partition command", &command) else {
+                let Ok(command) = hosted.command(command) else {
                     continue;
                 };
-                if let Err(e) = group
-                    .proposer()
-                    .client_write(ferry_store::Command(command))
-                    .await
-                {
+                if let Err(e) = hosted.proposer().client_write(command).await {
                     tracing::debug!(topic = %name, partition, error = %e, "retention or producer expiry not applied");
                 }
             }
@@ -480,23 +528,54 @@ impl<T: Transport> Node<T> {
     }
 
     /// A hosted partition.
-    pub fn partition(&self, topic: &str, partition: u32) -> Option<PartitionGroup> {
+    pub fn partition(&self, topic: &str, partition: u32) -> Option<HostedPartition> {
+        self.hosted_partition(&self.inner.meta_view.topic(topic)?.config, partition)
+    }
+
+    /// Partition `partition` of the topic `config` describes, if hosted here.
+    pub(crate) fn hosted_partition(
+        &self,
+        config: &ferry_proto::TopicConfig,
+        partition: u32,
+    ) -> Option<HostedPartition> {
+        let group = partition_group(&config.name, config.group_of(partition));
         self.inner
             .partitions
             .read()
             .ok()?
-            .get(&partition_group(topic, partition))
-            .cloned()
+            .get(&group)?
+            .hosted(partition)
     }
 
-    /// The partition groups this node leads now, sorted by (topic, partition), and the
-    /// version of that set ([`Leadership::led`]).
-    pub(crate) fn led_groups(&self) -> (Arc<[LedGroup]>, u64) {
+    /// The partitions this node leads now, sorted by (topic, partition), and the version of
+    /// that set ([`Leadership::led`]).
+    pub(crate) fn led_partitions(&self) -> (Arc<[LedPartition]>, u64) {
         self.inner.leadership.led()
     }
 
+    /// Every hosted partition, named `topic/partition`, sorted by name.
+    pub fn partitions(&self) -> Vec<(String, HostedPartition)> {
+        let mut partitions: Vec<(String, HostedPartition)> = self
+            .partition_groups()
+            .into_iter()
+            .flat_map(|(id, group)| {
+                let topic = id
+                    .rsplit_once('/')
+                    .map_or(id.as_str(), |(t, _)| t)
+                    .to_string();
+                group
+                    .views
+                    .keys()
+                    .filter_map(|&p| Some((format!("{topic}/{p}"), group.hosted(p)?)))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        partitions.sort_by(|a, b| a.0.cmp(&b.0));
+        partitions
+    }
+
     /// Every hosted partition group.
-    pub fn partitions(&self) -> Vec<(GroupId, PartitionGroup)> {
+    pub fn partition_groups(&self) -> Vec<(GroupId, PartitionGroup)> {
         self.inner
             .partitions
             .read()

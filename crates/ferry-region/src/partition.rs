@@ -1,20 +1,23 @@
 //! The partition state machine: assigns offsets to appended batches, deduplicates producer
 //! retries by (producer id, sequence), keeps consumer group cursors and domain streams (their
 //! versions, checked as an append applies, and where their events are) and trims by retention.
+//! One state machine serves a Raft group: each entry of the group's log is a command to one
+//! of the group's partitions (`GroupCommand`), and each partition keeps its own state.
 //!
-//! Event data lives once, in the partition's own batch files ([`BatchFiles`]); the rest of
+//! Event data lives once, in each partition's own batch files ([`BatchFiles`]); the rest of
 //! the state (watermarks, producers, cursors) is small and kept in memory. Neither is synced
 //! as entries apply: the Raft log (the node's write-ahead log) is what makes an append
-//! durable. A snapshot is a *checkpoint*: the batch files are synced, then the small state,
-//! the applied log id and the extent of the files are written to `checkpoint` (atomically,
-//! by rename). On start the files are cut back to that extent and Raft re-applies the log
-//! after it. openraft keeps only the meta of a built snapshot; its data (state plus every
-//! retained batch) is assembled from the checkpoint when a follower needs it.
+//! durable. A snapshot is a *checkpoint*: the batch files written since the last one are
+//! synced, then every partition's small state and files' extent, with the applied log id, are
+//! written to `checkpoint` (atomically, by rename). On start the files are cut back to that
+//! extent and Raft re-applies the log after it. openraft keeps only the meta of a built
+//! snapshot; its data (every partition's state plus every retained batch) is assembled from
+//! the checkpoint when a follower needs it.
 //!
 //! Readers use [`PartitionView`]; the watermark is published only after the batch is in the
 //! files, so a reader never sees an offset it cannot read.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -33,7 +36,7 @@ use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{watch, Mutex};
 
-use crate::command::{decode_shared, encode, PartitionCommand, PartitionReply};
+use crate::command::{decode_shared, encode, GroupCommand, PartitionCommand, PartitionReply};
 
 /// How many recent batches per producer are remembered to answer retries with their offsets.
 const DEDUPE_WINDOW: usize = 64;
@@ -98,9 +101,17 @@ struct SmallState {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Checkpoint {
     meta: SnapshotMetaOf<TypeConfig>,
-    state: SmallState,
-    /// The folder (under the partition's) holding the batch files, and how far they count.
+    /// The folder (under the group's) holding the batch files, one folder per partition.
     batches: String,
+    partitions: Vec<PartitionCheckpoint>,
+}
+
+/// One partition's part of a [`Checkpoint`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct PartitionCheckpoint {
+    partition: u32,
+    state: SmallState,
+    /// How far its batch files count.
     extent: Extent,
 }
 
@@ -361,9 +372,35 @@ struct Partition {
     marks: Watermarks,
     producers: HashMap<ProducerId, ProducerState>,
     received: HashMap<(String, u32), u64>,
+    /// Applied something since the last checkpoint was taken (only such partitions have
+    /// batch files to sync for the next one).
+    dirty: bool,
 }
 
 impl Partition {
+    /// An empty partition over `files`.
+    fn new(files: BatchFiles) -> Self {
+        let view = Arc::new(PartitionView {
+            files: RwLock::new(files),
+            cursors: RwLock::new(HashMap::new()),
+            forward_cursors: RwLock::new(HashMap::new()),
+            received: RwLock::new(HashMap::new()),
+            streams: RwLock::new(HashMap::new()),
+            watermarks: watch::channel(Watermarks::default()).0,
+            bytes: AtomicU64::new(0),
+            forwarded_duplicates: AtomicU64::new(0),
+            oldest_producer_ms: AtomicU64::new(u64::MAX),
+            producers: AtomicU64::new(0),
+        });
+        Self {
+            view,
+            marks: Watermarks::default(),
+            producers: HashMap::new(),
+            received: HashMap::new(),
+            dirty: false,
+        }
+    }
+
     fn small_state(&self) -> Result<SmallState, StoreError> {
         let mut producers: Vec<_> = self
             .producers
@@ -433,13 +470,14 @@ impl Partition {
     }
 
     /// Applies one command; an `Err` is a storage failure that must stop the state machine.
-    fn apply(&mut self, command: &Bytes) -> Result<Bytes, StoreError> {
-        let reply = match decode_shared::<PartitionCommand>("partition command", command) {
-            Ok(PartitionCommand::Append {
+    fn apply(&mut self, command: PartitionCommand) -> Result<PartitionReply, StoreError> {
+        self.dirty = true;
+        Ok(match command {
+            PartitionCommand::Append {
                 batch,
                 appended_at_ms,
-            }) => self.append(batch, appended_at_ms)?,
-            Ok(PartitionCommand::Commit { group, offset }) => {
+            } => self.append(batch, appended_at_ms)?,
+            PartitionCommand::Commit { group, offset } => {
                 // Cursors only move forward: a member that lost the partition in a rebalance
                 // may still commit what it handled, and must not undo its successor's commits.
                 let mut cursors = self.view.cursors.write().map_err(storage_err)?;
@@ -447,35 +485,29 @@ impl Partition {
                 *cursor = (*cursor).max(offset);
                 PartitionReply::Done
             }
-            Ok(PartitionCommand::Trim { before_offset }) => self.trim(before_offset)?,
-            Ok(PartitionCommand::Forwarded {
+            PartitionCommand::Trim { before_offset } => self.trim(before_offset)?,
+            PartitionCommand::Forwarded {
                 origin_region,
                 origin_partition,
                 batch,
                 appended_at_ms,
-            }) => self.forwarded(origin_region, origin_partition, &batch, appended_at_ms)?,
-            Ok(PartitionCommand::ForwardCursor { region, next }) => {
+            } => self.forwarded(origin_region, origin_partition, &batch, appended_at_ms)?,
+            PartitionCommand::ForwardCursor { region, next } => {
                 let mut cursors = self.view.forward_cursors.write().map_err(storage_err)?;
                 let cursor = cursors.entry(region).or_default();
                 *cursor = (*cursor).max(next);
                 PartitionReply::Done
             }
-            Ok(PartitionCommand::AppendToStream {
+            PartitionCommand::AppendToStream {
                 stream,
                 expected_version,
                 batch,
                 appended_at_ms,
-            }) => self.append_to_stream(stream, expected_version, batch, appended_at_ms)?,
-            Ok(PartitionCommand::ExpireProducers { idle_before_ms }) => {
+            } => self.append_to_stream(stream, expected_version, batch, appended_at_ms)?,
+            PartitionCommand::ExpireProducers { idle_before_ms } => {
                 self.expire_producers(idle_before_ms)
             }
-            Err(e) => {
-                PartitionReply::Error(ApiError::new(ErrorCode::InvalidRequest, e.to_string()))
-            }
-        };
-        // A committed command whose reply cannot be encoded is a bug: stop the group rather
-        // than answer a committed write with empty bytes.
-        encode("partition reply", &reply).map_err(|e| StoreError::io("partition reply", e))
+        })
     }
 
     fn append(
@@ -834,20 +866,24 @@ impl Partition {
 }
 
 struct Inner {
-    partition: Partition,
+    /// The group's partitions, by number.
+    partitions: BTreeMap<u32, Partition>,
     applied: AppliedState,
-    /// The folder of the batch files in use: a snapshot is installed into a new one, and the
-    /// checkpoint naming it switches over atomically.
+    /// The folder of the batch files in use (one folder per partition inside it): a
+    /// snapshot is installed into a new one, and the checkpoint naming it switches over
+    /// atomically.
     batches: String,
 }
 
-/// A partition group's openraft state machine. Cloning shares it.
+/// A Raft group's openraft state machine: the partitions the group replicates, each with
+/// its own offsets, batch files and state, applied in the order of the group's one log.
+/// Cloning shares it.
 #[derive(Clone)]
 pub struct PartitionStateMachine {
     dir: PathBuf,
     segment_bytes: u64,
     inner: Arc<Mutex<Inner>>,
-    view: Arc<PartitionView>,
+    views: Arc<BTreeMap<u32, Arc<PartitionView>>>,
     /// One checkpoint at a time: a snapshot build writes its checkpoint outside `inner`'s
     /// lock, and must not interleave with an install's.
     checkpointing: Arc<Mutex<()>>,
@@ -893,25 +929,39 @@ fn write_checkpoint(dir: &Path, checkpoint: &Checkpoint) -> Result<(), StoreErro
         .map_err(io)
 }
 
-/// Snapshot data: `[u64 state length][state]` then per batch
-/// `[u64 base offset][u32 count][u64 appended at][u32 length][events]`.
-fn encode_snapshot(state: &SmallState, batches: &[StoredBatch]) -> Result<Bytes, StoreError> {
-    let head = codec::encode("partition snapshot", state)?;
-    let size: usize = batches.iter().map(|b| 24 + b.events.len()).sum();
-    let mut out = Vec::with_capacity(8 + head.len() + size);
-    out.extend_from_slice(&(head.len() as u64).to_be_bytes());
-    out.extend_from_slice(&head);
-    for b in batches {
-        out.extend_from_slice(&b.base_offset.to_be_bytes());
-        out.extend_from_slice(&b.count.to_be_bytes());
-        out.extend_from_slice(&b.appended_at_ms.to_be_bytes());
-        out.extend_from_slice(&(b.events.len() as u32).to_be_bytes());
-        out.extend_from_slice(&b.events);
+/// One partition's part of a snapshot.
+struct PartitionSnapshot {
+    partition: u32,
+    state: SmallState,
+    batches: Vec<StoredBatch>,
+}
+
+/// Snapshot data: `[u32 partitions]`, then per partition `[u32 partition][u64 state
+/// length][state][u64 batches length]` and per batch `[u64 base offset][u32 count][u64
+/// appended at][u32 length][events]`.
+fn encode_snapshot(partitions: &[PartitionSnapshot]) -> Result<Bytes, StoreError> {
+    let mut out = Vec::new();
+    out.extend_from_slice(&(partitions.len() as u32).to_be_bytes());
+    for p in partitions {
+        let head = codec::encode("partition snapshot", &p.state)?;
+        let size: usize = p.batches.iter().map(|b| 24 + b.events.len()).sum();
+        out.reserve(24 + head.len() + size);
+        out.extend_from_slice(&p.partition.to_be_bytes());
+        out.extend_from_slice(&(head.len() as u64).to_be_bytes());
+        out.extend_from_slice(&head);
+        out.extend_from_slice(&(size as u64).to_be_bytes());
+        for b in &p.batches {
+            out.extend_from_slice(&b.base_offset.to_be_bytes());
+            out.extend_from_slice(&b.count.to_be_bytes());
+            out.extend_from_slice(&b.appended_at_ms.to_be_bytes());
+            out.extend_from_slice(&(b.events.len() as u32).to_be_bytes());
+            out.extend_from_slice(&b.events);
+        }
     }
     Ok(Bytes::from(out))
 }
 
-fn decode_snapshot(data: &Bytes) -> Result<(SmallState, Vec<StoredBatch>), StoreError> {
+fn decode_snapshot(data: &Bytes) -> Result<Vec<PartitionSnapshot>, StoreError> {
     let malformed = || StoreError::io("partition snapshot", "malformed snapshot data");
     let mut rest = data.clone();
     let mut take = |n: usize| -> Result<Bytes, StoreError> {
@@ -922,112 +972,190 @@ fn decode_snapshot(data: &Bytes) -> Result<(SmallState, Vec<StoredBatch>), Store
     };
     let u64_of = |b: Bytes| u64::from_be_bytes(b[..].try_into().expect("8 bytes"));
     let u32_of = |b: Bytes| u32::from_be_bytes(b[..].try_into().expect("4 bytes"));
-    let head_len = usize::try_from(u64_of(take(8)?)).map_err(|_| malformed())?;
-    let state: SmallState = codec::decode("partition snapshot", &take(head_len)?)?;
-    let mut batches = Vec::new();
-    let batch_bytes = data.len() - 8 - head_len;
-    let mut read = 0usize;
-    while read < batch_bytes {
-        let base_offset = u64_of(take(8)?);
-        let count = u32_of(take(4)?);
-        let appended_at_ms = u64_of(take(8)?);
-        let len = u32_of(take(4)?) as usize;
-        read += 24 + len;
-        batches.push(StoredBatch {
-            base_offset,
-            count,
-            appended_at_ms,
-            events: take(len)?,
+    let count = u32_of(take(4)?);
+    let mut partitions = Vec::new();
+    for _ in 0..count {
+        let partition = u32_of(take(4)?);
+        let head_len = usize::try_from(u64_of(take(8)?)).map_err(|_| malformed())?;
+        let state: SmallState = codec::decode("partition snapshot", &take(head_len)?)?;
+        let batch_bytes = usize::try_from(u64_of(take(8)?)).map_err(|_| malformed())?;
+        let mut batches = Vec::new();
+        let mut read = 0usize;
+        while read < batch_bytes {
+            let base_offset = u64_of(take(8)?);
+            let count = u32_of(take(4)?);
+            let appended_at_ms = u64_of(take(8)?);
+            let len = u32_of(take(4)?) as usize;
+            read += 24 + len;
+            batches.push(StoredBatch {
+                base_offset,
+                count,
+                appended_at_ms,
+                events: take(len)?,
+            });
+        }
+        if read != batch_bytes {
+            return Err(malformed());
+        }
+        partitions.push(PartitionSnapshot {
+            partition,
+            state,
+            batches,
         });
     }
-    Ok((state, batches))
+    if !rest.is_empty() {
+        return Err(malformed());
+    }
+    Ok(partitions)
+}
+
+/// The folder of `partition`'s batch files inside a group's batches folder.
+fn partition_folder(batches: &Path, partition: u32) -> PathBuf {
+    batches.join(partition.to_string())
 }
 
 impl PartitionStateMachine {
-    /// Opens the partition kept in `dir` (creating it empty): the batch files are cut back to
-    /// the last checkpoint, whose state and applied log id are restored.
-    pub fn open(dir: &Path, segment_bytes: u64) -> Result<Self, StoreError> {
+    /// Opens the group kept in `dir` (creating it empty) for `partitions`: their batch files
+    /// are cut back to the last checkpoint, whose state and applied log id are restored.
+    pub fn open(dir: &Path, segment_bytes: u64, partitions: &[u32]) -> Result<Self, StoreError> {
         ferry_store::create_dir_durably(dir)?;
         let checkpoint = read_checkpoint(dir)?;
-        let (batches, extent) = match &checkpoint {
-            Some(c) => (c.batches.clone(), c.extent.clone()),
-            None => ("batches-0".to_string(), Extent::default()),
-        };
+        let batches = checkpoint
+            .as_ref()
+            .map_or_else(|| "batches-0".to_string(), |c| c.batches.clone());
         // Left by an install that did not reach its checkpoint.
         remove_other_batch_folders(dir, &batches)?;
-        let files = BatchFiles::open(&dir.join(&batches), segment_bytes, &extent)?;
-        let view = Arc::new(PartitionView {
-            files: RwLock::new(files),
-            cursors: RwLock::new(HashMap::new()),
-            forward_cursors: RwLock::new(HashMap::new()),
-            received: RwLock::new(HashMap::new()),
-            streams: RwLock::new(HashMap::new()),
-            watermarks: watch::channel(Watermarks::default()).0,
-            bytes: AtomicU64::new(0),
-            forwarded_duplicates: AtomicU64::new(0),
-            oldest_producer_ms: AtomicU64::new(u64::MAX),
-            producers: AtomicU64::new(0),
-        });
-        let mut partition = Partition {
-            view: view.clone(),
-            marks: Watermarks::default(),
-            producers: HashMap::new(),
-            received: HashMap::new(),
-        };
-        let applied = match checkpoint {
-            Some(c) => {
-                partition.restore(c.state)?;
-                (c.meta.last_log_id, c.meta.last_membership)
+        let mut saved: HashMap<u32, PartitionCheckpoint> = checkpoint
+            .as_ref()
+            .map(|c| {
+                c.partitions
+                    .iter()
+                    .map(|p| (p.partition, p.clone()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut hosted = BTreeMap::new();
+        for &number in partitions {
+            let saved = saved.remove(&number);
+            let extent = saved.as_ref().map(|s| s.extent.clone()).unwrap_or_default();
+            let files = BatchFiles::open(
+                &partition_folder(&dir.join(&batches), number),
+                segment_bytes,
+                &extent,
+            )?;
+            let mut partition = Partition::new(files);
+            if let Some(saved) = saved {
+                partition.restore(saved.state)?;
             }
+            hosted.insert(number, partition);
+        }
+        let applied = match checkpoint {
+            Some(c) => (c.meta.last_log_id, c.meta.last_membership),
             None => (None, StoredMembershipOf::<TypeConfig>::default()),
         };
+        let views = hosted.iter().map(|(n, p)| (*n, p.view.clone())).collect();
         Ok(Self {
             dir: dir.to_path_buf(),
             segment_bytes,
             inner: Arc::new(Mutex::new(Inner {
-                partition,
+                partitions: hosted,
                 applied,
                 batches,
             })),
-            view,
+            views: Arc::new(views),
             checkpointing: Arc::new(Mutex::new(())),
         })
     }
 
-    /// The shared read view.
-    pub fn view(&self) -> Arc<PartitionView> {
-        self.view.clone()
+    /// The shared read views of the group's partitions.
+    pub fn views(&self) -> Arc<BTreeMap<u32, Arc<PartitionView>>> {
+        self.views.clone()
     }
 
     /// What a checkpoint of everything applied so far holds, and the batch-file bytes it
-    /// needs on disk. Take with the state machine locked (so they agree); write with
+    /// needs on disk (of the partitions that applied something since the last one). Take
+    /// with the state machine locked (so they agree); write with
     /// [`PartitionStateMachine::write_checkpoint_after`], which needs no lock.
-    fn checkpoint_of(&self, inner: &Inner) -> Result<(Checkpoint, SyncPlan), StoreError> {
-        let files = self.view.files.read().map_err(storage_err)?;
+    fn checkpoint_of(
+        &self,
+        inner: &mut Inner,
+    ) -> Result<(Checkpoint, Vec<(u32, SyncPlan)>), StoreError> {
+        let mut partitions = Vec::with_capacity(inner.partitions.len());
+        let mut plans = Vec::new();
+        for (number, partition) in inner.partitions.iter_mut() {
+            let files = partition.view.files.read().map_err(storage_err)?;
+            partitions.push(PartitionCheckpoint {
+                partition: *number,
+                state: partition.small_state()?,
+                extent: files.extent(),
+            });
+            if std::mem::take(&mut partition.dirty) {
+                plans.push((*number, files.sync_plan()));
+            }
+        }
         let checkpoint = Checkpoint {
             meta: SnapshotMetaOf::<TypeConfig> {
                 last_log_id: inner.applied.0,
                 last_membership: inner.applied.1.clone(),
             },
-            state: inner.partition.small_state()?,
             batches: inner.batches.clone(),
-            extent: files.extent(),
+            partitions,
         };
-        Ok((checkpoint, files.sync_plan()))
+        Ok((checkpoint, plans))
     }
 
-    /// Syncs the batch files `plan` names, records `checkpoint`, then deletes the segments
+    /// Syncs the batch files `plans` name, records `checkpoint`, then deletes the segments
     /// it no longer needs. Hold `checkpointing`.
     fn write_checkpoint_after(
         &self,
         checkpoint: &Checkpoint,
-        plan: &SyncPlan,
+        plans: &[(u32, SyncPlan)],
     ) -> Result<(), StoreError> {
-        plan.sync()?;
+        for (_, plan) in plans {
+            plan.sync()?;
+        }
         write_checkpoint(&self.dir, checkpoint)?;
-        let mut files = self.view.files.write().map_err(storage_err)?;
-        files.mark_synced(plan);
-        files.remove_dropped_outside(&checkpoint.extent)
+        for saved in &checkpoint.partitions {
+            let Some(view) = self.views.get(&saved.partition) else {
+                continue;
+            };
+            let mut files = view.files.write().map_err(storage_err)?;
+            if let Some((_, plan)) = plans.iter().find(|(n, _)| *n == saved.partition) {
+                files.mark_synced(plan);
+            }
+            files.remove_dropped_outside(&saved.extent)?;
+        }
+        Ok(())
+    }
+
+    /// Applies one entry's command: `(partition, command)`. A command that cannot be decoded
+    /// or names a partition the group does not hold is answered with an error; an `Err` is
+    /// a storage failure that must stop the state machine.
+    fn apply_command(
+        inner: &mut Inner,
+        command: &Bytes,
+        touched: &mut Vec<u32>,
+    ) -> Result<Bytes, StoreError> {
+        let reply = match decode_shared::<GroupCommand>("partition command", command) {
+            Ok(GroupCommand { partition, command }) => match inner.partitions.get_mut(&partition) {
+                Some(p) => {
+                    if !touched.contains(&partition) {
+                        touched.push(partition);
+                    }
+                    p.apply(command)?
+                }
+                None => PartitionReply::Error(ApiError::new(
+                    ErrorCode::InvalidRequest,
+                    format!("partition {partition} is not in this Raft group"),
+                )),
+            },
+            Err(e) => {
+                PartitionReply::Error(ApiError::new(ErrorCode::InvalidRequest, e.to_string()))
+            }
+        };
+        // A committed command whose reply cannot be encoded is a bug: stop the group rather
+        // than answer a committed write with empty bytes.
+        encode("partition reply", &reply).map_err(|e| StoreError::io("partition reply", e))
     }
 }
 
@@ -1038,16 +1166,16 @@ impl RaftSnapshotBuilder<TypeConfig> for PartitionStateMachine {
     /// left empty here and assembled by `get_current_snapshot` when a follower needs it.
     async fn build_snapshot(&mut self) -> Result<SnapshotOf<TypeConfig, SnapshotData>, io::Error> {
         let _one = self.checkpointing.lock().await;
-        let (checkpoint, plan) = {
-            let inner = self.inner.lock().await;
-            self.checkpoint_of(&inner)?
+        let (checkpoint, plans) = {
+            let mut inner = self.inner.lock().await;
+            self.checkpoint_of(&mut inner)?
         };
         // Outside the state machine's lock: applies (and so acknowledgements) go on while the
-        // fsyncs run. The checkpoint names the extent taken above; later appends lie beyond
-        // it and come back from the Raft log after a restart.
+        // fsyncs run. The checkpoint names the extents taken above; later appends lie beyond
+        // them and come back from the Raft log after a restart.
         let started = std::time::Instant::now();
-        self.write_checkpoint_after(&checkpoint, &plan)?;
-        tracing::debug!(took = ?started.elapsed(), "wrote a partition checkpoint");
+        self.write_checkpoint_after(&checkpoint, &plans)?;
+        tracing::debug!(took = ?started.elapsed(), synced = plans.len(), "wrote a partition group checkpoint");
         Ok(SnapshotOf::<TypeConfig, SnapshotData> {
             meta: checkpoint.meta,
             snapshot: Bytes::new(),
@@ -1070,10 +1198,13 @@ impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
         let mut inner = self.inner.lock().await;
         let inner = &mut *inner;
         let mut replies = Vec::new();
+        let mut touched = Vec::new();
         while let Some((entry, responder)) = entries.try_next().await? {
             let reply = match entry.payload {
                 EntryPayload::Blank => Bytes::new(),
-                EntryPayload::Normal(ref command) => inner.partition.apply(&command.0)?,
+                EntryPayload::Normal(ref command) => {
+                    Self::apply_command(inner, &command.0, &mut touched)?
+                }
                 EntryPayload::Membership(ref membership) => {
                     inner.applied.1 = StoredMembershipOf::<TypeConfig>::new(
                         Some(entry.log_id),
@@ -1087,7 +1218,11 @@ impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
                 replies.push((responder, reply));
             }
         }
-        inner.partition.publish();
+        for number in touched {
+            if let Some(p) = inner.partitions.get(&number) {
+                p.publish();
+            }
+        }
         for (responder, reply) in replies {
             responder.send(ferry_store::Reply(reply));
         }
@@ -1103,7 +1238,10 @@ impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
         meta: &SnapshotMetaOf<TypeConfig>,
         snapshot: SnapshotData,
     ) -> Result<(), io::Error> {
-        let (state, batches) = decode_snapshot(&snapshot)?;
+        let mut received: HashMap<u32, PartitionSnapshot> = decode_snapshot(&snapshot)?
+            .into_iter()
+            .map(|p| (p.partition, p))
+            .collect();
         let _one = self.checkpointing.lock().await;
         let mut inner = self.inner.lock().await;
         // Into a new folder: until the checkpoint naming it is written, a restart still finds
@@ -1114,23 +1252,31 @@ impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
             .and_then(|g| g.parse().ok())
             .unwrap_or(0);
         let next = format!("batches-{}", generation + 1);
-        let mut fresh = BatchFiles::open(
-            &self.dir.join(&next),
-            self.segment_bytes,
-            &Extent::default(),
-        )?;
-        for batch in &batches {
-            fresh.append(batch)?;
+        for (number, partition) in inner.partitions.iter_mut() {
+            // A partition the leader's snapshot does not carry is empty there.
+            let (state, batches) = received
+                .remove(number)
+                .map(|p| (p.state, p.batches))
+                .unwrap_or_default();
+            let mut fresh = BatchFiles::open(
+                &partition_folder(&self.dir.join(&next), *number),
+                self.segment_bytes,
+                &Extent::default(),
+            )?;
+            for batch in &batches {
+                fresh.append(batch)?;
+            }
+            drop(std::mem::replace(
+                &mut *partition.view.files.write().map_err(io_err)?,
+                fresh,
+            ));
+            partition.restore(state)?;
+            partition.dirty = true;
         }
-        drop(std::mem::replace(
-            &mut *self.view.files.write().map_err(io_err)?,
-            fresh,
-        ));
         let old = std::mem::replace(&mut inner.batches, next);
-        inner.partition.restore(state)?;
         inner.applied = (meta.last_log_id, meta.last_membership.clone());
-        let (checkpoint, plan) = self.checkpoint_of(&inner)?;
-        self.write_checkpoint_after(&checkpoint, &plan)?;
+        let (checkpoint, plans) = self.checkpoint_of(&mut inner)?;
+        self.write_checkpoint_after(&checkpoint, &plans)?;
         let old = self.dir.join(old);
         std::fs::remove_dir_all(&old).map_err(|e| io_err(format!("{}: {e}", old.display())))?;
         Ok(())
@@ -1143,17 +1289,27 @@ impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
         let Some(checkpoint) = read_checkpoint(&self.dir)? else {
             return Ok(None);
         };
-        let batches =
-            BatchFiles::read_extent(&self.dir.join(&checkpoint.batches), &checkpoint.extent)?;
-        let low = checkpoint.state.marks.low;
-        let high = checkpoint.state.marks.high;
-        let batches: Vec<_> = batches
-            .into_iter()
-            .filter(|b| b.end_offset() > low && b.base_offset < high)
-            .collect();
+        let folder = self.dir.join(&checkpoint.batches);
+        let mut partitions = Vec::with_capacity(checkpoint.partitions.len());
+        for saved in checkpoint.partitions {
+            let batches = BatchFiles::read_extent(
+                &partition_folder(&folder, saved.partition),
+                &saved.extent,
+            )?;
+            let low = saved.state.marks.low;
+            let high = saved.state.marks.high;
+            partitions.push(PartitionSnapshot {
+                partition: saved.partition,
+                batches: batches
+                    .into_iter()
+                    .filter(|b| b.end_offset() > low && b.base_offset < high)
+                    .collect(),
+                state: saved.state,
+            });
+        }
         Ok(Some(SnapshotOf::<TypeConfig, SnapshotData> {
             meta: checkpoint.meta,
-            snapshot: encode_snapshot(&checkpoint.state, &batches)?,
+            snapshot: encode_snapshot(&partitions)?,
         }))
     }
 }
@@ -1182,11 +1338,34 @@ mod tests {
         b
     }
 
+    /// A group of the one partition 0, as a topic with a group per partition has.
+    fn open_one(dir: &Path, segment_bytes: u64) -> Result<PartitionStateMachine, StoreError> {
+        PartitionStateMachine::open(dir, segment_bytes, &[0])
+    }
+
+    impl PartitionStateMachine {
+        fn view(&self) -> Arc<PartitionView> {
+            self.views[&0].clone()
+        }
+    }
+
     fn run(sm: &PartitionStateMachine, command: PartitionCommand) -> PartitionReply {
-        let command = encode("c", &command).unwrap();
+        run_on(sm, 0, command)
+    }
+
+    fn run_on(
+        sm: &PartitionStateMachine,
+        partition: u32,
+        command: PartitionCommand,
+    ) -> PartitionReply {
+        let command = encode("c", &GroupCommand { partition, command }).unwrap();
         let mut inner = sm.inner.try_lock().unwrap();
-        let reply = inner.partition.apply(&command).unwrap();
-        inner.partition.publish();
+        let mut touched = Vec::new();
+        let reply =
+            PartitionStateMachine::apply_command(&mut inner, &command, &mut touched).unwrap();
+        for p in touched {
+            inner.partitions[&p].publish();
+        }
         decode("r", &reply).unwrap()
     }
 
@@ -1220,7 +1399,7 @@ mod tests {
     #[test]
     fn unreadable_forwarding_state_is_an_error_not_a_new_region() {
         let dir = tempfile::tempdir().unwrap();
-        let sm = PartitionStateMachine::open(dir.path(), 1 << 20).unwrap();
+        let sm = open_one(dir.path(), 1 << 20).unwrap();
         let view = sm.view();
         assert_eq!(
             view.forward_cursor("b").unwrap(),
@@ -1247,7 +1426,7 @@ mod tests {
     #[test]
     fn offsets_dedupe_and_sequence_checks() {
         let dir = tempfile::tempdir().unwrap();
-        let sm = PartitionStateMachine::open(dir.path(), 1 << 20).unwrap();
+        let sm = open_one(dir.path(), 1 << 20).unwrap();
 
         assert_eq!(append(&sm, batch(Some(7), 0, 3)), appended(0, 3, false));
         assert_eq!(append(&sm, batch(None, 0, 2)), appended(3, 2, false));
@@ -1346,13 +1525,13 @@ mod tests {
     }
 
     fn index_len(sm: &PartitionStateMachine, name: &str) -> usize {
-        sm.view.streams.read().unwrap()[name].appends.len()
+        sm.view().streams.read().unwrap()[name].appends.len()
     }
 
     #[test]
     fn stream_versions_are_checked_as_the_append_applies() {
         let dir = tempfile::tempdir().unwrap();
-        let sm = PartitionStateMachine::open(dir.path(), 1 << 20).unwrap();
+        let sm = open_one(dir.path(), 1 << 20).unwrap();
 
         // Some(0): the stream must not exist yet.
         assert_eq!(
@@ -1441,7 +1620,7 @@ mod tests {
     #[test]
     fn a_producer_resend_to_a_stream_is_answered_with_the_original_append() {
         let dir = tempfile::tempdir().unwrap();
-        let sm = PartitionStateMachine::open(dir.path(), 1 << 20).unwrap();
+        let sm = open_one(dir.path(), 1 << 20).unwrap();
         assert_eq!(
             to_stream(&sm, "s", Some(0), batch(Some(7), 0, 2)),
             stream_appended(0, 1, 2)
@@ -1494,7 +1673,7 @@ mod tests {
     #[tokio::test]
     async fn streams_survive_trim_restart_and_snapshot_install() {
         let dir = tempfile::tempdir().unwrap();
-        let mut sm = PartitionStateMachine::open(&dir.path().join("a"), 4096).unwrap();
+        let mut sm = open_one(&dir.path().join("a"), 4096).unwrap();
         // "s" gets every other batch of 4 events, by producer 1; plain batches between.
         for seq in 0..50 {
             let b = batch(Some(1), seq * 4, 4);
@@ -1533,7 +1712,7 @@ mod tests {
         );
         drop(sm);
 
-        let sm = PartitionStateMachine::open(&dir.path().join("a"), 4096).unwrap();
+        let sm = open_one(&dir.path().join("a"), 4096).unwrap();
         assert_eq!(stream(&sm, "s", 0), at_checkpoint);
         assert_eq!(
             to_stream(&sm, "s", Some(100), batch(Some(1), 200, 2)),
@@ -1549,7 +1728,7 @@ mod tests {
         let mut sm = sm;
         sm.build_snapshot().await.unwrap();
         let snapshot = sm.get_current_snapshot().await.unwrap().unwrap();
-        let mut follower = PartitionStateMachine::open(&dir.path().join("b"), 4096).unwrap();
+        let mut follower = open_one(&dir.path().join("b"), 4096).unwrap();
         follower
             .install_snapshot(&snapshot.meta, snapshot.snapshot)
             .await
@@ -1562,7 +1741,7 @@ mod tests {
             stream_appended(200, 101, 102)
         );
         drop(follower);
-        let follower = PartitionStateMachine::open(&dir.path().join("b"), 4096).unwrap();
+        let follower = open_one(&dir.path().join("b"), 4096).unwrap();
         assert_eq!(stream(&follower, "s", 0), stream(&sm, "s", 0));
         assert_eq!(
             to_stream(&follower, "s", Some(102), batch(None, 900, 1)),
@@ -1573,7 +1752,7 @@ mod tests {
     #[tokio::test]
     async fn a_restart_returns_to_the_checkpoint_and_reapplies_the_same_way() {
         let dir = tempfile::tempdir().unwrap();
-        let mut sm = PartitionStateMachine::open(dir.path(), 4096).unwrap();
+        let mut sm = open_one(dir.path(), 4096).unwrap();
         for seq in 0..10 {
             append(&sm, batch(Some(7), seq * 4, 4));
         }
@@ -1592,7 +1771,7 @@ mod tests {
         assert_eq!(sm.view().watermarks().high, 60);
         drop(sm);
 
-        let sm = PartitionStateMachine::open(dir.path(), 4096).unwrap();
+        let sm = open_one(dir.path(), 4096).unwrap();
         assert_eq!(sm.view().watermarks().high, 40);
         assert_eq!(sm.view().committed("g").unwrap(), Some(12));
         assert_eq!(offsets(&sm, 36), vec![(36, 4)]);
@@ -1615,7 +1794,7 @@ mod tests {
     #[tokio::test]
     async fn idle_producers_expire_by_the_commands_cut_off_and_must_start_again_at_0() {
         let dir = tempfile::tempdir().unwrap();
-        let mut sm = PartitionStateMachine::open(dir.path(), 4096).unwrap();
+        let mut sm = open_one(dir.path(), 4096).unwrap();
         assert!(
             !sm.view().producer_expiry_due(u64::MAX),
             "no producer, nothing due"
@@ -1631,7 +1810,7 @@ mod tests {
         // The checkpoint keeps each producer's last append.
         sm.build_snapshot().await.unwrap();
         drop(sm);
-        let sm = PartitionStateMachine::open(dir.path(), 4096).unwrap();
+        let sm = open_one(dir.path(), 4096).unwrap();
         assert!(!sm.view().producer_expiry_due(2_000));
         assert!(sm.view().producer_expiry_due(2_001));
 
@@ -1693,12 +1872,12 @@ mod tests {
     #[tokio::test]
     async fn trimmed_segments_go_after_a_checkpoint_and_snapshots_carry_what_is_retained() {
         let dir = tempfile::tempdir().unwrap();
-        let mut sm = PartitionStateMachine::open(&dir.path().join("a"), 4096).unwrap();
+        let mut sm = open_one(&dir.path().join("a"), 4096).unwrap();
         for seq in 0..100 {
             append(&sm, batch(Some(1), seq * 4, 4));
         }
         let segments = || {
-            std::fs::read_dir(dir.path().join("a/batches-0"))
+            std::fs::read_dir(dir.path().join("a/batches-0/0"))
                 .unwrap()
                 .count()
         };
@@ -1717,7 +1896,7 @@ mod tests {
 
         // A follower installs the snapshot and holds exactly the retained batches.
         let snapshot = sm.get_current_snapshot().await.unwrap().unwrap();
-        let mut follower = PartitionStateMachine::open(&dir.path().join("b"), 4096).unwrap();
+        let mut follower = open_one(&dir.path().join("b"), 4096).unwrap();
         follower
             .install_snapshot(&snapshot.meta, snapshot.snapshot)
             .await
@@ -1729,14 +1908,79 @@ mod tests {
             appended(396, 4, true)
         );
         drop(follower);
-        let follower = PartitionStateMachine::open(&dir.path().join("b"), 4096).unwrap();
+        let follower = open_one(&dir.path().join("b"), 4096).unwrap();
         assert_eq!(offsets(&follower, 0), offsets(&sm, 0));
         // A restart does not bring back what retention dropped, even from a kept segment.
         drop(sm);
-        let sm = PartitionStateMachine::open(&dir.path().join("a"), 4096).unwrap();
+        let sm = open_one(&dir.path().join("a"), 4096).unwrap();
         assert_eq!(offsets(&sm, 0).first(), Some(&(300, 4)));
         assert_eq!(sm.view().stored_bytes(), follower.view().stored_bytes());
         // Malformed snapshot data is refused.
-        assert!(decode_snapshot(&Bytes::from_static(&[0, 0, 0, 0, 0, 0, 0, 9, 1])).is_err());
+        assert!(decode_snapshot(&Bytes::from_static(&[0, 0, 0, 1, 0, 0, 0, 0, 9, 1])).is_err());
+    }
+
+    #[tokio::test]
+    async fn a_group_keeps_its_partitions_apart_through_restart_and_snapshot() {
+        let dir = tempfile::tempdir().unwrap();
+        let open = |name: &str| {
+            PartitionStateMachine::open(&dir.path().join(name), 4096, &[1, 4]).unwrap()
+        };
+        let append_to = |sm: &PartitionStateMachine, partition, seq| {
+            run_on(
+                sm,
+                partition,
+                PartitionCommand::Append {
+                    batch: batch(Some(partition.into()), seq, 2),
+                    appended_at_ms: 1,
+                },
+            )
+        };
+        let mut sm = open("a");
+        // Each partition numbers its own offsets, and dedupes its own producers.
+        assert_eq!(append_to(&sm, 1, 0), appended(0, 2, false));
+        assert_eq!(append_to(&sm, 4, 0), appended(0, 2, false));
+        assert_eq!(append_to(&sm, 4, 2), appended(2, 2, false));
+        assert_eq!(append_to(&sm, 4, 2), appended(2, 2, true));
+        run_on(
+            &sm,
+            1,
+            PartitionCommand::Commit {
+                group: "g".into(),
+                offset: 1,
+            },
+        );
+        // A partition of another group is refused and changes nothing.
+        assert!(matches!(
+            append_to(&sm, 2, 0),
+            PartitionReply::Error(e) if e.message.contains("partition 2")
+        ));
+        let marks = |sm: &PartitionStateMachine| {
+            sm.views()
+                .iter()
+                .map(|(p, v)| (*p, v.watermarks().high))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(marks(&sm), vec![(1, 2), (4, 4)]);
+        sm.build_snapshot().await.unwrap();
+        // Applied after the checkpoint: a restart goes back to the checkpoint.
+        append_to(&sm, 1, 2);
+        drop(sm);
+        let mut sm = open("a");
+        assert_eq!(marks(&sm), vec![(1, 2), (4, 4)]);
+        assert_eq!(sm.views()[&1].committed("g").unwrap(), Some(1));
+
+        // A follower installs the group's snapshot and holds both partitions.
+        let snapshot = sm.get_current_snapshot().await.unwrap().unwrap();
+        let mut follower = open("b");
+        follower
+            .install_snapshot(&snapshot.meta, snapshot.snapshot)
+            .await
+            .unwrap();
+        assert_eq!(marks(&follower), vec![(1, 2), (4, 4)]);
+        assert_eq!(follower.views()[&4].read(0, 1 << 20).unwrap().len(), 2);
+        assert_eq!(append_to(&follower, 4, 2), appended(2, 2, true));
+        drop(follower);
+        let follower = open("b");
+        assert_eq!(marks(&follower), vec![(1, 2), (4, 4)]);
     }
 }

@@ -138,10 +138,46 @@ impl GossipConfig {
     }
 }
 
-/// Partitions a node leads, as (topic, partition), sorted, each once. An `Arc` of a `Vec`
-/// rather than of a slice: equal pointers then compare equal without looking at the
-/// contents (std shortcuts only sized `Eq` values), and records are compared often.
-pub type Leads = Arc<Vec<(String, u32)>>;
+/// The partitions of one Raft group a node leads: those of `topic` numbered `p` with
+/// `p % groups == group` (a topic's partitions share `groups` Raft groups).
+#[derive(
+    Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
+pub struct LedGroup {
+    /// The topic.
+    pub topic: String,
+    /// How many Raft groups the topic's partitions share.
+    pub groups: u32,
+    /// Which of them.
+    pub group: u32,
+}
+
+/// The Raft groups a node leads, sorted, each once: a few entries per topic however many
+/// partitions it has. An `Arc` of a `Vec` rather than of a slice: equal pointers then
+/// compare equal without looking at the contents (std shortcuts only sized `Eq` values),
+/// and records are compared often.
+pub type Leads = Arc<Vec<LedGroup>>;
+
+/// Whether `leads` (sorted, as records carry them) include `topic`'s partition `partition`.
+pub fn leads_partition(leads: &[LedGroup], topic: &str, partition: u32) -> bool {
+    let start = leads.partition_point(|l| l.topic.as_str() < topic);
+    let end = start + leads[start..].partition_point(|l| l.topic == topic);
+    let mut at = start;
+    // One run per distinct group count (one, unless the topic was made again differently).
+    while at < end {
+        let groups = leads[at].groups;
+        let run = at + leads[at..end].partition_point(|l| l.groups == groups);
+        if groups > 0
+            && leads[at..run]
+                .binary_search_by_key(&(partition % groups), |l| l.group)
+                .is_ok()
+        {
+            return true;
+        }
+        at = run;
+    }
+    false
+}
 
 /// What a node tells the mesh about itself (checked as the `record` submodule says).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -154,8 +190,7 @@ pub struct NodeRecord {
     pub addr: SocketAddr,
     /// Role, e.g. `"node"`; 1-32 of `[A-Za-z0-9_-]`.
     pub role: String,
-    /// Partitions it leads, as (topic, partition), sorted, each once. Shared: a node with
-    /// thousands of partitions copies its records often.
+    /// The Raft groups it leads, sorted, each once. Shared: records are copied often.
     pub leads: Leads,
     /// Its region's subject interest patterns, e.g. `"orders.>"`.
     pub interest: Vec<String>,

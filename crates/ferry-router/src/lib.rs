@@ -18,7 +18,8 @@ mod receive;
 
 pub use forward::{Ack, Batch, Forwarder, ForwarderConfig, ForwarderStats, SourceEvent};
 pub use gossip::{
-    Gossip, GossipConfig, GossipError, GossipInbox, GossipLink, GossipStats, Leads, NodeRecord,
+    leads_partition, Gossip, GossipConfig, GossipError, GossipInbox, GossipLink, GossipStats,
+    Leads, LedGroup, NodeRecord,
 };
 pub use receive::{Admission, Receiver};
 

@@ -145,6 +145,10 @@ enum TopicCommand {
         /// Replicas per partition.
         #[arg(long, default_value_t = 3)]
         replication: u32,
+        /// Raft groups the partitions share (partition p is replicated by group p % groups);
+        /// 0: one per node of the region, at most one per partition.
+        #[arg(long, default_value_t = 0)]
+        groups: u32,
         /// Subject filter the topic accepts.
         #[arg(long, default_value = ">")]
         subjects: String,
@@ -385,6 +389,7 @@ async fn topic(client: &Client, command: TopicCommand) -> anyhow::Result<()> {
             name,
             partitions,
             replication,
+            groups,
             subjects,
             class,
             regions,
@@ -394,6 +399,7 @@ async fn topic(client: &Client, command: TopicCommand) -> anyhow::Result<()> {
         } => {
             let mut config = TopicConfig::new(name.clone(), partitions);
             config.replication = replication;
+            config.groups = groups;
             config.subjects = SubjectFilter::new(subjects)?;
             config.class = class.parse::<EventClass>()?;
             config.regions = match regions.as_deref() {
@@ -445,14 +451,18 @@ async fn topic(client: &Client, command: TopicCommand) -> anyhow::Result<()> {
             let d = client.describe_topic(&name).await?;
             let c = &d.config;
             println!(
-                "topic {}: {} partitions, replication {}, class {:?}, subjects {}, retention age {:?} ms bytes {:?}",
-                c.name, c.partitions, c.replication, c.class, c.subjects, c.retention.max_age_ms, c.retention.max_bytes
+                "topic {}: {} partitions in {} Raft groups, replication {}, class {:?}, subjects {}, retention age {:?} ms bytes {:?}",
+                c.name, c.partitions, c.groups, c.replication, c.class, c.subjects, c.retention.max_age_ms, c.retention.max_bytes
             );
             for p in &d.partitions {
                 let leader = p.leader.map_or("none".to_string(), |l| l.to_string());
                 println!(
-                    "  partition {:>3}  leader {leader:>4}  replicas {:?}  offsets {}..{}",
-                    p.partition, p.replicas, p.low_watermark, p.high_watermark
+                    "  partition {:>3}  group {:>3}  leader {leader:>4}  replicas {:?}  offsets {}..{}",
+                    p.partition,
+                    c.group_of(p.partition),
+                    p.replicas,
+                    p.low_watermark,
+                    p.high_watermark
                 );
             }
             for n in &d.nodes {
@@ -479,7 +489,7 @@ fn print_regions(report: &MeshReport) -> anyhow::Result<()> {
             n.reach.join(",")
         };
         println!(
-            "  {:<10} node {:<4} {:<22} {:<5} leads {:<4} load {:>7} ev/s  links to {reach}",
+            "  {:<10} node {:<4} {:<22} {:<5} leads {:<4} groups  load {:>7} ev/s  links to {reach}",
             n.region, n.id, n.addr, n.role, n.leads, n.load
         );
     }

@@ -13,8 +13,8 @@ use ferry_router::{Ack, Batch, Forwarder, ForwarderConfig, SourceEvent};
 use openraft::async_runtime::WatchReceiver;
 use tokio::sync::{mpsc, watch};
 
-use crate::command::{decode, encode, PartitionCommand, PartitionReply};
-use crate::node::{now_ms, Node, PartitionGroup};
+use crate::command::{decode, PartitionCommand, PartitionReply};
+use crate::node::{now_ms, HostedPartition, Node};
 use crate::peer::{ForwardRequest, PeerRequest, PeerResponse, Router};
 
 use super::{lock, Judgement, MeshSnapshot};
@@ -101,13 +101,13 @@ impl<T: Transport> Node<T> {
 
     async fn propose(
         &self,
-        group: &PartitionGroup,
-        command: &PartitionCommand,
+        group: &HostedPartition,
+        command: PartitionCommand,
     ) -> Result<PartitionReply, String> {
-        let command = encode("partition command", command).map_err(|e| e.to_string())?;
+        let command = group.command(command).map_err(|e| e.to_string())?;
         let response = group
             .proposer()
-            .client_write(ferry_store::Command(command))
+            .client_write(command)
             .await
             .map_err(|e| e.to_string())?;
         decode::<PartitionReply>("partition reply", &response.data.0).map_err(|e| e.to_string())
@@ -160,7 +160,7 @@ impl<T: Transport> Node<T> {
                     region: key.cursor_name(),
                     next,
                 };
-                self.propose(&group, &command).await?;
+                self.propose(&group, command).await?;
                 next
             }
         };
@@ -179,7 +179,7 @@ impl<T: Transport> Node<T> {
             if *stop.borrow() || self.is_shut_down() {
                 return Ok(());
             }
-            if group.raft.metrics().borrow_watched().current_leader != Some(self.inner.id) {
+            if group.raft().metrics().borrow_watched().current_leader != Some(self.inner.id) {
                 return Ok(());
             }
             // What retention dropped before this forwarder read it: counted once, as soon as
@@ -227,7 +227,7 @@ impl<T: Transport> Node<T> {
                     let group = group.clone();
                     committing = Some(tokio::spawn(async move {
                         // A failure means this node no longer leads: the loop ends above.
-                        node.propose(&group, &command).await.is_ok().then_some(next)
+                        node.propose(&group, command).await.is_ok().then_some(next)
                     }));
                     last_commit = Instant::now();
                 }
@@ -299,7 +299,7 @@ impl<T: Transport> Node<T> {
     fn read_for_forwarding(
         &self,
         key: &ForwardKey,
-        group: &PartitionGroup,
+        group: &HostedPartition,
         snapshot: &MeshSnapshot,
         forwarder: &mut Forwarder,
     ) -> Result<bool, String> {

@@ -33,13 +33,14 @@ use bytes::Bytes;
 use ferry_net::Transport;
 use ferry_proto::wire::{ForwardingInfo, InterestReach, MeshNodeInfo, MeshReport};
 use ferry_proto::{RegionPolicy, TopicConfig};
-use ferry_router::{Gossip, GossipConfig, GossipInbox, GossipLink, Leads, NodeRecord};
+use ferry_router::{Gossip, GossipConfig, GossipInbox, GossipLink, Leads, LedGroup, NodeRecord};
 use futures::future::BoxFuture;
 use openraft::async_runtime::WatchReceiver;
 use tokio::sync::watch;
 
+use crate::leadership::LedPartition;
 use crate::metadata::InterestSet;
-use crate::node::{now_ms, Node, PartitionGroup};
+use crate::node::{now_ms, HostedPartition, Node};
 use crate::peer::{PeerRequest, PeerResponse, Router};
 use crate::RegionError;
 
@@ -331,18 +332,38 @@ impl<T: Transport> Node<T> {
         (self.inner.meta_view.interest_set(), 0)
     }
 
+    /// The Raft groups of the partitions `led`, as gossip carries them (sorted, each once).
+    fn led_groups(&self, led: &[LedPartition]) -> Vec<LedGroup> {
+        let mut groups = BTreeSet::new();
+        let mut topic: Option<Arc<crate::metadata::TopicState>> = None;
+        for l in led {
+            // Led partitions come sorted by topic: one metadata lookup per topic.
+            if topic.as_ref().is_none_or(|t| *t.config.name != *l.topic) {
+                topic = self.inner.meta_view.topic(&l.topic);
+            }
+            if let Some(t) = &topic {
+                groups.insert(LedGroup {
+                    topic: l.topic.to_string(),
+                    groups: t.config.groups,
+                    group: t.config.group_of(l.hosted.partition),
+                });
+            }
+        }
+        groups.into_iter().collect()
+    }
+
     /// One supervision round: publish this node's record, refresh the snapshot, start and
     /// stop forwarders to match what this node leads and which regions are alive.
     async fn supervise_mesh(&self) {
         let Some(mesh) = self.mesh().cloned() else {
             return;
         };
-        let (led, led_version) = self.led_groups();
+        let (led, led_version) = self.led_partitions();
         let load = {
             let mut sample = lock(&mesh.load_sample);
             let elapsed = sample.1.elapsed().as_secs_f64();
             if elapsed >= 1.0 {
-                let appended: u64 = led.iter().map(|l| l.group.view.watermarks().high).sum();
+                let appended: u64 = led.iter().map(|l| l.hosted.view.watermarks().high).sum();
                 let rate = appended.saturating_sub(sample.0) as f64 / elapsed;
                 *sample = (appended, Instant::now(), rate as u64);
             }
@@ -362,14 +383,7 @@ impl<T: Transport> Node<T> {
             leads: {
                 let mut leads = lock(&mesh.leads);
                 if leads.0 != led_version {
-                    *leads = (
-                        led_version,
-                        Arc::new(
-                            led.iter()
-                                .map(|l| (l.topic.to_string(), l.partition))
-                                .collect(),
-                        ),
-                    );
+                    *leads = (led_version, Arc::new(self.led_groups(&led)));
                 }
                 leads.1.clone()
             },
@@ -423,13 +437,13 @@ impl<T: Transport> Node<T> {
                 let split = (count != state.config.partitions).then_some(count);
                 for led in run {
                     let dest_partitions = match split {
-                        None => led.partition..led.partition + 1,
+                        None => led.hosted.partition..led.hosted.partition + 1,
                         Some(count) => 0..count,
                     };
                     for dest_partition in dest_partitions {
                         desired.insert(ForwardKey {
                             topic: state.config.name.clone(),
-                            partition: led.partition,
+                            partition: led.hosted.partition,
                             destination: destination.clone(),
                             dest_partition,
                             split,
@@ -490,7 +504,7 @@ impl<T: Transport> Node<T> {
     pub(crate) fn forwarded_floor(
         &self,
         config: &TopicConfig,
-        group: &PartitionGroup,
+        group: &HostedPartition,
     ) -> Option<ForwardedFloor> {
         let mesh = self.mesh()?;
         let mut regions: BTreeSet<String> = match &config.regions {

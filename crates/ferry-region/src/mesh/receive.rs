@@ -13,7 +13,7 @@ use ferry_proto::{codec, EventClass, RegionPolicy, TopicConfig};
 use ferry_router::Ack;
 use openraft::async_runtime::WatchReceiver;
 
-use crate::command::{decode, encode, PartitionCommand, PartitionReply};
+use crate::command::{decode, PartitionCommand, PartitionReply};
 use crate::node::{now_ms, Node};
 use crate::peer::{ForwardRequest, PeerRequest, PeerResponse};
 
@@ -161,7 +161,7 @@ impl<T: Transport> Node<T> {
             Err(e) => return PeerResponse::Error(format!("region {region}: {}", e.message)),
         };
         let leader = match &group {
-            Some(g) => g.raft.metrics().borrow_watched().current_leader,
+            Some(g) => g.raft().metrics().borrow_watched().current_leader,
             None => self.inner.meta_view.topic(&request.topic).and_then(|t| {
                 t.replicas
                     .get(request.dest_partition as usize)?
@@ -216,7 +216,7 @@ impl<T: Transport> Node<T> {
             Ok(held) => held,
             Err(e) => return PeerResponse::Error(format!("region {region}: {e}")),
         };
-        let term = group.raft.metrics().borrow_watched().current_term;
+        let term = group.raft().metrics().borrow_watched().current_term;
         if intake.term != term {
             // What was proposed under another term may have been discarded.
             intake.term = term;
@@ -296,14 +296,14 @@ impl<T: Transport> Node<T> {
             batch: request.batch,
             appended_at_ms: now_ms(),
         };
-        let command = match encode("partition command", &command) {
+        let command = match group.command(command) {
             Ok(c) => c,
             Err(e) => return PeerResponse::Error(e.to_string()),
         };
         let (responder, committed) = openraft::impls::ProgressResponder::complete_only();
         if let Err(e) = group
             .proposer()
-            .client_write_ff(ferry_store::Command(command), Some(responder))
+            .client_write_ff(command, Some(responder))
             .await
         {
             return PeerResponse::Error(format!("region {region}: {e}"));
@@ -337,8 +337,8 @@ impl<T: Transport> Node<T> {
 impl<T: Transport> Node<T> {
     /// Another region forwards `config`'s topic here: answers its partition count in this
     /// region, creating it first if it does not exist (same configuration, replication at
-    /// most this region's node count). Domain and local topics are never defined from
-    /// elsewhere.
+    /// most this region's node count, Raft groups as this region's default). Domain and
+    /// local topics are never defined from elsewhere.
     pub(crate) async fn ensure_forwarded_topic(
         &self,
         mut config: TopicConfig,
@@ -379,6 +379,8 @@ impl<T: Transport> Node<T> {
         }
         let nodes = self.inner.config.peers.len().max(1) as u32;
         config.replication = config.replication.min(nodes);
+        // How partitions share Raft groups is a choice of each region, as placement is.
+        config.groups = 0;
         let name = config.name.clone();
         match self.create_topic(config, false).await {
             ClientResponse::Ok => {}

@@ -105,11 +105,8 @@ impl MeshSnapshot {
     pub(super) fn targets(&self, region: &str, topic: &str, partition: u32) -> Vec<SocketAddr> {
         let in_region = || self.nodes.iter().filter(|n| n.region == region);
         // Records list their leads sorted (gossip refuses others).
-        let leader = in_region().find(|n| {
-            n.leads
-                .binary_search_by(|(t, p)| (t.as_str(), *p).cmp(&(topic, partition)))
-                .is_ok()
-        });
+        let leader =
+            in_region().find(|n| ferry_router::leads_partition(&n.leads, topic, partition));
         let mut out: Vec<SocketAddr> = leader.map(|n| n.addr).into_iter().collect();
         for n in in_region() {
             if !out.contains(&n.addr) {
@@ -172,7 +169,12 @@ mod tests {
             region: region.into(),
             addr: SocketAddr::from(([127, 0, 0, 1], 7000 + id as u16)),
             role: "node".into(),
-            leads: vec![("orders".into(), 0)].into(),
+            leads: vec![ferry_router::LedGroup {
+                topic: "orders".into(),
+                groups: 1,
+                group: 0,
+            }]
+            .into(),
             interest: interest.iter().map(|s| s.to_string()).collect(),
             interest_version: if interest.is_empty() { 0 } else { 10 },
             ..NodeRecord::default()

@@ -286,7 +286,7 @@ impl Membership {
         if size > MAX_ITEM {
             return Err(GossipError::InvalidRecord(format!(
                 "the record encodes to {size} bytes, over the {MAX_ITEM} a gossip item holds \
-                 ({} led partitions)",
+                 ({} led groups)",
                 record.leads.len()
             )));
         }

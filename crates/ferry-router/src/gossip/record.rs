@@ -34,16 +34,24 @@ fn invalid(field: &'static str, value: &str, reason: impl Into<String>) -> Recor
 pub(super) fn validate(record: &NodeRecord) -> Result<(), RecordError> {
     check_region("region", &record.region)?;
     check_word("role", &record.role, 32)?;
-    for (topic, _) in record.leads.iter() {
-        check_topic(topic).map_err(|reason| invalid("leads", topic, reason))?;
+    for led in record.leads.iter() {
+        check_topic(&led.topic).map_err(|reason| invalid("leads", &led.topic, reason))?;
+        if led.group >= led.groups {
+            return Err(invalid(
+                "leads",
+                &format!("{}: group {} of {}", led.topic, led.group, led.groups),
+                "a group is numbered below the topic's group count",
+            ));
+        }
     }
     if let Some(pair) = record.leads.windows(2).find(|pair| pair[0] >= pair[1]) {
+        let name = |l: &crate::LedGroup| format!("{}: group {} of {}", l.topic, l.group, l.groups);
         return Err(invalid(
             "leads",
-            &format!("{}/{}", pair[1].0, pair[1].1),
+            &name(&pair[1]),
             format!(
-                "not after {}/{}: leads are sorted by (topic, partition), each once",
-                pair[0].0, pair[0].1
+                "not after {}: leads are sorted by (topic, groups, group), each once",
+                name(&pair[0])
             ),
         ));
     }
@@ -99,13 +107,21 @@ fn check_word(field: &'static str, word: &str, max: usize) -> Result<(), RecordE
 mod tests {
     use super::*;
 
+    fn led(topic: &str, groups: u32, group: u32) -> crate::LedGroup {
+        crate::LedGroup {
+            topic: topic.into(),
+            groups,
+            group,
+        }
+    }
+
     fn sample() -> NodeRecord {
         NodeRecord {
             id: 17,
             region: "eu-west".into(),
             addr: "10.0.0.7:7000".parse().expect("addr"),
             role: "node".into(),
-            leads: vec![("orders".into(), 0), ("orders.v2".into(), 3)].into(),
+            leads: vec![led("orders", 3, 0), led("orders.v2", 8, 3)].into(),
             interest: vec!["orders.>".into(), "payments.*.done".into()],
             reach: vec!["us-east".into(), "ap_south".into()],
             load: 1200,
@@ -114,6 +130,24 @@ mod tests {
             interest_since_ms: 1_764_950_000_000,
             seen: vec![("us-east".into(), 12), ("ap_south".into(), 0)],
         }
+    }
+
+    #[test]
+    fn leads_name_the_partitions_of_their_groups() {
+        let leads = vec![
+            led("a", 3, 0),
+            led("a", 3, 2),
+            led("a", 8, 5),
+            led("b", 1, 0),
+            led("c", 1000, 7),
+        ];
+        let holds = |topic, p| crate::leads_partition(&leads, topic, p);
+        assert!(holds("a", 0) && holds("a", 3) && holds("a", 5) && holds("a", 8));
+        assert!(holds("a", 13), "group 5 of 8");
+        assert!(!holds("a", 1) && !holds("a", 4) && !holds("a", 7));
+        assert!((0..100).all(|p| holds("b", p)));
+        assert!(holds("c", 7) && !holds("c", 8) && !holds("c", 6));
+        assert!(!holds("d", 0) && !holds("", 0));
     }
 
     #[test]
@@ -157,7 +191,7 @@ mod tests {
                 "leads",
                 "slash in topic",
                 NodeRecord {
-                    leads: vec![("a/b".into(), 1)].into(),
+                    leads: vec![led("a/b", 3, 1)].into(),
                     ..sample()
                 },
             ),
@@ -165,15 +199,23 @@ mod tests {
                 "leads",
                 "leads out of order",
                 NodeRecord {
-                    leads: vec![("b".into(), 0), ("a".into(), 1)].into(),
+                    leads: vec![led("b", 3, 0), led("a", 3, 1)].into(),
                     ..sample()
                 },
             ),
             (
                 "leads",
-                "a partition led twice",
+                "a group led twice",
                 NodeRecord {
-                    leads: vec![("a".into(), 1), ("a".into(), 1)].into(),
+                    leads: vec![led("a", 3, 1), led("a", 3, 1)].into(),
+                    ..sample()
+                },
+            ),
+            (
+                "leads",
+                "a group past the count",
+                NodeRecord {
+                    leads: vec![led("a", 3, 3)].into(),
                     ..sample()
                 },
             ),

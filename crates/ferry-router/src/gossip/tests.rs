@@ -133,7 +133,19 @@ fn record_for(index: usize) -> NodeRecord {
         region: REGIONS[region].to_string(),
         addr: SocketAddr::from(([10, 0, region as u8, n as u8 + 1], 7000)),
         role: "node".into(),
-        leads: vec![("audit".into(), 0), ("orders".into(), id as u32)].into(),
+        leads: vec![
+            crate::LedGroup {
+                topic: "audit".into(),
+                groups: 1,
+                group: 0,
+            },
+            crate::LedGroup {
+                topic: "orders".into(),
+                groups: 64,
+                group: id as u32,
+            },
+        ]
+        .into(),
         interest: vec![format!("orders.{}.>", REGIONS[region])],
         reach: REGIONS
             .iter()
@@ -272,7 +284,12 @@ async fn publish_refuses_records_peers_would_reject() {
             ..node.record.clone()
         },
         NodeRecord {
-            leads: vec![("a,b".into(), 1)].into(),
+            leads: vec![crate::LedGroup {
+                topic: "a,b".into(),
+                groups: 3,
+                group: 1,
+            }]
+            .into(),
             ..node.record.clone()
         },
     ];
