@@ -1,4 +1,4 @@
-//! Client ↔ node messages (ALPN `ferry-client/1`). Each request opens a QUIC stream and
+//! Client ↔ node messages (ALPN `ferry-client/2`). Each request opens a QUIC stream and
 //! carries one [`ClientRequest`] frame; the node answers with one [`ClientResponse`] frame,
 //! or, for [`ClientRequest::Subscribe`], a stream of them until either side closes.
 

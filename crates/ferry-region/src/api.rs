@@ -1,4 +1,4 @@
-//! The client API (ALPN `ferry-client/1`): each QUIC stream carries one request and its
+//! The client API (ALPN `ferry-client/2`): each QUIC stream carries one request and its
 //! answer, except two long-lived kinds. A stream that starts with `Publish` is a produce
 //! stream: further `Publish` frames follow, each is submitted to Raft in arrival order and
 //! answered in that order, so a producer can pipeline without reordering. A stream that

@@ -97,13 +97,23 @@ struct SmallState {
     streams: Vec<(String, StreamIndex)>,
 }
 
-/// What `checkpoint` holds.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// What `checkpoint` holds. The file is `[u64 length][CheckpointHead]` then, per partition,
+/// `[u64 length][PartitionCheckpoint]`: each part is decoded on its own, so the decoder's
+/// bound applies per partition, however many partitions a group has.
+#[derive(Debug, Clone)]
 struct Checkpoint {
     meta: SnapshotMetaOf<TypeConfig>,
     /// The folder (under the group's) holding the batch files, one folder per partition.
     batches: String,
     partitions: Vec<PartitionCheckpoint>,
+}
+
+/// The first part of a checkpoint file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct CheckpointHead {
+    meta: SnapshotMetaOf<TypeConfig>,
+    batches: String,
+    partitions: u32,
 }
 
 /// One partition's part of a [`Checkpoint`].
@@ -895,11 +905,35 @@ fn io_err(e: impl std::fmt::Display) -> io::Error {
 
 fn read_checkpoint(dir: &Path) -> Result<Option<Checkpoint>, StoreError> {
     let path = dir.join(CHECKPOINT);
-    match std::fs::read(&path) {
-        Ok(bytes) => Ok(Some(codec::decode("partition checkpoint", &bytes)?)),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(StoreError::io(path.display().to_string(), e)),
+    let bytes = match std::fs::read(&path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(StoreError::io(path.display().to_string(), e)),
+    };
+    let malformed = || StoreError::io(path.display().to_string(), "malformed checkpoint");
+    let mut rest = &bytes[..];
+    let mut part = || -> Result<&[u8], StoreError> {
+        let (len, tail) = rest.split_first_chunk::<8>().ok_or_else(malformed)?;
+        let len = usize::try_from(u64::from_be_bytes(*len)).map_err(|_| malformed())?;
+        if tail.len() < len {
+            return Err(malformed());
+        }
+        let (part, tail) = tail.split_at(len);
+        rest = tail;
+        Ok(part)
+    };
+    let head: CheckpointHead = codec::decode("partition checkpoint", part()?)?;
+    let partitions = (0..head.partitions)
+        .map(|_| Ok(codec::decode("partition checkpoint", part()?)?))
+        .collect::<Result<Vec<PartitionCheckpoint>, StoreError>>()?;
+    if !rest.is_empty() {
+        return Err(malformed());
     }
+    Ok(Some(Checkpoint {
+        meta: head.meta,
+        batches: head.batches,
+        partitions,
+    }))
 }
 
 /// Removes `batches-*` folders other than `keep`.
@@ -917,7 +951,22 @@ fn remove_other_batch_folders(dir: &Path, keep: &str) -> Result<(), StoreError> 
 }
 
 fn write_checkpoint(dir: &Path, checkpoint: &Checkpoint) -> Result<(), StoreError> {
-    let bytes = codec::encode("partition checkpoint", checkpoint)?;
+    let mut bytes = Vec::new();
+    let mut put = |part: Vec<u8>| {
+        bytes.extend_from_slice(&(part.len() as u64).to_be_bytes());
+        bytes.extend_from_slice(&part);
+    };
+    put(codec::encode(
+        "partition checkpoint",
+        &CheckpointHead {
+            meta: checkpoint.meta.clone(),
+            batches: checkpoint.batches.clone(),
+            partitions: checkpoint.partitions.len() as u32,
+        },
+    )?);
+    for partition in &checkpoint.partitions {
+        put(codec::encode("partition checkpoint", partition)?);
+    }
     let tmp = dir.join("checkpoint.tmp");
     let io = |e: io::Error| StoreError::io(tmp.display().to_string(), e);
     let mut file = std::fs::File::create(&tmp).map_err(io)?;
@@ -1049,6 +1098,12 @@ impl PartitionStateMachine {
             }
             hosted.insert(number, partition);
         }
+        if let Some(stray) = saved.keys().min() {
+            return Err(StoreError::io(
+                dir.display().to_string(),
+                format!("the checkpoint holds partition {stray}, which this group does not"),
+            ));
+        }
         let applied = match checkpoint {
             Some(c) => (c.meta.last_log_id, c.meta.last_membership),
             None => (None, StoredMembershipOf::<TypeConfig>::default()),
@@ -1174,7 +1229,16 @@ impl RaftSnapshotBuilder<TypeConfig> for PartitionStateMachine {
         // fsyncs run. The checkpoint names the extents taken above; later appends lie beyond
         // them and come back from the Raft log after a restart.
         let started = std::time::Instant::now();
-        self.write_checkpoint_after(&checkpoint, &plans)?;
+        if let Err(e) = self.write_checkpoint_after(&checkpoint, &plans) {
+            // Those files still need syncing before a checkpoint may name them.
+            let mut inner = self.inner.lock().await;
+            for (number, _) in &plans {
+                if let Some(p) = inner.partitions.get_mut(number) {
+                    p.dirty = true;
+                }
+            }
+            return Err(e.into());
+        }
         tracing::debug!(took = ?started.elapsed(), synced = plans.len(), "wrote a partition group checkpoint");
         Ok(SnapshotOf::<TypeConfig, SnapshotData> {
             meta: checkpoint.meta,
@@ -1238,10 +1302,16 @@ impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
         meta: &SnapshotMetaOf<TypeConfig>,
         snapshot: SnapshotData,
     ) -> Result<(), io::Error> {
-        let mut received: HashMap<u32, PartitionSnapshot> = decode_snapshot(&snapshot)?
-            .into_iter()
-            .map(|p| (p.partition, p))
-            .collect();
+        let received = decode_snapshot(&snapshot)?;
+        let numbers: Vec<u32> = received.iter().map(|p| p.partition).collect();
+        if !numbers.iter().eq(self.views.keys()) {
+            return Err(io_err(format!(
+                "the snapshot holds partitions {numbers:?}, this group {:?}",
+                self.views.keys().collect::<Vec<_>>()
+            )));
+        }
+        let mut received: HashMap<u32, PartitionSnapshot> =
+            received.into_iter().map(|p| (p.partition, p)).collect();
         let _one = self.checkpointing.lock().await;
         let mut inner = self.inner.lock().await;
         // Into a new folder: until the checkpoint naming it is written, a restart still finds
@@ -1253,7 +1323,7 @@ impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
             .unwrap_or(0);
         let next = format!("batches-{}", generation + 1);
         for (number, partition) in inner.partitions.iter_mut() {
-            // A partition the leader's snapshot does not carry is empty there.
+            // Every partition is there (checked above).
             let (state, batches) = received
                 .remove(number)
                 .map(|p| (p.state, p.batches))
@@ -1285,6 +1355,9 @@ impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
     async fn get_current_snapshot(
         &mut self,
     ) -> Result<Option<SnapshotOf<TypeConfig, SnapshotData>>, io::Error> {
+        // A checkpoint being written deletes the segments it no longer names once written:
+        // read the current one whole before the next can replace it.
+        let _one = self.checkpointing.lock().await;
         let _inner = self.inner.lock().await;
         let Some(checkpoint) = read_checkpoint(&self.dir)? else {
             return Ok(None);
@@ -1968,6 +2041,15 @@ mod tests {
         let mut sm = open("a");
         assert_eq!(marks(&sm), vec![(1, 2), (4, 4)]);
         assert_eq!(sm.views()[&1].committed("g").unwrap(), Some(1));
+        // A checkpoint after only partition 4 changed syncs only its files, and still names
+        // both partitions' state.
+        assert_eq!(append_to(&sm, 4, 4), appended(4, 2, false));
+        sm.build_snapshot().await.unwrap();
+        drop(sm);
+        let mut sm = open("a");
+        assert_eq!(marks(&sm), vec![(1, 2), (4, 6)]);
+        assert_eq!(sm.views()[&4].read(4, 1 << 20).unwrap()[0].base_offset, 4);
+        assert_eq!(sm.views()[&1].committed("g").unwrap(), Some(1));
 
         // A follower installs the group's snapshot and holds both partitions.
         let snapshot = sm.get_current_snapshot().await.unwrap().unwrap();
@@ -1976,11 +2058,22 @@ mod tests {
             .install_snapshot(&snapshot.meta, snapshot.snapshot)
             .await
             .unwrap();
-        assert_eq!(marks(&follower), vec![(1, 2), (4, 4)]);
-        assert_eq!(follower.views()[&4].read(0, 1 << 20).unwrap().len(), 2);
+        assert_eq!(marks(&follower), vec![(1, 2), (4, 6)]);
+        assert_eq!(follower.views()[&4].read(0, 1 << 20).unwrap().len(), 3);
         assert_eq!(append_to(&follower, 4, 2), appended(2, 2, true));
         drop(follower);
         let follower = open("b");
-        assert_eq!(marks(&follower), vec![(1, 2), (4, 4)]);
+        assert_eq!(marks(&follower), vec![(1, 2), (4, 6)]);
+        // A snapshot of another set of partitions is refused and changes nothing.
+        let mut other = PartitionStateMachine::open(&dir.path().join("c"), 4096, &[1]).unwrap();
+        let snapshot = sm.get_current_snapshot().await.unwrap().unwrap();
+        assert!(other
+            .install_snapshot(&snapshot.meta, snapshot.snapshot)
+            .await
+            .is_err());
+        assert_eq!(other.views()[&1].watermarks().high, 0);
+        drop(other);
+        // A checkpoint holding a partition the group does not is refused at open.
+        assert!(PartitionStateMachine::open(&dir.path().join("a"), 4096, &[1]).is_err());
     }
 }

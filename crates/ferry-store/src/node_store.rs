@@ -14,7 +14,7 @@ use crate::{
 /// cursors); 2 had none.
 /// 4: partition checkpoints carry the domain streams' index (versions, appends).
 /// 5: partition checkpoints carry each producer's last append time (producer expiry).
-const FORMAT: &[u8] = b"ferry-store/6";
+const FORMAT: &[u8] = b"ferry-store/7";
 const MARKER_TREE: &[u8] = b"ferry";
 
 /// Storage tuning.
@@ -137,6 +137,14 @@ impl NodeStore {
                     "it was written by an older ferry (format ferry-store/5, topics without \
                      the keep-until-forwarded retention fields) that this version cannot read; \
                      move it away to start this node empty"
+                        .into(),
+                ))
+            }
+            Some(other) if other.as_ref() == b"ferry-store/6" => {
+                return Err(foreign(
+                    "it was written by an older ferry (format ferry-store/6, one Raft group per \
+                     partition) that this version cannot read; move it away to start this node \
+                     empty"
                         .into(),
                 ))
             }

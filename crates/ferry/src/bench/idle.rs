@@ -26,6 +26,10 @@ pub(crate) struct IdleArgs {
     /// Partitions per topic (topics NAME-1, NAME-2, …, created one after the other).
     #[arg(long, default_value_t = 1_000)]
     per_topic: u32,
+    /// Raft groups each topic's partitions share (at most its partition count; 0: the
+    /// region's default, one per node).
+    #[arg(long, default_value_t = 0)]
+    groups: u32,
     /// Topic name prefix.
     #[arg(long, default_value = "bench-idle")]
     topic: String,
@@ -74,6 +78,8 @@ struct IdleReport {
 struct TopicCreated {
     topic: String,
     partitions: u32,
+    /// Raft groups its partitions share.
+    groups: u32,
     /// From the create request until every partition had a leader.
     seconds_to_leaders: f64,
 }
@@ -99,18 +105,21 @@ pub(crate) async fn run(args: IdleArgs) -> anyhow::Result<()> {
         let partitions = left.min(args.per_topic);
         let name = format!("{}-{}", args.topic, topics.len() + 1);
         let started = Instant::now();
-        client
-            .ensure_topic(
-                &TopicConfig::new(name.clone(), partitions),
-                Duration::from_secs(args.leaders_within_secs),
-            )
+        let mut config = TopicConfig::new(name.clone(), partitions);
+        config.groups = args.groups.min(partitions);
+        let described = client
+            .ensure_topic(&config, Duration::from_secs(args.leaders_within_secs))
             .await
             .with_context(|| format!("{name}: every partition led"))?;
         let seconds_to_leaders = started.elapsed().as_secs_f64();
-        eprintln!("{name}: {partitions} partitions, every one led after {seconds_to_leaders:.1} s");
+        let groups = described.config.groups;
+        eprintln!(
+            "{name}: {partitions} partitions in {groups} Raft groups, every one led after {seconds_to_leaders:.1} s"
+        );
         topics.push(TopicCreated {
             topic: name,
             partitions,
+            groups,
             seconds_to_leaders,
         });
         left -= partitions;

@@ -46,6 +46,10 @@ pub(crate) struct LoadArgs {
     /// (NATS: one stream per run), and `--out` then holds a JSON array of the reports.
     #[arg(long, value_delimiter = ',', default_value = "8")]
     partitions: Vec<u32>,
+    /// Raft groups the Ferry topic's partitions share (at most the partition count;
+    /// 0: the region's default, one per node).
+    #[arg(long, default_value_t = 0)]
+    groups: u32,
     /// Ferry's producer batching.
     #[command(flatten)]
     batching: super::ProducerBatching,
@@ -214,7 +218,9 @@ async fn run_one(
     partitions: u32,
 ) -> anyhow::Result<SuiteReport> {
     let topic = topic.to_string();
-    let prepared = system.prepare(&topic, partitions).await?;
+    let prepared = system
+        .prepare(&topic, partitions, args.groups.min(partitions))
+        .await?;
     let run_id: u64 = rand::random();
     let base = Instant::now();
 

@@ -65,14 +65,20 @@ impl System {
         }
     }
 
-    /// Creates the topic (Ferry: `partitions`, replication 3) or stream (NATS: replicas 3,
-    /// file storage) if missing, and waits until it takes writes.
-    pub(crate) async fn prepare(&self, topic: &str, partitions: u32) -> anyhow::Result<Prepared> {
+    /// Creates the topic (Ferry: `partitions` in `groups` Raft groups, 0 for the region's
+    /// default, replication 3) or stream (NATS: replicas 3, file storage) if missing, and
+    /// waits until it takes writes.
+    pub(crate) async fn prepare(
+        &self,
+        topic: &str,
+        partitions: u32,
+        groups: u32,
+    ) -> anyhow::Result<Prepared> {
         match self {
             Self::Ferry(client) => {
-                let d =
-                    super::ensure_topic(client, &TopicConfig::new(topic.to_string(), partitions))
-                        .await?;
+                let mut config = TopicConfig::new(topic.to_string(), partitions);
+                config.groups = groups;
+                let d = super::ensure_topic(client, &config).await?;
                 Ok(Prepared {
                     partitions: d.config.partitions,
                     replication: d.config.replication,
