@@ -20,10 +20,11 @@ use ferry_proto::{validate_stream_name, EventBatch, NodeId, SubjectFilter, Topic
 use ferry_store::{Command, TypeConfig};
 use openraft::async_runtime::WatchReceiver;
 use openraft::error::{ClientWriteError, RaftError};
-use openraft::impls::ProgressResponder;
 use openraft::raft::ClientWriteResponse;
 
-use crate::command::{decode, encode, MetaCommand, MetaReply, PartitionCommand, PartitionReply};
+use crate::command::{
+    decode, encode, GroupCommand, MetaCommand, MetaReply, PartitionCommand, PartitionReply,
+};
 use crate::metadata::place_replicas;
 use crate::node::{now_ms, HostedPartition, Node};
 
@@ -182,25 +183,18 @@ impl<T: Transport> Node<T> {
         if let Some(refused) = self.partition_full(&topic, partition, &group) {
             return Box::pin(async move { refused });
         }
-        let command = command(batch, now_ms());
-        let command = match group.command(command) {
-            Ok(c) => c,
-            Err(e) => return Box::pin(async move { error(ErrorCode::Internal, e.to_string()) }),
+        let command = GroupCommand {
+            partition,
+            command: command(batch, now_ms()),
         };
-        let (responder, rx) = ProgressResponder::complete_only();
         let what = format!("{topic}/{partition}");
         let started = std::time::Instant::now();
         let node = self.clone();
-        if let Err(e) = group
-            .proposer()
-            .client_write_ff(command, Some(responder))
-            .await
-        {
-            return Box::pin(async move { error(ErrorCode::Unavailable, format!("{what}: {e}")) });
-        }
+        let rx = group.group.proposals.submit(&group.group, command);
         Box::pin(async move {
             let response = match rx.await {
-                Ok(result) => partition_reply(result, &what),
+                Ok(Ok(result)) => partition_reply(result, &what),
+                Ok(Err(why)) => error(ErrorCode::Unavailable, format!("{what}: {why}")),
                 Err(_) => error(
                     ErrorCode::Unavailable,
                     format!("{what}: the partition group stopped"),

@@ -5,7 +5,16 @@ use ferry_proto::wire::ApiError;
 use ferry_proto::{codec, EventBatch, NodeId, ProtoError, SubjectFilter, TopicConfig};
 use serde::{Deserialize, Serialize};
 
-/// An entry of a partition group's log: a command to one of the group's partitions.
+/// An entry of a partition group's log.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) enum GroupEntry {
+    /// One command; its reply is a [`PartitionReply`].
+    One(GroupCommand),
+    /// Several, applied in order; the reply is a `Vec<PartitionReply>`, one per command.
+    Many(Vec<GroupCommand>),
+}
+
+/// A command to one of the group's partitions.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) struct GroupCommand {
     pub(crate) partition: u32,

@@ -14,6 +14,7 @@
 #![warn(missing_docs, unreachable_pub)]
 
 pub mod api;
+mod coalesce;
 mod command;
 mod config;
 mod error;

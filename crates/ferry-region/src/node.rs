@@ -17,7 +17,8 @@ use openraft::storage::RaftStateMachine;
 use openraft::{BasicNode, Raft, SnapshotPolicy};
 use tokio::sync::watch;
 
-use crate::command::{decode, encode, GroupCommand, PartitionCommand};
+use crate::coalesce::Proposals;
+use crate::command::{decode, encode, GroupCommand, GroupEntry, PartitionCommand};
 use crate::groups::GroupCoordinator;
 use crate::leadership::{Leadership, LedPartition};
 use crate::metadata::{MetaApp, MetaView};
@@ -52,6 +53,8 @@ pub struct PartitionGroup {
     pub views: Arc<BTreeMap<u32, Arc<PartitionView>>>,
     /// Whether it sleeps ([`crate::quiesce`]).
     pub(crate) quiet: Arc<Quiet>,
+    /// Publishes waiting to be proposed together ([`crate::coalesce`]).
+    pub(crate) proposals: Arc<Proposals>,
 }
 
 impl PartitionGroup {
@@ -124,10 +127,10 @@ impl HostedPartition {
     ) -> Result<ferry_store::Command, ferry_proto::ProtoError> {
         encode(
             "partition command",
-            &GroupCommand {
+            &GroupEntry::One(GroupCommand {
                 partition: self.partition,
                 command,
-            },
+            }),
         )
         .map(ferry_store::Command)
     }
@@ -390,6 +393,7 @@ impl<T: Transport> Node<T> {
                     raft: raft.clone(),
                     views,
                     quiet: Arc::default(),
+                    proposals: Arc::default(),
                 };
                 let stale = match inner.partitions.write() {
                     Ok(mut partitions) if !self.is_shut_down() => {

@@ -36,7 +36,9 @@ use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{watch, Mutex};
 
-use crate::command::{decode_shared, encode, GroupCommand, PartitionCommand, PartitionReply};
+use crate::command::{
+    decode_shared, encode, GroupCommand, GroupEntry, PartitionCommand, PartitionReply,
+};
 
 /// How many recent batches per producer are remembered to answer retries with their offsets.
 const DEDUPE_WINDOW: usize = 64;
@@ -1191,26 +1193,46 @@ impl PartitionStateMachine {
         command: &Bytes,
         touched: &mut Vec<u32>,
     ) -> Result<Bytes, StoreError> {
-        let reply = match decode_shared::<GroupCommand>("partition command", command) {
-            Ok(GroupCommand { partition, command }) => match inner.partitions.get_mut(&partition) {
-                Some(p) => {
-                    if !touched.contains(&partition) {
-                        touched.push(partition);
-                    }
-                    p.apply(command)?
-                }
-                None => PartitionReply::Error(ApiError::new(
-                    ErrorCode::InvalidRequest,
-                    format!("partition {partition} is not in this Raft group"),
-                )),
-            },
-            Err(e) => {
-                PartitionReply::Error(ApiError::new(ErrorCode::InvalidRequest, e.to_string()))
-            }
-        };
         // A committed command whose reply cannot be encoded is a bug: stop the group rather
         // than answer a committed write with empty bytes.
-        encode("partition reply", &reply).map_err(|e| StoreError::io("partition reply", e))
+        let encoded = |r: Result<Bytes, _>| r.map_err(|e| StoreError::io("partition reply", e));
+        match decode_shared::<GroupEntry>("partition entry", command) {
+            Ok(GroupEntry::One(command)) => {
+                let reply = Self::apply_one(inner, command, touched)?;
+                encoded(encode("partition reply", &reply))
+            }
+            Ok(GroupEntry::Many(commands)) => {
+                let replies = commands
+                    .into_iter()
+                    .map(|c| Self::apply_one(inner, c, touched))
+                    .collect::<Result<Vec<_>, _>>()?;
+                encoded(encode("partition replies", &replies))
+            }
+            Err(e) => encoded(encode(
+                "partition reply",
+                &PartitionReply::Error(ApiError::new(ErrorCode::InvalidRequest, e.to_string())),
+            )),
+        }
+    }
+
+    /// Applies one command to its partition.
+    fn apply_one(
+        inner: &mut Inner,
+        GroupCommand { partition, command }: GroupCommand,
+        touched: &mut Vec<u32>,
+    ) -> Result<PartitionReply, StoreError> {
+        match inner.partitions.get_mut(&partition) {
+            Some(p) => {
+                if !touched.contains(&partition) {
+                    touched.push(partition);
+                }
+                p.apply(command)
+            }
+            None => Ok(PartitionReply::Error(ApiError::new(
+                ErrorCode::InvalidRequest,
+                format!("partition {partition} is not in this Raft group"),
+            ))),
+        }
     }
 }
 
@@ -1431,7 +1453,7 @@ mod tests {
         partition: u32,
         command: PartitionCommand,
     ) -> PartitionReply {
-        let command = encode("c", &GroupCommand { partition, command }).unwrap();
+        let command = encode("c", &GroupEntry::One(GroupCommand { partition, command })).unwrap();
         let mut inner = sm.inner.try_lock().unwrap();
         let mut touched = Vec::new();
         let reply =
@@ -1990,6 +2012,62 @@ mod tests {
         assert_eq!(sm.view().stored_bytes(), follower.view().stored_bytes());
         // Malformed snapshot data is refused.
         assert!(decode_snapshot(&Bytes::from_static(&[0, 0, 0, 1, 0, 0, 0, 0, 9, 1])).is_err());
+    }
+
+    #[test]
+    fn an_entry_of_several_commands_applies_them_in_order_with_a_reply_each() {
+        let dir = tempfile::tempdir().unwrap();
+        let sm = PartitionStateMachine::open(dir.path(), 4096, &[0, 3]).unwrap();
+        let append = |partition: u32, seq| GroupCommand {
+            partition,
+            command: PartitionCommand::Append {
+                batch: batch(Some(7), seq, 2),
+                appended_at_ms: 1,
+            },
+        };
+        let entry = GroupEntry::Many(vec![
+            append(0, 0),
+            append(3, 0),
+            append(0, 2),
+            append(0, 2),
+            append(5, 0),
+            append(0, 9),
+        ]);
+        let mut inner = sm.inner.try_lock().unwrap();
+        let mut touched = Vec::new();
+        let reply = PartitionStateMachine::apply_command(
+            &mut inner,
+            &encode("e", &entry).unwrap(),
+            &mut touched,
+        )
+        .unwrap();
+        for p in &touched {
+            inner.partitions[p].publish();
+        }
+        let replies: Vec<PartitionReply> = decode("r", &reply).unwrap();
+        assert_eq!(replies.len(), 6);
+        assert_eq!(replies[0], appended(0, 2, false));
+        assert_eq!(
+            replies[1],
+            appended(0, 2, false),
+            "partition 3 counts on its own"
+        );
+        assert_eq!(replies[2], appended(2, 2, false));
+        assert_eq!(
+            replies[3],
+            appended(2, 2, true),
+            "a resend in the same entry"
+        );
+        assert!(
+            matches!(&replies[4], PartitionReply::Error(e) if e.message.contains("partition 5"))
+        );
+        assert!(
+            matches!(&replies[5], PartitionReply::Error(e) if e.code == ErrorCode::OutOfOrderSequence)
+        );
+        assert_eq!(touched, vec![0, 3]);
+        drop(inner);
+        assert_eq!(sm.views()[&0].watermarks().high, 4);
+        assert_eq!(sm.views()[&3].watermarks().high, 2);
     }
 
     #[tokio::test]

@@ -64,7 +64,7 @@ enum BenchCommand {
 /// How a bench's Ferry producer batches (`ProducerOptions`), shared by the suites and mesh.
 #[derive(Args, Clone, Debug)]
 struct ProducerBatching {
-    /// Ferry: batches in flight per partition (each batch is one Raft entry).
+    /// Ferry: batches in flight per partition.
     #[arg(long, default_value_t = ProducerOptions::default().max_batches_in_flight)]
     batches_in_flight: usize,
     /// Ferry: batches in flight over all partitions sent as soon as there are events (past
