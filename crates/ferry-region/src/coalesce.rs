@@ -2,12 +2,13 @@
 //! arrives while the group's last proposal is being handed to Raft goes into the next entry
 //! together ([`GroupEntry::Many`]), in arrival order, so a group whose partitions each have a
 //! small batch ready pays one entry, one log record and one replication message per replica
-//! for all of them. A publish that finds nothing queued is proposed at once, alone.
+//! for all of them. A publish that finds nothing queued is proposed at once, alone. An entry
+//! holds at most [`MAX_ENTRY_BYTES`] of event data (but at least one publish) and
+//! [`MAX_ENTRY_COMMANDS`] publishes; the rest waits for the next, in order.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
-use bytes::Bytes;
 use ferry_store::{Command, Reply, TypeConfig};
 use openraft::error::ClientWriteError;
 use openraft::impls::ProgressResponder;
@@ -24,6 +25,28 @@ pub(crate) type Outcome =
     Result<Result<ClientWriteResponse<TypeConfig>, ClientWriteError<TypeConfig>>, String>;
 
 type Waiter = oneshot::Sender<Outcome>;
+
+/// Event bytes one entry carries at most (a single larger publish goes alone): entries travel
+/// in replication frames and are decoded whole on every replica.
+pub(crate) const MAX_ENTRY_BYTES: usize = 1 << 20;
+/// Publishes one entry carries at most.
+pub(crate) const MAX_ENTRY_COMMANDS: usize = 512;
+
+/// Takes the publishes of the next entry off the front of `queue`: at least one, then as many
+/// as fit [`MAX_ENTRY_BYTES`] and [`MAX_ENTRY_COMMANDS`].
+fn next_entry<W>(queue: &mut Vec<(GroupCommand, W)>) -> Vec<(GroupCommand, W)> {
+    let mut bytes = 0;
+    let mut take = 0;
+    for (command, _) in queue.iter() {
+        let size = command.command.payload_bytes();
+        if take > 0 && (take == MAX_ENTRY_COMMANDS || bytes + size > MAX_ENTRY_BYTES) {
+            break;
+        }
+        bytes += size;
+        take += 1;
+    }
+    queue.drain(..take).collect()
+}
 
 /// A group's queue of publishes not yet handed to Raft.
 #[derive(Default)]
@@ -52,7 +75,7 @@ impl Proposals {
     /// Hands the queue to Raft, one entry per turn, until it is empty.
     async fn flush(&self, group: &PartitionGroup) {
         loop {
-            let queued = std::mem::take(&mut *lock(&self.queue));
+            let queued = next_entry(&mut lock(&self.queue));
             if queued.is_empty() {
                 self.flushing.store(false, Ordering::Release);
                 // A submit between the take and the store saw the flag still set.
@@ -141,11 +164,65 @@ fn answer(
         }
     };
     for (w, reply) in waiters.into_iter().zip(replies) {
-        let data = encode("partition reply", &reply).unwrap_or_else(|_| Bytes::new());
-        let _ = w.send(Ok(Ok(ClientWriteResponse {
-            log_id: response.log_id,
-            data: Reply(data),
-            membership: None,
-        })));
+        let _ = w.send(match encode("partition reply", &reply) {
+            Ok(data) => Ok(Ok(ClientWriteResponse {
+                log_id: response.log_id,
+                data: Reply(data),
+                membership: None,
+            })),
+            Err(e) => Err(e.to_string()),
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use ferry_proto::{Event, EventBatch, Limits, Subject};
+
+    use super::*;
+    use crate::command::PartitionCommand;
+
+    /// A publish of `events` events of `bytes` each.
+    fn publish_of(partition: u32, events: usize, bytes: usize) -> (GroupCommand, ()) {
+        let event = Event::new("e", "/t", "t", Subject::new("a").unwrap(), vec![0u8; bytes]);
+        let events = vec![event; events];
+        let batch = EventBatch::new(&events, None, 0, &Limits::default()).unwrap();
+        let command = PartitionCommand::Append {
+            batch,
+            appended_at_ms: 0,
+        };
+        (GroupCommand { partition, command }, ())
+    }
+
+    fn publish(partition: u32, bytes: usize) -> (GroupCommand, ()) {
+        publish_of(partition, 1, bytes)
+    }
+
+    #[test]
+    fn an_entry_is_bounded_in_bytes_and_publishes_and_keeps_the_order() {
+        // Bytes: two of 400 KiB fit an entry (1 MiB); the third starts the next.
+        let mut queue: Vec<_> = (0..5).map(|p| publish(p, 400 << 10)).collect();
+        let first: Vec<u32> = next_entry(&mut queue)
+            .iter()
+            .map(|(c, _)| c.partition)
+            .collect();
+        assert_eq!(first, vec![0, 1]);
+        let second: Vec<u32> = next_entry(&mut queue)
+            .iter()
+            .map(|(c, _)| c.partition)
+            .collect();
+        assert_eq!(second, vec![2, 3]);
+        assert_eq!(queue.len(), 1);
+        // One publish over the bound still goes, alone.
+        let mut queue = vec![publish_of(0, 2, 700 << 10), publish(1, 10)];
+        assert_eq!(next_entry(&mut queue).len(), 1);
+        assert_eq!(next_entry(&mut queue).len(), 1);
+        assert!(next_entry(&mut queue).is_empty());
+        // Count.
+        let mut queue: Vec<_> = (0..1000).map(|p| publish(p, 10)).collect();
+        let entry = next_entry(&mut queue);
+        assert_eq!(entry.len(), MAX_ENTRY_COMMANDS);
+        assert_eq!(entry[0].0.partition, 0);
+        assert_eq!(queue[0].0.partition, MAX_ENTRY_COMMANDS as u32);
     }
 }

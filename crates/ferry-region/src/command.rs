@@ -61,6 +61,17 @@ pub(crate) enum PartitionCommand {
     ExpireProducers { idle_before_ms: u64 },
 }
 
+impl PartitionCommand {
+    /// Bytes of event data it carries.
+    pub(crate) fn payload_bytes(&self) -> usize {
+        match self {
+            Self::Append { batch, .. } | Self::AppendToStream { batch, .. } => batch.events.len(),
+            Self::Forwarded { batch, .. } => batch.events.iter().map(|(_, e)| e.len()).sum(),
+            _ => 0,
+        }
+    }
+}
+
 /// What applying a partition command answers.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) enum PartitionReply {

@@ -14,6 +14,9 @@ use crate::{
 /// cursors); 2 had none.
 /// 4: partition checkpoints carry the domain streams' index (versions, appends).
 /// 5: partition checkpoints carry each producer's last append time (producer expiry).
+/// 6: topics carry the keep-until-forwarded retention fields.
+/// 7: a topic's partitions share Raft groups: topics carry `groups`, a group's checkpoint and
+/// its log entries name their partitions.
 const FORMAT: &[u8] = b"ferry-store/7";
 const MARKER_TREE: &[u8] = b"ferry";
 
