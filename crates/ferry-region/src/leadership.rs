@@ -1,7 +1,7 @@
-//! The partitions this node leads (those of the partition groups it leads), kept up to date from each group's leadership
-//! changes (openraft's server metrics, which change on votes, leaders and membership only)
-//! rather than found by scanning every hosted group: with thousands of sleeping groups a
-//! scan on every mesh round and retention round was most of a node's idle CPU.
+//! The partitions this node leads (those of the partition groups it leads), kept up to date from
+//! each group's leadership changes (openraft's server metrics, which change on votes, leaders and
+//! membership only) rather than found by scanning every hosted group: with thousands of sleeping
+//! groups a scan on every mesh round and retention round was most of a node's idle CPU.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, Weak};
