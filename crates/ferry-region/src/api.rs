@@ -32,7 +32,6 @@ use crate::node::{now_ms, HostedPartition, Node};
 const MAX_INTEREST_WAIT_MS: u64 = 60_000;
 
 type Pending = Pin<Box<dyn Future<Output = ClientResponse> + Send>>;
-type WriteResult = Result<ClientWriteResponse<TypeConfig>, ClientWriteError<TypeConfig>>;
 
 fn error(code: ErrorCode, message: impl Into<String>) -> ClientResponse {
     ClientResponse::Error(ApiError::new(code, message))
@@ -81,32 +80,37 @@ fn write_failure(e: &ClientWriteError<TypeConfig>, what: &str) -> ClientResponse
     }
 }
 
-fn partition_reply(result: WriteResult, what: &str) -> ClientResponse {
-    match result {
-        Ok(response) => match decode::<PartitionReply>("partition reply", &response.data.0) {
-            Ok(PartitionReply::Appended {
-                base_offset,
-                count,
-                duplicate,
-            }) => ClientResponse::Published {
-                base_offset,
-                count,
-                duplicate,
-            },
-            Ok(PartitionReply::StreamAppended {
-                base_offset,
-                first_version,
-                version,
-            }) => ClientResponse::StreamAppended {
-                base_offset,
-                first_version,
-                version,
-            },
-            Ok(PartitionReply::Done | PartitionReply::Forwarded(_)) => ClientResponse::Ok,
-            Ok(PartitionReply::Error(e)) => ClientResponse::Error(e),
-            Err(e) => error(ErrorCode::Internal, e.to_string()),
+/// The client's answer for a partition command's reply.
+fn reply_response(reply: PartitionReply) -> ClientResponse {
+    match reply {
+        PartitionReply::Appended {
+            base_offset,
+            count,
+            duplicate,
+        } => ClientResponse::Published {
+            base_offset,
+            count,
+            duplicate,
         },
-        Err(e) => write_failure(&e, what),
+        PartitionReply::StreamAppended {
+            base_offset,
+            first_version,
+            version,
+        } => ClientResponse::StreamAppended {
+            base_offset,
+            first_version,
+            version,
+        },
+        PartitionReply::Done | PartitionReply::Forwarded(_) => ClientResponse::Ok,
+        PartitionReply::Error(e) => ClientResponse::Error(e),
+    }
+}
+
+/// The client's answer for a committed write that holds one partition command.
+fn partition_reply(response: ClientWriteResponse<TypeConfig>) -> ClientResponse {
+    match decode::<PartitionReply>("partition reply", &response.data.0) {
+        Ok(reply) => reply_response(reply),
+        Err(e) => error(ErrorCode::Internal, e.to_string()),
     }
 }
 
@@ -193,7 +197,8 @@ impl<T: Transport> Node<T> {
         let rx = group.group.proposals.submit(&group.group, command);
         Box::pin(async move {
             let response = match rx.await {
-                Ok(Ok(result)) => partition_reply(result, &what),
+                Ok(Ok(Ok(reply))) => reply_response(reply),
+                Ok(Ok(Err(e))) => write_failure(&e, &what),
                 Ok(Err(why)) => error(ErrorCode::Unavailable, format!("{what}: {why}")),
                 Err(_) => error(
                     ErrorCode::Unavailable,
@@ -456,7 +461,7 @@ impl<T: Transport> Node<T> {
                 };
                 let what = format!("{topic}/{partition}");
                 let response = match g.proposer().client_write(command).await {
-                    Ok(r) => partition_reply(Ok(r), &what),
+                    Ok(r) => partition_reply(r),
                     Err(RaftError::APIError(e)) => write_failure(&e, &what),
                     Err(RaftError::Fatal(f)) => {
                         error(ErrorCode::Unavailable, format!("{what}: {f}"))

@@ -9,7 +9,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
-use ferry_store::{Command, Reply, TypeConfig};
+use ferry_store::{Command, TypeConfig};
 use openraft::error::ClientWriteError;
 use openraft::impls::ProgressResponder;
 use openraft::raft::ClientWriteResponse;
@@ -19,10 +19,9 @@ use crate::command::{decode, encode, GroupCommand, GroupEntry, PartitionReply};
 use crate::mesh::lock;
 use crate::node::PartitionGroup;
 
-/// What a queued publish learns: Raft's answer to it (the reply its own command got, for an
-/// entry of several), or why it was not proposed.
-pub(crate) type Outcome =
-    Result<Result<ClientWriteResponse<TypeConfig>, ClientWriteError<TypeConfig>>, String>;
+/// What a queued publish learns: the reply its own command got once committed, Raft's refusal
+/// of the entry, or why the entry was not proposed or its replies not read.
+pub(crate) type Outcome = Result<Result<PartitionReply, ClientWriteError<TypeConfig>>, String>;
 
 type Waiter = oneshot::Sender<Outcome>;
 
@@ -125,15 +124,12 @@ impl Proposals {
     }
 }
 
-/// Gives each waiter of an entry its part of Raft's answer.
+/// Gives each waiter of an entry its part of Raft's answer: an entry of one publish was
+/// answered with that publish's reply, an entry of several with their replies in order.
 fn answer(
     result: Result<ClientWriteResponse<TypeConfig>, ClientWriteError<TypeConfig>>,
     mut waiters: Vec<Waiter>,
 ) {
-    if waiters.len() == 1 {
-        let _ = waiters.pop().expect("one waiter").send(Ok(result));
-        return;
-    }
     let response = match result {
         Ok(response) => response,
         Err(e) => {
@@ -143,6 +139,13 @@ fn answer(
             return;
         }
     };
+    if waiters.len() == 1 {
+        let reply = decode::<PartitionReply>("partition reply", &response.data.0)
+            .map(Ok)
+            .map_err(|e| e.to_string());
+        let _ = waiters.pop().expect("one waiter").send(reply);
+        return;
+    }
     let replies = match decode::<Vec<PartitionReply>>("partition replies", &response.data.0) {
         Ok(replies) if replies.len() == waiters.len() => replies,
         Ok(replies) => {
@@ -164,14 +167,7 @@ fn answer(
         }
     };
     for (w, reply) in waiters.into_iter().zip(replies) {
-        let _ = w.send(match encode("partition reply", &reply) {
-            Ok(data) => Ok(Ok(ClientWriteResponse {
-                log_id: response.log_id,
-                data: Reply(data),
-                membership: None,
-            })),
-            Err(e) => Err(e.to_string()),
-        });
+        let _ = w.send(Ok(Ok(reply)));
     }
 }
 
