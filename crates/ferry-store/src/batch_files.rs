@@ -234,8 +234,8 @@ impl BatchFiles {
             );
         }
         let (&first, seg) = self.segments.iter_mut().next_back().expect("a segment");
-        // The header and the events go in two writes, so the events are not copied into a
-        // record first. A crash between them leaves bytes past the last checkpoint's extent,
+        // The header and the events go in one vectored write, so the events are not copied
+        // into a record first. A torn write leaves bytes past the last checkpoint's extent,
         // which open cuts off like any unsynced write.
         let mut header = [0u8; HEADER];
         header[0..4].copy_from_slice(&bytes.to_le_bytes());
@@ -243,12 +243,7 @@ impl BatchFiles {
         header[8..16].copy_from_slice(&batch.base_offset.to_le_bytes());
         header[16..20].copy_from_slice(&batch.count.to_le_bytes());
         header[20..28].copy_from_slice(&batch.appended_at_ms.to_le_bytes());
-        seg.file
-            .write_all_at(&header, seg.len)
-            .and_then(|()| {
-                seg.file
-                    .write_all_at(&batch.events, seg.len + HEADER as u64)
-            })
+        crate::positional::write_pair_at(&seg.file, &header, &batch.events, seg.len)
             .map_err(io(&seg.path))?;
         self.index.insert(
             batch.base_offset,
@@ -452,7 +447,7 @@ pub struct BatchLocation {
 
 /// Reads one located batch, checking its checksum.
 pub fn read_batch(location: &BatchLocation) -> Result<StoredBatch, StoreError> {
-    let record = crate::pread::read_exact_at(
+    let record = crate::positional::read_exact_at(
         &location.file,
         HEADER + location.info.bytes as usize,
         location.info.position,

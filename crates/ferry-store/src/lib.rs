@@ -19,7 +19,7 @@ mod error;
 mod group_commit;
 mod log_store;
 mod node_store;
-mod pread;
+mod positional;
 mod state_machine;
 mod wal;
 

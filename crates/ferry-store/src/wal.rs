@@ -635,7 +635,7 @@ impl Wal {
                 .count();
             let last = &rest[run - 1].2;
             let span = (last.offset + HEADER as u64 + u64::from(last.len) - first.offset) as usize;
-            let buf = crate::pread::read_exact_at(file, span, first.offset)
+            let buf = crate::positional::read_exact_at(file, span, first.offset)
                 .map_err(|e| StoreError::io(format!("reading {}", path.display()), e))?;
             let buf = bytes::Bytes::from(buf);
             for (_, _, loc) in &rest[..run] {
