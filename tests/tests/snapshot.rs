@@ -94,4 +94,12 @@ async fn a_lagging_follower_catches_up_from_a_snapshot() {
             .unwrap();
         assert_eq!((offset, event.id.as_str()), (i, format!("l{i}").as_str()));
     }
+    // The snapshot was spooled to a file while it arrived, and the file went once installed.
+    let incoming = region.configs[(lagging - 1) as usize]
+        .data_dir
+        .join("snapshots-incoming");
+    let left: Vec<_> = std::fs::read_dir(&incoming)
+        .expect("the node keeps a folder for incoming snapshots")
+        .collect();
+    assert!(left.is_empty(), "spooled snapshots left behind: {left:?}");
 }

@@ -18,6 +18,7 @@ mod coalesce;
 mod command;
 mod config;
 mod error;
+mod group_snapshot;
 pub mod groups;
 pub mod http;
 mod leadership;

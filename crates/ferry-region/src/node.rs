@@ -9,7 +9,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use ferry_net::{PeerStream, RpcHandler, Transport};
 use ferry_proto::NodeId;
-use ferry_store::{GroupId, NodeStore, SledStateMachine, StoreOptions, TypeConfig};
+use ferry_store::{
+    GroupId, NodeStore, SledStateMachine, SnapshotData, Spool, StoreError, StoreOptions, TypeConfig,
+};
 use futures::future::BoxFuture;
 use futures::StreamExt;
 use openraft::async_runtime::WatchReceiver;
@@ -149,8 +151,9 @@ pub(crate) struct Inner<T> {
     shutdown: watch::Sender<bool>,
     pub(crate) client_connections: tokio::sync::Semaphore,
     pub(crate) commit_latency: LatencyCounter,
-    /// Snapshot pieces received so far, per group: (transfer id, data).
-    snapshot_transfers: Mutex<HashMap<GroupId, (u64, Vec<u8>)>>,
+    /// Snapshots being received, per group: (transfer id, the pieces so far, spooled to a
+    /// file in [`INCOMING_SNAPSHOTS`]).
+    snapshot_transfers: Mutex<HashMap<GroupId, (u64, Spool)>>,
     /// Gossip and forwarding (set once the node has started).
     pub(crate) mesh: std::sync::OnceLock<Arc<crate::mesh::Mesh>>,
     /// Identifies this run of the node to its peers (a restart changes it).
@@ -199,6 +202,9 @@ fn raft_err(group: &str, e: impl std::fmt::Display) -> RegionError {
     }
 }
 
+/// The folder of a node's data folder where snapshots being received are spooled.
+const INCOMING_SNAPSHOTS: &str = "snapshots-incoming";
+
 pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -218,6 +224,16 @@ impl<T: Transport> Node<T> {
                 segment_bytes: config.wal_segment_bytes,
             },
         )?;
+        // Snapshots half received before a restart are of no use: their senders start over.
+        let incoming = config.data_dir.join(INCOMING_SNAPSHOTS);
+        match std::fs::remove_dir_all(&incoming) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(StoreError::io(incoming.display().to_string(), e).into())
+            }
+            _ => {}
+        }
+        std::fs::create_dir_all(&incoming)
+            .map_err(|e| StoreError::io(incoming.display().to_string(), e))?;
         let r = config.raft;
         let raft_config = openraft::Config {
             cluster_name: "ferry".into(),
@@ -781,36 +797,49 @@ impl<T: Transport> Node<T> {
         offset: u64,
         total: u64,
         data: &[u8],
-    ) -> Option<Result<Bytes, String>> {
+    ) -> Option<Result<SnapshotData, String>> {
         let Ok(mut transfers) = self.inner.snapshot_transfers.lock() else {
             return Some(Err("snapshot transfers poisoned".into()));
         };
         if offset == 0 {
-            let capacity = total.min(64 * 1024 * 1024) as usize;
-            transfers.insert(group.clone(), (transfer, Vec::with_capacity(capacity)));
+            // A transfer that starts over replaces (and so deletes) the group's earlier one.
+            transfers.remove(group);
+            let path = self
+                .inner
+                .config
+                .data_dir
+                .join(INCOMING_SNAPSHOTS)
+                .join(format!("{transfer:016x}"));
+            match Spool::create(&path) {
+                Ok(spool) => transfers.insert(group.clone(), (transfer, spool)),
+                Err(e) => {
+                    return Some(Err(format!(
+                        "spooling a snapshot of {group} to {}: {e}",
+                        path.display()
+                    )))
+                }
+            };
         }
-        let Some((current, buffer)) = transfers.get_mut(group) else {
+        let Some((current, spool)) = transfers.get_mut(group) else {
             return Some(Err(format!(
                 "snapshot piece at {offset} of {group} without its start"
             )));
         };
-        if *current != transfer
-            || buffer.len() as u64 != offset
-            || offset + data.len() as u64 > total
-        {
+        if *current != transfer || spool.len() != offset || offset + data.len() as u64 > total {
             transfers.remove(group);
             return Some(Err(format!(
                 "snapshot piece at {offset} of {group} out of order"
             )));
         }
-        buffer.extend_from_slice(data);
-        if (buffer.len() as u64) < total {
+        if let Err(e) = spool.append(data) {
+            transfers.remove(group);
+            return Some(Err(format!("spooling a snapshot of {group}: {e}")));
+        }
+        if spool.len() < total {
             return None;
         }
         tracing::info!(%group, bytes = total, last_piece_at = offset, "received a snapshot");
-        transfers
-            .remove(group)
-            .map(|(_, buffer)| Ok(Bytes::from(buffer)))
+        transfers.remove(group).map(|(_, spool)| Ok(spool.finish()))
     }
 
     /// A partition group this node hosts.
@@ -907,14 +936,15 @@ impl<T: Transport> Node<T> {
                     return PeerResponse::ChunkAccepted;
                 };
                 let complete = match complete {
-                    Ok(bytes) => bytes,
+                    Ok(data) => data,
                     Err(e) => return PeerResponse::Error(e),
                 };
                 dispatch_group!(self, group, |raft| {
-                    let snapshot = openraft::type_config::alias::SnapshotOf::<TypeConfig, Bytes> {
-                        meta,
-                        snapshot: complete,
-                    };
+                    let snapshot =
+                        openraft::type_config::alias::SnapshotOf::<TypeConfig, SnapshotData> {
+                            meta,
+                            snapshot: complete,
+                        };
                     match raft.install_full_snapshot(vote, snapshot).await {
                         Ok(r) => PeerResponse::Snapshot(r),
                         Err(e) => PeerResponse::Error(e.to_string()),

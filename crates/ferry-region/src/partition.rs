@@ -11,8 +11,8 @@
 //! synced, then every partition's small state and files' extent, with the applied log id, are
 //! written to `checkpoint` (atomically, by rename). On start the files are cut back to that
 //! extent and Raft re-applies the log after it. openraft keeps only the meta of a built
-//! snapshot; its data (every partition's state plus every retained batch) is assembled from
-//! the checkpoint when a follower needs it.
+//! snapshot; its data (every partition's state plus every retained batch) is streamed from
+//! the checkpoint's files when a follower needs it (`group_snapshot`).
 //!
 //! Readers use [`PartitionView`]; the watermark is published only after the batch is in the
 //! files, so a reader never sees an offset it cannot read.
@@ -39,6 +39,7 @@ use tokio::sync::{watch, Mutex};
 use crate::command::{
     decode_shared, encode, GroupCommand, GroupEntry, PartitionCommand, PartitionReply,
 };
+use crate::group_snapshot::{receive_snapshot, GroupSnapshotSource, SnapshotPart};
 
 /// How many recent batches per producer are remembered to answer retries with their offsets.
 const DEDUPE_WINDOW: usize = 64;
@@ -980,87 +981,6 @@ fn write_checkpoint(dir: &Path, checkpoint: &Checkpoint) -> Result<(), StoreErro
         .map_err(io)
 }
 
-/// One partition's part of a snapshot.
-struct PartitionSnapshot {
-    partition: u32,
-    state: SmallState,
-    batches: Vec<StoredBatch>,
-}
-
-/// Snapshot data: `[u32 partitions]`, then per partition `[u32 partition][u64 state
-/// length][state][u64 batches length]` and per batch `[u64 base offset][u32 count][u64
-/// appended at][u32 length][events]`.
-fn encode_snapshot(partitions: &[PartitionSnapshot]) -> Result<Bytes, StoreError> {
-    let mut out = Vec::new();
-    out.extend_from_slice(&(partitions.len() as u32).to_be_bytes());
-    for p in partitions {
-        let head = codec::encode("partition snapshot", &p.state)?;
-        let size: usize = p.batches.iter().map(|b| 24 + b.events.len()).sum();
-        out.reserve(24 + head.len() + size);
-        out.extend_from_slice(&p.partition.to_be_bytes());
-        out.extend_from_slice(&(head.len() as u64).to_be_bytes());
-        out.extend_from_slice(&head);
-        out.extend_from_slice(&(size as u64).to_be_bytes());
-        for b in &p.batches {
-            out.extend_from_slice(&b.base_offset.to_be_bytes());
-            out.extend_from_slice(&b.count.to_be_bytes());
-            out.extend_from_slice(&b.appended_at_ms.to_be_bytes());
-            out.extend_from_slice(&(b.events.len() as u32).to_be_bytes());
-            out.extend_from_slice(&b.events);
-        }
-    }
-    Ok(Bytes::from(out))
-}
-
-fn decode_snapshot(data: &Bytes) -> Result<Vec<PartitionSnapshot>, StoreError> {
-    let malformed = || StoreError::io("partition snapshot", "malformed snapshot data");
-    let mut rest = data.clone();
-    let mut take = |n: usize| -> Result<Bytes, StoreError> {
-        if rest.len() < n {
-            return Err(malformed());
-        }
-        Ok(rest.split_to(n))
-    };
-    let u64_of = |b: Bytes| u64::from_be_bytes(b[..].try_into().expect("8 bytes"));
-    let u32_of = |b: Bytes| u32::from_be_bytes(b[..].try_into().expect("4 bytes"));
-    let count = u32_of(take(4)?);
-    let mut partitions = Vec::new();
-    for _ in 0..count {
-        let partition = u32_of(take(4)?);
-        let head_len = usize::try_from(u64_of(take(8)?)).map_err(|_| malformed())?;
-        let state: SmallState = codec::decode("partition snapshot", &take(head_len)?)?;
-        let batch_bytes = usize::try_from(u64_of(take(8)?)).map_err(|_| malformed())?;
-        let mut batches = Vec::new();
-        let mut read = 0usize;
-        while read < batch_bytes {
-            let base_offset = u64_of(take(8)?);
-            let count = u32_of(take(4)?);
-            let appended_at_ms = u64_of(take(8)?);
-            let len = u32_of(take(4)?) as usize;
-            read += 24 + len;
-            batches.push(StoredBatch {
-                base_offset,
-                count,
-                appended_at_ms,
-                events: take(len)?,
-            });
-        }
-        if read != batch_bytes {
-            return Err(malformed());
-        }
-        partitions.push(PartitionSnapshot {
-            partition,
-            state,
-            batches,
-        });
-    }
-    if !rest.is_empty() {
-        return Err(malformed());
-    }
-    Ok(partitions)
-}
-
-/// The folder of `partition`'s batch files inside a group's batches folder.
 fn partition_folder(batches: &Path, partition: u32) -> PathBuf {
     batches.join(partition.to_string())
 }
@@ -1240,7 +1160,7 @@ impl RaftSnapshotBuilder<TypeConfig> for PartitionStateMachine {
     type SnapshotData = SnapshotData;
 
     /// Records a checkpoint. openraft keeps only the meta of a built snapshot, so the data is
-    /// left empty here and assembled by `get_current_snapshot` when a follower needs it.
+    /// left empty here and streamed from `get_current_snapshot` when a follower needs it.
     async fn build_snapshot(&mut self) -> Result<SnapshotOf<TypeConfig, SnapshotData>, io::Error> {
         let _one = self.checkpointing.lock().await;
         let (checkpoint, plans) = {
@@ -1264,7 +1184,7 @@ impl RaftSnapshotBuilder<TypeConfig> for PartitionStateMachine {
         tracing::debug!(took = ?started.elapsed(), synced = plans.len(), "wrote a partition group checkpoint");
         Ok(SnapshotOf::<TypeConfig, SnapshotData> {
             meta: checkpoint.meta,
-            snapshot: Bytes::new(),
+            snapshot: SnapshotData::from_bytes(Bytes::new()),
         })
     }
 }
@@ -1322,45 +1242,56 @@ impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
     async fn install_snapshot(
         &mut self,
         meta: &SnapshotMetaOf<TypeConfig>,
-        snapshot: SnapshotData,
+        mut snapshot: SnapshotData,
     ) -> Result<(), io::Error> {
-        let received = decode_snapshot(&snapshot)?;
-        let numbers: Vec<u32> = received.iter().map(|p| p.partition).collect();
-        if !numbers.iter().eq(self.views.keys()) {
-            return Err(io_err(format!(
-                "the snapshot holds partitions {numbers:?}, this group {:?}",
-                self.views.keys().collect::<Vec<_>>()
-            )));
-        }
-        let mut received: HashMap<u32, PartitionSnapshot> =
-            received.into_iter().map(|p| (p.partition, p)).collect();
         let _one = self.checkpointing.lock().await;
-        let mut inner = self.inner.lock().await;
         // Into a new folder: until the checkpoint naming it is written, a restart still finds
-        // the old checkpoint and its files intact.
-        let generation: u64 = inner
+        // the old checkpoint and its files intact, and readers read the old files meanwhile.
+        let generation: u64 = self
+            .inner
+            .lock()
+            .await
             .batches
             .strip_prefix("batches-")
             .and_then(|g| g.parse().ok())
             .unwrap_or(0);
         let next = format!("batches-{}", generation + 1);
-        for (number, partition) in inner.partitions.iter_mut() {
-            // Every partition is there (checked above).
-            let (state, batches) = received
-                .remove(number)
-                .map(|p| (p.state, p.batches))
-                .unwrap_or_default();
-            let mut fresh = BatchFiles::open(
-                &partition_folder(&self.dir.join(&next), *number),
-                self.segment_bytes,
-                &Extent::default(),
-            )?;
-            for batch in &batches {
-                fresh.append(batch)?;
+        let folder = self.dir.join(&next);
+        let partitions: Vec<u32> = self.views.keys().copied().collect();
+        let segment_bytes = self.segment_bytes;
+        let receiving = folder.clone();
+        let received = tokio::task::spawn_blocking(move || {
+            receive_snapshot(&mut snapshot, &partitions, &receiving, segment_bytes)
+        })
+        .await
+        .map_err(io_err)?;
+        let received = match received {
+            Ok(received) => received,
+            Err(e) => {
+                if let Err(removing) = std::fs::remove_dir_all(&folder) {
+                    tracing::warn!(folder = %folder.display(), error = %removing, "removing a refused snapshot's files failed");
+                }
+                return Err(e.into());
             }
+        };
+        let mut states = Vec::with_capacity(received.len());
+        for part in &received {
+            let state: SmallState =
+                codec::decode("partition snapshot", &part.state).map_err(io_err)?;
+            states.push(state);
+        }
+        let mut inner = self.inner.lock().await;
+        for (part, state) in received.into_iter().zip(states) {
+            let Some(partition) = inner.partitions.get_mut(&part.partition) else {
+                // receive_snapshot took exactly the group's partitions.
+                return Err(io_err(format!(
+                    "partition {} is not in this group",
+                    part.partition
+                )));
+            };
             drop(std::mem::replace(
                 &mut *partition.view.files.write().map_err(io_err)?,
-                fresh,
+                part.files,
             ));
             partition.restore(state)?;
             partition.dirty = true;
@@ -1378,33 +1309,32 @@ impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
         &mut self,
     ) -> Result<Option<SnapshotOf<TypeConfig, SnapshotData>>, io::Error> {
         // A checkpoint being written deletes the segments it no longer names once written:
-        // read the current one whole before the next can replace it.
+        // open the current one's before the next can replace it. What they hold is read only
+        // as the snapshot is (see `group_snapshot`).
         let _one = self.checkpointing.lock().await;
         let _inner = self.inner.lock().await;
         let Some(checkpoint) = read_checkpoint(&self.dir)? else {
             return Ok(None);
         };
         let folder = self.dir.join(&checkpoint.batches);
-        let mut partitions = Vec::with_capacity(checkpoint.partitions.len());
+        let mut parts = Vec::with_capacity(checkpoint.partitions.len());
         for saved in checkpoint.partitions {
-            let batches = BatchFiles::read_extent(
-                &partition_folder(&folder, saved.partition),
-                &saved.extent,
-            )?;
-            let low = saved.state.marks.low;
-            let high = saved.state.marks.high;
-            partitions.push(PartitionSnapshot {
+            parts.push(SnapshotPart {
                 partition: saved.partition,
-                batches: batches
-                    .into_iter()
-                    .filter(|b| b.end_offset() > low && b.base_offset < high)
-                    .collect(),
-                state: saved.state,
+                low: saved.state.marks.low,
+                high: saved.state.marks.high,
+                state: Bytes::from(
+                    codec::encode("partition snapshot", &saved.state).map_err(io_err)?,
+                ),
+                files: BatchFiles::open_extent(
+                    &partition_folder(&folder, saved.partition),
+                    &saved.extent,
+                )?,
             });
         }
         Ok(Some(SnapshotOf::<TypeConfig, SnapshotData> {
             meta: checkpoint.meta,
-            snapshot: encode_snapshot(&partitions)?,
+            snapshot: SnapshotData::from_source(GroupSnapshotSource::new(parts)),
         }))
     }
 }
@@ -2010,8 +1940,6 @@ mod tests {
         let sm = open_one(&dir.path().join("a"), 4096).unwrap();
         assert_eq!(offsets(&sm, 0).first(), Some(&(300, 4)));
         assert_eq!(sm.view().stored_bytes(), follower.view().stored_bytes());
-        // Malformed snapshot data is refused.
-        assert!(decode_snapshot(&Bytes::from_static(&[0, 0, 0, 1, 0, 0, 0, 0, 9, 1])).is_err());
     }
 
     #[test]
@@ -2153,5 +2081,147 @@ mod tests {
         drop(other);
         // A checkpoint holding a partition the group does not is refused at open.
         assert!(PartitionStateMachine::open(&dir.path().join("a"), 4096, &[1]).is_err());
+    }
+
+    /// The whole of `data`, read in pieces of `chunk` bytes through a spool file, as a
+    /// follower receives it.
+    fn through_spool(mut data: SnapshotData, chunk: usize, spool: &Path) -> SnapshotData {
+        let total = data.total().unwrap();
+        let mut spool = ferry_store::Spool::create(spool).unwrap();
+        loop {
+            let piece = data.read_chunk(chunk).unwrap();
+            if piece.is_empty() {
+                break;
+            }
+            assert!(piece.len() <= chunk);
+            spool.append(&piece).unwrap();
+        }
+        assert_eq!(
+            spool.len(),
+            total,
+            "the snapshot is as long as it announced"
+        );
+        spool.finish()
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_streams_from_the_files_it_was_taken_from_after_a_checkpoint_deleted_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sm = open_one(&dir.path().join("a"), 4096).unwrap();
+        for seq in 0..100 {
+            append(&sm, batch(Some(1), seq * 4, 4));
+        }
+        sm.build_snapshot().await.unwrap();
+        let taken = sm.get_current_snapshot().await.unwrap().unwrap();
+        let expected = offsets(&sm, 0);
+        // Retention then drops most of it and the next checkpoint deletes those segments.
+        let segments = || {
+            std::fs::read_dir(dir.path().join("a/batches-0/0"))
+                .unwrap()
+                .count()
+        };
+        let before = segments();
+        run(&sm, PartitionCommand::Trim { before_offset: 300 });
+        sm.build_snapshot().await.unwrap();
+        assert!(segments() < before, "the trimmed segments were deleted");
+
+        // The snapshot taken before still carries every batch it named, in small pieces.
+        let data = through_spool(taken.snapshot, 1000, &dir.path().join("spool"));
+        let mut follower = open_one(&dir.path().join("b"), 4096).unwrap();
+        follower.install_snapshot(&taken.meta, data).await.unwrap();
+        assert_eq!(offsets(&follower, 0), expected);
+        assert!(
+            !dir.path().join("spool").exists(),
+            "the spool file went with the installed snapshot"
+        );
+        drop(follower);
+        let follower = open_one(&dir.path().join("b"), 4096).unwrap();
+        assert_eq!(offsets(&follower, 0), expected);
+    }
+
+    #[tokio::test]
+    async fn taking_the_snapshot_reads_no_events_and_sending_it_checks_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sm = open_one(dir.path(), 1 << 20).unwrap();
+        for seq in 0..10 {
+            append(&sm, batch(Some(1), seq * 4, 4));
+        }
+        sm.build_snapshot().await.unwrap();
+        // Flip a byte of the last batch's events on disk (records end with their events).
+        let segment = std::fs::read_dir(dir.path().join("batches-0/0"))
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path();
+        let mut bytes = std::fs::read(&segment).unwrap();
+        *bytes.last_mut().unwrap() ^= 0xff;
+        std::fs::write(&segment, &bytes).unwrap();
+        // What openraft does at every start succeeds without reading the events...
+        let mut taken = sm.get_current_snapshot().await.unwrap().unwrap();
+        assert!(taken.snapshot.total().unwrap() > 10 * 4 * 8);
+        // ... and the damage is found when the snapshot is read to be sent.
+        let mut sent = Vec::new();
+        let error = std::io::Read::read_to_end(&mut taken.snapshot, &mut sent).unwrap_err();
+        assert!(error.to_string().contains("checksum"), "{error}");
+    }
+
+    #[tokio::test]
+    async fn a_cut_or_foreign_snapshot_is_refused_and_leaves_no_files_and_no_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sm = PartitionStateMachine::open(&dir.path().join("a"), 4096, &[0, 1]).unwrap();
+        for seq in 0..20 {
+            run_on(
+                &sm,
+                seq % 2,
+                PartitionCommand::Append {
+                    batch: batch(Some(1), u64::from(seq / 2) * 4, 4),
+                    appended_at_ms: 1,
+                },
+            );
+        }
+        sm.build_snapshot().await.unwrap();
+        let mut taken = sm.get_current_snapshot().await.unwrap().unwrap();
+        let whole = {
+            let mut all = Vec::new();
+            std::io::Read::read_to_end(&mut taken.snapshot, &mut all).unwrap();
+            all
+        };
+        let follower_dir = dir.path().join("b");
+        let mut follower = PartitionStateMachine::open(&follower_dir, 4096, &[0, 1]).unwrap();
+        let unchanged = |follower: &PartitionStateMachine| {
+            assert_eq!(follower.views()[&0].watermarks().high, 0);
+            assert_eq!(follower.views()[&1].watermarks().high, 0);
+            let folders: Vec<String> = std::fs::read_dir(&follower_dir)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with("batches-"))
+                .collect();
+            assert_eq!(folders, vec!["batches-0".to_string()]);
+        };
+        // Cut anywhere: inside the count, a state, a batch header, a batch's events.
+        for cut in [2, 10, whole.len() / 3, whole.len() / 2, whole.len() - 1] {
+            let data = SnapshotData::from_bytes(Bytes::copy_from_slice(&whole[..cut]));
+            assert!(
+                follower.install_snapshot(&taken.meta, data).await.is_err(),
+                "cut at {cut}"
+            );
+            unchanged(&follower);
+        }
+        // Longer than it should be.
+        let mut longer = whole.clone();
+        longer.push(0);
+        let data = SnapshotData::from_bytes(Bytes::from(longer));
+        assert!(follower.install_snapshot(&taken.meta, data).await.is_err());
+        unchanged(&follower);
+        // Another group's partitions.
+        let mut other = PartitionStateMachine::open(&dir.path().join("c"), 4096, &[0, 2]).unwrap();
+        let data = SnapshotData::from_bytes(Bytes::from(whole.clone()));
+        assert!(other.install_snapshot(&taken.meta, data).await.is_err());
+        // The whole one installs.
+        let data = SnapshotData::from_bytes(Bytes::from(whole));
+        follower.install_snapshot(&taken.meta, data).await.unwrap();
+        assert_eq!(follower.views()[&0].watermarks().high, 40);
+        assert_eq!(follower.views()[&1].watermarks().high, 40);
     }
 }

@@ -369,6 +369,13 @@ impl<T: Transport> Router<T> {
     }
 }
 
+/// A snapshot that could not be read for sending.
+fn snapshot_failure(e: &dyn std::fmt::Display) -> RPCError<TypeConfig> {
+    RPCError::Network(NetworkError::new(&PeerFailure(format!(
+        "reading the snapshot to send: {e}"
+    ))))
+}
+
 fn unexpected() -> RPCError<TypeConfig> {
     RPCError::Network(NetworkError::new(&PeerFailure(
         "unexpected peer response".into(),
@@ -429,27 +436,47 @@ impl<T: Transport> GroupRouter<TypeConfig, GroupId> for Router<T> {
         cancel: impl Future<Output = ReplicationClosed> + Send + 'static,
         option: RPCOption,
     ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
-        // Send the data in pieces, so a snapshot of any size fits the peer frame limit.
+        // Send the data in pieces as it is read, so a snapshot of any size fits the peer
+        // frame limit and is never whole in memory here.
         let transfer: u64 = rand::random();
-        let data = snapshot.snapshot;
-        let total = data.len() as u64;
+        let chunk = self.snapshot_chunk;
+        let meta = snapshot.meta;
         let ttl = option.hard_ttl() * 10;
-        let send_all = async {
-            let mut offset = 0usize;
+        let send_all = async move {
+            let mut data = snapshot.snapshot;
+            let mut offset = 0u64;
+            let mut total = None;
             loop {
-                let end = (offset + self.snapshot_chunk).min(data.len());
+                // File reads: off the async workers.
+                let (read, back) = tokio::task::spawn_blocking(move || {
+                    let read = data
+                        .total()
+                        .and_then(|total| Ok((total, data.read_chunk(chunk)?)));
+                    (read, data)
+                })
+                .await
+                .map_err(|e| snapshot_failure(&e))?;
+                data = back;
+                let (all, piece) = read.map_err(|e| snapshot_failure(&e))?;
+                let total = *total.get_or_insert(all);
+                let end = offset + piece.len() as u64;
+                if end > total || (piece.is_empty() && end < total) {
+                    return Err(snapshot_failure(&format!(
+                        "the snapshot read {end} of the {total} bytes it announced"
+                    )));
+                }
                 let request = PeerRequest::SnapshotChunk {
                     group: group.clone(),
                     transfer,
-                    offset: offset as u64,
+                    offset,
                     total,
                     vote,
-                    meta: snapshot.meta.clone(),
-                    data: data.slice(offset..end),
+                    meta: meta.clone(),
+                    data: piece,
                 };
                 match self.raft_call(target, request, ttl).await? {
-                    PeerResponse::ChunkAccepted if end < data.len() => offset = end,
-                    PeerResponse::Snapshot(r) if end == data.len() => return Ok(r),
+                    PeerResponse::ChunkAccepted if end < total => offset = end,
+                    PeerResponse::Snapshot(r) if end == total => return Ok(r),
                     _ => return Err(unexpected()),
                 }
             }

@@ -396,20 +396,19 @@ impl BatchFiles {
         )
     }
 
-    /// Reads every batch in the segments of `dir` as far as `extent` names them (what a
-    /// checkpoint holds), checking checksums.
-    pub fn read_extent(dir: &Path, extent: &Extent) -> Result<Vec<StoredBatch>, StoreError> {
-        let mut scratch = Self {
+    /// Opens the segments of `dir` that `extent` names (what a checkpoint holds), for reading
+    /// only, without reading them yet.
+    pub fn open_extent(dir: &Path, extent: &Extent) -> Result<ExtentFiles, StoreError> {
+        let mut files = Self {
             dir: dir.to_path_buf(),
             segment_bytes: u64::MAX,
             segments: BTreeMap::new(),
             index: BTreeMap::new(),
         };
         for (first, len) in &extent.0 {
-            let path = scratch.segment_path(*first);
+            let path = files.segment_path(*first);
             let file = File::open(&path).map_err(io(&path))?;
-            scratch.scan(*first, &file, &path, *len)?;
-            scratch.segments.insert(
+            files.segments.insert(
                 *first,
                 Segment {
                     file: Arc::new(file),
@@ -420,11 +419,30 @@ impl BatchFiles {
                 },
             );
         }
-        scratch
-            .locate(0, usize::MAX)
+        Ok(ExtentFiles { files })
+    }
+}
+
+/// The segments a checkpoint names, held open: the bytes they had then stay readable
+/// through these handles after a later checkpoint deletes the files.
+pub struct ExtentFiles {
+    files: BatchFiles,
+}
+
+impl ExtentFiles {
+    /// Where every batch of the extent lies, in offset order, from the record headers (the
+    /// events are not read).
+    pub fn locate_all(mut self) -> Result<Vec<BatchLocation>, StoreError> {
+        let segments: Vec<(u64, Arc<File>, PathBuf, u64)> = self
+            .files
+            .segments
             .iter()
-            .map(read_batch)
-            .collect()
+            .map(|(first, seg)| (*first, seg.file.clone(), seg.path.clone(), seg.len))
+            .collect();
+        for (first, file, path, len) in segments {
+            self.files.scan(first, &file, &path, len)?;
+        }
+        Ok(self.files.locate(0, usize::MAX))
     }
 }
 

@@ -7,7 +7,8 @@
 //! one group in sled, delegating the meaning of commands to an [`Application`] (the partition
 //! and metadata logic live in ferry-region). Appends report completion only after an fsync,
 //! and the fsyncs requested by all groups of the node meanwhile are shared ([`GroupCommit`]).
-//! Snapshots carry the state machine's whole tree.
+//! A [`SledStateMachine`]'s snapshot carries its whole tree; [`SnapshotData`] is read piece
+//! by piece, so larger state machines can stream theirs.
 //!
 //! What is not here: what commands mean, networking, Raft itself.
 #![warn(missing_docs, unreachable_pub)]
@@ -20,6 +21,7 @@ mod group_commit;
 mod log_store;
 mod node_store;
 mod positional;
+mod snapshot;
 mod state_machine;
 mod wal;
 
@@ -28,13 +30,16 @@ use std::fmt;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-pub use batch_files::{read_batch, BatchFiles, BatchInfo, BatchLocation, Extent, SyncPlan};
+pub use batch_files::{
+    read_batch, BatchFiles, BatchInfo, BatchLocation, Extent, ExtentFiles, SyncPlan,
+};
 pub use durable::create_dir_durably;
 pub use durable_sled::DurableSled;
 pub use error::StoreError;
 pub use group_commit::{BeforeSync, FlushStats, GroupCommit};
 pub use log_store::WalLogStore;
 pub use node_store::{NodeStore, StoreOptions};
+pub use snapshot::{SnapshotData, SnapshotSource, Spool};
 pub use state_machine::{Application, AppliedState, SledStateMachine, SnapshotBuilder};
 
 /// Names a Raft group on a node: `meta` for the metadata group, `<topic>/<partition>` for
@@ -63,6 +68,3 @@ openraft::declare_raft_types!(
         NodeId = u64,
         Node = openraft::BasicNode,
 );
-
-/// Snapshot bytes: the encoded state machine tree.
-pub type SnapshotData = Bytes;

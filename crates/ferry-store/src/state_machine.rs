@@ -20,6 +20,8 @@ use crate::{DurableSled, GroupId, Reply, SnapshotData, StoreError, TypeConfig};
 const APPLIED: &[u8] = b"\xFFapplied";
 const SNAPSHOT_META: &[u8] = b"snapshot-meta";
 const SNAPSHOT_DATA: &[u8] = b"snapshot-data";
+/// Most bytes of a received snapshot this state machine takes (it decodes it whole).
+const MAX_WHOLE_SNAPSHOT: u64 = 1 << 30;
 
 /// The meaning of a group's commands. Implemented by the partition and metadata logic.
 pub trait Application: Send + Sync + 'static {
@@ -206,7 +208,7 @@ impl<A: Application> RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder<A> {
         self.sm.db.sync_async().await.map_err(io::Error::from)?;
         Ok(SnapshotOf::<TypeConfig, SnapshotData> {
             meta,
-            snapshot: data,
+            snapshot: SnapshotData::from_bytes(data),
         })
     }
 }
@@ -275,6 +277,7 @@ impl<A: Application> RaftStateMachine<TypeConfig> for SledStateMachine<A> {
         meta: &SnapshotMetaOf<TypeConfig>,
         snapshot: SnapshotData,
     ) -> Result<(), io::Error> {
+        let snapshot = snapshot.into_bytes(MAX_WHOLE_SNAPSHOT)?;
         let pairs = decode_pairs(&snapshot)?;
         let mut inner = self.inner.lock().await;
         let mut batch = sled::Batch::default();
@@ -313,7 +316,7 @@ impl<A: Application> RaftStateMachine<TypeConfig> for SledStateMachine<A> {
             .unwrap_or_default();
         Ok(Some(SnapshotOf::<TypeConfig, SnapshotData> {
             meta,
-            snapshot: Bytes::copy_from_slice(&data),
+            snapshot: SnapshotData::from_bytes(Bytes::copy_from_slice(&data)),
         }))
     }
 }

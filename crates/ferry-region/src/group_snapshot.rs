@@ -1,0 +1,237 @@
+//! A partition group's snapshot on the wire, streamed: the leader reads it from its last
+//! checkpoint's batch files batch by batch as the follower takes it, and the follower writes
+//! each batch into fresh batch files as it reads it. Neither side holds more than a batch
+//! (and the partitions' small states) in memory, however much the group retains.
+//!
+//! The bytes: `[u32 partitions]`, then per partition `[u32 partition][u64 state
+//! length][state][u64 batches length]` and per batch `[u64 base offset][u32 count][u64
+//! appended at][u32 length][events]`, all big-endian. The state is the partition state
+//! machine's own encoding; this module only carries it.
+
+use std::collections::VecDeque;
+use std::io::{self, Read};
+use std::path::Path;
+
+use bytes::Bytes;
+use ferry_proto::StoredBatch;
+use ferry_store::{
+    read_batch, BatchFiles, BatchLocation, Extent, ExtentFiles, SnapshotSource, StoreError,
+};
+
+/// Most bytes of one partition's encoded state (the codec's own decode bound).
+const MAX_STATE_BYTES: u64 = 64 * 1024 * 1024;
+/// Most event bytes of one batch.
+const MAX_BATCH_BYTES: u64 = 64 * 1024 * 1024;
+/// Bytes of a batch's header in the snapshot.
+const BATCH_HEADER: u64 = 24;
+
+/// One partition of a checkpoint, as the snapshot sends it.
+pub(crate) struct SnapshotPart {
+    pub(crate) partition: u32,
+    /// The encoded small state.
+    pub(crate) state: Bytes,
+    /// Only batches holding offsets in `low..high` are sent (the checkpoint's retained ones).
+    pub(crate) low: u64,
+    pub(crate) high: u64,
+    /// The checkpoint's segments, held open from the moment the snapshot was taken.
+    pub(crate) files: ExtentFiles,
+}
+
+enum Piece {
+    Bytes(Bytes),
+    Batch(BatchLocation),
+}
+
+/// A group's snapshot, produced as it is read. Nothing is read from the batch files until
+/// the first piece is asked for (openraft takes the current snapshot at start only for its
+/// meta); then the record headers are read to list the batches, and each batch's events
+/// when its turn comes, checked against their checksum.
+pub(crate) struct GroupSnapshotSource {
+    parts: Option<Vec<SnapshotPart>>,
+    planned: Option<(u64, VecDeque<Piece>)>,
+}
+
+impl GroupSnapshotSource {
+    pub(crate) fn new(parts: Vec<SnapshotPart>) -> Self {
+        Self {
+            parts: Some(parts),
+            planned: None,
+        }
+    }
+
+    /// The pieces to send and their total length, listing each part's batches.
+    fn plan(&mut self) -> io::Result<&mut (u64, VecDeque<Piece>)> {
+        if let Some(parts) = self.parts.take() {
+            let mut pieces = VecDeque::new();
+            pieces.push_back(Piece::Bytes(Bytes::copy_from_slice(
+                &(parts.len() as u32).to_be_bytes(),
+            )));
+            let mut total = 4u64;
+            for part in parts {
+                let batches: Vec<BatchLocation> = part
+                    .files
+                    .locate_all()?
+                    .into_iter()
+                    .filter(|b| {
+                        b.base_offset + u64::from(b.info.count) > part.low
+                            && b.base_offset < part.high
+                    })
+                    .collect();
+                let size: u64 = batches
+                    .iter()
+                    .map(|b| BATCH_HEADER + u64::from(b.info.bytes))
+                    .sum();
+                let mut head = Vec::with_capacity(20 + part.state.len());
+                head.extend_from_slice(&part.partition.to_be_bytes());
+                head.extend_from_slice(&(part.state.len() as u64).to_be_bytes());
+                head.extend_from_slice(&part.state);
+                head.extend_from_slice(&size.to_be_bytes());
+                total += head.len() as u64 + size;
+                pieces.push_back(Piece::Bytes(Bytes::from(head)));
+                pieces.extend(batches.into_iter().map(Piece::Batch));
+            }
+            self.planned = Some((total, pieces));
+        }
+        Ok(self.planned.as_mut().expect("planned above"))
+    }
+}
+
+impl SnapshotSource for GroupSnapshotSource {
+    fn total(&mut self) -> io::Result<u64> {
+        Ok(self.plan()?.0)
+    }
+
+    fn next_piece(&mut self) -> io::Result<Option<Bytes>> {
+        let pieces = &mut self.plan()?.1;
+        match pieces.pop_front() {
+            None => Ok(None),
+            Some(Piece::Bytes(bytes)) => Ok(Some(bytes)),
+            Some(Piece::Batch(location)) => {
+                let batch = read_batch(&location)?;
+                let mut header = Vec::with_capacity(BATCH_HEADER as usize);
+                header.extend_from_slice(&batch.base_offset.to_be_bytes());
+                header.extend_from_slice(&batch.count.to_be_bytes());
+                header.extend_from_slice(&batch.appended_at_ms.to_be_bytes());
+                header.extend_from_slice(&(batch.events.len() as u32).to_be_bytes());
+                pieces.push_front(Piece::Bytes(batch.events));
+                Ok(Some(Bytes::from(header)))
+            }
+        }
+    }
+}
+
+/// One partition as received: its encoded state and its batches, written to fresh files.
+pub(crate) struct ReceivedPart {
+    pub(crate) partition: u32,
+    pub(crate) state: Bytes,
+    pub(crate) files: BatchFiles,
+}
+
+fn malformed(why: impl std::fmt::Display) -> StoreError {
+    StoreError::io("partition snapshot", format!("malformed snapshot: {why}"))
+}
+
+fn take(data: &mut impl Read, n: usize) -> Result<Vec<u8>, StoreError> {
+    let mut buf = vec![0u8; n];
+    data.read_exact(&mut buf).map_err(|e| match e.kind() {
+        io::ErrorKind::UnexpectedEof => malformed("it ends early"),
+        _ => StoreError::io("partition snapshot", e),
+    })?;
+    Ok(buf)
+}
+
+fn take_u32(data: &mut impl Read) -> Result<u32, StoreError> {
+    Ok(u32::from_be_bytes(
+        take(data, 4)?.try_into().expect("4 bytes"),
+    ))
+}
+
+fn take_u64(data: &mut impl Read) -> Result<u64, StoreError> {
+    Ok(u64::from_be_bytes(
+        take(data, 8)?.try_into().expect("8 bytes"),
+    ))
+}
+
+/// Reads a snapshot of the group hosting `partitions` (in ascending order, as sent), writing
+/// each partition's batches into fresh batch files in `folder/<partition>`. Refuses (and the
+/// caller discards `folder`) a snapshot that names other partitions or is malformed.
+pub(crate) fn receive_snapshot(
+    data: &mut impl Read,
+    partitions: &[u32],
+    folder: &Path,
+    segment_bytes: u64,
+) -> Result<Vec<ReceivedPart>, StoreError> {
+    let count = take_u32(data)?;
+    if count as usize != partitions.len() {
+        return Err(malformed(format!(
+            "it holds {count} partitions, this group {}",
+            partitions.len()
+        )));
+    }
+    let mut received = Vec::with_capacity(partitions.len());
+    for expected in partitions {
+        let partition = take_u32(data)?;
+        if partition != *expected {
+            return Err(malformed(format!(
+                "it holds partition {partition} where this group has {expected} (partitions {partitions:?})"
+            )));
+        }
+        let state_len = take_u64(data)?;
+        if state_len > MAX_STATE_BYTES {
+            return Err(malformed(format!(
+                "partition {partition}'s state of {state_len} bytes is over {MAX_STATE_BYTES}"
+            )));
+        }
+        let state = Bytes::from(take(data, state_len as usize)?);
+        let mut left = take_u64(data)?;
+        let mut files = BatchFiles::open(
+            &folder.join(partition.to_string()),
+            segment_bytes,
+            &Extent::default(),
+        )?;
+        let mut next_offset = None;
+        while left > 0 {
+            if left < BATCH_HEADER {
+                return Err(malformed("a batch header crosses its partition's end"));
+            }
+            let base_offset = take_u64(data)?;
+            let count = take_u32(data)?;
+            let appended_at_ms = take_u64(data)?;
+            let len = u64::from(take_u32(data)?);
+            left -= BATCH_HEADER;
+            if len > left || len > MAX_BATCH_BYTES {
+                return Err(malformed(format!(
+                    "a batch of {len} bytes at offset {base_offset} is over what is left ({left}) or {MAX_BATCH_BYTES}"
+                )));
+            }
+            if next_offset.is_some_and(|next| base_offset < next) {
+                return Err(malformed(format!(
+                    "batches out of order at offset {base_offset}"
+                )));
+            }
+            next_offset = Some(base_offset + u64::from(count));
+            let events = Bytes::from(take(data, len as usize)?);
+            left -= len;
+            files.append(&StoredBatch {
+                base_offset,
+                count,
+                appended_at_ms,
+                events,
+            })?;
+        }
+        received.push(ReceivedPart {
+            partition,
+            state,
+            files,
+        });
+    }
+    let mut rest = [0u8; 1];
+    if data
+        .read(&mut rest)
+        .map_err(|e| StoreError::io("partition snapshot", e))?
+        != 0
+    {
+        return Err(malformed("bytes follow its last partition"));
+    }
+    Ok(received)
+}
