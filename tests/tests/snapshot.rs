@@ -94,7 +94,7 @@ async fn a_lagging_follower_catches_up_from_a_snapshot() {
             .unwrap();
         assert_eq!((offset, event.id.as_str()), (i, format!("l{i}").as_str()));
     }
-    // The snapshot was spooled to a file while it arrived, and the file went once installed.
+    // What was spooled while the snapshot arrived went once it was installed.
     let incoming = region.configs[(lagging - 1) as usize]
         .data_dir
         .join("snapshots-incoming");

@@ -1,7 +1,8 @@
 //! A partition group's snapshot on the wire, streamed: the leader reads it from its last
 //! checkpoint's batch files batch by batch as the follower takes it, and the follower writes
 //! each batch into fresh batch files as it reads it. Neither side holds more than a batch
-//! (and the partitions' small states) in memory, however much the group retains.
+//! and the partitions' small states in memory (plus, on the follower, the new files' index,
+//! as any replica holds), however much the group retains.
 //!
 //! The bytes: `[u32 partitions]`, then per partition `[u32 partition][u64 state
 //! length][state][u64 batches length]` and per batch `[u64 base offset][u32 count][u64
@@ -14,9 +15,7 @@ use std::path::Path;
 
 use bytes::Bytes;
 use ferry_proto::StoredBatch;
-use ferry_store::{
-    read_batch, BatchFiles, BatchLocation, Extent, ExtentFiles, SnapshotSource, StoreError,
-};
+use ferry_store::{BatchFiles, Extent, ExtentFiles, SnapshotSource, StoreError};
 
 /// Most bytes of one partition's encoded state (the codec's own decode bound).
 const MAX_STATE_BYTES: u64 = 64 * 1024 * 1024;
@@ -37,86 +36,97 @@ pub(crate) struct SnapshotPart {
     pub(crate) files: ExtentFiles,
 }
 
-enum Piece {
-    Bytes(Bytes),
-    Batch(BatchLocation),
+impl SnapshotPart {
+    fn wanted(&self) -> impl Fn(u64, u32) -> bool {
+        let (low, high) = (self.low, self.high);
+        move |base, count| base + u64::from(count) > low && base < high
+    }
 }
 
-/// A group's snapshot, produced as it is read. Nothing is read from the batch files until
-/// the first piece is asked for (openraft takes the current snapshot at start only for its
-/// meta); then the record headers are read to list the batches, and each batch's events
-/// when its turn comes, checked against their checksum.
+/// A group's snapshot, produced as it is read. Taking it reads nothing (openraft takes the
+/// current snapshot at every start, only for its meta); the first use reads the record
+/// headers once to learn the length, then each batch is read (and its checksum checked)
+/// when its turn comes. Nothing per batch is kept.
 pub(crate) struct GroupSnapshotSource {
-    parts: Option<Vec<SnapshotPart>>,
-    planned: Option<(u64, VecDeque<Piece>)>,
+    partitions: u32,
+    /// Parts not yet sent, with their batches' bytes once counted.
+    parts: VecDeque<(SnapshotPart, Option<u64>)>,
+    total: Option<u64>,
+    started: bool,
+    /// The part being sent.
+    sending: Option<SnapshotPart>,
+    /// The events of the batch whose header was the last piece.
+    events: Option<Bytes>,
 }
 
 impl GroupSnapshotSource {
     pub(crate) fn new(parts: Vec<SnapshotPart>) -> Self {
         Self {
-            parts: Some(parts),
-            planned: None,
+            partitions: parts.len() as u32,
+            parts: parts.into_iter().map(|p| (p, None)).collect(),
+            total: None,
+            started: false,
+            sending: None,
+            events: None,
         }
-    }
-
-    /// The pieces to send and their total length, listing each part's batches.
-    fn plan(&mut self) -> io::Result<&mut (u64, VecDeque<Piece>)> {
-        if let Some(parts) = self.parts.take() {
-            let mut pieces = VecDeque::new();
-            pieces.push_back(Piece::Bytes(Bytes::copy_from_slice(
-                &(parts.len() as u32).to_be_bytes(),
-            )));
-            let mut total = 4u64;
-            for part in parts {
-                let batches: Vec<BatchLocation> = part
-                    .files
-                    .locate_all()?
-                    .into_iter()
-                    .filter(|b| {
-                        b.base_offset + u64::from(b.info.count) > part.low
-                            && b.base_offset < part.high
-                    })
-                    .collect();
-                let size: u64 = batches
-                    .iter()
-                    .map(|b| BATCH_HEADER + u64::from(b.info.bytes))
-                    .sum();
-                let mut head = Vec::with_capacity(20 + part.state.len());
-                head.extend_from_slice(&part.partition.to_be_bytes());
-                head.extend_from_slice(&(part.state.len() as u64).to_be_bytes());
-                head.extend_from_slice(&part.state);
-                head.extend_from_slice(&size.to_be_bytes());
-                total += head.len() as u64 + size;
-                pieces.push_back(Piece::Bytes(Bytes::from(head)));
-                pieces.extend(batches.into_iter().map(Piece::Batch));
-            }
-            self.planned = Some((total, pieces));
-        }
-        Ok(self.planned.as_mut().expect("planned above"))
     }
 }
 
 impl SnapshotSource for GroupSnapshotSource {
     fn total(&mut self) -> io::Result<u64> {
-        Ok(self.plan()?.0)
+        if let Some(total) = self.total {
+            return Ok(total);
+        }
+        let mut total = 4u64;
+        for (part, size) in &mut self.parts {
+            if size.is_none() {
+                let wanted = part.wanted();
+                let mut bytes = 0u64;
+                part.files.for_each_header(|base, count, events| {
+                    if wanted(base, count) {
+                        bytes += BATCH_HEADER + u64::from(events);
+                    }
+                })?;
+                *size = Some(bytes);
+            }
+            total += 20 + part.state.len() as u64 + size.unwrap_or_default();
+        }
+        self.total = Some(total);
+        Ok(total)
     }
 
     fn next_piece(&mut self) -> io::Result<Option<Bytes>> {
-        let pieces = &mut self.plan()?.1;
-        match pieces.pop_front() {
-            None => Ok(None),
-            Some(Piece::Bytes(bytes)) => Ok(Some(bytes)),
-            Some(Piece::Batch(location)) => {
-                let batch = read_batch(&location)?;
+        self.total()?;
+        if !self.started {
+            self.started = true;
+            return Ok(Some(Bytes::copy_from_slice(&self.partitions.to_be_bytes())));
+        }
+        if let Some(events) = self.events.take() {
+            return Ok(Some(events));
+        }
+        if let Some(part) = self.sending.as_mut() {
+            let wanted = part.wanted();
+            if let Some(batch) = part.files.next_batch(wanted)? {
                 let mut header = Vec::with_capacity(BATCH_HEADER as usize);
                 header.extend_from_slice(&batch.base_offset.to_be_bytes());
                 header.extend_from_slice(&batch.count.to_be_bytes());
                 header.extend_from_slice(&batch.appended_at_ms.to_be_bytes());
                 header.extend_from_slice(&(batch.events.len() as u32).to_be_bytes());
-                pieces.push_front(Piece::Bytes(batch.events));
-                Ok(Some(Bytes::from(header)))
+                self.events = Some(batch.events);
+                return Ok(Some(Bytes::from(header)));
             }
+            self.sending = None;
         }
+        let Some((part, size)) = self.parts.pop_front() else {
+            return Ok(None);
+        };
+        let mut head = Vec::with_capacity(20 + part.state.len());
+        head.extend_from_slice(&part.partition.to_be_bytes());
+        head.extend_from_slice(&(part.state.len() as u64).to_be_bytes());
+        head.extend_from_slice(&part.state);
+        head.extend_from_slice(&size.unwrap_or_default().to_be_bytes());
+        self.sending = Some(part);
+        Ok(Some(Bytes::from(head)))
     }
 }
 

@@ -798,12 +798,29 @@ impl<T: Transport> Node<T> {
         total: u64,
         data: &[u8],
     ) -> Option<Result<SnapshotData, String>> {
+        // A spool file given up (replaced or refused) is deleted after the lock is released:
+        // deleting a large file takes a while.
+        let mut given_up = None;
+        let answer = self.add_snapshot_piece(group, transfer, offset, total, data, &mut given_up);
+        drop(given_up);
+        answer
+    }
+
+    fn add_snapshot_piece(
+        &self,
+        group: &GroupId,
+        transfer: u64,
+        offset: u64,
+        total: u64,
+        data: &[u8],
+        given_up: &mut Option<Spool>,
+    ) -> Option<Result<SnapshotData, String>> {
         let Ok(mut transfers) = self.inner.snapshot_transfers.lock() else {
             return Some(Err("snapshot transfers poisoned".into()));
         };
         if offset == 0 {
-            // A transfer that starts over replaces (and so deletes) the group's earlier one.
-            transfers.remove(group);
+            // A transfer that starts over replaces the group's earlier one.
+            *given_up = transfers.remove(group).map(|(_, spool)| spool);
             let path = self
                 .inner
                 .config
@@ -825,14 +842,20 @@ impl<T: Transport> Node<T> {
                 "snapshot piece at {offset} of {group} without its start"
             )));
         };
-        if *current != transfer || spool.len() != offset || offset + data.len() as u64 > total {
-            transfers.remove(group);
+        if *current != transfer {
+            // A late piece of a transfer already replaced: the newer one goes on.
+            return Some(Err(format!(
+                "snapshot piece at {offset} of {group} from a replaced transfer"
+            )));
+        }
+        if spool.len() != offset || offset + data.len() as u64 > total {
+            *given_up = transfers.remove(group).map(|(_, spool)| spool);
             return Some(Err(format!(
                 "snapshot piece at {offset} of {group} out of order"
             )));
         }
         if let Err(e) = spool.append(data) {
-            transfers.remove(group);
+            *given_up = transfers.remove(group).map(|(_, spool)| spool);
             return Some(Err(format!("spooling a snapshot of {group}: {e}")));
         }
         if spool.len() < total {

@@ -981,6 +981,7 @@ fn write_checkpoint(dir: &Path, checkpoint: &Checkpoint) -> Result<(), StoreErro
         .map_err(io)
 }
 
+/// The folder of `partition`'s batch files inside a group's batches folder.
 fn partition_folder(batches: &Path, partition: u32) -> PathBuf {
     batches.join(partition.to_string())
 }
@@ -1261,11 +1262,17 @@ impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
         let segment_bytes = self.segment_bytes;
         let receiving = folder.clone();
         let received = tokio::task::spawn_blocking(move || {
-            receive_snapshot(&mut snapshot, &partitions, &receiving, segment_bytes)
+            let received = receive_snapshot(&mut snapshot, &partitions, &receiving, segment_bytes)?;
+            let mut states = Vec::with_capacity(received.len());
+            for part in &received {
+                let state: SmallState = codec::decode("partition snapshot", &part.state)?;
+                states.push(state);
+            }
+            Ok::<_, StoreError>((received, states))
         })
         .await
         .map_err(io_err)?;
-        let received = match received {
+        let (received, states) = match received {
             Ok(received) => received,
             Err(e) => {
                 if let Err(removing) = std::fs::remove_dir_all(&folder) {
@@ -1274,12 +1281,6 @@ impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
                 return Err(e.into());
             }
         };
-        let mut states = Vec::with_capacity(received.len());
-        for part in &received {
-            let state: SmallState =
-                codec::decode("partition snapshot", &part.state).map_err(io_err)?;
-            states.push(state);
-        }
         let mut inner = self.inner.lock().await;
         for (part, state) in received.into_iter().zip(states) {
             let Some(partition) = inner.partitions.get_mut(&part.partition) else {
@@ -2199,7 +2200,8 @@ mod tests {
                 .collect();
             assert_eq!(folders, vec!["batches-0".to_string()]);
         };
-        // Cut anywhere: inside the count, a state, a batch header, a batch's events.
+        // Cut anywhere: inside the count, the first state's length, then at a third, half
+        // and one byte short (inside whatever lies there: a header or a batch's events).
         for cut in [2, 10, whole.len() / 3, whole.len() / 2, whole.len() - 1] {
             let data = SnapshotData::from_bytes(Bytes::copy_from_slice(&whole[..cut]));
             assert!(
@@ -2212,6 +2214,13 @@ mod tests {
         let mut longer = whole.clone();
         longer.push(0);
         let data = SnapshotData::from_bytes(Bytes::from(longer));
+        assert!(follower.install_snapshot(&taken.meta, data).await.is_err());
+        unchanged(&follower);
+        // A first partition's state that does not decode (its length still right).
+        let mut garbled = whole.clone();
+        let state_len = u64::from_be_bytes(garbled[8..16].try_into().unwrap()) as usize;
+        garbled[16..16 + state_len].fill(0xff);
+        let data = SnapshotData::from_bytes(Bytes::from(garbled));
         assert!(follower.install_snapshot(&taken.meta, data).await.is_err());
         unchanged(&follower);
         // Another group's partitions.

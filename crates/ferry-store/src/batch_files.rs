@@ -9,7 +9,7 @@
 //! dropped by retention leave the index at once; their segments are deleted by
 //! [`BatchFiles::remove_dropped`] once no checkpoint names them.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -173,23 +173,8 @@ impl BatchFiles {
     /// Rebuilds the index of one segment from its record headers.
     fn scan(&mut self, segment: u64, file: &File, path: &Path, len: u64) -> Result<(), StoreError> {
         let mut position = 0u64;
-        let mut header = [0u8; HEADER];
         while position < len {
-            if position + HEADER as u64 > len {
-                return Err(StoreError::Corrupt {
-                    path: path.to_path_buf(),
-                    reason: format!("torn record header at offset {position}"),
-                });
-            }
-            file.read_exact_at(&mut header, position)
-                .map_err(io(path))?;
-            let (bytes, base, count, at) = parse_header(&header);
-            if position + (HEADER + bytes as usize) as u64 > len {
-                return Err(StoreError::Corrupt {
-                    path: path.to_path_buf(),
-                    reason: format!("torn record at offset {position}"),
-                });
-            }
+            let (bytes, base, count, at) = header_at(file, path, position, len)?;
             self.index.insert(
                 base,
                 BatchInfo {
@@ -399,50 +384,70 @@ impl BatchFiles {
     /// Opens the segments of `dir` that `extent` names (what a checkpoint holds), for reading
     /// only, without reading them yet.
     pub fn open_extent(dir: &Path, extent: &Extent) -> Result<ExtentFiles, StoreError> {
-        let mut files = Self {
-            dir: dir.to_path_buf(),
-            segment_bytes: u64::MAX,
-            segments: BTreeMap::new(),
-            index: BTreeMap::new(),
-        };
+        let mut segments = VecDeque::new();
         for (first, len) in &extent.0 {
-            let path = files.segment_path(*first);
+            let path = dir.join(format!("{first:020}.seg"));
             let file = File::open(&path).map_err(io(&path))?;
-            files.segments.insert(
-                *first,
-                Segment {
-                    file: Arc::new(file),
-                    path,
-                    len: *len,
-                    synced: *len,
-                    written_back: *len,
-                },
-            );
+            segments.push_back(ExtentSegment {
+                file,
+                path,
+                len: *len,
+                next: 0,
+            });
         }
-        Ok(ExtentFiles { files })
+        Ok(ExtentFiles { segments })
     }
 }
 
 /// The segments a checkpoint names, held open: the bytes they had then stay readable
-/// through these handles after a later checkpoint deletes the files.
+/// through these handles after a later checkpoint deletes the files. Read in order, one
+/// record at a time, so nothing per batch is kept.
 pub struct ExtentFiles {
-    files: BatchFiles,
+    segments: VecDeque<ExtentSegment>,
+}
+
+struct ExtentSegment {
+    file: File,
+    path: PathBuf,
+    len: u64,
+    /// Where the next record to read starts.
+    next: u64,
 }
 
 impl ExtentFiles {
-    /// Where every batch of the extent lies, in offset order, from the record headers (the
-    /// events are not read).
-    pub fn locate_all(mut self) -> Result<Vec<BatchLocation>, StoreError> {
-        let segments: Vec<(u64, Arc<File>, PathBuf, u64)> = self
-            .files
-            .segments
-            .iter()
-            .map(|(first, seg)| (*first, seg.file.clone(), seg.path.clone(), seg.len))
-            .collect();
-        for (first, file, path, len) in segments {
-            self.files.scan(first, &file, &path, len)?;
+    /// Calls `each(base offset, count, event bytes)` for every batch not read yet, in order,
+    /// from the record headers only.
+    pub fn for_each_header(&self, mut each: impl FnMut(u64, u32, u32)) -> Result<(), StoreError> {
+        for seg in &self.segments {
+            let mut position = seg.next;
+            while position < seg.len {
+                let (bytes, base, count, _) = header_at(&seg.file, &seg.path, position, seg.len)?;
+                each(base, count, bytes);
+                position += (HEADER + bytes as usize) as u64;
+            }
         }
-        Ok(self.files.locate(0, usize::MAX))
+        Ok(())
+    }
+
+    /// The next batch `wanted(base offset, count)` accepts, its checksum checked (the events
+    /// of the others are not read); None past the last.
+    pub fn next_batch(
+        &mut self,
+        wanted: impl Fn(u64, u32) -> bool,
+    ) -> Result<Option<StoredBatch>, StoreError> {
+        while let Some(seg) = self.segments.front_mut() {
+            if seg.next >= seg.len {
+                self.segments.pop_front();
+                continue;
+            }
+            let at = seg.next;
+            let (bytes, base, count, _) = header_at(&seg.file, &seg.path, at, seg.len)?;
+            seg.next = at + (HEADER + bytes as usize) as u64;
+            if wanted(base, count) {
+                return read_record(&seg.file, &seg.path, at, bytes, base).map(Some);
+            }
+        }
+        Ok(None)
     }
 }
 
@@ -465,22 +470,62 @@ pub struct BatchLocation {
 
 /// Reads one located batch, checking its checksum.
 pub fn read_batch(location: &BatchLocation) -> Result<StoredBatch, StoreError> {
-    let record = crate::positional::read_exact_at(
+    read_record(
         &location.file,
-        HEADER + location.info.bytes as usize,
+        &location.path,
         location.info.position,
+        location.info.bytes,
+        location.base_offset,
     )
-    .map_err(io(&location.path))?;
+}
+
+/// The header of the record at `position` of a segment `len` bytes long: (event bytes, base
+/// offset, count, appended at). A record that does not fit is torn.
+fn header_at(
+    file: &File,
+    path: &Path,
+    position: u64,
+    len: u64,
+) -> Result<(u32, u64, u32, u64), StoreError> {
+    if position + HEADER as u64 > len {
+        return Err(StoreError::Corrupt {
+            path: path.to_path_buf(),
+            reason: format!("torn record header at offset {position}"),
+        });
+    }
+    let mut header = [0u8; HEADER];
+    file.read_exact_at(&mut header, position)
+        .map_err(io(path))?;
+    let parsed = parse_header(&header);
+    if position + (HEADER + parsed.0 as usize) as u64 > len {
+        return Err(StoreError::Corrupt {
+            path: path.to_path_buf(),
+            reason: format!("torn record at offset {position}"),
+        });
+    }
+    Ok(parsed)
+}
+
+/// Reads the record at `position` holding `bytes` of events, checking its checksum and that
+/// it is the batch at `base_offset`.
+fn read_record(
+    file: &File,
+    path: &Path,
+    position: u64,
+    bytes: u32,
+    base_offset: u64,
+) -> Result<StoredBatch, StoreError> {
+    let record = crate::positional::read_exact_at(file, HEADER + bytes as usize, position)
+        .map_err(io(path))?;
     let header: &[u8; HEADER] = record[..HEADER].try_into().expect("header");
     let crc = u32::from_le_bytes(header[4..8].try_into().expect("4 bytes"));
     let (_, base, count, at) = parse_header(header);
     let events = Bytes::from(record).slice(HEADER..);
-    if crc32fast::hash(&events) != crc || base != location.base_offset {
+    if crc32fast::hash(&events) != crc || base != base_offset {
         return Err(StoreError::Corrupt {
-            path: location.path.clone(),
+            path: path.to_path_buf(),
             reason: format!(
-                "batch at offset {} (file position {}) fails its checksum",
-                location.base_offset, location.info.position
+                "batch at offset {base_offset} (file position {position}) fails its checksum"
             ),
         });
     }

@@ -56,11 +56,7 @@ pub(crate) fn write_pair_at(file: &File, head: &[u8], body: &[u8], offset: u64) 
             .checked_add(done as u64)
             .and_then(|at| libc::off_t::try_from(at).ok())
             .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "offset out of range"))?;
-        let (head_left, body_left) = if done < head.len() {
-            (&head[done..], body)
-        } else {
-            (&head[..0], &body[done - head.len()..])
-        };
+        let (head_left, body_left) = unwritten(head, body, done);
         let parts = [
             libc::iovec {
                 iov_base: head_left.as_ptr() as *mut libc::c_void,
@@ -88,6 +84,15 @@ pub(crate) fn write_pair_at(file: &File, head: &[u8], body: &[u8], offset: u64) 
     Ok(())
 }
 
+/// What is left of `head` then `body` once their first `done` bytes are written.
+fn unwritten<'a>(head: &'a [u8], body: &'a [u8], done: usize) -> (&'a [u8], &'a [u8]) {
+    if done < head.len() {
+        (&head[done..], body)
+    } else {
+        (&head[..0], &body[done - head.len()..])
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::io::Write;
@@ -107,6 +112,17 @@ mod tests {
         assert_eq!(read_exact_at(&file, 10_000, 0).unwrap(), data);
         let past = read_exact_at(&file, 10, 9995).unwrap_err();
         assert_eq!(past.kind(), io::ErrorKind::UnexpectedEof);
+    }
+
+    #[test]
+    fn a_partial_write_resumes_at_the_first_unwritten_byte() {
+        let (head, body) = (&b"head"[..], &b"body!"[..]);
+        for done in 0..=head.len() + body.len() {
+            let (h, b) = unwritten(head, body, done);
+            let rest: Vec<u8> = h.iter().chain(b).copied().collect();
+            let all: Vec<u8> = head.iter().chain(body).copied().collect();
+            assert_eq!(rest, &all[done..], "after {done} bytes");
+        }
     }
 
     #[test]

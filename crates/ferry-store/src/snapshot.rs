@@ -70,6 +70,7 @@ impl SnapshotData {
     }
 
     /// The next up to `max` bytes (at least one unless the data is at its end, then none).
+    /// After an error the data is spent: what this call had gathered is lost.
     pub fn read_chunk(&mut self, max: usize) -> io::Result<Bytes> {
         let max = max.max(1);
         let mut out = BytesMut::new();
@@ -137,6 +138,9 @@ fn shorter_than(total: u64, read: u64) -> io::Error {
 
 impl Read for SnapshotData {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
         let chunk = self.read_chunk(buf.len())?;
         buf[..chunk.len()].copy_from_slice(&chunk);
         Ok(chunk.len())
@@ -308,5 +312,25 @@ mod tests {
             .into_bytes(100)
             .unwrap_err();
         assert_eq!(short.kind(), io::ErrorKind::UnexpectedEof);
+        /// Announces less than it has.
+        struct Long(bool);
+        impl SnapshotSource for Long {
+            fn total(&mut self) -> io::Result<u64> {
+                Ok(10)
+            }
+            fn next_piece(&mut self) -> io::Result<Option<Bytes>> {
+                Ok(std::mem::take(&mut self.0).then(|| Bytes::from(vec![1u8; 20])))
+            }
+        }
+        let long = SnapshotData::from_source(Long(true))
+            .into_bytes(100)
+            .unwrap_err();
+        assert_eq!(long.kind(), io::ErrorKind::InvalidData);
+        // An empty read reads nothing.
+        let (mut data, all) = pieces(&[3]);
+        assert_eq!(data.read(&mut []).unwrap(), 0);
+        let mut rest = Vec::new();
+        data.read_to_end(&mut rest).unwrap();
+        assert_eq!(rest, all);
     }
 }
