@@ -798,29 +798,15 @@ impl<T: Transport> Node<T> {
         total: u64,
         data: &[u8],
     ) -> Option<Result<SnapshotData, String>> {
-        // A spool file given up (replaced or refused) is deleted after the lock is released:
-        // deleting a large file takes a while.
-        let mut given_up = None;
-        let answer = self.add_snapshot_piece(group, transfer, offset, total, data, &mut given_up);
-        drop(given_up);
-        answer
-    }
-
-    fn add_snapshot_piece(
-        &self,
-        group: &GroupId,
-        transfer: u64,
-        offset: u64,
-        total: u64,
-        data: &[u8],
-        given_up: &mut Option<Spool>,
-    ) -> Option<Result<SnapshotData, String>> {
+        // A spool file given up (replaced or refused) is deleted after the lock is released
+        // (deleting a large file takes a while): declared first, it is dropped last.
+        let mut given_up: Vec<Spool> = Vec::new();
         let Ok(mut transfers) = self.inner.snapshot_transfers.lock() else {
             return Some(Err("snapshot transfers poisoned".into()));
         };
         if offset == 0 {
             // A transfer that starts over replaces the group's earlier one.
-            *given_up = transfers.remove(group).map(|(_, spool)| spool);
+            given_up.extend(transfers.remove(group).map(|(_, spool)| spool));
             let path = self
                 .inner
                 .config
@@ -849,13 +835,13 @@ impl<T: Transport> Node<T> {
             )));
         }
         if spool.len() != offset || offset + data.len() as u64 > total {
-            *given_up = transfers.remove(group).map(|(_, spool)| spool);
+            given_up.extend(transfers.remove(group).map(|(_, spool)| spool));
             return Some(Err(format!(
                 "snapshot piece at {offset} of {group} out of order"
             )));
         }
         if let Err(e) = spool.append(data) {
-            *given_up = transfers.remove(group).map(|(_, spool)| spool);
+            given_up.extend(transfers.remove(group).map(|(_, spool)| spool));
             return Some(Err(format!("spooling a snapshot of {group}: {e}")));
         }
         if spool.len() < total {

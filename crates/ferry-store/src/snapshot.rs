@@ -23,15 +23,11 @@ pub struct SnapshotData {
     source: Box<dyn SnapshotSource>,
     /// What is left of the piece being read.
     pending: Bytes,
-    /// Bytes handed out so far.
-    read: u64,
 }
 
 impl std::fmt::Debug for SnapshotData {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SnapshotData")
-            .field("read", &self.read)
-            .finish_non_exhaustive()
+        f.debug_struct("SnapshotData").finish_non_exhaustive()
     }
 }
 
@@ -60,7 +56,6 @@ impl SnapshotData {
         Self {
             source: Box::new(source),
             pending: Bytes::new(),
-            read: 0,
         }
     }
 
@@ -85,7 +80,6 @@ impl SnapshotData {
             let part = self
                 .pending
                 .split_to(self.pending.len().min(max - out.len()));
-            self.read += part.len() as u64;
             if out.is_empty() && part.len() == max {
                 // A piece that fills the chunk by itself goes without a copy.
                 return Ok(part);
