@@ -194,7 +194,7 @@ impl<T: Transport> Node<T> {
         let what = format!("{topic}/{partition}");
         let started = std::time::Instant::now();
         let node = self.clone();
-        let rx = group.group.proposals.submit(&group.group, command);
+        let rx = group.group.submit(command);
         Box::pin(async move {
             let response = match rx.await {
                 Ok(Ok(Ok(reply))) => reply_response(reply),

@@ -44,6 +44,10 @@ fn next_entry<W>(queue: &mut Vec<(GroupCommand, W)>) -> Vec<(GroupCommand, W)> {
         bytes += size;
         take += 1;
     }
+    if take == queue.len() {
+        // Usually the whole queue fits: no copy.
+        return std::mem::take(queue);
+    }
     queue.drain(..take).collect()
 }
 
@@ -55,30 +59,29 @@ pub(crate) struct Proposals {
     flushing: AtomicBool,
 }
 
-impl Proposals {
-    /// Queues `command` for `group`'s next entry; answers when it is committed and applied.
-    pub(crate) fn submit(
-        &self,
-        group: &PartitionGroup,
-        command: GroupCommand,
-    ) -> oneshot::Receiver<Outcome> {
+impl PartitionGroup {
+    /// Queues `command` for the group's next entry; answers when it is committed and applied.
+    pub(crate) fn submit(&self, command: GroupCommand) -> oneshot::Receiver<Outcome> {
         let (tx, rx) = oneshot::channel();
-        lock(&self.queue).push((command, tx));
-        if !self.flushing.swap(true, Ordering::AcqRel) {
-            let group = group.clone();
-            tokio::spawn(async move { group.proposals.flush(&group).await });
+        lock(&self.proposals.queue).push((command, tx));
+        if !self.proposals.flushing.swap(true, Ordering::AcqRel) {
+            let group = self.clone();
+            tokio::spawn(async move { group.flush().await });
         }
         rx
     }
 
     /// Hands the queue to Raft, one entry per turn, until it is empty.
-    async fn flush(&self, group: &PartitionGroup) {
+    async fn flush(&self) {
+        let proposals = &self.proposals;
         loop {
-            let queued = next_entry(&mut lock(&self.queue));
+            let queued = next_entry(&mut lock(&proposals.queue));
             if queued.is_empty() {
-                self.flushing.store(false, Ordering::Release);
+                proposals.flushing.store(false, Ordering::Release);
                 // A submit between the take and the store saw the flag still set.
-                if lock(&self.queue).is_empty() || self.flushing.swap(true, Ordering::AcqRel) {
+                if lock(&proposals.queue).is_empty()
+                    || proposals.flushing.swap(true, Ordering::AcqRel)
+                {
                     return;
                 }
                 continue;
@@ -100,7 +103,7 @@ impl Proposals {
                 }
             };
             let (responder, committed) = ProgressResponder::complete_only();
-            if let Err(e) = group
+            if let Err(e) = self
                 .proposer()
                 .client_write_ff(Command(bytes), Some(responder))
                 .await

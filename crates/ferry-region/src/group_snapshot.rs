@@ -141,25 +141,30 @@ fn malformed(why: impl std::fmt::Display) -> StoreError {
     StoreError::io("partition snapshot", format!("malformed snapshot: {why}"))
 }
 
-fn take(data: &mut impl Read, n: usize) -> Result<Vec<u8>, StoreError> {
-    let mut buf = vec![0u8; n];
-    data.read_exact(&mut buf).map_err(|e| match e.kind() {
+/// Reads exactly `buf.len()` bytes.
+fn take_into(data: &mut impl Read, buf: &mut [u8]) -> Result<(), StoreError> {
+    data.read_exact(buf).map_err(|e| match e.kind() {
         io::ErrorKind::UnexpectedEof => malformed("it ends early"),
         _ => StoreError::io("partition snapshot", e),
-    })?;
+    })
+}
+
+fn take(data: &mut impl Read, n: usize) -> Result<Vec<u8>, StoreError> {
+    let mut buf = vec![0u8; n];
+    take_into(data, &mut buf)?;
     Ok(buf)
 }
 
 fn take_u32(data: &mut impl Read) -> Result<u32, StoreError> {
-    Ok(u32::from_be_bytes(
-        take(data, 4)?.try_into().expect("4 bytes"),
-    ))
+    let mut buf = [0u8; 4];
+    take_into(data, &mut buf)?;
+    Ok(u32::from_be_bytes(buf))
 }
 
 fn take_u64(data: &mut impl Read) -> Result<u64, StoreError> {
-    Ok(u64::from_be_bytes(
-        take(data, 8)?.try_into().expect("8 bytes"),
-    ))
+    let mut buf = [0u8; 8];
+    take_into(data, &mut buf)?;
+    Ok(u64::from_be_bytes(buf))
 }
 
 /// Reads a snapshot of the group hosting `partitions` (in ascending order, as sent), writing

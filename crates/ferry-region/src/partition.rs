@@ -1262,7 +1262,9 @@ impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
         let segment_bytes = self.segment_bytes;
         let receiving = folder.clone();
         let received = tokio::task::spawn_blocking(move || {
-            let received = receive_snapshot(&mut snapshot, &partitions, &receiving, segment_bytes)?;
+            // The decoder reads field by field: buffered, not a chunk per field.
+            let mut data = io::BufReader::with_capacity(1 << 16, &mut snapshot);
+            let received = receive_snapshot(&mut data, &partitions, &receiving, segment_bytes)?;
             let mut states = Vec::with_capacity(received.len());
             for part in &received {
                 let state: SmallState = codec::decode("partition snapshot", &part.state)?;

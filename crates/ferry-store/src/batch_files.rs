@@ -167,7 +167,7 @@ impl BatchFiles {
     }
 
     fn segment_path(&self, first: u64) -> PathBuf {
-        self.dir.join(format!("{first:020}.seg"))
+        segment_path(&self.dir, first)
     }
 
     /// Rebuilds the index of one segment from its record headers.
@@ -386,7 +386,7 @@ impl BatchFiles {
     pub fn open_extent(dir: &Path, extent: &Extent) -> Result<ExtentFiles, StoreError> {
         let mut segments = VecDeque::new();
         for (first, len) in &extent.0 {
-            let path = dir.join(format!("{first:020}.seg"));
+            let path = segment_path(dir, *first);
             let file = File::open(&path).map_err(io(&path))?;
             segments.push_back(ExtentSegment {
                 file,
@@ -449,6 +449,11 @@ impl ExtentFiles {
         }
         Ok(None)
     }
+}
+
+/// The segment of `dir` whose first batch starts at `first`.
+fn segment_path(dir: &Path, first: u64) -> PathBuf {
+    dir.join(format!("{first:020}.seg"))
 }
 
 fn parse_header(h: &[u8; HEADER]) -> (u32, u64, u32, u64) {

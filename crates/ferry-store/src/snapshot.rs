@@ -18,16 +18,25 @@ pub trait SnapshotSource: Send {
     fn next_piece(&mut self) -> io::Result<Option<Bytes>>;
 }
 
-/// A snapshot's data, as openraft hands it between the state machine and the network.
+/// A snapshot's data, as openraft hands it between the state machine and the network. Its
+/// reads hold it to the length its source announced: more bytes, or fewer before the end,
+/// are an error.
 pub struct SnapshotData {
     source: Box<dyn SnapshotSource>,
     /// What is left of the piece being read.
     pending: Bytes,
+    /// The announced length, once asked.
+    total: Option<u64>,
+    /// Bytes handed out so far.
+    read: u64,
 }
 
 impl std::fmt::Debug for SnapshotData {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SnapshotData").finish_non_exhaustive()
+        f.debug_struct("SnapshotData")
+            .field("total", &self.total)
+            .field("read", &self.read)
+            .finish_non_exhaustive()
     }
 }
 
@@ -56,18 +65,40 @@ impl SnapshotData {
         Self {
             source: Box::new(source),
             pending: Bytes::new(),
+            total: None,
+            read: 0,
         }
     }
 
     /// The data's whole length in bytes.
     pub fn total(&mut self) -> io::Result<u64> {
-        self.source.total()
+        match self.total {
+            Some(total) => Ok(total),
+            None => {
+                let total = self.source.total()?;
+                self.total = Some(total);
+                Ok(total)
+            }
+        }
     }
 
     /// The next up to `max` bytes (at least one unless the data is at its end, then none).
     /// After an error the data is spent: what this call had gathered is lost.
     pub fn read_chunk(&mut self, max: usize) -> io::Result<Bytes> {
-        let max = max.max(1);
+        let total = self.total()?;
+        let chunk = self.gather(max.max(1))?;
+        self.read += chunk.len() as u64;
+        if self.read > total {
+            return Err(longer_than(total));
+        }
+        if chunk.is_empty() && self.read < total {
+            return Err(shorter_than(total, self.read));
+        }
+        Ok(chunk)
+    }
+
+    /// Up to `max` (at least 1) bytes of the source's next pieces.
+    fn gather(&mut self, max: usize) -> io::Result<Bytes> {
         let mut out = BytesMut::new();
         while out.len() < max {
             if self.pending.is_empty() {
@@ -102,17 +133,10 @@ impl SnapshotData {
         loop {
             let chunk = self.read_chunk(1 << 20)?;
             if chunk.is_empty() {
-                break;
-            }
-            if (out.len() + chunk.len()) as u64 > total {
-                return Err(longer_than(total));
+                return Ok(out.freeze());
             }
             out.extend_from_slice(&chunk);
         }
-        if (out.len() as u64) < total {
-            return Err(shorter_than(total, out.len() as u64));
-        }
-        Ok(out.freeze())
     }
 }
 
