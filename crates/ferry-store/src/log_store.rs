@@ -55,6 +55,16 @@ impl WalLogStore {
         }
     }
 
+    /// Forgets the group's whole log on this node (entries, vote, committed id, purge
+    /// point), durably: for a replica that left its group, once its Raft has stopped. A
+    /// group of this name opened later starts empty.
+    pub async fn drop_group(&self) -> Result<(), io::Error> {
+        self.write_durably(Record::Dropped {
+            group: self.group.clone(),
+        })
+        .await
+    }
+
     /// Writes `record` and waits until it is on disk.
     async fn write_durably(&self, record: Record) -> Result<(), io::Error> {
         self.wal.append(vec![record])?;

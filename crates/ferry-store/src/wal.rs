@@ -62,6 +62,9 @@ pub(crate) enum Record {
         group: GroupId,
         last: Option<LogIdOf<TypeConfig>>,
     },
+    /// The group left this node: its entries, vote, committed id and purge point are gone
+    /// (a group of that name started later begins empty).
+    Dropped { group: GroupId },
 }
 
 impl Record {
@@ -71,7 +74,8 @@ impl Record {
             | Record::Vote { group, .. }
             | Record::Committed { group, .. }
             | Record::Purged { group, .. }
-            | Record::TruncatedAfter { group, .. } => group,
+            | Record::TruncatedAfter { group, .. }
+            | Record::Dropped { group } => group,
         }
     }
 }
@@ -119,6 +123,10 @@ impl State {
 
     /// Applies `record`, found at `offset` of segment `segment` with body length `len`.
     fn apply(&mut self, record: Record, segment: u64, offset: u64, len: u32) {
+        if let Record::Dropped { group } = &record {
+            self.groups.remove(group);
+            return;
+        }
         let group = self.groups.entry(record.group().clone()).or_default();
         match record {
             Record::Entry { entry, .. } => {
@@ -148,6 +156,7 @@ impl State {
                 let from = last.map_or(0, |id| id.index + 1);
                 group.entries.split_off(&from);
             }
+            Record::Dropped { .. } => {}
         }
     }
 
@@ -848,6 +857,42 @@ mod tests {
         .unwrap();
         assert_eq!(wal.bounds("b").last, Some(id(1, 1)));
         assert!(indexes(&wal, "b").is_empty());
+    }
+
+    #[test]
+    fn a_dropped_group_is_gone_after_replay_and_starts_empty_when_it_comes_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let wal = Wal::open(dir.path(), 1 << 20).unwrap();
+        wal.append((1..=3).map(|i| entry("a", 1, i, 10)).collect())
+            .unwrap();
+        wal.append(vec![
+            Record::Vote {
+                group: "a".into(),
+                vote: VoteOf::<TypeConfig>::new(2, 3),
+            },
+            entry("b", 1, 1, 10),
+            Record::Dropped { group: "a".into() },
+        ])
+        .unwrap();
+        let gone = |wal: &Wal| {
+            assert!(indexes(wal, "a").is_empty());
+            assert_eq!(wal.vote("a"), None);
+            assert_eq!(wal.bounds("a").last, None);
+            assert!(!wal.groups().contains(&"a".to_string()));
+            assert_eq!(indexes(wal, "b"), vec![(1, 1)]);
+        };
+        gone(&wal);
+        wal.sync().unwrap();
+        drop(wal);
+        let wal = Wal::open(dir.path(), 1 << 20).unwrap();
+        gone(&wal);
+        // The group joins this node again later: only what came after the drop counts.
+        wal.append(vec![entry("a", 4, 7, 10)]).unwrap();
+        wal.sync().unwrap();
+        drop(wal);
+        let wal = Wal::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(indexes(&wal, "a"), vec![(4, 7)]);
+        assert_eq!(wal.vote("a"), None);
     }
 
     #[test]
