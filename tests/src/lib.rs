@@ -149,6 +149,56 @@ impl TestRegion {
         }
     }
 
+    /// Starts a new node `id` (the next after the region's last) that joins the running
+    /// region through its first live node, with a certificate from the region's CA; answers
+    /// once it is a member. Its configuration is the first node's with its own id, folder
+    /// and address.
+    pub async fn join(&mut self, id: NodeId) -> Result<(), ferry_region::RegionError> {
+        self.join_at(id, "127.0.0.1:0".parse().expect("addr")).await
+    }
+
+    /// As [`TestRegion::join`], at `addr` (a dead node's, say), binding it again until the
+    /// port is free or a deadline passes.
+    pub async fn join_at(
+        &mut self,
+        id: NodeId,
+        addr: SocketAddr,
+    ) -> Result<(), ferry_region::RegionError> {
+        assert_eq!(
+            self.index(id),
+            self.configs.len(),
+            "a joining node takes the next id"
+        );
+        let certs = self.certs();
+        ferry_net::tls::add_missing_dev_certs(&certs, &[id], &[]).expect("node certificate");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let endpoint = loop {
+            match BoundEndpoint::bind(addr, identity(&certs, &format!("node-{id}"))) {
+                Ok(e) => break e,
+                Err(e) if Instant::now() < deadline => {
+                    tracing::info!(%addr, error = %e, "address not free yet");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("binding {addr}: {e}"),
+            }
+        };
+        let mut config = self.configs[0].clone();
+        config.id = id;
+        config.data_dir = self.dir.path().join(format!("node-{id}"));
+        config.addr = Some(endpoint.local_addr().expect("addr"));
+        config.seeds = self.live_addrs();
+        config.peers = Vec::new();
+        config.tls = TlsPaths {
+            ca: certs.join("ca.pem"),
+            cert: certs.join(format!("node-{id}.pem")),
+            key: certs.join(format!("node-{id}.key")),
+        };
+        let node = endpoint.start(config.clone()).await?;
+        self.configs.push(config);
+        self.nodes.push(Some(node));
+        Ok(())
+    }
+
     /// Waits until every partition of `topic` has a leader that every running node agrees on.
     pub async fn wait_for_leaders(&self, topic: &str, timeout: Duration) {
         let client = self.client();
@@ -263,6 +313,11 @@ impl TestMesh {
                         },
                         data_dir: dir.path().join(format!("node-{id}")),
                         peers: peers.clone(),
+                        addr: None,
+                        seeds: Vec::new(),
+                        join_timeout_ms: 60_000,
+                        max_moves_per_node: 2,
+                        leader_rebalance_after_ms: 10_000,
                         tls: TlsPaths {
                             ca: certs.join("ca.pem"),
                             cert: certs.join(format!("node-{id}.pem")),

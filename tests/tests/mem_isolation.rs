@@ -27,6 +27,11 @@ async fn start_region(net: &MemNetwork, dir: &std::path::Path) -> Vec<Node<MemTr
             faults: Default::default(),
             data_dir: dir.join(format!("node-{id}")),
             peers: peers.clone(),
+            addr: None,
+            seeds: Vec::new(),
+            join_timeout_ms: 60_000,
+            max_moves_per_node: 2,
+            leader_rebalance_after_ms: 10_000,
             // Not read: the in-memory transport needs no certificates.
             tls: TlsPaths {
                 ca: "unused".into(),

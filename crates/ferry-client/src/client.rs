@@ -429,6 +429,88 @@ impl Client {
         }
     }
 
+    /// The region's nodes.
+    pub async fn list_nodes(&self) -> Result<Vec<ferry_proto::wire::NodeInfo>, ClientError> {
+        self.node_request(ClientRequest::ListNodes).await
+    }
+
+    /// Adds node `id` listening at `addr` to the region; answers the region's nodes.
+    pub async fn add_node(
+        &self,
+        id: NodeId,
+        addr: &str,
+    ) -> Result<Vec<ferry_proto::wire::NodeInfo>, ClientError> {
+        self.node_request(ClientRequest::AddNode {
+            id,
+            addr: addr.into(),
+        })
+        .await
+    }
+
+    /// Starts draining node `id` (or, with `undo`, stops); answers the region's nodes.
+    pub async fn drain_node(
+        &self,
+        id: NodeId,
+        undo: bool,
+    ) -> Result<Vec<ferry_proto::wire::NodeInfo>, ClientError> {
+        self.node_request(ClientRequest::DrainNode { id, undo })
+            .await
+    }
+
+    /// Removes node `id` from the region (`dead`: it is gone; its replicas are made again
+    /// elsewhere); answers the region's nodes.
+    pub async fn remove_node(
+        &self,
+        id: NodeId,
+        dead: bool,
+    ) -> Result<Vec<ferry_proto::wire::NodeInfo>, ClientError> {
+        self.node_request(ClientRequest::RemoveNode { id, dead })
+            .await
+    }
+
+    async fn node_request(
+        &self,
+        request: ClientRequest,
+    ) -> Result<Vec<ferry_proto::wire::NodeInfo>, ClientError> {
+        match self.request(&request).await? {
+            ClientResponse::Nodes(n) => Ok(n),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Moves the replica of `topic/partition`'s Raft group from node `from` to node `to`;
+    /// answers once the move is recorded ([`Client::describe_topic`] shows its progress).
+    pub async fn move_replica(
+        &self,
+        topic: &str,
+        partition: u32,
+        from: NodeId,
+        to: NodeId,
+    ) -> Result<(), ClientError> {
+        let request = ClientRequest::MoveReplica {
+            topic: topic.into(),
+            partition,
+            from,
+            to,
+        };
+        match self.request(&request).await? {
+            ClientResponse::Ok => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Spreads replicas and preferred leaders over the region's nodes: the plan, carried
+    /// out unless `dry_run`.
+    pub async fn rebalance(
+        &self,
+        dry_run: bool,
+    ) -> Result<Vec<ferry_proto::wire::PlannedChange>, ClientError> {
+        match self.request(&ClientRequest::Rebalance { dry_run }).await? {
+            ClientResponse::RebalancePlan(plan) => Ok(plan),
+            other => Err(unexpected(other)),
+        }
+    }
+
     /// Every topic.
     pub async fn list_topics(&self) -> Result<Vec<TopicConfig>, ClientError> {
         match self.request(&ClientRequest::ListTopics).await? {

@@ -452,6 +452,10 @@ impl Transport for QuicTransport {
         Some(&self.inner.opts.faults)
     }
 
+    fn set_peer(&self, id: NodeId, addr: SocketAddr) {
+        QuicTransport::set_peer(self, id, addr);
+    }
+
     fn received_from(&self, to: NodeId) -> Option<crate::Received> {
         let slot = lock(&self.inner.peers).get(&to).cloned()?;
         let conn = slot.live()?;

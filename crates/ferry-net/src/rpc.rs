@@ -58,6 +58,12 @@ pub trait Transport: Clone + Send + Sync + 'static {
         request: Bytes,
     ) -> impl Future<Output = Result<PeerStream, NetError>> + Send;
 
+    /// Learns (or updates) the address of node `id`, for a region whose membership changed.
+    /// Transports that find nodes by other means ignore it.
+    fn set_peer(&self, id: NodeId, addr: SocketAddr) {
+        let _ = (id, addr);
+    }
+
     /// The fault injection this transport applies (cut and shaped links, and the count of
     /// faults injected), if any.
     fn link_faults(&self) -> Option<&LinkFaults> {

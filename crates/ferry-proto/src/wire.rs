@@ -1,4 +1,4 @@
-//! Client ↔ node messages (ALPN `ferry-client/2`). Each request opens a QUIC stream and
+//! Client ↔ node messages (ALPN `ferry-client/3`). Each request opens a QUIC stream and
 //! carries one [`ClientRequest`] frame; the node answers with one [`ClientResponse`] frame,
 //! or, for [`ClientRequest::Subscribe`], a stream of them until either side closes.
 
@@ -157,6 +157,68 @@ pub enum ClientRequest {
         /// Longest wait, milliseconds (at most 60,000).
         wait_ms: u64,
     },
+    /// The region's nodes. Answered with [`ClientResponse::Nodes`].
+    ListNodes,
+    /// Adds the node `id` listening at `addr` to the region (as a joining node started with
+    /// `seeds` does by itself): the region dials it, checks its certificate, and adds it to
+    /// the metadata group (a voter when the region needs one). Answered with
+    /// [`ClientResponse::Nodes`].
+    AddNode {
+        /// Its node id (unique in the mesh; its certificate must name it).
+        id: NodeId,
+        /// Its QUIC address (`host:port`).
+        addr: String,
+    },
+    /// Starts (or, with `undo`, stops) draining a node: every replica and leadership it holds
+    /// moves to other nodes. Answered with [`ClientResponse::Nodes`].
+    DrainNode {
+        /// The node.
+        id: NodeId,
+        /// Make it active again instead (moves already done stay done).
+        undo: bool,
+    },
+    /// Removes a node from the region. Refused while it holds replicas, unless `dead`: then
+    /// its replicas are made again on the other nodes from the surviving ones. Answered with
+    /// [`ClientResponse::Nodes`].
+    RemoveNode {
+        /// The node.
+        id: NodeId,
+        /// The node is gone for good (its disk is lost): re-replicate what it held.
+        dead: bool,
+    },
+    /// Moves the replica of a partition's Raft group (and so of every partition the group
+    /// replicates) from node `from` to node `to`. Answered with [`ClientResponse::Ok`] once
+    /// the move is recorded; `DescribeTopic` shows its progress.
+    MoveReplica {
+        /// Topic name.
+        topic: String,
+        /// A partition of the group to move.
+        partition: u32,
+        /// The node giving its replica up.
+        from: NodeId,
+        /// The node taking it.
+        to: NodeId,
+    },
+    /// Spreads replicas over the region's nodes by count (and preferred leaders with them):
+    /// answers the plan with [`ClientResponse::RebalancePlan`] and, unless `dry_run`, carries
+    /// it out, a few moves per node at a time.
+    Rebalance {
+        /// Only print the plan.
+        dry_run: bool,
+    },
+}
+
+/// One step of a rebalance plan: a replica move, or a new preferred leader.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlannedChange {
+    /// Topic.
+    pub topic: String,
+    /// Its Raft group.
+    pub group: u32,
+    /// The node giving its replica up (None: a change of preferred leader only).
+    pub from: Option<NodeId>,
+    /// The node taking the replica, or the new preferred leader.
+    pub to: NodeId,
 }
 
 /// One partition as seen by a node.
@@ -192,6 +254,43 @@ pub struct TopicDescription {
     pub partitions: Vec<PartitionInfo>,
     /// Every node of the region, so clients can reach leaders.
     pub nodes: Vec<NodeAddress>,
+    /// Replica moves under way.
+    pub moves: Vec<MoveInfo>,
+}
+
+/// A replica move under way.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MoveInfo {
+    /// The Raft group (numbered like its first partition; it replicates every partition p
+    /// with p % groups == group).
+    pub group: u32,
+    /// The node giving its replica up.
+    pub from: NodeId,
+    /// The node taking it.
+    pub to: NodeId,
+    /// When it was asked for (ms since the epoch).
+    pub since_ms: u64,
+    /// Where it stands, as the answering node sees it (the group's leader knows most).
+    pub progress: String,
+}
+
+/// One node of the region.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    /// Node id.
+    pub id: NodeId,
+    /// Its QUIC address.
+    pub addr: String,
+    /// Whether it votes in the metadata group (otherwise a learner there).
+    pub voter: bool,
+    /// Whether it is draining.
+    pub draining: bool,
+    /// Raft groups it holds a replica of, by the placement.
+    pub replicas: u32,
+    /// Replica moves under way to it.
+    pub moving_in: u32,
+    /// Replica moves under way off it.
+    pub moving_out: u32,
 }
 
 /// Error codes a client can act on.
@@ -326,6 +425,11 @@ pub enum ClientResponse {
     /// An interest was added or removed ([`ClientRequest::AddInterest`],
     /// [`ClientRequest::RemoveInterest`]), or waited for ([`ClientRequest::AwaitInterest`]).
     InterestAdded(InterestReach),
+    /// The region's nodes, by id.
+    Nodes(Vec<NodeInfo>),
+    /// A rebalance plan ([`ClientRequest::Rebalance`]): replica moves first, then preferred
+    /// leaders.
+    RebalancePlan(Vec<PlannedChange>),
 }
 
 /// How far a region's interests have reached the other regions.

@@ -1,10 +1,11 @@
-//! The client API (ALPN `ferry-client/2`): each QUIC stream carries one request and its
+//! The client API (ALPN `ferry-client/3`): each QUIC stream carries one request and its
 //! answer, except two long-lived kinds. A stream that starts with `Publish` is a produce
 //! stream: further `Publish` frames follow, each is submitted to Raft in arrival order and
 //! answered in that order, so a producer can pipeline without reordering. A stream that
 //! starts with `Subscribe` receives `Batches` frames as events are committed, until either
 //! side closes it; QUIC flow control makes a slow subscriber wait without stalling others.
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::time::{Duration, Instant};
@@ -299,6 +300,22 @@ impl<T: Transport> Node<T> {
                     .collect(),
             ),
             ClientRequest::Regions => ClientResponse::Regions(self.mesh_report().await),
+            ClientRequest::ListNodes
+            | ClientRequest::AddNode { .. }
+            | ClientRequest::DrainNode { .. }
+            | ClientRequest::RemoveNode { .. } => self.node_admin(original, forwarded).await,
+            ClientRequest::MoveReplica {
+                topic,
+                partition,
+                from,
+                to,
+            } => {
+                self.request_move(&topic, partition, from, to, original, forwarded)
+                    .await
+            }
+            ClientRequest::Rebalance { dry_run } => {
+                self.rebalance(dry_run, original, forwarded).await
+            }
             ClientRequest::ListTopics => ClientResponse::Topics(
                 self.inner
                     .meta_view
@@ -308,7 +325,12 @@ impl<T: Transport> Node<T> {
                     .collect(),
             ),
             ClientRequest::DescribeTopic { topic } => {
-                let response = self.describe(&topic);
+                let mut response = self.describe(&topic);
+                if !forwarded {
+                    if let ClientResponse::Topic(d) = &mut response {
+                        self.describe_from_replicas(d).await;
+                    }
+                }
                 // A topic just created may not have reached this node yet: ask the leader.
                 if matches!(&response, ClientResponse::Error(e) if e.code == ErrorCode::UnknownTopic)
                 {
@@ -497,7 +519,7 @@ impl<T: Transport> Node<T> {
         }
     }
 
-    async fn forward_if_not_leader(
+    pub(crate) async fn forward_if_not_leader(
         &self,
         response: ClientResponse,
         request: ClientRequest,
@@ -544,12 +566,12 @@ impl<T: Transport> Node<T> {
         if let Err(e) = config.validate() {
             return error(ErrorCode::InvalidRequest, e.to_string());
         }
-        let nodes: Vec<NodeId> = self.inner.config.peers.iter().map(|p| p.id).collect();
+        let nodes: Vec<NodeId> = self.placement_nodes();
         if config.replication as usize > nodes.len() {
             return error(
                 ErrorCode::InvalidRequest,
                 format!(
-                    "replication {} exceeds the region's {} nodes",
+                    "replication {} exceeds the region's {} nodes that take replicas",
                     config.replication,
                     nodes.len()
                 ),
@@ -565,33 +587,112 @@ impl<T: Transport> Node<T> {
     }
 
     /// Proposes a metadata command (on the metadata leader, forwarding there if need be).
-    async fn meta_write(
+    pub(crate) async fn meta_write(
         &self,
         command: MetaCommand,
         original: ClientRequest,
         forwarded: bool,
     ) -> ClientResponse {
-        let Ok(command) = encode("metadata command", &command) else {
-            return error(ErrorCode::Internal, "encoding a metadata command");
-        };
-        let response = match self.inner.meta.client_write(Command(command)).await {
-            Ok(r) => match decode::<MetaReply>("metadata reply", &r.data.0) {
-                Ok(MetaReply::Created | MetaReply::Done) => ClientResponse::Ok,
-                Ok(MetaReply::InterestSet { version }) => {
-                    ClientResponse::InterestAdded(InterestReach {
-                        version,
-                        seen_by: Vec::new(),
-                        waiting_for: Vec::new(),
-                    })
-                }
-                Ok(MetaReply::Error(e)) => ClientResponse::Error(e),
-                Err(e) => error(ErrorCode::Internal, e.to_string()),
-            },
-            Err(RaftError::APIError(e)) => write_failure(&e, "the metadata group"),
-            Err(RaftError::Fatal(f)) => error(ErrorCode::Unavailable, f.to_string()),
+        let response = match self.propose_meta_reply(command).await {
+            Ok(MetaReply::Created | MetaReply::Done) => ClientResponse::Ok,
+            Ok(MetaReply::InterestSet { version }) => {
+                ClientResponse::InterestAdded(InterestReach {
+                    version,
+                    seen_by: Vec::new(),
+                    waiting_for: Vec::new(),
+                })
+            }
+            Ok(MetaReply::Error(e)) | Err(e) => ClientResponse::Error(e),
         };
         self.forward_if_not_leader(response, original, forwarded)
             .await
+    }
+
+    /// Proposes a metadata command on this node (the leader): its reply, or why it was not
+    /// applied (`NotLeader` with a hint elsewhere).
+    async fn propose_meta_reply(&self, command: MetaCommand) -> Result<MetaReply, ApiError> {
+        let failed = |response: ClientResponse| match response {
+            ClientResponse::Error(e) => e,
+            other => ApiError::new(ErrorCode::Internal, format!("{other:?}")),
+        };
+        let command = encode("metadata command", &command)
+            .map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))?;
+        match self.inner.meta.client_write(Command(command)).await {
+            Ok(r) => decode::<MetaReply>("metadata reply", &r.data.0)
+                .map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string())),
+            Err(RaftError::APIError(e)) => Err(failed(write_failure(&e, "the metadata group"))),
+            Err(RaftError::Fatal(f)) => Err(ApiError::new(ErrorCode::Unavailable, f.to_string())),
+        }
+    }
+
+    /// Proposes a metadata command on this node (the leader); an error reply is an error.
+    pub(crate) async fn propose_meta(&self, command: MetaCommand) -> Result<(), ApiError> {
+        match self.propose_meta_reply(command).await? {
+            MetaReply::Error(e) => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    /// Fills in the partitions of `d` this node does not host (no leader, no offsets here)
+    /// from nodes that do, their leaders first (a follower's offsets may trail): one request
+    /// per node asked.
+    async fn describe_from_replicas(&self, d: &mut TopicDescription) {
+        let me = self.inner.id;
+        let mut open: std::collections::BTreeSet<u32> = d
+            .partitions
+            .iter()
+            .filter(|p| !p.replicas.contains(&me))
+            .map(|p| p.partition)
+            .collect();
+        let mut asked = std::collections::BTreeSet::new();
+        // What followers said, used where no leader answers.
+        let mut from_followers: BTreeMap<u32, PartitionInfo> = BTreeMap::new();
+        let mut hints: Vec<NodeId> = Vec::new();
+        while let Some(&partition) = open.first() {
+            let replicas = &d.partitions[partition as usize].replicas;
+            let next = hints
+                .iter()
+                .chain(replicas)
+                .find(|r| !asked.contains(*r))
+                .copied();
+            let Some(node) = next else {
+                open.remove(&partition); // every replica was asked
+                continue;
+            };
+            asked.insert(node);
+            let request = ClientRequest::DescribeTopic {
+                topic: d.config.name.clone(),
+            };
+            let answer = tokio::time::timeout(
+                Duration::from_secs(2),
+                self.inner.router.forward(node, request),
+            )
+            .await;
+            let Ok(Ok(ClientResponse::Topic(theirs))) = answer else {
+                continue;
+            };
+            for their in theirs.partitions {
+                if !open.contains(&their.partition) || !their.replicas.contains(&node) {
+                    continue;
+                }
+                match their.leader {
+                    Some(l) if l == node => {
+                        let partition = their.partition;
+                        d.partitions[partition as usize] = their;
+                        open.remove(&partition);
+                        from_followers.remove(&partition);
+                    }
+                    Some(l) => {
+                        hints.push(l);
+                        from_followers.insert(their.partition, their);
+                    }
+                    None => {}
+                }
+            }
+        }
+        for (partition, info) in from_followers {
+            d.partitions[partition as usize] = info;
+        }
     }
 
     fn describe(&self, topic: &str) -> ClientResponse {
@@ -623,19 +724,18 @@ impl<T: Transport> Node<T> {
             })
             .collect();
         let nodes = self
-            .inner
-            .config
-            .peers
+            .region_members()
             .iter()
-            .map(|p| NodeAddress {
-                id: p.id,
-                client_addr: p.addr.to_string(),
+            .map(|m| NodeAddress {
+                id: m.id,
+                client_addr: m.addr.to_string(),
             })
             .collect();
         ClientResponse::Topic(TopicDescription {
             config: state.config.clone(),
             partitions,
             nodes,
+            moves: self.move_infos(topic),
         })
     }
 

@@ -116,6 +116,40 @@ pub(crate) enum MetaCommand {
         subjects: SubjectFilter,
         at_ms: u64,
     },
+    /// Start moving the replica of a topic's Raft group `group` from node `from` to node
+    /// `to` ([`crate::moves`]).
+    MoveReplica {
+        topic: String,
+        group: u32,
+        from: NodeId,
+        to: NodeId,
+        at_ms: u64,
+    },
+    /// The group's Raft replaced `from` by `to`: the move is done and the placement says so.
+    FinishMove {
+        topic: String,
+        group: u32,
+        from: NodeId,
+        to: NodeId,
+    },
+    /// Give a move up (its target left the region before it took the replica).
+    CancelMove {
+        topic: String,
+        group: u32,
+        from: NodeId,
+        to: NodeId,
+    },
+    /// Mark a node draining (its replicas and leaderships move away) or active again.
+    SetNodeDraining { node: NodeId, draining: bool },
+    /// Reorder a group's replicas (the same set): the first is its preferred leader.
+    SetReplicaOrder {
+        topic: String,
+        group: u32,
+        replicas: Vec<NodeId>,
+    },
+    /// Keep moving replicas until every node holds about as many (`ferry ctl rebalance`),
+    /// or stop.
+    SetBalancing { on: bool },
 }
 
 /// What applying a metadata command answers.

@@ -164,7 +164,7 @@ pub struct FaultConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NodeConfig {
-    /// This node's id; must appear in `peers` and be unique in the whole mesh.
+    /// This node's id; unique in the whole mesh, and named by its certificate.
     pub id: NodeId,
     /// The region this node belongs to (1-64 of `[A-Za-z0-9_-]`).
     #[serde(default = "default_region")]
@@ -177,8 +177,30 @@ pub struct NodeConfig {
     pub faults: FaultConfig,
     /// Where this node keeps its data.
     pub data_dir: PathBuf,
-    /// Every node of the region, this one included (static seed list).
+    /// The nodes that form the region on its first start, this one included if it is one
+    /// of them (a static list; the region's membership lives in its metadata group after
+    /// that, and grows by nodes that join).
+    #[serde(default)]
     pub peers: Vec<PeerConfig>,
+    /// This node's QUIC address, for a node not listed in `peers` (one that joins a running
+    /// region).
+    #[serde(default)]
+    pub addr: Option<SocketAddr>,
+    /// Addresses of nodes of the running region a node not in `peers` asks to let it join
+    /// (any of them; the region's metadata leader adds it).
+    #[serde(default)]
+    pub seeds: Vec<SocketAddr>,
+    /// How long a joining node keeps asking its seeds before it gives up, milliseconds.
+    #[serde(default = "default_join_timeout_ms")]
+    pub join_timeout_ms: u64,
+    /// Replica moves (to or from it) a node takes part in at once.
+    #[serde(default = "default_max_moves_per_node")]
+    pub max_moves_per_node: usize,
+    /// A group's leader hands leadership to the group's preferred leader (the first replica
+    /// of its placement) once that node has answered for this long, milliseconds: so
+    /// leaderships come back to a node that restarted (0: never).
+    #[serde(default = "default_leader_rebalance_after_ms")]
+    pub leader_rebalance_after_ms: u64,
     /// Certificates.
     pub tls: TlsPaths,
     /// Size limits.
@@ -212,6 +234,15 @@ pub struct NodeConfig {
     pub http: Option<SocketAddr>,
 }
 
+fn default_join_timeout_ms() -> u64 {
+    120_000
+}
+fn default_max_moves_per_node() -> usize {
+    2
+}
+fn default_leader_rebalance_after_ms() -> u64 {
+    10_000
+}
 fn default_region() -> String {
     "local".into()
 }
@@ -237,7 +268,17 @@ fn default_producer_expiry_ms() -> u64 {
 impl NodeConfig {
     /// This node's own address.
     pub fn listen_addr(&self) -> Option<SocketAddr> {
-        self.peers.iter().find(|p| p.id == self.id).map(|p| p.addr)
+        self.peers
+            .iter()
+            .find(|p| p.id == self.id)
+            .map(|p| p.addr)
+            .or(self.addr)
+    }
+
+    /// Whether this node joins a running region rather than forming it (it is not in
+    /// `peers`).
+    pub fn joins(&self) -> bool {
+        !self.peers.iter().any(|p| p.id == self.id)
     }
 
     /// Checks the configuration; the error names the key.
@@ -245,9 +286,28 @@ impl NodeConfig {
         let bad = |key: &'static str, reason: String| Err(RegionError::Config { key, reason });
         if self.listen_addr().is_none() {
             return bad(
-                "peers",
-                format!("node id {} is not listed in peers", self.id),
+                "addr",
+                format!(
+                    "node id {} is not listed in peers and no addr is set: a node that joins a \
+                     running region names its own address in addr (and the region's nodes in \
+                     seeds, or is added with `ferry ctl node add`)",
+                    self.id
+                ),
             );
+        }
+        if let (Some(own), Some(listed)) = (
+            self.addr,
+            self.peers.iter().find(|p| p.id == self.id).map(|p| p.addr),
+        ) {
+            if own != listed {
+                return bad(
+                    "addr",
+                    format!("addr {own} differs from this node's address in peers ({listed})"),
+                );
+            }
+        }
+        if self.max_moves_per_node == 0 {
+            return bad("max_moves_per_node", "must be at least 1".into());
         }
         let mut ids: Vec<_> = self.peers.iter().map(|p| p.id).collect();
         ids.sort_unstable();

@@ -25,4 +25,7 @@ pub enum RegionError {
         /// What happened.
         reason: String,
     },
+    /// The node could not join the region.
+    #[error("joining the region: {0}")]
+    Join(String),
 }

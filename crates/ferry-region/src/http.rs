@@ -146,6 +146,35 @@ async fn metrics<T: Transport>(State(node): State<Node<T>>) -> String {
         "# HELP {metric} Hosted partition groups asleep: idle, heartbeats and election timers off until the next write.\n# TYPE {metric} gauge\n{metric}{{node=\"{id}\"}} {}",
         node.partitions_asleep()
     );
+    let metric = "ferry_region_nodes";
+    let _ = writeln!(
+        out,
+        "# HELP {metric} Nodes of the region (members of its metadata group).\n# TYPE {metric} gauge\n{metric}{{node=\"{id}\"}} {}",
+        node.region_members().len()
+    );
+    let metric = "ferry_replica_moves";
+    let _ = writeln!(
+        out,
+        "# HELP {metric} Replica moves under way in the region.\n# TYPE {metric} gauge\n{metric}{{node=\"{id}\"}} {}",
+        node.replica_moves_under_way()
+    );
+    let metric = "ferry_replica_moves_finished_total";
+    let _ = writeln!(
+        out,
+        "# HELP {metric} Replica moves this node carried out to the end (as the group's leader).\n# TYPE {metric} counter\n{metric}{{node=\"{id}\"}} {}",
+        node.replica_moves_finished()
+    );
+    let metric = "ferry_replica_move_behind_entries";
+    let _ = writeln!(
+        out,
+        "# HELP {metric} Log entries the target of a move this node leads still lacks.\n# TYPE {metric} gauge"
+    );
+    for (group, from, to, behind) in node.replica_moves_led() {
+        let _ = writeln!(
+            out,
+            "{metric}{{node=\"{id}\",group=\"{group}\",from=\"{from}\",to=\"{to}\"}} {behind}"
+        );
+    }
     let partitions = node.partitions();
     let gauges: [(&str, &str, GaugeOf); 3] = [
         (

@@ -3,7 +3,8 @@
 //! What is here: one openraft group per partition plus a metadata group for topics and
 //! replica placement ([`Node`]); the partition state machine with offsets, idempotent
 //! producer dedupe, consumer group cursors and retention ([`partition`]); consumer group
-//! membership ([`groups`]); the Raft network over ferry-net with one connection per peer for
+//! membership ([`groups`]); the region's own membership, nodes joining and leaving
+//! ([`membership`]) and replica moves between them (`moves`); the Raft network over ferry-net with one connection per peer for
 //! all groups ([`peer`]); the client API served over QUIC ([`api`]); and the node's part in
 //! the mesh (`mesh`): gossip over the peer transport, forwarders for the partitions it
 //! leads, and the destination side of forwarded batches — driving ferry-router's state
@@ -22,8 +23,10 @@ mod group_snapshot;
 pub mod groups;
 pub mod http;
 mod leadership;
+pub mod membership;
 mod mesh;
 pub mod metadata;
+mod moves;
 mod node;
 pub mod partition;
 pub mod peer;

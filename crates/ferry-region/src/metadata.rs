@@ -2,9 +2,11 @@
 //! Tree layout (`sm:meta`): `t`+name → [`TopicState`]; `i`+name → an interest's subject
 //! filter (what this region wants forwarded from other regions); `V` → the interest version
 //! (the log index of the last entry that changed the interests, big-endian u64; absent = 0);
-//! `a`+name → when the interest was added (ms since the epoch, big-endian u64; absent = 0).
+//! `a`+name → when the interest was added (ms since the epoch, big-endian u64; absent = 0);
+//! `m`+topic+`\0`+group (big-endian u32) → a [`ReplicaMove`] under way; `d`+node (big-endian
+//! u64) → the node is draining; `B` → present while the region balances its replicas.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, RwLock};
 
 use bytes::Bytes;
@@ -20,6 +22,38 @@ const TOPIC_PREFIX: u8 = b't';
 const INTEREST_PREFIX: u8 = b'i';
 const INTEREST_VERSION_KEY: &[u8] = b"V";
 const INTEREST_ADDED_PREFIX: u8 = b'a';
+const MOVE_PREFIX: u8 = b'm';
+const DRAINING_PREFIX: u8 = b'd';
+const BALANCING_KEY: &[u8] = b"B";
+
+/// A replica of a topic's Raft group on its way from one node to another ([`crate::moves`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaMove {
+    /// The topic.
+    pub topic: String,
+    /// The topic's Raft group (numbered like its first partition).
+    pub group: u32,
+    /// The node giving the replica up.
+    pub from: NodeId,
+    /// The node taking it.
+    pub to: NodeId,
+    /// When the move was asked for (ms since the epoch, the proposer's clock).
+    pub since_ms: u64,
+}
+
+fn move_key(topic: &str, group: u32) -> Vec<u8> {
+    let mut key = vec![MOVE_PREFIX];
+    key.extend_from_slice(topic.as_bytes());
+    key.push(0);
+    key.extend_from_slice(&group.to_be_bytes());
+    key
+}
+
+fn draining_key(node: NodeId) -> Vec<u8> {
+    let mut key = vec![DRAINING_PREFIX];
+    key.extend_from_slice(&node.to_be_bytes());
+    key
+}
 
 /// A topic as the region knows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -38,6 +72,11 @@ pub struct MetaView {
     interests: RwLock<BTreeMap<String, SubjectFilter>>,
     interest_version: std::sync::atomic::AtomicU64,
     interests_since: std::sync::atomic::AtomicU64,
+    /// Replica moves under way, by (topic, group).
+    moves: RwLock<BTreeMap<(String, u32), ReplicaMove>>,
+    /// Nodes draining.
+    draining: RwLock<BTreeSet<NodeId>>,
+    balancing: std::sync::atomic::AtomicBool,
     version: watch::Sender<u64>,
 }
 
@@ -95,6 +134,33 @@ impl MetaView {
         }
     }
 
+    /// Replica moves under way.
+    pub fn moves(&self) -> Vec<ReplicaMove> {
+        self.moves
+            .read()
+            .map(|m| m.values().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// The move under way of a topic's group, if any.
+    pub fn move_of(&self, topic: &str, group: u32) -> Option<ReplicaMove> {
+        self.moves
+            .read()
+            .ok()?
+            .get(&(topic.to_string(), group))
+            .cloned()
+    }
+
+    /// Whether the region is balancing its replicas.
+    pub fn balancing(&self) -> bool {
+        self.balancing.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Nodes draining.
+    pub fn draining(&self) -> BTreeSet<NodeId> {
+        self.draining.read().map(|d| d.clone()).unwrap_or_default()
+    }
+
     /// Changes whenever a metadata command is applied.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.version.subscribe()
@@ -126,6 +192,9 @@ pub struct MetaApp {
     /// When each interest was added (0: before times were kept).
     interest_added: BTreeMap<String, u64>,
     interest_version: u64,
+    moves: BTreeMap<(String, u32), ReplicaMove>,
+    draining: BTreeSet<NodeId>,
+    balancing: bool,
 }
 
 impl Default for MetaApp {
@@ -136,12 +205,18 @@ impl Default for MetaApp {
                 interests: RwLock::new(BTreeMap::new()),
                 interest_version: std::sync::atomic::AtomicU64::new(0),
                 interests_since: std::sync::atomic::AtomicU64::new(0),
+                moves: RwLock::new(BTreeMap::new()),
+                draining: RwLock::new(BTreeSet::new()),
+                balancing: std::sync::atomic::AtomicBool::new(false),
                 version: watch::channel(0).0,
             }),
             topics: BTreeMap::new(),
             interests: BTreeMap::new(),
             interest_added: BTreeMap::new(),
             interest_version: 0,
+            moves: BTreeMap::new(),
+            draining: BTreeSet::new(),
+            balancing: false,
         }
     }
 }
@@ -195,6 +270,152 @@ impl MetaApp {
         }
         self.topics.insert(state.config.name.clone(), state);
         MetaReply::Created
+    }
+}
+
+fn invalid(message: impl Into<String>) -> MetaReply {
+    MetaReply::Error(ApiError::new(ErrorCode::InvalidRequest, message))
+}
+
+impl MetaApp {
+    /// Records a replica move; refused (changing nothing) unless `from` holds the group's
+    /// replica, `to` does not, and no other move of the group is under way.
+    fn move_replica(&mut self, replica_move: ReplicaMove, writes: &mut sled::Batch) -> MetaReply {
+        let ReplicaMove {
+            topic,
+            group,
+            from,
+            to,
+            ..
+        } = &replica_move;
+        let Some(state) = self.topics.get(topic) else {
+            return MetaReply::Error(ApiError::new(
+                ErrorCode::UnknownTopic,
+                format!("no topic named {topic:?}"),
+            ));
+        };
+        let Some(replicas) =
+            (*group < state.config.groups).then(|| &state.replicas[*group as usize])
+        else {
+            return invalid(format!(
+                "topic {topic:?} has {} Raft groups; there is no group {group}",
+                state.config.groups
+            ));
+        };
+        if let Some(other) = self.moves.get(&(topic.clone(), *group)) {
+            if *other == replica_move || (other.from, other.to) == (*from, *to) {
+                return MetaReply::Done;
+            }
+            return invalid(format!(
+                "group {group} of {topic:?} is already moving a replica from node {} to node {}",
+                other.from, other.to
+            ));
+        }
+        if !replicas.contains(from) {
+            return invalid(format!(
+                "node {from} holds no replica of group {group} of {topic:?} (its replicas: {replicas:?})"
+            ));
+        }
+        if replicas.contains(to) {
+            return invalid(format!(
+                "node {to} already holds a replica of group {group} of {topic:?}"
+            ));
+        }
+        match codec::encode("replica move", &replica_move) {
+            Ok(v) => writes.insert(move_key(topic, *group), v),
+            Err(e) => return MetaReply::Error(ApiError::new(ErrorCode::Internal, e.to_string())),
+        }
+        self.moves.insert((topic.clone(), *group), replica_move);
+        MetaReply::Done
+    }
+
+    /// Ends a move: `to` replaces `from` in the placement of every partition of the group.
+    fn finish_move(
+        &mut self,
+        topic: &str,
+        group: u32,
+        from: NodeId,
+        to: NodeId,
+        writes: &mut sled::Batch,
+    ) -> MetaReply {
+        let key = (topic.to_string(), group);
+        match self.moves.get(&key) {
+            Some(m) if (m.from, m.to) == (from, to) => {}
+            _ => {
+                return invalid(format!(
+                "no move of group {group} of {topic:?} from node {from} to node {to} is under way"
+            ))
+            }
+        }
+        let Some(state) = self.topics.get_mut(topic) else {
+            return invalid(format!("no topic named {topic:?}"));
+        };
+        // The node that joins goes last: the first replica is the one that formed the
+        // group, and a node that starts the group empty must never be taken for it.
+        for p in state.config.partitions_of(group) {
+            let replicas = &mut state.replicas[p as usize];
+            replicas.retain(|r| *r != from);
+            replicas.push(to);
+        }
+        let mut topic_key = vec![TOPIC_PREFIX];
+        topic_key.extend_from_slice(topic.as_bytes());
+        match codec::encode("topic", &*state) {
+            Ok(v) => writes.insert(topic_key, v),
+            Err(e) => return MetaReply::Error(ApiError::new(ErrorCode::Internal, e.to_string())),
+        }
+        writes.remove(move_key(topic, group));
+        self.moves.remove(&key);
+        MetaReply::Done
+    }
+
+    fn set_replica_order(
+        &mut self,
+        topic: &str,
+        group: u32,
+        replicas: Vec<NodeId>,
+        writes: &mut sled::Batch,
+    ) -> MetaReply {
+        let Some(state) = self.topics.get_mut(topic) else {
+            return invalid(format!("no topic named {topic:?}"));
+        };
+        if group >= state.config.groups {
+            return invalid(format!("topic {topic:?} has no group {group}"));
+        }
+        let mut now = state.replicas[group as usize].clone();
+        let mut asked = replicas.clone();
+        now.sort_unstable();
+        asked.sort_unstable();
+        if now != asked {
+            return invalid(format!(
+                "group {group} of {topic:?} has replicas {now:?}, not {asked:?}"
+            ));
+        }
+        for p in state.config.partitions_of(group) {
+            state.replicas[p as usize] = replicas.clone();
+        }
+        let mut topic_key = vec![TOPIC_PREFIX];
+        topic_key.extend_from_slice(topic.as_bytes());
+        match codec::encode("topic", &*state) {
+            Ok(v) => writes.insert(topic_key, v),
+            Err(e) => return MetaReply::Error(ApiError::new(ErrorCode::Internal, e.to_string())),
+        }
+        MetaReply::Done
+    }
+
+    fn set_draining(
+        &mut self,
+        node: NodeId,
+        draining: bool,
+        writes: &mut sled::Batch,
+    ) -> MetaReply {
+        if draining {
+            writes.insert(draining_key(node), &[]);
+            self.draining.insert(node);
+        } else {
+            writes.remove(draining_key(node));
+            self.draining.remove(&node);
+        }
+        MetaReply::Done
     }
 }
 
@@ -285,6 +506,21 @@ impl Application for MetaApp {
             let at = be_u64(&format!("when interest {name:?} was added"), &value)?;
             self.interest_added.insert(name, at);
         }
+        self.moves.clear();
+        for item in tree.scan_prefix([MOVE_PREFIX]) {
+            let (_, value) = item.map_err(|e| StoreError::io("metadata scan", e))?;
+            let m: ReplicaMove = codec::decode("replica move", &value)?;
+            self.moves.insert((m.topic.clone(), m.group), m);
+        }
+        self.draining.clear();
+        for item in tree.scan_prefix([DRAINING_PREFIX]) {
+            let (key, _) = item.map_err(|e| StoreError::io("metadata scan", e))?;
+            self.draining
+                .insert(be_u64("a draining node's id", &key[1..])?);
+        }
+        self.balancing = tree
+            .contains_key(BALANCING_KEY)
+            .map_err(|e| StoreError::io("metadata read", e))?;
         self.interest_version = match tree
             .get(INTEREST_VERSION_KEY)
             .map_err(|e| StoreError::io("metadata read", e))?
@@ -316,6 +552,66 @@ impl Application for MetaApp {
                 at_ms,
             }) => self.set_interest(index, name, subjects, at_ms, writes),
             Ok(MetaCommand::RemoveInterest { name }) => self.remove_interest(index, name, writes),
+            Ok(MetaCommand::MoveReplica {
+                topic,
+                group,
+                from,
+                to,
+                at_ms,
+            }) => self.move_replica(
+                ReplicaMove {
+                    topic,
+                    group,
+                    from,
+                    to,
+                    since_ms: at_ms,
+                },
+                writes,
+            ),
+            Ok(MetaCommand::FinishMove {
+                topic,
+                group,
+                from,
+                to,
+            }) => self.finish_move(&topic, group, from, to, writes),
+            Ok(MetaCommand::CancelMove {
+                topic,
+                group,
+                from,
+                to,
+            }) => {
+                let key = (topic.clone(), group);
+                if self
+                    .moves
+                    .get(&key)
+                    .is_some_and(|m| (m.from, m.to) == (from, to))
+                {
+                    self.moves.remove(&key);
+                    writes.remove(move_key(&topic, group));
+                    MetaReply::Done
+                } else {
+                    invalid(format!(
+                        "no move of group {group} of {topic:?} from node {from} to node {to} is under way"
+                    ))
+                }
+            }
+            Ok(MetaCommand::SetNodeDraining { node, draining }) => {
+                self.set_draining(node, draining, writes)
+            }
+            Ok(MetaCommand::SetReplicaOrder {
+                topic,
+                group,
+                replicas,
+            }) => self.set_replica_order(&topic, group, replicas, writes),
+            Ok(MetaCommand::SetBalancing { on }) => {
+                if on {
+                    writes.insert(BALANCING_KEY, &[]);
+                } else {
+                    writes.remove(BALANCING_KEY);
+                }
+                self.balancing = on;
+                MetaReply::Done
+            }
             Err(e) => MetaReply::Error(ApiError::new(ErrorCode::InvalidRequest, e.to_string())),
         };
         encode("metadata reply", &reply).unwrap_or_default()
@@ -357,6 +653,22 @@ impl Application for MetaApp {
                     .store(since, std::sync::atomic::Ordering::Release);
                 changed = true;
             }
+        }
+        if let Ok(mut moves) = self.view.moves.write() {
+            if *moves != self.moves {
+                *moves = self.moves.clone();
+                changed = true;
+            }
+        }
+        if let Ok(mut draining) = self.view.draining.write() {
+            if *draining != self.draining {
+                *draining = self.draining.clone();
+                changed = true;
+            }
+        }
+        let balancing = &self.view.balancing;
+        if balancing.swap(self.balancing, std::sync::atomic::Ordering::AcqRel) != self.balancing {
+            changed = true;
         }
         if changed {
             self.view.version.send_modify(|v| *v += 1);

@@ -164,6 +164,8 @@ pub(crate) struct Inner<T> {
     pub(crate) quiescence_elections: std::sync::atomic::AtomicU64,
     /// The partition groups this node leads.
     pub(crate) leadership: Arc<Leadership>,
+    /// Replica moves this node carried out to the end ([`crate::moves`]).
+    pub(crate) moves_finished: std::sync::atomic::AtomicU64,
 }
 
 /// Count and total of a latency, for means over an interval.
@@ -303,25 +305,27 @@ impl<T: Transport> Node<T> {
                 quiescence: Mutex::new(quiescence),
                 quiescence_elections: Default::default(),
                 leadership: Arc::default(),
+                moves_finished: Default::default(),
             }),
         };
         node.bootstrap_meta().await?;
+        node.spawn_membership_watch();
         node.reconcile().await?;
         node.spawn_reconciler();
         node.spawn_retention();
+        node.spawn_moves();
         crate::quiesce::spawn(&node);
         node.start_mesh().await?;
         Ok(node)
     }
 
-    fn members(ids: &[NodeId], config: &NodeConfig) -> BTreeMap<NodeId, BasicNode> {
+    /// Raft members for `ids`, with the addresses the region knows them by.
+    fn members(&self, ids: &[NodeId]) -> BTreeMap<NodeId, BasicNode> {
         ids.iter()
             .map(|id| {
-                let addr = config
-                    .peers
-                    .iter()
-                    .find(|p| p.id == *id)
-                    .map(|p| p.addr.to_string())
+                let addr = self
+                    .member_addr(*id)
+                    .map(|a| a.to_string())
                     .unwrap_or_default();
                 (*id, BasicNode { addr })
             })
@@ -339,11 +343,33 @@ impl<T: Transport> Node<T> {
                 .map_err(|e| raft_err(META_GROUP, e))?
         {
             let ids: Vec<_> = inner.config.peers.iter().map(|p| p.id).collect();
-            if let Err(e) = inner
-                .meta
-                .initialize(Self::members(&ids, &inner.config))
+            // A region those peers already formed (this node's folder was emptied, or it was
+            // removed): forming another would split it.
+            let asks = ids
+                .iter()
+                .filter(|id| **id != inner.id)
+                .map(|id| async move {
+                    let answer = tokio::time::timeout(
+                        Duration::from_secs(1),
+                        inner.router.call(*id, &PeerRequest::Identify),
+                    )
+                    .await;
+                    matches!(answer, Ok(Ok(PeerResponse::Identity { member: true, .. })))
+                        .then_some(*id)
+                });
+            let formed: Vec<NodeId> = futures::future::join_all(asks)
                 .await
-            {
+                .into_iter()
+                .flatten()
+                .collect();
+            if !formed.is_empty() {
+                return Err(RegionError::Join(format!(
+                    "nodes {formed:?} already belong to a region, and this node's data folder \
+                     holds none: it would form a second one. Start it as a joining node \
+                     instead (no peers; addr and seeds), with an id the region does not have"
+                )));
+            }
+            if let Err(e) = inner.meta.initialize(self.members(&ids)).await {
                 tracing::info!(error = %e, "metadata group already formed");
             } else {
                 tracing::info!(voters = ?ids, "formed the metadata group");
@@ -352,17 +378,25 @@ impl<T: Transport> Node<T> {
         Ok(())
     }
 
-    /// Starts the groups of partitions this node hosts that are not running yet.
+    /// Starts the groups this node hosts that are not running yet (those the placement
+    /// gives it, and those moving to it), and stops and deletes those it no longer hosts.
     async fn reconcile(&self) -> Result<(), RegionError> {
         let inner = &self.inner;
-        for topic in inner.meta_view.topics() {
+        let mut wanted = std::collections::HashSet::new();
+        let topics = inner.meta_view.topics();
+        for topic in &topics {
             for number in 0..topic.config.groups {
                 // A group's first partition is numbered like the group.
                 let replicas = &topic.replicas[number as usize];
-                if !replicas.contains(&inner.id) {
+                let moving_in = inner
+                    .meta_view
+                    .move_of(&topic.config.name, number)
+                    .is_some_and(|m| m.to == inner.id);
+                if !replicas.contains(&inner.id) && !moving_in {
                     continue;
                 }
                 let group = partition_group(&topic.config.name, number);
+                wanted.insert(group.clone());
                 if inner
                     .partitions
                     .read()
@@ -373,11 +407,7 @@ impl<T: Transport> Node<T> {
                 }
                 let members: Vec<u32> = topic.config.partitions_of(number).collect();
                 let sm = PartitionStateMachine::open(
-                    &inner
-                        .store
-                        .path()
-                        .join("partitions")
-                        .join(group.replace('/', "@")),
+                    &self.partition_dir(&group),
                     inner.config.wal_segment_bytes,
                     &members,
                 )?;
@@ -390,16 +420,15 @@ impl<T: Transport> Node<T> {
                 let raft = Raft::new(inner.id, inner.raft_config.clone(), network, log, sm)
                     .await
                     .map_err(|e| raft_err(&group, e))?;
+                // A node the group moves to starts empty and is added by the group's leader.
                 if replicas.first() == Some(&inner.id)
+                    && !moving_in
                     && !raft
                         .is_initialized()
                         .await
                         .map_err(|e| raft_err(&group, e))?
                 {
-                    if let Err(e) = raft
-                        .initialize(Self::members(replicas, &inner.config))
-                        .await
-                    {
+                    if let Err(e) = raft.initialize(self.members(replicas)).await {
                         tracing::debug!(%group, error = %e, "partition group already formed");
                     }
                 }
@@ -431,6 +460,71 @@ impl<T: Transport> Node<T> {
                 tracing::info!(%group, ?replicas, partitions = members.len(), "started partition group");
             }
         }
+        // Groups of topics this node knows that are no longer placed here: their replica
+        // moved away.
+        let known: std::collections::HashSet<&str> =
+            topics.iter().map(|t| t.config.name.as_str()).collect();
+        let retired: Vec<GroupId> = inner
+            .partitions
+            .read()
+            .map(|p| {
+                p.keys()
+                    .filter(|g| !wanted.contains(*g))
+                    .filter(|g| {
+                        g.rsplit_once('/')
+                            .is_some_and(|(topic, _)| known.contains(topic))
+                    })
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default();
+        for group in retired {
+            self.retire_group(&group).await?;
+        }
+        Ok(())
+    }
+
+    /// Where a partition group keeps its state and batch files.
+    fn partition_dir(&self, group: &GroupId) -> std::path::PathBuf {
+        self.inner
+            .store
+            .path()
+            .join("partitions")
+            .join(group.replace('/', "@"))
+    }
+
+    /// Stops a group whose replica left this node and deletes what it held here: its log
+    /// (durably) and its folder.
+    async fn retire_group(&self, group: &GroupId) -> Result<(), RegionError> {
+        let Some(hosted) = self
+            .inner
+            .partitions
+            .write()
+            .ok()
+            .and_then(|mut p| p.remove(group))
+        else {
+            return Ok(());
+        };
+        if let Err(e) = hosted.raft.shutdown().await {
+            tracing::warn!(%group, error = %e, "stopping a retired group");
+        }
+        self.inner
+            .store
+            .log_store(group)?
+            .drop_group()
+            .await
+            .map_err(|e| StoreError::io(format!("dropping the log of {group}"), e))?;
+        let dir = self.partition_dir(group);
+        let removed = tokio::task::spawn_blocking(move || match std::fs::remove_dir_all(&dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(StoreError::io(dir.display().to_string(), e))
+            }
+            _ => Ok(()),
+        })
+        .await
+        .map_err(|e| StoreError::io("deleting a retired group", e))?;
+        removed?;
+        tracing::info!(%group, "replica moved away: group stopped and its data deleted");
         Ok(())
     }
 
@@ -718,7 +812,7 @@ struct PeerHandler<T> {
 }
 
 impl<T: Transport> RpcHandler for PeerHandler<T> {
-    fn handle(&self, _from: NodeId, request: Bytes) -> BoxFuture<'static, Bytes> {
+    fn handle(&self, from: NodeId, request: Bytes) -> BoxFuture<'static, Bytes> {
         let inner = self.inner.upgrade();
         Box::pin(async move {
             let Some(inner) = inner else {
@@ -732,7 +826,7 @@ impl<T: Transport> RpcHandler for PeerHandler<T> {
                 Ok(r) => r,
                 Err(e) => return error_response(e.to_string()),
             };
-            let response = node.handle_peer(request).await;
+            let response = node.handle_peer(from, request).await;
             encode("peer response", &response).unwrap_or_else(|e| error_response(e.to_string()))
         })
     }
@@ -907,7 +1001,7 @@ impl<T: Transport> Node<T> {
         }
     }
 
-    async fn handle_peer(&self, request: PeerRequest) -> PeerResponse {
+    async fn handle_peer(&self, from: NodeId, request: PeerRequest) -> PeerResponse {
         match request {
             PeerRequest::Replicate => {
                 PeerResponse::Error("a replication stream is opened as a stream, not called".into())
@@ -923,6 +1017,16 @@ impl<T: Transport> Node<T> {
                     Ok(r) => PeerResponse::Vote(r),
                     Err(e) => PeerResponse::Error(e.to_string()),
                 })
+            }
+            PeerRequest::TransferLeader { group, rpc } => {
+                dispatch_group!(
+                    self,
+                    group,
+                    |raft| match raft.handle_transfer_leader(rpc).await {
+                        Ok(r) => PeerResponse::TransferredLeader(r),
+                        Err(e) => PeerResponse::Error(e.to_string()),
+                    }
+                )
             }
             PeerRequest::PreVote { group, rpc } => {
                 dispatch_group!(self, group, |raft| match raft.pre_vote(rpc).await {
@@ -983,6 +1087,24 @@ impl<T: Transport> Node<T> {
                 region,
                 via,
             } => self.ensure_forwarded_topic(config, region, via).await,
+            PeerRequest::Join { addr } => self.handle_join(from, addr).await,
+            PeerRequest::JoinFor { id, addr } => {
+                let leader = self.inner.meta.metrics().borrow_watched().current_leader;
+                if leader == Some(self.inner.id) {
+                    self.handle_join(id, addr).await
+                } else {
+                    PeerResponse::Error("this node does not lead the metadata group".into())
+                }
+            }
+            PeerRequest::Identify => PeerResponse::Identity {
+                id: self.inner.id,
+                region: self.inner.config.region.clone(),
+                member: self.is_member(),
+            },
+            PeerRequest::ProposeMeta(command) => match self.propose_meta(command).await {
+                Ok(()) => PeerResponse::Done,
+                Err(e) => PeerResponse::MetaRefused(e),
+            },
         }
     }
 }

@@ -23,8 +23,8 @@ use openraft::error::{NetworkError, RPCError, ReplicationClosed, StreamingError,
 use openraft::network::v2::RaftNetworkV2;
 use openraft::network::{RPCOption, RaftNetworkFactory};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, StreamAppendResult, VoteRequest,
-    VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, StreamAppendResult,
+    TransferLeaderRequest, TransferLeaderResponse, VoteRequest, VoteResponse,
 };
 use openraft::type_config::alias::{SnapshotMetaOf, SnapshotOf, VoteOf};
 use openraft::BasicNode;
@@ -89,6 +89,20 @@ pub(crate) enum PeerRequest {
         leader: NodeId,
         asks: Vec<crate::quiesce::SleepAsk>,
     },
+    /// The group's leader hands its leadership to this node: it elects itself at once.
+    TransferLeader {
+        group: GroupId,
+        rpc: TransferLeaderRequest<TypeConfig>,
+    },
+    /// The calling node (its certificate names it) asks to join the region, listening at
+    /// `addr` ([`crate::membership`]).
+    Join { addr: SocketAddr },
+    /// A [`PeerRequest::Join`] passed on to the metadata leader, for node `id`.
+    JoinFor { id: NodeId, addr: SocketAddr },
+    /// Which node is this, of which region?
+    Identify,
+    /// Propose a metadata command (to the metadata leader).
+    ProposeMeta(crate::command::MetaCommand),
 }
 
 /// A batch of one source partition for one destination region.
@@ -137,6 +151,33 @@ pub(crate) enum PeerResponse {
     },
     /// Per [`PeerRequest::Sleep`] ask: whether that group sleeps now.
     Slept(Vec<bool>),
+    /// Answer to [`PeerRequest::TransferLeader`].
+    TransferredLeader(TransferLeaderResponse<TypeConfig>),
+    /// The node is a member of the region now.
+    Joined,
+    /// The region will not take the node, and why (asking again will not help).
+    JoinRefused(String),
+    /// Answer to [`PeerRequest::Identify`]: who it is, and whether it belongs to a region
+    /// (a member of a metadata group).
+    Identity {
+        id: NodeId,
+        region: String,
+        member: bool,
+    },
+    /// A metadata command was refused.
+    MetaRefused(ferry_proto::wire::ApiError),
+}
+
+impl PeerResponse {
+    /// What an answer that the caller did not expect said, for its error message.
+    pub(crate) fn unexpected(&self) -> String {
+        match self {
+            PeerResponse::Error(e) | PeerResponse::Unreachable(e) => e.clone(),
+            PeerResponse::JoinRefused(e) => format!("refused: {e}"),
+            PeerResponse::MetaRefused(e) => e.to_string(),
+            _ => "an answer of another kind".into(),
+        }
+    }
 }
 
 pub(crate) use lanes::{serve_lanes, LaneAnswers, LaneRequests, LaneStats};
@@ -168,6 +209,11 @@ impl<T: Transport> Router<T> {
             lane_streams: Arc::default(),
             lane_stats: Arc::default(),
         }
+    }
+
+    /// The transport.
+    pub(crate) fn transport(&self) -> &T {
+        &self.transport
     }
 
     /// Counters of this node's replication streams.
@@ -405,6 +451,26 @@ impl<T: Transport> GroupRouter<TypeConfig, GroupId> for Router<T> {
         }
     }
 
+    async fn transfer_leader(
+        &self,
+        target: NodeId,
+        group: GroupId,
+        rpc: TransferLeaderRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<TransferLeaderResponse<TypeConfig>, RPCError<TypeConfig>> {
+        match self
+            .raft_call(
+                target,
+                PeerRequest::TransferLeader { group, rpc },
+                option.hard_ttl(),
+            )
+            .await?
+        {
+            PeerResponse::TransferredLeader(r) => Ok(r),
+            _ => Err(unexpected()),
+        }
+    }
+
     async fn vote(
         &self,
         target: NodeId,
@@ -562,6 +628,15 @@ impl<T: Transport> RaftNetworkV2<TypeConfig> for GroupPeer<T> {
         option: RPCOption,
     ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
         GroupRouter::pre_vote(&self.router, self.target, self.group.clone(), rpc, option).await
+    }
+
+    async fn transfer_leader(
+        &mut self,
+        rpc: TransferLeaderRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<TransferLeaderResponse<TypeConfig>, RPCError<TypeConfig>> {
+        GroupRouter::transfer_leader(&self.router, self.target, self.group.clone(), rpc, option)
+            .await
     }
 
     async fn full_snapshot(

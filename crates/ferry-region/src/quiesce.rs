@@ -136,6 +136,9 @@ struct Peer {
     /// The transport's last sample of what came from it.
     received: Option<ferry_net::Received>,
     down: bool,
+    /// Since when it answers without a break (its first answer, or its first after it was
+    /// down or restarted); None until it answered.
+    up_since: Option<Instant>,
 }
 
 #[derive(Debug)]
@@ -188,30 +191,33 @@ pub(crate) struct Quiescence {
 impl Quiescence {
     /// Node `me` among `peers` (itself left out), started at `now`.
     pub(crate) fn new(me: NodeId, peers: &[NodeId], timing: Timing, now: Instant) -> Self {
-        let peers = peers
-            .iter()
-            .filter(|p| **p != me)
-            .map(|p| {
-                (
-                    *p,
-                    Peer {
-                        boot: None,
-                        last_heard: now,
-                        last_active: now,
-                        received: None,
-                        down: false,
-                    },
-                )
-            })
-            .collect();
-        Self {
+        let mut quiescence = Self {
             me,
             timing,
-            peers,
+            peers: BTreeMap::new(),
             idle: HashMap::new(),
             asleep: HashMap::new(),
             last_sweep: now,
             last_scan: now,
+        };
+        quiescence.set_peers(peers, now);
+        quiescence
+    }
+
+    /// The region's nodes changed: asks the new ones from now on (counted up until they
+    /// fail to answer), forgets those gone.
+    pub(crate) fn set_peers(&mut self, peers: &[NodeId], now: Instant) {
+        let me = self.me;
+        self.peers.retain(|id, _| peers.contains(id));
+        for p in peers.iter().filter(|p| **p != me) {
+            self.peers.entry(*p).or_insert(Peer {
+                boot: None,
+                last_heard: now,
+                last_active: now,
+                received: None,
+                down: false,
+                up_since: None,
+            });
         }
     }
 
@@ -265,6 +271,12 @@ impl Quiescence {
         }
     }
 
+    /// How long `peer` has answered without a break (None: down, or not heard yet).
+    pub(crate) fn up_for(&self, peer: NodeId, now: Instant) -> Option<std::time::Duration> {
+        let since = self.peers.get(&peer)?.up_since?;
+        Some(now.saturating_duration_since(since))
+    }
+
     /// Whether `peer` is down now.
     pub(crate) fn is_down(&self, peer: NodeId) -> bool {
         self.peers.get(&peer).is_some_and(|p| p.down)
@@ -293,6 +305,9 @@ impl Quiescence {
         // led: it leads them still.
         let restarted = state.boot.is_some_and(|b| b != boot);
         let back = state.down;
+        if restarted || back || state.up_since.is_none() {
+            state.up_since = Some(now);
+        }
         state.boot = Some(boot);
         state.down = false;
         state.last_heard = now;
@@ -361,6 +376,7 @@ impl Quiescence {
                 now.saturating_duration_since(peer.last_heard) >= timing.down_unanswered;
             if !peer.down && (silent || unanswering) {
                 peer.down = true;
+                peer.up_since = None;
                 newly_down.push(*id);
             }
         }

@@ -81,13 +81,20 @@ impl BoundEndpoint {
             options.max_frame,
             options.faults.clone(),
         ));
-        Ok(QuicNode {
+        let running = QuicNode {
             node,
             http_addr,
             endpoint: self.endpoint,
             serving,
             faults: options.faults,
-        })
+        };
+        // A node that joins a running region asks to once it serves (the region reaches it
+        // to check it and to replicate to it); a refusal stops it.
+        if let Err(e) = running.node.join_region().await {
+            running.shutdown().await;
+            return Err(e);
+        }
+        Ok(running)
     }
 }
 

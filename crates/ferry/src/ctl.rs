@@ -92,6 +92,18 @@ enum CtlCommand {
     },
     /// The mesh: regions, nodes, links, interests and forwarding lag.
     Regions,
+    /// Spread replicas (by count) and preferred leaders evenly over the region's nodes:
+    /// prints the plan and carries it out, a few moves per node at a time.
+    Rebalance {
+        /// Only print the plan.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// The region's nodes: list, add, drain, remove.
+    Node {
+        #[command(subcommand)]
+        command: NodeCommand,
+    },
     /// Print events as they are committed.
     Tail {
         /// Topic.
@@ -105,6 +117,44 @@ enum CtlCommand {
         /// Stop after this many events.
         #[arg(long)]
         count: Option<u64>,
+    },
+}
+
+#[derive(Subcommand)]
+enum NodeCommand {
+    /// List the region's nodes: address, metadata vote, replicas held and moves under way.
+    List,
+    /// Add a node that runs but is not in the region yet (a node started with `seeds` joins
+    /// by itself): the region dials it, checks its certificate, and adds it.
+    Add {
+        /// Its node id (its certificate must name it).
+        id: u64,
+        /// Its QUIC address, host:port.
+        addr: String,
+    },
+    /// Move every replica and leadership off a node (it takes no new ones), a few at a time.
+    Drain {
+        /// The node.
+        id: u64,
+        /// Make it take replicas again instead.
+        #[arg(long)]
+        undo: bool,
+        /// Return once the drain is recorded, without waiting for the moves.
+        #[arg(long)]
+        no_wait: bool,
+        /// How long to wait for the moves, seconds.
+        #[arg(long, default_value_t = 600)]
+        wait_secs: u64,
+    },
+    /// Remove a node from the region. Refused while it holds replicas (drain it first),
+    /// unless --dead.
+    Remove {
+        /// The node.
+        id: u64,
+        /// The node is gone for good (its disk lost): its replicas are made again on the
+        /// other nodes from the surviving replicas.
+        #[arg(long)]
+        dead: bool,
     },
 }
 
@@ -173,10 +223,24 @@ enum TopicCommand {
     },
     /// List topics.
     List,
-    /// Describe a topic: partitions, leaders, replicas, offsets.
+    /// Describe a topic: partitions, leaders, replicas, offsets, moves under way.
     Describe {
         /// Name.
         name: String,
+    },
+    /// Move the replica of a partition's Raft group (every partition the group replicates)
+    /// from one node to another, online.
+    Move {
+        /// Topic.
+        name: String,
+        /// A partition of the group.
+        partition: u32,
+        /// The node that gives its replica up.
+        #[arg(long)]
+        from: u64,
+        /// The node that takes it.
+        #[arg(long)]
+        to: u64,
     },
 }
 
@@ -239,6 +303,35 @@ pub(crate) async fn run(args: CtlArgs) -> anyhow::Result<()> {
             }
         },
         CtlCommand::Regions => print_regions(&client.regions().await?),
+        CtlCommand::Node { command } => node(&client, command).await,
+        CtlCommand::Rebalance { dry_run } => {
+            let plan = client.rebalance(dry_run).await?;
+            if plan.is_empty() {
+                println!("the region is balanced: nothing to do");
+                return Ok(());
+            }
+            for c in &plan {
+                match c.from {
+                    Some(from) => println!(
+                        "move the replica of {} group {} from node {from} to node {}",
+                        c.topic, c.group, c.to
+                    ),
+                    None => println!(
+                        "make node {} the preferred leader of {} group {}",
+                        c.to, c.topic, c.group
+                    ),
+                }
+            }
+            if dry_run {
+                println!("(dry run: nothing changed)");
+            } else {
+                println!(
+                    "rebalancing: `ferry ctl node list` shows the moves under way; leaders follow \
+                     once they are done"
+                );
+            }
+            Ok(())
+        }
         CtlCommand::Publish {
             topic,
             data,
@@ -468,9 +561,112 @@ async fn topic(client: &Client, command: TopicCommand) -> anyhow::Result<()> {
             for n in &d.nodes {
                 println!("  node {} at {}", n.id, n.client_addr);
             }
+            for m in &d.moves {
+                println!(
+                    "  moving group {} from node {} to node {} for {:.1} s: {}",
+                    m.group,
+                    m.from,
+                    m.to,
+                    now_ms().saturating_sub(m.since_ms) as f64 / 1000.0,
+                    m.progress
+                );
+            }
+            Ok(())
+        }
+        TopicCommand::Move {
+            name,
+            partition,
+            from,
+            to,
+        } => {
+            client.move_replica(&name, partition, from, to).await?;
+            println!(
+                "moving the replica of {name}/{partition}'s group from node {from} to node {to}; \
+                 `ferry ctl topic describe {name}` shows its progress"
+            );
             Ok(())
         }
     }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn print_nodes(nodes: &[ferry_proto::wire::NodeInfo]) {
+    for n in nodes {
+        println!(
+            "node {:<4} {:<22} {:<7} {:<8} replicas {:>4}  moving in {:>3} out {:>3}",
+            n.id,
+            n.addr,
+            if n.voter { "voter" } else { "learner" },
+            if n.draining { "draining" } else { "active" },
+            n.replicas,
+            n.moving_in,
+            n.moving_out
+        );
+    }
+}
+
+async fn node(client: &Client, command: NodeCommand) -> anyhow::Result<()> {
+    match command {
+        NodeCommand::List => print_nodes(&client.list_nodes().await?),
+        NodeCommand::Add { id, addr } => {
+            let nodes = client.add_node(id, &addr).await?;
+            println!("node {id} at {addr} added to the region");
+            print_nodes(&nodes);
+        }
+        NodeCommand::Drain {
+            id,
+            undo,
+            no_wait,
+            wait_secs,
+        } => {
+            client.drain_node(id, undo).await?;
+            if undo {
+                println!("node {id} takes replicas again");
+                return Ok(());
+            }
+            println!("draining node {id}: its replicas and leaderships move to other nodes");
+            if no_wait {
+                return Ok(());
+            }
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(wait_secs);
+            loop {
+                let nodes = client.list_nodes().await?;
+                let Some(n) = nodes.iter().find(|n| n.id == id) else {
+                    bail!("node {id} is no longer in the region");
+                };
+                if n.replicas == 0 && n.moving_out == 0 {
+                    println!(
+                        "node {id} holds no replicas: remove it with `ferry ctl node remove {id}`"
+                    );
+                    break;
+                }
+                if tokio::time::Instant::now() > deadline {
+                    bail!(
+                        "node {id} still holds {} replicas after {wait_secs} s ({} moving); the \
+                         drain goes on",
+                        n.replicas,
+                        n.moving_out
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+        NodeCommand::Remove { id, dead } => {
+            let nodes = client.remove_node(id, dead).await?;
+            if dead {
+                println!("node {id} removed; its replicas are made again on the other nodes");
+            } else {
+                println!("node {id} removed from the region");
+            }
+            print_nodes(&nodes);
+        }
+    }
+    Ok(())
 }
 
 fn print_regions(report: &MeshReport) -> anyhow::Result<()> {

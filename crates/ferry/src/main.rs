@@ -79,6 +79,19 @@ enum CertsCommand {
         #[arg(long, value_delimiter = ',', default_value = "ctl")]
         clients: Vec<String>,
     },
+    /// Issue more certificates with the development CA in a folder (for a node that joins,
+    /// say); certificates the folder holds already are left alone.
+    Issue {
+        /// The folder with the CA (ca.pem, ca.key).
+        #[arg(long)]
+        dir: PathBuf,
+        /// Node ids to issue certificates for.
+        #[arg(long, value_delimiter = ',')]
+        nodes: Vec<u64>,
+        /// Client names to issue certificates for.
+        #[arg(long, value_delimiter = ',')]
+        clients: Vec<String>,
+    },
 }
 
 fn init_logging() {
@@ -149,6 +162,30 @@ async fn main() -> anyhow::Result<()> {
             println!("wrote a development CA and certificates for nodes {nodes:?} and clients {clients:?} into {}", out.display());
             Ok(())
         }
+        Command::Certs {
+            command:
+                CertsCommand::Issue {
+                    dir,
+                    nodes,
+                    clients,
+                },
+        } => {
+            if !dir.join("ca.key").exists() {
+                anyhow::bail!(
+                    "{} holds no development CA (ca.pem, ca.key): make one with `ferry certs init`",
+                    dir.display()
+                );
+            }
+            let names: Vec<&str> = clients.iter().map(String::as_str).collect();
+            let written = ferry_net::tls::add_missing_dev_certs(&dir, &nodes, &names)
+                .with_context(|| format!("issuing certificates in {}", dir.display()))?;
+            if written.is_empty() {
+                println!("{} already holds those certificates", dir.display());
+            } else {
+                println!("wrote {} into {}", written.join(", "), dir.display());
+            }
+            Ok(())
+        }
         Command::Ctl(args) => {
             // `ferry ctl ... | head` should end quietly when the reader goes away, like other
             // command-line tools. Only here: ctl talks QUIC (UDP), so no socket write can
@@ -180,9 +217,9 @@ async fn main() -> anyhow::Result<()> {
 async fn run_node(path: Option<PathBuf>) -> anyhow::Result<()> {
     let config = config::load_node_config(path.as_deref())?;
     let identity = TlsIdentity::load(&config.tls.ca, &config.tls.cert, &config.tls.key)?;
-    let listen = config
-        .listen_addr()
-        .context("this node's address is not in peers")?;
+    let listen = config.listen_addr().context(
+        "this node has no address: list it in peers, or set addr to join a running region",
+    )?;
     let id = config.id;
     let node = BoundEndpoint::bind(listen, identity)?.start(config).await?;
     tracing::info!(id, %listen, "node running");

@@ -244,12 +244,17 @@ impl<T: Transport> Node<T> {
         let Some(addr) = config.listen_addr() else {
             return Ok(());
         };
-        let seeds: Vec<SocketAddr> = config
-            .peers
+        // The region's nodes (as far as this node knows them) and the seeds it joins by.
+        let mut seeds: Vec<SocketAddr> = self
+            .region_members()
             .iter()
-            .filter(|p| p.id != config.id)
-            .map(|p| p.addr)
+            .filter(|m| m.id != config.id)
+            .map(|m| m.addr)
+            .chain(config.seeds.iter().copied())
+            .filter(|s| *s != addr)
             .collect();
+        seeds.sort_unstable();
+        seeds.dedup();
         let generation = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as u64);
@@ -774,11 +779,9 @@ impl<T: Transport> Node<T> {
         interests.sort();
         report.interests = interests;
         let peers: Vec<_> = self
-            .inner
-            .config
-            .peers
+            .region_members()
             .iter()
-            .map(|p| p.id)
+            .map(|m| m.id)
             .filter(|id| *id != self.inner.id)
             .collect();
         let asks = peers.into_iter().map(|peer| async move {

@@ -377,7 +377,7 @@ impl<T: Transport> Node<T> {
                 config.name, config.class, config.regions
             ));
         }
-        let nodes = self.inner.config.peers.len().max(1) as u32;
+        let nodes = self.placement_nodes().len().max(1) as u32;
         config.replication = config.replication.min(nodes);
         // How partitions share Raft groups is a choice of each region, as placement is.
         config.groups = 0;

@@ -1,0 +1,1031 @@
+//! Replica moves: a topic's Raft group gives its replica on one node to another, online.
+//! A move is recorded in the metadata group ([`ReplicaMove`]); the target node then runs the
+//! group (empty, uninitialised) and the group's leader carries the move out, one idempotent
+//! step per round ([`next_step`]): add the target as a learner, wait until it holds the log
+//! (a snapshot streamed from the batch files, then the tail), hand leadership over if the
+//! leader is the node leaving, replace the leaving voter by the target in one joint change
+//! (the group never has fewer voters than before), and record the move as done, which
+//! updates the placement; the node that left then stops the group and deletes its data.
+//!
+//! [`plan_moves`] picks the moves that take replicas off draining nodes and off nodes no
+//! longer in the region (removed as dead), a bounded number per node at a time.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use ferry_net::Transport;
+use ferry_proto::wire::{
+    ApiError, ClientRequest, ClientResponse, ErrorCode, MoveInfo, PlannedChange,
+};
+use ferry_proto::NodeId;
+use openraft::async_runtime::WatchReceiver;
+use openraft::{BasicNode, ChangeMembers};
+
+use crate::command::MetaCommand;
+use crate::metadata::{ReplicaMove, TopicState};
+use crate::node::{now_ms, partition_group, PartitionGroup};
+use crate::peer::{PeerRequest, PeerResponse};
+use crate::Node;
+
+/// How far behind the leader's log a learner may be when it is made a voter.
+const CAUGHT_UP_SLACK: u64 = 64;
+
+/// A group's Raft membership and replication as its leader's metrics show it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct GroupView {
+    pub(crate) voters: BTreeSet<NodeId>,
+    pub(crate) learners: BTreeSet<NodeId>,
+    /// A joint configuration is in effect (a change is under way).
+    pub(crate) joint: bool,
+    pub(crate) last_index: u64,
+    /// The last log index each follower and learner holds (on the leader).
+    pub(crate) matched: BTreeMap<NodeId, u64>,
+}
+
+impl GroupView {
+    pub(crate) fn of(group: &PartitionGroup) -> Self {
+        let metrics = group.raft.metrics();
+        let m = metrics.borrow_watched();
+        let membership = m.membership_config.membership();
+        Self {
+            voters: membership.voter_ids().collect(),
+            learners: membership.learner_ids().collect(),
+            joint: membership.get_joint_config().len() > 1,
+            last_index: m.last_log_index.unwrap_or(0),
+            matched: m
+                .replication
+                .as_ref()
+                .map(|r| {
+                    r.iter()
+                        .map(|(id, log)| (*id, log.map_or(0, |l| l.index)))
+                        .collect()
+                })
+                .unwrap_or_default(),
+        }
+    }
+}
+
+/// What the group's leader `me` does next for a move.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum MoveStep {
+    /// Add the target as a learner.
+    AddLearner,
+    /// The target is a learner catching up: it holds the log up to `matched` of `last`.
+    CatchUp { matched: u64, last: u64 },
+    /// This node is the one leaving: leadership goes to `to` first.
+    HandOver { to: NodeId },
+    /// Change the voters to these (the leaving one out, the target in).
+    Replace(BTreeSet<NodeId>),
+    /// The leaving node is out and the target votes: record the move as done.
+    Finish,
+    /// A membership change is under way.
+    Wait,
+}
+
+/// The next step of `m` on its group's leader `me`.
+pub(crate) fn next_step(m: &ReplicaMove, me: NodeId, group: &GroupView) -> MoveStep {
+    if group.joint {
+        return MoveStep::Wait;
+    }
+    let (from, to) = (m.from, m.to);
+    let from_in = group.voters.contains(&from) || group.learners.contains(&from);
+    if group.voters.contains(&to) && !from_in {
+        return MoveStep::Finish;
+    }
+    if !group.voters.contains(&to) && !group.learners.contains(&to) {
+        return MoveStep::AddLearner;
+    }
+    if group.learners.contains(&to) {
+        let matched = group.matched.get(&to).copied().unwrap_or(0);
+        if matched + CAUGHT_UP_SLACK < group.last_index || matched == 0 {
+            return MoveStep::CatchUp {
+                matched,
+                last: group.last_index,
+            };
+        }
+    }
+    if me == from {
+        // Leadership goes first to another voter that stays (the target once it votes).
+        let to = group
+            .voters
+            .iter()
+            .copied()
+            .find(|v| *v != from)
+            .unwrap_or(to);
+        return MoveStep::HandOver { to };
+    }
+    let mut voters = group.voters.clone();
+    voters.remove(&from);
+    voters.insert(to);
+    MoveStep::Replace(voters)
+}
+
+/// One Raft group's placement, for planning.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct GroupPlacement {
+    pub(crate) topic: String,
+    pub(crate) group: u32,
+    pub(crate) replicas: Vec<NodeId>,
+}
+
+/// The placements of every topic's groups.
+pub(crate) fn placements(topics: &[std::sync::Arc<TopicState>]) -> Vec<GroupPlacement> {
+    topics
+        .iter()
+        .flat_map(|t| {
+            (0..t.config.groups).map(move |g| GroupPlacement {
+                topic: t.config.name.clone(),
+                group: g,
+                replicas: t.replicas[g as usize].clone(),
+            })
+        })
+        .collect()
+}
+
+/// The moves to start now so that no replica stays on a node of `leaving` (draining, or no
+/// longer in the region): for each such replica of a group not moving yet, the node of
+/// `active` that holds none of the group's replicas and the fewest replicas. A node takes
+/// part in at most `max_per_node` moves at once (those `under_way` count).
+pub(crate) fn plan_moves(
+    groups: &[GroupPlacement],
+    under_way: &[ReplicaMove],
+    active: &[NodeId],
+    leaving: &BTreeSet<NodeId>,
+    max_per_node: usize,
+    now_ms: u64,
+) -> Vec<ReplicaMove> {
+    let mut load: BTreeMap<NodeId, usize> = active.iter().map(|n| (*n, 0)).collect();
+    for g in groups {
+        for r in &g.replicas {
+            if let Some(l) = load.get_mut(r) {
+                *l += 1;
+            }
+        }
+    }
+    let mut busy: BTreeMap<NodeId, usize> = BTreeMap::new();
+    for m in under_way {
+        *busy.entry(m.from).or_default() += 1;
+        *busy.entry(m.to).or_default() += 1;
+        if let Some(l) = load.get_mut(&m.to) {
+            *l += 1;
+        }
+    }
+    let moving: BTreeSet<(&str, u32)> = under_way
+        .iter()
+        .map(|m| (m.topic.as_str(), m.group))
+        .collect();
+    let mut planned = Vec::new();
+    for g in groups {
+        if moving.contains(&(g.topic.as_str(), g.group)) {
+            continue;
+        }
+        let Some(&from) = g.replicas.iter().find(|r| leaving.contains(r)) else {
+            continue;
+        };
+        if busy.get(&from).copied().unwrap_or(0) >= max_per_node {
+            continue;
+        }
+        let target = load
+            .iter()
+            .filter(|(n, _)| !g.replicas.contains(n) && !leaving.contains(n))
+            .filter(|(n, _)| busy.get(n).copied().unwrap_or(0) < max_per_node)
+            .min_by_key(|(n, l)| (**l, **n))
+            .map(|(n, _)| *n);
+        let Some(to) = target else {
+            continue;
+        };
+        *busy.entry(from).or_default() += 1;
+        *busy.entry(to).or_default() += 1;
+        *load.entry(to).or_default() += 1;
+        planned.push(ReplicaMove {
+            topic: g.topic.clone(),
+            group: g.group,
+            from,
+            to,
+            since_ms: now_ms,
+        });
+    }
+    planned
+}
+
+/// `groups` as they will be once the moves `under_way` are done.
+fn after_moves(groups: &[GroupPlacement], under_way: &[ReplicaMove]) -> Vec<GroupPlacement> {
+    let mut groups = groups.to_vec();
+    for m in under_way {
+        if let Some(g) = groups
+            .iter_mut()
+            .find(|g| g.topic == m.topic && g.group == m.group)
+        {
+            g.replicas.retain(|r| *r != m.from);
+            g.replicas.push(m.to);
+        }
+    }
+    groups
+}
+
+/// Moves that spread replicas evenly by count over `active` (until the most loaded node
+/// holds at most one more than the least), after the moves `under_way`; at most `limit`.
+/// A replica goes from the most loaded node to the least loaded one (ties: the lower id),
+/// taking a group that is not moving.
+pub(crate) fn plan_balance(
+    groups: &[GroupPlacement],
+    under_way: &[ReplicaMove],
+    active: &[NodeId],
+    limit: usize,
+    now_ms: u64,
+) -> Vec<ReplicaMove> {
+    let mut groups = after_moves(groups, under_way);
+    let mut moving: BTreeSet<(String, u32)> = under_way
+        .iter()
+        .map(|m| (m.topic.clone(), m.group))
+        .collect();
+    let mut planned = Vec::new();
+    while planned.len() < limit {
+        let mut load: BTreeMap<NodeId, usize> = active.iter().map(|n| (*n, 0)).collect();
+        for g in &groups {
+            for r in &g.replicas {
+                if let Some(l) = load.get_mut(r) {
+                    *l += 1;
+                }
+            }
+        }
+        let Some((&most, &high)) = load
+            .iter()
+            .max_by_key(|(n, l)| (**l, std::cmp::Reverse(**n)))
+        else {
+            break;
+        };
+        let Some((&least, &low)) = load.iter().min_by_key(|(n, l)| (**l, **n)) else {
+            break;
+        };
+        if high <= low + 1 {
+            break;
+        }
+        let Some(g) = groups.iter_mut().find(|g| {
+            g.replicas.contains(&most)
+                && !g.replicas.contains(&least)
+                && !moving.contains(&(g.topic.clone(), g.group))
+        }) else {
+            break;
+        };
+        moving.insert((g.topic.clone(), g.group));
+        g.replicas.retain(|r| *r != most);
+        g.replicas.push(least);
+        planned.push(ReplicaMove {
+            topic: g.topic.clone(),
+            group: g.group,
+            from: most,
+            to: least,
+            since_ms: now_ms,
+        });
+    }
+    planned
+}
+
+/// New replica orders that spread preferred leaders (first replicas) evenly over the nodes
+/// of `active`: (topic, group, replicas), each the same set reordered.
+pub(crate) fn plan_leaders(
+    groups: &[GroupPlacement],
+    active: &[NodeId],
+) -> Vec<(String, u32, Vec<NodeId>)> {
+    let mut groups = groups.to_vec();
+    let mut changed = BTreeSet::new();
+    loop {
+        let mut first: BTreeMap<NodeId, usize> = active.iter().map(|n| (*n, 0)).collect();
+        for g in &groups {
+            if let Some(l) = g.replicas.first().and_then(|f| first.get_mut(f)) {
+                *l += 1;
+            }
+        }
+        let Some((&most, &high)) = first
+            .iter()
+            .max_by_key(|(n, l)| (**l, std::cmp::Reverse(**n)))
+        else {
+            break;
+        };
+        // The least preferred node that is a replica of one of `most`'s groups.
+        let candidate = first
+            .iter()
+            .filter(|(_, l)| **l + 1 < high)
+            .filter_map(|(n, l)| {
+                let at = groups
+                    .iter()
+                    .position(|g| g.replicas.first() == Some(&most) && g.replicas.contains(n))?;
+                Some((*l, *n, at))
+            })
+            .min();
+        let Some((_, least, at)) = candidate else {
+            break;
+        };
+        let g = &mut groups[at];
+        g.replicas.retain(|r| *r != least);
+        g.replicas.insert(0, least);
+        changed.insert(at);
+    }
+    changed
+        .into_iter()
+        .map(|at| {
+            let g = &groups[at];
+            (g.topic.clone(), g.group, g.replicas.clone())
+        })
+        .collect()
+}
+
+impl<T: Transport> Node<T> {
+    /// Records a move asked for by a client (`ferry ctl topic move`), checking its nodes.
+    pub(crate) async fn request_move(
+        &self,
+        topic: &str,
+        partition: u32,
+        from: NodeId,
+        to: NodeId,
+        original: ClientRequest,
+        forwarded: bool,
+    ) -> ClientResponse {
+        let refuse = |message: String| {
+            ClientResponse::Error(ApiError::new(ErrorCode::InvalidRequest, message))
+        };
+        let Some(state) = self.inner.meta_view.topic(topic) else {
+            return ClientResponse::Error(ApiError::new(
+                ErrorCode::UnknownTopic,
+                format!("no topic named {topic:?}"),
+            ));
+        };
+        if partition >= state.config.partitions {
+            return ClientResponse::Error(ApiError::new(
+                ErrorCode::UnknownPartition,
+                format!(
+                    "topic {topic:?} has {} partitions; there is no partition {partition}",
+                    state.config.partitions
+                ),
+            ));
+        }
+        if !self.region_members().iter().any(|m| m.id == to) {
+            return refuse(format!("node {to} is not a member of the region"));
+        }
+        if self.inner.meta_view.draining().contains(&to) {
+            return refuse(format!("node {to} is draining; it takes no replicas"));
+        }
+        let group = state.config.group_of(partition);
+        if self
+            .inner
+            .meta_view
+            .move_of(topic, group)
+            .is_some_and(|m| (m.from, m.to) == (from, to))
+        {
+            return ClientResponse::Ok; // asked again: it is under way
+        }
+        let max = self.inner.config.max_moves_per_node;
+        let under_way = self.inner.meta_view.moves();
+        for node in [from, to] {
+            let busy = under_way
+                .iter()
+                .filter(|m| m.from == node || m.to == node)
+                .count();
+            if busy >= max {
+                return ClientResponse::Error(ApiError::new(
+                    ErrorCode::Unavailable,
+                    format!(
+                        "node {node} takes part in {busy} replica moves already \
+                         (max_moves_per_node {max}); ask again when one is done"
+                    ),
+                ));
+            }
+        }
+        let command = MetaCommand::MoveReplica {
+            topic: topic.to_string(),
+            group,
+            from,
+            to,
+            at_ms: now_ms(),
+        };
+        self.meta_write(command, original, forwarded).await
+    }
+
+    /// Proposes a metadata command wherever the metadata leader is.
+    pub(crate) async fn propose_meta_anywhere(&self, command: MetaCommand) -> Result<(), ApiError> {
+        let leader = self.inner.meta.metrics().borrow_watched().current_leader;
+        match leader {
+            Some(l) if l == self.inner.id => self.propose_meta(command).await,
+            Some(l) => match self
+                .inner
+                .router
+                .call(l, &PeerRequest::ProposeMeta(command))
+                .await
+            {
+                Ok(PeerResponse::Done) => Ok(()),
+                Ok(PeerResponse::MetaRefused(e)) => Err(e),
+                Ok(other) => Err(ApiError::new(
+                    ErrorCode::Unavailable,
+                    format!("metadata leader {l} answered {}", other.unexpected()),
+                )),
+                Err(e) => Err(ApiError::new(
+                    ErrorCode::Unavailable,
+                    format!("metadata leader {l}: {e}"),
+                )),
+            },
+            None => Err(ApiError::new(
+                ErrorCode::Unavailable,
+                "the metadata group has no leader now",
+            )),
+        }
+    }
+
+    /// Starts the rounds that keep the region's membership and placement moving: on the
+    /// metadata leader, the voters and the planned moves; on every node, the steps of the
+    /// moves of groups it leads and the hand-over of leaderships off a draining node.
+    pub(crate) fn spawn_moves(&self) {
+        let every = Duration::from_millis(self.inner.config.raft.heartbeat_ms.max(100) * 2);
+        self.spawn_every(every, |node| async move {
+            node.maintain_voters().await;
+            node.plan_and_record_moves().await;
+            node.carry_out_moves().await;
+            node.hand_over_if_draining().await;
+        });
+        let settle = self.inner.config.leader_rebalance_after_ms;
+        if settle > 0 {
+            let every = Duration::from_millis((settle / 4).clamp(500, 5_000));
+            self.spawn_every(every, |node| async move {
+                node.hand_over_to_preferred().await;
+            });
+        }
+    }
+
+    /// The plan `ferry ctl rebalance` prints (on the metadata leader), and unless `dry_run`
+    /// starts: [`plan_balance`] then [`plan_leaders`].
+    pub(crate) async fn rebalance(
+        &self,
+        dry_run: bool,
+        original: ClientRequest,
+        forwarded: bool,
+    ) -> ClientResponse {
+        let leader = self.inner.meta.metrics().borrow_watched().current_leader;
+        if leader != Some(self.inner.id) {
+            let not_leader = ClientResponse::Error(ApiError {
+                code: ErrorCode::NotLeader,
+                message: "this node does not lead the metadata group".into(),
+                leader_hint: leader,
+            });
+            return self
+                .forward_if_not_leader(not_leader, original, forwarded)
+                .await;
+        }
+        let groups = placements(&self.inner.meta_view.topics());
+        let under_way = self.inner.meta_view.moves();
+        let active = self.placement_nodes();
+        let moves = plan_balance(&groups, &under_way, &active, usize::MAX, now_ms());
+        let mut all = under_way.clone();
+        all.extend(moves.iter().cloned());
+        let leaders = plan_leaders(&after_moves(&groups, &all), &active);
+        let plan: Vec<PlannedChange> = moves
+            .iter()
+            .map(|m| PlannedChange {
+                topic: m.topic.clone(),
+                group: m.group,
+                from: Some(m.from),
+                to: m.to,
+            })
+            .chain(
+                leaders
+                    .iter()
+                    .map(|(topic, group, replicas)| PlannedChange {
+                        topic: topic.clone(),
+                        group: *group,
+                        from: None,
+                        to: replicas[0],
+                    }),
+            )
+            .collect();
+        if !dry_run && !plan.is_empty() {
+            if let Err(e) = self
+                .propose_meta(MetaCommand::SetBalancing { on: true })
+                .await
+            {
+                return ClientResponse::Error(e);
+            }
+        }
+        ClientResponse::RebalancePlan(plan)
+    }
+
+    /// On the metadata leader, while the region balances: starts the balancing moves the
+    /// per-node bound allows; once none is left or under way, spreads preferred leaders and
+    /// ends the balancing.
+    async fn continue_balancing(&self) {
+        if !self.inner.meta_view.balancing() {
+            return;
+        }
+        let groups = placements(&self.inner.meta_view.topics());
+        let under_way = self.inner.meta_view.moves();
+        let active = self.placement_nodes();
+        let max = self.inner.config.max_moves_per_node;
+        let mut busy: BTreeMap<NodeId, usize> = BTreeMap::new();
+        for m in &under_way {
+            *busy.entry(m.from).or_default() += 1;
+            *busy.entry(m.to).or_default() += 1;
+        }
+        let plan = plan_balance(&groups, &under_way, &active, usize::MAX, now_ms());
+        if plan.is_empty() {
+            if !under_way.is_empty() {
+                return;
+            }
+            for (topic, group, replicas) in plan_leaders(&groups, &active) {
+                let command = MetaCommand::SetReplicaOrder {
+                    topic,
+                    group,
+                    replicas,
+                };
+                if let Err(e) = self.propose_meta(command).await {
+                    tracing::warn!(error = %e, "setting a preferred leader");
+                    return;
+                }
+            }
+            if let Err(e) = self
+                .propose_meta(MetaCommand::SetBalancing { on: false })
+                .await
+            {
+                tracing::warn!(error = %e, "ending the balancing");
+            } else {
+                tracing::info!("the region's replicas and preferred leaders are balanced");
+            }
+            return;
+        }
+        for m in plan {
+            let free = |n: &NodeId| busy.get(n).copied().unwrap_or(0) < max;
+            if !free(&m.from) || !free(&m.to) {
+                continue;
+            }
+            *busy.entry(m.from).or_default() += 1;
+            *busy.entry(m.to).or_default() += 1;
+            tracing::info!(topic = %m.topic, group = m.group, from = m.from, to = m.to, "balancing: moving a replica");
+            let command = MetaCommand::MoveReplica {
+                topic: m.topic,
+                group: m.group,
+                from: m.from,
+                to: m.to,
+                at_ms: m.since_ms,
+            };
+            if let Err(e) = self.propose_meta(command).await {
+                tracing::warn!(error = %e, "recording a balancing move");
+                return;
+            }
+        }
+    }
+
+    /// Hands the leadership of groups this node leads to their preferred leader (the first
+    /// replica of the placement) when that node has answered for a while, is a voter that
+    /// holds the log and is not draining: so leaderships come back to a node that restarted,
+    /// and follow a rebalance.
+    async fn hand_over_to_preferred(&self) {
+        let settle = Duration::from_millis(self.inner.config.leader_rebalance_after_ms);
+        if settle.is_zero() {
+            return;
+        }
+        let draining = self.inner.meta_view.draining();
+        let (led, _) = self.led_partitions();
+        let mut seen = BTreeSet::new();
+        for l in led.iter() {
+            let Some(topic) = self.inner.meta_view.topic(&l.topic) else {
+                continue;
+            };
+            let g = topic.config.group_of(l.hosted.partition);
+            if !seen.insert((l.topic.clone(), g))
+                || self.inner.meta_view.move_of(&l.topic, g).is_some()
+            {
+                continue;
+            }
+            let Some(&preferred) = topic.replicas[g as usize].first() else {
+                continue;
+            };
+            if preferred == self.inner.id || draining.contains(&preferred) {
+                continue;
+            }
+            let up_long_enough = self
+                .inner
+                .quiescence
+                .lock()
+                .ok()
+                .and_then(|q| q.up_for(preferred, std::time::Instant::now()))
+                .is_some_and(|up| up >= settle);
+            if !up_long_enough {
+                continue;
+            }
+            let group = &l.hosted.group;
+            let view = GroupView::of(group);
+            let holds_log = view.voters.contains(&preferred)
+                && view
+                    .matched
+                    .get(&preferred)
+                    .is_some_and(|m| *m + CAUGHT_UP_SLACK >= view.last_index);
+            if !holds_log {
+                continue;
+            }
+            tracing::info!(topic = %l.topic, group = g, to = preferred, "handing leadership to the preferred leader");
+            group.wake();
+            if let Err(e) = group.raft.trigger().transfer_leader(preferred).await {
+                tracing::warn!(error = %e, "leadership transfer");
+            }
+        }
+    }
+
+    /// On the metadata leader: records the moves [`plan_moves`] picks.
+    async fn plan_and_record_moves(&self) {
+        if self.inner.meta.metrics().borrow_watched().current_leader != Some(self.inner.id) {
+            return;
+        }
+        self.continue_balancing().await;
+        let members: BTreeSet<NodeId> = self.region_members().iter().map(|m| m.id).collect();
+        let draining = self.inner.meta_view.draining();
+        let groups = placements(&self.inner.meta_view.topics());
+        let mut leaving: BTreeSet<NodeId> = draining.clone();
+        leaving.extend(
+            groups
+                .iter()
+                .flat_map(|g| g.replicas.iter())
+                .filter(|r| !members.contains(r)),
+        );
+        if leaving.is_empty() {
+            return;
+        }
+        let active: Vec<NodeId> = members
+            .iter()
+            .copied()
+            .filter(|m| !draining.contains(m))
+            .collect();
+        let planned = plan_moves(
+            &groups,
+            &self.inner.meta_view.moves(),
+            &active,
+            &leaving,
+            self.inner.config.max_moves_per_node,
+            now_ms(),
+        );
+        for m in planned {
+            tracing::info!(topic = %m.topic, group = m.group, from = m.from, to = m.to, "moving a replica");
+            let command = MetaCommand::MoveReplica {
+                topic: m.topic,
+                group: m.group,
+                from: m.from,
+                to: m.to,
+                at_ms: m.since_ms,
+            };
+            if let Err(e) = self.propose_meta(command).await {
+                tracing::warn!(error = %e, "recording a replica move");
+            }
+        }
+    }
+
+    /// The hosted group a move is about, if this node leads it.
+    fn led_group(&self, m: &ReplicaMove) -> Option<PartitionGroup> {
+        let group = self.partition_group(&partition_group(&m.topic, m.group))?;
+        let leads = group.raft.metrics().borrow_watched().current_leader == Some(self.inner.id);
+        leads.then_some(group)
+    }
+
+    /// Takes the next step of every move whose group this node leads.
+    async fn carry_out_moves(&self) {
+        let members: BTreeSet<NodeId> = self.region_members().iter().map(|m| m.id).collect();
+        for m in self.inner.meta_view.moves() {
+            let Some(group) = self.led_group(&m) else {
+                continue;
+            };
+            // A sleeping group replicates nothing to its new learner: keep it awake.
+            group.wake();
+            let view = GroupView::of(&group);
+            let step = next_step(&m, self.inner.id, &view);
+            let name = partition_group(&m.topic, m.group);
+            if !members.contains(&m.to)
+                && matches!(step, MoveStep::AddLearner | MoveStep::CatchUp { .. })
+            {
+                // The target left the region before it took the replica: give the move up.
+                if let Err(e) = self.cancel_move(&group, &m, &view).await {
+                    tracing::warn!(group = %name, to = m.to, error = %e, "giving up a replica move");
+                }
+                continue;
+            }
+            let done = match &step {
+                MoveStep::AddLearner => match self.member_addr(m.to) {
+                    Some(addr) => group
+                        .raft
+                        .add_learner(
+                            m.to,
+                            BasicNode {
+                                addr: addr.to_string(),
+                            },
+                            false,
+                        )
+                        .await
+                        .map(|_| ())
+                        .map_err(|e| e.to_string()),
+                    None => Err(format!("node {} is not a member of the region", m.to)),
+                },
+                MoveStep::HandOver { to } => group
+                    .raft
+                    .trigger()
+                    .transfer_leader(*to)
+                    .await
+                    .map_err(|e| e.to_string()),
+                MoveStep::Replace(voters) => group
+                    .raft
+                    .change_membership(ChangeMembers::ReplaceAllVoters(voters.clone()), false)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string()),
+                MoveStep::Finish => self
+                    .propose_meta_anywhere(MetaCommand::FinishMove {
+                        topic: m.topic.clone(),
+                        group: m.group,
+                        from: m.from,
+                        to: m.to,
+                    })
+                    .await
+                    .map_err(|e| e.to_string()),
+                MoveStep::CatchUp { .. } | MoveStep::Wait => Ok(()),
+            };
+            if done.is_ok() && step == MoveStep::Finish {
+                self.inner
+                    .moves_finished
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            match done {
+                Ok(()) if !matches!(step, MoveStep::CatchUp { .. } | MoveStep::Wait) => {
+                    tracing::info!(group = %name, from = m.from, to = m.to, ?step, "replica move step")
+                }
+                Ok(()) => {}
+                Err(e) => {
+                    tracing::warn!(group = %name, from = m.from, to = m.to, ?step, error = %e, "replica move step failed")
+                }
+            }
+        }
+    }
+
+    /// Takes a move's target out of the group (it is a learner at most) and drops the move.
+    async fn cancel_move(
+        &self,
+        group: &PartitionGroup,
+        m: &ReplicaMove,
+        view: &GroupView,
+    ) -> Result<(), String> {
+        if view.learners.contains(&m.to) {
+            group
+                .raft
+                .change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([m.to])), false)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        self.propose_meta_anywhere(MetaCommand::CancelMove {
+            topic: m.topic.clone(),
+            group: m.group,
+            from: m.from,
+            to: m.to,
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+        tracing::info!(topic = %m.topic, group = m.group, to = m.to, "replica move given up: its target left the region");
+        Ok(())
+    }
+
+    /// A draining node hands the leadership of every group it leads (and is not moving off
+    /// yet) to another voter.
+    async fn hand_over_if_draining(&self) {
+        let draining = self.inner.meta_view.draining();
+        if !draining.contains(&self.inner.id) {
+            return;
+        }
+        let meta_to = {
+            let m = self.inner.meta.metrics();
+            let m = m.borrow_watched();
+            let to = m
+                .membership_config
+                .membership()
+                .voter_ids()
+                .find(|v| *v != self.inner.id && !draining.contains(v));
+            to.filter(|_| m.current_leader == Some(self.inner.id))
+        };
+        if let Some(to) = meta_to {
+            let _ = self.inner.meta.trigger().transfer_leader(to).await;
+        }
+        let groups: Vec<PartitionGroup> = self
+            .inner
+            .partitions
+            .read()
+            .map(|p| p.values().cloned().collect())
+            .unwrap_or_default();
+        for group in groups {
+            let (leads, to) = {
+                let m = group.raft.metrics();
+                let m = m.borrow_watched();
+                let to = m
+                    .membership_config
+                    .membership()
+                    .voter_ids()
+                    .find(|v| *v != self.inner.id);
+                (m.current_leader == Some(self.inner.id), to)
+            };
+            if let (true, Some(to)) = (leads, to) {
+                group.wake();
+                let _ = group.raft.trigger().transfer_leader(to).await;
+            }
+        }
+    }
+
+    /// Replica moves under way in the region.
+    pub fn replica_moves_under_way(&self) -> usize {
+        self.inner.meta_view.moves().len()
+    }
+
+    /// Replica moves this node carried out to the end.
+    pub fn replica_moves_finished(&self) -> u64 {
+        self.inner
+            .moves_finished
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The moves whose group this node leads: (group, from, to, log entries the target
+    /// still lacks).
+    pub fn replica_moves_led(&self) -> Vec<(String, NodeId, NodeId, u64)> {
+        self.inner
+            .meta_view
+            .moves()
+            .into_iter()
+            .filter_map(|m| {
+                let group = self.led_group(&m)?;
+                let view = GroupView::of(&group);
+                let matched = view.matched.get(&m.to).copied().unwrap_or(0);
+                Some((
+                    partition_group(&m.topic, m.group),
+                    m.from,
+                    m.to,
+                    view.last_index.saturating_sub(matched),
+                ))
+            })
+            .collect()
+    }
+
+    /// The moves of a topic, with their progress as this node sees them.
+    pub(crate) fn move_infos(&self, topic: &str) -> Vec<MoveInfo> {
+        self.inner
+            .meta_view
+            .moves()
+            .into_iter()
+            .filter(|m| m.topic == topic)
+            .map(|m| {
+                let progress = match self.partition_group(&partition_group(&m.topic, m.group)) {
+                    Some(group) => {
+                        let view = GroupView::of(&group);
+                        let leads = group.raft.metrics().borrow_watched().current_leader
+                            == Some(self.inner.id);
+                        match next_step(&m, self.inner.id, &view) {
+                            MoveStep::CatchUp { matched, last } if leads => {
+                                format!("catching up: holds the log to {matched} of {last}")
+                            }
+                            MoveStep::CatchUp { .. } => "catching up".into(),
+                            MoveStep::AddLearner => "adding the target as a learner".into(),
+                            MoveStep::HandOver { .. } => "handing leadership over".into(),
+                            MoveStep::Replace(_) => "replacing the voter".into(),
+                            MoveStep::Finish => "finishing".into(),
+                            MoveStep::Wait => "membership change under way".into(),
+                        }
+                    }
+                    None => "under way".into(),
+                };
+                MoveInfo {
+                    group: m.group,
+                    from: m.from,
+                    to: m.to,
+                    since_ms: m.since_ms,
+                    progress,
+                }
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(ids: &[NodeId]) -> BTreeSet<NodeId> {
+        ids.iter().copied().collect()
+    }
+
+    fn mv(from: NodeId, to: NodeId) -> ReplicaMove {
+        ReplicaMove {
+            topic: "t".into(),
+            group: 0,
+            from,
+            to,
+            since_ms: 0,
+        }
+    }
+
+    #[test]
+    fn a_move_adds_a_learner_waits_hands_over_replaces_and_finishes() {
+        let m = mv(1, 4);
+        let mut g = GroupView {
+            voters: set(&[1, 2, 3]),
+            last_index: 1000,
+            ..Default::default()
+        };
+        assert_eq!(next_step(&m, 2, &g), MoveStep::AddLearner);
+        g.learners = set(&[4]);
+        g.matched.insert(4, 10);
+        assert_eq!(
+            next_step(&m, 2, &g),
+            MoveStep::CatchUp {
+                matched: 10,
+                last: 1000
+            }
+        );
+        g.matched.insert(4, 990);
+        // The leader that leaves hands over first; another leader replaces it.
+        assert_eq!(next_step(&m, 1, &g), MoveStep::HandOver { to: 2 });
+        assert_eq!(next_step(&m, 2, &g), MoveStep::Replace(set(&[2, 3, 4])));
+        g.joint = true;
+        assert_eq!(next_step(&m, 2, &g), MoveStep::Wait);
+        g = GroupView {
+            voters: set(&[2, 3, 4]),
+            ..Default::default()
+        };
+        assert_eq!(next_step(&m, 2, &g), MoveStep::Finish);
+    }
+
+    #[test]
+    fn balancing_evens_out_replicas_and_preferred_leaders() {
+        let groups: Vec<GroupPlacement> = (0..6)
+            .map(|g| GroupPlacement {
+                topic: "t".into(),
+                group: g,
+                replicas: vec![
+                    1 + g as NodeId % 3,
+                    1 + (g as NodeId + 1) % 3,
+                    1 + (g as NodeId + 2) % 3,
+                ],
+            })
+            .collect();
+        // Nodes 4 and 5 joined empty: 18 replicas over 5 nodes → 3 or 4 each.
+        let planned = plan_balance(&groups, &[], &[1, 2, 3, 4, 5], 100, 0);
+        let after = after_moves(&groups, &planned);
+        let mut load: BTreeMap<NodeId, usize> = BTreeMap::new();
+        for g in &after {
+            assert_eq!(g.replicas.len(), 3);
+            let distinct: BTreeSet<_> = g.replicas.iter().collect();
+            assert_eq!(distinct.len(), 3, "{:?}", g.replicas);
+            for r in &g.replicas {
+                *load.entry(*r).or_default() += 1;
+            }
+        }
+        assert!(load.values().all(|l| (3..=4).contains(l)), "{load:?}");
+        assert_eq!(planned.len(), 6, "{planned:?}");
+        // Balanced already: nothing.
+        assert!(plan_balance(&after, &[], &[1, 2, 3, 4, 5], 100, 0).is_empty());
+        // A limit bounds the plan.
+        assert_eq!(plan_balance(&groups, &[], &[1, 2, 3, 4, 5], 2, 0).len(), 2);
+
+        // Preferred leaders: node 1 first in all four groups, spread over 1, 2, 3.
+        let skewed: Vec<GroupPlacement> = (0..4)
+            .map(|g| GroupPlacement {
+                topic: "t".into(),
+                group: g,
+                replicas: vec![1, 2, 3],
+            })
+            .collect();
+        let orders = plan_leaders(&skewed, &[1, 2, 3]);
+        let mut firsts: BTreeMap<NodeId, usize> = BTreeMap::new();
+        let mut reordered = skewed.clone();
+        for (_, g, replicas) in &orders {
+            reordered[*g as usize].replicas = replicas.clone();
+        }
+        for g in &reordered {
+            *firsts.entry(g.replicas[0]).or_default() += 1;
+        }
+        assert!(firsts.values().all(|n| (1..=2).contains(n)), "{firsts:?}");
+        assert!(plan_leaders(&reordered, &[1, 2, 3]).is_empty());
+    }
+
+    #[test]
+    fn plans_move_replicas_off_leaving_nodes_to_the_least_loaded_a_few_at_a_time() {
+        let groups: Vec<GroupPlacement> = (0..4)
+            .map(|g| GroupPlacement {
+                topic: "t".into(),
+                group: g,
+                replicas: vec![1, 2, 3],
+            })
+            .collect();
+        // Node 1 drains; 4 and 5 joined. At most two moves per node at once.
+        let planned = plan_moves(&groups, &[], &[2, 3, 4, 5], &set(&[1]), 2, 7);
+        let pairs: Vec<(u32, NodeId, NodeId)> =
+            planned.iter().map(|m| (m.group, m.from, m.to)).collect();
+        assert_eq!(pairs, vec![(0, 1, 4), (1, 1, 5)]);
+        // With those under way, nothing more starts for node 1 ...
+        assert!(plan_moves(&groups, &planned, &[2, 3, 4, 5], &set(&[1]), 2, 7).is_empty());
+        // ... and a group already moving is left alone.
+        let one = &planned[..1];
+        let next = plan_moves(&groups, one, &[2, 3, 4, 5], &set(&[1]), 2, 7);
+        assert_eq!(
+            next.iter().map(|m| (m.group, m.to)).collect::<Vec<_>>(),
+            vec![(1, 5)]
+        );
+        // No node can take it: nothing planned.
+        assert!(plan_moves(&groups, &[], &[2, 3], &set(&[1]), 2, 7).is_empty());
+    }
+}

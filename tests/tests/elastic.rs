@@ -1,0 +1,290 @@
+//! A region grows and shrinks online: nodes join by a seed, replicas move with openraft
+//! membership changes (the new replica catches up from a streamed snapshot), a node drains
+//! and leaves, and nothing acknowledged is lost on the way.
+
+use std::time::Duration;
+
+use ferry_client::{Client, ClientOptions, ProducerOptions, StartFrom};
+use ferry_proto::wire::NodeInfo;
+use ferry_proto::{Event, NodeId, Subject, TopicConfig};
+use ferry_region::RaftTuning;
+use ferry_tests::{identity, TestRegion};
+use tokio::time::Instant;
+
+async fn publish(client: &Client, topic: &str, from: u64, count: u64) {
+    let producer = client
+        .producer(topic, ProducerOptions::default())
+        .await
+        .unwrap();
+    let subject = Subject::new("orders.placed").unwrap();
+    for i in from..from + count {
+        let mut e = Event::new(
+            format!("e{i}"),
+            "/t",
+            "t",
+            subject.clone(),
+            format!("order {i}").into_bytes(),
+        );
+        e.key = Some(format!("k{}", i % 7).into_bytes().into());
+        producer.publish(e).await.unwrap();
+    }
+}
+
+/// Every event id in `topic`, read from the replicas of node `id` alone (a subscription is
+/// served from the local replica).
+async fn ids_on(
+    region: &TestRegion,
+    id: NodeId,
+    topic: &str,
+    partition: u32,
+    count: u64,
+) -> Vec<String> {
+    let addr = region.configs[region_index(region, id)]
+        .listen_addr()
+        .unwrap();
+    let mut options =
+        ClientOptions::new(vec![addr], identity(&region.certs(), "client-test-client"));
+    options.request_timeout = Duration::from_secs(5);
+    let client = Client::new(options).unwrap();
+    let mut sub = client
+        .subscribe(topic, partition, StartFrom::Earliest)
+        .await
+        .unwrap();
+    let mut ids = Vec::new();
+    for _ in 0..count {
+        let (_, event) = tokio::time::timeout(Duration::from_secs(30), sub.next())
+            .await
+            .expect("the replica serves every event in time")
+            .unwrap();
+        ids.push(event.id.to_string());
+    }
+    ids
+}
+
+fn region_index(region: &TestRegion, id: NodeId) -> usize {
+    (id - region.first_id) as usize
+}
+
+/// Waits until `done` holds for the region's node list.
+async fn wait_nodes(
+    client: &Client,
+    what: &str,
+    done: impl Fn(&[NodeInfo]) -> bool,
+) -> Vec<NodeInfo> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(nodes) = client.list_nodes().await {
+            if done(&nodes) {
+                return nodes;
+            }
+            assert!(Instant::now() < deadline, "{what}: nodes are {nodes:?}");
+        }
+        assert!(Instant::now() < deadline, "{what}: no node list");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Waits until no move of `topic` is under way and every partition's replicas satisfy
+/// `placed`.
+async fn wait_placed(client: &Client, topic: &str, placed: impl Fn(&[NodeId]) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        if let Ok(d) = client.describe_topic(topic).await {
+            if d.moves.is_empty()
+                && d.partitions
+                    .iter()
+                    .all(|p| placed(&p.replicas) && p.leader.is_some())
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{topic} not placed in time: {:?} moves {:?}",
+                d.partitions
+                    .iter()
+                    .map(|p| (&p.replicas, p.leader))
+                    .collect::<Vec<_>>(),
+                d.moves
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_join_replicas_move_and_a_drained_node_leaves_with_nothing_lost() {
+    let mut region = TestRegion::start_with(3, |config| {
+        config.raft = RaftTuning {
+            // Purged logs: a new replica can only catch up from a snapshot.
+            snapshot_after_entries: 50,
+            keep_after_snapshot: 10,
+            snapshot_chunk_bytes: 4096,
+            ..RaftTuning::default()
+        };
+    })
+    .await;
+    let mut topic = TopicConfig::new("orders", 2);
+    topic.groups = 2;
+    let client = region.create_topic(topic).await;
+    publish(&client, "orders", 0, 300).await;
+
+    // Node 4 joins by a seed: a learner of the metadata group (three voters stay).
+    region.join(4).await.expect("node 4 joins");
+    let nodes = wait_nodes(&client, "node 4 listed", |n| n.iter().any(|n| n.id == 4)).await;
+    assert_eq!(nodes.iter().filter(|n| n.voter).count(), 3, "{nodes:?}");
+
+    // Bad input changes nothing.
+    let err = client
+        .move_replica("orders", 0, 4, 1)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("node 4 holds no replica"), "{err}");
+    let err = client
+        .move_replica("orders", 0, 1, 9)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("node 9 is not a member"), "{err}");
+    let err = client.remove_node(1, false).await.unwrap_err().to_string();
+    assert!(err.contains("drain it first"), "{err}");
+
+    // Partition 0's replica moves from node 1 to node 4 while events keep coming.
+    client.move_replica("orders", 0, 1, 4).await.unwrap();
+    publish(&client, "orders", 300, 100).await;
+    wait_placed(&client, "orders", |r| r.len() == 3).await;
+    let d = client.describe_topic("orders").await.unwrap();
+    assert!(d.partitions[0].replicas.contains(&4) && !d.partitions[0].replicas.contains(&1));
+    let high = d.partitions[0].high_watermark;
+    // Node 4 holds every event of partition 0; node 1 deleted its copy.
+    let on_4 = ids_on(&region, 4, "orders", 0, high).await;
+    let on_2 = ids_on(&region, 2, "orders", 0, high).await;
+    assert_eq!(on_4, on_2);
+    let gone = region.configs[0]
+        .data_dir
+        .join("partitions")
+        .join("orders@0");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while gone.exists() {
+        assert!(Instant::now() < deadline, "node 1 kept {}", gone.display());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Node 5 joins: five voters.
+    region.join(5).await.expect("node 5 joins");
+    wait_nodes(&client, "five voters", |n| {
+        n.len() == 5 && n.iter().all(|n| n.voter)
+    })
+    .await;
+
+    // A rebalance spreads the six replicas over five nodes: none holds more than two, and
+    // the preferred leaders (first replicas) follow.
+    let plan = client.rebalance(true).await.unwrap();
+    assert!(plan.iter().any(|c| c.from.is_some()), "{plan:?}");
+    let nodes = client.list_nodes().await.unwrap();
+    assert!(
+        nodes.iter().all(|n| n.moving_in == 0),
+        "a dry run moved: {nodes:?}"
+    );
+    client.rebalance(false).await.unwrap();
+    publish(&client, "orders", 400, 50).await;
+    wait_nodes(&client, "balanced", |n| {
+        n.iter()
+            .all(|n| n.replicas <= 2 && n.moving_in == 0 && n.moving_out == 0)
+    })
+    .await;
+    wait_placed(&client, "orders", |r| r.len() == 3).await;
+
+    // Node 2 drains: its replicas move off, then it leaves the region.
+    client.drain_node(2, false).await.unwrap();
+    publish(&client, "orders", 450, 50).await;
+    wait_placed(&client, "orders", |r| r.len() == 3 && !r.contains(&2)).await;
+    client.remove_node(2, false).await.unwrap();
+    // Four nodes left: three of them vote.
+    wait_nodes(&client, "node 2 gone, three voters", |n| {
+        !n.iter().any(|n| n.id == 2) && n.iter().filter(|n| n.voter).count() == 3
+    })
+    .await;
+    region.stop(2).await;
+
+    // Every acknowledged event is there, once, on every replica.
+    let d = client.describe_topic("orders").await.unwrap();
+    let total: u64 = d.partitions.iter().map(|p| p.high_watermark).sum();
+    assert_eq!(total, 500, "{:?}", d.partitions);
+    for p in &d.partitions {
+        let mut seen = None;
+        for r in &p.replicas {
+            let ids = ids_on(&region, *r, "orders", p.partition, p.high_watermark).await;
+            let mut unique = ids.clone();
+            unique.sort();
+            unique.dedup();
+            assert_eq!(unique.len(), ids.len(), "duplicates on node {r}");
+            if let Some(seen) = &seen {
+                assert_eq!(seen, &ids, "replicas of partition {} differ", p.partition);
+            }
+            seen = Some(ids);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_node_is_replaced_by_a_new_one_at_its_address_with_nothing_lost() {
+    let mut region = TestRegion::start_with(3, |config| {
+        config.raft = RaftTuning {
+            snapshot_after_entries: 50,
+            keep_after_snapshot: 10,
+            snapshot_chunk_bytes: 4096,
+            ..RaftTuning::default()
+        };
+    })
+    .await;
+    let mut topic = TopicConfig::new("ledger", 2);
+    topic.groups = 2;
+    let client = region.create_topic(topic).await;
+    publish(&client, "ledger", 0, 300).await;
+
+    // Node 3's disk dies: the process goes, and so does its data folder.
+    let dead_addr = region.configs[2].listen_addr().unwrap();
+    region.kill(3).await;
+    std::fs::remove_dir_all(&region.configs[2].data_dir).unwrap();
+    let client = Client::new({
+        let mut o = ClientOptions::new(
+            region.live_addrs(),
+            identity(&region.certs(), "client-test-client"),
+        );
+        o.request_timeout = Duration::from_secs(5);
+        o
+    })
+    .unwrap();
+    publish(&client, "ledger", 300, 100).await;
+
+    // A new node cannot take the dead one's address while the region counts it a member.
+    let err = region.join_at(4, dead_addr).await.unwrap_err().to_string();
+    assert!(err.contains("remove node 3 first"), "{err}");
+    client.remove_node(3, true).await.unwrap();
+    region
+        .join_at(4, dead_addr)
+        .await
+        .expect("node 4 joins at node 3's address");
+
+    publish(&client, "ledger", 400, 100).await;
+    wait_placed(&client, "ledger", |r| r.len() == 3 && !r.contains(&3)).await;
+    let nodes = wait_nodes(&client, "three voters", |n| {
+        n.len() == 3 && n.iter().all(|n| n.voter)
+    })
+    .await;
+    assert_eq!(
+        nodes.iter().map(|n| n.id).collect::<Vec<_>>(),
+        vec![1, 2, 4]
+    );
+    let d = client.describe_topic("ledger").await.unwrap();
+    assert_eq!(
+        d.partitions.iter().map(|p| p.high_watermark).sum::<u64>(),
+        500
+    );
+    for p in &d.partitions {
+        let on_1 = ids_on(&region, 1, "ledger", p.partition, p.high_watermark).await;
+        let on_4 = ids_on(&region, 4, "ledger", p.partition, p.high_watermark).await;
+        assert_eq!(on_1, on_4, "partition {}", p.partition);
+    }
+}
