@@ -149,8 +149,8 @@ impl TestRegion {
         }
     }
 
-    /// Starts a new node `id` (the next after the region's last) that joins the running
-    /// region through its first live node, with a certificate from the region's CA; answers
+    /// Starts a new node `id` (the next after the region's last, or a stopped node's id with
+    /// an empty folder) that joins the running region through its live nodes, with a certificate from the region's CA; answers
     /// once it is a member. Its configuration is the first node's with its own id, folder
     /// and address.
     pub async fn join(&mut self, id: NodeId) -> Result<(), ferry_region::RegionError> {
@@ -164,10 +164,11 @@ impl TestRegion {
         id: NodeId,
         addr: SocketAddr,
     ) -> Result<(), ferry_region::RegionError> {
-        assert_eq!(
-            self.index(id),
-            self.configs.len(),
-            "a joining node takes the next id"
+        let index = self.index(id);
+        assert!(
+            index == self.configs.len()
+                || (index < self.nodes.len() && self.nodes[index].is_none()),
+            "a joining node takes the next id, or the id of a node that is stopped"
         );
         let certs = self.certs();
         ferry_net::tls::add_missing_dev_certs(&certs, &[id], &[]).expect("node certificate");
@@ -193,9 +194,18 @@ impl TestRegion {
             cert: certs.join(format!("node-{id}.pem")),
             key: certs.join(format!("node-{id}.key")),
         };
+        if index < self.configs.len() {
+            // A node under a stopped node's id starts with an empty folder of its own.
+            config.data_dir = self.dir.path().join(format!("node-{id}-again"));
+        }
         let node = endpoint.start(config.clone()).await?;
-        self.configs.push(config);
-        self.nodes.push(Some(node));
+        if index < self.configs.len() {
+            self.configs[index] = config;
+            self.nodes[index] = Some(node);
+        } else {
+            self.configs.push(config);
+            self.nodes.push(Some(node));
+        }
         Ok(())
     }
 

@@ -134,6 +134,16 @@ async fn nodes_join_replicas_move_and_a_drained_node_leaves_with_nothing_lost() 
     assert_eq!(nodes.iter().filter(|n| n.voter).count(), 3, "{nodes:?}");
 
     // Bad input changes nothing.
+    let placed = |d: &ferry_proto::wire::TopicDescription| {
+        d.partitions
+            .iter()
+            .map(|p| p.replicas.clone())
+            .collect::<Vec<_>>()
+    };
+    let before = (
+        placed(&client.describe_topic("orders").await.unwrap()),
+        client.list_nodes().await.unwrap(),
+    );
     let err = client
         .move_replica("orders", 0, 4, 1)
         .await
@@ -148,6 +158,30 @@ async fn nodes_join_replicas_move_and_a_drained_node_leaves_with_nothing_lost() 
     assert!(err.contains("node 9 is not a member"), "{err}");
     let err = client.remove_node(1, false).await.unwrap_err().to_string();
     assert!(err.contains("drain it first"), "{err}");
+    let err = client
+        .move_replica("orders", 0, 1, 2)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("node 2 already holds a replica"), "{err}");
+    let err = client.drain_node(9, false).await.unwrap_err().to_string();
+    assert!(err.contains("node 9 is not a member"), "{err}");
+    let after = (
+        placed(&client.describe_topic("orders").await.unwrap()),
+        client.list_nodes().await.unwrap(),
+    );
+    assert_eq!(before, after, "refused requests changed the region");
+
+    // A topic of one replica moves too: the new replica votes before the old one leaves.
+    let mut solo = TopicConfig::new("solo", 1);
+    solo.replication = 1;
+    region.create_topic(solo).await;
+    publish(&client, "solo", 0, 50).await;
+    let from = client.describe_topic("solo").await.unwrap().partitions[0].replicas[0];
+    client.move_replica("solo", 0, from, 4).await.unwrap();
+    wait_placed(&client, "solo", |r| r == [4]).await;
+    assert_eq!(ids_on(&region, 4, "solo", 0, 50).await.len(), 50);
+    publish(&client, "solo", 50, 10).await;
 
     // Partition 0's replica moves from node 1 to node 4 while events keep coming.
     client.move_replica("orders", 0, 1, 4).await.unwrap();
@@ -169,6 +203,20 @@ async fn nodes_join_replicas_move_and_a_drained_node_leaves_with_nothing_lost() 
         assert!(Instant::now() < deadline, "node 1 kept {}", gone.display());
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // And back to node 1, which deleted its copy: it starts empty and catches up again.
+    client.move_replica("orders", 0, 4, 1).await.unwrap();
+    wait_placed(&client, "orders", |r| r.len() == 3).await;
+    let d = client.describe_topic("orders").await.unwrap();
+    assert!(
+        d.partitions[0].replicas.contains(&1),
+        "{:?}",
+        d.partitions[0]
+    );
+    let high = d.partitions[0].high_watermark;
+    assert_eq!(
+        ids_on(&region, 1, "orders", 0, high).await,
+        ids_on(&region, 2, "orders", 0, high).await
+    );
 
     // Node 5 joins: five voters.
     region.join(5).await.expect("node 5 joins");
@@ -262,6 +310,13 @@ async fn a_dead_node_is_replaced_by_a_new_one_at_its_address_with_nothing_lost()
     let err = region.join_at(4, dead_addr).await.unwrap_err().to_string();
     assert!(err.contains("remove node 3 first"), "{err}");
     client.remove_node(3, true).await.unwrap();
+    // Nor may an empty node take node 3's id while the placement still counts node 3.
+    let err = region
+        .join_at(3, "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("a new node needs an id of its own"), "{err}");
     region
         .join_at(4, dead_addr)
         .await

@@ -248,11 +248,18 @@ impl QuicTransport {
             )));
         }
         let opts = &self.inner.opts;
+        // A node dialed by id must present a certificate naming that id: after a node is
+        // replaced at the same address, calls meant for the old one must not reach the new
+        // one (it would answer for a Raft log it never held).
+        let server_name = match target {
+            Target::Node(id) => crate::node_identity_name(id),
+            Target::Addr(_) => NODE_SERVER_NAME.to_string(),
+        };
         let attempt = async {
             let connecting = self
                 .inner
                 .endpoint
-                .connect_with(self.inner.client_cfg.clone(), slot.addr, NODE_SERVER_NAME)
+                .connect_with(self.inner.client_cfg.clone(), slot.addr, &server_name)
                 .map_err(|e| e.to_string())?;
             connecting.await.map_err(|e| e.to_string())
         };

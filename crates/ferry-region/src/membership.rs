@@ -105,7 +105,7 @@ fn invalid(message: impl Into<String>) -> ApiError {
 }
 
 /// How far behind the leader's log a learner may be and still count as holding it.
-const CAUGHT_UP_SLACK: u64 = 16;
+const LEARNER_CAUGHT_UP_SLACK: u64 = 16;
 
 impl<T: Transport> Node<T> {
     /// The region's nodes: the metadata group's membership once this node knows it, the
@@ -301,8 +301,7 @@ impl<T: Transport> Node<T> {
         if let Some(m) = members.iter().find(|m| m.id == id) {
             if m.addr != addr {
                 return Err(invalid(format!(
-                    "node id {id} is in use by the node at {}; a new node needs an id of its \
-                     own (or remove node {id} first: `ferry ctl node remove {id} --dead`)",
+                    "node id {id} is in use by the node at {}; a new node needs an id of its own",
                     m.addr
                 )));
             }
@@ -311,6 +310,12 @@ impl<T: Transport> Node<T> {
                 "address {addr} is node {}'s; remove node {} first (`ferry ctl node remove {} \
                  --dead` if it is gone)",
                 m.id, m.id, m.id
+            )));
+        } else if let Some(held) = self.replicas_named(id) {
+            // A node removed as dead that Raft groups still count as a voter: an empty node
+            // under its id would pass for a replica that holds the log.
+            return Err(invalid(format!(
+                "node id {id} was removed but {held}; a new node needs an id of its own"
             )));
         }
         // Reach it: the handshake checks its certificate against the region's CA, and it
@@ -388,7 +393,7 @@ impl<T: Transport> Node<T> {
                     .as_ref()
                     .and_then(|r| r.get(&id).cloned().flatten())
                     .map_or(0, |l| l.index);
-                if matched + CAUGHT_UP_SLACK >= last && matched > 0 {
+                if matched + LEARNER_CAUGHT_UP_SLACK >= last && matched > 0 {
                     break;
                 }
                 if m.current_leader != Some(self.inner.id) {
@@ -427,7 +432,7 @@ impl<T: Transport> Node<T> {
             m.replication
                 .as_ref()
                 .and_then(|r| r.get(id).cloned().flatten())
-                .is_some_and(|l| l.index + CAUGHT_UP_SLACK >= last)
+                .is_some_and(|l| l.index + LEARNER_CAUGHT_UP_SLACK >= last)
         };
         let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
         let learners: BTreeSet<NodeId> = membership.learner_ids().filter(caught_up).collect();
@@ -519,8 +524,11 @@ impl<T: Transport> Node<T> {
             return Err(invalid(format!("node {id} is not a member of the region")));
         }
         if !undo {
-            let staying =
-                members.len() - 1 - self.inner.meta_view.draining().len().min(members.len() - 1);
+            let draining = self.inner.meta_view.draining();
+            let staying = members
+                .iter()
+                .filter(|m| m.id != id && !draining.contains(&m.id))
+                .count();
             let needed = self.largest_replication();
             if staying < needed as usize {
                 return Err(invalid(format!(
@@ -534,6 +542,22 @@ impl<T: Transport> Node<T> {
             draining: !undo,
         })
         .await
+    }
+
+    /// What of the placement still names node `id`, if anything (a replica, a move).
+    fn replicas_named(&self, id: NodeId) -> Option<String> {
+        let groups = crate::moves::placements(&self.inner.meta_view.topics());
+        let held = groups.iter().filter(|g| g.replicas.contains(&id)).count();
+        let moving = self
+            .inner
+            .meta_view
+            .moves()
+            .iter()
+            .filter(|m| m.from == id || m.to == id)
+            .count();
+        (held + moving > 0).then(|| {
+            format!("the placement still names it in {held} Raft groups and {moving} replica moves")
+        })
     }
 
     /// The largest replication factor of the region's topics.

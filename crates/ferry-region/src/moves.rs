@@ -28,7 +28,7 @@ use crate::peer::{PeerRequest, PeerResponse};
 use crate::Node;
 
 /// How far behind the leader's log a learner may be when it is made a voter.
-const CAUGHT_UP_SLACK: u64 = 64;
+const MOVE_CATCH_UP_SLACK: u64 = 64;
 
 /// A group's Raft membership and replication as its leader's metrics show it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -44,8 +44,11 @@ pub(crate) struct GroupView {
 
 impl GroupView {
     pub(crate) fn of(group: &PartitionGroup) -> Self {
-        let metrics = group.raft.metrics();
-        let m = metrics.borrow_watched();
+        Self::from_metrics(&group.raft.metrics().borrow_watched())
+    }
+
+    /// From any group's Raft metrics (the metadata group's too).
+    pub(crate) fn from_metrics(m: &openraft::RaftMetrics<ferry_store::TypeConfig>) -> Self {
         let membership = m.membership_config.membership();
         Self {
             voters: membership.voter_ids().collect(),
@@ -97,7 +100,7 @@ pub(crate) fn next_step(m: &ReplicaMove, me: NodeId, group: &GroupView) -> MoveS
     }
     if group.learners.contains(&to) {
         let matched = group.matched.get(&to).copied().unwrap_or(0);
-        if matched + CAUGHT_UP_SLACK < group.last_index || matched == 0 {
+        if matched + MOVE_CATCH_UP_SLACK < group.last_index || matched == 0 {
             return MoveStep::CatchUp {
                 matched,
                 last: group.last_index,
@@ -105,19 +108,37 @@ pub(crate) fn next_step(m: &ReplicaMove, me: NodeId, group: &GroupView) -> MoveS
         }
     }
     if me == from {
-        // Leadership goes first to another voter that stays (the target once it votes).
-        let to = group
-            .voters
-            .iter()
-            .copied()
-            .find(|v| *v != from)
-            .unwrap_or(to);
-        return MoveStep::HandOver { to };
+        // Leadership goes first to another voter that holds the log; with none (a group of
+        // one replica), the target votes first.
+        if group.voters.iter().all(|v| *v == from) {
+            return MoveStep::Replace(group.voters.iter().copied().chain([to]).collect());
+        }
+        return match group.hand_over_target(from, &BTreeSet::new()) {
+            Some(to) => MoveStep::HandOver { to },
+            None => MoveStep::Wait, // until a voter holds the whole log
+        };
     }
     let mut voters = group.voters.clone();
     voters.remove(&from);
     voters.insert(to);
     MoveStep::Replace(voters)
+}
+
+impl GroupView {
+    /// The voter, other than `leaving` and not in `avoid`, that holds the leader's whole log
+    /// (the one leadership can go to without a failed election: openraft's target refuses
+    /// a transfer while its log is behind); None if no voter does.
+    pub(crate) fn hand_over_target(
+        &self,
+        leaving: NodeId,
+        avoid: &BTreeSet<NodeId>,
+    ) -> Option<NodeId> {
+        self.voters
+            .iter()
+            .copied()
+            .filter(|v| *v != leaving && !avoid.contains(v))
+            .find(|v| self.matched.get(v).is_some_and(|m| *m >= self.last_index))
+    }
 }
 
 /// One Raft group's placement, for planning.
@@ -610,13 +631,13 @@ impl<T: Transport> Node<T> {
                 continue;
             }
             let group = &l.hosted.group;
-            let view = GroupView::of(group);
-            let holds_log = view.voters.contains(&preferred)
-                && view
-                    .matched
-                    .get(&preferred)
-                    .is_some_and(|m| *m + CAUGHT_UP_SLACK >= view.last_index);
-            if !holds_log {
+            let others: BTreeSet<NodeId> = GroupView::of(group)
+                .voters
+                .into_iter()
+                .filter(|v| *v != preferred)
+                .collect();
+            // Only to a voter that holds the whole log (openraft's target refuses otherwise).
+            if GroupView::of(group).hand_over_target(self.inner.id, &others) != Some(preferred) {
                 continue;
             }
             tracing::info!(topic = %l.topic, group = g, to = preferred, "handing leadership to the preferred leader");
@@ -791,15 +812,14 @@ impl<T: Transport> Node<T> {
         if !draining.contains(&self.inner.id) {
             return;
         }
+        let me = self.inner.id;
         let meta_to = {
             let m = self.inner.meta.metrics();
             let m = m.borrow_watched();
-            let to = m
-                .membership_config
-                .membership()
-                .voter_ids()
-                .find(|v| *v != self.inner.id && !draining.contains(v));
-            to.filter(|_| m.current_leader == Some(self.inner.id))
+            let leads = m.current_leader == Some(me);
+            leads
+                .then(|| GroupView::from_metrics(&m).hand_over_target(me, &draining))
+                .flatten()
         };
         if let Some(to) = meta_to {
             let _ = self.inner.meta.trigger().transfer_leader(to).await;
@@ -811,17 +831,15 @@ impl<T: Transport> Node<T> {
             .map(|p| p.values().cloned().collect())
             .unwrap_or_default();
         for group in groups {
-            let (leads, to) = {
+            let to = {
                 let m = group.raft.metrics();
                 let m = m.borrow_watched();
-                let to = m
-                    .membership_config
-                    .membership()
-                    .voter_ids()
-                    .find(|v| *v != self.inner.id);
-                (m.current_leader == Some(self.inner.id), to)
+                let leads = m.current_leader == Some(me);
+                leads
+                    .then(|| GroupView::from_metrics(&m).hand_over_target(me, &draining))
+                    .flatten()
             };
-            if let (true, Some(to)) = (leads, to) {
+            if let Some(to) = to {
                 group.wake();
                 let _ = group.raft.trigger().transfer_leader(to).await;
             }
@@ -937,8 +955,11 @@ mod tests {
             }
         );
         g.matched.insert(4, 990);
-        // The leader that leaves hands over first; another leader replaces it.
-        assert_eq!(next_step(&m, 1, &g), MoveStep::HandOver { to: 2 });
+        // The leader that leaves hands over first, to a voter that holds the whole log (not
+        // to one behind: openraft's target would refuse, and the leader would stall).
+        g.matched.insert(2, 900);
+        g.matched.insert(3, 1000);
+        assert_eq!(next_step(&m, 1, &g), MoveStep::HandOver { to: 3 });
         assert_eq!(next_step(&m, 2, &g), MoveStep::Replace(set(&[2, 3, 4])));
         g.joint = true;
         assert_eq!(next_step(&m, 2, &g), MoveStep::Wait);
@@ -947,6 +968,21 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(next_step(&m, 2, &g), MoveStep::Finish);
+
+        // A group of one replica: the target votes first, then takes the leadership, then
+        // the old replica goes.
+        let mut g = GroupView {
+            voters: set(&[1]),
+            learners: set(&[4]),
+            last_index: 500,
+            matched: BTreeMap::from([(4, 500)]),
+            ..Default::default()
+        };
+        assert_eq!(next_step(&m, 1, &g), MoveStep::Replace(set(&[1, 4])));
+        g.voters = set(&[1, 4]);
+        g.learners.clear();
+        assert_eq!(next_step(&m, 1, &g), MoveStep::HandOver { to: 4 });
+        assert_eq!(next_step(&m, 4, &g), MoveStep::Replace(set(&[4])));
     }
 
     #[test]

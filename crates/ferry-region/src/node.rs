@@ -251,6 +251,10 @@ impl<T: Transport> Node<T> {
             // latency statistics, which Ferry does not read: 1,024 (its default) cost about
             // 150 KB per group.
             log_stage_capacity: Some(16),
+            // A follower merges queued appends into one write of at most this many entries
+            // (openraft's default, 4,096, made a learner catching up on a log of large
+            // batches hold hundreds of MiB in one write).
+            max_append_entries: Some(64),
             ..Default::default()
         };
         let raft_config = Arc::new(raft_config.validate().map_err(|e| RegionError::Config {
@@ -406,6 +410,11 @@ impl<T: Transport> Node<T> {
                     continue;
                 }
                 let members: Vec<u32> = topic.config.partitions_of(number).collect();
+                if moving_in && !inner.store.groups().contains(&group) {
+                    // A replica arriving with no log here starts empty: files left by an
+                    // earlier replica of the group on this node (a retire cut short) go.
+                    self.remove_partition_dir(&group).await?;
+                }
                 let sm = PartitionStateMachine::open(
                     &self.partition_dir(&group),
                     inner.config.wal_segment_bytes,
@@ -461,25 +470,37 @@ impl<T: Transport> Node<T> {
             }
         }
         // Groups of topics this node knows that are no longer placed here: their replica
-        // moved away.
+        // moved away. Running ones stop; what a retire cut short by a crash or an error left
+        // (a log in the write-ahead log, a folder) goes too.
         let known: std::collections::HashSet<&str> =
             topics.iter().map(|t| t.config.name.as_str()).collect();
-        let retired: Vec<GroupId> = inner
+        let unwanted = |g: &GroupId| {
+            !wanted.contains(g)
+                && g.rsplit_once('/')
+                    .is_some_and(|(topic, _)| known.contains(topic))
+        };
+        let running: Vec<GroupId> = inner
             .partitions
             .read()
-            .map(|p| {
-                p.keys()
-                    .filter(|g| !wanted.contains(*g))
-                    .filter(|g| {
-                        g.rsplit_once('/')
-                            .is_some_and(|(topic, _)| known.contains(topic))
-                    })
-                    .cloned()
-                    .collect()
-            })
+            .map(|p| p.keys().cloned().collect())
             .unwrap_or_default();
-        for group in retired {
-            self.retire_group(&group).await?;
+        let mut left_over: std::collections::BTreeSet<GroupId> =
+            inner.store.groups().into_iter().collect();
+        if let Ok(dirs) = std::fs::read_dir(inner.store.path().join("partitions")) {
+            left_over.extend(
+                dirs.flatten()
+                    .filter_map(|d| d.file_name().into_string().ok())
+                    .filter_map(|name| {
+                        let (topic, group) = name.rsplit_once('@')?;
+                        Some(format!("{topic}/{group}"))
+                    }),
+            );
+        }
+        left_over.remove(META_GROUP);
+        for group in running.iter().chain(left_over.iter()) {
+            if unwanted(group) {
+                self.retire_group(group).await?;
+            }
         }
         Ok(())
     }
@@ -493,38 +514,44 @@ impl<T: Transport> Node<T> {
             .join(group.replace('/', "@"))
     }
 
-    /// Stops a group whose replica left this node and deletes what it held here: its log
-    /// (durably) and its folder.
+    /// Stops a group whose replica left this node (if it runs) and deletes what it held
+    /// here: its log (durably), then its folder. Safe to run again on what is left.
     async fn retire_group(&self, group: &GroupId) -> Result<(), RegionError> {
-        let Some(hosted) = self
+        let hosted = self
             .inner
             .partitions
             .write()
             .ok()
-            .and_then(|mut p| p.remove(group))
-        else {
-            return Ok(());
-        };
-        if let Err(e) = hosted.raft.shutdown().await {
-            tracing::warn!(%group, error = %e, "stopping a retired group");
+            .and_then(|mut p| p.remove(group));
+        if let Some(hosted) = hosted {
+            if let Err(e) = hosted.raft.shutdown().await {
+                tracing::warn!(%group, error = %e, "stopping a retired group");
+            }
         }
-        self.inner
-            .store
-            .log_store(group)?
-            .drop_group()
-            .await
-            .map_err(|e| StoreError::io(format!("dropping the log of {group}"), e))?;
+        if self.inner.store.groups().contains(group) {
+            self.inner
+                .store
+                .log_store(group)?
+                .drop_group()
+                .await
+                .map_err(|e| StoreError::io(format!("dropping the log of {group}"), e))?;
+        }
+        self.remove_partition_dir(group).await?;
+        tracing::info!(%group, "replica moved away: group stopped and its data deleted");
+        Ok(())
+    }
+
+    /// Deletes a group's folder (if any).
+    async fn remove_partition_dir(&self, group: &GroupId) -> Result<(), RegionError> {
         let dir = self.partition_dir(group);
-        let removed = tokio::task::spawn_blocking(move || match std::fs::remove_dir_all(&dir) {
+        tokio::task::spawn_blocking(move || match std::fs::remove_dir_all(&dir) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
                 Err(StoreError::io(dir.display().to_string(), e))
             }
             _ => Ok(()),
         })
         .await
-        .map_err(|e| StoreError::io("deleting a retired group", e))?;
-        removed?;
-        tracing::info!(%group, "replica moved away: group stopped and its data deleted");
+        .map_err(|e| StoreError::io("deleting a group's folder", e))??;
         Ok(())
     }
 
@@ -1101,10 +1128,23 @@ impl<T: Transport> Node<T> {
                 region: self.inner.config.region.clone(),
                 member: self.is_member(),
             },
-            PeerRequest::ProposeMeta(command) => match self.propose_meta(command).await {
-                Ok(()) => PeerResponse::Done,
-                Err(e) => PeerResponse::MetaRefused(e),
-            },
+            PeerRequest::ProposeMeta(command) => {
+                // Only the steps a group's leader reports, and only from a member.
+                let allowed = matches!(
+                    command,
+                    crate::command::MetaCommand::FinishMove { .. }
+                        | crate::command::MetaCommand::CancelMove { .. }
+                ) && self.region_members().iter().any(|m| m.id == from);
+                if !allowed {
+                    return PeerResponse::Error(format!(
+                        "node {from} may not propose this metadata command"
+                    ));
+                }
+                match self.propose_meta(command).await {
+                    Ok(()) => PeerResponse::Done,
+                    Err(e) => PeerResponse::MetaRefused(e),
+                }
+            }
         }
     }
 }
