@@ -543,6 +543,24 @@ impl<T: Transport> Node<T> {
         }
     }
 
+    /// None on the metadata leader; elsewhere the leader's answer to `request` (forwarded
+    /// there), for requests only the leader serves.
+    pub(crate) async fn answer_from_meta_leader(
+        &self,
+        request: &ClientRequest,
+        forwarded: bool,
+    ) -> Option<ClientResponse> {
+        let leader = self.inner.meta.metrics().borrow_watched().current_leader;
+        if leader == Some(self.inner.id) {
+            return None;
+        }
+        let refused = not_leader(leader, "the metadata group");
+        Some(
+            self.forward_if_not_leader(refused, request.clone(), forwarded)
+                .await,
+        )
+    }
+
     async fn on_meta_leader(
         &self,
         request: ClientRequest,

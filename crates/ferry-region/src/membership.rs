@@ -491,16 +491,8 @@ impl<T: Transport> Node<T> {
         request: ClientRequest,
         forwarded: bool,
     ) -> ClientResponse {
-        let leader = self.inner.meta.metrics().borrow_watched().current_leader;
-        if leader != Some(self.inner.id) {
-            let not_leader = ClientResponse::Error(ApiError {
-                code: ErrorCode::NotLeader,
-                message: "this node does not lead the metadata group".into(),
-                leader_hint: leader,
-            });
-            return self
-                .forward_if_not_leader(not_leader, request, forwarded)
-                .await;
+        if let Some(answer) = self.answer_from_meta_leader(&request, forwarded).await {
+            return answer;
         }
         let done = match request {
             ClientRequest::ListNodes => Ok(()),

@@ -262,15 +262,22 @@ impl MetaApp {
             };
         }
         let state = TopicState { config, replicas };
-        let mut key = vec![TOPIC_PREFIX];
-        key.extend_from_slice(state.config.name.as_bytes());
-        match codec::encode("topic", &state) {
-            Ok(v) => writes.insert(key, v),
-            Err(e) => return MetaReply::Error(ApiError::new(ErrorCode::Internal, e.to_string())),
+        if let Err(reply) = stage_topic(&state, writes) {
+            return reply;
         }
         self.topics.insert(state.config.name.clone(), state);
         MetaReply::Created
     }
+}
+
+/// Stages `state` to be written under its topic's key; an encoding failure is the reply.
+fn stage_topic(state: &TopicState, writes: &mut sled::Batch) -> Result<(), MetaReply> {
+    let mut key = vec![TOPIC_PREFIX];
+    key.extend_from_slice(state.config.name.as_bytes());
+    let value = codec::encode("topic", state)
+        .map_err(|e| MetaReply::Error(ApiError::new(ErrorCode::Internal, e.to_string())))?;
+    writes.insert(key, value);
+    Ok(())
 }
 
 fn invalid(message: impl Into<String>) -> MetaReply {
@@ -352,17 +359,16 @@ impl MetaApp {
         };
         // The node that joins goes last: the first replica is the one that formed the
         // group, and a node that starts the group empty must never be taken for it.
-        for p in state.config.partitions_of(group) {
-            let replicas = &mut state.replicas[p as usize];
+        let mut next = state.clone();
+        for p in next.config.partitions_of(group) {
+            let replicas = &mut next.replicas[p as usize];
             replicas.retain(|r| *r != from);
             replicas.push(to);
         }
-        let mut topic_key = vec![TOPIC_PREFIX];
-        topic_key.extend_from_slice(topic.as_bytes());
-        match codec::encode("topic", &*state) {
-            Ok(v) => writes.insert(topic_key, v),
-            Err(e) => return MetaReply::Error(ApiError::new(ErrorCode::Internal, e.to_string())),
+        if let Err(reply) = stage_topic(&next, writes) {
+            return reply;
         }
+        *state = next;
         writes.remove(move_key(topic, group));
         self.moves.remove(&key);
         MetaReply::Done
@@ -390,15 +396,14 @@ impl MetaApp {
                 "group {group} of {topic:?} has replicas {now:?}, not {asked:?}"
             ));
         }
-        for p in state.config.partitions_of(group) {
-            state.replicas[p as usize] = replicas.clone();
+        let mut next = state.clone();
+        for p in next.config.partitions_of(group) {
+            next.replicas[p as usize] = replicas.clone();
         }
-        let mut topic_key = vec![TOPIC_PREFIX];
-        topic_key.extend_from_slice(topic.as_bytes());
-        match codec::encode("topic", &*state) {
-            Ok(v) => writes.insert(topic_key, v),
-            Err(e) => return MetaReply::Error(ApiError::new(ErrorCode::Internal, e.to_string())),
+        if let Err(reply) = stage_topic(&next, writes) {
+            return reply;
         }
+        *state = next;
         MetaReply::Done
     }
 
@@ -679,6 +684,110 @@ impl Application for MetaApp {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn apply(app: &mut MetaApp, tree: &sled::Tree, index: u64, command: MetaCommand) -> MetaReply {
+        let mut writes = sled::Batch::default();
+        let bytes = encode("command", &command).unwrap();
+        let reply = app.apply(index, &bytes, tree, &mut writes);
+        tree.apply_batch(writes).unwrap();
+        app.after_apply(tree);
+        decode("reply", &reply).unwrap()
+    }
+
+    #[test]
+    fn moves_are_checked_recorded_finished_and_survive_a_reload() {
+        let db = sled::Config::new().temporary(true).open().unwrap();
+        let tree = db.open_tree("meta").unwrap();
+        let mut app = MetaApp::default();
+        let mut config = TopicConfig::new("t", 2);
+        config.groups = 2;
+        let replicas = vec![vec![1, 2, 3], vec![2, 3, 1]];
+        let create = MetaCommand::CreateTopic { config, replicas };
+        assert!(matches!(
+            apply(&mut app, &tree, 1, create),
+            MetaReply::Created
+        ));
+        let mv = |group, from, to| MetaCommand::MoveReplica {
+            topic: "t".into(),
+            group,
+            from,
+            to,
+            at_ms: 5,
+        };
+        // Refused, changing nothing: a source without the replica, a target with one, a
+        // group that does not exist, a topic that does not exist.
+        for (command, says) in [
+            (mv(0, 4, 5), "node 4 holds no replica"),
+            (mv(0, 1, 2), "node 2 already holds a replica"),
+            (mv(7, 1, 4), "there is no group 7"),
+        ] {
+            match apply(&mut app, &tree, 2, command) {
+                MetaReply::Error(e) => assert!(e.message.contains(says), "{e:?}"),
+                other => panic!("{other:?}"),
+            }
+        }
+        assert!(app.view().moves().is_empty());
+        assert!(matches!(
+            apply(&mut app, &tree, 3, mv(0, 1, 4)),
+            MetaReply::Done
+        ));
+        // Asked again: the same move; another one for the group is refused.
+        assert!(matches!(
+            apply(&mut app, &tree, 4, mv(0, 1, 4)),
+            MetaReply::Done
+        ));
+        assert!(matches!(
+            apply(&mut app, &tree, 5, mv(0, 2, 5)),
+            MetaReply::Error(_)
+        ));
+        assert_eq!(
+            app.view().move_of("t", 0).map(|m| (m.from, m.to)),
+            Some((1, 4))
+        );
+        // The record survives a reload from the tree.
+        let mut reloaded = MetaApp::default();
+        reloaded.load(&tree).unwrap();
+        assert_eq!(reloaded.view().moves().len(), 1);
+        let finish = |from, to| MetaCommand::FinishMove {
+            topic: "t".into(),
+            group: 0,
+            from,
+            to,
+        };
+        assert!(matches!(
+            apply(&mut app, &tree, 6, finish(1, 5)),
+            MetaReply::Error(_)
+        ));
+        assert!(matches!(
+            apply(&mut app, &tree, 7, finish(1, 4)),
+            MetaReply::Done
+        ));
+        // The joining node goes last; the other group is untouched.
+        let t = app.view().topic("t").unwrap();
+        assert_eq!(t.replicas, vec![vec![2, 3, 4], vec![2, 3, 1]]);
+        assert!(app.view().moves().is_empty());
+        let mut reloaded = MetaApp::default();
+        reloaded.load(&tree).unwrap();
+        assert_eq!(
+            reloaded.view().topic("t").unwrap().replicas[0],
+            vec![2, 3, 4]
+        );
+        // A reorder must keep the set.
+        let order = |replicas| MetaCommand::SetReplicaOrder {
+            topic: "t".into(),
+            group: 1,
+            replicas,
+        };
+        assert!(matches!(
+            apply(&mut app, &tree, 8, order(vec![1, 2, 4])),
+            MetaReply::Error(_)
+        ));
+        assert!(matches!(
+            apply(&mut app, &tree, 9, order(vec![1, 2, 3])),
+            MetaReply::Done
+        ));
+        assert_eq!(app.view().topic("t").unwrap().replicas[1], vec![1, 2, 3]);
+    }
 
     #[test]
     fn placement_spreads_first_replicas() {

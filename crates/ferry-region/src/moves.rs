@@ -480,16 +480,8 @@ impl<T: Transport> Node<T> {
         original: ClientRequest,
         forwarded: bool,
     ) -> ClientResponse {
-        let leader = self.inner.meta.metrics().borrow_watched().current_leader;
-        if leader != Some(self.inner.id) {
-            let not_leader = ClientResponse::Error(ApiError {
-                code: ErrorCode::NotLeader,
-                message: "this node does not lead the metadata group".into(),
-                leader_hint: leader,
-            });
-            return self
-                .forward_if_not_leader(not_leader, original, forwarded)
-                .await;
+        if let Some(answer) = self.answer_from_meta_leader(&original, forwarded).await {
+            return answer;
         }
         let groups = placements(&self.inner.meta_view.topics());
         let under_way = self.inner.meta_view.moves();
@@ -577,16 +569,7 @@ impl<T: Transport> Node<T> {
             }
             *busy.entry(m.from).or_default() += 1;
             *busy.entry(m.to).or_default() += 1;
-            tracing::info!(topic = %m.topic, group = m.group, from = m.from, to = m.to, "balancing: moving a replica");
-            let command = MetaCommand::MoveReplica {
-                topic: m.topic,
-                group: m.group,
-                from: m.from,
-                to: m.to,
-                at_ms: m.since_ms,
-            };
-            if let Err(e) = self.propose_meta(command).await {
-                tracing::warn!(error = %e, "recording a balancing move");
+            if !self.record_move(m, "balancing").await {
                 return;
             }
         }
@@ -681,16 +664,27 @@ impl<T: Transport> Node<T> {
             now_ms(),
         );
         for m in planned {
-            tracing::info!(topic = %m.topic, group = m.group, from = m.from, to = m.to, "moving a replica");
-            let command = MetaCommand::MoveReplica {
-                topic: m.topic,
-                group: m.group,
-                from: m.from,
-                to: m.to,
-                at_ms: m.since_ms,
-            };
-            if let Err(e) = self.propose_meta(command).await {
-                tracing::warn!(error = %e, "recording a replica move");
+            if !self.record_move(m, "draining or re-replicating").await {
+                return;
+            }
+        }
+    }
+
+    /// Records a planned move (on the metadata leader); false if it was not recorded.
+    async fn record_move(&self, m: ReplicaMove, why: &str) -> bool {
+        tracing::info!(topic = %m.topic, group = m.group, from = m.from, to = m.to, why, "moving a replica");
+        let command = MetaCommand::MoveReplica {
+            topic: m.topic,
+            group: m.group,
+            from: m.from,
+            to: m.to,
+            at_ms: m.since_ms,
+        };
+        match self.propose_meta(command).await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(error = %e, why, "recording a replica move");
+                false
             }
         }
     }
