@@ -85,15 +85,16 @@ async fn wait_nodes(
 }
 
 /// Waits until no move of `topic` is under way and every partition's replicas satisfy
-/// `placed`.
-async fn wait_placed(client: &Client, topic: &str, placed: impl Fn(&[NodeId]) -> bool) {
+/// `placed(partition, replicas)` (a move just recorded may not have reached the node that
+/// answers: name the placement it leads to).
+async fn wait_placed(client: &Client, topic: &str, placed: impl Fn(u32, &[NodeId]) -> bool) {
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
         if let Ok(d) = client.describe_topic(topic).await {
             if d.moves.is_empty()
                 && d.partitions
                     .iter()
-                    .all(|p| placed(&p.replicas) && p.leader.is_some())
+                    .all(|p| placed(p.partition, &p.replicas) && p.leader.is_some())
             {
                 return;
             }
@@ -111,11 +112,11 @@ async fn wait_placed(client: &Client, topic: &str, placed: impl Fn(&[NodeId]) ->
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn nodes_join_replicas_move_and_a_drained_node_leaves_with_nothing_lost() {
-    let mut region = TestRegion::start_with(3, |config| {
+/// Three nodes whose logs are purged early (a new replica can only catch up from a
+/// snapshot) and a topic of two partitions in two groups holding 300 events.
+async fn region_with_topic(name: &str) -> (TestRegion, Client) {
+    let region = TestRegion::start_with(3, |config| {
         config.raft = RaftTuning {
-            // Purged logs: a new replica can only catch up from a snapshot.
             snapshot_after_entries: 50,
             keep_after_snapshot: 10,
             snapshot_chunk_bytes: 4096,
@@ -123,10 +124,16 @@ async fn nodes_join_replicas_move_and_a_drained_node_leaves_with_nothing_lost() 
         };
     })
     .await;
-    let mut topic = TopicConfig::new("orders", 2);
+    let mut topic = TopicConfig::new(name, 2);
     topic.groups = 2;
     let client = region.create_topic(topic).await;
-    publish(&client, "orders", 0, 300).await;
+    publish(&client, name, 0, 300).await;
+    (region, client)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_join_replicas_move_and_a_drained_node_leaves_with_nothing_lost() {
+    let (mut region, client) = region_with_topic("orders").await;
 
     // Node 4 joins by a seed: a learner of the metadata group (three voters stay).
     region.join(4).await.expect("node 4 joins");
@@ -179,14 +186,17 @@ async fn nodes_join_replicas_move_and_a_drained_node_leaves_with_nothing_lost() 
     publish(&client, "solo", 0, 50).await;
     let from = client.describe_topic("solo").await.unwrap().partitions[0].replicas[0];
     client.move_replica("solo", 0, from, 4).await.unwrap();
-    wait_placed(&client, "solo", |r| r == [4]).await;
+    wait_placed(&client, "solo", |_, r| r == [4]).await;
     assert_eq!(ids_on(&region, 4, "solo", 0, 50).await.len(), 50);
     publish(&client, "solo", 50, 10).await;
 
     // Partition 0's replica moves from node 1 to node 4 while events keep coming.
     client.move_replica("orders", 0, 1, 4).await.unwrap();
     publish(&client, "orders", 300, 100).await;
-    wait_placed(&client, "orders", |r| r.len() == 3).await;
+    wait_placed(&client, "orders", |p, r| {
+        r.len() == 3 && (p != 0 || (r.contains(&4) && !r.contains(&1)))
+    })
+    .await;
     let d = client.describe_topic("orders").await.unwrap();
     assert!(d.partitions[0].replicas.contains(&4) && !d.partitions[0].replicas.contains(&1));
     let high = d.partitions[0].high_watermark;
@@ -205,7 +215,10 @@ async fn nodes_join_replicas_move_and_a_drained_node_leaves_with_nothing_lost() 
     }
     // And back to node 1, which deleted its copy: it starts empty and catches up again.
     client.move_replica("orders", 0, 4, 1).await.unwrap();
-    wait_placed(&client, "orders", |r| r.len() == 3).await;
+    wait_placed(&client, "orders", |p, r| {
+        r.len() == 3 && (p != 0 || (r.contains(&1) && !r.contains(&4)))
+    })
+    .await;
     let d = client.describe_topic("orders").await.unwrap();
     assert!(
         d.partitions[0].replicas.contains(&1),
@@ -225,8 +238,8 @@ async fn nodes_join_replicas_move_and_a_drained_node_leaves_with_nothing_lost() 
     })
     .await;
 
-    // A rebalance spreads the six replicas over five nodes: none holds more than two, and
-    // the preferred leaders (first replicas) follow.
+    // A rebalance spreads the seven replicas (six of orders, one of solo) over five nodes,
+    // and the preferred leaders (first replicas) follow.
     let plan = client.rebalance(true).await.unwrap();
     assert!(plan.iter().any(|c| c.from.is_some()), "{plan:?}");
     let nodes = client.list_nodes().await.unwrap();
@@ -236,17 +249,19 @@ async fn nodes_join_replicas_move_and_a_drained_node_leaves_with_nothing_lost() 
     );
     client.rebalance(false).await.unwrap();
     publish(&client, "orders", 400, 50).await;
-    wait_nodes(&client, "balanced", |n| {
+    // (Before it, nodes 4 and 5 held nothing: each node holds one or two afterwards.)
+    let balanced = wait_nodes(&client, "balanced", |n| {
         n.iter()
-            .all(|n| n.replicas <= 2 && n.moving_in == 0 && n.moving_out == 0)
+            .all(|n| (1..=2).contains(&n.replicas) && n.moving_in == 0 && n.moving_out == 0)
     })
     .await;
-    wait_placed(&client, "orders", |r| r.len() == 3).await;
+    assert_eq!(balanced.len(), 5, "{balanced:?}");
+    wait_placed(&client, "orders", |_, r| r.len() == 3).await;
 
     // Node 2 drains: its replicas move off, then it leaves the region.
     client.drain_node(2, false).await.unwrap();
     publish(&client, "orders", 450, 50).await;
-    wait_placed(&client, "orders", |r| r.len() == 3 && !r.contains(&2)).await;
+    wait_placed(&client, "orders", |_, r| r.len() == 3 && !r.contains(&2)).await;
     client.remove_node(2, false).await.unwrap();
     // Four nodes left: three of them vote.
     wait_nodes(&client, "node 2 gone, three voters", |n| {
@@ -277,19 +292,7 @@ async fn nodes_join_replicas_move_and_a_drained_node_leaves_with_nothing_lost() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_node_is_replaced_by_a_new_one_at_its_address_with_nothing_lost() {
-    let mut region = TestRegion::start_with(3, |config| {
-        config.raft = RaftTuning {
-            snapshot_after_entries: 50,
-            keep_after_snapshot: 10,
-            snapshot_chunk_bytes: 4096,
-            ..RaftTuning::default()
-        };
-    })
-    .await;
-    let mut topic = TopicConfig::new("ledger", 2);
-    topic.groups = 2;
-    let client = region.create_topic(topic).await;
-    publish(&client, "ledger", 0, 300).await;
+    let (mut region, _) = region_with_topic("ledger").await;
 
     // Node 3's disk dies: the process goes, and so does its data folder.
     let dead_addr = region.configs[2].listen_addr().unwrap();
@@ -323,7 +326,7 @@ async fn a_dead_node_is_replaced_by_a_new_one_at_its_address_with_nothing_lost()
         .expect("node 4 joins at node 3's address");
 
     publish(&client, "ledger", 400, 100).await;
-    wait_placed(&client, "ledger", |r| r.len() == 3 && !r.contains(&3)).await;
+    wait_placed(&client, "ledger", |_, r| r.len() == 3 && !r.contains(&3)).await;
     let nodes = wait_nodes(&client, "three voters", |n| {
         n.len() == 3 && n.iter().all(|n| n.voter)
     })

@@ -129,6 +129,11 @@ async fn metrics<T: Transport>(State(node): State<Node<T>>) -> String {
             requests as f64,
         ),
         (
+            "ferry_replica_moves_finished_total",
+            "Replica moves this node carried out to the end (as the group's leader).",
+            node.replica_moves_finished() as f64,
+        ),
+        (
             "ferry_quiescence_elections_total",
             "Elections this node called at once because the leader of a sleeping partition group went down.",
             node.quiescence_elections() as f64,
@@ -140,30 +145,29 @@ async fn metrics<T: Transport>(State(node): State<Node<T>>) -> String {
             "# HELP {name} {help}\n# TYPE {name} counter\n{name}{{node=\"{id}\"}} {value}"
         );
     }
-    let metric = "ferry_partitions_asleep";
-    let _ = writeln!(
-        out,
-        "# HELP {metric} Hosted partition groups asleep: idle, heartbeats and election timers off until the next write.\n# TYPE {metric} gauge\n{metric}{{node=\"{id}\"}} {}",
-        node.partitions_asleep()
-    );
-    let metric = "ferry_region_nodes";
-    let _ = writeln!(
-        out,
-        "# HELP {metric} Nodes of the region (members of its metadata group).\n# TYPE {metric} gauge\n{metric}{{node=\"{id}\"}} {}",
-        node.region_members().len()
-    );
-    let metric = "ferry_replica_moves";
-    let _ = writeln!(
-        out,
-        "# HELP {metric} Replica moves under way in the region.\n# TYPE {metric} gauge\n{metric}{{node=\"{id}\"}} {}",
-        node.replica_moves_under_way()
-    );
-    let metric = "ferry_replica_moves_finished_total";
-    let _ = writeln!(
-        out,
-        "# HELP {metric} Replica moves this node carried out to the end (as the group's leader).\n# TYPE {metric} counter\n{metric}{{node=\"{id}\"}} {}",
-        node.replica_moves_finished()
-    );
+    let gauges = [
+        (
+            "ferry_partitions_asleep",
+            "Hosted partition groups asleep: idle, heartbeats and election timers off until the next write.",
+            node.partitions_asleep() as u64,
+        ),
+        (
+            "ferry_region_nodes",
+            "Nodes of the region (members of its metadata group).",
+            node.region_members().len() as u64,
+        ),
+        (
+            "ferry_replica_moves",
+            "Replica moves under way in the region.",
+            node.replica_moves_under_way() as u64,
+        ),
+    ];
+    for (name, help, value) in gauges {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} gauge\n{name}{{node=\"{id}\"}} {value}"
+        );
+    }
     let metric = "ferry_replica_move_behind_entries";
     let _ = writeln!(
         out,

@@ -462,27 +462,39 @@ impl<T: Transport> Node<T> {
     /// The region's nodes for `ferry ctl node list`.
     pub(crate) fn node_list(&self) -> Vec<NodeInfo> {
         let draining = self.inner.meta_view.draining();
-        let moves = self.inner.meta_view.moves();
-        let topics = self.inner.meta_view.topics();
+        let counts = self.replica_counts();
         self.region_members()
             .into_iter()
-            .map(|m| NodeInfo {
-                id: m.id,
-                addr: m.addr.to_string(),
-                voter: m.voter,
-                draining: draining.contains(&m.id),
-                replicas: topics
-                    .iter()
-                    .map(|t| {
-                        (0..t.config.groups)
-                            .filter(|g| t.replicas[*g as usize].contains(&m.id))
-                            .count() as u32
-                    })
-                    .sum(),
-                moving_in: moves.iter().filter(|mv| mv.to == m.id).count() as u32,
-                moving_out: moves.iter().filter(|mv| mv.from == m.id).count() as u32,
+            .map(|m| {
+                let (replicas, moving_in, moving_out) =
+                    counts.get(&m.id).copied().unwrap_or_default();
+                NodeInfo {
+                    id: m.id,
+                    addr: m.addr.to_string(),
+                    voter: m.voter,
+                    draining: draining.contains(&m.id),
+                    replicas,
+                    moving_in,
+                    moving_out,
+                }
             })
             .collect()
+    }
+
+    /// Per node the placement names (members or not): Raft groups it holds a replica of,
+    /// moves to it and moves off it.
+    fn replica_counts(&self) -> std::collections::BTreeMap<NodeId, (u32, u32, u32)> {
+        let mut counts = std::collections::BTreeMap::<NodeId, (u32, u32, u32)>::new();
+        for g in crate::moves::placements(&self.inner.meta_view.topics()) {
+            for r in g.replicas {
+                counts.entry(r).or_default().0 += 1;
+            }
+        }
+        for m in self.inner.meta_view.moves() {
+            counts.entry(m.to).or_default().1 += 1;
+            counts.entry(m.from).or_default().2 += 1;
+        }
+        counts
     }
 
     /// Node administration (`ferry ctl node ...`), on the metadata leader.
@@ -538,18 +550,11 @@ impl<T: Transport> Node<T> {
 
     /// What of the placement still names node `id`, if anything (a replica, a move).
     fn replicas_named(&self, id: NodeId) -> Option<String> {
-        let groups = crate::moves::placements(&self.inner.meta_view.topics());
-        let held = groups.iter().filter(|g| g.replicas.contains(&id)).count();
-        let moving = self
-            .inner
-            .meta_view
-            .moves()
-            .iter()
-            .filter(|m| m.from == id || m.to == id)
-            .count();
-        (held + moving > 0).then(|| {
-            format!("the placement still names it in {held} Raft groups and {moving} replica moves")
-        })
+        let (held, moving_in, moving_out) = self.replica_counts().get(&id).copied()?;
+        Some(format!(
+            "the placement still names it in {held} Raft groups and {} replica moves",
+            moving_in + moving_out
+        ))
     }
 
     /// The largest replication factor of the region's topics.
@@ -592,14 +597,14 @@ impl<T: Transport> Node<T> {
                 members.len() - 1
             )));
         }
-        let held = self.node_list().into_iter().find(|n| n.id == id);
+        let (held, moving_in, _) = self.replica_counts().get(&id).copied().unwrap_or_default();
         if !dead {
-            if let Some(n) = held.filter(|n| n.replicas > 0 || n.moving_in > 0) {
+            if held + moving_in > 0 {
                 return Err(invalid(format!(
                     "node {id} holds replicas of {} Raft groups; drain it first (`ferry ctl \
                      node drain {id}`), or remove it with --dead if it is gone for good (its \
                      replicas are then made again from the others)",
-                    n.replicas + n.moving_in
+                    held + moving_in
                 )));
             }
         } else {

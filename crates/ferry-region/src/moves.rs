@@ -11,6 +11,7 @@
 //! longer in the region (removed as dead), a bounded number per node at a time.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use ferry_net::Transport;
@@ -137,7 +138,29 @@ impl GroupView {
             .iter()
             .copied()
             .filter(|v| *v != leaving && !avoid.contains(v))
-            .find(|v| self.matched.get(v).is_some_and(|m| *m >= self.last_index))
+            .find(|v| self.holds_whole_log(*v))
+    }
+
+    /// Whether `node` votes and holds the leader's whole log.
+    pub(crate) fn holds_whole_log(&self, node: NodeId) -> bool {
+        self.voters.contains(&node)
+            && self
+                .matched
+                .get(&node)
+                .is_some_and(|m| *m >= self.last_index)
+    }
+
+    /// On a group's leader `me` (per its metrics `m`): the voter to hand leadership to, not
+    /// one of `avoid` ([`GroupView::hand_over_target`]); None if `me` does not lead.
+    pub(crate) fn leader_hand_over(
+        m: &openraft::RaftMetrics<ferry_store::TypeConfig>,
+        me: NodeId,
+        avoid: &BTreeSet<NodeId>,
+    ) -> Option<NodeId> {
+        if m.current_leader != Some(me) {
+            return None;
+        }
+        Self::from_metrics(m).hand_over_target(me, avoid)
     }
 }
 
@@ -150,7 +173,7 @@ pub(crate) struct GroupPlacement {
 }
 
 /// The placements of every topic's groups.
-pub(crate) fn placements(topics: &[std::sync::Arc<TopicState>]) -> Vec<GroupPlacement> {
+pub(crate) fn placements(topics: &[Arc<TopicState>]) -> Vec<GroupPlacement> {
     topics
         .iter()
         .flat_map(|t| {
@@ -586,9 +609,14 @@ impl<T: Transport> Node<T> {
         }
         let draining = self.inner.meta_view.draining();
         let (led, _) = self.led_partitions();
+        let mut topic: Option<Arc<TopicState>> = None;
         let mut seen = BTreeSet::new();
         for l in led.iter() {
-            let Some(topic) = self.inner.meta_view.topic(&l.topic) else {
+            // Led partitions come sorted by topic: one metadata lookup per topic.
+            if topic.as_ref().is_none_or(|t| *t.config.name != *l.topic) {
+                topic = self.inner.meta_view.topic(&l.topic);
+            }
+            let Some(topic) = topic.as_ref() else {
                 continue;
             };
             let g = topic.config.group_of(l.hosted.partition);
@@ -610,17 +638,9 @@ impl<T: Transport> Node<T> {
                 .ok()
                 .and_then(|q| q.up_for(preferred, std::time::Instant::now()))
                 .is_some_and(|up| up >= settle);
-            if !up_long_enough {
-                continue;
-            }
-            let group = &l.hosted.group;
-            let others: BTreeSet<NodeId> = GroupView::of(group)
-                .voters
-                .into_iter()
-                .filter(|v| *v != preferred)
-                .collect();
             // Only to a voter that holds the whole log (openraft's target refuses otherwise).
-            if GroupView::of(group).hand_over_target(self.inner.id, &others) != Some(preferred) {
+            let group = &l.hosted.group;
+            if !up_long_enough || !GroupView::of(group).holds_whole_log(preferred) {
                 continue;
             }
             tracing::info!(topic = %l.topic, group = g, to = preferred, "handing leadership to the preferred leader");
@@ -698,6 +718,10 @@ impl<T: Transport> Node<T> {
 
     /// Takes the next step of every move whose group this node leads.
     async fn carry_out_moves(&self) {
+        let moves = self.inner.meta_view.moves();
+        if moves.is_empty() {
+            return;
+        }
         let members: BTreeSet<NodeId> = self.region_members().iter().map(|m| m.id).collect();
         for m in self.inner.meta_view.moves() {
             let Some(group) = self.led_group(&m) else {
@@ -807,14 +831,8 @@ impl<T: Transport> Node<T> {
             return;
         }
         let me = self.inner.id;
-        let meta_to = {
-            let m = self.inner.meta.metrics();
-            let m = m.borrow_watched();
-            let leads = m.current_leader == Some(me);
-            leads
-                .then(|| GroupView::from_metrics(&m).hand_over_target(me, &draining))
-                .flatten()
-        };
+        let meta_to =
+            GroupView::leader_hand_over(&self.inner.meta.metrics().borrow_watched(), me, &draining);
         if let Some(to) = meta_to {
             let _ = self.inner.meta.trigger().transfer_leader(to).await;
         }
@@ -825,14 +843,8 @@ impl<T: Transport> Node<T> {
             .map(|p| p.values().cloned().collect())
             .unwrap_or_default();
         for group in groups {
-            let to = {
-                let m = group.raft.metrics();
-                let m = m.borrow_watched();
-                let leads = m.current_leader == Some(me);
-                leads
-                    .then(|| GroupView::from_metrics(&m).hand_over_target(me, &draining))
-                    .flatten()
-            };
+            let to =
+                GroupView::leader_hand_over(&group.raft.metrics().borrow_watched(), me, &draining);
             if let Some(to) = to {
                 group.wake();
                 let _ = group.raft.trigger().transfer_leader(to).await;
