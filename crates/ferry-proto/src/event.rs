@@ -141,15 +141,11 @@ impl Event {
     }
 }
 
-/// Partition of `key` in a topic of `partitions` partitions: FNV-1a 64 of the key, mod N.
-/// Stable across builds and platforms, so every client agrees.
+/// Partition of `key` in a topic of `partitions` partitions that was never split: FNV-1a 64
+/// of the key ([`crate::key_hash`]), mod N. A topic that grew maps keys by its
+/// [`crate::KeyLayout`].
 pub fn partition_for_key(key: &[u8], partitions: u32) -> u32 {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in key {
-        hash ^= u64::from(*byte);
-        hash = hash.wrapping_mul(0x0100_0000_01b3);
-    }
-    (hash % u64::from(partitions.max(1))) as u32
+    (crate::key_hash(key) % u64::from(partitions.max(1))) as u32
 }
 
 /// What a producer sends to one partition: events already encoded once by the client, so

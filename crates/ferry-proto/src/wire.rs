@@ -206,6 +206,16 @@ pub enum ClientRequest {
         /// Only print the plan.
         dry_run: bool,
     },
+    /// Grows a topic to `partitions` partitions (at most doubling it): each new partition
+    /// takes half of one existing partition's keys ([`crate::KeyLayout`]). Answered with
+    /// [`ClientResponse::Ok`] once recorded; the parents seal shortly after, and
+    /// `DescribeTopic` shows each split's seal.
+    AddPartitions {
+        /// Topic name.
+        topic: String,
+        /// The partition count asked for.
+        partitions: u32,
+    },
 }
 
 /// One step of a rebalance plan: a replica move, or a new preferred leader.
@@ -256,6 +266,9 @@ pub struct TopicDescription {
     pub nodes: Vec<NodeAddress>,
     /// Replica moves under way.
     pub moves: Vec<MoveInfo>,
+    /// How keys map to partitions ([`crate::KeyLayout`]): producers route keys by it, and
+    /// readers that keep per-key order read a split parent up to its seal before its child.
+    pub layout: crate::KeyLayout,
 }
 
 /// A replica move under way.
@@ -332,6 +345,10 @@ pub enum ErrorCode {
     /// nothing was appended. The message names the regions that are behind. Publishing works
     /// again once they catch up and retention drops events.
     PartitionFull,
+    /// The batch holds a key that does not map to this partition any more (the topic grew
+    /// and the partition split, or is splitting): nothing was appended. Describe the topic
+    /// again and route by its [`crate::KeyLayout`].
+    WrongPartition,
 }
 
 /// A typed error for the client: what went wrong and, for `NotLeader`, who leads.

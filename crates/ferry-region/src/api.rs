@@ -28,6 +28,7 @@ use crate::command::{
 };
 use crate::metadata::place_replicas;
 use crate::node::{now_ms, HostedPartition, Node};
+use crate::partition::{GroupViews, SplitState};
 
 /// The longest [`ClientRequest::AwaitInterest`] may wait.
 const MAX_INTEREST_WAIT_MS: u64 = 60_000;
@@ -102,9 +103,33 @@ fn reply_response(reply: PartitionReply) -> ClientResponse {
             first_version,
             version,
         },
-        PartitionReply::Done | PartitionReply::Forwarded(_) => ClientResponse::Ok,
+        PartitionReply::Done | PartitionReply::Forwarded(_) | PartitionReply::Sealed { .. } => {
+            ClientResponse::Ok
+        }
         PartitionReply::Error(e) => ClientResponse::Error(e),
     }
+}
+
+/// Why `events` do not belong in `partition` under the group's key layout `split` (the
+/// first key that maps elsewhere), if one does not.
+fn misrouted_key(
+    events: &[ferry_proto::Event],
+    split: &SplitState,
+    partition: u32,
+) -> Option<String> {
+    events.iter().find_map(|e| {
+        let key = e.key.as_ref()?;
+        let home =
+            ferry_proto::linear_partition(ferry_proto::key_hash(key), split.initial, split.layout);
+        (home != partition).then(|| {
+            format!(
+                "key {:?} maps to partition {home} since the topic grew to {} partitions, not to \
+                 {partition}: describe the topic again and route by its key layout",
+                String::from_utf8_lossy(key),
+                split.layout
+            )
+        })
+    })
 }
 
 /// The client's answer for a committed write that holds one partition command.
@@ -132,7 +157,23 @@ impl<T: Transport> Node<T> {
                 ),
             ));
         }
-        self.hosted_partition(&state.config, partition)
+        if let Some(split) = state
+            .layout
+            .split_of(partition)
+            .filter(|s| s.seal.is_none())
+        {
+            if self.hosted_partition(&state, partition).is_none() {
+                return Err(ApiError::new(
+                    ErrorCode::Unavailable,
+                    format!(
+                        "{topic}/{partition} opens once partition {} seals (partitions are being \
+                         added); retry",
+                        split.parent
+                    ),
+                ));
+            }
+        }
+        self.hosted_partition(&state, partition)
             .ok_or_else(|| ApiError {
                 code: ErrorCode::NotLeader,
                 message: format!("{topic}/{partition} has no replica on this node"),
@@ -148,37 +189,53 @@ impl<T: Transport> Node<T> {
         partition: u32,
         batch: EventBatch,
     ) -> Pending {
-        self.submit_batch(topic, partition, batch, |batch, appended_at_ms| {
-            PartitionCommand::Append {
-                batch,
-                appended_at_ms,
-            }
-        })
+        self.submit_batch(
+            topic,
+            partition,
+            batch,
+            |batch, appended_at_ms, events, views| {
+                // Checked here, where the events are decoded anyway; the state machine checks
+                // that the group's layout is still the one checked against.
+                let split = views.split();
+                let misrouted = (split.layout != 0)
+                    .then(|| misrouted_key(events, &split, partition))
+                    .flatten();
+                PartitionCommand::Publish {
+                    batch,
+                    appended_at_ms,
+                    layout: split.layout,
+                    misrouted,
+                }
+            },
+        )
         .await
     }
 
     /// Validates a batch for `topic/partition` (the topic and partition exist, this node
     /// leads it, the events decode and are valid) and submits the command `command` makes of
-    /// it and the append time; the returned future resolves when a majority has it on disk
-    /// (or it failed).
+    /// it, the append time, its events and the group's views; the returned future resolves
+    /// when a majority has it on disk (or it failed).
     async fn submit_batch(
         &self,
         topic: String,
         partition: u32,
         batch: EventBatch,
-        command: impl FnOnce(EventBatch, u64) -> PartitionCommand,
+        command: impl FnOnce(EventBatch, u64, &[ferry_proto::Event], &GroupViews) -> PartitionCommand,
     ) -> Pending {
         let group = match self.lookup(&topic, partition) {
             Ok(g) => g,
             Err(e) => return Box::pin(async move { ClientResponse::Error(e) }),
         };
-        if let Err(e) = batch.decode_events(&self.inner.config.limits) {
-            let code = match e {
-                ferry_proto::ProtoError::EventTooLarge { .. } => ErrorCode::EventTooLarge,
-                _ => ErrorCode::InvalidRequest,
-            };
-            return Box::pin(async move { error(code, e.to_string()) });
-        }
+        let events = match batch.decode_events(&self.inner.config.limits) {
+            Ok(events) => events,
+            Err(e) => {
+                let code = match e {
+                    ferry_proto::ProtoError::EventTooLarge { .. } => ErrorCode::EventTooLarge,
+                    _ => ErrorCode::InvalidRequest,
+                };
+                return Box::pin(async move { error(code, e.to_string()) });
+            }
+        };
         let metrics = group.raft().metrics();
         let leader = metrics.borrow_watched().current_leader;
         if leader != Some(self.inner.id) {
@@ -190,7 +247,7 @@ impl<T: Transport> Node<T> {
         }
         let command = GroupCommand {
             partition,
-            command: command(batch, now_ms()),
+            command: command(batch, now_ms(), &events, &group.group.views),
         };
         let what = format!("{topic}/{partition}");
         let started = std::time::Instant::now();
@@ -316,6 +373,14 @@ impl<T: Transport> Node<T> {
             ClientRequest::Rebalance { dry_run } => {
                 self.rebalance(dry_run, original, forwarded).await
             }
+            ClientRequest::AddPartitions { topic, partitions } => {
+                self.meta_write(
+                    MetaCommand::AddPartitions { topic, partitions },
+                    original,
+                    forwarded,
+                )
+                .await
+            }
             ClientRequest::ListTopics => ClientResponse::Topics(
                 self.inner
                     .meta_view
@@ -382,7 +447,7 @@ impl<T: Transport> Node<T> {
                     return error(ErrorCode::InvalidRequest, e.to_string());
                 }
                 let response = self
-                    .submit_batch(topic, partition, batch, |batch, appended_at_ms| {
+                    .submit_batch(topic, partition, batch, |batch, appended_at_ms, _, _| {
                         PartitionCommand::AppendToStream {
                             stream,
                             expected_version,
@@ -720,7 +785,7 @@ impl<T: Transport> Node<T> {
         let partitions = (0..state.config.partitions)
             .map(|p| {
                 let replicas = state.replicas[p as usize].clone();
-                match self.hosted_partition(&state.config, p) {
+                match self.hosted_partition(&state, p) {
                     Some(g) => {
                         let marks = g.view.watermarks();
                         PartitionInfo {
@@ -754,6 +819,7 @@ impl<T: Transport> Node<T> {
             partitions,
             nodes,
             moves: self.move_infos(topic),
+            layout: state.layout.clone(),
         })
     }
 

@@ -59,13 +59,34 @@ pub(crate) enum PartitionCommand {
     /// leader's clock minus the node's `producer_expiry_ms`, fixed in the command so every
     /// replica forgets the same ones).
     ExpireProducers { idle_before_ms: u64 },
+    /// Seal this (parent) partition for `children`: create them (empty) in the group, and
+    /// from here on refuse publishes of keys the topic of `partitions` partitions (created
+    /// with `initial`) maps elsewhere. Answered with the seal offset (this partition's next
+    /// offset; the first seal's again if sent twice).
+    Split {
+        initial: u32,
+        partitions: u32,
+        children: Vec<u32>,
+    },
+    /// A publish the leader checked against the group's key layout as of its split to
+    /// `layout` partitions (0: never split). Applied like `Append` if the group is still at
+    /// that layout and the leader found every key at home (`misrouted` None); a batch the
+    /// producer appended before is answered as the duplicate it is either way.
+    Publish {
+        batch: EventBatch,
+        appended_at_ms: u64,
+        layout: u32,
+        misrouted: Option<String>,
+    },
 }
 
 impl PartitionCommand {
     /// Bytes of event data it carries.
     pub(crate) fn payload_bytes(&self) -> usize {
         match self {
-            Self::Append { batch, .. } | Self::AppendToStream { batch, .. } => batch.events.len(),
+            Self::Append { batch, .. }
+            | Self::AppendToStream { batch, .. }
+            | Self::Publish { batch, .. } => batch.events.len(),
             Self::Forwarded { batch, .. } => batch.events.iter().map(|(_, e)| e.len()).sum(),
             _ => 0,
         }
@@ -90,6 +111,10 @@ pub(crate) enum PartitionReply {
         first_version: u64,
         /// The stream's version after the append.
         version: u64,
+    },
+    /// A split's seal: the parent's offset from which its children's keys go to them.
+    Sealed {
+        offset: u64,
     },
 }
 
@@ -150,6 +175,16 @@ pub(crate) enum MetaCommand {
     /// Keep moving replicas until every node holds about as many (`ferry ctl rebalance`),
     /// or stop.
     SetBalancing { on: bool },
+    /// Grow a topic to `partitions` partitions: record the splits (without seals) and the
+    /// new partitions' replicas (those of their parent's group).
+    AddPartitions { topic: String, partitions: u32 },
+    /// Partition `parent`'s group sealed it for its children at `offset` (sent by the
+    /// group's leader once the seal applied).
+    SealSplit {
+        topic: String,
+        parent: u32,
+        offset: u64,
+    },
 }
 
 /// What applying a metadata command answers.

@@ -6,8 +6,10 @@
 //!
 //! The bytes: `[u32 partitions]`, then per partition `[u32 partition][u64 state
 //! length][state][u64 batches length]` and per batch `[u64 base offset][u32 count][u64
-//! appended at][u32 length][events]`, all big-endian. The state is the partition state
-//! machine's own encoding; this module only carries it.
+//! appended at][u32 length][events]`, then `[u64 length][group state]`, all big-endian. The
+//! states are the partition state machine's own encoding; this module only carries them.
+//! Partitions come in ascending order; a snapshot may hold partitions the receiving group
+//! does not have yet (a split's children), never fewer.
 
 use std::collections::VecDeque;
 use std::io::{self, Read};
@@ -57,10 +59,12 @@ pub(crate) struct GroupSnapshotSource {
     sending: Option<SnapshotPart>,
     /// The events of the batch whose header was the last piece.
     events: Option<Bytes>,
+    /// The group's own state, sent after the last partition (taken once sent).
+    group_state: Option<Bytes>,
 }
 
 impl GroupSnapshotSource {
-    pub(crate) fn new(parts: Vec<SnapshotPart>) -> Self {
+    pub(crate) fn new(parts: Vec<SnapshotPart>, group_state: Bytes) -> Self {
         Self {
             partitions: parts.len() as u32,
             parts: parts.into_iter().map(|p| (p, None)).collect(),
@@ -68,6 +72,7 @@ impl GroupSnapshotSource {
             started: false,
             sending: None,
             events: None,
+            group_state: Some(group_state),
         }
     }
 }
@@ -77,7 +82,7 @@ impl SnapshotSource for GroupSnapshotSource {
         if let Some(total) = self.total {
             return Ok(total);
         }
-        let mut total = 4u64;
+        let mut total = 12 + self.group_state.as_ref().map_or(0, |s| s.len() as u64);
         for (part, size) in &mut self.parts {
             if size.is_none() {
                 let wanted = part.wanted();
@@ -118,7 +123,12 @@ impl SnapshotSource for GroupSnapshotSource {
             self.sending = None;
         }
         let Some((part, size)) = self.parts.pop_front() else {
-            return Ok(None);
+            return Ok(self.group_state.take().map(|state| {
+                let mut tail = Vec::with_capacity(8 + state.len());
+                tail.extend_from_slice(&(state.len() as u64).to_be_bytes());
+                tail.extend_from_slice(&state);
+                Bytes::from(tail)
+            }));
         };
         let mut head = Vec::with_capacity(20 + part.state.len());
         head.extend_from_slice(&part.partition.to_be_bytes());
@@ -128,6 +138,12 @@ impl SnapshotSource for GroupSnapshotSource {
         self.sending = Some(part);
         Ok(Some(Bytes::from(head)))
     }
+}
+
+/// A snapshot as received: its partitions and the group's encoded state.
+pub(crate) struct ReceivedSnapshot {
+    pub(crate) parts: Vec<ReceivedPart>,
+    pub(crate) group_state: Bytes,
 }
 
 /// One partition as received: its encoded state and its batches, written to fresh files.
@@ -167,28 +183,32 @@ fn take_u64(data: &mut impl Read) -> Result<u64, StoreError> {
     Ok(u64::from_be_bytes(buf))
 }
 
-/// Reads a snapshot of the group hosting `partitions` (in ascending order, as sent), writing
-/// each partition's batches into fresh batch files in `folder/<partition>`. Refuses (and the
-/// caller discards `folder`) a snapshot that names other partitions or is malformed.
+/// Most partitions one snapshot may hold (a topic's most).
+const MAX_PARTITIONS: u32 = ferry_proto::TopicConfig::MAX_PARTITIONS;
+
+/// Reads a snapshot of the group hosting `partitions` (ascending), writing each partition's
+/// batches into fresh batch files in `folder/<partition>`. Refuses (and the caller discards
+/// `folder`) a snapshot that lacks one of them, is out of order or is malformed; partitions
+/// beyond them are the caller's to check (a split's children).
 pub(crate) fn receive_snapshot(
     data: &mut impl Read,
     partitions: &[u32],
     folder: &Path,
     segment_bytes: u64,
-) -> Result<Vec<ReceivedPart>, StoreError> {
+) -> Result<ReceivedSnapshot, StoreError> {
     let count = take_u32(data)?;
-    if count as usize != partitions.len() {
+    if count > MAX_PARTITIONS || (count as usize) < partitions.len() {
         return Err(malformed(format!(
-            "it holds {count} partitions, this group {}",
+            "it holds {count} partitions, this group {} (at most {MAX_PARTITIONS})",
             partitions.len()
         )));
     }
-    let mut received = Vec::with_capacity(partitions.len());
-    for expected in partitions {
+    let mut received: Vec<ReceivedPart> = Vec::with_capacity(count as usize);
+    for _ in 0..count {
         let partition = take_u32(data)?;
-        if partition != *expected {
+        if received.last().is_some_and(|p| p.partition >= partition) {
             return Err(malformed(format!(
-                "it holds partition {partition} where this group has {expected} (partitions {partitions:?})"
+                "partition {partition} comes out of order"
             )));
         }
         let state_len = take_u64(data)?;
@@ -240,13 +260,31 @@ pub(crate) fn receive_snapshot(
             files,
         });
     }
+    if let Some(missing) = partitions
+        .iter()
+        .find(|p| !received.iter().any(|r| r.partition == **p))
+    {
+        return Err(malformed(format!(
+            "it lacks partition {missing} of this group (partitions {partitions:?})"
+        )));
+    }
+    let state_len = take_u64(data)?;
+    if state_len > MAX_STATE_BYTES {
+        return Err(malformed(format!(
+            "the group's state of {state_len} bytes is over {MAX_STATE_BYTES}"
+        )));
+    }
+    let group_state = Bytes::from(take(data, state_len as usize)?);
     let mut rest = [0u8; 1];
     if data
         .read(&mut rest)
         .map_err(|e| StoreError::io("partition snapshot", e))?
         != 0
     {
-        return Err(malformed("bytes follow its last partition"));
+        return Err(malformed("bytes follow the group's state"));
     }
-    Ok(received)
+    Ok(ReceivedSnapshot {
+        parts: received,
+        group_state,
+    })
 }

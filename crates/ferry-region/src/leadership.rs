@@ -61,7 +61,7 @@ impl Leadership {
     fn set(&self, topic: &Arc<str>, group: &PartitionGroup, leads: bool) {
         let mut state = lock(&self.state);
         let mut changed = false;
-        for &partition in group.views.keys() {
+        for partition in group.views.numbers() {
             let key = (topic.clone(), partition);
             changed |= if leads {
                 match group.hosted(partition) {
@@ -79,20 +79,23 @@ impl Leadership {
         }
     }
 
-    /// Follows `group`'s leadership for as long as the group runs (until its Raft stops) or
-    /// the registry is dropped.
+    /// Follows `group`'s leadership, and its partitions (a split adds some), for as long as
+    /// the group runs (until its Raft stops) or the registry is dropped.
     pub(crate) fn follow(registry: Weak<Self>, me: NodeId, topic: Arc<str>, group: PartitionGroup) {
         let mut server = group.raft.server_metrics();
+        let mut partitions = group.views.subscribe();
         tokio::spawn(async move {
             loop {
                 let leads = server.borrow_and_update().current_leader == Some(me);
+                partitions.borrow_and_update();
                 let Some(registry) = registry.upgrade() else {
                     return;
                 };
                 registry.set(&topic, &group, leads);
                 drop(registry);
-                if server.changed().await.is_err() {
-                    break;
+                tokio::select! {
+                    changed = server.changed() => if changed.is_err() { break },
+                    _ = partitions.changed() => {}
                 }
             }
             // The group stopped: it leads nothing any more.

@@ -32,6 +32,7 @@ pub mod partition;
 pub mod peer;
 mod quiesce;
 pub mod server;
+mod splits;
 
 pub use config::{FaultConfig, MeshConfig, NodeConfig, PeerConfig, RaftTuning, SlowLink, TlsPaths};
 pub use error::RegionError;

@@ -4,14 +4,15 @@
 //! (the log index of the last entry that changed the interests, big-endian u64; absent = 0);
 //! `a`+name → when the interest was added (ms since the epoch, big-endian u64; absent = 0);
 //! `m`+topic+`\0`+group (big-endian u32) → a [`ReplicaMove`] under way; `d`+node (big-endian
-//! u64) → the node is draining; `B` → present while the region balances its replicas.
+//! u64) → the node is draining; `B` → present while the region balances its replicas;
+//! `s`+topic → the topic's [`KeyLayout`] once partitions were added to it.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, RwLock};
 
 use bytes::Bytes;
 use ferry_proto::wire::{ApiError, ErrorCode};
-use ferry_proto::{codec, NodeId, SubjectFilter, TopicConfig};
+use ferry_proto::{codec, KeyLayout, NodeId, SubjectFilter, TopicConfig};
 use ferry_store::{Application, StoreError};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
@@ -25,6 +26,7 @@ const INTEREST_ADDED_PREFIX: u8 = b'a';
 const MOVE_PREFIX: u8 = b'm';
 const DRAINING_PREFIX: u8 = b'd';
 const BALANCING_KEY: &[u8] = b"B";
+const LAYOUT_PREFIX: u8 = b's';
 
 /// A replica of a topic's Raft group on its way from one node to another ([`crate::moves`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -63,6 +65,34 @@ pub struct TopicState {
     /// Replica nodes per partition (those of its Raft group); the first one initialises
     /// the group.
     pub replicas: Vec<Vec<NodeId>>,
+    /// How its keys map to partitions (kept under its own key: a topic's record is the
+    /// same as before topics could grow).
+    #[serde(skip)]
+    pub layout: KeyLayout,
+}
+
+impl TopicState {
+    /// The Raft group of `partition`: that of the partition it descends from (a split's
+    /// child joins its parent's group, so one log orders the seal and the child's events).
+    pub fn group_of(&self, partition: u32) -> u32 {
+        self.config.group_of(self.layout.root(partition))
+    }
+
+    /// The partitions of Raft group `group`, in order.
+    pub fn partitions_of(&self, group: u32) -> impl Iterator<Item = u32> + '_ {
+        (0..self.config.partitions).filter(move |p| self.group_of(*p) == group)
+    }
+
+    /// The partition of `key`.
+    pub fn partition_for_key(&self, key: &[u8]) -> u32 {
+        self.layout.partition_for_key(key, self.config.partitions)
+    }
+}
+
+fn layout_key(topic: &str) -> Vec<u8> {
+    let mut key = vec![LAYOUT_PREFIX];
+    key.extend_from_slice(topic.as_bytes());
+    key
 }
 
 /// Read access to the applied metadata, shared with the node.
@@ -261,7 +291,11 @@ impl MetaApp {
                 ))
             };
         }
-        let state = TopicState { config, replicas };
+        let state = TopicState {
+            config,
+            replicas,
+            layout: KeyLayout::default(),
+        };
         if let Err(reply) = stage_topic(&state, writes) {
             return reply;
         }
@@ -270,12 +304,19 @@ impl MetaApp {
     }
 }
 
-/// Stages `state` to be written under its topic's key; an encoding failure is the reply.
+/// Stages `state` to be written under its topic's key (and its layout under its own, once
+/// it has one); an encoding failure is the reply.
 fn stage_topic(state: &TopicState, writes: &mut sled::Batch) -> Result<(), MetaReply> {
+    let failed = |e: ferry_proto::ProtoError| {
+        MetaReply::Error(ApiError::new(ErrorCode::Internal, e.to_string()))
+    };
     let mut key = vec![TOPIC_PREFIX];
     key.extend_from_slice(state.config.name.as_bytes());
-    let value = codec::encode("topic", state)
-        .map_err(|e| MetaReply::Error(ApiError::new(ErrorCode::Internal, e.to_string())))?;
+    let value = codec::encode("topic", state).map_err(failed)?;
+    if state.layout != KeyLayout::default() {
+        let layout = codec::encode("key layout", &state.layout).map_err(failed)?;
+        writes.insert(layout_key(&state.config.name), layout);
+    }
     writes.insert(key, value);
     Ok(())
 }
@@ -360,7 +401,7 @@ impl MetaApp {
         // The node that joins goes last: the first replica is the one that formed the
         // group, and a node that starts the group empty must never be taken for it.
         let mut next = state.clone();
-        for p in next.config.partitions_of(group) {
+        for p in next.partitions_of(group).collect::<Vec<_>>() {
             let replicas = &mut next.replicas[p as usize];
             replicas.retain(|r| *r != from);
             replicas.push(to);
@@ -397,8 +438,84 @@ impl MetaApp {
             ));
         }
         let mut next = state.clone();
-        for p in next.config.partitions_of(group) {
+        for p in next.partitions_of(group).collect::<Vec<_>>() {
             next.replicas[p as usize] = replicas.clone();
+        }
+        if let Err(reply) = stage_topic(&next, writes) {
+            return reply;
+        }
+        *state = next;
+        MetaReply::Done
+    }
+
+    /// Grows `topic` to `partitions` partitions (see [`KeyLayout::plan_growth`] for what
+    /// is refused): each child gets its parent's group's replicas.
+    fn add_partitions(
+        &mut self,
+        topic: &str,
+        partitions: u32,
+        writes: &mut sled::Batch,
+    ) -> MetaReply {
+        let Some(state) = self.topics.get_mut(topic) else {
+            return MetaReply::Error(ApiError::new(
+                ErrorCode::UnknownTopic,
+                format!("no topic named {topic:?}"),
+            ));
+        };
+        let from = state.config.partitions;
+        if from == partitions && state.layout.unsealed().next().is_some() {
+            // The same request again while its seals are on their way.
+            return MetaReply::Done;
+        }
+        let splits = match state.layout.plan_growth(topic, from, partitions) {
+            Ok(splits) => splits,
+            Err(e) => return invalid(e.to_string()),
+        };
+        let mut next = state.clone();
+        if next.layout.initial == 0 {
+            next.layout.initial = from;
+        }
+        next.config.partitions = partitions;
+        for split in &splits {
+            let group = next.group_of(split.child) as usize;
+            next.replicas.push(next.replicas[group].clone());
+        }
+        next.layout.splits.extend(splits);
+        if let Err(reply) = stage_topic(&next, writes) {
+            return reply;
+        }
+        *state = next;
+        MetaReply::Done
+    }
+
+    /// Records the seal of `parent`'s splits that have none yet.
+    fn seal_split(
+        &mut self,
+        topic: &str,
+        parent: u32,
+        offset: u64,
+        writes: &mut sled::Batch,
+    ) -> MetaReply {
+        let Some(state) = self.topics.get_mut(topic) else {
+            return invalid(format!("no topic named {topic:?}"));
+        };
+        let mut next = state.clone();
+        let mut sealed = false;
+        for split in next.layout.splits.iter_mut().filter(|s| s.parent == parent) {
+            match split.seal {
+                None => {
+                    split.seal = Some(offset);
+                    sealed = true;
+                }
+                // Sent again (a new leader, a retry): the group's log holds one seal.
+                Some(at) if at == offset => sealed = true,
+                Some(_) => {}
+            }
+        }
+        if !sealed {
+            return invalid(format!(
+                "partition {parent} of {topic:?} has no split waiting for a seal"
+            ));
         }
         if let Err(reply) = stage_topic(&next, writes) {
             return reply;
@@ -491,6 +608,14 @@ impl Application for MetaApp {
             let (_, value) = item.map_err(|e| StoreError::io("metadata scan", e))?;
             let state: TopicState = codec::decode("topic", &value)?;
             self.topics.insert(state.config.name.clone(), state);
+        }
+        for item in tree.scan_prefix([LAYOUT_PREFIX]) {
+            let (key, value) = item.map_err(|e| StoreError::io("metadata scan", e))?;
+            let name = String::from_utf8_lossy(&key[1..]).into_owned();
+            let layout: KeyLayout = codec::decode("key layout", &value)?;
+            if let Some(state) = self.topics.get_mut(&name) {
+                state.layout = layout;
+            }
         }
         self.interests.clear();
         for item in tree.scan_prefix([INTEREST_PREFIX]) {
@@ -617,6 +742,14 @@ impl Application for MetaApp {
                 self.balancing = on;
                 MetaReply::Done
             }
+            Ok(MetaCommand::AddPartitions { topic, partitions }) => {
+                self.add_partitions(&topic, partitions, writes)
+            }
+            Ok(MetaCommand::SealSplit {
+                topic,
+                parent,
+                offset,
+            }) => self.seal_split(&topic, parent, offset, writes),
             Err(e) => MetaReply::Error(ApiError::new(ErrorCode::InvalidRequest, e.to_string())),
         };
         encode("metadata reply", &reply).unwrap_or_default()
@@ -787,6 +920,96 @@ mod tests {
             MetaReply::Done
         ));
         assert_eq!(app.view().topic("t").unwrap().replicas[1], vec![1, 2, 3]);
+    }
+
+    #[test]
+    fn partitions_are_added_by_splits_sealed_once_and_kept_through_a_reload() {
+        let db = sled::Config::new().temporary(true).open().unwrap();
+        let tree = db.open_tree("meta").unwrap();
+        let mut app = MetaApp::default();
+        let mut config = TopicConfig::new("t", 4);
+        config.groups = 3;
+        let replicas = place_replicas(&[1, 2, 3], &config);
+        assert!(matches!(
+            apply(
+                &mut app,
+                &tree,
+                1,
+                MetaCommand::CreateTopic { config, replicas }
+            ),
+            MetaReply::Created
+        ));
+        let grow = |partitions| MetaCommand::AddPartitions {
+            topic: "t".into(),
+            partitions,
+        };
+        let seal = |parent, offset| MetaCommand::SealSplit {
+            topic: "t".into(),
+            parent,
+            offset,
+        };
+        let refused = |r: MetaReply| matches!(r, MetaReply::Error(_));
+        // More than doubling, fewer, or a topic that does not exist: refused.
+        assert!(refused(apply(&mut app, &tree, 2, grow(9))));
+        assert!(refused(apply(&mut app, &tree, 3, grow(4))));
+        assert!(refused(apply(
+            &mut app,
+            &tree,
+            4,
+            MetaCommand::AddPartitions {
+                topic: "u".into(),
+                partitions: 5
+            }
+        )));
+        assert_eq!(app.view().topic("t").unwrap().config.partitions, 4);
+        assert!(matches!(
+            apply(&mut app, &tree, 5, grow(6)),
+            MetaReply::Done
+        ));
+        let t = app.view().topic("t").unwrap();
+        assert_eq!(t.config.partitions, 6);
+        assert_eq!(t.layout.initial, 4);
+        // Children join their parents' groups: 4 that of 0, 5 that of 1.
+        assert_eq!((t.group_of(4), t.group_of(5)), (0, 1));
+        assert_eq!(t.replicas[4], t.replicas[0]);
+        assert_eq!(t.replicas[5], t.replicas[1]);
+        assert_eq!(t.partitions_of(0).collect::<Vec<_>>(), vec![0, 3, 4]);
+        // The same request again is accepted; another growth waits for the seals.
+        assert!(matches!(
+            apply(&mut app, &tree, 6, grow(6)),
+            MetaReply::Done
+        ));
+        assert!(refused(apply(&mut app, &tree, 7, grow(8))));
+        assert!(refused(apply(&mut app, &tree, 8, seal(2, 5))));
+        assert!(matches!(
+            apply(&mut app, &tree, 9, seal(0, 10)),
+            MetaReply::Done
+        ));
+        assert!(matches!(
+            apply(&mut app, &tree, 10, seal(0, 10)),
+            MetaReply::Done
+        ));
+        assert!(refused(apply(&mut app, &tree, 11, seal(0, 11))));
+        assert!(refused(apply(&mut app, &tree, 12, grow(8))));
+        assert!(matches!(
+            apply(&mut app, &tree, 13, seal(1, 0)),
+            MetaReply::Done
+        ));
+        let mut reloaded = MetaApp::default();
+        reloaded.load(&tree).unwrap();
+        let t = reloaded.view().topic("t").unwrap();
+        assert_eq!(t.config.partitions, 6);
+        let seals: Vec<_> = t
+            .layout
+            .splits
+            .iter()
+            .map(|s| (s.parent, s.child, s.seal))
+            .collect();
+        assert_eq!(seals, vec![(0, 4, Some(10)), (1, 5, Some(0))]);
+        assert!(matches!(
+            apply(&mut reloaded, &tree, 14, grow(8)),
+            MetaReply::Done
+        ));
     }
 
     #[test]

@@ -410,7 +410,7 @@ impl<T: Transport> Node<T> {
         if self.inner.meta_view.draining().contains(&to) {
             return refuse(format!("node {to} is draining; it takes no replicas"));
         }
-        let group = state.config.group_of(partition);
+        let group = state.group_of(partition);
         if self
             .inner
             .meta_view
@@ -485,6 +485,7 @@ impl<T: Transport> Node<T> {
             node.plan_and_record_moves().await;
             node.carry_out_moves().await;
             node.hand_over_if_draining().await;
+            node.seal_splits().await;
         });
         let settle = self.inner.config.leader_rebalance_after_ms;
         if settle > 0 {
@@ -619,7 +620,7 @@ impl<T: Transport> Node<T> {
             let Some(topic) = topic.as_ref() else {
                 continue;
             };
-            let g = topic.config.group_of(l.hosted.partition);
+            let g = topic.group_of(l.hosted.partition);
             if !seen.insert((l.topic.clone(), g))
                 || self.inner.meta_view.move_of(&l.topic, g).is_some()
             {

@@ -23,8 +23,8 @@ use crate::coalesce::Proposals;
 use crate::command::{decode, encode, GroupCommand, GroupEntry, PartitionCommand};
 use crate::groups::GroupCoordinator;
 use crate::leadership::{Leadership, LedPartition};
-use crate::metadata::{MetaApp, MetaView};
-use crate::partition::{PartitionStateMachine, PartitionView};
+use crate::metadata::{MetaApp, MetaView, TopicState};
+use crate::partition::{GroupViews, PartitionStateMachine, PartitionView};
 use crate::peer::{
     error_response, serve_lanes, GroupNetwork, LaneAnswers, LaneRequests, PeerRequest,
     PeerResponse, Router,
@@ -51,8 +51,8 @@ pub fn partition_group(topic: &str, group: u32) -> GroupId {
 pub struct PartitionGroup {
     /// Its Raft. Proposals go through [`PartitionGroup::proposer`].
     pub raft: PartitionRaft,
-    /// The applied state of each of its partitions.
-    pub views: Arc<BTreeMap<u32, Arc<PartitionView>>>,
+    /// The applied state of each of its partitions (a split adds its children).
+    pub views: Arc<GroupViews>,
     /// Whether it sleeps ([`crate::quiesce`]).
     pub(crate) quiet: Arc<Quiet>,
     /// Publishes waiting to be proposed together ([`crate::coalesce`]).
@@ -93,7 +93,7 @@ impl PartitionGroup {
     /// Partition `partition` of this group.
     pub(crate) fn hosted(&self, partition: u32) -> Option<HostedPartition> {
         Some(HostedPartition {
-            view: self.views.get(&partition)?.clone(),
+            view: self.views.get(partition)?,
             partition,
             group: self.clone(),
         })
@@ -409,7 +409,12 @@ impl<T: Transport> Node<T> {
                 {
                     continue;
                 }
-                let members: Vec<u32> = topic.config.partitions_of(number).collect();
+                // Those the topic was created with: the state machine knows the children of
+                // the splits it applied.
+                let members: Vec<u32> = topic
+                    .partitions_of(number)
+                    .filter(|p| topic.layout.split_of(*p).is_none())
+                    .collect();
                 if moving_in && !inner.store.groups().contains(&group) {
                     // A replica arriving with no log here starts empty: files left by an
                     // earlier replica of the group on this node (a retire cut short) go.
@@ -420,7 +425,7 @@ impl<T: Transport> Node<T> {
                     inner.config.wal_segment_bytes,
                     &members,
                 )?;
-                let views = sm.views();
+                let views = sm.group_views();
                 let log = inner.store.log_store(&group)?;
                 let network = GroupNetwork {
                     router: inner.router.clone(),
@@ -670,16 +675,17 @@ impl<T: Transport> Node<T> {
 
     /// A hosted partition.
     pub fn partition(&self, topic: &str, partition: u32) -> Option<HostedPartition> {
-        self.hosted_partition(&self.inner.meta_view.topic(topic)?.config, partition)
+        self.hosted_partition(&*self.inner.meta_view.topic(topic)?, partition)
     }
 
-    /// Partition `partition` of the topic `config` describes, if hosted here.
+    /// Partition `partition` of `topic`, if hosted here (a split's child only once its
+    /// group applied the split).
     pub(crate) fn hosted_partition(
         &self,
-        config: &ferry_proto::TopicConfig,
+        topic: &TopicState,
         partition: u32,
     ) -> Option<HostedPartition> {
-        let group = partition_group(&config.name, config.group_of(partition));
+        let group = partition_group(&topic.config.name, topic.group_of(partition));
         self.inner
             .partitions
             .read()
@@ -706,8 +712,9 @@ impl<T: Transport> Node<T> {
                     .to_string();
                 group
                     .views
-                    .keys()
-                    .filter_map(|&p| Some((format!("{topic}/{p}"), group.hosted(p)?)))
+                    .numbers()
+                    .into_iter()
+                    .filter_map(|p| Some((format!("{topic}/{p}"), group.hosted(p)?)))
                     .collect::<Vec<_>>()
             })
             .collect();
@@ -1134,6 +1141,7 @@ impl<T: Transport> Node<T> {
                     command,
                     crate::command::MetaCommand::FinishMove { .. }
                         | crate::command::MetaCommand::CancelMove { .. }
+                        | crate::command::MetaCommand::SealSplit { .. }
                 ) && self.region_members().iter().any(|m| m.id == from);
                 if !allowed {
                     return PeerResponse::Error(format!(

@@ -101,14 +101,17 @@ struct SmallState {
 }
 
 /// What `checkpoint` holds. The file is `[u64 length][CheckpointHead]` then, per partition,
-/// `[u64 length][PartitionCheckpoint]`: each part is decoded on its own, so the decoder's
-/// bound applies per partition, however many partitions a group has.
+/// `[u64 length][PartitionCheckpoint]`, then, once the topic split, `[u64 length][SplitState]`:
+/// each part is decoded on its own, so the decoder's bound applies per partition, however
+/// many partitions a group has.
 #[derive(Debug, Clone)]
 struct Checkpoint {
     meta: SnapshotMetaOf<TypeConfig>,
     /// The folder (under the group's) holding the batch files, one folder per partition.
     batches: String,
     partitions: Vec<PartitionCheckpoint>,
+    /// Written after the partitions when not the default.
+    split: SplitState,
 }
 
 /// The first part of a checkpoint file.
@@ -126,6 +129,82 @@ struct PartitionCheckpoint {
     state: SmallState,
     /// How far its batch files count.
     extent: Extent,
+}
+
+/// What a group knows of its topic's splits ([`ferry_proto::KeyLayout`]): the layout its
+/// publishes are checked against and the seals of the children it holds. Kept after the
+/// partitions in a checkpoint and a snapshot (absent: never split).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SplitState {
+    /// Partitions the topic was created with (0: never split).
+    pub initial: u32,
+    /// Partitions of the topic as of the group's last split (0: never split): publishes
+    /// are checked against this layout.
+    pub layout: u32,
+    /// Per child partition held here: its parent and the parent's seal offset.
+    pub seals: BTreeMap<u32, (u32, u64)>,
+}
+
+/// The read views of a group's partitions by number, and its [`SplitState`]; a split adds
+/// its children. Shared by the state machine (which changes it as it applies) and the node.
+pub struct GroupViews {
+    views: RwLock<Arc<BTreeMap<u32, Arc<PartitionView>>>>,
+    split: RwLock<Arc<SplitState>>,
+    /// Counts changes of the partition set (leadership follows them).
+    changed: watch::Sender<u64>,
+}
+
+impl GroupViews {
+    fn new(views: BTreeMap<u32, Arc<PartitionView>>, split: SplitState) -> Self {
+        Self {
+            views: RwLock::new(Arc::new(views)),
+            split: RwLock::new(Arc::new(split)),
+            changed: watch::channel(0).0,
+        }
+    }
+
+    /// Partition `partition`'s view, if the group holds it.
+    pub fn get(&self, partition: u32) -> Option<Arc<PartitionView>> {
+        self.views.read().ok()?.get(&partition).cloned()
+    }
+
+    /// Every partition's view.
+    pub fn all(&self) -> Arc<BTreeMap<u32, Arc<PartitionView>>> {
+        self.views.read().map(|v| v.clone()).unwrap_or_default()
+    }
+
+    /// The partitions the group holds, ascending.
+    pub fn numbers(&self) -> Vec<u32> {
+        self.all().keys().copied().collect()
+    }
+
+    /// What the group knows of its topic's splits.
+    pub fn split(&self) -> Arc<SplitState> {
+        self.split.read().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// Changes whenever the group's partitions change.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    /// Publishes the partitions and split state the state machine holds now.
+    fn set(&self, views: BTreeMap<u32, Arc<PartitionView>>, split: SplitState) {
+        let grew = match self.views.write() {
+            Ok(mut now) => {
+                let grew = now.len() != views.len();
+                *now = Arc::new(views);
+                grew
+            }
+            Err(_) => false,
+        };
+        if let Ok(mut now) = self.split.write() {
+            *now = Arc::new(split);
+        }
+        if grew {
+            self.changed.send_modify(|c| *c += 1);
+        }
+    }
 }
 
 /// Read access to a partition's applied state, shared with the API.
@@ -489,7 +568,13 @@ impl Partition {
             PartitionCommand::Append {
                 batch,
                 appended_at_ms,
-            } => self.append(batch, appended_at_ms)?,
+            } => self.append(batch, appended_at_ms, None)?,
+            PartitionCommand::Split { .. } | PartitionCommand::Publish { .. } => {
+                PartitionReply::Error(ApiError::new(
+                    ErrorCode::Internal,
+                    "a group command reached a partition",
+                ))
+            }
             PartitionCommand::Commit { group, offset } => {
                 // Cursors only move forward: a member that lost the partition in a rebalance
                 // may still commit what it handled, and must not undo its successor's commits.
@@ -523,10 +608,13 @@ impl Partition {
         })
     }
 
+    /// Appends `batch` unless it is a producer's resend (answered with the original offsets)
+    /// or `refused` (answered with that, changing nothing).
     fn append(
         &mut self,
         batch: EventBatch,
         appended_at_ms: u64,
+        refused: Option<ApiError>,
     ) -> Result<PartitionReply, StoreError> {
         let count = batch.count;
         match self.sequence(&batch) {
@@ -536,6 +624,11 @@ impl Partition {
                 count,
                 duplicate: true,
             }),
+            Ok(Sequencing::Fresh(_)) if refused.is_some() => {
+                Ok(PartitionReply::Error(refused.unwrap_or_else(|| {
+                    ApiError::new(ErrorCode::Internal, "refused without a reason")
+                })))
+            }
             Ok(Sequencing::Fresh(producer)) => {
                 let base_offset = self.store(batch, appended_at_ms, producer)?;
                 Ok(PartitionReply::Appended {
@@ -881,6 +974,11 @@ impl Partition {
 struct Inner {
     /// The group's partitions, by number.
     partitions: BTreeMap<u32, Partition>,
+    split: SplitState,
+    /// The group's folder and its segment size (a split creates partitions in it).
+    dir: PathBuf,
+    segment_bytes: u64,
+    views: Arc<GroupViews>,
     applied: AppliedState,
     /// The folder of the batch files in use (one folder per partition inside it): a
     /// snapshot is installed into a new one, and the checkpoint naming it switches over
@@ -896,7 +994,7 @@ pub struct PartitionStateMachine {
     dir: PathBuf,
     segment_bytes: u64,
     inner: Arc<Mutex<Inner>>,
-    views: Arc<BTreeMap<u32, Arc<PartitionView>>>,
+    views: Arc<GroupViews>,
     /// One checkpoint at a time: a snapshot build writes its checkpoint outside `inner`'s
     /// lock, and must not interleave with an install's.
     checkpointing: Arc<Mutex<()>>,
@@ -915,7 +1013,10 @@ fn read_checkpoint(dir: &Path) -> Result<Option<Checkpoint>, StoreError> {
     };
     let malformed = || StoreError::io(path.display().to_string(), "malformed checkpoint");
     let mut rest = &bytes[..];
-    let mut part = || -> Result<&[u8], StoreError> {
+    let mut part = || -> Result<Option<&[u8]>, StoreError> {
+        if rest.is_empty() {
+            return Ok(None);
+        }
         let (len, tail) = rest.split_first_chunk::<8>().ok_or_else(malformed)?;
         let len = usize::try_from(u64::from_be_bytes(*len)).map_err(|_| malformed())?;
         if tail.len() < len {
@@ -923,19 +1024,25 @@ fn read_checkpoint(dir: &Path) -> Result<Option<Checkpoint>, StoreError> {
         }
         let (part, tail) = tail.split_at(len);
         rest = tail;
-        Ok(part)
+        Ok(Some(part))
     };
-    let head: CheckpointHead = codec::decode("partition checkpoint", part()?)?;
+    let mut next = || part()?.ok_or_else(malformed);
+    let head: CheckpointHead = codec::decode("partition checkpoint", next()?)?;
     let partitions = (0..head.partitions)
-        .map(|_| Ok(codec::decode("partition checkpoint", part()?)?))
+        .map(|_| Ok(codec::decode("partition checkpoint", next()?)?))
         .collect::<Result<Vec<PartitionCheckpoint>, StoreError>>()?;
-    if !rest.is_empty() {
+    let split = match part()? {
+        None => SplitState::default(),
+        Some(bytes) => codec::decode("partition checkpoint's split state", bytes)?,
+    };
+    if part()?.is_some() {
         return Err(malformed());
     }
     Ok(Some(Checkpoint {
         meta: head.meta,
         batches: head.batches,
         partitions,
+        split,
     }))
 }
 
@@ -970,6 +1077,12 @@ fn write_checkpoint(dir: &Path, checkpoint: &Checkpoint) -> Result<(), StoreErro
     for partition in &checkpoint.partitions {
         put(codec::encode("partition checkpoint", partition)?);
     }
+    if checkpoint.split != SplitState::default() {
+        put(codec::encode(
+            "partition checkpoint's split state",
+            &checkpoint.split,
+        )?);
+    }
     let tmp = dir.join("checkpoint.tmp");
     let io = |e: io::Error| StoreError::io(tmp.display().to_string(), e);
     let mut file = std::fs::File::create(&tmp).map_err(io)?;
@@ -987,8 +1100,10 @@ fn partition_folder(batches: &Path, partition: u32) -> PathBuf {
 }
 
 impl PartitionStateMachine {
-    /// Opens the group kept in `dir` (creating it empty) for `partitions`: their batch files
-    /// are cut back to the last checkpoint, whose state and applied log id are restored.
+    /// Opens the group kept in `dir` (creating it empty) for `partitions` (those its topic
+    /// was created with; the checkpoint adds the children of splits it applied): their batch
+    /// files are cut back to the last checkpoint, whose state and applied log id are
+    /// restored.
     pub fn open(dir: &Path, segment_bytes: u64, partitions: &[u32]) -> Result<Self, StoreError> {
         ferry_store::create_dir_durably(dir)?;
         let checkpoint = read_checkpoint(dir)?;
@@ -1006,8 +1121,17 @@ impl PartitionStateMachine {
                     .collect()
             })
             .unwrap_or_default();
+        let split = checkpoint
+            .as_ref()
+            .map(|c| c.split.clone())
+            .unwrap_or_default();
+        let numbers: std::collections::BTreeSet<u32> = partitions
+            .iter()
+            .copied()
+            .chain(split.seals.keys().copied())
+            .collect();
         let mut hosted = BTreeMap::new();
-        for &number in partitions {
+        for number in numbers {
             let saved = saved.remove(&number);
             let extent = saved.as_ref().map(|s| s.extent.clone()).unwrap_or_default();
             let files = BatchFiles::open(
@@ -1032,21 +1156,31 @@ impl PartitionStateMachine {
             None => (None, StoredMembershipOf::<TypeConfig>::default()),
         };
         let views = hosted.iter().map(|(n, p)| (*n, p.view.clone())).collect();
+        let views = Arc::new(GroupViews::new(views, split.clone()));
         Ok(Self {
             dir: dir.to_path_buf(),
             segment_bytes,
             inner: Arc::new(Mutex::new(Inner {
                 partitions: hosted,
+                split,
+                dir: dir.to_path_buf(),
+                segment_bytes,
+                views: views.clone(),
                 applied,
                 batches,
             })),
-            views: Arc::new(views),
+            views,
             checkpointing: Arc::new(Mutex::new(())),
         })
     }
 
-    /// The shared read views of the group's partitions.
+    /// The read views of the group's partitions as they are now.
     pub fn views(&self) -> Arc<BTreeMap<u32, Arc<PartitionView>>> {
+        self.views.all()
+    }
+
+    /// The group's views, shared: they follow the splits it applies.
+    pub fn group_views(&self) -> Arc<GroupViews> {
         self.views.clone()
     }
 
@@ -1078,6 +1212,7 @@ impl PartitionStateMachine {
             },
             batches: inner.batches.clone(),
             partitions,
+            split: inner.split.clone(),
         };
         Ok((checkpoint, plans))
     }
@@ -1094,7 +1229,7 @@ impl PartitionStateMachine {
         }
         write_checkpoint(&self.dir, checkpoint)?;
         for saved in &checkpoint.partitions {
-            let Some(view) = self.views.get(&saved.partition) else {
+            let Some(view) = self.views.get(saved.partition) else {
                 continue;
             };
             let mut files = view.files.write().map_err(storage_err)?;
@@ -1142,18 +1277,117 @@ impl PartitionStateMachine {
         GroupCommand { partition, command }: GroupCommand,
         touched: &mut Vec<u32>,
     ) -> Result<PartitionReply, StoreError> {
+        if let PartitionCommand::Split {
+            initial,
+            partitions,
+            children,
+        } = command
+        {
+            return Self::split(inner, partition, initial, partitions, children, touched);
+        }
+        let layout = inner.split.layout;
         match inner.partitions.get_mut(&partition) {
             Some(p) => {
                 if !touched.contains(&partition) {
                     touched.push(partition);
                 }
-                p.apply(command)
+                match command {
+                    PartitionCommand::Publish {
+                        batch,
+                        appended_at_ms,
+                        layout: checked,
+                        misrouted,
+                    } => {
+                        let refusal = if checked != layout {
+                            Some(format!(
+                                "the topic grew to {layout} partitions while this batch to \
+                                 partition {partition} was on its way (checked against {checked})"
+                            ))
+                        } else {
+                            misrouted
+                        };
+                        p.append(
+                            batch,
+                            appended_at_ms,
+                            refusal.map(|why| ApiError::new(ErrorCode::WrongPartition, why)),
+                        )
+                    }
+                    command => p.apply(command),
+                }
             }
             None => Ok(PartitionReply::Error(ApiError::new(
                 ErrorCode::InvalidRequest,
                 format!("partition {partition} is not in this Raft group"),
             ))),
         }
+    }
+}
+
+impl PartitionStateMachine {
+    /// Seals `parent` for `children` at its next offset and creates them empty; from here
+    /// on the group checks publishes against the topic of `partitions` partitions. The same
+    /// split again is answered with the first seal.
+    fn split(
+        inner: &mut Inner,
+        parent: u32,
+        initial: u32,
+        partitions: u32,
+        children: Vec<u32>,
+        touched: &mut Vec<u32>,
+    ) -> Result<PartitionReply, StoreError> {
+        let refuse = |why: String| {
+            Ok(PartitionReply::Error(ApiError::new(
+                ErrorCode::InvalidRequest,
+                why,
+            )))
+        };
+        let Some(offset) = inner.partitions.get(&parent).map(|p| p.marks.high) else {
+            return refuse(format!("partition {parent} is not in this Raft group"));
+        };
+        if let Some(&(_, sealed)) = children.iter().find_map(|c| inner.split.seals.get(c)) {
+            return Ok(PartitionReply::Sealed { offset: sealed });
+        }
+        let wrong = children.iter().find(|c| {
+            inner.partitions.contains_key(c)
+                || ferry_proto::parent_of(**c, initial) != Some(parent)
+                || **c >= partitions
+        });
+        if children.is_empty() || partitions < inner.split.layout || wrong.is_some() {
+            return refuse(format!(
+                "partition {parent} cannot split into {children:?} of {partitions} partitions \
+                 (created with {initial}; the group is at {})",
+                inner.split.layout
+            ));
+        }
+        let folder = inner.dir.join(&inner.batches);
+        for &child in &children {
+            let files = BatchFiles::open(
+                &partition_folder(&folder, child),
+                inner.segment_bytes,
+                &Extent::default(),
+            )?;
+            let mut partition = Partition::new(files);
+            partition.dirty = true;
+            inner.partitions.insert(child, partition);
+            inner.split.seals.insert(child, (parent, offset));
+            touched.push(child);
+        }
+        inner.split.initial = initial;
+        inner.split.layout = partitions;
+        inner.publish_partitions();
+        Ok(PartitionReply::Sealed { offset })
+    }
+}
+
+impl Inner {
+    /// Shows the partitions and split state held now to readers.
+    fn publish_partitions(&self) {
+        let views = self
+            .partitions
+            .iter()
+            .map(|(n, p)| (*n, p.view.clone()))
+            .collect();
+        self.views.set(views, self.split.clone());
     }
 }
 
@@ -1258,23 +1492,40 @@ impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
             .unwrap_or(0);
         let next = format!("batches-{}", generation + 1);
         let folder = self.dir.join(&next);
-        let partitions: Vec<u32> = self.views.keys().copied().collect();
+        let partitions = self.views.numbers();
         let segment_bytes = self.segment_bytes;
         let receiving = folder.clone();
         let received = tokio::task::spawn_blocking(move || {
             // The decoder reads field by field: buffered, not a chunk per field.
             let mut data = io::BufReader::with_capacity(1 << 16, &mut snapshot);
             let received = receive_snapshot(&mut data, &partitions, &receiving, segment_bytes)?;
-            let mut states = Vec::with_capacity(received.len());
-            for part in &received {
+            let mut states = Vec::with_capacity(received.parts.len());
+            for part in &received.parts {
                 let state: SmallState = codec::decode("partition snapshot", &part.state)?;
                 states.push(state);
             }
-            Ok::<_, StoreError>((received, states))
+            let split: SplitState = if received.group_state.is_empty() {
+                SplitState::default()
+            } else {
+                codec::decode("partition snapshot's split state", &received.group_state)?
+            };
+            // Beyond the group's partitions, a snapshot holds only children of its splits.
+            if let Some(stray) = received.parts.iter().find(|p| {
+                !partitions.contains(&p.partition) && !split.seals.contains_key(&p.partition)
+            }) {
+                return Err(StoreError::io(
+                    "partition snapshot",
+                    format!(
+                        "it holds partition {}, which is neither in this group nor a child of its splits",
+                        stray.partition
+                    ),
+                ));
+            }
+            Ok::<_, StoreError>((received.parts, states, split))
         })
         .await
         .map_err(io_err)?;
-        let (received, states) = match received {
+        let (received, states, split) = match received {
             Ok(received) => received,
             Err(e) => {
                 if let Err(removing) = std::fs::remove_dir_all(&folder) {
@@ -1285,20 +1536,26 @@ impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
         };
         let mut inner = self.inner.lock().await;
         for (part, state) in received.into_iter().zip(states) {
-            let Some(partition) = inner.partitions.get_mut(&part.partition) else {
-                // receive_snapshot took exactly the group's partitions.
-                return Err(io_err(format!(
-                    "partition {} is not in this group",
-                    part.partition
-                )));
-            };
-            drop(std::mem::replace(
-                &mut *partition.view.files.write().map_err(io_err)?,
-                part.files,
-            ));
-            partition.restore(state)?;
-            partition.dirty = true;
+            match inner.partitions.get_mut(&part.partition) {
+                Some(partition) => {
+                    drop(std::mem::replace(
+                        &mut *partition.view.files.write().map_err(io_err)?,
+                        part.files,
+                    ));
+                    partition.restore(state)?;
+                    partition.dirty = true;
+                }
+                None => {
+                    // A split's child this replica had not applied yet.
+                    let mut partition = Partition::new(part.files);
+                    partition.restore(state)?;
+                    partition.dirty = true;
+                    inner.partitions.insert(part.partition, partition);
+                }
+            }
         }
+        inner.split = split;
+        inner.publish_partitions();
         let old = std::mem::replace(&mut inner.batches, next);
         inner.applied = (meta.last_log_id, meta.last_membership.clone());
         let (checkpoint, plans) = self.checkpoint_of(&mut inner)?;
@@ -1320,6 +1577,9 @@ impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
             return Ok(None);
         };
         let folder = self.dir.join(&checkpoint.batches);
+        let split = Bytes::from(
+            codec::encode("partition snapshot's split state", &checkpoint.split).map_err(io_err)?,
+        );
         let mut parts = Vec::with_capacity(checkpoint.partitions.len());
         for saved in checkpoint.partitions {
             parts.push(SnapshotPart {
@@ -1337,7 +1597,7 @@ impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
         }
         Ok(Some(SnapshotOf::<TypeConfig, SnapshotData> {
             meta: checkpoint.meta,
-            snapshot: SnapshotData::from_source(GroupSnapshotSource::new(parts)),
+            snapshot: SnapshotData::from_source(GroupSnapshotSource::new(parts, split)),
         }))
     }
 }
@@ -1373,7 +1633,7 @@ mod tests {
 
     impl PartitionStateMachine {
         fn view(&self) -> Arc<PartitionView> {
-            self.views[&0].clone()
+            self.views.get(0).expect("partition 0")
         }
     }
 
@@ -2084,6 +2344,99 @@ mod tests {
         drop(other);
         // A checkpoint holding a partition the group does not is refused at open.
         assert!(PartitionStateMachine::open(&dir.path().join("a"), 4096, &[1]).is_err());
+    }
+
+    #[tokio::test]
+    async fn a_split_seals_its_parent_at_one_offset_and_its_child_survives_restart_and_snapshot() {
+        let dir = tempfile::tempdir().unwrap();
+        // Partition 1 of a topic created with four partitions, one group each.
+        let open =
+            |name: &str| PartitionStateMachine::open(&dir.path().join(name), 4096, &[1]).unwrap();
+        let publish = |sm: &PartitionStateMachine, partition, seq, layout, misrouted: bool| {
+            run_on(
+                sm,
+                partition,
+                PartitionCommand::Publish {
+                    batch: batch(Some(7), seq, 2),
+                    appended_at_ms: 1,
+                    layout,
+                    misrouted: misrouted.then(|| "key k maps to partition 5".to_string()),
+                },
+            )
+        };
+        let split = |sm: &PartitionStateMachine, children: Vec<u32>| {
+            run_on(
+                sm,
+                1,
+                PartitionCommand::Split {
+                    initial: 4,
+                    partitions: 6,
+                    children,
+                },
+            )
+        };
+        let wrong_partition = |r: &PartitionReply| matches!(r, PartitionReply::Error(e) if e.code == ErrorCode::WrongPartition);
+        let marks = |sm: &PartitionStateMachine| {
+            sm.views()
+                .iter()
+                .map(|(p, v)| (*p, v.watermarks().high))
+                .collect::<Vec<_>>()
+        };
+
+        let mut sm = open("a");
+        assert_eq!(publish(&sm, 1, 0, 0, false), appended(0, 2, false));
+        sm.build_snapshot().await.unwrap();
+        assert_eq!(publish(&sm, 1, 2, 0, false), appended(2, 2, false));
+        // Partition 6 descends from 2, not 1; nothing changes.
+        assert!(matches!(split(&sm, vec![6]), PartitionReply::Error(_)));
+        assert_eq!(sm.group_views().numbers(), vec![1]);
+        assert_eq!(split(&sm, vec![5]), PartitionReply::Sealed { offset: 4 });
+        assert_eq!(split(&sm, vec![5]), PartitionReply::Sealed { offset: 4 });
+        assert_eq!(sm.group_views().numbers(), vec![1, 5]);
+        let state = sm.group_views().split();
+        assert_eq!((state.initial, state.layout), (4, 6));
+        assert_eq!(state.seals, BTreeMap::from([(5, (1, 4))]));
+        // Checked against the layout before the split, or found misrouted: refused, and
+        // nothing appended; a resend of a batch appended before is its duplicate either way.
+        assert!(wrong_partition(&publish(&sm, 1, 4, 0, false)));
+        assert!(wrong_partition(&publish(&sm, 1, 4, 6, true)));
+        assert_eq!(publish(&sm, 1, 2, 0, true), appended(2, 2, true));
+        assert_eq!(marks(&sm), vec![(1, 4), (5, 0)]);
+        assert_eq!(publish(&sm, 1, 4, 6, false), appended(4, 2, false));
+        assert_eq!(publish(&sm, 5, 0, 6, false), appended(0, 2, false));
+
+        // A restart before the next checkpoint goes back to one without the split, and the
+        // log applies it again at the same offset.
+        drop(sm);
+        let mut sm = open("a");
+        assert_eq!(marks(&sm), vec![(1, 2)]);
+        assert_eq!(publish(&sm, 1, 2, 0, false), appended(2, 2, false));
+        assert_eq!(split(&sm, vec![5]), PartitionReply::Sealed { offset: 4 });
+        assert_eq!(publish(&sm, 5, 0, 6, false), appended(0, 2, false));
+        sm.build_snapshot().await.unwrap();
+        drop(sm);
+        // After a checkpoint, the child comes back from it.
+        let mut sm = open("a");
+        assert_eq!(marks(&sm), vec![(1, 4), (5, 2)]);
+        assert_eq!(
+            sm.group_views().split().seals,
+            BTreeMap::from([(5, (1, 4))])
+        );
+        assert!(wrong_partition(&publish(&sm, 1, 4, 0, false)));
+
+        // A replica that never applied the split takes it from a snapshot.
+        let snapshot = sm.get_current_snapshot().await.unwrap().unwrap();
+        let mut follower = open("b");
+        follower
+            .install_snapshot(&snapshot.meta, snapshot.snapshot)
+            .await
+            .unwrap();
+        assert_eq!(marks(&follower), vec![(1, 4), (5, 2)]);
+        assert_eq!(*follower.group_views().split(), *sm.group_views().split());
+        assert_eq!(follower.views()[&5].read(0, 1 << 20).unwrap().len(), 1);
+        drop(follower);
+        let follower = open("b");
+        assert_eq!(marks(&follower), vec![(1, 4), (5, 2)]);
     }
 
     /// The whole of `data`, read in pieces of `chunk` bytes through a spool file, as a

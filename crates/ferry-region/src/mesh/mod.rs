@@ -350,7 +350,7 @@ impl<T: Transport> Node<T> {
                 groups.insert(LedGroup {
                     topic: l.topic.to_string(),
                     groups: t.config.groups,
-                    group: t.config.group_of(l.hosted.partition),
+                    group: t.group_of(l.hosted.partition),
                 });
             }
         }
