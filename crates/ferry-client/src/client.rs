@@ -499,6 +499,21 @@ impl Client {
         }
     }
 
+    /// Grows `topic` to `partitions` partitions (at most doubling it): each new partition
+    /// takes half of one existing partition's keys ([`ferry_proto::KeyLayout`]). Answers
+    /// once recorded; the parents seal shortly after ([`Client::describe_topic`] shows the
+    /// seals in its `layout`).
+    pub async fn add_partitions(&self, topic: &str, partitions: u32) -> Result<(), ClientError> {
+        let request = ClientRequest::AddPartitions {
+            topic: topic.into(),
+            partitions,
+        };
+        match self.request(&request).await? {
+            ClientResponse::Ok => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
     /// Spreads replicas and preferred leaders over the region's nodes: the plan, carried
     /// out unless `dry_run`.
     pub async fn rebalance(

@@ -2,6 +2,12 @@
 //! it (each from the group's committed cursor), and commits what the application says it has
 //! handled. Delivery is at-least-once: after a rebalance or a restart a partition resumes from
 //! its last commit, so events handled but not yet committed come again.
+//!
+//! Per-key order across a split: a partition added to the topic (a split's child) is read
+//! only once the group committed its parent up to the seal (or the parent holds nothing
+//! before it any more), so a key's events that stayed in the parent are handed out, and
+//! committed, before those that went to the child. Commit as you go: a group that never
+//! commits a parent never reads its children.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -252,6 +258,7 @@ async fn read_partition(client: Client, reading: Reading, tx: mpsc::Sender<(u64,
         start,
     } = reading;
     let mut from: Option<u64> = None;
+    parent_committed(&client, &group, &topic, partition, start).await;
     loop {
         let start_at = match from {
             Some(offset) => Ok(StartFrom::Offset(offset)),
@@ -292,5 +299,56 @@ async fn read_partition(client: Client, reading: Reading, tx: mpsc::Sender<(u64,
                 }
             }
         }
+    }
+}
+
+/// Returns once `group` may read `partition` of `topic`: at once for a partition the topic
+/// was created with; for a split's child, once the parent is sealed and the group committed
+/// it up to the seal (or the parent retains nothing below it, or the group starts from the
+/// latest offsets and has no cursor on the parent).
+async fn parent_committed(
+    client: &Client,
+    group: &str,
+    topic: &str,
+    partition: u32,
+    start: StartFrom,
+) {
+    let retry = Duration::from_millis(200);
+    loop {
+        let waited_for = async {
+            let d = client.describe_topic(topic).await?;
+            let Some(split) = d.layout.split_of(partition).copied() else {
+                return Ok::<_, ClientError>(None);
+            };
+            let Some(seal) = split.seal else {
+                return Ok(Some(format!(
+                    "partition {} is not sealed yet",
+                    split.parent
+                )));
+            };
+            let committed = client.committed(group, topic, split.parent).await?;
+            let low = d
+                .partitions
+                .get(split.parent as usize)
+                .map_or(0, |p| p.low_watermark);
+            let done = match committed {
+                Some(at) => at >= seal || low >= seal,
+                None => matches!(start, StartFrom::Latest) || low >= seal,
+            };
+            Ok((!done).then(|| {
+                format!(
+                    "the group committed partition {} to {committed:?}, its seal is {seal}",
+                    split.parent
+                )
+            }))
+        };
+        match waited_for.await {
+            Ok(None) => return,
+            Ok(Some(why)) => {
+                tracing::trace!(%topic, partition, %why, "a split's child waits for its parent")
+            }
+            Err(e) => tracing::debug!(%topic, partition, error = %e, "checking a split's parent"),
+        }
+        tokio::time::sleep(retry).await;
     }
 }

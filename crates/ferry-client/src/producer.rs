@@ -9,20 +9,28 @@
 //! per-key order holds. A partition that no longer knows the producer (it expired after
 //! being idle: `producer_expiry_ms` on the nodes) answers `UnknownProducer`; the lane then
 //! numbers its unacknowledged batches again from 0, as a new producer id, and resends them.
+//!
+//! Keys go to partitions by the topic's [`KeyLayout`]. When the topic grows, a split parent
+//! refuses keys it gave to a child (`WrongPartition`); the lane that hears it takes back its
+//! unacknowledged events, and the producer stops taking new ones, describes the topic again,
+//! has every lane hand back what it has not sent (after its batches in flight are answered),
+//! and routes those events again by the new layout, in their order, before any new one: a
+//! key's events reach its new partition only after all of its earlier ones were answered.
 
 use std::collections::VecDeque;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::AtomicBool;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
 use ferry_net::framing::{read_frame, write_frame};
 use ferry_net::NetError;
 use ferry_proto::wire::{ApiError, ClientRequest, ClientResponse, ErrorCode, TopicDescription};
-use ferry_proto::{partition_for_key, Event, EventBatch, ProducerId};
+use ferry_proto::{Event, EventBatch, KeyLayout, ProducerId};
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
@@ -142,11 +150,140 @@ struct Item {
     permit: OwnedSemaphorePermit,
 }
 
+/// Asks a lane to hand back, once its batches in flight are answered, every event it has
+/// not had appended.
+type Flush = oneshot::Sender<Vec<Item>>;
+
+/// A lane as the producer reaches it.
+struct LaneHandle {
+    items: mpsc::UnboundedSender<Item>,
+    flush: mpsc::UnboundedSender<Flush>,
+}
+
+/// Where the producer's events go: the topic's key layout and a lane per partition.
+struct Routing {
+    layout: KeyLayout,
+    lanes: Vec<LaneHandle>,
+}
+
+impl Routing {
+    /// The lane of an event with `key` (round-robin over `next` without one).
+    fn lane_of(&self, key: Option<&[u8]>, next: &AtomicUsize) -> usize {
+        match key {
+            Some(key) => self.layout.partition_for_key(key, self.lanes.len() as u32) as usize,
+            None => next.fetch_add(1, Ordering::Relaxed) % self.lanes.len(),
+        }
+    }
+}
+
+/// What the producer and its lanes share.
+struct Shared {
+    routing: tokio::sync::RwLock<Routing>,
+    next_lane: AtomicUsize,
+    /// A regrow (see the module's doc) is under way.
+    regrowing: AtomicBool,
+    client: Client,
+    leaders: Arc<Leaders>,
+    topic: String,
+    id: ProducerId,
+    options: ProducerOptions,
+    producer_in_flight: Arc<AtomicUsize>,
+}
+
+impl Shared {
+    fn spawn_lane(self: &Arc<Self>, partition: u32) -> LaneHandle {
+        let (items, rx) = mpsc::unbounded_channel();
+        let (flush, flushes) = mpsc::unbounded_channel();
+        let lane = Lane {
+            client: self.client.clone(),
+            leaders: self.leaders.clone(),
+            leaders_used: 0,
+            topic: self.topic.clone(),
+            partition,
+            producer: self.id,
+            next_seq: 0,
+            options: self.options.clone(),
+            rx,
+            unacked: VecDeque::new(),
+            producer_in_flight: self.producer_in_flight.clone(),
+            counted: 0,
+            stream: None,
+            failing_since: None,
+            failures: 0,
+            shared: Arc::downgrade(self),
+            flushes,
+            flushing: None,
+            taken_back: Vec::new(),
+            parked: false,
+        };
+        tokio::spawn(lane.run());
+        LaneHandle { items, flush }
+    }
+
+    /// Starts a regrow unless one is under way.
+    fn regrow(self: Arc<Self>) {
+        if !self.regrowing.swap(true, Ordering::AcqRel) {
+            tokio::spawn(async move {
+                self.regrow_now().await;
+                self.regrowing.store(false, Ordering::Release);
+            });
+        }
+    }
+
+    /// Takes the topic's layout again: holds new events back, collects what every lane has
+    /// not had appended, and routes it again by the new layout, in order.
+    async fn regrow_now(self: &Arc<Self>) {
+        let mut routing = self.routing.write().await;
+        let deadline = Instant::now() + self.options.retry_for;
+        let described = loop {
+            match self.client.describe_topic(&self.topic).await {
+                Ok(d) => break Some(d),
+                Err(_) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => {
+                    tracing::warn!(topic = %self.topic, error = %e, "describing the topic to route again failed; keeping the layout");
+                    break None;
+                }
+            }
+        };
+        let mut handed = Vec::with_capacity(routing.lanes.len());
+        for lane in &routing.lanes {
+            let (tx, rx) = oneshot::channel();
+            if lane.flush.send(tx).is_ok() {
+                handed.push(rx);
+            }
+        }
+        let mut back = Vec::new();
+        for rx in handed {
+            back.extend(rx.await.unwrap_or_default());
+        }
+        if let Some(d) = described {
+            let partitions = d.config.partitions;
+            for partition in routing.lanes.len() as u32..partitions {
+                let lane = self.spawn_lane(partition);
+                routing.lanes.push(lane);
+            }
+            tracing::info!(topic = %self.topic, partitions, events = back.len(), "routing by the topic's new key layout");
+            routing.layout = d.layout.clone();
+            let mut newest = self.leaders.newest.lock().await;
+            *newest = (newest.0 + 1, Arc::new(d));
+        }
+        for item in back {
+            let lane = routing.lane_of(item.event.key.as_deref(), &self.next_lane);
+            if let Err(mpsc::error::SendError(item)) = routing.lanes[lane].items.send(item) {
+                let _ = item
+                    .ack
+                    .send(Err(ClientError::Closed("producer lane".into())));
+            }
+        }
+    }
+}
+
 /// Publishes events to one topic. Dropping it lets queued events finish.
 pub struct Producer {
-    lanes: Vec<mpsc::UnboundedSender<Item>>,
+    shared: Arc<Shared>,
     window: Arc<Semaphore>,
-    next_lane: AtomicUsize,
     client: Client,
     id: ProducerId,
 }
@@ -167,39 +304,32 @@ impl Producer {
             .eager_batches
             .clamp(1, options.max_batches_in_flight);
         let partitions = description.config.partitions;
+        let layout = description.layout.clone();
         let topic = description.config.name.clone();
         let leaders = Arc::new(Leaders {
             newest: tokio::sync::Mutex::new((1, Arc::new(description))),
         });
-        let producer_in_flight = Arc::new(AtomicUsize::new(0));
-        let lanes = (0..partitions)
-            .map(|partition| {
-                let (tx, rx) = mpsc::unbounded_channel();
-                let lane = Lane {
-                    client: client.clone(),
-                    leaders: leaders.clone(),
-                    leaders_used: 0,
-                    topic: topic.clone(),
-                    partition,
-                    producer: id,
-                    next_seq: 0,
-                    options: options.clone(),
-                    rx,
-                    unacked: VecDeque::new(),
-                    producer_in_flight: producer_in_flight.clone(),
-                    counted: 0,
-                    stream: None,
-                    failing_since: None,
-                    failures: 0,
-                };
-                tokio::spawn(lane.run());
-                tx
-            })
-            .collect();
-        Self {
-            lanes,
-            window: Arc::new(Semaphore::new(options.max_in_flight.max(1))),
+        let shared = Arc::new(Shared {
+            routing: tokio::sync::RwLock::new(Routing {
+                layout,
+                lanes: Vec::new(),
+            }),
             next_lane: AtomicUsize::new(0),
+            regrowing: AtomicBool::new(false),
+            client: client.clone(),
+            leaders,
+            topic,
+            id,
+            options: options.clone(),
+            producer_in_flight: Arc::new(AtomicUsize::new(0)),
+        });
+        let lanes = (0..partitions).map(|p| shared.spawn_lane(p)).collect();
+        if let Ok(mut routing) = shared.routing.try_write() {
+            routing.lanes = lanes;
+        }
+        Self {
+            shared,
+            window: Arc::new(Semaphore::new(options.max_in_flight.max(1))),
             client,
             id,
         }
@@ -211,8 +341,8 @@ impl Producer {
     }
 
     /// Queues an event once the in-flight window has room; the returned future resolves with
-    /// its acknowledgement. Events with a key go to `hash(key) mod partitions`, others
-    /// round-robin.
+    /// its acknowledgement. Events with a key go to the partition the topic's [`KeyLayout`]
+    /// maps it to, others round-robin.
     pub async fn send(&self, event: Event) -> Result<AckFuture, ClientError> {
         event.validate(self.client.limits())?;
         let permit = self
@@ -221,14 +351,15 @@ impl Producer {
             .acquire_owned()
             .await
             .map_err(|_| ClientError::Closed("producer".into()))?;
-        let lane = match &event.key {
-            Some(key) => partition_for_key(key, self.lanes.len() as u32) as usize,
-            None => self.next_lane.fetch_add(1, Ordering::Relaxed) % self.lanes.len(),
-        };
         let (ack, rx) = oneshot::channel();
-        self.lanes[lane]
-            .send(Item { event, ack, permit })
-            .map_err(|_| ClientError::Closed("producer lane".into()))?;
+        {
+            let routing = self.shared.routing.read().await;
+            let lane = routing.lane_of(event.key.as_deref(), &self.shared.next_lane);
+            routing.lanes[lane]
+                .items
+                .send(Item { event, ack, permit })
+                .map_err(|_| ClientError::Closed("producer lane".into()))?;
+        }
         Ok(Box::pin(async move {
             rx.await
                 .unwrap_or_else(|_| Err(ClientError::Closed("producer lane".into())))
@@ -277,6 +408,14 @@ struct Lane {
     stream: Option<LaneStream>,
     failing_since: Option<Instant>,
     failures: u32,
+    shared: Weak<Shared>,
+    flushes: mpsc::UnboundedReceiver<Flush>,
+    /// A regrow waits for this lane's unappended events.
+    flushing: Option<Flush>,
+    /// Events taken back from batches a split parent refused, in order.
+    taken_back: Vec<Item>,
+    /// Sends nothing until the regrow it asked for collects `taken_back`.
+    parked: bool,
 }
 
 async fn next_response(
@@ -295,13 +434,28 @@ fn retriable(e: &ApiError) -> bool {
 impl Lane {
     async fn run(mut self) {
         let mut closed = false;
+        let mut flushes_closed = false;
         loop {
             self.count_in_flight();
-            if closed && self.unacked.is_empty() {
+            if self.unacked.is_empty() {
+                if let Some(flush) = self.flushing.take() {
+                    while let Ok(item) = self.rx.try_recv() {
+                        self.taken_back.push(item);
+                    }
+                    self.parked = false;
+                    let _ = flush.send(std::mem::take(&mut self.taken_back));
+                    continue;
+                }
+            }
+            if closed && self.unacked.is_empty() && !self.parked {
                 return;
             }
             tokio::select! {
-                item = self.rx.recv(), if !closed && self.may_send() => match item {
+                flush = self.flushes.recv(), if !flushes_closed && self.flushing.is_none() => match flush {
+                    Some(flush) => self.flushing = Some(flush),
+                    None => flushes_closed = true,
+                },
+                item = self.rx.recv(), if !closed && !self.parked && self.flushing.is_none() && self.may_send() => match item {
                     None => closed = true,
                     Some(first) => {
                         let items = self.gather(first).await;
@@ -460,6 +614,24 @@ impl Lane {
                 self.renumber(0);
                 self.recover().await;
             }
+            Some(Ok(ClientResponse::Error(e))) if e.code == ErrorCode::WrongPartition => {
+                // A split parent refused a key it gave to a child: none of the unacknowledged
+                // batches is appended (the later ones follow the refused one's sequence). They
+                // go back to the producer, to be routed again by the topic's new layout.
+                tracing::debug!(topic = %self.topic, partition = self.partition, reason = %e.message, "the topic grew; routing unacknowledged events again");
+                self.take_back();
+                match self.shared.upgrade() {
+                    Some(shared) => {
+                        self.parked = true;
+                        shared.regrow();
+                    }
+                    None => {
+                        for item in self.taken_back.drain(..) {
+                            let _ = item.ack.send(Err(ClientError::Api(e.clone())));
+                        }
+                    }
+                }
+            }
             Some(Ok(ClientResponse::Error(e))) if !retriable(&e) => {
                 // The node refused the batch for good: fail its events, renumber the later
                 // batches (none of which can have been appended past the gap) and resend them.
@@ -482,6 +654,32 @@ impl Lane {
                 self.recover().await;
             }
         }
+    }
+
+    /// Moves the events of every unacknowledged batch to `taken_back`, in order, and starts a
+    /// new producer identity (frames of the old numbering the node may still apply can then
+    /// never be taken for later ones).
+    fn take_back(&mut self) {
+        self.stream = None;
+        for inflight in self.unacked.drain(..) {
+            let events = match inflight.batch.decode_events(self.client.limits()) {
+                Ok(events) => events,
+                Err(e) => {
+                    let message = e.to_string();
+                    for (ack, _) in inflight.acks {
+                        let _ = ack.send(Err(ClientError::Closed(message.clone())));
+                    }
+                    continue;
+                }
+            };
+            for (event, (ack, permit)) in events.into_iter().zip(inflight.acks) {
+                self.taken_back.push(Item { event, ack, permit });
+            }
+        }
+        self.producer = rand::random();
+        self.next_seq = 0;
+        self.failing_since = None;
+        self.failures = 0;
     }
 
     /// Numbers the unacknowledged batches again, in order, from `first_seq` under the

@@ -242,6 +242,18 @@ enum TopicCommand {
         #[arg(long)]
         to: u64,
     },
+    /// Grow a topic to N partitions (at most doubling it), online: each new partition takes
+    /// half of one existing partition's keys, which is sealed for them at an offset. Waits
+    /// until every seal is recorded.
+    AddPartitions {
+        /// Topic.
+        name: String,
+        /// The partition count to grow to.
+        partitions: u32,
+        /// How long to wait for the seals.
+        #[arg(long, default_value_t = 60)]
+        wait_secs: u64,
+    },
 }
 
 fn parse_from(text: &str) -> anyhow::Result<StartFrom> {
@@ -549,10 +561,19 @@ async fn topic(client: &Client, command: TopicCommand) -> anyhow::Result<()> {
             );
             for p in &d.partitions {
                 let leader = p.leader.map_or("none".to_string(), |l| l.to_string());
+                let split = match d.layout.split_of(p.partition) {
+                    Some(s) => match s.seal {
+                        Some(seal) => {
+                            format!("  split from {} at its offset {seal}", s.parent)
+                        }
+                        None => format!("  splitting from {} (not sealed yet)", s.parent),
+                    },
+                    None => String::new(),
+                };
                 println!(
-                    "  partition {:>3}  group {:>3}  leader {leader:>4}  replicas {:?}  offsets {}..{}",
+                    "  partition {:>3}  group {:>3}  leader {leader:>4}  replicas {:?}  offsets {}..{}{split}",
                     p.partition,
-                    c.group_of(p.partition),
+                    c.group_of(d.layout.root(p.partition)),
                     p.replicas,
                     p.low_watermark,
                     p.high_watermark
@@ -572,6 +593,33 @@ async fn topic(client: &Client, command: TopicCommand) -> anyhow::Result<()> {
                 );
             }
             Ok(())
+        }
+        TopicCommand::AddPartitions {
+            name,
+            partitions,
+            wait_secs,
+        } => {
+            client.add_partitions(&name, partitions).await?;
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(wait_secs);
+            loop {
+                let d = client.describe_topic(&name).await?;
+                let open: Vec<u32> = d.layout.unsealed().map(|s| s.parent).collect();
+                if open.is_empty() && d.config.partitions >= partitions {
+                    println!(
+                        "topic {name} has {} partitions; every split parent is sealed",
+                        d.config.partitions
+                    );
+                    return Ok(());
+                }
+                if tokio::time::Instant::now() > deadline {
+                    anyhow::bail!(
+                        "topic {name} grew to {partitions} partitions, but partitions {open:?} \
+                         are not sealed after {wait_secs} s (their groups need a leader); \
+                         `ferry ctl topic describe {name}` shows the splits"
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
         }
         TopicCommand::Move {
             name,
