@@ -4,7 +4,8 @@
 //! bad input is refused and writes nothing; RETRY redelivers; DROP lands in the dead-letter
 //! topic; two replicas share the group; the event store's expected version; publishes
 //! accepted while the region is down (killed abruptly) arrive once it is back, each exactly
-//! once and one key's in publish order.
+//! once and one key's in publish order; a topic grown while a sidecar publishes to it keeps
+//! each key's order in the log and at the subscribing app.
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -992,4 +993,177 @@ async fn after_the_region_forgets_the_sidecars_producer_its_outbox_and_stream_ap
     assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
     let read = get_json(&http, format!("{streams}/order-9")).await;
     assert_eq!(read["version"], 2);
+}
+
+/// Per key, the numbers of `k<key>:<n>` texts in `texts` in the order given, and whether a
+/// number came before all smaller ones were seen (a repeat of one seen is no reordering).
+fn first_seen_in_order(texts: impl IntoIterator<Item = String>) -> Result<usize, String> {
+    let mut next: HashMap<String, u64> = HashMap::new();
+    let mut count = 0;
+    for text in texts {
+        let (key, n) = text.split_once(':').ok_or(format!("not k:n: {text}"))?;
+        let n: u64 = n.parse().map_err(|_| format!("not k:n: {text}"))?;
+        let expected = next.entry(key.to_string()).or_default();
+        if n > *expected {
+            return Err(format!("{key}: {n} came before {expected}"));
+        }
+        if n == *expected {
+            *expected += 1;
+            count += 1;
+        }
+    }
+    Ok(count)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_topic_grown_under_a_publishing_sidecar_keeps_each_keys_order_in_the_log_and_at_the_app()
+{
+    ferry_tests::init_logging();
+    let region = TestRegion::start(3).await;
+    let client = region.create_topic(TopicConfig::new(TOPIC, 2)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (app, app_addr) = App::start(
+        json!([{"pubsubname": "pubsub", "topic": TOPIC, "route": "/orders"}]),
+        0,
+    )
+    .await;
+    let two = |data: &Path, app_id, app| {
+        let mut c = config(&region, data, app_id, app);
+        c.topics[0].partitions = 2;
+        c
+    };
+    let subscriber = Sidecar::start(two(&dir.path().join("b"), "billing", Some(app_addr)))
+        .await
+        .unwrap();
+    let publisher = Sidecar::start(two(&dir.path().join("a"), "checkout", None))
+        .await
+        .unwrap();
+    let http = reqwest::Client::new();
+    assigned(&http, &subscriber).await;
+
+    // Keys k0..k7 round-robin, each numbered from 0, one publish at a time, until stopped.
+    let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let publishing = tokio::spawn({
+        let (http, url, sent, stop) = (
+            http.clone(),
+            publish_url(&publisher, "pubsub", TOPIC),
+            sent.clone(),
+            stop.clone(),
+        );
+        async move {
+            let mut per_key = [0u64; 8];
+            let mut i = 0usize;
+            while !stop.load(Ordering::Acquire) && i < 5_000 {
+                let key = i % 8;
+                let r = http
+                    .post(&url)
+                    .query(&[("metadata.partitionKey", format!("k{key}"))])
+                    .header("content-type", "text/plain")
+                    .body(format!("k{key}:{}", per_key[key]))
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(r.status(), 204, "{}", r.text().await.unwrap());
+                per_key[key] += 1;
+                i += 1;
+                sent.store(i as u64, Ordering::Release);
+            }
+            per_key.iter().sum::<u64>()
+        }
+    });
+    let wait_sent = |at_least: u64| {
+        let sent = sent.clone();
+        async move {
+            wait_for("the publisher", Duration::from_secs(60), || {
+                sent.load(Ordering::Acquire) >= at_least
+            })
+            .await
+        }
+    };
+    let grow = |partitions: u32| {
+        let client = client.clone();
+        async move {
+            client.add_partitions(TOPIC, partitions).await.unwrap();
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                let d = client.describe_topic(TOPIC).await.unwrap();
+                if d.config.partitions == partitions && d.layout.unsealed().count() == 0 {
+                    return d.layout;
+                }
+                assert!(Instant::now() < deadline, "not sealed in 30 s");
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+        }
+    };
+    wait_sent(300).await;
+    grow(4).await;
+    wait_sent(sent.load(Ordering::Acquire) + 300).await;
+    let layout = grow(8).await;
+    wait_sent(sent.load(Ordering::Acquire) + 300).await;
+    stop.store(true, Ordering::Release);
+    let total = publishing.await.unwrap();
+
+    // The log: once the outbox has drained, each key along its partitions (the parent below
+    // its seal, then the child) in publish order, each event once.
+    wait_for("the outbox drains", Duration::from_secs(30), || {
+        publisher.outbox_depth() == 0
+    })
+    .await;
+    let log = region_log(&region, TOPIC).await;
+    assert_eq!(log.len() as u64, total, "every event once");
+    let mut along: Vec<(u32, u64, String)> = log;
+    along.retain(|(p, o, text)| {
+        let key = text.split_once(':').unwrap().0;
+        let hash = ferry_proto::key_hash(key.as_bytes());
+        let mut chain: Vec<u32> = [2, 4, 8]
+            .iter()
+            .map(|n| ferry_proto::linear_partition(hash, 2, *n))
+            .collect();
+        chain.dedup();
+        let step = chain
+            .iter()
+            .position(|c| c == p)
+            .expect("on its key's path");
+        if let Some(next) = chain.get(step + 1) {
+            let seal = layout.split_of(*next).and_then(|s| s.seal).unwrap();
+            assert!(*o < seal, "{text} at {p}/{o}, past the seal {seal}");
+        }
+        true
+    });
+    along.sort_by_key(|(p, o, text)| {
+        let key = text.split_once(':').unwrap().0.to_string();
+        let hash = ferry_proto::key_hash(key.as_bytes());
+        // Parents before children: the step along the path, then the offset.
+        let step = [2, 4, 8]
+            .iter()
+            .map(|n| ferry_proto::linear_partition(hash, 2, *n))
+            .position(|c| c == *p);
+        (key, step, *o)
+    });
+    let texts: Vec<String> = along.into_iter().map(|(_, _, t)| t).collect();
+    assert_eq!(first_seen_in_order(texts.clone()), Ok(texts.len()));
+
+    // The app: each key's events in publish order, all of them.
+    wait_for(
+        "the app receives everything",
+        Duration::from_secs(60),
+        || {
+            let received = app.received.lock().unwrap();
+            let texts = received
+                .iter()
+                .map(|(_, ce)| ce["data"].as_str().unwrap_or_default().to_string());
+            // Done once all came, or at once if one came out of order (asserted below).
+            first_seen_in_order(texts).map_or(true, |n| n as u64 == total)
+        },
+    )
+    .await;
+    let received: Vec<String> = app
+        .received
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(_, ce)| ce["data"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(first_seen_in_order(received).map(|n| n as u64), Ok(total));
 }

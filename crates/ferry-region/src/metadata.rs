@@ -462,6 +462,15 @@ impl MetaApp {
                 format!("no topic named {topic:?}"),
             ));
         };
+        if state.config.regions != ferry_proto::RegionPolicy::Local {
+            // Forwarding routes by partition count between regions and has no seal to wait
+            // for yet: growing such a topic would mix up its keys' order in other regions.
+            return invalid(format!(
+                "topic {topic:?} is forwarded between regions (regions {:?}); partitions can \
+                 be added only to a topic that stays in its region, for now",
+                state.config.regions
+            ));
+        }
         let from = state.config.partitions;
         if from == partitions && state.layout.unsealed().next().is_some() {
             // The same request again while its seals are on their way.
@@ -962,6 +971,32 @@ mod tests {
             }
         )));
         assert_eq!(app.view().topic("t").unwrap().config.partitions, 4);
+        let mut forwarded = TopicConfig::new("f", 2);
+        forwarded.groups = 2;
+        forwarded.regions = ferry_proto::RegionPolicy::ByInterest;
+        let replicas = place_replicas(&[1, 2, 3], &forwarded);
+        apply(
+            &mut app,
+            &tree,
+            4,
+            MetaCommand::CreateTopic {
+                config: forwarded,
+                replicas,
+            },
+        );
+        let refusal = apply(
+            &mut app,
+            &tree,
+            4,
+            MetaCommand::AddPartitions {
+                topic: "f".into(),
+                partitions: 4,
+            },
+        );
+        assert!(
+            matches!(&refusal, MetaReply::Error(e) if e.message.contains("forwarded between regions")),
+            "{refusal:?}"
+        );
         assert!(matches!(
             apply(&mut app, &tree, 5, grow(6)),
             MetaReply::Done

@@ -618,12 +618,12 @@ async fn dead_letter(
     let mut attempt = 0u32;
     loop {
         attempt += 1;
-        let result = match shared.partitions(topic).await {
-            Ok(partitions) => shared
+        let result = match shared.shape(topic).await {
+            Ok(shape) => shared
                 .outbox
                 .accept(vec![Pending {
                     topic: topic.clone(),
-                    partitions,
+                    shape,
                     event: event.clone(),
                 }])
                 .await

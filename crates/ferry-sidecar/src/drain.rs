@@ -13,7 +13,7 @@ use ferry_proto::wire::ErrorCode;
 use ferry_proto::{codec, EventBatch};
 use tokio::sync::watch;
 
-use crate::outbox::{Lane, LaneFeed, Outbox, OutboxError, Outgoing};
+use crate::outbox::{Lane, LaneFeed, Outbox, OutboxError, Outgoing, TopicShape};
 
 /// Records read per look into sled.
 const PEEK: usize = 64;
@@ -95,6 +95,9 @@ enum Sent {
     /// The partition does not know the records' producer (it expired after being idle):
     /// none of them is there; number them again from 0.
     UnknownProducer,
+    /// The topic grew and the partition gave a key of the batch to another: it is not
+    /// there; plan the topic's records again by the new layout.
+    WrongPartition(String),
     /// Try again later (the error says why).
     Retry(String),
 }
@@ -111,6 +114,9 @@ async fn send(client: &Client, lane: &Lane, batch: EventBatch) -> Sent {
             Sent::Acknowledged { fresh: false }
         }
         Err(e) if e.code() == Some(ErrorCode::UnknownProducer) => Sent::UnknownProducer,
+        Err(e) if e.code() == Some(ErrorCode::WrongPartition) => {
+            Sent::WrongPartition(e.to_string())
+        }
         Err(e) => Sent::Retry(e.to_string()),
     }
 }
@@ -191,19 +197,44 @@ async fn drain_lane(
         } else {
             (1, records[0].batch.clone())
         };
-        // The same batch, unchanged, until the region has it.
+        // The same batch, unchanged, until the region has it; meanwhile the topic's records
+        // are not planned again (the region may hold it).
+        let sending = outbox.sending(&lane.topic);
+        let mut in_flight = Some(sending.read().await);
         let mut backoff = FIRST_BACKOFF;
         let mut failures = 0u32;
         loop {
             if *shutdown.borrow() {
                 return;
             }
+            if in_flight.is_none() {
+                in_flight = Some(sending.read().await);
+            }
             match send(&client, &lane, batch.clone()).await {
                 Sent::Acknowledged { fresh } => {
                     may_merge |= fresh;
                     break;
                 }
+                Sent::WrongPartition(error) => {
+                    // Not appended: the topic may be planned again now.
+                    drop(in_flight.take());
+                    tracing::info!(%lane, %error, "the topic grew; planning its outbox records again");
+                    match reroute(&outbox, &client, &lane.topic).await {
+                        Ok(()) => continue 'records,
+                        Err(e) => {
+                            tracing::warn!(%lane, error = %e, "planning the outbox records again failed; retrying");
+                            link.failed(&lane, e);
+                            tokio::select! {
+                                _ = tokio::time::sleep(MAX_BACKOFF) => {}
+                                _ = shutdown.changed() => return,
+                            }
+                            continue 'records;
+                        }
+                    }
+                }
                 Sent::UnknownProducer => {
+                    // Not appended: the writer may take the topic's records meanwhile.
+                    drop(in_flight.take());
                     match outbox.renumber(&lane, records[0].position()).await {
                         // The stored records changed: read them again.
                         Ok(()) => continue 'records,
@@ -245,7 +276,22 @@ async fn drain_lane(
                 tracing::warn!(%lane, error = %e, "forgetting a sent record failed");
             }
         }
+        drop(in_flight);
     }
+}
+
+/// Describes `topic` and has the outbox plan its records again by its new shape.
+async fn reroute(outbox: &Outbox, client: &Client, topic: &str) -> Result<(), String> {
+    let described = tokio::time::timeout(MAX_BACKOFF, client.describe_topic(topic))
+        .await
+        .map_err(|_| format!("describing {topic} took over {MAX_BACKOFF:?}"))?
+        .map_err(|e| e.to_string())?;
+    let shape = TopicShape::of(&described);
+    outbox
+        .reroute(topic, shape)
+        .await
+        .map_err(|e| e.to_string())?;
+    outbox.learn_shape(topic, shape).map_err(|e| e.to_string())
 }
 
 #[cfg(test)]
@@ -269,7 +315,7 @@ mod tests {
         .with_key(Bytes::from_static(b"customer-1"));
         Pending {
             topic: "orders".into(),
-            partitions: 4,
+            shape: crate::outbox::TopicShape::new(4),
             event,
         }
     }

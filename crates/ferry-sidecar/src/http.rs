@@ -16,12 +16,12 @@ use axum::{Json, Router};
 use bytes::Bytes;
 use ferry_client::ClientError;
 use ferry_proto::wire::ErrorCode;
-use ferry_proto::{partition_for_key, Event, EventBatch, EventClass, Subject, TopicConfig};
+use ferry_proto::{Event, EventBatch, EventClass, Subject, TopicConfig};
 use serde_json::{json, Value};
 use tokio::sync::watch;
 
 use crate::cloudevent::{prepare, Prepared, PublishRequest, STRUCTURED, WRAPPED_TYPE};
-use crate::outbox::{OutboxError, Pending};
+use crate::outbox::{OutboxError, Pending, TopicShape};
 use crate::streams::{self, StreamError};
 use crate::{Shared, TopicLookup};
 
@@ -133,8 +133,8 @@ async fn limit_requests(
     next.run(request).await
 }
 
-/// Checks the pubsub name and finds the topic's partitions, or the answer refusing them.
-async fn topic_of(shared: &Shared, pubsub: &str, topic: &str) -> Result<u32, Refusal> {
+/// Checks the pubsub name and finds the topic's shape, or the answer refusing it.
+async fn topic_of(shared: &Shared, pubsub: &str, topic: &str) -> Result<TopicShape, Refusal> {
     if !shared.config.pubsubs.iter().any(|p| p == pubsub) {
         return Err(error(
             StatusCode::NOT_FOUND,
@@ -145,7 +145,7 @@ async fn topic_of(shared: &Shared, pubsub: &str, topic: &str) -> Result<u32, Ref
             ),
         ));
     }
-    match shared.partitions(topic).await {
+    match shared.shape(topic).await {
         Ok(n) => Ok(n),
         Err(e @ TopicLookup::Unknown(_)) => Err(error(
             StatusCode::NOT_FOUND,
@@ -279,7 +279,7 @@ async fn publish_one(
     headers: &HeaderMap,
     body: &[u8],
 ) -> Result<StatusCode, Refusal> {
-    let partitions = topic_of(shared, pubsub, topic).await?;
+    let shape = topic_of(shared, pubsub, topic).await?;
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok());
@@ -316,7 +316,7 @@ async fn publish_one(
         .outbox
         .accept(vec![Pending {
             topic: topic.to_string(),
-            partitions,
+            shape,
             event,
         }])
         .await
@@ -342,7 +342,7 @@ async fn bulk_publish(
     Query(query): Query<Vec<(String, String)>>,
     body: Bytes,
 ) -> Response {
-    let partitions = match topic_of(&shared, &pubsub, &topic).await {
+    let shape = match topic_of(&shared, &pubsub, &topic).await {
         Ok(n) => n,
         Err(r) => return r.into_response(),
     };
@@ -423,7 +423,7 @@ async fn bulk_publish(
                 entry.entry_id,
                 Pending {
                     topic: topic.clone(),
-                    partitions,
+                    shape,
                     event,
                 },
             )),
@@ -494,14 +494,14 @@ fn region_refusal(shared: &Shared, e: ClientError) -> Refusal {
     }
 }
 
-/// A category's topic and partition count, creating the topic when `create`.
-async fn category_partitions(
+/// A category's topic shape, creating the topic when `create`.
+async fn category_shape(
     shared: &Shared,
     topic: &str,
     create: bool,
-) -> Result<u32, ClientError> {
-    if let Ok(n) = shared.partitions(topic).await {
-        return Ok(n);
+) -> Result<TopicShape, ClientError> {
+    if let Ok(shape) = shared.shape(topic).await {
+        return Ok(shape);
     }
     if !create {
         return Err(ClientError::Api(ferry_proto::wire::ApiError::new(
@@ -517,8 +517,9 @@ async fn category_partitions(
         .client
         .ensure_topic(&config, std::time::Duration::from_secs(30))
         .await?;
-    shared.learn(topic, description.config.partitions);
-    Ok(description.config.partitions)
+    let shape = TopicShape::of(&description);
+    shared.learn(topic, shape);
+    Ok(shape)
 }
 
 async fn append(State(shared): Shared_, Path(stream): Path<String>, body: Bytes) -> Response {
@@ -537,11 +538,10 @@ async fn append(State(shared): Shared_, Path(stream): Path<String>, body: Bytes)
         Ok(x) => x,
         Err(e) => return stream_refusal(e).into_response(),
     };
-    let partitions = match category_partitions(&shared, &topic, true).await {
-        Ok(n) => n,
+    let partition = match category_shape(&shared, &topic, true).await {
+        Ok(shape) => shape.stream_partition(&stream),
         Err(e) => return region_refusal(&shared, e).into_response(),
     };
-    let partition = partition_for_key(stream.as_bytes(), partitions);
     // One append in flight per partition from this sidecar, numbered with the partition's
     // producer sequence: a resend after a lost answer is then recognised by the partition
     // (answered with the original append) instead of appended twice or refused as a conflict.
@@ -637,11 +637,10 @@ async fn read_stream(
         Ok(t) => t,
         Err(e) => return stream_refusal(e).into_response(),
     };
-    let partitions = match category_partitions(&shared, &topic, false).await {
-        Ok(n) => n,
+    let partition = match category_shape(&shared, &topic, false).await {
+        Ok(shape) => shape.stream_partition(&stream),
         Err(e) => return region_refusal(&shared, e).into_response(),
     };
-    let partition = partition_for_key(stream.as_bytes(), partitions);
     let from = query.from_version.unwrap_or(1).max(1);
     let limit = query.limit.unwrap_or(1000).clamp(1, 10_000);
     match shared
@@ -690,8 +689,8 @@ async fn read_category(
     let Some(topic) = streams::category_topic(&shared.config.event_store, &category) else {
         return stream_refusal(StreamError::BadName(category)).into_response();
     };
-    let partitions = match category_partitions(&shared, &topic, false).await {
-        Ok(n) => n,
+    let partitions = match category_shape(&shared, &topic, false).await {
+        Ok(shape) => shape.partitions,
         Err(e) => return region_refusal(&shared, e).into_response(),
     };
     if query.partition >= partitions {

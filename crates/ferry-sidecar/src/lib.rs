@@ -41,7 +41,7 @@ use tokio::task::JoinHandle;
 pub use config::SidecarConfig;
 pub use drain::RegionLink;
 
-use crate::outbox::Outbox;
+use crate::outbox::{Outbox, TopicShape};
 use crate::subscription::Subscription;
 
 /// Errors of the sidecar.
@@ -153,7 +153,6 @@ pub(crate) struct Shared {
     pub(crate) requests: Arc<tokio::sync::Semaphore>,
     /// How discovery through `GET /dapr/subscribe` went.
     pub(crate) discovery: Mutex<String>,
-    partitions: Mutex<HashMap<String, u32>>,
     /// Per event-store partition: the producer identity its appends are numbered with.
     stream_lanes: Mutex<HashMap<(String, u32), SharedStreamLane>>,
     app: reqwest::Client,
@@ -179,25 +178,20 @@ impl StreamLane {
 }
 
 impl Shared {
-    /// A topic's partition count: remembered, else asked of the region (and remembered).
-    pub(crate) async fn partitions(&self, topic: &str) -> Result<u32, TopicLookup> {
-        if let Some(n) = self.partitions.lock().expect("topics").get(topic) {
-            return Ok(*n);
-        }
-        if let Some(n) = self.outbox.known_partitions(topic) {
-            self.partitions
-                .lock()
-                .expect("topics")
-                .insert(topic.into(), n);
-            return Ok(n);
+    /// A topic's shape (partitions, and those it was created with): remembered, else asked
+    /// of the region (and remembered).
+    pub(crate) async fn shape(&self, topic: &str) -> Result<TopicShape, TopicLookup> {
+        // Kept by the outbox (which also learns it when the topic grows).
+        if let Some(shape) = self.outbox.known_shape(topic) {
+            return Ok(shape);
         }
         let asked =
             tokio::time::timeout(Duration::from_secs(3), self.client.describe_topic(topic)).await;
         match asked {
             Ok(Ok(description)) => {
-                let n = description.config.partitions;
-                self.learn(topic, n);
-                Ok(n)
+                let shape = TopicShape::of(&description);
+                self.learn(topic, shape);
+                Ok(shape)
             }
             Ok(Err(ClientError::Api(e))) if e.code == ErrorCode::UnknownTopic => {
                 Err(TopicLookup::Unknown(topic.into()))
@@ -223,12 +217,8 @@ impl Shared {
             .clone()
     }
 
-    pub(crate) fn learn(&self, topic: &str, partitions: u32) {
-        self.partitions
-            .lock()
-            .expect("topics")
-            .insert(topic.into(), partitions);
-        if let Err(e) = self.outbox.learn_partitions(topic, partitions) {
+    pub(crate) fn learn(&self, topic: &str, shape: TopicShape) {
+        if let Err(e) = self.outbox.learn_shape(topic, shape) {
             tracing::warn!(%topic, error = %e, "remembering a topic failed");
         }
     }
@@ -326,7 +316,6 @@ impl Sidecar {
             } else {
                 "not started"
             })),
-            partitions: Mutex::new(HashMap::new()),
             stream_lanes: Mutex::new(HashMap::new()),
             requests: Arc::new(tokio::sync::Semaphore::new(
                 config.limits.max_concurrent_requests,
@@ -432,7 +421,7 @@ async fn ensure_topics(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>)
                 .await
             {
                 Ok(description) => {
-                    shared.learn(&spec.name, description.config.partitions);
+                    shared.learn(&spec.name, TopicShape::of(&description));
                     break;
                 }
                 Err(e) => {

@@ -10,12 +10,19 @@
 //!
 //! [`Sequencer`] is the part without I/O: which lane an event goes to and which sequences a
 //! record gets.
+//!
+//! Keys go to lanes by the topic's [`TopicShape`] as the outbox first planned it (kept in
+//! sled, so records held across a restart and new ones agree). When the topic grew and a
+//! split parent refuses a record's key, [`Outbox::reroute`] waits until no lane of the topic
+//! has a send in flight ([`Outbox::sending`]), then plans every record the topic's lanes hold
+//! again, in their order, by the new shape, in one write: none of them is in the region (the
+//! refused one was refused, the later ones not sent), so a key's events keep their order.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use ferry_proto::{codec, partition_for_key, Event, EventBatch, Limits, ProducerId};
+use ferry_proto::{codec, key_hash, linear_partition, Event, EventBatch, Limits, ProducerId};
 use ferry_store::DurableSled;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, Notify};
@@ -70,13 +77,77 @@ impl std::fmt::Display for Lane {
     }
 }
 
+/// How a topic's keys map to its partitions ([`ferry_proto::KeyLayout`]): its partition
+/// count and the count it was created with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TopicShape {
+    /// Partitions now.
+    pub partitions: u32,
+    /// Partitions it was created with (0: never grown).
+    pub initial: u32,
+}
+
+impl TopicShape {
+    /// A topic that never grew.
+    pub fn new(partitions: u32) -> Self {
+        Self {
+            partitions,
+            initial: 0,
+        }
+    }
+
+    /// The shape a topic's description shows.
+    pub fn of(description: &ferry_proto::wire::TopicDescription) -> Self {
+        Self {
+            partitions: description.config.partitions,
+            initial: description.layout.initial,
+        }
+    }
+
+    /// The partition of `key`.
+    pub fn partition_for_key(&self, key: &[u8]) -> u32 {
+        linear_partition(key_hash(key), self.initial, self.partitions)
+    }
+
+    /// The partition of a domain stream (where it was created; see
+    /// [`ferry_proto::KeyLayout::stream_partition`]).
+    pub fn stream_partition(&self, stream: &str) -> u32 {
+        let created = if self.initial == 0 {
+            self.partitions
+        } else {
+            self.initial
+        };
+        (key_hash(stream.as_bytes()) % u64::from(created.max(1))) as u32
+    }
+
+    fn encode(&self) -> [u8; 8] {
+        let mut out = [0u8; 8];
+        out[..4].copy_from_slice(&self.partitions.to_be_bytes());
+        out[4..].copy_from_slice(&self.initial.to_be_bytes());
+        out
+    }
+
+    fn decode(bytes: &[u8]) -> Option<Self> {
+        match bytes.len() {
+            // Written before topics could grow: the count alone.
+            4 => Some(Self::new(u32::from_be_bytes(bytes.try_into().ok()?))),
+            8 => Some(Self {
+                partitions: u32::from_be_bytes(bytes[..4].try_into().ok()?),
+                initial: u32::from_be_bytes(bytes[4..].try_into().ok()?),
+            }),
+            _ => None,
+        }
+    }
+}
+
 /// An event to accept.
 #[derive(Debug, Clone)]
 pub struct Pending {
     /// Its topic.
     pub topic: String,
-    /// The topic's partition count.
-    pub partitions: u32,
+    /// The topic's shape as the caller knows it (used for a topic the outbox has not
+    /// planned records for yet).
+    pub shape: TopicShape,
     /// The event (its `key`, if any, picks the partition).
     pub event: Event,
 }
@@ -116,6 +187,8 @@ pub struct Sequencer {
     base: HashMap<Lane, u64>,
     /// Per topic: the sticky partition of keyless events and how many more it takes.
     sticky: HashMap<String, (u32, u64)>,
+    /// Per topic: the shape its keys are planned by (see the module's doc).
+    shapes: HashMap<String, TopicShape>,
 }
 
 impl Sequencer {
@@ -131,7 +204,25 @@ impl Sequencer {
             next_seq,
             base,
             sticky: HashMap::new(),
+            shapes: HashMap::new(),
         }
+    }
+
+    /// The shape `topic`'s keys are planned by, once one was planned.
+    pub fn shape(&self, topic: &str) -> Option<TopicShape> {
+        self.shapes.get(topic).copied()
+    }
+
+    /// Plans `topic`'s keys by `shape` from now on.
+    pub fn set_shape(&mut self, topic: &str, shape: TopicShape) {
+        self.shapes.insert(topic.to_string(), shape);
+        self.sticky.remove(topic);
+    }
+
+    /// Moves a lane's next position back to `position` (its records from there on were
+    /// taken out to be planned again).
+    pub fn rewind(&mut self, lane: Lane, position: u64) {
+        self.next_seq.insert(lane, position);
     }
 
     /// The producer id records are numbered with.
@@ -170,9 +261,10 @@ impl Sequencer {
         let mut lanes: BTreeMap<Lane, Vec<Event>> = BTreeMap::new();
         let mut keyless_partition: HashMap<String, u32> = HashMap::new();
         for p in group {
-            let partitions = p.partitions.max(1);
+            let shape = *self.shapes.entry(p.topic.clone()).or_insert(p.shape);
+            let partitions = shape.partitions.max(1);
             let partition = match &p.event.key {
-                Some(key) => partition_for_key(key, partitions),
+                Some(key) => shape.partition_for_key(key),
                 None => {
                     let partition =
                         *keyless_partition.entry(p.topic.clone()).or_insert_with(|| {
@@ -276,6 +368,29 @@ const PRODUCER_KEY: &[u8] = b"p";
 /// Present while the outbox is closed cleanly (written at shutdown, removed at open).
 const CLEAN_KEY: &[u8] = b"c";
 
+/// Where the shape a topic's records are planned by is kept.
+fn planned_key(topic: &str) -> Vec<u8> {
+    let mut key = vec![b't'];
+    key.extend_from_slice(topic.as_bytes());
+    key
+}
+
+/// Where the shape last learned from the region is kept.
+fn learned_key(topic: &str) -> Vec<u8> {
+    let mut key = vec![b'T'];
+    key.extend_from_slice(topic.as_bytes());
+    key
+}
+
+fn sending_lock(sending: &Sending, topic: &str) -> Arc<tokio::sync::RwLock<()>> {
+    sending
+        .lock()
+        .expect("outbox sending locks")
+        .entry(topic.to_string())
+        .or_default()
+        .clone()
+}
+
 fn lane_prefix(tag: u8, lane: &Lane) -> Vec<u8> {
     let mut key = Vec::with_capacity(lane.topic.len() + 6);
     key.push(tag);
@@ -338,6 +453,12 @@ enum Job {
         from: u64,
         reply: oneshot::Sender<Result<(), OutboxError>>,
     },
+    /// Plan every record of `topic` again by `shape` ([`Outbox::reroute`]).
+    Reroute {
+        topic: String,
+        shape: TopicShape,
+        reply: oneshot::Sender<Result<(), OutboxError>>,
+    },
 }
 
 /// The outbox. Cloning shares it.
@@ -353,7 +474,15 @@ pub struct Outbox {
     counts: Arc<OutboxCounts>,
     bounds: (u64, u64),
     writer: Arc<Mutex<Option<tokio::task::JoinHandle<()>>>>,
+    sending: Sending,
 }
+
+/// Per topic: held (shared) by a lane's drainer from sending a record until the region's
+/// answer says whether it holds it, and (exclusively) by a reroute.
+type Sending = Arc<Mutex<HashMap<String, Arc<tokio::sync::RwLock<()>>>>>;
+
+/// How long a reroute waits for the topic's sends in flight to be answered.
+const REROUTE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The group-commit task's view of the outbox (no job sender, so it ends when the last
 /// [`Outbox`] is dropped).
@@ -450,6 +579,13 @@ impl Outbox {
             wakers.insert(lane.clone(), Arc::new(Notify::new()));
             let _ = lane_tx.send(lane);
         }
+        let mut sequencer = Sequencer::new(producer, next_seq, base);
+        for item in tree.scan_prefix(b"t") {
+            let (k, v) = item.map_err(store_err)?;
+            let topic = String::from_utf8_lossy(&k[1..]).into_owned();
+            let shape = TopicShape::decode(&v).ok_or_else(|| store_err("malformed topic shape"))?;
+            sequencer.set_shape(&topic, shape);
+        }
         let (jobs, job_rx) = mpsc::channel(1024);
         let outbox = Self {
             tree,
@@ -460,6 +596,7 @@ impl Outbox {
             counts,
             bounds: (max_events, max_bytes),
             writer: Arc::default(),
+            sending: Arc::default(),
         };
         let writer = Writer {
             tree: outbox.tree.clone(),
@@ -469,11 +606,7 @@ impl Outbox {
             outbox: Arc::downgrade(&outbox.wakers),
             new_lanes: outbox.new_lanes.clone(),
         };
-        let task = tokio::spawn(writer.write_groups(
-            Sequencer::new(producer, next_seq, base),
-            limits,
-            job_rx,
-        ));
+        let task = tokio::spawn(writer.write_groups(sequencer, limits, job_rx));
         *outbox.writer.lock().expect("outbox writer") = Some(task);
         Ok((outbox, lane_rx))
     }
@@ -520,6 +653,35 @@ impl Outbox {
         rx.await.map_err(|_| OutboxError::Closed)?
     }
 
+    /// Plans every record `topic`'s lanes hold again by `shape` (the topic grew; a split
+    /// parent refused one of them), in their order, once no lane of the topic has a send in
+    /// flight; refused (changing nothing) if one is still in flight after a while.
+    pub async fn reroute(&self, topic: &str, shape: TopicShape) -> Result<(), OutboxError> {
+        // Taken here, not by the writer, so accepts go on while sends are answered.
+        let lock = self.sending(topic);
+        let Ok(_quiet) = tokio::time::timeout(REROUTE_WAIT, lock.write()).await else {
+            return Err(OutboxError::Invalid(format!(
+                "topic {topic}: a send is still in flight after {REROUTE_WAIT:?}"
+            )));
+        };
+        let (reply, rx) = oneshot::channel();
+        self.jobs
+            .send(Job::Reroute {
+                topic: topic.to_string(),
+                shape,
+                reply,
+            })
+            .await
+            .map_err(|_| OutboxError::Closed)?;
+        rx.await.map_err(|_| OutboxError::Closed)?
+    }
+
+    /// The lock a lane's drainer holds shared from sending a record of `topic` until the
+    /// region's answer says whether it holds it (see [`Outbox::reroute`]).
+    pub fn sending(&self, topic: &str) -> Arc<tokio::sync::RwLock<()>> {
+        sending_lock(&self.sending, topic)
+    }
+
     /// The notifier of a lane (woken when records are added to it).
     pub fn waker(&self, lane: &Lane) -> Arc<Notify> {
         self.wakers
@@ -559,21 +721,21 @@ impl Outbox {
         Ok(())
     }
 
-    /// A topic's partition count as last learned from the region (kept across restarts, so
-    /// publishes are accepted while the region is unreachable).
-    pub fn known_partitions(&self, topic: &str) -> Option<u32> {
-        let mut key = vec![b't'];
-        key.extend_from_slice(topic.as_bytes());
-        let value = self.tree.get(key).ok()??;
-        Some(u32::from_be_bytes(value.as_ref().try_into().ok()?))
+    /// A topic's shape as last learned from the region (kept across restarts, so publishes
+    /// are accepted while the region is unreachable).
+    pub fn known_shape(&self, topic: &str) -> Option<TopicShape> {
+        // Before topics could grow, the count learned was kept where the planned shape is.
+        let value = match self.tree.get(learned_key(topic)).ok()? {
+            Some(v) => v,
+            None => self.tree.get(planned_key(topic)).ok()??,
+        };
+        TopicShape::decode(&value)
     }
 
-    /// Remembers a topic's partition count.
-    pub fn learn_partitions(&self, topic: &str, partitions: u32) -> Result<(), OutboxError> {
-        let mut key = vec![b't'];
-        key.extend_from_slice(topic.as_bytes());
+    /// Remembers a topic's shape.
+    pub fn learn_shape(&self, topic: &str, shape: TopicShape) -> Result<(), OutboxError> {
         self.tree
-            .insert(key, &partitions.to_be_bytes())
+            .insert(learned_key(topic), &shape.encode())
             .map_err(store_err)?;
         Ok(())
     }
@@ -619,6 +781,7 @@ impl Writer {
         while let Some(first) = rx.recv().await {
             let mut jobs = Vec::new();
             let mut renumbers = Vec::new();
+            let mut reroutes = Vec::new();
             let mut queued_events = 0;
             let mut next = Some(first);
             while let Some(job) = next.take() {
@@ -628,6 +791,11 @@ impl Writer {
                         jobs.push((group, reply));
                     }
                     Job::Renumber { lane, from, reply } => renumbers.push((lane, from, reply)),
+                    Job::Reroute {
+                        topic,
+                        shape,
+                        reply,
+                    } => reroutes.push((topic, shape, reply)),
                 }
                 if queued_events < 4 * MAX_RECORD_EVENTS {
                     next = rx.try_recv().ok();
@@ -648,6 +816,18 @@ impl Writer {
                     return;
                 }
             }
+            for (topic, shape, reply) in reroutes {
+                let result = self.reroute(&mut sequencer, &topic, shape, &limits).await;
+                let failed = matches!(result, Err(OutboxError::Store(_)));
+                if let (true, Err(e)) = (failed, &result) {
+                    tracing::error!(%topic, error = %e, "planning an outbox topic again failed; the outbox stops accepting");
+                    self.counts.failed.store(true, Ordering::Relaxed);
+                }
+                let _ = reply.send(result);
+                if failed {
+                    return;
+                }
+            }
             let mut batch = sled::Batch::default();
             let mut accepted = Vec::new();
             let (mut group_events, mut group_bytes) = (0u64, 0u64);
@@ -660,6 +840,11 @@ impl Writer {
                     let _ = reply.send(Err(full));
                     continue;
                 }
+                let new_topics: Vec<String> = group
+                    .iter()
+                    .filter(|p| sequencer.shape(&p.topic).is_none())
+                    .map(|p| p.topic.clone())
+                    .collect();
                 // Planned per job, so one job's invalid event refuses that job alone.
                 let (records, advance) = match sequencer.plan(group, &limits) {
                     Ok(planned) => planned,
@@ -688,6 +873,11 @@ impl Writer {
                     }
                 };
                 sequencer.commit(advance);
+                for topic in new_topics {
+                    if let Some(shape) = sequencer.shape(&topic) {
+                        batch.insert(planned_key(&topic), &shape.encode());
+                    }
+                }
                 for (key, value, lane) in encoded {
                     batch.insert(key, value);
                     touched.insert(lane);
@@ -769,6 +959,88 @@ impl Writer {
         Ok(())
     }
 
+    /// See [`Outbox::reroute`] (which holds the topic's sending lock meanwhile).
+    async fn reroute(
+        &self,
+        sequencer: &mut Sequencer,
+        topic: &str,
+        shape: TopicShape,
+        limits: &Limits,
+    ) -> Result<(), OutboxError> {
+        let mut prefix = vec![b'r'];
+        prefix.extend_from_slice(topic.as_bytes());
+        prefix.push(0);
+        let mut batch = sled::Batch::default();
+        let mut group = Vec::new();
+        let mut firsts: BTreeMap<Lane, u64> = BTreeMap::new();
+        let (mut old_events, mut old_bytes) = (0u64, 0u64);
+        // Lane by lane (the key order: partition, then position), each in its order: a key's
+        // records all lie in the one lane it was planned to.
+        for item in self.tree.scan_prefix(&prefix) {
+            let (key, value) = item.map_err(store_err)?;
+            let lane = lane_of(&key).ok_or_else(|| store_err("malformed lane key"))?;
+            let position = position_of(&key).ok_or_else(|| store_err("malformed record key"))?;
+            let record: StoredRecord = codec::decode("outbox record", &value).map_err(store_err)?;
+            let events = record
+                .batch
+                .decode_events(limits)
+                .map_err(|e| store_err(format!("lane {lane}: {e}")))?;
+            firsts.entry(lane).or_insert(position);
+            old_events += u64::from(record.batch.count);
+            old_bytes += record.bytes;
+            batch.remove(key);
+            group.extend(events.into_iter().map(|event| Pending {
+                topic: topic.to_string(),
+                shape,
+                event,
+            }));
+        }
+        sequencer.set_shape(topic, shape);
+        batch.insert(planned_key(topic), &shape.encode());
+        // None of them is in the region: each lane goes on from its first one's place.
+        for (lane, first) in &firsts {
+            sequencer.rewind(lane.clone(), *first);
+        }
+        let (records, advance) = sequencer
+            .plan(group, limits)
+            .map_err(|e| store_err(format!("planning topic {topic} again: {e}")))?;
+        let now = crate::now_ms();
+        let mut touched: std::collections::BTreeSet<Lane> = firsts.keys().cloned().collect();
+        let (mut new_events, mut new_bytes) = (0u64, 0u64);
+        for record in records {
+            new_events += u64::from(record.batch.count);
+            new_bytes += record.bytes;
+            let stored = StoredRecord {
+                bytes: record.bytes,
+                accepted_at_ms: now,
+                batch: record.batch,
+            };
+            batch.insert(
+                record_key(&record.lane, record.position),
+                codec::encode("outbox record", &stored).map_err(store_err)?,
+            );
+            touched.insert(record.lane);
+        }
+        sequencer.commit(advance);
+        for lane in &touched {
+            batch.insert(
+                lane_prefix(b's', lane),
+                &sequencer.next_seq(lane).to_be_bytes(),
+            );
+        }
+        self.tree.apply_batch(batch).map_err(store_err)?;
+        self.db.sync_async().await.map_err(store_err)?;
+        self.counts.events.fetch_sub(old_events, Ordering::Relaxed);
+        self.counts.bytes.fetch_sub(old_bytes, Ordering::Relaxed);
+        self.counts.events.fetch_add(new_events, Ordering::Relaxed);
+        self.counts.bytes.fetch_add(new_bytes, Ordering::Relaxed);
+        tracing::info!(%topic, partitions = shape.partitions, events = new_events, "outbox records planned again: the topic grew");
+        for lane in touched {
+            self.wake(lane);
+        }
+        Ok(())
+    }
+
     fn wake(&self, lane: Lane) {
         let Some(wakers) = self.outbox.upgrade() else {
             return;
@@ -812,7 +1084,7 @@ mod tests {
         event.key = key.map(|k| Bytes::copy_from_slice(k.as_bytes()));
         Pending {
             topic: topic.into(),
-            partitions: 4,
+            shape: TopicShape::new(4),
             event,
         }
     }
@@ -848,7 +1120,7 @@ mod tests {
             pending("orders", 4, Some("customer-1")),
         ];
         let records = planned(&mut s, group);
-        let keyed = partition_for_key(b"customer-1", 4);
+        let keyed = TopicShape::new(4).partition_for_key(b"customer-1");
         let keyed_record = records.iter().find(|r| r.lane.partition == keyed).unwrap();
         let ids: Vec<String> = keyed_record
             .batch
@@ -936,6 +1208,81 @@ mod tests {
         let next = outbox.peek(&lane, 10).unwrap();
         assert_eq!(next[0].batch.producer, producer);
         assert_eq!(next[0].batch.first_seq, 2);
+    }
+
+    #[tokio::test]
+    async fn a_grown_topics_records_are_planned_again_by_its_new_shape_keeping_each_keys_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let (outbox, _lanes) = open(dir.path());
+        let two = TopicShape::new(2);
+        let grown = TopicShape {
+            partitions: 4,
+            initial: 2,
+        };
+        let keyed = |id: u32, shape: TopicShape| {
+            let mut p = pending("t", id, Some(&format!("k{}", id % 8)));
+            p.shape = shape;
+            p
+        };
+        for round in 0..5 {
+            let group = (0..8).map(|i| keyed(round * 8 + i, two)).collect();
+            outbox.accept(group).await.unwrap();
+        }
+        let lane = |partition| Lane {
+            topic: "t".into(),
+            partition,
+        };
+        // The region holds lane 0's first record.
+        let first = outbox.peek(&lane(0), 1).unwrap().remove(0);
+        outbox.acknowledged(&first).unwrap();
+        let held = outbox.depth();
+        let next_of_0 = outbox.peek(&lane(0), 1).unwrap()[0].position();
+
+        outbox.reroute("t", grown).await.unwrap();
+        assert_eq!(outbox.depth(), held, "every held event stays, once");
+        let mut order: BTreeMap<String, Vec<u32>> = BTreeMap::new();
+        for partition in 0..4 {
+            let records = outbox.peek(&lane(partition), 100).unwrap();
+            if partition == 0 {
+                // Lane 0 goes on where its held records began, from the same sequence.
+                assert_eq!(records[0].position(), next_of_0);
+                assert_eq!(records[0].batch.first_seq, next_of_0);
+            }
+            for r in records {
+                for e in r.batch.decode_events(&Limits::default()).unwrap() {
+                    let key = String::from_utf8(e.key.clone().unwrap().to_vec()).unwrap();
+                    assert_eq!(grown.partition_for_key(key.as_bytes()), partition, "{key}");
+                    order
+                        .entry(key)
+                        .or_default()
+                        .push(e.id[1..].parse().unwrap());
+                }
+            }
+        }
+        for (key, ids) in &order {
+            let mut sorted = ids.clone();
+            sorted.sort_unstable();
+            assert_eq!(ids, &sorted, "{key} keeps its order");
+        }
+        assert!(
+            (2..4).any(|p| !outbox.peek(&lane(p), 1).unwrap().is_empty()),
+            "some keys moved to the new partitions"
+        );
+        // The new shape is what later events are planned by, also after a reopen, whatever
+        // the caller thinks.
+        outbox.close_cleanly().await.unwrap();
+        close(outbox).await;
+        let (outbox, _lanes) = open(dir.path());
+        let moved = (0..8)
+            .find(|k| grown.partition_for_key(format!("k{k}").as_bytes()) >= 2)
+            .unwrap();
+        outbox.accept(vec![keyed(moved + 40, two)]).await.unwrap();
+        let home = grown.partition_for_key(format!("k{moved}").as_bytes());
+        let last = outbox.peek(&lane(home), 100).unwrap().pop().unwrap();
+        assert_eq!(
+            last.batch.decode_events(&Limits::default()).unwrap()[0].id,
+            format!("e{}", moved + 40)
+        );
     }
 
     #[tokio::test]
