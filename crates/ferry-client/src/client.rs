@@ -696,7 +696,8 @@ impl Client {
     /// [`ClientError::code`]) and append nothing.
     ///
     /// Every event of one stream must go to one partition (e.g.
-    /// [`partition_for_key`](ferry_proto::partition_for_key) of the stream name). A call
+    /// [`KeyLayout::stream_partition`](ferry_proto::KeyLayout::stream_partition) of the
+    /// stream name: a stream stays where it was created when the topic grows). A call
     /// retried after a lost answer may find its own earlier append: with an expected version
     /// it then fails with a conflict, without one it appends again, unless the batch carries
     /// a producer id and sequence, in which case the resend is answered with the original

@@ -182,6 +182,8 @@ struct Shared {
     next_lane: AtomicUsize,
     /// A regrow (see the module's doc) is under way.
     regrowing: AtomicBool,
+    /// A lane asked for a regrow since the running one took its description.
+    regrow_asked: AtomicBool,
     client: Client,
     leaders: Arc<Leaders>,
     topic: String,
@@ -220,14 +222,27 @@ impl Shared {
         LaneHandle { items, flush }
     }
 
-    /// Starts a regrow unless one is under way.
+    /// Starts a regrow unless one is under way; one under way runs again once done, so a
+    /// lane parked meanwhile is collected too.
     fn regrow(self: Arc<Self>) {
-        if !self.regrowing.swap(true, Ordering::AcqRel) {
-            tokio::spawn(async move {
+        self.regrow_asked.store(true, Ordering::Release);
+        if self.regrowing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        tokio::spawn(async move {
+            loop {
+                self.regrow_asked.store(false, Ordering::Release);
                 self.regrow_now().await;
                 self.regrowing.store(false, Ordering::Release);
-            });
-        }
+                // Asked again after the description was taken: go once more, unless another
+                // task took over meanwhile.
+                if !self.regrow_asked.load(Ordering::Acquire)
+                    || self.regrowing.swap(true, Ordering::AcqRel)
+                {
+                    return;
+                }
+            }
+        });
     }
 
     /// Takes the topic's layout again: holds new events back, collects what every lane has
@@ -237,9 +252,20 @@ impl Shared {
         let deadline = Instant::now() + self.options.retry_for;
         let described = loop {
             match self.client.describe_topic(&self.topic).await {
-                Ok(d) => break Some(d),
-                Err(_) if Instant::now() < deadline => {
+                // A node that has not seen the growth yet describes fewer partitions (or the
+                // same, unsealed): ask again, a little later.
+                Ok(d)
+                    if d.config.partitions as usize >= routing.lanes.len()
+                        && d.layout.splits.len() >= routing.layout.splits.len() =>
+                {
+                    break Some(d)
+                }
+                Ok(_) | Err(_) if Instant::now() < deadline => {
                     tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Ok(_) => {
+                    tracing::warn!(topic = %self.topic, "the topic's description stayed older than the producer's layout; keeping the layout");
+                    break None;
                 }
                 Err(e) => {
                     tracing::warn!(topic = %self.topic, error = %e, "describing the topic to route again failed; keeping the layout");
@@ -316,6 +342,7 @@ impl Producer {
             }),
             next_lane: AtomicUsize::new(0),
             regrowing: AtomicBool::new(false),
+            regrow_asked: AtomicBool::new(false),
             client: client.clone(),
             leaders,
             topic,

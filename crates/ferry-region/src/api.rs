@@ -162,7 +162,10 @@ impl<T: Transport> Node<T> {
             .split_of(partition)
             .filter(|s| s.seal.is_none())
         {
-            if self.hosted_partition(&state, partition).is_none() {
+            // Here with its parent's group, but not applied yet: it opens shortly.
+            if self.hosted_partition(&state, partition).is_none()
+                && self.hosted_partition(&state, split.parent).is_some()
+            {
                 return Err(ApiError::new(
                     ErrorCode::Unavailable,
                     format!(

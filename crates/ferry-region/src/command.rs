@@ -178,11 +178,12 @@ pub(crate) enum MetaCommand {
     /// Grow a topic to `partitions` partitions: record the splits (without seals) and the
     /// new partitions' replicas (those of their parent's group).
     AddPartitions { topic: String, partitions: u32 },
-    /// Partition `parent`'s group sealed it for its children at `offset` (sent by the
-    /// group's leader once the seal applied).
+    /// Partition `parent`'s group sealed it for `children` at `offset` (sent by the group's
+    /// leader once the seal applied).
     SealSplit {
         topic: String,
         parent: u32,
+        children: Vec<u32>,
         offset: u64,
     },
 }

@@ -82,11 +82,6 @@ impl TopicState {
     pub fn partitions_of(&self, group: u32) -> impl Iterator<Item = u32> + '_ {
         (0..self.config.partitions).filter(move |p| self.group_of(*p) == group)
     }
-
-    /// The partition of `key`.
-    pub fn partition_for_key(&self, key: &[u8]) -> u32 {
-        self.layout.partition_for_key(key, self.config.partitions)
-    }
 }
 
 fn layout_key(topic: &str) -> Vec<u8> {
@@ -472,8 +467,8 @@ impl MetaApp {
             ));
         }
         let from = state.config.partitions;
-        if from == partitions && state.layout.unsealed().next().is_some() {
-            // The same request again while its seals are on their way.
+        if from == partitions {
+            // The same request again (its seals may be on their way).
             return MetaReply::Done;
         }
         let splits = match state.layout.plan_growth(topic, from, partitions) {
@@ -497,11 +492,13 @@ impl MetaApp {
         MetaReply::Done
     }
 
-    /// Records the seal of `parent`'s splits that have none yet.
+    /// Records the seal of `parent`'s splits into `children` (those without one yet; one
+    /// with this very seal is a repeat).
     fn seal_split(
         &mut self,
         topic: &str,
         parent: u32,
+        children: &[u32],
         offset: u64,
         writes: &mut sled::Batch,
     ) -> MetaReply {
@@ -510,7 +507,12 @@ impl MetaApp {
         };
         let mut next = state.clone();
         let mut sealed = false;
-        for split in next.layout.splits.iter_mut().filter(|s| s.parent == parent) {
+        for split in next
+            .layout
+            .splits
+            .iter_mut()
+            .filter(|s| s.parent == parent && children.contains(&s.child))
+        {
             match split.seal {
                 None => {
                     split.seal = Some(offset);
@@ -523,7 +525,7 @@ impl MetaApp {
         }
         if !sealed {
             return invalid(format!(
-                "partition {parent} of {topic:?} has no split waiting for a seal"
+                "partition {parent} of {topic:?} has no split into {children:?} waiting for a seal"
             ));
         }
         if let Err(reply) = stage_topic(&next, writes) {
@@ -757,8 +759,9 @@ impl Application for MetaApp {
             Ok(MetaCommand::SealSplit {
                 topic,
                 parent,
+                children,
                 offset,
-            }) => self.seal_split(&topic, parent, offset, writes),
+            }) => self.seal_split(&topic, parent, &children, offset, writes),
             Err(e) => MetaReply::Error(ApiError::new(ErrorCode::InvalidRequest, e.to_string())),
         };
         encode("metadata reply", &reply).unwrap_or_default()
@@ -952,15 +955,16 @@ mod tests {
             topic: "t".into(),
             partitions,
         };
-        let seal = |parent, offset| MetaCommand::SealSplit {
+        let seal = |parent: u32, offset| MetaCommand::SealSplit {
             topic: "t".into(),
             parent,
+            children: vec![parent + 4],
             offset,
         };
         let refused = |r: MetaReply| matches!(r, MetaReply::Error(_));
         // More than doubling, fewer, or a topic that does not exist: refused.
         assert!(refused(apply(&mut app, &tree, 2, grow(9))));
-        assert!(refused(apply(&mut app, &tree, 3, grow(4))));
+        assert!(refused(apply(&mut app, &tree, 3, grow(3))));
         assert!(refused(apply(
             &mut app,
             &tree,
@@ -1043,6 +1047,29 @@ mod tests {
         assert_eq!(seals, vec![(0, 4, Some(10)), (1, 5, Some(0))]);
         assert!(matches!(
             apply(&mut reloaded, &tree, 14, grow(8)),
+            MetaReply::Done
+        ));
+        for (index, parent) in [(15, 2), (16, 3)] {
+            assert!(matches!(
+                apply(&mut reloaded, &tree, index, seal(parent, 20)),
+                MetaReply::Done
+            ));
+        }
+        assert!(matches!(
+            apply(&mut reloaded, &tree, 17, grow(16)),
+            MetaReply::Done
+        ));
+        // A seal of 0's first split sent again late (a leader's stale view) leaves its split
+        // into 8 waiting for its own.
+        assert!(matches!(
+            apply(&mut reloaded, &tree, 18, seal(0, 10)),
+            MetaReply::Done
+        ));
+        let t = reloaded.view().topic("t").unwrap();
+        assert_eq!(t.layout.split_of(8).unwrap().seal, None);
+        // The same count again once sealed: nothing to do.
+        assert!(matches!(
+            apply(&mut reloaded, &tree, 19, grow(16)),
             MetaReply::Done
         ));
     }

@@ -1174,11 +1174,6 @@ impl PartitionStateMachine {
         })
     }
 
-    /// The read views of the group's partitions as they are now.
-    pub fn views(&self) -> Arc<BTreeMap<u32, Arc<PartitionView>>> {
-        self.views.all()
-    }
-
     /// The group's views, shared: they follow the splits it applies.
     pub fn group_views(&self) -> Arc<GroupViews> {
         self.views.clone()
@@ -1299,9 +1294,14 @@ impl PartitionStateMachine {
                         misrouted,
                     } => {
                         let refusal = if checked != layout {
+                            let before = match checked {
+                                0 => "before it grew".to_string(),
+                                n => format!("at {n} partitions"),
+                            };
                             Some(format!(
                                 "the topic grew to {layout} partitions while this batch to \
-                                 partition {partition} was on its way (checked against {checked})"
+                                 partition {partition} was on its way (its keys were checked \
+                                 {before})"
                             ))
                         } else {
                             misrouted
@@ -1632,6 +1632,11 @@ mod tests {
     }
 
     impl PartitionStateMachine {
+        /// The read views of the group's partitions as they are now.
+        fn views(&self) -> Arc<BTreeMap<u32, Arc<PartitionView>>> {
+            self.views.all()
+        }
+
         fn view(&self) -> Arc<PartitionView> {
             self.views.get(0).expect("partition 0")
         }

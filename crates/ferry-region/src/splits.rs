@@ -58,6 +58,7 @@ impl<T: Transport> Node<T> {
                 let seal = MetaCommand::SealSplit {
                     topic: name.clone(),
                     parent,
+                    children: children.clone(),
                     offset,
                 };
                 match self.propose_meta_anywhere(seal).await {

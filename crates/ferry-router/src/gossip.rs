@@ -158,7 +158,9 @@ pub struct LedGroup {
 /// and records are compared often.
 pub type Leads = Arc<Vec<LedGroup>>;
 
-/// Whether `leads` (sorted, as records carry them) include `topic`'s partition `partition`.
+/// Whether `leads` (sorted, as records carry them) include `topic`'s partition `partition`,
+/// for a topic that never grew (a partition added to a topic is in its parent's group; only
+/// topics that stay in their region can grow, and this is asked about forwarded ones).
 pub fn leads_partition(leads: &[LedGroup], topic: &str, partition: u32) -> bool {
     let start = leads.partition_point(|l| l.topic.as_str() < topic);
     let end = start + leads[start..].partition_point(|l| l.topic == topic);

@@ -174,7 +174,11 @@ async fn drain_lane(
     // appended as new: until then (after a restart) the region may hold a merged batch sent
     // before, which only whole records are recognised against (as already appended).
     let mut may_merge = false;
+    let sending = outbox.sending(&lane.topic);
     'records: loop {
+        // Held from reading the records until the region's answer says whether it holds
+        // them: meanwhile the topic's records are not planned again (see `Outbox::reroute`).
+        let mut in_flight = Some(sending.read().await);
         let records = match outbox.peek(&lane, PEEK) {
             Ok(r) => r,
             Err(e) => {
@@ -187,6 +191,7 @@ async fn drain_lane(
             }
         };
         if records.is_empty() {
+            drop(in_flight.take());
             tokio::select! {
                 _ = waker.notified() => continue,
                 _ = shutdown.changed() => return,
@@ -197,18 +202,12 @@ async fn drain_lane(
         } else {
             (1, records[0].batch.clone())
         };
-        // The same batch, unchanged, until the region has it; meanwhile the topic's records
-        // are not planned again (the region may hold it).
-        let sending = outbox.sending(&lane.topic);
-        let mut in_flight = Some(sending.read().await);
+        // The same batch, unchanged, until the region has it.
         let mut backoff = FIRST_BACKOFF;
         let mut failures = 0u32;
         loop {
             if *shutdown.borrow() {
                 return;
-            }
-            if in_flight.is_none() {
-                in_flight = Some(sending.read().await);
             }
             match send(&client, &lane, batch.clone()).await {
                 Sent::Acknowledged { fresh } => {
@@ -219,7 +218,7 @@ async fn drain_lane(
                     // Not appended: the topic may be planned again now.
                     drop(in_flight.take());
                     tracing::info!(%lane, %error, "the topic grew; planning its outbox records again");
-                    match reroute(&outbox, &client, &lane.topic).await {
+                    match reroute(&outbox, &client, &lane).await {
                         Ok(()) => continue 'records,
                         Err(e) => {
                             tracing::warn!(%lane, error = %e, "planning the outbox records again failed; retrying");
@@ -280,15 +279,17 @@ async fn drain_lane(
     }
 }
 
-/// Describes `topic` and has the outbox plan its records again by its new shape.
-async fn reroute(outbox: &Outbox, client: &Client, topic: &str) -> Result<(), String> {
+/// Describes the topic of `refused` (whose first record a split parent refused) and has the
+/// outbox plan its records again by its new shape.
+async fn reroute(outbox: &Outbox, client: &Client, refused: &Lane) -> Result<(), String> {
+    let topic = &refused.topic;
     let described = tokio::time::timeout(MAX_BACKOFF, client.describe_topic(topic))
         .await
         .map_err(|_| format!("describing {topic} took over {MAX_BACKOFF:?}"))?
         .map_err(|e| e.to_string())?;
     let shape = TopicShape::of(&described);
     outbox
-        .reroute(topic, shape)
+        .reroute(refused, shape)
         .await
         .map_err(|e| e.to_string())?;
     outbox.learn_shape(topic, shape).map_err(|e| e.to_string())

@@ -13,10 +13,14 @@
 //!
 //! Keys go to lanes by the topic's [`TopicShape`] as the outbox first planned it (kept in
 //! sled, so records held across a restart and new ones agree). When the topic grew and a
-//! split parent refuses a record's key, [`Outbox::reroute`] waits until no lane of the topic
-//! has a send in flight ([`Outbox::sending`]), then plans every record the topic's lanes hold
-//! again, in their order, by the new shape, in one write: none of them is in the region (the
-//! refused one was refused, the later ones not sent), so a key's events keep their order.
+//! split parent refuses a lane's first record, [`Outbox::reroute`] waits until no lane of the
+//! topic has a send in flight ([`Outbox::sending`]), then plans every record the topic's
+//! lanes hold again, in their order, by the new shape, in one write. None of them is in the
+//! region: the refused lane's first was refused and the rest follow it; another lane's records
+//! were never sent, or sent and answered as not held, by this process. Records of an earlier
+//! process (made before a stop that was not clean) may have been appended unbeknown to the
+//! outbox: while another lane holds such records the reroute waits for their lanes to send
+//! them first. A key's events keep their order.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -112,12 +116,11 @@ impl TopicShape {
     /// The partition of a domain stream (where it was created; see
     /// [`ferry_proto::KeyLayout::stream_partition`]).
     pub fn stream_partition(&self, stream: &str) -> u32 {
-        let created = if self.initial == 0 {
-            self.partitions
-        } else {
-            self.initial
+        let layout = ferry_proto::KeyLayout {
+            initial: self.initial,
+            splits: Vec::new(),
         };
-        (key_hash(stream.as_bytes()) % u64::from(created.max(1))) as u32
+        layout.stream_partition(stream, self.partitions)
     }
 
     fn encode(&self) -> [u8; 8] {
@@ -217,6 +220,11 @@ impl Sequencer {
     pub fn set_shape(&mut self, topic: &str, shape: TopicShape) {
         self.shapes.insert(topic.to_string(), shape);
         self.sticky.remove(topic);
+    }
+
+    /// The position of the current producer's sequence 0 in a lane.
+    pub fn base(&self, lane: &Lane) -> u64 {
+        self.base.get(lane).copied().unwrap_or(0)
     }
 
     /// Moves a lane's next position back to `position` (its records from there on were
@@ -453,9 +461,9 @@ enum Job {
         from: u64,
         reply: oneshot::Sender<Result<(), OutboxError>>,
     },
-    /// Plan every record of `topic` again by `shape` ([`Outbox::reroute`]).
+    /// Plan every record of `refused`'s topic again by `shape` ([`Outbox::reroute`]).
     Reroute {
-        topic: String,
+        refused: Lane,
         shape: TopicShape,
         reply: oneshot::Sender<Result<(), OutboxError>>,
     },
@@ -653,10 +661,14 @@ impl Outbox {
         rx.await.map_err(|_| OutboxError::Closed)?
     }
 
-    /// Plans every record `topic`'s lanes hold again by `shape` (the topic grew; a split
-    /// parent refused one of them), in their order, once no lane of the topic has a send in
-    /// flight; refused (changing nothing) if one is still in flight after a while.
-    pub async fn reroute(&self, topic: &str, shape: TopicShape) -> Result<(), OutboxError> {
+    /// Plans every record the lanes of `refused`'s topic hold again by `shape` (the topic
+    /// grew; a split parent refused `refused`'s first record), in their order, once no lane
+    /// of the topic has a send in flight. Refused, changing nothing, if one is still in
+    /// flight after a while, if the records are planned by `shape` already (the region was
+    /// described by a node that has not seen the growth yet), or while another lane holds
+    /// records of an earlier process (see the module's doc).
+    pub async fn reroute(&self, refused: &Lane, shape: TopicShape) -> Result<(), OutboxError> {
+        let topic = &refused.topic;
         // Taken here, not by the writer, so accepts go on while sends are answered.
         let lock = self.sending(topic);
         let Ok(_quiet) = tokio::time::timeout(REROUTE_WAIT, lock.write()).await else {
@@ -667,7 +679,7 @@ impl Outbox {
         let (reply, rx) = oneshot::channel();
         self.jobs
             .send(Job::Reroute {
-                topic: topic.to_string(),
+                refused: refused.clone(),
                 shape,
                 reply,
             })
@@ -792,10 +804,10 @@ impl Writer {
                     }
                     Job::Renumber { lane, from, reply } => renumbers.push((lane, from, reply)),
                     Job::Reroute {
-                        topic,
+                        refused,
                         shape,
                         reply,
-                    } => reroutes.push((topic, shape, reply)),
+                    } => reroutes.push((refused, shape, reply)),
                 }
                 if queued_events < 4 * MAX_RECORD_EVENTS {
                     next = rx.try_recv().ok();
@@ -816,11 +828,11 @@ impl Writer {
                     return;
                 }
             }
-            for (topic, shape, reply) in reroutes {
-                let result = self.reroute(&mut sequencer, &topic, shape, &limits).await;
+            for (refused, shape, reply) in reroutes {
+                let result = self.reroute(&mut sequencer, &refused, shape, &limits).await;
                 let failed = matches!(result, Err(OutboxError::Store(_)));
                 if let (true, Err(e)) = (failed, &result) {
-                    tracing::error!(%topic, error = %e, "planning an outbox topic again failed; the outbox stops accepting");
+                    tracing::error!(lane = %refused, error = %e, "planning an outbox topic again failed; the outbox stops accepting");
                     self.counts.failed.store(true, Ordering::Relaxed);
                 }
                 let _ = reply.send(result);
@@ -963,10 +975,18 @@ impl Writer {
     async fn reroute(
         &self,
         sequencer: &mut Sequencer,
-        topic: &str,
+        refused: &Lane,
         shape: TopicShape,
         limits: &Limits,
     ) -> Result<(), OutboxError> {
+        let topic = refused.topic.as_str();
+        if sequencer.shape(topic) == Some(shape) {
+            return Err(OutboxError::Invalid(format!(
+                "topic {topic}: its records are planned by {} partitions already; the node \
+                 described has not seen the topic grow yet",
+                shape.partitions
+            )));
+        }
         let mut prefix = vec![b'r'];
         prefix.extend_from_slice(topic.as_bytes());
         prefix.push(0);
@@ -981,6 +1001,12 @@ impl Writer {
             let lane = lane_of(&key).ok_or_else(|| store_err("malformed lane key"))?;
             let position = position_of(&key).ok_or_else(|| store_err("malformed record key"))?;
             let record: StoredRecord = codec::decode("outbox record", &value).map_err(store_err)?;
+            if lane != *refused && record.batch.producer != Some(sequencer.producer()) {
+                return Err(OutboxError::Invalid(format!(
+                    "lane {lane} holds records from before a stop that was not clean (the \
+                     region may hold them); they are sent first"
+                )));
+            }
             let events = record
                 .batch
                 .decode_events(limits)
@@ -997,9 +1023,11 @@ impl Writer {
         }
         sequencer.set_shape(topic, shape);
         batch.insert(planned_key(topic), &shape.encode());
-        // None of them is in the region: each lane goes on from its first one's place.
+        // None of them is in the region: each lane goes on from its first one's place (or,
+        // for records of an earlier process, from where this producer's sequence 0 is).
         for (lane, first) in &firsts {
-            sequencer.rewind(lane.clone(), *first);
+            let base = sequencer.base(lane);
+            sequencer.rewind(lane.clone(), (*first).max(base));
         }
         let (records, advance) = sequencer
             .plan(group, limits)
@@ -1238,7 +1266,12 @@ mod tests {
         let held = outbox.depth();
         let next_of_0 = outbox.peek(&lane(0), 1).unwrap()[0].position();
 
-        outbox.reroute("t", grown).await.unwrap();
+        outbox.reroute(&lane(0), grown).await.unwrap();
+        // Asked again with the shape the records are planned by: refused, nothing changes.
+        assert!(matches!(
+            outbox.reroute(&lane(0), grown).await,
+            Err(OutboxError::Invalid(_))
+        ));
         assert_eq!(outbox.depth(), held, "every held event stays, once");
         let mut order: BTreeMap<String, Vec<u32>> = BTreeMap::new();
         for partition in 0..4 {
