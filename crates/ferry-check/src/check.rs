@@ -74,6 +74,9 @@ struct Sighting<'h> {
 /// Where one event is stored in a region's topic: (partition, offset) pairs.
 type Copies = Vec<(u32, u64)>;
 
+/// Per (region, group): each event's first delivery, in the order recorded: (log, offset, id).
+type FirstDeliveries<'h> = BTreeMap<(&'h str, &'h str), Vec<(LogId, u64, &'h str)>>;
+
 fn log_of(op: &Op) -> Option<LogId> {
     Some((op.region.clone(), op.topic.clone(), op.partition?))
 }
@@ -90,6 +93,10 @@ pub fn check(history: &History, options: &Options) -> Report {
     let mut delivered_ids: HashMap<(&str, &str, &str), u64> = HashMap::new();
     let mut dumps: BTreeMap<LogId, Vec<&Op>> = BTreeMap::new();
     let mut faults: Vec<&Op> = Vec::new();
+    // (parent's log, child's log, seal).
+    let mut splits: Vec<(LogId, LogId, u64)> = Vec::new();
+    // First deliveries per (region, group), in the order recorded: (log, offset, id).
+    let mut first_deliveries: FirstDeliveries = BTreeMap::new();
 
     for (op, &line) in history.ops.iter().zip(&history.lines) {
         match (op.op_type, op.f) {
@@ -99,6 +106,13 @@ pub fn check(history: &History, options: &Options) -> Report {
                 }
             }
             (Some(OpType::Fault), _) => faults.push(op),
+            (Some(OpType::Ok), Some(Func::Split)) => {
+                if let (Some(child), Some(parent), Some(seal)) = (log_of(op), op.parent, op.offset)
+                {
+                    let parent = (op.region.clone(), op.topic.clone(), parent);
+                    splits.push((parent, child, seal));
+                }
+            }
             (Some(t), Some(Func::Publish)) => {
                 let Some(id) = op.id.as_deref() else { continue };
                 if t == OpType::Invoke {
@@ -174,7 +188,14 @@ pub fn check(history: &History, options: &Options) -> Report {
                             .or_default()
                             .entry(e.offset)
                             .or_default() += 1;
-                        *delivered_ids.entry((&op.region, group, &e.id)).or_default() += 1;
+                        let times = delivered_ids.entry((&op.region, group, &e.id)).or_default();
+                        if *times == 0 {
+                            first_deliveries
+                                .entry((&op.region, group))
+                                .or_default()
+                                .push((log.clone(), e.offset, &e.id));
+                        }
+                        *times += 1;
                     }
                 }
             }
@@ -396,6 +417,8 @@ pub fn check(history: &History, options: &Options) -> Report {
     report.notify_undelivered = notified.undelivered;
 
     check_order(&finals, &offsets_of, &publishes, &mut report);
+    check_split_order(&finals, &splits, &publishes, &mut report);
+    check_group_order(&first_deliveries, &publishes, &mut report);
     check_floors(&faults, &publishes, options, &mut report);
     finish(&mut report, options, observed.len() as u64);
     report
@@ -763,6 +786,87 @@ fn check_order(
                 }
             }
             last.insert(slot, (p.seq, id, *offset));
+        }
+    }
+}
+
+/// Per key and producer across a split: the parent holds the key's events only below the
+/// seal, and they were all published before the child's (read in that order, the parent up to
+/// the seal then the child, a key's events come in publishing order).
+fn check_split_order(
+    finals: &BTreeMap<LogId, FinalRead>,
+    splits: &[(LogId, LogId, u64)],
+    publishes: &HashMap<&str, Publish>,
+    report: &mut Report,
+) {
+    for (parent, child, seal) in splits {
+        let (Some(in_parent), Some(in_child)) = (finals.get(parent), finals.get(child)) else {
+            continue;
+        };
+        // (process, key) -> the first of its events in the child: (seq, id, offset).
+        let mut first_in_child: HashMap<(u64, &str), (usize, &str, u64)> = HashMap::new();
+        for (offset, id) in &in_child.at {
+            let Some(p) = publishes.get(id) else { continue };
+            let Some(key) = p.key else { continue };
+            let slot = first_in_child
+                .entry((p.process, key))
+                .or_insert((p.seq, id, *offset));
+            if p.seq < slot.0 {
+                *slot = (p.seq, id, *offset);
+            }
+        }
+        for (offset, id) in &in_parent.at {
+            let Some(p) = publishes.get(id) else { continue };
+            let Some(key) = p.key else { continue };
+            let Some((seq, child_id, child_offset)) = first_in_child.get(&(p.process, key)) else {
+                continue;
+            };
+            // A key that went to the child: in the parent only below the seal, and only
+            // what was published before the child's first.
+            if *offset >= *seal || p.seq > *seq {
+                report.order_violations.push(OrderViolation {
+                    log: child.clone(),
+                    key: key.to_string(),
+                    process: p.process,
+                    published_first: (child_id.to_string(), *child_offset),
+                    stored_first: (id.to_string(), *offset),
+                });
+            }
+        }
+    }
+}
+
+/// Per key and producer, a consumer group hands events out for the first time in publishing
+/// order, across its partitions too (a split's child only after the parent up to the seal);
+/// handing one out again later is no reordering.
+fn check_group_order(
+    first_deliveries: &FirstDeliveries,
+    publishes: &HashMap<&str, Publish>,
+    report: &mut Report,
+) {
+    for deliveries in first_deliveries.values() {
+        // (process, key) -> the latest-published event handed out so far: (seq, id, log, offset).
+        let mut last: HashMap<(u64, &str), (usize, &str, &LogId, u64)> = HashMap::new();
+        for (log, offset, id) in deliveries {
+            let Some(p) = publishes.get(id) else { continue };
+            let Some(key) = p.key else { continue };
+            match last.get(&(p.process, key)) {
+                Some((seq, prev_id, prev_log, prev_offset)) if *seq > p.seq => {
+                    report.order_violations.push(OrderViolation {
+                        log: log.clone(),
+                        key: key.to_string(),
+                        process: p.process,
+                        published_first: (id.to_string(), *offset),
+                        stored_first: (
+                            format!("{prev_id} (delivered first, from {})", name(prev_log)),
+                            *prev_offset,
+                        ),
+                    });
+                }
+                _ => {
+                    last.insert((p.process, key), (p.seq, id, log, *offset));
+                }
+            }
         }
     }
 }

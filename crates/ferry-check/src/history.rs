@@ -10,6 +10,7 @@
 //! {"type":"ok","f":"read","final":true,"region":"a","topic":"t","partition":2,"partitions":4,"low":0,"high":56,"events":[...]}
 //! {"type":"dump","node":1,"region":"a","topic":"t","partition":2,"committed":56,"events":[...]}
 //! {"type":"fault","kind":"kill","node":2,"region":"a","time_ms":5000,"end_ms":11000}
+//! {"type":"ok","f":"split","region":"a","topic":"t","partition":6,"parent":2,"offset":812,"time_ms":9000}
 //! ```
 //!
 //! A publish invoke names the region it is published in (`region`, its origin) and may name
@@ -18,7 +19,10 @@
 //! run: every event from its oldest retained offset `low` to its high watermark `high`, with
 //! `partitions` the topic's partition count there; survival is judged from final reads only.
 //! A dump is one replica's copy of a log, committed below `committed`. A fault records when
-//! the chaos run held a fault (`time_ms` to `end_ms`).
+//! the chaos run held a fault (`time_ms` to `end_ms`). A split records that partitions were
+//! added to a topic: partition `partition` took some of `parent`'s keys from the parent's
+//! offset `offset` (its seal) on, so each key's events are in the parent below the seal, then
+//! in the child.
 //!
 //! Every line has `time_ms`: milliseconds since one epoch shared by the whole history
 //! (`ferry workload` writes Unix time). Parsing refuses, naming the line: unknown fields,
@@ -63,6 +67,8 @@ pub enum Func {
     /// A notification an edge sent a client (`ok`, with `channel`, `position` and the event
     /// `id`), or a break in a channel's stream (`info`, `kind` `gap` or `lag`).
     Notify,
+    /// Partition `partition` of a topic was split from `parent` at the parent's `offset`.
+    Split,
 }
 
 /// An event as seen in a log.
@@ -116,6 +122,9 @@ pub struct Op {
     /// Consumer group of a delivery.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub group: Option<String>,
+    /// The partition a split's `partition` took keys from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<u32>,
     /// Node a dump came from, or a fault hit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<u64>,
@@ -283,6 +292,20 @@ fn validate(op: &Op, line: usize, seen: &mut Seen) -> Result<(), String> {
                         // is acknowledged as in the log at an offset no longer known.
                     }
                 }
+            }
+        }
+        Func::Split => {
+            if op_type != OpType::Ok {
+                return Err("a split is recorded once done (\"ok\")".into());
+            }
+            need(&op.partition, "partition", "a split")?;
+            need(&op.parent, "parent", "a split")?;
+            need(&op.offset, "offset", "a split (the parent's seal)")?;
+            if op.topic.is_empty() {
+                return Err("a split needs \"topic\"".into());
+            }
+            if op.parent >= op.partition {
+                return Err("a split's parent is below its partition".into());
             }
         }
         Func::Notify => {

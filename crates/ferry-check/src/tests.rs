@@ -699,3 +699,76 @@ fn malformed_notification_lines_are_refused() {
         assert!(e.contains(reason), "{e}");
     }
 }
+
+/// Region s: process 5 publishes k1's s1..s4; partition 0 split into 1 at offset 2; s1, s2 in
+/// the parent below the seal, s3, s4 in the child; a group hands them out in order.
+const SPLIT: &str = r#"
+{"type":"invoke","process":5,"f":"publish","id":"s1","key":"k1","region":"s","topic":"u","time_ms":1}
+{"type":"ok","process":5,"f":"publish","id":"s1","region":"s","topic":"u","partition":0,"offset":0,"time_ms":2}
+{"type":"invoke","process":5,"f":"publish","id":"s2","key":"k1","region":"s","topic":"u","time_ms":3}
+{"type":"ok","process":5,"f":"publish","id":"s2","region":"s","topic":"u","partition":0,"offset":1,"time_ms":4}
+{"type":"ok","f":"split","region":"s","topic":"u","partition":1,"parent":0,"offset":2,"time_ms":5}
+{"type":"invoke","process":5,"f":"publish","id":"s3","key":"k1","region":"s","topic":"u","time_ms":6}
+{"type":"ok","process":5,"f":"publish","id":"s3","region":"s","topic":"u","partition":1,"offset":0,"time_ms":7}
+{"type":"invoke","process":5,"f":"publish","id":"s4","key":"k1","region":"s","topic":"u","time_ms":8}
+{"type":"ok","process":5,"f":"publish","id":"s4","region":"s","topic":"u","partition":1,"offset":1,"time_ms":9}
+{"type":"ok","process":7,"f":"deliver","region":"s","group":"g","topic":"u","partition":0,"events":[{"offset":0,"id":"s1"},{"offset":1,"id":"s2"}],"time_ms":20}
+{"type":"ok","process":7,"f":"deliver","region":"s","group":"g","topic":"u","partition":1,"events":[{"offset":0,"id":"s3"},{"offset":1,"id":"s4"}],"time_ms":21}
+{"type":"ok","process":8,"f":"deliver","region":"s","group":"g","topic":"u","partition":0,"events":[{"offset":1,"id":"s2"}],"time_ms":22}
+{"type":"ok","f":"read","final":true,"region":"s","topic":"u","partition":0,"partitions":2,"low":0,"high":2,"events":[{"offset":0,"id":"s1"},{"offset":1,"id":"s2"}],"time_ms":100}
+{"type":"ok","f":"read","final":true,"region":"s","topic":"u","partition":1,"partitions":2,"low":0,"high":2,"events":[{"offset":0,"id":"s3"},{"offset":1,"id":"s4"}],"time_ms":101}
+"#;
+
+#[test]
+fn a_split_keeps_each_keys_order_across_parent_and_child_in_logs_and_groups() {
+    let r = run(SPLIT);
+    assert_eq!(r.verdict, Verdict::Pass, "{}", r.table());
+    // The parent holds a moved key's event at or past the seal.
+    let past = SPLIT.replace(
+        r#""partition":1,"parent":0,"offset":2"#,
+        r#""partition":1,"parent":0,"offset":1"#,
+    );
+    let r = run(&past);
+    fails_for(&r, "order violations");
+    assert_eq!(r.order_violations[0].stored_first, ("s2".to_string(), 1));
+    // The child holds an event published before one that stayed in the parent.
+    let swapped = SPLIT
+        .replace(r#""id":"s2","region":"s","topic":"u","partition":0,"offset":1"#, r#""id":"s2","region":"s","topic":"u","partition":1,"offset":0"#)
+        .replace(r#""id":"s3","region":"s","topic":"u","partition":1,"offset":0"#, r#""id":"s3","region":"s","topic":"u","partition":0,"offset":1"#)
+        .replace(
+            r#""partition":0,"partitions":2,"low":0,"high":2,"events":[{"offset":0,"id":"s1"},{"offset":1,"id":"s2"}]"#,
+            r#""partition":0,"partitions":2,"low":0,"high":2,"events":[{"offset":0,"id":"s1"},{"offset":1,"id":"s3"}]"#,
+        )
+        .replace(
+            r#""partition":1,"partitions":2,"low":0,"high":2,"events":[{"offset":0,"id":"s3"},{"offset":1,"id":"s4"}]"#,
+            r#""partition":1,"partitions":2,"low":0,"high":2,"events":[{"offset":0,"id":"s2"},{"offset":1,"id":"s4"}]"#,
+        );
+    let r = run(&swapped);
+    fails_for(&r, "order violations");
+    // A group that hands the child's events out before the parent's.
+    let early = SPLIT.replace(
+        r#""partition":1,"events":[{"offset":0,"id":"s3"},{"offset":1,"id":"s4"}],"time_ms":21"#,
+        r#""partition":1,"events":[{"offset":0,"id":"s3"},{"offset":1,"id":"s4"}],"time_ms":19"#,
+    );
+    let lines: Vec<&str> = early.lines().collect();
+    let (parent, child) = (
+        lines
+            .iter()
+            .position(|l| l.contains(r#""time_ms":20"#))
+            .unwrap(),
+        lines
+            .iter()
+            .position(|l| l.contains(r#""time_ms":19"#))
+            .unwrap(),
+    );
+    let mut reordered = lines.clone();
+    reordered.swap(parent, child);
+    let r = run(&reordered.join("\n"));
+    fails_for(&r, "order violations");
+    assert_eq!(r.order_violations[0].published_first.0, "s1");
+    // A split line without its parent is refused, naming what it needs.
+    let e = History::parse(r#"{"type":"ok","f":"split","region":"s","topic":"u","partition":1,"offset":2,"time_ms":5}"#)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("parent"), "{e}");
+}
