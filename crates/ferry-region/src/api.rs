@@ -989,6 +989,9 @@ impl<T: Transport> Node<T> {
         };
         let mut marks = group.view.subscribe();
         let mut shutdown = self.shutdown_signal();
+        // Ends when the group stops here (its replica moved away, say): the view then never
+        // changes again, and the reader must go to a node that holds the partition.
+        let mut running = group.raft().server_metrics();
         let current = *marks.borrow_and_update();
         let mut cursor = match from {
             StartFrom::Earliest => current.low,
@@ -1018,6 +1021,13 @@ impl<T: Transport> Node<T> {
             }
             tokio::select! {
                 changed = marks.changed() => if changed.is_err() { return Ok(()) },
+                stopped = running.changed() => if stopped.is_err() {
+                    let gone = error(
+                        ErrorCode::Unavailable,
+                        format!("{topic}/{partition}: this node no longer serves it; subscribe again"),
+                    );
+                    return self.respond(&mut send, &gone).await;
+                },
                 _ = send.stopped() => return Ok(()),
                 _ = shutdown.changed() => return Ok(()),
             }
