@@ -498,3 +498,22 @@ pub async fn wait_edge_reading(edge: &ferry_edge::Edge, within: Duration) {
     })
     .await;
 }
+
+/// Grows `topic` to `partitions` partitions and waits until every split parent is sealed;
+/// answers the topic's key layout then.
+pub async fn grow_topic(client: &Client, topic: &str, partitions: u32) -> ferry_proto::KeyLayout {
+    client.add_partitions(topic, partitions).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(d) = client.describe_topic(topic).await {
+            if d.config.partitions == partitions && d.layout.unsealed().count() == 0 {
+                return d.layout;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the split parents of {topic} did not seal in 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}

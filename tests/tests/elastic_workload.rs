@@ -238,20 +238,7 @@ async fn a_region_grown_split_and_shrunk_under_load_passes_the_checker() {
     settled(&client, None).await;
 
     // The topic grows from 4 to 8 partitions.
-    client.add_partitions(TOPIC, 8).await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let layout = loop {
-        match client.describe_topic(TOPIC).await {
-            Ok(d) if d.config.partitions == 8 && d.layout.unsealed().count() == 0 => {
-                break d.layout
-            }
-            _ => assert!(
-                Instant::now() < deadline,
-                "the split parents did not seal in 30 s"
-            ),
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let layout = ferry_tests::grow_topic(&client, TOPIC, 8).await;
     for split in layout.splits {
         history.record(Op {
             op_type: Some(OpType::Ok),

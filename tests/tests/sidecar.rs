@@ -1081,25 +1081,10 @@ async fn a_topic_grown_under_a_publishing_sidecar_keeps_each_keys_order_in_the_l
             .await
         }
     };
-    let grow = |partitions: u32| {
-        let client = client.clone();
-        async move {
-            client.add_partitions(TOPIC, partitions).await.unwrap();
-            let deadline = Instant::now() + Duration::from_secs(30);
-            loop {
-                let d = client.describe_topic(TOPIC).await.unwrap();
-                if d.config.partitions == partitions && d.layout.unsealed().count() == 0 {
-                    return d.layout;
-                }
-                assert!(Instant::now() < deadline, "not sealed in 30 s");
-                tokio::time::sleep(Duration::from_millis(25)).await;
-            }
-        }
-    };
     wait_sent(300).await;
-    grow(4).await;
+    ferry_tests::grow_topic(&client, TOPIC, 4).await;
     wait_sent(sent.load(Ordering::Acquire) + 300).await;
-    let layout = grow(8).await;
+    let layout = ferry_tests::grow_topic(&client, TOPIC, 8).await;
     wait_sent(sent.load(Ordering::Acquire) + 300).await;
     stop.store(true, Ordering::Release);
     let total = publishing.await.unwrap();

@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use ferry_client::{Client, ConsumerOptions, GroupConsumer, ProducerOptions};
 use ferry_proto::wire::ErrorCode;
-use ferry_proto::{key_hash, linear_partition, Event, KeyLayout, Subject, TopicConfig};
-use ferry_tests::{wait_until, TestRegion};
+use ferry_proto::{key_hash, linear_partition, Event, Subject, TopicConfig};
+use ferry_tests::{grow_topic, wait_until, TestRegion};
 use tokio::time::Instant;
 
 const KEYS: u64 = 16;
@@ -65,24 +65,6 @@ async fn produce(client: Client, sent: Arc<AtomicU64>, stop: Arc<AtomicBool>) ->
     per_key
 }
 
-/// Grows `orders` to `partitions` and waits until every split parent is sealed.
-async fn grow(client: &Client, partitions: u32) -> KeyLayout {
-    client.add_partitions("orders", partitions).await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(d) = client.describe_topic("orders").await {
-            if d.config.partitions == partitions && d.layout.unsealed().count() == 0 {
-                return d.layout;
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the split parents are not sealed in 30 s"
-        );
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-}
-
 async fn wait_sent(sent: &AtomicU64, at_least: u64) {
     let deadline = Instant::now() + Duration::from_secs(60);
     while sent.load(Ordering::Acquire) < at_least {
@@ -104,10 +86,10 @@ async fn adding_partitions_under_load_keeps_each_keys_order_in_the_log_and_in_a_
     let stop = Arc::new(AtomicBool::new(false));
     let producer = tokio::spawn(produce(client.clone(), sent.clone(), stop.clone()));
     wait_sent(&sent, 1_000).await;
-    grow(&client, 4).await;
+    grow_topic(&client, "orders", 4).await;
     let at = sent.load(Ordering::Acquire);
     wait_sent(&sent, at + 1_000).await;
-    let layout = grow(&client, 8).await;
+    let layout = grow_topic(&client, "orders", 8).await;
     let at = sent.load(Ordering::Acquire);
     wait_sent(&sent, at + 1_000).await;
     stop.store(true, Ordering::Release);
