@@ -234,17 +234,16 @@ async fn adding_partitions_under_load_keeps_each_keys_order_in_the_log_and_in_a_
     .unwrap();
     let home = layout.partition_for_key(b"k3", 8);
     let old = linear_partition(key_hash(b"k3"), 2, 2);
-    if home != old {
-        let e = client
-            .publish_batch("orders", old, stale)
-            .await
-            .unwrap_err();
-        match e {
-            ferry_client::ClientError::Api(e) => {
-                assert_eq!(e.code, ErrorCode::WrongPartition, "{e}");
-                assert!(e.message.contains(&format!("partition {home}")), "{e}");
-            }
-            other => panic!("{other}"),
+    assert_ne!(home, old, "k3 moved when the topic grew");
+    let e = client
+        .publish_batch("orders", old, stale)
+        .await
+        .unwrap_err();
+    match e {
+        ferry_client::ClientError::Api(e) => {
+            assert_eq!(e.code, ErrorCode::WrongPartition, "{e}");
+            assert!(e.message.contains(&format!("partition {home}")), "{e}");
         }
+        other => panic!("{other}"),
     }
 }

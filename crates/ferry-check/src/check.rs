@@ -74,8 +74,19 @@ struct Sighting<'h> {
 /// Where one event is stored in a region's topic: (partition, offset) pairs.
 type Copies = Vec<(u32, u64)>;
 
-/// Per (region, group): each event's first delivery, in the order recorded: (log, offset, id).
-type FirstDeliveries<'h> = BTreeMap<(&'h str, &'h str), Vec<(LogId, u64, &'h str)>>;
+/// A consumer group: (region, topic, group).
+type GroupOf<'h> = (&'h str, &'h str, &'h str);
+
+/// One event handed to a consumer group: when, on which history line, by which (region,
+/// topic, group), from where.
+struct TimedDelivery<'h> {
+    time_ms: u64,
+    line: usize,
+    group: GroupOf<'h>,
+    log: LogId,
+    offset: u64,
+    id: &'h str,
+}
 
 fn log_of(op: &Op) -> Option<LogId> {
     Some((op.region.clone(), op.topic.clone(), op.partition?))
@@ -96,7 +107,7 @@ pub fn check(history: &History, options: &Options) -> Report {
     // (parent's log, child's log, seal).
     let mut splits: Vec<(LogId, LogId, u64)> = Vec::new();
     // First deliveries per (region, group), in the order recorded: (log, offset, id).
-    let mut first_deliveries: FirstDeliveries = BTreeMap::new();
+    let mut timed_deliveries: Vec<TimedDelivery> = Vec::new();
 
     for (op, &line) in history.ops.iter().zip(&history.lines) {
         match (op.op_type, op.f) {
@@ -188,14 +199,15 @@ pub fn check(history: &History, options: &Options) -> Report {
                             .or_default()
                             .entry(e.offset)
                             .or_default() += 1;
-                        let times = delivered_ids.entry((&op.region, group, &e.id)).or_default();
-                        if *times == 0 {
-                            first_deliveries
-                                .entry((&op.region, group))
-                                .or_default()
-                                .push((log.clone(), e.offset, &e.id));
-                        }
-                        *times += 1;
+                        *delivered_ids.entry((&op.region, group, &e.id)).or_default() += 1;
+                        timed_deliveries.push(TimedDelivery {
+                            time_ms: op.time_ms,
+                            line,
+                            group: (&op.region, &op.topic, group),
+                            log: log.clone(),
+                            offset: e.offset,
+                            id: &e.id,
+                        });
                     }
                 }
             }
@@ -418,7 +430,7 @@ pub fn check(history: &History, options: &Options) -> Report {
 
     check_order(&finals, &offsets_of, &publishes, &mut report);
     check_split_order(&finals, &splits, &publishes, &mut report);
-    check_group_order(&first_deliveries, &publishes, &mut report);
+    check_group_order(timed_deliveries, &publishes, &mut report);
     check_floors(&faults, &publishes, options, &mut report);
     finish(&mut report, options, observed.len() as u64);
     report
@@ -792,7 +804,10 @@ fn check_order(
 
 /// Per key and producer across a split: the parent holds the key's events only below the
 /// seal, and they were all published before the child's (read in that order, the parent up to
-/// the seal then the child, a key's events come in publishing order).
+/// the seal then the child, a key's events come in publishing order). A violation names the
+/// child's log, the key's first event there, and the parent's event out of place. Keys are
+/// judged per split: a key that skipped a generation (grandparent to grandchild with no event
+/// in between) is judged only where it has events on both sides of a split.
 fn check_split_order(
     finals: &BTreeMap<LogId, FinalRead>,
     splits: &[(LogId, LogId, u64)],
@@ -803,9 +818,14 @@ fn check_split_order(
         let (Some(in_parent), Some(in_child)) = (finals.get(parent), finals.get(child)) else {
             continue;
         };
-        // (process, key) -> the first of its events in the child: (seq, id, offset).
+        // (process, key) -> the first of its events in the child: (seq, id, offset). An event
+        // also in the parent is a duplicate, counted as such, not judged here.
+        let in_parent_ids: HashSet<&str> = in_parent.at.values().copied().collect();
         let mut first_in_child: HashMap<(u64, &str), (usize, &str, u64)> = HashMap::new();
         for (offset, id) in &in_child.at {
+            if in_parent_ids.contains(id) {
+                continue;
+            }
             let Some(p) = publishes.get(id) else { continue };
             let Some(key) = p.key else { continue };
             let slot = first_in_child
@@ -838,34 +858,47 @@ fn check_split_order(
 
 /// Per key and producer, a consumer group hands events out for the first time in publishing
 /// order, across its partitions too (a split's child only after the parent up to the seal);
-/// handing one out again later is no reordering.
+/// handing one out again later is no reordering. Judged by time (members write their own
+/// lines): an event published earlier whose first delivery is strictly later than a later
+/// one's first delivery is a violation.
 fn check_group_order(
-    first_deliveries: &FirstDeliveries,
+    mut deliveries: Vec<TimedDelivery>,
     publishes: &HashMap<&str, Publish>,
     report: &mut Report,
 ) {
-    for deliveries in first_deliveries.values() {
-        // (process, key) -> the latest-published event handed out so far: (seq, id, log, offset).
-        let mut last: HashMap<(u64, &str), (usize, &str, &LogId, u64)> = HashMap::new();
-        for (log, offset, id) in deliveries {
-            let Some(p) = publishes.get(id) else { continue };
-            let Some(key) = p.key else { continue };
-            match last.get(&(p.process, key)) {
-                Some((seq, prev_id, prev_log, prev_offset)) if *seq > p.seq => {
-                    report.order_violations.push(OrderViolation {
-                        log: log.clone(),
-                        key: key.to_string(),
-                        process: p.process,
-                        published_first: (id.to_string(), *offset),
-                        stored_first: (
-                            format!("{prev_id} (delivered first, from {})", name(prev_log)),
-                            *prev_offset,
-                        ),
-                    });
-                }
-                _ => {
-                    last.insert((p.process, key), (p.seq, id, log, *offset));
-                }
+    deliveries.sort_by_key(|d| (d.time_ms, d.line));
+    let mut first: HashSet<(&GroupOf, &str)> = HashSet::new();
+    // (group, process, key) -> the latest-published event handed out so far.
+    let mut last: HashMap<(&GroupOf, u64, &str), &TimedDelivery> = HashMap::new();
+    for d in &deliveries {
+        if !first.insert((&d.group, d.id)) {
+            continue;
+        }
+        let Some(p) = publishes.get(d.id) else {
+            continue;
+        };
+        let Some(key) = p.key else { continue };
+        let slot = (&d.group, p.process, key);
+        let later = last
+            .get(&slot)
+            .filter(|prev| publishes.get(prev.id).is_some_and(|q| q.seq > p.seq));
+        match later {
+            Some(prev) if prev.time_ms < d.time_ms => {
+                report.order_violations.push(OrderViolation {
+                    log: d.log.clone(),
+                    key: key.to_string(),
+                    process: p.process,
+                    published_first: (d.id.to_string(), d.offset),
+                    stored_first: (
+                        format!("{} (delivered first, from {})", prev.id, name(&prev.log)),
+                        prev.offset,
+                    ),
+                });
+            }
+            // Handed out in the same millisecond: no order to judge.
+            Some(_) => {}
+            None => {
+                last.insert(slot, d);
             }
         }
     }

@@ -500,7 +500,7 @@ impl Client {
     }
 
     /// Grows `topic` to `partitions` partitions (at most doubling it): each new partition
-    /// takes half of one existing partition's keys ([`ferry_proto::KeyLayout`]). Answers
+    /// takes keys from one existing partition, its parent ([`ferry_proto::KeyLayout`]). Answers
     /// once recorded; the parents seal shortly after ([`Client::describe_topic`] shows the
     /// seals in its `layout`).
     pub async fn add_partitions(&self, topic: &str, partitions: u32) -> Result<(), ClientError> {

@@ -252,13 +252,18 @@ impl Shared {
         let deadline = Instant::now() + self.options.retry_for;
         let described = loop {
             match self.client.describe_topic(&self.topic).await {
-                // A node that has not seen the growth yet describes fewer partitions (or the
-                // same, unsealed): ask again, a little later.
+                // A node that has not seen the growth yet describes fewer partitions: ask
+                // again, a little later. The same layout is taken (a batch checked before the
+                // split reached the group after it), after a pause in case the node answering
+                // lags.
                 Ok(d)
                     if d.config.partitions as usize >= routing.lanes.len()
                         && d.layout.splits.len() >= routing.layout.splits.len() =>
                 {
-                    break Some(d)
+                    if d.layout == routing.layout {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    break Some(d);
                 }
                 Ok(_) | Err(_) if Instant::now() < deadline => {
                     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -306,7 +311,8 @@ impl Shared {
     }
 }
 
-/// Publishes events to one topic. Dropping it lets queued events finish.
+/// Publishes events to one topic. Dropping it lets queued events finish (but events a split
+/// parent refuses after the drop fail rather than go to their new partition).
 pub struct Producer {
     shared: Arc<Shared>,
     window: Arc<Semaphore>,

@@ -207,7 +207,7 @@ pub enum ClientRequest {
         dry_run: bool,
     },
     /// Grows a topic to `partitions` partitions (at most doubling it): each new partition
-    /// takes half of one existing partition's keys ([`crate::KeyLayout`]). Answered with
+    /// takes keys from one existing partition, its parent ([`crate::KeyLayout`]). Answered with
     /// [`ClientResponse::Ok`] once recorded; the parents seal shortly after, and
     /// `DescribeTopic` shows each split's seal.
     AddPartitions {

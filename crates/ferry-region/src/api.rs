@@ -157,11 +157,7 @@ impl<T: Transport> Node<T> {
                 ),
             ));
         }
-        if let Some(split) = state
-            .layout
-            .split_of(partition)
-            .filter(|s| s.seal.is_none())
-        {
+        if let Some(split) = state.layout.split_of(partition) {
             // Here with its parent's group, but not applied yet: it opens shortly.
             if self.hosted_partition(&state, partition).is_none()
                 && self.hosted_partition(&state, split.parent).is_some()

@@ -188,8 +188,12 @@ impl GroupViews {
         self.changed.subscribe()
     }
 
-    /// Publishes the partitions and split state the state machine holds now.
+    /// Publishes the partitions and split state the state machine holds now: the split
+    /// state first, so a reader that sees a child sees the layout that made it.
     fn set(&self, views: BTreeMap<u32, Arc<PartitionView>>, split: SplitState) {
+        if let Ok(mut now) = self.split.write() {
+            *now = Arc::new(split);
+        }
         let grew = match self.views.write() {
             Ok(mut now) => {
                 let grew = now.len() != views.len();
@@ -198,9 +202,6 @@ impl GroupViews {
             }
             Err(_) => false,
         };
-        if let Ok(mut now) = self.split.write() {
-            *now = Arc::new(split);
-        }
         if grew {
             self.changed.send_modify(|c| *c += 1);
         }

@@ -219,7 +219,17 @@ async fn drain_lane(
                     drop(in_flight.take());
                     tracing::info!(%lane, %error, "the topic grew; planning its outbox records again");
                     match reroute(&outbox, &client, &lane).await {
-                        Ok(()) => continue 'records,
+                        Ok(true) => continue 'records,
+                        // Planned by that shape already (another lane's reroute, or a node
+                        // that has not seen the growth yet): read the records and send again
+                        // a little later.
+                        Ok(false) => {
+                            tokio::select! {
+                                _ = tokio::time::sleep(FIRST_BACKOFF) => {}
+                                _ = shutdown.changed() => return,
+                            }
+                            continue 'records;
+                        }
                         Err(e) => {
                             tracing::warn!(%lane, error = %e, "planning the outbox records again failed; retrying");
                             link.failed(&lane, e);
@@ -280,19 +290,22 @@ async fn drain_lane(
 }
 
 /// Describes the topic of `refused` (whose first record a split parent refused) and has the
-/// outbox plan its records again by its new shape.
-async fn reroute(outbox: &Outbox, client: &Client, refused: &Lane) -> Result<(), String> {
+/// outbox plan its records again by its new shape: whether it did.
+async fn reroute(outbox: &Outbox, client: &Client, refused: &Lane) -> Result<bool, String> {
     let topic = &refused.topic;
     let described = tokio::time::timeout(MAX_BACKOFF, client.describe_topic(topic))
         .await
         .map_err(|_| format!("describing {topic} took over {MAX_BACKOFF:?}"))?
         .map_err(|e| e.to_string())?;
     let shape = TopicShape::of(&described);
-    outbox
+    let planned = outbox
         .reroute(refused, shape)
         .await
         .map_err(|e| e.to_string())?;
-    outbox.learn_shape(topic, shape).map_err(|e| e.to_string())
+    outbox
+        .learn_shape(topic, shape)
+        .map_err(|e| e.to_string())?;
+    Ok(planned)
 }
 
 #[cfg(test)]

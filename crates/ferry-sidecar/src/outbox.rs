@@ -20,7 +20,8 @@
 //! were never sent, or sent and answered as not held, by this process. Records of an earlier
 //! process (made before a stop that was not clean) may have been appended unbeknown to the
 //! outbox: while another lane holds such records the reroute waits for their lanes to send
-//! them first. A key's events keep their order.
+//! them first, unless that lane's first record was refused too (then none of its records is
+//! in the region). A key's events keep their order.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -465,7 +466,7 @@ enum Job {
     Reroute {
         refused: Lane,
         shape: TopicShape,
-        reply: oneshot::Sender<Result<(), OutboxError>>,
+        reply: oneshot::Sender<Result<bool, OutboxError>>,
     },
 }
 
@@ -483,7 +484,13 @@ pub struct Outbox {
     bounds: (u64, u64),
     writer: Arc<Mutex<Option<tokio::task::JoinHandle<()>>>>,
     sending: Sending,
+    /// Lanes whose first record a split parent refused, until their topic is planned again.
+    refused: Refused,
 }
+
+/// Lanes whose first record a split parent refused (so none of their records is in the
+/// region), until their topic is planned again.
+type Refused = Arc<Mutex<std::collections::HashSet<Lane>>>;
 
 /// Per topic: held (shared) by a lane's drainer from sending a record until the region's
 /// answer says whether it holds it, and (exclusively) by a reroute.
@@ -501,6 +508,7 @@ struct Writer {
     bounds: (u64, u64),
     outbox: std::sync::Weak<Mutex<HashMap<Lane, Arc<Notify>>>>,
     new_lanes: Arc<Mutex<mpsc::UnboundedSender<Lane>>>,
+    refused: Refused,
 }
 
 /// Lanes that have records, from the start and as they appear.
@@ -605,6 +613,7 @@ impl Outbox {
             bounds: (max_events, max_bytes),
             writer: Arc::default(),
             sending: Arc::default(),
+            refused: Arc::default(),
         };
         let writer = Writer {
             tree: outbox.tree.clone(),
@@ -613,6 +622,7 @@ impl Outbox {
             bounds: outbox.bounds,
             outbox: Arc::downgrade(&outbox.wakers),
             new_lanes: outbox.new_lanes.clone(),
+            refused: outbox.refused.clone(),
         };
         let task = tokio::spawn(writer.write_groups(sequencer, limits, job_rx));
         *outbox.writer.lock().expect("outbox writer") = Some(task);
@@ -664,11 +674,16 @@ impl Outbox {
     /// Plans every record the lanes of `refused`'s topic hold again by `shape` (the topic
     /// grew; a split parent refused `refused`'s first record), in their order, once no lane
     /// of the topic has a send in flight. Refused, changing nothing, if one is still in
-    /// flight after a while, if the records are planned by `shape` already (the region was
-    /// described by a node that has not seen the growth yet), or while another lane holds
-    /// records of an earlier process (see the module's doc).
-    pub async fn reroute(&self, refused: &Lane, shape: TopicShape) -> Result<(), OutboxError> {
+    /// flight after a while, or while another lane holds records of an earlier process (see
+    /// the module's doc). Answers false, changing nothing, if the records are planned by
+    /// `shape` already (another lane's reroute did it, or the node described has not seen the
+    /// growth yet: send again a little later).
+    pub async fn reroute(&self, refused: &Lane, shape: TopicShape) -> Result<bool, OutboxError> {
         let topic = &refused.topic;
+        self.refused
+            .lock()
+            .expect("outbox refused lanes")
+            .insert(refused.clone());
         // Taken here, not by the writer, so accepts go on while sends are answered.
         let lock = self.sending(topic);
         let Ok(_quiet) = tokio::time::timeout(REROUTE_WAIT, lock.write()).await else {
@@ -978,15 +993,12 @@ impl Writer {
         refused: &Lane,
         shape: TopicShape,
         limits: &Limits,
-    ) -> Result<(), OutboxError> {
+    ) -> Result<bool, OutboxError> {
         let topic = refused.topic.as_str();
         if sequencer.shape(topic) == Some(shape) {
-            return Err(OutboxError::Invalid(format!(
-                "topic {topic}: its records are planned by {} partitions already; the node \
-                 described has not seen the topic grow yet",
-                shape.partitions
-            )));
+            return Ok(false);
         }
+        let refused_lanes = self.refused.lock().expect("outbox refused lanes").clone();
         let mut prefix = vec![b'r'];
         prefix.extend_from_slice(topic.as_bytes());
         prefix.push(0);
@@ -1001,7 +1013,8 @@ impl Writer {
             let lane = lane_of(&key).ok_or_else(|| store_err("malformed lane key"))?;
             let position = position_of(&key).ok_or_else(|| store_err("malformed record key"))?;
             let record: StoredRecord = codec::decode("outbox record", &value).map_err(store_err)?;
-            if lane != *refused && record.batch.producer != Some(sequencer.producer()) {
+            if !refused_lanes.contains(&lane) && record.batch.producer != Some(sequencer.producer())
+            {
                 return Err(OutboxError::Invalid(format!(
                     "lane {lane} holds records from before a stop that was not clean (the \
                      region may hold them); they are sent first"
@@ -1063,10 +1076,14 @@ impl Writer {
         self.counts.events.fetch_add(new_events, Ordering::Relaxed);
         self.counts.bytes.fetch_add(new_bytes, Ordering::Relaxed);
         tracing::info!(%topic, partitions = shape.partitions, events = new_events, "outbox records planned again: the topic grew");
+        self.refused
+            .lock()
+            .expect("outbox refused lanes")
+            .retain(|l| l.topic != topic);
         for lane in touched {
             self.wake(lane);
         }
-        Ok(())
+        Ok(true)
     }
 
     fn wake(&self, lane: Lane) {
@@ -1266,12 +1283,9 @@ mod tests {
         let held = outbox.depth();
         let next_of_0 = outbox.peek(&lane(0), 1).unwrap()[0].position();
 
-        outbox.reroute(&lane(0), grown).await.unwrap();
-        // Asked again with the shape the records are planned by: refused, nothing changes.
-        assert!(matches!(
-            outbox.reroute(&lane(0), grown).await,
-            Err(OutboxError::Invalid(_))
-        ));
+        assert!(outbox.reroute(&lane(0), grown).await.unwrap());
+        // Asked again with the shape the records are planned by: nothing to do.
+        assert!(!outbox.reroute(&lane(0), grown).await.unwrap());
         assert_eq!(outbox.depth(), held, "every held event stays, once");
         let mut order: BTreeMap<String, Vec<u32>> = BTreeMap::new();
         for partition in 0..4 {

@@ -243,7 +243,7 @@ enum TopicCommand {
         to: u64,
     },
     /// Grow a topic to N partitions (at most doubling it), online: each new partition takes
-    /// half of one existing partition's keys, which is sealed for them at an offset. Waits
+    /// keys from one existing partition (its parent), which is sealed for them at an offset. Waits
     /// until every seal is recorded.
     AddPartitions {
         /// Topic.
