@@ -1,10 +1,11 @@
 //! A region grown, split and shrunk under a running workload, judged by `ferry check`: three
 //! nodes serve two keyed producers and a consumer group while nodes 4 and 5 join, a
-//! rebalance spreads the replicas, the topic grows from 4 to 8 partitions, the leader of
-//! partition 0 is killed (and comes back), and node 1 drains and leaves. The history of every
-//! publish, delivery, split and final read then passes the checker: nothing acknowledged is
-//! lost, nothing is stored twice, and each key's events keep their order across the split in
-//! the logs and in the group's deliveries.
+//! rebalance spreads the replicas, the topic grows from 4 to 8 partitions (a second group
+//! joins then, with the parents' and the children's backlogs before it), the leader of
+//! partition 0 is killed (and comes back), and node 1 drains and leaves. The history of
+//! every publish, delivery, split and final read then passes the checker: nothing
+//! acknowledged is lost, nothing is stored twice, and each key's events keep their order
+//! across the split in the logs and in both groups' deliveries.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -115,13 +116,15 @@ async fn produce(client: Client, process: u64, history: Recorder, stop: Arc<Atom
     outcomes.await.unwrap();
 }
 
-/// One member of group `g` that records every delivery and commits it.
-async fn consume(client: Client, history: Recorder) {
+/// The only member of `group`, as `process`, that records every delivery and commits what
+/// it handled every 100 ms (a commit per event would make the group as slow as a Raft write
+/// per event).
+async fn consume(client: Client, history: Recorder, group: &'static str, process: u64) {
     let mut member = GroupConsumer::join(
         client,
-        "g",
+        group,
         TOPIC,
-        "m7",
+        "m",
         ConsumerOptions {
             heartbeat: Duration::from_millis(500),
             ..ConsumerOptions::default()
@@ -129,22 +132,35 @@ async fn consume(client: Client, history: Recorder) {
     )
     .await
     .unwrap();
+    let mut handled: std::collections::BTreeMap<u32, u64> = Default::default();
+    let mut commit = tokio::time::interval(Duration::from_millis(100));
     loop {
-        let d = member.next().await;
-        history.record(Op {
-            op_type: Some(OpType::Ok),
-            process: 7,
-            f: Some(Func::Deliver),
-            group: Some("g".into()),
-            partition: Some(d.partition),
-            events: vec![Observed {
-                offset: d.offset,
-                id: d.event.id.to_string(),
-            }],
-            ..Op::default()
-        });
-        // A failed commit (a leader change) only means redeliveries, which the checker allows.
-        let _ = member.commit(d.partition, d.offset + 1).await;
+        tokio::select! {
+            // Cancel-safe: a delivery taken is returned at once.
+            d = member.next() => {
+                history.record(Op {
+                    op_type: Some(OpType::Ok),
+                    process,
+                    f: Some(Func::Deliver),
+                    group: Some(group.into()),
+                    partition: Some(d.partition),
+                    events: vec![Observed {
+                        offset: d.offset,
+                        id: d.event.id.to_string(),
+                    }],
+                    ..Op::default()
+                });
+                let next = handled.entry(d.partition).or_default();
+                *next = (*next).max(d.offset + 1);
+            }
+            _ = commit.tick() => {
+                for (partition, next) in &handled {
+                    // A failed commit (a leader change) only means redeliveries, which the
+                    // checker allows.
+                    let _ = member.commit(*partition, *next).await;
+                }
+            }
+        }
     }
 }
 
@@ -200,7 +216,7 @@ async fn a_region_grown_split_and_shrunk_under_load_passes_the_checker() {
             ))
         })
         .collect();
-    let consumer = tokio::spawn(consume(region.client(), history.clone()));
+    let live = tokio::spawn(consume(region.client(), history.clone(), "live", 7));
     let published = || {
         history
             .ops
@@ -240,6 +256,9 @@ async fn a_region_grown_split_and_shrunk_under_load_passes_the_checker() {
     // The topic grows from 4 to 8 partitions.
     let layout = ferry_tests::grow_topic(&client, TOPIC, 8).await;
     assert_eq!(layout.splits.len(), 4, "{layout:?}");
+    // A second group joins now, with every partition's backlog before it: its readers of the
+    // children must wait for its commits of the parents up to the seals.
+    let late = tokio::spawn(consume(region.client(), history.clone(), "late", 8));
     for split in layout.splits {
         history.record(Op {
             op_type: Some(OpType::Ok),
@@ -332,41 +351,44 @@ async fn a_region_grown_split_and_shrunk_under_load_passes_the_checker() {
             ..Op::default()
         });
     }
-    // The group reads everything published (each at least once).
-    let deadline = Instant::now() + Duration::from_secs(90);
-    loop {
-        // Per partition: distinct offsets delivered.
-        let mut got: std::collections::BTreeMap<u32, std::collections::BTreeSet<u64>> =
-            Default::default();
-        for o in history.ops.lock().unwrap().iter() {
-            if o.f == Some(Func::Deliver) {
-                let offsets = got.entry(o.partition.unwrap_or(0)).or_default();
-                offsets.extend(o.events.iter().map(|e| e.offset));
+    // Each group reads everything published (each at least once).
+    let deadline = Instant::now() + Duration::from_secs(180);
+    for group in ["live", "late"] {
+        loop {
+            // Per partition: distinct offsets delivered.
+            let mut got: std::collections::BTreeMap<u32, std::collections::BTreeSet<u64>> =
+                Default::default();
+            for o in history.ops.lock().unwrap().iter() {
+                if o.f == Some(Func::Deliver) && o.group.as_deref() == Some(group) {
+                    let offsets = got.entry(o.partition.unwrap_or(0)).or_default();
+                    offsets.extend(o.events.iter().map(|e| e.offset));
+                }
             }
-        }
-        let behind: Vec<String> = highs
-            .iter()
-            .filter_map(|(partition, (low, high))| {
-                let n = got.get(partition).map_or(0, |s| s.len() as u64);
-                (n < high - low).then(|| format!("{partition}: {n} of {high}"))
-            })
-            .collect();
-        if behind.is_empty() {
-            break;
-        }
-        if Instant::now() > deadline {
-            let mut committed = Vec::new();
-            for p in 0..d.config.partitions {
-                committed.push((p, client.committed("g", TOPIC, p).await.ok().flatten()));
+            let behind: Vec<String> = highs
+                .iter()
+                .filter_map(|(partition, (low, high))| {
+                    let n = got.get(partition).map_or(0, |s| s.len() as u64);
+                    (n < high - low).then(|| format!("{partition}: {n} of {high}"))
+                })
+                .collect();
+            if behind.is_empty() {
+                break;
             }
-            panic!(
-                "the group did not read everything in 90 s: {behind:?}; committed {committed:?}; layout {:?}",
+            if Instant::now() > deadline {
+                let mut committed = Vec::new();
+                for p in 0..d.config.partitions {
+                    committed.push((p, client.committed(group, TOPIC, p).await.ok().flatten()));
+                }
+                panic!(
+                "group {group} did not read everything in 180 s: {behind:?}; committed {committed:?}; layout {:?}",
                 d.layout
             );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    consumer.abort();
+    live.abort();
+    late.abort();
 
     let report = ferry_check::check(
         &history.history(),
