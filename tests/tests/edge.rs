@@ -1146,3 +1146,82 @@ async fn an_edge_started_while_its_region_is_down_waits_for_it_instead_of_exitin
     ferry_tests::wait_edge_reading(&edge, Duration::from_secs(30)).await;
     edge.shutdown().await;
 }
+
+/// A channel keyed by its name that moves from its partition to that partition's child when
+/// `TOPIC` (created with 4 partitions) grows from `from` to `to` partitions.
+fn channel_moving(from: u32, to: u32) -> String {
+    (0..)
+        .map(|i| format!("news.moving{i}"))
+        .find(|c| {
+            let h = ferry_proto::key_hash(c.as_bytes());
+            ferry_proto::linear_partition(h, 4, to) != ferry_proto::linear_partition(h, 4, from)
+        })
+        .expect("a channel")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_channel_keeps_its_order_across_a_split_made_while_the_edge_was_down_and_while_it_runs() {
+    let (region, client, producer) = start_region().await;
+    let data = region.dir.path().join("edge");
+    let config = edge_config(&region, &data, "127.0.0.1:0".parse().unwrap(), 5_000);
+    let edge = start_edge(config.clone()).await;
+    let addr = edge.http_addr();
+    let channel = channel_moving(4, 6);
+    let mut ws = Ws::connect(addr, &token("dave", &["news.>"])).await;
+    ws.subscribe(&channel, None).await;
+    publish_many(&producer, &channel, 0..20).await;
+    let first = ws
+        .messages_until(&channel, 19, Duration::from_secs(20))
+        .await;
+    assert_eq!(ns(&first), (0..20).collect::<Vec<_>>());
+    let last_id = first.last().unwrap()["id"].as_str().unwrap().to_string();
+    drop(ws);
+
+    // Down: a backlog in the parent, the split, then the channel's next notifications in
+    // the child. The restarted edge reads the child only after the parent up to the seal.
+    edge.shutdown().await;
+    publish_many(&producer, &channel, 20..520).await;
+    let layout = ferry_tests::grow_topic(&client, TOPIC, 6).await;
+    let child = layout.splits.iter().map(|s| s.child).collect::<Vec<_>>();
+    assert_eq!(child, vec![4, 5]);
+    let producer = client
+        .producer(TOPIC, ProducerOptions::default())
+        .await
+        .expect("producer");
+    publish_many(&producer, &channel, 520..570).await;
+    let mut config = config;
+    config.http = addr;
+    let edge = restart_edge(config.clone()).await;
+    let mut ws = Ws::connect(addr, &token("dave", &["news.>"])).await;
+    ws.subscribe(&channel, Some(&last_id)).await;
+    let resumed = ws
+        .messages_until(&channel, 569, Duration::from_secs(30))
+        .await;
+    assert_eq!(
+        ns(&resumed),
+        (20..570).collect::<Vec<_>>(),
+        "across the split made while the edge was down, as received"
+    );
+
+    // Up: the topic grows again while the edge reads (a parent's backlog is written first,
+    // then the split, then the child's), and the edge finds the new partitions itself.
+    let channel = channel_moving(6, 8);
+    ws.subscribe(&channel, None).await;
+    publish_many(&producer, &channel, 570..1070).await;
+    let layout = ferry_tests::grow_topic(&client, TOPIC, 8).await;
+    assert_eq!(layout.splits.len(), 4);
+    let producer = client
+        .producer(TOPIC, ProducerOptions::default())
+        .await
+        .expect("producer");
+    publish_many(&producer, &channel, 1070..1120).await;
+    let live = ws
+        .messages_until(&channel, 1119, Duration::from_secs(30))
+        .await;
+    assert_eq!(
+        ns(&live),
+        (570..1120).collect::<Vec<_>>(),
+        "across the split made while the edge ran, as received"
+    );
+    edge.shutdown().await;
+}

@@ -8,6 +8,9 @@
 //!   (publishes with their acknowledged offsets, final reads of both regions) passes
 //!   ferry-check's checker: nothing lost, nothing stored twice, per-key order kept in every
 //!   log.
+//! - The same topic forwarded from a to b grows in both regions while events flow (2 → 4
+//!   partitions in a, 2 → 3 in b): nothing lost, nothing stored twice, and per-key order
+//!   kept in every log and across each split, in both regions.
 
 use std::time::Duration;
 
@@ -66,7 +69,7 @@ async fn an_integration_topic_created_in_one_region_is_defined_in_every_region()
 /// One acknowledged publish: (producer, key, id, partition, offset, invoked, done).
 type Published = (u64, String, String, u32, u64, u64, u64);
 
-async fn publish_keyed(client: &Client, events: usize) -> Vec<Published> {
+async fn publish_keyed(client: &Client, events: std::ops::Range<usize>) -> Vec<Published> {
     const PRODUCERS: usize = 4;
     const KEYS: usize = 16;
     let mut producers = Vec::new();
@@ -79,7 +82,7 @@ async fn publish_keyed(client: &Client, events: usize) -> Vec<Published> {
     }
     let mut acks = FuturesUnordered::new();
     let mut out = Vec::new();
-    for i in 0..events {
+    for i in events {
         let process = i % PRODUCERS;
         let key = format!("k{}", i % KEYS);
         let id = format!("e{i:05}");
@@ -156,6 +159,51 @@ async fn final_reads(client: &Client, region: &str, partitions: u32) -> Vec<Op> 
     ops
 }
 
+/// Each publish's invoke and completion in region `origin`, wanted in `destination`, as
+/// history lines in time order (an invoke before a completion at the same millisecond; a
+/// process's invokes in the order it sent them).
+fn publish_lines(published: &[Published], origin: &str, destination: &str) -> Vec<Op> {
+    let mut timed: Vec<(u64, u8, &str, Op)> = Vec::new();
+    for (process, key, id, partition, offset, invoked, done) in published {
+        timed.push((
+            *invoked,
+            0,
+            id,
+            Op {
+                op_type: Some(OpType::Invoke),
+                process: *process,
+                f: Some(ferry_check::Func::Publish),
+                time_ms: *invoked,
+                id: Some(id.clone()),
+                key: Some(key.clone()),
+                regions: vec![destination.into()],
+                region: origin.into(),
+                topic: "orders".into(),
+                ..Op::default()
+            },
+        ));
+        timed.push((
+            *done,
+            1,
+            id,
+            Op {
+                op_type: Some(OpType::Ok),
+                process: *process,
+                f: Some(ferry_check::Func::Publish),
+                time_ms: *done,
+                id: Some(id.clone()),
+                region: origin.into(),
+                topic: "orders".into(),
+                partition: Some(*partition),
+                offset: Some(*offset),
+                ..Op::default()
+            },
+        ));
+    }
+    timed.sort_by(|x, y| (x.0, x.1, x.2).cmp(&(y.0, y.1, y.2)));
+    timed.into_iter().map(|(_, _, _, op)| op).collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_four_partition_topic_forwards_into_two_partitions_by_key_in_order() {
     const EVENTS: usize = 2_000;
@@ -173,7 +221,7 @@ async fn a_four_partition_topic_forwards_into_two_partitions_by_key_in_order() {
             .is_ok_and(|r| r.seen_by == vec!["a".to_string()])
     })
     .await;
-    let published = publish_keyed(&a, EVENTS).await;
+    let published = publish_keyed(&a, 0..EVENTS).await;
     wait_until("every event in b", Duration::from_secs(60), || async {
         let mut held = 0;
         for partition in 0..2 {
@@ -185,7 +233,6 @@ async fn a_four_partition_topic_forwards_into_two_partitions_by_key_in_order() {
         held >= EVENTS as u64
     })
     .await;
-    // Eight forwarders: each source partition feeds both destination partitions.
     let forwarders = mesh
         .region("a")
         .node(mesh.region("a").first_id)
@@ -196,49 +243,14 @@ async fn a_four_partition_topic_forwards_into_two_partitions_by_key_in_order() {
         .filter(|f| f.topic == "orders" && f.destination == "b")
         .map(|f| (f.partition, f.dest_partition))
         .collect::<std::collections::BTreeSet<_>>();
-    assert_eq!(forwarders.len(), 8, "{forwarders:?}");
+    // Four forwarders: a key of source partition p (hash mod 4) goes to p mod 2 there.
+    assert_eq!(
+        forwarders,
+        (0..4).map(|p| (p, Some(p % 2))).collect(),
+        "{forwarders:?}"
+    );
 
-    // Each publish's invoke and completion, in time order (an invoke before a completion
-    // at the same millisecond; a process's invokes in the order it sent them).
-    let mut timed: Vec<(u64, u8, &str, Op)> = Vec::new();
-    for (process, key, id, partition, offset, invoked, done) in &published {
-        timed.push((
-            *invoked,
-            0,
-            id,
-            Op {
-                op_type: Some(OpType::Invoke),
-                process: *process,
-                f: Some(ferry_check::Func::Publish),
-                time_ms: *invoked,
-                id: Some(id.clone()),
-                key: Some(key.clone()),
-                regions: vec!["b".into()],
-                region: "a".into(),
-                topic: "orders".into(),
-                ..Op::default()
-            },
-        ));
-        timed.push((
-            *done,
-            1,
-            id,
-            Op {
-                op_type: Some(OpType::Ok),
-                process: *process,
-                f: Some(ferry_check::Func::Publish),
-                time_ms: *done,
-                id: Some(id.clone()),
-                region: "a".into(),
-                topic: "orders".into(),
-                partition: Some(*partition),
-                offset: Some(*offset),
-                ..Op::default()
-            },
-        ));
-    }
-    timed.sort_by(|x, y| (x.0, x.1, x.2).cmp(&(y.0, y.1, y.2)));
-    let mut lines: Vec<Op> = timed.into_iter().map(|(_, _, _, op)| op).collect();
+    let mut lines = publish_lines(&published, "a", "b");
     lines.extend(final_reads(&a, "a", 4).await);
     lines.extend(final_reads(&b, "b", 2).await);
     let text: String = lines
@@ -278,4 +290,142 @@ async fn a_four_partition_topic_forwards_into_two_partitions_by_key_in_order() {
             );
         }
     }
+}
+
+/// The history lines of `layout`'s splits in `region`.
+fn split_lines(region: &str, layout: &ferry_proto::KeyLayout) -> Vec<Op> {
+    layout
+        .splits
+        .iter()
+        .map(|split| Op {
+            op_type: Some(OpType::Ok),
+            f: Some(ferry_check::Func::Split),
+            time_ms: now_ms(),
+            region: region.into(),
+            topic: "orders".into(),
+            partition: Some(split.child),
+            parent: Some(split.parent),
+            offset: split.seal,
+            ..Op::default()
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forwarded_topic_grows_in_both_regions_under_load_with_per_key_order_kept() {
+    const DURING: usize = 4_000;
+    const AFTER: usize = 1_000;
+    let mesh = TestMesh::start(&[("a", 1), ("b", 1)]).await;
+    let b = mesh.region("b").create_topic(topic("orders", 2)).await;
+    let a = mesh.region("a").create_topic(topic("orders", 2)).await;
+    let version = b
+        .add_interest("orders-b", "orders.>")
+        .await
+        .expect("interest");
+    wait_until("b knows a", Duration::from_secs(30), || async {
+        b.await_interest(version, Duration::from_millis(500))
+            .await
+            .is_ok_and(|r| r.seen_by == vec!["a".to_string()])
+    })
+    .await;
+    // Both regions grow while a publishes and forwards: a splits its source partitions
+    // (their children forward once the parents passed their seals), b its destination
+    // partitions (a's forwarders find the new layout when b refuses their batches). The
+    // link is cut meanwhile, so the parents' forwarders are behind their seals when the
+    // children have events to send.
+    let during = tokio::spawn({
+        let a = a.clone();
+        async move { publish_keyed(&a, 0..DURING).await }
+    });
+    wait_until("forwarding under way", Duration::from_secs(30), || async {
+        b.describe_topic("orders")
+            .await
+            .is_ok_and(|d| d.partitions.iter().any(|p| p.high_watermark > 0))
+    })
+    .await;
+    mesh.set_link("a", "b", false);
+    let grown_a = ferry_tests::grow_topic(&a, "orders", 4).await;
+    let mut published = during.await.expect("publisher");
+    // a's children take events while their parents' are not all forwarded.
+    published.extend(publish_keyed(&a, DURING..DURING + AFTER).await);
+    let grown_b = ferry_tests::grow_topic(&b, "orders", 3).await;
+    mesh.set_link("a", "b", true);
+    // And after: every event now goes by the new layouts.
+    published.extend(publish_keyed(&a, DURING + AFTER..DURING + 2 * AFTER).await);
+    let total = (DURING + 2 * AFTER) as u64;
+    wait_until("every event in b", Duration::from_secs(60), || async {
+        b.describe_topic("orders")
+            .await
+            .is_ok_and(|d| d.partitions.iter().map(|p| p.high_watermark).sum::<u64>() >= total)
+    })
+    .await;
+    // a's children forward too, and b's child took events.
+    let forwarders = mesh
+        .region("a")
+        .node(mesh.region("a").first_id)
+        .expect("a runs")
+        .node()
+        .forwarding()
+        .into_iter()
+        .filter(|f| f.topic == "orders" && f.destination == "b")
+        .map(|f| f.partition)
+        .collect::<std::collections::BTreeSet<_>>();
+    assert_eq!(
+        forwarders,
+        (0..4).collect(),
+        "a's partitions forwarding to b"
+    );
+    let in_b = b.describe_topic("orders").await.expect("b describes");
+    assert!(
+        in_b.partitions[2].high_watermark > 0,
+        "{:?}",
+        in_b.partitions
+    );
+
+    let mut lines = publish_lines(&published, "a", "b");
+    lines.extend(split_lines("a", &grown_a));
+    lines.extend(split_lines("b", &grown_b));
+    lines.extend(final_reads(&a, "a", 4).await);
+    lines.extend(final_reads(&b, "b", 3).await);
+    let text: String = lines
+        .iter()
+        .map(|op| serde_json::to_string(op).expect("json") + "\n")
+        .collect();
+    let history = History::parse(&text).expect("a valid history");
+    let report = ferry_check::check(
+        &history,
+        &Options {
+            duplicates_fail: true,
+            retention: false,
+            min_acknowledged_per_region: total,
+            min_publishes_per_fault: 0,
+        },
+    );
+    assert_eq!(report.verdict, Verdict::Pass, "{}", report.table());
+    assert_eq!(report.counts.order_violations, 0);
+    // Every event is in b once, in the partition its key routes to there.
+    let key_of: std::collections::HashMap<&str, &str> = published
+        .iter()
+        .map(|p| (p.2.as_str(), p.1.as_str()))
+        .collect();
+    let mut held = 0;
+    for read in lines.iter().filter(|op| op.is_final && op.region == "b") {
+        let partition = read.partition.expect("partition");
+        for e in &read.events {
+            let key = key_of[e.id.as_str()];
+            let home = grown_b.partition_for_key(key.as_bytes(), 3);
+            let parent = grown_b.split_of(partition).map(|s| s.parent);
+            let sealed_at = grown_b.split_of(home).and_then(|s| s.seal);
+            // Below its seal, a key of the child is in the parent.
+            let before_seal = Some(partition) == grown_b.split_of(home).map(|s| s.parent)
+                && sealed_at.is_some_and(|seal| e.offset < seal);
+            assert!(
+                home == partition || before_seal,
+                "{} (key {key}) is in b's partition {partition} (parent {parent:?}), its key's is {home}",
+                e.id
+            );
+            held += 1;
+        }
+    }
+    assert_eq!(held, total);
 }

@@ -2,6 +2,10 @@
 //! the offsets the window was written up to; groups of notifications are numbered and
 //! retained together with the offsets read (one sled batch; sled writes it to disk in the
 //! background), then handed to the hub and the sessions it names are woken.
+//!
+//! Partitions the topic gains are found by describing it every `DESCRIBE_EVERY`; a split's
+//! child is read from its first offset, once its parent's seal is known and the window holds
+//! the parent up to the seal, so a key's notifications keep their order across the split.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
@@ -10,7 +14,7 @@ use std::time::Duration;
 
 use ferry_client::Client;
 use ferry_proto::wire::StartFrom;
-use ferry_proto::Event;
+use ferry_proto::{Event, KeyLayout};
 use tokio::sync::{mpsc, watch};
 
 use crate::throttle::Throttle;
@@ -21,6 +25,10 @@ use crate::Shared;
 const GROUP_MAX: usize = 2048;
 /// How often expired notifications leave the window.
 const TRIM_EVERY: Duration = Duration::from_secs(30);
+/// How often the topic is described again for partitions it gained.
+const DESCRIBE_EVERY: Duration = Duration::from_secs(2);
+/// How often a split's child reader looks whether its parent was read up to the seal.
+const PARENT_POLL: Duration = Duration::from_millis(50);
 
 /// What a partition reader hands on.
 struct Read {
@@ -47,6 +55,72 @@ fn frame_parts(event: &Event) -> FrameParts {
     }
 }
 
+/// The partition readers running, by partition.
+struct Readers {
+    shared: Arc<Shared>,
+    client: Client,
+    tx: mpsc::Sender<Read>,
+    running: BTreeMap<u32, tokio::task::JoinHandle<()>>,
+}
+
+impl Readers {
+    /// Starts readers for the partitions of `layout` (the topic has `partitions`) not read
+    /// yet: from the window's cursor, else from `fresh` (the start of a partition new since
+    /// the edge first read). A split's child waits for its parent's seal to be known.
+    async fn follow(
+        &mut self,
+        layout: &KeyLayout,
+        partitions: u32,
+        fresh: impl Fn(u32) -> Option<u64>,
+    ) -> Result<(), crate::EdgeError> {
+        let mut started = Vec::new();
+        for partition in 0..partitions {
+            if self.running.contains_key(&partition) {
+                continue;
+            }
+            let after = match layout.split_of(partition) {
+                Some(split) => match split.seal {
+                    Some(seal) => Some((split.parent, seal)),
+                    None => continue,
+                },
+                None => None,
+            };
+            let next = match self.shared.store.cursor(partition)? {
+                Some(next) => next,
+                None => {
+                    let Some(next) = fresh(partition) else {
+                        continue;
+                    };
+                    started.push((partition, next));
+                    next
+                }
+            };
+            if after.is_some() {
+                tracing::info!(partition, ?after, "reading a partition the topic gained");
+            }
+            self.running.insert(
+                partition,
+                tokio::spawn(read_partition(
+                    self.shared.clone(),
+                    self.client.clone(),
+                    partition,
+                    StartFrom::Offset(next),
+                    after,
+                    self.tx.clone(),
+                )),
+            );
+        }
+        // Where a new partition starts is written at once, so a restart resumes there.
+        if !started.is_empty() {
+            self.shared
+                .store
+                .append(Vec::new(), &started, now_ms())
+                .await?;
+        }
+        Ok(())
+    }
+}
+
 /// Runs until `shutdown` turns true.
 pub(crate) async fn run(
     shared: Arc<Shared>,
@@ -54,10 +128,17 @@ pub(crate) async fn run(
     partitions: u32,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let (tx, mut rx) = mpsc::channel::<Read>(GROUP_MAX * 4);
+    let mut readers = Readers {
+        shared: shared.clone(),
+        client: client.clone(),
+        tx,
+        running: BTreeMap::new(),
+    };
     // The region may be electing leaders: retry until it answers or the edge stops.
-    let starts = loop {
-        match starting_offsets(&shared, &client, partitions).await {
-            Ok(starts) => break starts,
+    loop {
+        match start_reading(&mut readers, partitions).await {
+            Ok(()) => break,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot find where to start reading notifications; retrying");
                 tokio::select! {
@@ -66,20 +147,10 @@ pub(crate) async fn run(
                 }
             }
         }
-    };
-    shared.metrics.reading.store(true, Ordering::Release);
-    let (tx, mut rx) = mpsc::channel::<Read>(GROUP_MAX * 4);
-    let mut readers = Vec::new();
-    for (partition, next) in starts {
-        readers.push(tokio::spawn(read_partition(
-            client.clone(),
-            shared.config.topic.clone(),
-            partition,
-            StartFrom::Offset(next),
-            tx.clone(),
-        )));
     }
-    drop(tx);
+    shared.metrics.reading.store(true, Ordering::Release);
+    let mut describe = tokio::time::interval(DESCRIBE_EVERY);
+    describe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut trim = tokio::time::interval(TRIM_EVERY);
     trim.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut throttle = Throttle::new(shared.config.throttle);
@@ -90,6 +161,17 @@ pub(crate) async fn run(
         });
         let first = tokio::select! {
             _ = shutdown.changed() => break,
+            _ = describe.tick() => {
+                // Partitions gained since the edge started reading begin at their first offset.
+                let followed = match client.describe_topic(&shared.config.topic).await {
+                    Ok(d) => readers.follow(&d.layout, d.partitions.len() as u32, |_| Some(0)).await,
+                    Err(e) => Err(e.into()),
+                };
+                if let Err(e) = followed {
+                    tracing::debug!(error = %e, "looking for partitions the topic gained");
+                }
+                continue;
+            }
             _ = trim.tick() => {
                 match shared.store.trim_expired(now_ms()).await {
                     Ok(n) => { shared.metrics.expired.fetch_add(n, Ordering::Relaxed); }
@@ -126,7 +208,7 @@ pub(crate) async fn run(
         }
     }
     shared.metrics.reading.store(false, Ordering::Release);
-    for reader in readers {
+    for reader in readers.running.values() {
         reader.abort();
     }
     // Held notifications live in memory: release them rather than lose them.
@@ -145,35 +227,35 @@ async fn sleep_until(at: Option<tokio::time::Instant>) {
     }
 }
 
-/// Each partition's next offset: from the window, or (first start) the region's end or
-/// beginning as configured, written to the window at once so that a restart resumes there
-/// and notifications published while the edge was down are not skipped.
-async fn starting_offsets(
-    shared: &Shared,
-    client: &Client,
-    partitions: u32,
-) -> Result<Vec<(u32, u64)>, crate::EdgeError> {
-    let mut starts = Vec::new();
-    let mut fresh = Vec::new();
+/// Starts the readers of the topic's partitions: each from the window's cursor or, on the
+/// edge's first start, the region's end or beginning as configured (written to the window
+/// at once so that a restart resumes there and notifications published while the edge was
+/// down are not skipped). A partition without a cursor in a window that has some was gained
+/// while the edge was down: it is read from its first offset.
+async fn start_reading(readers: &mut Readers, partitions: u32) -> Result<(), crate::EdgeError> {
+    let shared = readers.shared.clone();
+    let client = readers.client.clone();
+    let topic = &shared.config.topic;
+    let description = client.describe_topic(topic).await?;
+    let partitions = partitions.max(description.partitions.len() as u32);
+    let mut first_start = true;
+    let mut fresh = BTreeMap::new();
     for partition in 0..partitions {
-        match shared.store.cursor(partition)? {
-            Some(next) => starts.push((partition, next)),
-            None => {
-                let next = if shared.config.start == "earliest" {
-                    0
-                } else {
-                    let topic = &shared.config.topic;
-                    client.fetch(topic, partition, 0, 1).await?.1
-                };
-                starts.push((partition, next));
-                fresh.push((partition, next));
-            }
+        if shared.store.cursor(partition)?.is_some() {
+            first_start = false;
         }
     }
-    if !fresh.is_empty() {
-        shared.store.append(Vec::new(), &fresh, now_ms()).await?;
+    for partition in 0..partitions {
+        let next = if !first_start || shared.config.start == "earliest" {
+            0
+        } else {
+            client.fetch(topic, partition, 0, 1).await?.1
+        };
+        fresh.insert(partition, next);
     }
-    Ok(starts)
+    readers
+        .follow(&description.layout, partitions, |p| fresh.get(&p).copied())
+        .await
 }
 
 async fn ingest(
@@ -227,16 +309,32 @@ async fn retain_and_fan_out(
     Ok(())
 }
 
-/// Streams one partition into `tx`, resuming after errors from the next offset.
+/// Streams one partition into `tx`, resuming after errors from the next offset; a split's
+/// child (`after`: its parent and the parent's seal) once the window holds the parent up to
+/// the seal.
 async fn read_partition(
+    shared: Arc<Shared>,
     client: Client,
-    topic: String,
     partition: u32,
     mut start: StartFrom,
+    after: Option<(u32, u64)>,
     tx: mpsc::Sender<Read>,
 ) {
+    if let Some((parent, seal)) = after {
+        loop {
+            match shared.store.cursor(parent) {
+                Ok(read) if read.unwrap_or(0) >= seal => break,
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, partition, parent, "reading the parent's cursor")
+                }
+            }
+            tokio::time::sleep(PARENT_POLL).await;
+        }
+    }
+    let topic = &shared.config.topic;
     loop {
-        match client.subscribe(&topic, partition, start).await {
+        match client.subscribe(topic, partition, start).await {
             Ok(mut subscription) => loop {
                 match subscription.next().await {
                     Ok((offset, event)) => {

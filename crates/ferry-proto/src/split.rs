@@ -48,6 +48,49 @@ pub fn linear_partition(hash: u64, initial: u32, partitions: u32) -> u32 {
     }
 }
 
+/// The key space of `partition` in a topic created with `initial` partitions that now has
+/// `partitions`: the keys it takes are exactly those whose hash modulo the answer is
+/// `partition` (`initial` 0 or ≥ `partitions`: the count itself).
+pub fn key_modulus(partition: u32, initial: u32, partitions: u32) -> u64 {
+    let partitions = u64::from(partitions.max(1));
+    let initial = u64::from(initial);
+    if initial == 0 || initial >= partitions {
+        return partitions;
+    }
+    let mut n = initial;
+    while n * 2 <= partitions {
+        n *= 2;
+    }
+    let p = u64::from(partition);
+    if p < partitions - n || p >= n {
+        2 * n
+    } else {
+        n
+    }
+}
+
+/// The key space `partition` had when it was made: a partition the topic was created with
+/// took every key whose hash modulo `initial` is its number; a child took those modulo the
+/// answer. Every key it ever held, before a seal gave some away, is in this space.
+pub fn created_modulus(partition: u32, initial: u32) -> u64 {
+    let initial = u64::from(initial.max(1));
+    let mut m = initial;
+    while m <= u64::from(partition) {
+        m *= 2;
+    }
+    m
+}
+
+/// Whether some key hash is in both key spaces `a mod a_modulus` and `b mod b_modulus`
+/// (they agree modulo the moduli's greatest common divisor).
+pub fn key_spaces_meet(a: u32, a_modulus: u64, b: u32, b_modulus: u64) -> bool {
+    let (mut x, mut y) = (a_modulus.max(1), b_modulus.max(1));
+    while y != 0 {
+        (x, y) = (y, x % y);
+    }
+    u64::from(a) % x == u64::from(b) % x
+}
+
 /// The parent of partition `child` of a topic created with `initial` partitions (None for
 /// a partition it was created with).
 pub fn parent_of(child: u32, initial: u32) -> Option<u32> {
@@ -171,6 +214,42 @@ impl KeyLayout {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn key_spaces_are_what_the_mapping_does() {
+        for (initial, partitions) in [(4, 4), (4, 5), (4, 6), (4, 8), (3, 7), (4, 9), (1, 3)] {
+            for p in 0..partitions {
+                let m = key_modulus(p, initial, partitions);
+                let created = created_modulus(p, initial);
+                for h in 0..5_000u64 {
+                    let home = linear_partition(h, initial, partitions);
+                    assert_eq!(
+                        home == p,
+                        h % m == u64::from(p),
+                        "{initial}/{partitions} p{p} h{h}"
+                    );
+                    if home == p {
+                        assert_eq!(
+                            h % created,
+                            u64::from(p),
+                            "a key of p{p} outside its creation space"
+                        );
+                    }
+                }
+            }
+        }
+        // Two layouts of one topic (4 → 6 here, 4 → 8 there): partition 2 here (not split
+        // yet) holds keys of 2 and 6 there, partition 1 (split) only of 1.
+        let meets = |p, q| key_spaces_meet(p, key_modulus(p, 4, 6), q, key_modulus(q, 4, 8));
+        assert!(meets(2, 2) && meets(2, 6));
+        assert!(!meets(2, 3) && !meets(2, 7) && !meets(2, 0));
+        assert!(meets(1, 1) && !meets(1, 5));
+        // Different creation counts: found by brute force.
+        for (a, am, b, bm) in [(1u32, 6u64, 3u32, 4u64), (1, 6, 2, 4), (5, 12, 1, 8)] {
+            let brute = (0..1000u64).any(|h| h % am == u64::from(a) && h % bm == u64::from(b));
+            assert_eq!(key_spaces_meet(a, am, b, bm), brute, "{a}%{am} vs {b}%{bm}");
+        }
+    }
 
     #[test]
     fn before_any_split_a_key_maps_by_hash_mod_partitions() {

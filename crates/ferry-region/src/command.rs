@@ -78,6 +78,17 @@ pub(crate) enum PartitionCommand {
         layout: u32,
         misrouted: Option<String>,
     },
+    /// `Forwarded`, routed by the origin by key over the destination topic's layout
+    /// `routed_by` (created with, now has): applied only if that layout gives this
+    /// partition the key space the group gives it now, so no key is sent to a parent after
+    /// its seal, nor to a partition before the split that made its key space.
+    ForwardedRouted {
+        origin_region: String,
+        origin_partition: u32,
+        batch: ferry_router::Batch,
+        appended_at_ms: u64,
+        routed_by: (u32, u32),
+    },
 }
 
 impl PartitionCommand {
@@ -87,7 +98,9 @@ impl PartitionCommand {
             Self::Append { batch, .. }
             | Self::AppendToStream { batch, .. }
             | Self::Publish { batch, .. } => batch.events.len(),
-            Self::Forwarded { batch, .. } => batch.events.iter().map(|(_, e)| e.len()).sum(),
+            Self::Forwarded { batch, .. } | Self::ForwardedRouted { batch, .. } => {
+                batch.events.iter().map(|(_, e)| e.len()).sum()
+            }
             _ => 0,
         }
     }

@@ -78,6 +78,16 @@ impl TopicState {
         self.config.group_of(self.layout.root(partition))
     }
 
+    /// The topic's key layout as routing needs it: the partitions it was created with, and
+    /// those it has now.
+    pub fn routing_layout(&self) -> (u32, u32) {
+        let initial = match self.layout.initial {
+            0 => self.config.partitions,
+            n => n,
+        };
+        (initial, self.config.partitions)
+    }
+
     /// The partitions of Raft group `group`, in order.
     pub fn partitions_of(&self, group: u32) -> impl Iterator<Item = u32> + '_ {
         (0..self.config.partitions).filter(move |p| self.group_of(*p) == group)
@@ -457,15 +467,6 @@ impl MetaApp {
                 format!("no topic named {topic:?}"),
             ));
         };
-        if state.config.regions != ferry_proto::RegionPolicy::Local {
-            // Forwarding routes by partition count between regions and has no seal to wait
-            // for yet: growing such a topic would mix up its keys' order in other regions.
-            return invalid(format!(
-                "topic {topic:?} is forwarded between regions (regions {:?}); partitions can \
-                 be added only to a topic that stays in its region, for now",
-                state.config.regions
-            ));
-        }
         let from = state.config.partitions;
         if from == partitions {
             // The same request again (its seals may be on their way).
@@ -988,19 +989,19 @@ mod tests {
                 replicas,
             },
         );
-        let refusal = apply(
+        // A topic forwarded between regions grows too (each region routes what it forwards
+        // by the layout the destination has).
+        let grown = apply(
             &mut app,
             &tree,
             4,
             MetaCommand::AddPartitions {
                 topic: "f".into(),
-                partitions: 4,
+                partitions: 3,
             },
         );
-        assert!(
-            matches!(&refusal, MetaReply::Error(e) if e.message.contains("forwarded between regions")),
-            "{refusal:?}"
-        );
+        assert!(matches!(grown, MetaReply::Done), "{grown:?}");
+        assert_eq!(app.view().topic("f").unwrap().routing_layout(), (2, 3));
         assert!(matches!(
             apply(&mut app, &tree, 5, grow(6)),
             MetaReply::Done

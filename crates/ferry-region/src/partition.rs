@@ -145,6 +145,33 @@ pub struct SplitState {
     pub seals: BTreeMap<u32, (u32, u64)>,
 }
 
+impl SplitState {
+    /// Why a batch forwarded to `partition`, routed by the destination layout `routed_by`
+    /// (created with, now has), does not belong there now: that layout gives the partition
+    /// another key space than this group's last split did (or, never split, than the
+    /// partitions it was created with). None when it belongs.
+    pub fn forwarded_refusal(&self, partition: u32, routed_by: (u32, u32)) -> Option<String> {
+        let (initial, partitions) = routed_by;
+        let routed = ferry_proto::key_modulus(partition, initial, partitions);
+        let here = if self.layout == 0 {
+            u64::from(initial)
+        } else {
+            ferry_proto::key_modulus(partition, self.initial, self.layout)
+        };
+        let here_partitions = if self.layout == 0 {
+            initial
+        } else {
+            self.layout
+        };
+        (routed != here).then(|| {
+            format!(
+                "partition {partition} takes the keys of a topic of {here_partitions} partitions \
+                 here; the batch was routed for {partitions}: describe the topic again"
+            )
+        })
+    }
+}
+
 /// The read views of a group's partitions by number, and its [`SplitState`]; a split adds
 /// its children. Shared by the state machine (which changes it as it applies) and the node.
 pub struct GroupViews {
@@ -570,12 +597,12 @@ impl Partition {
                 batch,
                 appended_at_ms,
             } => self.append(batch, appended_at_ms, None)?,
-            PartitionCommand::Split { .. } | PartitionCommand::Publish { .. } => {
-                PartitionReply::Error(ApiError::new(
-                    ErrorCode::Internal,
-                    "a group command reached a partition",
-                ))
-            }
+            PartitionCommand::Split { .. }
+            | PartitionCommand::Publish { .. }
+            | PartitionCommand::ForwardedRouted { .. } => PartitionReply::Error(ApiError::new(
+                ErrorCode::Internal,
+                "a group command reached a partition",
+            )),
             PartitionCommand::Commit { group, offset } => {
                 // Cursors only move forward: a member that lost the partition in a rebalance
                 // may still commit what it handled, and must not undo its successor's commits.
@@ -1282,6 +1309,7 @@ impl PartitionStateMachine {
             return Self::split(inner, partition, initial, partitions, children, touched);
         }
         let layout = inner.split.layout;
+        let split_state = &inner.split;
         match inner.partitions.get_mut(&partition) {
             Some(p) => {
                 if !touched.contains(&partition) {
@@ -1313,6 +1341,21 @@ impl PartitionStateMachine {
                             refusal.map(|why| ApiError::new(ErrorCode::WrongPartition, why)),
                         )
                     }
+                    PartitionCommand::ForwardedRouted {
+                        origin_region,
+                        origin_partition,
+                        batch,
+                        appended_at_ms,
+                        routed_by,
+                    } => match split_state.forwarded_refusal(partition, routed_by) {
+                        Some(why) => Ok(PartitionReply::Error(ApiError::new(
+                            ErrorCode::WrongPartition,
+                            why,
+                        ))),
+                        None => {
+                            p.forwarded(origin_region, origin_partition, &batch, appended_at_ms)
+                        }
+                    },
                     command => p.apply(command),
                 }
             }
@@ -1361,6 +1404,10 @@ impl PartitionStateMachine {
             ));
         }
         let folder = inner.dir.join(&inner.batches);
+        // What the parent received from other regions' partitions, it received for its
+        // children's keys too (forwarders routed them to it until now): a child starts where
+        // its parent is, so no forwarder sends them again nor skips any.
+        let received = inner.partitions[&parent].received.clone();
         for &child in &children {
             let files = BatchFiles::open(
                 &partition_folder(&folder, child),
@@ -1369,6 +1416,8 @@ impl PartitionStateMachine {
             )?;
             let mut partition = Partition::new(files);
             partition.dirty = true;
+            *partition.view.received.write().map_err(storage_err)? = received.clone();
+            partition.received = received.clone();
             inner.partitions.insert(child, partition);
             inner.split.seals.insert(child, (parent, offset));
             touched.push(child);
@@ -2350,6 +2399,58 @@ mod tests {
         drop(other);
         // A checkpoint holding a partition the group does not is refused at open.
         assert!(PartitionStateMachine::open(&dir.path().join("a"), 4096, &[1]).is_err());
+    }
+
+    #[test]
+    fn forwarded_batches_follow_the_split_of_their_destination() {
+        let dir = tempfile::tempdir().unwrap();
+        // Partition 1 of a topic created with four partitions, fed by partition 0 of region a.
+        let sm = PartitionStateMachine::open(&dir.path().join("g"), 4096, &[1]).unwrap();
+        let forwarded = |partition, from: u64, to: u64, routed_by| {
+            let events = (from..to)
+                .map(|o| {
+                    (
+                        o,
+                        Bytes::from(codec::encode("e", &format!("e{o}")).unwrap()),
+                    )
+                })
+                .collect();
+            run_on(
+                &sm,
+                partition,
+                PartitionCommand::ForwardedRouted {
+                    origin_region: "a".into(),
+                    origin_partition: 0,
+                    batch: ferry_router::Batch { from, to, events },
+                    appended_at_ms: 1,
+                    routed_by,
+                },
+            )
+        };
+        let committed = |next| PartitionReply::Forwarded(ferry_router::Ack::Committed { next });
+        let wrong_partition = |r: &PartitionReply| matches!(r, PartitionReply::Error(e) if e.code == ErrorCode::WrongPartition);
+        // Routed for 6 partitions while the group never split: refused, nothing appended.
+        assert!(wrong_partition(&forwarded(1, 0, 3, (4, 6))));
+        assert_eq!(sm.views()[&1].watermarks().high, 0);
+        assert_eq!(forwarded(1, 0, 3, (4, 4)), committed(3));
+        // Routed for 5 partitions (partition 1 not split by then): the same key space.
+        assert_eq!(forwarded(1, 3, 5, (4, 5)), committed(5));
+        let split = PartitionCommand::Split {
+            initial: 4,
+            partitions: 6,
+            children: vec![5],
+        };
+        assert_eq!(run_on(&sm, 1, split), PartitionReply::Sealed { offset: 5 });
+        // The child holds what its parent received: a forwarder starting for it skips none
+        // of its keys and sends none again.
+        assert_eq!(sm.views()[&5].received("a", 0).unwrap(), 5);
+        assert_eq!(forwarded(5, 5, 6, (4, 6)), committed(6));
+        // The parent refuses batches routed by the layout before its split.
+        assert!(wrong_partition(&forwarded(1, 5, 7, (4, 4))));
+        assert!(wrong_partition(&forwarded(1, 5, 7, (4, 5))));
+        assert_eq!(sm.views()[&1].watermarks().high, 5);
+        assert_eq!(forwarded(1, 5, 7, (4, 6)), committed(7));
+        assert_eq!(forwarded(1, 7, 8, (4, 8)), committed(8));
     }
 
     #[tokio::test]

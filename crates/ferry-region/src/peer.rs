@@ -113,9 +113,11 @@ pub(crate) struct ForwardRequest {
     pub(crate) topic: String,
     /// The source partition.
     pub(crate) partition: u32,
-    /// The destination partition (the source partition when both regions have the topic
-    /// with one partition count; else the events' keys were routed to it).
+    /// The destination partition: the events' keys were routed to it by `routed_by`.
     pub(crate) dest_partition: u32,
+    /// The destination topic's layout (created with, now has) the origin routed keys by;
+    /// the destination refuses the batch if it gives `dest_partition` another key space.
+    pub(crate) routed_by: (u32, u32),
     pub(crate) batch: ferry_router::Batch,
     /// The regions it passed through so far, its origin first: a relay never passes it to
     /// a region on it, and at most `MAX_RELAYS` regions relay it (loop prevention).
@@ -139,8 +141,15 @@ pub(crate) enum PeerResponse {
     Forwarded(ferry_router::Ack),
     /// The forwarders a node runs.
     ForwardingStatus(Vec<ferry_proto::wire::ForwardingInfo>),
-    /// The topic's partition count in the answering region.
-    TopicPartitions(u32),
+    /// The topic's key layout in the answering region: partitions it was created with, and
+    /// has now.
+    TopicLayout {
+        initial: u32,
+        partitions: u32,
+    },
+    /// A forwarded batch was routed by a layout the destination has left (it added
+    /// partitions): the origin describes the topic there again and routes anew.
+    WrongPartition(String),
     /// The peer could not serve the request (unknown group, shutting down, bad frame).
     Error(String),
     /// A relay found no way on to the target region: the sender may try another route.
@@ -172,7 +181,9 @@ impl PeerResponse {
     /// What an answer that the caller did not expect said, for its error message.
     pub(crate) fn unexpected(&self) -> String {
         match self {
-            PeerResponse::Error(e) | PeerResponse::Unreachable(e) => e.clone(),
+            PeerResponse::Error(e)
+            | PeerResponse::Unreachable(e)
+            | PeerResponse::WrongPartition(e) => e.clone(),
             PeerResponse::JoinRefused(e) => format!("refused: {e}"),
             PeerResponse::MetaRefused(e) => e.to_string(),
             _ => "an answer of another kind".into(),

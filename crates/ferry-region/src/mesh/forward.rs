@@ -1,6 +1,9 @@
-//! The source side: one [`Forwarder`] per (partition this node leads, other region), fed
-//! from the partition's log, judging each event by the destination's interest, sending
-//! batches straight or through a relay, committing its cursor through Raft.
+//! The source side: one [`Forwarder`] per (partition this node leads, other region,
+//! destination partition), fed from the partition's log, judging each event by the
+//! destination's interest and routing it by key, sending batches straight or through a
+//! relay, committing its cursor through Raft. A new forwarder starts where the destination
+//! partition is (which a partition split off there inherits from its parent), a split's
+//! child once its parent passed the seal.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -40,35 +43,52 @@ pub(super) struct ForwardKey {
     pub(super) destination: String,
     /// The destination partition it feeds.
     pub(super) dest_partition: u32,
-    /// The destination's partition count when it differs from the source's: events are
-    /// routed by key and this forwarder carries those routed to `dest_partition`. None: the
-    /// counts agree and the destination partition is the source partition.
-    pub(super) split: Option<u32>,
+    /// The destination topic's layout (created with, has now) that events are routed by:
+    /// their keys' partition there, as its producers place them; a keyless event goes
+    /// where a key hashing to the source partition's number would.
+    pub(super) routed_by: (u32, u32),
+    /// The destination partition is the source partition and takes all of it: both regions
+    /// have the topic with one layout and the source partition never split (so every key
+    /// it ever held is still its own).
+    pub(super) whole: bool,
 }
 
 impl ForwardKey {
-    /// The name its cursor is committed under in the source partition: the region, or
-    /// `region#partition` for a split forwarder.
+    /// The name its cursor is committed under in the source partition: the region for a
+    /// whole forwarder, else `region#partition`.
     pub(super) fn cursor_name(&self) -> String {
-        match self.split {
-            None => self.destination.clone(),
-            Some(_) => format!("{}#{}", self.destination, self.dest_partition),
+        if self.whole {
+            self.destination.clone()
+        } else {
+            routed_cursor_name(&self.destination, self.dest_partition)
         }
     }
 
     /// Whether an event of the source partition with `key` goes to this forwarder's
-    /// destination partition: by key (FNV-1a mod the destination's count, as producers
-    /// place keys), keyless events by source partition.
+    /// destination partition.
     fn routes_here(&self, key: Option<&[u8]>) -> bool {
-        let Some(partitions) = self.split else {
+        if self.whole {
             return true;
-        };
-        let to = match key {
-            Some(key) => ferry_proto::partition_for_key(key, partitions),
-            None => self.partition % partitions,
-        };
-        to == self.dest_partition
+        }
+        let hash = key.map_or(u64::from(self.partition), ferry_proto::key_hash);
+        let (initial, partitions) = self.routed_by;
+        ferry_proto::linear_partition(hash, initial, partitions) == self.dest_partition
     }
+}
+
+/// The cursor name of a forwarder that routes events by key to `dest_partition` of
+/// `destination`.
+pub(super) fn routed_cursor_name(destination: &str, dest_partition: u32) -> String {
+    format!("{destination}#{dest_partition}")
+}
+
+/// Why a batch was not acknowledged.
+#[derive(Debug)]
+pub(super) enum SendError {
+    /// The destination added partitions since the layout the batch was routed by.
+    WrongPartition(String),
+    /// Anything else: the batch is sent again later.
+    Failed(String),
 }
 
 /// What a running forwarder shows `ferry ctl regions`.
@@ -139,6 +159,7 @@ impl<T: Transport> Node<T> {
             }
             Some(cursor) => cursor,
             None => {
+                self.await_parent_forwarded(key, &group, &mut stop).await?;
                 // The first forwarder of this partition to this region: it starts at the
                 // first event appended since the region's oldest interest was added (clock
                 // skew allowed), wherever this node was then; a region the topic lists wants
@@ -151,10 +172,25 @@ impl<T: Transport> Node<T> {
                     .get(&key.destination)
                     .map_or(0, |v| v.since_ms);
                 let skew = self.inner.config.mesh.interest_clock_skew_ms;
-                let next = if listed {
+                let first = if listed {
                     marks.low
                 } else {
                     view.first_appended_since(since.saturating_sub(skew))
+                };
+                // The destination may hold more already when either side's layout changed:
+                // a partition it split off from one this partition fed starts where its
+                // parent was, and a routed forwarder replacing another (a whole one, or
+                // one of another layout) where that one got to.
+                let routed = format!("{}#", key.destination);
+                let fed_before = view
+                    .forward_cursors()
+                    .iter()
+                    .any(|(name, _)| *name == key.destination || name.starts_with(&routed));
+                let grown_there = key.routed_by.0 != key.routed_by.1;
+                let next = if fed_before || grown_there {
+                    first.max(self.forwarded_held(key, first).await?)
+                } else {
+                    first
                 };
                 let command = PartitionCommand::ForwardCursor {
                     region: key.cursor_name(),
@@ -167,7 +203,7 @@ impl<T: Transport> Node<T> {
         let mut forwarder = Forwarder::new(config, start);
         let mut changes = view.subscribe();
         let mut views = mesh.snapshot.subscribe();
-        let (acks_tx, mut acks) = mpsc::unbounded_channel::<(Result<Ack, String>, String)>();
+        let (acks_tx, mut acks) = mpsc::unbounded_channel::<(Result<Ack, SendError>, String)>();
         let direct_failed: Arc<Mutex<Option<Instant>>> = Arc::default();
         let mut uncommitted: Option<u64> = None;
         let mut committing: Option<tokio::task::JoinHandle<Option<u64>>> = None;
@@ -278,7 +314,13 @@ impl<T: Transport> Node<T> {
                             s.route = route;
                             s.last_error = None;
                         }
-                        Err(e) => {
+                        Err(SendError::WrongPartition(e)) => {
+                            // Every forwarder of the topic to that region stops until its
+                            // layout there is known again, then they start routing by it.
+                            mesh.forget_topic_layout(&key.topic, &key.destination, key.routed_by);
+                            return Err(format!("routing anew: {e}"));
+                        }
+                        Err(SendError::Failed(e)) => {
                             if s.last_error.as_deref() != Some(e.as_str()) {
                                 tracing::warn!(topic = %key.topic, partition = key.partition, destination = %key.destination, error = %e, "forwarding failed; retrying with backoff");
                             }
@@ -402,9 +444,9 @@ impl<T: Transport> Node<T> {
         key: &ForwardKey,
         batch: Batch,
         direct_failed: &Mutex<Option<Instant>>,
-    ) -> (Result<Ack, String>, String) {
+    ) -> (Result<Ack, SendError>, String) {
         let Some(mesh) = self.mesh().cloned() else {
-            return (Err("mesh stopped".into()), String::new());
+            return (Err(SendError::Failed("mesh stopped".into())), String::new());
         };
         let snapshot = mesh.snapshot();
         let request = PeerRequest::Forward(ForwardRequest {
@@ -413,13 +455,14 @@ impl<T: Transport> Node<T> {
             topic: key.topic.clone(),
             partition: key.partition,
             dest_partition: key.dest_partition,
+            routed_by: key.routed_by,
             batch,
             via: vec![mesh.region.clone()],
             passed_in_region: false,
         });
         let request = match Router::<T>::encode_request(&request) {
             Ok(r) => r,
-            Err(e) => return (Err(e.to_string()), String::new()),
+            Err(e) => return (Err(SendError::Failed(e.to_string())), String::new()),
         };
         let direct: Vec<(String, SocketAddr)> = snapshot
             .targets(&key.destination, &key.topic, key.dest_partition)
@@ -433,7 +476,10 @@ impl<T: Transport> Node<T> {
             .collect();
         if direct.is_empty() && relays.is_empty() {
             return (
-                Err(format!("no live node of region {}", key.destination)),
+                Err(SendError::Failed(format!(
+                    "no live node of region {}",
+                    key.destination
+                ))),
                 String::new(),
             );
         }
@@ -467,7 +513,10 @@ impl<T: Transport> Node<T> {
                 // A relay found no way on: try the next route.
                 Ok(PeerResponse::Unreachable(e)) => errors.push(format!("{route}: {e}")),
                 // The destination (or relay) answered but refused: say why; resent later.
-                Ok(PeerResponse::Error(e)) => return (Err(e), route),
+                Ok(PeerResponse::Error(e)) => return (Err(SendError::Failed(e)), route),
+                Ok(PeerResponse::WrongPartition(e)) => {
+                    return (Err(SendError::WrongPartition(e)), route)
+                }
                 Ok(_) => errors.push(format!("{route}: unexpected answer")),
                 Err(e) => {
                     if is_direct && is_unreachable(&e) {
@@ -477,6 +526,60 @@ impl<T: Transport> Node<T> {
                 }
             }
         }
-        (Err(errors.join("; ")), String::new())
+        (Err(SendError::Failed(errors.join("; "))), String::new())
+    }
+
+    /// Where the destination partition is in this source partition's events: it holds every
+    /// event routed to it below the answer. Asked with an empty batch at `from`, which the
+    /// destination answers from its applied state without proposing anything.
+    async fn forwarded_held(&self, key: &ForwardKey, from: u64) -> Result<u64, String> {
+        let probe = Batch {
+            from,
+            to: from,
+            events: Vec::new(),
+        };
+        match self.send_batch(key, probe, &Mutex::new(None)).await.0 {
+            Ok(Ack::Committed { next } | Ack::Gap { next }) => Ok(next),
+            Err(SendError::WrongPartition(e) | SendError::Failed(e)) => {
+                Err(format!("asking what the destination holds: {e}"))
+            }
+        }
+    }
+
+    /// A partition split off from another here forwards nothing until its parent's
+    /// forwarder to the same destination partition passed the seal: the destination gets a
+    /// key's events from the parent before those from the child.
+    async fn await_parent_forwarded(
+        &self,
+        key: &ForwardKey,
+        group: &HostedPartition,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Result<(), String> {
+        let Some(&(parent, seal)) = group.group.views.split().seals.get(&key.partition) else {
+            return Ok(());
+        };
+        let parent = self
+            .partition(&key.topic, parent)
+            .ok_or_else(|| format!("parent partition {parent} is not hosted here"))?;
+        let name = routed_cursor_name(&key.destination, key.dest_partition);
+        let mut changes = parent.view.subscribe();
+        loop {
+            let at = parent
+                .view
+                .forward_cursor(&name)
+                .map_err(|e| e.to_string())?
+                .unwrap_or(0);
+            if at >= seal {
+                return Ok(());
+            }
+            if *stop.borrow() || self.is_shut_down() {
+                return Err("stopped while waiting for the parent partition's forwarder".into());
+            }
+            tokio::select! {
+                _ = stop.changed() => {}
+                _ = changes.changed() => {}
+                _ = tokio::time::sleep(IDLE_WAKE) => {}
+            }
+        }
     }
 }

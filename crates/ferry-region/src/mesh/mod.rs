@@ -14,8 +14,13 @@
 //!   and R's interest matches its subject. It is judged unwanted only on R's interest as
 //!   R's metadata leader vouched for it after the event's append (`snapshot.rs`); until then
 //!   the forwarder waits. Topics with the `Local` policy never leave the region.
-//! - A topic with another partition count in R is fed by one forwarder per destination
-//!   partition, each carrying the events whose key routes there.
+//! - A topic with another key layout in R (another partition count, or grown differently)
+//!   is fed by one forwarder per destination partition whose key space meets the source
+//!   partition's, each carrying the events whose key routes there by R's layout; a batch
+//!   names that layout, and R refuses it once it gives the partition another key space
+//!   (R added partitions): the node asks R for the layout again and routes anew. A split's
+//!   child forwards to a destination partition once its parent's forwarder there passed
+//!   the seal.
 //! - A batch goes straight to the destination partition's leader; if that region cannot be
 //!   reached, through a node of a third region, which passes it on (to the destination, or
 //!   through a further region not on its path, `via`, at most `MAX_RELAYS` relays) and never
@@ -85,9 +90,10 @@ impl ForwardedDuplicates {
 }
 
 /// A region's interest as this node knows it: the newest version any of its nodes
-/// A forwarded topic's partition count in another region, as far as this node knows.
-enum TopicPartitions {
-    Known(u32),
+/// A forwarded topic's key layout in another region (created with, has now), as far as
+/// this node knows.
+enum TopicLayout {
+    Known((u32, u32)),
     /// A node of the region is being asked.
     Asking,
     /// The last attempt failed then.
@@ -107,8 +113,8 @@ pub(crate) struct Mesh {
     /// The newest interest seen per region (kept while the region is silent or behind).
     known_interest: Mutex<BTreeMap<String, InterestView>>,
     forwarders: Mutex<BTreeMap<ForwardKey, RunningForwarder>>,
-    /// What this node knows of forwarded topics' partition counts in other regions.
-    topic_partitions: Mutex<HashMap<(String, String), TopicPartitions>>,
+    /// What this node knows of forwarded topics' layouts in other regions.
+    topic_layouts: Mutex<HashMap<(String, String), TopicLayout>>,
     /// Source offsets retention dropped before a forwarder of this node dealt with them.
     trimmed_unforwarded: Mutex<HashMap<ForwardKey, u64>>,
     /// Events sent to another region, per (topic, destination), since this node started.
@@ -168,6 +174,26 @@ impl Mesh {
         out
     }
 
+    /// Forgets the layout of `topic` in `region` if it is still `stale` (a forwarder found
+    /// the region grew the topic since): the next round asks the region again.
+    pub(super) fn forget_topic_layout(&self, topic: &str, region: &str, stale: (u32, u32)) {
+        let key = (topic.to_string(), region.to_string());
+        let mut known = lock(&self.topic_layouts);
+        if matches!(known.get(&key), Some(TopicLayout::Known(l)) if *l == stale) {
+            known.remove(&key);
+        }
+    }
+
+    /// The cursor names of the forwarders this node runs for `partition` of `topic` to
+    /// `region` (none when it runs none).
+    fn running_cursors(&self, topic: &str, partition: u32, region: &str) -> Vec<String> {
+        lock(&self.forwarders)
+            .keys()
+            .filter(|k| k.topic == topic && k.partition == partition && k.destination == region)
+            .map(ForwardKey::cursor_name)
+            .collect()
+    }
+
     fn statuses(&self, source: &str) -> Vec<ForwardingInfo> {
         lock(&self.forwarders)
             .iter()
@@ -178,7 +204,7 @@ impl Mesh {
                     partition: key.partition,
                     source: source.to_string(),
                     destination: key.destination.clone(),
-                    dest_partition: key.split.map(|_| key.dest_partition),
+                    dest_partition: (!key.whole).then_some(key.dest_partition),
                     lag_events: s.high.saturating_sub(s.cursor),
                     lag_ms: s.lag_ms,
                     sent_events: s.sent_events,
@@ -289,7 +315,7 @@ impl<T: Transport> Node<T> {
             known_interest: Mutex::new(BTreeMap::new()),
             forwarders: Mutex::new(BTreeMap::new()),
             trimmed_unforwarded: Mutex::new(HashMap::new()),
-            topic_partitions: Mutex::new(HashMap::new()),
+            topic_layouts: Mutex::new(HashMap::new()),
             crossings: Mutex::new(HashMap::new()),
             resent_events_held: AtomicU64::new(0),
             reach: Mutex::new(HashMap::new()),
@@ -434,25 +460,41 @@ impl<T: Transport> Node<T> {
                     .chain(listed.iter().filter(|r| **r != mesh.region).cloned())
                     .collect(),
             };
+            let layout = state.routing_layout();
             for destination in destinations {
-                let Some(count) = self.topic_partitions_in(&mesh, &state.config, &destination)
+                let Some(routed_by) = self.topic_layout_in(&mesh, &state.config, &destination)
                 else {
                     continue;
                 };
-                let split = (count != state.config.partitions).then_some(count);
                 for led in run {
-                    let dest_partitions = match split {
-                        None => led.hosted.partition..led.hosted.partition + 1,
-                        Some(count) => 0..count,
-                    };
-                    for dest_partition in dest_partitions {
+                    let partition = led.hosted.partition;
+                    let split = state.layout.splits.iter().any(|s| s.parent == partition);
+                    if routed_by == layout && !split {
                         desired.insert(ForwardKey {
                             topic: state.config.name.clone(),
-                            partition: led.hosted.partition,
+                            partition,
                             destination: destination.clone(),
-                            dest_partition,
-                            split,
+                            dest_partition: partition,
+                            routed_by,
+                            whole: true,
                         });
+                        continue;
+                    }
+                    // Every destination partition whose keys this one ever held.
+                    let held = ferry_proto::created_modulus(partition, layout.0);
+                    for dest_partition in 0..routed_by.1 {
+                        let there =
+                            ferry_proto::key_modulus(dest_partition, routed_by.0, routed_by.1);
+                        if ferry_proto::key_spaces_meet(partition, held, dest_partition, there) {
+                            desired.insert(ForwardKey {
+                                topic: state.config.name.clone(),
+                                partition,
+                                destination: destination.clone(),
+                                dest_partition,
+                                routed_by,
+                                whole: false,
+                            });
+                        }
                     }
                 }
             }
@@ -525,10 +567,19 @@ impl<T: Transport> Node<T> {
         let cursors = group.view.forward_cursors();
         let mut floor: Option<(u64, Vec<String>)> = None;
         for region in regions {
+            // The cursors of the forwarders running now (a cursor of a layout left behind
+            // stays below for ever); all of the region's while none runs.
+            let running = mesh.running_cursors(&config.name, group.partition, &region);
             let split = format!("{region}#");
             let at = cursors
                 .iter()
-                .filter(|(name, _)| *name == region || name.starts_with(&split))
+                .filter(|(name, _)| {
+                    if running.is_empty() {
+                        *name == region || name.starts_with(&split)
+                    } else {
+                        running.contains(name)
+                    }
+                })
                 .map(|(name, at)| (*at, name.clone()))
                 .min();
             let (at, name) = at.unwrap_or((0, format!("{region} (no cursor yet)")));
@@ -541,52 +592,51 @@ impl<T: Transport> Node<T> {
         floor.map(|(offset, behind)| ForwardedFloor { offset, behind })
     }
 
-    /// The partition count of `config`'s topic in `region`, once known. The first time, it
-    /// asks a node of the region in the background (which creates the topic there if it is
-    /// missing: integration and notification topics are defined in every region they are
-    /// forwarded to) and answers None; a failed attempt is retried after a second.
-    fn topic_partitions_in(
+    /// The key layout (created with, has now) of `config`'s topic in `region`, once known.
+    /// The first time, it asks a node of the region in the background (which creates the
+    /// topic there if it is missing: integration and notification topics are defined in
+    /// every region they are forwarded to) and answers None; a failed attempt is retried
+    /// after a second. Known until a forwarder finds the region left it.
+    fn topic_layout_in(
         &self,
         mesh: &Arc<Mesh>,
         config: &TopicConfig,
         region: &str,
-    ) -> Option<u32> {
+    ) -> Option<(u32, u32)> {
         let key = (config.name.clone(), region.to_string());
         {
-            let mut known = lock(&mesh.topic_partitions);
+            let mut known = lock(&mesh.topic_layouts);
             match known.get(&key) {
-                Some(TopicPartitions::Known(count)) => return Some(*count),
-                Some(TopicPartitions::Asking) => return None,
-                Some(TopicPartitions::Failed(at)) if at.elapsed() < ENSURE_TOPIC_RETRY => {
-                    return None
-                }
+                Some(TopicLayout::Known(layout)) => return Some(*layout),
+                Some(TopicLayout::Asking) => return None,
+                Some(TopicLayout::Failed(at)) if at.elapsed() < ENSURE_TOPIC_RETRY => return None,
                 _ => {}
             }
-            known.insert(key.clone(), TopicPartitions::Asking);
+            known.insert(key.clone(), TopicLayout::Asking);
         }
         let node = self.clone();
         let mesh = mesh.clone();
         let config = config.clone();
         tokio::spawn(async move {
-            let answer = node.ask_topic_partitions(&mesh, config, &key.1).await;
+            let answer = node.ask_topic_layout(&mesh, config, &key.1).await;
             let state = match answer {
-                Ok(count) => TopicPartitions::Known(count),
+                Ok(layout) => TopicLayout::Known(layout),
                 Err(e) => {
                     tracing::warn!(topic = %key.0, region = %key.1, error = %e, "cannot define the topic in a region it is forwarded to; retrying");
-                    TopicPartitions::Failed(Instant::now())
+                    TopicLayout::Failed(Instant::now())
                 }
             };
-            lock(&mesh.topic_partitions).insert(key, state);
+            lock(&mesh.topic_layouts).insert(key, state);
         });
         None
     }
 
-    async fn ask_topic_partitions(
+    async fn ask_topic_layout(
         &self,
         mesh: &Mesh,
         config: TopicConfig,
         region: &str,
-    ) -> Result<u32, String> {
+    ) -> Result<(u32, u32), String> {
         let snapshot = mesh.snapshot();
         let request = PeerRequest::EnsureTopic {
             config,
@@ -606,7 +656,10 @@ impl<T: Transport> Node<T> {
             .map(|(_, addr)| addr);
         for addr in direct.chain(relays) {
             match self.inner.router.call_addr(addr, &request).await {
-                Ok(PeerResponse::TopicPartitions(count)) => return Ok(count),
+                Ok(PeerResponse::TopicLayout {
+                    initial,
+                    partitions,
+                }) => return Ok((initial, partitions)),
                 Ok(PeerResponse::Error(e) | PeerResponse::Unreachable(e)) => errors.push(e),
                 Ok(_) => errors.push(format!("{addr}: unexpected answer")),
                 Err(e) => errors.push(format!("{addr}: {e}")),

@@ -1,6 +1,7 @@
 //! The destination side: relays a batch meant for another region, passes it to the
 //! destination partition's leader, which proposes it through Raft (pipelined per origin
-//! partition, resends answered from the applied state) and acknowledges after commit. And
+//! partition, resends answered from the applied state, batches routed by a layout the
+//! partition's group left refused) and acknowledges after commit. And
 //! defines a topic another region forwards here when this region lacks it.
 
 use std::net::SocketAddr;
@@ -35,6 +36,16 @@ pub(super) struct Intake {
     term: u64,
     /// Origin offsets below this are applied or proposed in `term`.
     proposed_to: u64,
+}
+
+/// The intake a forwarded batch belongs to.
+fn intake_of(request: &ForwardRequest) -> OriginPartition {
+    (
+        request.origin_region.clone(),
+        request.topic.clone(),
+        request.partition,
+        request.dest_partition,
+    )
 }
 
 /// Forgets what the intake of `origin` proposed in `term` beyond `held` (applied): the next
@@ -199,12 +210,7 @@ impl<T: Transport> Node<T> {
             }
         };
         let intake = lock(&mesh.receiving)
-            .entry((
-                request.origin_region.clone(),
-                request.topic.clone(),
-                request.partition,
-                request.dest_partition,
-            ))
+            .entry(intake_of(&request))
             .or_default()
             .clone();
         let origin_region = request.origin_region.clone();
@@ -235,12 +241,7 @@ impl<T: Transport> Node<T> {
         if request.batch.to <= intake.proposed_to {
             // A resend of a batch still in Raft: wait for it instead of proposing it again.
             drop(intake);
-            let intake_of = (
-                origin_region.clone(),
-                request.topic.clone(),
-                request.partition,
-                request.dest_partition,
-            );
+            let intake_of = intake_of(&request);
             let deadline = Instant::now() + RELAY_TIMEOUT;
             loop {
                 let held = match group.view.received(&origin_region, request.partition) {
@@ -264,6 +265,18 @@ impl<T: Transport> Node<T> {
                 tokio::time::sleep(Duration::from_millis(2)).await;
             }
         }
+        if let Some(why) = group
+            .group
+            .views
+            .split()
+            .forwarded_refusal(request.dest_partition, request.routed_by)
+        {
+            return PeerResponse::WrongPartition(format!(
+                "region {region}: {}/{why}",
+                request.topic
+            ));
+        }
+        let (initial, partitions) = request.routed_by;
         let limits = &self.inner.config.limits;
         for (offset, bytes) in &request.batch.events {
             let event: ferry_proto::Event = match codec::decode("forwarded event", bytes) {
@@ -279,22 +292,29 @@ impl<T: Transport> Node<T> {
                     "region {region}: event at origin offset {offset} refused: {e}"
                 ));
             }
+            if let Some(key) = &event.key {
+                let home =
+                    ferry_proto::linear_partition(ferry_proto::key_hash(key), initial, partitions);
+                if home != request.dest_partition {
+                    return PeerResponse::Error(format!(
+                        "region {region}: the event at origin offset {offset} has a key of \
+                         partition {home} of {partitions}, not of {}",
+                        request.dest_partition
+                    ));
+                }
+            }
         }
         // Continues what is proposed: submit now, behind the proposals still in Raft (in
         // order, as the intake is held until the entry is queued), and wait for the commit
         // without holding the intake, so batches of one origin partition pipeline.
         let batch_to = request.batch.to;
-        let origin_region_key = (
-            origin_region.clone(),
-            request.topic.clone(),
-            request.partition,
-            request.dest_partition,
-        );
-        let command = PartitionCommand::Forwarded {
+        let origin_region_key = intake_of(&request);
+        let command = PartitionCommand::ForwardedRouted {
             origin_region,
             origin_partition: request.partition,
             batch: request.batch,
             appended_at_ms: now_ms(),
+            routed_by: request.routed_by,
         };
         let command = match group.command(command) {
             Ok(c) => c,
@@ -325,6 +345,9 @@ impl<T: Transport> Node<T> {
         }
         match reply {
             Ok(PartitionReply::Forwarded(ack)) => PeerResponse::Forwarded(ack),
+            Ok(PartitionReply::Error(e)) if e.code == ErrorCode::WrongPartition => {
+                PeerResponse::WrongPartition(format!("region {region}: {}", e.message))
+            }
             Ok(PartitionReply::Error(e)) => {
                 PeerResponse::Error(format!("region {region}: {}", e.message))
             }
@@ -368,7 +391,7 @@ impl<T: Transport> Node<T> {
                 .await;
         }
         if let Some(topic) = self.inner.meta_view.topic(&config.name) {
-            return PeerResponse::TopicPartitions(topic.config.partitions);
+            return topic_layout(&topic);
         }
         if config.class == EventClass::Domain || config.regions == RegionPolicy::Local {
             return PeerResponse::Error(format!(
@@ -398,7 +421,7 @@ impl<T: Transport> Node<T> {
         loop {
             if let Some(topic) = self.inner.meta_view.topic(&name) {
                 tracing::info!(topic = %name, partitions = topic.config.partitions, "topic defined here by another region's forwarding");
-                return PeerResponse::TopicPartitions(topic.config.partitions);
+                return topic_layout(&topic);
             }
             if Instant::now() >= deadline {
                 return PeerResponse::Error(format!(
@@ -407,5 +430,14 @@ impl<T: Transport> Node<T> {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+    }
+}
+
+/// The answer naming `topic`'s key layout here.
+fn topic_layout(topic: &crate::metadata::TopicState) -> PeerResponse {
+    let (initial, partitions) = topic.routing_layout();
+    PeerResponse::TopicLayout {
+        initial,
+        partitions,
     }
 }
