@@ -1163,7 +1163,9 @@ fn channel_moving(from: u32, to: u32) -> String {
 async fn a_channel_keeps_its_order_across_a_split_made_while_the_edge_was_down_and_while_it_runs() {
     let (region, client, producer) = start_region().await;
     let data = region.dir.path().join("edge");
-    let config = edge_config(&region, &data, "127.0.0.1:0".parse().unwrap(), 5_000);
+    let mut config = edge_config(&region, &data, "127.0.0.1:0".parse().unwrap(), 5_000);
+    // Bursts of 500 stay queued for a slow reader (a loaded machine) rather than lag.
+    config.limits.send_queue = 10_000;
     let edge = start_edge(config.clone()).await;
     let addr = edge.http_addr();
     let channel = channel_moving(4, 6);

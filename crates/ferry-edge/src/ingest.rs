@@ -63,6 +63,16 @@ struct Readers {
     running: BTreeMap<u32, tokio::task::JoinHandle<()>>,
 }
 
+impl Drop for Readers {
+    /// The readers end with the ingest (also when its task is aborted): they hold the
+    /// window's store.
+    fn drop(&mut self) {
+        for reader in self.running.values() {
+            reader.abort();
+        }
+    }
+}
+
 impl Readers {
     /// Starts readers for the partitions of `layout` (the topic has `partitions`) not read
     /// yet: from the window's cursor, else from `fresh` (the start of a partition new since
@@ -208,9 +218,7 @@ pub(crate) async fn run(
         }
     }
     shared.metrics.reading.store(false, Ordering::Release);
-    for reader in readers.running.values() {
-        reader.abort();
-    }
+    drop(readers);
     // Held notifications live in memory: release them rather than lose them.
     let held = throttle.release_all();
     if !held.is_empty() {
