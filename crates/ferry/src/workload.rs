@@ -648,7 +648,14 @@ async fn collect(
                     BTreeMap::new()
                 }
             };
-        for partition in 0..partitions {
+        // Only the partitions it holds a replica of (with more nodes than the replication
+        // factor, or after moves, not every node holds every partition).
+        let held = description
+            .partitions
+            .iter()
+            .filter(|p| p.replicas.contains(&id))
+            .map(|p| p.partition);
+        for partition in held {
             let high = own_highs.get(&partition).copied().unwrap_or(0);
             let mut events = Vec::new();
             let mut committed = high;
