@@ -1191,7 +1191,6 @@ async fn a_channel_keeps_its_order_across_a_split_made_while_the_edge_was_down_a
         .await
         .expect("producer");
     publish_many(&producer, &channel, 520..570).await;
-    let mut config = config;
     config.http = addr;
     let edge = restart_edge(config.clone()).await;
     let mut ws = Ws::connect(addr, &token("dave", &["news.>"])).await;
