@@ -55,19 +55,41 @@ fn frame_parts(event: &Event) -> FrameParts {
     }
 }
 
-/// The partition readers running, by partition.
+/// The partition readers running, by partition, and the task that describes the topic.
 struct Readers {
     shared: Arc<Shared>,
     client: Client,
     tx: mpsc::Sender<Read>,
     running: BTreeMap<u32, tokio::task::JoinHandle<()>>,
+    watcher: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// Describes `topic` every `DESCRIBE_EVERY` and hands its layout and partition count on.
+async fn watch_layout(client: Client, topic: String, tx: mpsc::Sender<(KeyLayout, u32)>) {
+    let mut every = tokio::time::interval(DESCRIBE_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        match client.describe_topic(&topic).await {
+            Ok(d) => {
+                if tx
+                    .send((d.layout, d.partitions.len() as u32))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "describing the topic for partitions it gained"),
+        }
+    }
 }
 
 impl Drop for Readers {
     /// The readers end with the ingest (also when its task is aborted): they hold the
     /// window's store.
     fn drop(&mut self) {
-        for reader in self.running.values() {
+        for reader in self.running.values().chain(&self.watcher) {
             reader.abort();
         }
     }
@@ -144,6 +166,7 @@ pub(crate) async fn run(
         client: client.clone(),
         tx,
         running: BTreeMap::new(),
+        watcher: None,
     };
     // The region may be electing leaders: retry until it answers or the edge stops.
     loop {
@@ -159,8 +182,13 @@ pub(crate) async fn run(
         }
     }
     shared.metrics.reading.store(true, Ordering::Release);
-    let mut describe = tokio::time::interval(DESCRIBE_EVERY);
-    describe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Described in a task of its own: a slow answer does not hold the notifications up.
+    let (layouts_tx, mut layouts) = mpsc::channel::<(KeyLayout, u32)>(1);
+    readers.watcher = Some(tokio::spawn(watch_layout(
+        client.clone(),
+        shared.config.topic.clone(),
+        layouts_tx,
+    )));
     let mut trim = tokio::time::interval(TRIM_EVERY);
     trim.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut throttle = Throttle::new(shared.config.throttle);
@@ -171,14 +199,10 @@ pub(crate) async fn run(
         });
         let first = tokio::select! {
             _ = shutdown.changed() => break,
-            _ = describe.tick() => {
+            Some((layout, partitions)) = layouts.recv() => {
                 // Partitions gained since the edge started reading begin at their first offset.
-                let followed = match client.describe_topic(&shared.config.topic).await {
-                    Ok(d) => readers.follow(&d.layout, d.partitions.len() as u32, |_| Some(0)).await,
-                    Err(e) => Err(e.into()),
-                };
-                if let Err(e) = followed {
-                    tracing::debug!(error = %e, "looking for partitions the topic gained");
+                if let Err(e) = readers.follow(&layout, partitions, |_| Some(0)).await {
+                    tracing::warn!(error = %e, "starting readers of partitions the topic gained");
                 }
                 continue;
             }

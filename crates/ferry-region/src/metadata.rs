@@ -78,14 +78,16 @@ impl TopicState {
         self.config.group_of(self.layout.root(partition))
     }
 
-    /// The topic's key layout as routing needs it: the partitions it was created with, and
-    /// those it has now.
+    /// The topic's key layout as routing into it needs it: the partitions it was created
+    /// with, and those it has with every split sealed (a growth counts once all its
+    /// parents sealed: until then their groups refuse keys routed by it).
     pub fn routing_layout(&self) -> (u32, u32) {
         let initial = match self.layout.initial {
             0 => self.config.partitions,
             n => n,
         };
-        (initial, self.config.partitions)
+        let unsealed = self.layout.unsealed().count() as u32;
+        (initial, self.config.partitions - unsealed)
     }
 
     /// The partitions of Raft group `group`, in order.
@@ -1001,6 +1003,20 @@ mod tests {
             },
         );
         assert!(matches!(grown, MetaReply::Done), "{grown:?}");
+        // Other regions route into it by the new layout once its split is sealed.
+        assert_eq!(app.view().topic("f").unwrap().routing_layout(), (2, 2));
+        let sealed = apply(
+            &mut app,
+            &tree,
+            4,
+            MetaCommand::SealSplit {
+                topic: "f".into(),
+                parent: 0,
+                children: vec![2],
+                offset: 0,
+            },
+        );
+        assert!(matches!(sealed, MetaReply::Done), "{sealed:?}");
         assert_eq!(app.view().topic("f").unwrap().routing_layout(), (2, 3));
         assert!(matches!(
             apply(&mut app, &tree, 5, grow(6)),

@@ -148,10 +148,18 @@ impl<T: Transport> Node<T> {
         let view = group.view.clone();
         let config = self.forwarder_config();
         let marks = view.watermarks();
-        let start = match view
+        let routed = format!("{}#", key.destination);
+        let cursor = view
             .forward_cursor(&key.cursor_name())
-            .map_err(|e| e.to_string())?
-        {
+            .map_err(|e| e.to_string())?;
+        // A whole forwarder's cursor left behind while routed forwarders fed the region
+        // (the layouts differed for a while) is where the destination was then, not now.
+        let stale = key.whole
+            && view
+                .forward_cursors()
+                .iter()
+                .any(|(name, _)| name.starts_with(&routed));
+        let start = match cursor.filter(|_| !stale) {
             Some(cursor) if cursor < marks.low => {
                 // Counted from the committed cursor, which may lag what was acknowledged.
                 mesh.note_trimmed(key, cursor, marks.low);
@@ -181,7 +189,6 @@ impl<T: Transport> Node<T> {
                 // a partition it split off from one this partition fed starts where its
                 // parent was, and a routed forwarder replacing another (a whole one, or
                 // one of another layout) where that one got to.
-                let routed = format!("{}#", key.destination);
                 let fed_before = view
                     .forward_cursors()
                     .iter()
@@ -191,7 +198,8 @@ impl<T: Transport> Node<T> {
                     first.max(self.forwarded_held(key, first).await?)
                 } else {
                     first
-                };
+                }
+                .max(cursor.unwrap_or(0));
                 let command = PartitionCommand::ForwardCursor {
                     region: key.cursor_name(),
                     next,

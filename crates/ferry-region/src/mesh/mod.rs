@@ -175,12 +175,13 @@ impl Mesh {
     }
 
     /// Forgets the layout of `topic` in `region` if it is still `stale` (a forwarder found
-    /// the region grew the topic since): the next round asks the region again.
+    /// the region grew the topic since): the region is asked again after
+    /// `ENSURE_TOPIC_RETRY` (while its groups seal one by one, it may answer the same).
     pub(super) fn forget_topic_layout(&self, topic: &str, region: &str, stale: (u32, u32)) {
         let key = (topic.to_string(), region.to_string());
         let mut known = lock(&self.topic_layouts);
         if matches!(known.get(&key), Some(TopicLayout::Known(l)) if *l == stale) {
-            known.remove(&key);
+            known.insert(key, TopicLayout::Failed(Instant::now()));
         }
     }
 
@@ -568,20 +569,28 @@ impl<T: Transport> Node<T> {
         let mut floor: Option<(u64, Vec<String>)> = None;
         for region in regions {
             // The cursors of the forwarders running now (a cursor of a layout left behind
-            // stays below for ever); all of the region's while none runs.
+            // stays below for ever; one running without a cursor yet holds everything);
+            // all of the region's while none runs.
             let running = mesh.running_cursors(&config.name, group.partition, &region);
             let split = format!("{region}#");
-            let at = cursors
-                .iter()
-                .filter(|(name, _)| {
-                    if running.is_empty() {
-                        *name == region || name.starts_with(&split)
-                    } else {
-                        running.contains(name)
-                    }
-                })
-                .map(|(name, at)| (*at, name.clone()))
-                .min();
+            let at = if running.is_empty() {
+                cursors
+                    .iter()
+                    .filter(|(name, _)| *name == region || name.starts_with(&split))
+                    .map(|(name, at)| (*at, name.clone()))
+                    .min()
+            } else {
+                running
+                    .iter()
+                    .map(|name| {
+                        let at = cursors.iter().find(|(n, _)| n == name).map(|(_, at)| *at);
+                        match at {
+                            Some(at) => (at, name.clone()),
+                            None => (0, format!("{name} (no cursor yet)")),
+                        }
+                    })
+                    .min()
+            };
             let (at, name) = at.unwrap_or((0, format!("{region} (no cursor yet)")));
             match &mut floor {
                 Some((lowest, names)) if at == *lowest => names.push(name),
