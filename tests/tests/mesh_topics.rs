@@ -159,6 +159,49 @@ async fn final_reads(client: &Client, region: &str, partitions: u32) -> Vec<Op> 
     ops
 }
 
+/// Regions a and b of one node each with `orders` of `in_a` and `in_b` partitions (b's
+/// first: a's forwarding would otherwise define it in b with a's count), b interested in
+/// all of it and a aware of that.
+async fn orders_forwarded_a_to_b(in_a: u32, in_b: u32) -> (TestMesh, Client, Client) {
+    let mesh = TestMesh::start(&[("a", 1), ("b", 1)]).await;
+    let b = mesh.region("b").create_topic(topic("orders", in_b)).await;
+    let a = mesh.region("a").create_topic(topic("orders", in_a)).await;
+    let version = b
+        .add_interest("orders-b", "orders.>")
+        .await
+        .expect("interest");
+    wait_until("b knows a", Duration::from_secs(30), || async {
+        b.await_interest(version, Duration::from_millis(500))
+            .await
+            .is_ok_and(|r| r.seen_by == vec!["a".to_string()])
+    })
+    .await;
+    (mesh, a, b)
+}
+
+/// Judges the history `lines` with ferry-check's strict checker (duplicates fail, at least
+/// `acknowledged` acknowledged publishes) and asserts that it passes with no order
+/// violation.
+fn check_passes(lines: &[Op], acknowledged: u64) -> ferry_check::Report {
+    let text: String = lines
+        .iter()
+        .map(|op| serde_json::to_string(op).expect("json") + "\n")
+        .collect();
+    let history = History::parse(&text).expect("a valid history");
+    let report = ferry_check::check(
+        &history,
+        &Options {
+            duplicates_fail: true,
+            retention: false,
+            min_acknowledged_per_region: acknowledged,
+            min_publishes_per_fault: 0,
+        },
+    );
+    assert_eq!(report.verdict, Verdict::Pass, "{}", report.table());
+    assert_eq!(report.counts.order_violations, 0);
+    report
+}
+
 /// Each publish's invoke and completion in region `origin`, wanted in `destination`, as
 /// history lines in time order (an invoke before a completion at the same millisecond; a
 /// process's invokes in the order it sent them).
@@ -207,20 +250,7 @@ fn publish_lines(published: &[Published], origin: &str, destination: &str) -> Ve
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_four_partition_topic_forwards_into_two_partitions_by_key_in_order() {
     const EVENTS: usize = 2_000;
-    let mesh = TestMesh::start(&[("a", 1), ("b", 1)]).await;
-    // b's first: a's forwarding would otherwise define it in b with 4 partitions.
-    let b = mesh.region("b").create_topic(topic("orders", 2)).await;
-    let a = mesh.region("a").create_topic(topic("orders", 4)).await;
-    let version = b
-        .add_interest("orders-b", "orders.>")
-        .await
-        .expect("interest");
-    wait_until("b knows a", Duration::from_secs(30), || async {
-        b.await_interest(version, Duration::from_millis(500))
-            .await
-            .is_ok_and(|r| r.seen_by == vec!["a".to_string()])
-    })
-    .await;
+    let (mesh, a, b) = orders_forwarded_a_to_b(4, 2).await;
     let published = publish_keyed(&a, 0..EVENTS).await;
     wait_until("every event in b", Duration::from_secs(60), || async {
         let mut held = 0;
@@ -253,22 +283,7 @@ async fn a_four_partition_topic_forwards_into_two_partitions_by_key_in_order() {
     let mut lines = publish_lines(&published, "a", "b");
     lines.extend(final_reads(&a, "a", 4).await);
     lines.extend(final_reads(&b, "b", 2).await);
-    let text: String = lines
-        .iter()
-        .map(|op| serde_json::to_string(op).expect("json") + "\n")
-        .collect();
-    let history = History::parse(&text).expect("a valid history");
-    let report = ferry_check::check(
-        &history,
-        &Options {
-            duplicates_fail: true,
-            retention: false,
-            min_acknowledged_per_region: EVENTS as u64,
-            min_publishes_per_fault: 0,
-        },
-    );
-    assert_eq!(report.verdict, Verdict::Pass, "{}", report.table());
-    assert_eq!(report.counts.order_violations, 0);
+    let report = check_passes(&lines, EVENTS as u64);
     assert_eq!(
         report.acknowledged_by_region.get("a"),
         Some(&(EVENTS as u64))
@@ -315,19 +330,7 @@ fn split_lines(region: &str, layout: &ferry_proto::KeyLayout) -> Vec<Op> {
 async fn a_forwarded_topic_grows_in_both_regions_under_load_with_per_key_order_kept() {
     const DURING: usize = 4_000;
     const AFTER: usize = 1_000;
-    let mesh = TestMesh::start(&[("a", 1), ("b", 1)]).await;
-    let b = mesh.region("b").create_topic(topic("orders", 2)).await;
-    let a = mesh.region("a").create_topic(topic("orders", 2)).await;
-    let version = b
-        .add_interest("orders-b", "orders.>")
-        .await
-        .expect("interest");
-    wait_until("b knows a", Duration::from_secs(30), || async {
-        b.await_interest(version, Duration::from_millis(500))
-            .await
-            .is_ok_and(|r| r.seen_by == vec!["a".to_string()])
-    })
-    .await;
+    let (mesh, a, b) = orders_forwarded_a_to_b(2, 2).await;
     // Both regions grow while a publishes and forwards: a splits its source partitions
     // (their children forward once the parents passed their seals), b its destination
     // partitions (a's forwarders find the new layout when b refuses their batches). The
@@ -387,22 +390,7 @@ async fn a_forwarded_topic_grows_in_both_regions_under_load_with_per_key_order_k
     lines.extend(split_lines("b", &grown_b));
     lines.extend(final_reads(&a, "a", 4).await);
     lines.extend(final_reads(&b, "b", 3).await);
-    let text: String = lines
-        .iter()
-        .map(|op| serde_json::to_string(op).expect("json") + "\n")
-        .collect();
-    let history = History::parse(&text).expect("a valid history");
-    let report = ferry_check::check(
-        &history,
-        &Options {
-            duplicates_fail: true,
-            retention: false,
-            min_acknowledged_per_region: total,
-            min_publishes_per_fault: 0,
-        },
-    );
-    assert_eq!(report.verdict, Verdict::Pass, "{}", report.table());
-    assert_eq!(report.counts.order_violations, 0);
+    check_passes(&lines, total);
     // Every event is in b once, in the partition its key routes to there.
     let key_of: std::collections::HashMap<&str, &str> = published
         .iter()

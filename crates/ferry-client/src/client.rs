@@ -773,7 +773,9 @@ impl Client {
             offset,
             max_bytes,
         };
-        match self.request(&request).await? {
+        // To the partition's leader: in a region with more nodes than replicas (or after a
+        // replica moved) the first server may not hold the partition at all.
+        match self.leader_request(topic, partition, &request).await? {
             ClientResponse::Batches {
                 batches,
                 high_watermark,
