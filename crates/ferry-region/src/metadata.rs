@@ -79,15 +79,23 @@ impl TopicState {
     }
 
     /// The topic's key layout as routing into it needs it: the partitions it was created
-    /// with, and those it has with every split sealed (a growth counts once all its
-    /// parents sealed: until then their groups refuse keys routed by it).
+    /// with, and those up to its first child not sealed yet (a group refuses keys routed by
+    /// a layout it has not sealed; one that sealed ahead of a lower child's parent waits
+    /// for that one).
     pub fn routing_layout(&self) -> (u32, u32) {
         let initial = match self.layout.initial {
             0 => self.config.partitions,
             n => n,
         };
-        let unsealed = self.layout.unsealed().count() as u32;
-        (initial, self.config.partitions - unsealed)
+        // Children are added and sealed in number order: the first unsealed one is where
+        // the layout every sealed group agrees with ends.
+        let sealed_to = self
+            .layout
+            .unsealed()
+            .map(|s| s.child)
+            .min()
+            .unwrap_or(self.config.partitions);
+        (initial, sealed_to)
     }
 
     /// The partitions of Raft group `group`, in order.

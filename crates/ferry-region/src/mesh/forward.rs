@@ -195,7 +195,13 @@ impl<T: Transport> Node<T> {
                     .any(|(name, _)| *name == key.destination || name.starts_with(&routed));
                 let grown_there = key.routed_by.0 != key.routed_by.1;
                 let next = if fed_before || grown_there {
-                    first.max(self.forwarded_held(key, first).await?)
+                    let held = self.forwarded_held(key, first).await?;
+                    if held > 0 && held < marks.low {
+                        // The destination was fed from this partition up to `held`, and
+                        // retention dropped what followed before this forwarder read it.
+                        mesh.note_trimmed(key, held.max(cursor.unwrap_or(0)), marks.low);
+                    }
+                    first.max(held)
                 } else {
                     first
                 }
