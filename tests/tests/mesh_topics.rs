@@ -179,6 +179,19 @@ async fn orders_forwarded_a_to_b(in_a: u32, in_b: u32) -> (TestMesh, Client, Cli
     (mesh, a, b)
 }
 
+/// The (source partition, destination partition) pairs a's node forwards `orders` to b by.
+fn forwarders_a_to_b(mesh: &TestMesh) -> std::collections::BTreeSet<(u32, Option<u32>)> {
+    mesh.region("a")
+        .node(mesh.region("a").first_id)
+        .expect("a runs")
+        .node()
+        .forwarding()
+        .into_iter()
+        .filter(|f| f.topic == "orders" && f.destination == "b")
+        .map(|f| (f.partition, f.dest_partition))
+        .collect()
+}
+
 /// Judges the history `lines` with ferry-check's strict checker (duplicates fail, at least
 /// `acknowledged` acknowledged publishes) and asserts that it passes with no order
 /// violation.
@@ -263,16 +276,7 @@ async fn a_four_partition_topic_forwards_into_two_partitions_by_key_in_order() {
         held >= EVENTS as u64
     })
     .await;
-    let forwarders = mesh
-        .region("a")
-        .node(mesh.region("a").first_id)
-        .expect("a runs")
-        .node()
-        .forwarding()
-        .into_iter()
-        .filter(|f| f.topic == "orders" && f.destination == "b")
-        .map(|f| (f.partition, f.dest_partition))
-        .collect::<std::collections::BTreeSet<_>>();
+    let forwarders = forwarders_a_to_b(&mesh);
     // Four forwarders: a key of source partition p (hash mod 4) goes to p mod 2 there.
     assert_eq!(
         forwarders,
@@ -363,15 +367,9 @@ async fn a_forwarded_topic_grows_in_both_regions_under_load_with_per_key_order_k
     })
     .await;
     // a's children forward too, and b's child took events.
-    let forwarders = mesh
-        .region("a")
-        .node(mesh.region("a").first_id)
-        .expect("a runs")
-        .node()
-        .forwarding()
+    let forwarders = forwarders_a_to_b(&mesh)
         .into_iter()
-        .filter(|f| f.topic == "orders" && f.destination == "b")
-        .map(|f| f.partition)
+        .map(|(partition, _)| partition)
         .collect::<std::collections::BTreeSet<_>>();
     assert_eq!(
         forwarders,
