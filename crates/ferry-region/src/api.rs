@@ -18,7 +18,7 @@ use ferry_proto::wire::{
     StartFrom, TopicDescription,
 };
 use ferry_proto::{validate_stream_name, EventBatch, NodeId, SubjectFilter, TopicConfig};
-use ferry_store::{Command, TypeConfig};
+use ferry_store::{Command, StoreError, TypeConfig};
 use openraft::async_runtime::WatchReceiver;
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::raft::ClientWriteResponse;
@@ -429,7 +429,7 @@ impl<T: Transport> Node<T> {
                         batches,
                         high_watermark: group.view.watermarks().high,
                     },
-                    Err(e) => error(ErrorCode::Internal, e.to_string()),
+                    Err(e) => read_failed(&topic, partition, &e),
                 }
             }
             ClientRequest::Subscribe { .. } => {
@@ -998,10 +998,13 @@ impl<T: Transport> Node<T> {
         loop {
             let high = marks.borrow_and_update().high;
             if cursor < high {
-                let batches = group
-                    .view
-                    .read(cursor, max)
-                    .map_err(|e| ferry_net::NetError::Protocol(e.to_string()))?;
+                let batches = match group.view.read(cursor, max) {
+                    Ok(batches) => batches,
+                    Err(e) => {
+                        let failed = read_failed(&topic, partition, &e);
+                        return self.respond(&mut send, &failed).await;
+                    }
+                };
                 if let Some(last) = batches.last() {
                     cursor = last.end_offset();
                     let response = ClientResponse::Batches {
@@ -1029,4 +1032,14 @@ impl<T: Transport> Node<T> {
             }
         }
     }
+}
+
+/// The answer to a read this replica could not serve: a hole in its files sends the reader
+/// to another replica (`Unavailable`); anything else is the node's own failure.
+fn read_failed(topic: &str, partition: u32, e: &StoreError) -> ClientResponse {
+    let code = match e {
+        StoreError::Missing { .. } => ErrorCode::Unavailable,
+        _ => ErrorCode::Internal,
+    };
+    error(code, format!("{topic}/{partition}: {e}"))
 }

@@ -296,19 +296,50 @@ impl PartitionView {
     }
 
     /// Batches holding offsets from `offset` on, at most `max_bytes` of event data (but at
-    /// least one batch if any is there). The first batch may start before `offset`.
+    /// least one batch if any is there). The first batch may start before `offset`. Below
+    /// the low watermark nothing is promised (retention dropped it; the first batch may start
+    /// later); from it on the batches are contiguous, and a hole in this replica's files is
+    /// [`StoreError::Missing`], never a silent skip.
     pub fn read(&self, offset: u64, max_bytes: usize) -> Result<Vec<StoredBatch>, StoreError> {
-        let high = self.watermarks().high;
+        let Watermarks { low, high } = self.watermarks();
         let located = self
             .files
             .read()
             .map_err(storage_err)?
             .locate(offset, max_bytes);
-        located
-            .iter()
-            .filter(|l| l.base_offset < high)
-            .map(read_batch)
-            .collect()
+        let located: Vec<_> = located.iter().filter(|l| l.base_offset < high).collect();
+        if offset >= low && offset < high {
+            let mut next = offset;
+            let mut hole = None;
+            for l in &located {
+                if l.base_offset > next {
+                    hole = Some((next, l.base_offset));
+                    break;
+                }
+                next = next.max(l.base_offset + u64::from(l.info.count));
+            }
+            if located.is_empty() {
+                hole = Some((offset, high));
+            }
+            // Unless retention dropped them meanwhile (then the read may skip them).
+            if let Some((from, to)) = hole.filter(|_| self.watermarks().low <= offset) {
+                let Watermarks { low, high } = self.watermarks();
+                tracing::error!(
+                    from,
+                    to,
+                    low,
+                    high,
+                    "a replica's batch files lack committed offsets"
+                );
+                return Err(StoreError::Missing {
+                    from,
+                    to,
+                    low,
+                    high,
+                });
+            }
+        }
+        located.into_iter().map(read_batch).collect()
     }
 
     /// A consumer group's committed cursor.
@@ -1552,6 +1583,16 @@ impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
             let mut states = Vec::with_capacity(received.parts.len());
             for part in &received.parts {
                 let state: SmallState = codec::decode("partition snapshot", &part.state)?;
+                let Watermarks { low, high } = state.marks;
+                if let Some((from, to)) = part.files.first_gap(low, high) {
+                    return Err(StoreError::io(
+                        "partition snapshot",
+                        format!(
+                            "partition {} holds {low}..{high} but its batches lack {from}..{to}",
+                            part.partition
+                        ),
+                    ));
+                }
                 states.push(state);
             }
             let split: SplitState = if received.group_state.is_empty() {
@@ -2627,6 +2668,75 @@ mod tests {
         let mut sent = Vec::new();
         let error = std::io::Read::read_to_end(&mut taken.snapshot, &mut sent).unwrap_err();
         assert!(error.to_string().contains("checksum"), "{error}");
+    }
+
+    #[test]
+    fn a_replica_missing_offsets_it_should_hold_answers_so_rather_than_skip_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let sm = open_one(dir.path(), 1 << 20).unwrap();
+        for seq in 0..3 {
+            append(&sm, batch(Some(1), seq * 4, 4));
+        }
+        // The first two batches gone from the files while the watermarks still say 0..12.
+        sm.view().files.write().unwrap().drop_before(8);
+        for from in [0, 5] {
+            match sm.view().read(from, 1 << 20) {
+                Err(StoreError::Missing {
+                    from: f,
+                    to,
+                    low,
+                    high,
+                }) => {
+                    assert_eq!((f, to, low, high), (from, 8, 0, 12));
+                }
+                other => panic!("reading from {from}: {other:?}"),
+            }
+        }
+        assert_eq!(offsets(&sm, 8), vec![(8, 4)]);
+        // Dropped by retention, the same offsets are skipped.
+        run(&sm, PartitionCommand::Trim { before_offset: 8 });
+        assert_eq!(offsets(&sm, 0), vec![(8, 4)]);
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_whose_batches_leave_a_hole_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sm = open_one(&dir.path().join("a"), 1 << 20).unwrap();
+        for seq in 0..3 {
+            append(&sm, batch(Some(1), seq * 4, 4));
+        }
+        sm.build_snapshot().await.unwrap();
+        let mut taken = sm.get_current_snapshot().await.unwrap().unwrap();
+        let mut whole = Vec::new();
+        std::io::Read::read_to_end(&mut taken.snapshot, &mut whole).unwrap();
+        // Cut the second batch out (and shorten the partition's batch bytes to match).
+        let u64_at = |b: &[u8], at: usize| u64::from_be_bytes(b[at..at + 8].try_into().unwrap());
+        let state_len = u64_at(&whole, 8) as usize;
+        let batches_len_at = 16 + state_len;
+        let first = batches_len_at + 8;
+        let record_len = |at: usize| {
+            24 + u32::from_be_bytes(whole[at + 20..at + 24].try_into().unwrap()) as usize
+        };
+        let second = first + record_len(first);
+        let cut = record_len(second);
+        assert_eq!(
+            u64_at(&whole, second),
+            4,
+            "the second batch starts at offset 4"
+        );
+        let batches_len = u64_at(&whole, batches_len_at) - cut as u64;
+        whole[batches_len_at..batches_len_at + 8].copy_from_slice(&batches_len.to_be_bytes());
+        whole.drain(second..second + cut);
+
+        let follower_dir = dir.path().join("b");
+        let mut follower = open_one(&follower_dir, 1 << 20).unwrap();
+        let data = SnapshotData::from_bytes(Bytes::from(whole));
+        let error = follower
+            .install_snapshot(&taken.meta, data)
+            .await
+            .unwrap_err();
+        assert!(error.to_string().contains("lack 4..8"), "{error}");
+        assert_eq!(follower.view().watermarks().high, 0);
     }
 
     #[tokio::test]

@@ -253,6 +253,24 @@ impl BatchFiles {
         &self.index
     }
 
+    /// The first offsets of `low..high` no batch holds, if any (`from..to`): a replica's
+    /// files must hold every offset between its watermarks.
+    pub fn first_gap(&self, low: u64, high: u64) -> Option<(u64, u64)> {
+        let start = self
+            .index
+            .range(..=low)
+            .next_back()
+            .map_or(low, |(base, _)| *base);
+        let mut next = low;
+        for (base, info) in self.index.range(start..high) {
+            if *base > next {
+                return Some((next, *base));
+            }
+            next = next.max(base + u64::from(info.count));
+        }
+        (next < high).then_some((next, high))
+    }
+
     /// Where to read the batches from the one holding `offset` on, at most `max_bytes` of
     /// events (at least one batch). Read them with [`read_batch`] without holding `self`.
     pub fn locate(&self, offset: u64, max_bytes: usize) -> Vec<BatchLocation> {

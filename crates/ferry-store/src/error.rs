@@ -37,6 +37,19 @@ pub enum StoreError {
         /// The underlying message.
         reason: String,
     },
+    /// A replica's batch files lack committed offsets it should hold (between its low and
+    /// high watermarks): it must not serve a read there, which would skip them silently.
+    #[error("this replica's batch files lack offsets {from}..{to} (it holds {low}..{high}); read from another replica")]
+    Missing {
+        /// The first offset missing.
+        from: u64,
+        /// Past the last offset missing.
+        to: u64,
+        /// The replica's low watermark.
+        low: u64,
+        /// The replica's high watermark.
+        high: u64,
+    },
     /// Stored bytes did not decode.
     #[error(transparent)]
     Decode(#[from] ferry_proto::ProtoError),
