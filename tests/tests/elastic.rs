@@ -213,6 +213,24 @@ async fn nodes_join_replicas_move_and_a_drained_node_leaves_with_nothing_lost() 
         assert!(Instant::now() < deadline, "node 1 kept {}", gone.display());
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // A client that knows only node 1, which holds no replica of partition 0 now, still
+    // commits and reads a group's cursor and fetches there: node 1 sends them on.
+    let only_1 = {
+        let addr = region.configs[0].listen_addr().unwrap();
+        let mut options =
+            ClientOptions::new(vec![addr], identity(&region.certs(), "client-test-client"));
+        options.request_timeout = Duration::from_secs(5);
+        Client::new(options).unwrap()
+    };
+    only_1.commit("g", "orders", 0, 7).await.unwrap();
+    assert_eq!(only_1.committed("g", "orders", 0).await.unwrap(), Some(7));
+    let (events, high) = only_1.fetch("orders", 0, 0, 1 << 20).await.unwrap();
+    assert!(
+        !events.is_empty() && high > 0,
+        "fetched {} events, high {high}",
+        events.len()
+    );
+
     // And back to node 1, which deleted its copy: it starts empty and catches up again.
     client.move_replica("orders", 0, 4, 1).await.unwrap();
     wait_placed(&client, "orders", |p, r| {

@@ -321,30 +321,34 @@ impl Client {
         }
     }
 
-    /// One request to the first server that answers (nodes forward what they cannot serve).
-    /// Transient refusals (no leader yet, no quorum) are retried with backoff until the
-    /// request deadline.
+    /// One request to the first server that answers it (nodes forward what they cannot
+    /// serve). A transient refusal (no leader yet, no quorum, a node that holds no replica of
+    /// the partition and could not forward) moves on to the next server; when every server
+    /// refused so, the round is retried with backoff until the request deadline.
     pub async fn request(&self, request: &ClientRequest) -> Result<ClientResponse, ClientError> {
         let deadline = tokio::time::Instant::now() + self.inner.options.request_timeout;
         let mut backoff = Duration::from_millis(20);
         loop {
             let mut failures = Vec::new();
-            let mut answer = None;
+            let mut refused = None;
             for addr in self.servers_to_try() {
                 match self.request_at(addr, request).await {
-                    Ok(r) => {
-                        answer = Some(r);
-                        break;
+                    Ok(ClientResponse::Error(e)) if e.is_retriable() => {
+                        refused = Some(ClientResponse::Error(e));
                     }
+                    Ok(r) => return Ok(r),
                     Err(e @ ClientError::Proto(_)) => return Err(e),
                     Err(e) => failures.push(format!("{addr}: {e}")),
                 }
+                if tokio::time::Instant::now() >= deadline {
+                    break;
+                }
             }
-            match answer {
-                Some(ClientResponse::Error(e))
-                    if e.is_retriable() && tokio::time::Instant::now() + backoff < deadline => {}
-                Some(r) => return Ok(r),
-                None => return Err(ClientError::NoServer(failures.join("; "))),
+            let Some(refused) = refused else {
+                return Err(ClientError::NoServer(failures.join("; ")));
+            };
+            if tokio::time::Instant::now() + backoff >= deadline {
+                return Ok(refused);
             }
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_millis(500));

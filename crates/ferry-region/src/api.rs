@@ -413,9 +413,14 @@ impl<T: Transport> Node<T> {
                 offset,
                 max_bytes,
             } => {
+                // A node without a replica sends it to one that has.
                 let group = match self.lookup(&topic, partition) {
                     Ok(g) => g,
-                    Err(e) => return ClientResponse::Error(e),
+                    Err(e) => {
+                        return self
+                            .forward_if_not_leader(ClientResponse::Error(e), original, forwarded)
+                            .await
+                    }
                 };
                 // Fetch reads everything committed.
                 if let Err(response) = linearizable(&group, &topic, partition).await {
@@ -540,7 +545,11 @@ impl<T: Transport> Node<T> {
             } => {
                 let g = match self.lookup(&topic, partition) {
                     Ok(g) => g,
-                    Err(e) => return ClientResponse::Error(e),
+                    Err(e) => {
+                        return self
+                            .forward_if_not_leader(ClientResponse::Error(e), original, forwarded)
+                            .await
+                    }
                 };
                 let Ok(command) = g.command(PartitionCommand::Commit { group, offset }) else {
                     return error(ErrorCode::Internal, "encoding a commit");
@@ -563,7 +572,11 @@ impl<T: Transport> Node<T> {
             } => {
                 let g = match self.lookup(&topic, partition) {
                     Ok(g) => g,
-                    Err(e) => return ClientResponse::Error(e),
+                    Err(e) => {
+                        return self
+                            .forward_if_not_leader(ClientResponse::Error(e), original, forwarded)
+                            .await
+                    }
                 };
                 let leader = g.raft().metrics().borrow_watched().current_leader;
                 if leader != Some(self.inner.id) {
