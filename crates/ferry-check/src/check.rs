@@ -746,7 +746,7 @@ fn check_groups(
         let end = delivered_end.max(acked_end.get(log).copied().unwrap_or(0));
         let mut skipped = Vec::new();
         let mut gap_from = None;
-        for o in start..end {
+        for o in start..delivered_end {
             match (offsets.contains_key(&o), gap_from) {
                 (false, None) => gap_from = Some(o),
                 (true, Some(from)) => {
@@ -756,14 +756,13 @@ fn check_groups(
                 _ => {}
             }
         }
-        if let Some(from) = gap_from {
-            skipped.push((from, end));
-        }
-        if !skipped.is_empty() {
+        let unreached = (delivered_end < end).then_some((delivered_end, end));
+        if !skipped.is_empty() || unreached.is_some() {
             report.group_gaps.push(GroupGap {
                 log: log.clone(),
                 group: group.to_string(),
                 skipped,
+                unreached,
             });
         }
     }
@@ -957,7 +956,16 @@ fn finish(report: &mut Report, options: &Options, observed: u64) {
     c.premature = report.premature.len() as u64;
     c.failed_but_observed = report.failed_but_observed.len() as u64;
     c.duplicated = report.duplicated.len() as u64;
-    c.group_gaps = report.group_gaps.len() as u64;
+    c.group_gaps = report
+        .group_gaps
+        .iter()
+        .filter(|g| !g.skipped.is_empty())
+        .count() as u64;
+    c.group_unfinished = report
+        .group_gaps
+        .iter()
+        .filter(|g| g.unreached.is_some())
+        .count() as u64;
     c.order_violations = report.order_violations.len() as u64;
     c.offset_divergences = report.offset_divergences.len() as u64;
     c.ack_mismatches = report.ack_mismatches.len() as u64;
@@ -982,6 +990,10 @@ fn finish(report: &mut Report, options: &Options, observed: u64) {
         (
             c.group_gaps,
             "consumer group partitions with skipped offsets",
+        ),
+        (
+            c.group_unfinished,
+            "consumer group partitions not read up to the last acknowledged offset",
         ),
         (c.order_violations, "per-key order violations"),
         (

@@ -121,8 +121,9 @@ pub struct ReplicaBehind {
     pub wanted: (u64, u64),
 }
 
-/// Offsets of a log a consumer group never received: between ones it did, at the log's
-/// start, or up to the last offset acknowledged in it.
+/// Offsets of a log a consumer group never received: skipped (between ones it did, or at
+/// the log's start), or never reached (after the last it received, up to the last offset
+/// acknowledged in the log: the group stopped or fell behind before the end).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GroupGap {
     /// The log.
@@ -131,6 +132,8 @@ pub struct GroupGap {
     pub group: String,
     /// Offset ranges `from..to` skipped.
     pub skipped: Vec<(u64, u64)>,
+    /// Offsets `from..to` past the last delivered one that the group never reached.
+    pub unreached: Option<(u64, u64)>,
 }
 
 /// An observation timed before its event's publish was invoked.
@@ -191,8 +194,11 @@ pub struct Counts {
     pub duplicated: u64,
     /// Deliveries of one event to one consumer group (in one region) beyond the first.
     pub redelivered: u64,
-    /// Consumer group gaps (offsets skipped between delivered ones).
+    /// Consumer group partitions with offsets skipped (between delivered ones, or at the
+    /// start).
     pub group_gaps: u64,
+    /// Consumer group partitions whose deliveries ended before the last acknowledged offset.
+    pub group_unfinished: u64,
     /// Per-key order violations.
     pub order_violations: u64,
     /// Offsets holding different events in different reads and deliveries.
@@ -321,7 +327,7 @@ impl Report {
         for reason in &self.reasons {
             out.push_str(&format!("  - {reason}\n"));
         }
-        let rows: [(&str, u64); 37] = [
+        let rows: [(&str, u64); 38] = [
             ("publishes attempted", c.attempted),
             ("acknowledged", c.acknowledged),
             ("failed (definite)", c.failed),
@@ -344,6 +350,7 @@ impl Report {
             ("duplicated in a log", c.duplicated),
             ("redelivered to a group", c.redelivered),
             ("group partitions with gaps", c.group_gaps),
+            ("group partitions not read to the end", c.group_unfinished),
             ("order violations", c.order_violations),
             ("offset divergences", c.offset_divergences),
             ("ack offset mismatches", c.ack_mismatches),

@@ -288,13 +288,15 @@ fn a_consumer_group_that_skips_offsets_is_flagged() {
     fails_for(&r, "skipped offsets");
     assert_eq!(r.group_gaps[0].skipped, vec![(0, 1)]);
 
-    // A group that stalled before the last acknowledged offset (a2 at 1) skipped the rest.
+    // A group that stalled before the last acknowledged offset (a2 at 1) never read the rest.
     let r = run(&without(r#""process":8"#).replace(
         r#""events":[{"offset":0,"id":"a1"},{"offset":1,"id":"a2"}],"time_ms":21"#,
         r#""events":[{"offset":0,"id":"a1"}],"time_ms":21"#,
     ));
-    fails_for(&r, "skipped offsets");
-    assert_eq!(r.group_gaps[0].skipped, vec![(1, 2)]);
+    fails_for(&r, "not read up to the last acknowledged offset");
+    assert!(r.group_gaps[0].skipped.is_empty());
+    assert_eq!(r.group_gaps[0].unreached, Some((1, 2)));
+    assert_eq!(r.counts.group_gaps, 0);
 
     // A group reading the region's topic must read each of its partitions: a reader that
     // never started on partition 1 skipped what was acknowledged there.
@@ -308,9 +310,9 @@ fn a_consumer_group_that_skips_offsets_is_flagged() {
         r#"{"type":"ok","process":1,"f":"publish","id":"a9","region":"a","topic":"t","partition":1,"offset":0,"time_ms":31}
 {"type":"ok","f":"read","final":true,"region":"a","topic":"t","partition":1,"partitions":2,"low":0,"high":1,"events":[{"offset":0,"id":"a9"}],"time_ms":101}"#
     ));
-    fails_for(&r, "skipped offsets");
+    fails_for(&r, "not read up to the last acknowledged offset");
     assert_eq!(r.group_gaps[0].log.2, 1);
-    assert_eq!(r.group_gaps[0].skipped, vec![(0, 1)]);
+    assert_eq!(r.group_gaps[0].unreached, Some((0, 1)));
 }
 
 #[test]
