@@ -329,6 +329,14 @@ impl<T: Transport> Router<T> {
     where
         S: futures::Stream<Item = AppendEntriesRequest<TypeConfig>> + Send + Unpin + 'static,
     {
+        // openraft waits out its backoff after an unreachable target inside the request
+        // stream, before it yields a request: take the first one before dialing, or a target
+        // that cannot be reached is redialed at once, hundreds of times a second per group.
+        let mut input = input;
+        let Some(first) = futures::StreamExt::next(&mut input).await else {
+            return Ok(Box::pin(futures::stream::empty()));
+        };
+        let input = futures::StreamExt::chain(futures::stream::iter([first]), input);
         let slot = {
             let mut streams = self.lane_streams.lock().unwrap_or_else(|e| e.into_inner());
             streams.entry(target).or_default().clone()
@@ -672,4 +680,29 @@ impl<T: Transport> RaftNetworkV2<TypeConfig> for GroupPeer<T> {
 
 pub(crate) fn error_response(message: impl Into<String>) -> Bytes {
     encode("peer response", &PeerResponse::Error(message.into())).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use ferry_net::MemNetwork;
+    use futures::FutureExt;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn replication_dials_only_once_openraft_yields_a_request() {
+        // Node 2 is not there: dialing it fails at once.
+        let network = MemNetwork::new();
+        let router = Router::new(network.transport(1), 1024);
+        let (_requests, input) = futures::channel::mpsc::unbounded();
+        let call = router.append_stream(2, "t/0".to_string(), input, Duration::from_secs(1));
+        // openraft sleeps out its backoff before yielding a request: until then nothing is
+        // dialed (so nothing fails and is retried at once, in a loop).
+        assert!(
+            call.now_or_never().is_none(),
+            "append_stream answered before any request was sent"
+        );
+    }
 }
