@@ -24,7 +24,7 @@ pub use error::ProtoError;
 pub use event::{partition_for_key, Event, EventBatch, EventClass, ProducerId, StoredBatch};
 pub use limits::Limits;
 pub use split::{
-    created_modulus, key_hash, key_modulus, key_spaces_meet, linear_partition, parent_of,
+    created_modulus, key_hash, key_modulus, key_spaces_meet, linear_partition, parent_of, root_of,
     KeyLayout, Split,
 };
 pub use stream::{validate_stream_name, StreamEvent, MAX_STREAM_NAME};

@@ -104,6 +104,16 @@ pub fn parent_of(child: u32, initial: u32) -> Option<u32> {
     Some(child - n)
 }
 
+/// The partition a topic created with `initial` partitions was created with that
+/// `partition` descends from (itself when `initial` is 0: never split).
+pub fn root_of(partition: u32, initial: u32) -> u32 {
+    if initial == 0 {
+        partition
+    } else {
+        partition % initial
+    }
+}
+
 /// One parent's split: its keys that now map to `child` went there from `seal` on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Split {
@@ -147,11 +157,7 @@ impl KeyLayout {
     /// The partition the topic was created with that `partition` descends from (its Raft
     /// group is that one's).
     pub fn root(&self, partition: u32) -> u32 {
-        if self.initial == 0 {
-            partition
-        } else {
-            partition % self.initial
-        }
+        root_of(partition, self.initial)
     }
 
     /// The split that made `child`, if it was made by one.

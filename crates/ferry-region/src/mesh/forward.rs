@@ -479,7 +479,12 @@ impl<T: Transport> Node<T> {
             Err(e) => return (Err(SendError::Failed(e.to_string())), String::new()),
         };
         let direct: Vec<(String, SocketAddr)> = snapshot
-            .targets(&key.destination, &key.topic, key.dest_partition)
+            .targets(
+                &key.destination,
+                &key.topic,
+                key.dest_partition,
+                key.routed_by.0,
+            )
             .into_iter()
             .map(|a| ("direct".to_string(), a))
             .collect();

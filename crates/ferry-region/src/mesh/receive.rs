@@ -152,9 +152,12 @@ impl<T: Transport> Node<T> {
         };
         if request.target_region != mesh.region {
             let target = request.target_region.clone();
-            let direct = mesh
-                .snapshot()
-                .targets(&target, &request.topic, request.dest_partition);
+            let direct = mesh.snapshot().targets(
+                &target,
+                &request.topic,
+                request.dest_partition,
+                request.routed_by.0,
+            );
             let via = std::mem::take(&mut request.via);
             return self
                 .relay(&mesh, &target, via, direct, |via| {

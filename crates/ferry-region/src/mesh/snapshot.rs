@@ -100,13 +100,21 @@ impl MeshSnapshot {
             .collect()
     }
 
-    /// Where to send a batch for `region`'s partition: its leader first, then the region's
-    /// other nodes (which pass it to their leader).
-    pub(super) fn targets(&self, region: &str, topic: &str, partition: u32) -> Vec<SocketAddr> {
+    /// Where to send a batch for `region`'s partition of a topic created there with
+    /// `initial` partitions: its leader first, then the region's other nodes (which pass it
+    /// to their leader). A split's child is led with the partition it descends from (its
+    /// Raft group is that one's).
+    pub(super) fn targets(
+        &self,
+        region: &str,
+        topic: &str,
+        partition: u32,
+        initial: u32,
+    ) -> Vec<SocketAddr> {
         let in_region = || self.nodes.iter().filter(|n| n.region == region);
+        let root = ferry_proto::root_of(partition, initial);
         // Records list their leads sorted (gossip refuses others).
-        let leader =
-            in_region().find(|n| ferry_router::leads_partition(&n.leads, topic, partition));
+        let leader = in_region().find(|n| ferry_router::leads_partition(&n.leads, topic, root));
         let mut out: Vec<SocketAddr> = leader.map(|n| n.addr).into_iter().collect();
         for n in in_region() {
             if !out.contains(&n.addr) {
@@ -209,7 +217,7 @@ mod tests {
         assert!(s.wants("c", "orders.eu.created"));
         assert!(!s.wants("c", "orders.us.created"));
         assert!(!s.wants("a", "orders.created"));
-        assert_eq!(s.targets("b", "orders", 0), vec![all_addr(2)]);
+        assert_eq!(s.targets("b", "orders", 0, 1), vec![all_addr(2)]);
 
         // b goes silent (dead in gossip, or cut off): still a destination, same interest.
         let s = MeshSnapshot::build(
@@ -218,11 +226,29 @@ mod tests {
         );
         assert!(s.wants("b", "orders.created"));
         assert!(s.regions().contains("b"));
-        assert!(s.targets("b", "orders", 0).is_empty());
+        assert!(s.targets("b", "orders", 0, 1).is_empty());
         // c removed its interest (a newer version): that counts.
         assert!(!s.wants("c", "orders.eu.created"));
         // Relays for b from a: c's node.
         assert_eq!(s.relays("a", "b"), vec![("c".to_string(), all_addr(3))]);
+    }
+
+    #[test]
+    fn a_splits_child_is_sent_to_the_leader_of_the_group_it_descends_from() {
+        // Four partitions in three groups, grown to six: partition 5 descends from 1, so it
+        // is in group 1 (not 5 % 3 = 2).
+        let leading = |id: u64, group: u32| NodeRecord {
+            leads: vec![ferry_router::LedGroup {
+                topic: "orders".into(),
+                groups: 3,
+                group,
+            }]
+            .into(),
+            ..record(id, "b", &["orders.>"])
+        };
+        let s = MeshSnapshot::build(vec![leading(2, 2), leading(3, 1)], &mut BTreeMap::new());
+        assert_eq!(s.targets("b", "orders", 5, 4)[0], all_addr(3));
+        assert_eq!(s.targets("b", "orders", 2, 4)[0], all_addr(2));
     }
 
     #[test]
