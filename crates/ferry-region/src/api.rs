@@ -157,11 +157,14 @@ impl<T: Transport> Node<T> {
                 ),
             ));
         }
-        if let Some(split) = state.layout.split_of(partition) {
+        let hosted = self.hosted_partition(&state, partition);
+        if let Some(split) = state
+            .layout
+            .split_of(partition)
+            .filter(|_| hosted.is_none())
+        {
             // Here with its parent's group, but not applied yet: it opens shortly.
-            if self.hosted_partition(&state, partition).is_none()
-                && self.hosted_partition(&state, split.parent).is_some()
-            {
+            if self.hosted_partition(&state, split.parent).is_some() {
                 return Err(ApiError::new(
                     ErrorCode::Unavailable,
                     format!(
@@ -172,12 +175,11 @@ impl<T: Transport> Node<T> {
                 ));
             }
         }
-        self.hosted_partition(&state, partition)
-            .ok_or_else(|| ApiError {
-                code: ErrorCode::NotLeader,
-                message: format!("{topic}/{partition} has no replica on this node"),
-                leader_hint: state.replicas[partition as usize].first().copied(),
-            })
+        hosted.ok_or_else(|| ApiError {
+            code: ErrorCode::NotLeader,
+            message: format!("{topic}/{partition} has no replica on this node"),
+            leader_hint: state.replicas[partition as usize].first().copied(),
+        })
     }
 
     /// Validates a publish and submits it to the partition's Raft in call order; the returned
