@@ -332,7 +332,16 @@ impl Client {
             let mut failures = Vec::new();
             let mut refused = None;
             for addr in self.servers_to_try() {
-                match self.request_at(addr, request).await {
+                let answer = if refused.is_some() {
+                    // With a refusal in hand, the others get what is left of the deadline.
+                    match tokio::time::timeout_at(deadline, self.request_at(addr, request)).await {
+                        Ok(answer) => answer,
+                        Err(_) => break,
+                    }
+                } else {
+                    self.request_at(addr, request).await
+                };
+                match answer {
                     Ok(ClientResponse::Error(e)) if e.is_retriable() => {
                         refused = Some(ClientResponse::Error(e));
                     }

@@ -497,7 +497,7 @@ impl<T: Transport> Node<T> {
                     .read_stream(&stream, from_version, max_events as usize, max_bytes)
                 {
                     Ok((version, events)) => ClientResponse::StreamEvents { version, events },
-                    Err(e) => error(ErrorCode::Internal, e.to_string()),
+                    Err(e) => read_failed(&topic, partition, &e),
                 }
             }
             ClientRequest::JoinGroup {
@@ -604,22 +604,36 @@ impl<T: Transport> Node<T> {
         request: ClientRequest,
         forwarded: bool,
     ) -> ClientResponse {
-        match response {
-            ClientResponse::Error(ApiError {
-                code: ErrorCode::NotLeader,
-                leader_hint: Some(leader),
-                ..
-            }) if !forwarded && leader != self.inner.id => {
-                match self.inner.router.forward(leader, request).await {
-                    Ok(r) => r,
-                    Err(e) => error(
+        let ClientResponse::Error(ApiError {
+            code: ErrorCode::NotLeader,
+            leader_hint: Some(mut to),
+            ..
+        }) = response
+        else {
+            return response;
+        };
+        if forwarded || to == self.inner.id {
+            return response;
+        }
+        // At most two hops: the node hinted at may not lead (a node without a replica hints
+        // at the preferred leader); it answers which one does, and that one gets it.
+        for hop in 0..2 {
+            match self.inner.router.forward(to, request.clone()).await {
+                Ok(ClientResponse::Error(ApiError {
+                    code: ErrorCode::NotLeader,
+                    leader_hint: Some(next),
+                    ..
+                })) if hop == 0 && next != to && next != self.inner.id => to = next,
+                Ok(r) => return r,
+                Err(e) => {
+                    return error(
                         ErrorCode::Unavailable,
-                        format!("forwarding to leader {leader}: {e}"),
-                    ),
+                        format!("forwarding to leader {to}: {e}"),
+                    )
                 }
             }
-            other => other,
         }
+        not_leader(Some(to), "the request")
     }
 
     /// None on the metadata leader; elsewhere the leader's answer to `request` (forwarded
@@ -1015,8 +1029,11 @@ impl<T: Transport> Node<T> {
             if cursor < high {
                 let batches = match group.view.read(cursor, max) {
                     Ok(batches) => batches,
+                    // Whatever failed here (a hole, a damaged record), another replica may
+                    // serve it: the subscriber resumes there.
                     Err(e) => {
-                        let failed = read_failed(&topic, partition, &e);
+                        let failed =
+                            error(ErrorCode::Unavailable, format!("{topic}/{partition}: {e}"));
                         return self.respond(&mut send, &failed).await;
                     }
                 };

@@ -301,12 +301,11 @@ impl PartitionView {
     /// later); from it on the batches are contiguous, and a hole in this replica's files is
     /// [`StoreError::Missing`], never a silent skip.
     pub fn read(&self, offset: u64, max_bytes: usize) -> Result<Vec<StoredBatch>, StoreError> {
-        let Watermarks { low, high } = self.watermarks();
-        let located = self
-            .files
-            .read()
-            .map_err(storage_err)?
-            .locate(offset, max_bytes);
+        let located = {
+            let files = self.files.read().map_err(storage_err)?;
+            (self.watermarks(), files.locate(offset, max_bytes))
+        };
+        let (Watermarks { low, high }, located) = located;
         let located: Vec<_> = located.iter().filter(|l| l.base_offset < high).collect();
         if offset >= low && offset < high {
             let mut next = offset;
@@ -969,6 +968,14 @@ impl Partition {
                     .marks
                     .low
                     .max(first.unwrap_or(self.marks.high).min(before));
+                // Readers see the new low before the files without those batches (a read
+                // below it may skip; above it, a hole is an error).
+                let low = self.marks.low;
+                self.view.watermarks.send_if_modified(|w| {
+                    let raised = low > w.low;
+                    w.low = w.low.max(low);
+                    raised
+                });
             }
             freed
         };
@@ -1629,6 +1636,14 @@ impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
         for (part, state) in received.into_iter().zip(states) {
             match inner.partitions.get_mut(&part.partition) {
                 Some(partition) => {
+                    // The new low first (as a trim does): a read between the old and the new
+                    // low meanwhile skips rather than finds a hole.
+                    let low = state.marks.low;
+                    partition.view.watermarks.send_if_modified(|w| {
+                        let raised = low > w.low;
+                        w.low = w.low.max(low);
+                        raised
+                    });
                     drop(std::mem::replace(
                         &mut *partition.view.files.write().map_err(io_err)?,
                         part.files,

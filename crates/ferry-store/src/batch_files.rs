@@ -256,6 +256,9 @@ impl BatchFiles {
     /// The first offsets of `low..high` no batch holds, if any (`from..to`): a replica's
     /// files must hold every offset between its watermarks.
     pub fn first_gap(&self, low: u64, high: u64) -> Option<(u64, u64)> {
+        if low >= high {
+            return None;
+        }
         let start = self
             .index
             .range(..=low)

@@ -39,7 +39,7 @@ pub enum StoreError {
     },
     /// A replica's batch files lack committed offsets it should hold (between its low and
     /// high watermarks): it must not serve a read there, which would skip them silently.
-    #[error("this replica's batch files lack offsets {from}..{to} (it holds {low}..{high}); read from another replica")]
+    #[error("this replica's batch files lack offsets {from}..{to} (it holds {low}..{high}); not served here, retry")]
     Missing {
         /// The first offset missing.
         from: u64,
