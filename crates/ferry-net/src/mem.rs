@@ -218,6 +218,16 @@ impl MemTransport {
 
 impl Transport for MemTransport {
     async fn call(&self, to: NodeId, request: Bytes) -> Result<Bytes, NetError> {
+        self.call_within(to, request, self.opts.request_timeout)
+            .await
+    }
+
+    async fn call_within(
+        &self,
+        to: NodeId,
+        request: Bytes,
+        within: std::time::Duration,
+    ) -> Result<Bytes, NetError> {
         let addr = self.address_of(to);
         self.check_link(to, addr)?;
         let faults = &self.opts.faults;
@@ -230,7 +240,7 @@ impl Transport for MemTransport {
             async move { transport.deliver(to, request).await }
         };
         let callee = format!("node {to}");
-        faulted_call(faults, plan, callee, self.opts.request_timeout, send).await
+        faulted_call(faults, plan, callee, within, send).await
     }
 
     async fn open_stream(&self, to: NodeId, request: Bytes) -> Result<PeerStream, NetError> {

@@ -308,9 +308,13 @@ impl QuicTransport {
     /// [`Transport::call_addr`].
     /// On a shaped link the call goes through [`faulted_call`] (delays, lost requests and
     /// replies, duplicates), as on the in-memory transport.
-    async fn call_target(&self, target: Target, request: Bytes) -> Result<Bytes, NetError> {
+    async fn call_target(
+        &self,
+        target: Target,
+        request: Bytes,
+        after: Duration,
+    ) -> Result<Bytes, NetError> {
         let slot = self.checked_slot(target, &request)?;
-        let after = self.inner.opts.request_timeout;
         let faults = &self.inner.opts.faults;
         if let Some(plan) = faults.plan_call(slot.addr) {
             let transport = self.clone();
@@ -448,11 +452,22 @@ pub(crate) fn parse_reply(frame: Bytes) -> Result<Bytes, NetError> {
 
 impl Transport for QuicTransport {
     async fn call(&self, to: NodeId, request: Bytes) -> Result<Bytes, NetError> {
-        self.call_target(Target::Node(to), request).await
+        let after = self.inner.opts.request_timeout;
+        self.call_target(Target::Node(to), request, after).await
+    }
+
+    async fn call_within(
+        &self,
+        to: NodeId,
+        request: Bytes,
+        within: Duration,
+    ) -> Result<Bytes, NetError> {
+        self.call_target(Target::Node(to), request, within).await
     }
 
     async fn call_addr(&self, addr: SocketAddr, request: Bytes) -> Result<Bytes, NetError> {
-        self.call_target(Target::Addr(addr), request).await
+        let after = self.inner.opts.request_timeout;
+        self.call_target(Target::Addr(addr), request, after).await
     }
 
     fn link_faults(&self) -> Option<&crate::LinkFaults> {

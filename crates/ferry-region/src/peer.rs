@@ -364,9 +364,11 @@ impl<T: Transport> Router<T> {
                 "replication stream to node {target} ended"
             )));
         };
-        // An answer may queue behind every request sent before it, so a lane allows more
-        // than one call's deadline for it (still well inside an election timeout).
-        let patience = ttl * 4;
+        // An answer may queue behind every request sent before it, and behind a loaded
+        // follower's fsync: a lane allows more than one call's deadline for it, and never less
+        // than LANE_PATIENCE. Ending a lane on a late answer resends the same entries, which
+        // are answered as late again: a learner catching up on a busy machine never did.
+        let patience = (ttl * 4).max(LANE_PATIENCE);
         let answers = futures::stream::unfold(Some(lane), move |lane| async move {
             let mut lane = lane?;
             let answer = match lane.sent.recv().await {
@@ -399,6 +401,17 @@ impl<T: Transport> Router<T> {
         Ok(Box::pin(answers))
     }
 }
+
+/// The least time a snapshot's piece may take to be answered, and the last one (answered
+/// once the follower installed the whole snapshot into its files). A piece that times out
+/// starts the whole snapshot again, so these are generous: a loaded follower writing a large
+/// snapshot otherwise never finishes one.
+const SNAPSHOT_CHUNK_PATIENCE: std::time::Duration = std::time::Duration::from_secs(30);
+const SNAPSHOT_INSTALL_PATIENCE: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// The least time a replication lane waits for an answer it is owed (heartbeats go apart,
+/// so a slow lane delays only that follower's progress).
+const LANE_PATIENCE: std::time::Duration = std::time::Duration::from_secs(5);
 
 fn no_answer(to: NodeId, ttl: std::time::Duration) -> RPCError<TypeConfig> {
     RPCError::Unreachable(Unreachable::from_string(format!(
@@ -524,9 +537,13 @@ impl<T: Transport> GroupRouter<TypeConfig, GroupId> for Router<T> {
         // Send the data in pieces as it is read, so a snapshot of any size fits the peer
         // frame limit and is never whole in memory here.
         let transfer: u64 = rand::random();
+        let group_for_log = group.clone();
         let chunk = self.snapshot_chunk;
         let meta = snapshot.meta;
-        let ttl = option.hard_ttl() * 10;
+        let ttl = (option.hard_ttl() * 10).max(SNAPSHOT_CHUNK_PATIENCE);
+        let started = std::time::Instant::now();
+        let sent = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let progress = sent.clone();
         let send_all = async move {
             let mut data = snapshot.snapshot;
             let mut offset = 0u64;
@@ -543,6 +560,13 @@ impl<T: Transport> GroupRouter<TypeConfig, GroupId> for Router<T> {
                 data = back;
                 let (total, piece) = read.map_err(|e| snapshot_failure(&e))?;
                 let end = offset + piece.len() as u64;
+                progress.store(offset, std::sync::atomic::Ordering::Relaxed);
+                // The last piece is answered once the follower installed the whole snapshot.
+                let ttl = if end == total {
+                    ttl.max(SNAPSHOT_INSTALL_PATIENCE)
+                } else {
+                    ttl
+                };
                 let request = PeerRequest::SnapshotChunk {
                     group: group.clone(),
                     transfer,
@@ -552,16 +576,44 @@ impl<T: Transport> GroupRouter<TypeConfig, GroupId> for Router<T> {
                     meta: meta.clone(),
                     data: piece,
                 };
-                match self.raft_call(target, request, ttl).await? {
+                let answer = self
+                    .transport
+                    .call_within(
+                        target,
+                        Self::encode_request(&request)
+                            .map_err(|e| RPCError::Network(NetworkError::new(&e)))?,
+                        ttl,
+                    )
+                    .await
+                    .map_err(rpc_error)
+                    .and_then(|reply| {
+                        Self::decode_response(&reply)
+                            .map_err(|e| RPCError::Network(NetworkError::new(&e)))
+                    })?;
+                match answer {
+                    PeerResponse::Error(e) => return Err(peer_failure(e)),
                     PeerResponse::ChunkAccepted if end < total => offset = end,
-                    PeerResponse::Snapshot(r) if end == total => return Ok(r),
+                    PeerResponse::Snapshot(r) if end == total => {
+                        tracing::info!(group = %group, target, bytes = total, took = ?started.elapsed(), "snapshot sent and installed");
+                        return Ok(r);
+                    }
                     _ => return Err(unexpected()),
                 }
             }
         };
+        let group_name = group_for_log;
         tokio::select! {
             closed = cancel => Err(StreamingError::Closed(closed)),
-            result = send_all => result.map_err(|e| match e {
+            result = send_all => result.inspect_err(|e| {
+                tracing::warn!(
+                    group = %group_name,
+                    target,
+                    sent = sent.load(std::sync::atomic::Ordering::Relaxed),
+                    took = ?started.elapsed(),
+                    error = %e,
+                    "sending a snapshot failed; openraft starts it again"
+                );
+            }).map_err(|e| match e {
                 RPCError::Unreachable(u) => StreamingError::Unreachable(u),
                 RPCError::Timeout(t) => StreamingError::Timeout(t),
                 RPCError::Network(n) => StreamingError::Network(n),
@@ -696,13 +748,28 @@ mod tests {
         // Node 2 is not there: dialing it fails at once.
         let network = MemNetwork::new();
         let router = Router::new(network.transport(1), 1024);
-        let (_requests, input) = futures::channel::mpsc::unbounded();
-        let call = router.append_stream(2, "t/0".to_string(), input, Duration::from_secs(1));
+        let (requests, input) = futures::channel::mpsc::unbounded();
+        let mut call =
+            Box::pin(router.append_stream(2, "t/0".to_string(), input, Duration::from_secs(1)));
         // openraft sleeps out its backoff before yielding a request: until then nothing is
         // dialed (so nothing fails and is retried at once, in a loop).
         assert!(
-            call.now_or_never().is_none(),
+            (&mut call).now_or_never().is_none(),
             "append_stream answered before any request was sent"
         );
+        // Once one comes, the dial fails: node 2 is unreachable.
+        requests
+            .unbounded_send(AppendEntriesRequest {
+                vote: openraft::alias::VoteOf::<TypeConfig>::new(1, 1),
+                prev_log_id: None,
+                entries: Vec::new(),
+                leader_commit: None,
+            })
+            .unwrap();
+        match call.await {
+            Err(RPCError::Unreachable(_)) => {}
+            Err(e) => panic!("expected unreachable, got {e}"),
+            Ok(_) => panic!("expected unreachable, got a stream"),
+        }
     }
 }
