@@ -336,7 +336,11 @@ impl Client {
                     // With a refusal in hand, the others get what is left of the deadline.
                     match tokio::time::timeout_at(deadline, self.request_at(addr, request)).await {
                         Ok(answer) => answer,
-                        Err(_) => break,
+                        // Cut off mid-call: the outcome is unknown (it may have been applied).
+                        Err(_) => {
+                            self.forget(addr).await;
+                            return Err(ClientError::Timeout(format!("request to {addr}")));
+                        }
                     }
                 } else {
                     self.request_at(addr, request).await

@@ -617,23 +617,28 @@ impl<T: Transport> Node<T> {
         }
         // At most two hops: the node hinted at may not lead (a node without a replica hints
         // at the preferred leader); it answers which one does, and that one gets it.
-        for hop in 0..2 {
-            match self.inner.router.forward(to, request.clone()).await {
-                Ok(ClientResponse::Error(ApiError {
-                    code: ErrorCode::NotLeader,
-                    leader_hint: Some(next),
-                    ..
-                })) if hop == 0 && next != to && next != self.inner.id => to = next,
-                Ok(r) => return r,
-                Err(e) => {
-                    return error(
-                        ErrorCode::Unavailable,
-                        format!("forwarding to leader {to}: {e}"),
-                    )
-                }
+        let first = self.inner.router.forward(to, request.clone()).await;
+        let next = match &first {
+            Ok(ClientResponse::Error(ApiError {
+                code: ErrorCode::NotLeader,
+                leader_hint: Some(next),
+                ..
+            })) if *next != to && *next != self.inner.id => Some(*next),
+            _ => None,
+        };
+        let answer = match next {
+            Some(next) => {
+                to = next;
+                self.inner.router.forward(next, request).await
             }
-        }
-        not_leader(Some(to), "the request")
+            None => first,
+        };
+        answer.unwrap_or_else(|e| {
+            error(
+                ErrorCode::Unavailable,
+                format!("forwarding to leader {to}: {e}"),
+            )
+        })
     }
 
     /// None on the metadata leader; elsewhere the leader's answer to `request` (forwarded

@@ -269,6 +269,19 @@ impl PartitionView {
         *self.watermarks.borrow()
     }
 
+    /// Publishes a raised low watermark ahead of the rest of the applied state (before the
+    /// batches below it leave the files), never above the published high: readers keep
+    /// `low <= high`, and a read between the old and the new low skips rather than finds a
+    /// hole.
+    fn raise_low(&self, low: u64) {
+        self.watermarks.send_if_modified(|w| {
+            let low = low.min(w.high);
+            let raised = low > w.low;
+            w.low = w.low.max(low);
+            raised
+        });
+    }
+
     /// A receiver that changes whenever batches are applied or trimmed.
     pub fn subscribe(&self) -> watch::Receiver<Watermarks> {
         self.watermarks.subscribe()
@@ -399,7 +412,9 @@ impl PartitionView {
             .find(|(base, info)| {
                 info.appended_at_ms >= at_ms && **base + u64::from(info.count) > marks.low
             })
-            .map_or(marks.high, |(base, _)| (*base).clamp(marks.low, marks.high))
+            .map_or(marks.high, |(base, _)| {
+                (*base).max(marks.low).min(marks.high)
+            })
     }
 
     /// When the batch holding `offset` was appended (milliseconds since the epoch), if held.
@@ -970,12 +985,7 @@ impl Partition {
                     .max(first.unwrap_or(self.marks.high).min(before));
                 // Readers see the new low before the files without those batches (a read
                 // below it may skip; above it, a hole is an error).
-                let low = self.marks.low;
-                self.view.watermarks.send_if_modified(|w| {
-                    let raised = low > w.low;
-                    w.low = w.low.max(low);
-                    raised
-                });
+                self.view.raise_low(self.marks.low);
             }
             freed
         };
@@ -1638,12 +1648,7 @@ impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
                 Some(partition) => {
                     // The new low first (as a trim does): a read between the old and the new
                     // low meanwhile skips rather than finds a hole.
-                    let low = state.marks.low;
-                    partition.view.watermarks.send_if_modified(|w| {
-                        let raised = low > w.low;
-                        w.low = w.low.max(low);
-                        raised
-                    });
+                    partition.view.raise_low(state.marks.low);
                     drop(std::mem::replace(
                         &mut *partition.view.files.write().map_err(io_err)?,
                         part.files,
@@ -2711,6 +2716,20 @@ mod tests {
         // Dropped by retention, the same offsets are skipped.
         run(&sm, PartitionCommand::Trim { before_offset: 8 });
         assert_eq!(offsets(&sm, 0), vec![(8, 4)]);
+    }
+
+    #[test]
+    fn a_low_raised_ahead_of_the_applied_state_stays_at_or_below_the_published_high() {
+        let dir = tempfile::tempdir().unwrap();
+        let sm = open_one(dir.path(), 1 << 20).unwrap();
+        for seq in 0..3 {
+            append(&sm, batch(Some(1), seq * 4, 4));
+        }
+        // A trim applied with appends not published yet asks for a low above the high.
+        sm.view().raise_low(20);
+        let marks = sm.view().watermarks();
+        assert_eq!((marks.low, marks.high), (12, 12));
+        assert_eq!(sm.view().first_appended_since(0), 12);
     }
 
     #[tokio::test]
