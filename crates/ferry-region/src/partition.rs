@@ -314,44 +314,42 @@ impl PartitionView {
     /// later); from it on the batches are contiguous, and a hole in this replica's files is
     /// [`StoreError::Missing`], never a silent skip.
     pub fn read(&self, offset: u64, max_bytes: usize) -> Result<Vec<StoredBatch>, StoreError> {
-        let located = {
+        // Watermarks taken under the files' lock agree with them: a trim or an install
+        // publishes its new low before the batches below it leave the files.
+        let (high, located, hole) = {
             let files = self.files.read().map_err(storage_err)?;
-            (self.watermarks(), files.locate(offset, max_bytes))
+            let Watermarks { low, high } = self.watermarks();
+            let located = files.locate(offset, max_bytes);
+            let upto = located.last().map_or(high, |l| {
+                (l.base_offset + u64::from(l.info.count)).min(high)
+            });
+            let hole = (low..high)
+                .contains(&offset)
+                .then(|| files.first_gap(offset, upto))
+                .flatten();
+            (high, located, hole)
         };
-        let (Watermarks { low, high }, located) = located;
-        let located: Vec<_> = located.iter().filter(|l| l.base_offset < high).collect();
-        if offset >= low && offset < high {
-            let mut next = offset;
-            let mut hole = None;
-            for l in &located {
-                if l.base_offset > next {
-                    hole = Some((next, l.base_offset));
-                    break;
-                }
-                next = next.max(l.base_offset + u64::from(l.info.count));
-            }
-            if located.is_empty() {
-                hole = Some((offset, high));
-            }
-            // Unless retention dropped them meanwhile (then the read may skip them).
-            if let Some((from, to)) = hole.filter(|_| self.watermarks().low <= offset) {
-                let Watermarks { low, high } = self.watermarks();
-                tracing::error!(
-                    from,
-                    to,
-                    low,
-                    high,
-                    "a replica's batch files lack committed offsets"
-                );
-                return Err(StoreError::Missing {
-                    from,
-                    to,
-                    low,
-                    high,
-                });
-            }
+        if let Some((from, to)) = hole {
+            let Watermarks { low, high } = self.watermarks();
+            tracing::error!(
+                from,
+                to,
+                low,
+                high,
+                "a replica's batch files lack committed offsets"
+            );
+            return Err(StoreError::Missing {
+                from,
+                to,
+                low,
+                high,
+            });
         }
-        located.into_iter().map(read_batch).collect()
+        located
+            .iter()
+            .filter(|l| l.base_offset < high)
+            .map(read_batch)
+            .collect()
     }
 
     /// A consumer group's committed cursor.
@@ -1753,6 +1751,15 @@ mod tests {
         }
     }
 
+    /// A one-partition group in `dir` holding offsets 0..12 in three batches of four.
+    fn twelve_events(dir: &Path) -> PartitionStateMachine {
+        let sm = open_one(dir, 1 << 20).unwrap();
+        for seq in 0..3 {
+            append(&sm, batch(Some(1), seq * 4, 4));
+        }
+        sm
+    }
+
     fn run(sm: &PartitionStateMachine, command: PartitionCommand) -> PartitionReply {
         run_on(sm, 0, command)
     }
@@ -2693,10 +2700,7 @@ mod tests {
     #[test]
     fn a_replica_missing_offsets_it_should_hold_answers_so_rather_than_skip_them() {
         let dir = tempfile::tempdir().unwrap();
-        let sm = open_one(dir.path(), 1 << 20).unwrap();
-        for seq in 0..3 {
-            append(&sm, batch(Some(1), seq * 4, 4));
-        }
+        let sm = twelve_events(dir.path());
         // The first two batches gone from the files while the watermarks still say 0..12.
         sm.view().files.write().unwrap().drop_before(8);
         for from in [0, 5] {
@@ -2721,10 +2725,7 @@ mod tests {
     #[test]
     fn a_low_raised_ahead_of_the_applied_state_stays_at_or_below_the_published_high() {
         let dir = tempfile::tempdir().unwrap();
-        let sm = open_one(dir.path(), 1 << 20).unwrap();
-        for seq in 0..3 {
-            append(&sm, batch(Some(1), seq * 4, 4));
-        }
+        let sm = twelve_events(dir.path());
         // A trim applied with appends not published yet asks for a low above the high.
         sm.view().raise_low(20);
         let marks = sm.view().watermarks();
@@ -2735,10 +2736,7 @@ mod tests {
     #[tokio::test]
     async fn a_snapshot_whose_batches_leave_a_hole_is_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let mut sm = open_one(&dir.path().join("a"), 1 << 20).unwrap();
-        for seq in 0..3 {
-            append(&sm, batch(Some(1), seq * 4, 4));
-        }
+        let mut sm = twelve_events(&dir.path().join("a"));
         sm.build_snapshot().await.unwrap();
         let mut taken = sm.get_current_snapshot().await.unwrap().unwrap();
         let mut whole = Vec::new();
