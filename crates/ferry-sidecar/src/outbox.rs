@@ -524,10 +524,7 @@ impl Outbox {
         limits: Limits,
     ) -> Result<(Self, LaneFeed), OutboxError> {
         ferry_store::create_dir_durably(dir).map_err(store_err)?;
-        let db = sled::Config::new()
-            .path(dir)
-            .flush_every_ms(Some(1000))
-            .open()
+        let db = ferry_store::open_sled(&sled::Config::new().path(dir).flush_every_ms(Some(1000)))
             .map_err(store_err)?;
         let tree = db.open_tree("outbox").map_err(store_err)?;
         let db = DurableSled::new(db, dir);

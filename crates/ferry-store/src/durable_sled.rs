@@ -17,6 +17,23 @@ use std::sync::{Arc, OnceLock};
 use crate::durable::fsync;
 use crate::StoreError;
 
+/// Opens a sled database, waiting up to 5 s while its file lock is held: a handle of this
+/// process just dropped releases the lock only once sled's flusher thread has ended.
+pub fn open_sled(config: &sled::Config) -> sled::Result<sled::Db> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        match config.open() {
+            Err(sled::Error::Io(e))
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            other => return other,
+        }
+    }
+}
+
 /// A sled database and the folder it lives in. Cloning shares both.
 #[derive(Clone)]
 pub struct DurableSled {

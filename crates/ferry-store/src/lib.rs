@@ -34,7 +34,7 @@ pub use batch_files::{
     read_batch, BatchFiles, BatchInfo, BatchLocation, Extent, ExtentFiles, SyncPlan,
 };
 pub use durable::create_dir_durably;
-pub use durable_sled::DurableSled;
+pub use durable_sled::{open_sled, DurableSled};
 pub use error::StoreError;
 pub use group_commit::{BeforeSync, FlushStats, GroupCommit};
 pub use log_store::WalLogStore;
