@@ -9,6 +9,34 @@ use ferry_region::RaftTuning;
 use ferry_tests::{identity, TestRegion};
 use openraft::async_runtime::WatchReceiver;
 
+/// Publishes `event(i)` from `from` on, one Raft entry each, until `leader` has purged its
+/// log past entry 50 (at most 10,000 events, 60 s). A follower stopped before keeps the
+/// leader from building snapshots (and so purging) for a few seconds: it counts as live until
+/// its last acknowledgement is `4 x election_max_ms` old. Answers the next number to write.
+async fn write_until_purged(
+    producer: &ferry_client::Producer,
+    leader: &ferry_region::PartitionRaft,
+    from: u64,
+    event: impl Fn(u64) -> Event,
+) -> u64 {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut i = from;
+    loop {
+        let ack = producer.publish(event(i)).await.unwrap();
+        assert_eq!(ack.offset, Some(i));
+        i += 1;
+        let purged = leader.metrics().borrow_watched().purged;
+        if purged.is_some_and(|p| p.index > 50) {
+            return i;
+        }
+        assert!(
+            i < from + 10_000 && tokio::time::Instant::now() < deadline,
+            "the leader never purged its log ({} events): {purged:?}",
+            i - from
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lagging_follower_catches_up_from_a_snapshot() {
     let mut region = TestRegion::start_with(3, |config| {
@@ -34,44 +62,26 @@ async fn a_lagging_follower_catches_up_from_a_snapshot() {
     };
     let producer = client.producer("ledger", options).await.unwrap();
     let subject = Subject::new("ledger.entry").unwrap();
-    for i in 0..200 {
-        let e = Event::new(
+    let event = |i: u64| {
+        Event::new(
             format!("l{i}"),
             "/t",
             "t",
             subject.clone(),
             format!("entry {i}").into_bytes(),
-        );
-        let ack = producer.publish(e).await.unwrap();
-        assert_eq!(ack.offset, Some(i));
-    }
-
-    // The leader has purged entries the stopped follower never received, so only a snapshot
-    // can bring it up to date.
-    let leader_node = region.nodes[(leader - 1) as usize]
-        .as_ref()
+        )
+    };
+    // Until the leader has purged entries the stopped follower never received, so only a
+    // snapshot can bring it up to date.
+    let raft = region
+        .node(leader)
         .unwrap()
         .node()
+        .partition("ledger", 0)
+        .unwrap()
+        .raft()
         .clone();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let purged = leader_node
-            .partition("ledger", 0)
-            .unwrap()
-            .raft()
-            .metrics()
-            .borrow_watched()
-            .purged;
-        if purged.is_some_and(|p| p.index > 50) {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the leader never purged its log: {purged:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    drop(leader_node);
+    let written = write_until_purged(&producer, &raft, 0, event).await;
 
     region.restart(lagging).await;
     // Read from the restarted follower alone: a subscription is served from the local
@@ -87,7 +97,7 @@ async fn a_lagging_follower_catches_up_from_a_snapshot() {
         .subscribe("ledger", 0, StartFrom::Earliest)
         .await
         .unwrap();
-    for i in 0..200u64 {
+    for i in 0..written {
         let (offset, event) = tokio::time::timeout(Duration::from_secs(30), sub.next())
             .await
             .expect("the follower caught up in time")
@@ -102,4 +112,129 @@ async fn a_lagging_follower_catches_up_from_a_snapshot() {
         .expect("the node keeps a folder for incoming snapshots")
         .collect();
     assert!(left.is_empty(), "spooled snapshots left behind: {left:?}");
+}
+
+/// The sum over the live nodes of one of [`ferry_region::Node::snapshot_counts`].
+fn snapshot_count(region: &TestRegion, which: usize) -> u64 {
+    region
+        .nodes
+        .iter()
+        .flatten()
+        .map(|n| n.node().snapshot_counts()[which])
+        .sum()
+}
+
+/// A follower back from a restart receives the group's snapshot, then needs the entries
+/// after it. While writes go on, the leader keeps them (defers its own snapshots) until the
+/// follower has caught up: one snapshot is enough. Without the deferral each snapshot the
+/// leader builds during the transfer purges what the follower needs next, and under these
+/// writes it gets snapshot after snapshot and never catches up while they last.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_catching_up_under_writes_needs_one_snapshot() {
+    let mut region = TestRegion::start_with(3, |config| {
+        config.raft = RaftTuning {
+            snapshot_after_entries: 20,
+            keep_after_snapshot: 5,
+            // Small pieces of a large snapshot: its transfer outlasts many snapshot intervals
+            // of the writes below.
+            snapshot_chunk_bytes: 1024,
+            ..RaftTuning::default()
+        };
+    })
+    .await;
+    region.create_topic(TopicConfig::new("ledger", 1)).await;
+    let leader = region.leader_of("ledger", 0).await.unwrap();
+    let lagging = (1..=3).find(|id| *id != leader).unwrap();
+    region.stop(lagging).await;
+
+    let client = region.client();
+    let options = ProducerOptions {
+        max_batch_events: 1,
+        ..ProducerOptions::default()
+    };
+    let producer = client.producer("ledger", options).await.unwrap();
+    let subject = Subject::new("ledger.entry").unwrap();
+    let event = |i: u64, size: usize| {
+        Event::new(
+            format!("l{i}"),
+            "/t",
+            "t",
+            subject.clone(),
+            vec![b'x'; size],
+        )
+    };
+    // About 1.6 MB the follower misses, so only a snapshot can bring it up to date.
+    for i in 0..100 {
+        producer.publish(event(i, 16 * 1024)).await.unwrap();
+    }
+    let raft = region
+        .node(leader)
+        .unwrap()
+        .node()
+        .partition("ledger", 0)
+        .unwrap()
+        .raft()
+        .clone();
+    let mut written = write_until_purged(&producer, &raft, 100, |i| event(i, 100)).await;
+    let sent_before = snapshot_count(&region, 0);
+
+    region.restart(lagging).await;
+    let follower = region.node(lagging).unwrap().node().clone();
+    // Writes go on until the follower holds all but the last few entries of the leader's log,
+    // at most 4,000 of them.
+    let start = written;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    loop {
+        producer.publish(event(written, 100)).await.unwrap();
+        written += 1;
+        let leader_applied = raft
+            .metrics()
+            .borrow_watched()
+            .last_applied
+            .map(|l| l.index);
+        let follower_applied = follower.partition("ledger", 0).and_then(|p| {
+            p.raft()
+                .metrics()
+                .borrow_watched()
+                .last_applied
+                .map(|l| l.index)
+        });
+        if let (Some(l), Some(f)) = (leader_applied, follower_applied) {
+            if f + 5 >= l {
+                break;
+            }
+        }
+        assert!(
+            written < start + 4_000 && tokio::time::Instant::now() < deadline,
+            "the follower did not catch up while {} events were written \
+             ({} snapshots sent to it meanwhile; applied: leader {leader_applied:?}, \
+             follower {follower_applied:?})",
+            written - start,
+            snapshot_count(&region, 0) - sent_before
+        );
+    }
+    let sent = snapshot_count(&region, 0) - sent_before;
+    let deferred = snapshot_count(&region, 2);
+    assert_eq!(sent, 1, "snapshots sent while the follower caught up");
+    assert!(deferred > 0, "the leader never deferred a snapshot");
+
+    // It serves everything, in order.
+    let addr = region.configs[(lagging - 1) as usize]
+        .listen_addr()
+        .unwrap();
+    let mut options =
+        ClientOptions::new(vec![addr], identity(&region.certs(), "client-test-client"));
+    options.request_timeout = Duration::from_secs(5);
+    let reader = Client::new(options).unwrap();
+    let mut sub = reader
+        .subscribe("ledger", 0, StartFrom::Earliest)
+        .await
+        .unwrap();
+    for i in 0..written {
+        let (offset, event) = tokio::time::timeout(Duration::from_secs(30), sub.next())
+            .await
+            .expect("the follower serves what it caught up on")
+            .unwrap();
+        assert_eq!((offset, event.id.as_str()), (i, format!("l{i}").as_str()));
+    }
 }

@@ -35,6 +35,11 @@ pub struct RaftTuning {
     pub snapshot_after_entries: u64,
     /// Entries kept in the log behind a snapshot, for slow followers.
     pub keep_after_snapshot: u64,
+    /// While a live replica catches up (a learner a move added, a follower back from a
+    /// restart) and lags further than `keep_after_snapshot` entries, the leader defers its
+    /// snapshots, and so keeps the log the replica needs, until the log since the last
+    /// snapshot holds this many entries (0: never defer).
+    pub max_log_while_catching_up: u64,
     /// Bytes of snapshot data per peer message when a snapshot is sent to a follower.
     pub snapshot_chunk_bytes: usize,
     /// A partition group that proposed nothing for this long, milliseconds, and whose
@@ -51,6 +56,7 @@ impl Default for RaftTuning {
             election_max_ms: 1600,
             snapshot_after_entries: 4_096,
             keep_after_snapshot: 1_000,
+            max_log_while_catching_up: 32_768,
             // 8 MiB sent a 2 GB snapshot no faster than 1 MiB here and held about 45 MiB
             // more on the sender while it ran.
             snapshot_chunk_bytes: 1024 * 1024,
@@ -333,6 +339,18 @@ impl NodeConfig {
                 format!(
                     "{} is below heartbeat_ms ({}); use 0 to never quiesce",
                     r.quiesce_after_ms, r.heartbeat_ms
+                ),
+            );
+        }
+        if r.max_log_while_catching_up != 0
+            && r.max_log_while_catching_up < r.snapshot_after_entries
+        {
+            return bad(
+                "raft.max_log_while_catching_up",
+                format!(
+                    "{} is below snapshot_after_entries ({}), so no snapshot would ever be \
+                     deferred; use 0 to never defer",
+                    r.max_log_while_catching_up, r.snapshot_after_entries
                 ),
             );
         }

@@ -82,6 +82,7 @@ async fn metrics<T: Transport>(State(node): State<Node<T>>) -> String {
     let (fsyncs, waiters, fsync_micros) = node.flush_stats();
     let (batches, commit_micros) = node.commit_latency();
     let [streams, lanes, frames, requests] = node.replication_counts();
+    let [snapshots_sent, snapshots_failed, snapshots_deferred] = node.snapshot_counts();
     let counters = [
         (
             "ferry_fsyncs_total",
@@ -127,6 +128,21 @@ async fn metrics<T: Transport>(State(node): State<Node<T>>) -> String {
             "ferry_replication_requests_total",
             "AppendEntries requests sent in them.",
             requests as f64,
+        ),
+        (
+            "ferry_snapshots_sent_total",
+            "Snapshots this node sent to followers and they installed.",
+            snapshots_sent as f64,
+        ),
+        (
+            "ferry_snapshot_sends_failed_total",
+            "Snapshot sends given up part way (openraft starts them again).",
+            snapshots_failed as f64,
+        ),
+        (
+            "ferry_snapshot_builds_deferred_total",
+            "Snapshot builds a partition group's leader deferred, keeping its log, while a replica caught up.",
+            snapshots_deferred as f64,
         ),
         (
             "ferry_replica_moves_finished_total",

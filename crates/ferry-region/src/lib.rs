@@ -17,6 +17,7 @@
 pub mod api;
 mod coalesce;
 mod command;
+mod compaction;
 mod config;
 mod error;
 mod group_snapshot;

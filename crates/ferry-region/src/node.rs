@@ -21,6 +21,7 @@ use tokio::sync::watch;
 
 use crate::coalesce::Proposals;
 use crate::command::{decode, encode, GroupCommand, GroupEntry, PartitionCommand};
+use crate::compaction::{self, CompactionGate};
 use crate::groups::GroupCoordinator;
 use crate::leadership::{Leadership, LedPartition};
 use crate::metadata::{MetaApp, MetaView, TopicState};
@@ -166,6 +167,9 @@ pub(crate) struct Inner<T> {
     pub(crate) leadership: Arc<Leadership>,
     /// Replica moves this node carried out to the end ([`crate::moves`]).
     pub(crate) moves_finished: std::sync::atomic::AtomicU64,
+    /// Snapshot builds the partition groups deferred while a replica caught up
+    /// ([`crate::compaction`]).
+    snapshots_deferred: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// Count and total of a latency, for means over an interval.
@@ -310,6 +314,7 @@ impl<T: Transport> Node<T> {
                 quiescence_elections: Default::default(),
                 leadership: Arc::default(),
                 moves_finished: Default::default(),
+                snapshots_deferred: Arc::default(),
             }),
         };
         node.bootstrap_meta().await?;
@@ -420,11 +425,22 @@ impl<T: Transport> Node<T> {
                     // earlier replica of the group on this node (a retire cut short) go.
                     self.remove_partition_dir(&group).await?;
                 }
+                let r = inner.config.raft;
+                let compaction = Arc::new(CompactionGate::new(
+                    group.clone(),
+                    compaction::Bounds {
+                        keep: r.keep_after_snapshot,
+                        max_log: r.max_log_while_catching_up,
+                        live_within: Duration::from_millis(r.election_max_ms * 4),
+                    },
+                    inner.snapshots_deferred.clone(),
+                ));
                 let sm = PartitionStateMachine::open(
                     &self.partition_dir(&group),
                     inner.config.wal_segment_bytes,
                     &members,
-                )?;
+                )?
+                .with_compaction(compaction.clone());
                 let views = sm.group_views();
                 let log = inner.store.log_store(&group)?;
                 let network = GroupNetwork {
@@ -434,6 +450,7 @@ impl<T: Transport> Node<T> {
                 let raft = Raft::new(inner.id, inner.raft_config.clone(), network, log, sm)
                     .await
                     .map_err(|e| raft_err(&group, e))?;
+                compaction.watch(raft.metrics());
                 // A node the group moves to starts empty and is added by the group's leader.
                 if replicas.first() == Some(&inner.id)
                     && !moving_in
@@ -824,6 +841,14 @@ impl<T: Transport> Node<T> {
             &stats.requests,
         ]
         .map(|c| c.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    /// Snapshots sent to followers and installed, snapshot sends given up part way, and
+    /// snapshot builds deferred while a replica caught up (all since the node started).
+    pub fn snapshot_counts(&self) -> [u64; 3] {
+        let sent = self.inner.router.snapshot_stats();
+        [&sent.sent, &sent.failed, &*self.inner.snapshots_deferred]
+            .map(|c| c.load(std::sync::atomic::Ordering::Relaxed))
     }
 
     /// Waits until the metadata group has a leader, or the deadline passes.

@@ -39,6 +39,7 @@ use tokio::sync::{watch, Mutex};
 use crate::command::{
     decode_shared, encode, GroupCommand, GroupEntry, PartitionCommand, PartitionReply,
 };
+use crate::compaction::CompactionGate;
 use crate::group_snapshot::{receive_snapshot, GroupSnapshotSource, SnapshotPart};
 
 /// How many recent batches per producer are remembered to answer retries with their offsets.
@@ -1072,6 +1073,8 @@ pub struct PartitionStateMachine {
     /// One checkpoint at a time: a snapshot build writes its checkpoint outside `inner`'s
     /// lock, and must not interleave with an install's.
     checkpointing: Arc<Mutex<()>>,
+    /// Whether a snapshot openraft's policy asks for is built now (none: always).
+    compaction: Option<Arc<CompactionGate>>,
 }
 
 fn io_err(e: impl std::fmt::Display) -> io::Error {
@@ -1245,7 +1248,15 @@ impl PartitionStateMachine {
             })),
             views,
             checkpointing: Arc::new(Mutex::new(())),
+            compaction: None,
         })
+    }
+
+    /// Defers the snapshots openraft's policy asks for while `gate` says a replica catches
+    /// up ([`crate::compaction`]).
+    pub(crate) fn with_compaction(mut self, gate: Arc<CompactionGate>) -> Self {
+        self.compaction = Some(gate);
+        self
     }
 
     /// The group's views, shared: they follow the splits it applies.
@@ -1564,6 +1575,13 @@ impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
             responder.send(ferry_store::Reply(reply));
         }
         Ok(())
+    }
+
+    async fn try_create_snapshot_builder(&mut self, force: bool) -> Option<Self::SnapshotBuilder> {
+        if !force && self.compaction.as_ref().is_some_and(|g| !g.allows_build()) {
+            return None;
+        }
+        Some(self.clone())
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {

@@ -10,6 +10,7 @@ mod lanes;
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -205,6 +206,16 @@ pub struct Router<T> {
     /// fails).
     lane_streams: Arc<Mutex<HashMap<NodeId, LaneStreamSlot>>>,
     lane_stats: Arc<LaneStats>,
+    snapshot_stats: Arc<SnapshotStats>,
+}
+
+/// Snapshots this node sent to followers, since it started.
+#[derive(Debug, Default)]
+pub(crate) struct SnapshotStats {
+    /// Sent whole and installed by the follower.
+    pub(crate) sent: AtomicU64,
+    /// Given up part way (openraft starts them again).
+    pub(crate) failed: AtomicU64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -219,7 +230,13 @@ impl<T: Transport> Router<T> {
             snapshot_chunk: snapshot_chunk.max(1),
             lane_streams: Arc::default(),
             lane_stats: Arc::default(),
+            snapshot_stats: Arc::default(),
         }
+    }
+
+    /// Snapshots sent to followers.
+    pub(crate) fn snapshot_stats(&self) -> &SnapshotStats {
+        &self.snapshot_stats
     }
 
     /// The transport.
@@ -542,8 +559,10 @@ impl<T: Transport> GroupRouter<TypeConfig, GroupId> for Router<T> {
         let meta = snapshot.meta;
         let ttl = (option.hard_ttl() * 10).max(SNAPSHOT_CHUNK_PATIENCE);
         let started = std::time::Instant::now();
-        let sent = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let sent = Arc::new(AtomicU64::new(0));
         let progress = sent.clone();
+        let stats = self.snapshot_stats.clone();
+        let failures = self.snapshot_stats.clone();
         let send_all = async move {
             let mut data = snapshot.snapshot;
             let mut offset = 0u64;
@@ -560,7 +579,7 @@ impl<T: Transport> GroupRouter<TypeConfig, GroupId> for Router<T> {
                 data = back;
                 let (total, piece) = read.map_err(|e| snapshot_failure(&e))?;
                 let end = offset + piece.len() as u64;
-                progress.store(offset, std::sync::atomic::Ordering::Relaxed);
+                progress.store(offset, Ordering::Relaxed);
                 // The last piece is answered once the follower installed the whole snapshot.
                 let ttl = if end == total {
                     ttl.max(SNAPSHOT_INSTALL_PATIENCE)
@@ -595,6 +614,7 @@ impl<T: Transport> GroupRouter<TypeConfig, GroupId> for Router<T> {
                     PeerResponse::ChunkAccepted if end < total => offset = end,
                     PeerResponse::Snapshot(r) if end == total => {
                         tracing::info!(group = %group, target, bytes = total, took = ?started.elapsed(), "snapshot sent and installed");
+                        stats.sent.fetch_add(1, Ordering::Relaxed);
                         return Ok(r);
                     }
                     _ => return Err(unexpected()),
@@ -605,10 +625,11 @@ impl<T: Transport> GroupRouter<TypeConfig, GroupId> for Router<T> {
         tokio::select! {
             closed = cancel => Err(StreamingError::Closed(closed)),
             result = send_all => result.inspect_err(|e| {
+                failures.failed.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(
                     group = %group_name,
                     target,
-                    sent = sent.load(std::sync::atomic::Ordering::Relaxed),
+                    sent = sent.load(Ordering::Relaxed),
                     took = ?started.elapsed(),
                     error = %e,
                     "sending a snapshot failed; openraft starts it again"

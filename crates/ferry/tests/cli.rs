@@ -72,6 +72,14 @@ fn node_refuses_bad_config_and_foreign_data_naming_them() {
     assert!(!ok && text.contains("heartbeat_ms"), "{text}");
     let (ok, text) = ferry(
         &["node", "--config", config],
+        &[("FERRY_RAFT_MAX_LOG_WHILE_CATCHING_UP", "10")],
+    );
+    assert!(
+        !ok && text.contains("raft.max_log_while_catching_up"),
+        "{text}"
+    );
+    let (ok, text) = ferry(
+        &["node", "--config", config],
         &[("FERRY_LIMITS_MAX_EVNT", "1")],
     );
     assert!(!ok && text.contains("max_evnt"), "{text}");
