@@ -15,6 +15,7 @@
 #![warn(missing_docs, unreachable_pub)]
 
 pub mod api;
+mod balance;
 mod coalesce;
 mod command;
 mod compaction;

@@ -485,7 +485,7 @@ impl<T: Transport> Node<T> {
     /// moves to it and moves off it.
     fn replica_counts(&self) -> std::collections::BTreeMap<NodeId, (u32, u32, u32)> {
         let mut counts = std::collections::BTreeMap::<NodeId, (u32, u32, u32)>::new();
-        for g in crate::moves::placements(&self.inner.meta_view.topics()) {
+        for g in crate::balance::placements(&self.inner.meta_view.topics()) {
             for r in g.replicas {
                 counts.entry(r).or_default().0 += 1;
             }
@@ -612,7 +612,7 @@ impl<T: Transport> Node<T> {
             // neither elect nor take a new replica.
             let others: BTreeSet<NodeId> =
                 members.iter().map(|m| m.id).filter(|m| *m != id).collect();
-            for g in crate::moves::placements(&self.inner.meta_view.topics()) {
+            for g in crate::balance::placements(&self.inner.meta_view.topics()) {
                 if !g.replicas.contains(&id) {
                     continue;
                 }
