@@ -327,6 +327,8 @@ impl TestMesh {
                         seeds: Vec::new(),
                         join_timeout_ms: 60_000,
                         max_moves_per_node: 2,
+                        load_sample_ms: 500,
+                        balance_load_spread_percent: 25,
                         leader_rebalance_after_ms: 10_000,
                         tls: TlsPaths {
                             ca: certs.join("ca.pem"),

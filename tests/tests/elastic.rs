@@ -372,3 +372,75 @@ async fn a_dead_node_is_replaced_by_a_new_one_at_its_address_with_nothing_lost()
         assert_eq!(on_1, on_4, "partition {}", p.partition);
     }
 }
+
+/// A rebalance spreads measured load, not only counts: a region even by count whose two
+/// busy partitions share a preferred leader gets a plan that gives them different ones. The
+/// rates come from every node's meter, gathered by the metadata leader over the peer
+/// transport.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebalance_spreads_the_leadership_of_busy_partitions() {
+    let region = TestRegion::start(3).await;
+    // A group per partition, so a partition's group is numbered like it.
+    let mut topic = TopicConfig::new("busy", 6);
+    topic.groups = 6;
+    let client = region.create_topic(topic).await;
+    let described = client.describe_topic("busy").await.unwrap();
+    let preferred = |p: &ferry_proto::wire::PartitionInfo| p.replicas[0];
+    // Two partitions with the same preferred leader (six over three nodes: there are).
+    let (hot, also_hot) = described
+        .partitions
+        .iter()
+        .flat_map(|a| described.partitions.iter().map(move |b| (a, b)))
+        .find(|(a, b)| a.partition < b.partition && preferred(a) == preferred(b))
+        .map(|(a, b)| (a.partition, b.partition))
+        .expect("two partitions share a preferred leader");
+    assert!(
+        client.rebalance(true).await.unwrap().is_empty(),
+        "balanced by count from the start"
+    );
+
+    // Keys routed to those two partitions only.
+    let keys: Vec<String> = [hot, also_hot]
+        .iter()
+        .map(|p| {
+            (0..)
+                .map(|i| format!("key{i}"))
+                .find(|k| described.layout.partition_for_key(k.as_bytes(), 6) == *p)
+                .unwrap()
+        })
+        .collect();
+    let producer = client
+        .producer("busy", ProducerOptions::default())
+        .await
+        .unwrap();
+    let subject = Subject::new("orders.placed").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut i = 0u64;
+    let plan = loop {
+        for _ in 0..100 {
+            let mut e = Event::new(format!("e{i}"), "/t", "t", subject.clone(), vec![b'x'; 64]);
+            e.key = Some(keys[(i % 2) as usize].clone().into_bytes().into());
+            producer.publish(e).await.unwrap();
+            i += 1;
+        }
+        let plan = client.rebalance(true).await.unwrap();
+        if !plan.is_empty() {
+            break plan;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no plan after {i} events to partitions {hot} and {also_hot}"
+        );
+    };
+    // Leadership changes only (counts are even), and afterwards the two busy partitions
+    // prefer different nodes.
+    let mut after: Vec<NodeId> = described.partitions.iter().map(preferred).collect();
+    for change in &plan {
+        assert_eq!(change.from, None, "a replica move in {plan:?}");
+        after[change.group as usize] = change.to;
+    }
+    assert_ne!(
+        after[hot as usize], after[also_hot as usize],
+        "the busy partitions {hot} and {also_hot} still share a preferred leader after {plan:?}"
+    );
+}

@@ -31,6 +31,8 @@ async fn start_region(net: &MemNetwork, dir: &std::path::Path) -> Vec<Node<MemTr
             seeds: Vec::new(),
             join_timeout_ms: 60_000,
             max_moves_per_node: 2,
+            load_sample_ms: 10_000,
+            balance_load_spread_percent: 25,
             leader_rebalance_after_ms: 10_000,
             // Not read: the in-memory transport needs no certificates.
             tls: TlsPaths {

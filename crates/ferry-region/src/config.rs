@@ -207,6 +207,15 @@ pub struct NodeConfig {
     /// leaderships come back to a node that restarted (0: never).
     #[serde(default = "default_leader_rebalance_after_ms")]
     pub leader_rebalance_after_ms: u64,
+    /// How often a node samples the write load (events appended) of the groups it hosts,
+    /// milliseconds; rates are smoothed over about six samples.
+    #[serde(default = "default_load_sample_ms")]
+    pub load_sample_ms: u64,
+    /// A rebalance evens out measured load, beyond evening out counts, only while the most
+    /// loaded node carries more than the least by this percentage of the mean (0: by count
+    /// only).
+    #[serde(default = "default_balance_load_spread_percent")]
+    pub balance_load_spread_percent: u32,
     /// Certificates.
     pub tls: TlsPaths,
     /// Size limits.
@@ -248,6 +257,12 @@ fn default_max_moves_per_node() -> usize {
 }
 fn default_leader_rebalance_after_ms() -> u64 {
     10_000
+}
+fn default_load_sample_ms() -> u64 {
+    10_000
+}
+fn default_balance_load_spread_percent() -> u32 {
+    25
 }
 fn default_region() -> String {
     "local".into()
@@ -311,6 +326,21 @@ impl NodeConfig {
                     format!("addr {own} differs from this node's address in peers ({listed})"),
                 );
             }
+        }
+        if self.load_sample_ms < 100 {
+            return bad(
+                "load_sample_ms",
+                format!("{} is below 100", self.load_sample_ms),
+            );
+        }
+        if self.balance_load_spread_percent > 1_000 {
+            return bad(
+                "balance_load_spread_percent",
+                format!(
+                    "{} is above 1000; use 0 to balance by count only",
+                    self.balance_load_spread_percent
+                ),
+            );
         }
         if self.max_moves_per_node == 0 {
             return bad("max_moves_per_node", "must be at least 1".into());

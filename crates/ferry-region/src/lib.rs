@@ -25,6 +25,7 @@ mod group_snapshot;
 pub mod groups;
 pub mod http;
 mod leadership;
+mod load;
 pub mod membership;
 mod mesh;
 pub mod metadata;

@@ -298,10 +298,11 @@ impl<T: Transport> Node<T> {
         let groups = placements(&self.inner.meta_view.topics());
         let under_way = self.inner.meta_view.moves();
         let active = self.placement_nodes();
-        let moves = plan_balance(&groups, &under_way, &active, usize::MAX, now_ms());
+        let loads = self.region_loads().await;
+        let moves = plan_balance(&groups, &under_way, &active, &loads, usize::MAX, now_ms());
         let mut all = under_way.clone();
         all.extend(moves.iter().cloned());
-        let leaders = plan_leaders(&after_moves(&groups, &all), &active);
+        let leaders = plan_leaders(&after_moves(&groups, &all), &active, &loads);
         let plan: Vec<PlannedChange> = moves
             .iter()
             .map(|m| PlannedChange {
@@ -348,12 +349,13 @@ impl<T: Transport> Node<T> {
             *busy.entry(m.from).or_default() += 1;
             *busy.entry(m.to).or_default() += 1;
         }
-        let plan = plan_balance(&groups, &under_way, &active, usize::MAX, now_ms());
+        let loads = self.region_loads().await;
+        let plan = plan_balance(&groups, &under_way, &active, &loads, usize::MAX, now_ms());
         if plan.is_empty() {
             if !under_way.is_empty() {
                 return;
             }
-            for (topic, group, replicas) in plan_leaders(&groups, &active) {
+            for (topic, group, replicas) in plan_leaders(&groups, &active, &loads) {
                 let command = MetaCommand::SetReplicaOrder {
                     topic,
                     group,

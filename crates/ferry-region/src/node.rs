@@ -170,6 +170,10 @@ pub(crate) struct Inner<T> {
     /// Snapshot builds the partition groups deferred while a replica caught up
     /// ([`crate::compaction`]).
     snapshots_deferred: Arc<std::sync::atomic::AtomicU64>,
+    /// The write load of the groups this node hosts ([`crate::load`]).
+    pub(crate) load_meter: Mutex<crate::load::LoadMeter>,
+    /// The region's group loads as last gathered, and when.
+    pub(crate) region_loads: tokio::sync::Mutex<Option<(Instant, crate::balance::Loads)>>,
 }
 
 /// Count and total of a latency, for means over an interval.
@@ -293,6 +297,7 @@ impl<T: Transport> Node<T> {
             Instant::now(),
         );
         let max_conns = config.max_client_connections;
+        let load_sample = Duration::from_millis(config.load_sample_ms);
         let node = Self {
             inner: Arc::new(Inner {
                 id: config.id,
@@ -315,6 +320,8 @@ impl<T: Transport> Node<T> {
                 leadership: Arc::default(),
                 moves_finished: Default::default(),
                 snapshots_deferred: Arc::default(),
+                load_meter: Mutex::new(crate::load::LoadMeter::new(load_sample)),
+                region_loads: tokio::sync::Mutex::new(None),
             }),
         };
         node.bootstrap_meta().await?;
@@ -323,6 +330,7 @@ impl<T: Transport> Node<T> {
         node.spawn_reconciler();
         node.spawn_retention();
         node.spawn_moves();
+        node.spawn_load_meter();
         crate::quiesce::spawn(&node);
         node.start_mesh().await?;
         Ok(node)
@@ -1135,6 +1143,7 @@ impl<T: Transport> Node<T> {
             },
             PeerRequest::Forward(request) => self.handle_forward(request).await,
             PeerRequest::ForwardingStatus => PeerResponse::ForwardingStatus(self.forwarding()),
+            PeerRequest::GroupLoads => PeerResponse::GroupLoads(self.hosted_loads()),
             PeerRequest::Alive { .. } => PeerResponse::Alive {
                 boot: self.inner.boot,
             },

@@ -73,6 +73,8 @@ pub(crate) enum PeerRequest {
     Forward(ForwardRequest),
     /// The forwarders this node runs, for `ferry ctl regions`.
     ForwardingStatus,
+    /// The measured write load of the groups this node hosts ([`crate::load`]).
+    GroupLoads,
     /// Another region forwards this integration or notification topic to `region`: create
     /// it there if it does not exist, and answer its partition count there. Nodes of other
     /// regions relay it as they relay forwarded batches (`via`).
@@ -142,6 +144,8 @@ pub(crate) enum PeerResponse {
     Forwarded(ferry_router::Ack),
     /// The forwarders a node runs.
     ForwardingStatus(Vec<ferry_proto::wire::ForwardingInfo>),
+    /// The measured write load of the groups a node hosts.
+    GroupLoads(Vec<crate::load::GroupLoad>),
     /// The topic's key layout in the answering region: partitions it was created with, and
     /// has now.
     TopicLayout {

@@ -80,6 +80,14 @@ fn node_refuses_bad_config_and_foreign_data_naming_them() {
     );
     let (ok, text) = ferry(
         &["node", "--config", config],
+        &[("FERRY_BALANCE_LOAD_SPREAD_PERCENT", "5000")],
+    );
+    assert!(
+        !ok && text.contains("balance_load_spread_percent"),
+        "{text}"
+    );
+    let (ok, text) = ferry(
+        &["node", "--config", config],
         &[("FERRY_LIMITS_MAX_EVNT", "1")],
     );
     assert!(!ok && text.contains("max_evnt"), "{text}");
