@@ -288,6 +288,7 @@ async fn nodes_join_replicas_move_and_a_drained_node_leaves_with_nothing_lost() 
     client.drain_node(2, false).await.unwrap();
     publish(&client, "orders", 450, 50).await;
     wait_placed(&client, "orders", |_, r| r.len() == 3 && !r.contains(&2)).await;
+    wait_placed(&client, "solo", |_, r| r.len() == 1 && !r.contains(&2)).await;
     client.remove_node(2, false).await.unwrap();
     // Four nodes left: three of them vote.
     wait_nodes(&client, "node 2 gone, three voters", |n| {
