@@ -532,6 +532,10 @@ impl<T: Transport> Node<T> {
                 }
                 continue;
             }
+            if step == MoveStep::AddLearner && !self.target_ready(&m).await {
+                tracing::debug!(group = %name, to = m.to, "the move's target does not run the group yet");
+                continue;
+            }
             let done = match &step {
                 MoveStep::AddLearner => match self.member_addr(m.to) {
                     Some(addr) => group
@@ -586,6 +590,22 @@ impl<T: Transport> Node<T> {
                 }
             }
         }
+    }
+
+    /// Whether a move's target runs the group as the target ([`Node::ready_for_replica`]),
+    /// asked for up to 5 s.
+    async fn target_ready(&self, m: &ReplicaMove) -> bool {
+        if m.to == self.inner.id {
+            return self.ready_for_replica(&m.topic, m.group).await;
+        }
+        let ask = PeerRequest::ReadyForReplica {
+            topic: m.topic.clone(),
+            group: m.group,
+        };
+        matches!(
+            tokio::time::timeout(Duration::from_secs(5), self.inner.router.call(m.to, &ask)).await,
+            Ok(Ok(PeerResponse::ReadyForReplica(true)))
+        )
     }
 
     /// Takes a move's target out of the group (it is a learner at most) and drops the move.

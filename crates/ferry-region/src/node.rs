@@ -172,6 +172,8 @@ pub(crate) struct Inner<T> {
     snapshots_deferred: Arc<std::sync::atomic::AtomicU64>,
     /// The write load of the groups this node hosts ([`crate::load`]).
     pub(crate) load_meter: Mutex<crate::load::LoadMeter>,
+    /// One [`Node::reconcile`] pass at a time.
+    reconciling: tokio::sync::Mutex<()>,
     /// The region's group loads as last gathered, and when.
     pub(crate) region_loads: tokio::sync::Mutex<Option<(Instant, crate::balance::Loads)>>,
 }
@@ -322,6 +324,7 @@ impl<T: Transport> Node<T> {
                 snapshots_deferred: Arc::default(),
                 load_meter: Mutex::new(crate::load::LoadMeter::new(load_sample)),
                 region_loads: tokio::sync::Mutex::new(None),
+                reconciling: tokio::sync::Mutex::new(()),
             }),
         };
         node.bootstrap_meta().await?;
@@ -399,6 +402,9 @@ impl<T: Transport> Node<T> {
     /// gives it, and those moving to it), and stops and deletes those it no longer hosts.
     async fn reconcile(&self) -> Result<(), RegionError> {
         let inner = &self.inner;
+        // Passes run from the reconciler and from a move's readiness check: one at a time,
+        // or one could delete a group's folder while another starts it.
+        let _one = inner.reconciling.lock().await;
         let mut wanted = std::collections::HashSet::new();
         let topics = inner.meta_view.topics();
         for topic in &topics {
@@ -569,6 +575,31 @@ impl<T: Transport> Node<T> {
         self.remove_partition_dir(group).await?;
         tracing::info!(%group, "replica moved away: group stopped and its data deleted");
         Ok(())
+    }
+
+    /// Whether this node runs `group` of `topic` as the target of the group's recorded move:
+    /// it has applied the move, and a reconcile pass since has started the group (empty, or
+    /// its earlier replica here if that was never deleted), so no pass will delete it while
+    /// the move stands. Until then the group's leader does not add it as a learner: an earlier
+    /// replica still being retired here would answer the leader, then lose its log.
+    pub(crate) async fn ready_for_replica(&self, topic: &str, group: u32) -> bool {
+        let targeted = self
+            .inner
+            .meta_view
+            .move_of(topic, group)
+            .is_some_and(|m| m.to == self.inner.id);
+        if !targeted {
+            return false;
+        }
+        if let Err(e) = self.reconcile().await {
+            tracing::warn!(topic, group, error = %e, "starting a group moving here");
+            return false;
+        }
+        let name = partition_group(topic, group);
+        self.inner
+            .partitions
+            .read()
+            .is_ok_and(|p| p.contains_key(&name))
     }
 
     /// Deletes a group's folder (if any).
@@ -1144,6 +1175,9 @@ impl<T: Transport> Node<T> {
             PeerRequest::Forward(request) => self.handle_forward(request).await,
             PeerRequest::ForwardingStatus => PeerResponse::ForwardingStatus(self.forwarding()),
             PeerRequest::GroupLoads => PeerResponse::GroupLoads(self.hosted_loads()),
+            PeerRequest::ReadyForReplica { topic, group } => {
+                PeerResponse::ReadyForReplica(self.ready_for_replica(&topic, group).await)
+            }
             PeerRequest::Alive { .. } => PeerResponse::Alive {
                 boot: self.inner.boot,
             },

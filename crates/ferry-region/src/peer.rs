@@ -75,6 +75,9 @@ pub(crate) enum PeerRequest {
     ForwardingStatus,
     /// The measured write load of the groups this node hosts ([`crate::load`]).
     GroupLoads,
+    /// A move's group leader asks the move's target whether it runs the group as the move
+    /// target, so that it may be added as a learner ([`crate::moves`]).
+    ReadyForReplica { topic: String, group: u32 },
     /// Another region forwards this integration or notification topic to `region`: create
     /// it there if it does not exist, and answer its partition count there. Nodes of other
     /// regions relay it as they relay forwarded batches (`via`).
@@ -146,6 +149,8 @@ pub(crate) enum PeerResponse {
     ForwardingStatus(Vec<ferry_proto::wire::ForwardingInfo>),
     /// The measured write load of the groups a node hosts.
     GroupLoads(Vec<crate::load::GroupLoad>),
+    /// Whether the node runs the group as a move's target.
+    ReadyForReplica(bool),
     /// The topic's key layout in the answering region: partitions it was created with, and
     /// has now.
     TopicLayout {
