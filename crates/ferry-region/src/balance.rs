@@ -1,8 +1,8 @@
 //! Which replica moves and preferred leaders a region wants, as plain functions over the
 //! placements: [`plan_moves`] takes replicas off draining nodes and off nodes no longer in the
 //! region (removed as dead), a bounded number per node at a time; [`plan_balance`] spreads
-//! replicas evenly by count and [`plan_leaders`] spreads preferred leaders. The moves are
-//! carried out by [`crate::moves`].
+//! replicas and [`plan_leaders`] preferred leaders, evenly by count and then by measured load
+//! ([`crate::load`]). The moves are carried out by [`crate::moves`].
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -261,8 +261,8 @@ pub(crate) fn plan_balance(
         moving.insert((g.topic.clone(), g.group));
         planned.push(replace(g, most, least));
     }
-    // By load: each swap brings the two extremes strictly closer without passing each
-    // other, so the loop ends; the bound is for safety.
+    // By load: each swap leaves the two extremes strictly closer than they were (they may
+    // trade places), so the loop ends; the bound is for safety.
     for _ in 0..groups.len() {
         if planned.len() + 2 > limit {
             break;
@@ -482,10 +482,11 @@ mod tests {
 
     #[test]
     fn balancing_by_count_moves_the_group_that_evens_out_load() {
-        // Node 4 joined empty; node 1 holds groups 0 (hot) and 1 (cold), as do 2 and 3. One
-        // replica moves to node 4: the hot one, from the node it leaves best balanced.
+        // Node 4 joined empty; nodes 1, 2 and 3 hold every group, group 3 the busy one. Node
+        // 4 takes three replicas, the busy group's among them (by count alone it would take
+        // the first groups found).
         let groups = placed(&[&[1, 2, 3], &[1, 2, 3], &[1, 2, 3], &[1, 2, 3]]);
-        let l = loads(&[(0, 900.0), (1, 10.0), (2, 10.0), (3, 10.0)]);
+        let l = loads(&[(0, 10.0), (1, 10.0), (2, 10.0), (3, 900.0)]);
         let planned = plan_balance(&groups, &[], &[1, 2, 3, 4], &l, 100, 0);
         let after = after_moves(&groups, &planned);
         let counts: Vec<usize> = node_loads(&after, &[1, 2, 3, 4], &l, false)
@@ -493,7 +494,7 @@ mod tests {
             .map(|(c, _)| *c)
             .collect();
         assert!(counts.iter().all(|c| (3..=4).contains(c)), "{counts:?}");
-        assert!(planned.iter().any(|m| m.group == 0), "{planned:?}");
+        assert!(planned.iter().any(|m| m.group == 3), "{planned:?}");
     }
 
     #[test]

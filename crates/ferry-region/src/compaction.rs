@@ -109,14 +109,16 @@ impl CompactionGate {
         let _ = self.metrics.set(metrics);
     }
 
-    /// Whether a snapshot may be built now; logs and counts a deferral.
-    pub(crate) fn allows_build(&self) -> bool {
+    /// Whether a snapshot of the state applied up to `applied` (the state machine's own
+    /// index: the metrics may not show the last apply yet) may be built now; logs and counts
+    /// a deferral.
+    pub(crate) fn allows_build(&self, applied: u64) -> bool {
         let Some(metrics) = self.metrics.get() else {
             return true;
         };
         let facts = {
             let m = metrics.borrow_watched();
-            facts_of(&m)
+            facts_of(&m, applied)
         };
         match decide(&facts, self.bounds) {
             Compaction::Build => true,
@@ -135,7 +137,7 @@ impl CompactionGate {
     }
 }
 
-fn facts_of(m: &RaftMetrics<TypeConfig>) -> Facts {
+fn facts_of(m: &RaftMetrics<TypeConfig>, applied: u64) -> Facts {
     let leading = m.state == ServerState::Leader && m.current_leader == Some(m.id);
     let replicas = leading.then(|| {
         let matched = m.replication.as_ref();
@@ -159,7 +161,7 @@ fn facts_of(m: &RaftMetrics<TypeConfig>) -> Facts {
             .collect()
     });
     Facts {
-        applied: m.last_applied.as_ref().map_or(0, |l| l.index),
+        applied,
         snapshot: m.snapshot.as_ref().map(|l| l.index),
         replicas,
     }

@@ -38,7 +38,8 @@ pub struct RaftTuning {
     /// While a live replica catches up (a learner a move added, a follower back from a
     /// restart) and lags further than `keep_after_snapshot` entries, the leader defers its
     /// snapshots, and so keeps the log the replica needs, until the log since the last
-    /// snapshot holds this many entries (0: never defer).
+    /// snapshot holds this many entries (0: never defer). openraft asks again every
+    /// `snapshot_after_entries` entries, so the log may pass this by up to that many.
     pub max_log_while_catching_up: u64,
     /// Bytes of snapshot data per peer message when a snapshot is sent to a follower.
     pub snapshot_chunk_bytes: usize,
@@ -373,12 +374,12 @@ impl NodeConfig {
             );
         }
         if r.max_log_while_catching_up != 0
-            && r.max_log_while_catching_up < r.snapshot_after_entries
+            && r.max_log_while_catching_up <= r.snapshot_after_entries
         {
             return bad(
                 "raft.max_log_while_catching_up",
                 format!(
-                    "{} is below snapshot_after_entries ({}), so no snapshot would ever be \
+                    "{} is not above snapshot_after_entries ({}), so no snapshot would ever be \
                      deferred; use 0 to never defer",
                     r.max_log_while_catching_up, r.snapshot_after_entries
                 ),

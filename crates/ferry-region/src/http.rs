@@ -131,12 +131,12 @@ async fn metrics<T: Transport>(State(node): State<Node<T>>) -> String {
         ),
         (
             "ferry_snapshots_sent_total",
-            "Snapshots this node sent to followers and they installed.",
+            "Partition-group snapshots this node sent to followers and they installed.",
             snapshots_sent as f64,
         ),
         (
             "ferry_snapshot_sends_failed_total",
-            "Snapshot sends given up part way (openraft starts them again).",
+            "Partition-group snapshot sends given up part way (openraft starts them again).",
             snapshots_failed as f64,
         ),
         (

@@ -1,14 +1,16 @@
 //! The measured write load of partition groups: events appended per second, smoothed over
 //! about six samples (a minute by default), as a plain meter fed the groups' totals and the
-//! time. Every replica applies every event, so any replica measures its group's load; the
-//! metadata leader asks the region's nodes for theirs when it plans a rebalance
-//! ([`crate::balance::plan_balance`]).
+//! time. A group's leader measures it, from samples taken while it led: a replica catching
+//! up (a new one installing a snapshot, a follower replaying its log) applies a backlog that
+//! is not the group's write rate. The metadata leader asks the region's nodes for their
+//! groups' loads when it plans a rebalance ([`crate::balance::plan_balance`]).
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use ferry_net::Transport;
 use ferry_proto::NodeId;
+use openraft::async_runtime::WatchReceiver;
 use serde::{Deserialize, Serialize};
 
 use crate::balance::Loads;
@@ -53,9 +55,21 @@ impl LoadMeter {
     }
 
     /// Records that `group` of `topic` has appended `total` events so far (the sum of its
-    /// partitions' high watermarks), at `now`.
-    pub(crate) fn observe(&mut self, topic: &str, group: u32, total: u64, now: Instant) {
+    /// partitions' high watermarks), at `now`, and whether this node leads it. A group it does
+    /// not lead is forgotten: a rate starts from two samples taken while leading.
+    pub(crate) fn observe(
+        &mut self,
+        topic: &str,
+        group: u32,
+        total: u64,
+        leading: bool,
+        now: Instant,
+    ) {
         let key = (topic.to_string(), group);
+        if !leading {
+            self.groups.remove(&key);
+            return;
+        }
         let Some(last) = self.groups.get_mut(&key) else {
             self.groups.insert(
                 key,
@@ -109,8 +123,8 @@ impl LoadMeter {
     }
 }
 
-/// Merges reports from several nodes: a group's load is the highest any replica reported (a
-/// replica that joined lately reports less, or nothing).
+/// Merges reports from several nodes: a group's load is the highest reported (its leader
+/// reports it; two reports come only from a leadership change between samples).
 pub(crate) fn merge(reports: impl IntoIterator<Item = GroupLoad>) -> BTreeMap<(String, u32), f64> {
     let mut merged: BTreeMap<(String, u32), f64> = BTreeMap::new();
     for r in reports {
@@ -129,25 +143,27 @@ impl<T: Transport> Node<T> {
 
     fn sample_loads(&self) {
         let now = Instant::now();
-        let totals: Vec<(String, u32, u64)> = self
+        let me = self.inner.id;
+        let totals: Vec<(String, u32, u64, bool)> = self
             .partition_groups()
             .into_iter()
             .filter_map(|(name, g)| {
                 let (topic, group) = name.rsplit_once('/')?;
                 let total = g.views.all().values().map(|v| v.watermarks().high).sum();
-                Some((topic.to_string(), group.parse().ok()?, total))
+                let leading = g.raft.metrics().borrow_watched().current_leader == Some(me);
+                Some((topic.to_string(), group.parse().ok()?, total, leading))
             })
             .collect();
         let Ok(mut meter) = self.inner.load_meter.lock() else {
             return;
         };
-        for (topic, group, total) in &totals {
-            meter.observe(topic, *group, *total, now);
+        for (topic, group, total, leading) in &totals {
+            meter.observe(topic, *group, *total, *leading, now);
         }
-        meter.retain(|topic, group| totals.iter().any(|(t, g, _)| t == topic && *g == group));
+        meter.retain(|topic, group| totals.iter().any(|(t, g, _, _)| t == topic && *g == group));
     }
 
-    /// The measured load of the groups this node hosts.
+    /// The measured load of the groups this node leads.
     pub(crate) fn hosted_loads(&self) -> Vec<GroupLoad> {
         self.inner
             .load_meter
@@ -205,16 +221,16 @@ mod tests {
         let start = Instant::now();
         let second = Duration::from_secs(1);
         let mut meter = LoadMeter::new(second);
-        meter.observe("t", 0, 100, start);
+        meter.observe("t", 0, 100, true, start);
         assert!(meter.loads().is_empty());
-        meter.observe("t", 0, 1_100, start + second);
+        meter.observe("t", 0, 1_100, true, start + second);
         assert_eq!(meter.loads()[0].events_per_sec, 1_000.0);
         // Idle from now on: the rate decays, by about a sixth a sample.
-        meter.observe("t", 0, 1_100, start + 2 * second);
+        meter.observe("t", 0, 1_100, true, start + 2 * second);
         let decayed = meter.loads()[0].events_per_sec;
         assert!((840.0..850.0).contains(&decayed), "{decayed}");
         for s in 3..40 {
-            meter.observe("t", 0, 1_100, start + s * second);
+            meter.observe("t", 0, 1_100, true, start + s * second);
         }
         assert!(meter.loads()[0].events_per_sec < 2.0);
     }
@@ -224,15 +240,34 @@ mod tests {
         let start = Instant::now();
         let second = Duration::from_secs(1);
         let mut meter = LoadMeter::new(second);
-        meter.observe("t", 0, 500, start);
-        meter.observe("t", 0, 600, start + second);
-        meter.observe("t", 1, 10, start + second);
+        meter.observe("t", 0, 500, true, start);
+        meter.observe("t", 0, 600, true, start + second);
+        meter.observe("t", 1, 10, true, start + second);
         // Group 0's replica here was recreated: its total is below the last one.
-        meter.observe("t", 0, 5, start + 2 * second);
+        meter.observe("t", 0, 5, true, start + 2 * second);
         assert!(meter.loads().is_empty());
-        meter.observe("t", 0, 15, start + 3 * second);
+        meter.observe("t", 0, 15, true, start + 3 * second);
         assert_eq!(meter.loads()[0].events_per_sec, 10.0);
         meter.retain(|_, group| group == 1);
+        assert!(meter.loads().is_empty());
+    }
+
+    #[test]
+    fn only_samples_taken_while_leading_make_a_rate() {
+        let start = Instant::now();
+        let second = Duration::from_secs(1);
+        let mut meter = LoadMeter::new(second);
+        // A follower replaying a backlog: nothing reported.
+        meter.observe("t", 0, 0, false, start);
+        meter.observe("t", 0, 50_000, false, start + second);
+        assert!(meter.loads().is_empty());
+        // It leads from here: the backlog is not counted, only what came after.
+        meter.observe("t", 0, 90_000, true, start + 2 * second);
+        assert!(meter.loads().is_empty());
+        meter.observe("t", 0, 90_020, true, start + 3 * second);
+        assert_eq!(meter.loads()[0].events_per_sec, 20.0);
+        // Leadership lost: forgotten.
+        meter.observe("t", 0, 90_040, false, start + 4 * second);
         assert!(meter.loads().is_empty());
     }
 

@@ -1,7 +1,9 @@
 //! Replica moves: a topic's Raft group gives its replica on one node to another, online.
 //! A move is recorded in the metadata group ([`ReplicaMove`]); the target node then runs the
-//! group (empty, uninitialised) and the group's leader carries the move out, one idempotent
-//! step per round ([`next_step`]): add the target as a learner, wait until it holds the log
+//! group (empty, uninitialised, or the replica it still held) and the group's leader carries
+//! the move out, one idempotent step per round ([`next_step`]): once the target says it runs
+//! the group as the move's target ([`Node::ready_for_replica`]), add it as a learner, wait
+//! until it holds the log
 //! (a snapshot streamed from the batch files, then the tail), hand leadership over if the
 //! leader is the node leaving, replace the leaving voter by the target in one joint change
 //! (the group never has fewer voters than before), and record the move as done, which
@@ -376,15 +378,23 @@ impl<T: Transport> Node<T> {
             }
             return;
         }
-        for m in plan {
-            let free = |n: &NodeId| busy.get(n).copied().unwrap_or(0) < max;
+        // A swap of load (two moves, each the other's reverse, one after the other) is
+        // recorded whole or not at all, so counts stay even.
+        let mut plan = plan.into_iter().peekable();
+        while let Some(m) = plan.next() {
+            let pair = plan
+                .next_if(|n| (n.from, n.to) == (m.to, m.from))
+                .map_or_else(|| vec![m.clone()], |n| vec![m.clone(), n]);
+            let free = |n: &NodeId| busy.get(n).copied().unwrap_or(0) + pair.len() <= max;
             if !free(&m.from) || !free(&m.to) {
                 continue;
             }
-            *busy.entry(m.from).or_default() += 1;
-            *busy.entry(m.to).or_default() += 1;
-            if !self.record_move(m, "balancing").await {
-                return;
+            for m in pair {
+                *busy.entry(m.from).or_default() += 1;
+                *busy.entry(m.to).or_default() += 1;
+                if !self.record_move(m, "balancing").await {
+                    return;
+                }
             }
         }
     }
@@ -597,6 +607,10 @@ impl<T: Transport> Node<T> {
     async fn target_ready(&self, m: &ReplicaMove) -> bool {
         if m.to == self.inner.id {
             return self.ready_for_replica(&m.topic, m.group).await;
+        }
+        // A target that stopped answering would hold up every round by the deadline.
+        if self.inner.quiescence.lock().is_ok_and(|q| q.is_down(m.to)) {
+            return false;
         }
         let ask = PeerRequest::ReadyForReplica {
             topic: m.topic.clone(),

@@ -591,9 +591,13 @@ impl<T: Transport> Node<T> {
         if !targeted {
             return false;
         }
-        if let Err(e) = self.reconcile().await {
-            tracing::warn!(topic, group, error = %e, "starting a group moving here");
-            return false;
+        // In a task of its own: the asker's deadline must not cut a pass short between
+        // starting a group and recording it.
+        let node = self.clone();
+        match tokio::spawn(async move { node.reconcile().await }).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(topic, group, error = %e, "starting partition groups"),
+            Err(e) => tracing::warn!(topic, group, error = %e, "starting partition groups"),
         }
         let name = partition_group(topic, group);
         self.inner

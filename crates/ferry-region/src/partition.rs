@@ -1578,8 +1578,11 @@ impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
     }
 
     async fn try_create_snapshot_builder(&mut self, force: bool) -> Option<Self::SnapshotBuilder> {
-        if !force && self.compaction.as_ref().is_some_and(|g| !g.allows_build()) {
-            return None;
+        if let (false, Some(gate)) = (force, &self.compaction) {
+            let applied = self.inner.lock().await.applied.0.map_or(0, |l| l.index);
+            if !gate.allows_build(applied) {
+                return None;
+            }
         }
         Some(self.clone())
     }

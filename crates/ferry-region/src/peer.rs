@@ -218,7 +218,7 @@ pub struct Router<T> {
     snapshot_stats: Arc<SnapshotStats>,
 }
 
-/// Snapshots this node sent to followers, since it started.
+/// Partition-group snapshots this node sent to followers, since it started.
 #[derive(Debug, Default)]
 pub(crate) struct SnapshotStats {
     /// Sent whole and installed by the follower.
@@ -570,6 +570,8 @@ impl<T: Transport> GroupRouter<TypeConfig, GroupId> for Router<T> {
         let started = std::time::Instant::now();
         let sent = Arc::new(AtomicU64::new(0));
         let progress = sent.clone();
+        // Partition groups' snapshots only: the metadata group's are small and whole.
+        let counted = group != crate::META_GROUP;
         let stats = self.snapshot_stats.clone();
         let failures = self.snapshot_stats.clone();
         let send_all = async move {
@@ -623,7 +625,9 @@ impl<T: Transport> GroupRouter<TypeConfig, GroupId> for Router<T> {
                     PeerResponse::ChunkAccepted if end < total => offset = end,
                     PeerResponse::Snapshot(r) if end == total => {
                         tracing::info!(group = %group, target, bytes = total, took = ?started.elapsed(), "snapshot sent and installed");
-                        stats.sent.fetch_add(1, Ordering::Relaxed);
+                        if counted {
+                            stats.sent.fetch_add(1, Ordering::Relaxed);
+                        }
                         return Ok(r);
                     }
                     _ => return Err(unexpected()),
@@ -634,7 +638,9 @@ impl<T: Transport> GroupRouter<TypeConfig, GroupId> for Router<T> {
         tokio::select! {
             closed = cancel => Err(StreamingError::Closed(closed)),
             result = send_all => result.inspect_err(|e| {
-                failures.failed.fetch_add(1, Ordering::Relaxed);
+                if counted {
+                    failures.failed.fetch_add(1, Ordering::Relaxed);
+                }
                 tracing::warn!(
                     group = %group_name,
                     target,
