@@ -3,18 +3,65 @@
 
 use std::time::Duration;
 
-use ferry_client::{Client, ClientOptions, ProducerOptions, StartFrom};
-use ferry_proto::{Event, Subject, TopicConfig};
+use ferry_client::{Client, ClientOptions, Producer, ProducerOptions, StartFrom};
+use ferry_proto::{Event, NodeId, Subject, TopicConfig};
 use ferry_region::RaftTuning;
 use ferry_tests::{identity, TestRegion};
 use openraft::async_runtime::WatchReceiver;
+
+/// Three nodes whose logs keep little (a snapshot every 20 entries, 5 entries kept behind it)
+/// and whose snapshots travel in 1 KiB pieces (many messages); topic `ledger` of one
+/// partition with one follower stopped; and a producer that makes each event its own Raft
+/// entry. Answers the region, the partition's leader, the stopped follower and the producer.
+async fn region_with_a_stopped_follower() -> (TestRegion, NodeId, NodeId, Producer) {
+    let mut region = TestRegion::start_with(3, |config| {
+        config.raft = RaftTuning {
+            snapshot_after_entries: 20,
+            keep_after_snapshot: 5,
+            snapshot_chunk_bytes: 1024,
+            ..RaftTuning::default()
+        };
+    })
+    .await;
+    region.create_topic(TopicConfig::new("ledger", 1)).await;
+    let leader = region.leader_of("ledger", 0).await.unwrap();
+    let lagging = (1..=3).find(|id| *id != leader).unwrap();
+    region.stop(lagging).await;
+    let options = ProducerOptions {
+        max_batch_events: 1,
+        ..ProducerOptions::default()
+    };
+    let producer = region.client().producer("ledger", options).await.unwrap();
+    (region, leader, lagging, producer)
+}
+
+/// Reads `ledger` from node `id` alone (a subscription is served from the local replica, so
+/// it shows what that node holds) and checks it holds events `l0` to `l{count - 1}` in order.
+async fn read_all_from(region: &TestRegion, id: NodeId, count: u64) {
+    let addr = region.configs[(id - 1) as usize].listen_addr().unwrap();
+    let mut options =
+        ClientOptions::new(vec![addr], identity(&region.certs(), "client-test-client"));
+    options.request_timeout = Duration::from_secs(5);
+    let reader = Client::new(options).unwrap();
+    let mut sub = reader
+        .subscribe("ledger", 0, StartFrom::Earliest)
+        .await
+        .unwrap();
+    for i in 0..count {
+        let (offset, event) = tokio::time::timeout(Duration::from_secs(30), sub.next())
+            .await
+            .unwrap_or_else(|_| panic!("node {id} did not serve offset {i} in time"))
+            .unwrap();
+        assert_eq!((offset, event.id.as_str()), (i, format!("l{i}").as_str()));
+    }
+}
 
 /// Publishes `event(i)` from `from` on, one Raft entry each, until `leader` has purged its
 /// log past entry 50 (at most 10,000 events, 60 s). A follower stopped before keeps the
 /// leader from building snapshots (and so purging) for a few seconds: it counts as live until
 /// its last acknowledgement is `4 x election_max_ms` old. Answers the next number to write.
 async fn write_until_purged(
-    producer: &ferry_client::Producer,
+    producer: &Producer,
     leader: &ferry_region::PartitionRaft,
     from: u64,
     event: impl Fn(u64) -> Event,
@@ -39,28 +86,7 @@ async fn write_until_purged(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lagging_follower_catches_up_from_a_snapshot() {
-    let mut region = TestRegion::start_with(3, |config| {
-        config.raft = RaftTuning {
-            snapshot_after_entries: 20,
-            keep_after_snapshot: 5,
-            // Small pieces, so the snapshot travels in many messages.
-            snapshot_chunk_bytes: 1024,
-            ..RaftTuning::default()
-        };
-    })
-    .await;
-    region.create_topic(TopicConfig::new("ledger", 1)).await;
-    let leader = region.leader_of("ledger", 0).await.unwrap();
-    let lagging = (1..=3).find(|id| *id != leader).unwrap();
-    region.stop(lagging).await;
-
-    // One event per batch, so each is its own Raft entry: far more entries than the log keeps.
-    let client = region.client();
-    let options = ProducerOptions {
-        max_batch_events: 1,
-        ..ProducerOptions::default()
-    };
-    let producer = client.producer("ledger", options).await.unwrap();
+    let (mut region, leader, lagging, producer) = region_with_a_stopped_follower().await;
     let subject = Subject::new("ledger.entry").unwrap();
     let event = |i: u64| {
         Event::new(
@@ -84,26 +110,7 @@ async fn a_lagging_follower_catches_up_from_a_snapshot() {
     let written = write_until_purged(&producer, &raft, 0, event).await;
 
     region.restart(lagging).await;
-    // Read from the restarted follower alone: a subscription is served from the local
-    // replica, so it shows what the follower itself holds.
-    let addr = region.configs[(lagging - 1) as usize]
-        .listen_addr()
-        .unwrap();
-    let mut options =
-        ClientOptions::new(vec![addr], identity(&region.certs(), "client-test-client"));
-    options.request_timeout = Duration::from_secs(5);
-    let follower = Client::new(options).unwrap();
-    let mut sub = follower
-        .subscribe("ledger", 0, StartFrom::Earliest)
-        .await
-        .unwrap();
-    for i in 0..written {
-        let (offset, event) = tokio::time::timeout(Duration::from_secs(30), sub.next())
-            .await
-            .expect("the follower caught up in time")
-            .unwrap();
-        assert_eq!((offset, event.id.as_str()), (i, format!("l{i}").as_str()));
-    }
+    read_all_from(&region, lagging, written).await;
     // What was spooled while the snapshot arrived went once it was installed.
     let incoming = region.configs[(lagging - 1) as usize]
         .data_dir
@@ -131,28 +138,7 @@ fn snapshot_count(region: &TestRegion, which: usize) -> u64 {
 /// writes it gets snapshot after snapshot and never catches up while they last.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_follower_catching_up_under_writes_needs_one_snapshot() {
-    let mut region = TestRegion::start_with(3, |config| {
-        config.raft = RaftTuning {
-            snapshot_after_entries: 20,
-            keep_after_snapshot: 5,
-            // Small pieces of a large snapshot: its transfer outlasts many snapshot intervals
-            // of the writes below.
-            snapshot_chunk_bytes: 1024,
-            ..RaftTuning::default()
-        };
-    })
-    .await;
-    region.create_topic(TopicConfig::new("ledger", 1)).await;
-    let leader = region.leader_of("ledger", 0).await.unwrap();
-    let lagging = (1..=3).find(|id| *id != leader).unwrap();
-    region.stop(lagging).await;
-
-    let client = region.client();
-    let options = ProducerOptions {
-        max_batch_events: 1,
-        ..ProducerOptions::default()
-    };
-    let producer = client.producer("ledger", options).await.unwrap();
+    let (mut region, leader, lagging, producer) = region_with_a_stopped_follower().await;
     let subject = Subject::new("ledger.entry").unwrap();
     let event = |i: u64, size: usize| {
         Event::new(
@@ -223,22 +209,5 @@ async fn a_follower_catching_up_under_writes_needs_one_snapshot() {
     );
 
     // It serves everything, in order.
-    let addr = region.configs[(lagging - 1) as usize]
-        .listen_addr()
-        .unwrap();
-    let mut options =
-        ClientOptions::new(vec![addr], identity(&region.certs(), "client-test-client"));
-    options.request_timeout = Duration::from_secs(5);
-    let reader = Client::new(options).unwrap();
-    let mut sub = reader
-        .subscribe("ledger", 0, StartFrom::Earliest)
-        .await
-        .unwrap();
-    for i in 0..written {
-        let (offset, event) = tokio::time::timeout(Duration::from_secs(30), sub.next())
-            .await
-            .expect("the follower serves what it caught up on")
-            .unwrap();
-        assert_eq!((offset, event.id.as_str()), (i, format!("l{i}").as_str()));
-    }
+    read_all_from(&region, lagging, written).await;
 }

@@ -183,13 +183,38 @@ fn load_extremes(by_node: &BTreeMap<NodeId, (usize, f64)>) -> Option<(NodeId, No
     Some((*most.0, *least.0, mean))
 }
 
-/// Of candidate pairs (`a` leaves the loaded node for the light one, `b` goes the other
-/// way), the one that leaves the two closest in load, if it brings them closer than `gap`.
-fn best_swap(pairs: impl Iterator<Item = (usize, usize, f64)>, gap: f64) -> Option<(usize, usize)> {
-    pairs
+/// The next swap of load, while [`Loads::uneven`] says the node carrying the most (replicas,
+/// or with `leaders` preferred leaderships) and the one carrying the least are worth evening
+/// out: of the groups `eligible(group, on, off)` admits, `a` leaves the loaded node for the
+/// light one and `b` goes the other way, the pair that leaves the two closest, if it brings
+/// them closer at all. Answers (a, b, loaded node, light node).
+fn next_load_swap(
+    groups: &[GroupPlacement],
+    active: &[NodeId],
+    loads: &Loads,
+    leaders: bool,
+    eligible: impl Fn(&GroupPlacement, NodeId, NodeId) -> bool,
+) -> Option<(usize, usize, NodeId, NodeId)> {
+    let by_node = node_loads(groups, active, loads, leaders);
+    let (most, least, mean) = load_extremes(&by_node)?;
+    let (high, low) = (by_node[&most].1, by_node[&least].1);
+    if !loads.uneven(high, low, mean) {
+        return None;
+    }
+    let gap = high - low;
+    let on = |node: NodeId, off: NodeId| -> Vec<usize> {
+        (0..groups.len())
+            .filter(|i| eligible(&groups[*i], node, off))
+            .collect()
+    };
+    let (heavy, light) = (on(most, least), on(least, most));
+    heavy
+        .iter()
+        .flat_map(|a| light.iter().map(move |b| (*a, *b)))
+        .map(|(a, b)| (a, b, loads.of(&groups[a]) - loads.of(&groups[b])))
         .filter(|(_, _, shift)| *shift > 0.0 && *shift < gap)
         .min_by(|x, y| (gap - 2.0 * x.2).abs().total_cmp(&(gap - 2.0 * y.2).abs()))
-        .map(|(a, b, _)| (a, b))
+        .map(|(a, b, _)| (a, b, most, least))
 }
 
 /// Moves that spread replicas evenly over `active`, after the moves `under_way`; at most
@@ -267,31 +292,12 @@ pub(crate) fn plan_balance(
         if planned.len() + 2 > limit {
             break;
         }
-        let by_node = node_loads(&groups, active, loads, false);
-        let Some((most, least, mean)) = load_extremes(&by_node) else {
-            break;
-        };
-        let gap = by_node[&most].1 - by_node[&least].1;
-        if !loads.uneven(by_node[&most].1, by_node[&least].1, mean) {
-            break;
-        }
         let free = |g: &GroupPlacement, on: NodeId, off: NodeId| {
             g.replicas.contains(&on)
                 && !g.replicas.contains(&off)
                 && !moving.contains(&(g.topic.clone(), g.group))
         };
-        let heavy: Vec<usize> = (0..groups.len())
-            .filter(|i| free(&groups[*i], most, least))
-            .collect();
-        let light: Vec<usize> = (0..groups.len())
-            .filter(|i| free(&groups[*i], least, most))
-            .collect();
-        let pairs = heavy.iter().flat_map(|a| {
-            light
-                .iter()
-                .map(|b| (*a, *b, loads.of(&groups[*a]) - loads.of(&groups[*b])))
-        });
-        let Some((a, b)) = best_swap(pairs, gap) else {
+        let Some((a, b, most, least)) = next_load_swap(&groups, active, loads, false, free) else {
             break;
         };
         for (at, from, to) in [(a, most, least), (b, least, most)] {
@@ -347,30 +353,10 @@ pub(crate) fn plan_leaders(
         changed.insert(at);
     }
     for _ in 0..groups.len() {
-        let first = node_loads(&groups, active, loads, true);
-        let Some((most, least, mean)) = load_extremes(&first) else {
-            break;
+        let leads = |g: &GroupPlacement, on: NodeId, off: NodeId| {
+            g.replicas.first() == Some(&on) && g.replicas.contains(&off)
         };
-        let gap = first[&most].1 - first[&least].1;
-        if !loads.uneven(first[&most].1, first[&least].1, mean) {
-            break;
-        }
-        let led_by = |node: NodeId, other: NodeId| -> Vec<usize> {
-            (0..groups.len())
-                .filter(|i| {
-                    groups[*i].replicas.first() == Some(&node)
-                        && groups[*i].replicas.contains(&other)
-                })
-                .collect()
-        };
-        let heavy = led_by(most, least);
-        let light = led_by(least, most);
-        let pairs = heavy.iter().flat_map(|a| {
-            light
-                .iter()
-                .map(|b| (*a, *b, loads.of(&groups[*a]) - loads.of(&groups[*b])))
-        });
-        let Some((a, b)) = best_swap(pairs, gap) else {
+        let Some((a, b, most, least)) = next_load_swap(&groups, active, loads, true, leads) else {
             break;
         };
         prefer(&mut groups[a], least);

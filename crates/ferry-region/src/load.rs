@@ -9,7 +9,6 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use ferry_net::Transport;
-use ferry_proto::NodeId;
 use openraft::async_runtime::WatchReceiver;
 use serde::{Deserialize, Serialize};
 
@@ -182,26 +181,15 @@ impl<T: Transport> Node<T> {
                 return loads.clone();
             }
         }
-        let peers: Vec<NodeId> = self
-            .region_members()
-            .iter()
-            .map(|m| m.id)
-            .filter(|id| *id != self.inner.id)
-            .collect();
-        let asks = peers.into_iter().map(|peer| async move {
-            let answer = tokio::time::timeout(
-                Duration::from_secs(2),
-                self.inner.router.call(peer, &PeerRequest::GroupLoads),
-            )
-            .await;
-            match answer {
-                Ok(Ok(PeerResponse::GroupLoads(list))) => list,
-                _ => Vec::new(),
-            }
-        });
         let mut reports = self.hosted_loads();
-        for list in futures::future::join_all(asks).await {
-            reports.extend(list);
+        let patience = Duration::from_secs(2);
+        for answer in self
+            .ask_other_members(&PeerRequest::GroupLoads, patience)
+            .await
+        {
+            if let PeerResponse::GroupLoads(list) = answer {
+                reports.extend(list);
+            }
         }
         let loads = Loads {
             per_group: merge(reports),

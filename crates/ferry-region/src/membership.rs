@@ -142,6 +142,31 @@ impl<T: Transport> Node<T> {
         members
     }
 
+    /// Asks every other member of the region `request` at once, each for up to `patience`;
+    /// answers the replies that came (a member that failed or was too slow adds none).
+    pub(crate) async fn ask_other_members(
+        &self,
+        request: &PeerRequest,
+        patience: Duration,
+    ) -> Vec<PeerResponse> {
+        let peers = self
+            .region_members()
+            .into_iter()
+            .map(|m| m.id)
+            .filter(|id| *id != self.inner.id);
+        let asks = peers.map(|peer| async move {
+            tokio::time::timeout(patience, self.inner.router.call(peer, request))
+                .await
+                .ok()?
+                .ok()
+        });
+        futures::future::join_all(asks)
+            .await
+            .into_iter()
+            .flatten()
+            .collect()
+    }
+
     /// The ids of the region's nodes that take new replicas (members not draining).
     pub(crate) fn placement_nodes(&self) -> Vec<NodeId> {
         let draining = self.inner.meta_view.draining();

@@ -608,10 +608,6 @@ impl<T: Transport> Node<T> {
         if m.to == self.inner.id {
             return self.ready_for_replica(&m.topic, m.group).await;
         }
-        // A target that stopped answering would hold up every round by the deadline.
-        if self.inner.quiescence.lock().is_ok_and(|q| q.is_down(m.to)) {
-            return false;
-        }
         let ask = PeerRequest::ReadyForReplica {
             topic: m.topic.clone(),
             group: m.group,

@@ -840,25 +840,13 @@ impl<T: Transport> Node<T> {
             .collect();
         interests.sort();
         report.interests = interests;
-        let peers: Vec<_> = self
-            .region_members()
-            .iter()
-            .map(|m| m.id)
-            .filter(|id| *id != self.inner.id)
-            .collect();
-        let asks = peers.into_iter().map(|peer| async move {
-            let answer = tokio::time::timeout(
-                Duration::from_secs(2),
-                self.inner.router.call(peer, &PeerRequest::ForwardingStatus),
-            )
-            .await;
-            match answer {
-                Ok(Ok(PeerResponse::ForwardingStatus(list))) => list,
-                _ => Vec::new(),
+        for answer in self
+            .ask_other_members(&PeerRequest::ForwardingStatus, Duration::from_secs(2))
+            .await
+        {
+            if let PeerResponse::ForwardingStatus(list) = answer {
+                report.forwarding.extend(list);
             }
-        });
-        for list in futures::future::join_all(asks).await {
-            report.forwarding.extend(list);
         }
         report.forwarding.sort_by(|a, b| {
             (&a.topic, a.partition, &a.destination).cmp(&(&b.topic, b.partition, &b.destination))
