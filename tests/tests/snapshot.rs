@@ -5,15 +5,16 @@ use std::time::Duration;
 
 use ferry_client::{Client, ClientOptions, Producer, ProducerOptions, StartFrom};
 use ferry_proto::{Event, NodeId, Subject, TopicConfig};
-use ferry_region::RaftTuning;
+use ferry_region::{PartitionRaft, RaftTuning};
 use ferry_tests::{identity, TestRegion};
 use openraft::async_runtime::WatchReceiver;
 
 /// Three nodes whose logs keep little (a snapshot every 20 entries, 5 entries kept behind it)
 /// and whose snapshots travel in 1 KiB pieces (many messages); topic `ledger` of one
 /// partition with one follower stopped; and a producer that makes each event its own Raft
-/// entry. Answers the region, the partition's leader, the stopped follower and the producer.
-async fn region_with_a_stopped_follower() -> (TestRegion, NodeId, NodeId, Producer) {
+/// entry. Answers the region, the Raft of the partition's leader, the stopped follower and
+/// the producer.
+async fn region_with_a_stopped_follower() -> (TestRegion, PartitionRaft, NodeId, Producer) {
     let mut region = TestRegion::start_with(3, |config| {
         config.raft = RaftTuning {
             snapshot_after_entries: 20,
@@ -32,7 +33,15 @@ async fn region_with_a_stopped_follower() -> (TestRegion, NodeId, NodeId, Produc
         ..ProducerOptions::default()
     };
     let producer = region.client().producer("ledger", options).await.unwrap();
-    (region, leader, lagging, producer)
+    let raft = region
+        .node(leader)
+        .unwrap()
+        .node()
+        .partition("ledger", 0)
+        .unwrap()
+        .raft()
+        .clone();
+    (region, raft, lagging, producer)
 }
 
 /// Reads `ledger` from node `id` alone (a subscription is served from the local replica, so
@@ -62,7 +71,7 @@ async fn read_all_from(region: &TestRegion, id: NodeId, count: u64) {
 /// its last acknowledgement is `4 x election_max_ms` old. Answers the next number to write.
 async fn write_until_purged(
     producer: &Producer,
-    leader: &ferry_region::PartitionRaft,
+    leader: &PartitionRaft,
     from: u64,
     event: impl Fn(u64) -> Event,
 ) -> u64 {
@@ -86,7 +95,7 @@ async fn write_until_purged(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lagging_follower_catches_up_from_a_snapshot() {
-    let (mut region, leader, lagging, producer) = region_with_a_stopped_follower().await;
+    let (mut region, raft, lagging, producer) = region_with_a_stopped_follower().await;
     let subject = Subject::new("ledger.entry").unwrap();
     let event = |i: u64| {
         Event::new(
@@ -99,14 +108,6 @@ async fn a_lagging_follower_catches_up_from_a_snapshot() {
     };
     // Until the leader has purged entries the stopped follower never received, so only a
     // snapshot can bring it up to date.
-    let raft = region
-        .node(leader)
-        .unwrap()
-        .node()
-        .partition("ledger", 0)
-        .unwrap()
-        .raft()
-        .clone();
     let written = write_until_purged(&producer, &raft, 0, event).await;
 
     region.restart(lagging).await;
@@ -138,7 +139,7 @@ fn snapshot_count(region: &TestRegion, which: usize) -> u64 {
 /// writes it gets snapshot after snapshot and never catches up while they last.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_follower_catching_up_under_writes_needs_one_snapshot() {
-    let (mut region, leader, lagging, producer) = region_with_a_stopped_follower().await;
+    let (mut region, raft, lagging, producer) = region_with_a_stopped_follower().await;
     let subject = Subject::new("ledger.entry").unwrap();
     let event = |i: u64, size: usize| {
         Event::new(
@@ -153,14 +154,6 @@ async fn a_follower_catching_up_under_writes_needs_one_snapshot() {
     for i in 0..100 {
         producer.publish(event(i, 16 * 1024)).await.unwrap();
     }
-    let raft = region
-        .node(leader)
-        .unwrap()
-        .node()
-        .partition("ledger", 0)
-        .unwrap()
-        .raft()
-        .clone();
     let mut written = write_until_purged(&producer, &raft, 100, |i| event(i, 100)).await;
     let sent_before = snapshot_count(&region, 0);
     let deferred_before = snapshot_count(&region, 2);
