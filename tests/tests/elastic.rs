@@ -8,7 +8,7 @@ use ferry_client::{Client, ClientOptions, ProducerOptions, StartFrom};
 use ferry_proto::wire::NodeInfo;
 use ferry_proto::{Event, NodeId, Subject, TopicConfig};
 use ferry_region::RaftTuning;
-use ferry_tests::{identity, TestRegion};
+use ferry_tests::{identity, wait_until, TestRegion};
 use tokio::time::Instant;
 
 async fn publish(client: &Client, topic: &str, from: u64, count: u64) {
@@ -139,6 +139,20 @@ async fn nodes_join_replicas_move_and_a_drained_node_leaves_with_nothing_lost() 
     region.join(4).await.expect("node 4 joins");
     let nodes = wait_nodes(&client, "node 4 listed", |n| n.iter().any(|n| n.id == 4)).await;
     assert_eq!(nodes.iter().filter(|n| n.voter).count(), 3, "{nodes:?}");
+    // The nodes there before ask node 4 whether it is up, as they ask each other: one never
+    // heard from would be counted down, its groups woken and never handed leadership.
+    for id in [1, 2, 3] {
+        let node = region.node(id).expect("running").node().clone();
+        wait_until(
+            &format!("node {id} hearing node 4 answer"),
+            Duration::from_secs(30),
+            || {
+                let node = node.clone();
+                async move { node.peer_up_for(4).is_some() }
+            },
+        )
+        .await;
+    }
 
     // Bad input changes nothing.
     let placed = |d: &ferry_proto::wire::TopicDescription| {

@@ -168,6 +168,11 @@ async fn metrics<T: Transport>(State(node): State<Node<T>>) -> String {
             node.partitions_asleep() as u64,
         ),
         (
+            "ferry_peers_down",
+            "Other members of the region this node counts down: silent, or no answer to whether they are up, for four election timeouts.",
+            node.peers_down().len() as u64,
+        ),
+        (
             "ferry_region_nodes",
             "Nodes of the region (members of its metadata group).",
             node.region_members().len() as u64,

@@ -1,9 +1,10 @@
-//! Drives [`super::Quiescence`] for a node: every heartbeat interval it asks each peer node whether
-//! it is up, looks at what the transport received from each, acts on what changed, and asks
-//! the followers of idle groups this node leads to sleep. Also answers those asks
-//! ([`Node::sleep_asked`]).
+//! Drives [`super::Quiescence`] for a node: every heartbeat interval it asks each peer node
+//! (members that joined later too) whether it is up, looks at what the transport received
+//! from each, acts on what changed, and asks the followers of idle groups this node leads to
+//! sleep. Also answers those asks ([`Node::sleep_asked`]).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ferry_net::Transport;
@@ -17,8 +18,8 @@ use crate::mesh::lock;
 use crate::node::{Node, PartitionGroup};
 use crate::peer::{PeerRequest, PeerResponse};
 
-/// Starts the node's quiescence: one task per peer node asking it every heartbeat interval
-/// whether it is up, and the rounds that put idle groups to sleep and wake the groups of
+/// Starts the node's quiescence: a round every heartbeat interval asking each peer node (the
+/// members of the moment) whether it is up, and the rounds that put idle groups to sleep and wake the groups of
 /// peers that went down or came back (none when `raft.quiesce_after_ms` is 0). They end with
 /// the node.
 pub(crate) fn spawn<T: Transport>(node: &Node<T>) {
@@ -30,20 +31,12 @@ pub(crate) fn spawn<T: Transport>(node: &Node<T>) {
     // A peer that sends packets is counted down only after it answered nothing for four
     // election timeouts (`down_unanswered`): a loaded peer's late answer still counts.
     let patience = Duration::from_millis(raft.election_max_ms * 4);
-    let peers: Vec<NodeId> = lock(&node.inner.quiescence).peers().collect();
-    for peer in peers {
-        node.spawn_every(every, move |node| async move {
-            let request = PeerRequest::Alive {
-                boot: node.inner.boot,
-            };
-            let call = node.inner.router.call(peer, &request);
-            if let Ok(Ok(PeerResponse::Alive { boot })) = tokio::time::timeout(patience, call).await
-            {
-                let actions = lock(&node.inner.quiescence).heard(peer, boot, Instant::now());
-                node.act(actions);
-            }
-        });
-    }
+    // The peers asked now: one ask per peer at a time, however long a silent one keeps it.
+    let asking: Arc<Mutex<BTreeSet<NodeId>>> = Arc::default();
+    node.spawn_every(every, move |node| {
+        let asking = asking.clone();
+        async move { node.ask_peers_alive(&asking, patience) }
+    });
     // Thousands of asks in one request may take a loaded follower a while.
     let asks_patience = Duration::from_millis(raft.election_min_ms);
     node.spawn_every(every, move |node| async move {
@@ -86,6 +79,37 @@ fn leader_view(me: NodeId, group: &PartitionGroup) -> Option<(LeaderView, Vec<No
 }
 
 impl<T: Transport> Node<T> {
+    /// Asks every peer the quiescence knows now (members that joined since the start
+    /// included) whether it is up, each on its own task, except those still asked.
+    fn ask_peers_alive(&self, asking: &Arc<Mutex<BTreeSet<NodeId>>>, patience: Duration) {
+        let peers: Vec<NodeId> = lock(&self.inner.quiescence).peers().collect();
+        for peer in peers {
+            if !lock(asking).insert(peer) {
+                continue;
+            }
+            let node = self.clone();
+            let asking = asking.clone();
+            let mut shutdown = self.shutdown_signal();
+            tokio::spawn(async move {
+                let request = PeerRequest::Alive {
+                    boot: node.inner.boot,
+                };
+                let call = tokio::time::timeout(patience, node.inner.router.call(peer, &request));
+                tokio::select! {
+                    answer = call => {
+                        if let Ok(Ok(PeerResponse::Alive { boot })) = answer {
+                            let actions =
+                                lock(&node.inner.quiescence).heard(peer, boot, Instant::now());
+                            node.act(actions);
+                        }
+                    }
+                    _ = shutdown.wait_for(|down| *down) => {}
+                }
+                lock(&asking).remove(&peer);
+            });
+        }
+    }
+
     fn act(&self, actions: Vec<Action>) {
         let mut elections = 0;
         for action in actions {
@@ -290,6 +314,17 @@ impl<T: Transport> Node<T> {
         self.inner
             .quiescence_elections
             .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// How long `peer` has answered this node's asks whether it is up without a break (None:
+    /// counted down, not heard yet, or not a member).
+    pub fn peer_up_for(&self, peer: NodeId) -> Option<Duration> {
+        lock(&self.inner.quiescence).up_for(peer, Instant::now())
+    }
+
+    /// The other members of the region this node counts down now.
+    pub fn peers_down(&self) -> Vec<NodeId> {
+        lock(&self.inner.quiescence).down_peers()
     }
 
     /// Partition groups of this node asleep now.
