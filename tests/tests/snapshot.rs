@@ -158,10 +158,25 @@ async fn a_follower_catching_up_under_writes_needs_one_snapshot() {
     let sent_before = snapshot_count(&region, 0);
     let deferred_before = snapshot_count(&region, 2);
 
+    // The link from the leader to the follower is slow (5 ms each way), so the snapshot, in
+    // pieces of 1 KiB a few at a time, takes seconds while the writes go on.
+    let shape = ferry_net::LinkShape {
+        delay: Duration::from_millis(5),
+        ..Default::default()
+    };
+    let follower_addr = region.configs[(lagging - 1) as usize]
+        .listen_addr()
+        .unwrap();
+    let leader = region.leader_of("ledger", 0).await.unwrap();
+    region
+        .node(leader)
+        .unwrap()
+        .faults()
+        .shape(follower_addr, shape);
     region.restart(lagging).await;
     let follower = region.node(lagging).unwrap().node().clone();
     // Writes go on until the follower holds all but the last few entries of the leader's log,
-    // at most 4,000 of them.
+    // at most 10,000 of them.
     let start = written;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
     loop {
@@ -185,7 +200,7 @@ async fn a_follower_catching_up_under_writes_needs_one_snapshot() {
             }
         }
         assert!(
-            written < start + 4_000 && tokio::time::Instant::now() < deadline,
+            written < start + 10_000 && tokio::time::Instant::now() < deadline,
             "the follower did not catch up while {} events were written \
              ({} snapshots sent to it meanwhile; applied: leader {leader_applied:?}, \
              follower {follower_applied:?})",

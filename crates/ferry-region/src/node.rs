@@ -28,7 +28,7 @@ use crate::metadata::{MetaApp, MetaView, TopicState};
 use crate::partition::{GroupViews, PartitionStateMachine, PartitionView};
 use crate::peer::{
     error_response, serve_lanes, GroupNetwork, LaneAnswers, LaneRequests, PeerRequest,
-    PeerResponse, Router,
+    PeerResponse, Router, SNAPSHOT_CHUNK_PATIENCE,
 };
 use crate::quiesce::{Quiescence, Quiet};
 use crate::{NodeConfig, RegionError};
@@ -152,9 +152,6 @@ pub(crate) struct Inner<T> {
     shutdown: watch::Sender<bool>,
     pub(crate) client_connections: tokio::sync::Semaphore,
     pub(crate) commit_latency: LatencyCounter,
-    /// Snapshots being received, per group: (transfer id, the pieces so far, spooled to a
-    /// file in [`INCOMING_SNAPSHOTS`]).
-    snapshot_transfers: Mutex<HashMap<GroupId, (u64, Spool)>>,
     /// Gossip and forwarding (set once the node has started).
     pub(crate) mesh: std::sync::OnceLock<Arc<crate::mesh::Mesh>>,
     /// Identifies this run of the node to its peers (a restart changes it).
@@ -314,7 +311,6 @@ impl<T: Transport> Node<T> {
                 shutdown: watch::channel(false).0,
                 client_connections: tokio::sync::Semaphore::new(max_conns),
                 commit_latency: LatencyCounter::default(),
-                snapshot_transfers: Mutex::new(HashMap::new()),
                 mesh: std::sync::OnceLock::new(),
                 boot,
                 quiescence: Mutex::new(quiescence),
@@ -948,6 +944,19 @@ impl<T: Transport> RpcHandler for PeerHandler<T> {
                 return;
             }
             match decode("peer request", &request) {
+                Ok(PeerRequest::SnapshotStream {
+                    group,
+                    transfer,
+                    total,
+                    vote,
+                    meta,
+                }) => {
+                    let mut shutdown = node.shutdown_signal();
+                    tokio::select! {
+                        () = node.receive_snapshot(group, transfer, total, vote, meta, stream) => {}
+                        _ = shutdown.wait_for(|down| *down) => {}
+                    }
+                }
                 Ok(PeerRequest::Replicate) => {
                     // Ends with the node: an idle stream must not keep it alive.
                     let mut shutdown = node.shutdown_signal();
@@ -984,67 +993,101 @@ macro_rules! dispatch_group {
 }
 
 impl<T: Transport> Node<T> {
-    /// Adds a snapshot piece to the group's transfer. None: more pieces to come; Some: the
-    /// whole snapshot, or why the piece was refused (the sender starts over).
-    fn take_snapshot_chunk(
+    /// Receives a snapshot a group's leader streams ([`PeerRequest::SnapshotStream`]): each
+    /// piece is appended to a spool file in [`INCOMING_SNAPSHOTS`] and acknowledged; once all
+    /// `total` bytes are in, the snapshot is installed from the file and the answer sent. A
+    /// stream that ends early, stalls or sends more than it announced is given up, its file
+    /// deleted; the leader starts over.
+    async fn receive_snapshot(
+        &self,
+        group: GroupId,
+        transfer: u64,
+        total: u64,
+        vote: openraft::type_config::alias::VoteOf<TypeConfig>,
+        meta: openraft::type_config::alias::SnapshotMetaOf<TypeConfig>,
+        stream: PeerStream,
+    ) {
+        let PeerStream {
+            sender,
+            mut receiver,
+        } = stream;
+        let answer = match self
+            .spool_snapshot(&group, transfer, total, &sender, &mut receiver)
+            .await
+        {
+            Err(e) => PeerResponse::Error(e),
+            Ok(spool) => {
+                tracing::info!(%group, bytes = total, "received a snapshot");
+                dispatch_group!(self, group, |raft| {
+                    let snapshot =
+                        openraft::type_config::alias::SnapshotOf::<TypeConfig, SnapshotData> {
+                            meta,
+                            snapshot: spool.finish(),
+                        };
+                    match raft.install_full_snapshot(vote, snapshot).await {
+                        Ok(r) => PeerResponse::Snapshot(r),
+                        Err(e) => PeerResponse::Error(e.to_string()),
+                    }
+                })
+            }
+        };
+        if let Ok(frame) = encode("peer response", &answer) {
+            // The leader may have given up meanwhile: nobody to tell then.
+            let _ = sender.send(frame).await;
+        }
+    }
+
+    /// The pieces of a streamed snapshot, spooled to a file until `total` bytes are in.
+    async fn spool_snapshot(
         &self,
         group: &GroupId,
         transfer: u64,
-        offset: u64,
         total: u64,
-        data: &[u8],
-    ) -> Option<Result<SnapshotData, String>> {
-        // A spool file given up (replaced or refused) is deleted after the lock is released
-        // (deleting a large file takes a while): declared first, it is dropped last.
-        let mut given_up: Vec<Spool> = Vec::new();
-        let Ok(mut transfers) = self.inner.snapshot_transfers.lock() else {
-            return Some(Err("snapshot transfers poisoned".into()));
-        };
-        if offset == 0 {
-            // A transfer that starts over replaces the group's earlier one.
-            given_up.extend(transfers.remove(group).map(|(_, spool)| spool));
-            let path = self
-                .inner
-                .config
-                .data_dir
-                .join(INCOMING_SNAPSHOTS)
-                .join(format!("{transfer:016x}"));
-            match Spool::create(&path) {
-                Ok(spool) => transfers.insert(group.clone(), (transfer, spool)),
-                Err(e) => {
-                    return Some(Err(format!(
-                        "spooling a snapshot of {group} to {}: {e}",
-                        path.display()
-                    )))
+        sender: &ferry_net::StreamSender,
+        receiver: &mut ferry_net::StreamReceiver,
+    ) -> Result<Spool, String> {
+        let path = self
+            .inner
+            .config
+            .data_dir
+            .join(INCOMING_SNAPSHOTS)
+            .join(format!("{transfer:016x}"));
+        let mut spool = Spool::create(&path)
+            .map_err(|e| format!("spooling a snapshot of {group} to {}: {e}", path.display()))?;
+        while spool.len() < total {
+            let piece = match tokio::time::timeout(SNAPSHOT_CHUNK_PATIENCE, receiver.recv()).await
+            {
+                Err(_) => {
+                    return Err(format!(
+                        "no snapshot data for {group} in {SNAPSHOT_CHUNK_PATIENCE:?} after {} of {total} bytes",
+                        spool.len()
+                    ))
                 }
+                Ok(None) => {
+                    return Err(format!(
+                        "the snapshot stream of {group} ended after {} of {total} bytes",
+                        spool.len()
+                    ))
+                }
+                Ok(Some(Err(e))) => return Err(format!("the snapshot stream of {group}: {e}")),
+                Ok(Some(Ok(piece))) => piece,
             };
+            if spool.len() + piece.len() as u64 > total {
+                return Err(format!(
+                    "the snapshot of {group} holds more than the {total} bytes it announced"
+                ));
+            }
+            spool
+                .append(&piece)
+                .map_err(|e| format!("spooling a snapshot of {group}: {e}"))?;
+            let spooled = encode("peer response", &PeerResponse::Spooled(spool.len()))
+                .map_err(|e| e.to_string())?;
+            sender
+                .send(spooled)
+                .await
+                .map_err(|e| format!("the snapshot stream of {group}: {e}"))?;
         }
-        let Some((current, spool)) = transfers.get_mut(group) else {
-            return Some(Err(format!(
-                "snapshot piece at {offset} of {group} without its start"
-            )));
-        };
-        if *current != transfer {
-            // A late piece of a transfer already replaced: the newer one goes on.
-            return Some(Err(format!(
-                "snapshot piece at {offset} of {group} from a replaced transfer"
-            )));
-        }
-        if spool.len() != offset || offset + data.len() as u64 > total {
-            given_up.extend(transfers.remove(group).map(|(_, spool)| spool));
-            return Some(Err(format!(
-                "snapshot piece at {offset} of {group} out of order"
-            )));
-        }
-        if let Err(e) = spool.append(data) {
-            given_up.extend(transfers.remove(group).map(|(_, spool)| spool));
-            return Some(Err(format!("spooling a snapshot of {group}: {e}")));
-        }
-        if spool.len() < total {
-            return None;
-        }
-        tracing::info!(%group, bytes = total, last_piece_at = offset, "received a snapshot");
-        transfers.remove(group).map(|(_, spool)| Ok(spool.finish()))
+        Ok(spool)
     }
 
     /// A partition group this node hosts.
@@ -1105,9 +1148,9 @@ impl<T: Transport> Node<T> {
 
     async fn handle_peer(&self, from: NodeId, request: PeerRequest) -> PeerResponse {
         match request {
-            PeerRequest::Replicate => {
-                PeerResponse::Error("a replication stream is opened as a stream, not called".into())
-            }
+            PeerRequest::Replicate | PeerRequest::SnapshotStream { .. } => PeerResponse::Error(
+                "replication and snapshot streams are opened as streams, not called".into(),
+            ),
             PeerRequest::AppendEntries { group, rpc } => {
                 dispatch_group!(self, group, |raft| match raft.append_entries(rpc).await {
                     Ok(r) => PeerResponse::AppendEntries(r),
@@ -1134,36 +1177,6 @@ impl<T: Transport> Node<T> {
                 dispatch_group!(self, group, |raft| match raft.pre_vote(rpc).await {
                     Ok(r) => PeerResponse::Vote(r),
                     Err(e) => PeerResponse::Error(e.to_string()),
-                })
-            }
-            PeerRequest::SnapshotChunk {
-                group,
-                transfer,
-                offset,
-                total,
-                vote,
-                meta,
-                data,
-            } => {
-                let Some(complete) =
-                    self.take_snapshot_chunk(&group, transfer, offset, total, &data)
-                else {
-                    return PeerResponse::ChunkAccepted;
-                };
-                let complete = match complete {
-                    Ok(data) => data,
-                    Err(e) => return PeerResponse::Error(e),
-                };
-                dispatch_group!(self, group, |raft| {
-                    let snapshot =
-                        openraft::type_config::alias::SnapshotOf::<TypeConfig, SnapshotData> {
-                            meta,
-                            snapshot: complete,
-                        };
-                    match raft.install_full_snapshot(vote, snapshot).await {
-                        Ok(r) => PeerResponse::Snapshot(r),
-                        Err(e) => PeerResponse::Error(e.to_string()),
-                    }
                 })
             }
             PeerRequest::Client(request) => {

@@ -99,6 +99,12 @@ impl SnapshotData {
 
     /// Up to `max` (at least 1) bytes of the source's next pieces.
     fn gather(&mut self, max: usize) -> io::Result<Bytes> {
+        // Sized once, on the first copy, for what this chunk can hold (not grown by doubling,
+        // each step another allocation of another size), yet never for more than is left.
+        let left = self
+            .total
+            .map_or(max as u64, |t| t.saturating_sub(self.read));
+        let size = max.min(usize::try_from(left).unwrap_or(max));
         let mut out = BytesMut::new();
         while out.len() < max {
             if self.pending.is_empty() {
@@ -114,6 +120,9 @@ impl SnapshotData {
             if out.is_empty() && part.len() == max {
                 // A piece that fills the chunk by itself goes without a copy.
                 return Ok(part);
+            }
+            if out.capacity() == 0 {
+                out.reserve(size.max(part.len()));
             }
             out.extend_from_slice(&part);
         }
