@@ -18,7 +18,7 @@
 //!   (gossip seeds, nodes of other regions), by address
 //!   ([`Transport::call_addr`]; same authentication, same wire format). Where
 //!   requests must not wait for each other's replies (Raft's replication
-//!   pipeline), a peer stream ([`Transport::open_stream`], [`PeerStream`])
+//!   pipeline, a snapshot's pieces), a peer stream ([`Transport::open_stream`], [`PeerStream`])
 //!   carries ordered frames both ways on one QUIC stream. The
 //!   answering side implements [`RpcHandler`] and runs [`serve`], which
 //!   dispatches each accepted connection by ALPN: [`ALPN_PEER`] connections
@@ -81,7 +81,7 @@ pub use stream::{PeerStream, StreamReceiver, StreamSender};
 pub type NodeId = u64;
 
 /// ALPN protocol id for node-to-node (peer RPC) connections.
-pub const ALPN_PEER: &[u8] = b"ferry-peer/10";
+pub const ALPN_PEER: &[u8] = b"ferry-peer/11";
 
 /// ALPN protocol id for client-to-node connections.
 pub const ALPN_CLIENT: &[u8] = b"ferry-client/4";

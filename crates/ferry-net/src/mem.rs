@@ -218,16 +218,7 @@ impl MemTransport {
 
 impl Transport for MemTransport {
     async fn call(&self, to: NodeId, request: Bytes) -> Result<Bytes, NetError> {
-        self.call_within(to, request, self.opts.request_timeout)
-            .await
-    }
-
-    async fn call_within(
-        &self,
-        to: NodeId,
-        request: Bytes,
-        within: std::time::Duration,
-    ) -> Result<Bytes, NetError> {
+        let within = self.opts.request_timeout;
         let addr = self.address_of(to);
         self.check_link(to, addr)?;
         let faults = &self.opts.faults;

@@ -456,15 +456,6 @@ impl Transport for QuicTransport {
         self.call_target(Target::Node(to), request, after).await
     }
 
-    async fn call_within(
-        &self,
-        to: NodeId,
-        request: Bytes,
-        within: Duration,
-    ) -> Result<Bytes, NetError> {
-        self.call_target(Target::Node(to), request, within).await
-    }
-
     async fn call_addr(&self, addr: SocketAddr, request: Bytes) -> Result<Bytes, NetError> {
         let after = self.inner.opts.request_timeout;
         self.call_target(Target::Addr(addr), request, after).await

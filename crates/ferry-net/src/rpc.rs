@@ -38,16 +38,6 @@ pub trait Transport: Clone + Send + Sync + 'static {
         request: Bytes,
     ) -> impl Future<Output = Result<Bytes, NetError>> + Send;
 
-    /// As [`Transport::call`], waiting at most `within` for the reply instead of the
-    /// transport's request timeout (for a call the callee answers only after long work, such
-    /// as a snapshot's last piece, answered once the snapshot is installed).
-    fn call_within(
-        &self,
-        to: NodeId,
-        request: Bytes,
-        within: std::time::Duration,
-    ) -> impl Future<Output = Result<Bytes, NetError>> + Send;
-
     /// Sends `request` to whichever node listens at `addr` (its certificate
     /// must chain to the cluster CA, as for [`Transport::call`]) and returns
     /// its reply. Used where only an address is known (gossip seeds, nodes of

@@ -1,6 +1,6 @@
 //! Peer streams: a long-lived, ordered exchange of frames with one peer, for traffic that
 //! must not wait for one answer before it sends the next request (Raft's replication
-//! pipeline). The dialing side opens one with [`crate::Transport::open_stream`]; the peer
+//! pipeline, a snapshot's pieces). The dialing side opens one with [`crate::Transport::open_stream`]; the peer
 //! answers it in [`crate::RpcHandler::handle_stream`]. Frames arrive in the order they were
 //! sent, each way; either side ends the stream by dropping its [`StreamSender`].
 

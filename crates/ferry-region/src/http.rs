@@ -169,7 +169,7 @@ async fn metrics<T: Transport>(State(node): State<Node<T>>) -> String {
         ),
         (
             "ferry_peers_down",
-            "Other members of the region this node counts down: silent, or no answer to whether they are up, for four election timeouts.",
+            "Other members of the region this node counts down: no answer and no packet for an election timeout, or no answer for four (0 with quiescence off).",
             node.peers_down().len() as u64,
         ),
         (

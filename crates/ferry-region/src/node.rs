@@ -28,7 +28,7 @@ use crate::metadata::{MetaApp, MetaView, TopicState};
 use crate::partition::{GroupViews, PartitionStateMachine, PartitionView};
 use crate::peer::{
     error_response, serve_lanes, GroupNetwork, LaneAnswers, LaneRequests, PeerRequest,
-    PeerResponse, Router, SNAPSHOT_CHUNK_PATIENCE,
+    PeerResponse, Router, SNAPSHOT_STALL_PATIENCE,
 };
 use crate::quiesce::{Quiescence, Quiet};
 use crate::{NodeConfig, RegionError};
@@ -1011,11 +1011,19 @@ impl<T: Transport> Node<T> {
             sender,
             mut receiver,
         } = stream;
-        let answer = match self
-            .spool_snapshot(&group, transfer, total, &sender, &mut receiver)
-            .await
-        {
-            Err(e) => PeerResponse::Error(e),
+        let hosted = group == META_GROUP || self.partition_raft(&group).is_some();
+        let spooled = if hosted {
+            self.spool_snapshot(&group, transfer, total, &sender, &mut receiver)
+                .await
+        } else {
+            // Refused before a byte is spooled, not after gigabytes.
+            Err(format!("this node does not host {group}"))
+        };
+        let answer = match spooled {
+            Err(e) => {
+                tracing::warn!(%group, error = %e, "a snapshot transfer was given up");
+                PeerResponse::Error(e)
+            }
             Ok(spool) => {
                 tracing::info!(%group, bytes = total, "received a snapshot");
                 dispatch_group!(self, group, |raft| {
@@ -1055,11 +1063,11 @@ impl<T: Transport> Node<T> {
         let mut spool = Spool::create(&path)
             .map_err(|e| format!("spooling a snapshot of {group} to {}: {e}", path.display()))?;
         while spool.len() < total {
-            let piece = match tokio::time::timeout(SNAPSHOT_CHUNK_PATIENCE, receiver.recv()).await
+            let piece = match tokio::time::timeout(SNAPSHOT_STALL_PATIENCE, receiver.recv()).await
             {
                 Err(_) => {
                     return Err(format!(
-                        "no snapshot data for {group} in {SNAPSHOT_CHUNK_PATIENCE:?} after {} of {total} bytes",
+                        "no snapshot data for {group} in {SNAPSHOT_STALL_PATIENCE:?} after {} of {total} bytes",
                         spool.len()
                     ))
                 }

@@ -427,11 +427,12 @@ impl<T: Transport> Router<T> {
     }
 }
 
-/// The least time a snapshot's stream may go without progress (a piece taken or spooled),
-/// and the wait for its last answer (given once the follower installed the whole snapshot
-/// into its files). A stalled stream starts the whole snapshot again, so these are generous:
-/// a loaded follower writing a large snapshot otherwise never finishes one.
-pub(crate) const SNAPSHOT_CHUNK_PATIENCE: std::time::Duration = std::time::Duration::from_secs(30);
+/// The least time a snapshot's stream may go without progress (a piece taken or spooled;
+/// the leader waits longer when openraft's `install_snapshot_timeout` says so), and the
+/// wait for its last answer (given once the follower installed the whole snapshot into its
+/// files). A stalled stream starts the whole snapshot again, so these are generous: a loaded
+/// follower writing a large snapshot otherwise never finishes one.
+pub(crate) const SNAPSHOT_STALL_PATIENCE: std::time::Duration = std::time::Duration::from_secs(30);
 const SNAPSHOT_INSTALL_PATIENCE: std::time::Duration = std::time::Duration::from_secs(300);
 
 /// Snapshot pieces a leader sends ahead of what the follower has spooled.
@@ -472,6 +473,20 @@ impl<T: Transport> Router<T> {
             PeerResponse::Vote(r) => Ok(r),
             _ => Err(unexpected()),
         }
+    }
+}
+
+impl<T: Transport> Router<T> {
+    /// The error a follower answered on a snapshot stream among the answers not read yet,
+    /// if it sent one before the stream ended (waiting at most a second for them).
+    async fn refusal_in(receiver: &mut ferry_net::StreamReceiver) -> Option<RPCError<TypeConfig>> {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(1);
+        while let Ok(Some(Ok(frame))) = tokio::time::timeout_at(deadline, receiver.recv()).await {
+            if let Ok(PeerResponse::Error(e)) = Self::decode_response(&frame) {
+                return Some(peer_failure(e));
+            }
+        }
+        None
     }
 }
 
@@ -565,14 +580,14 @@ impl<T: Transport> GroupRouter<TypeConfig, GroupId> for Router<T> {
         // The data goes on one stream, in pieces as it is read, at most SNAPSHOT_WINDOW pieces
         // ahead of what the follower spooled: a snapshot of any size is never whole in memory
         // on either side. One stream rather than a call per piece: quinn keeps a finished
-        // stream's receive state for reuse, with its buffers grown to the piece it carried,
-        // so a piece per stream left up to a piece's worth of bookkeeping in every one of a
-        // connection's 4,096 stream slots (about 30 MiB on a learner of a 2 GiB partition).
+        // stream's receive state for reuse, its reassembly bookkeeping grown with the piece it
+        // carried, in each of a connection's 4,096 stream slots (29 MiB at the peak of a
+        // learner of a 2 GiB partition).
         let transfer: u64 = rand::random();
         let group_for_log = group.clone();
         let chunk = self.snapshot_chunk;
         let meta = snapshot.meta;
-        let patience = (option.hard_ttl() * 10).max(SNAPSHOT_CHUNK_PATIENCE);
+        let patience = (option.hard_ttl() * 10).max(SNAPSHOT_STALL_PATIENCE);
         let started = std::time::Instant::now();
         let sent = Arc::new(AtomicU64::new(0));
         let progress = sent.clone();
@@ -621,7 +636,12 @@ impl<T: Transport> GroupRouter<TypeConfig, GroupId> for Router<T> {
                     let len = piece.len() as u64;
                     match tokio::time::timeout(patience, sender.send(piece)).await {
                         Err(_) => return Err(no_answer(target, patience)),
-                        Ok(Err(e)) => return Err(rpc_error(e)),
+                        Ok(Err(e)) => {
+                            // A follower that gave up said why before it ended the stream.
+                            return Err(Self::refusal_in(&mut receiver)
+                                .await
+                                .unwrap_or_else(|| rpc_error(e)));
+                        }
                         Ok(Ok(())) => {}
                     }
                     offset += len;

@@ -117,8 +117,9 @@ impl SnapshotData {
             let part = self
                 .pending
                 .split_to(self.pending.len().min(max - out.len()));
-            if out.is_empty() && part.len() == max {
-                // A piece that fills the chunk by itself goes without a copy.
+            if out.is_empty() && part.len() == size {
+                // A piece that fills the chunk (or holds all that is left) by itself goes
+                // without a copy.
                 return Ok(part);
             }
             if out.capacity() == 0 {

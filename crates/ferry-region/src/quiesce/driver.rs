@@ -19,9 +19,9 @@ use crate::node::{Node, PartitionGroup};
 use crate::peer::{PeerRequest, PeerResponse};
 
 /// Starts the node's quiescence: a round every heartbeat interval asking each peer node (the
-/// members of the moment) whether it is up, and the rounds that put idle groups to sleep and wake the groups of
-/// peers that went down or came back (none when `raft.quiesce_after_ms` is 0). They end with
-/// the node.
+/// members of the moment) whether it is up, and the rounds that put idle groups to sleep and
+/// wake the groups of peers that went down or came back (none when `raft.quiesce_after_ms`
+/// is 0). They end with the node.
 pub(crate) fn spawn<T: Transport>(node: &Node<T>) {
     let raft = node.inner.config.raft;
     if raft.quiesce_after_ms == 0 {
@@ -78,9 +78,23 @@ fn leader_view(me: NodeId, group: &PartitionGroup) -> Option<(LeaderView, Vec<No
     ))
 }
 
+/// A peer being asked whether it is up; no longer once this is dropped, however its ask
+/// ended.
+struct Asking {
+    peers: Arc<Mutex<BTreeSet<NodeId>>>,
+    peer: NodeId,
+}
+
+impl Drop for Asking {
+    fn drop(&mut self) {
+        lock(&self.peers).remove(&self.peer);
+    }
+}
+
 impl<T: Transport> Node<T> {
     /// Asks every peer the quiescence knows now (members that joined since the start
-    /// included) whether it is up, each on its own task, except those still asked.
+    /// included) whether it is up, each on its own task, except those whose last ask still
+    /// waits for its answer.
     fn ask_peers_alive(&self, asking: &Arc<Mutex<BTreeSet<NodeId>>>, patience: Duration) {
         let peers: Vec<NodeId> = lock(&self.inner.quiescence).peers().collect();
         for peer in peers {
@@ -88,9 +102,13 @@ impl<T: Transport> Node<T> {
                 continue;
             }
             let node = self.clone();
-            let asking = asking.clone();
+            let asked = Asking {
+                peers: asking.clone(),
+                peer,
+            };
             let mut shutdown = self.shutdown_signal();
             tokio::spawn(async move {
+                let _asked = asked;
                 let request = PeerRequest::Alive {
                     boot: node.inner.boot,
                 };
@@ -105,7 +123,6 @@ impl<T: Transport> Node<T> {
                     }
                     _ = shutdown.wait_for(|down| *down) => {}
                 }
-                lock(&asking).remove(&peer);
             });
         }
     }
@@ -317,12 +334,14 @@ impl<T: Transport> Node<T> {
     }
 
     /// How long `peer` has answered this node's asks whether it is up without a break (None:
-    /// counted down, not heard yet, or not a member).
+    /// counted down, not heard yet, not a member, or quiescence off: `raft.quiesce_after_ms`
+    /// 0).
     pub fn peer_up_for(&self, peer: NodeId) -> Option<Duration> {
         lock(&self.inner.quiescence).up_for(peer, Instant::now())
     }
 
-    /// The other members of the region this node counts down now.
+    /// The other members of the region this node counts down now (none while quiescence is
+    /// off).
     pub fn peers_down(&self) -> Vec<NodeId> {
         lock(&self.inner.quiescence).down_peers()
     }
