@@ -350,6 +350,7 @@ impl TestMesh {
                         group_session_timeout_ms: 10_000,
                         producer_expiry_ms: 86_400_000,
                         http: None,
+                        tier: None,
                     };
                     if multi_region {
                         // Several regions share two cores: give heartbeats room, so that

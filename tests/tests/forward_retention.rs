@@ -177,6 +177,7 @@ async fn keep_until_forwarded_holds_events_for_a_region_and_refuses_publishes_at
         max_bytes: None,
         keep_until_forwarded: true,
         hard_max_bytes: Some(30_000),
+        ..Retention::default()
     })
     .await;
     let a = mesh.region("a").client();

@@ -49,6 +49,7 @@ async fn start_region(net: &MemNetwork, dir: &std::path::Path) -> Vec<Node<MemTr
             group_session_timeout_ms: 3_000,
             producer_expiry_ms: 86_400_000,
             http: None,
+            tier: None,
         };
         let node = Node::start(config, net.transport(id)).await.unwrap();
         net.register(id, node.peer_handler());
@@ -110,7 +111,7 @@ fn publish(partition_batch: EventBatch) -> ClientRequest {
 fn stored_ids(node: &Node<MemTransport>) -> Vec<(u64, String)> {
     let view = node.partition("t", 0).unwrap().view;
     let mut out = Vec::new();
-    for b in view.read(0, usize::MAX).unwrap() {
+    for b in view.read_local(0, usize::MAX).unwrap() {
         out.extend(b.decode().unwrap().into_iter().map(|(o, e)| (o, e.id)));
     }
     out

@@ -81,10 +81,10 @@ pub use stream::{PeerStream, StreamReceiver, StreamSender};
 pub type NodeId = u64;
 
 /// ALPN protocol id for node-to-node (peer RPC) connections.
-pub const ALPN_PEER: &[u8] = b"ferry-peer/11";
+pub const ALPN_PEER: &[u8] = b"ferry-peer/12";
 
 /// ALPN protocol id for client-to-node connections.
-pub const ALPN_CLIENT: &[u8] = b"ferry-client/4";
+pub const ALPN_CLIENT: &[u8] = b"ferry-client/5";
 
 /// DNS name every node certificate carries and every client verifies
 /// (addresses vary; the cluster name does not).

@@ -18,6 +18,45 @@ pub struct Retention {
     /// publishes ([`crate::wire::ErrorCode::PartitionFull`]) until forwarding catches up and
     /// retention can drop events again.
     pub hard_max_bytes: Option<u64>,
+    /// Tiered storage: keep about this many bytes per partition in the replicas' batch files
+    /// (the hot tail); the leader moves older, complete segment files to the region's object
+    /// store, and reads of them are served from there. `max_age_ms` and `max_bytes` then
+    /// bound the total (None: kept for ever). Needs an object store (`[tier]` in the node
+    /// config).
+    #[serde(default)]
+    pub local_max_bytes: Option<u64>,
+    /// With `local_max_bytes`: while uploads cannot keep up (the object store is down or
+    /// slow), a partition holding this many bytes locally refuses publishes
+    /// ([`crate::wire::ErrorCode::OffloadBehind`], retryable) until they catch up. Eight times
+    /// `local_max_bytes` when unset.
+    #[serde(default)]
+    pub local_limit_bytes: Option<u64>,
+}
+
+impl Retention {
+    /// Smallest hot tail a tiered topic may keep.
+    pub const MIN_LOCAL_BYTES: u64 = 256 * 1024;
+
+    /// Whether the topic is tiered (`local_max_bytes` set).
+    pub fn tiered(&self) -> bool {
+        self.local_max_bytes.is_some()
+    }
+
+    /// Local bytes at which a tiered partition refuses publishes (None: not tiered).
+    pub fn local_limit(&self) -> Option<u64> {
+        let hot = self.local_max_bytes?;
+        Some(self.local_limit_bytes.unwrap_or(hot.saturating_mul(8)))
+    }
+
+    /// The size at which a partition's batch files roll over, given the node's: a tiered
+    /// topic's are a quarter of its hot tail (moved to the object store whole, they bound
+    /// what stays on disk), within 64 KiB and the node's size.
+    pub fn segment_bytes(&self, node_segment_bytes: u64) -> u64 {
+        match self.local_max_bytes {
+            Some(hot) => (hot / 4).clamp(64 * 1024, node_segment_bytes.max(64 * 1024)),
+            None => node_segment_bytes,
+        }
+    }
 }
 
 /// Which regions receive a topic's events.
@@ -142,6 +181,39 @@ impl TopicConfig {
                     field: "retention.hard_max_bytes",
                     reason: format!(
                         "{hard} must be above 0 and above max_bytes ({:?})",
+                        r.max_bytes
+                    ),
+                })
+            }
+            _ => {}
+        }
+        match (r.local_max_bytes, r.local_limit_bytes) {
+            (None, Some(_)) => {
+                return Err(ProtoError::InvalidTopic {
+                    field: "retention.local_limit_bytes",
+                    reason: "only applies with local_max_bytes (a tiered topic)".into(),
+                })
+            }
+            (Some(hot), _) if hot < Retention::MIN_LOCAL_BYTES => {
+                return Err(ProtoError::InvalidTopic {
+                    field: "retention.local_max_bytes",
+                    reason: format!(
+                        "{hot} is below {} (the smallest hot tail)",
+                        Retention::MIN_LOCAL_BYTES
+                    ),
+                })
+            }
+            (Some(hot), Some(limit)) if limit <= hot => {
+                return Err(ProtoError::InvalidTopic {
+                    field: "retention.local_limit_bytes",
+                    reason: format!("{limit} must be above local_max_bytes ({hot})"),
+                })
+            }
+            (Some(hot), _) if r.max_bytes.is_some_and(|max| max <= hot) => {
+                return Err(ProtoError::InvalidTopic {
+                    field: "retention.local_max_bytes",
+                    reason: format!(
+                        "{hot} is not below max_bytes ({:?}): nothing would be offloaded",
                         r.max_bytes
                     ),
                 })

@@ -349,6 +349,10 @@ pub enum ErrorCode {
     /// and the partition split, or is splitting): nothing was appended. Describe the topic
     /// again and route by its [`crate::KeyLayout`].
     WrongPartition,
+    /// The partition is tiered and holds its `retention.local_limit_bytes` locally because
+    /// its uploads to the object store are behind (the store is down or slow): nothing was
+    /// appended. Retry after a backoff; publishing works again as uploads catch up.
+    OffloadBehind,
 }
 
 /// A typed error for the client: what went wrong and, for `NotLeader`, who leads.

@@ -279,6 +279,24 @@ impl<T: Transport> Node<T> {
         group: &HostedPartition,
     ) -> Option<ClientResponse> {
         let retention = self.inner.meta_view.retention(topic)?;
+        if let Some(limit) = retention.local_limit() {
+            let held = group.view.stored_bytes();
+            if held >= limit {
+                let why = self
+                    .inner
+                    .offloads
+                    .failure(topic, partition)
+                    .unwrap_or_else(|| "they are behind".into());
+                return Some(error(
+                    ErrorCode::OffloadBehind,
+                    format!(
+                        "{topic}/{partition} holds {held} bytes locally, its \
+                         retention.local_limit_bytes is {limit}: its uploads to the object \
+                         store cannot keep up ({why}); nothing was appended, retry later"
+                    ),
+                ));
+            }
+        }
         let hard = retention
             .hard_max_bytes
             .filter(|_| retention.keep_until_forwarded)?;
@@ -431,7 +449,7 @@ impl<T: Transport> Node<T> {
                         .await;
                 }
                 let max = (max_bytes as usize).min(self.inner.config.limits.max_frame / 2);
-                match group.view.read(offset, max) {
+                match group.view.read(offset, max).await {
                     Ok(batches) => ClientResponse::Batches {
                         batches,
                         high_watermark: group.view.watermarks().high,
@@ -495,6 +513,7 @@ impl<T: Transport> Node<T> {
                 match group
                     .view
                     .read_stream(&stream, from_version, max_events as usize, max_bytes)
+                    .await
                 {
                     Ok((version, events)) => ClientResponse::StreamEvents { version, events },
                     Err(e) => read_failed(&topic, partition, &e),
@@ -681,6 +700,16 @@ impl<T: Transport> Node<T> {
         let original = config.clone();
         if let Err(e) = config.validate() {
             return error(ErrorCode::InvalidRequest, e.to_string());
+        }
+        if config.retention.tiered() && self.inner.tier.is_none() {
+            return error(
+                ErrorCode::InvalidRequest,
+                format!(
+                    "topic {}: retention.local_max_bytes needs an object store, and this \
+                     region's nodes have none ([tier] url in the node config)",
+                    config.name
+                ),
+            );
         }
         let nodes: Vec<NodeId> = self.placement_nodes();
         if config.replication as usize > nodes.len() {
@@ -1032,7 +1061,7 @@ impl<T: Transport> Node<T> {
         loop {
             let high = marks.borrow_and_update().high;
             if cursor < high {
-                let batches = match group.view.read(cursor, max) {
+                let batches = match group.view.read(cursor, max).await {
                     Ok(batches) => batches,
                     // Whatever failed here (a hole, a damaged record), another replica may
                     // serve it: the subscriber resumes there.

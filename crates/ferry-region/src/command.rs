@@ -59,6 +59,9 @@ pub(crate) enum PartitionCommand {
     /// leader's clock minus the node's `producer_expiry_ms`, fixed in the command so every
     /// replica forgets the same ones).
     ExpireProducers { idle_before_ms: u64 },
+    /// The leader wrote the batches of `segment` to the tier's object store: add it to the
+    /// manifest (if it continues it) and drop those batches from the batch files.
+    Offloaded { segment: ferry_store::RemoteSegment },
     /// Seal this (parent) partition for `children`: create them (empty) in the group, and
     /// from here on refuse publishes of keys the topic of `partitions` partitions (created
     /// with `initial`) maps elsewhere. Answered with the seal offset (this partition's next

@@ -248,6 +248,10 @@ pub struct NodeConfig {
     /// Address of the HTTP endpoint for `/metrics` and `/healthz` (none if unset).
     #[serde(default)]
     pub http: Option<SocketAddr>,
+    /// The region's object store for tiered topics (`retention.local_max_bytes`): none, and
+    /// such topics cannot be created.
+    #[serde(default)]
+    pub tier: Option<ferry_store::RemoteOptions>,
 }
 
 fn default_join_timeout_ms() -> u64 {
@@ -411,6 +415,35 @@ impl NodeConfig {
         }
         if self.retention_interval_ms == 0 {
             return bad("retention_interval_ms", "must be above 0".into());
+        }
+        if let Some(tier) = &self.tier {
+            if tier.upload_interval_ms == 0 {
+                return bad("tier.upload_interval_ms", "must be above 0".into());
+            }
+            if tier.request_timeout_ms < 100 {
+                return bad(
+                    "tier.request_timeout_ms",
+                    format!("{} is below 100", tier.request_timeout_ms),
+                );
+            }
+            if tier.max_upload_backoff_ms < tier.upload_interval_ms {
+                return bad(
+                    "tier.max_upload_backoff_ms",
+                    format!(
+                        "{} is below upload_interval_ms ({})",
+                        tier.max_upload_backoff_ms, tier.upload_interval_ms
+                    ),
+                );
+            }
+            if !(tier.url.starts_with("s3://") || tier.url.starts_with("file:///")) {
+                return bad(
+                    "tier.url",
+                    format!(
+                        "{:?} must be s3://bucket/prefix or file:///folder",
+                        tier.url
+                    ),
+                );
+            }
         }
         if self.producer_expiry_ms < 1000 {
             return bad(

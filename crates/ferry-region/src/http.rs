@@ -145,6 +145,11 @@ async fn metrics<T: Transport>(State(node): State<Node<T>>) -> String {
             snapshots_deferred as f64,
         ),
         (
+            "ferry_snapshot_bytes_received_total",
+            "Bytes of partition-group snapshots this node received from leaders.",
+            node.snapshot_bytes_received() as f64,
+        ),
+        (
             "ferry_replica_moves_finished_total",
             "Replica moves this node carried out to the end (as the group's leader).",
             node.replica_moves_finished() as f64,
@@ -155,6 +160,7 @@ async fn metrics<T: Transport>(State(node): State<Node<T>>) -> String {
             node.quiescence_elections() as f64,
         ),
     ];
+    let counters = counters.into_iter().chain(node.tier_counters());
     for (name, help, value) in counters {
         let _ = writeln!(
             out,
@@ -166,6 +172,16 @@ async fn metrics<T: Transport>(State(node): State<Node<T>>) -> String {
             "ferry_partitions_asleep",
             "Hosted partition groups asleep: idle, heartbeats and election timers off until the next write.",
             node.partitions_asleep() as u64,
+        ),
+        (
+            "ferry_tier_upload_lag_bytes",
+            "Bytes beyond their hot tail (retention.local_max_bytes) that the tiered partitions this node leads hold locally, not yet uploaded.",
+            node.tier_upload_lag(),
+        ),
+        (
+            "ferry_tier_partitions_failing",
+            "Tiered partitions this node leads whose last upload failed (retried after a backoff).",
+            node.tier_partitions_failing(),
         ),
         (
             "ferry_peers_down",
@@ -201,7 +217,7 @@ async fn metrics<T: Transport>(State(node): State<Node<T>>) -> String {
         );
     }
     let partitions = node.partitions();
-    let gauges: [(&str, &str, GaugeOf); 3] = [
+    let gauges: [(&str, &str, GaugeOf); 5] = [
         (
             "ferry_partition_high_watermark",
             "Next offset of a hosted partition.",
@@ -216,6 +232,16 @@ async fn metrics<T: Transport>(State(node): State<Node<T>>) -> String {
             "ferry_partition_leader",
             "1 if this node leads the partition.",
             |g, id| u64::from(g.raft().metrics().borrow_watched().current_leader == Some(id)),
+        ),
+        (
+            "ferry_partition_local_bytes",
+            "Bytes of events a hosted partition holds in its batch files.",
+            |g, _| g.view.stored_bytes(),
+        ),
+        (
+            "ferry_partition_remote_bytes",
+            "Bytes of events of a hosted partition in the object store (its manifest's objects).",
+            |g, _| g.view.remote_bytes(),
         ),
     ];
     for (metric, help, value) in gauges {

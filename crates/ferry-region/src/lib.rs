@@ -36,6 +36,7 @@ pub mod peer;
 mod quiesce;
 pub mod server;
 mod splits;
+mod tier;
 
 pub use config::{FaultConfig, MeshConfig, NodeConfig, PeerConfig, RaftTuning, SlowLink, TlsPaths};
 pub use error::RegionError;

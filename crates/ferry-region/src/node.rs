@@ -173,6 +173,12 @@ pub(crate) struct Inner<T> {
     reconciling: tokio::sync::Mutex<()>,
     /// The region's group loads as last gathered, and when.
     pub(crate) region_loads: tokio::sync::Mutex<Option<(Instant, crate::balance::Loads)>>,
+    /// The region's object store for tiered topics, if configured.
+    pub(crate) tier: Option<Arc<ferry_store::RemoteStore>>,
+    /// Uploads to it that failed lately ([`crate::tier`]).
+    pub(crate) offloads: crate::tier::Offloads,
+    /// Bytes of partition-group snapshots this node received (spooled).
+    snapshot_bytes_received: std::sync::atomic::AtomicU64,
 }
 
 /// Count and total of a latency, for means over an interval.
@@ -295,6 +301,12 @@ impl<T: Transport> Node<T> {
             },
             Instant::now(),
         );
+        let tier = config
+            .tier
+            .as_ref()
+            .map(ferry_store::RemoteStore::open)
+            .transpose()?
+            .map(Arc::new);
         let max_conns = config.max_client_connections;
         let load_sample = Duration::from_millis(config.load_sample_ms);
         let node = Self {
@@ -321,6 +333,9 @@ impl<T: Transport> Node<T> {
                 load_meter: Mutex::new(crate::load::LoadMeter::new(load_sample)),
                 region_loads: tokio::sync::Mutex::new(None),
                 reconciling: tokio::sync::Mutex::new(()),
+                tier,
+                offloads: Default::default(),
+                snapshot_bytes_received: Default::default(),
             }),
         };
         node.bootstrap_meta().await?;
@@ -328,6 +343,7 @@ impl<T: Transport> Node<T> {
         node.reconcile().await?;
         node.spawn_reconciler();
         node.spawn_retention();
+        node.spawn_tiering();
         node.spawn_moves();
         node.spawn_load_meter();
         crate::quiesce::spawn(&node);
@@ -447,8 +463,12 @@ impl<T: Transport> Node<T> {
                 ));
                 let sm = PartitionStateMachine::open(
                     &self.partition_dir(&group),
-                    inner.config.wal_segment_bytes,
+                    topic
+                        .config
+                        .retention
+                        .segment_bytes(inner.config.wal_segment_bytes),
                     &members,
+                    inner.tier.clone(),
                 )?
                 .with_compaction(compaction.clone());
                 let views = sm.group_views();
@@ -702,6 +722,18 @@ impl<T: Transport> Node<T> {
                     trim_to = trim_to.map(|t| t.min(floor.offset)).filter(|t| *t > low);
                 }
             }
+            // Objects the trim drops from the manifest, deleted from the store once it applied.
+            let mut dropped: Vec<String> = trim_to
+                .map(|before| {
+                    hosted
+                        .view
+                        .remote_segments()
+                        .into_iter()
+                        .take_while(|r| r.end <= before)
+                        .map(|r| r.key)
+                        .collect()
+                })
+                .unwrap_or_default();
             let trim = trim_to.map(|before_offset| PartitionCommand::Trim { before_offset });
             let idle_before_ms = now.saturating_sub(inner.config.producer_expiry_ms);
             let expire = hosted
@@ -709,11 +741,18 @@ impl<T: Transport> Node<T> {
                 .producer_expiry_due(idle_before_ms)
                 .then_some(PartitionCommand::ExpireProducers { idle_before_ms });
             for command in trim.into_iter().chain(expire) {
+                let trimming = matches!(command, PartitionCommand::Trim { .. });
                 let Ok(command) = hosted.command(command) else {
                     continue;
                 };
-                if let Err(e) = hosted.proposer().client_write(command).await {
-                    tracing::debug!(topic = %name, partition, error = %e, "retention or producer expiry not applied");
+                match hosted.proposer().client_write(command).await {
+                    Err(e) => {
+                        tracing::debug!(topic = %name, partition, error = %e, "retention or producer expiry not applied");
+                    }
+                    Ok(_) if trimming && !dropped.is_empty() => {
+                        self.delete_remote(std::mem::take(&mut dropped)).await;
+                    }
+                    Ok(_) => {}
                 }
             }
         }
@@ -888,6 +927,13 @@ impl<T: Transport> Node<T> {
         let sent = self.inner.router.snapshot_stats();
         [&sent.sent, &sent.failed, &*self.inner.snapshots_deferred]
             .map(|c| c.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    /// Bytes of partition-group snapshots this node received, since it started.
+    pub fn snapshot_bytes_received(&self) -> u64 {
+        self.inner
+            .snapshot_bytes_received
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Waits until the metadata group has a leader, or the deadline passes.
@@ -1088,6 +1134,9 @@ impl<T: Transport> Node<T> {
             spool
                 .append(&piece)
                 .map_err(|e| format!("spooling a snapshot of {group}: {e}"))?;
+            self.inner
+                .snapshot_bytes_received
+                .fetch_add(piece.len() as u64, std::sync::atomic::Ordering::Relaxed);
             let spooled = encode("peer response", &PeerResponse::Spooled(spool.len()))
                 .map_err(|e| e.to_string())?;
             sender
@@ -1188,7 +1237,7 @@ impl<T: Transport> Node<T> {
                 })
             }
             PeerRequest::Client(request) => {
-                PeerResponse::Client(self.handle_request(request, true).await)
+                PeerResponse::Client(Box::new(self.handle_request(request, true).await))
             }
             PeerRequest::Gossip { from, message } => match self.mesh() {
                 Some(mesh) => {

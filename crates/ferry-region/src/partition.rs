@@ -27,7 +27,8 @@ use bytes::Bytes;
 use ferry_proto::wire::{ApiError, ErrorCode};
 use ferry_proto::{codec, EventBatch, ProducerId, StoredBatch, StreamEvent};
 use ferry_store::{
-    read_batch, AppliedState, BatchFiles, Extent, SnapshotData, StoreError, SyncPlan, TypeConfig,
+    read_batch, AppliedState, BatchFiles, Extent, RemoteSegment, RemoteStore, SnapshotData,
+    StoreError, SyncPlan, TypeConfig,
 };
 use futures::{Stream, TryStreamExt};
 use openraft::storage::{EntryResponder, RaftStateMachine};
@@ -99,6 +100,19 @@ struct SmallState {
     forward_cursors: Vec<(String, u64)>,
     /// Domain streams by name.
     streams: Vec<(String, StreamIndex)>,
+    /// The manifest: objects in the tier's store holding the partition's oldest retained
+    /// offsets, contiguous from the one holding the low watermark, oldest first. The batch
+    /// files hold what follows.
+    remote: Vec<RemoteSegment>,
+}
+
+impl SmallState {
+    /// The first offset the batch files hold (of those retained): past the manifest's last.
+    fn local_from(&self) -> u64 {
+        self.remote
+            .last()
+            .map_or(self.marks.low, |r| r.end.max(self.marks.low))
+    }
 }
 
 /// What `checkpoint` holds. The file is `[u64 length][CheckpointHead]` then, per partition,
@@ -258,6 +272,15 @@ pub struct PartitionView {
     oldest_producer_ms: AtomicU64,
     /// Producers remembered.
     producers: AtomicU64,
+    /// The manifest (see [`SmallState`]'s `remote`).
+    remote: RwLock<VecDeque<RemoteSegment>>,
+    /// Bytes of events the manifest's objects hold.
+    remote_bytes: AtomicU64,
+    /// Bytes of events offloaded since the last checkpoint: their segment files are deleted
+    /// once a checkpoint no longer names them.
+    offloaded_since_checkpoint: AtomicU64,
+    /// Where the manifest's objects are read from (None: no store configured on this node).
+    tier: Option<Arc<RemoteStore>>,
 }
 
 fn storage_err(e: impl std::fmt::Display) -> StoreError {
@@ -313,8 +336,96 @@ impl PartitionView {
     /// least one batch if any is there). The first batch may start before `offset`. Below
     /// the low watermark nothing is promised (retention dropped it; the first batch may start
     /// later); from it on the batches are contiguous, and a hole in this replica's files is
-    /// [`StoreError::Missing`], never a silent skip.
-    pub fn read(&self, offset: u64, max_bytes: usize) -> Result<Vec<StoredBatch>, StoreError> {
+    /// [`StoreError::Missing`], never a silent skip. Offsets the manifest names are read from
+    /// the tier's object store (one object's batches at most per read).
+    pub async fn read(
+        &self,
+        offset: u64,
+        max_bytes: usize,
+    ) -> Result<Vec<StoredBatch>, StoreError> {
+        loop {
+            let Some(segment) = self.remote_segment_for(offset)? else {
+                return self.read_local(offset, max_bytes);
+            };
+            let Some(tier) = &self.tier else {
+                return Err(StoreError::Remote {
+                    key: segment.key,
+                    reason: "this node has no object store configured ([tier] in its config)"
+                        .into(),
+                });
+            };
+            match tier.read(&segment, offset, max_bytes).await {
+                Ok(batches) => return Ok(batches),
+                // Retention dropped the object while it was read: read what is retained now.
+                Err(_) if !self.holds_remote(&segment)? => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// The manifest's object holding `offset` (or the first, for an offset below it), if the
+    /// offset lies before what the batch files hold.
+    fn remote_segment_for(&self, offset: u64) -> Result<Option<RemoteSegment>, StoreError> {
+        let remote = self.remote.read().map_err(storage_err)?;
+        let at = remote.partition_point(|r| r.end <= offset);
+        Ok(remote.get(at).cloned())
+    }
+
+    fn holds_remote(&self, segment: &RemoteSegment) -> Result<bool, StoreError> {
+        let remote = self.remote.read().map_err(storage_err)?;
+        Ok(remote.iter().any(|r| r.key == segment.key))
+    }
+
+    /// The manifest: the objects holding the oldest retained offsets, oldest first.
+    pub fn remote_segments(&self) -> Vec<RemoteSegment> {
+        self.remote
+            .read()
+            .map(|r| r.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// The first offset the batch files hold (past the manifest's last object; the low
+    /// watermark when it names none).
+    pub fn local_from(&self) -> u64 {
+        let low = self.watermarks().low;
+        self.remote
+            .read()
+            .ok()
+            .and_then(|r| r.back().map(|r| r.end.max(low)))
+            .unwrap_or(low)
+    }
+
+    /// Bytes of events the manifest's objects hold.
+    pub fn remote_bytes(&self) -> u64 {
+        self.remote_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Whether batches were offloaded since the last checkpoint (their local files are
+    /// deleted once one is taken).
+    pub fn offloaded_since_checkpoint(&self) -> bool {
+        self.offloaded_since_checkpoint.load(Ordering::Relaxed) > 0
+    }
+
+    /// The next batches to offload: from where the manifest ends (the low watermark's batch
+    /// for the first object) to the end of the batch file holding it, if that file is
+    /// complete (not the one being written), read and checked. None when there is none.
+    pub fn offload_candidate(&self) -> Result<Option<Vec<StoredBatch>>, StoreError> {
+        let from = self.local_from();
+        let located = {
+            let files = self.files.read().map_err(storage_err)?;
+            files.sealed_run(from)
+        };
+        located
+            .map(|run| run.iter().map(read_batch).collect())
+            .transpose()
+    }
+
+    /// Like [`PartitionView::read`], from the batch files only.
+    pub fn read_local(
+        &self,
+        offset: u64,
+        max_bytes: usize,
+    ) -> Result<Vec<StoredBatch>, StoreError> {
         // Watermarks taken under the files' lock agree with them: a trim or an install
         // publishes its new low before the batches below it leave the files.
         let (high, located, hole) = {
@@ -402,6 +513,12 @@ impl PartitionView {
     /// ordered only as well as those clocks agree.
     pub fn first_appended_since(&self, at_ms: u64) -> u64 {
         let marks = self.watermarks();
+        // In the manifest, by object: from the first object holding a later append.
+        if let Ok(remote) = self.remote.read() {
+            if let Some(segment) = remote.iter().find(|r| r.last_appended_ms >= at_ms) {
+                return segment.base.max(marks.low).min(marks.high);
+            }
+        }
         let Ok(files) = self.files.read() else {
             return marks.low;
         };
@@ -439,7 +556,7 @@ impl PartitionView {
     /// least one). Answers the stream's version (0 if it does not exist) with them. Events
     /// retention dropped are skipped. Only what readers may see (below the published high
     /// watermark) is read, and the version answered is that of the last such event.
-    pub fn read_stream(
+    pub async fn read_stream(
         &self,
         stream: &str,
         from_version: u64,
@@ -476,7 +593,7 @@ impl PartitionView {
         let mut bytes = 0usize;
         'appends: for (first_version, base, _) in wanted {
             // The batch holding `base` comes first; retention may have dropped it meanwhile.
-            let batch = self.read(base, 1)?.into_iter().next();
+            let batch = self.read(base, 1).await?.into_iter().next();
             let Some(batch) = batch.filter(|b| b.base_offset == base) else {
                 continue;
             };
@@ -508,17 +625,31 @@ impl PartitionView {
         max_age_ms: Option<u64>,
         max_bytes: Option<u64>,
     ) -> Option<u64> {
-        let mut excess = max_bytes.map(|max| self.stored_bytes().saturating_sub(max));
+        let held = self.stored_bytes() + self.remote_bytes();
+        let mut excess = max_bytes.map(|max| held.saturating_sub(max));
         let mut trim_to = None;
         let high = self.watermarks().high;
+        let too_old = |at_ms: u64| max_age_ms.is_some_and(|age| at_ms.saturating_add(age) < now_ms);
+        // The manifest's objects first (they hold the oldest offsets), whole.
+        {
+            let remote = self.remote.read().ok()?;
+            for segment in remote.iter() {
+                let too_big = excess.is_some_and(|e| e > 0);
+                if !(too_old(segment.last_appended_ms) || too_big) || segment.end >= high {
+                    return trim_to;
+                }
+                if let Some(e) = excess.as_mut() {
+                    *e = e.saturating_sub(segment.event_bytes);
+                }
+                trim_to = Some(segment.end);
+            }
+        }
         let files = self.files.read().ok()?;
         for (base, info) in files.index() {
             let end = base + u64::from(info.count);
-            let too_old =
-                max_age_ms.is_some_and(|age| info.appended_at_ms.saturating_add(age) < now_ms);
             let too_big = excess.is_some_and(|e| e > 0);
             // Never trim the batch that ends at the high watermark: it shows where offsets are.
-            if !(too_old || too_big) || end >= high {
+            if !(too_old(info.appended_at_ms) || too_big) || end >= high {
                 break;
             }
             if let Some(e) = excess.as_mut() {
@@ -542,8 +673,8 @@ struct Partition {
 }
 
 impl Partition {
-    /// An empty partition over `files`.
-    fn new(files: BatchFiles) -> Self {
+    /// An empty partition over `files`, reading offloaded batches from `tier`.
+    fn new(files: BatchFiles, tier: Option<Arc<RemoteStore>>) -> Self {
         let view = Arc::new(PartitionView {
             files: RwLock::new(files),
             cursors: RwLock::new(HashMap::new()),
@@ -555,6 +686,10 @@ impl Partition {
             forwarded_duplicates: AtomicU64::new(0),
             oldest_producer_ms: AtomicU64::new(u64::MAX),
             producers: AtomicU64::new(0),
+            remote: RwLock::new(VecDeque::new()),
+            remote_bytes: AtomicU64::new(0),
+            offloaded_since_checkpoint: AtomicU64::new(0),
+            tier,
         });
         Self {
             view,
@@ -601,6 +736,14 @@ impl Partition {
             .map(|(name, index)| (name.clone(), index.clone()))
             .collect();
         streams.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        let remote = self
+            .view
+            .remote
+            .read()
+            .map_err(storage_err)?
+            .iter()
+            .cloned()
+            .collect();
         Ok(SmallState {
             marks: self.marks,
             producers,
@@ -608,12 +751,19 @@ impl Partition {
             received,
             forward_cursors,
             streams,
+            remote,
         })
     }
 
     /// Replaces the state (at start and when installing a snapshot).
     fn restore(&mut self, state: SmallState) -> Result<(), StoreError> {
+        let local_from = state.local_from();
         self.marks = state.marks;
+        self.view.remote_bytes.store(
+            state.remote.iter().map(|r| r.event_bytes).sum(),
+            Ordering::Relaxed,
+        );
+        *self.view.remote.write().map_err(storage_err)? = state.remote.into_iter().collect();
         self.producers = state.producers.into_iter().collect();
         self.producers_changed();
         self.received = state.received.into_iter().collect();
@@ -624,8 +774,9 @@ impl Partition {
         *self.view.streams.write().map_err(storage_err)? = state.streams.into_iter().collect();
         let bytes = {
             let mut files = self.view.files.write().map_err(storage_err)?;
-            // A checkpoint's first segment may still hold batches retention dropped.
-            files.drop_before(self.marks.low);
+            // A checkpoint's first segment may still hold batches retention dropped or the
+            // manifest names.
+            files.drop_before(local_from);
             files.index().values().map(|i| u64::from(i.bytes)).sum()
         };
         self.view.bytes.store(bytes, Ordering::Relaxed);
@@ -677,6 +828,7 @@ impl Partition {
             PartitionCommand::ExpireProducers { idle_before_ms } => {
                 self.expire_producers(idle_before_ms)
             }
+            PartitionCommand::Offloaded { segment } => self.offloaded(segment)?,
         })
     }
 
@@ -976,8 +1128,21 @@ impl Partition {
         let freed = {
             let mut files = self.view.files.write().map_err(storage_err)?;
             let freed = files.drop_before(before);
+            // Objects wholly before `before` leave the manifest; the leader that proposed the
+            // trim deletes them from the store once it applied.
+            let mut remote = self.view.remote.write().map_err(storage_err)?;
+            let mut remote_freed = 0;
+            while let Some(dropped) = remote.pop_front_if(|r| r.end <= before) {
+                remote_freed += dropped.event_bytes;
+            }
+            self.view
+                .remote_bytes
+                .fetch_sub(remote_freed, Ordering::Relaxed);
             if freed > 0 || before > self.marks.low {
-                let first = files.index().keys().next().copied();
+                let first = remote
+                    .front()
+                    .map(|r| r.base)
+                    .or_else(|| files.index().keys().next().copied());
                 self.marks.low = self
                     .marks
                     .low
@@ -999,6 +1164,46 @@ impl Partition {
                 .partition_point(|(_, base, count)| base + u64::from(*count) <= low);
             index.appends.drain(..dropped);
         }
+        Ok(PartitionReply::Done)
+    }
+
+    /// Adds `segment` to the manifest if it continues it (from the low watermark, for the
+    /// first), and drops the batches it holds from the batch files: their segment files go
+    /// once a checkpoint no longer names them. Anything else is refused, changing nothing
+    /// (the proposer deletes the object it wrote).
+    fn offloaded(&mut self, segment: RemoteSegment) -> Result<PartitionReply, StoreError> {
+        let mut files = self.view.files.write().map_err(storage_err)?;
+        let mut remote = self.view.remote.write().map_err(storage_err)?;
+        let follows = match remote.back() {
+            Some(last) => segment.base == last.end,
+            None => segment.base <= self.marks.low && self.marks.low < segment.end,
+        };
+        if !follows || segment.end > self.marks.high {
+            return Ok(PartitionReply::Error(ApiError::new(
+                ErrorCode::InvalidRequest,
+                format!(
+                    "remote segment {} holds offsets {}..{}, which do not follow the manifest \
+                     (it ends at {}; the partition holds {}..{})",
+                    segment.key,
+                    segment.base,
+                    segment.end,
+                    remote.back().map_or(self.marks.low, |r| r.end),
+                    self.marks.low,
+                    self.marks.high
+                ),
+            )));
+        }
+        let freed = files.drop_before(segment.end);
+        self.view
+            .bytes
+            .fetch_sub(freed.min(self.view.stored_bytes()), Ordering::Relaxed);
+        self.view
+            .remote_bytes
+            .fetch_add(segment.event_bytes, Ordering::Relaxed);
+        self.view
+            .offloaded_since_checkpoint
+            .fetch_add(freed.max(1), Ordering::Relaxed);
+        remote.push_back(segment);
         Ok(PartitionReply::Done)
     }
 
@@ -1059,6 +1264,8 @@ struct Inner {
     /// snapshot is installed into a new one, and the checkpoint naming it switches over
     /// atomically.
     batches: String,
+    /// Where offloaded batches are read from.
+    tier: Option<Arc<RemoteStore>>,
 }
 
 /// A Raft group's openraft state machine: the partitions the group replicates, each with
@@ -1181,7 +1388,12 @@ impl PartitionStateMachine {
     /// was created with; the checkpoint adds the children of splits it applied): their batch
     /// files are cut back to the last checkpoint, whose state and applied log id are
     /// restored.
-    pub fn open(dir: &Path, segment_bytes: u64, partitions: &[u32]) -> Result<Self, StoreError> {
+    pub fn open(
+        dir: &Path,
+        segment_bytes: u64,
+        partitions: &[u32],
+        tier: Option<Arc<RemoteStore>>,
+    ) -> Result<Self, StoreError> {
         ferry_store::create_dir_durably(dir)?;
         let checkpoint = read_checkpoint(dir)?;
         let batches = checkpoint
@@ -1216,7 +1428,7 @@ impl PartitionStateMachine {
                 segment_bytes,
                 &extent,
             )?;
-            let mut partition = Partition::new(files);
+            let mut partition = Partition::new(files, tier.clone());
             if let Some(saved) = saved {
                 partition.restore(saved.state)?;
             }
@@ -1245,6 +1457,7 @@ impl PartitionStateMachine {
                 views: views.clone(),
                 applied,
                 batches,
+                tier,
             })),
             views,
             checkpointing: Arc::new(Mutex::new(())),
@@ -1317,6 +1530,11 @@ impl PartitionStateMachine {
                 files.mark_synced(plan);
             }
             files.remove_dropped_outside(&saved.extent)?;
+            // Offloaded batches still on disk (applied after this checkpoint was taken) wait
+            // for the next one.
+            let waiting = view.remote_bytes() > 0 && files.holds_dropped();
+            view.offloaded_since_checkpoint
+                .store(u64::from(waiting), Ordering::Relaxed);
         }
         Ok(())
     }
@@ -1471,7 +1689,7 @@ impl PartitionStateMachine {
                 inner.segment_bytes,
                 &Extent::default(),
             )?;
-            let mut partition = Partition::new(files);
+            let mut partition = Partition::new(files, inner.tier.clone());
             partition.dirty = true;
             *partition.view.received.write().map_err(storage_err)? = received.clone();
             partition.received = received.clone();
@@ -1619,7 +1837,7 @@ impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
             let mut states = Vec::with_capacity(received.parts.len());
             for part in &received.parts {
                 let state: SmallState = codec::decode("partition snapshot", &part.state)?;
-                let Watermarks { low, high } = state.marks;
+                let (low, high) = (state.local_from(), state.marks.high);
                 if let Some((from, to)) = part.files.first_gap(low, high) {
                     return Err(StoreError::io(
                         "partition snapshot",
@@ -1677,7 +1895,7 @@ impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
                 }
                 None => {
                     // A split's child this replica had not applied yet.
-                    let mut partition = Partition::new(part.files);
+                    let mut partition = Partition::new(part.files, inner.tier.clone());
                     partition.restore(state)?;
                     partition.dirty = true;
                     inner.partitions.insert(part.partition, partition);
@@ -1714,7 +1932,7 @@ impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
         for saved in checkpoint.partitions {
             parts.push(SnapshotPart {
                 partition: saved.partition,
-                low: saved.state.marks.low,
+                low: saved.state.local_from(),
                 high: saved.state.marks.high,
                 state: Bytes::from(
                     codec::encode("partition snapshot", &saved.state).map_err(io_err)?,
@@ -1758,7 +1976,7 @@ mod tests {
 
     /// A group of the one partition 0, as a topic with a group per partition has.
     fn open_one(dir: &Path, segment_bytes: u64) -> Result<PartitionStateMachine, StoreError> {
-        PartitionStateMachine::open(dir, segment_bytes, &[0])
+        PartitionStateMachine::open(dir, segment_bytes, &[0], None)
     }
 
     impl PartitionStateMachine {
@@ -1821,7 +2039,7 @@ mod tests {
 
     fn offsets(sm: &PartitionStateMachine, from: u64) -> Vec<(u64, u32)> {
         sm.view()
-            .read(from, 1 << 20)
+            .read_local(from, 1 << 20)
             .unwrap()
             .iter()
             .map(|b| (b.base_offset, b.count))
@@ -1948,7 +2166,8 @@ mod tests {
 
     /// A stream read back whole: (its version, (version, offset, event id) of each event).
     fn stream(sm: &PartitionStateMachine, name: &str, from: u64) -> (u64, Vec<(u64, u64, String)>) {
-        let (version, events) = sm.view().read_stream(name, from, 1000, 1 << 20).unwrap();
+        let (version, events) =
+            futures::executor::block_on(sm.view().read_stream(name, from, 1000, 1 << 20)).unwrap();
         let events = events
             .into_iter()
             .map(|e| (e.version, e.offset, e.event.id))
@@ -2024,10 +2243,12 @@ mod tests {
         // From a version inside a batch; past the end; at most so many events.
         assert_eq!(stream(&sm, "order-1", 4), (6, whole.split_off(3)));
         assert_eq!(stream(&sm, "order-1", 7), (6, vec![]));
-        let (_, two) = sm.view().read_stream("order-1", 2, 2, 1 << 20).unwrap();
+        let (_, two) =
+            futures::executor::block_on(sm.view().read_stream("order-1", 2, 2, 1 << 20)).unwrap();
         assert_eq!(two.iter().map(|e| e.version).collect::<Vec<_>>(), [2, 3]);
         // A byte budget still returns one event.
-        let (_, one) = sm.view().read_stream("order-1", 1, 100, 1).unwrap();
+        let (_, one) =
+            futures::executor::block_on(sm.view().read_stream("order-1", 1, 100, 1)).unwrap();
         assert_eq!(one.len(), 1);
         assert_eq!(
             stream(&sm, "order-2", 0).1,
@@ -2352,7 +2573,7 @@ mod tests {
     #[test]
     fn an_entry_of_several_commands_applies_them_in_order_with_a_reply_each() {
         let dir = tempfile::tempdir().unwrap();
-        let sm = PartitionStateMachine::open(dir.path(), 4096, &[0, 3]).unwrap();
+        let sm = PartitionStateMachine::open(dir.path(), 4096, &[0, 3], None).unwrap();
         let append = |partition: u32, seq| GroupCommand {
             partition,
             command: PartitionCommand::Append {
@@ -2409,7 +2630,7 @@ mod tests {
     async fn a_group_keeps_its_partitions_apart_through_restart_and_snapshot() {
         let dir = tempfile::tempdir().unwrap();
         let open = |name: &str| {
-            PartitionStateMachine::open(&dir.path().join(name), 4096, &[1, 4]).unwrap()
+            PartitionStateMachine::open(&dir.path().join(name), 4096, &[1, 4], None).unwrap()
         };
         let append_to = |sm: &PartitionStateMachine, partition, seq| {
             run_on(
@@ -2461,7 +2682,10 @@ mod tests {
         drop(sm);
         let mut sm = open("a");
         assert_eq!(marks(&sm), vec![(1, 2), (4, 6)]);
-        assert_eq!(sm.views()[&4].read(4, 1 << 20).unwrap()[0].base_offset, 4);
+        assert_eq!(
+            sm.views()[&4].read_local(4, 1 << 20).unwrap()[0].base_offset,
+            4
+        );
         assert_eq!(sm.views()[&1].committed("g").unwrap(), Some(1));
 
         // A follower installs the group's snapshot and holds both partitions.
@@ -2472,13 +2696,17 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(marks(&follower), vec![(1, 2), (4, 6)]);
-        assert_eq!(follower.views()[&4].read(0, 1 << 20).unwrap().len(), 3);
+        assert_eq!(
+            follower.views()[&4].read_local(0, 1 << 20).unwrap().len(),
+            3
+        );
         assert_eq!(append_to(&follower, 4, 2), appended(2, 2, true));
         drop(follower);
         let follower = open("b");
         assert_eq!(marks(&follower), vec![(1, 2), (4, 6)]);
         // A snapshot of another set of partitions is refused and changes nothing.
-        let mut other = PartitionStateMachine::open(&dir.path().join("c"), 4096, &[1]).unwrap();
+        let mut other =
+            PartitionStateMachine::open(&dir.path().join("c"), 4096, &[1], None).unwrap();
         let snapshot = sm.get_current_snapshot().await.unwrap().unwrap();
         assert!(other
             .install_snapshot(&snapshot.meta, snapshot.snapshot)
@@ -2487,14 +2715,14 @@ mod tests {
         assert_eq!(other.views()[&1].watermarks().high, 0);
         drop(other);
         // A checkpoint holding a partition the group does not is refused at open.
-        assert!(PartitionStateMachine::open(&dir.path().join("a"), 4096, &[1]).is_err());
+        assert!(PartitionStateMachine::open(&dir.path().join("a"), 4096, &[1], None).is_err());
     }
 
     #[test]
     fn forwarded_batches_follow_the_split_of_their_destination() {
         let dir = tempfile::tempdir().unwrap();
         // Partition 1 of a topic created with four partitions, fed by partition 0 of region a.
-        let sm = PartitionStateMachine::open(&dir.path().join("g"), 4096, &[1]).unwrap();
+        let sm = PartitionStateMachine::open(&dir.path().join("g"), 4096, &[1], None).unwrap();
         let forwarded = |partition, from: u64, to: u64, routed_by| {
             let events = (from..to)
                 .map(|o| {
@@ -2546,8 +2774,9 @@ mod tests {
     async fn a_split_seals_its_parent_at_one_offset_and_its_child_survives_restart_and_snapshot() {
         let dir = tempfile::tempdir().unwrap();
         // Partition 1 of a topic created with four partitions, one group each.
-        let open =
-            |name: &str| PartitionStateMachine::open(&dir.path().join(name), 4096, &[1]).unwrap();
+        let open = |name: &str| {
+            PartitionStateMachine::open(&dir.path().join(name), 4096, &[1], None).unwrap()
+        };
         let publish = |sm: &PartitionStateMachine, partition, seq, layout, misrouted: bool| {
             run_on(
                 sm,
@@ -2629,7 +2858,10 @@ mod tests {
             .unwrap();
         assert_eq!(marks(&follower), vec![(1, 4), (5, 2)]);
         assert_eq!(*follower.group_views().split(), *sm.group_views().split());
-        assert_eq!(follower.views()[&5].read(0, 1 << 20).unwrap().len(), 1);
+        assert_eq!(
+            follower.views()[&5].read_local(0, 1 << 20).unwrap().len(),
+            1
+        );
         drop(follower);
         let follower = open("b");
         assert_eq!(marks(&follower), vec![(1, 4), (5, 2)]);
@@ -2718,6 +2950,171 @@ mod tests {
         assert!(error.to_string().contains("checksum"), "{error}");
     }
 
+    /// Every retained batch of partition 0, through [`PartitionView::read`] (so from the
+    /// object store where the manifest says), as (base offset, count).
+    async fn read_all(sm: &PartitionStateMachine) -> Vec<(u64, u32)> {
+        let view = sm.view();
+        let Watermarks { low, high } = view.watermarks();
+        let mut out: Vec<(u64, u32)> = Vec::new();
+        let mut next = low;
+        while next < high {
+            let batches = view.read(next, 700).await.unwrap();
+            assert!(!batches.is_empty(), "nothing read at {next}");
+            for b in batches {
+                out.push((b.base_offset, b.count));
+                next = b.end_offset();
+            }
+        }
+        out
+    }
+
+    /// Offloads partition 0's complete batch files as a leader would; answers the objects.
+    async fn offload_all(sm: &PartitionStateMachine, tier: &RemoteStore) -> usize {
+        let mut objects = 0;
+        while let Some(run) = sm.view().offload_candidate().unwrap() {
+            let key = format!("r/t/0/{}", run[0].base_offset);
+            let (bytes, segment) = ferry_store::encode_object(key.clone(), &run).unwrap();
+            tier.put(&key, bytes).await.unwrap();
+            assert_eq!(
+                run_async(sm, PartitionCommand::Offloaded { segment }).await,
+                PartitionReply::Done
+            );
+            objects += 1;
+        }
+        objects
+    }
+
+    async fn run_async(sm: &PartitionStateMachine, command: PartitionCommand) -> PartitionReply {
+        let command = encode(
+            "c",
+            &GroupEntry::One(GroupCommand {
+                partition: 0,
+                command,
+            }),
+        )
+        .unwrap();
+        let mut inner = sm.inner.lock().await;
+        let mut touched = Vec::new();
+        let reply =
+            PartitionStateMachine::apply_command(&mut inner, &command, &mut touched).unwrap();
+        for p in touched {
+            inner.partitions[&p].publish();
+        }
+        decode("r", &reply).unwrap()
+    }
+
+    #[tokio::test]
+    async fn offloaded_batches_leave_the_files_are_read_from_the_store_and_snapshots_carry_only_the_tail(
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let tier = Arc::new(
+            RemoteStore::open(&ferry_store::RemoteOptions::new(format!(
+                "file://{}",
+                dir.path().join("store").display()
+            )))
+            .unwrap(),
+        );
+        let open = |name: &str| {
+            PartitionStateMachine::open(&dir.path().join(name), 4096, &[0], Some(tier.clone()))
+                .unwrap()
+        };
+        let segments = |name: &str| {
+            std::fs::read_dir(dir.path().join(name).join("batches-0/0"))
+                .map(|d| d.count())
+                .unwrap_or(0)
+        };
+        let mut sm = open("a");
+        for seq in 0..100 {
+            run_async(
+                &sm,
+                PartitionCommand::Append {
+                    batch: batch(Some(1), seq * 4, 4),
+                    appended_at_ms: seq,
+                },
+            )
+            .await;
+        }
+        let everything = read_all(&sm).await;
+        assert_eq!(everything.len(), 100);
+        let local = sm.view().stored_bytes();
+        let files_before = segments("a");
+        let objects = offload_all(&sm, &tier).await;
+        assert!(objects >= 3, "{objects} objects");
+        let view = sm.view();
+        let remote = view.remote_segments();
+        assert_eq!(remote[0].base, 0);
+        assert!(
+            remote.windows(2).all(|w| w[0].end == w[1].base),
+            "contiguous"
+        );
+        assert_eq!(view.local_from(), remote.last().unwrap().end);
+        assert_eq!(view.stored_bytes() + view.remote_bytes(), local);
+        assert_eq!(
+            view.watermarks(),
+            Watermarks { low: 0, high: 400 },
+            "offloading moves no watermark"
+        );
+        // Readers see no difference.
+        assert_eq!(read_all(&sm).await, everything);
+        assert!(
+            tier.stats().cache_misses.load(Ordering::Relaxed) > 0,
+            "read from the store"
+        );
+
+        // An object that does not continue the manifest is refused, changing nothing.
+        let (_, stray) = ferry_store::encode_object(
+            "r/t/0/stray".into(),
+            &sm.view().read_local(view.local_from(), 1).unwrap(),
+        )
+        .unwrap();
+        let mut gap = stray.clone();
+        gap.base += 1;
+        assert!(
+            matches!(run_async(&sm, PartitionCommand::Offloaded { segment: gap }).await, PartitionReply::Error(e) if e.message.contains("do not follow"))
+        );
+        assert_eq!(view.remote_segments(), remote);
+
+        // The files go with the next checkpoint; a restart keeps the manifest.
+        assert!(view.offloaded_since_checkpoint());
+        sm.build_snapshot().await.unwrap();
+        assert!(
+            segments("a") < files_before,
+            "{} of {files_before} files left",
+            segments("a")
+        );
+        assert!(!view.offloaded_since_checkpoint());
+        drop((view, sm));
+        let mut sm = open("a");
+        assert_eq!(sm.view().remote_segments(), remote);
+        assert_eq!(read_all(&sm).await, everything);
+
+        // A snapshot carries the manifest and the batch files' tail only.
+        let taken = sm.get_current_snapshot().await.unwrap().unwrap();
+        let mut data = taken.snapshot;
+        let sent = data.total().unwrap();
+        assert!(sent < local / 2, "{sent} bytes sent for {local} held");
+        let mut follower = open("b");
+        follower.install_snapshot(&taken.meta, data).await.unwrap();
+        assert_eq!(follower.view().remote_segments(), remote);
+        assert_eq!(read_all(&follower).await, everything);
+
+        // Retention drops whole objects from the manifest.
+        let first = remote[0].clone();
+        run_async(
+            &sm,
+            PartitionCommand::Trim {
+                before_offset: first.end + 1,
+            },
+        )
+        .await;
+        assert_eq!(sm.view().remote_segments(), remote[1..].to_vec());
+        assert_eq!(sm.view().watermarks().low, first.end);
+        assert_eq!(
+            read_all(&sm).await,
+            everything[everything.iter().position(|b| b.0 == first.end).unwrap()..].to_vec()
+        );
+    }
+
     #[test]
     fn a_replica_missing_offsets_it_should_hold_answers_so_rather_than_skip_them() {
         let dir = tempfile::tempdir().unwrap();
@@ -2725,7 +3122,7 @@ mod tests {
         // The first two batches gone from the files while the watermarks still say 0..12.
         sm.view().files.write().unwrap().drop_before(8);
         for from in [0, 5] {
-            match sm.view().read(from, 1 << 20) {
+            match sm.view().read_local(from, 1 << 20) {
                 Err(StoreError::Missing {
                     from: f,
                     to,
@@ -2795,7 +3192,8 @@ mod tests {
     #[tokio::test]
     async fn a_cut_or_foreign_snapshot_is_refused_and_leaves_no_files_and_no_change() {
         let dir = tempfile::tempdir().unwrap();
-        let mut sm = PartitionStateMachine::open(&dir.path().join("a"), 4096, &[0, 1]).unwrap();
+        let mut sm =
+            PartitionStateMachine::open(&dir.path().join("a"), 4096, &[0, 1], None).unwrap();
         for seq in 0..20 {
             run_on(
                 &sm,
@@ -2814,7 +3212,7 @@ mod tests {
             all
         };
         let follower_dir = dir.path().join("b");
-        let mut follower = PartitionStateMachine::open(&follower_dir, 4096, &[0, 1]).unwrap();
+        let mut follower = PartitionStateMachine::open(&follower_dir, 4096, &[0, 1], None).unwrap();
         let unchanged = |follower: &PartitionStateMachine| {
             assert_eq!(follower.views()[&0].watermarks().high, 0);
             assert_eq!(follower.views()[&1].watermarks().high, 0);
@@ -2849,7 +3247,8 @@ mod tests {
         assert!(follower.install_snapshot(&taken.meta, data).await.is_err());
         unchanged(&follower);
         // Another group's partitions.
-        let mut other = PartitionStateMachine::open(&dir.path().join("c"), 4096, &[0, 2]).unwrap();
+        let mut other =
+            PartitionStateMachine::open(&dir.path().join("c"), 4096, &[0, 2], None).unwrap();
         let data = SnapshotData::from_bytes(Bytes::from(whole.clone()));
         assert!(other.install_snapshot(&taken.meta, data).await.is_err());
         // The whole one installs.

@@ -139,7 +139,7 @@ pub(crate) enum PeerResponse {
     Snapshot(SnapshotResponse<TypeConfig>),
     /// Bytes of a streamed snapshot received and spooled so far.
     Spooled(u64),
-    Client(ClientResponse),
+    Client(Box<ClientResponse>),
     /// A gossip message was taken.
     Done,
     /// A forwarded batch is committed in the target region (or refused after a gap).
@@ -315,7 +315,7 @@ impl<T: Transport> Router<T> {
         request: ClientRequest,
     ) -> Result<ClientResponse, NetError> {
         match self.call(leader, &PeerRequest::Client(request)).await? {
-            PeerResponse::Client(response) => Ok(response),
+            PeerResponse::Client(response) => Ok(*response),
             PeerResponse::Error(e) => Err(NetError::Remote(e)),
             _ => Err(NetError::Protocol(
                 "unexpected answer to a forwarded request".into(),

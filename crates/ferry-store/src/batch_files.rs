@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::StoreError;
 
-const HEADER: usize = 28;
+pub(crate) const HEADER: usize = 28;
 
 /// The segments and their lengths at a checkpoint: `(first base offset, bytes)`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -222,12 +222,7 @@ impl BatchFiles {
         // The header and the events go in one vectored write, so the events are not copied
         // into a record first. A torn write leaves bytes past the last checkpoint's extent,
         // which open cuts off like any unsynced write.
-        let mut header = [0u8; HEADER];
-        header[0..4].copy_from_slice(&bytes.to_le_bytes());
-        header[4..8].copy_from_slice(&crc32fast::hash(&batch.events).to_le_bytes());
-        header[8..16].copy_from_slice(&batch.base_offset.to_le_bytes());
-        header[16..20].copy_from_slice(&batch.count.to_le_bytes());
-        header[20..28].copy_from_slice(&batch.appended_at_ms.to_le_bytes());
+        let header = record_header(batch, bytes);
         crate::positional::write_pair_at(&seg.file, &header, &batch.events, seg.len)
             .map_err(io(&seg.path))?;
         self.index.insert(
@@ -304,6 +299,35 @@ impl BatchFiles {
         out
     }
 
+    /// The batches from the one holding `from` (or the first after it) to the end of the
+    /// segment file holding that one, if that file is complete (a later one is being
+    /// written): a run to move to the object store. None if there is no such run.
+    pub fn sealed_run(&self, from: u64) -> Option<Vec<BatchLocation>> {
+        let (&start, first) = self
+            .index
+            .range(..=from)
+            .next_back()
+            .filter(|(base, info)| *base + u64::from(info.count) > from)
+            .or_else(|| self.index.range(from..).next())?;
+        let active = *self.segments.keys().next_back()?;
+        if first.segment == active {
+            return None;
+        }
+        let seg = &self.segments[&first.segment];
+        let run = self
+            .index
+            .range(start..)
+            .take_while(|(_, info)| info.segment == first.segment)
+            .map(|(base, info)| BatchLocation {
+                base_offset: *base,
+                info: *info,
+                file: seg.file.clone(),
+                path: seg.path.clone(),
+            })
+            .collect();
+        Some(run)
+    }
+
     /// Makes every append so far durable.
     pub fn sync(&mut self) -> Result<(), StoreError> {
         for seg in self.segments.values_mut() {
@@ -377,6 +401,11 @@ impl BatchFiles {
             .copied()
             .filter(|first| Some(*first) != active && live_from.is_none_or(|l| *first < l))
             .collect()
+    }
+
+    /// Whether some segment holds only dropped batches (and waits to be deleted).
+    pub fn holds_dropped(&self) -> bool {
+        !self.dropped_segments().is_empty()
     }
 
     /// Deletes the segments that hold only dropped batches. Call after recording a
@@ -477,7 +506,18 @@ fn segment_path(dir: &Path, first: u64) -> PathBuf {
     dir.join(format!("{first:020}.seg"))
 }
 
-fn parse_header(h: &[u8; HEADER]) -> (u32, u64, u32, u64) {
+/// The header of `batch`'s record, its events `bytes` long.
+pub(crate) fn record_header(batch: &StoredBatch, bytes: u32) -> [u8; HEADER] {
+    let mut header = [0u8; HEADER];
+    header[0..4].copy_from_slice(&bytes.to_le_bytes());
+    header[4..8].copy_from_slice(&crc32fast::hash(&batch.events).to_le_bytes());
+    header[8..16].copy_from_slice(&batch.base_offset.to_le_bytes());
+    header[16..20].copy_from_slice(&batch.count.to_le_bytes());
+    header[20..28].copy_from_slice(&batch.appended_at_ms.to_le_bytes());
+    header
+}
+
+pub(crate) fn parse_header(h: &[u8; HEADER]) -> (u32, u64, u32, u64) {
     let u32_at = |i: usize| u32::from_le_bytes(h[i..i + 4].try_into().expect("4 bytes"));
     let u64_at = |i: usize| u64::from_le_bytes(h[i..i + 8].try_into().expect("8 bytes"));
     (u32_at(0), u64_at(8), u32_at(16), u64_at(20))
@@ -543,19 +583,25 @@ fn read_record(
 ) -> Result<StoredBatch, StoreError> {
     let record = crate::positional::read_exact_at(file, HEADER + bytes as usize, position)
         .map_err(io(path))?;
-    let header: &[u8; HEADER] = record[..HEADER].try_into().expect("header");
-    let crc = u32::from_le_bytes(header[4..8].try_into().expect("4 bytes"));
-    let (_, base, count, at) = parse_header(header);
-    let events = Bytes::from(record).slice(HEADER..);
-    if crc32fast::hash(&events) != crc || base != base_offset {
-        return Err(StoreError::Corrupt {
-            path: path.to_path_buf(),
-            reason: format!(
-                "batch at offset {base_offset} (file position {position}) fails its checksum"
-            ),
-        });
+    decode_record(Bytes::from(record), base_offset).ok_or_else(|| StoreError::Corrupt {
+        path: path.to_path_buf(),
+        reason: format!(
+            "batch at offset {base_offset} (file position {position}) fails its checksum"
+        ),
+    })
+}
+
+/// The batch in `record` (a whole record: header and events), if its checksum holds and it
+/// is the batch at `base_offset`.
+pub(crate) fn decode_record(record: Bytes, base_offset: u64) -> Option<StoredBatch> {
+    let header: &[u8; HEADER] = record.get(..HEADER)?.try_into().ok()?;
+    let crc = u32::from_le_bytes(header[4..8].try_into().ok()?);
+    let (bytes, base, count, at) = parse_header(header);
+    let events = record.slice(HEADER..);
+    if events.len() != bytes as usize || crc32fast::hash(&events) != crc || base != base_offset {
+        return None;
     }
-    Ok(StoredBatch {
+    Some(StoredBatch {
         base_offset: base,
         count,
         appended_at_ms: at,

@@ -50,6 +50,22 @@ pub enum StoreError {
         /// The replica's high watermark.
         high: u64,
     },
+    /// The object store did not answer a request (down, slow or refusing): retry later.
+    #[error("object store, {key}: {reason}")]
+    Remote {
+        /// The object's key.
+        key: String,
+        /// What the store answered, or that it did not.
+        reason: String,
+    },
+    /// An object the manifest names is missing or damaged: it is not served.
+    #[error("remote segment {key} is damaged or missing: {reason}")]
+    RemoteCorrupt {
+        /// The object's key.
+        key: String,
+        /// What was wrong.
+        reason: String,
+    },
     /// Stored bytes did not decode.
     #[error(transparent)]
     Decode(#[from] ferry_proto::ProtoError),

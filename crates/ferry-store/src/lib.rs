@@ -21,6 +21,7 @@ mod group_commit;
 mod log_store;
 mod node_store;
 mod positional;
+mod remote;
 mod snapshot;
 mod state_machine;
 mod wal;
@@ -39,6 +40,7 @@ pub use error::StoreError;
 pub use group_commit::{BeforeSync, FlushStats, GroupCommit};
 pub use log_store::WalLogStore;
 pub use node_store::{NodeStore, StoreOptions};
+pub use remote::{encode_object, RemoteOptions, RemoteSegment, RemoteStats, RemoteStore};
 pub use snapshot::{SnapshotData, SnapshotSource, Spool};
 pub use state_machine::{Application, AppliedState, SledStateMachine, SnapshotBuilder};
 

@@ -17,7 +17,7 @@ use crate::{
 /// 6: topics carry the keep-until-forwarded retention fields.
 /// 7: a topic's partitions share Raft groups: topics carry `groups`, a group's checkpoint and
 /// its log entries name their partitions.
-const FORMAT: &[u8] = b"ferry-store/7";
+const FORMAT: &[u8] = b"ferry-store/8";
 const MARKER_TREE: &[u8] = b"ferry";
 
 /// Storage tuning.

@@ -523,6 +523,7 @@ async fn topic(client: &Client, command: TopicCommand) -> anyhow::Result<()> {
                 max_bytes: retention_bytes,
                 keep_until_forwarded: hard_max_bytes.is_some(),
                 hard_max_bytes,
+                ..Retention::default()
             };
             client.create_topic(config).await?;
             // Wait (bounded) until every partition has a leader, so the next command works.

@@ -241,8 +241,9 @@ impl<T: Transport> Node<T> {
                 trimmed_counted = low;
             }
             let snapshot = views.borrow_and_update().clone();
-            let waiting_for_view =
-                self.read_for_forwarding(key, &group, &snapshot, &mut forwarder)?;
+            let waiting_for_view = self
+                .read_for_forwarding(key, &group, &snapshot, &mut forwarder)
+                .await?;
 
             let now = Instant::now();
             while let Some(batch) = forwarder.poll_transmit(now) {
@@ -352,7 +353,7 @@ impl<T: Transport> Node<T> {
     /// Feeds the forwarder what it asks for from the partition's log. Answers whether it
     /// stopped at an event it cannot judge yet (it waits for a newer view of the destination's
     /// interest).
-    fn read_for_forwarding(
+    async fn read_for_forwarding(
         &self,
         key: &ForwardKey,
         group: &HostedPartition,
@@ -387,6 +388,7 @@ impl<T: Transport> Node<T> {
             let batches = group
                 .view
                 .read(from, max_bytes)
+                .await
                 .map_err(|e| e.to_string())?;
             let mut upto = from;
             let mut events = Vec::new();

@@ -1,0 +1,276 @@
+//! Tiered storage's driver. The leader of a tiered partition (`retention.local_max_bytes`)
+//! uploads the complete batch files beyond its hot tail to the region's object store, one
+//! object per file ([`ferry_store::encode_object`]), and records each object in the
+//! partition's manifest through the partition's Raft (`PartitionCommand::Offloaded`). Every
+//! replica drops those batches as the entry applies and deletes their files once a checkpoint
+//! no longer names them, so nothing is deleted locally before it is durable remotely and
+//! committed. A failed upload is retried after a backoff; while uploads cannot keep up, the
+//! partition refuses publishes at its `retention.local_limit_bytes` (`OffloadBehind`).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ferry_net::Transport;
+use ferry_store::{encode_object, RemoteStore};
+
+use crate::command::{decode, PartitionCommand, PartitionReply};
+use crate::leadership::LedPartition;
+use crate::node::{HostedPartition, Node};
+
+/// Objects one partition uploads in one round at most (others get their turn).
+const OBJECTS_PER_ROUND: usize = 16;
+
+/// The uploads of the partitions this node leads that failed lately.
+#[derive(Default)]
+pub(crate) struct Offloads {
+    failing: Mutex<HashMap<(Arc<str>, u32), Failing>>,
+}
+
+struct Failing {
+    failures: u32,
+    next_try: Instant,
+    error: String,
+}
+
+/// How long to wait after `failures` failures in a row: doubling from `base`, at most `max`.
+fn backoff(base: Duration, max: Duration, failures: u32) -> Duration {
+    base.saturating_mul(1 << failures.min(16)).min(max)
+}
+
+impl Offloads {
+    fn due(&self, topic: &Arc<str>, partition: u32, now: Instant) -> bool {
+        self.failing
+            .lock()
+            .map(|f| {
+                f.get(&(topic.clone(), partition))
+                    .is_none_or(|f| f.next_try <= now)
+            })
+            .unwrap_or(true)
+    }
+
+    fn failed(
+        &self,
+        topic: &Arc<str>,
+        partition: u32,
+        error: String,
+        base: Duration,
+        max: Duration,
+    ) {
+        if let Ok(mut failing) = self.failing.lock() {
+            let entry = failing
+                .entry((topic.clone(), partition))
+                .or_insert(Failing {
+                    failures: 0,
+                    next_try: Instant::now(),
+                    error: String::new(),
+                });
+            entry.next_try = Instant::now() + backoff(base, max, entry.failures);
+            entry.failures = entry.failures.saturating_add(1);
+            entry.error = error;
+        }
+    }
+
+    fn succeeded(&self, topic: &Arc<str>, partition: u32) {
+        if let Ok(mut failing) = self.failing.lock() {
+            failing.remove(&(topic.clone(), partition));
+        }
+    }
+
+    /// Why the uploads of `topic`/`partition` fail, if they do.
+    pub(crate) fn failure(&self, topic: &str, partition: u32) -> Option<String> {
+        let failing = self.failing.lock().ok()?;
+        failing.get(&(Arc::from(topic), partition)).map(|f| {
+            format!(
+                "{} failed uploads in a row, the last: {}",
+                f.failures, f.error
+            )
+        })
+    }
+
+    /// Partitions whose uploads fail now.
+    pub(crate) fn failing(&self) -> usize {
+        self.failing.lock().map(|f| f.len()).unwrap_or(0)
+    }
+}
+
+impl<T: Transport> Node<T> {
+    /// Starts the upload rounds, if the node has an object store.
+    pub(crate) fn spawn_tiering(&self) {
+        let Some(tier) = &self.inner.config.tier else {
+            return;
+        };
+        let every = Duration::from_millis(tier.upload_interval_ms);
+        self.spawn_every(every, |node| async move { node.offload_round().await });
+    }
+
+    /// One round: the tiered partitions this node leads upload what lies beyond their hot
+    /// tail; the groups whose replicas offloaded since their last checkpoint take one (which
+    /// deletes the offloaded files).
+    async fn offload_round(&self) {
+        let (Some(tier), Some(options)) =
+            (self.inner.tier.clone(), self.inner.config.tier.as_ref())
+        else {
+            return;
+        };
+        let base = Duration::from_millis(options.upload_interval_ms);
+        let max = Duration::from_millis(options.max_upload_backoff_ms);
+        let (led, _) = self.led_partitions();
+        for LedPartition { topic, hosted } in led.iter() {
+            let Some(retention) = self.inner.meta_view.retention(topic) else {
+                continue;
+            };
+            let Some(hot) = retention.local_max_bytes else {
+                continue;
+            };
+            let partition = hosted.partition;
+            if !self.inner.offloads.due(topic, partition, Instant::now()) {
+                continue;
+            }
+            for _ in 0..OBJECTS_PER_ROUND {
+                if hosted.view.stored_bytes() <= hot {
+                    break;
+                }
+                match self.offload_one(&tier, topic, hosted).await {
+                    Ok(true) => self.inner.offloads.succeeded(topic, partition),
+                    Ok(false) => break,
+                    Err(e) => {
+                        tracing::warn!(%topic, partition, error = %e, "uploading to the object store failed; retrying after a backoff");
+                        self.inner.offloads.failed(topic, partition, e, base, max);
+                        break;
+                    }
+                }
+            }
+        }
+        for (group, hosted) in self.partition_groups() {
+            if hosted
+                .views
+                .all()
+                .values()
+                .any(|v| v.offloaded_since_checkpoint())
+            {
+                if let Err(e) = hosted.raft.trigger().snapshot().await {
+                    tracing::debug!(%group, error = %e, "checkpoint after an offload not taken");
+                }
+            }
+        }
+    }
+
+    /// Uploads the next complete batch file of `hosted` beyond the manifest and records it
+    /// there. Ok(false) when there is none yet.
+    async fn offload_one(
+        &self,
+        tier: &Arc<RemoteStore>,
+        topic: &str,
+        hosted: &HostedPartition,
+    ) -> Result<bool, String> {
+        let view = hosted.view.clone();
+        let run = tokio::task::spawn_blocking(move || view.offload_candidate())
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        let Some(batches) = run.filter(|b| !b.is_empty()) else {
+            return Ok(false);
+        };
+        let (first, last) = (
+            batches[0].base_offset,
+            batches[batches.len() - 1].end_offset(),
+        );
+        let key = format!(
+            "{}/{topic}/{}/{first:020}-{last:020}.seg",
+            self.inner.config.region, hosted.partition
+        );
+        let (bytes, segment) = encode_object(key.clone(), &batches).map_err(|e| e.to_string())?;
+        drop(batches);
+        tier.put(&key, bytes).await.map_err(|e| e.to_string())?;
+        let command = hosted
+            .command(PartitionCommand::Offloaded { segment })
+            .map_err(|e| e.to_string())?;
+        let response = hosted
+            .proposer()
+            .client_write(command)
+            .await
+            .map_err(|e| format!("recording {key} in the manifest: {e}"))?;
+        match decode::<PartitionReply>("partition reply", &response.data.0) {
+            Ok(PartitionReply::Done) => {
+                tracing::debug!(%topic, partition = hosted.partition, first, last, "offloaded");
+                Ok(true)
+            }
+            Ok(PartitionReply::Error(refused)) => {
+                // Another leader's upload got there first. The object is ours to delete
+                // unless the manifest names it (the same offsets, uploaded twice).
+                if !hosted.view.remote_segments().iter().any(|r| r.key == key) {
+                    if let Err(e) = tier.delete(&key).await {
+                        tracing::warn!(%key, error = %e, "deleting a refused upload failed; the object is left over");
+                    }
+                }
+                Err(format!("the manifest refused {key}: {}", refused.message))
+            }
+            Ok(other) => Err(format!("recording {key} answered {other:?}")),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// Bytes beyond their hot tail that the tiered partitions this node leads hold.
+    pub fn tier_upload_lag(&self) -> u64 {
+        let (led, _) = self.led_partitions();
+        led.iter()
+            .filter_map(|l| {
+                let hot = self.inner.meta_view.retention(&l.topic)?.local_max_bytes?;
+                Some(l.hosted.view.stored_bytes().saturating_sub(hot))
+            })
+            .sum()
+    }
+
+    /// Tiered partitions this node leads whose last upload failed.
+    pub fn tier_partitions_failing(&self) -> u64 {
+        self.inner.offloads.failing() as u64
+    }
+
+    /// The object store's counters, for `/metrics` (none without a store).
+    pub(crate) fn tier_counters(&self) -> Vec<(&'static str, &'static str, f64)> {
+        let Some(tier) = &self.inner.tier else {
+            return Vec::new();
+        };
+        let s = tier.stats();
+        let n =
+            |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed) as f64;
+        vec![
+            ("ferry_tier_uploads_total", "Objects this node wrote to the object store.", n(&s.uploads)),
+            ("ferry_tier_upload_bytes_total", "Bytes of the objects it wrote.", n(&s.upload_bytes)),
+            ("ferry_tier_upload_errors_total", "Writes and deletes of objects that failed.", n(&s.upload_errors)),
+            ("ferry_tier_cache_hits_total", "Pieces of objects read back that the cache held.", n(&s.cache_hits)),
+            ("ferry_tier_cache_misses_total", "Pieces of objects read back from the store.", n(&s.cache_misses)),
+            ("ferry_tier_remote_reads_total", "Range requests made to the object store.", n(&s.fetches)),
+            ("ferry_tier_remote_read_seconds_total", "Time the range requests took (divide by ferry_tier_remote_reads_total for the mean latency).", n(&s.fetch_micros) / 1e6),
+            ("ferry_tier_read_errors_total", "Reads of offloaded batches that failed (the store answered an error, or an object was damaged or missing).", n(&s.read_errors)),
+            ("ferry_tier_corrupt_objects_total", "Objects found damaged or missing (never served).", n(&s.corrupt)),
+        ]
+    }
+
+    /// Deletes the objects of `keys` from the tier (after a trim dropped them from the
+    /// manifest). A failure leaves the object over, logged.
+    pub(crate) async fn delete_remote(&self, keys: Vec<String>) {
+        let Some(tier) = &self.inner.tier else {
+            return;
+        };
+        for key in keys {
+            if let Err(e) = tier.delete(&key).await {
+                tracing::warn!(%key, error = %e, "deleting an object retention dropped failed; it is left over");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_its_bound() {
+        let (base, max) = (Duration::from_millis(100), Duration::from_secs(2));
+        let waits: Vec<u128> = (0..7).map(|f| backoff(base, max, f).as_millis()).collect();
+        assert_eq!(waits, vec![100, 200, 400, 800, 1600, 2000, 2000]);
+        assert_eq!(backoff(base, max, u32::MAX), max);
+    }
+}
