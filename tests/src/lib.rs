@@ -3,6 +3,9 @@
 //! ([`TestRegion`] alone, or several regions gossiping and forwarding as a [`TestMesh`]).
 #![warn(missing_docs, unreachable_pub)]
 
+mod s3;
+pub use s3::S3Server;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -244,6 +244,16 @@ pub struct PartitionInfo {
     pub low_watermark: u64,
     /// Offset the next event will get (committed and applied on the answering node).
     pub high_watermark: u64,
+    /// Tiered storage: offsets from the low watermark up to here are in the object store
+    /// (equal to the low watermark when none are); the replicas' batch files hold the rest.
+    pub local_from: u64,
+    /// Bytes of events the answering replica holds in its batch files.
+    pub local_bytes: u64,
+    /// Objects in the object store holding the partition's offloaded offsets, and their bytes
+    /// of events.
+    pub remote_objects: u64,
+    /// See `remote_objects`.
+    pub remote_bytes: u64,
 }
 
 /// A node's client address.

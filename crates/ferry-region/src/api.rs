@@ -280,7 +280,9 @@ impl<T: Transport> Node<T> {
     ) -> Option<ClientResponse> {
         let retention = self.inner.meta_view.retention(topic)?;
         if let Some(limit) = retention.local_limit() {
-            let held = group.view.stored_bytes();
+            // On disk: batches offloaded but not deleted yet (until the next checkpoint)
+            // count too.
+            let held = group.view.disk_bytes();
             if held >= limit {
                 let why = self
                     .inner
@@ -856,6 +858,10 @@ impl<T: Transport> Node<T> {
                             replicas,
                             low_watermark: marks.low,
                             high_watermark: marks.high,
+                            local_from: g.view.local_from(),
+                            local_bytes: g.view.stored_bytes(),
+                            remote_objects: g.view.remote_objects(),
+                            remote_bytes: g.view.remote_bytes(),
                         }
                     }
                     None => PartitionInfo {
@@ -864,6 +870,10 @@ impl<T: Transport> Node<T> {
                         replicas,
                         low_watermark: 0,
                         high_watermark: 0,
+                        local_from: 0,
+                        local_bytes: 0,
+                        remote_objects: 0,
+                        remote_bytes: 0,
                     },
                 }
             })

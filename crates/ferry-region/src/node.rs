@@ -512,6 +512,9 @@ impl<T: Transport> Node<T> {
                     let _ = raft.shutdown().await;
                     return Ok(());
                 }
+                if topic.config.retention.tiered() {
+                    Self::spawn_checkpoints_after_offloads(hosted.clone());
+                }
                 Leadership::follow(
                     Arc::downgrade(&inner.leadership),
                     inner.id,

@@ -194,6 +194,8 @@ pub struct GroupViews {
     split: RwLock<Arc<SplitState>>,
     /// Counts changes of the partition set (leadership follows them).
     changed: watch::Sender<u64>,
+    /// Counts applied entries that offloaded batches (a checkpoint then deletes their files).
+    offloaded: watch::Sender<u64>,
 }
 
 impl GroupViews {
@@ -202,7 +204,14 @@ impl GroupViews {
             views: RwLock::new(Arc::new(views)),
             split: RwLock::new(Arc::new(split)),
             changed: watch::channel(0).0,
+            offloaded: watch::channel(0).0,
         }
+    }
+
+    /// Changes whenever the group applied an offload ([`PartitionCommand::Offloaded`]): a
+    /// checkpoint taken then deletes the offloaded batch files.
+    pub fn subscribe_offloads(&self) -> watch::Receiver<u64> {
+        self.offloaded.subscribe()
     }
 
     /// Partition `partition`'s view, if the group holds it.
@@ -395,9 +404,19 @@ impl PartitionView {
             .unwrap_or(low)
     }
 
+    /// Objects the manifest names.
+    pub fn remote_objects(&self) -> u64 {
+        self.remote.read().map_or(0, |r| r.len() as u64)
+    }
+
     /// Bytes of events the manifest's objects hold.
     pub fn remote_bytes(&self) -> u64 {
         self.remote_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Bytes of the batch files on disk, those of dropped batches not deleted yet included.
+    pub fn disk_bytes(&self) -> u64 {
+        self.files.read().map_or(0, |f| f.disk_bytes())
     }
 
     /// Whether batches were offloaded since the last checkpoint (their local files are
@@ -670,6 +689,8 @@ struct Partition {
     /// Applied something since the last checkpoint was taken (only such partitions have
     /// batch files to sync for the next one).
     dirty: bool,
+    /// Applied an offload since the state machine last told the group's views.
+    offloaded_now: bool,
 }
 
 impl Partition {
@@ -697,6 +718,7 @@ impl Partition {
             producers: HashMap::new(),
             received: HashMap::new(),
             dirty: false,
+            offloaded_now: false,
         }
     }
 
@@ -1204,6 +1226,7 @@ impl Partition {
             .offloaded_since_checkpoint
             .fetch_add(freed.max(1), Ordering::Relaxed);
         remote.push_back(segment);
+        self.offloaded_now = true;
         Ok(PartitionReply::Done)
     }
 
@@ -1784,10 +1807,15 @@ impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
                 replies.push((responder, reply));
             }
         }
+        let mut offloaded = false;
         for number in touched {
-            if let Some(p) = inner.partitions.get(&number) {
+            if let Some(p) = inner.partitions.get_mut(&number) {
                 p.publish();
+                offloaded |= std::mem::take(&mut p.offloaded_now);
             }
+        }
+        if offloaded {
+            inner.views.offloaded.send_modify(|n| *n += 1);
         }
         for (responder, reply) in replies {
             responder.send(ferry_store::Reply(reply));

@@ -16,10 +16,13 @@ use ferry_store::{encode_object, RemoteStore};
 
 use crate::command::{decode, PartitionCommand, PartitionReply};
 use crate::leadership::LedPartition;
-use crate::node::{HostedPartition, Node};
+use crate::node::{HostedPartition, Node, PartitionGroup};
+use openraft::async_runtime::WatchReceiver;
 
 /// Objects one partition uploads in one round at most (others get their turn).
 const OBJECTS_PER_ROUND: usize = 16;
+/// How long a group's checkpoint after an offload is waited for before the next is asked.
+const CHECKPOINT_PATIENCE: Duration = Duration::from_secs(30);
 
 /// The uploads of the partitions this node leads that failed lately.
 #[derive(Default)]
@@ -154,6 +157,40 @@ impl<T: Transport> Node<T> {
                 }
             }
         }
+    }
+
+    /// Takes a checkpoint of `group` whenever it applied an offload, so its replica deletes
+    /// offloaded batch files promptly (the upload rounds take one too while some wait), until
+    /// the group stops here.
+    pub(crate) fn spawn_checkpoints_after_offloads(group: PartitionGroup) {
+        let mut offloads = group.views.subscribe_offloads();
+        let mut running = group.raft.server_metrics();
+        let mut metrics = group.raft.metrics();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    changed = offloads.changed() => if changed.is_err() { return },
+                    stopped = running.changed() => if stopped.is_err() { return } else { continue },
+                }
+                let applied = metrics.borrow_watched().last_applied.map_or(0, |l| l.index);
+                if group.raft.trigger().snapshot().await.is_err() {
+                    return;
+                }
+                // One checkpoint at a time: offloads meanwhile wait for this one (bounded).
+                let _ = tokio::time::timeout(CHECKPOINT_PATIENCE, async {
+                    while metrics
+                        .borrow_watched()
+                        .snapshot
+                        .is_none_or(|s| s.index < applied)
+                    {
+                        if metrics.changed().await.is_err() {
+                            return;
+                        }
+                    }
+                })
+                .await;
+            }
+        });
     }
 
     /// Uploads the next complete batch file of `hosted` beyond the manifest and records it

@@ -403,6 +403,11 @@ impl BatchFiles {
             .collect()
     }
 
+    /// Bytes of the segment files (as written; dropped batches not deleted yet included).
+    pub fn disk_bytes(&self) -> u64 {
+        self.segments.values().map(|s| s.len).sum()
+    }
+
     /// Whether some segment holds only dropped batches (and waits to be deleted).
     pub fn holds_dropped(&self) -> bool {
         !self.dropped_segments().is_empty()

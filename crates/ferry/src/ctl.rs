@@ -220,6 +220,15 @@ enum TopicCommand {
         /// forwarding catches up.
         #[arg(long)]
         keep_until_forwarded_max_bytes: Option<u64>,
+        /// Tiered storage: keep about this many bytes per partition on the replicas' disks and
+        /// move older events to the region's object store (the two retention bounds above
+        /// then bound the total; without them events are kept for ever).
+        #[arg(long)]
+        local_bytes: Option<u64>,
+        /// With --local-bytes: a partition holding this many bytes locally (its uploads being
+        /// behind) refuses publishes until they catch up. Default: 8 × --local-bytes.
+        #[arg(long)]
+        local_limit_bytes: Option<u64>,
     },
     /// List topics.
     List,
@@ -501,6 +510,8 @@ async fn topic(client: &Client, command: TopicCommand) -> anyhow::Result<()> {
             retention_seconds,
             retention_bytes,
             keep_until_forwarded_max_bytes: hard_max_bytes,
+            local_bytes,
+            local_limit_bytes,
         } => {
             let mut config = TopicConfig::new(name.clone(), partitions);
             config.replication = replication;
@@ -523,7 +534,8 @@ async fn topic(client: &Client, command: TopicCommand) -> anyhow::Result<()> {
                 max_bytes: retention_bytes,
                 keep_until_forwarded: hard_max_bytes.is_some(),
                 hard_max_bytes,
-                ..Retention::default()
+                local_max_bytes: local_bytes,
+                local_limit_bytes,
             };
             client.create_topic(config).await?;
             // Wait (bounded) until every partition has a leader, so the next command works.
@@ -571,8 +583,23 @@ async fn topic(client: &Client, command: TopicCommand) -> anyhow::Result<()> {
                     },
                     None => String::new(),
                 };
+                // Tiered: which offsets are in the object store, which on the replicas.
+                let tiered = if c.retention.tiered() {
+                    format!(
+                        "  remote {}..{} ({} objects, {} bytes)  local {}..{} ({} bytes)",
+                        p.low_watermark,
+                        p.local_from,
+                        p.remote_objects,
+                        p.remote_bytes,
+                        p.local_from,
+                        p.high_watermark,
+                        p.local_bytes
+                    )
+                } else {
+                    String::new()
+                };
                 println!(
-                    "  partition {:>3}  group {:>3}  leader {leader:>4}  replicas {:?}  offsets {}..{}{split}",
+                    "  partition {:>3}  group {:>3}  leader {leader:>4}  replicas {:?}  offsets {}..{}{tiered}{split}",
                     p.partition,
                     c.group_of(d.layout.root(p.partition)),
                     p.replicas,
