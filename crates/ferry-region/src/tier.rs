@@ -91,6 +91,16 @@ impl Offloads {
         })
     }
 
+    /// Forgets the failures of partitions this node no longer leads.
+    fn keep_only(&self, led: &[LedPartition]) {
+        if let Ok(mut failing) = self.failing.lock() {
+            failing.retain(|(topic, partition), _| {
+                led.iter()
+                    .any(|l| l.topic == *topic && l.hosted.partition == *partition)
+            });
+        }
+    }
+
     /// Partitions whose uploads fail now.
     pub(crate) fn failing(&self) -> usize {
         self.failing.lock().map(|f| f.len()).unwrap_or(0)
@@ -119,6 +129,7 @@ impl<T: Transport> Node<T> {
         let base = Duration::from_millis(options.upload_interval_ms);
         let max = Duration::from_millis(options.max_upload_backoff_ms);
         let (led, _) = self.led_partitions();
+        self.inner.offloads.keep_only(&led);
         for LedPartition { topic, hosted } in led.iter() {
             let Some(retention) = self.inner.meta_view.retention(topic) else {
                 continue;
@@ -234,12 +245,15 @@ impl<T: Transport> Node<T> {
                 Ok(true)
             }
             Ok(PartitionReply::Error(refused)) => {
-                // Another leader's upload got there first. The object is ours to delete
-                // unless the manifest names it (the same offsets, uploaded twice).
-                if !hosted.view.remote_segments().iter().any(|r| r.key == key) {
-                    if let Err(e) = tier.delete(&key).await {
-                        tracing::warn!(%key, error = %e, "deleting a refused upload failed; the object is left over");
-                    }
+                // Another upload got there first. The same offsets uploaded twice (a leader
+                // that had not applied the first entry yet when it chose them) are in the
+                // manifest under this key: done. Otherwise the object is ours to delete.
+                if hosted.view.remote_segments().iter().any(|r| r.key == key) {
+                    tracing::debug!(%key, "uploaded twice; the manifest holds it");
+                    return Ok(true);
+                }
+                if let Err(e) = tier.delete(&key).await {
+                    tracing::warn!(%key, error = %e, "deleting a refused upload failed; the object is left over");
                 }
                 Err(format!("the manifest refused {key}: {}", refused.message))
             }

@@ -89,6 +89,17 @@ pub(crate) async fn run(args: DevArgs) -> anyhow::Result<()> {
                 toml::Value::String(data.join(format!("node-{id}")).display().to_string()),
             );
             table.insert("peers".into(), toml::Value::Array(peers.clone()));
+            // Tiered topics offload to a folder of the dev data (one per region), unless the
+            // config names a store.
+            if !table.contains_key("tier") {
+                let mut tier = toml::Table::new();
+                let folder = data.join("tier").join(region);
+                tier.insert(
+                    "url".into(),
+                    toml::Value::String(format!("file://{}", folder.display())),
+                );
+                table.insert("tier".into(), toml::Value::Table(tier));
+            }
             let http_port = u64::from(args.base_port) + 1000 + id - 1;
             table.insert(
                 "http".into(),

@@ -62,6 +62,12 @@ pub(crate) struct LoadArgs {
     /// Server processes to measure (CPU, peak RSS, bytes written), comma-separated PIDs.
     #[arg(long, value_delimiter = ',')]
     pids: Vec<u32>,
+    /// Ferry's tiered storage: create the topic keeping this many bytes per partition on the
+    /// replicas, the rest in the region's object store (its nodes need `[tier]`). `produce`
+    /// then also reports how fast uploads kept up; `consume` waits for the uploads before it
+    /// reads, so it reads back from the store.
+    #[arg(long)]
+    local_bytes: Option<u64>,
     /// Give up waiting for deliveries this long after the last publish, seconds.
     #[arg(long, default_value_t = 60)]
     drain_secs: u64,
@@ -117,6 +123,13 @@ struct SuiteReport {
     ack_latency_ms: Option<Latency>,
     e2e_latency_ms: Option<Latency>,
     resources: Option<Resources>,
+    /// Tiered topics: the hot tail asked for, bytes in the object store when reading
+    /// started (consume) or once uploads caught up (produce), and for produce the upload
+    /// rate over publishing and catching up.
+    local_bytes: Option<u64>,
+    remote_bytes: Option<u64>,
+    upload_mib_per_sec: Option<f64>,
+    upload_catch_up_seconds: Option<f64>,
 }
 
 /// What a publishing phase did.
@@ -219,7 +232,12 @@ async fn run_one(
 ) -> anyhow::Result<SuiteReport> {
     let topic = topic.to_string();
     let prepared = system
-        .prepare(&topic, partitions, args.groups.min(partitions))
+        .prepare(
+            &topic,
+            partitions,
+            args.groups.min(partitions),
+            args.local_bytes,
+        )
         .await?;
     let run_id: u64 = rand::random();
     let base = Instant::now();
@@ -244,6 +262,10 @@ async fn run_one(
         ack_latency_ms: None,
         e2e_latency_ms: None,
         resources: None,
+        local_bytes: args.local_bytes,
+        remote_bytes: None,
+        upload_mib_per_sec: None,
+        upload_catch_up_seconds: None,
     };
     // Consume is measured after its fill, so it starts its own watch below.
     let watch = if args.pids.is_empty() || suite == Suite::Consume {
@@ -253,7 +275,19 @@ async fn run_one(
     };
     match suite {
         Suite::Produce => {
+            let before = match args.local_bytes {
+                Some(hot) => Some(system.tiers(&topic, hot).await?.1),
+                None => None,
+            };
             let p = publish(system, &topic, args, base, run_id, args.count).await?;
+            if let (Some(hot), Some(before)) = (args.local_bytes, before) {
+                let (catch_up, remote) = system.uploads_caught_up(&topic, hot).await?;
+                let uploaded = remote.saturating_sub(before) as f64;
+                report.remote_bytes = Some(remote);
+                report.upload_catch_up_seconds = Some(catch_up);
+                report.upload_mib_per_sec =
+                    Some(uploaded / (p.seconds + catch_up) / (1024.0 * 1024.0));
+            }
             report.acknowledged = p.acknowledged;
             report.errors = p.errors;
             report.seconds = p.seconds;
@@ -310,6 +344,9 @@ async fn run_one(
                     "{} publishes failed filling {topic}",
                     fill.errors
                 );
+            }
+            if let Some(hot) = args.local_bytes {
+                report.remote_bytes = Some(system.uploads_caught_up(&topic, hot).await?.1);
             }
             let watch = if args.pids.is_empty() {
                 None
@@ -378,6 +415,16 @@ fn summary(r: &SuiteReport) -> String {
             ", {:.1} CPU s per M events, peak RSS {:.0} MiB, write amplification {:.2} per replica",
             res.cpu_seconds_per_million_events, peak, res.write_amplification_per_replica
         );
+    }
+    if let (Some(hot), Some(remote)) = (r.local_bytes, r.remote_bytes) {
+        line += &format!(
+            ", tiered: {hot} B hot per partition, {:.1} MiB in the object store",
+            remote as f64 / (1024.0 * 1024.0)
+        );
+    }
+    if let (Some(rate), Some(catch_up)) = (r.upload_mib_per_sec, r.upload_catch_up_seconds) {
+        line +=
+            &format!(", uploads {rate:.1} MiB/s (caught up {catch_up:.1} s after the last ack)");
     }
     line += &format!(" ({} errors, {:.1} s)", r.errors, r.seconds);
     line

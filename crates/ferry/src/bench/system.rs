@@ -4,7 +4,7 @@
 //! payloads either from now on or from the start — so every suite runs the same workload on
 //! both.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use async_nats::jetstream;
@@ -73,16 +73,21 @@ impl System {
         topic: &str,
         partitions: u32,
         groups: u32,
+        local_bytes: Option<u64>,
     ) -> anyhow::Result<Prepared> {
         match self {
             Self::Ferry(client) => {
                 let mut config = TopicConfig::new(topic.to_string(), partitions);
                 config.groups = groups;
+                config.retention.local_max_bytes = local_bytes;
                 let d = super::ensure_topic(client, &config).await?;
                 Ok(Prepared {
                     partitions: d.config.partitions,
                     replication: d.config.replication,
                 })
+            }
+            Self::Nats(_) if local_bytes.is_some() => {
+                anyhow::bail!("--local-bytes makes a tiered Ferry topic; JetStream has none")
             }
             Self::Nats(js) => {
                 let stream = js
@@ -110,6 +115,44 @@ impl System {
                     replication: 3,
                 })
             }
+        }
+    }
+
+    /// Bytes of events a Ferry topic's partitions hold on their replicas and in the object
+    /// store (as the nodes answering say), and whether every partition is within `hot`
+    /// locally (its uploads caught up).
+    pub(crate) async fn tiers(&self, topic: &str, hot: u64) -> anyhow::Result<(u64, u64, bool)> {
+        match self {
+            Self::Ferry(client) => {
+                let d = client.describe_topic(topic).await?;
+                let local = d.partitions.iter().map(|p| p.local_bytes).sum();
+                let remote = d.partitions.iter().map(|p| p.remote_bytes).sum();
+                // Files roll at a quarter of the hot tail: the one being written stays.
+                let caught_up = d.partitions.iter().all(|p| p.local_bytes <= hot + hot / 4);
+                Ok((local, remote, caught_up))
+            }
+            Self::Nats(_) => anyhow::bail!("JetStream has no tiered storage"),
+        }
+    }
+
+    /// Waits (at most 300 s) until every partition of a tiered Ferry topic is within `hot`
+    /// locally; answers how long it took and the bytes then in the object store.
+    pub(crate) async fn uploads_caught_up(
+        &self,
+        topic: &str,
+        hot: u64,
+    ) -> anyhow::Result<(f64, u64)> {
+        let started = Instant::now();
+        loop {
+            let (local, remote, caught_up) = self.tiers(topic, hot).await?;
+            if caught_up {
+                return Ok((started.elapsed().as_secs_f64(), remote));
+            }
+            anyhow::ensure!(
+                started.elapsed() < Duration::from_secs(300),
+                "{topic}: uploads did not catch up in 300 s ({local} bytes local, {remote} remote)"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 
