@@ -10,7 +10,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use ferry_client::{Client, ClientError, ClientOptions, ConsumerOptions, GroupConsumer, StartFrom};
+use ferry_client::{
+    Client, ClientError, ClientOptions, ConsumerOptions, GroupConsumer, ProducerOptions, StartFrom,
+};
 use ferry_proto::wire::{ErrorCode, PartitionInfo};
 use ferry_proto::{Event, EventBatch, Limits, NodeId, Retention, Subject, TopicConfig};
 use ferry_tests::{identity, wait_until, S3Server, TestRegion};
@@ -393,6 +395,27 @@ async fn with_the_object_store_stopped_publishes_are_refused_at_the_bound_and_no
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+    assert_eq!(partition(&client, "orders").await.high_watermark, high);
+    // The client's producer slows down (resends after a backoff) and fails the event with
+    // the refusal once it has lasted its retry_for.
+    let producer = client
+        .producer(
+            "orders",
+            ProducerOptions {
+                retry_for: Duration::from_secs(2),
+                ..ProducerOptions::default()
+            },
+        )
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let failed = producer.publish(event(next)).await.unwrap_err();
+    assert_eq!(failed.code(), Some(ErrorCode::OffloadBehind), "{failed}");
+    assert!(
+        started.elapsed() >= Duration::from_secs(2),
+        "failed after {:?}",
+        started.elapsed()
+    );
     assert_eq!(partition(&client, "orders").await.high_watermark, high);
 
     // Back: uploads catch up, publishing works again, and every event is there once.

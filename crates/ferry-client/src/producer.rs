@@ -212,6 +212,7 @@ impl Shared {
             stream: None,
             failing_since: None,
             failures: 0,
+            refused: None,
             shared: Arc::downgrade(self),
             flushes,
             flushing: None,
@@ -441,6 +442,9 @@ struct Lane {
     stream: Option<LaneStream>,
     failing_since: Option<Instant>,
     failures: u32,
+    /// The partition's last refusal while its uploads to the object store are behind
+    /// (`OffloadBehind`): what the events fail with if it lasts past `retry_for`.
+    refused: Option<ApiError>,
     shared: Weak<Shared>,
     flushes: mpsc::UnboundedReceiver<Flush>,
     /// A regrow waits for this lane's unappended events.
@@ -608,6 +612,7 @@ impl Lane {
                 }
                 self.failing_since = None;
                 self.failures = 0;
+                self.refused = None;
                 for (i, (ack, _permit)) in front.acks.into_iter().enumerate() {
                     let _ = ack.send(Ok(PublishAck {
                         partition: self.partition,
@@ -664,6 +669,14 @@ impl Lane {
                         }
                     }
                 }
+            }
+            Some(Ok(ClientResponse::Error(e))) if e.code == ErrorCode::OffloadBehind => {
+                // A tiered partition whose uploads are behind appended nothing: slow down,
+                // resending after the recovery's backoff, and fail the events with this
+                // refusal if it lasts `retry_for`.
+                tracing::debug!(topic = %self.topic, partition = self.partition, reason = %e.message, "the partition's uploads are behind; resending after a backoff");
+                self.refused = Some(e);
+                self.recover().await;
             }
             Some(Ok(ClientResponse::Error(e))) if !retriable(&e) => {
                 // The node refused the batch for good: fail its events, renumber the later
@@ -757,6 +770,10 @@ impl Lane {
             }
             self.failures += 1;
             if Instant::now() > deadline {
+                if let Some(refused) = self.refused.take() {
+                    self.give_up(|| ClientError::Api(refused.clone()));
+                    return;
+                }
                 let reason = format!(
                     "{}/{}: no leader accepted the batch within {:?}",
                     self.topic, self.partition, self.options.retry_for
