@@ -13,14 +13,18 @@ use std::time::{Duration, Instant};
 
 use ferry_net::Transport;
 use ferry_store::{encode_object, RemoteStore};
+use futures::StreamExt;
 
 use crate::command::{decode, PartitionCommand, PartitionReply};
 use crate::leadership::LedPartition;
 use crate::node::{HostedPartition, Node, PartitionGroup};
 use openraft::async_runtime::WatchReceiver;
 
-/// Objects one partition uploads in one round at most (others get their turn).
-const OBJECTS_PER_ROUND: usize = 16;
+/// Objects one partition uploads in one round at most (partitions that become led meanwhile
+/// wait for the next round).
+const OBJECTS_PER_ROUND: usize = 256;
+/// Partitions uploading at once.
+const PARTITIONS_AT_ONCE: usize = 8;
 /// How long a group's checkpoint after an offload is waited for before the next is asked.
 const CHECKPOINT_PATIENCE: Duration = Duration::from_secs(30);
 
@@ -130,32 +134,37 @@ impl<T: Transport> Node<T> {
         let max = Duration::from_millis(options.max_upload_backoff_ms);
         let (led, _) = self.led_partitions();
         self.inner.offloads.keep_only(&led);
-        for LedPartition { topic, hosted } in led.iter() {
-            let Some(retention) = self.inner.meta_view.retention(topic) else {
-                continue;
-            };
-            let Some(hot) = retention.local_max_bytes else {
-                continue;
-            };
-            let partition = hosted.partition;
-            if !self.inner.offloads.due(topic, partition, Instant::now()) {
-                continue;
-            }
-            for _ in 0..OBJECTS_PER_ROUND {
-                if hosted.view.stored_bytes() <= hot {
-                    break;
-                }
-                match self.offload_one(&tier, topic, hosted).await {
-                    Ok(true) => self.inner.offloads.succeeded(topic, partition),
-                    Ok(false) => break,
-                    Err(e) => {
-                        tracing::warn!(%topic, partition, error = %e, "uploading to the object store failed; retrying after a backoff");
-                        self.inner.offloads.failed(topic, partition, e, base, max);
-                        break;
+        // Partitions upload side by side (a few at a time), each until it is within its hot
+        // tail or has sent its share of the round.
+        let tiered = led.iter().filter_map(|LedPartition { topic, hosted }| {
+            let hot = self.inner.meta_view.retention(topic)?.local_max_bytes?;
+            self.inner
+                .offloads
+                .due(topic, hosted.partition, Instant::now())
+                .then_some((topic, hosted, hot))
+        });
+        futures::stream::iter(tiered)
+            .for_each_concurrent(PARTITIONS_AT_ONCE, |(topic, hosted, hot)| {
+                let tier = tier.clone();
+                async move {
+                    let partition = hosted.partition;
+                    for _ in 0..OBJECTS_PER_ROUND {
+                        if hosted.view.stored_bytes() <= hot {
+                            break;
+                        }
+                        match self.offload_one(&tier, topic, hosted).await {
+                            Ok(true) => self.inner.offloads.succeeded(topic, partition),
+                            Ok(false) => break,
+                            Err(e) => {
+                                tracing::warn!(%topic, partition, error = %e, "uploading to the object store failed; retrying after a backoff");
+                                self.inner.offloads.failed(topic, partition, e, base, max);
+                                break;
+                            }
+                        }
                     }
                 }
-            }
-        }
+            })
+            .await;
         for (group, hosted) in self.partition_groups() {
             if hosted
                 .views
