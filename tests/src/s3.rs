@@ -25,6 +25,9 @@ fn set_credentials() {
             ("AWS_ACCESS_KEY_ID", "ferry-test"),
             ("AWS_SECRET_ACCESS_KEY", "ferry-test"),
             ("AWS_REGION", "us-east-1"),
+            // Loopback never through a proxy (reqwest honours these).
+            ("NO_PROXY", "127.0.0.1,localhost,::1"),
+            ("no_proxy", "127.0.0.1,localhost,::1"),
         ] {
             std::env::set_var(key, value);
         }
@@ -54,7 +57,10 @@ impl S3Server {
             child,
             endpoint: format!("http://127.0.0.1:{port}"),
         };
-        let http = reqwest::Client::new();
+        let http = reqwest::Client::builder()
+            .no_proxy()
+            .build()
+            .expect("client");
         let deadline = Instant::now() + Duration::from_secs(60);
         while http.get(&server.endpoint).send().await.is_err() {
             assert!(
@@ -68,7 +74,10 @@ impl S3Server {
 
     /// Creates bucket `name`.
     pub async fn create_bucket(&self, name: &str) {
-        let answer = reqwest::Client::new()
+        let answer = reqwest::Client::builder()
+            .no_proxy()
+            .build()
+            .expect("client")
             .put(format!("{}/{name}", self.endpoint))
             .send()
             .await

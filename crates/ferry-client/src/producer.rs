@@ -696,6 +696,8 @@ impl Lane {
                 }
             }
             other => {
+                // Another failure: a refusal before it no longer says why the events fail.
+                self.refused = None;
                 tracing::debug!(topic = %self.topic, partition = self.partition, response = ?other.map(|r| r.map(|_| ())), "produce stream failed; resending");
                 self.recover().await;
             }

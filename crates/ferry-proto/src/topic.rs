@@ -25,8 +25,9 @@ pub struct Retention {
     /// config).
     #[serde(default)]
     pub local_max_bytes: Option<u64>,
-    /// With `local_max_bytes`: while uploads cannot keep up (the object store is down or
-    /// slow), a partition holding this many bytes locally refuses publishes
+    /// With `local_max_bytes` (at least twice it): while uploads cannot keep up (the object
+    /// store is down or slow), a partition whose batch files hold this many bytes on disk
+    /// refuses publishes
     /// ([`crate::wire::ErrorCode::OffloadBehind`], retryable) until they catch up. Eight times
     /// `local_max_bytes` when unset.
     #[serde(default)]
@@ -203,10 +204,13 @@ impl TopicConfig {
                     ),
                 })
             }
-            (Some(hot), Some(limit)) if limit <= hot => {
+            (Some(hot), Some(limit)) if limit < hot.saturating_mul(2) => {
                 return Err(ProtoError::InvalidTopic {
                     field: "retention.local_limit_bytes",
-                    reason: format!("{limit} must be above local_max_bytes ({hot})"),
+                    reason: format!(
+                        "{limit} must be at least twice local_max_bytes ({hot}): the files on \
+                         disk hold record headers and, until a checkpoint, offloaded batches too"
+                    ),
                 })
             }
             (Some(hot), _) if r.max_bytes.is_some_and(|max| max <= hot) => {

@@ -513,6 +513,9 @@ impl<T: Transport> Node<T> {
                     return Ok(());
                 }
                 if topic.config.retention.tiered() {
+                    if inner.tier.is_none() {
+                        tracing::error!(%group, "a tiered topic's replica on a node without [tier]: it cannot read offloaded offsets nor, as leader, upload; give every node of the region the same [tier]");
+                    }
                     Self::spawn_checkpoints_after_offloads(hosted.clone());
                 }
                 Leadership::follow(
@@ -753,7 +756,7 @@ impl<T: Transport> Node<T> {
                         tracing::debug!(topic = %name, partition, error = %e, "retention or producer expiry not applied");
                     }
                     Ok(_) if trimming && !dropped.is_empty() => {
-                        self.delete_remote(std::mem::take(&mut dropped)).await;
+                        self.delete_remote(std::mem::take(&mut dropped));
                     }
                     Ok(_) => {}
                 }

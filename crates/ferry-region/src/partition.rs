@@ -354,7 +354,11 @@ impl PartitionView {
     ) -> Result<Vec<StoredBatch>, StoreError> {
         loop {
             let Some(segment) = self.remote_segment_for(offset)? else {
-                return self.read_local(offset, max_bytes);
+                match self.read_files(offset, max_bytes)? {
+                    Some(batches) => return Ok(batches),
+                    // Offloaded since: read it from the store.
+                    None => continue,
+                }
             };
             let Some(tier) = &self.tier else {
                 return Err(StoreError::Remote {
@@ -367,7 +371,12 @@ impl PartitionView {
                 Ok(batches) => return Ok(batches),
                 // Retention dropped the object while it was read: read what is retained now.
                 Err(_) if !self.holds_remote(&segment)? => continue,
-                Err(e) => return Err(e),
+                Err(e) => {
+                    if matches!(e, StoreError::RemoteMissing { .. }) {
+                        tier.report_missing(&segment);
+                    }
+                    return Err(e);
+                }
             }
         }
     }
@@ -445,10 +454,31 @@ impl PartitionView {
         offset: u64,
         max_bytes: usize,
     ) -> Result<Vec<StoredBatch>, StoreError> {
+        Ok(self.read_files(offset, max_bytes)?.unwrap_or_default())
+    }
+
+    /// Reads from the batch files, or answers None if `offset` lies in the manifest (it may
+    /// have moved there since the caller looked).
+    fn read_files(
+        &self,
+        offset: u64,
+        max_bytes: usize,
+    ) -> Result<Option<Vec<StoredBatch>>, StoreError> {
         // Watermarks taken under the files' lock agree with them: a trim or an install
         // publishes its new low before the batches below it leave the files.
         let (high, located, hole) = {
             let files = self.files.read().map_err(storage_err)?;
+            // An offload drops batches from the files under this lock after adding them to
+            // the manifest: what it names is not a hole.
+            let offloaded_to = self
+                .remote
+                .read()
+                .map_err(storage_err)?
+                .back()
+                .map_or(0, |r| r.end);
+            if offset < offloaded_to {
+                return Ok(None);
+            }
             let Watermarks { low, high } = self.watermarks();
             let located = files.locate(offset, max_bytes);
             let upto = located.last().map_or(high, |l| {
@@ -480,7 +510,8 @@ impl PartitionView {
             .iter()
             .filter(|l| l.base_offset < high)
             .map(read_batch)
-            .collect()
+            .collect::<Result<_, _>>()
+            .map(Some)
     }
 
     /// A consumer group's committed cursor.
@@ -532,15 +563,15 @@ impl PartitionView {
     /// ordered only as well as those clocks agree.
     pub fn first_appended_since(&self, at_ms: u64) -> u64 {
         let marks = self.watermarks();
-        // In the manifest, by object: from the first object holding a later append.
-        if let Ok(remote) = self.remote.read() {
-            if let Some(segment) = remote.iter().find(|r| r.last_appended_ms >= at_ms) {
-                return segment.base.max(marks.low).min(marks.high);
-            }
-        }
-        let Ok(files) = self.files.read() else {
+        // Both locks (in the order apply takes them), so an offload cannot move batches from
+        // the files to the manifest between the two looks.
+        let (Ok(files), Ok(remote)) = (self.files.read(), self.remote.read()) else {
             return marks.low;
         };
+        // In the manifest, by object: from the first object holding a later append.
+        if let Some(segment) = remote.iter().find(|r| r.last_appended_ms >= at_ms) {
+            return segment.base.max(marks.low).min(marks.high);
+        }
         files
             .index()
             .iter()
@@ -554,6 +585,10 @@ impl PartitionView {
 
     /// When the batch holding `offset` was appended (milliseconds since the epoch), if held.
     pub fn appended_at(&self, offset: u64) -> Option<u64> {
+        // Offloaded: when the object's first batch was (to the object, not the batch).
+        if let Some(segment) = self.remote_segment_for(offset).ok().flatten() {
+            return Some(segment.first_appended_ms);
+        }
         let files = self.files.read().ok()?;
         let (_, info) = files.index().range(..=offset).next_back()?;
         Some(info.appended_at_ms)
@@ -1154,8 +1189,8 @@ impl Partition {
             // trim deletes them from the store once it applied.
             let mut remote = self.view.remote.write().map_err(storage_err)?;
             let mut remote_freed = 0;
-            while let Some(dropped) = remote.pop_front_if(|r| r.end <= before) {
-                remote_freed += dropped.event_bytes;
+            while remote.front().is_some_and(|r| r.end <= before) {
+                remote_freed += remote.pop_front().map_or(0, |r| r.event_bytes);
             }
             self.view
                 .remote_bytes
@@ -1200,7 +1235,9 @@ impl Partition {
             Some(last) => segment.base == last.end,
             None => segment.base <= self.marks.low && self.marks.low < segment.end,
         };
-        if !follows || segment.end > self.marks.high {
+        let whole =
+            segment.base < segment.end && segment.batches > 0 && segment.index_at < segment.size;
+        if !follows || !whole || segment.end > self.marks.high {
             return Ok(PartitionReply::Error(ApiError::new(
                 ErrorCode::InvalidRequest,
                 format!(
@@ -2999,36 +3036,17 @@ mod tests {
     /// Offloads partition 0's complete batch files as a leader would; answers the objects.
     async fn offload_all(sm: &PartitionStateMachine, tier: &RemoteStore) -> usize {
         let mut objects = 0;
-        while let Some(run) = sm.view().offload_candidate().unwrap() {
-            let key = format!("r/t/0/{}", run[0].base_offset);
-            let (bytes, segment) = ferry_store::encode_object(key.clone(), &run).unwrap();
+        while let Some(batches) = sm.view().offload_candidate().unwrap() {
+            let key = format!("r/t/0/{}", batches[0].base_offset);
+            let (bytes, segment) = ferry_store::encode_object(key.clone(), &batches).unwrap();
             tier.put(&key, bytes).await.unwrap();
             assert_eq!(
-                run_async(sm, PartitionCommand::Offloaded { segment }).await,
+                run(sm, PartitionCommand::Offloaded { segment }),
                 PartitionReply::Done
             );
             objects += 1;
         }
         objects
-    }
-
-    async fn run_async(sm: &PartitionStateMachine, command: PartitionCommand) -> PartitionReply {
-        let command = encode(
-            "c",
-            &GroupEntry::One(GroupCommand {
-                partition: 0,
-                command,
-            }),
-        )
-        .unwrap();
-        let mut inner = sm.inner.lock().await;
-        let mut touched = Vec::new();
-        let reply =
-            PartitionStateMachine::apply_command(&mut inner, &command, &mut touched).unwrap();
-        for p in touched {
-            inner.partitions[&p].publish();
-        }
-        decode("r", &reply).unwrap()
     }
 
     #[tokio::test]
@@ -3053,14 +3071,13 @@ mod tests {
         };
         let mut sm = open("a");
         for seq in 0..100 {
-            run_async(
+            run(
                 &sm,
                 PartitionCommand::Append {
                     batch: batch(Some(1), seq * 4, 4),
                     appended_at_ms: seq,
                 },
-            )
-            .await;
+            );
         }
         let everything = read_all(&sm).await;
         assert_eq!(everything.len(), 100);
@@ -3098,7 +3115,7 @@ mod tests {
         let mut gap = stray.clone();
         gap.base += 1;
         assert!(
-            matches!(run_async(&sm, PartitionCommand::Offloaded { segment: gap }).await, PartitionReply::Error(e) if e.message.contains("do not follow"))
+            matches!(run(&sm, PartitionCommand::Offloaded { segment: gap }), PartitionReply::Error(e) if e.message.contains("do not follow"))
         );
         assert_eq!(view.remote_segments(), remote);
 
@@ -3128,13 +3145,12 @@ mod tests {
 
         // Retention drops whole objects from the manifest.
         let first = remote[0].clone();
-        run_async(
+        run(
             &sm,
             PartitionCommand::Trim {
                 before_offset: first.end + 1,
             },
-        )
-        .await;
+        );
         assert_eq!(sm.view().remote_segments(), remote[1..].to_vec());
         assert_eq!(sm.view().watermarks().low, first.end);
         assert_eq!(

@@ -23,6 +23,8 @@ use openraft::async_runtime::WatchReceiver;
 /// Objects one partition uploads in one round at most (partitions that become led meanwhile
 /// wait for the next round).
 const OBJECTS_PER_ROUND: usize = 256;
+/// How long objects retention dropped stay in the store before they are deleted.
+const DELETE_GRACE: Duration = Duration::from_secs(30);
 /// Partitions uploading at once.
 const PARTITIONS_AT_ONCE: usize = 8;
 /// How long a group's checkpoint after an offload is waited for before the next is asked.
@@ -308,17 +310,22 @@ impl<T: Transport> Node<T> {
         ]
     }
 
-    /// Deletes the objects of `keys` from the tier (after a trim dropped them from the
-    /// manifest). A failure leaves the object over, logged.
-    pub(crate) async fn delete_remote(&self, keys: Vec<String>) {
-        let Some(tier) = &self.inner.tier else {
+    /// Deletes the objects of `keys` from the tier once a trim dropped them from the
+    /// manifest, after [`DELETE_GRACE`]: replicas applying the trim later, and reads that
+    /// began before it, may still read them meanwhile. A failure leaves the object over,
+    /// logged.
+    pub(crate) fn delete_remote(&self, keys: Vec<String>) {
+        let Some(tier) = self.inner.tier.clone() else {
             return;
         };
-        for key in keys {
-            if let Err(e) = tier.delete(&key).await {
-                tracing::warn!(%key, error = %e, "deleting an object retention dropped failed; it is left over");
+        tokio::spawn(async move {
+            tokio::time::sleep(DELETE_GRACE).await;
+            for key in keys {
+                if let Err(e) = tier.delete(&key).await {
+                    tracing::warn!(%key, error = %e, "deleting an object retention dropped failed; it is left over");
+                }
             }
-        }
+        });
     }
 }
 

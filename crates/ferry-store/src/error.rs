@@ -66,6 +66,13 @@ pub enum StoreError {
         /// What was wrong.
         reason: String,
     },
+    /// The object store does not hold an object the manifest named when the read began
+    /// (retention may have dropped it meanwhile; otherwise it is lost).
+    #[error("remote segment {key} is missing from the object store")]
+    RemoteMissing {
+        /// The object's key.
+        key: String,
+    },
     /// Stored bytes did not decode.
     #[error(transparent)]
     Decode(#[from] ferry_proto::ProtoError),

@@ -17,6 +17,8 @@ use crate::{
 /// 6: topics carry the keep-until-forwarded retention fields.
 /// 7: a topic's partitions share Raft groups: topics carry `groups`, a group's checkpoint and
 /// its log entries name their partitions.
+/// 8: tiered storage: partition checkpoints carry the manifest of offloaded objects, topics
+/// the hot-tail retention fields.
 const FORMAT: &[u8] = b"ferry-store/8";
 const MARKER_TREE: &[u8] = b"ferry";
 
@@ -147,6 +149,14 @@ impl NodeStore {
                 return Err(foreign(
                     "it was written by an older ferry (format ferry-store/6, one Raft group per \
                      partition) that this version cannot read; move it away to start this node \
+                     empty"
+                        .into(),
+                ))
+            }
+            Some(other) if other.as_ref() == b"ferry-store/7" => {
+                return Err(foreign(
+                    "it was written by an older ferry (format ferry-store/7, before tiered \
+                     storage) that this version cannot read; move it away to start this node \
                      empty"
                         .into(),
                 ))

@@ -143,11 +143,28 @@ fn decode_index(segment: &RemoteSegment, tail: &[u8]) -> Result<Vec<IndexEntry>,
             bytes: u32_at(e, 20),
         })
         .collect();
-    let (Some(first), Some(last)) = (entries.first(), entries.last()) else {
+    if entries.is_empty() {
         return Err("an empty index".into());
-    };
-    if first.base != segment.base || last.base + u64::from(last.count) != segment.end {
-        return Err("the index does not cover the manifest's offsets".into());
+    }
+    // Batches follow each other, in offsets and in bytes, from the manifest's first offset
+    // to its end and from the object's start to its index.
+    let (mut base, mut position) = (segment.base, 0u64);
+    for entry in &entries {
+        if entry.base != base || entry.position != position || entry.count == 0 {
+            return Err(format!(
+                "the index's entry for offset {} does not follow the one before",
+                entry.base
+            ));
+        }
+        base = base
+            .checked_add(u64::from(entry.count))
+            .ok_or("the index's offsets overflow")?;
+        position = position
+            .checked_add((HEADER + entry.bytes as usize) as u64)
+            .ok_or("the index's positions overflow")?;
+    }
+    if base != segment.end || position != segment.index_at {
+        return Err("the index does not cover the manifest's offsets and records".into());
     }
     Ok(entries)
 }
@@ -295,6 +312,13 @@ impl RemoteStore {
                             .with_timeout(Duration::from_millis(options.request_timeout_ms))
                             .with_allow_http(options.allow_http),
                     );
+                // Without static credentials the client asks the instance metadata service
+                // (169.254.169.254), which a server beside AWS does not have.
+                if options.endpoint.is_some() && std::env::var_os("AWS_ACCESS_KEY_ID").is_none() {
+                    return Err(bad("an endpoint needs credentials from the environment \
+                                    (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)"
+                        .into()));
+                }
                 if let Some(endpoint) = &options.endpoint {
                     builder = builder
                         .with_endpoint(endpoint)
@@ -410,9 +434,10 @@ impl RemoteStore {
                     .get_range(&self.path(&segment.key), range.clone())
                     .await
                     .map_err(|e| match e {
-                        object_store::Error::NotFound { .. } => {
-                            self.corrupt(segment, "the object is missing")
-                        }
+                        // Missing or dropped by retention meanwhile: the reader knows which.
+                        object_store::Error::NotFound { .. } => StoreError::RemoteMissing {
+                            key: segment.key.clone(),
+                        },
                         e => remote_err(&segment.key, e),
                     })
             })
@@ -431,6 +456,11 @@ impl RemoteStore {
             ));
         }
         Ok(got)
+    }
+
+    /// Counts and logs an object the manifest still names that is not in the store.
+    pub fn report_missing(&self, segment: &RemoteSegment) {
+        let _ = self.corrupt(segment, "the object is missing");
     }
 
     /// Counts and logs a damaged or missing object, and the error for its reader.
@@ -598,6 +628,7 @@ fn clone_err(e: &StoreError) -> StoreError {
             key: key.clone(),
             reason: reason.clone(),
         },
+        StoreError::RemoteMissing { key } => StoreError::RemoteMissing { key: key.clone() },
         other => StoreError::io("remote read", other),
     }
 }
@@ -701,7 +732,9 @@ mod tests {
         fresh.delete(&segment.key).await.unwrap();
         let fresh = store(dir.path(), 1 << 20);
         let err = fresh.read(&segment, 0, 1).await.unwrap_err();
-        assert!(err.to_string().contains("missing"), "{err}");
+        assert!(matches!(err, StoreError::RemoteMissing { .. }), "{err}");
+        // Counted once its reader knows the manifest still names it.
+        fresh.report_missing(&segment);
         assert_eq!(fresh.stats().corrupt.load(Ordering::Relaxed), 1);
     }
 
