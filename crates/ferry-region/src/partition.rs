@@ -1650,6 +1650,10 @@ impl PartitionStateMachine {
                 if !touched.contains(&partition) {
                     touched.push(partition);
                 }
+                // Whatever the command, the next checkpoint syncs this partition's files
+                // before it names their lengths (publishes and forwarded batches do not go
+                // through `Partition::apply`).
+                p.dirty = true;
                 match command {
                     PartitionCommand::Publish {
                         batch,
@@ -3157,6 +3161,34 @@ mod tests {
             read_all(&sm).await,
             everything[everything.iter().position(|b| b.0 == first.end).unwrap()..].to_vec()
         );
+    }
+
+    #[tokio::test]
+    async fn a_checkpoint_syncs_the_files_of_partitions_that_only_took_publishes() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sm = open_one(dir.path(), 1 << 20).unwrap();
+        append(&sm, batch(Some(1), 0, 4));
+        sm.build_snapshot().await.unwrap();
+        // Publishes only (the path a producer's batches take), then a checkpoint: every byte
+        // it names must be synced, or a power loss leaves it naming bytes the disk lost.
+        for seq in 1..5 {
+            let reply = run(
+                &sm,
+                PartitionCommand::Publish {
+                    batch: batch(Some(1), seq * 4, 4),
+                    appended_at_ms: 1,
+                    layout: 0,
+                    misrouted: None,
+                },
+            );
+            assert!(
+                matches!(reply, PartitionReply::Appended { .. }),
+                "{reply:?}"
+            );
+        }
+        sm.build_snapshot().await.unwrap();
+        let unsynced = sm.view().files.read().unwrap().sync_plan().len();
+        assert_eq!(unsynced, 0, "the checkpoint named files it had not synced");
     }
 
     #[test]

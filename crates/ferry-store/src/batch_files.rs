@@ -35,6 +35,16 @@ pub struct SyncPlan {
 }
 
 impl SyncPlan {
+    /// Files it would sync.
+    pub fn len(&self) -> usize {
+        self.files.len()
+    }
+
+    /// Whether it would sync no file (the folder still is).
+    pub fn is_empty(&self) -> bool {
+        self.files.is_empty()
+    }
+
     /// Syncs each file's data (at least up to its planned length) and the folder.
     pub fn sync(&self) -> Result<(), StoreError> {
         for (_, file, path, _) in &self.files {
