@@ -345,6 +345,7 @@ impl TestMesh {
                             ..RaftTuning::default()
                         },
                         cache_bytes: 16 * 1024 * 1024,
+                        stream_index_cache_bytes: 16 * 1024 * 1024,
                         wal_segment_bytes: 1024 * 1024,
                         max_client_connections: 100,
                         retention_interval_ms: 500,

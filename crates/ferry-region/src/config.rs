@@ -228,6 +228,9 @@ pub struct NodeConfig {
     /// sled page cache, bytes.
     #[serde(default = "default_cache_bytes")]
     pub cache_bytes: u64,
+    /// Memory for blocks of the partitions' domain-stream indexes read lately, bytes.
+    #[serde(default = "default_cache_bytes")]
+    pub stream_index_cache_bytes: u64,
     /// Size at which the write-ahead log starts a new segment file, bytes.
     #[serde(default = "default_wal_segment_bytes")]
     pub wal_segment_bytes: u64,

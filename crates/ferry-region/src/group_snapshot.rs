@@ -6,18 +6,23 @@
 //!
 //! The bytes: `[u32 partitions]`, then per partition `[u32 partition][u64 state
 //! length][state][u64 batches length]` and per batch `[u64 base offset][u32 count][u64
-//! appended at][u32 length][events]`, then `[u64 length][group state]`, all big-endian. The
+//! appended at][u32 length][events]`, then `[u32 runs]` and per stream index run `[u64
+//! id][u64 length][u64 entries][the run file]`, then `[u64 length][group state]`, all
+//! big-endian. The
 //! states are the partition state machine's own encoding; this module only carries them.
 //! Partitions come in ascending order; a snapshot may hold partitions the receiving group
 //! does not have yet (a split's children), never fewer.
 
 use std::collections::VecDeque;
+use std::fs::File;
 use std::io::{self, Read};
 use std::path::Path;
 
 use bytes::Bytes;
 use ferry_proto::StoredBatch;
-use ferry_store::{BatchFiles, Extent, ExtentFiles, SnapshotSource, StoreError};
+use ferry_store::{
+    receive_run, BatchFiles, Extent, ExtentFiles, IndexCache, RunRef, SnapshotSource, StoreError,
+};
 
 /// Most bytes of one partition's encoded state (the codec's own decode bound).
 const MAX_STATE_BYTES: u64 = 64 * 1024 * 1024;
@@ -25,6 +30,12 @@ const MAX_STATE_BYTES: u64 = 64 * 1024 * 1024;
 const MAX_BATCH_BYTES: u64 = 64 * 1024 * 1024;
 /// Bytes of a batch's header in the snapshot.
 const BATCH_HEADER: u64 = 24;
+/// Bytes of a stream index run's header in the snapshot.
+const RUN_HEADER: u64 = 24;
+/// Most stream index runs of one partition (a partition holds a few dozen).
+const MAX_RUNS: u32 = 4096;
+/// Bytes of a run file sent in one piece.
+const RUN_PIECE: u64 = 1 << 20;
 
 /// One partition of a checkpoint, as the snapshot sends it.
 pub(crate) struct SnapshotPart {
@@ -36,6 +47,8 @@ pub(crate) struct SnapshotPart {
     pub(crate) high: u64,
     /// The checkpoint's segments, held open from the moment the snapshot was taken.
     pub(crate) files: ExtentFiles,
+    /// The checkpoint's stream index runs, held open likewise.
+    pub(crate) runs: VecDeque<(RunRef, File)>,
 }
 
 impl SnapshotPart {
@@ -59,6 +72,9 @@ pub(crate) struct GroupSnapshotSource {
     sending: Option<SnapshotPart>,
     /// The events of the batch whose header was the last piece.
     events: Option<Bytes>,
+    /// The part's runs are being sent: the run file being sent and the bytes left of it.
+    sending_run: Option<(File, u64, u64)>,
+    runs_started: bool,
     /// The group's own state, sent after the last partition (taken once sent).
     group_state: Option<Bytes>,
 }
@@ -72,6 +88,8 @@ impl GroupSnapshotSource {
             started: false,
             sending: None,
             events: None,
+            sending_run: None,
+            runs_started: false,
             group_state: Some(group_state),
         }
     }
@@ -94,7 +112,8 @@ impl SnapshotSource for GroupSnapshotSource {
                 })?;
                 *size = Some(bytes);
             }
-            total += 20 + part.state.len() as u64 + size.unwrap_or_default();
+            let runs: u64 = part.runs.iter().map(|(r, _)| RUN_HEADER + r.bytes).sum();
+            total += 24 + part.state.len() as u64 + size.unwrap_or_default() + runs;
         }
         self.total = Some(total);
         Ok(total)
@@ -111,16 +130,43 @@ impl SnapshotSource for GroupSnapshotSource {
         }
         if let Some(part) = self.sending.as_mut() {
             let wanted = part.wanted();
-            if let Some(batch) = part.files.next_batch(wanted)? {
-                let mut header = Vec::with_capacity(BATCH_HEADER as usize);
-                header.extend_from_slice(&batch.base_offset.to_be_bytes());
-                header.extend_from_slice(&batch.count.to_be_bytes());
-                header.extend_from_slice(&batch.appended_at_ms.to_be_bytes());
-                header.extend_from_slice(&(batch.events.len() as u32).to_be_bytes());
-                self.events = Some(batch.events);
+            if !self.runs_started {
+                if let Some(batch) = part.files.next_batch(wanted)? {
+                    let mut header = Vec::with_capacity(BATCH_HEADER as usize);
+                    header.extend_from_slice(&batch.base_offset.to_be_bytes());
+                    header.extend_from_slice(&batch.count.to_be_bytes());
+                    header.extend_from_slice(&batch.appended_at_ms.to_be_bytes());
+                    header.extend_from_slice(&(batch.events.len() as u32).to_be_bytes());
+                    self.events = Some(batch.events);
+                    return Ok(Some(Bytes::from(header)));
+                }
+                self.runs_started = true;
+                return Ok(Some(Bytes::copy_from_slice(
+                    &(part.runs.len() as u32).to_be_bytes(),
+                )));
+            }
+            if let Some((file, at, left)) = self.sending_run.as_mut() {
+                let n = (*left).min(RUN_PIECE);
+                let piece = ferry_store::read_exact_at(file, n as usize, *at)?;
+                *at += n;
+                *left -= n;
+                if *left == 0 {
+                    self.sending_run = None;
+                }
+                return Ok(Some(Bytes::from(piece)));
+            }
+            if let Some((run, file)) = part.runs.pop_front() {
+                let mut header = Vec::with_capacity(RUN_HEADER as usize);
+                header.extend_from_slice(&run.id.to_be_bytes());
+                header.extend_from_slice(&run.bytes.to_be_bytes());
+                header.extend_from_slice(&run.entries.to_be_bytes());
+                if run.bytes > 0 {
+                    self.sending_run = Some((file, 0, run.bytes));
+                }
                 return Ok(Some(Bytes::from(header)));
             }
             self.sending = None;
+            self.runs_started = false;
         }
         let Some((part, size)) = self.parts.pop_front() else {
             return Ok(self.group_state.take().map(|state| {
@@ -146,7 +192,8 @@ pub(crate) struct ReceivedSnapshot {
     pub(crate) group_state: Bytes,
 }
 
-/// One partition as received: its encoded state and its batches, written to fresh files.
+/// One partition as received: its encoded state and its batches, written to fresh files
+/// (with its stream index runs beside them).
 pub(crate) struct ReceivedPart {
     pub(crate) partition: u32,
     pub(crate) state: Bytes,
@@ -195,6 +242,7 @@ pub(crate) fn receive_snapshot(
     partitions: &[u32],
     folder: &Path,
     segment_bytes: u64,
+    cache: &IndexCache,
 ) -> Result<ReceivedSnapshot, StoreError> {
     let count = take_u32(data)?;
     if count > MAX_PARTITIONS || (count as usize) < partitions.len() {
@@ -253,6 +301,20 @@ pub(crate) fn receive_snapshot(
                 appended_at_ms,
                 events,
             })?;
+        }
+        let runs = take_u32(data)?;
+        if runs > MAX_RUNS {
+            return Err(malformed(format!(
+                "partition {partition} has {runs} stream index runs (at most {MAX_RUNS})"
+            )));
+        }
+        for _ in 0..runs {
+            let reference = RunRef {
+                id: take_u64(data)?,
+                bytes: take_u64(data)?,
+                entries: take_u64(data)?,
+            };
+            receive_run(files.dir(), reference, data, cache)?;
         }
         received.push(ReceivedPart {
             partition,

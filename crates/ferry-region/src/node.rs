@@ -175,6 +175,8 @@ pub(crate) struct Inner<T> {
     pub(crate) region_loads: tokio::sync::Mutex<Option<(Instant, crate::balance::Loads)>>,
     /// The region's object store for tiered topics, if configured.
     pub(crate) tier: Option<Arc<ferry_store::RemoteStore>>,
+    /// Blocks of the partitions' stream index runs read lately.
+    pub(crate) index_cache: Arc<ferry_store::IndexCache>,
     /// Uploads to it that failed lately ([`crate::tier`]).
     pub(crate) offloads: crate::tier::Offloads,
     /// Bytes of partition-group snapshots this node received (spooled).
@@ -308,6 +310,7 @@ impl<T: Transport> Node<T> {
             .transpose()?
             .map(Arc::new);
         let max_conns = config.max_client_connections;
+        let config_index_cache_bytes = config.stream_index_cache_bytes;
         let load_sample = Duration::from_millis(config.load_sample_ms);
         let node = Self {
             inner: Arc::new(Inner {
@@ -334,6 +337,7 @@ impl<T: Transport> Node<T> {
                 region_loads: tokio::sync::Mutex::new(None),
                 reconciling: tokio::sync::Mutex::new(()),
                 tier,
+                index_cache: Arc::new(ferry_store::IndexCache::new(config_index_cache_bytes)),
                 offloads: Default::default(),
                 snapshot_bytes_received: Default::default(),
             }),
@@ -468,7 +472,10 @@ impl<T: Transport> Node<T> {
                         .retention
                         .segment_bytes(inner.config.wal_segment_bytes),
                     &members,
-                    inner.tier.clone(),
+                    crate::partition::GroupStorage {
+                        tier: inner.tier.clone(),
+                        index_cache: inner.index_cache.clone(),
+                    },
                 )?
                 .with_compaction(compaction.clone());
                 let views = sm.group_views();

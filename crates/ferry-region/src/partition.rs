@@ -27,8 +27,8 @@ use bytes::Bytes;
 use ferry_proto::wire::{ApiError, ErrorCode};
 use ferry_proto::{codec, EventBatch, ProducerId, StoredBatch, StreamEvent};
 use ferry_store::{
-    read_batch, AppliedState, BatchFiles, Extent, RemoteSegment, RemoteStore, SnapshotData,
-    StoreError, SyncPlan, TypeConfig,
+    read_batch, AppliedState, BatchFiles, Extent, IndexCache, RemoteSegment, RemoteStore, RunRef,
+    SnapshotData, StoreError, StreamAppend, StreamIndex, SyncPlan, TypeConfig,
 };
 use futures::{Stream, TryStreamExt};
 use openraft::storage::{EntryResponder, RaftStateMachine};
@@ -68,17 +68,6 @@ pub(crate) struct ProducerState {
     last_append_ms: u64,
 }
 
-/// What a partition knows of one domain stream.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub(crate) struct StreamIndex {
-    /// Events ever appended to it: the version of its last event (kept when retention drops
-    /// the events, so versions never repeat).
-    version: u64,
-    /// Its appends in order: (version of the first event, base offset, count). Appends wholly
-    /// below the low watermark are dropped at trim.
-    appends: Vec<(u64, u64, u32)>,
-}
-
 /// What the producer dedupe makes of a batch.
 enum Sequencing {
     /// No producer, or the batch continues its producer's sequence: append it, then record
@@ -98,8 +87,9 @@ struct SmallState {
     received: Vec<((String, u32), u64)>,
     /// Per destination region: the forwarding cursor of this partition.
     forward_cursors: Vec<(String, u64)>,
-    /// Domain streams by name.
-    streams: Vec<(String, StreamIndex)>,
+    /// The domain-stream index's runs ([`StreamIndex`]); the appends since come back from
+    /// the log.
+    stream_runs: Vec<RunRef>,
     /// The manifest: objects in the tier's store holding the partition's oldest retained
     /// offsets, contiguous from the one holding the low watermark, oldest first. The batch
     /// files hold what follows.
@@ -266,8 +256,8 @@ pub struct PartitionView {
     forward_cursors: RwLock<HashMap<String, u64>>,
     /// Per origin (region, partition): every origin offset below this is held (applied).
     received: RwLock<HashMap<(String, u32), u64>>,
-    /// Domain streams by name (written only by the state machine as it applies).
-    streams: RwLock<HashMap<String, StreamIndex>>,
+    /// Where domain streams' appends are (written only by the state machine as it applies).
+    streams: RwLock<StreamIndex>,
     watermarks: watch::Sender<Watermarks>,
     bytes: AtomicU64,
     /// Events of forwarded batches this replica's state machine did not append because it
@@ -597,12 +587,11 @@ impl PartitionView {
     /// The version of domain stream `stream` (the number of events ever appended to it; 0 if
     /// it does not exist), as applied.
     pub fn stream_version(&self, stream: &str) -> Result<u64, StoreError> {
-        Ok(self
-            .streams
+        self.streams
             .read()
             .map_err(storage_err)?
-            .get(stream)
-            .map_or(0, |s| s.version))
+            .reader(stream)
+            .version()
     }
 
     /// Events of domain stream `stream` from version `from_version` on, in version order: at
@@ -618,34 +607,35 @@ impl PartitionView {
         max_bytes: usize,
     ) -> Result<(u64, Vec<StreamEvent>), StoreError> {
         let marks = self.watermarks();
-        // The appends to read, copied so that no lock is held while reading the files.
-        let (version, wanted) = {
-            let streams = self.streams.read().map_err(storage_err)?;
-            let Some(index) = streams.get(stream) else {
-                return Ok((0, Vec::new()));
+        // Taken under the lock, read without it.
+        let reader = self.streams.read().map_err(storage_err)?.reader(stream);
+        // Appends applied but not yet published lie at or above the high watermark.
+        let version = reader.version_below(marks.high)?;
+        // Appends below the low watermark (retention dropped them; a merge of the index
+        // forgets them later) come first: skip past them.
+        let mut wanted: Vec<StreamAppend> = Vec::new();
+        let mut from = from_version.max(1);
+        while wanted.len() < max_events && from <= version {
+            let appends = reader.appends_from(from, max_events)?;
+            let Some(last) = appends.last() else {
+                break;
             };
-            // Appends applied but not yet published lie at or above the high watermark.
-            let visible = index
-                .appends
-                .partition_point(|(_, base, _)| *base < marks.high);
-            let version = match index.appends.get(visible) {
-                Some((first_version, _, _)) => first_version - 1,
-                None => index.version,
-            };
-            let wanted: Vec<(u64, u64, u32)> = index.appends[..visible]
-                .iter()
-                .filter(|(first_version, base, count)| {
-                    let end = base + u64::from(*count);
-                    first_version + u64::from(*count) > from_version && end > marks.low
-                })
-                .take(max_events)
-                .copied()
-                .collect();
-            (version, wanted)
-        };
+            from = last.last_version() + 1;
+            wanted.extend(
+                appends
+                    .into_iter()
+                    .filter(|a| a.end() > marks.low && a.base < marks.high),
+            );
+        }
+        wanted.truncate(max_events);
         let mut events = Vec::new();
         let mut bytes = 0usize;
-        'appends: for (first_version, base, _) in wanted {
+        'appends: for StreamAppend {
+            first_version,
+            base,
+            ..
+        } in wanted
+        {
             // The batch holding `base` comes first; retention may have dropped it meanwhile.
             let batch = self.read(base, 1).await?.into_iter().next();
             let Some(batch) = batch.filter(|b| b.base_offset == base) else {
@@ -726,17 +716,31 @@ struct Partition {
     dirty: bool,
     /// Applied an offload since the state machine last told the group's views.
     offloaded_now: bool,
+    /// Blocks of stream index runs read lately (node-wide).
+    index_cache: Arc<IndexCache>,
+}
+
+/// What a group's partitions store beyond their folder: the node's object store for
+/// offloaded batches (if configured) and the node's cache of stream index blocks.
+#[derive(Clone, Default)]
+pub struct GroupStorage {
+    /// Where offloaded batches are read from.
+    pub tier: Option<Arc<RemoteStore>>,
+    /// Blocks of stream index runs read lately, shared by the node's partitions.
+    pub index_cache: Arc<IndexCache>,
 }
 
 impl Partition {
-    /// An empty partition over `files`, reading offloaded batches from `tier`.
-    fn new(files: BatchFiles, tier: Option<Arc<RemoteStore>>) -> Self {
+    /// An empty partition over `files` (its stream index not opened yet), reading offloaded
+    /// batches from `storage`'s tier.
+    fn new(files: BatchFiles, storage: &GroupStorage) -> Self {
+        let streams = StreamIndex::empty(files.dir(), storage.index_cache.clone());
         let view = Arc::new(PartitionView {
             files: RwLock::new(files),
             cursors: RwLock::new(HashMap::new()),
             forward_cursors: RwLock::new(HashMap::new()),
             received: RwLock::new(HashMap::new()),
-            streams: RwLock::new(HashMap::new()),
+            streams: RwLock::new(streams),
             watermarks: watch::channel(Watermarks::default()).0,
             bytes: AtomicU64::new(0),
             forwarded_duplicates: AtomicU64::new(0),
@@ -745,9 +749,10 @@ impl Partition {
             remote: RwLock::new(VecDeque::new()),
             remote_bytes: AtomicU64::new(0),
             offloaded_since_checkpoint: AtomicU64::new(0),
-            tier,
+            tier: storage.tier.clone(),
         });
         Self {
+            index_cache: storage.index_cache.clone(),
             view,
             marks: Watermarks::default(),
             producers: HashMap::new(),
@@ -757,7 +762,8 @@ impl Partition {
         }
     }
 
-    fn small_state(&self) -> Result<SmallState, StoreError> {
+    /// The small state, naming the stream index's runs `stream_runs`.
+    fn small_state(&self, stream_runs: Vec<RunRef>) -> Result<SmallState, StoreError> {
         let mut producers: Vec<_> = self
             .producers
             .iter()
@@ -784,15 +790,6 @@ impl Partition {
             .map(|(r, o)| (r.clone(), *o))
             .collect();
         forward_cursors.sort_unstable();
-        let mut streams: Vec<_> = self
-            .view
-            .streams
-            .read()
-            .map_err(storage_err)?
-            .iter()
-            .map(|(name, index)| (name.clone(), index.clone()))
-            .collect();
-        streams.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         let remote = self
             .view
             .remote
@@ -807,7 +804,7 @@ impl Partition {
             cursors,
             received,
             forward_cursors,
-            streams,
+            stream_runs,
             remote,
         })
     }
@@ -828,7 +825,7 @@ impl Partition {
         *self.view.cursors.write().map_err(storage_err)? = state.cursors.into_iter().collect();
         *self.view.forward_cursors.write().map_err(storage_err)? =
             state.forward_cursors.into_iter().collect();
-        *self.view.streams.write().map_err(storage_err)? = state.streams.into_iter().collect();
+        self.open_index(&state.stream_runs)?;
         let bytes = {
             let mut files = self.view.files.write().map_err(storage_err)?;
             // A checkpoint's first segment may still hold batches retention dropped or the
@@ -838,6 +835,21 @@ impl Partition {
         };
         self.view.bytes.store(bytes, Ordering::Relaxed);
         self.publish();
+        Ok(())
+    }
+
+    /// Opens the stream index of the runs `named` in the batch files' folder (removing other
+    /// runs there).
+    fn open_index(&mut self, named: &[RunRef]) -> Result<(), StoreError> {
+        let dir = self
+            .view
+            .files
+            .read()
+            .map_err(storage_err)?
+            .dir()
+            .to_path_buf();
+        *self.view.streams.write().map_err(storage_err)? =
+            StreamIndex::open(&dir, named, self.index_cache.clone())?;
         Ok(())
     }
 
@@ -940,13 +952,14 @@ impl Partition {
             }
             Ok(Sequencing::Fresh(producer)) => producer,
         };
-        let current = self
+        // Read without the lock (the state machine is the index's only writer).
+        let reader = self
             .view
             .streams
             .read()
             .map_err(storage_err)?
-            .get(&stream)
-            .map_or(0, |s| s.version);
+            .reader(&stream);
+        let current = reader.version()?;
         if let Some(expected) = expected_version {
             if expected != current {
                 return Ok(PartitionReply::Error(ApiError::new(
@@ -965,10 +978,14 @@ impl Partition {
         };
         let first_version = current + 1;
         let base_offset = self.store(batch, appended_at_ms, producer)?;
-        let mut streams = self.view.streams.write().map_err(storage_err)?;
-        let index = streams.entry(stream).or_default();
-        index.appends.push((first_version, base_offset, count));
-        index.version = version;
+        self.view.streams.write().map_err(storage_err)?.append(
+            stream,
+            StreamAppend {
+                first_version,
+                base: base_offset,
+                count,
+            },
+        );
         Ok(PartitionReply::StreamAppended {
             base_offset,
             first_version,
@@ -983,16 +1000,22 @@ impl Partition {
         batch: &EventBatch,
         base_offset: u64,
     ) -> Result<PartitionReply, StoreError> {
-        let streams = self.view.streams.read().map_err(storage_err)?;
-        let original = streams
-            .get(stream)
-            .and_then(|s| s.appends.iter().find(|(_, base, _)| *base == base_offset));
+        let reader = self
+            .view
+            .streams
+            .read()
+            .map_err(storage_err)?
+            .reader(stream);
+        let original = reader
+            .find_base(base_offset)?
+            // Retention dropped it (a merge of the index may not have forgotten it yet).
+            .filter(|a| a.end() > self.marks.low);
         let producer = batch.producer.unwrap_or_default();
         Ok(match original {
-            Some(&(first_version, base_offset, count)) => PartitionReply::StreamAppended {
+            Some(a) => PartitionReply::StreamAppended {
                 base_offset,
-                first_version,
-                version: first_version + u64::from(count) - 1,
+                first_version: a.first_version,
+                version: a.last_version(),
             },
             // Retention dropped the batch, and its place in the stream with it.
             None if base_offset + u64::from(batch.count) <= self.marks.low => {
@@ -1213,14 +1236,7 @@ impl Partition {
         self.view
             .bytes
             .fetch_sub(freed.min(self.view.stored_bytes()), Ordering::Relaxed);
-        // Forget where streams' dropped events were (their versions stay).
-        let low = self.marks.low;
-        for index in self.view.streams.write().map_err(storage_err)?.values_mut() {
-            let dropped = index
-                .appends
-                .partition_point(|(_, base, count)| base + u64::from(*count) <= low);
-            index.appends.drain(..dropped);
-        }
+        // Streams' dropped appends are skipped by readers and forgotten by the index's merges.
         Ok(PartitionReply::Done)
     }
 
@@ -1324,8 +1340,8 @@ struct Inner {
     /// snapshot is installed into a new one, and the checkpoint naming it switches over
     /// atomically.
     batches: String,
-    /// Where offloaded batches are read from.
-    tier: Option<Arc<RemoteStore>>,
+    /// The node's object store and stream index cache.
+    storage: GroupStorage,
 }
 
 /// A Raft group's openraft state machine: the partitions the group replicates, each with
@@ -1438,6 +1454,14 @@ fn write_checkpoint(dir: &Path, checkpoint: &Checkpoint) -> Result<(), StoreErro
         .map_err(io)
 }
 
+/// What a checkpoint syncs before it is written: batch files of partitions that applied
+/// something since the last one, and stream index runs written since.
+#[derive(Default)]
+struct Syncs {
+    files: Vec<(u32, SyncPlan)>,
+    runs: Vec<PathBuf>,
+}
+
 /// The folder of `partition`'s batch files inside a group's batches folder.
 fn partition_folder(batches: &Path, partition: u32) -> PathBuf {
     batches.join(partition.to_string())
@@ -1452,7 +1476,7 @@ impl PartitionStateMachine {
         dir: &Path,
         segment_bytes: u64,
         partitions: &[u32],
-        tier: Option<Arc<RemoteStore>>,
+        storage: GroupStorage,
     ) -> Result<Self, StoreError> {
         ferry_store::create_dir_durably(dir)?;
         let checkpoint = read_checkpoint(dir)?;
@@ -1488,9 +1512,10 @@ impl PartitionStateMachine {
                 segment_bytes,
                 &extent,
             )?;
-            let mut partition = Partition::new(files, tier.clone());
-            if let Some(saved) = saved {
-                partition.restore(saved.state)?;
+            let mut partition = Partition::new(files, &storage);
+            match saved {
+                Some(saved) => partition.restore(saved.state)?,
+                None => partition.open_index(&[])?,
             }
             hosted.insert(number, partition);
         }
@@ -1517,7 +1542,7 @@ impl PartitionStateMachine {
                 views: views.clone(),
                 applied,
                 batches,
-                tier,
+                storage,
             })),
             views,
             checkpointing: Arc::new(Mutex::new(())),
@@ -1541,21 +1566,26 @@ impl PartitionStateMachine {
     /// needs on disk (of the partitions that applied something since the last one). Take
     /// with the state machine locked (so they agree); write with
     /// [`PartitionStateMachine::write_checkpoint_after`], which needs no lock.
-    fn checkpoint_of(
-        &self,
-        inner: &mut Inner,
-    ) -> Result<(Checkpoint, Vec<(u32, SyncPlan)>), StoreError> {
+    fn checkpoint_of(&self, inner: &mut Inner) -> Result<(Checkpoint, Syncs), StoreError> {
         let mut partitions = Vec::with_capacity(inner.partitions.len());
-        let mut plans = Vec::new();
+        let mut plans = Syncs::default();
         for (number, partition) in inner.partitions.iter_mut() {
+            // The stream index's appends since the last checkpoint go to a run of their own.
+            let index = partition
+                .view
+                .streams
+                .write()
+                .map_err(storage_err)?
+                .checkpoint()?;
+            plans.runs.extend(index.to_sync);
             let files = partition.view.files.read().map_err(storage_err)?;
             partitions.push(PartitionCheckpoint {
                 partition: *number,
-                state: partition.small_state()?,
+                state: partition.small_state(index.runs)?,
                 extent: files.extent(),
             });
             if std::mem::take(&mut partition.dirty) {
-                plans.push((*number, files.sync_plan()));
+                plans.files.push((*number, files.sync_plan()));
             }
         }
         let checkpoint = Checkpoint {
@@ -1575,18 +1605,25 @@ impl PartitionStateMachine {
     fn write_checkpoint_after(
         &self,
         checkpoint: &Checkpoint,
-        plans: &[(u32, SyncPlan)],
+        plans: &Syncs,
     ) -> Result<(), StoreError> {
-        for (_, plan) in plans {
+        for (_, plan) in &plans.files {
             plan.sync()?;
+        }
+        for run in &plans.runs {
+            ferry_store::fsync_path(run)?;
         }
         write_checkpoint(&self.dir, checkpoint)?;
         for saved in &checkpoint.partitions {
             let Some(view) = self.views.get(saved.partition) else {
                 continue;
             };
+            view.streams
+                .write()
+                .map_err(storage_err)?
+                .checkpointed(&saved.state.stream_runs)?;
             let mut files = view.files.write().map_err(storage_err)?;
-            if let Some((_, plan)) = plans.iter().find(|(n, _)| *n == saved.partition) {
+            if let Some((_, plan)) = plans.files.iter().find(|(n, _)| *n == saved.partition) {
                 files.mark_synced(plan);
             }
             files.remove_dropped_outside(&saved.extent)?;
@@ -1597,6 +1634,29 @@ impl PartitionStateMachine {
                 .store(u64::from(waiting), Ordering::Relaxed);
         }
         Ok(())
+    }
+
+    /// Starts the merges of stream index runs now due, in the background: a merge reads and
+    /// writes only immutable runs, and its output takes its inputs' place when it is done
+    /// (named from the next checkpoint on).
+    fn merge_stream_indexes(&self) {
+        for view in self.views.all().values() {
+            let plan = match view.streams.write() {
+                Ok(mut index) => index.merge_due(),
+                Err(_) => None,
+            };
+            let Some(plan) = plan else { continue };
+            let view = view.clone();
+            tokio::task::spawn_blocking(move || {
+                let merged = plan.run(view.watermarks().low);
+                if let Err(e) = &merged {
+                    tracing::warn!(error = %e, "merging stream index runs failed; tried again after a later checkpoint");
+                }
+                if let Ok(mut index) = view.streams.write() {
+                    index.install_merge(merged.ok());
+                }
+            });
+        }
     }
 
     /// Applies one entry's command: `(partition, command)`. A command that cannot be decoded
@@ -1753,7 +1813,8 @@ impl PartitionStateMachine {
                 inner.segment_bytes,
                 &Extent::default(),
             )?;
-            let mut partition = Partition::new(files, inner.tier.clone());
+            let mut partition = Partition::new(files, &inner.storage);
+            partition.open_index(&[])?;
             partition.dirty = true;
             *partition.view.received.write().map_err(storage_err)? = received.clone();
             partition.received = received.clone();
@@ -1798,14 +1859,16 @@ impl RaftSnapshotBuilder<TypeConfig> for PartitionStateMachine {
         if let Err(e) = self.write_checkpoint_after(&checkpoint, &plans) {
             // Those files still need syncing before a checkpoint may name them.
             let mut inner = self.inner.lock().await;
-            for (number, _) in &plans {
+            for (number, _) in &plans.files {
                 if let Some(p) = inner.partitions.get_mut(number) {
                     p.dirty = true;
                 }
             }
             return Err(e.into());
         }
-        tracing::debug!(took = ?started.elapsed(), synced = plans.len(), "wrote a partition group checkpoint");
+        tracing::debug!(took = ?started.elapsed(), synced = plans.files.len(), "wrote a partition group checkpoint");
+        drop(_one);
+        self.merge_stream_indexes();
         Ok(SnapshotOf::<TypeConfig, SnapshotData> {
             meta: checkpoint.meta,
             snapshot: SnapshotData::from_bytes(Bytes::new()),
@@ -1899,10 +1962,12 @@ impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
         let partitions = self.views.numbers();
         let segment_bytes = self.segment_bytes;
         let receiving = folder.clone();
+        let cache = self.inner.lock().await.storage.index_cache.clone();
         let received = tokio::task::spawn_blocking(move || {
             // The decoder reads field by field: buffered, not a chunk per field.
             let mut data = io::BufReader::with_capacity(1 << 16, &mut snapshot);
-            let received = receive_snapshot(&mut data, &partitions, &receiving, segment_bytes)?;
+            let received =
+                receive_snapshot(&mut data, &partitions, &receiving, segment_bytes, &cache)?;
             let mut states = Vec::with_capacity(received.parts.len());
             for part in &received.parts {
                 let state: SmallState = codec::decode("partition snapshot", &part.state)?;
@@ -1964,7 +2029,7 @@ impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
                 }
                 None => {
                     // A split's child this replica had not applied yet.
-                    let mut partition = Partition::new(part.files, inner.tier.clone());
+                    let mut partition = Partition::new(part.files, &inner.storage);
                     partition.restore(state)?;
                     partition.dirty = true;
                     inner.partitions.insert(part.partition, partition);
@@ -2010,6 +2075,20 @@ impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
                     &partition_folder(&folder, saved.partition),
                     &saved.extent,
                 )?,
+                runs: saved
+                    .state
+                    .stream_runs
+                    .iter()
+                    .map(|run| {
+                        let path = ferry_store::run_path(
+                            &partition_folder(&folder, saved.partition),
+                            run.id,
+                        );
+                        std::fs::File::open(&path)
+                            .map(|file| (*run, file))
+                            .map_err(|e| io_err(format!("{}: {e}", path.display())))
+                    })
+                    .collect::<Result<_, _>>()?,
             });
         }
         Ok(Some(SnapshotOf::<TypeConfig, SnapshotData> {
@@ -2045,7 +2124,7 @@ mod tests {
 
     /// A group of the one partition 0, as a topic with a group per partition has.
     fn open_one(dir: &Path, segment_bytes: u64) -> Result<PartitionStateMachine, StoreError> {
-        PartitionStateMachine::open(dir, segment_bytes, &[0], None)
+        PartitionStateMachine::open(dir, segment_bytes, &[0], GroupStorage::default())
     }
 
     impl PartitionStateMachine {
@@ -2245,7 +2324,14 @@ mod tests {
     }
 
     fn index_len(sm: &PartitionStateMachine, name: &str) -> usize {
-        sm.view().streams.read().unwrap()[name].appends.len()
+        sm.view()
+            .streams
+            .read()
+            .unwrap()
+            .reader(name)
+            .appends_from(1, usize::MAX)
+            .unwrap()
+            .len()
     }
 
     #[test]
@@ -2417,7 +2503,8 @@ mod tests {
         let (version, kept) = stream(&sm, "s", 0);
         assert_eq!(version, 100);
         assert_eq!(kept.first().map(|e| (e.0, e.1)), Some((53, 104)));
-        assert_eq!(index_len(&sm, "s"), 12);
+        // Until the index's next merge forgets them, its dropped appends are skipped.
+        assert_eq!(index_len(&sm, "s"), 25);
         assert!(conflict(&to_stream(&sm, "s", Some(0), batch(None, 900, 1))).is_some());
         // A resend of a batch retention dropped is known to be in the log.
         assert!(matches!(
@@ -2469,6 +2556,79 @@ mod tests {
             to_stream(&follower, "s", Some(102), batch(None, 900, 1)),
             to_stream(&sm, "s", Some(102), batch(None, 900, 1)),
         );
+    }
+
+    /// Runs of the stream index in the partition's folder, and those the index holds.
+    fn runs_of(sm: &PartitionStateMachine) -> (usize, usize) {
+        let view = sm.view();
+        let index = view.streams.read().unwrap();
+        let dir = view.files.read().unwrap().dir().to_path_buf();
+        let files = std::fs::read_dir(dir)
+            .unwrap()
+            .filter(|f| f.as_ref().unwrap().path().extension() == Some("run".as_ref()))
+            .count();
+        (files, index.runs().len())
+    }
+
+    #[tokio::test]
+    async fn checkpoints_write_stream_index_runs_and_merges_keep_them_few_and_forget_dropped_appends(
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sm = open_one(dir.path(), 4096).unwrap();
+        // Per round: "a", "b", "a", two events each (offsets 6r, 6r + 2, 6r + 4).
+        for _ in 0..16 {
+            for stream in ["a", "b", "a"] {
+                let reply = to_stream(&sm, stream, None, batch(None, 0, 2));
+                assert!(
+                    matches!(reply, PartitionReply::StreamAppended { .. }),
+                    "{reply:?}"
+                );
+            }
+            sm.build_snapshot().await.unwrap();
+        }
+        let wait_for = |what: &str, done: &dyn Fn() -> bool| {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while !done() {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "{what}: not within 10 s"
+                );
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+        };
+        // Sixteen checkpoints wrote sixteen runs; merges in the background leave a few.
+        wait_for("merges", &|| runs_of(&sm).1 < 4);
+        assert_eq!(sm.view().stream_version("a").unwrap(), 64);
+        assert_eq!(sm.view().stream_version("b").unwrap(), 32);
+        assert_eq!(index_len(&sm, "a"), 32);
+        assert_eq!(stream(&sm, "b", 0).1.len(), 32);
+        // Offsets below 64 go: merges forget their appends, each stream's version stays.
+        run(&sm, PartitionCommand::Trim { before_offset: 64 });
+        let low = sm.view().watermarks().low;
+        assert_eq!(low, 64);
+        for _ in 0..8 {
+            to_stream(&sm, "c", None, batch(None, 0, 1));
+            sm.build_snapshot().await.unwrap();
+        }
+        let kept = (0..16u64)
+            .flat_map(|r| [6 * r, 6 * r + 4])
+            .filter(|base| base + 2 > low)
+            .count();
+        wait_for("forgetting", &|| index_len(&sm, "a") == kept);
+        assert_eq!(sm.view().stream_version("a").unwrap(), 64);
+        assert_eq!(sm.view().stream_version("b").unwrap(), 32);
+        wait_for("merges", &|| runs_of(&sm).1 < 4);
+        // A checkpoint names only the runs in use: the merged ones' files go.
+        sm.build_snapshot().await.unwrap();
+        wait_for("merges", &|| runs_of(&sm).1 < 4);
+        sm.build_snapshot().await.unwrap();
+        let (files, runs) = runs_of(&sm);
+        assert_eq!(files, runs);
+        drop(sm);
+        let sm = open_one(dir.path(), 4096).unwrap();
+        assert_eq!(sm.view().stream_version("a").unwrap(), 64);
+        assert_eq!(sm.view().stream_version("c").unwrap(), 8);
+        assert_eq!(index_len(&sm, "a"), kept);
     }
 
     #[tokio::test]
@@ -2642,7 +2802,8 @@ mod tests {
     #[test]
     fn an_entry_of_several_commands_applies_them_in_order_with_a_reply_each() {
         let dir = tempfile::tempdir().unwrap();
-        let sm = PartitionStateMachine::open(dir.path(), 4096, &[0, 3], None).unwrap();
+        let sm = PartitionStateMachine::open(dir.path(), 4096, &[0, 3], GroupStorage::default())
+            .unwrap();
         let append = |partition: u32, seq| GroupCommand {
             partition,
             command: PartitionCommand::Append {
@@ -2699,7 +2860,13 @@ mod tests {
     async fn a_group_keeps_its_partitions_apart_through_restart_and_snapshot() {
         let dir = tempfile::tempdir().unwrap();
         let open = |name: &str| {
-            PartitionStateMachine::open(&dir.path().join(name), 4096, &[1, 4], None).unwrap()
+            PartitionStateMachine::open(
+                &dir.path().join(name),
+                4096,
+                &[1, 4],
+                GroupStorage::default(),
+            )
+            .unwrap()
         };
         let append_to = |sm: &PartitionStateMachine, partition, seq| {
             run_on(
@@ -2775,7 +2942,8 @@ mod tests {
         assert_eq!(marks(&follower), vec![(1, 2), (4, 6)]);
         // A snapshot of another set of partitions is refused and changes nothing.
         let mut other =
-            PartitionStateMachine::open(&dir.path().join("c"), 4096, &[1], None).unwrap();
+            PartitionStateMachine::open(&dir.path().join("c"), 4096, &[1], GroupStorage::default())
+                .unwrap();
         let snapshot = sm.get_current_snapshot().await.unwrap().unwrap();
         assert!(other
             .install_snapshot(&snapshot.meta, snapshot.snapshot)
@@ -2784,14 +2952,22 @@ mod tests {
         assert_eq!(other.views()[&1].watermarks().high, 0);
         drop(other);
         // A checkpoint holding a partition the group does not is refused at open.
-        assert!(PartitionStateMachine::open(&dir.path().join("a"), 4096, &[1], None).is_err());
+        assert!(PartitionStateMachine::open(
+            &dir.path().join("a"),
+            4096,
+            &[1],
+            GroupStorage::default()
+        )
+        .is_err());
     }
 
     #[test]
     fn forwarded_batches_follow_the_split_of_their_destination() {
         let dir = tempfile::tempdir().unwrap();
         // Partition 1 of a topic created with four partitions, fed by partition 0 of region a.
-        let sm = PartitionStateMachine::open(&dir.path().join("g"), 4096, &[1], None).unwrap();
+        let sm =
+            PartitionStateMachine::open(&dir.path().join("g"), 4096, &[1], GroupStorage::default())
+                .unwrap();
         let forwarded = |partition, from: u64, to: u64, routed_by| {
             let events = (from..to)
                 .map(|o| {
@@ -2844,7 +3020,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         // Partition 1 of a topic created with four partitions, one group each.
         let open = |name: &str| {
-            PartitionStateMachine::open(&dir.path().join(name), 4096, &[1], None).unwrap()
+            PartitionStateMachine::open(&dir.path().join(name), 4096, &[1], GroupStorage::default())
+                .unwrap()
         };
         let publish = |sm: &PartitionStateMachine, partition, seq, layout, misrouted: bool| {
             run_on(
@@ -3065,8 +3242,16 @@ mod tests {
             .unwrap(),
         );
         let open = |name: &str| {
-            PartitionStateMachine::open(&dir.path().join(name), 4096, &[0], Some(tier.clone()))
-                .unwrap()
+            PartitionStateMachine::open(
+                &dir.path().join(name),
+                4096,
+                &[0],
+                GroupStorage {
+                    tier: Some(tier.clone()),
+                    ..Default::default()
+                },
+            )
+            .unwrap()
         };
         let segments = |name: &str| {
             std::fs::read_dir(dir.path().join(name).join("batches-0/0"))
@@ -3268,8 +3453,13 @@ mod tests {
     #[tokio::test]
     async fn a_cut_or_foreign_snapshot_is_refused_and_leaves_no_files_and_no_change() {
         let dir = tempfile::tempdir().unwrap();
-        let mut sm =
-            PartitionStateMachine::open(&dir.path().join("a"), 4096, &[0, 1], None).unwrap();
+        let mut sm = PartitionStateMachine::open(
+            &dir.path().join("a"),
+            4096,
+            &[0, 1],
+            GroupStorage::default(),
+        )
+        .unwrap();
         for seq in 0..20 {
             run_on(
                 &sm,
@@ -3288,7 +3478,9 @@ mod tests {
             all
         };
         let follower_dir = dir.path().join("b");
-        let mut follower = PartitionStateMachine::open(&follower_dir, 4096, &[0, 1], None).unwrap();
+        let mut follower =
+            PartitionStateMachine::open(&follower_dir, 4096, &[0, 1], GroupStorage::default())
+                .unwrap();
         let unchanged = |follower: &PartitionStateMachine| {
             assert_eq!(follower.views()[&0].watermarks().high, 0);
             assert_eq!(follower.views()[&1].watermarks().high, 0);
@@ -3323,8 +3515,13 @@ mod tests {
         assert!(follower.install_snapshot(&taken.meta, data).await.is_err());
         unchanged(&follower);
         // Another group's partitions.
-        let mut other =
-            PartitionStateMachine::open(&dir.path().join("c"), 4096, &[0, 2], None).unwrap();
+        let mut other = PartitionStateMachine::open(
+            &dir.path().join("c"),
+            4096,
+            &[0, 2],
+            GroupStorage::default(),
+        )
+        .unwrap();
         let data = SnapshotData::from_bytes(Bytes::from(whole.clone()));
         assert!(other.install_snapshot(&taken.meta, data).await.is_err());
         // The whole one installs.

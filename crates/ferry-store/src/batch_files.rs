@@ -121,6 +121,11 @@ fn io(what: &Path) -> impl Fn(std::io::Error) -> StoreError + '_ {
 }
 
 impl BatchFiles {
+    /// The folder holding the files.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     /// Opens the files in `dir` cut back to `extent`; segments it does not name are removed.
     pub fn open(dir: &Path, segment_bytes: u64, extent: &Extent) -> Result<Self, StoreError> {
         crate::create_dir_durably(dir)?;

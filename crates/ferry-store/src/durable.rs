@@ -8,7 +8,7 @@ use std::path::Path;
 use crate::StoreError;
 
 /// fsync of the file or folder at `path`.
-pub(crate) fn fsync(path: &Path) -> Result<(), StoreError> {
+pub fn fsync(path: &Path) -> Result<(), StoreError> {
     File::open(path)
         .and_then(|f| f.sync_all())
         .map_err(|e| StoreError::io(format!("syncing {}", path.display()), e))

@@ -24,6 +24,7 @@ mod positional;
 mod remote;
 mod snapshot;
 mod state_machine;
+mod stream_index;
 mod wal;
 
 use std::fmt;
@@ -34,15 +35,20 @@ use serde::{Deserialize, Serialize};
 pub use batch_files::{
     read_batch, BatchFiles, BatchInfo, BatchLocation, Extent, ExtentFiles, SyncPlan,
 };
-pub use durable::create_dir_durably;
+pub use durable::{create_dir_durably, fsync as fsync_path};
 pub use durable_sled::{open_sled, DurableSled};
 pub use error::StoreError;
 pub use group_commit::{BeforeSync, FlushStats, GroupCommit};
 pub use log_store::WalLogStore;
 pub use node_store::{NodeStore, StoreOptions};
+pub use positional::read_exact_at;
 pub use remote::{encode_object, RemoteOptions, RemoteSegment, RemoteStats, RemoteStore};
 pub use snapshot::{SnapshotData, SnapshotSource, Spool};
 pub use state_machine::{Application, AppliedState, SledStateMachine, SnapshotBuilder};
+pub use stream_index::{
+    receive_run, run_path, IndexCache, IndexCheckpoint, MergePlan, Merged, Run, RunRef,
+    StreamAppend, StreamIndex, StreamReader,
+};
 
 /// Names a Raft group on a node: `meta` for the metadata group, `<topic>/<partition>` for
 /// partitions.

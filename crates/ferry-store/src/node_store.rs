@@ -19,7 +19,7 @@ use crate::{
 /// its log entries name their partitions.
 /// 8: tiered storage: partition checkpoints carry the manifest of offloaded objects, topics
 /// the hot-tail retention fields.
-const FORMAT: &[u8] = b"ferry-store/8";
+const FORMAT: &[u8] = b"ferry-store/9";
 const MARKER_TREE: &[u8] = b"ferry";
 
 /// Storage tuning.
@@ -150,6 +150,14 @@ impl NodeStore {
                     "it was written by an older ferry (format ferry-store/6, one Raft group per \
                      partition) that this version cannot read; move it away to start this node \
                      empty"
+                        .into(),
+                ))
+            }
+            Some(other) if other.as_ref() == b"ferry-store/8" => {
+                return Err(foreign(
+                    "it was written by an older ferry (format ferry-store/8, domain streams \
+                     indexed in checkpoints) that this version cannot read; move it away to \
+                     start this node empty"
                         .into(),
                 ))
             }

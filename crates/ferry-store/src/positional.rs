@@ -8,7 +8,7 @@ use std::os::fd::AsRawFd;
 
 /// Reads exactly `len` bytes of `file` at `offset` into a new buffer. Fails with
 /// `UnexpectedEof` if the file ends first.
-pub(crate) fn read_exact_at(file: &File, len: usize, offset: u64) -> io::Result<Vec<u8>> {
+pub fn read_exact_at(file: &File, len: usize, offset: u64) -> io::Result<Vec<u8>> {
     let mut buf: Vec<u8> = Vec::with_capacity(len);
     while buf.len() < len {
         let at = offset

@@ -1,0 +1,1348 @@
+//! A partition's domain-stream index: where each append to a stream lies, by (stream,
+//! version). The appends since the last checkpoint are in memory; the rest are in immutable
+//! sorted files, *runs*, that the checkpoint names and that are merged as they pile up.
+//!
+//! This is a log-structured merge tree (LevelDB's sorted tables, EventStoreDB's PTables) cut
+//! to what a partition needs. An append is never changed, so it lives in exactly one place:
+//! the table of recent appends or one run. A stream's version is its last append's. A merge
+//! drops appends that retention dropped, but keeps each stream's last one, so versions never
+//! repeat. Memory holds the recent appends, each run's top index (one key per 128 blocks of
+//! about 16 KiB) and a node-wide cache of blocks ([`IndexCache`]), whatever the index's size.
+//!
+//! A run file is written in one pass: data blocks (entries `[u16 stream length][stream][u64
+//! first version][u64 base offset][u32 count]` sorted by (stream, first version)) and index
+//! blocks (per data block its last key, position and length; 128 per index block),
+//! interleaved as they fill, then the top index (per index block the same), then a trailer
+//! `[u64 top position][u32 top length][u64 entries][u64 data blocks]FERRYSI1`. A block is
+//! `[u32 count][items][u32 CRC-32 of what precedes]`; every length and order is checked when
+//! read.
+
+use std::cmp::Ordering as CmpOrdering;
+use std::collections::{BTreeMap, BinaryHeap};
+use std::fs::File;
+use std::io::{BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::durable::fsync;
+use crate::positional::read_exact_at;
+use crate::StoreError;
+
+/// A data block is closed once it holds this many bytes.
+const BLOCK_BYTES: usize = 16 * 1024;
+/// Data blocks per index block (and so index blocks per top entry).
+const FANOUT: u64 = 128;
+const MAGIC: &[u8; 8] = b"FERRYSI1";
+const TRAILER: u64 = 8 + 4 + 8 + 8 + 8;
+/// Longest block read (a block holds one entry past `BLOCK_BYTES` at most).
+const MAX_BLOCK: u32 = 4 * 1024 * 1024;
+/// A merge takes runs of one size class once this many are there.
+const MERGE_AT: usize = 4;
+/// Runs below this many bytes are one size class.
+const SMALLEST_CLASS: u64 = 64 * 1024;
+
+/// Numbers each opened run within the process: the cache's keys.
+static NEXT_UID: AtomicU64 = AtomicU64::new(1);
+
+/// One append to a stream: its events have versions `first_version..` and offsets `base..`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamAppend {
+    /// Version of its first event.
+    pub first_version: u64,
+    /// Offset of its first event.
+    pub base: u64,
+    /// Events in it (at least one).
+    pub count: u32,
+}
+
+impl StreamAppend {
+    /// Version of its last event.
+    pub fn last_version(&self) -> u64 {
+        self.first_version + u64::from(self.count) - 1
+    }
+
+    /// Offset past its last event.
+    pub fn end(&self) -> u64 {
+        self.base + u64::from(self.count)
+    }
+}
+
+/// A run as a checkpoint names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunRef {
+    /// Its number in the partition: the file is `streams-<id>.run`.
+    pub id: u64,
+    /// Its length, bytes.
+    pub bytes: u64,
+    /// Appends it holds.
+    pub entries: u64,
+}
+
+/// The file of run `id` in `dir`.
+pub fn run_path(dir: &Path, id: u64) -> PathBuf {
+    dir.join(format!("streams-{id:016}.run"))
+}
+
+fn run_id(path: &Path) -> Option<u64> {
+    path.file_name()?
+        .to_str()?
+        .strip_prefix("streams-")?
+        .strip_suffix(".run")?
+        .parse()
+        .ok()
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Entry {
+    stream: String,
+    append: StreamAppend,
+}
+
+impl Entry {
+    fn key(&self) -> (&str, u64) {
+        (&self.stream, self.append.first_version)
+    }
+}
+
+/// Where a block lies, with the last key it holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Pointer {
+    stream: String,
+    version: u64,
+    pos: u64,
+    len: u32,
+}
+
+impl Pointer {
+    fn key(&self) -> (&str, u64) {
+        (&self.stream, self.version)
+    }
+}
+
+enum Block {
+    Data(Vec<Entry>),
+    Index(Vec<Pointer>),
+}
+
+/// Blocks of runs recently read, shared by every partition of a node and bounded in bytes.
+pub struct IndexCache {
+    blocks: moka::sync::Cache<(u64, u64), Arc<Block>>,
+}
+
+impl IndexCache {
+    /// A cache holding at most about `bytes` of blocks.
+    pub fn new(bytes: u64) -> Self {
+        Self {
+            blocks: moka::sync::Cache::builder()
+                .max_capacity(bytes)
+                .weigher(|_, block: &Arc<Block>| {
+                    let n = match &**block {
+                        Block::Data(e) => e.iter().map(|e| 40 + e.stream.len()).sum::<usize>(),
+                        Block::Index(p) => p.iter().map(|p| 48 + p.stream.len()).sum::<usize>(),
+                    };
+                    u32::try_from(n).unwrap_or(u32::MAX)
+                })
+                .build(),
+        }
+    }
+}
+
+impl Default for IndexCache {
+    fn default() -> Self {
+        Self::new(64 * 1024 * 1024)
+    }
+}
+
+fn corrupt(path: &Path, why: impl std::fmt::Display) -> StoreError {
+    StoreError::io(
+        path.display().to_string(),
+        format!("stream index run: {why}"),
+    )
+}
+
+/// Reads block items from `bytes` (a block without its CRC).
+struct Items<'a> {
+    rest: &'a [u8],
+}
+
+impl<'a> Items<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        if self.rest.len() < n {
+            return None;
+        }
+        let (head, tail) = self.rest.split_at(n);
+        self.rest = tail;
+        Some(head)
+    }
+    fn u16(&mut self) -> Option<u16> {
+        Some(u16::from_be_bytes(self.take(2)?.try_into().ok()?))
+    }
+    fn u32(&mut self) -> Option<u32> {
+        Some(u32::from_be_bytes(self.take(4)?.try_into().ok()?))
+    }
+    fn u64(&mut self) -> Option<u64> {
+        Some(u64::from_be_bytes(self.take(8)?.try_into().ok()?))
+    }
+    fn string(&mut self) -> Option<String> {
+        let n = usize::from(self.u16()?);
+        String::from_utf8(self.take(n)?.to_vec()).ok()
+    }
+}
+
+fn put_string(out: &mut Vec<u8>, s: &str) {
+    out.extend_from_slice(&(s.len() as u16).to_be_bytes());
+    out.extend_from_slice(s.as_bytes());
+}
+
+fn put_entry(out: &mut Vec<u8>, e: &Entry) {
+    put_string(out, &e.stream);
+    out.extend_from_slice(&e.append.first_version.to_be_bytes());
+    out.extend_from_slice(&e.append.base.to_be_bytes());
+    out.extend_from_slice(&e.append.count.to_be_bytes());
+}
+
+fn put_pointer(out: &mut Vec<u8>, p: &Pointer) {
+    put_string(out, &p.stream);
+    out.extend_from_slice(&p.version.to_be_bytes());
+    out.extend_from_slice(&p.pos.to_be_bytes());
+    out.extend_from_slice(&p.len.to_be_bytes());
+}
+
+/// `[u32 count][items][crc]` from a count and the items' bytes.
+fn seal_block(count: u32, items: &[u8]) -> Vec<u8> {
+    let mut block = Vec::with_capacity(items.len() + 8);
+    block.extend_from_slice(&count.to_be_bytes());
+    block.extend_from_slice(items);
+    let crc = crc32fast::hash(&block);
+    block.extend_from_slice(&crc.to_be_bytes());
+    block
+}
+
+/// The items of a block read whole, its CRC checked.
+fn open_block<'a>(path: &Path, bytes: &'a [u8]) -> Result<(u32, Items<'a>), StoreError> {
+    let Some((body, crc)) = bytes.split_last_chunk::<4>() else {
+        return Err(corrupt(path, "a block shorter than its checksum"));
+    };
+    if crc32fast::hash(body) != u32::from_be_bytes(*crc) {
+        return Err(corrupt(path, "a block's checksum does not match"));
+    }
+    let mut items = Items { rest: body };
+    let count = items
+        .u32()
+        .ok_or_else(|| corrupt(path, "a block without its count"))?;
+    Ok((count, items))
+}
+
+fn decode_data(path: &Path, bytes: &[u8]) -> Result<Vec<Entry>, StoreError> {
+    let (count, mut items) = open_block(path, bytes)?;
+    let mut entries: Vec<Entry> = Vec::with_capacity(count.min(4096) as usize);
+    for _ in 0..count {
+        let entry = (|| {
+            Some(Entry {
+                stream: items.string()?,
+                append: StreamAppend {
+                    first_version: items.u64()?,
+                    base: items.u64()?,
+                    count: items.u32()?,
+                },
+            })
+        })()
+        .ok_or_else(|| corrupt(path, "a data block ends inside an entry"))?;
+        let a = entry.append;
+        if a.count == 0
+            || a.first_version == 0
+            || a.first_version.checked_add(u64::from(a.count)).is_none()
+            || a.base.checked_add(u64::from(a.count)).is_none()
+        {
+            return Err(corrupt(
+                path,
+                "an entry's versions or offsets are out of range",
+            ));
+        }
+        if entries.last().is_some_and(|last| last.key() >= entry.key()) {
+            return Err(corrupt(path, "a data block's entries are out of order"));
+        }
+        entries.push(entry);
+    }
+    if !items.rest.is_empty() {
+        return Err(corrupt(path, "bytes follow a data block's entries"));
+    }
+    Ok(entries)
+}
+
+fn decode_pointers(path: &Path, bytes: &[u8]) -> Result<Vec<Pointer>, StoreError> {
+    let (count, mut items) = open_block(path, bytes)?;
+    let mut pointers: Vec<Pointer> = Vec::with_capacity(count.min(4096) as usize);
+    for _ in 0..count {
+        let pointer = (|| {
+            Some(Pointer {
+                stream: items.string()?,
+                version: items.u64()?,
+                pos: items.u64()?,
+                len: items.u32()?,
+            })
+        })()
+        .ok_or_else(|| corrupt(path, "an index block ends inside a pointer"))?;
+        if pointer.len > MAX_BLOCK || pointer.len < 8 {
+            return Err(corrupt(path, "a block's length is out of range"));
+        }
+        if pointers
+            .last()
+            .is_some_and(|last| last.key() >= pointer.key())
+        {
+            return Err(corrupt(path, "an index block's keys are out of order"));
+        }
+        pointers.push(pointer);
+    }
+    if !items.rest.is_empty() {
+        return Err(corrupt(path, "bytes follow an index block's pointers"));
+    }
+    Ok(pointers)
+}
+
+/// Writes a run in one pass from entries in key order.
+struct RunWriter {
+    path: PathBuf,
+    file: BufWriter<File>,
+    pos: u64,
+    data: Vec<u8>,
+    data_count: u32,
+    last: Option<(String, u64)>,
+    index: Vec<u8>,
+    index_count: u32,
+    top: Vec<Pointer>,
+    entries: u64,
+    data_blocks: u64,
+}
+
+impl RunWriter {
+    fn create(path: &Path) -> Result<Self, StoreError> {
+        let file = File::create(path).map_err(|e| StoreError::io(path.display().to_string(), e))?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            file: BufWriter::with_capacity(1 << 16, file),
+            pos: 0,
+            data: Vec::with_capacity(BLOCK_BYTES + 256),
+            data_count: 0,
+            last: None,
+            index: Vec::new(),
+            index_count: 0,
+            top: Vec::new(),
+            entries: 0,
+            data_blocks: 0,
+        })
+    }
+
+    fn write(&mut self, bytes: &[u8]) -> Result<(u64, u32), StoreError> {
+        self.file
+            .write_all(bytes)
+            .map_err(|e| StoreError::io(self.path.display().to_string(), e))?;
+        let at = self.pos;
+        self.pos += bytes.len() as u64;
+        Ok((at, bytes.len() as u32))
+    }
+
+    fn push(&mut self, entry: &Entry) -> Result<(), StoreError> {
+        if self
+            .last
+            .as_ref()
+            .is_some_and(|(s, v)| (s.as_str(), *v) >= entry.key())
+        {
+            return Err(corrupt(&self.path, "entries written out of order"));
+        }
+        put_entry(&mut self.data, entry);
+        self.data_count += 1;
+        self.entries += 1;
+        self.last = Some((entry.stream.clone(), entry.append.first_version));
+        if self.data.len() >= BLOCK_BYTES {
+            self.close_data()?;
+        }
+        Ok(())
+    }
+
+    fn close_data(&mut self) -> Result<(), StoreError> {
+        if self.data_count == 0 {
+            return Ok(());
+        }
+        let block = seal_block(std::mem::take(&mut self.data_count), &self.data);
+        self.data.clear();
+        let (pos, len) = self.write(&block)?;
+        let (stream, version) = self.last.clone().unwrap_or_default();
+        put_pointer(
+            &mut self.index,
+            &Pointer {
+                stream,
+                version,
+                pos,
+                len,
+            },
+        );
+        self.index_count += 1;
+        self.data_blocks += 1;
+        if u64::from(self.index_count) == FANOUT {
+            self.close_index()?;
+        }
+        Ok(())
+    }
+
+    fn close_index(&mut self) -> Result<(), StoreError> {
+        if self.index_count == 0 {
+            return Ok(());
+        }
+        let block = seal_block(std::mem::take(&mut self.index_count), &self.index);
+        self.index.clear();
+        let (pos, len) = self.write(&block)?;
+        let (stream, version) = self.last.clone().unwrap_or_default();
+        self.top.push(Pointer {
+            stream,
+            version,
+            pos,
+            len,
+        });
+        Ok(())
+    }
+
+    /// Writes the rest and the trailer (not synced): the run's reference.
+    fn finish(mut self, id: u64) -> Result<RunRef, StoreError> {
+        self.close_data()?;
+        self.close_index()?;
+        let mut top = Vec::new();
+        for p in &self.top {
+            put_pointer(&mut top, p);
+        }
+        let top = seal_block(self.top.len() as u32, &top);
+        let (top_pos, top_len) = self.write(&top)?;
+        let mut trailer = Vec::with_capacity(TRAILER as usize);
+        trailer.extend_from_slice(&top_pos.to_be_bytes());
+        trailer.extend_from_slice(&top_len.to_be_bytes());
+        trailer.extend_from_slice(&self.entries.to_be_bytes());
+        trailer.extend_from_slice(&self.data_blocks.to_be_bytes());
+        trailer.extend_from_slice(MAGIC);
+        self.write(&trailer)?;
+        self.file
+            .flush()
+            .map_err(|e| StoreError::io(self.path.display().to_string(), e))?;
+        Ok(RunRef {
+            id,
+            bytes: self.pos,
+            entries: self.entries,
+        })
+    }
+}
+
+/// An immutable run, open for reading.
+pub struct Run {
+    reference: RunRef,
+    uid: u64,
+    path: PathBuf,
+    file: File,
+    data_blocks: u64,
+    top: Vec<Pointer>,
+}
+
+/// A place in a run: data block `block`, entry `at` of it.
+#[derive(Debug, Clone, Copy)]
+struct Place {
+    block: u64,
+    at: usize,
+}
+
+impl Run {
+    /// Opens run `reference` in `dir`, checking its length, trailer and top index.
+    fn open(dir: &Path, reference: RunRef) -> Result<Self, StoreError> {
+        let path = run_path(dir, reference.id);
+        let file = File::open(&path).map_err(|e| StoreError::io(path.display().to_string(), e))?;
+        let len = file
+            .metadata()
+            .map_err(|e| StoreError::io(path.display().to_string(), e))?
+            .len();
+        if len != reference.bytes {
+            return Err(corrupt(
+                &path,
+                format!(
+                    "{len} bytes, but the checkpoint recorded {}",
+                    reference.bytes
+                ),
+            ));
+        }
+        if len < TRAILER {
+            return Err(corrupt(&path, "shorter than its trailer"));
+        }
+        let trailer = read_exact_at(&file, TRAILER as usize, len - TRAILER)
+            .map_err(|e| StoreError::io(path.display().to_string(), e))?;
+        let mut items = Items { rest: &trailer };
+        let (top_pos, top_len, entries, data_blocks) =
+            (|| Some((items.u64()?, items.u32()?, items.u64()?, items.u64()?)))()
+                .ok_or_else(|| corrupt(&path, "a short trailer"))?;
+        if items.rest != MAGIC {
+            return Err(corrupt(&path, "not a stream index run"));
+        }
+        if top_pos.checked_add(u64::from(top_len)) != Some(len - TRAILER)
+            || entries != reference.entries
+        {
+            return Err(corrupt(
+                &path,
+                "its trailer does not match its length or entries",
+            ));
+        }
+        let top_bytes = read_exact_at(&file, top_len as usize, top_pos)
+            .map_err(|e| StoreError::io(path.display().to_string(), e))?;
+        let top = decode_pointers(&path, &top_bytes)?;
+        if (top.len() as u64) != data_blocks.div_ceil(FANOUT) {
+            return Err(corrupt(&path, "its top index does not match its blocks"));
+        }
+        Ok(Self {
+            reference,
+            uid: NEXT_UID.fetch_add(1, Ordering::Relaxed),
+            path,
+            file,
+            data_blocks,
+            top,
+        })
+    }
+
+    /// What a checkpoint records of it.
+    pub fn reference(&self) -> RunRef {
+        self.reference
+    }
+
+    fn read(&self, pointer: &Pointer) -> Result<Vec<u8>, StoreError> {
+        if pointer.pos.saturating_add(u64::from(pointer.len)) > self.reference.bytes {
+            return Err(corrupt(&self.path, "a block lies past the end"));
+        }
+        read_exact_at(&self.file, pointer.len as usize, pointer.pos)
+            .map_err(|e| StoreError::io(self.path.display().to_string(), e))
+    }
+
+    fn index_block(&self, i: usize, cache: &IndexCache) -> Result<Arc<Block>, StoreError> {
+        let pointer = &self.top[i];
+        if let Some(block) = cache.blocks.get(&(self.uid, pointer.pos)) {
+            return Ok(block);
+        }
+        let pointers = decode_pointers(&self.path, &self.read(pointer)?)?;
+        let whole = i + 1 == self.top.len() || pointers.len() as u64 == FANOUT;
+        if !whole || pointers.last().map(Pointer::key) != Some(pointer.key()) {
+            return Err(corrupt(
+                &self.path,
+                "an index block does not match the top index",
+            ));
+        }
+        let block = Arc::new(Block::Index(pointers));
+        cache.blocks.insert((self.uid, pointer.pos), block.clone());
+        Ok(block)
+    }
+
+    fn pointer(&self, block: u64, cache: &IndexCache) -> Result<Pointer, StoreError> {
+        let i = (block / FANOUT) as usize;
+        let index = self.index_block(i, cache)?;
+        let Block::Index(pointers) = &*index else {
+            return Err(corrupt(&self.path, "an index block cached as data"));
+        };
+        pointers
+            .get((block % FANOUT) as usize)
+            .cloned()
+            .ok_or_else(|| corrupt(&self.path, "an index block lacks a data block"))
+    }
+
+    fn data_block(&self, block: u64, cache: &IndexCache) -> Result<Arc<Block>, StoreError> {
+        let pointer = self.pointer(block, cache)?;
+        if let Some(block) = cache.blocks.get(&(self.uid, pointer.pos)) {
+            return Ok(block);
+        }
+        let entries = self.decode_data_at(&pointer)?;
+        let block = Arc::new(Block::Data(entries));
+        cache.blocks.insert((self.uid, pointer.pos), block.clone());
+        Ok(block)
+    }
+
+    fn decode_data_at(&self, pointer: &Pointer) -> Result<Vec<Entry>, StoreError> {
+        let entries = decode_data(&self.path, &self.read(pointer)?)?;
+        if entries.is_empty() || entries.last().map(Entry::key) != Some(pointer.key()) {
+            return Err(corrupt(&self.path, "a data block does not match its index"));
+        }
+        Ok(entries)
+    }
+
+    /// The first place whose key is at or after `key` (`block == data_blocks`: none).
+    fn seek(&self, key: (&str, u64), cache: &IndexCache) -> Result<Place, StoreError> {
+        let i = self.top.partition_point(|p| p.key() < key);
+        if i == self.top.len() {
+            return Ok(Place {
+                block: self.data_blocks,
+                at: 0,
+            });
+        }
+        let index = self.index_block(i, cache)?;
+        let Block::Index(pointers) = &*index else {
+            return Err(corrupt(&self.path, "an index block cached as data"));
+        };
+        let j = pointers.partition_point(|p| p.key() < key);
+        let block = i as u64 * FANOUT + j as u64;
+        let data = self.data_block(block, cache)?;
+        let Block::Data(entries) = &*data else {
+            return Err(corrupt(&self.path, "a data block cached as index"));
+        };
+        Ok(Place {
+            block,
+            at: entries.partition_point(|e| e.key() < key),
+        })
+    }
+
+    fn entries_of(&self, block: u64, cache: &IndexCache) -> Result<Arc<Block>, StoreError> {
+        self.data_block(block, cache)
+    }
+
+    /// The entry just before `place`, if any.
+    fn before(&self, place: Place, cache: &IndexCache) -> Result<Option<Entry>, StoreError> {
+        let (block, at) = match place.at {
+            0 if place.block == 0 => return Ok(None),
+            0 => (place.block - 1, None),
+            at => (place.block, Some(at - 1)),
+        };
+        let data = self.entries_of(block, cache)?;
+        let Block::Data(entries) = &*data else {
+            return Err(corrupt(&self.path, "a data block cached as index"));
+        };
+        Ok(match at {
+            Some(at) => entries.get(at).cloned(),
+            None => entries.last().cloned(),
+        })
+    }
+
+    /// The last append to `stream` held here.
+    fn last_of(
+        &self,
+        stream: &str,
+        cache: &IndexCache,
+    ) -> Result<Option<StreamAppend>, StoreError> {
+        let place = self.seek((stream, u64::MAX), cache)?;
+        Ok(self
+            .before(place, cache)?
+            .filter(|e| e.stream == stream)
+            .map(|e| e.append))
+    }
+
+    /// Up to `limit` appends to `stream` holding versions at or after `from_version`, in
+    /// order.
+    fn appends_from(
+        &self,
+        stream: &str,
+        from_version: u64,
+        limit: usize,
+        cache: &IndexCache,
+    ) -> Result<Vec<StreamAppend>, StoreError> {
+        let mut place = self.seek((stream, from_version), cache)?;
+        let mut out = Vec::new();
+        if let Some(e) = self.before(place, cache)? {
+            if e.stream == stream && e.append.last_version() >= from_version {
+                out.push(e.append);
+            }
+        }
+        while out.len() < limit && place.block < self.data_blocks {
+            let data = self.entries_of(place.block, cache)?;
+            let Block::Data(entries) = &*data else {
+                return Err(corrupt(&self.path, "a data block cached as index"));
+            };
+            for e in &entries[place.at.min(entries.len())..] {
+                if e.stream != stream || out.len() >= limit {
+                    return Ok(out);
+                }
+                out.push(e.append);
+            }
+            place = Place {
+                block: place.block + 1,
+                at: 0,
+            };
+        }
+        Ok(out)
+    }
+
+    /// The append to `stream` whose first offset is `base`, if held here: a binary search over
+    /// the blocks holding the stream (its offsets grow with its versions).
+    fn find_base(
+        &self,
+        stream: &str,
+        base: u64,
+        cache: &IndexCache,
+    ) -> Result<Option<StreamAppend>, StoreError> {
+        let first = self.seek((stream, 0), cache)?.block;
+        if first >= self.data_blocks {
+            return Ok(None);
+        }
+        let last = self
+            .seek((stream, u64::MAX), cache)?
+            .block
+            .min(self.data_blocks.saturating_sub(1));
+        let (mut lo, mut hi) = (first, last + 1);
+        let of_stream = |block: u64| -> Result<Vec<StreamAppend>, StoreError> {
+            let data = self.entries_of(block, cache)?;
+            let Block::Data(entries) = &*data else {
+                return Err(corrupt(&self.path, "a data block cached as index"));
+            };
+            Ok(entries
+                .iter()
+                .filter(|e| e.stream == stream)
+                .map(|e| e.append)
+                .collect())
+        };
+        // The first block whose appends to the stream reach `base` (or hold none of them).
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            if of_stream(mid)?.last().is_none_or(|a| a.base >= base) {
+                hi = mid;
+            } else {
+                lo = mid + 1;
+            }
+        }
+        if lo > last {
+            return Ok(None);
+        }
+        Ok(of_stream(lo)?.into_iter().find(|a| a.base == base))
+    }
+
+    /// Every entry, in order, read past the cache (for merges and checks).
+    fn scan<'a>(&'a self, cache: &'a IndexCache) -> RunScan<'a> {
+        RunScan {
+            run: self,
+            cache,
+            block: 0,
+            entries: Vec::new().into_iter(),
+        }
+    }
+
+    /// Reads every block, checking checksums, order and counts.
+    pub fn verify(&self, cache: &IndexCache) -> Result<(), StoreError> {
+        let mut count = 0u64;
+        let mut last: Option<(String, u64)> = None;
+        for entry in self.scan(cache) {
+            let entry = entry?;
+            if last
+                .as_ref()
+                .is_some_and(|(s, v)| (s.as_str(), *v) >= entry.key())
+            {
+                return Err(corrupt(&self.path, "entries out of order across blocks"));
+            }
+            last = Some((entry.stream.clone(), entry.append.first_version));
+            count += 1;
+        }
+        if count != self.reference.entries {
+            return Err(corrupt(
+                &self.path,
+                format!(
+                    "{count} entries, its trailer says {}",
+                    self.reference.entries
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The run's file, for sending it whole.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// A run's entries in order.
+struct RunScan<'a> {
+    run: &'a Run,
+    cache: &'a IndexCache,
+    block: u64,
+    entries: std::vec::IntoIter<Entry>,
+}
+
+impl Iterator for RunScan<'_> {
+    type Item = Result<Entry, StoreError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            if let Some(e) = self.entries.next() {
+                return Some(Ok(e));
+            }
+            if self.block >= self.run.data_blocks {
+                return None;
+            }
+            let entries = self
+                .run
+                .pointer(self.block, self.cache)
+                .and_then(|p| self.run.decode_data_at(&p));
+            self.block += 1;
+            match entries {
+                Ok(entries) => self.entries = entries.into_iter(),
+                Err(e) => {
+                    self.block = self.run.data_blocks;
+                    return Some(Err(e));
+                }
+            }
+        }
+    }
+}
+
+/// What a reader of one stream needs, taken under the index's lock and used without it.
+pub struct StreamReader {
+    stream: String,
+    /// The stream's appends since the last checkpoint.
+    recent: Vec<StreamAppend>,
+    runs: Vec<Arc<Run>>,
+    cache: Arc<IndexCache>,
+}
+
+impl StreamReader {
+    /// The stream's version: its last append's last version (0: no append).
+    pub fn version(&self) -> Result<u64, StoreError> {
+        if let Some(last) = self.recent.last() {
+            return Ok(last.last_version());
+        }
+        let mut version = 0;
+        for run in &self.runs {
+            if let Some(last) = run.last_of(&self.stream, &self.cache)? {
+                version = version.max(last.last_version());
+            }
+        }
+        Ok(version)
+    }
+
+    /// The stream's version as of the appends below offset `high`.
+    pub fn version_below(&self, high: u64) -> Result<u64, StoreError> {
+        match self.recent.iter().position(|a| a.base >= high) {
+            // Runs hold what was applied before the recent appends.
+            Some(0) => Ok(self.recent[0].first_version - 1),
+            Some(i) => Ok(self.recent[i - 1].last_version()),
+            None => self.version(),
+        }
+    }
+
+    /// Up to `limit` appends holding versions at or after `from_version`, in order.
+    pub fn appends_from(
+        &self,
+        from_version: u64,
+        limit: usize,
+    ) -> Result<Vec<StreamAppend>, StoreError> {
+        let mut all = Vec::new();
+        for run in &self.runs {
+            all.extend(run.appends_from(&self.stream, from_version, limit, &self.cache)?);
+        }
+        all.extend(
+            self.recent
+                .iter()
+                .filter(|a| a.last_version() >= from_version)
+                .take(limit),
+        );
+        all.sort_unstable_by_key(|a| a.first_version);
+        all.truncate(limit);
+        Ok(all)
+    }
+
+    /// The append to the stream at offset `base`, if it is held.
+    pub fn find_base(&self, base: u64) -> Result<Option<StreamAppend>, StoreError> {
+        if let Some(a) = self.recent.iter().find(|a| a.base == base) {
+            return Ok(Some(*a));
+        }
+        for run in self.runs.iter().rev() {
+            if let Some(a) = run.find_base(&self.stream, base, &self.cache)? {
+                return Ok(Some(a));
+            }
+        }
+        Ok(None)
+    }
+}
+
+/// The runs a checkpoint names and the files it must sync first.
+pub struct IndexCheckpoint {
+    /// Every run, for the checkpoint.
+    pub runs: Vec<RunRef>,
+    /// Runs written since they were last synced (with their folder).
+    pub to_sync: Vec<PathBuf>,
+}
+
+/// A merge to run without the index's lock: its inputs, and the output's number.
+pub struct MergePlan {
+    inputs: Vec<Arc<Run>>,
+    id: u64,
+    dir: PathBuf,
+    cache: Arc<IndexCache>,
+}
+
+/// A merge's output, to install with [`StreamIndex::install_merge`].
+pub struct Merged {
+    inputs: Vec<Arc<Run>>,
+    output: Option<Arc<Run>>,
+}
+
+impl MergePlan {
+    /// Merges the inputs into one synced run, leaving out appends wholly below `low` except
+    /// each stream's last (which holds its version).
+    pub fn run(self, low: u64) -> Result<Merged, StoreError> {
+        let path = run_path(&self.dir, self.id);
+        let merged = self.write(low);
+        if merged.as_ref().is_err() {
+            let _ = std::fs::remove_file(&path);
+        }
+        merged
+    }
+
+    fn write(&self, low: u64) -> Result<Merged, StoreError> {
+        struct Head {
+            entry: Entry,
+            input: usize,
+        }
+        impl PartialEq for Head {
+            fn eq(&self, other: &Self) -> bool {
+                self.entry.key() == other.entry.key()
+            }
+        }
+        impl Eq for Head {}
+        impl PartialOrd for Head {
+            fn partial_cmp(&self, other: &Self) -> Option<CmpOrdering> {
+                Some(self.cmp(other))
+            }
+        }
+        impl Ord for Head {
+            // Smallest key first out of the max-heap.
+            fn cmp(&self, other: &Self) -> CmpOrdering {
+                other.entry.key().cmp(&self.entry.key())
+            }
+        }
+        let path = run_path(&self.dir, self.id);
+        let mut writer = RunWriter::create(&path)?;
+        let mut scans: Vec<RunScan<'_>> = self.inputs.iter().map(|r| r.scan(&self.cache)).collect();
+        let mut heap = BinaryHeap::new();
+        for (input, scan) in scans.iter_mut().enumerate() {
+            if let Some(entry) = scan.next() {
+                heap.push(Head {
+                    entry: entry?,
+                    input,
+                });
+            }
+        }
+        let mut held: Option<Entry> = None;
+        while let Some(Head { entry, input }) = heap.pop() {
+            if let Some(next) = scans[input].next() {
+                heap.push(Head {
+                    entry: next?,
+                    input,
+                });
+            }
+            if let Some(prev) = held.take() {
+                if prev.append.end() > low || prev.stream != entry.stream {
+                    writer.push(&prev)?;
+                }
+            }
+            held = Some(entry);
+        }
+        if let Some(last) = held {
+            writer.push(&last)?;
+        }
+        let reference = writer.finish(self.id)?;
+        let inputs = self.inputs.clone();
+        let output = if reference.entries == 0 {
+            let _ = std::fs::remove_file(&path);
+            None
+        } else {
+            fsync(&path)?;
+            fsync(&self.dir)?;
+            Some(Arc::new(Run::open(&self.dir, reference)?))
+        };
+        Ok(Merged { inputs, output })
+    }
+}
+
+/// A partition's stream index (see the module's documentation).
+pub struct StreamIndex {
+    dir: PathBuf,
+    cache: Arc<IndexCache>,
+    /// Appends since the last checkpoint, by (stream, first version).
+    recent: BTreeMap<(String, u64), (u64, u32)>,
+    /// Runs by number.
+    runs: BTreeMap<u64, Arc<Run>>,
+    /// Runs written but not yet synced.
+    unsynced: Vec<u64>,
+    /// Runs merged away: their files go once a checkpoint no longer names them.
+    retired: Vec<Arc<Run>>,
+    next_id: u64,
+    merging: bool,
+}
+
+impl StreamIndex {
+    /// An empty index keeping its runs in `dir`, touching nothing there yet.
+    pub fn empty(dir: &Path, cache: Arc<IndexCache>) -> Self {
+        Self {
+            dir: dir.to_path_buf(),
+            cache,
+            recent: BTreeMap::new(),
+            runs: BTreeMap::new(),
+            unsynced: Vec::new(),
+            retired: Vec::new(),
+            next_id: 1,
+            merging: false,
+        }
+    }
+
+    /// The index of the runs `named` in `dir` (a checkpoint's); other run files there are
+    /// removed (written after that checkpoint, or merged away before it).
+    pub fn open(dir: &Path, named: &[RunRef], cache: Arc<IndexCache>) -> Result<Self, StoreError> {
+        let io = |e: std::io::Error| StoreError::io(dir.display().to_string(), e);
+        let mut index = Self::empty(dir, cache);
+        if dir.exists() {
+            for item in std::fs::read_dir(dir).map_err(io)? {
+                let path = item.map_err(io)?.path();
+                if run_id(&path).is_some_and(|id| !named.iter().any(|r| r.id == id)) {
+                    std::fs::remove_file(&path).map_err(io)?;
+                }
+            }
+        }
+        for reference in named {
+            let run = Run::open(dir, *reference)?;
+            index.runs.insert(reference.id, Arc::new(run));
+            index.next_id = index.next_id.max(reference.id + 1);
+        }
+        Ok(index)
+    }
+
+    /// Records an append (the state machine's, in version order per stream).
+    pub fn append(&mut self, stream: String, append: StreamAppend) {
+        self.recent
+            .insert((stream, append.first_version), (append.base, append.count));
+    }
+
+    /// A reader of `stream` as of now.
+    pub fn reader(&self, stream: &str) -> StreamReader {
+        let recent = self
+            .recent
+            .range((stream.to_string(), 0)..=(stream.to_string(), u64::MAX))
+            .map(|((_, first_version), (base, count))| StreamAppend {
+                first_version: *first_version,
+                base: *base,
+                count: *count,
+            })
+            .collect();
+        StreamReader {
+            stream: stream.to_string(),
+            recent,
+            runs: self.runs.values().cloned().collect(),
+            cache: self.cache.clone(),
+        }
+    }
+
+    /// Writes the recent appends into a new run (not synced) and names every run: what a
+    /// checkpoint taken now records, and the files it must sync first.
+    pub fn checkpoint(&mut self) -> Result<IndexCheckpoint, StoreError> {
+        if !self.recent.is_empty() {
+            crate::create_dir_durably(&self.dir)?;
+            let id = self.next_id;
+            self.next_id += 1;
+            let mut writer = RunWriter::create(&run_path(&self.dir, id))?;
+            for ((stream, first_version), (base, count)) in &self.recent {
+                writer.push(&Entry {
+                    stream: stream.clone(),
+                    append: StreamAppend {
+                        first_version: *first_version,
+                        base: *base,
+                        count: *count,
+                    },
+                })?;
+            }
+            let reference = writer.finish(id)?;
+            let run = Run::open(&self.dir, reference)?;
+            self.runs.insert(id, Arc::new(run));
+            self.unsynced.push(id);
+            self.recent.clear();
+        }
+        let mut to_sync: Vec<PathBuf> = self
+            .unsynced
+            .iter()
+            .map(|id| run_path(&self.dir, *id))
+            .collect();
+        if !to_sync.is_empty() {
+            to_sync.push(self.dir.clone());
+        }
+        Ok(IndexCheckpoint {
+            runs: self.runs.values().map(|r| r.reference).collect(),
+            to_sync,
+        })
+    }
+
+    /// After a checkpoint naming `named` was written: its runs are synced, and retired runs
+    /// it does not name are deleted.
+    pub fn checkpointed(&mut self, named: &[RunRef]) -> Result<(), StoreError> {
+        self.unsynced
+            .retain(|id| !named.iter().any(|r| r.id == *id));
+        let mut kept = Vec::new();
+        for run in self.retired.drain(..) {
+            if named.iter().any(|r| r.id == run.reference.id) {
+                kept.push(run);
+            } else {
+                std::fs::remove_file(&run.path)
+                    .map_err(|e| StoreError::io(run.path.display().to_string(), e))?;
+            }
+        }
+        self.retired = kept;
+        Ok(())
+    }
+
+    /// A merge due now (runs of one size class piled up), unless one is under way.
+    pub fn merge_due(&mut self) -> Option<MergePlan> {
+        if self.merging {
+            return None;
+        }
+        let class = |bytes: u64| (bytes.max(SMALLEST_CLASS) / SMALLEST_CLASS).ilog(4);
+        let mut classes: BTreeMap<u32, Vec<Arc<Run>>> = BTreeMap::new();
+        for run in self.runs.values() {
+            // Only synced runs: a merge's output must not outlive an unsynced input's loss.
+            if !self.unsynced.contains(&run.reference.id) {
+                classes
+                    .entry(class(run.reference.bytes))
+                    .or_default()
+                    .push(run.clone());
+            }
+        }
+        let inputs = classes.into_values().find(|runs| runs.len() >= MERGE_AT)?;
+        self.merging = true;
+        let id = self.next_id;
+        self.next_id += 1;
+        Some(MergePlan {
+            inputs,
+            id,
+            dir: self.dir.clone(),
+            cache: self.cache.clone(),
+        })
+    }
+
+    /// Puts a merge's output in place of its inputs (the inputs' files stay until a
+    /// checkpoint no longer names them). A failed merge passes None. A merge of runs this
+    /// index no longer holds (a snapshot replaced them meanwhile) is discarded.
+    pub fn install_merge(&mut self, merged: Option<Merged>) {
+        self.merging = false;
+        let Some(merged) = merged else {
+            return;
+        };
+        let held = merged.inputs.iter().all(|input| {
+            self.runs
+                .get(&input.reference.id)
+                .is_some_and(|run| Arc::ptr_eq(run, input))
+        });
+        if !held {
+            if let Some(output) = merged.output {
+                let _ = std::fs::remove_file(&output.path);
+            }
+            return;
+        }
+        for input in &merged.inputs {
+            if let Some(run) = self.runs.remove(&input.reference.id) {
+                self.retired.push(run);
+            }
+        }
+        if let Some(output) = merged.output {
+            self.runs.insert(output.reference.id, output);
+        }
+    }
+
+    /// The runs, for a snapshot: files to send whole.
+    pub fn runs(&self) -> Vec<Arc<Run>> {
+        self.runs.values().cloned().collect()
+    }
+
+    /// Appends held in memory (since the last checkpoint).
+    pub fn recent_len(&self) -> usize {
+        self.recent.len()
+    }
+}
+
+/// Writes run `reference` received whole from `data` into `dir`, synced, and checks every
+/// block of it.
+pub fn receive_run(
+    dir: &Path,
+    reference: RunRef,
+    data: &mut impl Read,
+    cache: &IndexCache,
+) -> Result<(), StoreError> {
+    crate::create_dir_durably(dir)?;
+    let path = run_path(dir, reference.id);
+    let io = |e: std::io::Error| StoreError::io(path.display().to_string(), e);
+    let mut file = File::create(&path).map_err(io)?;
+    let copied = std::io::copy(&mut data.take(reference.bytes), &mut file).map_err(io)?;
+    if copied != reference.bytes {
+        return Err(corrupt(&path, "the snapshot ends inside it"));
+    }
+    file.sync_all().map_err(io)?;
+    fsync(dir)?;
+    Run::open(dir, reference)?.verify(cache)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn a(first_version: u64, base: u64, count: u32) -> StreamAppend {
+        StreamAppend {
+            first_version,
+            base,
+            count,
+        }
+    }
+
+    /// Appends `streams` streams `per_stream` appends each, interleaved, two events each,
+    /// checkpointing every `every` appends; returns the expected appends per stream.
+    fn fill(
+        index: &mut StreamIndex,
+        streams: u64,
+        per_stream: u64,
+        every: u64,
+    ) -> BTreeMap<String, Vec<StreamAppend>> {
+        let mut expected: BTreeMap<String, Vec<StreamAppend>> = BTreeMap::new();
+        let mut offset = 0;
+        let mut n = 0;
+        for round in 0..per_stream {
+            for s in 0..streams {
+                let name = format!("order-{s:05}");
+                let append = a(round * 2 + 1, offset, 2);
+                offset += 2;
+                index.append(name.clone(), append);
+                expected.entry(name).or_default().push(append);
+                n += 1;
+                if n % every == 0 {
+                    let c = index.checkpoint().unwrap();
+                    index.checkpointed(&c.runs).unwrap();
+                }
+            }
+        }
+        expected
+    }
+
+    #[test]
+    fn lookups_agree_with_what_was_appended_across_runs_merges_and_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Arc::new(IndexCache::new(256 * 1024));
+        let mut index = StreamIndex::empty(dir.path(), cache.clone());
+        let expected = fill(&mut index, 300, 40, 700);
+        assert!(index.runs.len() > 4, "{} runs", index.runs.len());
+        let check = |index: &StreamIndex| {
+            for (name, appends) in &expected {
+                let reader = index.reader(name);
+                assert_eq!(reader.version().unwrap(), 80, "{name}");
+                assert_eq!(reader.appends_from(1, 1000).unwrap(), *appends, "{name}");
+                // From inside an append, and a bounded count.
+                assert_eq!(reader.appends_from(10, 3).unwrap(), appends[4..7], "{name}");
+                for append in [appends[0], appends[17], appends[39]] {
+                    assert_eq!(reader.find_base(append.base).unwrap(), Some(append));
+                }
+                assert_eq!(reader.find_base(appends[5].base + 1).unwrap(), None);
+            }
+            let none = index.reader("order-99999");
+            assert_eq!(none.version().unwrap(), 0);
+            assert!(none.appends_from(1, 10).unwrap().is_empty());
+            assert_eq!(index.reader("a").version().unwrap(), 0);
+            assert_eq!(index.reader("zzz").version().unwrap(), 0);
+        };
+        check(&index);
+        // Merge until nothing is due; lookups agree all along.
+        while let Some(plan) = index.merge_due() {
+            let merged = plan.run(0).unwrap();
+            index.install_merge(Some(merged));
+            check(&index);
+        }
+        assert!(
+            index.runs.len() < 8,
+            "{} runs after merging",
+            index.runs.len()
+        );
+        let c = index.checkpoint().unwrap();
+        index.checkpointed(&c.runs).unwrap();
+        let files = std::fs::read_dir(dir.path()).unwrap().count();
+        assert_eq!(files, c.runs.len(), "retired runs are deleted");
+        let reopened = StreamIndex::open(dir.path(), &c.runs, cache.clone()).unwrap();
+        check(&reopened);
+        for run in reopened.runs() {
+            run.verify(&cache).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_merge_drops_what_retention_dropped_but_keeps_each_streams_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Arc::new(IndexCache::default());
+        let mut index = StreamIndex::empty(dir.path(), cache);
+        // A stream whose only append retention drops.
+        index.append("early".into(), a(1, 0, 1));
+        let expected = fill(&mut index, 10, 20, 50);
+        // Offsets below 300 are gone: 150 appends of 2 events.
+        assert_eq!(index.runs.len(), 4);
+        let plan = index
+            .merge_due()
+            .expect("four runs of one size are due a merge");
+        assert!(index.merge_due().is_none(), "one merge at a time");
+        let merged = plan.run(300).unwrap();
+        index.install_merge(Some(merged));
+        let c = index.checkpoint().unwrap();
+        index.checkpointed(&c.runs).unwrap();
+        assert_eq!(c.runs.len(), 1);
+        assert_eq!(c.runs[0].entries, 51, "{:?}", c.runs);
+        let early = index.reader("early");
+        assert_eq!(early.version().unwrap(), 1);
+        assert_eq!(early.appends_from(1, 10).unwrap(), [a(1, 0, 1)]);
+        for name in expected.keys() {
+            let reader = index.reader(name);
+            assert_eq!(reader.version().unwrap(), 40);
+            let kept = reader.appends_from(1, 100).unwrap();
+            assert!(kept.iter().all(|a| a.end() > 300), "{kept:?}");
+            assert_eq!(kept.len(), 5);
+        }
+    }
+
+    #[test]
+    fn recent_appends_at_or_past_high_are_not_visible_in_the_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut index = StreamIndex::empty(dir.path(), Arc::new(IndexCache::default()));
+        index.append("s".into(), a(1, 0, 3));
+        let c = index.checkpoint().unwrap();
+        index.checkpointed(&c.runs).unwrap();
+        index.append("s".into(), a(4, 10, 2));
+        index.append("s".into(), a(6, 20, 1));
+        let reader = index.reader("s");
+        assert_eq!(reader.version().unwrap(), 6);
+        assert_eq!(reader.version_below(21).unwrap(), 6);
+        assert_eq!(reader.version_below(20).unwrap(), 5);
+        assert_eq!(reader.version_below(10).unwrap(), 3);
+    }
+
+    #[test]
+    fn damaged_or_foreign_runs_are_refused_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Arc::new(IndexCache::default());
+        let mut index = StreamIndex::empty(dir.path(), cache.clone());
+        fill(&mut index, 50, 20, 1000);
+        let c = index.checkpoint().unwrap();
+        let reference = c.runs[0];
+        let path = run_path(dir.path(), reference.id);
+        let good = std::fs::read(&path).unwrap();
+        // A flipped byte in a data block: opening works (the trailer and top are intact),
+        // reading the block does not.
+        let mut bad = good.clone();
+        bad[100] ^= 1;
+        std::fs::write(&path, &bad).unwrap();
+        let err = StreamIndex::open(dir.path(), &[reference], cache.clone())
+            .and_then(|i| i.reader("order-00001").version())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("checksum") && err.contains("streams-"),
+            "{err}"
+        );
+        // Cut short.
+        std::fs::write(&path, &good[..good.len() - 3]).unwrap();
+        let err = StreamIndex::open(dir.path(), &[reference], cache.clone())
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("checkpoint recorded"), "{err}");
+        // A received copy that is damaged is refused whole.
+        let err = receive_run(&dir.path().join("in"), reference, &mut &bad[..], &cache)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("checksum"), "{err}");
+        receive_run(&dir.path().join("ok"), reference, &mut &good[..], &cache).unwrap();
+    }
+}
