@@ -243,7 +243,7 @@ impl<T: Transport> Node<T> {
             let what = format!("{topic}/{partition}");
             return Box::pin(async move { not_leader(leader, &what) });
         }
-        if let Some(refused) = self.partition_full(&topic, partition, &group) {
+        if let Some(refused) = self.refusal_for_space(&topic, partition, &group) {
             return Box::pin(async move { refused });
         }
         let command = GroupCommand {
@@ -269,10 +269,11 @@ impl<T: Transport> Node<T> {
         })
     }
 
-    /// The refusal of a publish to a partition that keeps events until forwarded, holds its
-    /// hard byte limit, and has a region behind (so retention cannot free space); names the
-    /// regions it waits for. None if it may take more.
-    fn partition_full(
+    /// The refusal of a publish to a partition without room for it: a tiered partition whose
+    /// files hold its `local_limit_bytes` (uploads behind), or one that keeps events until
+    /// forwarded, holds its hard byte limit and has a region behind (so retention cannot free
+    /// space), naming the regions it waits for. None if it may take more.
+    fn refusal_for_space(
         &self,
         topic: &str,
         partition: u32,

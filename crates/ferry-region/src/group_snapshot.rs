@@ -198,6 +198,8 @@ pub(crate) struct ReceivedPart {
     pub(crate) partition: u32,
     pub(crate) state: Bytes,
     pub(crate) files: BatchFiles,
+    /// The stream index runs it carried, in order.
+    pub(crate) runs: Vec<RunRef>,
 }
 
 fn malformed(why: impl std::fmt::Display) -> StoreError {
@@ -308,18 +310,27 @@ pub(crate) fn receive_snapshot(
                 "partition {partition} has {runs} stream index runs (at most {MAX_RUNS})"
             )));
         }
+        let mut carried = Vec::with_capacity(runs as usize);
         for _ in 0..runs {
             let reference = RunRef {
                 id: take_u64(data)?,
                 bytes: take_u64(data)?,
                 entries: take_u64(data)?,
             };
+            if carried.iter().any(|r: &RunRef| r.id == reference.id) {
+                return Err(malformed(format!(
+                    "partition {partition} carries stream index run {} twice",
+                    reference.id
+                )));
+            }
             receive_run(files.dir(), reference, data, cache)?;
+            carried.push(reference);
         }
         received.push(ReceivedPart {
             partition,
             state,
             files,
+            runs: carried,
         });
     }
     if let Some(missing) = partitions

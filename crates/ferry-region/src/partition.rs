@@ -20,7 +20,7 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use bytes::Bytes;
@@ -277,7 +277,7 @@ pub struct PartitionView {
     remote_bytes: AtomicU64,
     /// Bytes of events offloaded since the last checkpoint: their segment files are deleted
     /// once a checkpoint no longer names them.
-    offloaded_since_checkpoint: AtomicU64,
+    offloaded_since_checkpoint: AtomicBool,
     /// Where the manifest's objects are read from (None: no store configured on this node).
     tier: Option<Arc<RemoteStore>>,
 }
@@ -421,7 +421,7 @@ impl PartitionView {
     /// Whether batches were offloaded since the last checkpoint (their local files are
     /// deleted once one is taken).
     pub fn offloaded_since_checkpoint(&self) -> bool {
-        self.offloaded_since_checkpoint.load(Ordering::Relaxed) > 0
+        self.offloaded_since_checkpoint.load(Ordering::Relaxed)
     }
 
     /// The next batches to offload: from where the manifest ends (the low watermark's batch
@@ -606,15 +606,19 @@ impl PartitionView {
         max_events: usize,
         max_bytes: usize,
     ) -> Result<(u64, Vec<StreamEvent>), StoreError> {
-        let marks = self.watermarks();
-        // Taken under the lock, read without it.
+        // Taken under the lock, read without it; the watermarks after it, so that its runs
+        // hold only published appends.
         let reader = self.streams.read().map_err(storage_err)?.reader(stream);
+        let marks = self.watermarks();
         // Appends applied but not yet published lie at or above the high watermark.
         let version = reader.version_below(marks.high)?;
         // Appends below the low watermark (retention dropped them; a merge of the index
-        // forgets them later) come first: skip past them.
+        // forgets them later) come first: start past them.
+        let kept_from = reader
+            .first_ending_after(marks.low)?
+            .map_or(u64::MAX, |a| a.first_version);
         let mut wanted: Vec<StreamAppend> = Vec::new();
-        let mut from = from_version.max(1);
+        let mut from = from_version.max(kept_from);
         while wanted.len() < max_events && from <= version {
             let appends = reader.appends_from(from, max_events)?;
             let Some(last) = appends.last() else {
@@ -748,7 +752,7 @@ impl Partition {
             producers: AtomicU64::new(0),
             remote: RwLock::new(VecDeque::new()),
             remote_bytes: AtomicU64::new(0),
-            offloaded_since_checkpoint: AtomicU64::new(0),
+            offloaded_since_checkpoint: AtomicBool::new(false),
             tier: storage.tier.clone(),
         });
         Self {
@@ -762,8 +766,9 @@ impl Partition {
         }
     }
 
-    /// The small state, naming the stream index's runs `stream_runs`.
-    fn small_state(&self, stream_runs: Vec<RunRef>) -> Result<SmallState, StoreError> {
+    /// The small state but the stream index's runs (which a checkpoint names as it writes
+    /// them).
+    fn small_state(&self) -> Result<SmallState, StoreError> {
         let mut producers: Vec<_> = self
             .producers
             .iter()
@@ -804,7 +809,7 @@ impl Partition {
             cursors,
             received,
             forward_cursors,
-            stream_runs,
+            stream_runs: Vec::new(),
             remote,
         })
     }
@@ -1277,7 +1282,7 @@ impl Partition {
             .fetch_add(segment.event_bytes, Ordering::Relaxed);
         self.view
             .offloaded_since_checkpoint
-            .fetch_add(freed.max(1), Ordering::Relaxed);
+            .store(true, Ordering::Relaxed);
         remote.push_back(segment);
         self.offloaded_now = true;
         Ok(PartitionReply::Done)
@@ -1569,8 +1574,10 @@ impl PartitionStateMachine {
     fn checkpoint_of(&self, inner: &mut Inner) -> Result<(Checkpoint, Syncs), StoreError> {
         let mut partitions = Vec::with_capacity(inner.partitions.len());
         let mut plans = Syncs::default();
-        for (number, partition) in inner.partitions.iter_mut() {
-            // The stream index's appends since the last checkpoint go to a run of their own.
+        // The stream index's appends since the last checkpoint go to a run of their own,
+        // every partition's first: nothing below fails once a dirty mark is taken.
+        let mut indexes = Vec::with_capacity(inner.partitions.len());
+        for partition in inner.partitions.values() {
             let index = partition
                 .view
                 .streams
@@ -1578,10 +1585,14 @@ impl PartitionStateMachine {
                 .map_err(storage_err)?
                 .checkpoint()?;
             plans.runs.extend(index.to_sync);
+            indexes.push((index.runs, partition.small_state()?));
+        }
+        for ((number, partition), (runs, mut state)) in inner.partitions.iter_mut().zip(indexes) {
+            state.stream_runs = runs;
             let files = partition.view.files.read().map_err(storage_err)?;
             partitions.push(PartitionCheckpoint {
                 partition: *number,
-                state: partition.small_state(index.runs)?,
+                state,
                 extent: files.extent(),
             });
             if std::mem::take(&mut partition.dirty) {
@@ -1621,7 +1632,7 @@ impl PartitionStateMachine {
             view.streams
                 .write()
                 .map_err(storage_err)?
-                .checkpointed(&saved.state.stream_runs)?;
+                .checkpointed(&saved.state.stream_runs);
             let mut files = view.files.write().map_err(storage_err)?;
             if let Some((_, plan)) = plans.files.iter().find(|(n, _)| *n == saved.partition) {
                 files.mark_synced(plan);
@@ -1631,7 +1642,7 @@ impl PartitionStateMachine {
             // for the next one.
             let waiting = view.remote_bytes() > 0 && files.holds_dropped();
             view.offloaded_since_checkpoint
-                .store(u64::from(waiting), Ordering::Relaxed);
+                .store(waiting, Ordering::Relaxed);
         }
         Ok(())
     }
@@ -1641,19 +1652,22 @@ impl PartitionStateMachine {
     /// (named from the next checkpoint on).
     fn merge_stream_indexes(&self) {
         for view in self.views.all().values() {
+            // Below the published low: at or below the state machine's.
+            let low = view.watermarks().low;
             let plan = match view.streams.write() {
-                Ok(mut index) => index.merge_due(),
+                Ok(mut index) => index.merge_due(low),
                 Err(_) => None,
             };
             let Some(plan) = plan else { continue };
             let view = view.clone();
-            tokio::task::spawn_blocking(move || {
-                let merged = plan.run(view.watermarks().low);
-                if let Err(e) = &merged {
-                    tracing::warn!(error = %e, "merging stream index runs failed; tried again after a later checkpoint");
+            tokio::task::spawn_blocking(move || match plan.run(low) {
+                Ok(merged) => {
+                    if let Ok(mut index) = view.streams.write() {
+                        index.install_merge(merged);
+                    }
                 }
-                if let Ok(mut index) = view.streams.write() {
-                    index.install_merge(merged.ok());
+                Err(e) => {
+                    tracing::warn!(error = %e, "merging stream index runs failed; tried again after a later checkpoint");
                 }
             });
         }
@@ -1971,6 +1985,15 @@ impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
             let mut states = Vec::with_capacity(received.parts.len());
             for part in &received.parts {
                 let state: SmallState = codec::decode("partition snapshot", &part.state)?;
+                if part.runs != state.stream_runs {
+                    return Err(StoreError::io(
+                        "partition snapshot",
+                        format!(
+                            "partition {}'s state names stream index runs {:?}, the snapshot carried {:?}",
+                            part.partition, state.stream_runs, part.runs
+                        ),
+                    ));
+                }
                 let (low, high) = (state.local_from(), state.marks.high);
                 if let Some((from, to)) = part.files.first_gap(low, high) {
                     return Err(StoreError::io(
@@ -2043,7 +2066,10 @@ impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
         let (checkpoint, plans) = self.checkpoint_of(&mut inner)?;
         self.write_checkpoint_after(&checkpoint, &plans)?;
         let old = self.dir.join(old);
-        std::fs::remove_dir_all(&old).map_err(|e| io_err(format!("{}: {e}", old.display())))?;
+        if let Err(e) = std::fs::remove_dir_all(&old) {
+            // The checkpoint stands; the next start removes the folder it does not name.
+            tracing::warn!(folder = %old.display(), error = %e, "removing the batch files a snapshot replaced failed");
+        }
         Ok(())
     }
 
@@ -2586,18 +2612,25 @@ mod tests {
             }
             sm.build_snapshot().await.unwrap();
         }
-        let wait_for = |what: &str, done: &dyn Fn() -> bool| {
+        // Merges start after checkpoints (one at a time per partition): take checkpoints
+        // until `done`.
+        async fn wait_for(
+            sm: &mut PartitionStateMachine,
+            what: &str,
+            done: impl Fn(&PartitionStateMachine) -> bool,
+        ) {
             let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-            while !done() {
+            while !done(sm) {
                 assert!(
                     std::time::Instant::now() < deadline,
                     "{what}: not within 10 s"
                 );
-                std::thread::sleep(std::time::Duration::from_millis(10));
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                sm.build_snapshot().await.unwrap();
             }
-        };
+        }
         // Sixteen checkpoints wrote sixteen runs; merges in the background leave a few.
-        wait_for("merges", &|| runs_of(&sm).1 < 4);
+        wait_for(&mut sm, "merges", |sm| runs_of(sm).1 < 4).await;
         assert_eq!(sm.view().stream_version("a").unwrap(), 64);
         assert_eq!(sm.view().stream_version("b").unwrap(), 32);
         assert_eq!(index_len(&sm, "a"), 32);
@@ -2614,13 +2647,13 @@ mod tests {
             .flat_map(|r| [6 * r, 6 * r + 4])
             .filter(|base| base + 2 > low)
             .count();
-        wait_for("forgetting", &|| index_len(&sm, "a") == kept);
+        wait_for(&mut sm, "forgetting", |sm| index_len(sm, "a") == kept).await;
         assert_eq!(sm.view().stream_version("a").unwrap(), 64);
         assert_eq!(sm.view().stream_version("b").unwrap(), 32);
-        wait_for("merges", &|| runs_of(&sm).1 < 4);
+        wait_for(&mut sm, "merges", |sm| runs_of(sm).1 < 4).await;
         // A checkpoint names only the runs in use: the merged ones' files go.
         sm.build_snapshot().await.unwrap();
-        wait_for("merges", &|| runs_of(&sm).1 < 4);
+        wait_for(&mut sm, "merges", |sm| runs_of(sm).1 < 4).await;
         sm.build_snapshot().await.unwrap();
         let (files, runs) = runs_of(&sm);
         assert_eq!(files, runs);
@@ -3470,6 +3503,17 @@ mod tests {
                 },
             );
         }
+        // A stream, so partition 0 carries a stream index run.
+        run_on(
+            &sm,
+            0,
+            PartitionCommand::AppendToStream {
+                stream: "s".into(),
+                expected_version: Some(0),
+                batch: batch(None, 0, 2),
+                appended_at_ms: 1,
+            },
+        );
         sm.build_snapshot().await.unwrap();
         let mut taken = sm.get_current_snapshot().await.unwrap().unwrap();
         let whole = {
@@ -3514,6 +3558,28 @@ mod tests {
         let data = SnapshotData::from_bytes(Bytes::from(garbled));
         assert!(follower.install_snapshot(&taken.meta, data).await.is_err());
         unchanged(&follower);
+        // A stream index run other than the one its state names (the run itself intact).
+        let run = {
+            let view = sm.views()[&0].clone();
+            let index = view.streams.read().unwrap();
+            let runs = index.runs();
+            assert_eq!(runs.len(), 1);
+            std::fs::read(runs[0].path()).unwrap()
+        };
+        let at = whole
+            .windows(run.len())
+            .position(|w| w == &run[..])
+            .expect("the run in the snapshot");
+        let mut renamed = whole.clone();
+        renamed[at - 24..at - 16].copy_from_slice(&999u64.to_be_bytes());
+        let data = SnapshotData::from_bytes(Bytes::from(renamed));
+        let err = follower
+            .install_snapshot(&taken.meta, data)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("stream index runs"), "{err}");
+        unchanged(&follower);
         // Another group's partitions.
         let mut other = PartitionStateMachine::open(
             &dir.path().join("c"),
@@ -3527,7 +3593,8 @@ mod tests {
         // The whole one installs.
         let data = SnapshotData::from_bytes(Bytes::from(whole));
         follower.install_snapshot(&taken.meta, data).await.unwrap();
-        assert_eq!(follower.views()[&0].watermarks().high, 40);
+        assert_eq!(follower.views()[&0].watermarks().high, 42);
         assert_eq!(follower.views()[&1].watermarks().high, 40);
+        assert_eq!(follower.views()[&0].stream_version("s").unwrap(), 2);
     }
 }

@@ -13,7 +13,9 @@
 //! first version][u64 base offset][u32 count]` sorted by (stream, first version)) and index
 //! blocks (per data block its last key, position and length; 128 per index block),
 //! interleaved as they fill, then the top index (per index block the same), then a trailer
-//! `[u64 top position][u32 top length][u64 entries][u64 data blocks]FERRYSI1`. A block is
+//! `[u64 top position][u32 top length][u64 entries][u64 data blocks][u64 end][u64 purged
+//! below]FERRYSI1` (`end`: past its appends' last offset; `purged below`: the low watermark
+//! below which the merge that wrote it forgot appends, 0 for a checkpoint's). A block is
 //! `[u32 count][items][u32 CRC-32 of what precedes]`; every length and order is checked when
 //! read.
 
@@ -22,7 +24,7 @@ use std::collections::{BTreeMap, BinaryHeap};
 use std::fs::File;
 use std::io::{BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -36,7 +38,9 @@ const BLOCK_BYTES: usize = 16 * 1024;
 /// Data blocks per index block (and so index blocks per top entry).
 const FANOUT: u64 = 128;
 const MAGIC: &[u8; 8] = b"FERRYSI1";
-const TRAILER: u64 = 8 + 4 + 8 + 8 + 8;
+const TRAILER: u64 = 8 + 4 + 8 + 8 + 8 + 8 + 8;
+/// Longest top index read (one pointer per 128 blocks: 64 MiB covers petabytes).
+const MAX_TOP: u32 = 64 * 1024 * 1024;
 /// Longest block read (a block holds one entry past `BLOCK_BYTES` at most).
 const MAX_BLOCK: u32 = 4 * 1024 * 1024;
 /// A merge takes runs of one size class once this many are there.
@@ -316,6 +320,7 @@ struct RunWriter {
     top: Vec<Pointer>,
     entries: u64,
     data_blocks: u64,
+    end: u64,
 }
 
 impl RunWriter {
@@ -333,6 +338,7 @@ impl RunWriter {
             top: Vec::new(),
             entries: 0,
             data_blocks: 0,
+            end: 0,
         })
     }
 
@@ -353,7 +359,11 @@ impl RunWriter {
         {
             return Err(corrupt(&self.path, "entries written out of order"));
         }
+        if entry.stream.len() > usize::from(u16::MAX) {
+            return Err(corrupt(&self.path, "a stream name longer than 65535 bytes"));
+        }
         put_entry(&mut self.data, entry);
+        self.end = self.end.max(entry.append.end());
         self.data_count += 1;
         self.entries += 1;
         self.last = Some((entry.stream.clone(), entry.append.first_version));
@@ -406,7 +416,7 @@ impl RunWriter {
     }
 
     /// Writes the rest and the trailer (not synced): the run's reference.
-    fn finish(mut self, id: u64) -> Result<RunRef, StoreError> {
+    fn finish(mut self, id: u64, purged_below: u64) -> Result<RunRef, StoreError> {
         self.close_data()?;
         self.close_index()?;
         let mut top = Vec::new();
@@ -420,6 +430,8 @@ impl RunWriter {
         trailer.extend_from_slice(&top_len.to_be_bytes());
         trailer.extend_from_slice(&self.entries.to_be_bytes());
         trailer.extend_from_slice(&self.data_blocks.to_be_bytes());
+        trailer.extend_from_slice(&self.end.to_be_bytes());
+        trailer.extend_from_slice(&purged_below.to_be_bytes());
         trailer.extend_from_slice(MAGIC);
         self.write(&trailer)?;
         self.file
@@ -440,6 +452,10 @@ pub struct Run {
     path: PathBuf,
     file: File,
     data_blocks: u64,
+    /// Past the last offset of its appends.
+    end: u64,
+    /// The low watermark below which the merge that wrote it forgot appends (0: none).
+    purged_below: u64,
     top: Vec<Pointer>,
 }
 
@@ -474,14 +490,23 @@ impl Run {
         let trailer = read_exact_at(&file, TRAILER as usize, len - TRAILER)
             .map_err(|e| StoreError::io(path.display().to_string(), e))?;
         let mut items = Items { rest: &trailer };
-        let (top_pos, top_len, entries, data_blocks) =
-            (|| Some((items.u64()?, items.u32()?, items.u64()?, items.u64()?)))()
-                .ok_or_else(|| corrupt(&path, "a short trailer"))?;
+        let (top_pos, top_len, entries, data_blocks, end, purged_below) = (|| {
+            Some((
+                items.u64()?,
+                items.u32()?,
+                items.u64()?,
+                items.u64()?,
+                items.u64()?,
+                items.u64()?,
+            ))
+        })()
+        .ok_or_else(|| corrupt(&path, "a short trailer"))?;
         if items.rest != MAGIC {
             return Err(corrupt(&path, "not a stream index run"));
         }
         if top_pos.checked_add(u64::from(top_len)) != Some(len - TRAILER)
             || entries != reference.entries
+            || top_len > MAX_TOP
         {
             return Err(corrupt(
                 &path,
@@ -500,6 +525,8 @@ impl Run {
             path,
             file,
             data_blocks,
+            end,
+            purged_below,
             top,
         })
     }
@@ -518,13 +545,19 @@ impl Run {
     }
 
     fn index_block(&self, i: usize, cache: &IndexCache) -> Result<Arc<Block>, StoreError> {
-        let pointer = &self.top[i];
+        let pointer = self
+            .top
+            .get(i)
+            .ok_or_else(|| corrupt(&self.path, "a block past its top index"))?;
         if let Some(block) = cache.blocks.get(&(self.uid, pointer.pos)) {
             return Ok(block);
         }
         let pointers = decode_pointers(&self.path, &self.read(pointer)?)?;
-        let whole = i + 1 == self.top.len() || pointers.len() as u64 == FANOUT;
-        if !whole || pointers.last().map(Pointer::key) != Some(pointer.key()) {
+        // Every index block but the last holds FANOUT pointers; the last, the rest.
+        let expected = (self.data_blocks - i as u64 * FANOUT).min(FANOUT);
+        if pointers.len() as u64 != expected
+            || pointers.last().map(Pointer::key) != Some(pointer.key())
+        {
             return Err(corrupt(
                 &self.path,
                 "an index block does not match the top index",
@@ -591,10 +624,6 @@ impl Run {
         })
     }
 
-    fn entries_of(&self, block: u64, cache: &IndexCache) -> Result<Arc<Block>, StoreError> {
-        self.data_block(block, cache)
-    }
-
     /// The entry just before `place`, if any.
     fn before(&self, place: Place, cache: &IndexCache) -> Result<Option<Entry>, StoreError> {
         let (block, at) = match place.at {
@@ -602,7 +631,7 @@ impl Run {
             0 => (place.block - 1, None),
             at => (place.block, Some(at - 1)),
         };
-        let data = self.entries_of(block, cache)?;
+        let data = self.data_block(block, cache)?;
         let Block::Data(entries) = &*data else {
             return Err(corrupt(&self.path, "a data block cached as index"));
         };
@@ -642,7 +671,7 @@ impl Run {
             }
         }
         while out.len() < limit && place.block < self.data_blocks {
-            let data = self.entries_of(place.block, cache)?;
+            let data = self.data_block(place.block, cache)?;
             let Block::Data(entries) = &*data else {
                 return Err(corrupt(&self.path, "a data block cached as index"));
             };
@@ -660,12 +689,12 @@ impl Run {
         Ok(out)
     }
 
-    /// The append to `stream` whose first offset is `base`, if held here: a binary search over
+    /// The first append to `stream` held here that ends past `offset`: a binary search over
     /// the blocks holding the stream (its offsets grow with its versions).
-    fn find_base(
+    fn first_ending_after(
         &self,
         stream: &str,
-        base: u64,
+        offset: u64,
         cache: &IndexCache,
     ) -> Result<Option<StreamAppend>, StoreError> {
         let first = self.seek((stream, 0), cache)?.block;
@@ -678,7 +707,7 @@ impl Run {
             .min(self.data_blocks.saturating_sub(1));
         let (mut lo, mut hi) = (first, last + 1);
         let of_stream = |block: u64| -> Result<Vec<StreamAppend>, StoreError> {
-            let data = self.entries_of(block, cache)?;
+            let data = self.data_block(block, cache)?;
             let Block::Data(entries) = &*data else {
                 return Err(corrupt(&self.path, "a data block cached as index"));
             };
@@ -688,10 +717,10 @@ impl Run {
                 .map(|e| e.append)
                 .collect())
         };
-        // The first block whose appends to the stream reach `base` (or hold none of them).
+        // The first block whose appends to the stream end past `offset` (or hold none).
         while lo < hi {
             let mid = lo + (hi - lo) / 2;
-            if of_stream(mid)?.last().is_none_or(|a| a.base >= base) {
+            if of_stream(mid)?.last().is_none_or(|a| a.end() > offset) {
                 hi = mid;
             } else {
                 lo = mid + 1;
@@ -700,10 +729,10 @@ impl Run {
         if lo > last {
             return Ok(None);
         }
-        Ok(of_stream(lo)?.into_iter().find(|a| a.base == base))
+        Ok(of_stream(lo)?.into_iter().find(|a| a.end() > offset))
     }
 
-    /// Every entry, in order, read past the cache (for merges and checks).
+    /// Every entry, in order, its data blocks read past the cache (for merges and checks).
     fn scan<'a>(&'a self, cache: &'a IndexCache) -> RunScan<'a> {
         RunScan {
             run: self,
@@ -805,7 +834,8 @@ impl StreamReader {
         Ok(version)
     }
 
-    /// The stream's version as of the appends below offset `high`.
+    /// The stream's version as of the appends below offset `high`, for a `high` read after
+    /// this reader was taken (the runs then hold only appends below it).
     pub fn version_below(&self, high: u64) -> Result<u64, StoreError> {
         match self.recent.iter().position(|a| a.base >= high) {
             // Runs hold what was applied before the recent appends.
@@ -836,17 +866,22 @@ impl StreamReader {
         Ok(all)
     }
 
-    /// The append to the stream at offset `base`, if it is held.
-    pub fn find_base(&self, base: u64) -> Result<Option<StreamAppend>, StoreError> {
-        if let Some(a) = self.recent.iter().find(|a| a.base == base) {
-            return Ok(Some(*a));
-        }
-        for run in self.runs.iter().rev() {
-            if let Some(a) = run.find_base(&self.stream, base, &self.cache)? {
-                return Ok(Some(a));
+    /// The stream's first append that ends past `offset`, if it is held.
+    pub fn first_ending_after(&self, offset: u64) -> Result<Option<StreamAppend>, StoreError> {
+        let mut first = self.recent.iter().find(|a| a.end() > offset).copied();
+        for run in &self.runs {
+            if let Some(a) = run.first_ending_after(&self.stream, offset, &self.cache)? {
+                if first.is_none_or(|f| a.first_version < f.first_version) {
+                    first = Some(a);
+                }
             }
         }
-        Ok(None)
+        Ok(first)
+    }
+
+    /// The append to the stream at offset `base`, if it is held.
+    pub fn find_base(&self, base: u64) -> Result<Option<StreamAppend>, StoreError> {
+        Ok(self.first_ending_after(base)?.filter(|a| a.base == base))
     }
 }
 
@@ -858,33 +893,66 @@ pub struct IndexCheckpoint {
     pub to_sync: Vec<PathBuf>,
 }
 
+/// Whether an index has a merge under way; cleared when its plan or result is dropped,
+/// however the merge ends (a panic included).
+struct MergeGuard(Arc<AtomicBool>);
+
+impl Drop for MergeGuard {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
 /// A merge to run without the index's lock: its inputs, and the output's number.
 pub struct MergePlan {
     inputs: Vec<Arc<Run>>,
     id: u64,
     dir: PathBuf,
     cache: Arc<IndexCache>,
+    /// The index it was planned by: only that one installs it.
+    generation: u64,
+    guard: MergeGuard,
 }
 
 /// A merge's output, to install with [`StreamIndex::install_merge`].
 pub struct Merged {
     inputs: Vec<Arc<Run>>,
-    output: Option<Arc<Run>>,
+    /// Its reference and the file it was written to (renamed into place on install).
+    output: Option<(RunRef, PathBuf)>,
+    generation: u64,
+    _guard: MergeGuard,
 }
 
 impl MergePlan {
-    /// Merges the inputs into one synced run, leaving out appends wholly below `low` except
-    /// each stream's last (which holds its version).
-    pub fn run(self, low: u64) -> Result<Merged, StoreError> {
-        let path = run_path(&self.dir, self.id);
-        let merged = self.write(low);
-        if merged.as_ref().is_err() {
-            let _ = std::fs::remove_file(&path);
-        }
-        merged
+    /// The file the merge writes, renamed to the run's name when installed: unique to the
+    /// index that planned it, so a merge outliving its index (a snapshot installed, a group
+    /// reopened) cannot touch another's runs.
+    fn writing(&self) -> PathBuf {
+        self.dir.join(format!(
+            "streams-{:016}.merging-{}",
+            self.id, self.generation
+        ))
     }
 
-    fn write(&self, low: u64) -> Result<Merged, StoreError> {
+    /// Merges the inputs into one synced file, leaving out appends wholly below `low` except
+    /// each stream's last (which holds its version).
+    pub fn run(self, low: u64) -> Result<Merged, StoreError> {
+        let path = self.writing();
+        match self.write(&path, low) {
+            Ok(output) => Ok(Merged {
+                inputs: self.inputs,
+                output: output.map(|r| (r, path)),
+                generation: self.generation,
+                _guard: self.guard,
+            }),
+            Err(e) => {
+                let _ = std::fs::remove_file(&path);
+                Err(e)
+            }
+        }
+    }
+
+    fn write(&self, path: &Path, low: u64) -> Result<Option<RunRef>, StoreError> {
         struct Head {
             entry: Entry,
             input: usize,
@@ -906,8 +974,7 @@ impl MergePlan {
                 other.entry.key().cmp(&self.entry.key())
             }
         }
-        let path = run_path(&self.dir, self.id);
-        let mut writer = RunWriter::create(&path)?;
+        let mut writer = RunWriter::create(path)?;
         let mut scans: Vec<RunScan<'_>> = self.inputs.iter().map(|r| r.scan(&self.cache)).collect();
         let mut heap = BinaryHeap::new();
         for (input, scan) in scans.iter_mut().enumerate() {
@@ -936,17 +1003,13 @@ impl MergePlan {
         if let Some(last) = held {
             writer.push(&last)?;
         }
-        let reference = writer.finish(self.id)?;
-        let inputs = self.inputs.clone();
-        let output = if reference.entries == 0 {
-            let _ = std::fs::remove_file(&path);
-            None
-        } else {
-            fsync(&path)?;
-            fsync(&self.dir)?;
-            Some(Arc::new(Run::open(&self.dir, reference)?))
-        };
-        Ok(Merged { inputs, output })
+        let reference = writer.finish(self.id, low)?;
+        if reference.entries == 0 {
+            let _ = std::fs::remove_file(path);
+            return Ok(None);
+        }
+        fsync(path)?;
+        Ok(Some(reference))
     }
 }
 
@@ -963,7 +1026,9 @@ pub struct StreamIndex {
     /// Runs merged away: their files go once a checkpoint no longer names them.
     retired: Vec<Arc<Run>>,
     next_id: u64,
-    merging: bool,
+    /// Numbers this index among those of the process (merges belong to one).
+    generation: u64,
+    merging: Arc<AtomicBool>,
 }
 
 impl StreamIndex {
@@ -977,7 +1042,8 @@ impl StreamIndex {
             unsynced: Vec::new(),
             retired: Vec::new(),
             next_id: 1,
-            merging: false,
+            generation: NEXT_UID.fetch_add(1, Ordering::Relaxed),
+            merging: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -989,7 +1055,11 @@ impl StreamIndex {
         if dir.exists() {
             for item in std::fs::read_dir(dir).map_err(io)? {
                 let path = item.map_err(io)?.path();
-                if run_id(&path).is_some_and(|id| !named.iter().any(|r| r.id == id)) {
+                let unfinished = path
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("streams-") && n.contains(".merging-"));
+                if unfinished || run_id(&path).is_some_and(|id| !named.iter().any(|r| r.id == id)) {
                     std::fs::remove_file(&path).map_err(io)?;
                 }
             }
@@ -997,7 +1067,10 @@ impl StreamIndex {
         for reference in named {
             let run = Run::open(dir, *reference)?;
             index.runs.insert(reference.id, Arc::new(run));
-            index.next_id = index.next_id.max(reference.id + 1);
+            let next = reference.id.checked_add(1).ok_or_else(|| {
+                corrupt(&run_path(dir, reference.id), "its number is out of range")
+            })?;
+            index.next_id = index.next_id.max(next);
         }
         Ok(index)
     }
@@ -1031,7 +1104,9 @@ impl StreamIndex {
     /// checkpoint taken now records, and the files it must sync first.
     pub fn checkpoint(&mut self) -> Result<IndexCheckpoint, StoreError> {
         if !self.recent.is_empty() {
-            crate::create_dir_durably(&self.dir)?;
+            // Created durably with the batch files (here only for an index on its own).
+            std::fs::create_dir_all(&self.dir)
+                .map_err(|e| StoreError::io(self.dir.display().to_string(), e))?;
             let id = self.next_id;
             self.next_id += 1;
             let mut writer = RunWriter::create(&run_path(&self.dir, id))?;
@@ -1045,7 +1120,7 @@ impl StreamIndex {
                     },
                 })?;
             }
-            let reference = writer.finish(id)?;
+            let reference = writer.finish(id, 0)?;
             let run = Run::open(&self.dir, reference)?;
             self.runs.insert(id, Arc::new(run));
             self.unsynced.push(id);
@@ -1066,41 +1141,56 @@ impl StreamIndex {
     }
 
     /// After a checkpoint naming `named` was written: its runs are synced, and retired runs
-    /// it does not name are deleted.
-    pub fn checkpointed(&mut self, named: &[RunRef]) -> Result<(), StoreError> {
+    /// it does not name are deleted (one that cannot be is logged and tried again after the
+    /// next checkpoint: the checkpoint stands).
+    pub fn checkpointed(&mut self, named: &[RunRef]) {
         self.unsynced
             .retain(|id| !named.iter().any(|r| r.id == *id));
-        let mut kept = Vec::new();
-        for run in self.retired.drain(..) {
+        self.retired.retain(|run| {
             if named.iter().any(|r| r.id == run.reference.id) {
-                kept.push(run);
-            } else {
-                std::fs::remove_file(&run.path)
-                    .map_err(|e| StoreError::io(run.path.display().to_string(), e))?;
+                return true;
             }
-        }
-        self.retired = kept;
-        Ok(())
+            match std::fs::remove_file(&run.path) {
+                Ok(()) => false,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+                Err(e) => {
+                    tracing::warn!(run = %run.path.display(), error = %e, "deleting a merged stream index run failed");
+                    true
+                }
+            }
+        });
     }
 
-    /// A merge due now (runs of one size class piled up), unless one is under way.
-    pub fn merge_due(&mut self) -> Option<MergePlan> {
-        if self.merging {
+    /// A merge due now, unless one is under way: runs wholly below the low watermark `low`
+    /// not purged at it yet (to forget their dropped appends), else runs of one size class
+    /// once four piled up. Only synced runs are merged.
+    pub fn merge_due(&mut self, low: u64) -> Option<MergePlan> {
+        if self.merging.load(Ordering::Acquire) {
             return None;
         }
-        let class = |bytes: u64| (bytes.max(SMALLEST_CLASS) / SMALLEST_CLASS).ilog(4);
-        let mut classes: BTreeMap<u32, Vec<Arc<Run>>> = BTreeMap::new();
-        for run in self.runs.values() {
-            // Only synced runs: a merge's output must not outlive an unsynced input's loss.
-            if !self.unsynced.contains(&run.reference.id) {
+        let synced = || {
+            self.runs
+                .values()
+                .filter(|run| !self.unsynced.contains(&run.reference.id))
+        };
+        let dropped: Vec<Arc<Run>> = synced()
+            .filter(|run| run.end <= low && run.purged_below < run.end)
+            .cloned()
+            .collect();
+        let inputs = if dropped.is_empty() {
+            let class = |bytes: u64| (bytes.max(SMALLEST_CLASS) / SMALLEST_CLASS).ilog(4);
+            let mut classes: BTreeMap<u32, Vec<Arc<Run>>> = BTreeMap::new();
+            for run in synced() {
                 classes
                     .entry(class(run.reference.bytes))
                     .or_default()
                     .push(run.clone());
             }
-        }
-        let inputs = classes.into_values().find(|runs| runs.len() >= MERGE_AT)?;
-        self.merging = true;
+            classes.into_values().find(|runs| runs.len() >= MERGE_AT)?
+        } else {
+            dropped
+        };
+        self.merging.store(true, Ordering::Release);
         let id = self.next_id;
         self.next_id += 1;
         Some(MergePlan {
@@ -1108,35 +1198,55 @@ impl StreamIndex {
             id,
             dir: self.dir.clone(),
             cache: self.cache.clone(),
+            generation: self.generation,
+            guard: MergeGuard(self.merging.clone()),
         })
     }
 
     /// Puts a merge's output in place of its inputs (the inputs' files stay until a
-    /// checkpoint no longer names them). A failed merge passes None. A merge of runs this
-    /// index no longer holds (a snapshot replaced them meanwhile) is discarded.
-    pub fn install_merge(&mut self, merged: Option<Merged>) {
-        self.merging = false;
-        let Some(merged) = merged else {
-            return;
-        };
-        let held = merged.inputs.iter().all(|input| {
-            self.runs
-                .get(&input.reference.id)
-                .is_some_and(|run| Arc::ptr_eq(run, input))
-        });
-        if !held {
-            if let Some(output) = merged.output {
-                let _ = std::fs::remove_file(&output.path);
+    /// checkpoint no longer names them). A merge planned by another index (this one replaced
+    /// it meanwhile) or of runs no longer held is discarded, its file deleted.
+    pub fn install_merge(&mut self, merged: Merged) {
+        let held = merged.generation == self.generation
+            && merged.inputs.iter().all(|input| {
+                self.runs
+                    .get(&input.reference.id)
+                    .is_some_and(|run| Arc::ptr_eq(run, input))
+            });
+        let Some((reference, written)) = merged.output.as_ref() else {
+            if held {
+                self.retire(&merged.inputs);
             }
             return;
+        };
+        if !held {
+            let _ = std::fs::remove_file(written);
+            return;
         }
-        for input in &merged.inputs {
+        let path = run_path(&self.dir, reference.id);
+        let installed = std::fs::rename(written, &path)
+            .map_err(|e| StoreError::io(path.display().to_string(), e))
+            .and_then(|()| Run::open(&self.dir, *reference));
+        match installed {
+            Ok(run) => {
+                self.retire(&merged.inputs);
+                self.runs.insert(reference.id, Arc::new(run));
+                // Its folder entry is synced with the next checkpoint's runs.
+                self.unsynced.push(reference.id);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "installing a merged stream index run failed");
+                let _ = std::fs::remove_file(written);
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+    }
+
+    fn retire(&mut self, inputs: &[Arc<Run>]) {
+        for input in inputs {
             if let Some(run) = self.runs.remove(&input.reference.id) {
                 self.retired.push(run);
             }
-        }
-        if let Some(output) = merged.output {
-            self.runs.insert(output.reference.id, output);
         }
     }
 
@@ -1205,7 +1315,7 @@ mod tests {
                 n += 1;
                 if n % every == 0 {
                     let c = index.checkpoint().unwrap();
-                    index.checkpointed(&c.runs).unwrap();
+                    index.checkpointed(&c.runs);
                 }
             }
         }
@@ -1239,9 +1349,9 @@ mod tests {
         };
         check(&index);
         // Merge until nothing is due; lookups agree all along.
-        while let Some(plan) = index.merge_due() {
+        while let Some(plan) = index.merge_due(0) {
             let merged = plan.run(0).unwrap();
-            index.install_merge(Some(merged));
+            index.install_merge(merged);
             check(&index);
         }
         assert!(
@@ -1250,7 +1360,7 @@ mod tests {
             index.runs.len()
         );
         let c = index.checkpoint().unwrap();
-        index.checkpointed(&c.runs).unwrap();
+        index.checkpointed(&c.runs);
         let files = std::fs::read_dir(dir.path()).unwrap().count();
         assert_eq!(files, c.runs.len(), "retired runs are deleted");
         let reopened = StreamIndex::open(dir.path(), &c.runs, cache.clone()).unwrap();
@@ -1270,14 +1380,16 @@ mod tests {
         let expected = fill(&mut index, 10, 20, 50);
         // Offsets below 300 are gone: 150 appends of 2 events.
         assert_eq!(index.runs.len(), 4);
+        // (Planned at low 0: at 300, the three runs wholly below it would be purged alone.)
         let plan = index
-            .merge_due()
+            .merge_due(0)
             .expect("four runs of one size are due a merge");
-        assert!(index.merge_due().is_none(), "one merge at a time");
+        assert!(index.merge_due(0).is_none(), "one merge at a time");
         let merged = plan.run(300).unwrap();
-        index.install_merge(Some(merged));
+        index.install_merge(merged);
+        assert!(index.merge_due(300).is_none(), "nothing more is due");
         let c = index.checkpoint().unwrap();
-        index.checkpointed(&c.runs).unwrap();
+        index.checkpointed(&c.runs);
         assert_eq!(c.runs.len(), 1);
         assert_eq!(c.runs[0].entries, 51, "{:?}", c.runs);
         let early = index.reader("early");
@@ -1293,12 +1405,76 @@ mod tests {
     }
 
     #[test]
+    fn a_run_wholly_below_the_low_watermark_is_purged_once_down_to_each_streams_last() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut index = StreamIndex::empty(dir.path(), Arc::new(IndexCache::default()));
+        fill(&mut index, 10, 20, 1000);
+        let c = index.checkpoint().unwrap();
+        index.checkpointed(&c.runs);
+        assert_eq!(c.runs[0].entries, 200);
+        // Not yet wholly below: nothing is due (one run is no size class's four).
+        assert!(index.merge_due(300).is_none());
+        let plan = index.merge_due(10_000).expect("a run below the low is due");
+        index.install_merge(plan.run(10_000).unwrap());
+        let c = index.checkpoint().unwrap();
+        index.checkpointed(&c.runs);
+        assert_eq!(c.runs.len(), 1);
+        assert_eq!(c.runs[0].entries, 10, "each stream's last append");
+        assert_eq!(index.reader("order-00003").version().unwrap(), 40);
+        assert!(
+            index.merge_due(10_000).is_none(),
+            "purged at this low already"
+        );
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn a_merge_planned_by_a_replaced_index_is_discarded_and_touches_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Arc::new(IndexCache::default());
+        let mut index = StreamIndex::empty(dir.path(), cache.clone());
+        fill(&mut index, 10, 20, 50);
+        let plan = index.merge_due(0).expect("due");
+        // The index is replaced (a snapshot installed, say) while the merge runs.
+        let named: Vec<RunRef> = index.runs().iter().map(|r| r.reference()).collect();
+        let mut replaced = StreamIndex::open(dir.path(), &named, cache).unwrap();
+        let merged = plan.run(0).unwrap();
+        replaced.install_merge(merged);
+        assert_eq!(
+            replaced.runs().len(),
+            4,
+            "the replaced index's merge is not installed"
+        );
+        let files: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|f| f.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(files.len(), 4, "its output is deleted: {files:?}");
+        // The new index merges on its own.
+        let plan = replaced
+            .merge_due(0)
+            .expect("the new index's own merge is due");
+        replaced.install_merge(plan.run(0).unwrap());
+        assert_eq!(replaced.runs().len(), 1);
+        // A merge that ends in a panic leaves the index free to merge again.
+        let mut index = replaced;
+        fill(&mut index, 10, 20, 50);
+        let plan = index.merge_due(0).expect("due");
+        let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+            let _plan = plan;
+            panic!("a merge dies");
+        }));
+        assert!(panicked.is_err());
+        assert!(index.merge_due(0).is_some());
+    }
+
+    #[test]
     fn recent_appends_at_or_past_high_are_not_visible_in_the_version() {
         let dir = tempfile::tempdir().unwrap();
         let mut index = StreamIndex::empty(dir.path(), Arc::new(IndexCache::default()));
         index.append("s".into(), a(1, 0, 3));
         let c = index.checkpoint().unwrap();
-        index.checkpointed(&c.runs).unwrap();
+        index.checkpointed(&c.runs);
         index.append("s".into(), a(4, 10, 2));
         index.append("s".into(), a(6, 20, 1));
         let reader = index.reader("s");
@@ -1338,6 +1514,27 @@ mod tests {
             .unwrap()
             .to_string();
         assert!(err.contains("checkpoint recorded"), "{err}");
+        // Not a run at all, or a trailer that promises fewer blocks than an index block holds.
+        let mut foreign = good.clone();
+        let n = foreign.len();
+        foreign[n - 8..].copy_from_slice(b"NOTARUN!");
+        std::fs::write(&path, &foreign).unwrap();
+        let err = StreamIndex::open(dir.path(), &[reference], cache.clone())
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("not a stream index run"), "{err}");
+        let blocks_at = n - TRAILER as usize + 8 + 4 + 8;
+        let blocks = u64::from_be_bytes(good[blocks_at..blocks_at + 8].try_into().unwrap());
+        assert!(blocks > 1, "{blocks} blocks");
+        let mut fewer = good.clone();
+        fewer[blocks_at..blocks_at + 8].copy_from_slice(&1u64.to_be_bytes());
+        std::fs::write(&path, &fewer).unwrap();
+        let err = StreamIndex::open(dir.path(), &[reference], cache.clone())
+            .and_then(|i| i.reader("order-00049").version())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("index block"), "{err}");
         // A received copy that is damaged is refused whole.
         let err = receive_run(&dir.path().join("in"), reference, &mut &bad[..], &cache)
             .unwrap_err()

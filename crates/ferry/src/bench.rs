@@ -21,6 +21,7 @@ mod fanout;
 mod idle;
 mod resources;
 mod sidecar;
+mod streams;
 mod suites;
 mod system;
 mod table;
@@ -59,6 +60,10 @@ enum BenchCommand {
     /// Create PARTITIONS partitions (topics of --per-topic, one after the other, each until
     /// every partition has a leader), then measure the servers' (--pids) idle CPU and RSS.
     Idle(idle::IdleArgs),
+    /// Append COUNT events with expected versions round robin to STREAMS streams of one
+    /// partition, then read streams back from version 1: appends/s, latencies, and the
+    /// servers' (--pids) resident memory.
+    Streams(streams::StreamsBenchArgs),
 }
 
 /// How a bench's Ferry producer batches (`ProducerOptions`), shared by the suites and mesh.
@@ -191,6 +196,7 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<()> {
         BenchCommand::Fanout(args) => fanout::run(args).await,
         BenchCommand::Sidecar(args) => sidecar::run(args).await,
         BenchCommand::Idle(args) => idle::run(args).await,
+        BenchCommand::Streams(args) => streams::run(args).await,
     }
 }
 
