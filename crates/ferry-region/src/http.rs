@@ -217,7 +217,7 @@ async fn metrics<T: Transport>(State(node): State<Node<T>>) -> String {
         );
     }
     let partitions = node.partitions();
-    let gauges: [(&str, &str, GaugeOf); 5] = [
+    let gauges: [(&str, &str, GaugeOf); 8] = [
         (
             "ferry_partition_high_watermark",
             "Next offset of a hosted partition.",
@@ -242,6 +242,21 @@ async fn metrics<T: Transport>(State(node): State<Node<T>>) -> String {
             "ferry_partition_remote_bytes",
             "Bytes of events of a hosted partition in the object store (its manifest's objects).",
             |g, _| g.view.remote_bytes(),
+        ),
+        (
+            "ferry_partition_stream_index_recent_appends",
+            "Domain stream appends a hosted partition's index holds in memory (those since its last checkpoint).",
+            |g, _| g.view.stream_index_held().0,
+        ),
+        (
+            "ferry_partition_stream_index_runs",
+            "Run files of a hosted partition's domain stream index.",
+            |g, _| g.view.stream_index_held().1,
+        ),
+        (
+            "ferry_partition_stream_index_bytes",
+            "Bytes of a hosted partition's domain stream index runs on disk.",
+            |g, _| g.view.stream_index_held().2,
         ),
     ];
     for (metric, help, value) in gauges {

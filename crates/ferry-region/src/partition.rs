@@ -584,6 +584,15 @@ impl PartitionView {
         Some(info.appended_at_ms)
     }
 
+    /// The stream index: appends held in memory (since the last checkpoint), runs in use and
+    /// their bytes on disk.
+    pub fn stream_index_held(&self) -> (u64, u64, u64) {
+        self.streams.read().map_or((0, 0, 0), |index| {
+            let (runs, bytes) = index.runs_held();
+            (index.recent_len() as u64, runs as u64, bytes)
+        })
+    }
+
     /// The version of domain stream `stream` (the number of events ever appended to it; 0 if
     /// it does not exist), as applied.
     pub fn stream_version(&self, stream: &str) -> Result<u64, StoreError> {
@@ -614,9 +623,13 @@ impl PartitionView {
         let version = reader.version_below(marks.high)?;
         // Appends below the low watermark (retention dropped them; a merge of the index
         // forgets them later) come first: start past them.
-        let kept_from = reader
-            .first_ending_after(marks.low)?
-            .map_or(u64::MAX, |a| a.first_version);
+        let kept_from = if marks.low == 0 {
+            1
+        } else {
+            reader
+                .first_ending_after(marks.low)?
+                .map_or(u64::MAX, |a| a.first_version)
+        };
         let mut wanted: Vec<StreamAppend> = Vec::new();
         let mut from = from_version.max(kept_from);
         while wanted.len() < max_events && from <= version {
@@ -963,7 +976,7 @@ impl Partition {
             .streams
             .read()
             .map_err(storage_err)?
-            .reader(&stream);
+            .writer_reader(&stream);
         let current = reader.version()?;
         if let Some(expected) = expected_version {
             if expected != current {

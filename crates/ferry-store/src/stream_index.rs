@@ -7,7 +7,7 @@
 //! the table of recent appends or one run. A stream's version is its last append's. A merge
 //! drops appends that retention dropped, but keeps each stream's last one, so versions never
 //! repeat. Memory holds the recent appends, each run's top index (one key per 128 blocks of
-//! about 16 KiB) and a node-wide cache of blocks ([`IndexCache`]), whatever the index's size.
+//! about 4 KiB) and a node-wide cache of blocks ([`IndexCache`]), whatever the index's size.
 //!
 //! A run file is written in one pass: data blocks (entries `[u16 stream length][stream][u64
 //! first version][u64 base offset][u32 count]` sorted by (stream, first version)) and index
@@ -34,7 +34,7 @@ use crate::positional::read_exact_at;
 use crate::StoreError;
 
 /// A data block is closed once it holds this many bytes.
-const BLOCK_BYTES: usize = 16 * 1024;
+const BLOCK_BYTES: usize = 4 * 1024;
 /// Data blocks per index block (and so index blocks per top entry).
 const FANOUT: u64 = 128;
 const MAGIC: &[u8; 8] = b"FERRYSI1";
@@ -134,14 +134,23 @@ enum Block {
 /// Blocks of runs recently read, shared by every partition of a node and bounded in bytes.
 pub struct IndexCache {
     blocks: moka::sync::Cache<(u64, u64), Arc<Block>>,
+    /// Streams' last appends, by index (its generation) and stream: written only by the
+    /// state machine as it appends (or looks a stream up to append), so an entry is always
+    /// the stream's last; a new index (a snapshot installed) has a new generation.
+    lasts: moka::sync::Cache<(u64, String), StreamAppend>,
 }
 
 impl IndexCache {
-    /// A cache holding at most about `bytes` of blocks.
+    /// A cache holding at most about `bytes`: three quarters for blocks, a quarter for
+    /// streams' last appends.
     pub fn new(bytes: u64) -> Self {
         Self {
+            lasts: moka::sync::Cache::builder()
+                .max_capacity(bytes / 4)
+                .weigher(|key: &(u64, String), _| 64 + key.1.len() as u32)
+                .build(),
             blocks: moka::sync::Cache::builder()
-                .max_capacity(bytes)
+                .max_capacity(bytes - bytes / 4)
                 .weigher(|_, block: &Arc<Block>| {
                     let n = match &**block {
                         Block::Data(e) => e.iter().map(|e| 40 + e.stream.len()).sum::<usize>(),
@@ -815,23 +824,36 @@ pub struct StreamReader {
     stream: String,
     /// The stream's appends since the last checkpoint.
     recent: Vec<StreamAppend>,
+    /// Its last append, if the cache knew it when the reader was taken.
+    last_known: Option<StreamAppend>,
     runs: Vec<Arc<Run>>,
     cache: Arc<IndexCache>,
+    generation: u64,
+    /// Whether a last append found in the runs goes into the cache (the state machine's
+    /// readers only: see [`IndexCache`]).
+    remember: bool,
 }
 
 impl StreamReader {
     /// The stream's version: its last append's last version (0: no append).
     pub fn version(&self) -> Result<u64, StoreError> {
-        if let Some(last) = self.recent.last() {
+        if let Some(last) = self.recent.last().or(self.last_known.as_ref()) {
             return Ok(last.last_version());
         }
-        let mut version = 0;
+        let mut found: Option<StreamAppend> = None;
         for run in &self.runs {
             if let Some(last) = run.last_of(&self.stream, &self.cache)? {
-                version = version.max(last.last_version());
+                if found.is_none_or(|f| last.first_version > f.first_version) {
+                    found = Some(last);
+                }
             }
         }
-        Ok(version)
+        if let (Some(last), true) = (found, self.remember) {
+            self.cache
+                .lasts
+                .insert((self.generation, self.stream.clone()), last);
+        }
+        Ok(found.map_or(0, |a| a.last_version()))
     }
 
     /// The stream's version as of the appends below offset `high`, for a `high` read after
@@ -1077,8 +1099,20 @@ impl StreamIndex {
 
     /// Records an append (the state machine's, in version order per stream).
     pub fn append(&mut self, stream: String, append: StreamAppend) {
+        self.cache
+            .lasts
+            .insert((self.generation, stream.clone()), append);
         self.recent
             .insert((stream, append.first_version), (append.base, append.count));
+    }
+
+    /// A reader of `stream` for the state machine (its only writer), which caches the
+    /// stream's last append when it looks it up.
+    pub fn writer_reader(&self, stream: &str) -> StreamReader {
+        StreamReader {
+            remember: true,
+            ..self.reader(stream)
+        }
     }
 
     /// A reader of `stream` as of now.
@@ -1095,8 +1129,11 @@ impl StreamIndex {
         StreamReader {
             stream: stream.to_string(),
             recent,
+            last_known: self.cache.lasts.get(&(self.generation, stream.to_string())),
             runs: self.runs.values().cloned().collect(),
             cache: self.cache.clone(),
+            generation: self.generation,
+            remember: false,
         }
     }
 
@@ -1258,6 +1295,14 @@ impl StreamIndex {
     /// Appends held in memory (since the last checkpoint).
     pub fn recent_len(&self) -> usize {
         self.recent.len()
+    }
+
+    /// Runs in use, and their bytes on disk.
+    pub fn runs_held(&self) -> (usize, u64) {
+        (
+            self.runs.len(),
+            self.runs.values().map(|r| r.reference.bytes).sum(),
+        )
     }
 }
 

@@ -183,12 +183,12 @@ pub(crate) async fn run(mut args: StreamsBenchArgs) -> anyhow::Result<()> {
     let rss_mib = args
         .pids
         .iter()
-        .map(|p| resources::status_kib(*p, "VmRSS").map(mib))
+        .map(|p| resources::status_kib(*p, "VmRSS:").map(mib))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let peak_rss_mib = args
         .pids
         .iter()
-        .map(|p| resources::status_kib(*p, "VmHWM").map(mib))
+        .map(|p| resources::status_kib(*p, "VmHWM:").map(mib))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let report = StreamsReport {
         topic: args.topic,
