@@ -43,6 +43,8 @@ use crate::command::{
 use crate::compaction::CompactionGate;
 use crate::group_snapshot::{receive_snapshot, GroupSnapshotSource, SnapshotPart};
 
+/// Most events one read of a domain stream answers.
+const MAX_STREAM_READ_EVENTS: usize = 65_536;
 /// How many recent batches per producer are remembered to answer retries with their offsets.
 const DEDUPE_WINDOW: usize = 64;
 const CHECKPOINT: &str = "checkpoint";
@@ -604,7 +606,7 @@ impl PartitionView {
     }
 
     /// Events of domain stream `stream` from version `from_version` on, in version order: at
-    /// most `max_events`, and none more once `max_bytes` of events are collected (but at
+    /// most `max_events` (and 65,536), and none more once `max_bytes` of events are collected (but at
     /// least one). Answers the stream's version (0 if it does not exist) with them. Events
     /// retention dropped are skipped. Only what readers may see (below the published high
     /// watermark) is read, and the version answered is that of the last such event.
@@ -630,6 +632,8 @@ impl PartitionView {
                 .first_ending_after(marks.low)?
                 .map_or(u64::MAX, |a| a.first_version)
         };
+        // However many events are asked for, the appends gathered stay bounded.
+        let max_events = max_events.min(MAX_STREAM_READ_EVENTS);
         let mut wanted: Vec<StreamAppend> = Vec::new();
         let mut from = from_version.max(kept_from);
         while wanted.len() < max_events && from <= version {
@@ -988,7 +992,11 @@ impl Partition {
                 )));
             }
         }
-        let Some(version) = current.checked_add(u64::from(count)) else {
+        // (A run's entries end below u64::MAX.)
+        let Some(version) = current
+            .checked_add(u64::from(count))
+            .filter(|v| *v < u64::MAX)
+        else {
             return Ok(PartitionReply::Error(ApiError::new(
                 ErrorCode::InvalidRequest,
                 format!("stream {stream}: version {current} cannot grow by {count}"),
@@ -1673,14 +1681,20 @@ impl PartitionStateMachine {
             };
             let Some(plan) = plan else { continue };
             let view = view.clone();
-            tokio::task::spawn_blocking(move || match plan.run(low) {
-                Ok(merged) => {
-                    if let Ok(mut index) = view.streams.write() {
-                        index.install_merge(merged);
+            tokio::task::spawn_blocking(move || {
+                let inputs = plan.inputs();
+                match plan.run(low) {
+                    Ok(merged) => {
+                        if let Ok(mut index) = view.streams.write() {
+                            index.install_merge(merged);
+                        }
                     }
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "merging stream index runs failed; tried again after a later checkpoint");
+                    Err(e) => {
+                        tracing::warn!(error = %e, runs = ?inputs.1, "merging stream index runs failed; those runs are not merged again until the partition reopens");
+                        if let Ok(mut index) = view.streams.write() {
+                            index.merge_failed(inputs);
+                        }
+                    }
                 }
             });
         }

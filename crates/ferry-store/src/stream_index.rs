@@ -939,10 +939,20 @@ pub struct MergePlan {
 /// A merge's output, to install with [`StreamIndex::install_merge`].
 pub struct Merged {
     inputs: Vec<Arc<Run>>,
-    /// Its reference and the file it was written to (renamed into place on install).
-    output: Option<(RunRef, PathBuf)>,
+    /// Its reference and the file it was written to (linked into place on install).
+    output: Option<(RunRef, Unfinished)>,
     generation: u64,
     _guard: MergeGuard,
+}
+
+/// A merge's file under its own name: removed when dropped, however the merge ends (an
+/// installed merge linked it under the run's name first).
+struct Unfinished(PathBuf);
+
+impl Drop for Unfinished {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 impl MergePlan {
@@ -959,19 +969,22 @@ impl MergePlan {
     /// Merges the inputs into one synced file, leaving out appends wholly below `low` except
     /// each stream's last (which holds its version).
     pub fn run(self, low: u64) -> Result<Merged, StoreError> {
-        let path = self.writing();
-        match self.write(&path, low) {
-            Ok(output) => Ok(Merged {
-                inputs: self.inputs,
-                output: output.map(|r| (r, path)),
-                generation: self.generation,
-                _guard: self.guard,
-            }),
-            Err(e) => {
-                let _ = std::fs::remove_file(&path);
-                Err(e)
-            }
-        }
+        let file = Unfinished(self.writing());
+        let output = self.write(&file.0, low)?;
+        Ok(Merged {
+            inputs: self.inputs,
+            output: output.map(|r| (r, file)),
+            generation: self.generation,
+            _guard: self.guard,
+        })
+    }
+
+    /// The index that planned it and the runs it merges.
+    pub fn inputs(&self) -> (u64, Vec<u64>) {
+        (
+            self.generation,
+            self.inputs.iter().map(|r| r.reference.id).collect(),
+        )
     }
 
     fn write(&self, path: &Path, low: u64) -> Result<Option<RunRef>, StoreError> {
@@ -1027,7 +1040,6 @@ impl MergePlan {
         }
         let reference = writer.finish(self.id, low)?;
         if reference.entries == 0 {
-            let _ = std::fs::remove_file(path);
             return Ok(None);
         }
         fsync(path)?;
@@ -1048,6 +1060,8 @@ pub struct StreamIndex {
     /// Runs merged away: their files go once a checkpoint no longer names them.
     retired: Vec<Arc<Run>>,
     next_id: u64,
+    /// Runs a merge failed on (not merged again by this index).
+    unmergeable: Vec<u64>,
     /// Numbers this index among those of the process (merges belong to one).
     generation: u64,
     merging: Arc<AtomicBool>,
@@ -1064,6 +1078,7 @@ impl StreamIndex {
             unsynced: Vec::new(),
             retired: Vec::new(),
             next_id: 1,
+            unmergeable: Vec::new(),
             generation: NEXT_UID.fetch_add(1, Ordering::Relaxed),
             merging: Arc::new(AtomicBool::new(false)),
         }
@@ -1198,20 +1213,23 @@ impl StreamIndex {
         });
     }
 
-    /// A merge due now, unless one is under way: runs wholly below the low watermark `low`
-    /// not purged at it yet (to forget their dropped appends), else runs of one size class
-    /// once four piled up. Only synced runs are merged.
+    /// A merge due now, unless one is under way: once some run wholly below the low
+    /// watermark `low` was not purged at it yet, all runs wholly below it (to forget their
+    /// dropped appends; runs purged before collapse with them), else runs of one size class
+    /// once four piled up. Only synced runs are merged, and none a merge failed on.
     pub fn merge_due(&mut self, low: u64) -> Option<MergePlan> {
         if self.merging.load(Ordering::Acquire) {
             return None;
         }
         let synced = || {
-            self.runs
-                .values()
-                .filter(|run| !self.unsynced.contains(&run.reference.id))
+            self.runs.values().filter(|run| {
+                !self.unsynced.contains(&run.reference.id)
+                    && !self.unmergeable.contains(&run.reference.id)
+            })
         };
+        let due = synced().any(|run| run.end <= low && run.purged_below < run.end);
         let dropped: Vec<Arc<Run>> = synced()
-            .filter(|run| run.end <= low && run.purged_below < run.end)
+            .filter(|run| due && run.end <= low)
             .cloned()
             .collect();
         let inputs = if dropped.is_empty() {
@@ -1240,9 +1258,18 @@ impl StreamIndex {
         })
     }
 
+    /// A merge planned by this index failed (its inputs as [`MergePlan::inputs`] gave them):
+    /// they are not merged again (a damaged run stays as it is, and others still merge).
+    pub fn merge_failed(&mut self, (generation, inputs): (u64, Vec<u64>)) {
+        if generation == self.generation {
+            self.unmergeable.extend(inputs);
+        }
+    }
+
     /// Puts a merge's output in place of its inputs (the inputs' files stay until a
     /// checkpoint no longer names them). A merge planned by another index (this one replaced
-    /// it meanwhile) or of runs no longer held is discarded, its file deleted.
+    /// it meanwhile) or of runs no longer held is discarded, its file deleted; a run's name
+    /// already taken is never replaced.
     pub fn install_merge(&mut self, merged: Merged) {
         let held = merged.generation == self.generation
             && merged.inputs.iter().all(|input| {
@@ -1257,14 +1284,17 @@ impl StreamIndex {
             return;
         };
         if !held {
-            let _ = std::fs::remove_file(written);
+            // Its file goes as `merged` is dropped.
             return;
         }
+        // Linked, never renamed over: a name already taken (by a later index of the same
+        // folder) is left alone.
         let path = run_path(&self.dir, reference.id);
-        let installed = std::fs::rename(written, &path)
-            .map_err(|e| StoreError::io(path.display().to_string(), e))
-            .and_then(|()| Run::open(&self.dir, *reference));
-        match installed {
+        if let Err(e) = std::fs::hard_link(&written.0, &path) {
+            tracing::warn!(run = %path.display(), error = %e, "installing a merged stream index run failed");
+            return;
+        }
+        match Run::open(&self.dir, *reference) {
             Ok(run) => {
                 self.retire(&merged.inputs);
                 self.runs.insert(reference.id, Arc::new(run));
@@ -1272,8 +1302,7 @@ impl StreamIndex {
                 self.unsynced.push(reference.id);
             }
             Err(e) => {
-                tracing::warn!(error = %e, "installing a merged stream index run failed");
-                let _ = std::fs::remove_file(written);
+                tracing::warn!(run = %path.display(), error = %e, "installing a merged stream index run failed");
                 let _ = std::fs::remove_file(&path);
             }
         }
@@ -1511,6 +1540,60 @@ mod tests {
         }));
         assert!(panicked.is_err());
         assert!(index.merge_due(0).is_some());
+    }
+
+    #[test]
+    fn purges_at_rising_lows_collapse_into_one_run_rather_than_pile_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut index = StreamIndex::empty(dir.path(), Arc::new(IndexCache::default()));
+        for round in 0..6u64 {
+            for s in 0..20u64 {
+                index.append(format!("s{s}"), a(round + 1, round * 100 + s * 5, 1));
+            }
+            let c = index.checkpoint().unwrap();
+            index.checkpointed(&c.runs);
+            // Retention keeps only this round: every earlier run is wholly below it.
+            let low = round * 100;
+            if let Some(plan) = index.merge_due(low) {
+                index.install_merge(plan.run(low).unwrap());
+            }
+            assert!(
+                index.runs.len() <= 2,
+                "round {round}: {} runs",
+                index.runs.len()
+            );
+        }
+        assert_eq!(index.reader("s7").version().unwrap(), 6);
+    }
+
+    #[test]
+    fn a_merge_of_an_index_a_later_one_took_over_never_replaces_that_ones_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Arc::new(IndexCache::default());
+        let mut old = StreamIndex::empty(dir.path(), cache.clone());
+        fill(&mut old, 10, 20, 50);
+        let named: Vec<RunRef> = old.runs().iter().map(|r| r.reference()).collect();
+        let plan = old.merge_due(0).expect("due");
+        // The group is reopened on the same folder while the merge runs; the new index's
+        // next run takes the number the merge reserved.
+        let mut new = StreamIndex::open(dir.path(), &named, cache).unwrap();
+        new.append("late".into(), a(1, 10_000, 1));
+        let c = new.checkpoint().unwrap();
+        new.checkpointed(&c.runs);
+        let taken = c.runs.iter().map(|r| r.id).max().unwrap();
+        assert_eq!(plan.inputs().1.len(), 4);
+        let before = std::fs::read(run_path(dir.path(), taken)).unwrap();
+        old.install_merge(plan.run(0).unwrap());
+        assert_eq!(std::fs::read(run_path(dir.path(), taken)).unwrap(), before);
+        assert_eq!(new.reader("late").version().unwrap(), 1);
+        let leftovers = std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter(|f| {
+                let name = f.as_ref().unwrap().file_name();
+                name.to_string_lossy().contains(".merging-")
+            })
+            .count();
+        assert_eq!(leftovers, 0);
     }
 
     #[test]
