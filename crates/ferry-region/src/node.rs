@@ -422,15 +422,20 @@ impl<T: Transport> Node<T> {
         // or one could delete a group's folder while another starts it.
         let _one = inner.reconciling.lock().await;
         let mut wanted = std::collections::HashSet::new();
+        // The moves before the topics: a finished move shows in the topics' replicas before
+        // it leaves the moves (the metadata view publishes them in that order), so a move
+        // that finishes meanwhile is seen either under way or done, never neither (which
+        // would retire the replica it just made here, and a restarted empty replica is a log
+        // reversion to its leader).
+        let moves = inner.meta_view.moves();
         let topics = inner.meta_view.topics();
         for topic in &topics {
             for number in 0..topic.config.groups {
                 // A group's first partition is numbered like the group.
                 let replicas = &topic.replicas[number as usize];
-                let moving_in = inner
-                    .meta_view
-                    .move_of(&topic.config.name, number)
-                    .is_some_and(|m| m.to == inner.id);
+                let moving_in = moves
+                    .iter()
+                    .any(|m| m.topic == topic.config.name && m.group == number && m.to == inner.id);
                 if !replicas.contains(&inner.id) && !moving_in {
                     continue;
                 }
