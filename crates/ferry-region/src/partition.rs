@@ -606,8 +606,8 @@ impl PartitionView {
     }
 
     /// Events of domain stream `stream` from version `from_version` on, in version order: at
-    /// most `max_events` (and 65,536), and none more once `max_bytes` of events are collected (but at
-    /// least one). Answers the stream's version (0 if it does not exist) with them. Events
+    /// most `max_events` (and 65,536), and none more once `max_bytes` of events are collected
+    /// (but at least one). Answers the stream's version (0 if it does not exist) with them. Events
     /// retention dropped are skipped. Only what readers may see (below the published high
     /// watermark) is read, and the version answered is that of the last such event.
     pub async fn read_stream(

@@ -85,6 +85,15 @@ pub struct RunRef {
     pub entries: u64,
 }
 
+/// Whether two paths name one file.
+fn same_file(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(a), Ok(b)) => (a.dev(), a.ino()) == (b.dev(), b.ino()),
+        _ => false,
+    }
+}
+
 /// The file of run `id` in `dir`.
 pub fn run_path(dir: &Path, id: u64) -> PathBuf {
     dir.join(format!("streams-{id:016}.run"))
@@ -956,7 +965,7 @@ impl Drop for Unfinished {
 }
 
 impl MergePlan {
-    /// The file the merge writes, renamed to the run's name when installed: unique to the
+    /// The file the merge writes, linked to the run's name when installed: unique to the
     /// index that planned it, so a merge outliving its index (a snapshot installed, a group
     /// reopened) cannot touch another's runs.
     fn writing(&self) -> PathBuf {
@@ -1303,7 +1312,10 @@ impl StreamIndex {
             }
             Err(e) => {
                 tracing::warn!(run = %path.display(), error = %e, "installing a merged stream index run failed");
-                let _ = std::fs::remove_file(&path);
+                // Only the name linked here (a later index may have taken it meanwhile).
+                if same_file(&path, &written.0) {
+                    let _ = std::fs::remove_file(&path);
+                }
             }
         }
     }
