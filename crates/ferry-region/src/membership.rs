@@ -510,10 +510,10 @@ impl<T: Transport> Node<T> {
     /// moves to it and moves off it.
     fn replica_counts(&self) -> std::collections::BTreeMap<NodeId, (u32, u32, u32)> {
         let mut counts = std::collections::BTreeMap::<NodeId, (u32, u32, u32)>::new();
-        // The moves before the topics (see `Node::reconcile`): a move finishing meanwhile is
-        // counted under way or done, never neither.
-        let moves = self.inner.meta_view.moves();
-        for g in crate::balance::placements(&self.inner.meta_view.topics()) {
+        // As of one applied index (see `Placement`): a move finishing meanwhile is counted
+        // under way or done, never neither.
+        let crate::metadata::Placement { topics, moves } = self.inner.meta_view.placement();
+        for g in crate::balance::placements(&topics) {
             for r in g.replicas {
                 counts.entry(r).or_default().0 += 1;
             }

@@ -112,17 +112,57 @@ fn layout_key(topic: &str) -> Vec<u8> {
 
 /// Read access to the applied metadata, shared with the node.
 pub struct MetaView {
-    /// Shared, so a lookup on the publish path copies a pointer, not the placement.
-    topics: RwLock<BTreeMap<String, Arc<TopicState>>>,
+    /// The topics and the replica moves under way, under one lock so that they are read as
+    /// of one applied index.
+    placement: RwLock<Shared>,
     interests: RwLock<BTreeMap<String, SubjectFilter>>,
     interest_version: std::sync::atomic::AtomicU64,
     interests_since: std::sync::atomic::AtomicU64,
-    /// Replica moves under way, by (topic, group).
-    moves: RwLock<BTreeMap<(String, u32), ReplicaMove>>,
     /// Nodes draining.
     draining: RwLock<BTreeSet<NodeId>>,
     balancing: std::sync::atomic::AtomicBool,
     version: watch::Sender<u64>,
+}
+
+/// What [`MetaView::placement`] guards.
+#[derive(Default)]
+struct Shared {
+    /// Shared, so a lookup on the publish path copies a pointer, not the placement.
+    topics: BTreeMap<String, Arc<TopicState>>,
+    /// Replica moves under way, by (topic, group).
+    moves: BTreeMap<(String, u32), ReplicaMove>,
+}
+
+/// The topics and the replica moves under way as one node applied them, read together: a
+/// finished move shows in its topic's replicas in the same snapshot that no longer lists it
+/// under way, so a reader sees it either under way or done, never neither (a node that saw
+/// neither would retire the replica the move had just made on it).
+#[derive(Debug, Clone, Default)]
+pub struct Placement {
+    /// Every topic, by name.
+    pub topics: Vec<Arc<TopicState>>,
+    /// The moves under way.
+    pub moves: Vec<ReplicaMove>,
+}
+
+impl Placement {
+    /// The Raft groups `node` hosts: each topic's groups with a replica on it or a move to
+    /// it under way, with whether it is moving in.
+    pub fn groups_on(&self, node: NodeId) -> Vec<(&Arc<TopicState>, u32, bool)> {
+        let mut hosted = Vec::new();
+        for topic in &self.topics {
+            for group in 0..topic.config.groups {
+                let moving_in = self
+                    .moves
+                    .iter()
+                    .any(|m| m.topic == topic.config.name && m.group == group && m.to == node);
+                if moving_in || topic.replicas[group as usize].contains(&node) {
+                    hosted.push((topic, group, moving_in));
+                }
+            }
+        }
+        hosted
+    }
 }
 
 /// A region's interests as one node applied them.
@@ -141,19 +181,39 @@ pub struct InterestSet {
 impl MetaView {
     /// A topic by name.
     pub fn topic(&self, name: &str) -> Option<Arc<TopicState>> {
-        self.topics.read().ok()?.get(name).cloned()
+        self.placement.read().ok()?.topics.get(name).cloned()
     }
 
     /// A topic's retention (without copying its placement).
     pub fn retention(&self, name: &str) -> Option<ferry_proto::Retention> {
-        Some(self.topics.read().ok()?.get(name)?.config.retention)
+        Some(
+            self.placement
+                .read()
+                .ok()?
+                .topics
+                .get(name)?
+                .config
+                .retention,
+        )
     }
 
     /// Every topic.
     pub fn topics(&self) -> Vec<Arc<TopicState>> {
-        self.topics
+        self.placement
             .read()
-            .map(|t| t.values().cloned().collect())
+            .map(|p| p.topics.values().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// The topics and the moves under way, as of one applied index: what a reader that needs
+    /// both takes (see [`Placement`]).
+    pub fn placement(&self) -> Placement {
+        self.placement
+            .read()
+            .map(|p| Placement {
+                topics: p.topics.values().cloned().collect(),
+                moves: p.moves.values().cloned().collect(),
+            })
             .unwrap_or_default()
     }
 
@@ -181,17 +241,18 @@ impl MetaView {
 
     /// Replica moves under way.
     pub fn moves(&self) -> Vec<ReplicaMove> {
-        self.moves
+        self.placement
             .read()
-            .map(|m| m.values().cloned().collect())
+            .map(|p| p.moves.values().cloned().collect())
             .unwrap_or_default()
     }
 
     /// The move under way of a topic's group, if any.
     pub fn move_of(&self, topic: &str, group: u32) -> Option<ReplicaMove> {
-        self.moves
+        self.placement
             .read()
             .ok()?
+            .moves
             .get(&(topic.to_string(), group))
             .cloned()
     }
@@ -246,11 +307,10 @@ impl Default for MetaApp {
     fn default() -> Self {
         Self {
             view: Arc::new(MetaView {
-                topics: RwLock::new(BTreeMap::new()),
+                placement: RwLock::new(Shared::default()),
                 interests: RwLock::new(BTreeMap::new()),
                 interest_version: std::sync::atomic::AtomicU64::new(0),
                 interests_since: std::sync::atomic::AtomicU64::new(0),
-                moves: RwLock::new(BTreeMap::new()),
                 draining: RwLock::new(BTreeSet::new()),
                 balancing: std::sync::atomic::AtomicBool::new(false),
                 version: watch::channel(0).0,
@@ -780,18 +840,24 @@ impl Application for MetaApp {
 
     fn after_apply(&mut self, _tree: &sled::Tree) {
         let mut changed = false;
-        if let Ok(mut topics) = self.view.topics.write() {
-            let same = topics.len() == self.topics.len()
-                && topics
+        // The topics and the moves under one lock (see `Placement`).
+        if let Ok(mut placement) = self.view.placement.write() {
+            let same = placement.topics.len() == self.topics.len()
+                && placement
+                    .topics
                     .iter()
                     .zip(&self.topics)
                     .all(|((name, shared), (n, state))| name == n && **shared == *state);
             if !same {
-                *topics = self
+                placement.topics = self
                     .topics
                     .iter()
                     .map(|(name, state)| (name.clone(), Arc::new(state.clone())))
                     .collect();
+                changed = true;
+            }
+            if placement.moves != self.moves {
+                placement.moves = self.moves.clone();
                 changed = true;
             }
         }
@@ -812,12 +878,6 @@ impl Application for MetaApp {
                 self.view
                     .interests_since
                     .store(since, std::sync::atomic::Ordering::Release);
-                changed = true;
-            }
-        }
-        if let Ok(mut moves) = self.view.moves.write() {
-            if *moves != self.moves {
-                *moves = self.moves.clone();
                 changed = true;
             }
         }
@@ -943,6 +1003,58 @@ mod tests {
             MetaReply::Done
         ));
         assert_eq!(app.view().topic("t").unwrap().replicas[1], vec![1, 2, 3]);
+    }
+
+    #[test]
+    fn a_moves_target_hosts_the_group_in_every_placement_read_during_and_after_it() {
+        let db = sled::Config::new().temporary(true).open().unwrap();
+        let tree = db.open_tree("meta").unwrap();
+        let mut app = MetaApp::default();
+        let mut config = TopicConfig::new("t", 1);
+        config.groups = 1;
+        let create = MetaCommand::CreateTopic {
+            config,
+            replicas: vec![vec![1, 2, 3]],
+        };
+        assert!(matches!(
+            apply(&mut app, &tree, 1, create),
+            MetaReply::Created
+        ));
+        let hosts = |p: &Placement, node| {
+            p.groups_on(node)
+                .iter()
+                .map(|(t, g, moving_in)| (t.config.name.clone(), *g, *moving_in))
+                .collect::<Vec<_>>()
+        };
+        let before = app.view().placement();
+        assert!(hosts(&before, 4).is_empty());
+        let start = MetaCommand::MoveReplica {
+            topic: "t".into(),
+            group: 0,
+            from: 1,
+            to: 4,
+            at_ms: 5,
+        };
+        assert!(matches!(apply(&mut app, &tree, 2, start), MetaReply::Done));
+        let during = app.view().placement();
+        let finish = MetaCommand::FinishMove {
+            topic: "t".into(),
+            group: 0,
+            from: 1,
+            to: 4,
+        };
+        assert!(matches!(apply(&mut app, &tree, 3, finish), MetaReply::Done));
+        let after = app.view().placement();
+        // Under way the target hosts it moving in, and the source still hosts it; done, the
+        // target hosts it as a replica and the source no longer does. A placement read before
+        // the finish keeps what it read: a reconcile pass works on one of these, never on
+        // the topics of one and the moves of another.
+        assert_eq!(hosts(&during, 4), vec![("t".to_string(), 0, true)]);
+        assert_eq!(hosts(&during, 1), vec![("t".to_string(), 0, false)]);
+        assert_eq!(hosts(&after, 4), vec![("t".to_string(), 0, false)]);
+        assert!(hosts(&after, 1).is_empty());
+        assert_eq!(during.moves.len(), 1);
+        assert!(after.moves.is_empty());
     }
 
     #[test]

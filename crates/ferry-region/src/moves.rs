@@ -24,7 +24,7 @@ use openraft::{BasicNode, ChangeMembers};
 
 use crate::balance::{after_moves, placements, plan_balance, plan_leaders, plan_moves};
 use crate::command::MetaCommand;
-use crate::metadata::{ReplicaMove, TopicState};
+use crate::metadata::{Placement, ReplicaMove, TopicState};
 use crate::node::{now_ms, partition_group, PartitionGroup};
 use crate::peer::{PeerRequest, PeerResponse};
 use crate::Node;
@@ -297,8 +297,11 @@ impl<T: Transport> Node<T> {
         if let Some(answer) = self.answer_from_meta_leader(&original, forwarded).await {
             return answer;
         }
-        let groups = placements(&self.inner.meta_view.topics());
-        let under_way = self.inner.meta_view.moves();
+        let Placement {
+            topics,
+            moves: under_way,
+        } = self.inner.meta_view.placement();
+        let groups = placements(&topics);
         let active = self.placement_nodes();
         let loads = self.region_loads().await;
         let moves = plan_balance(&groups, &under_way, &active, &loads, usize::MAX, now_ms());
@@ -342,8 +345,11 @@ impl<T: Transport> Node<T> {
         if !self.inner.meta_view.balancing() {
             return;
         }
-        let groups = placements(&self.inner.meta_view.topics());
-        let under_way = self.inner.meta_view.moves();
+        let Placement {
+            topics,
+            moves: under_way,
+        } = self.inner.meta_view.placement();
+        let groups = placements(&topics);
         let active = self.placement_nodes();
         let max = self.inner.config.max_moves_per_node;
         let mut busy: BTreeMap<NodeId, usize> = BTreeMap::new();
@@ -460,7 +466,11 @@ impl<T: Transport> Node<T> {
         self.continue_balancing().await;
         let members: BTreeSet<NodeId> = self.region_members().iter().map(|m| m.id).collect();
         let draining = self.inner.meta_view.draining();
-        let groups = placements(&self.inner.meta_view.topics());
+        let Placement {
+            topics,
+            moves: under_way,
+        } = self.inner.meta_view.placement();
+        let groups = placements(&topics);
         let mut leaving: BTreeSet<NodeId> = draining.clone();
         leaving.extend(
             groups
@@ -478,7 +488,7 @@ impl<T: Transport> Node<T> {
             .collect();
         let planned = plan_moves(
             &groups,
-            &self.inner.meta_view.moves(),
+            &under_way,
             &active,
             &leaving,
             self.inner.config.max_moves_per_node,

@@ -422,128 +422,118 @@ impl<T: Transport> Node<T> {
         // or one could delete a group's folder while another starts it.
         let _one = inner.reconciling.lock().await;
         let mut wanted = std::collections::HashSet::new();
-        // The moves before the topics: a finished move shows in the topics' replicas before
-        // it leaves the moves (the metadata view publishes them in that order), so a move
-        // that finishes meanwhile is seen either under way or done, never neither (which
-        // would retire the replica it just made here, and a restarted empty replica is a log
-        // reversion to its leader).
-        let moves = inner.meta_view.moves();
-        let topics = inner.meta_view.topics();
-        for topic in &topics {
-            for number in 0..topic.config.groups {
-                // A group's first partition is numbered like the group.
-                let replicas = &topic.replicas[number as usize];
-                let moving_in = moves
-                    .iter()
-                    .any(|m| m.topic == topic.config.name && m.group == number && m.to == inner.id);
-                if !replicas.contains(&inner.id) && !moving_in {
-                    continue;
-                }
-                let group = partition_group(&topic.config.name, number);
-                wanted.insert(group.clone());
-                if inner
-                    .partitions
-                    .read()
-                    .map(|p| p.contains_key(&group))
-                    .unwrap_or(true)
-                {
-                    continue;
-                }
-                // Those the topic was created with: the state machine knows the children of
-                // the splits it applied.
-                let members: Vec<u32> = topic
-                    .partitions_of(number)
-                    .filter(|p| topic.layout.split_of(*p).is_none())
-                    .collect();
-                if moving_in && !inner.store.groups().contains(&group) {
-                    // A replica arriving with no log here starts empty: files left by an
-                    // earlier replica of the group on this node (a retire cut short) go.
-                    self.remove_partition_dir(&group).await?;
-                }
-                let r = inner.config.raft;
-                let compaction = Arc::new(CompactionGate::new(
-                    group.clone(),
-                    compaction::Bounds {
-                        keep: r.keep_after_snapshot,
-                        max_log: r.max_log_while_catching_up,
-                        live_within: Duration::from_millis(r.election_max_ms * 4),
-                    },
-                    inner.snapshots_deferred.clone(),
-                ));
-                let sm = PartitionStateMachine::open(
-                    &self.partition_dir(&group),
-                    topic
-                        .config
-                        .retention
-                        .segment_bytes(inner.config.wal_segment_bytes),
-                    &members,
-                    crate::partition::GroupStorage {
-                        tier: inner.tier.clone(),
-                        index_cache: inner.index_cache.clone(),
-                    },
-                )?
-                .with_compaction(compaction.clone());
-                let views = sm.group_views();
-                let log = inner.store.log_store(&group)?;
-                let network = GroupNetwork {
-                    router: inner.router.clone(),
-                    group: group.clone(),
-                };
-                let raft = Raft::new(inner.id, inner.raft_config.clone(), network, log, sm)
-                    .await
-                    .map_err(|e| raft_err(&group, e))?;
-                compaction.watch(raft.metrics());
-                // A node the group moves to starts empty and is added by the group's leader.
-                if replicas.first() == Some(&inner.id)
-                    && !moving_in
-                    && !raft
-                        .is_initialized()
-                        .await
-                        .map_err(|e| raft_err(&group, e))?
-                {
-                    if let Err(e) = raft.initialize(self.members(replicas)).await {
-                        tracing::debug!(%group, error = %e, "partition group already formed");
-                    }
-                }
-                // A shutdown that ran meanwhile has already drained the map: stop this group
-                // too, or it would keep the data folder open.
-                let hosted = PartitionGroup {
-                    raft: raft.clone(),
-                    views,
-                    quiet: Arc::default(),
-                    proposals: Arc::default(),
-                };
-                let stale = match inner.partitions.write() {
-                    Ok(mut partitions) if !self.is_shut_down() => {
-                        partitions.insert(group.clone(), hosted.clone());
-                        false
-                    }
-                    _ => true,
-                };
-                if stale {
-                    let _ = raft.shutdown().await;
-                    return Ok(());
-                }
-                if topic.config.retention.tiered() {
-                    if inner.tier.is_none() {
-                        tracing::error!(%group, "a tiered topic's replica on a node without [tier]: it cannot read offloaded offsets nor, as leader, upload; give every node of the region the same [tier]");
-                    }
-                    Self::spawn_checkpoints_after_offloads(hosted.clone());
-                }
-                Leadership::follow(
-                    Arc::downgrade(&inner.leadership),
-                    inner.id,
-                    topic.config.name.as_str().into(),
-                    hosted,
-                );
-                tracing::info!(%group, ?replicas, partitions = members.len(), "started partition group");
+        // The topics and the moves as of one applied index (see `Placement`).
+        let placement = inner.meta_view.placement();
+        for (topic, number, moving_in) in placement.groups_on(inner.id) {
+            // A group's first partition is numbered like the group.
+            let replicas = &topic.replicas[number as usize];
+            let group = partition_group(&topic.config.name, number);
+            wanted.insert(group.clone());
+            if inner
+                .partitions
+                .read()
+                .map(|p| p.contains_key(&group))
+                .unwrap_or(true)
+            {
+                continue;
             }
+            // Those the topic was created with: the state machine knows the children of
+            // the splits it applied.
+            let members: Vec<u32> = topic
+                .partitions_of(number)
+                .filter(|p| topic.layout.split_of(*p).is_none())
+                .collect();
+            if moving_in && !inner.store.groups().contains(&group) {
+                // A replica arriving with no log here starts empty: files left by an
+                // earlier replica of the group on this node (a retire cut short) go.
+                self.remove_partition_dir(&group).await?;
+            }
+            let r = inner.config.raft;
+            let compaction = Arc::new(CompactionGate::new(
+                group.clone(),
+                compaction::Bounds {
+                    keep: r.keep_after_snapshot,
+                    max_log: r.max_log_while_catching_up,
+                    live_within: Duration::from_millis(r.election_max_ms * 4),
+                },
+                inner.snapshots_deferred.clone(),
+            ));
+            let sm = PartitionStateMachine::open(
+                &self.partition_dir(&group),
+                topic
+                    .config
+                    .retention
+                    .segment_bytes(inner.config.wal_segment_bytes),
+                &members,
+                crate::partition::GroupStorage {
+                    tier: inner.tier.clone(),
+                    index_cache: inner.index_cache.clone(),
+                },
+            )?
+            .with_compaction(compaction.clone());
+            let views = sm.group_views();
+            let log = inner.store.log_store(&group)?;
+            let network = GroupNetwork {
+                router: inner.router.clone(),
+                group: group.clone(),
+            };
+            let raft = Raft::new(inner.id, inner.raft_config.clone(), network, log, sm)
+                .await
+                .map_err(|e| raft_err(&group, e))?;
+            compaction.watch(raft.metrics());
+            // A node the group moves to starts empty and is added by the group's leader.
+            if replicas.first() == Some(&inner.id)
+                && !moving_in
+                && !raft
+                    .is_initialized()
+                    .await
+                    .map_err(|e| raft_err(&group, e))?
+            {
+                if let Err(e) = raft.initialize(self.members(replicas)).await {
+                    tracing::debug!(%group, error = %e, "partition group already formed");
+                }
+            }
+            // A shutdown that ran meanwhile has already drained the map: stop this group
+            // too, or it would keep the data folder open.
+            let hosted = PartitionGroup {
+                raft: raft.clone(),
+                views,
+                quiet: Arc::default(),
+                proposals: Arc::default(),
+            };
+            let stale = match inner.partitions.write() {
+                Ok(mut partitions) if !self.is_shut_down() => {
+                    partitions.insert(group.clone(), hosted.clone());
+                    false
+                }
+                _ => true,
+            };
+            if stale {
+                let _ = raft.shutdown().await;
+                return Ok(());
+            }
+            if topic.config.retention.tiered() {
+                if inner.tier.is_none() {
+                    tracing::error!(%group, "a tiered topic's replica on a node without [tier]: it cannot read offloaded offsets nor, as leader, upload; give every node of the region the same [tier]");
+                }
+                Self::spawn_checkpoints_after_offloads(hosted.clone());
+            }
+            Leadership::follow(
+                Arc::downgrade(&inner.leadership),
+                inner.id,
+                topic.config.name.as_str().into(),
+                hosted,
+            );
+            tracing::info!(%group, ?replicas, partitions = members.len(), "started partition group");
         }
         // Groups of topics this node knows that are no longer placed here: their replica
         // moved away. Running ones stop; what a retire cut short by a crash or an error left
         // (a log in the write-ahead log, a folder) goes too.
-        let known: std::collections::HashSet<&str> =
-            topics.iter().map(|t| t.config.name.as_str()).collect();
+        let known: std::collections::HashSet<&str> = placement
+            .topics
+            .iter()
+            .map(|t| t.config.name.as_str())
+            .collect();
         let unwanted = |g: &GroupId| {
             !wanted.contains(g)
                 && g.rsplit_once('/')
