@@ -737,8 +737,6 @@ struct Partition {
     dirty: bool,
     /// Applied an offload since the state machine last told the group's views.
     offloaded_now: bool,
-    /// Blocks of stream index runs read lately (node-wide).
-    index_cache: Arc<IndexCache>,
 }
 
 /// What a group's partitions store beyond their folder: the node's object store for
@@ -773,7 +771,6 @@ impl Partition {
             tier: storage.tier.clone(),
         });
         Self {
-            index_cache: storage.index_cache.clone(),
             view,
             marks: Watermarks::default(),
             producers: HashMap::new(),
@@ -870,8 +867,8 @@ impl Partition {
             .map_err(storage_err)?
             .dir()
             .to_path_buf();
-        *self.view.streams.write().map_err(storage_err)? =
-            StreamIndex::open(&dir, named, self.index_cache.clone())?;
+        let mut streams = self.view.streams.write().map_err(storage_err)?;
+        *streams = StreamIndex::open(&dir, named, streams.cache())?;
         Ok(())
     }
 
@@ -1690,9 +1687,9 @@ impl PartitionStateMachine {
                         }
                     }
                     Err(e) => {
-                        tracing::warn!(error = %e, runs = ?inputs.1, "merging stream index runs failed; those runs are not merged again until the partition reopens");
+                        tracing::warn!(error = %e, runs = ?inputs.1, "merging stream index runs failed: a damaged run is not merged again until the partition reopens; other failures are retried later");
                         if let Ok(mut index) = view.streams.write() {
-                            index.merge_failed(inputs);
+                            index.merge_failed(inputs, &e);
                         }
                     }
                 }

@@ -29,6 +29,14 @@ pub enum StoreError {
         /// What was wrong, and where.
         reason: String,
     },
+    /// A stream index run is damaged (a checksum, a length or its order is wrong).
+    #[error("stream index run {path} is damaged: {reason}")]
+    RunCorrupt {
+        /// The run's file.
+        path: PathBuf,
+        /// What was wrong.
+        reason: String,
+    },
     /// A read or write failed.
     #[error("storage I/O on {what}: {reason}")]
     Io {

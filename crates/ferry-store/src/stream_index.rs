@@ -26,6 +26,7 @@ use std::io::{BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
@@ -47,6 +48,10 @@ const MAX_BLOCK: u32 = 4 * 1024 * 1024;
 const MERGE_AT: usize = 4;
 /// Runs below this many bytes are one size class.
 const SMALLEST_CLASS: u64 = 64 * 1024;
+/// The wait after a merge failed for a reason other than a damaged run, doubling with each
+/// failure in a row up to [`MERGE_RETRY_MAX`].
+const MERGE_RETRY_FIRST: Duration = Duration::from_secs(1);
+const MERGE_RETRY_MAX: Duration = Duration::from_secs(300);
 
 /// Numbers each opened run within the process: the cache's keys.
 static NEXT_UID: AtomicU64 = AtomicU64::new(1);
@@ -179,10 +184,10 @@ impl Default for IndexCache {
 }
 
 fn corrupt(path: &Path, why: impl std::fmt::Display) -> StoreError {
-    StoreError::io(
-        path.display().to_string(),
-        format!("stream index run: {why}"),
-    )
+    StoreError::RunCorrupt {
+        path: path.to_path_buf(),
+        reason: why.to_string(),
+    }
 }
 
 /// Reads block items from `bytes` (a block without its CRC).
@@ -395,19 +400,14 @@ impl RunWriter {
         if self.data_count == 0 {
             return Ok(());
         }
-        let block = seal_block(std::mem::take(&mut self.data_count), &self.data);
-        self.data.clear();
-        let (pos, len) = self.write(&block)?;
-        let (stream, version) = self.last.clone().unwrap_or_default();
-        put_pointer(
-            &mut self.index,
-            &Pointer {
-                stream,
-                version,
-                pos,
-                len,
-            },
+        let (data, count) = (
+            std::mem::take(&mut self.data),
+            std::mem::take(&mut self.data_count),
         );
+        let pointer = self.write_block(count, &data)?;
+        self.data = data;
+        self.data.clear();
+        put_pointer(&mut self.index, &pointer);
         self.index_count += 1;
         self.data_blocks += 1;
         if u64::from(self.index_count) == FANOUT {
@@ -420,17 +420,28 @@ impl RunWriter {
         if self.index_count == 0 {
             return Ok(());
         }
-        let block = seal_block(std::mem::take(&mut self.index_count), &self.index);
+        let (index, count) = (
+            std::mem::take(&mut self.index),
+            std::mem::take(&mut self.index_count),
+        );
+        let pointer = self.write_block(count, &index)?;
+        self.index = index;
         self.index.clear();
-        let (pos, len) = self.write(&block)?;
+        self.top.push(pointer);
+        Ok(())
+    }
+
+    /// Writes `count` encoded items as one sealed block: a pointer to it under the last key
+    /// written so far (the largest it covers).
+    fn write_block(&mut self, count: u32, items: &[u8]) -> Result<Pointer, StoreError> {
+        let (pos, len) = self.write(&seal_block(count, items))?;
         let (stream, version) = self.last.clone().unwrap_or_default();
-        self.top.push(Pointer {
+        Ok(Pointer {
             stream,
             version,
             pos,
             len,
-        });
-        Ok(())
+        })
     }
 
     /// Writes the rest and the trailer (not synced): the run's reference.
@@ -1069,8 +1080,11 @@ pub struct StreamIndex {
     /// Runs merged away: their files go once a checkpoint no longer names them.
     retired: Vec<Arc<Run>>,
     next_id: u64,
-    /// Runs a merge failed on (not merged again by this index).
+    /// Damaged runs a merge failed on (not merged again by this index).
     unmergeable: Vec<u64>,
+    /// After a merge failed for another reason (say, a full disk), no merge is planned
+    /// before this time; the delay doubles with each failure in a row.
+    merge_backoff: Option<(Instant, Duration)>,
     /// Numbers this index among those of the process (merges belong to one).
     generation: u64,
     merging: Arc<AtomicBool>,
@@ -1088,6 +1102,7 @@ impl StreamIndex {
             retired: Vec::new(),
             next_id: 1,
             unmergeable: Vec::new(),
+            merge_backoff: None,
             generation: NEXT_UID.fetch_add(1, Ordering::Relaxed),
             merging: Arc::new(AtomicBool::new(false)),
         }
@@ -1128,6 +1143,11 @@ impl StreamIndex {
             .insert((self.generation, stream.clone()), append);
         self.recent
             .insert((stream, append.first_version), (append.base, append.count));
+    }
+
+    /// The cache it reads through.
+    pub fn cache(&self) -> Arc<IndexCache> {
+        self.cache.clone()
     }
 
     /// A reader of `stream` for the state machine (its only writer), which caches the
@@ -1222,12 +1242,17 @@ impl StreamIndex {
         });
     }
 
-    /// A merge due now, unless one is under way: once some run wholly below the low
-    /// watermark `low` was not purged at it yet, all runs wholly below it (to forget their
-    /// dropped appends; runs purged before collapse with them), else runs of one size class
-    /// once four piled up. Only synced runs are merged, and none a merge failed on.
+    /// A merge due now, unless one is under way or a failed one is backing off: once some
+    /// run wholly below the low watermark `low` was not purged at it yet, all runs wholly
+    /// below it (to forget their dropped appends; runs purged before collapse with them);
+    /// and the runs of a size class where four piled up (with the former if both are due,
+    /// so purges never starve them). Only synced runs are merged, and no damaged one.
     pub fn merge_due(&mut self, low: u64) -> Option<MergePlan> {
-        if self.merging.load(Ordering::Acquire) {
+        if self.merging.load(Ordering::Acquire)
+            || self
+                .merge_backoff
+                .is_some_and(|(until, _)| Instant::now() < until)
+        {
             return None;
         }
         let synced = || {
@@ -1241,19 +1266,24 @@ impl StreamIndex {
             .filter(|run| due && run.end <= low)
             .cloned()
             .collect();
-        let inputs = if dropped.is_empty() {
-            let class = |bytes: u64| (bytes.max(SMALLEST_CLASS) / SMALLEST_CLASS).ilog(4);
-            let mut classes: BTreeMap<u32, Vec<Arc<Run>>> = BTreeMap::new();
-            for run in synced() {
-                classes
-                    .entry(class(run.reference.bytes))
-                    .or_default()
-                    .push(run.clone());
-            }
-            classes.into_values().find(|runs| runs.len() >= MERGE_AT)?
-        } else {
-            dropped
-        };
+        let class = |bytes: u64| (bytes.max(SMALLEST_CLASS) / SMALLEST_CLASS).ilog(4);
+        let mut classes: BTreeMap<u32, Vec<Arc<Run>>> = BTreeMap::new();
+        for run in synced().filter(|run| !dropped.iter().any(|d| Arc::ptr_eq(d, run))) {
+            classes
+                .entry(class(run.reference.bytes))
+                .or_default()
+                .push(run.clone());
+        }
+        let mut inputs = dropped;
+        inputs.extend(
+            classes
+                .into_values()
+                .find(|runs| runs.len() >= MERGE_AT)
+                .unwrap_or_default(),
+        );
+        if inputs.is_empty() {
+            return None;
+        }
         self.merging.store(true, Ordering::Release);
         let id = self.next_id;
         self.next_id += 1;
@@ -1267,12 +1297,31 @@ impl StreamIndex {
         })
     }
 
-    /// A merge planned by this index failed (its inputs as [`MergePlan::inputs`] gave them):
-    /// they are not merged again (a damaged run stays as it is, and others still merge).
-    pub fn merge_failed(&mut self, (generation, inputs): (u64, Vec<u64>)) {
-        if generation == self.generation {
-            self.unmergeable.extend(inputs);
+    /// A merge planned by this index failed with `error` (its inputs as
+    /// [`MergePlan::inputs`] gave them): an input it found damaged is not merged again (it
+    /// stays as it is, and the others still merge); any other failure backs merges off.
+    pub fn merge_failed(&mut self, (generation, inputs): (u64, Vec<u64>), error: &StoreError) {
+        if generation != self.generation {
+            return;
         }
+        let damaged = match error {
+            StoreError::RunCorrupt { path, .. } => inputs
+                .iter()
+                .copied()
+                .find(|id| self.runs.get(id).is_some_and(|run| run.path == *path)),
+            _ => None,
+        };
+        match damaged {
+            Some(id) => self.unmergeable.push(id),
+            None => self.back_off_merges(),
+        }
+    }
+
+    fn back_off_merges(&mut self) {
+        let delay = self.merge_backoff.map_or(MERGE_RETRY_FIRST, |(_, last)| {
+            (last * 2).min(MERGE_RETRY_MAX)
+        });
+        self.merge_backoff = Some((Instant::now() + delay, delay));
     }
 
     /// Puts a merge's output in place of its inputs (the inputs' files stay until a
@@ -1301,6 +1350,7 @@ impl StreamIndex {
         let path = run_path(&self.dir, reference.id);
         if let Err(e) = std::fs::hard_link(&written.0, &path) {
             tracing::warn!(run = %path.display(), error = %e, "installing a merged stream index run failed");
+            self.back_off_merges();
             return;
         }
         match Run::open(&self.dir, *reference) {
@@ -1309,9 +1359,11 @@ impl StreamIndex {
                 self.runs.insert(reference.id, Arc::new(run));
                 // Its folder entry is synced with the next checkpoint's runs.
                 self.unsynced.push(reference.id);
+                self.merge_backoff = None;
             }
             Err(e) => {
                 tracing::warn!(run = %path.display(), error = %e, "installing a merged stream index run failed");
+                self.back_off_merges();
                 // Only the name linked here (a later index may have taken it meanwhile).
                 if same_file(&path, &written.0) {
                     let _ = std::fs::remove_file(&path);
@@ -1552,6 +1604,89 @@ mod tests {
         }));
         assert!(panicked.is_err());
         assert!(index.merge_due(0).is_some());
+    }
+
+    #[test]
+    fn a_merge_failing_on_a_damaged_run_sets_only_that_run_aside_and_other_failures_back_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Arc::new(IndexCache::default());
+        let mut index = StreamIndex::empty(dir.path(), cache);
+        // Five small runs; the second gets a flipped byte in a data block.
+        fill(&mut index, 10, 25, 50);
+        assert_eq!(index.runs.len(), 5);
+        let damaged = *index.runs.keys().nth(1).unwrap();
+        let path = run_path(dir.path(), damaged);
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[100] ^= 1;
+        std::fs::write(&path, &bytes).unwrap();
+        let plan = index.merge_due(0).expect("due");
+        let inputs = plan.inputs();
+        assert_eq!(inputs.1.len(), 5);
+        let e = plan.run(0).err().expect("the damaged run fails the merge");
+        index.merge_failed(inputs, &e);
+        // The other four merge right away, without it.
+        let plan = index.merge_due(0).expect("due without the damaged run");
+        assert_eq!(plan.inputs().1.len(), 4);
+        assert!(!plan.inputs().1.contains(&damaged));
+        index.install_merge(plan.run(0).unwrap());
+        assert_eq!(index.runs.len(), 2);
+        // A failure that is not a damaged run (the folder is gone, say) sets nothing aside
+        // and holds merges off for a while; then they are retried.
+        for round in 0..4u64 {
+            for s in 0..100u64 {
+                index.append(
+                    format!("other-{s}"),
+                    a(round + 1, 10_000 + round * 100 + s, 1),
+                );
+            }
+            let c = index.checkpoint().unwrap();
+            index.checkpointed(&c.runs);
+        }
+        let plan = index.merge_due(0).expect("due");
+        let inputs = plan.inputs();
+        let away = dir.path().with_extension("away");
+        std::fs::rename(dir.path(), &away).unwrap();
+        let e = plan.run(0).err().expect("the output cannot be created");
+        std::fs::rename(&away, dir.path()).unwrap();
+        assert!(!matches!(e, StoreError::RunCorrupt { .. }), "{e}");
+        index.merge_failed(inputs.clone(), &e);
+        assert!(index.merge_due(0).is_none(), "backing off");
+        assert_eq!(index.unmergeable, vec![damaged]);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let plan = loop {
+            if let Some(plan) = index.merge_due(0) {
+                break plan;
+            }
+            assert!(Instant::now() < deadline, "the merge is never retried");
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        assert_eq!(plan.inputs(), inputs);
+        index.install_merge(plan.run(0).unwrap());
+        assert!(index.merge_backoff.is_none());
+    }
+
+    #[test]
+    fn class_merges_go_on_while_purges_are_due_at_every_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut index = StreamIndex::empty(dir.path(), Arc::new(IndexCache::default()));
+        // Retention keeps the last 24 rounds. No merge runs for the first 25 (as when one
+        // took long), so 25 runs pile up; from then on one falls wholly below the low at every
+        // checkpoint, and they would stay piled up if only purges merged.
+        for round in 0..72u64 {
+            for s in 0..20u64 {
+                index.append(format!("s{s}"), a(round + 1, round * 100 + s * 5, 1));
+            }
+            let c = index.checkpoint().unwrap();
+            index.checkpointed(&c.runs);
+            let low = round.saturating_sub(24) * 100;
+            if round >= 25 {
+                if let Some(plan) = index.merge_due(low) {
+                    index.install_merge(plan.run(low).unwrap());
+                }
+            }
+        }
+        assert!(index.runs.len() <= 8, "{} runs", index.runs.len());
+        assert_eq!(index.reader("s7").version().unwrap(), 72);
     }
 
     #[test]
