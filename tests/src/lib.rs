@@ -346,6 +346,8 @@ impl TestMesh {
                         },
                         cache_bytes: 16 * 1024 * 1024,
                         stream_index_cache_bytes: 16 * 1024 * 1024,
+                        // Small, so a tiered topic's stream index runs go to the store in tests.
+                        stream_index_upload_bytes: 64 * 1024,
                         wal_segment_bytes: 1024 * 1024,
                         max_client_connections: 100,
                         retention_interval_ms: 500,

@@ -44,6 +44,7 @@ async fn start_region(net: &MemNetwork, dir: &std::path::Path) -> Vec<Node<MemTr
             raft: RaftTuning::default(),
             cache_bytes: 8 << 20,
             stream_index_cache_bytes: 8 << 20,
+            stream_index_upload_bytes: 16 << 20,
             wal_segment_bytes: 1 << 20,
             max_client_connections: 10,
             retention_interval_ms: 1_000,

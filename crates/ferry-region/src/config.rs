@@ -231,6 +231,10 @@ pub struct NodeConfig {
     /// Memory for blocks of the partitions' domain-stream indexes read lately, bytes.
     #[serde(default = "default_cache_bytes")]
     pub stream_index_cache_bytes: u64,
+    /// A tiered topic's stream index runs of at least this many bytes go to the object
+    /// store (its `[tier]`); each run's file then keeps only each stream's last append.
+    #[serde(default = "default_stream_index_upload_bytes")]
+    pub stream_index_upload_bytes: u64,
     /// Size at which the write-ahead log starts a new segment file, bytes.
     #[serde(default = "default_wal_segment_bytes")]
     pub wal_segment_bytes: u64,
@@ -274,6 +278,9 @@ fn default_balance_load_spread_percent() -> u32 {
 }
 fn default_region() -> String {
     "local".into()
+}
+fn default_stream_index_upload_bytes() -> u64 {
+    16 * 1024 * 1024
 }
 fn default_cache_bytes() -> u64 {
     64 * 1024 * 1024

@@ -7,8 +7,10 @@
 //! The bytes: `[u32 partitions]`, then per partition `[u32 partition][u64 state
 //! length][state][u64 batches length]` and per batch `[u64 base offset][u32 count][u64
 //! appended at][u32 length][events]`, then `[u32 runs]` and per stream index run `[u64
-//! id][u64 length][u64 entries][the run file]`, then `[u64 length][group state]`, all
-//! big-endian. The
+//! id][u64 length][u64 entries][u8 in the object store]`, for a run in the store `[u128
+//! object name][u64 object length][u64 object entries]`, then `[the run file]`, then `[u64
+//! length][group state]`, all big-endian (a run in the store is sent as its file, which
+//! holds each stream's last append; its object is shared). The
 //! states are the partition state machine's own encoding; this module only carries them.
 //! Partitions come in ascending order; a snapshot may hold partitions the receiving group
 //! does not have yet (a split's children), never fewer.
@@ -21,7 +23,8 @@ use std::path::Path;
 use bytes::Bytes;
 use ferry_proto::StoredBatch;
 use ferry_store::{
-    receive_run, BatchFiles, Extent, ExtentFiles, IndexCache, RunRef, SnapshotSource, StoreError,
+    receive_run, BatchFiles, Extent, ExtentFiles, IndexCache, RemoteRunRef, RunRef, SnapshotSource,
+    StoreError,
 };
 
 /// Most bytes of one partition's encoded state (the codec's own decode bound).
@@ -31,7 +34,9 @@ const MAX_BATCH_BYTES: u64 = 64 * 1024 * 1024;
 /// Bytes of a batch's header in the snapshot.
 const BATCH_HEADER: u64 = 24;
 /// Bytes of a stream index run's header in the snapshot.
-const RUN_HEADER: u64 = 24;
+const RUN_HEADER: u64 = 25;
+/// What a run in the object store adds to its header.
+const REMOTE_RUN_HEADER: u64 = 32;
 /// Most stream index runs of one partition (a partition holds a few dozen).
 const MAX_RUNS: u32 = 4096;
 /// Bytes of a run file sent in one piece.
@@ -112,7 +117,11 @@ impl SnapshotSource for GroupSnapshotSource {
                 })?;
                 *size = Some(bytes);
             }
-            let runs: u64 = part.runs.iter().map(|(r, _)| RUN_HEADER + r.bytes).sum();
+            let runs: u64 = part
+                .runs
+                .iter()
+                .map(|(r, _)| RUN_HEADER + r.remote.map_or(0, |_| REMOTE_RUN_HEADER) + r.bytes)
+                .sum();
             total += 24 + part.state.len() as u64 + size.unwrap_or_default() + runs;
         }
         self.total = Some(total);
@@ -160,6 +169,12 @@ impl SnapshotSource for GroupSnapshotSource {
                 header.extend_from_slice(&run.id.to_be_bytes());
                 header.extend_from_slice(&run.bytes.to_be_bytes());
                 header.extend_from_slice(&run.entries.to_be_bytes());
+                header.push(u8::from(run.remote.is_some()));
+                if let Some(remote) = run.remote {
+                    header.extend_from_slice(&remote.name.to_be_bytes());
+                    header.extend_from_slice(&remote.bytes.to_be_bytes());
+                    header.extend_from_slice(&remote.entries.to_be_bytes());
+                }
                 if run.bytes > 0 {
                     self.sending_run = Some((file, 0, run.bytes));
                 }
@@ -312,10 +327,29 @@ pub(crate) fn receive_snapshot(
         }
         let mut carried = Vec::with_capacity(runs as usize);
         for _ in 0..runs {
+            let (id, bytes, entries) = (take_u64(data)?, take_u64(data)?, take_u64(data)?);
+            let remote = match take(data, 1)?[0] {
+                0 => None,
+                1 => Some(RemoteRunRef {
+                    name: u128::from_be_bytes(
+                        take(data, 16)?
+                            .try_into()
+                            .map_err(|_| malformed("a short object name"))?,
+                    ),
+                    bytes: take_u64(data)?,
+                    entries: take_u64(data)?,
+                }),
+                other => {
+                    return Err(malformed(format!(
+                        "stream index run {id} of partition {partition}: {other} is not a place"
+                    )))
+                }
+            };
             let reference = RunRef {
-                id: take_u64(data)?,
-                bytes: take_u64(data)?,
-                entries: take_u64(data)?,
+                id,
+                bytes,
+                entries,
+                remote,
             };
             if carried.iter().any(|r: &RunRef| r.id == reference.id) {
                 return Err(malformed(format!(

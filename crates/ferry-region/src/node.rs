@@ -468,6 +468,12 @@ impl<T: Transport> Node<T> {
                 crate::partition::GroupStorage {
                     tier: inner.tier.clone(),
                     index_cache: inner.index_cache.clone(),
+                    index_runs: topic.config.retention.tiered().then(|| {
+                        crate::partition::IndexRunsTier {
+                            prefix: format!("{}/{}", inner.config.region, topic.config.name),
+                            min_bytes: inner.config.stream_index_upload_bytes,
+                        }
+                    }),
                 },
             )?
             .with_compaction(compaction.clone());

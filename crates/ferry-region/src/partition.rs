@@ -27,8 +27,9 @@ use bytes::Bytes;
 use ferry_proto::wire::{ApiError, ErrorCode};
 use ferry_proto::{codec, EventBatch, ProducerId, StoredBatch, StreamEvent};
 use ferry_store::{
-    read_batch, AppliedState, BatchFiles, Extent, IndexCache, RemoteSegment, RemoteStore, RunRef,
-    SnapshotData, StoreError, StreamAppend, StreamIndex, SyncPlan, TypeConfig,
+    read_batch, AppliedState, BatchFiles, Extent, IndexCache, IndexTier, RemoteSegment,
+    RemoteStore, RunRef, SnapshotData, StoreError, StreamAppend, StreamIndex, StreamReader,
+    SyncPlan, TypeConfig,
 };
 use futures::{Stream, TryStreamExt};
 use openraft::storage::{EntryResponder, RaftStateMachine};
@@ -621,34 +622,18 @@ impl PartitionView {
         // hold only published appends.
         let reader = self.streams.read().map_err(storage_err)?.reader(stream);
         let marks = self.watermarks();
-        // Appends applied but not yet published lie at or above the high watermark.
-        let version = reader.version_below(marks.high)?;
-        // Appends below the low watermark (retention dropped them; a merge of the index
-        // forgets them later) come first: start past them.
-        let kept_from = if marks.low == 0 {
-            1
-        } else {
-            reader
-                .first_ending_after(marks.low)?
-                .map_or(u64::MAX, |a| a.first_version)
-        };
+        let remote = reader.reads_remote();
         // However many events are asked for, the appends gathered stay bounded.
         let max_events = max_events.min(MAX_STREAM_READ_EVENTS);
-        let mut wanted: Vec<StreamAppend> = Vec::new();
-        let mut from = from_version.max(kept_from);
-        while wanted.len() < max_events && from <= version {
-            let appends = reader.appends_from(from, max_events)?;
-            let Some(last) = appends.last() else {
-                break;
-            };
-            from = last.last_version() + 1;
-            wanted.extend(
-                appends
-                    .into_iter()
-                    .filter(|a| a.end() > marks.low && a.base < marks.high),
-            );
-        }
-        wanted.truncate(max_events);
+        let lookup = move || stream_appends(&reader, marks, from_version, max_events);
+        // Runs in the object store are read from a thread that may block.
+        let (version, wanted) = if remote {
+            tokio::task::spawn_blocking(lookup)
+                .await
+                .map_err(|e| StoreError::io("a stream index read", e))??
+        } else {
+            lookup()?
+        };
         let mut events = Vec::new();
         let mut bytes = 0usize;
         'appends: for StreamAppend {
@@ -747,13 +732,33 @@ pub struct GroupStorage {
     pub tier: Option<Arc<RemoteStore>>,
     /// Blocks of stream index runs read lately, shared by the node's partitions.
     pub index_cache: Arc<IndexCache>,
+    /// For a tiered topic on a node with a tier: where its partitions' large stream index
+    /// runs go in the object store.
+    pub index_runs: Option<IndexRunsTier>,
+}
+
+/// Where a tiered topic's stream index runs go in the object store.
+#[derive(Clone, Debug)]
+pub struct IndexRunsTier {
+    /// The keys' prefix: a partition's go under `<prefix>/<partition>/stream-index/`.
+    pub prefix: String,
+    /// Runs of at least this many bytes are uploaded (their files then keep each stream's
+    /// last append only).
+    pub min_bytes: u64,
 }
 
 impl Partition {
     /// An empty partition over `files` (its stream index not opened yet), reading offloaded
     /// batches from `storage`'s tier.
-    fn new(files: BatchFiles, storage: &GroupStorage) -> Self {
-        let streams = StreamIndex::empty(files.dir(), storage.index_cache.clone());
+    fn new(files: BatchFiles, number: u32, storage: &GroupStorage) -> Self {
+        let index_tier = match (&storage.tier, &storage.index_runs) {
+            (Some(store), Some(runs)) => Some(IndexTier {
+                store: store.clone(),
+                prefix: format!("{}/{number}", runs.prefix),
+            }),
+            _ => None,
+        };
+        let streams = StreamIndex::empty(files.dir(), storage.index_cache.clone(), index_tier);
         let view = Arc::new(PartitionView {
             files: RwLock::new(files),
             cursors: RwLock::new(HashMap::new()),
@@ -868,7 +873,7 @@ impl Partition {
             .dir()
             .to_path_buf();
         let mut streams = self.view.streams.write().map_err(storage_err)?;
-        *streams = StreamIndex::open(&dir, named, streams.cache())?;
+        *streams = StreamIndex::open(&dir, named, streams.cache(), streams.tier())?;
         Ok(())
     }
 
@@ -1023,12 +1028,13 @@ impl Partition {
         batch: &EventBatch,
         base_offset: u64,
     ) -> Result<PartitionReply, StoreError> {
+        // The state machine's reader: it never waits on the object store.
         let reader = self
             .view
             .streams
             .read()
             .map_err(storage_err)?
-            .reader(stream);
+            .writer_reader(stream);
         let original = reader
             .find_base(base_offset)?
             // Retention dropped it (a merge of the index may not have forgotten it yet).
@@ -1040,6 +1046,17 @@ impl Partition {
                 first_version: a.first_version,
                 version: a.last_version(),
             },
+            // Its place in the stream is in a run in the object store: the events are there
+            // (once), which is what a resending producer needs to know.
+            None if reader.may_hold_remotely(base_offset)? => {
+                PartitionReply::Error(ApiError::new(
+                    ErrorCode::AlreadyAppended,
+                    format!(
+                        "stream {stream}: producer {producer} sequence {} was appended at offset {base_offset} (its versions are in the object store)",
+                        batch.first_seq
+                    ),
+                ))
+            }
             // Retention dropped the batch, and its place in the stream with it.
             None if base_offset + u64::from(batch.count) <= self.marks.low => {
                 PartitionReply::Error(ApiError::new(
@@ -1381,6 +1398,65 @@ pub struct PartitionStateMachine {
     checkpointing: Arc<Mutex<()>>,
     /// Whether a snapshot openraft's policy asks for is built now (none: always).
     compaction: Option<Arc<CompactionGate>>,
+    /// For a tiered topic on a node with a tier: the store its partitions' large stream
+    /// index runs go to, and from how many bytes.
+    index_uploads: Option<(Arc<RemoteStore>, u64)>,
+}
+
+/// The version of the stream `reader` reads as of `marks` (its appends below the high
+/// watermark), and its appends to read from `from_version` on that retention kept: at most
+/// `max_events` (and 65,536).
+fn stream_appends(
+    reader: &StreamReader,
+    marks: Watermarks,
+    from_version: u64,
+    max_events: usize,
+) -> Result<(u64, Vec<StreamAppend>), StoreError> {
+    // Appends applied but not yet published lie at or above the high watermark.
+    let version = reader.version_below(marks.high)?;
+    // Appends below the low watermark (retention dropped them; a merge of the index
+    // forgets them later) come first: start past them.
+    let kept_from = if marks.low == 0 {
+        1
+    } else {
+        reader
+            .first_ending_after(marks.low)?
+            .map_or(u64::MAX, |a| a.first_version)
+    };
+    let max_events = max_events.min(MAX_STREAM_READ_EVENTS);
+    let mut wanted: Vec<StreamAppend> = Vec::new();
+    let mut from = from_version.max(kept_from);
+    while wanted.len() < max_events && from <= version {
+        let appends = reader.appends_from(from, max_events)?;
+        let Some(last) = appends.last() else {
+            break;
+        };
+        from = last.last_version() + 1;
+        wanted.extend(
+            appends
+                .into_iter()
+                .filter(|a| a.end() > marks.low && a.base < marks.high),
+        );
+    }
+    wanted.truncate(max_events);
+    Ok((version, wanted))
+}
+
+/// How long objects of stream index runs merged away stay in the store before they are
+/// deleted: a replica behind, and reads that began before, may still read them meanwhile.
+const INDEX_OBJECT_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Deletes objects of stream index runs no checkpoint names any more, after
+/// [`INDEX_OBJECT_GRACE`], in the background (a failure leaves the object over, logged).
+fn delete_index_objects(store: Arc<RemoteStore>, keys: Vec<String>) {
+    tokio::spawn(async move {
+        tokio::time::sleep(INDEX_OBJECT_GRACE).await;
+        for key in keys {
+            if let Err(e) = store.delete(&key).await {
+                tracing::warn!(%key, error = %e, "deleting a stream index run's object failed; it is left over");
+            }
+        }
+    });
 }
 
 fn io_err(e: impl std::fmt::Display) -> io::Error {
@@ -1535,7 +1611,7 @@ impl PartitionStateMachine {
                 segment_bytes,
                 &extent,
             )?;
-            let mut partition = Partition::new(files, &storage);
+            let mut partition = Partition::new(files, number, &storage);
             match saved {
                 Some(saved) => partition.restore(saved.state)?,
                 None => partition.open_index(&[])?,
@@ -1554,6 +1630,10 @@ impl PartitionStateMachine {
         };
         let views = hosted.iter().map(|(n, p)| (*n, p.view.clone())).collect();
         let views = Arc::new(GroupViews::new(views, split.clone()));
+        let index_uploads = storage
+            .tier
+            .clone()
+            .zip(storage.index_runs.as_ref().map(|runs| runs.min_bytes));
         Ok(Self {
             dir: dir.to_path_buf(),
             segment_bytes,
@@ -1570,6 +1650,7 @@ impl PartitionStateMachine {
             views,
             checkpointing: Arc::new(Mutex::new(())),
             compaction: None,
+            index_uploads,
         })
     }
 
@@ -1647,10 +1728,14 @@ impl PartitionStateMachine {
             let Some(view) = self.views.get(saved.partition) else {
                 continue;
             };
-            view.streams
-                .write()
-                .map_err(storage_err)?
-                .checkpointed(&saved.state.stream_runs);
+            let garbage = {
+                let mut streams = view.streams.write().map_err(storage_err)?;
+                streams.checkpointed(&saved.state.stream_runs);
+                streams.take_remote_garbage()
+            };
+            if let (false, Some((store, _))) = (garbage.is_empty(), &self.index_uploads) {
+                delete_index_objects(store.clone(), garbage);
+            }
             let mut files = view.files.write().map_err(storage_err)?;
             if let Some((_, plan)) = plans.files.iter().find(|(n, _)| *n == saved.partition) {
                 files.mark_synced(plan);
@@ -1676,7 +1761,10 @@ impl PartitionStateMachine {
                 Ok(mut index) => index.merge_due(low),
                 Err(_) => None,
             };
-            let Some(plan) = plan else { continue };
+            let Some(plan) = plan else {
+                self.upload_stream_index_run(view);
+                continue;
+            };
             let view = view.clone();
             tokio::task::spawn_blocking(move || {
                 let inputs = plan.inputs();
@@ -1695,6 +1783,36 @@ impl PartitionStateMachine {
                 }
             });
         }
+    }
+
+    /// Starts the upload of a large stream index run of `view`'s partition to the object
+    /// store, in the background, if one is due (a tiered topic's, on a node with a tier).
+    fn upload_stream_index_run(&self, view: &Arc<PartitionView>) {
+        let Some((_, min_bytes)) = self.index_uploads else {
+            return;
+        };
+        let plan = match view.streams.write() {
+            Ok(mut index) => index.upload_due(min_bytes),
+            Err(_) => None,
+        };
+        let Some(plan) = plan else { return };
+        let view = view.clone();
+        tokio::spawn(async move {
+            let inputs = plan.inputs();
+            match plan.run().await {
+                Ok(uploaded) => {
+                    if let Ok(mut index) = view.streams.write() {
+                        index.install_merge(uploaded);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, run = ?inputs.1, "uploading a stream index run failed; retried later");
+                    if let Ok(mut index) = view.streams.write() {
+                        index.upload_failed(inputs, &e);
+                    }
+                }
+            }
+        });
     }
 
     /// Applies one entry's command: `(partition, command)`. A command that cannot be decoded
@@ -1851,7 +1969,7 @@ impl PartitionStateMachine {
                 inner.segment_bytes,
                 &Extent::default(),
             )?;
-            let mut partition = Partition::new(files, &inner.storage);
+            let mut partition = Partition::new(files, child, &inner.storage);
             partition.open_index(&[])?;
             partition.dirty = true;
             *partition.view.received.write().map_err(storage_err)? = received.clone();
@@ -2076,7 +2194,7 @@ impl RaftStateMachine<TypeConfig> for PartitionStateMachine {
                 }
                 None => {
                     // A split's child this replica had not applied yet.
-                    let mut partition = Partition::new(part.files, &inner.storage);
+                    let mut partition = Partition::new(part.files, part.partition, &inner.storage);
                     partition.restore(state)?;
                     partition.dirty = true;
                     inner.partitions.insert(part.partition, partition);
@@ -2686,6 +2804,132 @@ mod tests {
         assert_eq!(sm.view().stream_version("a").unwrap(), 64);
         assert_eq!(sm.view().stream_version("c").unwrap(), 8);
         assert_eq!(index_len(&sm, "a"), kept);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_tiered_partitions_stream_index_runs_go_to_the_object_store_and_streams_read_through_them(
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let bucket = tempfile::tempdir().unwrap();
+        let store = Arc::new(
+            RemoteStore::open(&ferry_store::RemoteOptions::new(format!(
+                "file://{}",
+                bucket.path().display()
+            )))
+            .unwrap(),
+        );
+        let storage = GroupStorage {
+            tier: Some(store.clone()),
+            index_cache: Arc::default(),
+            index_runs: Some(IndexRunsTier {
+                prefix: "r/t".into(),
+                min_bytes: 1,
+            }),
+        };
+        let open =
+            |path: &Path| PartitionStateMachine::open(path, 4096, &[0], storage.clone()).unwrap();
+        let mut sm = open(&dir.path().join("a"));
+        // Per round: "a", "b", "a", two events each.
+        for _ in 0..8 {
+            for stream in ["a", "b", "a"] {
+                let reply = to_stream(&sm, stream, None, batch(None, 0, 2));
+                assert!(
+                    matches!(reply, PartitionReply::StreamAppended { .. }),
+                    "{reply:?}"
+                );
+            }
+            sm.build_snapshot().await.unwrap();
+        }
+        // Uploads (and merges) run in the background after checkpoints: take checkpoints
+        // until every run is in the store and a checkpoint names them so.
+        let in_store = |sm: &PartitionStateMachine| {
+            let view = sm.view();
+            let index = view.streams.read().unwrap();
+            let runs = index.runs();
+            !runs.is_empty() && runs.iter().all(|r| r.is_remote())
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while !in_store(&sm) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "runs not uploaded within 20 s"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            sm.build_snapshot().await.unwrap();
+        }
+        sm.build_snapshot().await.unwrap();
+        let objects = walk(bucket.path());
+        assert!(
+            !objects.is_empty() && objects.iter().all(|o| o.contains("r/t/0/stream-index/")),
+            "{objects:?}"
+        );
+        let read = |sm: &PartitionStateMachine, name: &str| {
+            let view = sm.view();
+            let name = name.to_string();
+            async move {
+                let (version, events) = view.read_stream(&name, 1, 1000, 1 << 20).await.unwrap();
+                let versions: Vec<u64> = events.iter().map(|e| e.version).collect();
+                (version, versions)
+            }
+        };
+        let check = |version: u64, versions: Vec<u64>, expected: u64| {
+            assert_eq!(version, expected);
+            assert_eq!(versions, (1..=expected).collect::<Vec<_>>());
+        };
+        let fetched = store.stats().fetches.load(Ordering::Relaxed);
+        let (version, versions) = read(&sm, "a").await;
+        check(version, versions, 32);
+        let (version, versions) = read(&sm, "b").await;
+        check(version, versions, 16);
+        assert!(
+            store.stats().fetches.load(Ordering::Relaxed) > fetched,
+            "the reads read the objects"
+        );
+        // Appends check versions from the runs' files, never the store.
+        let fetched = store.stats().fetches.load(Ordering::Relaxed);
+        assert!(matches!(
+            to_stream(&sm, "b", Some(15), batch(None, 0, 1)),
+            PartitionReply::Error(_)
+        ));
+        assert!(matches!(
+            to_stream(&sm, "b", Some(16), batch(None, 0, 1)),
+            PartitionReply::StreamAppended { version: 17, .. }
+        ));
+        assert_eq!(store.stats().fetches.load(Ordering::Relaxed), fetched);
+        sm.build_snapshot().await.unwrap();
+        // A follower installs the snapshot: the runs' files come, the objects are shared.
+        let snapshot = sm.get_current_snapshot().await.unwrap().unwrap();
+        let mut follower = open(&dir.path().join("b"));
+        follower
+            .install_snapshot(&snapshot.meta, snapshot.snapshot)
+            .await
+            .unwrap();
+        let (version, versions) = read(&follower, "a").await;
+        check(version, versions, 32);
+        let (version, versions) = read(&follower, "b").await;
+        check(version, versions, 17);
+        // And a restart returns to them.
+        drop(sm);
+        let sm = open(&dir.path().join("a"));
+        let (version, versions) = read(&sm, "a").await;
+        check(version, versions, 32);
+    }
+
+    /// The files under `dir`, as paths relative to it.
+    fn walk(dir: &Path) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut todo = vec![dir.to_path_buf()];
+        while let Some(d) = todo.pop() {
+            for entry in std::fs::read_dir(&d).unwrap() {
+                let path = entry.unwrap().path();
+                if path.is_dir() {
+                    todo.push(path);
+                } else {
+                    out.push(path.strip_prefix(dir).unwrap().display().to_string());
+                }
+            }
+        }
+        out
     }
 
     #[tokio::test]
@@ -3595,7 +3839,8 @@ mod tests {
             .position(|w| w == &run[..])
             .expect("the run in the snapshot");
         let mut renamed = whole.clone();
-        renamed[at - 24..at - 16].copy_from_slice(&999u64.to_be_bytes());
+        // Its header: [u64 id][u64 length][u64 entries][u8 on disk].
+        renamed[at - 25..at - 17].copy_from_slice(&999u64.to_be_bytes());
         let data = SnapshotData::from_bytes(Bytes::from(renamed));
         let err = follower
             .install_snapshot(&taken.meta, data)

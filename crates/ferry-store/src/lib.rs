@@ -46,8 +46,8 @@ pub use remote::{encode_object, RemoteOptions, RemoteSegment, RemoteStats, Remot
 pub use snapshot::{SnapshotData, SnapshotSource, Spool};
 pub use state_machine::{Application, AppliedState, SledStateMachine, SnapshotBuilder};
 pub use stream_index::{
-    receive_run, run_path, IndexCache, IndexCheckpoint, MergePlan, Merged, Run, RunRef,
-    StreamAppend, StreamIndex, StreamReader,
+    receive_run, run_path, IndexCache, IndexCheckpoint, IndexTier, MergePlan, Merged, RemoteRunRef,
+    Run, RunRef, StreamAppend, StreamIndex, StreamReader, UploadPlan,
 };
 
 /// Names a Raft group on a node: `meta` for the metadata group, `<topic>/<partition>` for

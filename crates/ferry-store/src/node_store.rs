@@ -19,7 +19,7 @@ use crate::{
 /// its log entries name their partitions.
 /// 8: tiered storage: partition checkpoints carry the manifest of offloaded objects, topics
 /// the hot-tail retention fields.
-const FORMAT: &[u8] = b"ferry-store/9";
+const FORMAT: &[u8] = b"ferry-store/10";
 const MARKER_TREE: &[u8] = b"ferry";
 
 /// Storage tuning.

@@ -425,27 +425,45 @@ impl RemoteStore {
             .map_err(|_| remote_err(key, format!("no answer within {:?}", self.timeout * 4)))?
     }
 
-    async fn fetch(&self, segment: &RemoteSegment, range: Range<u64>) -> Result<Bytes, StoreError> {
+    /// Bytes `range` of the object at `key`, counted as a remote read (a missing object is
+    /// [`StoreError::RemoteMissing`]; the length is not checked).
+    pub async fn get_range(&self, key: &str, range: Range<u64>) -> Result<Bytes, StoreError> {
         let started = Instant::now();
-        let want = range.end - range.start;
         let got = self
-            .within(&segment.key, async {
+            .within(key, async {
                 self.store
-                    .get_range(&self.path(&segment.key), range.clone())
+                    .get_range(&self.path(key), range.clone())
                     .await
                     .map_err(|e| match e {
                         // Missing or dropped by retention meanwhile: the reader knows which.
                         object_store::Error::NotFound { .. } => StoreError::RemoteMissing {
-                            key: segment.key.clone(),
+                            key: key.to_string(),
                         },
-                        e => remote_err(&segment.key, e),
+                        e => remote_err(key, e),
                     })
             })
-            .await?;
-        self.stats.fetches.fetch_add(1, Ordering::Relaxed);
-        self.stats
-            .fetch_micros
-            .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+            .await;
+        if got.is_ok() {
+            self.stats.fetches.fetch_add(1, Ordering::Relaxed);
+            self.stats
+                .fetch_micros
+                .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+        }
+        got
+    }
+
+    /// [`RemoteStore::get_range`] from a thread that may block (one of the runtime's
+    /// blocking threads, never one of its workers): for synchronous readers such as the
+    /// stream index's.
+    pub fn get_range_blocking(&self, key: &str, range: Range<u64>) -> Result<Bytes, StoreError> {
+        let runtime = tokio::runtime::Handle::try_current()
+            .map_err(|e| remote_err(key, format!("read outside the runtime: {e}")))?;
+        runtime.block_on(self.get_range(key, range))
+    }
+
+    async fn fetch(&self, segment: &RemoteSegment, range: Range<u64>) -> Result<Bytes, StoreError> {
+        let want = range.end - range.start;
+        let got = self.get_range(&segment.key, range.clone()).await?;
         if got.len() as u64 != want {
             return Err(self.corrupt(
                 segment,

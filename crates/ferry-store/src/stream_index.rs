@@ -25,14 +25,14 @@ use std::fs::File;
 use std::io::{BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
 use crate::durable::fsync;
 use crate::positional::read_exact_at;
-use crate::StoreError;
+use crate::{RemoteStore, StoreError};
 
 /// A data block is closed once it holds this many bytes.
 const BLOCK_BYTES: usize = 4 * 1024;
@@ -88,6 +88,36 @@ pub struct RunRef {
     pub bytes: u64,
     /// Appends it holds.
     pub entries: u64,
+    /// For a run in the object store, its object (the file then holds each stream's last
+    /// append in it, and `bytes` and `entries` are the file's).
+    pub remote: Option<RemoteRunRef>,
+}
+
+/// A run's object in the store: the run's file as it was written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemoteRunRef {
+    /// Its name, random: the key is [`IndexTier::key`] of it.
+    pub name: u128,
+    /// Its length, bytes.
+    pub bytes: u64,
+    /// Appends it holds.
+    pub entries: u64,
+}
+
+/// Where an index keeps runs in the object store.
+#[derive(Clone, Debug)]
+pub struct IndexTier {
+    /// The store.
+    pub store: Arc<RemoteStore>,
+    /// The keys' prefix (the partition's, say).
+    pub prefix: String,
+}
+
+impl IndexTier {
+    /// The key of the object named `name`.
+    pub fn key(&self, name: u128) -> String {
+        format!("{}/stream-index/{name:032x}.run", self.prefix)
+    }
 }
 
 /// Whether two paths name one file.
@@ -470,16 +500,54 @@ impl RunWriter {
             id,
             bytes: self.pos,
             entries: self.entries,
+            remote: None,
         })
     }
 }
 
-/// An immutable run, open for reading.
-pub struct Run {
-    reference: RunRef,
+/// Where a table's bytes are.
+enum Source {
+    File(File),
+    Remote {
+        store: Arc<RemoteStore>,
+        key: String,
+    },
+}
+
+impl Source {
+    /// `len` bytes at `pos` (`name` is the file or object, for errors). An object is read
+    /// from a blocking thread: see [`RemoteStore::get_range_blocking`].
+    fn read(&self, name: &Path, pos: u64, len: u32) -> Result<Vec<u8>, StoreError> {
+        match self {
+            Source::File(file) => read_exact_at(file, len as usize, pos)
+                .map_err(|e| StoreError::io(name.display().to_string(), e)),
+            Source::Remote { store, key } => {
+                let bytes = store.get_range_blocking(key, pos..pos + u64::from(len))?;
+                if bytes.len() != len as usize {
+                    return Err(corrupt(name, "the object is shorter than recorded"));
+                }
+                Ok(bytes.to_vec())
+            }
+        }
+    }
+}
+
+/// A place in a table: data block `block`, entry `at` of it.
+#[derive(Debug, Clone, Copy)]
+struct Place {
+    block: u64,
+    at: usize,
+}
+
+/// Entries in the run format, open for reading: a run's file or its object in the store.
+struct Table {
+    /// The cache's key for its blocks.
     uid: u64,
-    path: PathBuf,
-    file: File,
+    source: Source,
+    /// The file or the object, for errors.
+    name: PathBuf,
+    size: u64,
+    entries: u64,
     data_blocks: u64,
     /// Past the last offset of its appends.
     end: u64,
@@ -488,38 +556,16 @@ pub struct Run {
     top: Vec<Pointer>,
 }
 
-/// A place in a run: data block `block`, entry `at` of it.
-#[derive(Debug, Clone, Copy)]
-struct Place {
-    block: u64,
-    at: usize,
-}
-
-impl Run {
-    /// Opens run `reference` in `dir`, checking its length, trailer and top index.
-    fn open(dir: &Path, reference: RunRef) -> Result<Self, StoreError> {
-        let path = run_path(dir, reference.id);
-        let file = File::open(&path).map_err(|e| StoreError::io(path.display().to_string(), e))?;
-        let len = file
-            .metadata()
-            .map_err(|e| StoreError::io(path.display().to_string(), e))?
-            .len();
-        if len != reference.bytes {
-            return Err(corrupt(
-                &path,
-                format!(
-                    "{len} bytes, but the checkpoint recorded {}",
-                    reference.bytes
-                ),
-            ));
+impl Table {
+    /// Opens the table of `size` bytes and `entries` entries (as recorded) at `source`,
+    /// checking its trailer and top index.
+    fn open(source: Source, name: PathBuf, size: u64, entries: u64) -> Result<Self, StoreError> {
+        if size < TRAILER {
+            return Err(corrupt(&name, "shorter than its trailer"));
         }
-        if len < TRAILER {
-            return Err(corrupt(&path, "shorter than its trailer"));
-        }
-        let trailer = read_exact_at(&file, TRAILER as usize, len - TRAILER)
-            .map_err(|e| StoreError::io(path.display().to_string(), e))?;
+        let trailer = source.read(&name, size - TRAILER, TRAILER as u32)?;
         let mut items = Items { rest: &trailer };
-        let (top_pos, top_len, entries, data_blocks, end, purged_below) = (|| {
+        let (top_pos, top_len, recorded, data_blocks, end, purged_below) = (|| {
             Some((
                 items.u64()?,
                 items.u32()?,
@@ -529,30 +575,30 @@ impl Run {
                 items.u64()?,
             ))
         })()
-        .ok_or_else(|| corrupt(&path, "a short trailer"))?;
+        .ok_or_else(|| corrupt(&name, "a short trailer"))?;
         if items.rest != MAGIC {
-            return Err(corrupt(&path, "not a stream index run"));
+            return Err(corrupt(&name, "not a stream index run"));
         }
-        if top_pos.checked_add(u64::from(top_len)) != Some(len - TRAILER)
-            || entries != reference.entries
+        if top_pos.checked_add(u64::from(top_len)) != Some(size - TRAILER)
+            || recorded != entries
             || top_len > MAX_TOP
         {
             return Err(corrupt(
-                &path,
+                &name,
                 "its trailer does not match its length or entries",
             ));
         }
-        let top_bytes = read_exact_at(&file, top_len as usize, top_pos)
-            .map_err(|e| StoreError::io(path.display().to_string(), e))?;
-        let top = decode_pointers(&path, &top_bytes)?;
+        let top_bytes = source.read(&name, top_pos, top_len)?;
+        let top = decode_pointers(&name, &top_bytes)?;
         if (top.len() as u64) != data_blocks.div_ceil(FANOUT) {
-            return Err(corrupt(&path, "its top index does not match its blocks"));
+            return Err(corrupt(&name, "its top index does not match its blocks"));
         }
         Ok(Self {
-            reference,
             uid: NEXT_UID.fetch_add(1, Ordering::Relaxed),
-            path,
-            file,
+            source,
+            name,
+            size,
+            entries,
             data_blocks,
             end,
             purged_below,
@@ -560,35 +606,29 @@ impl Run {
         })
     }
 
-    /// What a checkpoint records of it.
-    pub fn reference(&self) -> RunRef {
-        self.reference
-    }
-
     fn read(&self, pointer: &Pointer) -> Result<Vec<u8>, StoreError> {
-        if pointer.pos.saturating_add(u64::from(pointer.len)) > self.reference.bytes {
-            return Err(corrupt(&self.path, "a block lies past the end"));
+        if pointer.pos.saturating_add(u64::from(pointer.len)) > self.size {
+            return Err(corrupt(&self.name, "a block lies past the end"));
         }
-        read_exact_at(&self.file, pointer.len as usize, pointer.pos)
-            .map_err(|e| StoreError::io(self.path.display().to_string(), e))
+        self.source.read(&self.name, pointer.pos, pointer.len)
     }
 
     fn index_block(&self, i: usize, cache: &IndexCache) -> Result<Arc<Block>, StoreError> {
         let pointer = self
             .top
             .get(i)
-            .ok_or_else(|| corrupt(&self.path, "a block past its top index"))?;
+            .ok_or_else(|| corrupt(&self.name, "a block past its top index"))?;
         if let Some(block) = cache.blocks.get(&(self.uid, pointer.pos)) {
             return Ok(block);
         }
-        let pointers = decode_pointers(&self.path, &self.read(pointer)?)?;
+        let pointers = decode_pointers(&self.name, &self.read(pointer)?)?;
         // Every index block but the last holds FANOUT pointers; the last, the rest.
         let expected = (self.data_blocks - i as u64 * FANOUT).min(FANOUT);
         if pointers.len() as u64 != expected
             || pointers.last().map(Pointer::key) != Some(pointer.key())
         {
             return Err(corrupt(
-                &self.path,
+                &self.name,
                 "an index block does not match the top index",
             ));
         }
@@ -601,12 +641,12 @@ impl Run {
         let i = (block / FANOUT) as usize;
         let index = self.index_block(i, cache)?;
         let Block::Index(pointers) = &*index else {
-            return Err(corrupt(&self.path, "an index block cached as data"));
+            return Err(corrupt(&self.name, "an index block cached as data"));
         };
         pointers
             .get((block % FANOUT) as usize)
             .cloned()
-            .ok_or_else(|| corrupt(&self.path, "an index block lacks a data block"))
+            .ok_or_else(|| corrupt(&self.name, "an index block lacks a data block"))
     }
 
     fn data_block(&self, block: u64, cache: &IndexCache) -> Result<Arc<Block>, StoreError> {
@@ -621,9 +661,9 @@ impl Run {
     }
 
     fn decode_data_at(&self, pointer: &Pointer) -> Result<Vec<Entry>, StoreError> {
-        let entries = decode_data(&self.path, &self.read(pointer)?)?;
+        let entries = decode_data(&self.name, &self.read(pointer)?)?;
         if entries.is_empty() || entries.last().map(Entry::key) != Some(pointer.key()) {
-            return Err(corrupt(&self.path, "a data block does not match its index"));
+            return Err(corrupt(&self.name, "a data block does not match its index"));
         }
         Ok(entries)
     }
@@ -639,13 +679,13 @@ impl Run {
         }
         let index = self.index_block(i, cache)?;
         let Block::Index(pointers) = &*index else {
-            return Err(corrupt(&self.path, "an index block cached as data"));
+            return Err(corrupt(&self.name, "an index block cached as data"));
         };
         let j = pointers.partition_point(|p| p.key() < key);
         let block = i as u64 * FANOUT + j as u64;
         let data = self.data_block(block, cache)?;
         let Block::Data(entries) = &*data else {
-            return Err(corrupt(&self.path, "a data block cached as index"));
+            return Err(corrupt(&self.name, "a data block cached as index"));
         };
         Ok(Place {
             block,
@@ -662,7 +702,7 @@ impl Run {
         };
         let data = self.data_block(block, cache)?;
         let Block::Data(entries) = &*data else {
-            return Err(corrupt(&self.path, "a data block cached as index"));
+            return Err(corrupt(&self.name, "a data block cached as index"));
         };
         Ok(match at {
             Some(at) => entries.get(at).cloned(),
@@ -702,7 +742,7 @@ impl Run {
         while out.len() < limit && place.block < self.data_blocks {
             let data = self.data_block(place.block, cache)?;
             let Block::Data(entries) = &*data else {
-                return Err(corrupt(&self.path, "a data block cached as index"));
+                return Err(corrupt(&self.name, "a data block cached as index"));
             };
             for e in &entries[place.at.min(entries.len())..] {
                 if e.stream != stream || out.len() >= limit {
@@ -738,7 +778,7 @@ impl Run {
         let of_stream = |block: u64| -> Result<Vec<StreamAppend>, StoreError> {
             let data = self.data_block(block, cache)?;
             let Block::Data(entries) = &*data else {
-                return Err(corrupt(&self.path, "a data block cached as index"));
+                return Err(corrupt(&self.name, "a data block cached as index"));
             };
             Ok(entries
                 .iter()
@@ -772,7 +812,7 @@ impl Run {
     }
 
     /// Reads every block, checking checksums, order and counts.
-    pub fn verify(&self, cache: &IndexCache) -> Result<(), StoreError> {
+    fn verify(&self, cache: &IndexCache) -> Result<(), StoreError> {
         let mut count = 0u64;
         let mut last: Option<(String, u64)> = None;
         for entry in self.scan(cache) {
@@ -781,24 +821,205 @@ impl Run {
                 .as_ref()
                 .is_some_and(|(s, v)| (s.as_str(), *v) >= entry.key())
             {
-                return Err(corrupt(&self.path, "entries out of order across blocks"));
+                return Err(corrupt(&self.name, "entries out of order across blocks"));
             }
             last = Some((entry.stream.clone(), entry.append.first_version));
             count += 1;
         }
-        if count != self.reference.entries {
+        if count != self.entries {
             return Err(corrupt(
-                &self.path,
-                format!(
-                    "{count} entries, its trailer says {}",
-                    self.reference.entries
-                ),
+                &self.name,
+                format!("{count} entries, its trailer says {}", self.entries),
             ));
         }
         Ok(())
     }
+}
 
-    /// The run's file, for sending it whole.
+/// An immutable run, open for reading: a file, or an object in the store with a file that
+/// holds each stream's last append in it.
+pub struct Run {
+    reference: RunRef,
+    path: PathBuf,
+    /// Its file: the whole run, or for a run in the store each stream's last append in it
+    /// (what appends and their version checks need, and which streams it holds at all).
+    local: Table,
+    /// For a run in the store: its object, opened by the first read that needs it.
+    remote: Option<RemoteRun>,
+}
+
+struct RemoteRun {
+    store: Arc<RemoteStore>,
+    key: String,
+    reference: RemoteRunRef,
+    table: OnceLock<Table>,
+}
+
+impl Run {
+    /// Opens run `reference` in `dir`, checking its file's length, trailer and top index
+    /// (a run in the store needs `tier`; its object is not read yet).
+    fn open(dir: &Path, reference: RunRef, tier: Option<&IndexTier>) -> Result<Self, StoreError> {
+        let path = run_path(dir, reference.id);
+        let file = File::open(&path).map_err(|e| StoreError::io(path.display().to_string(), e))?;
+        let len = file
+            .metadata()
+            .map_err(|e| StoreError::io(path.display().to_string(), e))?
+            .len();
+        if len != reference.bytes {
+            return Err(corrupt(
+                &path,
+                format!(
+                    "{len} bytes, but the checkpoint recorded {}",
+                    reference.bytes
+                ),
+            ));
+        }
+        let local = Table::open(
+            Source::File(file),
+            path.clone(),
+            reference.bytes,
+            reference.entries,
+        )?;
+        let remote = match reference.remote {
+            None => None,
+            Some(remote) => {
+                let tier = tier.ok_or_else(|| {
+                    StoreError::io(
+                        path.display().to_string(),
+                        "the run is in the object store, and this node has no [tier]",
+                    )
+                })?;
+                Some(RemoteRun {
+                    store: tier.store.clone(),
+                    key: tier.key(remote.name),
+                    reference: remote,
+                    table: OnceLock::new(),
+                })
+            }
+        };
+        Ok(Self {
+            reference,
+            path,
+            local,
+            remote,
+        })
+    }
+
+    /// What a checkpoint records of it.
+    pub fn reference(&self) -> RunRef {
+        self.reference
+    }
+
+    /// Past the last offset of its appends.
+    fn end(&self) -> u64 {
+        self.local.end
+    }
+
+    /// The low watermark below which the merge that wrote it forgot appends (0: none).
+    fn purged_below(&self) -> u64 {
+        self.local.purged_below
+    }
+
+    /// The whole run: its file, or its object (opened now if it was not).
+    fn whole(&self) -> Result<&Table, StoreError> {
+        let Some(remote) = &self.remote else {
+            return Ok(&self.local);
+        };
+        if let Some(table) = remote.table.get() {
+            return Ok(table);
+        }
+        let name = PathBuf::from(&remote.key);
+        let table = Table::open(
+            Source::Remote {
+                store: remote.store.clone(),
+                key: remote.key.clone(),
+            },
+            name.clone(),
+            remote.reference.bytes,
+            remote.reference.entries,
+        )?;
+        if (table.end, table.purged_below) != (self.local.end, self.local.purged_below) {
+            return Err(corrupt(&name, "the object does not match its run's file"));
+        }
+        Ok(remote.table.get_or_init(|| table))
+    }
+
+    /// The last append to `stream` held here (from its file, whether or not the run is in
+    /// the store).
+    fn last_of(
+        &self,
+        stream: &str,
+        cache: &IndexCache,
+    ) -> Result<Option<StreamAppend>, StoreError> {
+        self.local.last_of(stream, cache)
+    }
+
+    /// Up to `limit` appends to `stream` holding versions at or after `from_version`, in
+    /// order; of a run in the store, only its last one unless `whole` (which reads the
+    /// object).
+    fn appends_from(
+        &self,
+        stream: &str,
+        from_version: u64,
+        limit: usize,
+        whole: bool,
+        cache: &IndexCache,
+    ) -> Result<Vec<StreamAppend>, StoreError> {
+        if self.remote.is_some() {
+            // Its file holds each stream's last append here: with none at or past
+            // `from_version`, the object holds none either.
+            let held = self
+                .local
+                .last_of(stream, cache)?
+                .is_some_and(|last| last.last_version() >= from_version);
+            if !held || !whole {
+                return self.local.appends_from(stream, from_version, limit, cache);
+            }
+        }
+        self.whole()?
+            .appends_from(stream, from_version, limit, cache)
+    }
+
+    /// The first append to `stream` held here that ends past `offset`; of a run in the
+    /// store, only its last one unless `whole` (which reads the object).
+    fn first_ending_after(
+        &self,
+        stream: &str,
+        offset: u64,
+        whole: bool,
+        cache: &IndexCache,
+    ) -> Result<Option<StreamAppend>, StoreError> {
+        if self.end() <= offset {
+            return Ok(None);
+        }
+        if self.remote.is_some() {
+            let last = self.local.last_of(stream, cache)?;
+            if !whole || last.is_none_or(|last| last.end() <= offset) {
+                return Ok(last.filter(|last| last.end() > offset));
+            }
+        }
+        self.whole()?.first_ending_after(stream, offset, cache)
+    }
+
+    /// Every entry of its file, in order, its data blocks read past the cache (for merges:
+    /// a run in the store is merged only once wholly below the low watermark, where its
+    /// streams' last appends are all a merge keeps of it).
+    fn scan<'a>(&'a self, cache: &'a IndexCache) -> RunScan<'a> {
+        self.local.scan(cache)
+    }
+
+    /// Reads every block of its file, checking checksums, order and counts.
+    pub fn verify(&self, cache: &IndexCache) -> Result<(), StoreError> {
+        self.local.verify(cache)
+    }
+
+    /// Whether it is in the object store.
+    pub fn is_remote(&self) -> bool {
+        self.remote.is_some()
+    }
+
+    /// The run's file, for sending it whole (of a run in the store, its streams' last
+    /// appends: the object is not sent).
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -806,7 +1027,7 @@ impl Run {
 
 /// A run's entries in order.
 struct RunScan<'a> {
-    run: &'a Run,
+    run: &'a Table,
     cache: &'a IndexCache,
     block: u64,
     entries: std::vec::IntoIter<Entry>,
@@ -852,6 +1073,10 @@ pub struct StreamReader {
     /// Whether a last append found in the runs goes into the cache (the state machine's
     /// readers only: see [`IndexCache`]).
     remember: bool,
+    /// Whether it reads runs in the object store whole (a reader's), or only their files,
+    /// which hold each stream's last append in them (the state machine's: it must not wait
+    /// on the store).
+    whole: bool,
 }
 
 impl StreamReader {
@@ -895,7 +1120,13 @@ impl StreamReader {
     ) -> Result<Vec<StreamAppend>, StoreError> {
         let mut all = Vec::new();
         for run in &self.runs {
-            all.extend(run.appends_from(&self.stream, from_version, limit, &self.cache)?);
+            all.extend(run.appends_from(
+                &self.stream,
+                from_version,
+                limit,
+                self.whole,
+                &self.cache,
+            )?);
         }
         all.extend(
             self.recent
@@ -912,7 +1143,9 @@ impl StreamReader {
     pub fn first_ending_after(&self, offset: u64) -> Result<Option<StreamAppend>, StoreError> {
         let mut first = self.recent.iter().find(|a| a.end() > offset).copied();
         for run in &self.runs {
-            if let Some(a) = run.first_ending_after(&self.stream, offset, &self.cache)? {
+            if let Some(a) =
+                run.first_ending_after(&self.stream, offset, self.whole, &self.cache)?
+            {
                 if first.is_none_or(|f| a.first_version < f.first_version) {
                     first = Some(a);
                 }
@@ -921,9 +1154,26 @@ impl StreamReader {
         Ok(first)
     }
 
-    /// The append to the stream at offset `base`, if it is held.
+    /// The append to the stream at offset `base`, if it is held (by the state machine's
+    /// reader: if it is held on this node's disk, or is the last of its run in the store).
     pub fn find_base(&self, base: u64) -> Result<Option<StreamAppend>, StoreError> {
         Ok(self.first_ending_after(base)?.filter(|a| a.base == base))
+    }
+
+    /// Whether it reads runs in the object store (then only from a thread that may block).
+    pub fn reads_remote(&self) -> bool {
+        self.whole && self.runs.iter().any(|run| run.is_remote())
+    }
+
+    /// Whether a run in the object store may hold an append of the stream at `offset` that
+    /// the state machine's reader cannot see.
+    pub fn may_hold_remotely(&self, offset: u64) -> Result<bool, StoreError> {
+        for run in self.runs.iter().filter(|run| run.is_remote()) {
+            if run.end() > offset && run.last_of(&self.stream, &self.cache)?.is_some() {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 }
 
@@ -954,6 +1204,81 @@ pub struct MergePlan {
     /// The index it was planned by: only that one installs it.
     generation: u64,
     guard: MergeGuard,
+}
+
+/// Sets `backoff` to a delay from now: 1 s after a first failure, doubling with each in a
+/// row up to 5 min.
+fn back_off(backoff: &mut Option<(Instant, Duration)>) {
+    let delay = backoff.map_or(MERGE_RETRY_FIRST, |(_, last)| {
+        (last * 2).min(MERGE_RETRY_MAX)
+    });
+    *backoff = Some((Instant::now() + delay, delay));
+}
+
+/// An upload of a run to the object store, to run without the index's lock.
+pub struct UploadPlan {
+    input: Arc<Run>,
+    /// The number of the run it becomes.
+    id: u64,
+    /// The object's name.
+    name: u128,
+    dir: PathBuf,
+    cache: Arc<IndexCache>,
+    tier: IndexTier,
+    generation: u64,
+    guard: MergeGuard,
+}
+
+impl UploadPlan {
+    /// The index that planned it and the run it uploads (as [`MergePlan::inputs`]).
+    pub fn inputs(&self) -> (u64, Vec<u64>) {
+        (self.generation, vec![self.input.reference.id])
+    }
+
+    /// Uploads the run's file whole, then writes the file of the run it becomes (each
+    /// stream's last append in it, synced): to install with [`StreamIndex::install_merge`].
+    pub async fn run(self) -> Result<Merged, StoreError> {
+        let input = self.input.clone();
+        let bytes = tokio::fs::read(&input.path)
+            .await
+            .map_err(|e| StoreError::io(input.path.display().to_string(), e))?;
+        if bytes.len() as u64 != input.reference.bytes {
+            return Err(corrupt(&input.path, "its length changed"));
+        }
+        let key = self.tier.key(self.name);
+        self.tier.store.put(&key, bytes::Bytes::from(bytes)).await?;
+        let file = Unfinished(self.dir.join(format!(
+            "streams-{:016}.merging-{}",
+            self.id, self.generation
+        )));
+        let (id, cache) = (self.id, self.cache.clone());
+        let remote = RemoteRunRef {
+            name: self.name,
+            bytes: input.reference.bytes,
+            entries: input.reference.entries,
+        };
+        let written = tokio::task::spawn_blocking(move || {
+            // Each stream's last append: what a merge purging everything keeps.
+            let purged_below = input.purged_below();
+            let lasts = write_merged(&[input], &cache, &file.0, id, u64::MAX, purged_below);
+            (lasts, file)
+        })
+        .await;
+        let (lasts, file) = written.map_err(|e| StoreError::io(key.clone(), e))?;
+        let local = lasts?.ok_or_else(|| corrupt(&self.input.path, "it holds no appends"))?;
+        Ok(Merged {
+            inputs: vec![self.input],
+            output: Some((
+                RunRef {
+                    remote: Some(remote),
+                    ..local
+                },
+                file,
+            )),
+            generation: self.generation,
+            _guard: self.guard,
+        })
+    }
 }
 
 /// A merge's output, to install with [`StreamIndex::install_merge`].
@@ -990,7 +1315,7 @@ impl MergePlan {
     /// each stream's last (which holds its version).
     pub fn run(self, low: u64) -> Result<Merged, StoreError> {
         let file = Unfinished(self.writing());
-        let output = self.write(&file.0, low)?;
+        let output = write_merged(&self.inputs, &self.cache, &file.0, self.id, low, low)?;
         Ok(Merged {
             inputs: self.inputs,
             output: output.map(|r| (r, file)),
@@ -1006,71 +1331,86 @@ impl MergePlan {
             self.inputs.iter().map(|r| r.reference.id).collect(),
         )
     }
+}
 
-    fn write(&self, path: &Path, low: u64) -> Result<Option<RunRef>, StoreError> {
-        struct Head {
-            entry: Entry,
-            input: usize,
-        }
-        impl PartialEq for Head {
-            fn eq(&self, other: &Self) -> bool {
-                self.entry.key() == other.entry.key()
-            }
-        }
-        impl Eq for Head {}
-        impl PartialOrd for Head {
-            fn partial_cmp(&self, other: &Self) -> Option<CmpOrdering> {
-                Some(self.cmp(other))
-            }
-        }
-        impl Ord for Head {
-            // Smallest key first out of the max-heap.
-            fn cmp(&self, other: &Self) -> CmpOrdering {
-                other.entry.key().cmp(&self.entry.key())
-            }
-        }
-        let mut writer = RunWriter::create(path)?;
-        let mut scans: Vec<RunScan<'_>> = self.inputs.iter().map(|r| r.scan(&self.cache)).collect();
-        let mut heap = BinaryHeap::new();
-        for (input, scan) in scans.iter_mut().enumerate() {
-            if let Some(entry) = scan.next() {
-                heap.push(Head {
-                    entry: entry?,
-                    input,
-                });
-            }
-        }
-        let mut held: Option<Entry> = None;
-        while let Some(Head { entry, input }) = heap.pop() {
-            if let Some(next) = scans[input].next() {
-                heap.push(Head {
-                    entry: next?,
-                    input,
-                });
-            }
-            if let Some(prev) = held.take() {
-                if prev.append.end() > low || prev.stream != entry.stream {
-                    writer.push(&prev)?;
-                }
-            }
-            held = Some(entry);
-        }
-        if let Some(last) = held {
-            writer.push(&last)?;
-        }
-        let reference = writer.finish(self.id, low)?;
-        if reference.entries == 0 {
-            return Ok(None);
-        }
-        fsync(path)?;
-        Ok(Some(reference))
+/// Writes the entries of `inputs` merged into one synced file at `path` as run `id`,
+/// leaving out appends wholly below `low` except each stream's last (which holds its
+/// version); its trailer says it was purged below `purged_below`. None if nothing is left.
+fn write_merged(
+    inputs: &[Arc<Run>],
+    cache: &IndexCache,
+    path: &Path,
+    id: u64,
+    low: u64,
+    purged_below: u64,
+) -> Result<Option<RunRef>, StoreError> {
+    struct Head {
+        entry: Entry,
+        input: usize,
     }
+    impl PartialEq for Head {
+        fn eq(&self, other: &Self) -> bool {
+            self.entry.key() == other.entry.key()
+        }
+    }
+    impl Eq for Head {}
+    impl PartialOrd for Head {
+        fn partial_cmp(&self, other: &Self) -> Option<CmpOrdering> {
+            Some(self.cmp(other))
+        }
+    }
+    impl Ord for Head {
+        // Smallest key first out of the max-heap.
+        fn cmp(&self, other: &Self) -> CmpOrdering {
+            other.entry.key().cmp(&self.entry.key())
+        }
+    }
+    let mut writer = RunWriter::create(path)?;
+    let mut scans: Vec<RunScan<'_>> = inputs.iter().map(|r| r.scan(cache)).collect();
+    let mut heap = BinaryHeap::new();
+    for (input, scan) in scans.iter_mut().enumerate() {
+        if let Some(entry) = scan.next() {
+            heap.push(Head {
+                entry: entry?,
+                input,
+            });
+        }
+    }
+    let mut held: Option<Entry> = None;
+    while let Some(Head { entry, input }) = heap.pop() {
+        if let Some(next) = scans[input].next() {
+            heap.push(Head {
+                entry: next?,
+                input,
+            });
+        }
+        if let Some(prev) = held.take() {
+            if prev.append.end() > low || prev.stream != entry.stream {
+                writer.push(&prev)?;
+            }
+        }
+        held = Some(entry);
+    }
+    if let Some(last) = held {
+        writer.push(&last)?;
+    }
+    let reference = writer.finish(id, purged_below)?;
+    if reference.entries == 0 {
+        return Ok(None);
+    }
+    fsync(path)?;
+    Ok(Some(reference))
 }
 
 /// A partition's stream index (see the module's documentation).
 pub struct StreamIndex {
     dir: PathBuf,
     cache: Arc<IndexCache>,
+    /// Where runs go into the object store, if they do.
+    tier: Option<IndexTier>,
+    /// Keys of objects of runs merged away that no checkpoint names any more: for the
+    /// owner to delete ([`StreamIndex::take_remote_garbage`]).
+    remote_garbage: Vec<String>,
     /// Appends since the last checkpoint, by (stream, first version).
     recent: BTreeMap<(String, u64), (u64, u32)>,
     /// Runs by number.
@@ -1085,17 +1425,22 @@ pub struct StreamIndex {
     /// After a merge failed for another reason (say, a full disk), no merge is planned
     /// before this time; the delay doubles with each failure in a row.
     merge_backoff: Option<(Instant, Duration)>,
+    /// The same for uploads (the store down does not hold merges off).
+    upload_backoff: Option<(Instant, Duration)>,
     /// Numbers this index among those of the process (merges belong to one).
     generation: u64,
     merging: Arc<AtomicBool>,
 }
 
 impl StreamIndex {
-    /// An empty index keeping its runs in `dir`, touching nothing there yet.
-    pub fn empty(dir: &Path, cache: Arc<IndexCache>) -> Self {
+    /// An empty index keeping its runs in `dir` (and large ones in `tier`, if given),
+    /// touching nothing there yet.
+    pub fn empty(dir: &Path, cache: Arc<IndexCache>, tier: Option<IndexTier>) -> Self {
         Self {
             dir: dir.to_path_buf(),
             cache,
+            tier,
+            remote_garbage: Vec::new(),
             recent: BTreeMap::new(),
             runs: BTreeMap::new(),
             unsynced: Vec::new(),
@@ -1103,6 +1448,7 @@ impl StreamIndex {
             next_id: 1,
             unmergeable: Vec::new(),
             merge_backoff: None,
+            upload_backoff: None,
             generation: NEXT_UID.fetch_add(1, Ordering::Relaxed),
             merging: Arc::new(AtomicBool::new(false)),
         }
@@ -1110,9 +1456,14 @@ impl StreamIndex {
 
     /// The index of the runs `named` in `dir` (a checkpoint's); other run files there are
     /// removed (written after that checkpoint, or merged away before it).
-    pub fn open(dir: &Path, named: &[RunRef], cache: Arc<IndexCache>) -> Result<Self, StoreError> {
+    pub fn open(
+        dir: &Path,
+        named: &[RunRef],
+        cache: Arc<IndexCache>,
+        tier: Option<IndexTier>,
+    ) -> Result<Self, StoreError> {
         let io = |e: std::io::Error| StoreError::io(dir.display().to_string(), e);
-        let mut index = Self::empty(dir, cache);
+        let mut index = Self::empty(dir, cache, tier);
         if dir.exists() {
             for item in std::fs::read_dir(dir).map_err(io)? {
                 let path = item.map_err(io)?.path();
@@ -1126,7 +1477,7 @@ impl StreamIndex {
             }
         }
         for reference in named {
-            let run = Run::open(dir, *reference)?;
+            let run = Run::open(dir, *reference, index.tier.as_ref())?;
             index.runs.insert(reference.id, Arc::new(run));
             let next = reference.id.checked_add(1).ok_or_else(|| {
                 corrupt(&run_path(dir, reference.id), "its number is out of range")
@@ -1150,16 +1501,23 @@ impl StreamIndex {
         self.cache.clone()
     }
 
+    /// Where it puts runs in the object store, if it does.
+    pub fn tier(&self) -> Option<IndexTier> {
+        self.tier.clone()
+    }
+
     /// A reader of `stream` for the state machine (its only writer), which caches the
-    /// stream's last append when it looks it up.
+    /// stream's last append when it looks it up, and never reads the object store.
     pub fn writer_reader(&self, stream: &str) -> StreamReader {
         StreamReader {
             remember: true,
+            whole: false,
             ..self.reader(stream)
         }
     }
 
-    /// A reader of `stream` as of now.
+    /// A reader of `stream` as of now. Where the index has runs in the object store, its
+    /// reads may read them: call it from a thread that may block.
     pub fn reader(&self, stream: &str) -> StreamReader {
         let recent = self
             .recent
@@ -1178,6 +1536,7 @@ impl StreamIndex {
             cache: self.cache.clone(),
             generation: self.generation,
             remember: false,
+            whole: true,
         }
     }
 
@@ -1202,7 +1561,7 @@ impl StreamIndex {
                 })?;
             }
             let reference = writer.finish(id, 0)?;
-            let run = Run::open(&self.dir, reference)?;
+            let run = Run::open(&self.dir, reference, None)?;
             self.runs.insert(id, Arc::new(run));
             self.unsynced.push(id);
             self.recent.clear();
@@ -1227,19 +1586,71 @@ impl StreamIndex {
     pub fn checkpointed(&mut self, named: &[RunRef]) {
         self.unsynced
             .retain(|id| !named.iter().any(|r| r.id == *id));
+        let mut garbage = Vec::new();
         self.retired.retain(|run| {
             if named.iter().any(|r| r.id == run.reference.id) {
                 return true;
             }
             match std::fs::remove_file(&run.path) {
-                Ok(()) => false,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
-                Err(e) => {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
                     tracing::warn!(run = %run.path.display(), error = %e, "deleting a merged stream index run failed");
                     true
                 }
+                _ => {
+                    if let Some(remote) = &run.remote {
+                        garbage.push(remote.key.clone());
+                    }
+                    false
+                }
             }
         });
+        self.remote_garbage.extend(garbage);
+    }
+
+    /// Keys of objects of runs merged away that no checkpoint names any more, for the owner
+    /// to delete (a run in the store is merged away only once wholly below the low
+    /// watermark; a replica behind may still read it until its own low passes it, and gets
+    /// a retryable error).
+    pub fn take_remote_garbage(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.remote_garbage)
+    }
+
+    /// An upload due now, unless a merge or upload is under way or backing off: the oldest
+    /// synced run on disk of at least `min_bytes` (for an index with a tier). Uploaded, it
+    /// takes the run's place as a run in the store whose file holds only each stream's last
+    /// append in it.
+    pub fn upload_due(&mut self, min_bytes: u64) -> Option<UploadPlan> {
+        let tier = self.tier.clone()?;
+        if self.merging.load(Ordering::Acquire)
+            || self
+                .upload_backoff
+                .is_some_and(|(until, _)| Instant::now() < until)
+        {
+            return None;
+        }
+        let input = self
+            .runs
+            .values()
+            .find(|run| {
+                !run.is_remote()
+                    && run.reference.bytes >= min_bytes
+                    && !self.unsynced.contains(&run.reference.id)
+                    && !self.unmergeable.contains(&run.reference.id)
+            })?
+            .clone();
+        self.merging.store(true, Ordering::Release);
+        let id = self.next_id;
+        self.next_id += 1;
+        Some(UploadPlan {
+            input,
+            id,
+            name: rand::random(),
+            dir: self.dir.clone(),
+            cache: self.cache.clone(),
+            tier,
+            generation: self.generation,
+            guard: MergeGuard(self.merging.clone()),
+        })
     }
 
     /// A merge due now, unless one is under way or a failed one is backing off: once some
@@ -1261,14 +1672,18 @@ impl StreamIndex {
                     && !self.unmergeable.contains(&run.reference.id)
             })
         };
-        let due = synced().any(|run| run.end <= low && run.purged_below < run.end);
+        let due = synced().any(|run| run.end() <= low && run.purged_below() < run.end());
         let dropped: Vec<Arc<Run>> = synced()
-            .filter(|run| due && run.end <= low)
+            .filter(|run| due && run.end() <= low)
             .cloned()
             .collect();
         let class = |bytes: u64| (bytes.max(SMALLEST_CLASS) / SMALLEST_CLASS).ilog(4);
         let mut classes: BTreeMap<u32, Vec<Arc<Run>>> = BTreeMap::new();
-        for run in synced().filter(|run| !dropped.iter().any(|d| Arc::ptr_eq(d, run))) {
+        // Runs in the store are merged only once wholly below the low (their files hold
+        // what such a merge keeps of them).
+        for run in
+            synced().filter(|run| !run.is_remote() && !dropped.iter().any(|d| Arc::ptr_eq(d, run)))
+        {
             classes
                 .entry(class(run.reference.bytes))
                 .or_default()
@@ -1317,11 +1732,33 @@ impl StreamIndex {
         }
     }
 
+    /// An uploaded object no run will name: garbage.
+    fn discard_object(&mut self, reference: &RunRef) {
+        if let (Some(remote), Some(tier)) = (reference.remote, &self.tier) {
+            self.remote_garbage.push(tier.key(remote.name));
+        }
+    }
+
     fn back_off_merges(&mut self) {
-        let delay = self.merge_backoff.map_or(MERGE_RETRY_FIRST, |(_, last)| {
-            (last * 2).min(MERGE_RETRY_MAX)
-        });
-        self.merge_backoff = Some((Instant::now() + delay, delay));
+        back_off(&mut self.merge_backoff);
+    }
+
+    /// An upload planned by this index failed (the store down, say): uploads back off
+    /// (from 1 s, doubling to 5 min); a damaged run is not uploaded again.
+    pub fn upload_failed(&mut self, (generation, inputs): (u64, Vec<u64>), error: &StoreError) {
+        if generation != self.generation {
+            return;
+        }
+        match error {
+            StoreError::RunCorrupt { path, .. }
+                if inputs
+                    .iter()
+                    .any(|id| self.runs.get(id).is_some_and(|run| run.path == *path)) =>
+            {
+                self.unmergeable.extend(inputs);
+            }
+            _ => back_off(&mut self.upload_backoff),
+        }
     }
 
     /// Puts a merge's output in place of its inputs (the inputs' files stay until a
@@ -1342,7 +1779,8 @@ impl StreamIndex {
             return;
         };
         if !held {
-            // Its file goes as `merged` is dropped.
+            // Its file goes as `merged` is dropped; an object uploaded for it, now.
+            self.discard_object(reference);
             return;
         }
         // Linked, never renamed over: a name already taken (by a later index of the same
@@ -1350,19 +1788,25 @@ impl StreamIndex {
         let path = run_path(&self.dir, reference.id);
         if let Err(e) = std::fs::hard_link(&written.0, &path) {
             tracing::warn!(run = %path.display(), error = %e, "installing a merged stream index run failed");
+            self.discard_object(reference);
             self.back_off_merges();
             return;
         }
-        match Run::open(&self.dir, *reference) {
+        match Run::open(&self.dir, *reference, self.tier.as_ref()) {
             Ok(run) => {
                 self.retire(&merged.inputs);
                 self.runs.insert(reference.id, Arc::new(run));
                 // Its folder entry is synced with the next checkpoint's runs.
                 self.unsynced.push(reference.id);
-                self.merge_backoff = None;
+                if reference.remote.is_some() {
+                    self.upload_backoff = None;
+                } else {
+                    self.merge_backoff = None;
+                }
             }
             Err(e) => {
                 tracing::warn!(run = %path.display(), error = %e, "installing a merged stream index run failed");
+                self.discard_object(reference);
                 self.back_off_merges();
                 // Only the name linked here (a later index may have taken it meanwhile).
                 if same_file(&path, &written.0) {
@@ -1417,7 +1861,12 @@ pub fn receive_run(
     }
     file.sync_all().map_err(io)?;
     fsync(dir)?;
-    Run::open(dir, reference)?.verify(cache)
+    // Its file only: of a run in the store, the object is shared, not sent.
+    let file = RunRef {
+        remote: None,
+        ..reference
+    };
+    Run::open(dir, file, None)?.verify(cache)
 }
 
 #[cfg(test)]
@@ -1464,7 +1913,7 @@ mod tests {
     fn lookups_agree_with_what_was_appended_across_runs_merges_and_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let cache = Arc::new(IndexCache::new(256 * 1024));
-        let mut index = StreamIndex::empty(dir.path(), cache.clone());
+        let mut index = StreamIndex::empty(dir.path(), cache.clone(), None);
         let expected = fill(&mut index, 300, 40, 700);
         assert!(index.runs.len() > 4, "{} runs", index.runs.len());
         let check = |index: &StreamIndex| {
@@ -1501,7 +1950,7 @@ mod tests {
         index.checkpointed(&c.runs);
         let files = std::fs::read_dir(dir.path()).unwrap().count();
         assert_eq!(files, c.runs.len(), "retired runs are deleted");
-        let reopened = StreamIndex::open(dir.path(), &c.runs, cache.clone()).unwrap();
+        let reopened = StreamIndex::open(dir.path(), &c.runs, cache.clone(), None).unwrap();
         check(&reopened);
         for run in reopened.runs() {
             run.verify(&cache).unwrap();
@@ -1512,7 +1961,7 @@ mod tests {
     fn a_merge_drops_what_retention_dropped_but_keeps_each_streams_version() {
         let dir = tempfile::tempdir().unwrap();
         let cache = Arc::new(IndexCache::default());
-        let mut index = StreamIndex::empty(dir.path(), cache);
+        let mut index = StreamIndex::empty(dir.path(), cache, None);
         // A stream whose only append retention drops.
         index.append("early".into(), a(1, 0, 1));
         let expected = fill(&mut index, 10, 20, 50);
@@ -1545,7 +1994,7 @@ mod tests {
     #[test]
     fn a_run_wholly_below_the_low_watermark_is_purged_once_down_to_each_streams_last() {
         let dir = tempfile::tempdir().unwrap();
-        let mut index = StreamIndex::empty(dir.path(), Arc::new(IndexCache::default()));
+        let mut index = StreamIndex::empty(dir.path(), Arc::new(IndexCache::default()), None);
         fill(&mut index, 10, 20, 1000);
         let c = index.checkpoint().unwrap();
         index.checkpointed(&c.runs);
@@ -1570,12 +2019,12 @@ mod tests {
     fn a_merge_planned_by_a_replaced_index_is_discarded_and_touches_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let cache = Arc::new(IndexCache::default());
-        let mut index = StreamIndex::empty(dir.path(), cache.clone());
+        let mut index = StreamIndex::empty(dir.path(), cache.clone(), None);
         fill(&mut index, 10, 20, 50);
         let plan = index.merge_due(0).expect("due");
         // The index is replaced (a snapshot installed, say) while the merge runs.
         let named: Vec<RunRef> = index.runs().iter().map(|r| r.reference()).collect();
-        let mut replaced = StreamIndex::open(dir.path(), &named, cache).unwrap();
+        let mut replaced = StreamIndex::open(dir.path(), &named, cache, None).unwrap();
         let merged = plan.run(0).unwrap();
         replaced.install_merge(merged);
         assert_eq!(
@@ -1610,7 +2059,7 @@ mod tests {
     fn a_merge_failing_on_a_damaged_run_sets_only_that_run_aside_and_other_failures_back_off() {
         let dir = tempfile::tempdir().unwrap();
         let cache = Arc::new(IndexCache::default());
-        let mut index = StreamIndex::empty(dir.path(), cache);
+        let mut index = StreamIndex::empty(dir.path(), cache, None);
         // Five small runs; the second gets a flipped byte in a data block.
         fill(&mut index, 10, 25, 50);
         assert_eq!(index.runs.len(), 5);
@@ -1668,7 +2117,7 @@ mod tests {
     #[test]
     fn class_merges_go_on_while_purges_are_due_at_every_checkpoint() {
         let dir = tempfile::tempdir().unwrap();
-        let mut index = StreamIndex::empty(dir.path(), Arc::new(IndexCache::default()));
+        let mut index = StreamIndex::empty(dir.path(), Arc::new(IndexCache::default()), None);
         // Retention keeps the last 24 rounds. No merge runs for the first 25 (as when one
         // took long), so 25 runs pile up; from then on one falls wholly below the low at every
         // checkpoint, and they would stay piled up if only purges merged.
@@ -1690,9 +2139,170 @@ mod tests {
     }
 
     #[test]
+    fn a_run_in_the_object_store_serves_reads_from_it_and_appends_from_each_streams_last_on_disk() {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let bucket = tempfile::tempdir().unwrap();
+        let store = Arc::new(
+            RemoteStore::open(&crate::RemoteOptions::new(format!(
+                "file://{}",
+                bucket.path().display()
+            )))
+            .unwrap(),
+        );
+        let tier = IndexTier {
+            store: store.clone(),
+            prefix: "t/0".into(),
+        };
+        let cache = Arc::new(IndexCache::default());
+        let mut index = StreamIndex::empty(dir.path(), cache.clone(), Some(tier.clone()));
+        // 50 streams of 20 appends in one run; a run smaller than asked for stays.
+        let expected = fill(&mut index, 50, 20, 1000);
+        let whole_bytes = index.runs_held().1;
+        assert!(index.upload_due(whole_bytes + 1).is_none());
+        let plan = index.upload_due(whole_bytes).expect("due");
+        let merged = runtime.block_on(plan.run()).unwrap();
+        index.install_merge(merged);
+        let c = index.checkpoint().unwrap();
+        for path in &c.to_sync {
+            fsync(path).unwrap();
+        }
+        index.checkpointed(&c.runs);
+        let [reference] = c.runs[..] else {
+            panic!("{:?}", c.runs)
+        };
+        let remote = reference.remote.expect("the run is in the store");
+        assert_eq!(remote.bytes, whole_bytes);
+        assert_eq!(reference.entries, 50, "its file holds each stream's last");
+        assert!(reference.bytes * 5 < whole_bytes, "{reference:?}");
+        let key = tier.key(remote.name);
+        assert_eq!(
+            std::fs::metadata(bucket.path().join(&key)).unwrap().len(),
+            whole_bytes
+        );
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            1,
+            "the uploaded file is gone"
+        );
+        let check = |index: &StreamIndex| {
+            // The state machine's versions and duplicate checks come from the file alone.
+            let fetched = store.stats().fetches.load(Ordering::Relaxed);
+            for (stream, appends) in &expected {
+                let reader = index.writer_reader(stream);
+                let last = appends.last().unwrap();
+                assert_eq!(reader.version().unwrap(), last.last_version());
+                assert_eq!(reader.find_base(last.base).unwrap(), Some(*last));
+                assert_eq!(reader.find_base(appends[0].base).unwrap(), None);
+                assert!(reader.may_hold_remotely(appends[0].base).unwrap());
+            }
+            assert_eq!(store.stats().fetches.load(Ordering::Relaxed), fetched);
+            // Readers read the object, from a thread that may block.
+            let readers: Vec<_> = expected
+                .keys()
+                .map(|stream| (stream.clone(), index.reader(stream)))
+                .collect();
+            let read = runtime
+                .block_on(runtime.spawn_blocking(move || {
+                    readers
+                        .into_iter()
+                        .map(|(stream, reader)| {
+                            let all = reader.appends_from(1, usize::MAX).unwrap();
+                            let from_third = reader.first_ending_after(all[2].base).unwrap();
+                            (stream, all, from_third)
+                        })
+                        .collect::<Vec<_>>()
+                }))
+                .unwrap();
+            for (stream, all, from_third) in read {
+                assert_eq!(&all, &expected[&stream], "{stream}");
+                assert_eq!(from_third, Some(all[2]), "{stream}");
+            }
+            assert!(store.stats().fetches.load(Ordering::Relaxed) > fetched);
+        };
+        check(&index);
+        // Reopened from the checkpoint, and received whole by another replica's folder.
+        let reopened =
+            StreamIndex::open(dir.path(), &c.runs, cache.clone(), Some(tier.clone())).unwrap();
+        check(&reopened);
+        assert!(
+            StreamIndex::open(dir.path(), &c.runs, cache.clone(), None).is_err(),
+            "a run in the store needs a tier"
+        );
+        let other = tempfile::tempdir().unwrap();
+        let file = std::fs::read(run_path(dir.path(), reference.id)).unwrap();
+        receive_run(other.path(), reference, &mut &file[..], &cache).unwrap();
+        let received =
+            StreamIndex::open(other.path(), &c.runs, cache.clone(), Some(tier.clone())).unwrap();
+        check(&received);
+        // Wholly below the low watermark, its file is what a purge keeps: the object is
+        // not read, and goes once a checkpoint no longer names the run.
+        let mut index = reopened;
+        let fetched = store.stats().fetches.load(Ordering::Relaxed);
+        let low = expected.values().flatten().map(|a| a.end()).max().unwrap();
+        let plan = index.merge_due(low).expect("a purge is due");
+        index.install_merge(plan.run(low).unwrap());
+        assert_eq!(store.stats().fetches.load(Ordering::Relaxed), fetched);
+        assert!(index.take_remote_garbage().is_empty());
+        let c = index.checkpoint().unwrap();
+        index.checkpointed(&c.runs);
+        assert!(c.runs.iter().all(|r| r.remote.is_none()));
+        assert_eq!(index.take_remote_garbage(), vec![key]);
+        for (stream, appends) in &expected {
+            let last = appends.last().unwrap().last_version();
+            assert_eq!(index.reader(stream).version().unwrap(), last);
+        }
+    }
+
+    #[test]
+    fn a_failed_upload_backs_uploads_off_but_not_merges() {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let bucket = tempfile::tempdir().unwrap();
+        let root = bucket.path().join("store");
+        let store = Arc::new(
+            RemoteStore::open(&crate::RemoteOptions::new(format!(
+                "file://{}",
+                root.display()
+            )))
+            .unwrap(),
+        );
+        let tier = IndexTier {
+            store,
+            prefix: "t/0".into(),
+        };
+        let mut index = StreamIndex::empty(dir.path(), Arc::new(IndexCache::default()), Some(tier));
+        fill(&mut index, 10, 20, 50);
+        // The store cannot be written (its folder is a file now).
+        std::fs::remove_dir_all(&root).unwrap();
+        std::fs::write(&root, b"").unwrap();
+        let plan = index.upload_due(0).expect("due");
+        let inputs = plan.inputs();
+        let e = runtime
+            .block_on(plan.run())
+            .err()
+            .expect("the upload fails");
+        index.upload_failed(inputs, &e);
+        assert!(index.upload_due(0).is_none(), "uploads back off");
+        assert!(index.unmergeable.is_empty());
+        let plan = index.merge_due(0).expect("merges go on");
+        index.install_merge(plan.run(0).unwrap());
+        assert_eq!(index.runs.len(), 1);
+        assert!(index.runs.values().all(|r| !r.is_remote()));
+    }
+
+    #[test]
     fn purges_at_rising_lows_collapse_into_one_run_rather_than_pile_up() {
         let dir = tempfile::tempdir().unwrap();
-        let mut index = StreamIndex::empty(dir.path(), Arc::new(IndexCache::default()));
+        let mut index = StreamIndex::empty(dir.path(), Arc::new(IndexCache::default()), None);
         for round in 0..6u64 {
             for s in 0..20u64 {
                 index.append(format!("s{s}"), a(round + 1, round * 100 + s * 5, 1));
@@ -1717,13 +2327,13 @@ mod tests {
     fn a_merge_of_an_index_a_later_one_took_over_never_replaces_that_ones_run() {
         let dir = tempfile::tempdir().unwrap();
         let cache = Arc::new(IndexCache::default());
-        let mut old = StreamIndex::empty(dir.path(), cache.clone());
+        let mut old = StreamIndex::empty(dir.path(), cache.clone(), None);
         fill(&mut old, 10, 20, 50);
         let named: Vec<RunRef> = old.runs().iter().map(|r| r.reference()).collect();
         let plan = old.merge_due(0).expect("due");
         // The group is reopened on the same folder while the merge runs; the new index's
         // next run takes the number the merge reserved.
-        let mut new = StreamIndex::open(dir.path(), &named, cache).unwrap();
+        let mut new = StreamIndex::open(dir.path(), &named, cache, None).unwrap();
         new.append("late".into(), a(1, 10_000, 1));
         let c = new.checkpoint().unwrap();
         new.checkpointed(&c.runs);
@@ -1746,7 +2356,7 @@ mod tests {
     #[test]
     fn recent_appends_at_or_past_high_are_not_visible_in_the_version() {
         let dir = tempfile::tempdir().unwrap();
-        let mut index = StreamIndex::empty(dir.path(), Arc::new(IndexCache::default()));
+        let mut index = StreamIndex::empty(dir.path(), Arc::new(IndexCache::default()), None);
         index.append("s".into(), a(1, 0, 3));
         let c = index.checkpoint().unwrap();
         index.checkpointed(&c.runs);
@@ -1763,7 +2373,7 @@ mod tests {
     fn damaged_or_foreign_runs_are_refused_naming_the_file() {
         let dir = tempfile::tempdir().unwrap();
         let cache = Arc::new(IndexCache::default());
-        let mut index = StreamIndex::empty(dir.path(), cache.clone());
+        let mut index = StreamIndex::empty(dir.path(), cache.clone(), None);
         fill(&mut index, 50, 20, 1000);
         let c = index.checkpoint().unwrap();
         let reference = c.runs[0];
@@ -1774,7 +2384,7 @@ mod tests {
         let mut bad = good.clone();
         bad[100] ^= 1;
         std::fs::write(&path, &bad).unwrap();
-        let err = StreamIndex::open(dir.path(), &[reference], cache.clone())
+        let err = StreamIndex::open(dir.path(), &[reference], cache.clone(), None)
             .and_then(|i| i.reader("order-00001").version())
             .unwrap_err()
             .to_string();
@@ -1784,7 +2394,7 @@ mod tests {
         );
         // Cut short.
         std::fs::write(&path, &good[..good.len() - 3]).unwrap();
-        let err = StreamIndex::open(dir.path(), &[reference], cache.clone())
+        let err = StreamIndex::open(dir.path(), &[reference], cache.clone(), None)
             .err()
             .unwrap()
             .to_string();
@@ -1794,7 +2404,7 @@ mod tests {
         let n = foreign.len();
         foreign[n - 8..].copy_from_slice(b"NOTARUN!");
         std::fs::write(&path, &foreign).unwrap();
-        let err = StreamIndex::open(dir.path(), &[reference], cache.clone())
+        let err = StreamIndex::open(dir.path(), &[reference], cache.clone(), None)
             .err()
             .unwrap()
             .to_string();
@@ -1805,7 +2415,7 @@ mod tests {
         let mut fewer = good.clone();
         fewer[blocks_at..blocks_at + 8].copy_from_slice(&1u64.to_be_bytes());
         std::fs::write(&path, &fewer).unwrap();
-        let err = StreamIndex::open(dir.path(), &[reference], cache.clone())
+        let err = StreamIndex::open(dir.path(), &[reference], cache.clone(), None)
             .and_then(|i| i.reader("order-00049").version())
             .unwrap_err()
             .to_string();
