@@ -341,7 +341,7 @@ pub(crate) fn receive_snapshot(
                 }),
                 other => {
                     return Err(malformed(format!(
-                        "stream index run {id} of partition {partition}: {other} is not a place"
+                        "stream index run {id} of partition {partition}: its place byte is {other}, neither 0 (on disk) nor 1 (in the object store)"
                     )))
                 }
             };

@@ -520,7 +520,7 @@ impl<T: Transport> Node<T> {
             }
             if topic.config.retention.tiered() {
                 if inner.tier.is_none() {
-                    tracing::error!(%group, "a tiered topic's replica on a node without [tier]: it cannot read offloaded offsets nor, as leader, upload; give every node of the region the same [tier]");
+                    tracing::error!(%group, "a tiered topic's replica on a node without [tier]: it cannot read offloaded offsets or stream index runs in the store nor, as leader, upload; give every node of the region the same [tier]");
                 }
                 Self::spawn_checkpoints_after_offloads(hosted.clone());
             }

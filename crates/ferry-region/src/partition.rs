@@ -1755,16 +1755,16 @@ impl PartitionStateMachine {
     /// (named from the next checkpoint on).
     fn merge_stream_indexes(&self) {
         for view in self.views.all().values() {
+            // Uploads go beside merges (a run both take is installed by the first to finish;
+            // the other's output is discarded).
+            self.upload_stream_index_run(view);
             // Below the published low: at or below the state machine's.
             let low = view.watermarks().low;
             let plan = match view.streams.write() {
                 Ok(mut index) => index.merge_due(low),
                 Err(_) => None,
             };
-            let Some(plan) = plan else {
-                self.upload_stream_index_run(view);
-                continue;
-            };
+            let Some(plan) = plan else { continue };
             let view = view.clone();
             tokio::task::spawn_blocking(move || {
                 let inputs = plan.inputs();
@@ -1801,9 +1801,13 @@ impl PartitionStateMachine {
             let inputs = plan.inputs();
             match plan.run().await {
                 Ok(uploaded) => {
-                    if let Ok(mut index) = view.streams.write() {
-                        index.install_merge(uploaded);
-                    }
+                    // Links and opens files: off the runtime's workers.
+                    let _ = tokio::task::spawn_blocking(move || {
+                        if let Ok(mut index) = view.streams.write() {
+                            index.install_merge(uploaded);
+                        }
+                    })
+                    .await;
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, run = ?inputs.1, "uploading a stream index run failed; retried later");

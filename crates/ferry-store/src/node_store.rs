@@ -19,6 +19,8 @@ use crate::{
 /// its log entries name their partitions.
 /// 8: tiered storage: partition checkpoints carry the manifest of offloaded objects, topics
 /// the hot-tail retention fields.
+/// 9: the domain streams' index is in run files a partition checkpoint names.
+/// 10: a stream index run may be in the object store (its reference names the object).
 const FORMAT: &[u8] = b"ferry-store/10";
 const MARKER_TREE: &[u8] = b"ferry";
 
@@ -150,6 +152,14 @@ impl NodeStore {
                     "it was written by an older ferry (format ferry-store/6, one Raft group per \
                      partition) that this version cannot read; move it away to start this node \
                      empty"
+                        .into(),
+                ))
+            }
+            Some(other) if other.as_ref() == b"ferry-store/9" => {
+                return Err(foreign(
+                    "it was written by an older ferry (format ferry-store/9, stream index runs \
+                     only on disk) that this version cannot read; move it away to start this \
+                     node empty"
                         .into(),
                 ))
             }

@@ -9,6 +9,12 @@
 //! repeat. Memory holds the recent appends, each run's top index (one key per 128 blocks of
 //! about 4 KiB) and a node-wide cache of blocks ([`IndexCache`]), whatever the index's size.
 //!
+//! A tiered topic's large runs go to the object store whole ([`StreamIndex::upload_due`]);
+//! in their place stays a run file of each stream's last append in them, which is what
+//! appends check versions against (the state machine never waits on the store) and tells a
+//! read whether the object holds its stream at all. Such runs are merged only once wholly
+//! below the low watermark, where that file is all a merge keeps of them.
+//!
 //! A run file is written in one pass: data blocks (entries `[u16 stream length][stream][u64
 //! first version][u64 base offset][u32 count]` sorted by (stream, first version)) and index
 //! blocks (per data block its last key, position and length; 128 per index block),
@@ -849,15 +855,17 @@ pub struct Run {
 }
 
 struct RemoteRun {
-    store: Arc<RemoteStore>,
-    key: String,
+    /// The store and the object's key (none on a node without a tier for the index: its
+    /// file still serves appends, reads of the object fail).
+    object: Option<(Arc<RemoteStore>, String)>,
     reference: RemoteRunRef,
     table: OnceLock<Table>,
 }
 
 impl Run {
     /// Opens run `reference` in `dir`, checking its file's length, trailer and top index
-    /// (a run in the store needs `tier`; its object is not read yet).
+    /// (a run in the store is read through `tier`, not yet; without one only its file
+    /// serves).
     fn open(dir: &Path, reference: RunRef, tier: Option<&IndexTier>) -> Result<Self, StoreError> {
         let path = run_path(dir, reference.id);
         let file = File::open(&path).map_err(|e| StoreError::io(path.display().to_string(), e))?;
@@ -880,23 +888,11 @@ impl Run {
             reference.bytes,
             reference.entries,
         )?;
-        let remote = match reference.remote {
-            None => None,
-            Some(remote) => {
-                let tier = tier.ok_or_else(|| {
-                    StoreError::io(
-                        path.display().to_string(),
-                        "the run is in the object store, and this node has no [tier]",
-                    )
-                })?;
-                Some(RemoteRun {
-                    store: tier.store.clone(),
-                    key: tier.key(remote.name),
-                    reference: remote,
-                    table: OnceLock::new(),
-                })
-            }
-        };
+        let remote = reference.remote.map(|remote| RemoteRun {
+            object: tier.map(|tier| (tier.store.clone(), tier.key(remote.name))),
+            reference: remote,
+            table: OnceLock::new(),
+        });
         Ok(Self {
             reference,
             path,
@@ -928,11 +924,17 @@ impl Run {
         if let Some(table) = remote.table.get() {
             return Ok(table);
         }
-        let name = PathBuf::from(&remote.key);
+        let Some((store, key)) = &remote.object else {
+            return Err(StoreError::io(
+                self.path.display().to_string(),
+                "the run is in the object store, and this node has no [tier] for it",
+            ));
+        };
+        let name = PathBuf::from(key);
         let table = Table::open(
             Source::Remote {
-                store: remote.store.clone(),
-                key: remote.key.clone(),
+                store: store.clone(),
+                key: key.clone(),
             },
             name.clone(),
             remote.reference.bytes,
@@ -1169,7 +1171,9 @@ impl StreamReader {
     /// the state machine's reader cannot see.
     pub fn may_hold_remotely(&self, offset: u64) -> Result<bool, StoreError> {
         for run in self.runs.iter().filter(|run| run.is_remote()) {
-            if run.end() > offset && run.last_of(&self.stream, &self.cache)?.is_some() {
+            // The stream's last append there ends past `offset`: an earlier one may be at it.
+            let last = run.last_of(&self.stream, &self.cache)?;
+            if last.is_some_and(|last| last.end() > offset) {
                 return Ok(true);
             }
         }
@@ -1264,8 +1268,23 @@ impl UploadPlan {
             (lasts, file)
         })
         .await;
-        let (lasts, file) = written.map_err(|e| StoreError::io(key.clone(), e))?;
-        let local = lasts?.ok_or_else(|| corrupt(&self.input.path, "it holds no appends"))?;
+        let written = written
+            .map_err(|e| StoreError::io(key.clone(), e))
+            .and_then(|(lasts, file)| {
+                let local =
+                    lasts?.ok_or_else(|| corrupt(&self.input.path, "it holds no appends"))?;
+                Ok((local, file))
+            });
+        let (local, file) = match written {
+            Ok(written) => written,
+            Err(e) => {
+                // No run will name the object.
+                if let Err(e) = self.tier.store.delete(&key).await {
+                    tracing::warn!(%key, error = %e, "deleting a stream index run's object failed; it is left over");
+                }
+                return Err(e);
+            }
+        };
         Ok(Merged {
             inputs: vec![self.input],
             output: Some((
@@ -1430,6 +1449,8 @@ pub struct StreamIndex {
     /// Numbers this index among those of the process (merges belong to one).
     generation: u64,
     merging: Arc<AtomicBool>,
+    /// Whether an upload is under way (one at a time, beside merges).
+    uploading: Arc<AtomicBool>,
 }
 
 impl StreamIndex {
@@ -1451,6 +1472,7 @@ impl StreamIndex {
             upload_backoff: None,
             generation: NEXT_UID.fetch_add(1, Ordering::Relaxed),
             merging: Arc::new(AtomicBool::new(false)),
+            uploading: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -1597,8 +1619,8 @@ impl StreamIndex {
                     true
                 }
                 _ => {
-                    if let Some(remote) = &run.remote {
-                        garbage.push(remote.key.clone());
+                    if let Some((_, key)) = run.remote.as_ref().and_then(|r| r.object.as_ref()) {
+                        garbage.push(key.clone());
                     }
                     false
                 }
@@ -1609,8 +1631,9 @@ impl StreamIndex {
 
     /// Keys of objects of runs merged away that no checkpoint names any more, for the owner
     /// to delete (a run in the store is merged away only once wholly below the low
-    /// watermark; a replica behind may still read it until its own low passes it, and gets
-    /// a retryable error).
+    /// watermark; objects are shared with the replicas that received them in a snapshot,
+    /// and one of those still behind that low gets an error for a read of the object, not a
+    /// wrong answer, until its own low passes it).
     pub fn take_remote_garbage(&mut self) -> Vec<String> {
         std::mem::take(&mut self.remote_garbage)
     }
@@ -1621,7 +1644,7 @@ impl StreamIndex {
     /// append in it.
     pub fn upload_due(&mut self, min_bytes: u64) -> Option<UploadPlan> {
         let tier = self.tier.clone()?;
-        if self.merging.load(Ordering::Acquire)
+        if self.uploading.load(Ordering::Acquire)
             || self
                 .upload_backoff
                 .is_some_and(|(until, _)| Instant::now() < until)
@@ -1632,13 +1655,16 @@ impl StreamIndex {
             .runs
             .values()
             .find(|run| {
+                // A run of streams' last appends only (purged whole) would leave a file as
+                // large as itself: it stays.
                 !run.is_remote()
+                    && run.purged_below() < run.end()
                     && run.reference.bytes >= min_bytes
                     && !self.unsynced.contains(&run.reference.id)
                     && !self.unmergeable.contains(&run.reference.id)
             })?
             .clone();
-        self.merging.store(true, Ordering::Release);
+        self.uploading.store(true, Ordering::Release);
         let id = self.next_id;
         self.next_id += 1;
         Some(UploadPlan {
@@ -1649,7 +1675,7 @@ impl StreamIndex {
             cache: self.cache.clone(),
             tier,
             generation: self.generation,
-            guard: MergeGuard(self.merging.clone()),
+            guard: MergeGuard(self.uploading.clone()),
         })
     }
 
@@ -1743,6 +1769,16 @@ impl StreamIndex {
         back_off(&mut self.merge_backoff);
     }
 
+    /// After installing `reference` failed: merges or uploads (as it was one) back off.
+    fn install_failed(&mut self, reference: &RunRef) {
+        self.discard_object(reference);
+        if reference.remote.is_some() {
+            back_off(&mut self.upload_backoff);
+        } else {
+            self.back_off_merges();
+        }
+    }
+
     /// An upload planned by this index failed (the store down, say): uploads back off
     /// (from 1 s, doubling to 5 min); a damaged run is not uploaded again.
     pub fn upload_failed(&mut self, (generation, inputs): (u64, Vec<u64>), error: &StoreError) {
@@ -1788,8 +1824,7 @@ impl StreamIndex {
         let path = run_path(&self.dir, reference.id);
         if let Err(e) = std::fs::hard_link(&written.0, &path) {
             tracing::warn!(run = %path.display(), error = %e, "installing a merged stream index run failed");
-            self.discard_object(reference);
-            self.back_off_merges();
+            self.install_failed(reference);
             return;
         }
         match Run::open(&self.dir, *reference, self.tier.as_ref()) {
@@ -1806,8 +1841,7 @@ impl StreamIndex {
             }
             Err(e) => {
                 tracing::warn!(run = %path.display(), error = %e, "installing a merged stream index run failed");
-                self.discard_object(reference);
-                self.back_off_merges();
+                self.install_failed(reference);
                 // Only the name linked here (a later index may have taken it meanwhile).
                 if same_file(&path, &written.0) {
                     let _ = std::fs::remove_file(&path);
@@ -2229,10 +2263,17 @@ mod tests {
         let reopened =
             StreamIndex::open(dir.path(), &c.runs, cache.clone(), Some(tier.clone())).unwrap();
         check(&reopened);
-        assert!(
-            StreamIndex::open(dir.path(), &c.runs, cache.clone(), None).is_err(),
-            "a run in the store needs a tier"
+        // Without a tier, its file still serves appends; reads that need the object fail,
+        // saying why.
+        let untiered = StreamIndex::open(dir.path(), &c.runs, cache.clone(), None).unwrap();
+        let (stream, appends) = expected.iter().next().unwrap();
+        let reader = untiered.reader(stream);
+        assert_eq!(
+            reader.version().unwrap(),
+            appends.last().unwrap().last_version()
         );
+        let err = reader.appends_from(1, usize::MAX).unwrap_err().to_string();
+        assert!(err.contains("no [tier]"), "{err}");
         let other = tempfile::tempdir().unwrap();
         let file = std::fs::read(run_path(dir.path(), reference.id)).unwrap();
         receive_run(other.path(), reference, &mut &file[..], &cache).unwrap();
@@ -2252,6 +2293,8 @@ mod tests {
         index.checkpointed(&c.runs);
         assert!(c.runs.iter().all(|r| r.remote.is_none()));
         assert_eq!(index.take_remote_garbage(), vec![key]);
+        // Its streams' last appends alone are not uploaded again (the file would be as large).
+        assert!(index.upload_due(0).is_none());
         for (stream, appends) in &expected {
             let last = appends.last().unwrap().last_version();
             assert_eq!(index.reader(stream).version().unwrap(), last);
