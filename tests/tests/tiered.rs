@@ -3,7 +3,8 @@
 //! replicas' disks stay within their bound, and readers (a consumer group from offset 0, the
 //! event store, a moved replica) get everything from the object store; and a store that
 //! stops mid-run makes publishes fail with the retryable error at the bound, nothing lost or
-//! doubled once it is back.
+//! doubled once it is back; events forwarded from another region are held back at that
+//! bound too, and all land once when the store is back.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -14,8 +15,11 @@ use ferry_client::{
     Client, ClientError, ClientOptions, ConsumerOptions, GroupConsumer, ProducerOptions, StartFrom,
 };
 use ferry_proto::wire::{ErrorCode, PartitionInfo};
-use ferry_proto::{Event, EventBatch, Limits, NodeId, Retention, Subject, TopicConfig};
-use ferry_tests::{identity, wait_until, S3Server, TestRegion};
+use ferry_proto::{
+    Event, EventBatch, EventClass, Limits, NodeId, RegionPolicy, Retention, Subject, SubjectFilter,
+    TopicConfig,
+};
+use ferry_tests::{identity, wait_until, S3Server, TestMesh, TestRegion};
 use tokio::time::Instant;
 
 const BUCKET: &str = "ferry-tiered";
@@ -432,4 +436,132 @@ async fn with_the_object_store_stopped_publishes_are_refused_at_the_bound_and_no
     }
     let info = partition(&client, "orders").await;
     assert_eq!(info.high_watermark, total, "no event twice");
+}
+
+/// `pay`, tiered in region b (a 1 MiB hot tail, at most `limit` on disk), forwarded from a.
+fn forwarded_topic(retention: Retention) -> TopicConfig {
+    let mut topic = TopicConfig::new("pay", 1);
+    topic.replication = 1;
+    topic.subjects = SubjectFilter::new("pay.>").unwrap();
+    topic.class = EventClass::Integration;
+    topic.regions = RegionPolicy::ByInterest;
+    topic.retention = retention;
+    topic
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_forwarded_into_a_tiered_topic_are_held_at_its_bound_while_the_store_is_down() {
+    let s3 = S3Server::start().await;
+    s3.create_bucket(BUCKET).await;
+    let mesh = TestMesh::start_with(&[("a", 1), ("b", 1)], |config| {
+        config.tier = Some(s3.options(BUCKET, "forwarded"));
+        config.mesh.forward_batch_events = 8;
+        config.mesh.forward_window = 2;
+    })
+    .await;
+    let limit = 3 * HOT;
+    // What may land past the bound: the batches in flight when it is reached (a window of
+    // two, of 8 events), and a batch's headers.
+    let slack = 3 * 8 * PAYLOAD as u64;
+    // b's first: a's forwarding would otherwise define it in b with a's retention.
+    let b = mesh
+        .region("b")
+        .create_topic(forwarded_topic(Retention {
+            local_max_bytes: Some(HOT),
+            local_limit_bytes: Some(limit),
+            ..Retention::default()
+        }))
+        .await;
+    let a = mesh
+        .region("a")
+        .create_topic(forwarded_topic(Retention::default()))
+        .await;
+    wait_until("b knows region a", Duration::from_secs(30), || async {
+        let b = mesh.region("b");
+        b.node(b.first_id)
+            .is_some_and(|n| n.node().mesh_nodes().iter().any(|r| r.region == "a"))
+    })
+    .await;
+    let version = b.add_interest("billing", "pay.>").await.unwrap();
+    b.await_interest(version, Duration::from_secs(30))
+        .await
+        .unwrap();
+    let pay = |i: u64| {
+        let mut data = vec![0u8; PAYLOAD];
+        data[..8].copy_from_slice(&i.to_le_bytes());
+        Event::new(
+            format!("e{i}"),
+            "/t",
+            "t",
+            Subject::new("pay.eu").unwrap(),
+            data,
+        )
+    };
+    // The store stops, and a publishes three times b's bound: b takes what fits, then holds
+    // the rest back (a's lane says why), its disk within the bound.
+    s3.pause();
+    let total = 3 * limit / PAYLOAD as u64;
+    for from in (0..total).step_by(16) {
+        let events: Vec<Event> = (from..(from + 16).min(total)).map(pay).collect();
+        let batch = EventBatch::new(&events, None, 0, &Limits::default()).unwrap();
+        a.publish_batch("pay", 0, batch).await.unwrap();
+    }
+    let b_folder = mesh.region("b").configs[0]
+        .data_dir
+        .join("partitions")
+        .join("pay@0");
+    let watch = DiskWatch::start(vec![b_folder]);
+    let held = wait_until(
+        "b holds forwarded events back",
+        Duration::from_secs(60),
+        || async {
+            a.regions().await.is_ok_and(|report| {
+                report.forwarding.iter().any(|lane| {
+                    lane.destination == "b"
+                        && lane
+                            .last_error
+                            .as_deref()
+                            .is_some_and(|e| e.contains("local_limit_bytes"))
+                })
+            })
+        },
+    )
+    .await;
+    println!("held back after {held:?}");
+    let landed = partition(&b, "pay").await.high_watermark;
+    assert!(landed < total, "all {total} landed with the store down");
+    let on_disk = partition(&b, "pay").await.local_bytes;
+    assert!(
+        on_disk < limit + slack,
+        "{on_disk} bytes on disk, bound {limit}"
+    );
+
+    // Back: uploads catch up, the rest lands, every event once and in order.
+    s3.resume();
+    wait_until(
+        "everything lands in b",
+        Duration::from_secs(120),
+        || async { partition(&b, "pay").await.high_watermark.eq(&total) },
+    )
+    .await;
+    // The whole folder (checkpoints and the stream index too, and files offloaded but not
+    // deleted until the next checkpoint) stays near it.
+    let most = watch.finish().await[0];
+    assert!(
+        most < limit + slack + 2 * HOT,
+        "b's folder reached {most} bytes, bound {limit}"
+    );
+    let mut sub = b.subscribe("pay", 0, StartFrom::Earliest).await.unwrap();
+    for offset in 0..total {
+        let (at, event) = tokio::time::timeout(Duration::from_secs(30), sub.next())
+            .await
+            .expect("every event is served")
+            .unwrap();
+        assert_eq!((at, event.id.to_string()), (offset, format!("e{offset}")));
+    }
+    assert_eq!(
+        partition(&b, "pay").await.high_watermark,
+        total,
+        "no event twice"
+    );
 }

@@ -279,6 +279,25 @@ impl<T: Transport> Node<T> {
                 request.topic
             ));
         }
+        // A tiered partition whose uploads cannot keep up holds forwarded events back as it
+        // refuses publishes, so its disk stays within retention.local_limit_bytes; the
+        // origin resends with backoff (its lane shows this as its last error).
+        if let Some(limit) = self
+            .inner
+            .meta_view
+            .retention(&request.topic)
+            .and_then(|r| r.local_limit())
+        {
+            let on_disk = group.view.disk_bytes();
+            if on_disk >= limit {
+                return PeerResponse::Error(format!(
+                    "region {region}: {}/{} holds {on_disk} bytes locally, its \
+                     retention.local_limit_bytes is {limit}: its uploads to the object store \
+                     cannot keep up; resend later",
+                    request.topic, request.dest_partition
+                ));
+            }
+        }
         let (initial, partitions) = request.routed_by;
         let limits = &self.inner.config.limits;
         for (offset, bytes) in &request.batch.events {
