@@ -238,6 +238,27 @@ impl<T: Transport> Node<T> {
                 .fetch_add(resent_events, Ordering::Relaxed);
             return PeerResponse::Forwarded(Ack::Committed { next: held });
         }
+        // A tiered partition whose uploads cannot keep up holds forwarded events back as it
+        // refuses publishes, so its disk stays within retention.local_limit_bytes; the
+        // origin resends with backoff (its lane shows this as its last error). Before the gap
+        // check: a later batch of the window answered with a gap would make the origin
+        // resend at once.
+        if let Some(limit) = self
+            .inner
+            .meta_view
+            .retention(&request.topic)
+            .and_then(|r| r.local_limit())
+        {
+            let on_disk = group.view.disk_bytes();
+            if on_disk >= limit {
+                return PeerResponse::Error(format!(
+                    "region {region}: {}/{} holds {on_disk} bytes locally, its \
+                     retention.local_limit_bytes is {limit}: its uploads to the object store \
+                     cannot keep up; resend later",
+                    request.topic, request.dest_partition
+                ));
+            }
+        }
         if request.batch.from > intake.proposed_to {
             return PeerResponse::Forwarded(Ack::Gap { next: held });
         }
@@ -278,25 +299,6 @@ impl<T: Transport> Node<T> {
                 "region {region}: {}/{why}",
                 request.topic
             ));
-        }
-        // A tiered partition whose uploads cannot keep up holds forwarded events back as it
-        // refuses publishes, so its disk stays within retention.local_limit_bytes; the
-        // origin resends with backoff (its lane shows this as its last error).
-        if let Some(limit) = self
-            .inner
-            .meta_view
-            .retention(&request.topic)
-            .and_then(|r| r.local_limit())
-        {
-            let on_disk = group.view.disk_bytes();
-            if on_disk >= limit {
-                return PeerResponse::Error(format!(
-                    "region {region}: {}/{} holds {on_disk} bytes locally, its \
-                     retention.local_limit_bytes is {limit}: its uploads to the object store \
-                     cannot keep up; resend later",
-                    request.topic, request.dest_partition
-                ));
-            }
         }
         let (initial, partitions) = request.routed_by;
         let limits = &self.inner.config.limits;
