@@ -27,13 +27,18 @@ const HOT: u64 = 1024 * 1024;
 const PAYLOAD: usize = 32 * 1024;
 
 fn event(i: u64) -> Event {
+    event_on("history.x", i)
+}
+
+/// Event `e<i>` of `PAYLOAD` bytes on `subject`.
+fn event_on(subject: &str, i: u64) -> Event {
     let mut data = vec![0u8; PAYLOAD];
     data[..8].copy_from_slice(&i.to_le_bytes());
     Event::new(
         format!("e{i}"),
         "/t",
         "t",
-        Subject::new("history.x").unwrap(),
+        Subject::new(subject).unwrap(),
         data,
     )
 }
@@ -486,17 +491,7 @@ async fn events_forwarded_into_a_tiered_topic_are_held_at_its_bound_while_the_st
     b.await_interest(version, Duration::from_secs(30))
         .await
         .unwrap();
-    let pay = |i: u64| {
-        let mut data = vec![0u8; PAYLOAD];
-        data[..8].copy_from_slice(&i.to_le_bytes());
-        Event::new(
-            format!("e{i}"),
-            "/t",
-            "t",
-            Subject::new("pay.eu").unwrap(),
-            data,
-        )
-    };
+    let pay = |i: u64| event_on("pay.eu", i);
     // The store stops, and a publishes three times b's bound: b takes what fits, then holds
     // the rest back (a's lane says why), its disk within the bound.
     s3.pause();

@@ -2731,6 +2731,21 @@ mod tests {
     }
 
     /// Runs of the stream index in the partition's folder, and those the index holds.
+    /// `rounds` rounds of appends to streams "a", "b", "a", two events each, a checkpoint
+    /// after each round.
+    async fn append_rounds(sm: &mut PartitionStateMachine, rounds: u32) {
+        for _ in 0..rounds {
+            for stream in ["a", "b", "a"] {
+                let reply = to_stream(sm, stream, None, batch(None, 0, 2));
+                assert!(
+                    matches!(reply, PartitionReply::StreamAppended { .. }),
+                    "{reply:?}"
+                );
+            }
+            sm.build_snapshot().await.unwrap();
+        }
+    }
+
     fn runs_of(sm: &PartitionStateMachine) -> (usize, usize) {
         let view = sm.view();
         let index = view.streams.read().unwrap();
@@ -2747,17 +2762,8 @@ mod tests {
     ) {
         let dir = tempfile::tempdir().unwrap();
         let mut sm = open_one(dir.path(), 4096).unwrap();
-        // Per round: "a", "b", "a", two events each (offsets 6r, 6r + 2, 6r + 4).
-        for _ in 0..16 {
-            for stream in ["a", "b", "a"] {
-                let reply = to_stream(&sm, stream, None, batch(None, 0, 2));
-                assert!(
-                    matches!(reply, PartitionReply::StreamAppended { .. }),
-                    "{reply:?}"
-                );
-            }
-            sm.build_snapshot().await.unwrap();
-        }
+        // Offsets 6r, 6r + 2 and 6r + 4 in round r.
+        append_rounds(&mut sm, 16).await;
         // Merges start after checkpoints (one at a time per partition): take checkpoints
         // until `done`.
         async fn wait_for(
@@ -2833,17 +2839,7 @@ mod tests {
         let open =
             |path: &Path| PartitionStateMachine::open(path, 4096, &[0], storage.clone()).unwrap();
         let mut sm = open(&dir.path().join("a"));
-        // Per round: "a", "b", "a", two events each.
-        for _ in 0..8 {
-            for stream in ["a", "b", "a"] {
-                let reply = to_stream(&sm, stream, None, batch(None, 0, 2));
-                assert!(
-                    matches!(reply, PartitionReply::StreamAppended { .. }),
-                    "{reply:?}"
-                );
-            }
-            sm.build_snapshot().await.unwrap();
-        }
+        append_rounds(&mut sm, 8).await;
         // Uploads (and merges) run in the background after checkpoints: take checkpoints
         // until every run is in the store and a checkpoint names them so.
         let in_store = |sm: &PartitionStateMachine| {

@@ -1915,6 +1915,16 @@ mod tests {
         }
     }
 
+    /// Appends round `round` to streams `s0`..`s19`, one event each at offsets `100 round +
+    /// 5 s`, and takes a checkpoint.
+    fn append_round(index: &mut StreamIndex, round: u64) {
+        for s in 0..20u64 {
+            index.append(format!("s{s}"), a(round + 1, round * 100 + s * 5, 1));
+        }
+        let c = index.checkpoint().unwrap();
+        index.checkpointed(&c.runs);
+    }
+
     /// Appends `streams` streams `per_stream` appends each, interleaved, two events each,
     /// checkpointing every `every` appends; returns the expected appends per stream.
     fn fill(
@@ -2156,11 +2166,7 @@ mod tests {
         // took long), so 25 runs pile up; from then on one falls wholly below the low at every
         // checkpoint, and they would stay piled up if only purges merged.
         for round in 0..72u64 {
-            for s in 0..20u64 {
-                index.append(format!("s{s}"), a(round + 1, round * 100 + s * 5, 1));
-            }
-            let c = index.checkpoint().unwrap();
-            index.checkpointed(&c.runs);
+            append_round(&mut index, round);
             let low = round.saturating_sub(24) * 100;
             if round >= 25 {
                 if let Some(plan) = index.merge_due(low) {
@@ -2347,11 +2353,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut index = StreamIndex::empty(dir.path(), Arc::new(IndexCache::default()), None);
         for round in 0..6u64 {
-            for s in 0..20u64 {
-                index.append(format!("s{s}"), a(round + 1, round * 100 + s * 5, 1));
-            }
-            let c = index.checkpoint().unwrap();
-            index.checkpointed(&c.runs);
+            append_round(&mut index, round);
             // Retention keeps only this round: every earlier run is wholly below it.
             let low = round * 100;
             if let Some(plan) = index.merge_due(low) {
