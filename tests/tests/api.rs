@@ -454,3 +454,61 @@ async fn group_consumers_share_partitions_and_resume_from_commits() {
         "a re-read events b had committed (b read partitions {b_partitions:?}): {repeated:?}"
     );
 }
+
+/// A server listed in the client's options that does not answer (a node that left the
+/// region) is dialled once, then tried only after the others, until it answers: it does not
+/// cost later requests a dial timeout each time its down mark runs out. The "server" is a
+/// UDP socket on loopback that counts the QUIC packets sent to it and answers none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_does_not_answer_is_tried_last_until_it_does() {
+    let region = TestRegion::start(1).await;
+    let silent = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let silent_addr = silent.local_addr().unwrap();
+    let received = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = tokio::spawn({
+        let received = received.clone();
+        async move {
+            let mut buf = vec![0u8; 2048];
+            while silent.recv_from(&mut buf).await.is_ok() {
+                received.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+    });
+    let mut servers = vec![silent_addr];
+    servers.extend(region.live_addrs());
+    let mut options = ClientOptions::new(
+        servers,
+        ferry_tests::identity(&region.certs(), "client-test-client"),
+    );
+    options.connect_timeout = Duration::from_millis(500);
+    let client = Client::new(options).unwrap();
+
+    // The first request dials the silent server first, gives up on it, and is answered by
+    // the node.
+    client
+        .list_topics()
+        .await
+        .expect("answered by the live node");
+    assert!(
+        received.load(std::sync::atomic::Ordering::SeqCst) > 0,
+        "the silent server was never dialled"
+    );
+
+    // Past the time a leader on it is passed over (5 s), requests still go to the live node
+    // first: the silent server hears nothing more (counted from after the wait, so the
+    // first dial's last packets are not taken for a new one).
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let dialled = received.load(std::sync::atomic::Ordering::SeqCst);
+    for _ in 0..5 {
+        client
+            .list_topics()
+            .await
+            .expect("answered by the live node");
+    }
+    assert_eq!(
+        received.load(std::sync::atomic::Ordering::SeqCst),
+        dialled,
+        "a request dialled the silent server again"
+    );
+    counter.abort();
+}

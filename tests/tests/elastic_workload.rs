@@ -44,6 +44,20 @@ impl Recorder {
         self.ops.lock().unwrap().push(op);
     }
 
+    /// Prints a step of the run with its time, for reading a failure against the deliveries.
+    fn step(&self, what: &str) {
+        println!("{} ms: {what}", self.start.elapsed().as_millis());
+    }
+
+    /// The time of `group`'s last delivery, in ms from the start.
+    fn last_delivery(&self, group: &str) -> Option<u64> {
+        let ops = self.ops.lock().unwrap();
+        ops.iter()
+            .rev()
+            .find(|o| o.f == Some(Func::Deliver) && o.group.as_deref() == Some(group))
+            .map(|o| o.time_ms)
+    }
+
     fn history(&self) -> History {
         let ops = self.ops.lock().unwrap().clone();
         let lines = (1..=ops.len()).collect();
@@ -134,6 +148,10 @@ async fn consume(client: Client, history: Recorder, group: &'static str, process
     .unwrap();
     let mut handled: std::collections::BTreeMap<u32, u64> = Default::default();
     let mut commit = tokio::time::interval(Duration::from_millis(100));
+    // After a slow round of commits (a leader change), the next is 100 ms later, not at once:
+    // with missed ticks fired in a burst, every other turn of the loop would commit again
+    // and deliveries would starve.
+    commit.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             // Cancel-safe: a delivery taken is returned at once.
@@ -154,10 +172,17 @@ async fn consume(client: Client, history: Recorder, group: &'static str, process
                 *next = (*next).max(d.offset + 1);
             }
             _ = commit.tick() => {
+                let began = Instant::now();
+                let mut failed = Vec::new();
                 for (partition, next) in &handled {
                     // A failed commit (a leader change) only means redeliveries, which the
                     // checker allows.
-                    let _ = member.commit(*partition, *next).await;
+                    if let Err(e) = member.commit(*partition, *next).await {
+                        failed.push(format!("{partition}: {e}"));
+                    }
+                }
+                if began.elapsed() > Duration::from_secs(1) {
+                    println!("{group}: commits took {:?}; failed {failed:?}", began.elapsed());
                 }
             }
         }
@@ -183,17 +208,26 @@ async fn nodes(client: &Client) -> Vec<NodeInfo> {
 /// Waits until the topic has no move under way and every partition has a leader and three
 /// replicas, none on `not_on`.
 async fn settled(client: &Client, not_on: Option<u64>) {
-    wait_for("the topic settles", Duration::from_secs(120), || async {
-        client.describe_topic(TOPIC).await.is_ok_and(|d| {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let d = client.describe_topic(TOPIC).await;
+        let settled = d.as_ref().is_ok_and(|d| {
             d.moves.is_empty()
                 && d.partitions.iter().all(|p| {
                     p.leader.is_some()
                         && p.replicas.len() == 3
                         && not_on.is_none_or(|n| !p.replicas.contains(&n))
                 })
-        })
-    })
-    .await;
+        });
+        if settled {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the topic did not settle within 120 s: {d:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -232,6 +266,7 @@ async fn a_region_grown_split_and_shrunk_under_load_passes_the_checker() {
     .await;
 
     // Nodes 4 and 5 join; a rebalance spreads the replicas over all five.
+    history.step("publishes flow");
     region.join(4).await.expect("node 4 joins");
     region.join(5).await.expect("node 5 joins");
     wait_for("five voters", Duration::from_secs(60), || async {
@@ -239,6 +274,7 @@ async fn a_region_grown_split_and_shrunk_under_load_passes_the_checker() {
         n.len() == 5 && n.iter().all(|n| n.voter)
     })
     .await;
+    history.step("five voters");
     client.rebalance(false).await.unwrap();
     wait_for(
         "replicas on every node",
@@ -254,7 +290,9 @@ async fn a_region_grown_split_and_shrunk_under_load_passes_the_checker() {
     settled(&client, None).await;
 
     // The topic grows from 4 to 8 partitions.
+    history.step("rebalanced");
     let layout = ferry_tests::grow_topic(&client, TOPIC, 8).await;
+    history.step("grown to 8 partitions");
     assert_eq!(layout.splits.len(), 4, "{layout:?}");
     // A second group joins now, with every partition's backlog before it: its readers of the
     // children must wait for its commits of the parents up to the seals.
@@ -280,24 +318,30 @@ async fn a_region_grown_split_and_shrunk_under_load_passes_the_checker() {
     .await;
     let leader = region.leader_of(TOPIC, 0).await.expect("a leader");
     region.kill(leader).await;
+    history.step(&format!("node {leader} killed"));
     let at = published();
     wait_for("publishes without it", Duration::from_secs(60), || async {
         published() > at + 300
     })
     .await;
     region.restart(leader).await;
+    history.step(&format!("node {leader} restarted"));
     settled(&client, None).await;
+    history.step("settled");
 
     // Node 1 drains and leaves.
     client.drain_node(1, false).await.unwrap();
     settled(&client, Some(1)).await;
+    history.step("node 1 drained");
     client.remove_node(1, false).await.unwrap();
     wait_for("node 1 gone", Duration::from_secs(60), || async {
         let n = nodes(&client).await;
         n.len() == 4 && !n.iter().any(|n| n.id == 1)
     })
     .await;
+    history.step("node 1 removed");
     region.stop(1).await;
+    history.step("node 1 stopped");
     let at = published();
     wait_for(
         "publishes after the drain",
@@ -380,9 +424,11 @@ async fn a_region_grown_split_and_shrunk_under_load_passes_the_checker() {
                     committed.push((p, client.committed(group, TOPIC, p).await.ok().flatten()));
                 }
                 panic!(
-                "group {group} did not read everything in 180 s: {behind:?}; committed {committed:?}; layout {:?}",
-                d.layout
-            );
+                    "group {group} did not read everything in 180 s: {behind:?}; committed {committed:?}; layout {:?}; its last delivery at {:?} ms, now {} ms",
+                    d.layout,
+                    history.last_delivery(group),
+                    history.start.elapsed().as_millis()
+                );
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }

@@ -51,6 +51,8 @@ pub(crate) struct Inner {
     tls: quinn::ClientConfig,
     pub(crate) options: ClientOptions,
     connections: tokio::sync::Mutex<HashMap<SocketAddr, quinn::Connection>>,
+    /// Servers that failed to answer and have not answered since, with when that stops
+    /// counting as down ([`DOWN_FOR`] after the failure).
     down: std::sync::Mutex<HashMap<SocketAddr, tokio::time::Instant>>,
     /// Partition leaders that answered lately, by (topic, partition).
     leaders: std::sync::Mutex<HashMap<(String, u32), SocketAddr>>,
@@ -69,7 +71,8 @@ struct Describing {
     last: tokio::sync::Mutex<Option<Arc<TopicDescription>>>,
 }
 
-/// How long an unreachable server is tried last.
+/// How long a leader on an unreachable server is passed over (asked about again instead);
+/// as a server to send requests to, it stays last until it answers.
 const DOWN_FOR: Duration = Duration::from_secs(5);
 
 /// Where a domain stream append landed.
@@ -195,7 +198,7 @@ impl Client {
     }
 
     /// Whether `addr` did not answer lately.
-    fn is_down(&self, addr: SocketAddr) -> bool {
+    pub(crate) fn is_down(&self, addr: SocketAddr) -> bool {
         let now = tokio::time::Instant::now();
         self.inner
             .down
@@ -244,14 +247,22 @@ impl Client {
         Ok(d)
     }
 
-    /// Servers in the order to try them: those not recently unreachable first.
+    /// Servers in the order to try them: those that failed to answer last, until they answer
+    /// again (a node that left the region, listed when the client was made, would otherwise
+    /// cost every request a dial timeout whenever its down mark ran out).
     fn servers_to_try(&self) -> Vec<SocketAddr> {
+        let failed = self
+            .inner
+            .down
+            .lock()
+            .map(|d| d.keys().copied().collect::<Vec<_>>())
+            .unwrap_or_default();
         let (mut up, unreachable): (Vec<_>, Vec<_>) = self
             .inner
             .options
             .servers
             .iter()
-            .partition(|a| !self.is_down(**a));
+            .partition(|a| !failed.contains(a));
         up.extend(unreachable);
         up
     }

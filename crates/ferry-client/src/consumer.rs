@@ -194,6 +194,9 @@ impl GroupConsumer {
     /// for any whose task has ended).
     fn follow_assignment(&mut self) {
         let (generation, partitions) = self.assignment.borrow_and_update().clone();
+        if generation != self.generation {
+            tracing::debug!(group = %self.group, member = %self.member, generation, ?partitions, "assignment");
+        }
         self.generation = generation;
         self.stop_readers(|p| !partitions.contains(&p));
         for partition in partitions {
@@ -268,7 +271,10 @@ async fn read_partition(client: Client, reading: Reading, tx: mpsc::Sender<(u64,
                 .map(|c| c.map_or(start, StartFrom::Offset)),
         };
         let subscription = match start_at {
-            Ok(at) => client.subscribe(&topic, partition, at).await,
+            Ok(at) => {
+                tracing::debug!(%group, %topic, partition, reader = number, from = ?at, "group reader subscribes");
+                client.subscribe(&topic, partition, at).await
+            }
             Err(e) => Err(e),
         };
         let mut subscription = match subscription {

@@ -134,7 +134,8 @@ impl Leaders {
                 }
             }
             *used = newest.0;
-            if let Some(addr) = leader_in(&newest.1, partition) {
+            // A leader on a server that did not answer lately is likely gone: ask below.
+            if let Some(addr) = leader_in(&newest.1, partition).filter(|a| !client.is_down(*a)) {
                 return Ok(addr);
             }
         }
@@ -698,7 +699,13 @@ impl Lane {
             other => {
                 // Another failure: a refusal before it no longer says why the events fail.
                 self.refused = None;
-                tracing::debug!(topic = %self.topic, partition = self.partition, response = ?other.map(|r| r.map(|_| ())), "produce stream failed; resending");
+                let reason = match &other {
+                    Some(Ok(ClientResponse::Error(e))) => e.to_string(),
+                    Some(Ok(_)) => "an unexpected answer".to_string(),
+                    Some(Err(e)) => e.to_string(),
+                    None => "the stream ended".to_string(),
+                };
+                tracing::debug!(topic = %self.topic, partition = self.partition, %reason, "produce stream failed; resending");
                 self.recover().await;
             }
         }
@@ -799,7 +806,10 @@ impl Lane {
                     self.give_up(|| ClientError::Api(e.clone()));
                     return;
                 }
-                Err(_) => continue,
+                Err(e) => {
+                    tracing::debug!(topic = %self.topic, partition = self.partition, error = %e, "no leader found yet");
+                    continue;
+                }
             };
             match self.open_stream(addr).await {
                 Ok(mut stream) => {
@@ -819,7 +829,8 @@ impl Lane {
                     }
                     self.client.forget(addr).await;
                 }
-                Err(_) => {
+                Err(e) => {
+                    tracing::debug!(topic = %self.topic, partition = self.partition, %addr, error = %e, "could not open a produce stream");
                     self.client.forget(addr).await;
                 }
             }

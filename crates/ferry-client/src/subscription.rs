@@ -97,6 +97,7 @@ impl Subscription {
             };
             match attempt.await {
                 Ok(recv) => {
+                    tracing::debug!(topic = %self.topic, partition = self.partition, %addr, ?from, "subscribed");
                     if let Some(index) = index {
                         self.server = index;
                     }

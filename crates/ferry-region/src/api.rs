@@ -1069,6 +1069,7 @@ impl<T: Transport> Node<T> {
             StartFrom::Offset(o) => o.max(current.low),
         };
         let max = self.inner.config.limits.max_frame / 2;
+        tracing::debug!(node = self.inner.id, %topic, partition, cursor, high = current.high, leader = ?group.raft().metrics().borrow_watched().current_leader, "serving a subscription");
         loop {
             let high = marks.borrow_and_update().high;
             if cursor < high {
