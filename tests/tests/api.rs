@@ -460,7 +460,7 @@ async fn group_consumers_share_partitions_and_resume_from_commits() {
 /// cost later requests a dial timeout each time its down mark runs out. The "server" is a
 /// UDP socket on loopback that counts the QUIC packets sent to it and answers none.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_server_that_does_not_answer_is_tried_last_until_it_does() {
+async fn a_server_that_did_not_answer_is_tried_after_the_others() {
     let region = TestRegion::start(1).await;
     let silent = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let silent_addr = silent.local_addr().unwrap();

@@ -173,6 +173,7 @@ impl Client {
                 return Err(ClientError::Timeout(format!("connecting to {addr}")));
             }
         };
+        self.mark_up(addr);
         self.inner
             .connections
             .lock()
@@ -960,7 +961,7 @@ pub(crate) fn events_from(
 }
 
 /// The client address of node `id` in a topic description.
-fn node_addr(d: &TopicDescription, id: NodeId) -> Option<SocketAddr> {
+pub(crate) fn node_addr(d: &TopicDescription, id: NodeId) -> Option<SocketAddr> {
     d.nodes
         .iter()
         .find(|n| n.id == id)

@@ -30,11 +30,11 @@ use bytes::Bytes;
 use ferry_net::framing::{read_frame, write_frame};
 use ferry_net::NetError;
 use ferry_proto::wire::{ApiError, ClientRequest, ClientResponse, ErrorCode, TopicDescription};
-use ferry_proto::{Event, EventBatch, KeyLayout, ProducerId};
+use ferry_proto::{Event, EventBatch, KeyLayout, NodeId, ProducerId};
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
-use crate::client::leader_in;
+use crate::client::{leader_in, node_addr};
 use crate::{Client, ClientError};
 
 /// Upper bound of [`ProducerOptions::max_batches_in_flight`]: half the partition's dedupe window.
@@ -134,14 +134,18 @@ impl Leaders {
                 }
             }
             *used = newest.0;
-            // A leader on a server that did not answer lately is likely gone: ask below.
-            if let Some(addr) = leader_in(&newest.1, partition).filter(|a| !client.is_down(*a)) {
+            if let Some(addr) = leader_in(&newest.1, partition) {
                 return Ok(addr);
             }
         }
         // The description names no leader for it (an election under way, or the answering
         // node does not host it): ask until one does.
         client.leader_addr(topic, partition, deadline).await
+    }
+
+    /// The client address of node `id` by the newest description.
+    async fn addr_of(&self, id: NodeId) -> Option<SocketAddr> {
+        node_addr(&self.newest.lock().await.1, id)
     }
 }
 
@@ -219,6 +223,8 @@ impl Shared {
             flushing: None,
             taken_back: Vec::new(),
             parked: false,
+            leader_hint: None,
+            hint_followed: false,
         };
         tokio::spawn(lane.run());
         LaneHandle { items, flush }
@@ -414,6 +420,8 @@ struct InFlight {
 }
 
 struct LaneStream {
+    /// The node it goes to.
+    addr: SocketAddr,
     send: quinn::SendStream,
     responses: mpsc::UnboundedReceiver<Result<ClientResponse, ClientError>>,
     reader: tokio::task::JoinHandle<()>,
@@ -454,6 +462,14 @@ struct Lane {
     taken_back: Vec<Item>,
     /// Sends nothing until the regrow it asked for collects `taken_back`.
     parked: bool,
+    /// The leader named by the node that last refused a batch for not leading: the next
+    /// recovery goes there without describing the topic again (leaders change in bulk when
+    /// a node dies or the region rebalances, and a description of a topic with many
+    /// partitions asks every node).
+    leader_hint: Option<NodeId>,
+    /// The stream was opened on a hint: if that node refuses too, the topic is described
+    /// (two nodes whose views are both stale must not send the lane back and forth).
+    hint_followed: bool,
 }
 
 async fn next_response(
@@ -614,6 +630,7 @@ impl Lane {
                 self.failing_since = None;
                 self.failures = 0;
                 self.refused = None;
+                self.hint_followed = false;
                 for (i, (ack, _permit)) in front.acks.into_iter().enumerate() {
                     let _ = ack.send(Ok(PublishAck {
                         partition: self.partition,
@@ -699,13 +716,20 @@ impl Lane {
             other => {
                 // Another failure: a refusal before it no longer says why the events fail.
                 self.refused = None;
+                self.leader_hint = match &other {
+                    Some(Ok(ClientResponse::Error(e))) if e.code == ErrorCode::NotLeader => {
+                        e.leader_hint
+                    }
+                    _ => None,
+                };
                 let reason = match &other {
                     Some(Ok(ClientResponse::Error(e))) => e.to_string(),
                     Some(Ok(_)) => "an unexpected answer".to_string(),
                     Some(Err(e)) => e.to_string(),
                     None => "the stream ended".to_string(),
                 };
-                tracing::debug!(topic = %self.topic, partition = self.partition, %reason, "produce stream failed; resending");
+                let addr = self.stream.as_ref().map(|s| s.addr);
+                tracing::debug!(topic = %self.topic, partition = self.partition, ?addr, %reason, hint = ?self.leader_hint, "produce stream failed; resending");
                 self.recover().await;
             }
         }
@@ -790,17 +814,30 @@ impl Lane {
                 self.give_up(|| ClientError::Timeout(reason.clone()));
                 return;
             }
-            let addr = match self
-                .leaders
-                .leader_of(
-                    &self.client,
-                    &self.topic,
-                    self.partition,
-                    &mut self.leaders_used,
-                    deadline,
-                )
-                .await
-            {
+            let hinted = match self.leader_hint.take() {
+                Some(id) if !self.hint_followed => self
+                    .leaders
+                    .addr_of(id)
+                    .await
+                    .filter(|a| !self.client.is_down(*a)),
+                _ => None,
+            };
+            self.hint_followed = hinted.is_some();
+            let found = match hinted {
+                Some(addr) => Ok(addr),
+                None => {
+                    self.leaders
+                        .leader_of(
+                            &self.client,
+                            &self.topic,
+                            self.partition,
+                            &mut self.leaders_used,
+                            deadline,
+                        )
+                        .await
+                }
+            };
+            let addr = match found {
                 Ok(a) => a,
                 Err(ClientError::Api(e)) => {
                     self.give_up(|| ClientError::Api(e.clone()));
@@ -850,6 +887,8 @@ impl Lane {
         self.next_seq = 0;
         self.failing_since = None;
         self.failures = 0;
+        self.leader_hint = None;
+        self.hint_followed = false;
     }
 
     async fn open_stream(&self, addr: SocketAddr) -> Result<LaneStream, ClientError> {
@@ -875,6 +914,7 @@ impl Lane {
             }
         });
         Ok(LaneStream {
+            addr,
             send,
             responses,
             reader,
