@@ -153,6 +153,27 @@ async fn partition(client: &Client, topic: &str) -> PartitionInfo {
     client.describe_topic(topic).await.unwrap().partitions[0].clone()
 }
 
+/// Subscribes to partition 0 of `topic` from the earliest offset and checks that it serves
+/// `e0` .. `e{total-1}` at offsets 0 .. total, in order, and that the partition holds no more.
+async fn read_all_in_order(client: &Client, topic: &str, total: u64) {
+    let mut sub = client
+        .subscribe(topic, 0, StartFrom::Earliest)
+        .await
+        .unwrap();
+    for offset in 0..total {
+        let (at, event) = tokio::time::timeout(Duration::from_secs(30), sub.next())
+            .await
+            .expect("every event is served")
+            .unwrap();
+        assert_eq!((at, event.id.to_string()), (offset, format!("e{offset}")));
+    }
+    assert_eq!(
+        partition(client, topic).await.high_watermark,
+        total,
+        "no event twice"
+    );
+}
+
 /// A client of node `id` alone (its subscriptions are served from its own replica).
 fn client_of(region: &TestRegion, id: NodeId) -> Client {
     let index = (id - region.first_id) as usize;
@@ -428,19 +449,7 @@ async fn with_the_object_store_stopped_publishes_are_refused_at_the_bound_and_no
         partition(&client, "orders").await.local_bytes <= HOT
     })
     .await;
-    let mut sub = client
-        .subscribe("orders", 0, StartFrom::Earliest)
-        .await
-        .unwrap();
-    for offset in 0..total {
-        let (at, event) = tokio::time::timeout(Duration::from_secs(30), sub.next())
-            .await
-            .expect("every event is served")
-            .unwrap();
-        assert_eq!((at, event.id.to_string()), (offset, format!("e{offset}")));
-    }
-    let info = partition(&client, "orders").await;
-    assert_eq!(info.high_watermark, total, "no event twice");
+    read_all_in_order(&client, "orders", total).await;
 }
 
 /// `pay`, tiered in region b (a 1 MiB hot tail, at most `limit` on disk), forwarded from a.
@@ -546,17 +555,5 @@ async fn events_forwarded_into_a_tiered_topic_are_held_at_its_bound_while_the_st
         most < limit + slack + 2 * HOT,
         "b's folder reached {most} bytes, bound {limit}"
     );
-    let mut sub = b.subscribe("pay", 0, StartFrom::Earliest).await.unwrap();
-    for offset in 0..total {
-        let (at, event) = tokio::time::timeout(Duration::from_secs(30), sub.next())
-            .await
-            .expect("every event is served")
-            .unwrap();
-        assert_eq!((at, event.id.to_string()), (offset, format!("e{offset}")));
-    }
-    assert_eq!(
-        partition(&b, "pay").await.high_watermark,
-        total,
-        "no event twice"
-    );
+    read_all_in_order(&b, "pay", total).await;
 }
