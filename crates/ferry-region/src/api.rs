@@ -269,6 +269,32 @@ impl<T: Transport> Node<T> {
         })
     }
 
+    /// Why a tiered partition takes nothing more now, if its files on disk hold its
+    /// `retention.local_limit_bytes` (its uploads to the object store are behind): publishes
+    /// and forwarded batches are both refused then.
+    pub(crate) fn local_limit_reached(
+        &self,
+        topic: &str,
+        partition: u32,
+        group: &HostedPartition,
+    ) -> Option<String> {
+        let limit = self.inner.meta_view.retention(topic)?.local_limit()?;
+        // On disk: batches offloaded but not deleted yet (until the next checkpoint) count too.
+        let held = group.view.disk_bytes();
+        if held < limit {
+            return None;
+        }
+        let why = self
+            .inner
+            .offloads
+            .failure(topic, partition)
+            .unwrap_or_else(|| "they are behind".into());
+        Some(format!(
+            "{topic}/{partition} holds {held} bytes locally, its retention.local_limit_bytes \
+             is {limit}: its uploads to the object store cannot keep up ({why})"
+        ))
+    }
+
     /// The refusal of a publish to a partition without room for it: a tiered partition whose
     /// files hold its `local_limit_bytes` (uploads behind), or one that keeps events until
     /// forwarded, holds its hard byte limit and has a region behind (so retention cannot free
@@ -279,27 +305,13 @@ impl<T: Transport> Node<T> {
         partition: u32,
         group: &HostedPartition,
     ) -> Option<ClientResponse> {
-        let retention = self.inner.meta_view.retention(topic)?;
-        if let Some(limit) = retention.local_limit() {
-            // On disk: batches offloaded but not deleted yet (until the next checkpoint)
-            // count too.
-            let held = group.view.disk_bytes();
-            if held >= limit {
-                let why = self
-                    .inner
-                    .offloads
-                    .failure(topic, partition)
-                    .unwrap_or_else(|| "they are behind".into());
-                return Some(error(
-                    ErrorCode::OffloadBehind,
-                    format!(
-                        "{topic}/{partition} holds {held} bytes locally, its \
-                         retention.local_limit_bytes is {limit}: its uploads to the object \
-                         store cannot keep up ({why}); nothing was appended, retry later"
-                    ),
-                ));
-            }
+        if let Some(full) = self.local_limit_reached(topic, partition, group) {
+            return Some(error(
+                ErrorCode::OffloadBehind,
+                format!("{full}; nothing was appended, retry later"),
+            ));
         }
+        let retention = self.inner.meta_view.retention(topic)?;
         let hard = retention
             .hard_max_bytes
             .filter(|_| retention.keep_until_forwarded)?;

@@ -2730,7 +2730,6 @@ mod tests {
         );
     }
 
-    /// Runs of the stream index in the partition's folder, and those the index holds.
     /// `rounds` rounds of appends to streams "a", "b", "a", two events each, a checkpoint
     /// after each round.
     async fn append_rounds(sm: &mut PartitionStateMachine, rounds: u32) {
@@ -2746,6 +2745,7 @@ mod tests {
         }
     }
 
+    /// Runs of the stream index in the partition's folder, and those the index holds.
     fn runs_of(sm: &PartitionStateMachine) -> (usize, usize) {
         let view = sm.view();
         let index = view.streams.read().unwrap();

@@ -1171,7 +1171,11 @@ impl StreamReader {
     /// the state machine's reader cannot see.
     pub fn may_hold_remotely(&self, offset: u64) -> Result<bool, StoreError> {
         for run in self.runs.iter().filter(|run| run.is_remote()) {
-            // The stream's last append there ends past `offset`: an earlier one may be at it.
+            // The stream's last append there ends past `offset`: an earlier one may be at it
+            // (none can in a run that ends at or before it).
+            if run.end() <= offset {
+                continue;
+            }
             let last = run.last_of(&self.stream, &self.cache)?;
             if last.is_some_and(|last| last.end() > offset) {
                 return Ok(true);

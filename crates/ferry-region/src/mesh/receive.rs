@@ -243,21 +243,9 @@ impl<T: Transport> Node<T> {
         // origin resends with backoff (its lane shows this as its last error). Before the gap
         // check: a later batch of the window answered with a gap would make the origin
         // resend at once.
-        if let Some(limit) = self
-            .inner
-            .meta_view
-            .retention(&request.topic)
-            .and_then(|r| r.local_limit())
+        if let Some(full) = self.local_limit_reached(&request.topic, request.dest_partition, &group)
         {
-            let on_disk = group.view.disk_bytes();
-            if on_disk >= limit {
-                return PeerResponse::Error(format!(
-                    "region {region}: {}/{} holds {on_disk} bytes locally, its \
-                     retention.local_limit_bytes is {limit}: its uploads to the object store \
-                     cannot keep up; resend later",
-                    request.topic, request.dest_partition
-                ));
-            }
+            return PeerResponse::Error(format!("region {region}: {full}; resend later"));
         }
         if request.batch.from > intake.proposed_to {
             return PeerResponse::Forwarded(Ack::Gap { next: held });
