@@ -1791,8 +1791,9 @@ impl PartitionStateMachine {
         let Some((_, min_bytes)) = self.index_uploads else {
             return;
         };
+        let low = view.watermarks().low;
         let plan = match view.streams.write() {
-            Ok(mut index) => index.upload_due(min_bytes),
+            Ok(mut index) => index.upload_due(min_bytes, low),
             Err(_) => None,
         };
         let Some(plan) = plan else { return };

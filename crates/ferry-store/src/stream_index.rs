@@ -1642,11 +1642,13 @@ impl StreamIndex {
         std::mem::take(&mut self.remote_garbage)
     }
 
-    /// An upload due now, unless a merge or upload is under way or backing off: the oldest
-    /// synced run on disk of at least `min_bytes` (for an index with a tier). Uploaded, it
+    /// An upload due now, unless an upload is under way or backing off: the oldest synced
+    /// run on disk of at least `min_bytes` (for an index with a tier) that does not lie
+    /// wholly below the low watermark `low` (a merge at that low keeps only each stream's
+    /// last append of it, so uploading it first would be undone). Uploaded, it
     /// takes the run's place as a run in the store whose file holds only each stream's last
     /// append in it.
-    pub fn upload_due(&mut self, min_bytes: u64) -> Option<UploadPlan> {
+    pub fn upload_due(&mut self, min_bytes: u64, low: u64) -> Option<UploadPlan> {
         let tier = self.tier.clone()?;
         if self.uploading.load(Ordering::Acquire)
             || self
@@ -1663,6 +1665,7 @@ impl StreamIndex {
                 // large as itself: it stays.
                 !run.is_remote()
                     && run.purged_below() < run.end()
+                    && run.end() > low
                     && run.reference.bytes >= min_bytes
                     && !self.unsynced.contains(&run.reference.id)
                     && !self.unmergeable.contains(&run.reference.id)
@@ -2207,8 +2210,8 @@ mod tests {
         // 50 streams of 20 appends in one run; a run smaller than asked for stays.
         let expected = fill(&mut index, 50, 20, 1000);
         let whole_bytes = index.runs_held().1;
-        assert!(index.upload_due(whole_bytes + 1).is_none());
-        let plan = index.upload_due(whole_bytes).expect("due");
+        assert!(index.upload_due(whole_bytes + 1, 0).is_none());
+        let plan = index.upload_due(whole_bytes, 0).expect("due");
         let merged = runtime.block_on(plan.run()).unwrap();
         index.install_merge(merged);
         let c = index.checkpoint().unwrap();
@@ -2304,7 +2307,7 @@ mod tests {
         assert!(c.runs.iter().all(|r| r.remote.is_none()));
         assert_eq!(index.take_remote_garbage(), vec![key]);
         // Its streams' last appends alone are not uploaded again (the file would be as large).
-        assert!(index.upload_due(0).is_none());
+        assert!(index.upload_due(0, 0).is_none());
         for (stream, appends) in &expected {
             let last = appends.last().unwrap().last_version();
             assert_eq!(index.reader(stream).version().unwrap(), last);
@@ -2337,14 +2340,14 @@ mod tests {
         // The store cannot be written (its folder is a file now).
         std::fs::remove_dir_all(&root).unwrap();
         std::fs::write(&root, b"").unwrap();
-        let plan = index.upload_due(0).expect("due");
+        let plan = index.upload_due(0, 0).expect("due");
         let inputs = plan.inputs();
         let e = runtime
             .block_on(plan.run())
             .err()
             .expect("the upload fails");
         index.upload_failed(inputs, &e);
-        assert!(index.upload_due(0).is_none(), "uploads back off");
+        assert!(index.upload_due(0, 0).is_none(), "uploads back off");
         assert!(index.unmergeable.is_empty());
         let plan = index.merge_due(0).expect("merges go on");
         index.install_merge(plan.run(0).unwrap());
