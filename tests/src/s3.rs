@@ -97,6 +97,7 @@ impl S3Server {
             request_timeout_ms: 2_000,
             upload_interval_ms: 200,
             max_upload_backoff_ms: 2_000,
+            sweep_interval_ms: 5_000,
             ..RemoteOptions::new(format!("s3://{bucket}/{prefix}"))
         }
     }

@@ -4,7 +4,8 @@
 //! event store, a moved replica) get everything from the object store; and a store that
 //! stops mid-run makes publishes fail with the retryable error at the bound, nothing lost or
 //! doubled once it is back; events forwarded from another region are held back at that
-//! bound too, and all land once when the store is back.
+//! bound too, and all land once when the store is back; objects no manifest names (left
+//! over by failures) are swept, those it names kept.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -20,6 +21,7 @@ use ferry_proto::{
     TopicConfig,
 };
 use ferry_tests::{identity, wait_until, S3Server, TestMesh, TestRegion};
+use openraft::async_runtime::WatchReceiver;
 use tokio::time::Instant;
 
 const BUCKET: &str = "ferry-tiered";
@@ -453,6 +455,135 @@ async fn with_the_object_store_stopped_publishes_are_refused_at_the_bound_and_no
 }
 
 /// `pay`, tiered in region b (a 1 MiB hot tail, at most `limit` on disk), forwarded from a.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn objects_no_manifest_names_are_swept_and_every_named_one_is_kept() {
+    let s3 = S3Server::start().await;
+    s3.create_bucket(BUCKET).await;
+    let options = s3.options(BUCKET, "sweep");
+    let region = TestRegion::start_with(3, |config| {
+        config.tier = Some(options.clone());
+    })
+    .await;
+    let client = region.create_topic(tiered("swept", None)).await;
+    let count = 4 * HOT / PAYLOAD as u64;
+    publish(&client, "swept", 0, count).await;
+    let leader = |region: &TestRegion| {
+        region.nodes.iter().flatten().find_map(|n| {
+            let p = n.node().partition("swept", 0)?;
+            p.raft()
+                .metrics()
+                .borrow_watched()
+                .state
+                .is_leader()
+                .then_some(p)
+        })
+    };
+    wait_until("objects uploaded", Duration::from_secs(60), || async {
+        leader(&region).is_some_and(|p| p.view.remote_bytes() >= 2 * HOT)
+    })
+    .await;
+    let manifest = leader(&region).unwrap().view.remote_segments();
+    let (prefix, _) = manifest[0].key.rsplit_once('/').unwrap();
+    let (region_prefix, _) = prefix.split_once('/').unwrap();
+    let high = manifest.last().unwrap().end;
+
+    // Left over as failures leave them: an upload whose manifest entry never landed, one
+    // of offsets the manifest holds under another name. Beside them, objects the sweep of
+    // this partition must not touch: a stream index run and another topic's segment.
+    let store = ferry_store::RemoteStore::open(&options).unwrap();
+    let left_over = [
+        format!("{prefix}/{:020}-{:020}.seg", high, high + 100),
+        format!("{prefix}/{:020}-{:020}.seg", 0, 7),
+    ];
+    let untouched = [
+        format!("{prefix}/stream-index/{:032x}.run", 7u128),
+        format!("{region_prefix}/other/0/{:020}-{:020}.seg", 0, 7),
+    ];
+    for key in left_over.iter().chain(&untouched) {
+        store.put(key, "left over".into()).await.unwrap();
+    }
+    let planted = Instant::now();
+    let listed = || async { store.list(region_prefix).await.unwrap() };
+    wait_until(
+        "the left-over objects swept",
+        Duration::from_secs(120),
+        || async {
+            let listed = listed().await;
+            left_over.iter().all(|k| !listed.contains(k))
+        },
+    )
+    .await;
+    println!(
+        "left-over objects swept {:?} after they were put",
+        planted.elapsed()
+    );
+    assert!(
+        planted.elapsed() >= Duration::from_secs(30),
+        "swept before they were left out of the manifest for 30 s"
+    );
+    let listed = listed().await;
+    for segment in leader(&region).unwrap().view.remote_segments() {
+        assert!(listed.contains(&segment.key), "{} was deleted", segment.key);
+    }
+    for key in &untouched {
+        assert!(listed.contains(key), "{key} was deleted");
+    }
+    let swept: u64 = region
+        .nodes
+        .iter()
+        .flatten()
+        .map(|n| n.node().tier_objects_swept())
+        .sum();
+    assert_eq!(swept, 2, "objects the sweeps deleted");
+    read_all_in_order(&client, "swept", count).await;
+}
+
+/// Creates `config`, retrying while the region is not ready: the error it is refused with.
+async fn refused_creation(client: &Client, config: TopicConfig) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match client.create_topic(config.clone()).await {
+            Err(ClientError::Api(e)) if e.code == ErrorCode::InvalidRequest => break e.message,
+            Ok(()) => panic!("{} was created", config.name),
+            Err(e) => {
+                assert!(Instant::now() < deadline, "creating {}: {e}", config.name);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_with_another_object_store_is_refused_a_tiered_topic_and_a_join() {
+    let store = tempfile::tempdir().unwrap();
+    let url = format!("file://{}", store.path().display());
+    let mut region = TestRegion::start_with(3, |config| {
+        if config.id != 3 {
+            config.tier = Some(ferry_store::RemoteOptions::new(url.clone()));
+        }
+    })
+    .await;
+    // Asked of node 1 (the client's first), which has the store: node 3 has none.
+    let client = client_of(&region, 1);
+    let err = refused_creation(&client, tiered("split-store", None)).await;
+    assert!(
+        err.contains("node 3 has no [tier]") && err.contains("the same [tier]"),
+        "{err}"
+    );
+    let topics = client.list_topics().await.unwrap();
+    assert!(
+        topics.iter().all(|t| t.name.as_str() != "split-store"),
+        "a refused topic was created"
+    );
+    // An untiered topic is not its business.
+    region.create_topic(TopicConfig::new("plain", 1)).await;
+
+    // A node joining with another store than its region's is refused.
+    region.configs[0].tier = Some(ferry_store::RemoteOptions::new(format!("{url}/elsewhere")));
+    let err = region.join(4).await.unwrap_err().to_string();
+    assert!(err.contains("the same [tier]"), "{err}");
+}
+
 fn forwarded_topic(retention: Retention) -> TopicConfig {
     let mut topic = TopicConfig::new("pay", 1);
     topic.replication = 1;

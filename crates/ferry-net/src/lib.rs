@@ -81,7 +81,7 @@ pub use stream::{PeerStream, StreamReceiver, StreamSender};
 pub type NodeId = u64;
 
 /// ALPN protocol id for node-to-node (peer RPC) connections.
-pub const ALPN_PEER: &[u8] = b"ferry-peer/14";
+pub const ALPN_PEER: &[u8] = b"ferry-peer/15";
 
 /// ALPN protocol id for client-to-node connections.
 pub const ALPN_CLIENT: &[u8] = b"ferry-client/5";

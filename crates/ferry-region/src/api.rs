@@ -737,6 +737,14 @@ impl<T: Transport> Node<T> {
                 ),
             );
         }
+        if config.retention.tiered() {
+            if let Some(differs) = self.tier_mismatch(&nodes).await {
+                return error(
+                    ErrorCode::InvalidRequest,
+                    format!("topic {}: {differs}", config.name),
+                );
+            }
+        }
         if config.groups == 0 {
             config.groups = config.partitions.min(nodes.len() as u32);
         }

@@ -445,6 +445,15 @@ impl NodeConfig {
                     ),
                 );
             }
+            if tier.sweep_interval_ms < tier.upload_interval_ms.max(1000) {
+                return bad(
+                    "tier.sweep_interval_ms",
+                    format!(
+                        "{} is below 1000 or upload_interval_ms ({})",
+                        tier.sweep_interval_ms, tier.upload_interval_ms
+                    ),
+                );
+            }
             if !(tier.url.starts_with("s3://") || tier.url.starts_with("file:///")) {
                 return bad(
                     "tier.url",

@@ -353,7 +353,10 @@ impl<T: Transport> Node<T> {
         .await;
         match answer {
             Ok(Ok(PeerResponse::Identity {
-                id: said, region, ..
+                id: said,
+                region,
+                tier,
+                ..
             })) => {
                 if said != id {
                     return Err(invalid(format!(
@@ -365,6 +368,9 @@ impl<T: Transport> Node<T> {
                         "the node at {addr} belongs to region {region:?}, not {:?}",
                         self.inner.config.region
                     )));
+                }
+                if let Some(differs) = self.tier_differs(&format!("the node at {addr}"), &tier) {
+                    return Err(invalid(differs));
                 }
             }
             Ok(Ok(other)) => {

@@ -1290,6 +1290,7 @@ impl<T: Transport> Node<T> {
                 id: self.inner.id,
                 region: self.inner.config.region.clone(),
                 member: self.is_member(),
+                tier: self.tier_place(),
             },
             PeerRequest::ProposeMeta(command) => {
                 // Only the steps a group's leader reports, and only from a member.

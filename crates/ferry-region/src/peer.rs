@@ -181,6 +181,8 @@ pub(crate) enum PeerResponse {
         id: NodeId,
         region: String,
         member: bool,
+        /// Its object store for tiered topics ([`Node::tier_place`](crate::Node)).
+        tier: Option<String>,
     },
     /// A metadata command was refused.
     MetaRefused(ferry_proto::wire::ApiError),

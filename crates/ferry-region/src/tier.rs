@@ -7,7 +7,10 @@
 //! committed. A failed upload is retried after a backoff; while uploads cannot keep up, the
 //! partition refuses publishes at its `retention.local_limit_bytes` (`OffloadBehind`).
 
-use std::collections::HashMap;
+mod sweep;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -19,6 +22,7 @@ use crate::command::{decode, PartitionCommand, PartitionReply};
 use crate::leadership::LedPartition;
 use crate::node::{HostedPartition, Node, PartitionGroup};
 use openraft::async_runtime::WatchReceiver;
+use sweep::{is_segment_key, segment_key, OrphanSweep};
 
 /// Objects one partition uploads in one round at most (partitions that become led meanwhile
 /// wait for the next round).
@@ -30,10 +34,14 @@ const PARTITIONS_AT_ONCE: usize = 8;
 /// How long a group's checkpoint after an offload is waited for before the next is asked.
 const CHECKPOINT_PATIENCE: Duration = Duration::from_secs(30);
 
-/// The uploads of the partitions this node leads that failed lately.
+/// The uploads of the partitions this node leads that failed lately, and their sweeps of
+/// left-over objects.
 #[derive(Default)]
 pub(crate) struct Offloads {
     failing: Mutex<HashMap<(Arc<str>, u32), Failing>>,
+    sweeps: Mutex<HashMap<(Arc<str>, u32), OrphanSweep>>,
+    /// Left-over objects the sweeps deleted.
+    swept: AtomicU64,
 }
 
 struct Failing {
@@ -97,14 +105,29 @@ impl Offloads {
         })
     }
 
-    /// Forgets the failures of partitions this node no longer leads.
+    /// Forgets the failures and sweeps of partitions this node no longer leads.
     fn keep_only(&self, led: &[LedPartition]) {
+        let still_led = |(topic, partition): &(Arc<str>, u32)| {
+            led.iter()
+                .any(|l| l.topic == *topic && l.hosted.partition == *partition)
+        };
         if let Ok(mut failing) = self.failing.lock() {
-            failing.retain(|(topic, partition), _| {
-                led.iter()
-                    .any(|l| l.topic == *topic && l.hosted.partition == *partition)
-            });
+            failing.retain(|k, _| still_led(k));
         }
+        if let Ok(mut sweeps) = self.sweeps.lock() {
+            sweeps.retain(|k, _| still_led(k));
+        }
+    }
+
+    /// Runs `f` on the sweep of `topic`/`partition`.
+    fn with_sweep<R>(
+        &self,
+        topic: &Arc<str>,
+        partition: u32,
+        f: impl FnOnce(&mut OrphanSweep) -> R,
+    ) -> R {
+        let mut sweeps = self.sweeps.lock().unwrap_or_else(|e| e.into_inner());
+        f(sweeps.entry((topic.clone(), partition)).or_default())
     }
 
     /// Partitions whose uploads fail now.
@@ -134,6 +157,7 @@ impl<T: Transport> Node<T> {
         };
         let base = Duration::from_millis(options.upload_interval_ms);
         let max = Duration::from_millis(options.max_upload_backoff_ms);
+        let sweep_every = Duration::from_millis(options.sweep_interval_ms);
         let (led, _) = self.led_partitions();
         self.inner.offloads.keep_only(&led);
         // Partitions upload side by side (a few at a time), each until it is within its hot
@@ -160,9 +184,19 @@ impl<T: Transport> Node<T> {
                             Err(e) => {
                                 tracing::warn!(%topic, partition, error = %e, "uploading to the object store failed; retrying after a backoff");
                                 self.inner.offloads.failed(topic, partition, e, base, max);
-                                break;
+                                return;
                             }
                         }
+                    }
+                    // After this partition's uploads, never beside one of them (an object
+                    // put and not yet proposed would look left over).
+                    let now = Instant::now();
+                    if self
+                        .inner
+                        .offloads
+                        .with_sweep(topic, partition, |s| s.begin(now, sweep_every))
+                    {
+                        self.sweep_one(&tier, topic, hosted).await;
                     }
                 }
             })
@@ -235,10 +269,7 @@ impl<T: Transport> Node<T> {
             batches[0].base_offset,
             batches[batches.len() - 1].end_offset(),
         );
-        let key = format!(
-            "{}/{topic}/{}/{first:020}-{last:020}.seg",
-            self.inner.config.region, hosted.partition
-        );
+        let key = segment_key(&self.object_prefix(topic, hosted.partition), first, last);
         let (bytes, segment) = encode_object(key.clone(), &batches).map_err(|e| e.to_string())?;
         drop(batches);
         tier.put(&key, bytes).await.map_err(|e| e.to_string())?;
@@ -273,6 +304,125 @@ impl<T: Transport> Node<T> {
         }
     }
 
+    /// Where this node's object store is (`[tier]`'s url, and its endpoint if any): every
+    /// node of a region must name the same.
+    pub(crate) fn tier_place(&self) -> Option<String> {
+        self.inner.config.tier.as_ref().map(|t| match &t.endpoint {
+            Some(endpoint) => format!("{} at {endpoint}", t.url),
+            None => t.url.clone(),
+        })
+    }
+
+    /// Why `theirs` (the [`Node::tier_place`] of `who`) is not this node's, if it is not.
+    pub(crate) fn tier_differs(&self, who: &str, theirs: &Option<String>) -> Option<String> {
+        let mine = self.tier_place();
+        let describe = |place: &Option<String>| match place {
+            Some(place) => format!("[tier] {place}"),
+            None => "no [tier]".to_string(),
+        };
+        (mine != *theirs).then(|| {
+            format!(
+                "{who} has {} but node {} has {}: give every node of the region the same [tier]",
+                describe(theirs),
+                self.inner.id,
+                describe(&mine)
+            )
+        })
+    }
+
+    /// For a tiered topic's creation: asks every node of `nodes` but this one which object
+    /// store it has, and says why not if one has another (or none). A node that does not
+    /// answer within a second is not waited for (it may be down; it logs its own mismatch
+    /// when it starts a tiered replica).
+    pub(crate) async fn tier_mismatch(&self, nodes: &[ferry_proto::NodeId]) -> Option<String> {
+        let asks = nodes
+            .iter()
+            .filter(|id| **id != self.inner.id)
+            .map(|id| async move {
+                let answer = tokio::time::timeout(
+                    Duration::from_secs(1),
+                    self.inner
+                        .router
+                        .call(*id, &crate::peer::PeerRequest::Identify),
+                )
+                .await;
+                match answer {
+                    Ok(Ok(crate::peer::PeerResponse::Identity { tier, .. })) => {
+                        self.tier_differs(&format!("node {id}"), &tier)
+                    }
+                    _ => {
+                        tracing::debug!(node = id, "not asked for its [tier]: no answer");
+                        None
+                    }
+                }
+            });
+        futures::future::join_all(asks)
+            .await
+            .into_iter()
+            .flatten()
+            .next()
+    }
+
+    /// Where the objects of `topic`/`partition` are in the store.
+    fn object_prefix(&self, topic: &str, partition: u32) -> String {
+        format!("{}/{topic}/{partition}", self.inner.config.region)
+    }
+
+    /// Lists the objects of a partition this node leads and deletes the segment objects
+    /// its manifest has not named for a while ([`sweep`]). Failures are logged; the next
+    /// sweep tries again.
+    async fn sweep_one(&self, tier: &Arc<RemoteStore>, topic: &Arc<str>, hosted: &HostedPartition) {
+        let partition = hosted.partition;
+        let prefix = self.object_prefix(topic, partition);
+        let now = Instant::now();
+        let listed = match tier.list(&prefix).await {
+            Ok(listed) => listed,
+            Err(e) => {
+                tracing::debug!(%topic, partition, error = %e, "listing the partition's objects failed; the sweep tries again later");
+                return;
+            }
+        };
+        let due = {
+            let manifest = hosted.view.remote_segments();
+            let named: HashSet<&str> = manifest.iter().map(|s| s.key.as_str()).collect();
+            self.inner.offloads.with_sweep(topic, partition, |s| {
+                s.review(now, &listed, &named, |k| is_segment_key(&prefix, k))
+            })
+        };
+        if due.is_empty() {
+            return;
+        }
+        // Still the leader, with everything committed applied: an earlier leader's entry
+        // that is yet to commit is in this log, and is in the manifest read below.
+        if let Err(e) = hosted
+            .raft()
+            .ensure_linearizable(openraft::ReadPolicy::ReadIndex)
+            .await
+        {
+            tracing::debug!(%topic, partition, error = %e, "not sweeping: leadership not confirmed");
+            return;
+        }
+        let named: HashSet<String> = hosted
+            .view
+            .remote_segments()
+            .into_iter()
+            .map(|s| s.key)
+            .collect();
+        for key in due {
+            if !named.contains(&key) {
+                if let Err(e) = tier.delete(&key).await {
+                    tracing::warn!(%key, error = %e, "deleting a left-over object failed; the next sweep tries again");
+                    continue;
+                }
+                self.inner.offloads.swept.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(%key, "deleted an object the partition's manifest does not name (left over by a failure)");
+            }
+            self.inner
+                .offloads
+                .with_sweep(topic, partition, |s| s.forget(&key));
+        }
+    }
+
     /// Bytes beyond their hot tail that the tiered partitions this node leads hold.
     pub fn tier_upload_lag(&self) -> u64 {
         let (led, _) = self.led_partitions();
@@ -282,6 +432,11 @@ impl<T: Transport> Node<T> {
                 Some(l.hosted.view.stored_bytes().saturating_sub(hot))
             })
             .sum()
+    }
+
+    /// Left-over objects (named by no manifest) this node's sweeps deleted.
+    pub fn tier_objects_swept(&self) -> u64 {
+        self.inner.offloads.swept.load(Ordering::Relaxed)
     }
 
     /// Tiered partitions this node leads whose last upload failed.
@@ -307,6 +462,7 @@ impl<T: Transport> Node<T> {
             ("ferry_tier_remote_read_seconds_total", "Time the range requests took (divide by ferry_tier_remote_reads_total for the mean latency).", n(&s.fetch_micros) / 1e6),
             ("ferry_tier_read_errors_total", "Reads of offloaded batches that failed (the store answered an error, or an object was damaged or missing).", n(&s.read_errors)),
             ("ferry_tier_corrupt_objects_total", "Objects found damaged or missing (never served).", n(&s.corrupt)),
+            ("ferry_tier_swept_objects_total", "Left-over objects (named by no manifest) that this node's sweeps deleted.", self.tier_objects_swept() as f64),
         ]
     }
 

@@ -197,6 +197,10 @@ pub struct RemoteOptions {
     /// milliseconds.
     #[serde(default = "default_max_upload_backoff_ms")]
     pub max_upload_backoff_ms: u64,
+    /// How often a partition's leader lists the partition's objects to delete those its
+    /// manifest does not name (left over by failures), milliseconds.
+    #[serde(default = "default_sweep_interval_ms")]
+    pub sweep_interval_ms: u64,
 }
 
 impl RemoteOptions {
@@ -210,6 +214,7 @@ impl RemoteOptions {
             request_timeout_ms: default_request_timeout_ms(),
             upload_interval_ms: default_upload_interval_ms(),
             max_upload_backoff_ms: default_max_upload_backoff_ms(),
+            sweep_interval_ms: default_sweep_interval_ms(),
         }
     }
 }
@@ -222,6 +227,9 @@ fn default_upload_interval_ms() -> u64 {
 }
 fn default_max_upload_backoff_ms() -> u64 {
     30_000
+}
+fn default_sweep_interval_ms() -> u64 {
+    600_000
 }
 fn default_request_timeout_ms() -> u64 {
     10_000
@@ -397,6 +405,33 @@ impl RemoteStore {
             }
         }
         result
+    }
+
+    /// The keys of every object under `prefix` (a key's leading parts: `a/b` lists `a/b/c`
+    /// and `a/b/c/d`, not `a/bc`), in no particular order. Each page of the listing is
+    /// bounded by the request timeout.
+    pub async fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+        use futures::StreamExt;
+        let path = self.path(prefix);
+        let mut listing = self.store.list(Some(&path));
+        let root = self.root.as_ref();
+        let mut keys = Vec::new();
+        while let Some(next) = self
+            .within(prefix, async { Ok(listing.next().await) })
+            .await?
+        {
+            let meta = next.map_err(|e| remote_err(prefix, e))?;
+            let full = meta.location.as_ref();
+            let key = if root.is_empty() {
+                full
+            } else {
+                full.strip_prefix(root)
+                    .and_then(|k| k.strip_prefix('/'))
+                    .unwrap_or(full)
+            };
+            keys.push(key.to_string());
+        }
+        Ok(keys)
     }
 
     /// Deletes the object at `key` (done if it is not there).

@@ -274,6 +274,23 @@ mod tests {
     }
 
     #[test]
+    fn tier_limits_are_checked_and_errors_name_the_key() {
+        let tier =
+            |extra: &str| format!("{NODE}\n[tier]\nurl = \"file:///tmp/ferry-tier\"\n{extra}\n");
+        let config = parse_node_config(&tier(""), "node.toml", vars(&[])).unwrap();
+        assert_eq!(config.tier.unwrap().sweep_interval_ms, 600_000);
+        let err = format!(
+            "{:#}",
+            parse_node_config(&tier("sweep_interval_ms = 500"), "node.toml", vars(&[]))
+                .unwrap_err()
+        );
+        assert!(
+            err.contains("tier.sweep_interval_ms") && err.contains("500"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn slow_link_faults_parse_and_errors_name_the_key() {
         let link = |extra: &str| {
             format!(
