@@ -445,6 +445,12 @@ impl NodeConfig {
                     ),
                 );
             }
+            if tier.read_ahead_pieces > 64 {
+                return bad(
+                    "tier.read_ahead_pieces",
+                    format!("{} is above 64", tier.read_ahead_pieces),
+                );
+            }
             if tier.sweep_interval_ms < tier.upload_interval_ms.max(1000) {
                 return bad(
                     "tier.sweep_interval_ms",

@@ -201,6 +201,12 @@ pub struct RemoteOptions {
     /// manifest does not name (left over by failures), milliseconds.
     #[serde(default = "default_sweep_interval_ms")]
     pub sweep_interval_ms: u64,
+    /// Pieces (1 MiB each) of an object fetched ahead of a reader that reads on through it,
+    /// beside the pieces it waits for: so a reader catching up from a store whose requests
+    /// are slow waits for one request per this many pieces plus one. 0 fetches only what is
+    /// read.
+    #[serde(default = "default_read_ahead_pieces")]
+    pub read_ahead_pieces: u32,
 }
 
 impl RemoteOptions {
@@ -215,6 +221,7 @@ impl RemoteOptions {
             upload_interval_ms: default_upload_interval_ms(),
             max_upload_backoff_ms: default_max_upload_backoff_ms(),
             sweep_interval_ms: default_sweep_interval_ms(),
+            read_ahead_pieces: default_read_ahead_pieces(),
         }
     }
 }
@@ -227,6 +234,9 @@ fn default_upload_interval_ms() -> u64 {
 }
 fn default_max_upload_backoff_ms() -> u64 {
     30_000
+}
+fn default_read_ahead_pieces() -> u32 {
+    4
 }
 fn default_sweep_interval_ms() -> u64 {
     600_000
@@ -283,6 +293,8 @@ pub struct RemoteStore {
     local: Option<PathBuf>,
     cache: moka::future::Cache<(String, u64), Cached>,
     timeout: Duration,
+    /// See [`RemoteOptions::read_ahead_pieces`].
+    read_ahead: u64,
     stats: RemoteStats,
     description: String,
 }
@@ -352,6 +364,7 @@ impl RemoteStore {
             local,
             cache,
             timeout: Duration::from_millis(options.request_timeout_ms),
+            read_ahead: u64::from(options.read_ahead_pieces),
             stats: RemoteStats::default(),
             description: options.url.clone(),
         })
@@ -597,10 +610,29 @@ impl RemoteStore {
         Ok(out.freeze())
     }
 
+    /// Starts fetching the pieces of `segment` after the one holding byte `end - 1` of its
+    /// records (at most `read_ahead` of them) that the cache does not hold, each in a task
+    /// of its own; a failure is left for the read that needs the piece.
+    fn read_ahead(self: &Arc<Self>, segment: &RemoteSegment, end: u64) {
+        let last_needed = (end - 1) / CHUNK;
+        let last_piece = (segment.index_at.max(1) - 1) / CHUNK;
+        for number in last_needed + 1..=(last_needed + self.read_ahead).min(last_piece) {
+            if self.cache.contains_key(&(segment.key.clone(), number)) {
+                continue;
+            }
+            let (store, segment) = (self.clone(), segment.clone());
+            tokio::spawn(async move {
+                let _ = store.chunk(&segment, number).await;
+            });
+        }
+    }
+
     /// The batches of `segment` from the one holding `offset` on (the first if `offset` is
-    /// below it), at most `max_bytes` of events but at least one batch.
+    /// below it), at most `max_bytes` of events but at least one batch. A read that stops
+    /// short of the object's end starts fetching the object's next pieces into the cache
+    /// ([`RemoteOptions::read_ahead_pieces`]) without waiting for them.
     pub async fn read(
-        &self,
+        self: &Arc<Self>,
         segment: &RemoteSegment,
         offset: u64,
         max_bytes: usize,
@@ -613,7 +645,7 @@ impl RemoteStore {
     }
 
     async fn read_checked(
-        &self,
+        self: &Arc<Self>,
         segment: &RemoteSegment,
         offset: u64,
         max_bytes: usize,
@@ -637,6 +669,9 @@ impl RemoteStore {
         let end = last.position + (HEADER + last.bytes as usize) as u64;
         if end > segment.index_at {
             return Err(self.corrupt(segment, "the index points past the records"));
+        }
+        if from + wanted.len() < index.len() {
+            self.read_ahead(segment, end);
         }
         let records = self.records(segment, first.position..end).await?;
         let mut batches = Vec::with_capacity(wanted.len());
@@ -726,12 +761,14 @@ mod tests {
         }
     }
 
-    fn store(dir: &std::path::Path, cache_bytes: u64) -> RemoteStore {
-        RemoteStore::open(&RemoteOptions {
-            cache_bytes,
-            ..RemoteOptions::new(format!("file://{}", dir.display()))
-        })
-        .unwrap()
+    fn store(dir: &std::path::Path, cache_bytes: u64) -> Arc<RemoteStore> {
+        Arc::new(
+            RemoteStore::open(&RemoteOptions {
+                cache_bytes,
+                ..RemoteOptions::new(format!("file://{}", dir.display()))
+            })
+            .unwrap(),
+        )
     }
 
     #[tokio::test]
@@ -752,6 +789,62 @@ mod tests {
         let got = remote.read(&segment, 39, usize::MAX).await.unwrap();
         assert_eq!(got, vec![batches[5].clone()]);
         assert!(remote.stats().cache_misses.load(Ordering::Relaxed) > 0);
+    }
+
+    #[tokio::test]
+    async fn a_reader_that_reads_on_finds_the_next_pieces_fetched_ahead() {
+        let dir = tempfile::tempdir().unwrap();
+        // Six batches of 700 KiB: the object's records are five 1 MiB pieces.
+        let batches: Vec<StoredBatch> = (0..6)
+            .map(|i| batch(10 + i * 5, 5, i as u8, 700 * 1024))
+            .collect();
+        let (bytes, segment) = encode_object("t/0/ahead".into(), &batches).unwrap();
+        let misses = |r: &RemoteStore| r.stats().cache_misses.load(Ordering::Relaxed);
+
+        // Without read-ahead every piece is fetched when it is read.
+        let plain = Arc::new(
+            RemoteStore::open(&RemoteOptions {
+                read_ahead_pieces: 0,
+                ..RemoteOptions::new(format!("file://{}", dir.path().display()))
+            })
+            .unwrap(),
+        );
+        plain.put(&segment.key, bytes).await.unwrap();
+        plain.read(&segment, 10, 1).await.unwrap();
+        assert_eq!(misses(&plain), 2, "the index and the first piece");
+        plain.read(&segment, 15, 1).await.unwrap();
+        assert_eq!(misses(&plain), 3, "the second piece, when read");
+
+        // With it (4 pieces, the default), reading the first batch fetches the rest ahead.
+        let ahead = store(dir.path(), 16 << 20);
+        assert_eq!(
+            ahead.read(&segment, 10, 1).await.unwrap(),
+            vec![batches[0].clone()]
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while misses(&ahead) < 6 {
+            assert!(
+                Instant::now() < deadline,
+                "pieces fetched ahead: {}",
+                misses(&ahead) - 2
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let fetched = ahead.stats().fetches.load(Ordering::Relaxed);
+        assert_eq!(
+            ahead.read(&segment, 15, usize::MAX).await.unwrap(),
+            batches[1..].to_vec()
+        );
+        assert_eq!(misses(&ahead), 6, "the rest came from the cache");
+        assert_eq!(ahead.stats().fetches.load(Ordering::Relaxed), fetched);
+        // A read to the object's end fetches nothing ahead.
+        let fresh = store(dir.path(), 16 << 20);
+        fresh.read(&segment, 35, usize::MAX).await.unwrap();
+        assert_eq!(
+            misses(&fresh),
+            3,
+            "the index and the two pieces the last batch spans"
+        );
     }
 
     #[tokio::test]

@@ -12,7 +12,7 @@ pub const DEV_DEFAULT: &str = include_str!("../../../config/dev.toml");
 
 /// Tables of the node configuration; an override `FERRY_RAFT_HEARTBEAT_MS` sets
 /// `raft.heartbeat_ms`, one without a known table prefix sets a top-level key.
-const NODE_SECTIONS: &[&str] = &["limits", "raft", "tls", "mesh"];
+const NODE_SECTIONS: &[&str] = &["limits", "raft", "tls", "mesh", "tier"];
 /// Tables of the edge configuration.
 const EDGE_SECTIONS: &[&str] = &["limits", "tls", "auth", "window"];
 /// Tables of the sidecar configuration.
@@ -279,6 +279,21 @@ mod tests {
             |extra: &str| format!("{NODE}\n[tier]\nurl = \"file:///tmp/ferry-tier\"\n{extra}\n");
         let config = parse_node_config(&tier(""), "node.toml", vars(&[])).unwrap();
         assert_eq!(config.tier.unwrap().sweep_interval_ms, 600_000);
+        let config = parse_node_config(
+            &tier(""),
+            "node.toml",
+            vars(&[("FERRY_TIER_READ_AHEAD_PIECES", "0")]),
+        )
+        .unwrap();
+        assert_eq!(config.tier.unwrap().read_ahead_pieces, 0);
+        let err = format!(
+            "{:#}",
+            parse_node_config(&tier("read_ahead_pieces = 65"), "node.toml", vars(&[])).unwrap_err()
+        );
+        assert!(
+            err.contains("tier.read_ahead_pieces") && err.contains("65"),
+            "{err}"
+        );
         let err = format!(
             "{:#}",
             parse_node_config(&tier("sweep_interval_ms = 500"), "node.toml", vars(&[]))
