@@ -454,7 +454,6 @@ async fn with_the_object_store_stopped_publishes_are_refused_at_the_bound_and_no
     read_all_in_order(&client, "orders", total).await;
 }
 
-/// `pay`, tiered in region b (a 1 MiB hot tail, at most `limit` on disk), forwarded from a.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn objects_no_manifest_names_are_swept_and_every_named_one_is_kept() {
     let s3 = S3Server::start().await;
@@ -478,8 +477,10 @@ async fn objects_no_manifest_names_are_swept_and_every_named_one_is_kept() {
                 .then_some(p)
         })
     };
+    // Uploads done: the manifest ends where it will stay.
     wait_until("objects uploaded", Duration::from_secs(60), || async {
-        leader(&region).is_some_and(|p| p.view.remote_bytes() >= 2 * HOT)
+        leader(&region)
+            .is_some_and(|p| p.view.remote_bytes() >= 2 * HOT && p.view.stored_bytes() <= HOT)
     })
     .await;
     let manifest = leader(&region).unwrap().view.remote_segments();
@@ -487,23 +488,33 @@ async fn objects_no_manifest_names_are_swept_and_every_named_one_is_kept() {
     let (region_prefix, _) = prefix.split_once('/').unwrap();
     let high = manifest.last().unwrap().end;
 
-    // Left over as failures leave them: an upload whose manifest entry never landed, one
-    // of offsets the manifest holds under another name. Beside them, objects the sweep of
-    // this partition must not touch: a stream index run and another topic's segment.
+    // Left over as failures leave them: uploads whose manifest entries never landed, of
+    // offsets the manifest holds under other boundaries. Beside them, objects the sweep of
+    // this partition must not touch: a stream index run, another topic's segment, and one
+    // starting where the manifest ends (the next upload takes that key and records it).
     let store = ferry_store::RemoteStore::open(&options).unwrap();
     let left_over = [
-        format!("{prefix}/{:020}-{:020}.seg", high, high + 100),
+        format!("{prefix}/{:020}-{:020}.seg", high - 1, high + 100),
         format!("{prefix}/{:020}-{:020}.seg", 0, 7),
     ];
     let untouched = [
         format!("{prefix}/stream-index/{:032x}.run", 7u128),
         format!("{region_prefix}/other/0/{:020}-{:020}.seg", 0, 7),
+        format!("{prefix}/{:020}-{:020}.seg", high, high + 100),
     ];
     for key in left_over.iter().chain(&untouched) {
         store.put(key, "left over".into()).await.unwrap();
     }
     let planted = Instant::now();
-    let listed = || async { store.list(region_prefix).await.unwrap() };
+    let other_prefix = format!("{region_prefix}/other/0");
+    let index_prefix = format!("{prefix}/stream-index");
+    let listed = || async {
+        let mut keys = Vec::new();
+        for under in [prefix, index_prefix.as_str(), other_prefix.as_str()] {
+            keys.extend(store.list(under).await.unwrap());
+        }
+        keys
+    };
     wait_until(
         "the left-over objects swept",
         Duration::from_secs(120),
@@ -563,11 +574,11 @@ async fn a_node_with_another_object_store_is_refused_a_tiered_topic_and_a_join()
         }
     })
     .await;
-    // Asked of node 1 (the client's first), which has the store: node 3 has none.
+    // Refused by the metadata leader: node 3 has none (whether it leads or is asked).
     let client = client_of(&region, 1);
     let err = refused_creation(&client, tiered("split-store", None)).await;
     assert!(
-        err.contains("node 3 has no [tier]") && err.contains("the same [tier]"),
+        err.contains("node 3 has no") && err.contains("the same [tier]"),
         "{err}"
     );
     let topics = client.list_topics().await.unwrap();
@@ -584,6 +595,7 @@ async fn a_node_with_another_object_store_is_refused_a_tiered_topic_and_a_join()
     assert!(err.contains("the same [tier]"), "{err}");
 }
 
+/// `pay`, tiered in region b (a 1 MiB hot tail, at most `limit` on disk), forwarded from a.
 fn forwarded_topic(retention: Retention) -> TopicConfig {
     let mut topic = TopicConfig::new("pay", 1);
     topic.replication = 1;

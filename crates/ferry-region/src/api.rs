@@ -720,9 +720,10 @@ impl<T: Transport> Node<T> {
             return error(
                 ErrorCode::InvalidRequest,
                 format!(
-                    "topic {}: retention.local_max_bytes needs an object store, and this \
-                     region's nodes have none ([tier] url in the node config)",
-                    config.name
+                    "topic {}: retention.local_max_bytes needs an object store, and node {} has \
+                     none ([tier] url in the node config; give every node of the region the \
+                     same [tier])",
+                    config.name, self.inner.id
                 ),
             );
         }
@@ -737,7 +738,11 @@ impl<T: Transport> Node<T> {
                 ),
             );
         }
-        if config.retention.tiered() {
+        // Asked by the metadata leader only (a creation reaches it, forwarded if need be):
+        // once per creation, not once per node it passed.
+        let leads_meta =
+            self.inner.meta.metrics().borrow_watched().current_leader == Some(self.inner.id);
+        if config.retention.tiered() && leads_meta {
             if let Some(differs) = self.tier_mismatch(&nodes).await {
                 return error(
                     ErrorCode::InvalidRequest,

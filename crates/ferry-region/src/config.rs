@@ -445,10 +445,16 @@ impl NodeConfig {
                     ),
                 );
             }
-            if tier.read_ahead_pieces > 64 {
+            // Pieces fetched ahead wait in the cache for their reader: a few readers' worth.
+            if tier.read_ahead_pieces > 64
+                || u64::from(tier.read_ahead_pieces) << 20 > tier.cache_bytes / 2
+            {
                 return bad(
                     "tier.read_ahead_pieces",
-                    format!("{} is above 64", tier.read_ahead_pieces),
+                    format!(
+                        "{} is above 64, or its MiB above half of cache_bytes ({})",
+                        tier.read_ahead_pieces, tier.cache_bytes
+                    ),
                 );
             }
             if tier.sweep_interval_ms < tier.upload_interval_ms.max(1000) {

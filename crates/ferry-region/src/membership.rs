@@ -474,6 +474,27 @@ impl<T: Transport> Node<T> {
     /// learners that hold the log.
     pub(crate) async fn maintain_voters(&self) {
         let meta = &self.inner.meta;
+        // A change a metadata leader that went down left half done: finished first.
+        let left_over = {
+            let m = meta.metrics();
+            let m = m.borrow_watched();
+            (m.current_leader == Some(self.inner.id))
+                .then(|| crate::moves::left_over_joint(&m))
+                .flatten()
+        };
+        if let Some(voters) = left_over {
+            tracing::info!(
+                ?voters,
+                "finishing the metadata group's voter change a leader left half done"
+            );
+            if let Err(e) = meta
+                .change_membership(ChangeMembers::ReplaceAllVoters(voters), true)
+                .await
+            {
+                tracing::warn!(error = %e, "finishing a left-over voter change");
+            }
+            return;
+        }
         let Some((voters, learners, nodes)) = self.voter_view() else {
             return;
         };

@@ -39,6 +39,10 @@ pub(crate) struct GroupView {
     pub(crate) learners: BTreeSet<NodeId>,
     /// A joint configuration is in effect (a change is under way).
     pub(crate) joint: bool,
+    /// A joint configuration that an earlier term's leader appended and did not finish (it
+    /// went down between the change's two steps): the voters it was going to. openraft does
+    /// not finish it by itself, and no later change can start until it is.
+    pub(crate) left_over: Option<BTreeSet<NodeId>>,
     pub(crate) last_index: u64,
     /// The last log index each follower and learner holds (on the leader).
     pub(crate) matched: BTreeMap<NodeId, u64>,
@@ -56,6 +60,7 @@ impl GroupView {
             voters: membership.voter_ids().collect(),
             learners: membership.learner_ids().collect(),
             joint: membership.get_joint_config().len() > 1,
+            left_over: left_over_joint(m),
             last_index: m.last_log_index.unwrap_or(0),
             matched: m
                 .replication
@@ -68,6 +73,18 @@ impl GroupView {
                 .unwrap_or_default(),
         }
     }
+}
+
+/// The voters a joint configuration was going to, if one is in effect that a leader of an
+/// earlier term appended (so no change of this leader's is on its way to finish it).
+pub(crate) fn left_over_joint(
+    m: &openraft::RaftMetrics<ferry_store::TypeConfig>,
+) -> Option<BTreeSet<NodeId>> {
+    let configs = m.membership_config.membership().get_joint_config();
+    let appended_in = m.membership_config.log_id().as_ref()?.leader_id.term;
+    (configs.len() > 1 && appended_in < m.current_term)
+        .then(|| configs.last().cloned())
+        .flatten()
 }
 
 /// What the group's leader `me` does next for a move.
@@ -90,7 +107,12 @@ pub(crate) enum MoveStep {
 /// The next step of `m` on its group's leader `me`.
 pub(crate) fn next_step(m: &ReplicaMove, me: NodeId, group: &GroupView) -> MoveStep {
     if group.joint {
-        return MoveStep::Wait;
+        // A change a leader that went down left half done is finished first (its goal was
+        // this move's, or the move's next steps start over from where it leaves them).
+        return match &group.left_over {
+            Some(voters) => MoveStep::Replace(voters.clone()),
+            None => MoveStep::Wait,
+        };
     }
     let (from, to) = (m.from, m.to);
     let from_in = group.voters.contains(&from) || group.learners.contains(&from);
@@ -800,6 +822,9 @@ mod tests {
         assert_eq!(next_step(&m, 2, &g), MoveStep::Replace(set(&[2, 3, 4])));
         g.joint = true;
         assert_eq!(next_step(&m, 2, &g), MoveStep::Wait);
+        // The same joint change left by a leader that went down: finished.
+        g.left_over = Some(set(&[2, 3, 4]));
+        assert_eq!(next_step(&m, 2, &g), MoveStep::Replace(set(&[2, 3, 4])));
         g = GroupView {
             voters: set(&[2, 3, 4]),
             ..Default::default()

@@ -22,7 +22,7 @@ use crate::command::{decode, PartitionCommand, PartitionReply};
 use crate::leadership::LedPartition;
 use crate::node::{HostedPartition, Node, PartitionGroup};
 use openraft::async_runtime::WatchReceiver;
-use sweep::{is_segment_key, segment_key, OrphanSweep};
+use sweep::{is_segment_key, never_recorded_again, segment_key, segment_offsets, OrphanSweep};
 
 /// Objects one partition uploads in one round at most (partitions that become led meanwhile
 /// wait for the next round).
@@ -31,6 +31,10 @@ const OBJECTS_PER_ROUND: usize = 256;
 const DELETE_GRACE: Duration = Duration::from_secs(30);
 /// Partitions uploading at once.
 const PARTITIONS_AT_ONCE: usize = 8;
+/// Left-over objects one sweep of a partition deletes at most (the next takes more).
+const SWEEP_DELETES: usize = 256;
+/// How long one sweep of a partition may take (it holds up the node's next upload round).
+const SWEEP_PATIENCE: Duration = Duration::from_secs(60);
 /// How long a group's checkpoint after an offload is waited for before the next is asked.
 const CHECKPOINT_PATIENCE: Duration = Duration::from_secs(30);
 
@@ -191,12 +195,13 @@ impl<T: Transport> Node<T> {
                     // After this partition's uploads, never beside one of them (an object
                     // put and not yet proposed would look left over).
                     let now = Instant::now();
-                    if self
+                    let sweep_due = self
                         .inner
                         .offloads
-                        .with_sweep(topic, partition, |s| s.begin(now, sweep_every))
-                    {
-                        self.sweep_one(&tier, topic, hosted).await;
+                        .with_sweep(topic, partition, |s| s.begin(now, sweep_every));
+                    let sweep = self.sweep_one(&tier, topic, hosted);
+                    if sweep_due && tokio::time::timeout(SWEEP_PATIENCE, sweep).await.is_err() {
+                        tracing::warn!(%topic, partition, "a sweep of left-over objects outlasted {SWEEP_PATIENCE:?}; the next one goes on");
                     }
                 }
             })
@@ -307,9 +312,13 @@ impl<T: Transport> Node<T> {
     /// Where this node's object store is (`[tier]`'s url, and its endpoint if any): every
     /// node of a region must name the same.
     pub(crate) fn tier_place(&self) -> Option<String> {
-        self.inner.config.tier.as_ref().map(|t| match &t.endpoint {
-            Some(endpoint) => format!("{} at {endpoint}", t.url),
-            None => t.url.clone(),
+        self.inner.config.tier.as_ref().map(|t| {
+            // `s3://b/p/` names what `s3://b/p` does.
+            let url = t.url.trim_end_matches('/');
+            match &t.endpoint {
+                Some(endpoint) => format!("{url} at {}", endpoint.trim_end_matches('/')),
+                None => url.to_string(),
+            }
         })
     }
 
@@ -332,8 +341,8 @@ impl<T: Transport> Node<T> {
 
     /// For a tiered topic's creation: asks every node of `nodes` but this one which object
     /// store it has, and says why not if one has another (or none). A node that does not
-    /// answer within a second is not waited for (it may be down; it logs its own mismatch
-    /// when it starts a tiered replica).
+    /// answer within a second is not waited for (it may be down; without any `[tier]` it
+    /// logs an error when it starts a tiered replica).
     pub(crate) async fn tier_mismatch(&self, nodes: &[ferry_proto::NodeId]) -> Option<String> {
         let asks = nodes
             .iter()
@@ -374,17 +383,19 @@ impl<T: Transport> Node<T> {
     async fn sweep_one(&self, tier: &Arc<RemoteStore>, topic: &Arc<str>, hosted: &HostedPartition) {
         let partition = hosted.partition;
         let prefix = self.object_prefix(topic, partition);
-        let now = Instant::now();
         let listed = match tier.list(&prefix).await {
             Ok(listed) => listed,
             Err(e) => {
-                tracing::debug!(%topic, partition, error = %e, "listing the partition's objects failed; the sweep tries again later");
+                tracing::warn!(%topic, partition, error = %e, "listing the partition's objects failed (the store's credentials need to list the bucket); the sweep tries again later");
                 return;
             }
         };
         let due = {
             let manifest = hosted.view.remote_segments();
             let named: HashSet<&str> = manifest.iter().map(|s| s.key.as_str()).collect();
+            // After the manifest's read: a trim applied during a slow listing still waits
+            // the whole grace.
+            let now = Instant::now();
             self.inner.offloads.with_sweep(topic, partition, |s| {
                 s.review(now, &listed, &named, |k| is_segment_key(&prefix, k))
             })
@@ -402,13 +413,18 @@ impl<T: Transport> Node<T> {
             tracing::debug!(%topic, partition, error = %e, "not sweeping: leadership not confirmed");
             return;
         }
-        let named: HashSet<String> = hosted
-            .view
-            .remote_segments()
-            .into_iter()
-            .map(|s| s.key)
-            .collect();
-        for key in due {
+        let manifest = hosted.view.remote_segments();
+        let manifest_end = manifest.last().map(|s| s.end);
+        let low = hosted.view.watermarks().low;
+        let named: HashSet<String> = manifest.into_iter().map(|s| s.key).collect();
+        for key in due.into_iter().take(SWEEP_DELETES) {
+            // A key the next upload may take stays suspected until the manifest passes it.
+            let Some((first, last)) = segment_offsets(&prefix, &key) else {
+                continue;
+            };
+            if !named.contains(&key) && !never_recorded_again(first, last, manifest_end, low) {
+                continue;
+            }
             if !named.contains(&key) {
                 if let Err(e) = tier.delete(&key).await {
                     tracing::warn!(%key, error = %e, "deleting a left-over object failed; the next sweep tries again");

@@ -30,6 +30,8 @@ const TRAILER: usize = 24;
 const INDEX_ENTRY: usize = 24;
 /// Objects are read (and cached) in pieces of this many bytes.
 const CHUNK: u64 = 1024 * 1024;
+/// Reads asking for at least this many bytes fetch ahead ([`RemoteStore::read_ahead`]).
+const READ_AHEAD_FROM: usize = 256 * 1024;
 
 /// A manifest entry: one object holding offsets `base..end` of a partition.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -201,10 +203,10 @@ pub struct RemoteOptions {
     /// manifest does not name (left over by failures), milliseconds.
     #[serde(default = "default_sweep_interval_ms")]
     pub sweep_interval_ms: u64,
-    /// Pieces (1 MiB each) of an object fetched ahead of a reader that reads on through it,
-    /// beside the pieces it waits for: so a reader catching up from a store whose requests
-    /// are slow waits for one request per this many pieces plus one. 0 fetches only what is
-    /// read.
+    /// Pieces (1 MiB each) of an object fetched ahead of a reader that reads on through it
+    /// (a read of at least 256 KiB stopped short of the object's end), beside the pieces it
+    /// waits for: so a reader catching up from a store whose requests are slow waits for one
+    /// request per this many pieces plus one. 0 fetches only what is read.
     #[serde(default = "default_read_ahead_pieces")]
     pub read_ahead_pieces: u32,
 }
@@ -295,6 +297,8 @@ pub struct RemoteStore {
     timeout: Duration,
     /// See [`RemoteOptions::read_ahead_pieces`].
     read_ahead: u64,
+    /// Pieces being fetched ahead now (so readers meanwhile do not start them again).
+    fetching_ahead: std::sync::Mutex<std::collections::HashSet<(String, u64)>>,
     stats: RemoteStats,
     description: String,
 }
@@ -354,7 +358,11 @@ impl RemoteStore {
                 (Arc::new(store), ObjectPath::default(), Some(folder))
             }
         };
+        // Least recently used goes first: moka's default (TinyLFU) admits a new entry only if
+        // it was asked for more often than what it would evict, so a piece fetched ahead
+        // (asked for once) could be dropped from a full cache before its reader came.
         let cache = moka::future::Cache::builder()
+            .eviction_policy(moka::policy::EvictionPolicy::lru())
             .max_capacity(options.cache_bytes)
             .weigher(|_, v: &Cached| v.weight())
             .build();
@@ -365,6 +373,7 @@ impl RemoteStore {
             cache,
             timeout: Duration::from_millis(options.request_timeout_ms),
             read_ahead: u64::from(options.read_ahead_pieces),
+            fetching_ahead: Default::default(),
             stats: RemoteStats::default(),
             description: options.url.clone(),
         })
@@ -420,31 +429,35 @@ impl RemoteStore {
         result
     }
 
-    /// The keys of every object under `prefix` (a key's leading parts: `a/b` lists `a/b/c`
-    /// and `a/b/c/d`, not `a/bc`), in no particular order. Each page of the listing is
-    /// bounded by the request timeout.
+    /// The keys of the objects directly under `prefix` (a key's leading parts: `a/b` lists
+    /// `a/b/c`, not `a/b/c/d` nor `a/bc`), in no particular order. The whole listing (all its
+    /// pages) is bounded by four request timeouts.
     pub async fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
-        use futures::StreamExt;
         let path = self.path(prefix);
-        let mut listing = self.store.list(Some(&path));
+        let listing = self
+            .within(prefix, async {
+                self.store
+                    .list_with_delimiter(Some(&path))
+                    .await
+                    .map_err(|e| remote_err(prefix, e))
+            })
+            .await?;
         let root = self.root.as_ref();
-        let mut keys = Vec::new();
-        while let Some(next) = self
-            .within(prefix, async { Ok(listing.next().await) })
-            .await?
-        {
-            let meta = next.map_err(|e| remote_err(prefix, e))?;
-            let full = meta.location.as_ref();
-            let key = if root.is_empty() {
-                full
-            } else {
-                full.strip_prefix(root)
-                    .and_then(|k| k.strip_prefix('/'))
-                    .unwrap_or(full)
-            };
-            keys.push(key.to_string());
-        }
-        Ok(keys)
+        listing
+            .objects
+            .into_iter()
+            .map(|meta| {
+                let full = meta.location.as_ref();
+                let key = if root.is_empty() {
+                    Some(full)
+                } else {
+                    full.strip_prefix(root).and_then(|k| k.strip_prefix('/'))
+                };
+                key.map(str::to_string).ok_or_else(|| {
+                    remote_err(prefix, format!("the store listed {full}, outside its root"))
+                })
+            })
+            .collect()
     }
 
     /// Deletes the object at `key` (done if it is not there).
@@ -617,12 +630,23 @@ impl RemoteStore {
         let last_needed = (end - 1) / CHUNK;
         let last_piece = (segment.index_at.max(1) - 1) / CHUNK;
         for number in last_needed + 1..=(last_needed + self.read_ahead).min(last_piece) {
-            if self.cache.contains_key(&(segment.key.clone(), number)) {
+            let piece = (segment.key.clone(), number);
+            if self.cache.contains_key(&piece) {
+                continue;
+            }
+            let started = self
+                .fetching_ahead
+                .lock()
+                .is_ok_and(|mut fetching| fetching.insert(piece.clone()));
+            if !started {
                 continue;
             }
             let (store, segment) = (self.clone(), segment.clone());
             tokio::spawn(async move {
                 let _ = store.chunk(&segment, number).await;
+                if let Ok(mut fetching) = store.fetching_ahead.lock() {
+                    fetching.remove(&piece);
+                }
             });
         }
     }
@@ -670,7 +694,9 @@ impl RemoteStore {
         if end > segment.index_at {
             return Err(self.corrupt(segment, "the index points past the records"));
         }
-        if from + wanted.len() < index.len() {
+        // A reader going on through the partition (one asking for a quarter piece or more,
+        // and stopped short of the object's end), not a lookup of one batch.
+        if from + wanted.len() < index.len() && max_bytes >= READ_AHEAD_FROM {
             self.read_ahead(segment, end);
         }
         let records = self.records(segment, first.position..end).await?;
@@ -810,15 +836,21 @@ mod tests {
             .unwrap(),
         );
         plain.put(&segment.key, bytes).await.unwrap();
-        plain.read(&segment, 10, 1).await.unwrap();
+        let one_batch = 700 * 1024;
+        plain.read(&segment, 10, one_batch).await.unwrap();
         assert_eq!(misses(&plain), 2, "the index and the first piece");
-        plain.read(&segment, 15, 1).await.unwrap();
+        plain.read(&segment, 15, one_batch).await.unwrap();
         assert_eq!(misses(&plain), 3, "the second piece, when read");
+
+        // A lookup of one batch (a small read) fetches nothing ahead.
+        let lookup = store(dir.path(), 16 << 20);
+        lookup.read(&segment, 10, 1).await.unwrap();
+        assert_eq!(misses(&lookup), 2, "the index and the first piece");
 
         // With it (4 pieces, the default), reading the first batch fetches the rest ahead.
         let ahead = store(dir.path(), 16 << 20);
         assert_eq!(
-            ahead.read(&segment, 10, 1).await.unwrap(),
+            ahead.read(&segment, 10, one_batch).await.unwrap(),
             vec![batches[0].clone()]
         );
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -845,6 +877,24 @@ mod tests {
             3,
             "the index and the two pieces the last batch spans"
         );
+    }
+
+    #[tokio::test]
+    async fn a_listing_names_the_objects_directly_under_a_prefix() {
+        let dir = tempfile::tempdir().unwrap();
+        let remote = store(dir.path(), 1 << 20);
+        for key in [
+            "r/t/1/a.seg",
+            "r/t/1/b.seg",
+            "r/t/10/c.seg",
+            "r/t/1/stream-index/d.run",
+        ] {
+            remote.put(key, Bytes::from_static(b"x")).await.unwrap();
+        }
+        let mut listed = remote.list("r/t/1").await.unwrap();
+        listed.sort();
+        assert_eq!(listed, vec!["r/t/1/a.seg", "r/t/1/b.seg"]);
+        assert!(remote.list("r/t/2").await.unwrap().is_empty());
     }
 
     #[tokio::test]

@@ -10,7 +10,10 @@
 //! still on its way gets time to land. Before deleting, the driver confirms that it still
 //! leads the partition and has applied everything committed, and reads the manifest again:
 //! an entry from an earlier leader that is still to commit is in its log, so it commits and
-//! applies first; one that is not can never commit.
+//! applies first; one that is not can never commit. And it deletes only objects whose key
+//! no upload can take again ([`never_recorded_again`]): keys are made of offsets, so a
+//! left-over starting where the manifest ends is the very key the next leader uploads and
+//! records, and a delete of it that arrives late would remove a recorded object.
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
@@ -86,23 +89,38 @@ pub(crate) fn segment_key(prefix: &str, first: u64, last: u64) -> String {
     format!("{prefix}/{first:020}-{last:020}.seg")
 }
 
-/// Whether `key` is one of the partition's segment objects (`{prefix}/{first}-{last}.seg`,
-/// both offsets of 20 digits), not an object of another kind under its prefix (its stream
-/// index runs, say).
-pub(crate) fn is_segment_key(prefix: &str, key: &str) -> bool {
-    let Some(name) = key
-        .strip_prefix(prefix)
-        .and_then(|rest| rest.strip_prefix('/'))
-        .and_then(|rest| rest.strip_suffix(".seg"))
-    else {
-        return false;
+/// The offsets a segment object's key names (`{prefix}/{first}-{last}.seg`, both of 20
+/// digits), or None for a key of another kind under the prefix (a stream index run, say).
+pub(crate) fn segment_offsets(prefix: &str, key: &str) -> Option<(u64, u64)> {
+    let name = key
+        .strip_prefix(prefix)?
+        .strip_prefix('/')?
+        .strip_suffix(".seg")?;
+    let (first, last) = name.split_once('-')?;
+    let offset = |n: &str| {
+        (n.len() == 20 && n.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| n.parse::<u64>().ok())
+            .flatten()
     };
-    match name.split_once('-') {
-        Some((first, last)) => [first, last]
-            .iter()
-            .all(|n| n.len() == 20 && n.bytes().all(|b| b.is_ascii_digit())),
-        None => false,
-    }
+    Some((offset(first)?, offset(last)?))
+}
+
+/// Whether `key` is one of the partition's segment objects ([`segment_offsets`]).
+pub(crate) fn is_segment_key(prefix: &str, key: &str) -> bool {
+    segment_offsets(prefix, key).is_some()
+}
+
+/// Whether no upload can record an object under the key of offsets `first` to `last` again,
+/// given the manifest's end (past its last object; None while it names none) and the low
+/// watermark: the next object recorded starts exactly at the manifest's end, or, with none,
+/// at the batch holding the low watermark.
+pub(crate) fn never_recorded_again(
+    first: u64,
+    last: u64,
+    manifest_end: Option<u64>,
+    low: u64,
+) -> bool {
+    last <= low || manifest_end.is_some_and(|end| first < end)
 }
 
 #[cfg(test)]
@@ -177,5 +195,19 @@ mod tests {
         assert!(review(&mut sweep, start + SUSPECT_GRACE, &others, &[]).is_empty());
         assert_eq!(sweep.suspected(), 0);
         assert!(is_segment_key(PREFIX, &seg(3, 9)));
+        assert_eq!(segment_offsets(PREFIX, &seg(3, 9)), Some((3, 9)));
+    }
+
+    #[test]
+    fn only_keys_no_upload_can_take_again_are_deletable() {
+        // The manifest ends at 100: the next object recorded starts there.
+        assert!(!never_recorded_again(100, 150, Some(100), 0));
+        assert!(!never_recorded_again(120, 150, Some(100), 0));
+        // Below its end (another leader's boundaries), or wholly below the low watermark.
+        assert!(never_recorded_again(99, 150, Some(100), 0));
+        assert!(never_recorded_again(0, 40, Some(100), 50));
+        // A manifest that names nothing: only what lies wholly below the low watermark.
+        assert!(never_recorded_again(10, 50, None, 50));
+        assert!(!never_recorded_again(40, 60, None, 50));
     }
 }
